@@ -1,0 +1,115 @@
+"""The gRPC servicer of duetserve.v1.Generation: protobuf in, engine calls, protobuf out.
+
+No policy lives here: validation is in `validation`, scheduling in the engine. Every client error
+ends the call with a status code and a message that names the problem.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from controlplane.engine import Engine, EngineRequest, EngineUnavailable
+from controlplane.output import RequestDelta
+from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
+from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc
+from controlplane.validation import InvalidRequest, Limits, validate_generate
+from shared.messages import PROTOCOL_VERSION, TokenLogprobs
+
+log = logging.getLogger(__name__)
+
+
+def _logprobs_pb(token_ids: list[int], logprobs: list[TokenLogprobs] | None) -> list[pb.TokenLogprob]:
+    if not logprobs:
+        return []
+    return [
+        pb.TokenLogprob(
+            token_id=token,
+            logprob=lp.logprob,
+            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in zip(lp.top_token_ids, lp.top_logprobs)],
+        )
+        for token, lp in zip(token_ids, logprobs)
+    ]
+
+
+def _response(request_id: str, delta: RequestDelta) -> pb.GenerateResponse:
+    message = pb.GenerateResponse(
+        request_id=request_id,
+        token_ids=delta.token_ids,
+        text=delta.text,
+        logprobs=_logprobs_pb(delta.token_ids, delta.logprobs),
+    )
+    if delta.finish_reason is not None:
+        message.finish_reason = delta.finish_reason
+        message.prompt_tokens = delta.prompt_tokens
+        message.completion_tokens = delta.completion_tokens
+        message.stop_reason = delta.stop_reason or ""
+    return message
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    def __init__(self, engine: Engine, model_name: str, policy: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.policy = policy
+
+    def _limits(self) -> Limits:
+        assert self.engine.worker is not None
+        return Limits(vocab_size=self.engine.worker.model.vocab_size, max_model_len=self.engine.max_model_len)
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        if not self.engine.healthy:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.engine.failure or "engine not ready")
+        assert self.engine.tokenizer is not None
+        try:
+            valid = validate_generate(request, self.engine.tokenizer, self._limits())
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            handle = self.engine.add_request(
+                EngineRequest(valid.request_id, valid.prompt_token_ids, valid.sampling, valid.stop)
+            )
+        except EngineUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        try:
+            async for delta in handle:
+                if delta.finish_reason == "error":
+                    code = grpc.StatusCode.UNAVAILABLE if self.engine.failure else grpc.StatusCode.INTERNAL
+                    await context.abort(code, delta.error or "request failed")
+                yield _response(valid.request_id, delta)
+        finally:
+            if not handle.finished:  # the client went away or the call was cancelled
+                self.engine.abort(valid.request_id)
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        if not request.request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: required")
+        return pb.AbortResponse(found=self.engine.abort(request.request_id))
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        worker = self.engine.worker
+        if worker is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "engine not ready")
+        return pb.ModelInfo(
+            model=self.model_name,
+            architecture=worker.model.architecture,
+            vocab_size=worker.model.vocab_size,
+            max_model_len=self.engine.max_model_len,
+            eos_token_ids=worker.model.eos_token_ids,
+            block_size=worker.block_size,
+            num_kv_blocks=worker.num_kv_blocks,
+            device=f"{worker.device.kind}:{worker.device.name}",
+            dtype=worker.model.dtype,
+            attention_backend=worker.attention_backend,
+            policy=self.policy,
+            supports_multiplexing=worker.supports_multiplexing,
+            protocol_version=PROTOCOL_VERSION,
+        )

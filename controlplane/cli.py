@@ -1,0 +1,160 @@
+"""`duetserve`: the command line. `serve` runs both planes, `generate` streams a completion,
+`dataplane` runs only the GPU worker (for a separately started data plane, e.g. in compose).
+
+This module parses flags into frozen config and hands off; it holds no serving logic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import tempfile
+
+from shared.config import DataplaneConfig, SchedulerConfig, ServerConfig
+
+log = logging.getLogger("duetserve")
+
+
+def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny",
+                   help="preset name (tiny, qwen3-0.6b, qwen3-8b, llama-3.1-8b; random weights) or a "
+                        "Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json). "
+                        "Default: tiny")
+    p.add_argument("--host", default="127.0.0.1", help="address the gRPC server binds (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default 50051)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, "
+                                                  "bfloat16 or float16")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (power of two)")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks; default: sized from memory")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.90,
+                   help="fraction of GPU memory the data plane may use (weights + activations + KV)")
+    p.add_argument("--cpu-kv-cache-bytes", type=int, default=256 << 20, help="KV cache size on the CPU")
+    p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + generated tokens")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="token budget of one step; longer prompts are prefilled in chunks")
+    p.add_argument("--attention-backend", default="auto", help="auto, torch or flashinfer")
+    p.add_argument("--seed", type=int, default=0, help="seed of random weights and unseeded sampling")
+    p.add_argument("--dataplane-endpoint", default=None,
+                   help="ZeroMQ endpoint of the data plane (default: a private ipc:// socket)")
+    p.add_argument("--attach", action="store_true",
+                   help="connect to a data plane started separately at --dataplane-endpoint instead of "
+                        "starting one")
+    p.add_argument("--handshake-timeout", type=float, default=600.0,
+                   help="seconds to wait for the data plane to load the model")
+    p.add_argument("--step-timeout", type=float, default=120.0,
+                   help="seconds one step may take before the data plane is declared dead")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+
+
+def _add_generate_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", nargs="?", default="Hello, DuetServe!", help="prompt text")
+    p.add_argument("--address", default="127.0.0.1:50051", help="server address host:port")
+    p.add_argument("--token-ids", default=None, help="comma-separated prompt token ids instead of text")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--timeout", type=float, default=300.0, help="call deadline in seconds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="duetserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    _add_serve_flags(sub.add_parser("serve", help="serve a model over gRPC (starts the data plane too)"))
+    _add_generate_flags(sub.add_parser("generate", help="stream one completion from a running server"))
+    sub.add_parser("dataplane", help="run only the data plane (flags: python -m dataplane --help)",
+                   add_help=False)
+    return parser
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[DataplaneConfig, ServerConfig]:
+    endpoint = args.dataplane_endpoint or f"ipc://{tempfile.gettempdir()}/duetserve-{os.getpid()}.sock"
+    dataplane = DataplaneConfig(
+        model=args.model, endpoint=endpoint, device=args.device, dtype=args.dtype,
+        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+        gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_bytes=args.cpu_kv_cache_bytes,
+        max_model_len=args.max_model_len, attention_backend=args.attention_backend, seed=args.seed,
+    )
+    scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    server = ServerConfig(
+        host=args.host, port=args.port, dataplane_endpoint=endpoint,
+        handshake_timeout_s=args.handshake_timeout, step_timeout_s=args.step_timeout,
+        max_model_len=args.max_model_len, scheduler=scheduler,
+    )
+    return dataplane, server
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from controlplane.launcher import spawn_dataplane, stop_process
+    from controlplane.server import ControlPlane
+
+    dataplane_config, server_config = configs_from_args(args)
+    child = None if args.attach else spawn_dataplane(dataplane_config, args.log_level)
+    plane = ControlPlane(server_config, args.model)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def watch_child() -> None:
+        while child is not None and child.poll() is None:
+            await asyncio.sleep(0.2)
+        if child is not None:
+            log.error("data plane exited with code %s", child.returncode)
+            stop.set()
+
+    watcher = asyncio.create_task(watch_child())
+    code = 0
+    try:
+        starting = asyncio.create_task(plane.start())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done() and starting.exception() is None:
+            print(f"duetserve: serving {args.model} on {args.host}:{plane.port}", flush=True)
+            await stopping
+        else:
+            starting.cancel()
+            exc = starting.exception() if starting.done() and not starting.cancelled() else None
+            code = 1 if exc is not None or (child is not None and child.poll() is not None) else 0
+            if exc is not None:
+                log.error("start-up failed: %s", exc)
+    finally:
+        watcher.cancel()
+        await plane.stop()
+        if child is not None:
+            stop_process(child)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "dataplane":
+        os.execv(sys.executable, [sys.executable, "-m", "dataplane", *argv[1:]])
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        args = build_parser().parse_args(["serve", *argv])
+    if args.command == "generate":
+        from controlplane.client import run_generate
+
+        return run_generate(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+
+        return uvloop.run(_serve(args))
+    except ImportError:
+        return asyncio.run(_serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""A small gRPC client: `duetserve generate` streams one completion to the terminal.
+
+It only speaks the public API (protos/), exactly as an outside client would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grpc
+
+from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
+from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc
+
+
+def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, min_p=args.min_p,
+        stop=args.stop, ignore_eos=args.ignore_eos,
+    )
+    if args.token_ids:
+        request.token_ids.ids.extend(int(t) for t in args.token_ids.split(","))
+    else:
+        request.text = args.prompt
+    if args.top_p is not None:
+        request.top_p = args.top_p
+    if args.seed is not None:
+        request.seed = args.seed
+    return request
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    with grpc.insecure_channel(args.address) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        try:
+            last = None
+            for response in stub.Generate(request_from_args(args), timeout=args.timeout):
+                sys.stdout.write(response.text)
+                sys.stdout.flush()
+                last = response
+        except grpc.RpcError as exc:
+            print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    if last is not None:
+        print(
+            f"\n[finish_reason={last.finish_reason} prompt_tokens={last.prompt_tokens} "
+            f"completion_tokens={last.completion_tokens}]",
+            file=sys.stderr,
+        )
+    return 0

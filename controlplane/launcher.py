@@ -1,0 +1,64 @@
+"""Starts the data plane as a child process and makes sure it never outlives the control plane.
+
+The child runs `python -m dataplane` with flags built from DataplaneConfig; on Linux it gets
+SIGTERM if this process dies (PR_SET_PDEATHSIG). No policy here, no torch import.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import signal
+import subprocess
+import sys
+
+from shared.config import DataplaneConfig
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def dataplane_args(config: DataplaneConfig) -> list[str]:
+    args = [
+        "--model", config.model,
+        "--endpoint", config.endpoint,
+        "--device", config.device,
+        "--dtype", config.dtype,
+        "--block-size", str(config.block_size),
+        "--gpu-memory-utilization", str(config.gpu_memory_utilization),
+        "--cpu-kv-cache-bytes", str(config.cpu_kv_cache_bytes),
+        "--attention-backend", config.attention_backend,
+        "--seed", str(config.seed),
+    ]
+    if config.num_kv_blocks is not None:
+        args += ["--num-kv-blocks", str(config.num_kv_blocks)]
+    if config.max_model_len is not None:
+        args += ["--max-model-len", str(config.max_model_len)]
+    return args
+
+
+def spawn_dataplane(config: DataplaneConfig, log_level: str = "INFO") -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "dataplane", *dataplane_args(config), "--log-level", log_level]
+    log.info("starting data plane: %s", " ".join(cmd))
+    preexec = _die_with_parent if sys.platform.startswith("linux") else None
+    return subprocess.Popen(cmd, preexec_fn=preexec)  # noqa: S603 - our own interpreter and module
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> int:
+    """SIGTERM, then SIGKILL after `timeout_s`; returns the exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            return proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("data plane ignored SIGTERM for %.0f s; killing it", timeout_s)
+            proc.kill()
+    return proc.wait()

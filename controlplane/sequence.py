@@ -1,0 +1,92 @@
+"""One request's state inside the control plane: its tokens, its blocks and where it is in its life.
+
+Only the scheduler mutates a Sequence; the API layer reads finished ones. No tensors, no I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from shared.messages import SamplingParams, TokenLogprobs
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class StopParams:
+    max_tokens: int
+    min_tokens: int = 0
+    stop_token_ids: frozenset[int] = frozenset()
+    stop_strings: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    stop: StopParams
+    arrival_time: float
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    on_worker: bool = False  # whether the data plane holds state for it
+    finish_reason: FinishReason | None = None
+    stop_reason: str | None = None  # the stop string or token that ended it
+    error: str | None = None
+    num_preemptions: int = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_decoding(self) -> bool:
+        """Every known token but the last is in the KV cache: the next step computes one token."""
+        return self.num_computed_tokens == self.num_tokens - 1 and bool(self.output_token_ids)
+
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+
+def check_token_stop(
+    seq: Sequence, token_id: int, eos_token_ids: frozenset[int], max_model_len: int
+) -> tuple[FinishReason, str | None] | None:
+    """The stop condition the newest output token `token_id` triggers, if any (strings aside)."""
+    num_out = len(seq.output_token_ids)
+    if num_out >= seq.stop.min_tokens:
+        if not seq.stop.ignore_eos and token_id in eos_token_ids:
+            return FinishReason.STOP, None
+        if token_id in seq.stop.stop_token_ids:
+            return FinishReason.STOP, str(token_id)
+    if num_out >= seq.stop.max_tokens or seq.num_tokens >= max_model_len:
+        return FinishReason.LENGTH, None
+    return None

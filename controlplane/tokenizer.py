@@ -1,0 +1,99 @@
+"""Text <-> token ids for the control plane, with incremental (streaming) detokenisation.
+
+`HFTokenizer` wraps a checkpoint's `tokenizer.json` (Hugging Face `tokenizers`); `ByteTokenizer` is
+the fallback for random-weight presets: ids 0-255 are raw bytes, larger ids are special tokens that
+render as nothing. Neither loads anything from a hub.
+"""
+
+from __future__ import annotations
+
+import codecs
+from pathlib import Path
+from typing import Protocol
+
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
+
+class TokenStream(Protocol):
+    def step(self, token_id: int) -> str:
+        """Feed one generated token; return the text it completes (often '', never partial UTF-8)."""
+        ...
+
+
+class TextTokenizer(Protocol):
+    name: str
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: list[int]) -> str: ...
+
+    def stream(self) -> TokenStream: ...
+
+
+class _HFStream:
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=True)
+
+    def step(self, token_id: int) -> str:
+        try:
+            chunk = self._stream.step(self._tokenizer, token_id)
+        except Exception:  # an id the tokenizer does not know (models pad their vocab)
+            return ""
+        return chunk or ""
+
+
+class HFTokenizer:
+    def __init__(self, path: Path) -> None:
+        self.name = str(path)
+        self._tokenizer = Tokenizer.from_file(str(path))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=True).ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self._tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def stream(self) -> TokenStream:
+        return _HFStream(self._tokenizer)
+
+
+class _ByteStream:
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def step(self, token_id: int) -> str:
+        if 0 <= token_id < 256:
+            return self._decoder.decode(bytes([token_id]))
+        return ""
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids; an optional BOS id is prepended."""
+
+    def __init__(self, bos_token_id: int | None = None) -> None:
+        self.name = "bytes"
+        self._bos = bos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        ids = list(text.encode("utf-8"))
+        return ([self._bos] if self._bos is not None else []) + ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        return bytes(t for t in token_ids if 0 <= t < 256).decode("utf-8", errors="replace")
+
+    def stream(self) -> TokenStream:
+        return _ByteStream()
+
+
+def load_tokenizer(model: str, bos_token_id: int | None) -> TextTokenizer:
+    """The checkpoint folder's tokenizer.json if there is one, else the byte-level fallback."""
+    path = Path(model) / "tokenizer.json"
+    if path.is_file():
+        return HFTokenizer(path)
+    return ByteTokenizer(bos_token_id)

@@ -1,0 +1,141 @@
+"""Checks a GenerateRequest and turns it into engine terms, or says exactly which field is wrong.
+
+Pure functions: no gRPC context, no engine state beyond the limits passed in. Every rejection is
+an `InvalidRequest` whose message names the field.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+
+from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
+from controlplane.sequence import StopParams
+from controlplane.tokenizer import TextTokenizer
+from shared.messages import SamplingParams
+
+DEFAULT_MAX_TOKENS = 16
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 32
+MAX_REQUEST_ID_LEN = 256
+
+
+class InvalidRequest(ValueError):
+    """A client error; the message names the offending field."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    vocab_size: int
+    max_model_len: int
+
+
+@dataclass(frozen=True)
+class ValidatedRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    stop: StopParams
+
+
+def _finite(name: str, value: float) -> float:
+    if math.isnan(value) or math.isinf(value):
+        raise InvalidRequest(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def _prompt_ids(request: pb.GenerateRequest, tokenizer: TextTokenizer, limits: Limits) -> list[int]:
+    which = request.WhichOneof("prompt")
+    if which is None:
+        raise InvalidRequest("prompt: set either text or token_ids")
+    if which == "text":
+        if not request.text:
+            raise InvalidRequest("text: the prompt is empty")
+        ids = tokenizer.encode(request.text)
+    else:
+        ids = list(request.token_ids.ids)
+        for i, token in enumerate(ids):
+            if token >= limits.vocab_size:
+                raise InvalidRequest(
+                    f"token_ids[{i}] = {token} is not a token of this model (vocab_size {limits.vocab_size})"
+                )
+    if not ids:
+        raise InvalidRequest("prompt: no tokens to process")
+    if len(ids) >= limits.max_model_len:
+        raise InvalidRequest(
+            f"prompt: {len(ids)} tokens, but the model allows at most {limits.max_model_len - 1} "
+            f"prompt tokens (max_model_len {limits.max_model_len} includes one generated token)"
+        )
+    return ids
+
+
+def _sampling(request: pb.GenerateRequest) -> SamplingParams:
+    temperature = _finite("temperature", request.temperature) if request.HasField("temperature") else 1.0
+    if temperature < 0:
+        raise InvalidRequest(f"temperature must be >= 0, got {temperature}")
+    top_p = _finite("top_p", request.top_p) if request.HasField("top_p") else 1.0
+    if not 0.0 < top_p <= 1.0:
+        raise InvalidRequest(f"top_p must be in (0, 1], got {top_p}")
+    if request.top_k < -1:
+        raise InvalidRequest(f"top_k must be -1, 0 (off) or positive, got {request.top_k}")
+    min_p = _finite("min_p", request.min_p)
+    if not 0.0 <= min_p <= 1.0:
+        raise InvalidRequest(f"min_p must be in [0, 1], got {min_p}")
+    rep = _finite("repetition_penalty", request.repetition_penalty) if request.HasField("repetition_penalty") else 1.0
+    if rep <= 0:
+        raise InvalidRequest(f"repetition_penalty must be > 0, got {rep}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = _finite(name, getattr(request, name))
+        if not -2.0 <= value <= 2.0:
+            raise InvalidRequest(f"{name} must be in [-2, 2], got {value}")
+    logprobs = request.logprobs if request.HasField("logprobs") else None
+    if logprobs is not None and logprobs > MAX_LOGPROBS:
+        raise InvalidRequest(f"logprobs must be at most {MAX_LOGPROBS}, got {logprobs}")
+    return SamplingParams(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=max(request.top_k, 0),
+        min_p=min_p,
+        seed=request.seed if request.HasField("seed") else None,
+        repetition_penalty=rep,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        logprobs=logprobs,
+    )
+
+
+def _stop(request: pb.GenerateRequest, num_prompt: int, limits: Limits) -> StopParams:
+    max_tokens = request.max_tokens if request.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+    if max_tokens < 1:
+        raise InvalidRequest(f"max_tokens must be >= 1, got {max_tokens}")
+    max_tokens = min(max_tokens, limits.max_model_len - num_prompt)
+    if request.min_tokens > max_tokens:
+        raise InvalidRequest(f"min_tokens ({request.min_tokens}) exceeds max_tokens ({max_tokens})")
+    if len(request.stop) > MAX_STOP_STRINGS:
+        raise InvalidRequest(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(request.stop)}")
+    for i, stop in enumerate(request.stop):
+        if not stop:
+            raise InvalidRequest(f"stop[{i}] is an empty string")
+    for i, token in enumerate(request.stop_token_ids):
+        if token >= limits.vocab_size:
+            raise InvalidRequest(f"stop_token_ids[{i}] = {token} is not below vocab_size {limits.vocab_size}")
+    return StopParams(
+        max_tokens=max_tokens,
+        min_tokens=request.min_tokens,
+        stop_token_ids=frozenset(request.stop_token_ids),
+        stop_strings=tuple(request.stop),
+        ignore_eos=request.ignore_eos,
+    )
+
+
+def validate_generate(
+    request: pb.GenerateRequest, tokenizer: TextTokenizer, limits: Limits
+) -> ValidatedRequest:
+    if len(request.request_id) > MAX_REQUEST_ID_LEN:
+        raise InvalidRequest(f"request_id longer than {MAX_REQUEST_ID_LEN} characters")
+    request_id = request.request_id or uuid.uuid4().hex
+    sampling = _sampling(request)
+    prompt = _prompt_ids(request, tokenizer, limits)
+    stop = _stop(request, len(prompt), limits)
+    return ValidatedRequest(request_id, prompt, sampling, stop)

@@ -1,0 +1,1 @@
+"""The data plane: executes the control plane's step plans on a device and reports facts."""

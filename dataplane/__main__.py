@@ -1,0 +1,49 @@
+"""`python -m dataplane`: run the data-plane worker alone (the control plane connects to it)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from shared.config import DataplaneConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dataplane", description="DuetServe data plane (GPU worker)")
+    d = DataplaneConfig()
+    p.add_argument("--model", default=d.model, help="preset name or Hugging Face checkpoint folder")
+    p.add_argument("--endpoint", default=d.endpoint, help="ZeroMQ endpoint to bind (ipc:// or tcp://)")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default=d.dtype, help="auto, float32, bfloat16 or float16")
+    p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks (default: from memory)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+    p.add_argument("--cpu-kv-cache-bytes", type=int, default=d.cpu_kv_cache_bytes)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--attention-backend", default=d.attention_backend, help="auto, torch or flashinfer")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s dataplane: %(message)s")
+    try:
+        config = DataplaneConfig(
+            model=args.model, endpoint=args.endpoint, device=args.device, dtype=args.dtype,
+            block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+            gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_bytes=args.cpu_kv_cache_bytes,
+            max_model_len=args.max_model_len, attention_backend=args.attention_backend, seed=args.seed,
+        )
+    except ValueError as exc:
+        print(f"python -m dataplane: error: {exc}", file=sys.stderr)
+        return 2
+    from dataplane.worker import run  # torch is imported only once the flags are valid
+
+    return run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

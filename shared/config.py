@@ -1,0 +1,68 @@
+"""Frozen configuration of both planes, built once from command-line flags and never mutated.
+
+What is discovered at run time (KV capacity, model shapes, device) travels as a message instead.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+Policy = Literal["aggregated"]
+
+
+class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """What the worker loads and how it sizes its KV cache."""
+
+    model: str = "tiny"  # a preset name or a Hugging Face checkpoint folder
+    endpoint: str = "ipc:///tmp/duetserve-dataplane.sock"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: sized from memory
+    gpu_memory_utilization: float = 0.90
+    cpu_kv_cache_bytes: int = 256 << 20
+    max_model_len: int | None = None  # None: the model's own limit
+    attention_backend: str = "auto"  # auto | torch | flashinfer
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError("max_model_len must be >= 1")
+
+
+class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Batching limits of the control plane's scheduler."""
+
+    policy: Policy = "aggregated"
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill)
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+
+
+class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """The gRPC front end and its link to the data plane."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    dataplane_endpoint: str = "ipc:///tmp/duetserve-dataplane.sock"
+    handshake_timeout_s: float = 300.0
+    step_timeout_s: float = 120.0
+    max_model_len: int | None = None  # cap below the worker's limit
+    scheduler: SchedulerConfig = SchedulerConfig()
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port out of range: {self.port}")

@@ -1,0 +1,180 @@
+"""Every message that crosses the ZeroMQ socket between the control plane and the data plane.
+
+Two tagged unions, one per direction (`ToWorker`, `ToControl`), decoded by typed decoders in
+`shared.codec`. A new field here is an API change between the planes: bump `PROTOCOL_VERSION`.
+This module must not import torch or anything of either plane.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+Mode = Literal["aggregated", "multiplexed"]
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """How one request picks its next token. temperature 0 means greedy; top_k 0 means off."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: none; 0: the sampled token's; n: plus the top n
+
+
+# ---------------------------------------------------------------- control plane -> data plane
+
+
+class Hello(msgspec.Struct, frozen=True, kw_only=True, tag="hello"):
+    """First message on a connection; the worker answers WorkerReady or WorkerFatal."""
+
+    protocol_version: int
+    client: str = "controlplane"
+
+
+class NewRequest(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """A sequence the worker has no state for: its whole token list, sent once.
+
+    `token_ids` holds the prompt and, after a preemption, the tokens generated before it;
+    `num_prompt_tokens` counts the original prompt so generated-token indices stay stable.
+    """
+
+    seq_id: int
+    token_ids: list[int]
+    num_prompt_tokens: int
+    block_ids: list[int]
+    sampling: SamplingParams
+
+
+class ScheduledSeq(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """Work for one sequence in one step: compute its next `num_tokens` uncomputed tokens.
+
+    The worker samples a token when the chunk reaches the end of the sequence's known tokens.
+    `new_block_ids` are appended to the sequence's block table before the step runs.
+    """
+
+    seq_id: int
+    num_tokens: int
+    new_block_ids: list[int] = []
+
+
+class StepPlan(msgspec.Struct, frozen=True, kw_only=True, tag="plan"):
+    """One step for the worker. Finished sequences are dropped, new ones registered, then it runs.
+
+    In `multiplexed` mode, prefill items run on `prefill_sms` SMs while items that decode one
+    token run `decode_steps` look-ahead steps on `decode_sms` SMs.
+    """
+
+    step_id: int
+    mode: Mode = "aggregated"
+    prefill_sms: int = 0
+    decode_sms: int = 0
+    decode_steps: int = 1
+    new_requests: list[NewRequest] = []
+    scheduled: list[ScheduledSeq] = []
+    finished_seq_ids: list[int] = []
+    trace_context: dict[str, str] = {}
+
+
+class Shutdown(msgspec.Struct, frozen=True, kw_only=True, tag="shutdown"):
+    """Ask the worker to exit cleanly."""
+
+    reason: str = ""
+
+
+ToWorker = Union[Hello, StepPlan, Shutdown]
+
+
+# ---------------------------------------------------------------- data plane -> control plane
+
+
+class ModelDescription(msgspec.Struct, frozen=True, kw_only=True):
+    """Shapes the control plane needs for tokenisation limits and its latency model."""
+
+    name: str
+    architecture: str
+    vocab_size: int
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    dtype: str
+    eos_token_ids: list[int] = []
+    bos_token_id: int | None = None
+
+
+class DeviceDescription(msgspec.Struct, frozen=True, kw_only=True):
+    kind: Literal["cpu", "cuda"]
+    name: str
+    sm_count: int = 0
+    memory_bytes: int = 0
+
+
+class WorkerReady(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
+    """The worker's answer to Hello: what it loaded and how much KV it holds."""
+
+    protocol_version: int
+    model: ModelDescription
+    device: DeviceDescription
+    num_kv_blocks: int
+    block_size: int
+    max_model_len: int
+    attention_backend: str
+    supports_multiplexing: bool = False
+
+
+class TokenLogprobs(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    logprob: float
+    top_token_ids: list[int] = []
+    top_logprobs: list[float] = []
+
+
+class SeqOutput(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """Tokens sampled for one sequence in one step (several with look-ahead decode)."""
+
+    seq_id: int
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None = None
+
+
+class SeqFailure(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """A request-scoped failure; the worker has dropped the sequence's state."""
+
+    seq_id: int
+    message: str
+
+
+class StepTimings(msgspec.Struct, frozen=True, kw_only=True):
+    """Measured durations of one step in milliseconds; `source` says which clock measured them."""
+
+    total_ms: float
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    source: Literal["host", "cuda_events"] = "host"
+
+
+class StepResult(msgspec.Struct, frozen=True, kw_only=True, tag="result"):
+    step_id: int
+    outputs: list[SeqOutput] = []
+    failures: list[SeqFailure] = []
+    timings: StepTimings = StepTimings(total_ms=0.0)
+
+
+class WorkerFatal(msgspec.Struct, frozen=True, kw_only=True, tag="fatal"):
+    """A process-scoped failure. The worker exits after sending it."""
+
+    reason: str
+
+
+ToControl = Union[WorkerReady, StepResult, WorkerFatal]
