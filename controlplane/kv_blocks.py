@@ -45,9 +45,11 @@ class BlockAllocator:
 
     def free(self, seq_id: int, block_ids: list[int]) -> None:
         for block in block_ids:
-            owner = self._owner.pop(block, None)
+            owner = self._owner.get(block)
             if owner != seq_id:
                 raise RuntimeError(f"block {block} freed by seq {seq_id} but owned by {owner}")
+        for block in block_ids:
+            del self._owner[block]
             self._free.append(block)
 
     def check_invariants(self, live: dict[int, list[int]] | None = None) -> None:

@@ -1,0 +1,33 @@
+"""Attention backends behind one interface, and the factory that picks one for a device.
+
+This package must not import flashinfer (or any CUDA-only library) at import time: GPU backends
+are imported lazily inside `make_backend`, and only for CUDA devices.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dataplane.attention.base import AttentionBackend, AttentionBatch
+from dataplane.attention.torch_paged import TorchPagedAttention
+
+__all__ = ["AttentionBackend", "AttentionBatch", "TorchPagedAttention", "make_backend"]
+
+BACKENDS = ("auto", "torch", "flashinfer")
+
+
+def make_backend(name: str, device: torch.device | str) -> AttentionBackend:
+    """Build the attention backend `name` ("auto" | "torch" | "flashinfer") for `device`.
+
+    "auto" is torch on CPU (and, until the flashinfer backend lands, on CUDA too).
+    """
+    device = torch.device(device)
+    if name == "auto":
+        return TorchPagedAttention()
+    if name == "torch":
+        return TorchPagedAttention()
+    if name == "flashinfer":
+        if device.type != "cuda":
+            raise ValueError(f"the flashinfer attention backend needs a CUDA device, got {device}")
+        raise ValueError("the flashinfer attention backend is not implemented yet; use 'torch'")
+    raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")

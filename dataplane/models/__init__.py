@@ -1,0 +1,1 @@
+"""Model definitions, configs, presets and weight loading; no scheduling or serving policy here."""

@@ -1,0 +1,137 @@
+"""Build a `DenseForCausalLM` from a preset (seeded random weights) or a Hugging Face folder.
+
+Checkpoints are read with safetensors only (single file or sharded with an index); weights are
+copied into a model materialised directly on the target device and dtype. This module must not
+import transformers, must not download anything, and must not choose serving policy (KV sizes,
+batch limits): it returns the model and its config, nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from dataplane.models.config import ModelConfig, load_model_config
+from dataplane.models.dense import DenseForCausalLM
+from dataplane.models.presets import PRESETS
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+INIT_STD = 0.02
+# Checkpoint entries that are derived buffers in some exports, not weights.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """"auto" -> float32 on CPU, bfloat16 on CUDA; otherwise a dtype name like "bfloat16"."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16") from None
+
+
+def load_model(model: str, *, dtype: torch.dtype, device: torch.device,
+               seed: int = 0) -> tuple[DenseForCausalLM, ModelConfig]:
+    """Load a preset name (random weights) or a checkpoint folder; returns (model in eval mode, cfg)."""
+    device = torch.device(device)
+    if model in PRESETS:
+        cfg = PRESETS[model]
+        net = _materialise(cfg, dtype, device)
+        init_random_weights(net, seed)
+    elif Path(model).is_dir():
+        cfg = load_model_config(model)
+        net = _materialise(cfg, dtype, device)
+        load_checkpoint_weights(net, Path(model))
+    else:
+        raise ValueError(f"model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
+                         "nor a checkpoint folder")
+    net.eval()
+    net.requires_grad_(False)
+    return net, cfg
+
+
+def _materialise(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> DenseForCausalLM:
+    """Build on the meta device (no init cost), then allocate uninitialised storage on `device`."""
+    with torch.device("meta"):
+        net = DenseForCausalLM(cfg)
+    net = net.to(dtype=dtype).to_empty(device=device)
+    net.tie_weights()  # to_empty gives the two tied names separate storage; share it again
+    net.model.rotary_emb.reset_cache()
+    return net
+
+
+@torch.no_grad()
+def init_random_weights(net: nn.Module, seed: int) -> None:
+    """normal(0, 0.02) for matrices and embeddings, ones for norms, zeros for biases.
+
+    Numbers are drawn on the parameters' device from a generator seeded with `seed`, so on CUDA
+    an 8B model initialises in seconds. Tied parameters are drawn once.
+    """
+    gen: torch.Generator | None = None
+    for name, param in net.named_parameters():  # de-duplicates tied parameters
+        if gen is None:
+            gen = torch.Generator(device=param.device).manual_seed(seed)
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        elif name.endswith(".bias"):
+            param.zero_()
+        else:
+            param.normal_(0.0, INIT_STD, generator=gen)
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: from the shard index if there is one."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors weights in {folder} (other formats are not supported)")
+    return files
+
+
+@torch.no_grad()
+def load_checkpoint_weights(net: DenseForCausalLM, folder: Path) -> None:
+    """Copy every tensor of the checkpoint into `net` (casting dtype); strict about names/shapes."""
+    params = dict(net.named_parameters(remove_duplicate=False))
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    for path in checkpoint_files(folder):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key.endswith(_IGNORED_SUFFIXES):
+                    continue
+                if key not in params:
+                    unexpected.append(key)
+                    continue
+                _copy_param(params[key], f.get_tensor(key), key)
+                seen.add(key)
+    missing = sorted(set(params) - seen)
+    if net.cfg.tie_word_embeddings:
+        missing = [k for k in missing if k not in ("lm_head.weight", "model.embed_tokens.weight")]
+        if "lm_head.weight" not in seen and "model.embed_tokens.weight" not in seen:
+            missing.append("model.embed_tokens.weight")
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {folder} does not match the model: "
+                         f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
+                         f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+
+
+def _copy_param(param: torch.Tensor, value: torch.Tensor, key: str) -> None:
+    if tuple(value.shape) != tuple(param.shape):
+        raise ValueError(f"checkpoint tensor {key} has shape {tuple(value.shape)}, "
+                         f"the model expects {tuple(param.shape)}")
+    param.copy_(value)

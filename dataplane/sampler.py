@@ -1,0 +1,190 @@
+"""Turn a batch of next-token logits into tokens (and logprobs), one `SamplingParams` per row.
+
+Pipeline per row: penalties (repetition over prompt+output, presence/frequency over output),
+then greedy argmax if temperature is 0, else temperature, top-k, top-p, min-p and an
+exponential race (argmax(p / Exp(1) noise)). A seeded row draws its noise from a generator seeded
+by (seed, generated-token index), so it samples the same token alone or in any batch.
+Logprobs are those of the raw logits (before any processing).
+This module must not decide which rows to sample (the worker does) nor keep per-request state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from shared.messages import SamplingParams, TokenLogprobs
+
+GREEDY_EPS = 1e-5  # temperatures below this are greedy
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class SampleOutput:
+    """token_ids: [N] long on the logits' device; logprobs: one entry per row (None if not asked)."""
+
+    token_ids: Tensor
+    logprobs: list[TokenLogprobs | None]
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def row_seed(seed: int, generated_count: int) -> int:
+    """The generator seed for the `generated_count`-th token of a request seeded with `seed`."""
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ (generated_count & _MASK64)) >> 1
+
+
+def _has_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def _token_counts(tokens: list[Tensor], vocab: int, device: torch.device) -> Tensor:
+    """[N, V] float counts of each token id per row (ids outside [0, V) are ignored)."""
+    n = len(tokens)
+    width = max((int(t.numel()) for t in tokens), default=0)
+    padded = torch.full((n, max(width, 1)), vocab, dtype=torch.long)
+    for i, t in enumerate(tokens):
+        ids = t.reshape(-1).long().cpu()
+        padded[i, : ids.numel()] = torch.where((ids >= 0) & (ids < vocab), ids, vocab)
+    counts = torch.zeros(n, vocab + 1, device=device)
+    counts.scatter_add_(1, padded.to(device), torch.ones(padded.shape, device=device))
+    return counts[:, :vocab]
+
+
+def _row_tensor(values: list[float], device: torch.device) -> Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+
+
+class Sampler:
+    """Stateless apart from one generator for unseeded rows."""
+
+    def __init__(self, device: torch.device | str = "cpu", seed: int = 0) -> None:
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def sample(self, logits: Tensor, params: list[SamplingParams], generated_counts: list[int],
+               prompt_token_ids: list[Tensor] | None = None,
+               output_token_ids: list[Tensor] | None = None) -> SampleOutput:
+        """logits: [N, V] float32; one params and one generated count per row."""
+        n = logits.shape[0]
+        if len(params) != n or len(generated_counts) != n:
+            raise ValueError(f"{n} logit rows but {len(params)} params, "
+                             f"{len(generated_counts)} generated counts")
+        raw = logits.float()
+        greedy = [p.temperature < GREEDY_EPS for p in params]
+        if all(greedy) and not any(_has_penalties(p) for p in params):
+            tokens = raw.argmax(dim=-1)
+        else:
+            processed = self._apply_penalties(raw, params, prompt_token_ids, output_token_ids)
+            tokens = self._choose(processed, params, greedy, generated_counts)
+        return SampleOutput(token_ids=tokens, logprobs=self._logprobs(raw, tokens, params))
+
+    # ---------------------------------------------------------------- penalties
+
+    def _apply_penalties(self, logits: Tensor, params: list[SamplingParams],
+                         prompt_ids: list[Tensor] | None, output_ids: list[Tensor] | None) -> Tensor:
+        if not any(_has_penalties(p) for p in params):
+            return logits
+        use_rep = any(p.repetition_penalty != 1.0 for p in params)
+        if output_ids is None or (prompt_ids is None and use_rep):
+            raise ValueError("penalties need output_token_ids (and prompt_token_ids for "
+                             "repetition_penalty)")
+        n, vocab = logits.shape
+        if len(output_ids) != n or (prompt_ids is not None and len(prompt_ids) != n):
+            raise ValueError("prompt_token_ids and output_token_ids need one tensor per row")
+        out_counts = _token_counts(output_ids, vocab, logits.device)
+        if use_rep and prompt_ids is not None:
+            seen = (_token_counts(prompt_ids, vocab, logits.device) + out_counts) > 0
+            rep = _row_tensor([p.repetition_penalty for p in params], logits.device)
+            penalised = torch.where(logits > 0, logits / rep, logits * rep)
+            logits = torch.where(seen, penalised, logits)
+        freq = _row_tensor([p.frequency_penalty for p in params], logits.device)
+        pres = _row_tensor([p.presence_penalty for p in params], logits.device)
+        return logits - freq * out_counts - pres * (out_counts > 0).float()
+
+    # ---------------------------------------------------------------- choosing
+
+    def _choose(self, logits: Tensor, params: list[SamplingParams], greedy: list[bool],
+                generated_counts: list[int]) -> Tensor:
+        argmax = logits.argmax(dim=-1)
+        if all(greedy):
+            return argmax
+        device = logits.device
+        temps = _row_tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device)
+        scaled = self._filter(logits / temps, params)
+        probs = torch.softmax(scaled, dim=-1)
+        noise = self._exponential_noise(probs.shape, params, greedy, generated_counts, device)
+        sampled = (probs / noise).argmax(dim=-1)
+        is_greedy = torch.tensor(greedy, dtype=torch.bool, device=device)
+        return torch.where(is_greedy, argmax, sampled)
+
+    @staticmethod
+    def _filter(logits: Tensor, params: list[SamplingParams]) -> Tensor:
+        """Top-k, then top-p, then min-p; removed entries become -inf. The max always survives."""
+        n, vocab = logits.shape
+        device = logits.device
+        use_k = any(0 < p.top_k < vocab for p in params)
+        use_p = any(p.top_p < 1.0 for p in params)
+        if use_k or use_p:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            ranks = torch.arange(vocab, device=device)[None, :]
+            remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
+            if use_k:
+                ks = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
+                remove |= ranks >= ks[:, None]
+            if use_p:
+                probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
+                before = probs.cumsum(dim=-1) - probs  # mass strictly ahead of each token
+                top_p = _row_tensor([p.top_p if p.top_p < 1.0 else 2.0 for p in params], device)
+                remove |= (before >= top_p) & (ranks > 0)
+            sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+            logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+        if any(p.min_p > 0.0 for p in params):
+            probs = torch.softmax(logits, dim=-1)
+            min_p = _row_tensor([p.min_p for p in params], device)
+            threshold = min_p * probs.max(dim=-1, keepdim=True).values
+            logits = logits.masked_fill(probs < threshold, float("-inf"))
+        return logits
+
+    def _exponential_noise(self, shape: torch.Size, params: list[SamplingParams], greedy: list[bool],
+                           generated_counts: list[int], device: torch.device) -> Tensor:
+        """Exp(1) noise per row: seeded rows from their own generator, the rest from ours."""
+        noise = torch.empty(shape, device=device)
+        seeded = [i for i, (p, g) in enumerate(zip(params, greedy)) if p.seed is not None and not g]
+        if len(seeded) < len(params):
+            noise.exponential_(generator=self.generator)
+        for i in seeded:
+            gen = torch.Generator(device=device).manual_seed(row_seed(params[i].seed or 0,
+                                                                      generated_counts[i]))
+            noise[i].exponential_(generator=gen)
+        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+    # ---------------------------------------------------------------- logprobs
+
+    @staticmethod
+    def _logprobs(raw: Tensor, tokens: Tensor, params: list[SamplingParams]) -> list[TokenLogprobs | None]:
+        wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if not wanted:
+            return [None] * len(params)
+        rows = torch.tensor(wanted, dtype=torch.long, device=raw.device)
+        logp = torch.log_softmax(raw[rows], dim=-1)
+        chosen = logp.gather(1, tokens[rows][:, None]).squeeze(1).tolist()
+        top_n = min(max(params[i].logprobs or 0 for i in wanted), raw.shape[1])
+        top_vals: list[list[float]] = [[] for _ in wanted]
+        top_ids: list[list[int]] = [[] for _ in wanted]
+        if top_n > 0:
+            vals, ids = logp.topk(top_n, dim=-1)
+            top_vals, top_ids = vals.tolist(), ids.tolist()
+        out: list[TokenLogprobs | None] = [None] * len(params)
+        for j, i in enumerate(wanted):
+            n = params[i].logprobs or 0
+            out[i] = TokenLogprobs(logprob=chosen[j], top_token_ids=top_ids[j][:n],
+                                   top_logprobs=top_vals[j][:n])
+        return out

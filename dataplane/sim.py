@@ -1,0 +1,127 @@
+"""A data plane that does no math: it keeps the same per-sequence bookkeeping as the real runner,
+checks every plan as strictly, and answers with deterministic tokens.
+
+It lets the whole control plane run (and be tested) without torch. It must not import torch and
+must not decide anything: like the real worker it executes plans and reports facts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from shared.messages import NewRequest, ScheduledSeq, SeqFailure, SeqOutput, StepPlan, StepResult, StepTimings
+
+
+def sim_token(prompt_key: int, position: int, vocab_size: int) -> int:
+    """The token a simulated model emits at `position`: a fixed function of the prompt, so the same
+    request gets the same tokens under any batching. Ids below 16 (EOS-like) are never produced."""
+    return 16 + (prompt_key * 104729 + position * 7919) % (vocab_size - 16)
+
+
+@dataclass
+class _SimSeq:
+    token_ids: list[int]
+    num_prompt_tokens: int
+    block_table: list[int]
+    prompt_key: int
+    num_computed: int = 0
+
+
+class SimRunner:
+    """Executes StepPlans on bookkeeping alone; raises AssertionError-free, reports SeqFailures."""
+
+    def __init__(self, num_blocks: int, block_size: int, vocab_size: int) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.seqs: dict[int, _SimSeq] = {}
+        self.block_owner: dict[int, int] = {}
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        start = time.perf_counter()
+        for seq_id in plan.finished_seq_ids:
+            self._drop(seq_id)
+        failures: list[SeqFailure] = []
+        for new in plan.new_requests:
+            problem = self._register(new)
+            if problem:
+                failures.append(SeqFailure(seq_id=new.seq_id, message=problem))
+        outputs: list[SeqOutput] = []
+        failed = {f.seq_id for f in failures}
+        for entry in plan.scheduled:
+            if entry.seq_id in failed:
+                continue
+            problem = self._extend(entry, plan.decode_steps)
+            if problem:
+                self._drop(entry.seq_id)
+                failures.append(SeqFailure(seq_id=entry.seq_id, message=problem))
+                continue
+            tokens = self._compute(entry, plan.decode_steps)
+            if tokens:
+                outputs.append(SeqOutput(seq_id=entry.seq_id, token_ids=tokens))
+        elapsed = (time.perf_counter() - start) * 1000.0
+        return StepResult(step_id=plan.step_id, outputs=outputs, failures=failures,
+                          timings=StepTimings(total_ms=elapsed))
+
+    def _drop(self, seq_id: int) -> None:
+        seq = self.seqs.pop(seq_id, None)
+        if seq is not None:
+            for block in seq.block_table:
+                self.block_owner.pop(block, None)
+
+    def _claim(self, seq_id: int, blocks: list[int]) -> str | None:
+        for block in blocks:
+            if not 0 <= block < self.num_blocks:
+                return f"seq {seq_id}: block id {block} outside the KV cache"
+            owner = self.block_owner.get(block)
+            if owner is not None and owner != seq_id:
+                return f"seq {seq_id}: block {block} is still held by seq {owner}"
+        for block in blocks:
+            self.block_owner[block] = seq_id
+        return None
+
+    def _register(self, new: NewRequest) -> str | None:
+        self._drop(new.seq_id)
+        if not new.token_ids or not 0 < new.num_prompt_tokens <= len(new.token_ids):
+            return f"seq {new.seq_id}: bad token list"
+        problem = self._claim(new.seq_id, new.block_ids)
+        if problem:
+            return problem
+        prompt = new.token_ids[: new.num_prompt_tokens]
+        key = hash(tuple(prompt)) & 0xFFFFFFFF
+        self.seqs[new.seq_id] = _SimSeq(list(new.token_ids), new.num_prompt_tokens, list(new.block_ids), key)
+        return None
+
+    def _extend(self, entry: ScheduledSeq, decode_steps: int) -> str | None:
+        seq = self.seqs.get(entry.seq_id)
+        if seq is None:
+            return f"seq {entry.seq_id}: unknown to the data plane"
+        problem = self._claim(entry.seq_id, entry.new_block_ids)
+        if problem:
+            return problem
+        seq.block_table.extend(entry.new_block_ids)
+        end = seq.num_computed + entry.num_tokens
+        if entry.num_tokens < 1 or end > len(seq.token_ids):
+            return f"seq {entry.seq_id}: cannot compute {entry.num_tokens} tokens"
+        decoding = entry.num_tokens == 1 and end == len(seq.token_ids)
+        end += decode_steps - 1 if decoding else 0
+        if end > len(seq.block_table) * self.block_size:
+            return f"seq {entry.seq_id}: {len(seq.block_table)} blocks cannot hold {end} tokens"
+        return None
+
+    def _compute(self, entry: ScheduledSeq, decode_steps: int) -> list[int]:
+        seq = self.seqs[entry.seq_id]
+        decoding = entry.num_tokens == 1 and seq.num_computed + 1 == len(seq.token_ids)
+        seq.num_computed += entry.num_tokens
+        if seq.num_computed < len(seq.token_ids):
+            return []
+        steps = decode_steps if decoding else 1
+        tokens = []
+        for step in range(steps):
+            if step:
+                seq.num_computed += 1
+            token = sim_token(seq.prompt_key, len(seq.token_ids), self.vocab_size)
+            seq.token_ids.append(token)
+            tokens.append(token)
+        return tokens

@@ -1,0 +1,130 @@
+"""ModelConfig: reading Hugging Face config folders, presets, parameter counts, KV sizing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dataplane.attention import make_backend
+from dataplane.kv_cache import allocate_kv_cache, kv_bytes_per_block
+from dataplane.models.config import ModelConfig, load_model_config
+from dataplane.models.dense import DenseForCausalLM
+from dataplane.models.loader import load_model
+from dataplane.models.presets import PRESETS
+from tests.dataplane.checkpoints import write_tiny_checkpoint
+from tests.dataplane.paged_driver import PagedDriver
+
+
+def _write_config(folder: Path, raw: dict, generation: dict | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(raw))
+    if generation is not None:
+        (folder / "generation_config.json").write_text(json.dumps(generation))
+    return folder
+
+
+LEGACY_LLAMA = {
+    "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 131072,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "hidden_act": "silu",
+    "tie_word_embeddings": False,
+}
+
+
+def test_legacy_llama_config_matches_preset(tmp_path: Path) -> None:
+    cfg = load_model_config(_write_config(tmp_path / "llama-3.1-8b", LEGACY_LLAMA))
+    preset = PRESETS["llama-3.1-8b"]
+    assert cfg.head_dim == 128  # derived: hidden / heads
+    assert cfg == preset
+
+
+def test_transformers5_config_and_generation_eos(tmp_path: Path) -> None:
+    folder = write_tiny_checkpoint(tmp_path / "q", "qwen3", tied=True)
+    raw = json.loads((folder / "config.json").read_text())
+    assert "rope_parameters" in raw
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 2]}))
+    cfg = load_model_config(folder)
+    assert cfg.architecture == "qwen3" and cfg.qk_norm and cfg.tie_word_embeddings
+    assert cfg.rope_theta == 10000.0 and cfg.rope_scaling is None
+    assert cfg.eos_token_ids == (2, 7) and cfg.bos_token_id == 1
+    assert (cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim) == (4, 2, 16)
+
+
+def test_llama3_rope_parameters_are_read(tmp_path: Path) -> None:
+    cfg = load_model_config(write_tiny_checkpoint(tmp_path / "l", "llama"))
+    assert cfg.architecture == "llama" and not cfg.qk_norm
+    assert cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] == "llama3"
+    assert cfg.rope_scaling["original_max_position_embeddings"] == 32
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"model_type": "mistral"}, "unsupported model_type"),
+        ({"model_type": None}, "unsupported model_type"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+    ],
+)
+def test_unsupported_configs_raise_value_error(tmp_path: Path, edit: dict, message: str) -> None:
+    raw = {**LEGACY_LLAMA, **edit}
+    with pytest.raises(ValueError, match=message):
+        load_model_config(_write_config(tmp_path / "m", raw))
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        load_model_config(tmp_path)
+
+
+def test_invalid_shapes_rejected() -> None:
+    base = PRESETS["tiny"]
+    with pytest.raises(ValueError, match="multiple"):
+        ModelConfig(**{**base.__dict__, "num_kv_heads": 3})
+
+
+def test_qwen3_8b_parameter_count() -> None:
+    cfg = PRESETS["qwen3-8b"]
+    assert cfg.num_params == pytest.approx(8.19e9, rel=0.01)
+    assert PRESETS["qwen3-0.6b"].num_params == pytest.approx(0.596e9, rel=0.01)
+    assert PRESETS["llama-3.1-8b"].num_params == pytest.approx(8.03e9, rel=0.01)
+
+
+def test_num_params_matches_instantiated_modules() -> None:
+    for tied in (False, True):
+        cfg = ModelConfig(**{**PRESETS["tiny"].__dict__, "tie_word_embeddings": tied,
+                             "attention_bias": True})
+        with torch.device("meta"):
+            model = DenseForCausalLM(cfg)
+        assert sum(p.numel() for p in model.parameters()) == cfg.num_params
+
+
+def test_tiny_preset_instantiates_and_runs() -> None:
+    model, cfg = load_model("tiny", dtype=torch.float32, device=torch.device("cpu"), seed=3)
+    assert cfg.vocab_size == 260 and cfg.bos_token_id == 256 and cfg.eos_token_ids == (257,)
+    assert sum(p.numel() for p in model.parameters()) == cfg.num_params
+    norm = model.model.layers[0].self_attn.q_norm
+    assert norm is not None and torch.equal(norm.weight, torch.ones(16))
+    driver = PagedDriver(model, [[256, 72, 105], [256, 33]])
+    out = driver.step([(0, 3), (1, 2)])
+    assert out[0].shape == (3, 260) and torch.isfinite(out[0]).all()
+    again, _ = load_model("tiny", dtype=torch.float32, device=torch.device("cpu"), seed=3)
+    assert torch.equal(again.lm_head.weight, model.lm_head.weight)
+
+
+def test_kv_cache_layout_and_size() -> None:
+    cfg = PRESETS["qwen3-8b"]
+    assert kv_bytes_per_block(cfg, 16, torch.bfloat16) == 36 * 2 * 16 * 8 * 128 * 2
+    tiny = PRESETS["tiny"]
+    caches = allocate_kv_cache(tiny, 10, 16, torch.float32, "cpu")
+    assert len(caches) == 2 and caches[0].shape == (10, 2, 16, 2, 16)
+    total = sum(c.numel() * c.element_size() for c in caches)
+    assert total == 10 * kv_bytes_per_block(tiny, 16, torch.float32)
+    assert make_backend("auto", "cpu").name == "torch"

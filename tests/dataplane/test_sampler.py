@@ -1,0 +1,166 @@
+"""Sampler semantics: greedy, filters, seeded reproducibility, penalties, logprobs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dataplane.sampler import Sampler, row_seed
+from shared.messages import SamplingParams
+
+V = 50
+
+
+def _logits(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, V, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def _sample(logits: torch.Tensor, params: list[SamplingParams], counts: list[int] | None = None,
+            **kw: object) -> torch.Tensor:
+    counts = counts if counts is not None else [0] * len(params)
+    return Sampler(seed=123).sample(logits, params, counts, **kw).token_ids  # type: ignore[arg-type]
+
+
+def test_greedy_is_argmax() -> None:
+    logits = _logits(8)
+    out = _sample(logits, [SamplingParams(temperature=0.0)] * 8)
+    assert out.dtype == torch.long
+    assert torch.equal(out, logits.argmax(-1))
+
+
+def test_mixed_greedy_and_sampled_rows() -> None:
+    logits = _logits(6)
+    params = [SamplingParams(temperature=0.0 if i % 2 else 1.0) for i in range(6)]
+    out = _sample(logits, params)
+    assert torch.equal(out[1::2], logits.argmax(-1)[1::2])
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy() -> None:
+    logits = _logits(16, seed=3)
+    greedy = logits.argmax(-1)
+    assert torch.equal(_sample(logits, [SamplingParams(temperature=1.5, top_k=1)] * 16), greedy)
+    assert torch.equal(_sample(logits, [SamplingParams(temperature=1.5, top_p=1e-9)] * 16), greedy)
+
+
+def test_top_k_keeps_only_top_tokens() -> None:
+    logits = _logits(1).expand(400, V).contiguous()
+    out = _sample(logits, [SamplingParams(temperature=5.0, top_k=3)] * 400)
+    allowed = set(logits[0].topk(3).indices.tolist())
+    assert set(out.tolist()) <= allowed and len(set(out.tolist())) > 1
+
+
+def test_top_p_keeps_the_nucleus() -> None:
+    logits = torch.full((300, V), -10.0)
+    logits[:, :4] = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])) + 10.0
+    out = _sample(logits, [SamplingParams(top_p=0.7)] * 300)
+    assert set(out.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.7; token 2 is outside the nucleus
+
+
+def test_min_p_filters() -> None:
+    row = torch.full((V,), -20.0)
+    row[0], row[1], row[2] = 0.0, -0.5, -3.0  # p ratios to max: 1, 0.61, 0.05
+    logits = row.expand(500, V).contiguous()
+    out = _sample(logits, [SamplingParams(min_p=0.2)] * 500)
+    assert set(out.tolist()) == {0, 1}
+    out_no_filter = _sample(logits, [SamplingParams()] * 500)
+    assert 2 in set(out_no_filter.tolist())
+
+
+def test_sampling_follows_distribution() -> None:
+    probs = torch.tensor([0.6, 0.3, 0.1] + [0.0] * (V - 3))
+    logits = torch.log(probs.clamp_min(1e-30)).expand(4000, V).contiguous()
+    out = _sample(logits, [SamplingParams()] * 4000)
+    freq = torch.bincount(out, minlength=V)[:3].float() / 4000
+    torch.testing.assert_close(freq, probs[:3], atol=0.03, rtol=0.0)
+
+
+def test_seeded_rows_reproducible_alone_and_in_batch() -> None:
+    logits = _logits(5, seed=7)
+    seeded = SamplingParams(temperature=1.0, seed=42)
+    alone = Sampler(seed=1).sample(logits[2:3], [seeded], [9]).token_ids
+    batch_params = [SamplingParams(), SamplingParams(seed=5), seeded, SamplingParams(), seeded]
+    batch = Sampler(seed=99).sample(logits, batch_params, [0, 3, 9, 1, 9]).token_ids
+    assert batch[2] == alone[0]
+    # a different generated-token index draws different noise (over many steps the draws differ)
+    draws = {int(Sampler().sample(logits[2:3], [seeded], [c]).token_ids[0]) for c in range(40)}
+    assert len(draws) > 1
+
+
+def test_row_seed_distinguishes_seed_and_count() -> None:
+    seeds = {row_seed(s, c) for s in range(20) for c in range(20)}
+    assert len(seeds) == 400
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_unseeded_sampler_generator_is_deterministic() -> None:
+    logits = _logits(10)
+    params = [SamplingParams()] * 10
+    a = Sampler(seed=5).sample(logits, params, [0] * 10).token_ids
+    b = Sampler(seed=5).sample(logits, params, [0] * 10).token_ids
+    assert torch.equal(a, b)
+
+
+def _prob_of(logits: torch.Tensor, params: SamplingParams, token: int, n: int = 3000,
+             **kw: object) -> float:
+    big = logits.expand(n, V).contiguous()
+    reps = {k: [v[0]] * n for k, v in kw.items()}  # type: ignore[index]
+    out = _sample(big, [params] * n, **reps)
+    return float((out == token).float().mean())
+
+
+def test_repetition_penalty_lowers_seen_tokens() -> None:
+    logits = torch.full((1, V), 0.5)
+    logits[0, :2] = torch.tensor([2.0, -1.0])  # one positive, one negative seen token
+    prompt, output = [torch.tensor([0])], [torch.tensor([1])]
+    greedy = SamplingParams(temperature=0.0, repetition_penalty=100.0)
+    out = Sampler().sample(logits, [greedy], [1], prompt_token_ids=prompt, output_token_ids=output)
+    assert int(out.token_ids[0]) not in (0, 1)
+    base = _prob_of(logits, SamplingParams(), 0)
+    pen = _prob_of(logits, SamplingParams(repetition_penalty=3.0), 0,
+                   prompt_token_ids=prompt, output_token_ids=output)
+    assert pen < base - 0.03  # about 0.084 -> 0.024
+
+
+def test_presence_and_frequency_penalties() -> None:
+    logits = torch.zeros(1, V)
+    logits[0, 3] = 2.0
+    output = [torch.tensor([3, 3, 3])]
+    prompt = [torch.tensor([], dtype=torch.long)]
+    base = _prob_of(logits, SamplingParams(), 3)
+    pres = _prob_of(logits, SamplingParams(presence_penalty=1.0), 3,
+                    prompt_token_ids=prompt, output_token_ids=output)
+    freq = _prob_of(logits, SamplingParams(frequency_penalty=1.0), 3,
+                    prompt_token_ids=prompt, output_token_ids=output)
+    assert freq < pres < base
+    neg = _prob_of(logits, SamplingParams(presence_penalty=-2.0), 3,
+                   prompt_token_ids=prompt, output_token_ids=output)
+    assert neg > base
+
+
+def test_penalties_without_token_history_raise() -> None:
+    with pytest.raises(ValueError, match="output_token_ids"):
+        Sampler().sample(_logits(1), [SamplingParams(presence_penalty=1.0)], [0])
+
+
+def test_logprobs_match_log_softmax() -> None:
+    logits = _logits(4, seed=11)
+    params = [SamplingParams(temperature=0.0, logprobs=0), SamplingParams(logprobs=3),
+              SamplingParams(), SamplingParams(temperature=0.7, top_k=5, logprobs=5)]
+    out = Sampler().sample(logits, params, [0] * 4)
+    ref = torch.log_softmax(logits, -1)
+    assert out.logprobs[2] is None
+    for i in (0, 1, 3):
+        lp = out.logprobs[i]
+        assert lp is not None
+        assert lp.logprob == pytest.approx(float(ref[i, out.token_ids[i]]), abs=1e-5)
+        n = params[i].logprobs or 0
+        top = ref[i].topk(n) if n else None
+        assert len(lp.top_token_ids) == n and len(lp.top_logprobs) == n
+        if top is not None:
+            assert lp.top_token_ids == top.indices.tolist()
+            assert lp.top_logprobs == pytest.approx(top.values.tolist(), abs=1e-5)
+
+
+def test_mismatched_lengths_raise() -> None:
+    with pytest.raises(ValueError):
+        Sampler().sample(_logits(2), [SamplingParams()], [0, 0])

@@ -1,0 +1,103 @@
+"""Bad input gets INVALID_ARGUMENT with a message naming the problem; info, health, reflection work."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
+from tests.e2e.conftest import generate, serve
+
+OK = {"token_ids": {"ids": [5, 6, 7]}, "max_tokens": 2}
+BAD_REQUESTS: list[tuple[dict[str, object], str]] = [
+    ({"max_tokens": 2}, "prompt: set either text or token_ids"),
+    ({"text": "", "max_tokens": 2}, "prompt is empty"),
+    ({"token_ids": {"ids": []}, "max_tokens": 2}, "no tokens"),
+    ({"token_ids": {"ids": list(range(3, 70))}}, "at most 63 prompt tokens"),
+    ({**OK, "max_tokens": 0}, "max_tokens must be >= 1"),
+    ({**OK, "max_tokens": -5}, "max_tokens must be >= 1"),
+    ({**OK, "temperature": -0.5}, "temperature must be >= 0"),
+    ({**OK, "temperature": float("nan")}, "temperature must be a finite number"),
+    ({**OK, "top_p": 0.0}, "top_p must be in (0, 1]"),
+    ({**OK, "top_p": 1.5}, "top_p must be in (0, 1]"),
+    ({"token_ids": {"ids": [5, 260, 7]}}, "token_ids[1] = 260 is not a token of this model"),
+    ({**OK, "top_k": -3}, "top_k must be"),
+    ({**OK, "min_p": 1.5}, "min_p must be in [0, 1]"),
+    ({**OK, "logprobs": 50}, "logprobs must be at most 20"),
+    ({**OK, "repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
+    ({**OK, "presence_penalty": 3.0}, "presence_penalty must be in [-2, 2]"),
+    ({**OK, "stop": ["ok", ""]}, "stop[1] is an empty string"),
+    ({**OK, "stop_token_ids": [9999]}, "stop_token_ids[0] = 9999"),
+    ({**OK, "min_tokens": 5}, "min_tokens (5) exceeds max_tokens (2)"),
+    ({**OK, "request_id": "x" * 300}, "request_id longer than"),
+]
+
+
+async def test_bad_requests_are_invalid_argument() -> None:
+    async with serve("tiny", max_model_len=64) as served:
+        for fields, message in BAD_REQUESTS:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await generate(served.stub, **fields)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, fields
+            assert message in (err.value.details() or ""), (fields, err.value.details())
+        ok = await generate(served.stub, **OK)  # the server still serves
+        assert len(ok.token_ids) == 2
+        clamped = await generate(served.stub, token_ids={"ids": list(range(3, 63))}, max_tokens=50, ignore_eos=True)
+        assert clamped.final is not None and clamped.final.completion_tokens == 4  # 60 + 4 = max_model_len
+        assert clamped.final.finish_reason == "length"
+
+
+async def test_duplicate_request_id_is_already_exists() -> None:
+    async with serve("tiny") as served:
+        first = served.stub.Generate(pb.GenerateRequest(request_id="dup", max_tokens=500, ignore_eos=True,
+                                                        token_ids=pb.TokenIds(ids=[5, 6])))
+        await first.read()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await generate(served.stub, request_id="dup", **OK)
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        first.cancel()
+
+
+async def test_model_info_health_and_reflection() -> None:
+    async with serve("tiny", num_kv_blocks=100) as served:
+        info = await served.stub.GetModelInfo(pb.GetModelInfoRequest())
+        assert (info.model, info.vocab_size, info.num_kv_blocks, info.block_size) == ("tiny", 260, 100, 16)
+        assert info.max_model_len == 1600 and list(info.eos_token_ids) == [257]
+        assert info.policy == "aggregated" and not info.supports_multiplexing
+        health = health_pb2_grpc.HealthStub(served.channel)
+        for service in ("", "duetserve.v1.Generation"):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        reflect = reflection_pb2_grpc.ServerReflectionStub(served.channel)
+        call = reflect.ServerReflectionInfo()
+        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        reply = await asyncio.wait_for(call.read(), 5)
+        await call.done_writing()
+        names = {s.name for s in reply.list_services_response.service}
+        assert {"duetserve.v1.Generation", "grpc.health.v1.Health"} <= names
+
+
+async def test_stop_strings_and_stop_tokens() -> None:
+    """A stop string ends the text before it; a stop token id ends the stream with finish 'stop'."""
+    async with serve("tiny") as served:
+        base = await generate(served.stub, token_ids={"ids": [72, 101, 108]}, max_tokens=40,
+                              temperature=0.0, ignore_eos=True)
+        assert len(base.token_ids) == 40
+        visible = base.text.strip("\ufffd")
+        assert len(visible) > 8, "the tiny model's greedy text is too short to cut"
+        stop = visible[5:7]
+        cut = await generate(served.stub, token_ids={"ids": [72, 101, 108]}, max_tokens=40,
+                             temperature=0.0, ignore_eos=True, stop=[stop])
+        assert cut.final is not None and cut.final.finish_reason == "stop"
+        assert cut.final.stop_reason == stop
+        assert cut.text == base.text[: base.text.find(stop)]
+        token = base.token_ids[10]
+        first = base.token_ids.index(token)
+        by_id = await generate(served.stub, token_ids={"ids": [72, 101, 108]}, max_tokens=40,
+                               temperature=0.0, ignore_eos=True, stop_token_ids=[token])
+        assert by_id.token_ids == base.token_ids[: first + 1]
+        assert by_id.final is not None and by_id.final.finish_reason == "stop"

@@ -1,0 +1,85 @@
+"""Client cancellation and the Abort RPC stop a request within one step and free its blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
+from tests.e2e.conftest import Served, serve
+
+LONG = {"token_ids": {"ids": list(range(3, 40))}, "max_tokens": 3000, "ignore_eos": True, "temperature": 0.0}
+
+
+def record_plans(served: Served) -> list[tuple[float, set[int]]]:
+    """Wrap the data-plane client so each sent plan's sequence ids are logged with a timestamp."""
+    sent: list[tuple[float, set[int]]] = []
+    client = served.plane.engine.client
+    original = client.run_step
+
+    async def run_step(plan, timeout_s):  # noqa: ANN001, ANN202
+        sent.append((time.monotonic(), {s.seq_id for s in plan.scheduled}))
+        return await original(plan, timeout_s)
+
+    client.run_step = run_step  # type: ignore[method-assign]
+    return sent
+
+
+async def wait_idle(served: Served, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while served.scheduler.seqs and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
+def plans_after(sent: list[tuple[float, set[int]]], when: float, seq_id: int) -> int:
+    return sum(1 for t, ids in sent if t > when and seq_id in ids)
+
+
+async def test_client_cancel_frees_blocks_within_one_step() -> None:
+    async with serve("tiny") as served:
+        sent = record_plans(served)
+        call = served.stub.Generate(pb.GenerateRequest(request_id="c1", **LONG))
+        seen = 0
+        async for response in call:
+            seen += len(response.token_ids)
+            if seen >= 5:
+                break
+        seq_id = next(iter(served.scheduler.seqs))
+        cancelled_at = time.monotonic()
+        call.cancel()
+        await wait_idle(served)
+        assert not served.scheduler.seqs, "the cancelled request is still scheduled"
+        assert plans_after(sent, cancelled_at, seq_id) <= 1
+        assert served.scheduler.allocator.num_free == served.scheduler.allocator.num_blocks
+        assert served.plane.engine.num_live_requests == 0
+
+
+async def test_abort_rpc_ends_stream_and_frees_blocks() -> None:
+    async with serve("tiny") as served:
+        sent = record_plans(served)
+        call = served.stub.Generate(pb.GenerateRequest(request_id="a1", **LONG))
+        tokens = 0
+        final = None
+        aborted = False
+        async for response in call:
+            tokens += len(response.token_ids)
+            if tokens >= 5 and not aborted:
+                aborted = True
+                seq_id = next(iter(served.scheduler.seqs))
+                aborted_at = time.monotonic()
+                reply = await served.stub.Abort(pb.AbortRequest(request_id="a1"))
+                assert reply.found
+            if response.finish_reason:
+                final = response
+        assert final is not None and final.finish_reason == "abort"
+        assert final.completion_tokens == tokens < 3000
+        assert plans_after(sent, aborted_at, seq_id) <= 1
+        await wait_idle(served)
+        assert served.scheduler.allocator.num_free == served.scheduler.allocator.num_blocks
+        assert not (await served.stub.Abort(pb.AbortRequest(request_id="a1"))).found
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await served.stub.Abort(pb.AbortRequest())
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

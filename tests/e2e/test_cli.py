@@ -1,0 +1,63 @@
+"""The newcomer's path: the README's commands are the ones CI runs, and `duetserve serve` +
+`duetserve generate` work as processes, shutting down cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "controlplane.cli"]
+
+
+def readme_commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_readme_test_command_is_what_ci_runs() -> None:
+    commands = readme_commands()
+    test_cmd = next(c for c in commands if "pytest" in c)
+    assert test_cmd in (ROOT / ".ci/run").read_text()
+    assert any(c.endswith("duetserve serve") and "pip install" in c for c in commands)
+
+
+def test_serve_generate_and_clean_shutdown() -> None:
+    server = subprocess.Popen([*CLI, "serve", "--port", "0", "--log-level", "WARNING"], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        match = re.search(r"serving tiny on 127\.0\.0\.1:(\d+)", line)
+        assert match, f"unexpected first line: {line!r}"
+        address = f"127.0.0.1:{match.group(1)}"
+        out = subprocess.run([*CLI, "generate", "Hi", "--address", address, "--max-tokens", "8", "--ignore-eos"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "finish_reason=length" in out.stderr and "completion_tokens=8" in out.stderr
+        bad = subprocess.run([*CLI, "generate", "Hi", "--address", address, "--max-tokens", "0"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
+        children = subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True, text=True).stdout.split()
+        assert children, "serve should have started the data plane as a child process"
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in children), "the data plane outlived serve"
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def test_help_documents_the_flags() -> None:
+    out = subprocess.run([*CLI, "serve", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    for flag in ("--model", "--port", "--host", "--max-num-batched-tokens", "--attach", "--dataplane-endpoint"):
+        assert flag in out.stdout
