@@ -38,7 +38,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="token budget of one step; longer prompts are prefilled in chunks")
-    p.add_argument("--attention-backend", default="auto", help="auto, torch or flashinfer")
+    p.add_argument("--attention-backend", default="auto", help="auto (flashinfer on CUDA, torch on CPU), torch "
+                                                              "or flashinfer")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on the GPU")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and unseeded sampling")
     p.add_argument("--dataplane-endpoint", default=None,
                    help="ZeroMQ endpoint of the data plane (default: a private ipc:// socket)")
@@ -84,6 +86,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataplaneConfig, Server
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
         gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_bytes=args.cpu_kv_cache_bytes,
         max_model_len=args.max_model_len, attention_backend=args.attention_backend, seed=args.seed,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+        cuda_graphs=not args.no_cuda_graphs,
     )
     scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     server = ServerConfig(

@@ -86,6 +86,12 @@ class Engine:
     async def start(self, handshake_timeout_s: float) -> WorkerReady:
         self.client.connect()
         ready = await self.client.handshake(handshake_timeout_s)
+        budget = self.scheduler_config.max_num_batched_tokens
+        if ready.max_num_batched_tokens and budget > ready.max_num_batched_tokens:
+            raise EngineUnavailable(
+                f"max_num_batched_tokens {budget} exceeds what the data plane's memory plan fits "
+                f"({ready.max_num_batched_tokens}); start both with the same value"
+            )
         self.worker = ready
         self.tokenizer = self._tokenizer_factory(ready)
         capacity_tokens = ready.num_kv_blocks * ready.block_size

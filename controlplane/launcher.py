@@ -37,7 +37,11 @@ def dataplane_args(config: DataplaneConfig) -> list[str]:
         "--cpu-kv-cache-bytes", str(config.cpu_kv_cache_bytes),
         "--attention-backend", config.attention_backend,
         "--seed", str(config.seed),
+        "--max-num-batched-tokens", str(config.max_num_batched_tokens),
+        "--max-num-seqs", str(config.max_num_seqs),
     ]
+    if not config.cuda_graphs:
+        args.append("--no-cuda-graphs")
     if config.num_kv_blocks is not None:
         args += ["--num-kv-blocks", str(config.num_kv_blocks)]
     if config.max_model_len is not None:

@@ -23,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--attention-backend", default=d.attention_backend, help="auto, torch or flashinfer")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="largest step (tokens) the GPU memory plan must fit")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="largest decode batch with a CUDA graph")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -36,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
             block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
             gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_bytes=args.cpu_kv_cache_bytes,
             max_model_len=args.max_model_len, attention_backend=args.attention_backend, seed=args.seed,
+            max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+            cuda_graphs=not args.no_cuda_graphs,
         )
     except ValueError as exc:
         print(f"python -m dataplane: error: {exc}", file=sys.stderr)

@@ -3,54 +3,79 @@
 The runner keeps each sequence's tokens, computed count and block table (the physical side of the
 control plane's logical bookkeeping). It checks every plan item and reports request-scoped
 problems as SeqFailures; it never decides what to schedule.
+
+On CUDA a step never blocks the host: inputs go up in one async copy, sampled tokens come back by
+an async copy into pinned memory, and `PendingStep.ready()` polls a CUDA event.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from dataplane.attention.base import AttentionBackend, AttentionBatch
+from dataplane.graphs import DecodeGraphs
 from dataplane.models.config import ModelConfig
 from dataplane.models.dense import DenseForCausalLM
-from dataplane.sampler import Sampler
-from shared.messages import (
-    NewRequest,
-    SamplingParams,
-    ScheduledSeq,
-    SeqFailure,
-    SeqOutput,
-    StepPlan,
-    StepResult,
-    StepTimings,
-    TokenLogprobs,
-)
-
-
-class SeqError(ValueError):
-    """A plan item this worker cannot run; becomes a SeqFailure for that sequence."""
-
-
-@dataclass
-class SeqState:
-    seq_id: int
-    token_ids: list[int]
-    num_prompt_tokens: int
-    block_table: list[int]
-    sampling: SamplingParams
-    num_computed: int = 0
-
-    @property
-    def num_generated(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+from dataplane.sampler import LogprobTensors, Sampler
+from dataplane.seq_state import SeqError, SeqState, check_scheduled, new_state
+from shared.messages import SeqFailure, SeqOutput, StepPlan, StepResult, StepTimings, TokenLogprobs
 
 
 @dataclass
 class _Item:
     state: SeqState
     num_tokens: int
+
+
+@dataclass
+class _PassOutput:
+    """One forward pass's sampled rows, with their tokens still on the device or in flight."""
+
+    states: list[SeqState]
+    tokens: torch.Tensor
+    logprobs: LogprobTensors | None
+    applied: bool = False  # tokens already appended to the states (look-ahead passes)
+
+
+@dataclass
+class PendingStep:
+    """A launched step: poll `ready()`, then `result()` (which never waits on the device)."""
+
+    step_id: int
+    started: float
+    failures: list[SeqFailure]
+    passes: list[_PassOutput] = field(default_factory=list)
+    done: torch.cuda.Event | None = None
+    start_event: torch.cuda.Event | None = None
+
+    def ready(self) -> bool:
+        return self.done is None or self.done.query()
+
+    def result(self) -> StepResult:
+        outputs: dict[int, tuple[list[int], list[TokenLogprobs] | None]] = {}
+        for p in self.passes:
+            tokens = p.tokens.tolist()
+            lps = p.logprobs.materialise(len(tokens)) if p.logprobs is not None else [None] * len(tokens)
+            for state, token, lp in zip(p.states, tokens, lps):
+                if not p.applied:
+                    state.token_ids.append(token)
+                toks, lp_list = outputs.setdefault(state.seq_id, ([], [] if lp is not None else None))
+                toks.append(token)
+                if lp_list is not None and lp is not None:
+                    lp_list.append(lp)
+        total_ms = (time.perf_counter() - self.started) * 1000.0
+        source = "host"
+        if self.done is not None and self.start_event is not None:
+            total_ms, source = self.start_event.elapsed_time(self.done), "cuda_events"
+        return StepResult(
+            step_id=self.step_id,
+            outputs=[SeqOutput(seq_id=s, token_ids=t, logprobs=lp) for s, (t, lp) in outputs.items()],
+            failures=self.failures,
+            timings=StepTimings(total_ms=total_ms, source=source),  # type: ignore[arg-type]
+        )
 
 
 class ModelRunner:
@@ -65,6 +90,7 @@ class ModelRunner:
         block_size: int,
         num_blocks: int,
         device: torch.device,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -74,149 +100,123 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.device = device
+        self.graphs = graphs
         self.seqs: dict[int, SeqState] = {}
+        self._cuda = device.type == "cuda"
 
     # ------------------------------------------------------------------ plan handling
 
     def execute(self, plan: StepPlan) -> StepResult:
-        start = time.perf_counter()
+        """Launch and wait (tests, CPU). The worker uses launch() and polls instead."""
+        pending = self.launch(plan)
+        if pending.done is not None:
+            pending.done.synchronize()
+        return pending.result()
+
+    def launch(self, plan: StepPlan) -> PendingStep:
+        pending = PendingStep(step_id=plan.step_id, started=time.perf_counter(), failures=[])
         for seq_id in plan.finished_seq_ids:
             self.seqs.pop(seq_id, None)
-        failures: list[SeqFailure] = []
         for new in plan.new_requests:
             try:
-                self._register(new)
+                self.seqs[new.seq_id] = new_state(new, self.config.vocab_size, self.num_blocks)
             except SeqError as exc:
-                failures.append(SeqFailure(seq_id=new.seq_id, message=str(exc)))
+                self.seqs.pop(new.seq_id, None)
+                pending.failures.append(SeqFailure(seq_id=new.seq_id, message=str(exc)))
+        failed = {f.seq_id for f in pending.failures}
         items: list[_Item] = []
-        failed = {f.seq_id for f in failures}
         for entry in plan.scheduled:
             if entry.seq_id in failed:
                 continue
             try:
-                items.append(self._check(entry, plan.decode_steps))
+                state = check_scheduled(self.seqs, entry, plan.decode_steps, self.block_size, self.num_blocks)
+                items.append(_Item(state, entry.num_tokens))
             except SeqError as exc:
                 self.seqs.pop(entry.seq_id, None)
-                failures.append(SeqFailure(seq_id=entry.seq_id, message=str(exc)))
-        sampled = self._run(items, plan.decode_steps)
-        outputs = [SeqOutput(seq_id=sid, token_ids=toks, logprobs=lps) for sid, (toks, lps) in sampled.items()]
-        elapsed_ms = (time.perf_counter() - start) * 1000.0
-        return StepResult(
-            step_id=plan.step_id,
-            outputs=outputs,
-            failures=failures,
-            timings=StepTimings(total_ms=elapsed_ms),
-        )
-
-    def _register(self, new: NewRequest) -> None:
-        self.seqs.pop(new.seq_id, None)
-        if not new.token_ids:
-            raise SeqError(f"seq {new.seq_id}: no tokens")
-        vocab = self.config.vocab_size
-        bad = next((t for t in new.token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise SeqError(f"seq {new.seq_id}: token id {bad} outside the vocabulary (size {vocab})")
-        if not 0 < new.num_prompt_tokens <= len(new.token_ids):
-            raise SeqError(f"seq {new.seq_id}: num_prompt_tokens {new.num_prompt_tokens} is inconsistent")
-        self._check_blocks(new.seq_id, new.block_ids)
-        self.seqs[new.seq_id] = SeqState(
-            seq_id=new.seq_id,
-            token_ids=list(new.token_ids),
-            num_prompt_tokens=new.num_prompt_tokens,
-            block_table=list(new.block_ids),
-            sampling=new.sampling,
-        )
-
-    def _check_blocks(self, seq_id: int, blocks: list[int]) -> None:
-        bad = next((b for b in blocks if not 0 <= b < self.num_blocks), None)
-        if bad is not None:
-            raise SeqError(f"seq {seq_id}: block id {bad} outside the KV cache ({self.num_blocks} blocks)")
-
-    def _check(self, entry: ScheduledSeq, decode_steps: int) -> _Item:
-        state = self.seqs.get(entry.seq_id)
-        if state is None:
-            raise SeqError(f"seq {entry.seq_id}: unknown to the data plane")
-        self._check_blocks(entry.seq_id, entry.new_block_ids)
-        state.block_table.extend(entry.new_block_ids)
-        end = state.num_computed + entry.num_tokens
-        if entry.num_tokens < 1 or end > len(state.token_ids):
-            raise SeqError(
-                f"seq {entry.seq_id}: cannot compute {entry.num_tokens} tokens "
-                f"({state.num_computed} of {len(state.token_ids)} done)"
-            )
-        lookahead = decode_steps - 1 if self._is_decode(state, entry.num_tokens) else 0
-        if (end + lookahead) > len(state.block_table) * self.block_size:
-            raise SeqError(f"seq {entry.seq_id}: {len(state.block_table)} blocks cannot hold {end + lookahead} tokens")
-        return _Item(state, entry.num_tokens)
-
-    @staticmethod
-    def _is_decode(state: SeqState, num_tokens: int) -> bool:
-        return num_tokens == 1 and state.num_computed + 1 == len(state.token_ids)
+                pending.failures.append(SeqFailure(seq_id=entry.seq_id, message=str(exc)))
+        if self._cuda:
+            pending.start_event = torch.cuda.Event(enable_timing=True)
+            pending.start_event.record()
+        self._run(items, plan.decode_steps, pending)
+        if self._cuda:
+            pending.done = torch.cuda.Event(enable_timing=True)
+            pending.done.record()
+        return pending
 
     # ------------------------------------------------------------------ execution
 
-    def _run(self, items: list[_Item], decode_steps: int) -> dict[int, tuple[list[int], list[TokenLogprobs] | None]]:
-        sampled: dict[int, tuple[list[int], list[TokenLogprobs] | None]] = {}
+    def _run(self, items: list[_Item], decode_steps: int, pending: PendingStep) -> None:
         if not items:
-            return sampled
-        decoders = [it.state for it in items if self._is_decode(it.state, it.num_tokens)]
-        self._forward_and_sample(items, sampled)
-        for _ in range(decode_steps - 1):
+            return
+        decoders = [it.state for it in items if it.state.is_decode(it.num_tokens)]
+        pending.passes.append(self._forward_and_sample(items))
+        for _ in range(decode_steps - 1):  # look-ahead: each pass needs the previous tokens on the host
+            previous = pending.passes[-1]
+            for state, token in zip(previous.states, previous.tokens.tolist()):
+                state.token_ids.append(token)
+            previous.applied = True
             live = [s for s in decoders if s.seq_id in self.seqs]
-            if not live:
-                break
-            self._forward_and_sample([_Item(s, 1) for s in live], sampled)
-        return sampled
+            pending.passes.append(self._forward_and_sample([_Item(s, 1) for s in live]))
+        # (look-ahead on the GPU without host round trips comes with the multiplexed engine)
+
+    def _stage(self, items: list[_Item], batch: AttentionBatch) -> tuple[torch.Tensor, ...]:
+        """All per-step index arrays in one host tensor, moved with one async copy."""
+        flat: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        bs = self.block_size
+        row = 0
+        for it in items:
+            s = it.state
+            start, end = s.num_computed, s.num_computed + it.num_tokens
+            flat.extend(s.token_ids[start:end])
+            for pos in range(start, end):
+                positions.append(pos)
+                slots.append(s.block_table[pos // bs] * bs + pos % bs)
+            row += it.num_tokens
+            if end == len(s.token_ids):
+                sample_rows.append(row - 1)
+        t = len(flat)
+        host = torch.tensor(flat + positions + slots + sample_rows, dtype=torch.long)
+        dev = host.to(self.device, non_blocking=True)
+        return dev[:t], dev[t : 2 * t], dev[2 * t : 3 * t], dev[3 * t :]
 
     @torch.inference_mode()
-    def _forward_and_sample(
-        self, items: list[_Item], sampled: dict[int, tuple[list[int], list[TokenLogprobs] | None]]
-    ) -> None:
+    def _forward_and_sample(self, items: list[_Item]) -> _PassOutput:
         batch = AttentionBatch(
             query_lens=[it.num_tokens for it in items],
             context_lens=[it.state.num_computed for it in items],
             block_tables=[it.state.block_table for it in items],
             block_size=self.block_size,
         )
-        flat: list[int] = []
-        for it in items:
-            flat.extend(it.state.token_ids[it.state.num_computed : it.state.num_computed + it.num_tokens])
-        input_ids = torch.tensor(flat, dtype=torch.long, device=self.device)
-        positions = batch.positions(self.device)
-        self.backend.begin_step(batch, self.device)
-        hidden = self.model(input_ids, positions, self.backend, self.kv_caches)
-        rows: list[int] = []
+        input_ids, positions, slots, sample_rows = self._stage(items, batch)
+        if self.graphs is not None and batch.is_decode_only and self.graphs.bucket_for(batch.num_seqs):
+            hidden = self.graphs.run(batch, input_ids, positions, slots)
+        else:
+            self.backend.begin_step(batch, self.device, slots)
+            hidden = self.model(input_ids, positions, self.backend, self.kv_caches)
         samplers: list[SeqState] = []
-        for it, end in zip(items, batch.query_start_loc[1:]):
+        for it in items:
             it.state.num_computed += it.num_tokens
             if it.state.num_computed == len(it.state.token_ids):
-                rows.append(end - 1)
                 samplers.append(it.state)
-        if not rows:
-            return
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
-        self._sample(logits, samplers, sampled)
+        if not samplers:
+            return _PassOutput([], torch.empty(0, dtype=torch.long), None)
+        logits = self.model.compute_logits(hidden[sample_rows])
+        return self._sample(logits, samplers)
 
-    def _sample(
-        self,
-        logits: torch.Tensor,
-        states: list[SeqState],
-        sampled: dict[int, tuple[list[int], list[TokenLogprobs] | None]],
-    ) -> None:
+    def _sample(self, logits: torch.Tensor, states: list[SeqState]) -> _PassOutput:
         params = [s.sampling for s in states]
-        penalised = any(
-            p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params
-        )
+        penalised = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params)
         prompt_ids = output_ids = None
-        if penalised:
-            prompt_ids = [torch.tensor(s.token_ids[: s.num_prompt_tokens], device=self.device) for s in states]
-            output_ids = [torch.tensor(s.token_ids[s.num_prompt_tokens :], dtype=torch.long, device=self.device)
-                          for s in states]
-        result = self.sampler.sample(logits, params, [s.num_generated for s in states], prompt_ids, output_ids)
-        tokens = result.token_ids.tolist()
-        for state, token, logprob in zip(states, tokens, result.logprobs):
-            state.token_ids.append(token)
-            toks, lps = sampled.setdefault(state.seq_id, ([], [] if logprob is not None else None))
-            toks.append(token)
-            if lps is not None and logprob is not None:
-                lps.append(logprob)
+        if penalised:  # host tensors: the sampler moves them with non-blocking copies
+            prompt_ids = [torch.tensor(s.token_ids[: s.num_prompt_tokens]) for s in states]
+            output_ids = [torch.tensor(s.token_ids[s.num_prompt_tokens :], dtype=torch.long) for s in states]
+        out = self.sampler.sample(logits, params, [s.num_generated for s in states], prompt_ids, output_ids)
+        tokens = out.token_ids
+        logprobs = out.logprob_tensors
+        if self._cuda:
+            tokens = tokens.to("cpu", non_blocking=True)
+            logprobs = logprobs.to_host_async() if logprobs is not None else None
+        return _PassOutput(states, tokens, logprobs)

@@ -22,11 +22,45 @@ _MASK64 = (1 << 64) - 1
 
 
 @dataclass
+class LogprobTensors:
+    """Logprobs of the rows that asked for them, still as tensors (device or host)."""
+
+    rows: list[int]
+    top_ns: list[int]
+    chosen: Tensor  # [W]
+    top_vals: Tensor | None  # [W, n]
+    top_ids: Tensor | None
+
+    def to_host_async(self) -> LogprobTensors:
+        """Start device-to-host copies; read the result only after the stream has passed this point."""
+        def host(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to("cpu", non_blocking=True)
+
+        return LogprobTensors(self.rows, self.top_ns, host(self.chosen), host(self.top_vals),  # type: ignore[arg-type]
+                              host(self.top_ids))
+
+    def materialise(self, num_rows: int) -> list[TokenLogprobs | None]:
+        out: list[TokenLogprobs | None] = [None] * num_rows
+        chosen = self.chosen.tolist()
+        vals = self.top_vals.tolist() if self.top_vals is not None else [[] for _ in self.rows]
+        ids = self.top_ids.tolist() if self.top_ids is not None else [[] for _ in self.rows]
+        for j, (i, n) in enumerate(zip(self.rows, self.top_ns)):
+            out[i] = TokenLogprobs(logprob=chosen[j], top_token_ids=ids[j][:n], top_logprobs=vals[j][:n])
+        return out
+
+
+@dataclass
 class SampleOutput:
-    """token_ids: [N] long on the logits' device; logprobs: one entry per row (None if not asked)."""
+    """token_ids: [N] long on the logits' device; logprob tensors for the rows that asked."""
 
     token_ids: Tensor
-    logprobs: list[TokenLogprobs | None]
+    logprob_tensors: LogprobTensors | None = None
+
+    @property
+    def logprobs(self) -> list[TokenLogprobs | None]:
+        """One entry per row (None if not asked). Reading this waits for the device."""
+        n = self.token_ids.shape[0]
+        return self.logprob_tensors.materialise(n) if self.logprob_tensors else [None] * n
 
 
 def _splitmix64(x: int) -> int:
@@ -54,12 +88,17 @@ def _token_counts(tokens: list[Tensor], vocab: int, device: torch.device) -> Ten
         ids = t.reshape(-1).long().cpu()
         padded[i, : ids.numel()] = torch.where((ids >= 0) & (ids < vocab), ids, vocab)
     counts = torch.zeros(n, vocab + 1, device=device)
-    counts.scatter_add_(1, padded.to(device), torch.ones(padded.shape, device=device))
+    counts.scatter_add_(1, padded.to(device, non_blocking=True), torch.ones(padded.shape, device=device))
     return counts[:, :vocab]
 
 
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A host list as a device tensor without a blocking copy (the host side is staged by CUDA)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def _row_tensor(values: list[float], device: torch.device) -> Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+    return _to_device(values, torch.float32, device)[:, None]
 
 
 class Sampler:
@@ -84,7 +123,7 @@ class Sampler:
         else:
             processed = self._apply_penalties(raw, params, prompt_token_ids, output_token_ids)
             tokens = self._choose(processed, params, greedy, generated_counts)
-        return SampleOutput(token_ids=tokens, logprobs=self._logprobs(raw, tokens, params))
+        return SampleOutput(token_ids=tokens, logprob_tensors=self._logprobs(raw, tokens, params))
 
     # ---------------------------------------------------------------- penalties
 
@@ -122,7 +161,7 @@ class Sampler:
         probs = torch.softmax(scaled, dim=-1)
         noise = self._exponential_noise(probs.shape, params, greedy, generated_counts, device)
         sampled = (probs / noise).argmax(dim=-1)
-        is_greedy = torch.tensor(greedy, dtype=torch.bool, device=device)
+        is_greedy = _to_device(greedy, torch.bool, device)
         return torch.where(is_greedy, argmax, sampled)
 
     @staticmethod
@@ -137,7 +176,7 @@ class Sampler:
             ranks = torch.arange(vocab, device=device)[None, :]
             remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
             if use_k:
-                ks = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
+                ks = _to_device([p.top_k if p.top_k > 0 else vocab for p in params], torch.long, device)
                 remove |= ranks >= ks[:, None]
             if use_p:
                 probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
@@ -169,22 +208,15 @@ class Sampler:
     # ---------------------------------------------------------------- logprobs
 
     @staticmethod
-    def _logprobs(raw: Tensor, tokens: Tensor, params: list[SamplingParams]) -> list[TokenLogprobs | None]:
+    def _logprobs(raw: Tensor, tokens: Tensor, params: list[SamplingParams]) -> LogprobTensors | None:
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
         if not wanted:
-            return [None] * len(params)
-        rows = torch.tensor(wanted, dtype=torch.long, device=raw.device)
+            return None
+        rows = _to_device(wanted, torch.long, raw.device)
         logp = torch.log_softmax(raw[rows], dim=-1)
-        chosen = logp.gather(1, tokens[rows][:, None]).squeeze(1).tolist()
+        chosen = logp.gather(1, tokens[rows][:, None]).squeeze(1)
         top_n = min(max(params[i].logprobs or 0 for i in wanted), raw.shape[1])
-        top_vals: list[list[float]] = [[] for _ in wanted]
-        top_ids: list[list[int]] = [[] for _ in wanted]
+        vals = ids = None
         if top_n > 0:
             vals, ids = logp.topk(top_n, dim=-1)
-            top_vals, top_ids = vals.tolist(), ids.tolist()
-        out: list[TokenLogprobs | None] = [None] * len(params)
-        for j, i in enumerate(wanted):
-            n = params[i].logprobs or 0
-            out[i] = TokenLogprobs(logprob=chosen[j], top_token_ids=top_ids[j][:n],
-                                   top_logprobs=top_vals[j][:n])
-        return out
+        return LogprobTensors(wanted, [params[i].logprobs or 0 for i in wanted], chosen, vals, ids)

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from dataclasses import dataclass
 
 import torch
 import zmq
 
-from dataplane.attention import make_backend
-from dataplane.kv_cache import allocate_kv_cache, kv_bytes_per_block
+from dataplane.attention import AttentionShape, make_backend
+from dataplane.kv_cache import allocate_kv_cache
+from dataplane.memory import MemoryPlan, plan_cpu_memory, plan_gpu_memory, profile_activations
 from dataplane.models.config import ModelConfig
 from dataplane.models.loader import load_model, resolve_dtype
 from dataplane.runner import ModelRunner
@@ -35,6 +37,8 @@ from shared.messages import (
 )
 
 log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 50e-6
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -67,21 +71,19 @@ def describe_model(cfg: ModelConfig, dtype: torch.dtype) -> ModelDescription:
     )
 
 
-def plan_kv_blocks(config: DataplaneConfig, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
+def plan_memory(config: DataplaneConfig, model: torch.nn.Module, cfg: ModelConfig, backend: object,
+                dtype: torch.dtype, device: torch.device) -> MemoryPlan:
     """How many KV blocks fit: the configured number, or what the memory budget leaves."""
-    if config.num_kv_blocks is not None:
-        return config.num_kv_blocks
-    per_block = kv_bytes_per_block(cfg, config.block_size, dtype)
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        reserve = total * (1.0 - config.gpu_memory_utilization) + (1 << 30)  # headroom for activations
-        budget = free - reserve
-    else:
-        budget = config.cpu_kv_cache_bytes
-    blocks = int(budget // per_block)
-    if blocks < 1:
-        raise RuntimeError(f"no memory left for the KV cache ({budget / 2**20:.0f} MiB budget)")
-    return blocks
+    if device.type != "cuda":
+        return plan_cpu_memory(cfg, kv_bytes=config.cpu_kv_cache_bytes, block_size=config.block_size, dtype=dtype,
+                               num_kv_blocks=config.num_kv_blocks)
+    activations = profile_activations(
+        model, cfg, backend, num_tokens=config.max_num_batched_tokens,  # type: ignore[arg-type]
+        num_logit_rows=config.max_num_seqs, block_size=config.block_size, dtype=dtype, device=device,
+    )
+    return plan_gpu_memory(cfg, utilization=config.gpu_memory_utilization, activation_bytes=activations,
+                           block_size=config.block_size, dtype=dtype, device=device,
+                           num_kv_blocks=config.num_kv_blocks)
 
 
 @dataclass
@@ -95,20 +97,34 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
     dtype = resolve_dtype(config.dtype, device)
     torch.manual_seed(config.seed)
     model, cfg = load_model(config.model, dtype=dtype, device=device, seed=config.seed)
-    num_blocks = plan_kv_blocks(config, cfg, dtype, device)
-    kv_caches = allocate_kv_cache(cfg, num_blocks, config.block_size, dtype, device)
-    backend = make_backend(config.attention_backend, device)
-    runner = ModelRunner(
-        model, cfg, kv_caches, backend, Sampler(device=device, seed=config.seed),
-        block_size=config.block_size, num_blocks=num_blocks, device=device,
-    )
+    shape = AttentionShape(cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, dtype)
+    backend = make_backend(config.attention_backend, device, shape)
+    memory = plan_memory(config, model, cfg, backend, dtype, device)
+    log.info("memory plan: %s", memory.describe() if device.type == "cuda" else f"{memory.num_kv_blocks} KV blocks")
+    num_blocks = memory.num_kv_blocks
+    kv_caches = allocate_kv_cache(cfg, num_blocks + 1, config.block_size, dtype, device)  # +1: graph padding
     max_len = cfg.max_position_embeddings
     if config.max_model_len is not None:
         max_len = min(max_len, config.max_model_len)
+    graphs = None
+    if device.type == "cuda" and backend.name == "flashinfer" and config.cuda_graphs:
+        from dataplane.graphs import DecodeGraphs, default_buckets
+
+        graphs = DecodeGraphs(
+            model, kv_caches, shape, device, block_size=config.block_size,
+            max_pages_per_seq=-(-max_len // config.block_size), scratch_block=num_blocks,
+            buckets=default_buckets(config.max_num_seqs),
+        )
+        graphs.capture()
+    runner = ModelRunner(
+        model, cfg, kv_caches, backend, Sampler(device=device, seed=config.seed),
+        block_size=config.block_size, num_blocks=num_blocks, device=device, graphs=graphs,
+    )
     ready = WorkerReady(
         protocol_version=PROTOCOL_VERSION, model=describe_model(cfg, dtype), device=describe_device(device),
         num_kv_blocks=num_blocks, block_size=config.block_size, max_model_len=max_len,
         attention_backend=backend.name, supports_multiplexing=False,
+        max_num_batched_tokens=config.max_num_batched_tokens if device.type == "cuda" else 0,
     )
     return LoadedWorker(runner, ready)
 
@@ -165,7 +181,10 @@ class Worker:
             return self.loaded.ready
         if isinstance(message, StepPlan):
             try:
-                return self.loaded.runner.execute(message)
+                pending = self.loaded.runner.launch(message)
+                while not pending.ready():  # poll the step's CUDA event; never block on the device
+                    time.sleep(POLL_INTERVAL_S)
+                return pending.result()
             except Exception as exc:  # noqa: BLE001 - the error boundary of the process
                 log.exception("step %d failed", message.step_id)
                 return WorkerFatal(reason=f"step {message.step_id} failed: {exc!r}")

@@ -26,6 +26,9 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_model_len: int | None = None  # None: the model's own limit
     attention_backend: str = "auto"  # auto | torch | flashinfer
     seed: int = 0
+    max_num_batched_tokens: int = 2048  # largest step the memory plan must fit (the scheduler's budget)
+    max_num_seqs: int = 256  # largest decode batch with a CUDA graph
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -11,7 +11,7 @@ from typing import Literal, Union
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 Mode = Literal["aggregated", "multiplexed"]
 
@@ -132,6 +132,7 @@ class WorkerReady(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
     max_model_len: int
     attention_backend: str
     supports_multiplexing: bool = False
+    max_num_batched_tokens: int = 0  # the largest step the worker's memory plan fits; 0: no limit
 
 
 class TokenLogprobs(msgspec.Struct, frozen=True, kw_only=True, array_like=True):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from dataplane.attention.base import AttentionBackend, AttentionBatch
+from dataplane.attention.base import AttentionBackend, AttentionBatch, AttentionShape
 from dataplane.attention.torch_paged import TorchPagedAttention
 
 __all__ = ["AttentionBackend", "AttentionBatch", "TorchPagedAttention", "make_backend"]
@@ -16,18 +16,22 @@ __all__ = ["AttentionBackend", "AttentionBatch", "TorchPagedAttention", "make_ba
 BACKENDS = ("auto", "torch", "flashinfer")
 
 
-def make_backend(name: str, device: torch.device | str) -> AttentionBackend:
+def make_backend(name: str, device: torch.device | str, shape: AttentionShape | None = None) -> AttentionBackend:
     """Build the attention backend `name` ("auto" | "torch" | "flashinfer") for `device`.
 
-    "auto" is torch on CPU (and, until the flashinfer backend lands, on CUDA too).
+    "auto" is flashinfer on CUDA and torch on CPU. flashinfer needs the attention `shape`.
     """
     device = torch.device(device)
     if name == "auto":
-        return TorchPagedAttention()
+        name = "flashinfer" if device.type == "cuda" else "torch"
     if name == "torch":
         return TorchPagedAttention()
     if name == "flashinfer":
         if device.type != "cuda":
             raise ValueError(f"the flashinfer attention backend needs a CUDA device, got {device}")
-        raise ValueError("the flashinfer attention backend is not implemented yet; use 'torch'")
+        if shape is None:
+            raise ValueError("the flashinfer attention backend needs the model's attention shape")
+        from dataplane.attention.flashinfer_backend import FlashInferAttention  # lazy: imports flashinfer
+
+        return FlashInferAttention(shape, device)
     raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")

@@ -105,6 +105,16 @@ class AttentionBatch:
         return blocks * self.block_size + pos % self.block_size
 
 
+@dataclass(frozen=True)
+class AttentionShape:
+    """What a kernel library needs to know about the model's attention."""
+
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+
 class AttentionBackend(ABC):
     """Paged causal attention over a flattened varlen batch.
 
@@ -116,8 +126,12 @@ class AttentionBackend(ABC):
     name: str = "abstract"
 
     @abstractmethod
-    def begin_step(self, batch: AttentionBatch, device: torch.device) -> None:
-        """Prepare index tensors for this step's layout; called once per forward, before layers."""
+    def begin_step(self, batch: AttentionBatch, device: torch.device, slot_mapping: Tensor | None = None) -> None:
+        """Prepare index tensors for this step's layout; called once per forward, before layers.
+
+        `slot_mapping` (Tensor[T] long on `device`), when given, is `batch.slot_mapping()` already
+        staged on the device, so the backend need not copy it itself.
+        """
 
     @abstractmethod
     def forward(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor) -> Tensor:

@@ -51,12 +51,12 @@ class TorchPagedAttention(AttentionBackend):
         self._decode: _DecodeGroup | None = None
         self._prefills: list[_PrefillSeq] = []
 
-    def begin_step(self, batch: AttentionBatch, device: torch.device) -> None:
+    def begin_step(self, batch: AttentionBatch, device: torch.device, slot_mapping: Tensor | None = None) -> None:
         bs = batch.block_size
         self._block_size = bs
-        slots = batch.slot_mapping()
-        self._new_blocks = (slots // bs).to(device)
-        self._new_offsets = (slots % bs).to(device)
+        slots = batch.slot_mapping(device) if slot_mapping is None else slot_mapping
+        self._new_blocks = slots // bs
+        self._new_offsets = slots % bs
         tables = batch.block_table_tensor().long()
         starts = batch.query_start_loc
         decode_rows = [i for i, q in enumerate(batch.query_lens) if q == 1]

@@ -52,7 +52,7 @@ def test_round_trips() -> None:
         scheduled=[ScheduledSeq(seq_id=1, num_tokens=2)], finished_seq_ids=[4], trace_context={"traceparent": "x"},
     )
     assert decode_to_worker(encode(plan)) == plan
-    assert decode_to_worker(encode(Hello(protocol_version=PROTOCOL_VERSION))) == Hello(protocol_version=1)
+    assert decode_to_worker(encode(Hello(protocol_version=PROTOCOL_VERSION))) == Hello(protocol_version=PROTOCOL_VERSION)
     ready = WorkerReady(
         protocol_version=1, num_kv_blocks=10, block_size=16, max_model_len=128, attention_backend="torch",
         model=ModelDescription(name="m", architecture="qwen3", vocab_size=10, num_layers=1, hidden_size=8,

@@ -1,0 +1,298 @@
+"""Engine benchmark on one GPU: decode step time next to its memory floor, prefill throughput next to
+the measured GEMM rate, and offline throughput next to transformers' continuous batching.
+
+    python benchmarks/engine.py --model qwen3-8b            # on a GPU; writes benchmarks/results/
+    python benchmarks/engine.py --model tiny --device cpu --quick   # smoke run anywhere
+
+Random weights of the real shapes; ceilings (copy bandwidth, bf16 GEMM rate) are measured in the same
+run. Prints a table and writes benchmarks/results/engine-<gpu>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from controlplane.kv_blocks import BlockAllocator  # noqa: E402
+from controlplane.scheduler import Scheduler  # noqa: E402
+from controlplane.sequence import Sequence, StopParams  # noqa: E402
+from dataplane.kv_cache import kv_bytes_per_block  # noqa: E402
+from dataplane.seq_state import SeqState  # noqa: E402
+from dataplane.worker import load_worker  # noqa: E402
+from shared.config import DataplaneConfig, SchedulerConfig  # noqa: E402
+from shared.messages import SamplingParams, ScheduledSeq, StepPlan  # noqa: E402
+
+
+class Timer:
+    """Wall time around device work, with the device drained at both ends."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __enter__(self) -> Timer:
+        self._sync()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sync()
+        self.seconds = time.perf_counter() - self.start
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def measure_ceilings(device: torch.device, quick: bool) -> dict[str, float]:
+    n_bytes = (64 << 20) if quick else (2 << 30)
+    src = torch.randn(n_bytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    with Timer(device) as t:
+        for _ in range(10):
+            dst.copy_(src)
+    bandwidth = 2 * n_bytes * 10 / t.seconds
+    n = 1024 if quick else 8192
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(3):
+        a @ b
+    with Timer(device) as t:
+        for _ in range(10):
+            a @ b
+    return {"copy_bytes_per_s": bandwidth, "gemm_flops_per_s": 2 * n**3 * 10 / t.seconds}
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step reads: every parameter but the embedding table (only B rows are read)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb = model.model.embed_tokens.weight
+    tied = model.lm_head.weight.data_ptr() == emb.data_ptr()
+    return total if tied else total - emb.numel() * emb.element_size()
+
+
+def run_steps(runner, plans: list[StepPlan]) -> list:  # noqa: ANN001
+    results = []
+    for plan in plans:
+        pending = runner.launch(plan)
+        while not pending.ready():
+            time.sleep(20e-6)
+        results.append(pending.result())
+    return results
+
+
+def decode_point(worker, batch: int, ctx: int, steps: int, device: torch.device) -> dict[str, float]:  # noqa: ANN001
+    """B sequences at context `ctx` sharing their (read-only) context pages; each writes its own tail."""
+    runner, bs = worker.runner, worker.ready.block_size
+    shared = list(range(ctx // bs))
+    tail_blocks = -(-(steps + 4) // bs) + 1
+    vocab = worker.ready.model.vocab_size
+    runner.seqs.clear()
+    g = torch.Generator().manual_seed(batch * 7 + ctx)
+    for i in range(batch):
+        private = list(range(len(shared) + i * tail_blocks, len(shared) + (i + 1) * tail_blocks))
+        tokens = torch.randint(0, vocab, (ctx + 1,), generator=g).tolist()
+        runner.seqs[i] = SeqState(seq_id=i, token_ids=tokens, num_prompt_tokens=ctx + 1,
+                                  block_table=shared + private, sampling=SamplingParams(temperature=0.0),
+                                  num_computed=ctx)
+    plans = [StepPlan(step_id=s, scheduled=[ScheduledSeq(seq_id=i, num_tokens=1) for i in range(batch)])
+             for s in range(steps + 3)]
+    run_steps(runner, plans[:3])
+    with Timer(device) as t:
+        results = run_steps(runner, plans[3:])
+    runner.seqs.clear()
+    gpu_ms = sum(r.timings.total_ms for r in results) / len(results)
+    return {"batch": batch, "context": ctx, "step_ms": t.seconds * 1000 / steps, "device_step_ms": gpu_ms}
+
+
+def decode_grid(worker, batches: list[int], contexts: list[int], steps: int, device: torch.device,  # noqa: ANN001
+                ceilings: dict[str, float]) -> list[dict[str, float]]:
+    model_bytes = weight_bytes(worker.runner.model)
+    cfg = worker.runner.config
+    dtype = next(worker.runner.model.parameters()).dtype
+    kv_per_token = kv_bytes_per_block(cfg, 1, dtype)
+    rows = []
+    for ctx in contexts:
+        for batch in batches:
+            bs = worker.ready.block_size
+            if ctx // bs + batch * (-(-(steps + 4) // bs) + 1) > worker.ready.num_kv_blocks:
+                continue
+            point = decode_point(worker, batch, ctx, steps, device)
+            kv_read = batch * (ctx + steps / 2) * kv_per_token
+            point["floor_ms"] = (model_bytes + kv_read) / ceilings["copy_bytes_per_s"] * 1000
+            point["ratio"] = point["step_ms"] / point["floor_ms"]
+            rows.append(point)
+            print(f"decode B={batch:4d} ctx={ctx:5d}: {point['step_ms']:7.2f} ms/step "
+                  f"(device {point['device_step_ms']:.2f}), floor {point['floor_ms']:.2f} ms, x{point['ratio']:.2f}",
+                  flush=True)
+    return rows
+
+
+def prefill_flops(cfg, tokens: int) -> float:  # noqa: ANN001
+    h, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    qkv = h * (cfg.q_size + 2 * cfg.kv_size)
+    per_token = 2 * layers * (qkv + cfg.q_size * h + 3 * h * inter)
+    attention = 2 * layers * cfg.num_q_heads * cfg.head_dim * tokens * tokens  # causal QK^T + PV
+    return per_token * tokens + attention + 2 * h * cfg.vocab_size
+
+
+def prefill_grid(worker, chunks: list[int], device: torch.device, ceilings: dict[str, float]) -> list[dict]:  # noqa: ANN001
+    runner, bs = worker.runner, worker.ready.block_size
+    vocab = worker.ready.model.vocab_size
+    rows = []
+    for tokens in chunks:
+        if -(-tokens // bs) > worker.ready.num_kv_blocks:
+            continue
+        times = []
+        for rep in range(4):
+            runner.seqs.clear()
+            prompt = torch.randint(0, vocab, (tokens,)).tolist()
+            runner.seqs[0] = SeqState(seq_id=0, token_ids=prompt, num_prompt_tokens=tokens,
+                                      block_table=list(range(-(-tokens // bs))),
+                                      sampling=SamplingParams(temperature=0.0))
+            plan = StepPlan(step_id=rep, scheduled=[ScheduledSeq(seq_id=0, num_tokens=tokens)])
+            with Timer(device) as t:
+                run_steps(runner, [plan])
+            times.append(t.seconds)
+        seconds = sorted(times[1:])[len(times[1:]) // 2]
+        flops = prefill_flops(runner.config, tokens)
+        row = {"tokens": tokens, "ms": seconds * 1000, "tokens_per_s": tokens / seconds,
+               "flops_per_s": flops / seconds, "gemm_fraction": flops / seconds / ceilings["gemm_flops_per_s"]}
+        rows.append(row)
+        print(f"prefill {tokens:5d} tokens: {row['ms']:8.2f} ms, {row['tokens_per_s']:9.0f} tok/s, "
+              f"{row['flops_per_s'] / 1e12:6.1f} TFLOP/s = {row['gemm_fraction']:.0%} of GEMM", flush=True)
+    runner.seqs.clear()
+    return rows
+
+
+def offline(worker, requests: int, in_len: int, out_len: int, budget: int, max_seqs: int) -> dict:  # noqa: ANN001
+    """The real scheduler driving the real runner in one process (no sockets)."""
+    ready, runner = worker.ready, worker.runner
+    runner.seqs.clear()
+    sched = Scheduler(SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget),
+                      BlockAllocator(ready.num_kv_blocks, ready.block_size), ready.max_model_len, frozenset())
+    g = torch.Generator().manual_seed(0)
+    for i in range(requests):
+        prompt = torch.randint(0, ready.model.vocab_size, (in_len,), generator=g).tolist()
+        sched.add(Sequence(seq_id=i, request_id=str(i), prompt_token_ids=prompt,
+                           sampling=SamplingParams(temperature=0.0),
+                           stop=StopParams(max_tokens=out_len, ignore_eos=True), arrival_time=0.0))
+    steps = 0
+    with Timer(runner.device) as t:
+        while sched.has_work():
+            plan = sched.schedule()
+            assert plan is not None
+            pending = runner.launch(plan)
+            while not pending.ready():
+                time.sleep(20e-6)
+            sched.update(pending.result())
+            steps += 1
+    produced = requests * out_len
+    result = {"requests": requests, "input_len": in_len, "output_len": out_len, "seconds": t.seconds,
+              "steps": steps, "output_tok_s": produced / t.seconds, "preemptions": sched.num_preemptions}
+    print(f"offline {requests} x ({in_len} in, {out_len} out): {t.seconds:.1f} s, {steps} steps, "
+          f"{result['output_tok_s']:.0f} output tok/s", flush=True)
+    return result
+
+
+def peer(model_name: str, requests: int, in_len: int, out_len: int, device: torch.device) -> dict:
+    """transformers' continuous batching (generate_batch, paged|sdpa) on the same shapes."""
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    from dataplane.models.presets import PRESETS
+
+    cfg = PRESETS[model_name]
+    hf_cfg = Qwen3Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                         intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+                         num_attention_heads=cfg.num_q_heads, num_key_value_heads=cfg.num_kv_heads,
+                         head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
+                         tie_word_embeddings=cfg.tie_word_embeddings)
+    with torch.device(device):
+        model = Qwen3ForCausalLM(hf_cfg).to(torch.bfloat16).eval()
+    model.config._attn_implementation = "paged|sdpa"
+    gen = GenerationConfig(max_new_tokens=out_len, do_sample=False, eos_token_id=None, pad_token_id=0,
+                           max_batch_tokens=2048)
+    prompts = [torch.randint(0, cfg.vocab_size, (in_len,)).tolist() for _ in range(requests)]
+    with Timer(device) as t:
+        out = model.generate_batch(inputs=prompts, generation_config=gen, progress_bar=False)
+    produced = sum(len(r.generated_tokens) for r in out.values())
+    result = {"requests": requests, "input_len": in_len, "output_len": out_len, "seconds": t.seconds,
+              "output_tok_s": produced / t.seconds, "implementation": "transformers generate_batch paged|sdpa"}
+    print(f"peer (transformers) {requests} x ({in_len}, {out_len}): {t.seconds:.1f} s, "
+          f"{result['output_tok_s']:.0f} output tok/s", flush=True)
+    return result
+
+
+def gpu_slug(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device)
+    match = re.search(r"(H100|H200|A100|L40S|B200)", name)
+    return (match.group(1) if match else re.sub(r"\W+", "-", name)).lower()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="qwen3-8b")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="small grid (CPU smoke runs)")
+    p.add_argument("--offline-requests", type=int, default=256)
+    p.add_argument("--peer-requests", type=int, default=0, help="transformers peer requests (0: skip)")
+    p.add_argument("--peer-output-len", type=int, default=256)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    quick = args.quick
+    budget, max_seqs = (512, 16) if quick else (8192, 256)
+    worker = load_worker(DataplaneConfig(model=args.model, device=args.device, max_num_batched_tokens=budget,
+                                         max_num_seqs=max_seqs, num_kv_blocks=2048 if quick else None))
+    print(f"{args.model} on {worker.ready.device.name}: {worker.ready.num_kv_blocks} KV blocks", flush=True)
+    ceilings = measure_ceilings(device, quick)
+    print(f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s (read+write), "
+          f"GEMM {ceilings['gemm_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
+    batches, contexts = ([1, 4], [64]) if quick else ([1, 16, 64, 256], [1024, 4096])
+    decode = decode_grid(worker, batches, contexts, 4 if quick else 16, device, ceilings)
+    prefill = prefill_grid(worker, [64, 256] if quick else [512, 2048, 8192], device, ceilings)
+    in_len, out_len = (32, 8) if quick else (1024, 256)
+    n = min(args.offline_requests, 8) if quick else args.offline_requests
+    off = offline(worker, n, in_len, out_len, budget, max_seqs)
+    del worker
+    peer_result = None
+    if args.peer_requests:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        peer_result = peer(args.model, args.peer_requests, in_len, args.peer_output_len, device)
+    ge16 = [r["ratio"] for r in decode if r["batch"] >= 16]
+    big = [r for r in prefill if r["tokens"] == max(x["tokens"] for x in prefill)]
+    summary = {
+        "gpu": gpu_slug(device),
+        "decode_worst_ratio_batch_ge_16": max(ge16) if ge16 else math.nan,
+        "prefill_8192_gemm_fraction": big[0]["gemm_fraction"] if big else math.nan,
+        "offline_output_tok_s": off["output_tok_s"],
+        "peer_output_tok_s": peer_result["output_tok_s"] if peer_result else math.nan,
+    }
+    report = {"summary": summary, "model": args.model, "device": torch.cuda.get_device_name(device)
+              if device.type == "cuda" else platform.processor(), "torch": torch.__version__,
+              "ceilings": ceilings, "decode": decode, "prefill": prefill, "offline": off, "peer": peer_result}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"engine-{summary['gpu']}.json"
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Paged attention on CUDA with flashinfer: FA3 batch prefill for mixed/prefill steps, the
+tensor-core batch decode kernel for decode-only steps, and fixed-buffer decode wrappers for CUDA
+graphs. Plans are made from host (CPU) index tensors once per step, so planning never waits on
+the GPU. flashinfer is imported here only, and this module is imported only on CUDA.
+
+It must not decide batching, and must not synchronise the host with the device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dataplane.attention.base import AttentionBackend, AttentionBatch, AttentionShape
+
+WORKSPACE_BYTES = 128 << 20
+
+
+@dataclass
+class HostPlan:
+    """CPU int32 index tensors of one step, in flashinfer's paged layout."""
+
+    qo_indptr: Tensor
+    kv_indptr: Tensor
+    kv_indices: Tensor
+    kv_last_page_len: Tensor
+
+
+def host_plan(batch: AttentionBatch) -> HostPlan:
+    """Build flashinfer's page-table tensors on the host (no device work)."""
+    bs = batch.block_size
+    pages: list[int] = []
+    kv_indptr = [0]
+    last = []
+    for table, seq_len in zip(batch.block_tables, batch.seq_lens):
+        n = -(-seq_len // bs)
+        pages.extend(table[:n])
+        kv_indptr.append(len(pages))
+        last.append(seq_len - (n - 1) * bs)
+    i32 = torch.int32
+    return HostPlan(
+        qo_indptr=torch.tensor(batch.query_start_loc, dtype=i32),
+        kv_indptr=torch.tensor(kv_indptr, dtype=i32),
+        kv_indices=torch.tensor(pages, dtype=i32),
+        kv_last_page_len=torch.tensor(last, dtype=i32),
+    )
+
+
+def _prefill_backend(device: torch.device) -> str:
+    major, _ = torch.cuda.get_device_capability(device)
+    return "fa3" if major == 9 else "auto"
+
+
+def write_kv(kv_cache: Tensor, blocks: Tensor, offsets: Tensor, k: Tensor, v: Tensor) -> None:
+    """Scatter this step's keys and values into their pages (graph-capturable)."""
+    kv_cache[blocks, 0, offsets] = k.to(kv_cache.dtype)
+    kv_cache[blocks, 1, offsets] = v.to(kv_cache.dtype)
+
+
+class FlashInferAttention(AttentionBackend):
+    """Eager flashinfer attention: one plan per step, decode or prefill wrapper by step shape."""
+
+    name = "flashinfer"
+
+    def __init__(self, shape: AttentionShape, device: torch.device) -> None:
+        import flashinfer  # lazy: CUDA only
+
+        self.shape = shape
+        self.device = device
+        self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            self._workspace, "NHD", backend=_prefill_backend(device)
+        )
+        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD", use_tensor_cores=True)
+        self._wrapper: object | None = None
+        self._blocks: Tensor | None = None
+        self._offsets: Tensor | None = None
+        self.scale = 1.0 / math.sqrt(shape.head_dim)
+
+    def begin_step(self, batch: AttentionBatch, device: torch.device, slot_mapping: Tensor | None = None) -> None:
+        if slot_mapping is None:  # callers on the hot path pass a staged device tensor
+            slot_mapping = batch.slot_mapping().to(device, non_blocking=True)
+        self._blocks = slot_mapping // batch.block_size
+        self._offsets = slot_mapping % batch.block_size
+        plan = host_plan(batch)
+        s = self.shape
+        if batch.is_decode_only:
+            self._decode.plan(
+                plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, s.num_q_heads, s.num_kv_heads,
+                s.head_dim, batch.block_size, q_data_type=s.dtype, kv_data_type=s.dtype, non_blocking=True,
+            )
+            self._wrapper = self._decode
+        else:
+            self._prefill.plan(
+                plan.qo_indptr, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, s.num_q_heads,
+                s.num_kv_heads, s.head_dim, batch.block_size, causal=True, q_data_type=s.dtype,
+                kv_data_type=s.dtype, non_blocking=True,
+            )
+            self._wrapper = self._prefill
+
+    def forward(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor) -> Tensor:
+        if self._wrapper is None or self._blocks is None or self._offsets is None:
+            raise RuntimeError("FlashInferAttention.forward called before begin_step")
+        write_kv(kv_cache, self._blocks, self._offsets, k, v)
+        return self._wrapper.run(q.contiguous(), kv_cache)  # type: ignore[attr-defined]
+
+
+class GraphDecodeAttention(AttentionBackend):
+    """Decode attention for one CUDA-graph batch bucket: fixed device buffers, re-planned per replay.
+
+    `begin_step` only plans (host work plus an async copy into the wrapper's fixed buffers) and
+    sets the slot tensors the captured graph reads; call it outside capture before each replay.
+    """
+
+    name = "flashinfer-graph"
+
+    def __init__(self, shape: AttentionShape, device: torch.device, batch_size: int, max_pages: int,
+                 workspace: Tensor, blocks: Tensor, offsets: Tensor) -> None:
+        import flashinfer
+
+        self.shape = shape
+        self.batch_size = batch_size
+        i32 = dict(dtype=torch.int32, device=device)
+        self._wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+            paged_kv_indptr_buffer=torch.zeros(batch_size + 1, **i32),
+            paged_kv_indices_buffer=torch.zeros(max_pages, **i32),
+            paged_kv_last_page_len_buffer=torch.ones(batch_size, **i32),
+        )
+        self._blocks = blocks  # views into the graph runner's static slot buffers
+        self._offsets = offsets
+
+    def begin_step(self, batch: AttentionBatch, device: torch.device, slot_mapping: Tensor | None = None) -> None:
+        if batch.num_seqs != self.batch_size or not batch.is_decode_only:
+            raise ValueError(f"graph bucket {self.batch_size} got a batch of {batch.num_seqs} (decode only)")
+        plan = host_plan(batch)
+        s = self.shape
+        self._wrapper.plan(
+            plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, s.num_q_heads, s.num_kv_heads, s.head_dim,
+            batch.block_size, q_data_type=s.dtype, kv_data_type=s.dtype, non_blocking=True,
+        )
+
+    def forward(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor) -> Tensor:
+        write_kv(kv_cache, self._blocks, self._offsets, k, v)
+        return self._wrapper.run(q.contiguous(), kv_cache)

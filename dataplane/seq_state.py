@@ -1,0 +1,75 @@
+"""The data plane's per-sequence state and the checks every plan item must pass.
+
+A failed check is a SeqError, reported to the control plane as that sequence's SeqFailure. This
+module holds no tensors and decides nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.messages import NewRequest, SamplingParams, ScheduledSeq
+
+
+class SeqError(ValueError):
+    """A plan item this worker cannot run; becomes a SeqFailure for that sequence."""
+
+
+@dataclass
+class SeqState:
+    seq_id: int
+    token_ids: list[int]
+    num_prompt_tokens: int
+    block_table: list[int]
+    sampling: SamplingParams
+    num_computed: int = 0
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    def is_decode(self, num_tokens: int) -> bool:
+        """This step computes only the last known token (a decode, which may look ahead)."""
+        return num_tokens == 1 and self.num_computed + 1 == len(self.token_ids)
+
+
+def check_blocks(seq_id: int, blocks: list[int], num_blocks: int) -> None:
+    bad = next((b for b in blocks if not 0 <= b < num_blocks), None)
+    if bad is not None:
+        raise SeqError(f"seq {seq_id}: block id {bad} outside the KV cache ({num_blocks} blocks)")
+
+
+def new_state(new: NewRequest, vocab_size: int, num_blocks: int) -> SeqState:
+    if not new.token_ids:
+        raise SeqError(f"seq {new.seq_id}: no tokens")
+    bad = next((t for t in new.token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise SeqError(f"seq {new.seq_id}: token id {bad} outside the vocabulary (size {vocab_size})")
+    if not 0 < new.num_prompt_tokens <= len(new.token_ids):
+        raise SeqError(f"seq {new.seq_id}: num_prompt_tokens {new.num_prompt_tokens} is inconsistent")
+    check_blocks(new.seq_id, new.block_ids, num_blocks)
+    return SeqState(
+        seq_id=new.seq_id, token_ids=list(new.token_ids), num_prompt_tokens=new.num_prompt_tokens,
+        block_table=list(new.block_ids), sampling=new.sampling,
+    )
+
+
+def check_scheduled(
+    seqs: dict[int, SeqState], entry: ScheduledSeq, decode_steps: int, block_size: int, num_blocks: int
+) -> SeqState:
+    """Apply the entry's new blocks and check the step fits; returns the sequence's state."""
+    state = seqs.get(entry.seq_id)
+    if state is None:
+        raise SeqError(f"seq {entry.seq_id}: unknown to the data plane")
+    check_blocks(entry.seq_id, entry.new_block_ids, num_blocks)
+    state.block_table.extend(entry.new_block_ids)
+    end = state.num_computed + entry.num_tokens
+    if entry.num_tokens < 1 or end > len(state.token_ids):
+        raise SeqError(
+            f"seq {entry.seq_id}: cannot compute {entry.num_tokens} tokens "
+            f"({state.num_computed} of {len(state.token_ids)} done)"
+        )
+    lookahead = decode_steps - 1 if state.is_decode(entry.num_tokens) else 0
+    if end + lookahead > len(state.block_table) * block_size:
+        raise SeqError(f"seq {entry.seq_id}: {len(state.block_table)} blocks cannot hold {end + lookahead} tokens")
+    return state
