@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest step (tokens) the GPU memory plan must fit")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="largest decode batch with a CUDA graph")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly")
+    p.add_argument("--no-fused-kernels", action="store_true", help="use the reference (unfused) model path on CUDA")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_bytes=args.cpu_kv_cache_bytes,
             max_model_len=args.max_model_len, attention_backend=args.attention_backend, seed=args.seed,
             max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-            cuda_graphs=not args.no_cuda_graphs,
+            cuda_graphs=not args.no_cuda_graphs, fused_kernels=not args.no_fused_kernels,
         )
     except ValueError as exc:
         print(f"python -m dataplane: error: {exc}", file=sys.stderr)

@@ -97,6 +97,10 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
     dtype = resolve_dtype(config.dtype, device)
     torch.manual_seed(config.seed)
     model, cfg = load_model(config.model, dtype=dtype, device=device, seed=config.seed)
+    if device.type == "cuda" and config.fused_kernels and dtype != torch.float32:
+        from dataplane.models.fused import enable_fused_path
+
+        enable_fused_path(model, device)
     shape = AttentionShape(cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, dtype)
     backend = make_backend(config.attention_backend, device, shape)
     memory = plan_memory(config, model, cfg, backend, dtype, device)

@@ -29,6 +29,7 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_num_batched_tokens: int = 2048  # largest step the memory plan must fit (the scheduler's budget)
     max_num_seqs: int = 256  # largest decode batch with a CUDA graph
     cuda_graphs: bool = True
+    fused_kernels: bool = True  # flashinfer norm/rope and fused projections on CUDA (bf16/fp16)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

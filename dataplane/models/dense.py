@@ -10,6 +10,7 @@ friendly to CUDA graphs: no Python branching on tensor values, no `.item()`, no 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -170,6 +171,7 @@ class DenseForCausalLM(nn.Module):
         self.model = DenseModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
+        self.fused: Any = None  # set by dataplane.models.fused.enable_fused_path on CUDA
 
     def tie_weights(self) -> None:
         """Share `lm_head.weight` with the embeddings when the config ties them."""
@@ -179,6 +181,8 @@ class DenseForCausalLM(nn.Module):
     def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionBackend,
                 kv_caches: list[Tensor]) -> Tensor:
         """input_ids, positions: [T] long. Returns the final-normed hidden states [T, hidden]."""
+        if self.fused is not None:
+            return self.fused.forward(self, input_ids, positions, attention, kv_caches)
         x = self.model.embed_tokens(input_ids)
         cos_sin = self.model.rotary_emb(positions, x.dtype)
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):

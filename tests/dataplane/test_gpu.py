@@ -145,3 +145,29 @@ def test_hot_loop_has_no_host_sync(gpu_checkpoint: Path) -> None:
     runner.seqs.clear()
     tokens = greedy_run(runner, prompts, 12, sync_debug=True)
     assert all(len(t) == 12 for t in tokens)
+
+
+def test_fused_path_matches_reference(gpu_checkpoint: Path) -> None:
+    """flashinfer norm/rope + fused projections compute the reference model's function (bf16)."""
+    from dataplane.attention.flashinfer_backend import FlashInferAttention
+    from dataplane.kv_cache import allocate_kv_cache
+    from dataplane.models.fused import enable_fused_path
+    from dataplane.models.loader import load_model
+
+    dev = torch.device("cuda")
+    ref, cfg = load_model(str(gpu_checkpoint), dtype=torch.bfloat16, device=dev)
+    fused, _ = load_model(str(gpu_checkpoint), dtype=torch.bfloat16, device=dev)
+    enable_fused_path(fused, dev)
+    batch = random_batch([40, 1, 7], [0, 30, 12], 64, torch.Generator().manual_seed(4))
+    ids = torch.randint(0, cfg.vocab_size, (batch.num_tokens,), device=dev)
+    shape = AttentionShape(cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, torch.bfloat16)
+    outs = []
+    for model in (ref, fused):
+        kv = allocate_kv_cache(cfg, 64, BS, torch.bfloat16, dev)
+        for cache in kv:
+            cache.normal_(generator=torch.Generator(dev).manual_seed(5))
+        backend = FlashInferAttention(shape, dev)
+        backend.begin_step(batch, dev)
+        with torch.inference_mode():
+            outs.append(model.compute_logits(model(ids, batch.positions(dev), backend, kv)))
+    assert rel_err(outs[1], outs[0]) < 2e-2
