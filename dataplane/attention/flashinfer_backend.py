@@ -138,8 +138,11 @@ class GraphDecodeAttention(AttentionBackend):
             raise ValueError(f"graph bucket {self.batch_size} got a batch of {batch.num_seqs} (decode only)")
         plan = host_plan(batch)
         s = self.shape
+        # flashinfer copies host-side page indices into its graph buffer with a blocking copy; hand it
+        # a device tensor (moved by an async copy) so planning never waits on the GPU.
+        indices = plan.kv_indices.to(device, non_blocking=True)
         self._wrapper.plan(
-            plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, s.num_q_heads, s.num_kv_heads, s.head_dim,
+            plan.kv_indptr, indices, plan.kv_last_page_len, s.num_q_heads, s.num_kv_heads, s.head_dim,
             batch.block_size, q_data_type=s.dtype, kv_data_type=s.dtype, non_blocking=True,
         )
 
