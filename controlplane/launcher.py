@@ -42,6 +42,10 @@ def dataplane_args(config: DataplaneConfig) -> list[str]:
     ]
     if not config.cuda_graphs:
         args.append("--no-cuda-graphs")
+    if not config.multiplexing:
+        args.append("--no-multiplexing")
+    if config.decode_partition_sms:
+        args += ["--decode-partition-sms", ",".join(map(str, config.decode_partition_sms))]
     if config.num_kv_blocks is not None:
         args += ["--num-kv-blocks", str(config.num_kv_blocks)]
     if config.max_model_len is not None:

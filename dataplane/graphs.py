@@ -31,8 +31,16 @@ def default_buckets(max_batch: int) -> list[int]:
     return out
 
 
+GraphKey = tuple[object, int, int]  # (stream key, bucket, look-ahead step)
+
+
 class DecodeGraphs:
-    """Captured decode graphs for one stream (one SM partition)."""
+    """Decode graphs keyed by (stream key, bucket, look-ahead step), sharing static inputs and a pool.
+
+    Stream key "full" is the whole GPU; a partition's key is its decode SM count. Look-ahead step j
+    has its own flashinfer wrapper (its own plan buffers), so k steps can be planned back to back
+    while the GPU is still behind. Graphs are captured on demand (bounded by `max_graphs`).
+    """
 
     def __init__(
         self,
@@ -45,7 +53,7 @@ class DecodeGraphs:
         max_pages_per_seq: int,
         scratch_block: int,
         buckets: list[int],
-        stream: torch.cuda.Stream | None = None,
+        max_graphs: int = 512,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -54,7 +62,7 @@ class DecodeGraphs:
         self.buckets = sorted(buckets)
         self.max_batch = self.buckets[-1]
         self.device = device
-        self.stream = stream or torch.cuda.Stream(device)
+        self.max_graphs = max_graphs
         n = self.max_batch
         long = dict(dtype=torch.long, device=device)
         self.input_ids = torch.zeros(n, **long)
@@ -62,13 +70,17 @@ class DecodeGraphs:
         self.blocks = torch.full((n,), scratch_block, **long)
         self.offsets = torch.zeros(n, **long)
         self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self._backends: dict[int, GraphDecodeAttention] = {}
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._outputs: dict[int, Tensor] = {}
         self._shape = shape
         self._max_pages_per_seq = max_pages_per_seq
+        self._wrappers: dict[tuple[int, int], GraphDecodeAttention] = {}
+        self._graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+        self._side_stream = torch.cuda.Stream(device)
         self.capture_seconds = 0.0
-        self.pool_bytes = 0
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
 
     def bucket_for(self, batch_size: int) -> int | None:
         i = bisect.bisect_left(self.buckets, batch_size)
@@ -83,45 +95,63 @@ class DecodeGraphs:
             block_size=batch.block_size,
         )
 
-    @torch.inference_mode()
-    def capture(self) -> None:
-        """Capture every bucket, largest first, sharing one memory pool."""
-        start = time.perf_counter()
-        before = torch.cuda.memory_reserved(self.device)
-        pool = torch.cuda.graph_pool_handle()
-        for size in reversed(self.buckets):
-            backend = GraphDecodeAttention(
+    def _wrapper(self, size: int, step: int) -> GraphDecodeAttention:
+        key = (size, step)
+        if key not in self._wrappers:
+            self._wrappers[key] = GraphDecodeAttention(
                 self._shape, self.device, size, size * self._max_pages_per_seq, self._workspace,
                 self.blocks[:size], self.offsets[:size],
             )
-            dummy = self._padded(AttentionBatch([], [], [], self.block_size), size)
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.stream):
-                backend.begin_step(dummy, self.device)
-                for _ in range(2):  # warm up kernels and cuBLAS on this stream
-                    self.model(self.input_ids[:size], self.positions[:size], backend, self.kv_caches)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=self.stream):
-                    out = self.model(self.input_ids[:size], self.positions[:size], backend, self.kv_caches)
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)
-            self._backends[size], self._graphs[size], self._outputs[size] = backend, graph, out
-        torch.cuda.synchronize(self.device)
-        self.blocks.fill_(self.scratch_block)
-        self.offsets.zero_()
-        self.capture_seconds = time.perf_counter() - start
-        self.pool_bytes = torch.cuda.memory_reserved(self.device) - before
-        log.info("captured %d decode graphs in %.1f s (%.0f MiB)", len(self._graphs), self.capture_seconds,
-                 self.pool_bytes / 2**20)
+        return self._wrappers[key]
 
-    def run(self, batch: AttentionBatch, input_ids: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
-        """Replay the bucket graph for a decode-only batch; returns hidden states [B, hidden].
+    @torch.inference_mode()
+    def ensure(self, stream_key: object, stream: torch.cuda.Stream | None, size: int, step: int = 0) -> None:
+        """Capture graph (stream_key, size, step) on `stream` unless it exists. Not during other capture."""
+        key = (stream_key, size, step)
+        if key in self._graphs:
+            return
+        if len(self._graphs) >= self.max_graphs:
+            raise RuntimeError(f"decode graph budget of {self.max_graphs} exhausted")
+        start = time.perf_counter()
+        stream = stream or self._side_stream
+        backend = self._wrapper(size, step)
+        dummy = self._padded(AttentionBatch([], [], [], self.block_size), size)
+        current = torch.cuda.current_stream(self.device)
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            # warm-up and capture write K/V of padding rows only: aim every row at the scratch block
+            self.blocks[:size].fill_(self.scratch_block)
+            self.offsets[:size].zero_()
+            backend.begin_step(dummy, self.device)
+            for _ in range(2):  # warm up kernels and cuBLAS on this stream (and its SMs)
+                self.model(self.input_ids[:size], self.positions[:size], backend, self.kv_caches)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+                out = self.model(self.input_ids[:size], self.positions[:size], backend, self.kv_caches)
+        current.wait_stream(stream)
+        self._graphs[key] = (graph, out)
+        self.capture_seconds += time.perf_counter() - start
 
-        Inputs are device tensors of length B; the work is queued on the current stream.
-        """
+    def capture(self, stream_key: object = "full", stream: torch.cuda.Stream | None = None,
+                steps: int = 1) -> None:
+        """Capture every bucket (largest first) for look-ahead steps 0..steps-1."""
+        before = self.capture_seconds
+        for size in reversed(self.buckets):
+            for step in range(steps):
+                self.ensure(stream_key, stream, size, step)
+        log.info("captured decode graphs for %s in %.1f s (%d in all)", stream_key,
+                 self.capture_seconds - before, len(self._graphs))
+
+    def run(self, batch: AttentionBatch, input_ids: Tensor, positions: Tensor, slots: Tensor,
+            stream_key: object = "full", step: int = 0) -> Tensor:
+        """Replay on the current stream (which must be the stream the graph was captured for).
+
+        Inputs are device tensors of length B; returns hidden states [B, hidden]."""
         b = batch.num_seqs
         size = self.bucket_for(b)
         if size is None or not batch.is_decode_only:
             raise ValueError(f"no decode graph for a batch of {b}")
+        graph, out = self._graphs[(stream_key, size, step)]
         self.input_ids[:b].copy_(input_ids)
         self.positions[:b].copy_(positions)
         self.blocks[:b].copy_(slots // self.block_size)
@@ -131,6 +161,6 @@ class DecodeGraphs:
             self.positions[b:size].zero_()
             self.blocks[b:size].fill_(self.scratch_block)
             self.offsets[b:size].zero_()
-        self._backends[size].begin_step(self._padded(batch, size), self.device)
-        self._graphs[size].replay()
-        return self._outputs[size][:b]
+        self._wrapper(size, step).begin_step(self._padded(batch, size), self.device)
+        graph.replay()
+        return out[:b]

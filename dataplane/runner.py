@@ -17,6 +17,7 @@ import torch
 
 from dataplane.attention.base import AttentionBackend, AttentionBatch
 from dataplane.graphs import DecodeGraphs
+from dataplane.multiplex import Multiplexer
 from dataplane.models.config import ModelConfig
 from dataplane.models.dense import DenseForCausalLM
 from dataplane.sampler import LogprobTensors, Sampler
@@ -35,9 +36,9 @@ class _PassOutput:
     """One forward pass's sampled rows, with their tokens still on the device or in flight."""
 
     states: list[SeqState]
-    tokens: torch.Tensor
+    tokens: torch.Tensor  # host copy (in flight until the step's event fires)
     logprobs: LogprobTensors | None
-    applied: bool = False  # tokens already appended to the states (look-ahead passes)
+    device_tokens: torch.Tensor | None = None  # feeds the next look-ahead pass
 
 
 @dataclass
@@ -50,6 +51,7 @@ class PendingStep:
     passes: list[_PassOutput] = field(default_factory=list)
     done: torch.cuda.Event | None = None
     start_event: torch.cuda.Event | None = None
+    phases: dict = field(default_factory=dict)  # "prefill"/"decode" -> PhaseEvents (multiplexed steps)
 
     def ready(self) -> bool:
         return self.done is None or self.done.query()
@@ -60,8 +62,7 @@ class PendingStep:
             tokens = p.tokens.tolist()
             lps = p.logprobs.materialise(len(tokens)) if p.logprobs is not None else [None] * len(tokens)
             for state, token, lp in zip(p.states, tokens, lps):
-                if not p.applied:
-                    state.token_ids.append(token)
+                state.token_ids.append(token)
                 toks, lp_list = outputs.setdefault(state.seq_id, ([], [] if lp is not None else None))
                 toks.append(token)
                 if lp_list is not None and lp is not None:
@@ -70,11 +71,13 @@ class PendingStep:
         source = "host"
         if self.done is not None and self.start_event is not None:
             total_ms, source = self.start_event.elapsed_time(self.done), "cuda_events"
+        phase_ms = {name: ev.elapsed_ms() for name, ev in self.phases.items()}
         return StepResult(
             step_id=self.step_id,
             outputs=[SeqOutput(seq_id=s, token_ids=t, logprobs=lp) for s, (t, lp) in outputs.items()],
             failures=self.failures,
-            timings=StepTimings(total_ms=total_ms, source=source),  # type: ignore[arg-type]
+            timings=StepTimings(total_ms=total_ms, prefill_ms=phase_ms.get("prefill", 0.0),
+                                decode_ms=phase_ms.get("decode", 0.0), source=source),  # type: ignore[arg-type]
         )
 
 
@@ -91,6 +94,7 @@ class ModelRunner:
         num_blocks: int,
         device: torch.device,
         graphs: DecodeGraphs | None = None,
+        multiplexer: Multiplexer | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -101,6 +105,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.device = device
         self.graphs = graphs
+        self.multiplexer = multiplexer
         self.seqs: dict[int, SeqState] = {}
         self._cuda = device.type == "cuda"
 
@@ -137,7 +142,10 @@ class ModelRunner:
         if self._cuda:
             pending.start_event = torch.cuda.Event(enable_timing=True)
             pending.start_event.record()
-        self._run(items, plan.decode_steps, pending)
+        if plan.mode == "multiplexed" and self.multiplexer is not None and items:
+            self.multiplexer.run(self, items, plan, pending)
+        else:
+            self._run(items, plan.decode_steps, pending)
         if self._cuda:
             pending.done = torch.cuda.Event(enable_timing=True)
             pending.done.record()
@@ -145,21 +153,30 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ execution
 
-    def _run(self, items: list[_Item], decode_steps: int, pending: PendingStep) -> None:
+    def _run(self, items: list[_Item], decode_steps: int, pending: PendingStep, stream_key: object = "full",
+             eager: bool = False) -> None:
+        """One pass over every item, then decode_steps-1 look-ahead passes over the decoders."""
         if not items:
             return
         decoders = [it.state for it in items if it.state.is_decode(it.num_tokens)]
-        pending.passes.append(self._forward_and_sample(items))
-        for _ in range(decode_steps - 1):  # look-ahead: each pass needs the previous tokens on the host
-            previous = pending.passes[-1]
-            for state, token in zip(previous.states, previous.tokens.tolist()):
-                state.token_ids.append(token)
-            previous.applied = True
-            live = [s for s in decoders if s.seq_id in self.seqs]
-            pending.passes.append(self._forward_and_sample([_Item(s, 1) for s in live]))
-        # (look-ahead on the GPU without host round trips comes with the multiplexed engine)
+        first = self._forward_and_sample(items, stream_key, eager=eager)
+        pending.passes.append(first)
+        self.lookahead(decoders, first, decode_steps - 1, pending, stream_key)
 
-    def _stage(self, items: list[_Item], batch: AttentionBatch) -> tuple[torch.Tensor, ...]:
+    def lookahead(self, decoders: list[SeqState], first: _PassOutput, steps: int, pending: PendingStep,
+                  stream_key: object) -> None:
+        """`steps` more decode passes; each feeds on the previous pass's tokens on the device."""
+        previous = first
+        for step in range(1, steps + 1):
+            if not decoders:
+                return
+            rows = {s.seq_id: i for i, s in enumerate(previous.states)}
+            index = torch.tensor([rows[s.seq_id] for s in decoders], dtype=torch.long)
+            input_ids = previous.device_tokens[index.to(self.device, non_blocking=True)]
+            previous = self._forward_and_sample([_Item(s, 1) for s in decoders], stream_key, step, input_ids)
+            pending.passes.append(previous)
+
+    def _stage(self, items: list[_Item], with_tokens: bool) -> tuple[torch.Tensor, ...]:
         """All per-step index arrays in one host tensor, moved with one async copy."""
         flat: list[int] = []
         positions: list[int] = []
@@ -170,53 +187,68 @@ class ModelRunner:
         for it in items:
             s = it.state
             start, end = s.num_computed, s.num_computed + it.num_tokens
-            flat.extend(s.token_ids[start:end])
+            if with_tokens:
+                flat.extend(s.token_ids[start:end])
             for pos in range(start, end):
                 positions.append(pos)
                 slots.append(s.block_table[pos // bs] * bs + pos % bs)
             row += it.num_tokens
-            if end == len(s.token_ids):
+            if end >= len(s.token_ids):  # look-ahead passes run past the host's known tokens
                 sample_rows.append(row - 1)
-        t = len(flat)
+        t = len(positions)
         host = torch.tensor(flat + positions + slots + sample_rows, dtype=torch.long)
         dev = host.to(self.device, non_blocking=True)
-        return dev[:t], dev[t : 2 * t], dev[2 * t : 3 * t], dev[3 * t :]
+        f = len(flat)
+        return dev[:f], dev[f : f + t], dev[f + t : f + 2 * t], dev[f + 2 * t :]
 
     @torch.inference_mode()
-    def _forward_and_sample(self, items: list[_Item]) -> _PassOutput:
+    def _forward_and_sample(self, items: list[_Item], stream_key: object = "full", step: int = 0,
+                            input_ids: torch.Tensor | None = None, eager: bool = False) -> _PassOutput:
+        """One forward pass; `input_ids` (device) replaces the host tokens in look-ahead passes.
+
+        `eager` keeps the pass off the decode graphs (a multiplexed step's prefill stream)."""
         batch = AttentionBatch(
             query_lens=[it.num_tokens for it in items],
             context_lens=[it.state.num_computed for it in items],
             block_tables=[it.state.block_table for it in items],
             block_size=self.block_size,
         )
-        input_ids, positions, slots, sample_rows = self._stage(items, batch)
-        if self.graphs is not None and batch.is_decode_only and self.graphs.bucket_for(batch.num_seqs):
-            hidden = self.graphs.run(batch, input_ids, positions, slots)
+        staged_ids, positions, slots, sample_rows = self._stage(items, with_tokens=input_ids is None)
+        input_ids = staged_ids if input_ids is None else input_ids
+        if not eager and self.graphs is not None and batch.is_decode_only and self.graphs.bucket_for(batch.num_seqs):
+            self.graphs.ensure(stream_key, None if stream_key == "full" else torch.cuda.current_stream(),
+                               self.graphs.bucket_for(batch.num_seqs), step)
+            hidden = self.graphs.run(batch, input_ids, positions, slots, stream_key, step)
         else:
+            if step > 0 and self.backend.name == "flashinfer":
+                # flashinfer stages each plan in one pinned buffer: re-planning before the GPU has
+                # copied the previous plan would corrupt it. Graphs avoid this; eager waits here.
+                torch.cuda.current_stream(self.device).synchronize()
             self.backend.begin_step(batch, self.device, slots)
             hidden = self.model(input_ids, positions, self.backend, self.kv_caches)
         samplers: list[SeqState] = []
         for it in items:
             it.state.num_computed += it.num_tokens
-            if it.state.num_computed == len(it.state.token_ids):
+            if it.state.num_computed >= len(it.state.token_ids):
                 samplers.append(it.state)
         if not samplers:
             return _PassOutput([], torch.empty(0, dtype=torch.long), None)
         logits = self.model.compute_logits(hidden[sample_rows])
-        return self._sample(logits, samplers)
+        return self._sample(logits, samplers, step)
 
-    def _sample(self, logits: torch.Tensor, states: list[SeqState]) -> _PassOutput:
+    def _sample(self, logits: torch.Tensor, states: list[SeqState], step: int = 0) -> _PassOutput:
+        """Sample on the device; `step` look-ahead passes count tokens the host has not seen yet."""
         params = [s.sampling for s in states]
         penalised = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params)
         prompt_ids = output_ids = None
         if penalised:  # host tensors: the sampler moves them with non-blocking copies
             prompt_ids = [torch.tensor(s.token_ids[: s.num_prompt_tokens]) for s in states]
             output_ids = [torch.tensor(s.token_ids[s.num_prompt_tokens :], dtype=torch.long) for s in states]
-        out = self.sampler.sample(logits, params, [s.num_generated for s in states], prompt_ids, output_ids)
+        counts = [s.num_generated + step for s in states]
+        out = self.sampler.sample(logits, params, counts, prompt_ids, output_ids)
         tokens = out.token_ids
         logprobs = out.logprob_tensors
         if self._cuda:
             tokens = tokens.to("cpu", non_blocking=True)
             logprobs = logprobs.to_host_async() if logprobs is not None else None
-        return _PassOutput(states, tokens, logprobs)
+        return _PassOutput(states, tokens, logprobs, device_tokens=out.token_ids)

@@ -120,17 +120,37 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
             buckets=default_buckets(config.max_num_seqs),
         )
         graphs.capture()
+    multiplexer, splits = build_multiplexer(config, device) if graphs is not None else (None, [])
     runner = ModelRunner(
         model, cfg, kv_caches, backend, Sampler(device=device, seed=config.seed),
         block_size=config.block_size, num_blocks=num_blocks, device=device, graphs=graphs,
+        multiplexer=multiplexer,
     )
     ready = WorkerReady(
         protocol_version=PROTOCOL_VERSION, model=describe_model(cfg, dtype), device=describe_device(device),
         num_kv_blocks=num_blocks, block_size=config.block_size, max_model_len=max_len,
-        attention_backend=backend.name, supports_multiplexing=False,
+        attention_backend=backend.name, supports_multiplexing=multiplexer is not None, sm_splits=splits,
         max_num_batched_tokens=config.max_num_batched_tokens if device.type == "cuda" else 0,
     )
     return LoadedWorker(runner, ready)
+
+
+def build_multiplexer(config: DataplaneConfig, device: torch.device) -> tuple[object | None, list[tuple[int, int]]]:
+    """Green-context partitions for every allowed split (or the configured decode sizes)."""
+    if not config.multiplexing:
+        return None, []
+    from dataplane.multiplex import Multiplexer
+    from dataplane.partition_menu import candidate_splits, choose_menu
+    from dataplane.partitions import PartitionSet
+
+    props = torch.cuda.get_device_properties(device)
+    menu = choose_menu(candidate_splits(props.multi_processor_count, props.major), config.decode_partition_sms)
+    try:
+        partitions = PartitionSet(device, menu)
+    except Exception as exc:  # an old driver or a GPU without green contexts: serve aggregated only
+        log.warning("green contexts unavailable, multiplexing off: %s", exc)
+        return None, []
+    return Multiplexer(partitions), partitions.describe()
 
 
 class Worker:

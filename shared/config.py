@@ -30,6 +30,8 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_num_seqs: int = 256  # largest decode batch with a CUDA graph
     cuda_graphs: bool = True
     fused_kernels: bool = True  # flashinfer norm/rope and fused projections on CUDA (bf16/fp16)
+    multiplexing: bool = True  # build green-context SM partitions on CUDA
+    decode_partition_sms: tuple[int, ...] | None = None  # decode sizes to build; None: every allowed split
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

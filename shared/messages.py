@@ -133,6 +133,7 @@ class WorkerReady(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
     attention_backend: str
     supports_multiplexing: bool = False
     max_num_batched_tokens: int = 0  # the largest step the worker's memory plan fits; 0: no limit
+    sm_splits: list[tuple[int, int]] = []  # (prefill SMs, decode SMs) partitions the worker can run
 
 
 class TokenLogprobs(msgspec.Struct, frozen=True, kw_only=True, array_like=True):

@@ -171,3 +171,52 @@ def test_fused_path_matches_reference(gpu_checkpoint: Path) -> None:
         with torch.inference_mode():
             outs.append(model.compute_logits(model(ids, batch.positions(dev), backend, kv)))
     assert rel_err(outs[1], outs[0]) < 2e-2
+
+
+def _schedule(runner, prompts_a, prompts_b, k: int, decode_sms: int, sync_debug: bool) -> dict[int, list[int]]:  # noqa: ANN001
+    """Prefill A; then one step that prefills B while A decodes k look-ahead steps (multiplexed when
+    decode_sms > 0, aggregated otherwise); then aggregated decode of everyone to 12 new tokens."""
+    def news(prompts, first_id):  # noqa: ANN001, ANN202
+        return [NewRequest(seq_id=first_id + i, token_ids=p, num_prompt_tokens=len(p),
+                           block_ids=list(range((first_id + i) * 8, (first_id + i + 1) * 8)),
+                           sampling=SamplingParams(temperature=0.0)) for i, p in enumerate(prompts)]
+
+    def step(plan: StepPlan) -> None:
+        pending = runner.launch(plan)
+        while not pending.ready():
+            pass
+        pending.result()
+
+    a_ids, b_ids = range(len(prompts_a)), range(10, 10 + len(prompts_b))
+    step(StepPlan(step_id=0, new_requests=news(prompts_a, 0),
+                  scheduled=[ScheduledSeq(seq_id=i, num_tokens=len(p)) for i, p in zip(a_ids, prompts_a)]))
+    mixed = [ScheduledSeq(seq_id=i, num_tokens=1) for i in a_ids]
+    mixed += [ScheduledSeq(seq_id=i, num_tokens=len(p)) for i, p in zip(b_ids, prompts_b)]
+    mode = "multiplexed" if decode_sms else "aggregated"
+    plan = StepPlan(step_id=1, mode=mode, decode_sms=decode_sms, prefill_sms=0, decode_steps=k,
+                    new_requests=news(prompts_b, 10), scheduled=mixed)
+    if sync_debug:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(plan)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for s in range(2, 14):
+        live = [i for i in [*a_ids, *b_ids] if runner.seqs[i].num_generated < 12]
+        step(StepPlan(step_id=s, scheduled=[ScheduledSeq(seq_id=i, num_tokens=1) for i in live]))
+    return {i: st.token_ids[st.num_prompt_tokens:][:12] for i, st in runner.seqs.items()}
+
+
+def test_multiplexed_schedule_equals_aggregated(gpu_checkpoint: Path) -> None:
+    loaded = _worker(str(gpu_checkpoint))
+    assert loaded.ready.supports_multiplexing
+    assert (124, 8) in [tuple(s) for s in loaded.ready.sm_splits], loaded.ready.sm_splits
+    a, b = _prompts(5, 512, seed=6), _prompts(2, 512, seed=7)
+    reference = _schedule(_worker(str(gpu_checkpoint)).runner, a, b, k=1, decode_sms=0, sync_debug=False)
+    lookahead = _schedule(_worker(str(gpu_checkpoint)).runner, a, b, k=4, decode_sms=0, sync_debug=False)
+    _schedule(loaded.runner, a, b, k=4, decode_sms=16, sync_debug=False)  # captures the partition's graphs
+    loaded.runner.seqs.clear()
+    multiplexed = _schedule(loaded.runner, a, b, k=4, decode_sms=16, sync_debug=True)
+    assert lookahead == reference
+    assert multiplexed == reference

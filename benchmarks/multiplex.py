@@ -1,0 +1,135 @@
+"""Multiplexing benchmark: a decode batch alone, then alongside a long prefill (a) in one aggregated
+mixed batch, (b) time-sliced, (c) on green-context partitions for several splits and look-ahead k.
+
+    python benchmarks/multiplex.py            # on a GPU (Qwen3-8B shapes, random weights)
+
+Prints a table and writes benchmarks/results/multiplex-<gpu>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.engine import gpu_slug  # noqa: E402
+from dataplane.seq_state import SeqState  # noqa: E402
+from dataplane.worker import load_worker  # noqa: E402
+from shared.config import DataplaneConfig  # noqa: E402
+from shared.messages import SamplingParams, ScheduledSeq, StepPlan  # noqa: E402
+
+
+class Bench:
+    def __init__(self, worker, batch: int, ctx: int, prefill_tokens: int) -> None:  # noqa: ANN001
+        self.w, self.runner = worker, worker.runner
+        self.batch, self.ctx, self.prefill_tokens = batch, ctx, prefill_tokens
+        self.bs = worker.ready.block_size
+        self.per_seq = -(-(ctx + 512) // self.bs)
+        self.prefill_first_block = batch * self.per_seq
+        self.step_id = 0
+        self.reset_decoders()
+
+    def reset_decoders(self) -> None:
+        vocab = self.w.ready.model.vocab_size
+        self.runner.seqs.clear()
+        for i in range(self.batch):
+            tokens = torch.randint(0, vocab, (self.ctx + 1,)).tolist()
+            self.runner.seqs[i] = SeqState(seq_id=i, token_ids=tokens, num_prompt_tokens=self.ctx + 1,
+                                           block_table=list(range(i * self.per_seq, (i + 1) * self.per_seq)),
+                                           sampling=SamplingParams(temperature=0.0), num_computed=self.ctx)
+
+    def add_prefill(self) -> None:
+        vocab = self.w.ready.model.vocab_size
+        n = -(-self.prefill_tokens // self.bs)
+        self.runner.seqs[-1] = SeqState(seq_id=-1, token_ids=torch.randint(0, vocab, (self.prefill_tokens,)).tolist(),
+                                        num_prompt_tokens=self.prefill_tokens, sampling=SamplingParams(temperature=0.0),
+                                        block_table=list(range(self.prefill_first_block, self.prefill_first_block + n)))
+
+    def step(self, decode: bool, prefill: bool, mode: str = "aggregated", decode_sms: int = 0, k: int = 1):  # noqa: ANN201
+        if max(s.num_computed for i, s in self.runner.seqs.items() if i >= 0) > self.ctx + 400:
+            self.reset_decoders()
+        items = [ScheduledSeq(seq_id=i, num_tokens=1) for i in range(self.batch)] if decode else []
+        if prefill:
+            self.add_prefill()
+            items.append(ScheduledSeq(seq_id=-1, num_tokens=self.prefill_tokens))
+        plan = StepPlan(step_id=self.step_id, mode=mode, decode_sms=decode_sms, decode_steps=k, scheduled=items)
+        self.step_id += 1
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        pending = self.runner.launch(plan)
+        while not pending.ready():
+            time.sleep(20e-6)
+        result = pending.result()
+        wall = (time.perf_counter() - t0) * 1000
+        self.runner.seqs.pop(-1, None)
+        return wall, result.timings
+
+    def median(self, reps: int, **kw):  # noqa: ANN003, ANN201
+        self.step(**kw)  # warm-up (and graph capture)
+        runs = [self.step(**kw) for _ in range(reps)]
+        runs.sort(key=lambda r: r[0])
+        return runs[len(runs) // 2]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="qwen3-8b")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--prefill", type=int, default=8192)
+    p.add_argument("--splits", default="16,24,32,48,64")
+    p.add_argument("--ks", default="1,2,4,8")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = p.parse_args()
+    splits = [int(x) for x in args.splits.split(",")]
+    ks = [int(x) for x in args.ks.split(",")]
+    worker = load_worker(DataplaneConfig(model=args.model, device="cuda", max_num_batched_tokens=args.prefill + args.batch,
+                                         max_num_seqs=args.batch, decode_partition_sms=tuple(splits)))
+    print(f"{args.model}: {worker.ready.num_kv_blocks} KV blocks, splits {worker.ready.sm_splits}", flush=True)
+    b = Bench(worker, args.batch, args.context, args.prefill)
+    B, P = args.batch, args.prefill
+    alone, _ = b.median(args.reps, decode=True, prefill=False)
+    prefill_alone, _ = b.median(args.reps, decode=False, prefill=True)
+    mixed, _ = b.median(args.reps, decode=True, prefill=True)
+    rows = {"decode_alone_ms": alone, "prefill_alone_ms": prefill_alone,
+            "aggregated": {"step_ms": mixed, "tbt_ms": mixed, "tok_s": (B + P) / mixed * 1000},
+            "time_sliced": {"tbt_ms": prefill_alone + alone, "tok_s": (B + P) / (prefill_alone + alone) * 1000}}
+    print(f"decode alone {alone:.2f} ms | prefill alone {prefill_alone:.1f} ms | aggregated mixed {mixed:.1f} ms "
+          f"({rows['aggregated']['tok_s']:.0f} tok/s) | time-sliced TBT {prefill_alone + alone:.1f} ms", flush=True)
+    multiplexed = []
+    for d in splits:
+        for k in ks:
+            _, t_alone = b.median(args.reps, decode=True, prefill=False, mode="multiplexed", decode_sms=d, k=k)
+            wall, t = b.median(args.reps, decode=True, prefill=True, mode="multiplexed", decode_sms=d, k=k)
+            row = {"decode_sms": d, "prefill_sms": 132 - d if torch.cuda.get_device_properties(0).multi_processor_count == 132 else None,
+                   "k": k, "step_ms": t.total_ms, "wall_ms": wall, "prefill_ms": t.prefill_ms,
+                   "decode_ms": t.decode_ms, "tbt_ms": t.decode_ms / k, "tbt_alone_ms": t_alone.decode_ms / k,
+                   "isolation_ratio": t.decode_ms / max(t_alone.decode_ms, 1e-6),
+                   "tok_s": (k * B + P) / t.total_ms * 1000}
+            multiplexed.append(row)
+            print(f"split {row['prefill_sms']}p/{d}d k={k}: step {t.total_ms:6.1f} ms, prefill {t.prefill_ms:6.1f}, "
+                  f"decode {t.decode_ms:6.1f} (TBT {row['tbt_ms']:.2f} vs alone {row['tbt_alone_ms']:.2f}, "
+                  f"x{row['isolation_ratio']:.2f}), {row['tok_s']:.0f} tok/s", flush=True)
+    best = max(multiplexed, key=lambda r: r["tok_s"])
+    summary = {"gpu": gpu_slug(torch.device("cuda")), "isolation_ratio": best["isolation_ratio"],
+               "best_multiplexed_tok_s": best["tok_s"], "aggregated_tok_s": rows["aggregated"]["tok_s"],
+               "best_split": [best["prefill_sms"], best["decode_sms"]], "k": best["k"]}
+    report = {"summary": summary, "model": args.model, "batch": B, "context": args.context, "prefill_tokens": P,
+              "baselines": rows, "multiplexed": multiplexed, "graphs": worker.runner.graphs.num_graphs}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"multiplex-{summary['gpu']}.json"
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""A multiplexed step: prefill eagerly on one green-context partition while the decode batch runs
+`k` look-ahead steps as CUDA-graph replays on the other, each feeding on the previous step's
+tokens on the device. The two streams are ordered behind the step's start by events and joined by
+events; nothing here waits on the GPU. It executes the plan's split and k; it chooses neither.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from dataplane.partitions import PartitionSet
+
+if TYPE_CHECKING:
+    from dataplane.runner import ModelRunner, PendingStep, _Item
+    from shared.messages import StepPlan
+
+log = logging.getLogger(__name__)
+
+
+class PhaseEvents:
+    """Timing events of one phase on one stream."""
+
+    def __init__(self) -> None:
+        self.start = torch.cuda.Event(enable_timing=True)
+        self.end = torch.cuda.Event(enable_timing=True)
+
+    def elapsed_ms(self) -> float:
+        return self.start.elapsed_time(self.end)
+
+
+class Multiplexer:
+    def __init__(self, partitions: PartitionSet) -> None:
+        self.partitions = partitions
+
+    def run(self, runner: ModelRunner, items: list[_Item], plan: StepPlan, pending: PendingStep) -> None:
+        part = self.partitions.get(plan.decode_sms)
+        decode = [it for it in items if it.state.is_decode(it.num_tokens)]
+        prefill = [it for it in items if not it.state.is_decode(it.num_tokens)]
+        graphs = runner.graphs
+        bucket = graphs.bucket_for(len(decode)) if graphs is not None and decode else None
+        if decode and bucket is None:
+            log.warning("decode batch of %d has no graph; running the step aggregated", len(decode))
+            runner._run(items, plan.decode_steps, pending)
+            return
+        key = part.split.decode_sms
+        if graphs is not None and bucket is not None:
+            for step in range(plan.decode_steps):  # capture before any eager work is in flight
+                graphs.ensure(key, part.decode_stream, bucket, step)
+        start = torch.cuda.Event()
+        start.record()
+        phases = {}
+        if decode:
+            phases["decode"] = self._on(part.decode_stream, start, lambda: self._decode(runner, decode, plan, pending, key))
+        if prefill:
+            phases["prefill"] = self._on(part.prefill_stream, start, lambda: runner._run(prefill, 1, pending, eager=True))
+        current = torch.cuda.current_stream()
+        for ev in phases.values():
+            current.wait_event(ev.end)
+        pending.phases = phases
+
+    @staticmethod
+    def _on(stream: torch.cuda.ExternalStream, start: torch.cuda.Event, work) -> PhaseEvents:  # noqa: ANN001
+        ev = PhaseEvents()
+        with torch.cuda.stream(stream):
+            stream.wait_event(start)
+            ev.start.record(stream)
+            work()
+            ev.end.record(stream)
+        return ev
+
+    @staticmethod
+    def _decode(runner: ModelRunner, decode: list[_Item], plan: StepPlan, pending: PendingStep, key: object) -> None:
+        first = runner._forward_and_sample(decode, key, 0)
+        pending.passes.append(first)
+        runner.lookahead([it.state for it in decode], first, plan.decode_steps - 1, pending, key)
