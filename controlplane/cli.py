@@ -15,6 +15,7 @@ import sys
 import tempfile
 
 from shared.config import DataplaneConfig, SchedulerConfig, ServerConfig
+from shared.telemetry_flags import add_metrics_flags, add_trace_flags, telemetry_from_args
 
 log = logging.getLogger("duetserve")
 
@@ -50,6 +51,8 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-timeout", type=float, default=120.0,
                    help="seconds one step may take before the data plane is declared dead")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    add_trace_flags(p)
+    add_metrics_flags(p)
 
 
 def _add_generate_flags(p: argparse.ArgumentParser) -> None:
@@ -79,17 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def configs_from_args(args: argparse.Namespace) -> tuple[DataplaneConfig, ServerConfig]:
     endpoint = args.dataplane_endpoint or f"ipc://{tempfile.gettempdir()}/duetserve-{os.getpid()}.sock"
+    telemetry = telemetry_from_args(args)
     dataplane = DataplaneConfig(
         model=args.model, endpoint=endpoint, device=args.device, dtype=args.dtype,
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
         gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_bytes=args.cpu_kv_cache_bytes,
         max_model_len=args.max_model_len, attention_backend=args.attention_backend, seed=args.seed,
+        telemetry=telemetry,
     )
     scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     server = ServerConfig(
         host=args.host, port=args.port, dataplane_endpoint=endpoint,
         handshake_timeout_s=args.handshake_timeout, step_timeout_s=args.step_timeout,
-        max_model_len=args.max_model_len, scheduler=scheduler,
+        max_model_len=args.max_model_len, scheduler=scheduler, telemetry=telemetry,
     )
     return dataplane, server
 

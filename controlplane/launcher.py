@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 from shared.config import DataplaneConfig
+from shared.telemetry_flags import trace_args
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,9 @@ def dataplane_args(config: DataplaneConfig) -> list[str]:
         args += ["--num-kv-blocks", str(config.num_kv_blocks)]
     if config.max_model_len is not None:
         args += ["--max-model-len", str(config.max_model_len)]
-    return args
+    if config.health_file is not None:
+        args += ["--health-file", config.health_file]
+    return args + trace_args(config.telemetry)
 
 
 def spawn_dataplane(config: DataplaneConfig, log_level: str = "INFO") -> subprocess.Popen[bytes]:

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from shared.config import DataplaneConfig
+from shared.telemetry_flags import add_trace_flags, telemetry_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-backend", default=d.attention_backend, help="auto, torch or flashinfer")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--health-file", default=None,
+                   help="touch this file while serving (read by python -m dataplane.healthcheck)")
+    add_trace_flags(p)
     return p
 
 
@@ -36,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
             gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_bytes=args.cpu_kv_cache_bytes,
             max_model_len=args.max_model_len, attention_backend=args.attention_backend, seed=args.seed,
+            telemetry=telemetry_from_args(args), health_file=args.health_file,
         )
     except ValueError as exc:
         print(f"python -m dataplane: error: {exc}", file=sys.stderr)

@@ -15,11 +15,13 @@ import torch
 import zmq
 
 from dataplane.attention import make_backend
+from dataplane.health import Heartbeat
 from dataplane.kv_cache import allocate_kv_cache, kv_bytes_per_block
 from dataplane.models.config import ModelConfig
 from dataplane.models.loader import load_model, resolve_dtype
 from dataplane.runner import ModelRunner
 from dataplane.sampler import Sampler
+from dataplane.tracing import DataplaneTracing
 from shared.codec import ProtocolError, decode_to_worker, encode
 from shared.config import DataplaneConfig
 from shared.messages import (
@@ -116,9 +118,13 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
 class Worker:
     """Serves one control plane at a time on a bound DEALER socket."""
 
-    def __init__(self, config: DataplaneConfig, loaded: LoadedWorker) -> None:
+    def __init__(
+        self, config: DataplaneConfig, loaded: LoadedWorker, tracing: DataplaneTracing | None = None
+    ) -> None:
         self.config = config
         self.loaded = loaded
+        self.tracing = tracing or DataplaneTracing(None)
+        self.heartbeat = Heartbeat(config.health_file)
         self._running = True
 
     def request_stop(self, *_: object) -> None:
@@ -133,11 +139,13 @@ class Worker:
             log.info("data plane listening on %s", self.config.endpoint)
             return self._loop(sock)
         finally:
+            self.heartbeat.close()
             sock.close(linger=0)
             context.term()
 
     def _loop(self, sock: zmq.Socket) -> int:
         while self._running:
+            self.heartbeat.beat()
             if not sock.poll(100):
                 continue
             frame = sock.recv()
@@ -165,7 +173,7 @@ class Worker:
             return self.loaded.ready
         if isinstance(message, StepPlan):
             try:
-                return self.loaded.runner.execute(message)
+                return self.tracing.execute(message, self.loaded.runner.execute)
             except Exception as exc:  # noqa: BLE001 - the error boundary of the process
                 log.exception("step %d failed", message.step_id)
                 return WorkerFatal(reason=f"step {message.step_id} failed: {exc!r}")
@@ -180,10 +188,13 @@ def run(config: DataplaneConfig) -> int:
         log.exception("data plane failed to start")
         _report_fatal(config.endpoint, f"start-up failed: {exc!r}")
         return 1
-    worker = Worker(config, loaded)
+    worker = Worker(config, loaded, DataplaneTracing.from_config(config.telemetry))
     signal.signal(signal.SIGTERM, worker.request_stop)
     signal.signal(signal.SIGINT, worker.request_stop)
-    return worker.serve()
+    try:
+        return worker.serve()
+    finally:
+        worker.tracing.shutdown()  # flush spans still batched
 
 
 def _report_fatal(endpoint: str, reason: str) -> None:
