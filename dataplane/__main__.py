@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
+import os
+import signal
 import sys
 
 from shared.config import DataplaneConfig
@@ -27,12 +30,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--health-file", default=None,
                    help="touch this file while serving (read by python -m dataplane.healthcheck)")
+    p.add_argument("--parent-pid", type=int, default=None,
+                   help="exit when this process dies (set by the control plane that spawned us)")
     add_trace_flags(p)
     return p
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """SIGTERM us when the parent dies (Linux); exit now if it already has."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        except OSError:
+            pass
+    if os.getppid() != parent_pid:
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.parent_pid is not None:
+        die_with_parent(args.parent_pid)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s dataplane: %(message)s")
     try:
         config = DataplaneConfig(
