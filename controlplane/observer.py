@@ -186,6 +186,8 @@ class EngineObserver:
         self._gauges(scheduler, plan)
         predicted = getattr(scheduler, "last_predicted_ms", None)
         self._step = _Step(None, [], predicted, scheduler.num_preemptions)
+        if self.metrics is not None or self.tracer is not None:
+            self._admitted(plan, started_ns)
         if self.tracer is None:
             return plan
         attrs = tr.step_plan_attributes(plan, scheduler.num_running, scheduler.num_waiting, predicted)
@@ -204,13 +206,22 @@ class EngineObserver:
                 context[seq_key(entry.seq_id)] = traceparent(phase_span.get_span_context())
         return msgspec.structs.replace(plan, trace_context=context)
 
+    def _admitted(self, plan: StepPlan, started_ns: int) -> None:
+        """End the queue phase of requests scheduled for the first time."""
+        now = time.monotonic()
+        for entry in plan.scheduled:
+            obs = self._by_seq.get(entry.seq_id)
+            if obs is None or obs.first_scheduled is not None:
+                continue
+            obs.first_scheduled = now
+            _end(obs.queue_span, started_ns)
+            if self.metrics is not None:
+                self.metrics.queue_time.record(now - obs.arrival, self.metrics.labels)
+
     def _phase_span(self, obs: RequestObs, seq: Sequence, num_tokens: int, link: list[Link],
                     started_ns: int) -> Span | None:
         """Open this step's span for one request; returns it when the data plane should join it."""
         assert self.tracer is not None and obs.span is not None
-        if obs.first_scheduled is None:
-            obs.first_scheduled = time.monotonic()
-            _end(obs.queue_span, started_ns)
         parent = trace.set_span_in_context(obs.span)
         if num_tokens == 1 and seq.output_token_ids:  # a decode step
             obs.num_decode_steps += 1
