@@ -1,5 +1,6 @@
 """`duetserve`: the command line. `serve` runs both planes, `generate` streams a completion,
-`dataplane` runs only the GPU worker (for a separately started data plane, e.g. in compose).
+`dataplane` runs only the GPU worker (for a separately started data plane, e.g. in compose),
+`health` asks a server's gRPC health service, `traces` prints a request's timeline from spans.
 
 This module parses flags into frozen config and hands off; it holds no serving logic.
 """
@@ -77,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_flags(sub.add_parser("generate", help="stream one completion from a running server"))
     sub.add_parser("dataplane", help="run only the data plane (flags: python -m dataplane --help)",
                    add_help=False)
+    health = sub.add_parser("health", help="exit 0 if a server's gRPC health service reports SERVING")
+    health.add_argument("--address", default="127.0.0.1:50051", help="server address host:port")
+    health.add_argument("--service", default="", help="service name to check (default: the whole server)")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds")
+    from controlplane.traces import add_traces_flags
+
+    add_traces_flags(sub.add_parser("traces", help="print one request's spans as a timeline tree"))
     return parser
 
 
@@ -152,6 +160,18 @@ def main(argv: list[str] | None = None) -> int:
         from controlplane.client import run_generate
 
         return run_generate(args)
+    if args.command == "health":
+        from controlplane.client import run_health
+
+        return run_health(args)
+    if args.command == "traces":
+        from controlplane.traces import run_traces
+
+        return run_traces(args)
+    try:
+        telemetry_from_args(args)
+    except ValueError as exc:
+        build_parser().error(str(exc))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         import uvloop

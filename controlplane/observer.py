@@ -273,6 +273,10 @@ class EngineObserver:
 
     def shutdown(self) -> None:
         """Flush batched spans and stop the exporters (called once at server stop)."""
+        step, self._step = self._step, None
+        if step is not None and step.span is not None:  # the engine stopped with this step in flight
+            step.span.set_status(Status(StatusCode.ERROR, "no result: the engine stopped or lost the data plane"))
+            step.span.end()
         if self.provider is not None:
             self.provider.shutdown()
             self.provider = None

@@ -96,8 +96,9 @@ async def test_spans_reach_an_otlp_receiver() -> None:
         assert {"duetserve.step.prefill_sms", "duetserve.step.decode_sms", "duetserve.step.decode_steps",
                 "duetserve.step.measured_ms"} <= set(step.attributes)
     executes = [s for s in spans if s.name == "dataplane.execute"]
-    assert len(executes) == len(steps)
     assert all(e.parent_id in steps and e.trace_id == steps[e.parent_id].trace_id for e in executes)
+    answered = {s.span_id for s in steps.values() if s.status_code != 2}  # not cut short by the stop
+    assert answered <= {e.parent_id for e in executes}
     for chunk in (s for s in spans if s.name == "prefill_chunk"):
         assert len(chunk.links) == 1 and chunk.links[0][1] in steps
 
