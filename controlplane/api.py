@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 import grpc
 
 from controlplane.engine import Engine, EngineRequest, EngineUnavailable
+from controlplane.observer import RequestObs
+from controlplane.tracing import request_attributes
 from controlplane.output import RequestDelta
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc
@@ -62,26 +64,43 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        observer = self.engine.observer
+        obs = observer.start_request(context.invocation_metadata())
+        try:
+            async for response in self._generate(request, context, obs):
+                yield response
+        finally:
+            observer.close_request(obs)
+
+    async def _abort(self, context: grpc.aio.ServicerContext, obs: RequestObs, code: grpc.StatusCode,
+                     message: str) -> None:
+        obs.error = f"{code.name}: {message}"
+        await context.abort(code, message)
+
+    async def _generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, obs: RequestObs
+    ) -> AsyncIterator[pb.GenerateResponse]:
         if not self.engine.healthy:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, self.engine.failure or "engine not ready")
+            await self._abort(context, obs, grpc.StatusCode.UNAVAILABLE, self.engine.failure or "engine not ready")
         assert self.engine.tokenizer is not None
         try:
             valid = validate_generate(request, self.engine.tokenizer, self._limits())
         except InvalidRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self._abort(context, obs, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        obs.set(request_attributes(valid.request_id, valid.sampling, valid.stop.max_tokens, valid.stop.stop_strings))
         try:
             handle = self.engine.add_request(
-                EngineRequest(valid.request_id, valid.prompt_token_ids, valid.sampling, valid.stop)
+                EngineRequest(valid.request_id, valid.prompt_token_ids, valid.sampling, valid.stop, obs)
             )
         except EngineUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await self._abort(context, obs, grpc.StatusCode.UNAVAILABLE, str(exc))
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+            await self._abort(context, obs, grpc.StatusCode.ALREADY_EXISTS, str(exc))
         try:
             async for delta in handle:
                 if delta.finish_reason == "error":
                     code = grpc.StatusCode.UNAVAILABLE if self.engine.failure else grpc.StatusCode.INTERNAL
-                    await context.abort(code, delta.error or "request failed")
+                    await self._abort(context, obs, code, delta.error or "request failed")
                 yield _response(valid.request_id, delta)
         finally:
             if not handle.finished:  # the client went away or the call was cancelled

@@ -1,5 +1,6 @@
 """`duetserve`: the command line. `serve` runs both planes, `generate` streams a completion,
-`dataplane` runs only the GPU worker (for a separately started data plane, e.g. in compose).
+`dataplane` runs only the GPU worker (for a separately started data plane, e.g. in compose),
+`health` asks a server's gRPC health service, `traces` prints a request's timeline from spans.
 
 This module parses flags into frozen config and hands off; it holds no serving logic.
 """
@@ -15,6 +16,7 @@ import sys
 import tempfile
 
 from shared.config import DataplaneConfig, SchedulerConfig, ServerConfig
+from shared.telemetry_flags import add_metrics_flags, add_trace_flags, telemetry_from_args
 
 log = logging.getLogger("duetserve")
 
@@ -52,6 +54,8 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-timeout", type=float, default=120.0,
                    help="seconds one step may take before the data plane is declared dead")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    add_trace_flags(p)
+    add_metrics_flags(p)
 
 
 def _add_generate_flags(p: argparse.ArgumentParser) -> None:
@@ -76,11 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_flags(sub.add_parser("generate", help="stream one completion from a running server"))
     sub.add_parser("dataplane", help="run only the data plane (flags: python -m dataplane --help)",
                    add_help=False)
+    health = sub.add_parser("health", help="exit 0 if a server's gRPC health service reports SERVING")
+    health.add_argument("--address", default="127.0.0.1:50051", help="server address host:port")
+    health.add_argument("--service", default="", help="service name to check (default: the whole server)")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds")
+    from controlplane.traces import add_traces_flags
+
+    add_traces_flags(sub.add_parser("traces", help="print one request's spans as a timeline tree"))
     return parser
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[DataplaneConfig, ServerConfig]:
     endpoint = args.dataplane_endpoint or f"ipc://{tempfile.gettempdir()}/duetserve-{os.getpid()}.sock"
+    telemetry = telemetry_from_args(args)
     dataplane = DataplaneConfig(
         model=args.model, endpoint=endpoint, device=args.device, dtype=args.dtype,
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
@@ -88,12 +100,13 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataplaneConfig, Server
         max_model_len=args.max_model_len, attention_backend=args.attention_backend, seed=args.seed,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         cuda_graphs=not args.no_cuda_graphs,
+        telemetry=telemetry,
     )
     scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     server = ServerConfig(
         host=args.host, port=args.port, dataplane_endpoint=endpoint,
         handshake_timeout_s=args.handshake_timeout, step_timeout_s=args.step_timeout,
-        max_model_len=args.max_model_len, scheduler=scheduler,
+        max_model_len=args.max_model_len, scheduler=scheduler, telemetry=telemetry,
     )
     return dataplane, server
 
@@ -151,6 +164,18 @@ def main(argv: list[str] | None = None) -> int:
         from controlplane.client import run_generate
 
         return run_generate(args)
+    if args.command == "health":
+        from controlplane.client import run_health
+
+        return run_health(args)
+    if args.command == "traces":
+        from controlplane.traces import run_traces
+
+        return run_traces(args)
+    try:
+        telemetry_from_args(args)
+    except ValueError as exc:
+        build_parser().error(str(exc))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         import uvloop

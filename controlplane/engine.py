@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from controlplane.dataplane_client import DataplaneClient, DataplaneUnavailable
 from controlplane.kv_blocks import BlockAllocator
+from controlplane.observer import EngineObserver, RequestObs
 from controlplane.output import OutputProcessor, RequestDelta
 from controlplane.scheduler import Scheduler, SeqUpdate
 from controlplane.sequence import FinishReason, Sequence, StopParams
@@ -35,15 +36,17 @@ class EngineRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     stop: StopParams
+    obs: RequestObs | None = None  # the servicer's span and timestamps; None: metrics only
 
 
 class RequestHandle:
     """A live request's output stream; iterate it for RequestDeltas, the last one has finish_reason."""
 
-    def __init__(self, request_id: str, seq_id: int, processor: OutputProcessor) -> None:
+    def __init__(self, request_id: str, seq_id: int, processor: OutputProcessor, obs: RequestObs) -> None:
         self.request_id = request_id
         self.seq_id = seq_id
         self.processor = processor
+        self.obs = obs
         self.queue: asyncio.Queue[RequestDelta] = asyncio.Queue()
         self.finished = False
 
@@ -64,8 +67,10 @@ class Engine:
         *,
         step_timeout_s: float = 120.0,
         max_model_len: int | None = None,
+        observer: EngineObserver | None = None,
     ) -> None:
         self.client = client
+        self.observer = observer or EngineObserver.disabled()
         self._tokenizer_factory = tokenizer_factory
         self.tokenizer: TextTokenizer | None = None
         self.scheduler_config = scheduler_config
@@ -142,8 +147,10 @@ class Engine:
             arrival_time=time.monotonic(),
         )
         processor = OutputProcessor(self.tokenizer.stream(), request.stop.stop_strings)
-        handle = RequestHandle(request.request_id, seq.seq_id, processor)
+        obs = request.obs or RequestObs(arrival=seq.arrival_time)
+        handle = RequestHandle(request.request_id, seq.seq_id, processor, obs)
         self._handles[request.request_id] = handle
+        self.observer.request_added(handle.obs, request.request_id, seq.seq_id)
         self.scheduler.add(seq)
         self._wakeup.set()
         return handle
@@ -156,6 +163,7 @@ class Engine:
         seq = self.scheduler.finish(handle.seq_id, FinishReason.ABORT)
         handle.finished = True
         usage = (seq.num_prompt_tokens, len(seq.output_token_ids)) if seq else (0, 0)
+        self.observer.request_finished(handle.obs, "abort", *usage)
         handle.queue.put_nowait(
             RequestDelta([], handle.processor.take_text(final=True), None, "abort", None, None, *usage)
         )
@@ -172,14 +180,17 @@ class Engine:
         assert self.scheduler is not None
         try:
             while True:
+                started_ns = time.time_ns()
                 plan = self.scheduler.schedule()
                 if plan is None:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
+                plan = self.observer.step_planned(plan, self.scheduler, started_ns)
                 result = await self.client.run_step(plan, self.step_timeout_s)
                 self.num_steps += 1
                 self._emit(self.scheduler.update(result))
+                self.observer.step_done(plan, result, self.scheduler)
                 await asyncio.sleep(0)  # let API tasks add and abort requests between steps
         except DataplaneUnavailable as exc:
             log.error("data plane unavailable: %s", exc)
@@ -191,6 +202,7 @@ class Engine:
     def _fail_all(self, reason: str) -> None:
         self.failure = reason
         for request_id, handle in list(self._handles.items()):
+            self.observer.request_finished(handle.obs, "error", 0, 0, reason)
             handle.queue.put_nowait(RequestDelta([], "", None, "error", None, reason))
             del self._handles[request_id]
 
@@ -201,6 +213,7 @@ class Engine:
             handle = self._handles.get(seq.request_id)
             if handle is None or handle.seq_id != seq.seq_id:
                 continue
+            self.observer.tokens(handle.obs, len(update.new_token_ids))
             stop = handle.processor.add_tokens(update.new_token_ids)
             if stop is not None and not seq.is_finished:
                 self.scheduler.finish(seq.seq_id, FinishReason.STOP, stop)
@@ -218,6 +231,8 @@ class Engine:
                 delta.error = seq.error
                 delta.prompt_tokens = seq.num_prompt_tokens
                 delta.completion_tokens = len(seq.output_token_ids)
+                self.observer.request_finished(handle.obs, delta.finish_reason, delta.prompt_tokens,
+                                               delta.completion_tokens, seq.error)
                 del self._handles[seq.request_id]
                 handle.finished = True
             handle.queue.put_nowait(delta)

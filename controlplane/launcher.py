@@ -1,30 +1,22 @@
 """Starts the data plane as a child process and makes sure it never outlives the control plane.
 
-The child runs `python -m dataplane` with flags built from DataplaneConfig; on Linux it gets
-SIGTERM if this process dies (PR_SET_PDEATHSIG). No policy here, no torch import.
+The child runs `python -m dataplane` with flags built from DataplaneConfig; given `--parent-pid` it
+asks Linux for SIGTERM when this process dies (PR_SET_PDEATHSIG) itself. No Python code runs between
+fork and exec (no preexec_fn): with gRPC threads in this process a forked child could hang there.
+No policy here, no torch import.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import signal
+import os
 import subprocess
 import sys
 
 from shared.config import DataplaneConfig
+from shared.telemetry_flags import trace_args
 
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
-
 
 def dataplane_args(config: DataplaneConfig) -> list[str]:
     args = [
@@ -50,14 +42,16 @@ def dataplane_args(config: DataplaneConfig) -> list[str]:
         args += ["--num-kv-blocks", str(config.num_kv_blocks)]
     if config.max_model_len is not None:
         args += ["--max-model-len", str(config.max_model_len)]
-    return args
+    if config.health_file is not None:
+        args += ["--health-file", config.health_file]
+    return args + trace_args(config.telemetry)
 
 
 def spawn_dataplane(config: DataplaneConfig, log_level: str = "INFO") -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "dataplane", *dataplane_args(config), "--log-level", log_level]
+    cmd = [sys.executable, "-m", "dataplane", *dataplane_args(config), "--log-level", log_level,
+           "--parent-pid", str(os.getpid())]
     log.info("starting data plane: %s", " ".join(cmd))
-    preexec = _die_with_parent if sys.platform.startswith("linux") else None
-    return subprocess.Popen(cmd, preexec_fn=preexec)  # noqa: S603 - our own interpreter and module
+    return subprocess.Popen(cmd)  # noqa: S603 - our own interpreter and module
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> int:

@@ -16,11 +16,14 @@ from grpc_reflection.v1alpha import reflection
 from controlplane.api import GenerationServicer
 from controlplane.dataplane_client import DataplaneClient
 from controlplane.engine import Engine
+from controlplane.metrics import ServingMetrics
+from controlplane.observer import EngineObserver
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc
 from controlplane.tokenizer import load_tokenizer
 from shared.config import ServerConfig
 from shared.messages import WorkerReady
+from shared.telemetry import CONTROLPLANE_SERVICE, make_tracer_provider
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +35,16 @@ class ControlPlane:
     def __init__(self, config: ServerConfig, model: str) -> None:
         self.config = config
         self.model = model
+        self.metrics = ServingMetrics(config.telemetry, model)
+        provider = make_tracer_provider(config.telemetry, CONTROLPLANE_SERVICE)
+        self.observer = EngineObserver(provider, self.metrics, model)
         self.engine = Engine(
             DataplaneClient(config.dataplane_endpoint),
             self._tokenizer_for,
             config.scheduler,
             step_timeout_s=config.step_timeout_s,
             max_model_len=config.max_model_len,
+            observer=self.observer,
         )
         self.health = HealthServicer()
         self._server: grpc.aio.Server | None = None
@@ -68,6 +75,7 @@ class ControlPlane:
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
+        self.metrics.serve()
         ready = await self.engine.start(self.config.handshake_timeout_s)
         log.info(
             "data plane ready: %s on %s, %d KV blocks x %d tokens, max_model_len %d",
@@ -83,3 +91,4 @@ class ControlPlane:
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None
+        self.observer.shutdown()  # flush spans, stop the metrics endpoint

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
+import os
+import signal
 import sys
 
 from shared.config import DataplaneConfig
+from shared.telemetry_flags import add_trace_flags, telemetry_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,11 +36,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-partition-sms", default=None,
                    help="comma-separated decode partition sizes to build (default: every allowed split)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--health-file", default=None,
+                   help="touch this file while serving (read by python -m dataplane.healthcheck)")
+    p.add_argument("--parent-pid", type=int, default=None,
+                   help="exit when this process dies (set by the control plane that spawned us)")
+    add_trace_flags(p)
     return p
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """SIGTERM us when the parent dies (Linux); exit now if it already has."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        except OSError:
+            pass
+    if os.getppid() != parent_pid:
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.parent_pid is not None:
+        die_with_parent(args.parent_pid)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s dataplane: %(message)s")
     try:
         config = DataplaneConfig(
@@ -49,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             multiplexing=not args.no_multiplexing,
             decode_partition_sms=tuple(int(x) for x in args.decode_partition_sms.split(","))
             if args.decode_partition_sms else None,
+            telemetry=telemetry_from_args(args), health_file=args.health_file,
         )
     except ValueError as exc:
         print(f"python -m dataplane: error: {exc}", file=sys.stderr)

@@ -16,12 +16,14 @@ import torch
 import zmq
 
 from dataplane.attention import AttentionShape, make_backend
+from dataplane.health import Heartbeat
 from dataplane.kv_cache import allocate_kv_cache
 from dataplane.memory import MemoryPlan, plan_cpu_memory, plan_gpu_memory, profile_activations
 from dataplane.models.config import ModelConfig
 from dataplane.models.loader import load_model, resolve_dtype
 from dataplane.runner import ModelRunner
 from dataplane.sampler import Sampler
+from dataplane.tracing import DataplaneTracing
 from shared.codec import ProtocolError, decode_to_worker, encode
 from shared.config import DataplaneConfig
 from shared.messages import (
@@ -31,6 +33,7 @@ from shared.messages import (
     ModelDescription,
     Shutdown,
     StepPlan,
+    StepResult,
     ToControl,
     WorkerFatal,
     WorkerReady,
@@ -156,9 +159,13 @@ def build_multiplexer(config: DataplaneConfig, device: torch.device) -> tuple[ob
 class Worker:
     """Serves one control plane at a time on a bound DEALER socket."""
 
-    def __init__(self, config: DataplaneConfig, loaded: LoadedWorker) -> None:
+    def __init__(
+        self, config: DataplaneConfig, loaded: LoadedWorker, tracing: DataplaneTracing | None = None
+    ) -> None:
         self.config = config
         self.loaded = loaded
+        self.tracing = tracing or DataplaneTracing(None)
+        self.heartbeat = Heartbeat(config.health_file)
         self._running = True
 
     def request_stop(self, *_: object) -> None:
@@ -173,11 +180,13 @@ class Worker:
             log.info("data plane listening on %s", self.config.endpoint)
             return self._loop(sock)
         finally:
+            self.heartbeat.close()
             sock.close(linger=0)
             context.term()
 
     def _loop(self, sock: zmq.Socket) -> int:
         while self._running:
+            self.heartbeat.beat()
             if not sock.poll(100):
                 continue
             frame = sock.recv()
@@ -193,6 +202,12 @@ class Worker:
                 return 1 if isinstance(reply, WorkerFatal) else 0
         return 0
 
+    def _run_step(self, plan: StepPlan) -> StepResult:
+        pending = self.loaded.runner.launch(plan)
+        while not pending.ready():  # poll the step's CUDA event; never block on the device
+            time.sleep(POLL_INTERVAL_S)
+        return pending.result()
+
     def _dispatch(self, message: Hello | StepPlan | Shutdown) -> ToControl | None:
         if isinstance(message, Hello):
             if message.protocol_version != PROTOCOL_VERSION:
@@ -205,10 +220,7 @@ class Worker:
             return self.loaded.ready
         if isinstance(message, StepPlan):
             try:
-                pending = self.loaded.runner.launch(message)
-                while not pending.ready():  # poll the step's CUDA event; never block on the device
-                    time.sleep(POLL_INTERVAL_S)
-                return pending.result()
+                return self.tracing.execute(message, self._run_step)
             except Exception as exc:  # noqa: BLE001 - the error boundary of the process
                 log.exception("step %d failed", message.step_id)
                 return WorkerFatal(reason=f"step {message.step_id} failed: {exc!r}")
@@ -223,10 +235,13 @@ def run(config: DataplaneConfig) -> int:
         log.exception("data plane failed to start")
         _report_fatal(config.endpoint, f"start-up failed: {exc!r}")
         return 1
-    worker = Worker(config, loaded)
+    worker = Worker(config, loaded, DataplaneTracing.from_config(config.telemetry))
     signal.signal(signal.SIGTERM, worker.request_stop)
     signal.signal(signal.SIGINT, worker.request_stop)
-    return worker.serve()
+    try:
+        return worker.serve()
+    finally:
+        worker.tracing.shutdown()  # flush spans still batched
 
 
 def _report_fatal(endpoint: str, reason: str) -> None:

@@ -10,6 +10,33 @@ from typing import Literal
 import msgspec
 
 Policy = Literal["aggregated"]
+TraceExporter = Literal["none", "console", "otlp", "file"]
+MetricsExporter = Literal["none", "otlp"]
+
+
+class TelemetryConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Where spans and metrics go. Both planes get the same trace settings; `none` costs nothing.
+
+    `otlp_endpoint` None means: the standard OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT variables, else
+    the exporter's default (localhost:4317). `file` is an OTLP JSON-lines file (one export per line).
+    """
+
+    exporter: TraceExporter = "none"
+    otlp_endpoint: str | None = None
+    file: str | None = None
+    metrics_exporter: MetricsExporter = "none"  # OTLP metrics (Prometheus is `metrics_port`)
+    metrics_port: int = 0  # Prometheus text endpoint; 0: off
+    metrics_host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        if self.exporter == "file" and not self.file:
+            raise ValueError("the file trace exporter needs a file path (--otel-file)")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port out of range: {self.metrics_port}")
+
+    @property
+    def tracing(self) -> bool:
+        return self.exporter != "none"
 
 
 class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -32,6 +59,8 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
     fused_kernels: bool = True  # flashinfer norm/rope and fused projections on CUDA (bf16/fp16)
     multiplexing: bool = True  # build green-context SM partitions on CUDA
     decode_partition_sms: tuple[int, ...] | None = None  # decode sizes to build; None: every allowed split
+    telemetry: TelemetryConfig = TelemetryConfig()
+    health_file: str | None = None  # heartbeat file the serve loop touches (compose health checks)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -68,6 +97,7 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     step_timeout_s: float = 120.0
     max_model_len: int | None = None  # cap below the worker's limit
     scheduler: SchedulerConfig = SchedulerConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -16,7 +16,7 @@ from controlplane.launcher import spawn_dataplane, stop_process
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc
 from controlplane.server import ControlPlane
-from shared.config import DataplaneConfig, SchedulerConfig, ServerConfig
+from shared.config import DataplaneConfig, SchedulerConfig, ServerConfig, TelemetryConfig
 from tests.dataplane.checkpoints import TINY_VOCAB, write_tiny_checkpoint
 from tests.factories import write_tokenizer
 
@@ -62,17 +62,19 @@ async def serve(
     max_num_batched_tokens: int = 2048,
     max_num_seqs: int = 256,
     max_model_len: int | None = None,
+    telemetry: TelemetryConfig = TelemetryConfig(),
 ) -> AsyncIterator[Served]:
     workdir = tempfile.mkdtemp(prefix="ds-")  # short: ipc paths are limited to ~100 bytes
     endpoint = f"ipc://{workdir}/dp.sock"
     child = spawn_dataplane(
         DataplaneConfig(model=model, endpoint=endpoint, device="cpu", num_kv_blocks=num_kv_blocks,
-                        block_size=block_size, max_model_len=max_model_len),
+                        block_size=block_size, max_model_len=max_model_len, telemetry=telemetry),
         log_level="WARNING",
     )
     config = ServerConfig(
         port=0, dataplane_endpoint=endpoint, handshake_timeout_s=120.0, step_timeout_s=60.0,
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+        telemetry=telemetry,
     )
     plane = ControlPlane(config, model)
     channel = None

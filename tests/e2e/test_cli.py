@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -40,6 +41,9 @@ def test_serve_generate_and_clean_shutdown() -> None:
                              cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert "finish_reason=length" in out.stderr and "completion_tokens=8" in out.stderr
+        health = subprocess.run([*CLI, "health", "--address", address], cwd=ROOT, capture_output=True, text=True,
+                                timeout=60)
+        assert health.returncode == 0 and "SERVING" in health.stdout, health.stderr
         bad = subprocess.run([*CLI, "generate", "Hi", "--address", address, "--max-tokens", "0"],
                              cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
@@ -59,5 +63,21 @@ def test_serve_generate_and_clean_shutdown() -> None:
 
 def test_help_documents_the_flags() -> None:
     out = subprocess.run([*CLI, "serve", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    for flag in ("--model", "--port", "--host", "--max-num-batched-tokens", "--attach", "--dataplane-endpoint"):
+    for flag in ("--model", "--port", "--host", "--max-num-batched-tokens", "--attach", "--dataplane-endpoint",
+                 "--otel-exporter", "--otlp-endpoint", "--otel-file", "--metrics-port"):
         assert flag in out.stdout
+
+
+def test_health_of_nothing_fails() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    out = subprocess.run([*CLI, "health", "--address", f"127.0.0.1:{port}", "--timeout", "1"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "UNAVAILABLE" in out.stderr
+
+
+def test_file_exporter_needs_a_file() -> None:
+    out = subprocess.run([*CLI, "serve", "--otel-exporter", "file"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and "--otel-file" in out.stderr

@@ -1,0 +1,182 @@
+"""Serving metrics: OpenTelemetry instruments, pushed over OTLP and/or served as Prometheus text.
+
+OpenTelemetry instrument names may not contain ':', so instruments are named `duetserve.<name>`
+and the Prometheus endpoint shows them as `duetserve:<name>` (vLLM's `vllm:<name>` style); counters
+get `_total`. Values are recorded by `controlplane.observer`; this module holds no serving logic,
+and its HTTP server answers only GET /metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    Gauge,
+    Histogram,
+    InMemoryMetricReader,
+    Metric,
+    MetricReader,
+    PeriodicExportingMetricReader,
+    Sum,
+)
+from opentelemetry.sdk.resources import Resource
+
+from shared.config import TelemetryConfig
+from shared.telemetry import CONTROLPLANE_SERVICE, otlp_endpoint_url
+
+log = logging.getLogger(__name__)
+
+PREFIX = "duetserve."
+_LATENCY_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+              10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+_ITL_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+          10.0, 20.0, 40.0, 80.0)
+_E2E_S = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+          120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+class ServingMetrics:
+    """The instruments; `model_name` is a label on every point, as in vLLM."""
+
+    def __init__(self, config: TelemetryConfig, model_name: str) -> None:
+        self.labels = {"model_name": model_name}
+        self._prometheus = InMemoryMetricReader() if config.metrics_port else None
+        readers: list[MetricReader] = [self._prometheus] if self._prometheus else []
+        if config.metrics_exporter == "otlp":
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+            endpoint = otlp_endpoint_url(config.otlp_endpoint) if config.otlp_endpoint else None
+            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=endpoint)))
+        self.provider = MeterProvider(
+            metric_readers=readers, resource=Resource.create({"service.name": CONTROLPLANE_SERVICE})
+        )
+        self.enabled = bool(readers)
+        m = self.provider.get_meter("duetserve.controlplane")
+        hist = m.create_histogram
+        self.ttft = hist(PREFIX + "time_to_first_token_seconds", unit="s", description="Time to first token",
+                         explicit_bucket_boundaries_advisory=_LATENCY_S)
+        self.itl = hist(PREFIX + "inter_token_latency_seconds", unit="s", description="Gap between two outputs",
+                        explicit_bucket_boundaries_advisory=_ITL_S)
+        self.e2e = hist(PREFIX + "e2e_request_latency_seconds", unit="s", description="Request latency",
+                        explicit_bucket_boundaries_advisory=_E2E_S)
+        self.queue_time = hist(PREFIX + "request_queue_time_seconds", unit="s", description="Time waiting",
+                               explicit_bucket_boundaries_advisory=_E2E_S)
+        self.prompt_tokens = m.create_counter(PREFIX + "prompt_tokens", description="Prefilled prompt tokens")
+        self.generation_tokens = m.create_counter(PREFIX + "generation_tokens", description="Generated tokens")
+        self.request_success = m.create_counter(PREFIX + "request_success", description="Finished requests")
+        self.preemptions = m.create_counter(PREFIX + "num_preemptions", description="Preempted sequences")
+        self.running = m.create_gauge(PREFIX + "num_requests_running", description="Requests in the batch")
+        self.waiting = m.create_gauge(PREFIX + "num_requests_waiting", description="Requests queued")
+        self.kv_usage = m.create_gauge(PREFIX + "kv_cache_usage_perc", description="KV blocks in use (0-1)")
+        self.sm_prefill = m.create_gauge(PREFIX + "sm_split_prefill", description="SMs given to prefill (0: all)")
+        self.sm_decode = m.create_gauge(PREFIX + "sm_split_decode", description="SMs given to decode (0: all)")
+        self.predictor_error = m.create_gauge(PREFIX + "predictor_abs_pct_error",
+                                              description="|predicted - measured| / measured step time, percent")
+        self._server: ThreadingHTTPServer | None = None
+        self._address = (config.metrics_host, config.metrics_port)
+        self.port = 0
+
+    def set_predictor_error(self, abs_pct_error: float) -> None:
+        """For the latency predictor: the last step's |predicted - measured| / measured, in percent."""
+        self.predictor_error.set(abs_pct_error, self.labels)
+
+    # ------------------------------------------------------------------ Prometheus
+
+    def render_prometheus(self) -> str:
+        if self._prometheus is None:
+            return ""
+        data = self._prometheus.get_metrics_data()
+        if data is None:
+            return ""
+        metrics = [m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics]
+        return "".join(render_metric(m) for m in metrics)
+
+    def serve(self) -> None:
+        """Start the Prometheus endpoint (if configured) on a daemon thread."""
+        host, port = self._address
+        if self._prometheus is None or self._server is not None:
+            return
+        metrics = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                if self.path.split("?")[0] != "/metrics":
+                    self.send_error(404, "only /metrics here")
+                    return
+                body = metrics.render_prometheus().encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                log.debug("metrics: " + format, *args)
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True).start()
+        log.info("Prometheus metrics on http://%s:%d/metrics", host, self.port)
+
+    def shutdown(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        self.provider.shutdown()
+
+
+# ---------------------------------------------------------------- Prometheus text format
+
+
+def prometheus_name(otel_name: str) -> str:
+    if otel_name.startswith(PREFIX):
+        otel_name = "duetserve:" + otel_name[len(PREFIX):]
+    return "".join(c if c.isalnum() or c in "_:" else "_" for c in otel_name)
+
+
+def _labels(attributes: Iterable[tuple[str, object]], extra: tuple[str, str] | None = None) -> str:
+    pairs = [(prometheus_name(str(k)), str(v)) for k, v in attributes]
+    if extra is not None:
+        pairs.append(extra)
+    if not pairs:
+        return ""
+    esc = [(k, v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')) for k, v in pairs]
+    return "{" + ",".join(f'{k}="{v}"' for k, v in esc) + "}"
+
+
+def _num(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def render_metric(metric: Metric) -> str:
+    name = prometheus_name(metric.name)
+    data = metric.data
+    lines: list[str] = []
+    if isinstance(data, Histogram):
+        lines += [f"# HELP {name} {metric.description}", f"# TYPE {name} histogram"]
+        for p in data.data_points:
+            attrs = sorted(p.attributes.items())
+            cumulative = 0
+            for bound, count in zip([*p.explicit_bounds, math.inf], p.bucket_counts):
+                cumulative += count
+                lines.append(f"{name}_bucket{_labels(attrs, ('le', _num(float(bound))))} {cumulative}")
+            lines.append(f"{name}_sum{_labels(attrs)} {_num(p.sum)}")
+            lines.append(f"{name}_count{_labels(attrs)} {p.count}")
+    elif isinstance(data, Sum) and data.is_monotonic:
+        if not name.endswith("_total"):
+            name += "_total"
+        lines += [f"# HELP {name} {metric.description}", f"# TYPE {name} counter"]
+        lines += [f"{name}{_labels(sorted(p.attributes.items()))} {_num(p.value)}" for p in data.data_points]
+    elif isinstance(data, (Gauge, Sum)):
+        lines += [f"# HELP {name} {metric.description}", f"# TYPE {name} gauge"]
+        lines += [f"{name}{_labels(sorted(p.attributes.items()))} {_num(p.value)}" for p in data.data_points]
+    return "".join(line + "\n" for line in lines)

@@ -1,0 +1,285 @@
+"""Watches the engine and turns what happens into spans and metrics; it never changes a decision.
+
+Span tree (one trace per request; the request span honours an incoming W3C traceparent):
+
+    text_completion <model>              (SERVER, from the gRPC servicer)
+    ├── queue                            (added -> first scheduled)
+    ├── prefill_chunk  (one per chunk)   link -> scheduler.step
+    │   └── dataplane.seq                (data plane, via `seq.<id>` in the plan's trace context)
+    └── decode                           (first decode step -> finish) link -> first decode step
+        └── dataplane.seq                (the first decode step only, to bound the span count)
+
+and per step, its own trace: scheduler.step -> dataplane.execute (via `traceparent` in the plan).
+With no tracer provider nothing is injected into plans and no span is made; with no metric reader
+the metrics are no-ops.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import msgspec
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import Link, Span, Status, StatusCode
+
+from controlplane import tracing as tr
+from controlplane.metrics import ServingMetrics
+from controlplane.sequence import Sequence
+from shared.messages import StepPlan, StepResult
+from shared.telemetry import inject, seq_key, traceparent
+
+
+class SchedulerView(Protocol):
+    """What the observer reads from the scheduler (duck-typed; `last_predicted_ms` is optional)."""
+
+    seqs: dict[int, Sequence]
+    num_preemptions: int
+
+    @property
+    def num_running(self) -> int: ...
+
+    @property
+    def num_waiting(self) -> int: ...
+
+
+@dataclass(eq=False)
+class RequestObs:
+    """One request's timestamps (monotonic seconds) and open spans."""
+
+    arrival: float
+    span: Span | None = None
+    request_id: str = ""
+    seq_id: int = -1
+    queue_span: Span | None = None
+    chunk_span: Span | None = None
+    decode_span: Span | None = None
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    decode_start: float | None = None
+    num_chunks: int = 0
+    num_decode_steps: int = 0
+    finish_reason: str | None = None
+    error: str | None = None  # why the call failed, as the client saw it
+
+    def set(self, attributes: dict[str, object]) -> None:
+        if self.span is not None:
+            self.span.set_attributes(attributes)
+
+
+@dataclass
+class _Step:
+    span: Span | None
+    chunks: list[RequestObs]
+    predicted_ms: float | None
+    preemptions_before: int
+
+
+def _end(span: Span | None, end_ns: int | None = None) -> None:
+    if span is not None and span.is_recording():
+        span.end(end_time=end_ns)
+
+
+class EngineObserver:
+    def __init__(self, provider: TracerProvider | None, metrics: ServingMetrics | None, model: str) -> None:
+        self.provider = provider
+        self.tracer = provider.get_tracer("duetserve.controlplane") if provider else None
+        self._metrics_owned = metrics
+        self.metrics = metrics if metrics is not None and metrics.enabled else None
+        self.model = model
+        self._by_seq: dict[int, RequestObs] = {}
+        self._step: _Step | None = None
+
+    @classmethod
+    def disabled(cls) -> EngineObserver:
+        return cls(None, None, "")
+
+    # ------------------------------------------------------------------ request lifecycle
+
+    def start_request(self, metadata: object = None) -> RequestObs:
+        """Called first thing by the servicer; the request span starts here."""
+        obs = RequestObs(arrival=time.monotonic())
+        if self.tracer is not None:
+            parent = tr.incoming_context(metadata)  # type: ignore[arg-type]
+            obs.span = tr.start_request_span(self.tracer, self.model, parent, time.time_ns())
+        return obs
+
+    def request_added(self, obs: RequestObs, request_id: str, seq_id: int) -> None:
+        obs.request_id, obs.seq_id = request_id, seq_id
+        self._by_seq[seq_id] = obs
+        if obs.span is not None and self.tracer is not None and obs.span.is_recording():
+            obs.span.set_attribute("duetserve.seq_id", seq_id)
+            ctx = trace.set_span_in_context(obs.span)
+            obs.queue_span = self.tracer.start_span(tr.QUEUE_SPAN, context=ctx)
+
+    def tokens(self, obs: RequestObs, count: int) -> None:
+        if count <= 0:
+            return
+        now = time.monotonic()
+        if obs.first_token is None:
+            obs.first_token = now
+            if self.metrics:
+                self.metrics.ttft.record(now - obs.arrival, self.metrics.labels)
+        elif self.metrics and obs.last_token is not None:
+            self.metrics.itl.record(now - obs.last_token, self.metrics.labels)
+        obs.last_token = now
+
+    def request_finished(self, obs: RequestObs, reason: str, prompt_tokens: int, completion_tokens: int,
+                         error: str | None = None) -> None:
+        if obs.finish_reason is not None:
+            return
+        obs.finish_reason = reason
+        self._by_seq.pop(obs.seq_id, None)
+        now = time.monotonic()
+        if self.metrics:
+            labels = self.metrics.labels
+            self.metrics.e2e.record(now - obs.arrival, labels)
+            self.metrics.request_success.add(1, {**labels, "finished_reason": reason})
+            self.metrics.prompt_tokens.add(prompt_tokens, labels)
+            self.metrics.generation_tokens.add(completion_tokens, labels)
+        if obs.span is None:
+            return
+        obs.set(tr.usage_attributes(reason, prompt_tokens, completion_tokens))
+        obs.set(self._latencies(obs, now))
+        if error:
+            obs.span.set_status(Status(StatusCode.ERROR, error))
+        if obs.decode_span is not None and obs.decode_span.is_recording():
+            obs.decode_span.set_attribute("duetserve.decode.steps", obs.num_decode_steps)
+        for span in (obs.queue_span, obs.chunk_span, obs.decode_span):
+            _end(span)
+
+    @staticmethod
+    def _latencies(obs: RequestObs, now: float) -> dict[str, object]:
+        """vLLM's gen_ai.latency.* attributes, in seconds."""
+        out: dict[str, object] = {"gen_ai.latency.e2e": now - obs.arrival,
+                                  "duetserve.prefill_chunks": obs.num_chunks,
+                                  "duetserve.decode_steps": obs.num_decode_steps}
+        if obs.first_scheduled is not None:
+            out["gen_ai.latency.time_in_queue"] = obs.first_scheduled - obs.arrival
+        if obs.first_token is not None:
+            out["gen_ai.latency.time_to_first_token"] = obs.first_token - obs.arrival
+            if obs.first_scheduled is not None:
+                out["gen_ai.latency.time_in_model_prefill"] = obs.first_token - obs.first_scheduled
+            out["gen_ai.latency.time_in_model_decode"] = now - obs.first_token
+        return out
+
+    def close_request(self, obs: RequestObs) -> None:
+        """Called last by the servicer (also on rejection or cancellation): ends the request span."""
+        if obs.span is None or not obs.span.is_recording():
+            return
+        error = obs.error
+        if obs.finish_reason is None:  # never reached the engine's end: rejected, cancelled, or failed
+            obs.span.set_status(Status(StatusCode.ERROR, error or "the call ended before the request finished"))
+            for span in (obs.queue_span, obs.chunk_span, obs.decode_span):
+                _end(span)
+        elif error:
+            obs.span.set_status(Status(StatusCode.ERROR, error))
+        obs.span.end()
+
+    # ------------------------------------------------------------------ steps
+
+    def step_planned(self, plan: StepPlan, scheduler: SchedulerView, started_ns: int) -> StepPlan:
+        """Record the step's decision; with tracing on, return the plan carrying trace context."""
+        self._gauges(scheduler, plan)
+        predicted = getattr(scheduler, "last_predicted_ms", None)
+        self._step = _Step(None, [], predicted, scheduler.num_preemptions)
+        if self.metrics is not None or self.tracer is not None:
+            self._admitted(plan, started_ns)
+        if self.tracer is None:
+            return plan
+        attrs = tr.step_plan_attributes(plan, scheduler.num_running, scheduler.num_waiting, predicted)
+        step_span = self.tracer.start_span(tr.STEP_SPAN, context=trace.set_span_in_context(trace.INVALID_SPAN),
+                                           start_time=started_ns, attributes=attrs)
+        self._step.span = step_span
+        context = inject(trace.set_span_in_context(step_span))
+        link = [Link(step_span.get_span_context())]
+        for entry in plan.scheduled:
+            obs = self._by_seq.get(entry.seq_id)
+            seq = scheduler.seqs.get(entry.seq_id)
+            if obs is None or seq is None or obs.span is None or not obs.span.is_recording():
+                continue
+            phase_span = self._phase_span(obs, seq, entry.num_tokens, link, started_ns)
+            if phase_span is not None:
+                context[seq_key(entry.seq_id)] = traceparent(phase_span.get_span_context())
+        return msgspec.structs.replace(plan, trace_context=context)
+
+    def _admitted(self, plan: StepPlan, started_ns: int) -> None:
+        """End the queue phase of requests scheduled for the first time."""
+        now = time.monotonic()
+        for entry in plan.scheduled:
+            obs = self._by_seq.get(entry.seq_id)
+            if obs is None or obs.first_scheduled is not None:
+                continue
+            obs.first_scheduled = now
+            _end(obs.queue_span, started_ns)
+            if self.metrics is not None:
+                self.metrics.queue_time.record(now - obs.arrival, self.metrics.labels)
+
+    def _phase_span(self, obs: RequestObs, seq: Sequence, num_tokens: int, link: list[Link],
+                    started_ns: int) -> Span | None:
+        """Open this step's span for one request; returns it when the data plane should join it."""
+        assert self.tracer is not None and obs.span is not None
+        parent = trace.set_span_in_context(obs.span)
+        if num_tokens == 1 and seq.output_token_ids:  # a decode step
+            obs.num_decode_steps += 1
+            if obs.decode_span is not None:
+                return None
+            obs.decode_span = self.tracer.start_span(tr.DECODE_SPAN, context=parent, links=link,
+                                                     start_time=started_ns)
+            return obs.decode_span
+        obs.chunk_span = self.tracer.start_span(
+            tr.PREFILL_SPAN, context=parent, links=link, start_time=started_ns,
+            attributes={"duetserve.chunk.index": obs.num_chunks, "duetserve.chunk.num_tokens": num_tokens,
+                        "duetserve.chunk.computed_before": seq.num_computed_tokens - num_tokens},
+        )
+        obs.num_chunks += 1
+        assert self._step is not None
+        self._step.chunks.append(obs)
+        return obs.chunk_span
+
+    def step_done(self, plan: StepPlan, result: StepResult, scheduler: SchedulerView) -> None:
+        step, self._step = self._step, None
+        self._gauges(scheduler, plan)
+        if step is None:
+            return
+        if self.metrics:
+            preempted = scheduler.num_preemptions - step.preemptions_before
+            if preempted > 0:
+                self.metrics.preemptions.add(preempted, self.metrics.labels)
+            if step.predicted_ms is not None and result.timings.total_ms > 0:
+                err = abs(step.predicted_ms - result.timings.total_ms) / result.timings.total_ms * 100.0
+                self.metrics.set_predictor_error(err)
+        for obs in step.chunks:
+            _end(obs.chunk_span)
+            obs.chunk_span = None
+        if step.span is not None:
+            step.span.set_attributes(tr.step_result_attributes(result, step.predicted_ms))
+            step.span.end()
+
+    def _gauges(self, scheduler: SchedulerView, plan: StepPlan) -> None:
+        if self.metrics is None:
+            return
+        m, labels = self.metrics, self.metrics.labels
+        m.running.set(scheduler.num_running, labels)
+        m.waiting.set(scheduler.num_waiting, labels)
+        allocator = getattr(scheduler, "allocator", None)
+        if allocator is not None and allocator.num_blocks:
+            m.kv_usage.set(1.0 - allocator.num_free / allocator.num_blocks, labels)
+        m.sm_prefill.set(plan.prefill_sms, labels)
+        m.sm_decode.set(plan.decode_sms, labels)
+
+    def shutdown(self) -> None:
+        """Flush batched spans and stop the exporters (called once at server stop)."""
+        step, self._step = self._step, None
+        if step is not None and step.span is not None:  # the engine stopped with this step in flight
+            step.span.set_status(Status(StatusCode.ERROR, "no result: the engine stopped or lost the data plane"))
+            step.span.end()
+        if self.provider is not None:
+            self.provider.shutdown()
+            self.provider = None
+        if self._metrics_owned is not None:
+            self._metrics_owned.shutdown()
+            self._metrics_owned = None

@@ -1,0 +1,112 @@
+"""Span names and attributes of the control plane (OpenTelemetry GenAI conventions plus duetserve.*).
+
+Pure helpers: they build attribute dicts and start spans on a tracer they are given. The span tree
+lives in `controlplane.observer`; nothing here decides anything about requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, SpanKind, Tracer
+
+from shared.messages import SamplingParams, StepPlan, StepResult
+from shared.telemetry import extract
+
+OPERATION = "text_completion"
+SYSTEM = "duetserve"
+
+REQUEST_SPAN = OPERATION  # named "<operation> <model>", per the GenAI conventions
+QUEUE_SPAN = "queue"
+PREFILL_SPAN = "prefill_chunk"
+DECODE_SPAN = "decode"
+STEP_SPAN = "scheduler.step"
+
+
+def incoming_context(metadata: Iterable[tuple[str, str | bytes]] | None) -> Context | None:
+    """The W3C trace context of a gRPC call's metadata (`traceparent`, `tracestate`), if any."""
+    carrier = {k.lower(): v for k, v in metadata or () if isinstance(v, str) and k.lower() in ("traceparent",
+                                                                                               "tracestate")}
+    return extract(carrier) if "traceparent" in carrier else None
+
+
+def start_request_span(tracer: Tracer, model: str, parent: Context | None, start_ns: int) -> Span:
+    return tracer.start_span(
+        f"{REQUEST_SPAN} {model}", context=parent, kind=SpanKind.SERVER, start_time=start_ns,
+        attributes={
+            "gen_ai.operation.name": OPERATION,
+            "gen_ai.system": SYSTEM,  # older conventions
+            "gen_ai.provider.name": SYSTEM,  # current conventions
+            "gen_ai.request.model": model,
+        },
+    )
+
+
+def request_attributes(request_id: str, sampling: SamplingParams, max_tokens: int,
+                       stop: tuple[str, ...]) -> dict[str, object]:
+    attrs: dict[str, object] = {
+        "gen_ai.request.id": request_id,
+        "gen_ai.response.id": request_id,
+        "gen_ai.request.max_tokens": max_tokens,
+        "gen_ai.request.temperature": sampling.temperature,
+        "gen_ai.request.top_p": sampling.top_p,
+        "gen_ai.request.top_k": sampling.top_k,
+        "gen_ai.request.presence_penalty": sampling.presence_penalty,
+        "gen_ai.request.frequency_penalty": sampling.frequency_penalty,
+        "duetserve.request.min_p": sampling.min_p,
+        "duetserve.request.repetition_penalty": sampling.repetition_penalty,
+    }
+    if sampling.seed is not None:
+        attrs["gen_ai.request.seed"] = sampling.seed
+    if stop:
+        attrs["gen_ai.request.stop_sequences"] = list(stop)
+    return attrs
+
+
+def usage_attributes(finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, object]:
+    """Token usage under both the current and the older GenAI names, and the finish reason."""
+    return {
+        "gen_ai.usage.input_tokens": prompt_tokens,
+        "gen_ai.usage.output_tokens": completion_tokens,
+        "gen_ai.usage.prompt_tokens": prompt_tokens,
+        "gen_ai.usage.completion_tokens": completion_tokens,
+        "gen_ai.response.finish_reasons": [finish_reason],
+    }
+
+
+def step_plan_attributes(plan: StepPlan, num_running: int, num_waiting: int,
+                         predicted_ms: float | None) -> dict[str, object]:
+    """The policy decision of one step: mode, SM split, look-ahead k, batch shape, prediction."""
+    prefill = sum(s.num_tokens for s in plan.scheduled if s.num_tokens > 1)
+    attrs: dict[str, object] = {
+        "duetserve.step.id": plan.step_id,
+        "duetserve.step.mode": plan.mode,
+        "duetserve.step.prefill_sms": plan.prefill_sms,
+        "duetserve.step.decode_sms": plan.decode_sms,
+        "duetserve.step.decode_steps": plan.decode_steps,
+        "duetserve.step.num_scheduled": len(plan.scheduled),
+        "duetserve.step.num_new_requests": len(plan.new_requests),
+        "duetserve.step.num_finished": len(plan.finished_seq_ids),
+        "duetserve.step.prefill_tokens": prefill,
+        "duetserve.step.num_tokens": sum(s.num_tokens for s in plan.scheduled),
+        "duetserve.scheduler.num_running": num_running,
+        "duetserve.scheduler.num_waiting": num_waiting,
+    }
+    if predicted_ms is not None:
+        attrs["duetserve.step.predicted_ms"] = predicted_ms
+    return attrs
+
+
+def step_result_attributes(result: StepResult, predicted_ms: float | None) -> dict[str, object]:
+    t = result.timings
+    attrs: dict[str, object] = {
+        "duetserve.step.measured_ms": t.total_ms,
+        "duetserve.step.prefill_ms": t.prefill_ms,
+        "duetserve.step.decode_ms": t.decode_ms,
+        "duetserve.step.timing_source": t.source,
+        "duetserve.step.num_failures": len(result.failures),
+    }
+    if predicted_ms is not None and t.total_ms > 0:
+        attrs["duetserve.step.predictor_abs_pct_error"] = abs(predicted_ms - t.total_ms) / t.total_ms * 100.0
+    return attrs

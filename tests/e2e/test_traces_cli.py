@@ -1,0 +1,102 @@
+"""`duetserve traces`: the OTLP JSON file both planes write, and a (canned, in-process) Jaeger query API."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from controlplane.cli import main
+from shared.config import TelemetryConfig
+from tests.e2e.conftest import generate, serve
+
+
+async def test_file_exporter_and_timeline_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spans = tmp_path / "spans.jsonl"
+    async with serve("tiny", max_num_batched_tokens=8, telemetry=TelemetryConfig(exporter="file",
+                                                                                  file=str(spans))) as served:
+        for rid in ("first", "second"):
+            await generate(served.stub, request_id=rid, text="Hello, traces!", max_tokens=3, ignore_eos=True)
+    lines = spans.read_text().splitlines()
+    services = {a["value"]["stringValue"] for line in lines for rs in json.loads(line)["resourceSpans"]
+                for a in rs["resource"]["attributes"] if a["key"] == "service.name"}
+    assert services == {"duetserve-controlplane", "duetserve-dataplane"}  # both planes, one file
+
+    assert main(["traces", "--file", str(spans)]) == 0
+    listing = capsys.readouterr().out
+    assert "first" in listing and "second" in listing and "length" in listing
+
+    assert main(["traces", "--file", str(spans), "--request-id", "second"]) == 0
+    tree = capsys.readouterr().out.splitlines()
+    assert tree[1].startswith("text_completion tiny [controlplane]") and "request_id=second" in tree[1]
+    names = [line.split(" [")[0] for line in tree[2:]]
+    assert names[0] == "├── queue"
+    assert names.count("├── prefill_chunk") == 2 and names.count("│   └── dataplane.seq") == 2
+    assert names[-2:] == ["└── decode", "    └── dataplane.seq"]
+    assert all(" ms " in line for line in tree[1:])
+    assert "-> scheduler.step #" in next(line for line in tree if "prefill_chunk" in line)
+    assert main(["traces", "--file", str(spans), "--request-id", "nope"]) == 1
+
+
+def _jaeger_trace() -> dict:
+    def span(sid: str, name: str, parent: str | None, start: int, dur: int, pid: str, tags: list) -> dict:
+        refs = [{"refType": "CHILD_OF", "traceID": "abc123", "spanID": parent}] if parent else []
+        return {"traceID": "abc123", "spanID": sid, "operationName": name, "references": refs,
+                "startTime": start, "duration": dur, "tags": tags, "processID": pid}
+
+    rid = [{"key": "gen_ai.request.id", "type": "string", "value": "req-7"},
+           {"key": "gen_ai.response.finish_reasons", "type": "string", "value": "[\"stop\"]"}]
+    return {"data": [{"traceID": "abc123", "processes": {"p1": {"serviceName": "duetserve-controlplane"},
+                                                         "p2": {"serviceName": "duetserve-dataplane"}},
+                      "spans": [span("01", "text_completion tiny", None, 1_000, 9_000, "p1", rid),
+                                span("02", "prefill_chunk", "01", 2_000, 3_000, "p1", []),
+                                span("03", "dataplane.seq", "02", 2_500, 2_000, "p2", []),
+                                span("04", "decode", "01", 5_000, 4_000, "p1", [])]}]}
+
+
+@contextmanager
+def fake_jaeger() -> Iterator[tuple[str, list[str]]]:
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append(self.path)
+            body = json.dumps(_jaeger_trace()).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_jaeger_query_api(capsys: pytest.CaptureFixture[str]) -> None:
+    with fake_jaeger() as (url, seen):
+        assert main(["traces", "--jaeger", url, "--request-id", "req-7"]) == 0
+        assert main(["traces", "--jaeger", url, "--trace-id", "abc123"]) == 0
+    path, query = seen[0].split("?")
+    params = urllib.parse.parse_qs(query)
+    assert path == "/api/traces" and params["service"] == ["duetserve-controlplane"]
+    assert json.loads(params["tags"][0]) == {"gen_ai.request.id": "req-7"}
+    assert seen[1] == "/api/traces/abc123"
+    out = capsys.readouterr().out
+    first = out.split("trace ")[1].splitlines()
+    assert first[1].startswith("text_completion tiny [controlplane]") and "9.000 ms" in first[1]
+    assert first[2].startswith("├── prefill_chunk [controlplane]") and "+    1.000 ms" in first[2]
+    assert first[3].startswith("│   └── dataplane.seq [dataplane]")
+    assert first[4].startswith("└── decode [controlplane]")

@@ -1,0 +1,106 @@
+"""Traces end to end: a real OTLP/gRPC receiver in-process, the real server (both planes) exporting
+to it, and the spans checked: one trace per request holding control- and data-plane spans with the
+GenAI attributes, parent links intact, an incoming W3C traceparent honoured, and step spans linked."""
+
+from __future__ import annotations
+
+import grpc
+
+from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
+from shared.config import TelemetryConfig
+from tests.e2e.conftest import serve
+from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
+
+INCOMING_TRACE = "0af7651916cd43dd8448eb211c80319c"
+INCOMING_PARENT = "b7ad6b7169203331"
+LONG_PROMPT = "The quick brown fox jumps over the lazy dog!"  # 44 byte tokens: 3 chunks of <= 16
+
+
+async def _run(stub, request_id: str, text: str, max_tokens: int, metadata=None) -> pb.GenerateResponse:  # noqa: ANN001
+    final = None
+    request = pb.GenerateRequest(request_id=request_id, text=text, max_tokens=max_tokens, temperature=0.0,
+                                 ignore_eos=True, top_k=5, seed=7)
+    async for response in stub.Generate(request, metadata=metadata):
+        if response.finish_reason:
+            final = response
+    assert final is not None
+    return final
+
+
+def _request_span(spans: list[ReceivedSpan], request_id: str) -> ReceivedSpan:
+    found = [s for s in spans if s.attributes.get("gen_ai.request.id") == request_id and s.kind == 2]
+    assert len(found) == 1, [s.name for s in spans]
+    return found[0]
+
+
+def _check_tree(trace: list[ReceivedSpan], root: ReceivedSpan) -> None:
+    ids = {s.span_id for s in trace}
+    for span in trace:
+        if span is not root:
+            assert span.parent_id in ids, f"{span.name} has a parent outside its trace"
+        assert span.end_ns >= span.start_ns
+
+
+def _check_request_trace(spans: list[ReceivedSpan], request_id: str, chunks: int, out_tokens: int) -> ReceivedSpan:
+    root = _request_span(spans, request_id)
+    assert root.service == "duetserve-controlplane" and root.name == "text_completion tiny"
+    a = root.attributes
+    assert a["gen_ai.operation.name"] == "text_completion" and a["gen_ai.request.model"] == "tiny"
+    assert a["gen_ai.usage.output_tokens"] == a["gen_ai.usage.completion_tokens"] == out_tokens
+    assert a["gen_ai.usage.input_tokens"] == a["gen_ai.usage.prompt_tokens"] > 0
+    assert a["gen_ai.response.finish_reasons"] == ["length"]
+    assert a["gen_ai.request.temperature"] == 0.0 and a["gen_ai.request.top_k"] == 5
+    assert a["gen_ai.request.seed"] == 7 and a["gen_ai.request.max_tokens"] == out_tokens
+    assert 0 < a["gen_ai.latency.time_to_first_token"] <= a["gen_ai.latency.e2e"]
+    trace = [s for s in spans if s.trace_id == root.trace_id]
+    _check_tree(trace, root)
+    by_name: dict[str, list[ReceivedSpan]] = {}
+    for s in trace:
+        by_name.setdefault(s.name, []).append(s)
+    assert len(by_name["queue"]) == 1 and by_name["queue"][0].parent_id == root.span_id
+    prefill = by_name["prefill_chunk"]
+    assert len(prefill) == chunks and all(s.parent_id == root.span_id for s in prefill)
+    assert sorted(s.attributes["duetserve.chunk.index"] for s in prefill) == list(range(chunks))
+    (decode,) = by_name["decode"]
+    assert decode.parent_id == root.span_id and decode.attributes["duetserve.decode.steps"] == out_tokens - 1
+    data = by_name["dataplane.seq"]
+    assert {s.service for s in data} == {"duetserve-dataplane"}
+    assert sorted(s.parent_id for s in data) == sorted([p.span_id for p in prefill] + [decode.span_id])
+    return root
+
+
+async def test_spans_reach_an_otlp_receiver() -> None:
+    with OtlpReceiver() as receiver:
+        telemetry = TelemetryConfig(exporter="otlp", otlp_endpoint=receiver.endpoint)
+        async with serve("tiny", max_num_batched_tokens=16, telemetry=telemetry) as served:
+            long = await _run(served.stub, "r-long", LONG_PROMPT, 4)
+            traceparent = f"00-{INCOMING_TRACE}-{INCOMING_PARENT}-01"
+            short = await _run(served.stub, "r-parent", "Hi", 3, metadata=(("traceparent", traceparent),))
+            try:
+                await _run(served.stub, "r-bad", "", 3)
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert long.completion_tokens == 4 and short.completion_tokens == 3
+        # leaving `serve` stopped both planes, and each flushed its batch on the way out
+        spans = receiver.receiver.wait_for(lambda got: any(s.name == "dataplane.execute" for s in got))
+
+    root = _check_request_trace(spans, "r-long", chunks=3, out_tokens=4)
+    assert root.parent_id == ""
+    incoming = _check_request_trace(spans, "r-parent", chunks=1, out_tokens=3)
+    assert incoming.trace_id == INCOMING_TRACE and incoming.parent_id == INCOMING_PARENT
+
+    steps = {s.span_id: s for s in spans if s.name == "scheduler.step"}
+    assert steps and all(s.parent_id == "" for s in steps.values())
+    for step in steps.values():
+        assert step.attributes["duetserve.step.mode"] == "aggregated"
+        assert {"duetserve.step.prefill_sms", "duetserve.step.decode_sms", "duetserve.step.decode_steps",
+                "duetserve.step.measured_ms"} <= set(step.attributes)
+    executes = [s for s in spans if s.name == "dataplane.execute"]
+    assert all(e.parent_id in steps and e.trace_id == steps[e.parent_id].trace_id for e in executes)
+    answered = {s.span_id for s in steps.values() if s.status_code != 2}  # not cut short by the stop
+    assert answered <= {e.parent_id for e in executes}
+    for chunk in (s for s in spans if s.name == "prefill_chunk"):
+        assert len(chunk.links) == 1 and chunk.links[0][1] in steps
+
+    bad = [s for s in spans if s.kind == 2 and s.attributes.get("gen_ai.request.id") is None]
+    assert len(bad) == 1 and bad[0].status_code == 2  # the rejected call: an error span of its own
