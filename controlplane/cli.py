@@ -14,7 +14,7 @@ import signal
 import sys
 import tempfile
 
-from shared.config import DataplaneConfig, SchedulerConfig, ServerConfig
+from shared.config import POLICIES, DataplaneConfig, SchedulerConfig, ServerConfig
 
 log = logging.getLogger("duetserve")
 
@@ -38,6 +38,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="token budget of one step; longer prompts are prefilled in chunks")
+    _add_policy_flags(p)
     p.add_argument("--attention-backend", default="auto", help="auto, torch or flashinfer")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and unseeded sampling")
     p.add_argument("--dataplane-endpoint", default=None,
@@ -50,6 +51,35 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-timeout", type=float, default=120.0,
                    help="seconds one step may take before the data plane is declared dead")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+
+
+def _add_policy_flags(p: argparse.ArgumentParser) -> None:
+    d = SchedulerConfig()
+    p.add_argument("--policy", default=d.policy, choices=POLICIES,
+                   help="step policy: aggregated (decode-first chunked prefill), prefill-first (SGLang default), "
+                        "static (fixed SM split), duet (adaptive split); static and duet need a data plane that "
+                        f"can partition SMs, else they run aggregated (default {d.policy})")
+    p.add_argument("--tbt-slo-ms", type=float, default=d.tbt_slo_ms,
+                   help=f"time-between-tokens SLO the duet policy keeps (default {d.tbt_slo_ms})")
+    p.add_argument("--ttft-slo-ms", type=float, default=d.ttft_slo_ms,
+                   help=f"time-to-first-token SLO, for goodput reports (default {d.ttft_slo_ms})")
+    p.add_argument("--static-decode-sms", type=int, default=d.static_decode_sms,
+                   help=f"static policy: SMs of the decode partition (default {d.static_decode_sms})")
+    p.add_argument("--static-lookahead", type=int, default=d.static_lookahead,
+                   help=f"static policy: decode steps per multiplexed step (default {d.static_lookahead})")
+    p.add_argument("--max-lookahead", type=int, default=d.max_lookahead,
+                   help=f"duet policy: largest look-ahead k considered (default {d.max_lookahead})")
+    p.add_argument("--hysteresis", type=float, default=d.hysteresis,
+                   help=f"duet policy: relative gain a new split needs to replace the current one "
+                        f"(default {d.hysteresis})")
+
+
+def scheduler_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
+    return SchedulerConfig(
+        policy=args.policy, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        tbt_slo_ms=args.tbt_slo_ms, ttft_slo_ms=args.ttft_slo_ms, static_decode_sms=args.static_decode_sms,
+        static_lookahead=args.static_lookahead, max_lookahead=args.max_lookahead, hysteresis=args.hysteresis,
+    )
 
 
 def _add_generate_flags(p: argparse.ArgumentParser) -> None:
@@ -85,7 +115,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataplaneConfig, Server
         gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_bytes=args.cpu_kv_cache_bytes,
         max_model_len=args.max_model_len, attention_backend=args.attention_backend, seed=args.seed,
     )
-    scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    scheduler = scheduler_config_from_args(args)
     server = ServerConfig(
         host=args.host, port=args.port, dataplane_endpoint=endpoint,
         handshake_timeout_s=args.handshake_timeout, step_timeout_s=args.step_timeout,

@@ -95,7 +95,7 @@ class Engine:
         self.max_model_len = min(limits)
         allocator = BlockAllocator(ready.num_kv_blocks, ready.block_size)
         eos = frozenset(ready.model.eos_token_ids)
-        self.scheduler = Scheduler(self.scheduler_config, allocator, self.max_model_len, eos)
+        self.scheduler = Scheduler(self.scheduler_config, allocator, self.max_model_len, eos, ready)
         self._task = asyncio.create_task(self._run(), name="engine-step-loop")
         return ready
 

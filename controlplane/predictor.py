@@ -19,6 +19,8 @@ from shared.roofline import BatchCost, ModelShape, Roofline, batch_cost
 
 Regime = Literal["decode", "prefill", "mixed", "mux_decode", "mux_prefill"]
 REGIMES: tuple[Regime, ...] = ("decode", "prefill", "mixed", "mux_decode", "mux_prefill")
+# A multiplexed phase borrows its aggregated twin's correction until it has data of its own.
+_FALLBACK: dict[Regime, Regime] = {"mux_decode": "decode", "mux_prefill": "prefill"}
 
 
 def regime_of(num_decode: int, num_other: int) -> Regime:
@@ -119,7 +121,10 @@ class Predictor:
         return self.roofline.step_ms(cost, sms)
 
     def correct(self, regime: Regime, raw_ms: float) -> float:
-        return self.corrections[regime].apply(raw_ms)
+        correction = self.corrections[regime]
+        if correction.n == 0.0 and regime in _FALLBACK:
+            correction = self.corrections[_FALLBACK[regime]]
+        return correction.apply(raw_ms)
 
     def predict_ms(self, cost: BatchCost, regime: Regime, sms: int | None = None) -> float:
         return self.correct(regime, self.raw_ms(cost, sms))

@@ -11,6 +11,7 @@ from controlplane.kv_blocks import BlockAllocator
 from controlplane.scheduler import Scheduler
 from controlplane.sequence import FinishReason, Sequence, StopParams
 from dataplane.sim import SimRunner, sim_token
+from dataplane.sim_worker import SimGpu
 from shared.config import SchedulerConfig
 from shared.messages import SamplingParams, StepPlan, StepResult
 
@@ -32,7 +33,7 @@ def make_scheduler(num_blocks: int = 64, block_size: int = 4, budget: int = 32, 
     return sched, SimRunner(num_blocks, block_size, VOCAB)
 
 
-def step(sched: Scheduler, runner: SimRunner) -> tuple[StepPlan, StepResult]:
+def step(sched: Scheduler, runner: SimRunner | SimGpu) -> tuple[StepPlan, StepResult]:
     plan = sched.schedule()
     assert plan is not None
     assert sum(s.num_tokens for s in plan.scheduled) <= sched.config.max_num_batched_tokens
@@ -44,7 +45,7 @@ def step(sched: Scheduler, runner: SimRunner) -> tuple[StepPlan, StepResult]:
     return plan, result
 
 
-def drain(sched: Scheduler, runner: SimRunner, max_steps: int = 10_000) -> int:
+def drain(sched: Scheduler, runner: SimRunner | SimGpu, max_steps: int = 10_000) -> int:
     steps = 0
     while sched.has_work():
         step(sched, runner)
