@@ -42,6 +42,8 @@ def dataplane_args(config: DataplaneConfig) -> list[str]:
         args += ["--num-kv-blocks", str(config.num_kv_blocks)]
     if config.max_model_len is not None:
         args += ["--max-model-len", str(config.max_model_len)]
+    if config.calibration_cache_dir is not None:
+        args += ["--calibration-cache-dir", config.calibration_cache_dir]
     return args
 
 

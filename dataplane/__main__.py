@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--attention-backend", default=d.attention_backend, help="auto, torch or flashinfer")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--calibration-cache-dir", default=None,
+                   help="where measured hardware profiles are cached (default ~/.cache/duetserve)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -36,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
             block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
             gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_bytes=args.cpu_kv_cache_bytes,
             max_model_len=args.max_model_len, attention_backend=args.attention_backend, seed=args.seed,
+            calibration_cache_dir=args.calibration_cache_dir,
         )
     except ValueError as exc:
         print(f"python -m dataplane: error: {exc}", file=sys.stderr)

@@ -162,7 +162,10 @@ class SimWorker:
                 if not isinstance(message, Hello | StepPlan):
                     return 0  # Shutdown
                 reply = self._dispatch(message)
-                sock.send(encode(reply))
+                try:
+                    sock.send(encode(reply), flags=zmq.NOBLOCK)
+                except zmq.Again:  # the control plane left mid-step
+                    log.warning("no control plane connected; dropped a %s", type(reply).__name__)
                 if isinstance(reply, WorkerFatal):
                     return 1
             return 0

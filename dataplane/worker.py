@@ -15,6 +15,7 @@ import torch
 import zmq
 
 from dataplane.attention import make_backend
+from dataplane.calibration import calibrate
 from dataplane.kv_cache import allocate_kv_cache, kv_bytes_per_block
 from dataplane.models.config import ModelConfig
 from dataplane.models.loader import load_model, resolve_dtype
@@ -109,6 +110,7 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
         protocol_version=PROTOCOL_VERSION, model=describe_model(cfg, dtype), device=describe_device(device),
         num_kv_blocks=num_blocks, block_size=config.block_size, max_model_len=max_len,
         attention_backend=backend.name, supports_multiplexing=False,
+        profile=calibrate(device, dtype, config.calibration_cache_dir),
     )
     return LoadedWorker(runner, ready)
 
@@ -148,7 +150,10 @@ class Worker:
                 continue
             reply = self._dispatch(message)
             if reply is not None:
-                sock.send(encode(reply))
+                try:
+                    sock.send(encode(reply), flags=zmq.NOBLOCK)
+                except zmq.Again:  # the control plane left mid-step: a blocking send would hang here
+                    log.warning("no control plane connected; dropped a %s", type(reply).__name__)
             if isinstance(reply, WorkerFatal) or isinstance(message, Shutdown):
                 return 1 if isinstance(reply, WorkerFatal) else 0
         return 0

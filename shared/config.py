@@ -27,6 +27,7 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_model_len: int | None = None  # None: the model's own limit
     attention_backend: str = "auto"  # auto | torch | flashinfer
     seed: int = 0
+    calibration_cache_dir: str | None = None  # None: ~/.cache/duetserve (or $DUETSERVE_CACHE_DIR)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
