@@ -1,5 +1,6 @@
 """`duetserve`: the command line. `serve` runs both planes, `generate` streams a completion,
-`dataplane` runs only the GPU worker (for a separately started data plane, e.g. in compose).
+`dataplane` runs only the GPU worker (for a separately started data plane, e.g. in compose),
+`simulate` replays a trace against a simulated GPU (what-if capacity planning on a CPU).
 
 This module parses flags into frozen config and hands off; it holds no serving logic.
 """
@@ -104,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_flags(sub.add_parser("generate", help="stream one completion from a running server"))
     sub.add_parser("dataplane", help="run only the data plane (flags: python -m dataplane --help)",
                    add_help=False)
+    from controlplane.simulate import add_simulate_flags
+
+    simulate = sub.add_parser("simulate", help="replay a trace on a simulated GPU through the real control plane")
+    add_simulate_flags(simulate)
+    _add_policy_flags(simulate)
     return parser
 
 
@@ -178,12 +184,20 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_generate(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "simulate":
+        from controlplane.simulate import run_simulate
+
+        return _run(run_simulate(args, scheduler_config_from_args(args)))
+    return _run(_serve(args))
+
+
+def _run(main_coro) -> int:  # noqa: ANN001 - a coroutine returning an exit code
     try:
         import uvloop
 
-        return uvloop.run(_serve(args))
+        return uvloop.run(main_coro)
     except ImportError:
-        return asyncio.run(_serve(args))
+        return asyncio.run(main_coro)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Starts the data plane as a child process and makes sure it never outlives the control plane.
 
 The child runs `python -m dataplane` with flags built from DataplaneConfig; on Linux it gets
-SIGTERM if this process dies (PR_SET_PDEATHSIG). No policy here, no torch import.
+SIGTERM if this process dies (PR_SET_PDEATHSIG); `duetserve simulate` starts the simulated one
+(`python -m dataplane.sim_worker`). No policy here, no torch import.
 """
 
 from __future__ import annotations
@@ -64,3 +65,18 @@ def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> int:
             log.warning("data plane ignored SIGTERM for %.0f s; killing it", timeout_s)
             proc.kill()
     return proc.wait()
+
+
+def spawn_sim_dataplane(endpoint: str, *, model: str, gpu: str, time_scale: float, block_size: int = 16,
+                        num_kv_blocks: int | None = None, max_model_len: int | None = None,
+                        log_level: str = "WARNING") -> subprocess.Popen[bytes]:
+    """Start `python -m dataplane.sim_worker`: a simulated GPU that speaks the real protocol."""
+    cmd = [sys.executable, "-m", "dataplane.sim_worker", "--endpoint", endpoint, "--model", model, "--gpu", gpu,
+           "--time-scale", str(time_scale), "--block-size", str(block_size), "--log-level", log_level]
+    if num_kv_blocks is not None:
+        cmd += ["--num-kv-blocks", str(num_kv_blocks)]
+    if max_model_len is not None:
+        cmd += ["--max-model-len", str(max_model_len)]
+    log.info("starting simulated data plane: %s", " ".join(cmd))
+    preexec = _die_with_parent if sys.platform.startswith("linux") else None
+    return subprocess.Popen(cmd, preexec_fn=preexec)  # noqa: S603 - our own interpreter and module

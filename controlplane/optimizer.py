@@ -4,14 +4,18 @@ Given predicted times of the decode-first mixed batch on the whole GPU, and of i
 decode part on candidate partitions, `decide` keeps the batch aggregated when it fits the TBT SLO;
 otherwise it returns the split `(S_p, S_d)` and look-ahead `k` that maximise
 `(useful_decode_tokens(k) + T_prefill) / max(k * t_d(S_d), t_p(S_p))` subject to `t_d(S_d) <= TBT`
-(`useful_decode_tokens(k)` is `k * T_decode` capped by what each request can still emit). With no
-feasible split it keeps the batch aggregated. Hysteresis: the previous split stays unless the best
-one beats it by more than `margin` (relative); `k` is re-chosen every step, it costs nothing to change.
+(`useful_decode_tokens(k)` is `k * T_decode` capped by what each request can still emit). Beyond the
+paper, it first looks only at `k >= t_p / TBT`, where the step's time per decode token
+`max(k t_d, t_p) / k` also meets the SLO; only if no split allows that does it fall back to the
+paper's constraint alone. With no feasible split it keeps the batch aggregated. Hysteresis: the
+previous split stays unless the best one beats it by more than `margin` (relative); `k` is
+re-chosen every step, it costs nothing to change.
 Pure functions; time functions are passed in, so this module knows nothing of models or devices.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -59,10 +63,11 @@ def useful_decode_tokens(remaining: Sequence[int], max_k: int) -> list[float]:
     return useful
 
 
-def best_k(prefill_ms: float, decode_ms: float, prefill_tokens: float, useful: Sequence[float]) -> tuple[int, float]:
-    """The look-ahead 1..len(useful)-1 with the highest tokens/ms (the smallest k on ties)."""
-    best, best_obj = 1, -1.0
-    for k in range(1, len(useful)):
+def best_k(prefill_ms: float, decode_ms: float, prefill_tokens: float, useful: Sequence[float],
+           k_min: int = 1) -> tuple[int, float]:
+    """The look-ahead k_min..len(useful)-1 with the highest tokens/ms (the smallest k on ties)."""
+    best, best_obj = k_min, -1.0
+    for k in range(k_min, len(useful)):
         obj = (useful[k] + prefill_tokens) / max(k * decode_ms, prefill_ms, 1e-9)
         if obj > best_obj * (1 + 1e-12):
             best, best_obj = k, obj
@@ -80,14 +85,15 @@ def optimize(
     margin: float = 0.0,
 ) -> Choice | None:
     """The best feasible (split, k), sticky to `previous` within `margin`; None if none is feasible."""
+    times = [(s, decode_ms(s.decode_sms)) for s in splits]
+    feasible = [(s, td, prefill_ms(s.prefill_sms)) for s, td in times if td <= tbt_ms]
+    max_k = len(useful) - 1
+    strict = [(s, td, tp, k) for s, td, tp in feasible if (k := max(1, math.ceil(tp / tbt_ms - 1e-9))) <= max_k]
+    candidates = strict or [(s, td, tp, 1) for s, td, tp in feasible]
     best: Choice | None = None
     kept: Choice | None = None
-    for split in splits:
-        td = decode_ms(split.decode_sms)
-        if td > tbt_ms:
-            continue
-        tp = prefill_ms(split.prefill_sms)
-        k, obj = best_k(tp, td, prefill_tokens, useful)
+    for split, td, tp, k_min in candidates:
+        k, obj = best_k(tp, td, prefill_tokens, useful, k_min)
         choice = Choice(split, k, obj, tp, td)
         if best is None or obj > best.objective:
             best = choice

@@ -65,6 +65,7 @@ class Scheduler:
         self.policy = make_policy(config, worker)
         self.predictor = make_predictor(worker)
         self.stats = StepStats()
+        self._result_at: float | None = None  # when the last result arrived, for StepStats.host_gap_s
         self.allocator = allocator
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
@@ -130,6 +131,7 @@ class Scheduler:
         else:
             self._compose_decode_first(draft)
         if not draft.tokens:
+            self._result_at = None  # idle: the next gap is not the control plane's time
             return self._build_plan(draft, AGGREGATED, None) if self._dropped_on_worker else None
         batch = self._batch_shape(draft)
         forecast = StepForecast(self.predictor, batch) if self.predictor is not None else None
@@ -273,7 +275,11 @@ class Scheduler:
         )
         self._next_step_id += 1
         self._dropped_on_worker = []
-        self.inflight = InflightStep(plan, expects, time.monotonic(), forecast, decision)
+        now = time.monotonic()
+        self.inflight = InflightStep(plan, expects, now, forecast, decision)
+        if self._result_at is not None:
+            self.stats.host_gap_s += now - self._result_at
+            self.stats.host_gaps += 1
         return plan
 
     # ------------------------------------------------------------------ applying a result
@@ -284,6 +290,7 @@ class Scheduler:
         if inflight is None or result.step_id != inflight.plan.step_id:
             raise RuntimeError(f"result for step {result.step_id} does not match the step in flight")
         self.inflight = None
+        self._result_at = time.monotonic()
         self.stats.record(inflight.plan, result.timings)
         if inflight.forecast is not None:
             self._observe(inflight, result.timings)

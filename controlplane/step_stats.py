@@ -1,4 +1,5 @@
-"""Counters of what the scheduler ran: steps and busy time per mode, splits, look-ahead, mode switches.
+"""Counters of what the scheduler ran: steps and busy time per mode, splits, look-ahead, mode switches,
+and the control plane's own wall time between a result and the next plan.
 
 A bounded timeline of recent steps feeds `duetserve simulate`'s report. Bookkeeping only: no policy.
 """
@@ -30,6 +31,8 @@ class StepStats:
     lookahead: Counter[int] = field(default_factory=Counter)
     switches: int = 0
     last_mode: str | None = None
+    host_gap_s: float = 0.0  # wall time from a result to the next plan, over back-to-back steps
+    host_gaps: int = 0
     timeline: deque[StepRecord] = field(default_factory=lambda: deque(maxlen=20_000))
 
     def record(self, plan: StepPlan, timings: StepTimings) -> None:
@@ -53,4 +56,5 @@ class StepStats:
             "mode_switches": self.switches,
             "splits": {f"{p}+{d}": n for (p, d), n in self.splits.most_common()},
             "lookahead": {str(k): n for k, n in sorted(self.lookahead.items())},
+            "control_plane_ms_per_step": 1e3 * self.host_gap_s / self.host_gaps if self.host_gaps else 0.0,
         }

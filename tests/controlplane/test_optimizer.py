@@ -70,6 +70,8 @@ def test_decide_properties(dec: tuple, pre: tuple, mixed: float, tbt: float, rem
         return
     assert choice.decode_ms <= tbt and decode(choice.split.decode_sms) <= tbt  # never violates the SLO
     assert 1 <= choice.k <= max_k
+    if any(prefill(s.prefill_sms) <= max_k * tbt for s in feasible):  # some split keeps time/token <= TBT
+        assert choice.step_ms <= choice.k * tbt * (1 + 1e-9)
     best = optimize(feasible, prefill, decode, prefill_tokens, useful, tbt)
     assert best is not None
     assert choice.objective * (1 + margin) >= best.objective * (1 - 1e-9)  # hysteresis costs <= margin
