@@ -133,16 +133,18 @@ class Scheduler:
         if not draft.tokens:
             self._result_at = None  # idle: the next gap is not the control plane's time
             return self._build_plan(draft, AGGREGATED, None) if self._dropped_on_worker else None
-        batch = self._batch_shape(draft)
+        batch, decoders = self._batch_shape(draft)
         forecast = StepForecast(self.predictor, batch) if self.predictor is not None else None
         decision = self.policy.decide(batch, forecast)
         if decision.decode_steps > 1:
-            decision = self._reserve_lookahead(draft, decision)
+            decision = self._reserve_lookahead(draft, decoders, decision)
         return self._build_plan(draft, decision, forecast)
 
     def _compose_decode_first(self, draft: _StepDraft) -> None:
-        decoding = [s for s in self.running if s.is_decoding]
-        prefilling = [s for s in self.running if not s.is_decoding]
+        decoding: list[Sequence] = []
+        prefilling: list[Sequence] = []
+        for seq in self.running:
+            (decoding if seq.is_decoding else prefilling).append(seq)
         self._schedule_all(decoding + prefilling, draft)
         if not draft.preempted:
             self._admit_waiting(draft)
@@ -163,28 +165,32 @@ class Scheduler:
             if seq.status is SeqStatus.RUNNING:
                 self._schedule_running(seq, draft)
 
-    def _batch_shape(self, draft: _StepDraft) -> BatchShape:
+    def _batch_shape(self, draft: _StepDraft) -> tuple[BatchShape, list[Sequence]]:
+        """The batch as policies see it, and its decode items' sequences."""
         batch = BatchShape()
+        contexts, remaining, chunks = batch.decode_contexts, batch.decode_remaining, batch.chunks
+        decoders: list[Sequence] = []
+        seqs, max_len = self.seqs, self.max_model_len
         for seq_id, num_tokens in draft.tokens.items():
-            seq = self.seqs[seq_id]
+            seq = seqs[seq_id]
             cached = seq.num_computed_tokens
-            samples = cached + num_tokens == seq.num_tokens
+            num_out = len(seq.output_token_ids)
+            total = len(seq.prompt_token_ids) + num_out
+            samples = cached + num_tokens == total
             if num_tokens == 1 and samples:  # the data plane's definition of a decode item
-                batch.decode_contexts.append(cached)
-                left = min(seq.stop.max_tokens - len(seq.output_token_ids), self.max_model_len - seq.num_tokens)
-                batch.decode_remaining.append(max(left, 1))
+                decoders.append(seq)
+                contexts.append(cached)
+                left = min(seq.stop.max_tokens - num_out, max_len - total)
+                remaining.append(left if left > 1 else 1)
             else:
-                batch.chunks.append((num_tokens, cached, samples))
-        return batch
+                chunks.append((num_tokens, cached, samples))
+        return batch, decoders
 
-    def _reserve_lookahead(self, draft: _StepDraft, decision: ModeDecision) -> ModeDecision:
+    def _reserve_lookahead(self, draft: _StepDraft, decoders: list[Sequence], decision: ModeDecision) -> ModeDecision:
         """Give every decode item blocks for `k` tokens; lower `k` until the free blocks suffice."""
-        decoders = [self.seqs[sid] for sid, n in draft.tokens.items()
-                    if n == 1 and self.seqs[sid].num_computed_tokens + 1 == self.seqs[sid].num_tokens]
-        k = decision.decode_steps
+        k, size = decision.decode_steps, self.allocator.block_size
         while k > 1:
-            need = [max(self.allocator.blocks_for_tokens(s.num_computed_tokens + k) - len(s.block_ids), 0)
-                    for s in decoders]
+            need = [max(-(-(s.num_computed_tokens + k) // size) - len(s.block_ids), 0) for s in decoders]
             if sum(need) <= self.allocator.num_free:
                 break
             k -= 1
@@ -328,20 +334,21 @@ class Scheduler:
     def _append_tokens(
         self, seq: Sequence, token_ids: list[int], logprobs: list[TokenLogprobs] | None
     ) -> SeqUpdate:
-        accepted: list[int] = []
+        out, eos, max_len = seq.output_token_ids, self.eos_token_ids, self.max_model_len
+        accepted = len(token_ids)
         for i, token_id in enumerate(token_ids):
-            seq.output_token_ids.append(token_id)
+            out.append(token_id)
             if logprobs is not None and i < len(logprobs):
                 seq.output_logprobs.append(logprobs[i])
-            accepted.append(token_id)
             if i > 0:  # look-ahead: the worker computed the previous sampled token too
                 seq.num_computed_tokens += 1
-            stop = check_token_stop(seq, token_id, self.eos_token_ids, self.max_model_len)
+            stop = check_token_stop(seq, token_id, eos, max_len)
             if stop is not None:
                 self.finish(seq.seq_id, stop[0], stop[1])
+                accepted = i + 1
                 break
-        new_logprobs = logprobs[: len(accepted)] if logprobs is not None else None
-        return SeqUpdate(seq, accepted, new_logprobs, seq.is_finished)
+        new_logprobs = logprobs[:accepted] if logprobs is not None else None
+        return SeqUpdate(seq, list(token_ids[:accepted]), new_logprobs, seq.is_finished)
 
     def check_invariants(self) -> None:
         live = {s.seq_id: s.block_ids for s in self.seqs.values()}

@@ -141,6 +141,8 @@ class Roofline:
         self.profile = profile
         self.full_sms = profile.sm_counts[-1]
         self._curves: dict[int, tuple[float, float]] = {}
+        self._linears = shape.linear_shapes()
+        self._elementwise = shape.bytes_per_elem * shape.elementwise_elems_per_token()
 
     def curves(self, sms: int | None = None) -> tuple[float, float]:
         """(Pi, BW) in FLOP/s and bytes/s on `sms` SMs (None: the whole device)."""
@@ -159,8 +161,8 @@ class Roofline:
         pi, bw = self.curves(sms)
         sh = self.shape
         s, n = sh.bytes_per_elem, cost.num_tokens
-        layer = sum(linear_ms(n, di, do, s, pi, bw) for di, do in sh.linear_shapes())
-        layer += s * n * sh.elementwise_elems_per_token() / bw * 1e3
+        layer = sum(linear_ms(n, di, do, s, pi, bw) for di, do in self._linears)
+        layer += n * self._elementwise / bw * 1e3
         layer += self.attention_ms(cost, pi, bw)
         head = linear_ms(cost.num_sampled, sh.hidden_size, sh.vocab_size, s, pi, bw) if cost.num_sampled else 0.0
         model_io = s * n * 4 * sh.hidden_size / bw * 1e3  # embedding gather + final norm

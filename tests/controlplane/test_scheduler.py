@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 from hypothesis import given, settings
@@ -129,7 +130,7 @@ def test_eos_stops_unless_ignored_and_min_tokens_holds_it_back() -> None:
 
     sched2, _ = make_scheduler()
     held = make_seq(1, 3, 10)
-    held = Sequence(**{**held.__dict__, "stop": StopParams(max_tokens=10, min_tokens=2)})
+    held = dataclasses.replace(held, stop=StopParams(max_tokens=10, min_tokens=2))
     sched2.add(held)
     plan = sched2.schedule()
     assert plan is not None
