@@ -4,7 +4,8 @@
 `Predictor.predict_ms` applies a per-regime correction learnt from the data plane's measurements:
 an exponentially-forgetting least-squares fit `measured ~ a + b * raw` (a fixed cost the roofline
 does not see, such as kernel launches, and a scale), pulled towards `a = 0, b = 1` until data
-arrives; with one kind of batch it reduces to the EWMA of measured / predicted. Every observation
+arrives, with outliers clipped to 4x the current prediction once it has a few samples; with one
+kind of batch it reduces to the EWMA of measured / predicted. Every observation
 is first scored against the prediction made before it (absolute percentage error), so `report()`
 is an honest running MAPE per regime. Pure: no I/O, no torch, no scheduling decisions.
 """
@@ -36,6 +37,8 @@ class Correction:
 
     forget: float = 0.95
     prior_weight: float = 0.25
+    warmup: float = 5.0
+    outlier_ratio: float = 4.0
     n: float = 0.0
     sx: float = 0.0
     sy: float = 0.0
@@ -49,6 +52,9 @@ class Correction:
         return max(self.a + self.b * raw_ms, 0.1 * raw_ms, 0.0)
 
     def update(self, raw_ms: float, measured_ms: float) -> None:
+        if self.n >= self.warmup:  # an outlier (a GC pause, a preempted host) moves the fit 4x at most
+            predicted = self.apply(raw_ms)
+            measured_ms = min(max(measured_ms, predicted / self.outlier_ratio), predicted * self.outlier_ratio)
         lam = self.forget
         self.n = lam * self.n + 1.0
         self.sx = lam * self.sx + raw_ms
