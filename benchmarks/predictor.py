@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from controlplane.predictor import Predictor, regime_of  # noqa: E402
+from controlplane.predictor import Predictor, PredictorReport, regime_of  # noqa: E402
 from dataplane.calibration import calibrate, load_partition_provider  # noqa: E402
 from dataplane.runner import ModelRunner, SeqState  # noqa: E402
 from dataplane.worker import load_worker  # noqa: E402
@@ -106,6 +106,14 @@ def time_step(runner: ModelRunner, shape: Shape, reps: int, rng: random.Random) 
     return statistics.median(times)
 
 
+def score_online(predictor: Predictor, samples: list[dict], seed: int) -> PredictorReport:
+    """Replay the samples in a shuffled order: predict (corrected), then let the correction learn."""
+    for s in random.Random(seed + 1).sample(samples, len(samples)):
+        s["corrected_ms"] = predictor.correct(s["regime"], s["raw_ms"])
+        predictor.observe(s["regime"], s["raw_ms"], s["measured_ms"])
+    return predictor.report()
+
+
 def fitted_mape(samples: list[dict]) -> dict[str, float]:
     """In-sample least-squares fit measured ~ a + b * raw per regime, and its MAPE."""
     out = {}
@@ -160,10 +168,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
                                 "tokens": cost.num_tokens, "measured_ms": measured, "raw_ms": raw})
                 print(f"  S={sms:<4}{samples[-1]['regime']:<8} decode {len(decode):>3} x c{samples[-1]['decode_context']:<5}"
                       f" chunks {chunks!s:<22} measured {measured:8.3f} ms  roofline {raw:8.3f} ms", flush=True)
-    for s in random.Random(args.seed + 1).sample(samples, len(samples)):  # online, in a shuffled order
-        s["corrected_ms"] = predictor.correct(s["regime"], s["raw_ms"])
-        predictor.observe(s["regime"], s["raw_ms"], s["measured_ms"])
-    report = predictor.report()
+    report = score_online(predictor, samples, args.seed)
     by = {r: m for r, (_, m, _) in report.by_regime.items()}
     return {
         "gpu": gpu_key(ready.device.name), "device": ready.device.name, "model": ready.model.name,

@@ -101,6 +101,10 @@ class Engine:
 
     async def stop(self) -> None:
         """Abort every live request, stop the loop and tell the worker to exit."""
+        if self.scheduler is not None:
+            predictor = self.scheduler.predictor
+            log.info("steps run: %s; predictor error: %s", self.scheduler.stats.summary(),
+                     predictor.report().as_dict() if predictor is not None else "no hardware profile")
         for request_id in list(self._handles):
             self.abort(request_id)
         if self._task is not None:
