@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{dec:>19}  {r['modes']}")
     out = {"benchmark": "scheduler-overhead", "running_requests": args.running, "python": platform.python_version(),
            "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+           "cpus": os.cpu_count(), "load_average_1m_at_end": os.getloadavg()[0],
            "target_us_per_step": 1000, "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")

@@ -335,7 +335,14 @@ class Scheduler:
         self, seq: Sequence, token_ids: list[int], logprobs: list[TokenLogprobs] | None
     ) -> SeqUpdate:
         out, eos, max_len = seq.output_token_ids, self.eos_token_ids, self.max_model_len
-        accepted = len(token_ids)
+        accepted, stop_params = len(token_ids), seq.stop
+        if (logprobs is None and len(out) + accepted < stop_params.max_tokens
+                and len(seq.prompt_token_ids) + len(out) + accepted < max_len
+                and (stop_params.ignore_eos or eos.isdisjoint(token_ids))
+                and stop_params.stop_token_ids.isdisjoint(token_ids)):  # fast path: nothing can stop it
+            out.extend(token_ids)
+            seq.num_computed_tokens += accepted - 1
+            return SeqUpdate(seq, list(token_ids), None, False)
         for i, token_id in enumerate(token_ids):
             out.append(token_id)
             if logprobs is not None and i < len(logprobs):
