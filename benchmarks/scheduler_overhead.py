@@ -3,7 +3,8 @@
 256 running decode requests (contexts 200-1500 tokens) on a simulated H100 serving Qwen3-8B, with a
 steady supply of long prompts so every step is a mixed batch that breaks the TBT SLO and the duet
 policy runs its predictor and partition optimizer. The simulated data plane answers instantly
-(its time is not counted). Prints a table and writes benchmarks/results/scheduler-overhead.json.
+(its time is not counted). Each policy runs `--repeat` rounds and keeps the quietest (lowest mean),
+listing every round's mean. Prints a table and writes benchmarks/results/scheduler-overhead.json.
 
     python benchmarks/scheduler_overhead.py [--steps 300] [--running 256] [--out PATH]
 """
@@ -100,9 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--running", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeat", type=int, default=3,
+                   help="rounds per policy; the round with the lowest mean is kept (others lose to host noise)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/scheduler-overhead.json"))
     args = p.parse_args(argv)
-    rows = [run_policy(policy, args.running, args.steps, args.seed) for policy in POLICIES]
+    rows = []
+    for policy in POLICIES:
+        rounds = [run_policy(policy, args.running, args.steps, args.seed) for _ in range(max(args.repeat, 1))]
+        best = min(rounds, key=lambda r: r["schedule_plus_update"]["mean_us"])  # type: ignore[index]
+        best["round_means_us"] = [round(r["schedule_plus_update"]["mean_us"]) for r in rounds]  # type: ignore[index]
+        rows.append(best)
     print(f"{'policy':<14}{'batch':>6}{'tok out':>8}  {'schedule+update us mean/p50/p99':>32}  "
           f"{'decide us mean/p99':>19}  modes")
     for r in rows:
