@@ -95,7 +95,7 @@ def main() -> None:
     ks = [int(x) for x in args.ks.split(",")]
     worker = load_worker(DataplaneConfig(model=args.model, device="cuda", max_num_batched_tokens=args.prefill + args.batch,
                                          max_num_seqs=args.batch, decode_partition_sms=tuple(splits)))
-    print(f"{args.model}: {worker.ready.num_kv_blocks} KV blocks, splits {worker.ready.sm_splits}", flush=True)
+    print(f"{args.model}: {worker.ready.num_kv_blocks} KV blocks, decode partitions {worker.ready.partition_sm_counts}", flush=True)
     b = Bench(worker, args.batch, args.context, args.prefill)
     B, P = args.batch, args.prefill
     alone, _ = b.median(args.reps, decode=True, prefill=False)

@@ -1,6 +1,7 @@
 """`duetserve`: the command line. `serve` runs both planes, `generate` streams a completion,
 `dataplane` runs only the GPU worker (for a separately started data plane, e.g. in compose),
 `health` asks a server's gRPC health service, `traces` prints a request's timeline from spans.
+`simulate` replays a trace against a simulated GPU (what-if capacity planning on a CPU).
 
 This module parses flags into frozen config and hands off; it holds no serving logic.
 """
@@ -15,7 +16,7 @@ import signal
 import sys
 import tempfile
 
-from shared.config import DataplaneConfig, SchedulerConfig, ServerConfig
+from shared.config import POLICIES, DataplaneConfig, SchedulerConfig, ServerConfig
 from shared.telemetry_flags import add_metrics_flags, add_trace_flags, telemetry_from_args
 
 log = logging.getLogger("duetserve")
@@ -40,6 +41,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="token budget of one step; longer prompts are prefilled in chunks")
+    _add_policy_flags(p)
     p.add_argument("--attention-backend", default="auto", help="auto (flashinfer on CUDA, torch on CPU), torch "
                                                               "or flashinfer")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on the GPU")
@@ -56,6 +58,35 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     add_trace_flags(p)
     add_metrics_flags(p)
+
+
+def _add_policy_flags(p: argparse.ArgumentParser) -> None:
+    d = SchedulerConfig()
+    p.add_argument("--policy", default=d.policy, choices=POLICIES,
+                   help="step policy: aggregated (decode-first chunked prefill), prefill-first (SGLang default), "
+                        "static (fixed SM split), duet (adaptive split); static and duet need a data plane that "
+                        f"can partition SMs, else they run aggregated (default {d.policy})")
+    p.add_argument("--tbt-slo-ms", type=float, default=d.tbt_slo_ms,
+                   help=f"time-between-tokens SLO the duet policy keeps (default {d.tbt_slo_ms})")
+    p.add_argument("--ttft-slo-ms", type=float, default=d.ttft_slo_ms,
+                   help=f"time-to-first-token SLO, for goodput reports (default {d.ttft_slo_ms})")
+    p.add_argument("--static-decode-sms", type=int, default=d.static_decode_sms,
+                   help=f"static policy: SMs of the decode partition (default {d.static_decode_sms})")
+    p.add_argument("--static-lookahead", type=int, default=d.static_lookahead,
+                   help=f"static policy: decode steps per multiplexed step (default {d.static_lookahead})")
+    p.add_argument("--max-lookahead", type=int, default=d.max_lookahead,
+                   help=f"duet policy: largest look-ahead k considered (default {d.max_lookahead})")
+    p.add_argument("--hysteresis", type=float, default=d.hysteresis,
+                   help=f"duet policy: relative gain a new split needs to replace the current one "
+                        f"(default {d.hysteresis})")
+
+
+def scheduler_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
+    return SchedulerConfig(
+        policy=args.policy, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        tbt_slo_ms=args.tbt_slo_ms, ttft_slo_ms=args.ttft_slo_ms, static_decode_sms=args.static_decode_sms,
+        static_lookahead=args.static_lookahead, max_lookahead=args.max_lookahead, hysteresis=args.hysteresis,
+    )
 
 
 def _add_generate_flags(p: argparse.ArgumentParser) -> None:
@@ -87,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     from controlplane.traces import add_traces_flags
 
     add_traces_flags(sub.add_parser("traces", help="print one request's spans as a timeline tree"))
+    from controlplane.simulate import add_simulate_flags
+
+    simulate = sub.add_parser("simulate", help="replay a trace on a simulated GPU through the real control plane")
+    add_simulate_flags(simulate)
+    _add_policy_flags(simulate)
     return parser
 
 
@@ -102,7 +138,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataplaneConfig, Server
         cuda_graphs=not args.no_cuda_graphs,
         telemetry=telemetry,
     )
-    scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    scheduler = scheduler_config_from_args(args)
     server = ServerConfig(
         host=args.host, port=args.port, dataplane_endpoint=endpoint,
         handshake_timeout_s=args.handshake_timeout, step_timeout_s=args.step_timeout,
@@ -172,17 +208,25 @@ def main(argv: list[str] | None = None) -> int:
         from controlplane.traces import run_traces
 
         return run_traces(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "simulate":
+        from controlplane.simulate import run_simulate
+
+        return _run(run_simulate(args, scheduler_config_from_args(args)))
     try:
         telemetry_from_args(args)
     except ValueError as exc:
         build_parser().error(str(exc))
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return _run(_serve(args))
+
+
+def _run(main_coro) -> int:  # noqa: ANN001 - a coroutine returning an exit code
     try:
         import uvloop
 
-        return uvloop.run(_serve(args))
+        return uvloop.run(main_coro)
     except ImportError:
-        return asyncio.run(_serve(args))
+        return asyncio.run(main_coro)
 
 
 if __name__ == "__main__":

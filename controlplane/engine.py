@@ -106,12 +106,16 @@ class Engine:
         self.max_model_len = min(limits)
         allocator = BlockAllocator(ready.num_kv_blocks, ready.block_size)
         eos = frozenset(ready.model.eos_token_ids)
-        self.scheduler = Scheduler(self.scheduler_config, allocator, self.max_model_len, eos)
+        self.scheduler = Scheduler(self.scheduler_config, allocator, self.max_model_len, eos, ready)
         self._task = asyncio.create_task(self._run(), name="engine-step-loop")
         return ready
 
     async def stop(self) -> None:
         """Abort every live request, stop the loop and tell the worker to exit."""
+        if self.scheduler is not None:
+            predictor = self.scheduler.predictor
+            log.info("steps run: %s; predictor error: %s", self.scheduler.stats.summary(),
+                     predictor.report().as_dict() if predictor is not None else "no hardware profile")
         for request_id in list(self._handles):
             self.abort(request_id)
         if self._task is not None:

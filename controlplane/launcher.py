@@ -1,8 +1,9 @@
 """Starts the data plane as a child process and makes sure it never outlives the control plane.
 
-The child runs `python -m dataplane` with flags built from DataplaneConfig; given `--parent-pid` it
-asks Linux for SIGTERM when this process dies (PR_SET_PDEATHSIG) itself. No Python code runs between
-fork and exec (no preexec_fn): with gRPC threads in this process a forked child could hang there.
+The child runs `python -m dataplane` with flags built from DataplaneConfig (`duetserve simulate`
+starts the simulated one, `python -m dataplane.sim_worker`); given `--parent-pid` it asks Linux for
+SIGTERM when this process dies (PR_SET_PDEATHSIG) itself. No Python code runs between fork and exec
+(no preexec_fn): with gRPC threads in this process a forked child could hang there.
 No policy here, no torch import.
 """
 
@@ -44,6 +45,8 @@ def dataplane_args(config: DataplaneConfig) -> list[str]:
         args += ["--max-model-len", str(config.max_model_len)]
     if config.health_file is not None:
         args += ["--health-file", config.health_file]
+    if config.calibration_cache_dir is not None:
+        args += ["--calibration-cache-dir", config.calibration_cache_dir]
     return args + trace_args(config.telemetry)
 
 
@@ -64,3 +67,18 @@ def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> int:
             log.warning("data plane ignored SIGTERM for %.0f s; killing it", timeout_s)
             proc.kill()
     return proc.wait()
+
+
+def spawn_sim_dataplane(endpoint: str, *, model: str, gpu: str, time_scale: float, block_size: int = 16,
+                        num_kv_blocks: int | None = None, max_model_len: int | None = None,
+                        log_level: str = "WARNING") -> subprocess.Popen[bytes]:
+    """Start `python -m dataplane.sim_worker`: a simulated GPU that speaks the real protocol."""
+    cmd = [sys.executable, "-m", "dataplane.sim_worker", "--endpoint", endpoint, "--model", model, "--gpu", gpu,
+           "--time-scale", str(time_scale), "--block-size", str(block_size), "--log-level", log_level,
+           "--parent-pid", str(os.getpid())]
+    if num_kv_blocks is not None:
+        cmd += ["--num-kv-blocks", str(num_kv_blocks)]
+    if max_model_len is not None:
+        cmd += ["--max-model-len", str(max_model_len)]
+    log.info("starting simulated data plane: %s", " ".join(cmd))
+    return subprocess.Popen(cmd)  # noqa: S603 - our own interpreter and module

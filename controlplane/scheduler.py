@@ -1,10 +1,13 @@
 """Continuous batching with chunked prefill: builds each StepPlan and applies each StepResult.
 
-Policy (vLLM-style, decode first): every running sequence that decodes gets one token, then
-running sequences in prefill continue their chunks, then waiting sequences are admitted in
-arrival order while the step's token budget, `max_num_seqs` and free KV blocks allow. When a
-running sequence needs a block and none is free, the most recently admitted sequence is preempted
-(its blocks freed, recomputed later). The scheduler is synchronous and does no I/O.
+Composition is the policy's (see `policies`): decode-first (every running sequence that decodes
+gets one token, then running prefills continue their chunks, then waiting sequences are admitted
+in arrival order while the token budget, `max_num_seqs` and free KV blocks allow) or
+prefill-first. The policy then picks the mode: aggregated, or multiplexed with a split and a
+look-ahead `k`, for which the scheduler reserves the KV blocks of the `k` decode tokens up front
+(lowering `k` if blocks are short). When a running sequence needs a block and none is free, the
+most recently admitted sequence is preempted (its blocks freed, recomputed later). Measured step
+times feed the predictor's online correction. The scheduler is synchronous and does no I/O.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from controlplane.kv_blocks import BlockAllocator
+from controlplane.policies import AGGREGATED, BatchShape, ModeDecision, StepForecast, make_policy, make_predictor
 from controlplane.sequence import FinishReason, Sequence, SeqStatus, check_token_stop
+from controlplane.step_stats import StepStats
 from shared.config import SchedulerConfig
-from shared.messages import NewRequest, ScheduledSeq, StepPlan, StepResult, TokenLogprobs
+from shared.messages import NewRequest, ScheduledSeq, StepPlan, StepResult, StepTimings, TokenLogprobs, WorkerReady
 
 
 @dataclass
@@ -42,6 +47,8 @@ class InflightStep:
     plan: StepPlan
     expects_token: dict[int, bool]
     sent_at: float
+    forecast: StepForecast | None = None
+    decision: ModeDecision = AGGREGATED
 
 
 class Scheduler:
@@ -51,8 +58,14 @@ class Scheduler:
         allocator: BlockAllocator,
         max_model_len: int,
         eos_token_ids: frozenset[int],
+        worker: WorkerReady | None = None,
     ) -> None:
+        """`worker` (the handshake's answer) gives the policy its device, partitions and profile."""
         self.config = config
+        self.policy = make_policy(config, worker)
+        self.predictor = make_predictor(worker)
+        self.stats = StepStats()
+        self._result_at: float | None = None  # when the last result arrived, for StepStats.host_gap_s
         self.allocator = allocator
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
@@ -113,18 +126,83 @@ class Scheduler:
         if self.inflight is not None:
             raise RuntimeError("schedule() called while a step is in flight")
         draft = _StepDraft(budget=self.config.max_num_batched_tokens)
+        if self.policy.composition == "prefill_first":
+            self._compose_prefill_first(draft)
+        else:
+            self._compose_decode_first(draft)
+        if not draft.tokens:
+            self._result_at = None  # idle: the next gap is not the control plane's time
+            return self._build_plan(draft, AGGREGATED, None) if self._dropped_on_worker else None
+        batch, decoders = self._batch_shape(draft)
+        forecast = StepForecast(self.predictor, batch) if self.predictor is not None else None
+        decision = self.policy.decide(batch, forecast)
+        if decision.decode_steps > 1:
+            decision = self._reserve_lookahead(draft, decoders, decision)
+        return self._build_plan(draft, decision, forecast)
+
+    def _compose_decode_first(self, draft: _StepDraft) -> None:
+        decoding: list[Sequence] = []
+        prefilling: list[Sequence] = []
+        for seq in self.running:
+            (decoding if seq.is_decoding else prefilling).append(seq)
+        self._schedule_all(decoding + prefilling, draft)
+        if not draft.preempted:
+            self._admit_waiting(draft)
+
+    def _compose_prefill_first(self, draft: _StepDraft) -> None:
+        """Prefill chunks only while any can run; a decode batch otherwise."""
         decoding = [s for s in self.running if s.is_decoding]
-        prefilling = [s for s in self.running if not s.is_decoding]
-        for seq in decoding + prefilling:
+        self._schedule_all([s for s in self.running if not s.is_decoding], draft)
+        if not draft.preempted:
+            self._admit_waiting(draft)
+        if not draft.tokens:
+            self._schedule_all(decoding, draft)
+
+    def _schedule_all(self, seqs: list[Sequence], draft: _StepDraft) -> None:
+        for seq in seqs:
             if draft.budget == 0:
                 break
             if seq.status is SeqStatus.RUNNING:
                 self._schedule_running(seq, draft)
-        if not draft.preempted:
-            self._admit_waiting(draft)
-        if not draft.tokens and not self._dropped_on_worker:
-            return None
-        return self._build_plan(draft)
+
+    def _batch_shape(self, draft: _StepDraft) -> tuple[BatchShape, list[Sequence]]:
+        """The batch as policies see it, and its decode items' sequences."""
+        batch = BatchShape()
+        contexts, remaining, chunks = batch.decode_contexts, batch.decode_remaining, batch.chunks
+        decoders: list[Sequence] = []
+        seqs, max_len = self.seqs, self.max_model_len
+        for seq_id, num_tokens in draft.tokens.items():
+            seq = seqs[seq_id]
+            cached = seq.num_computed_tokens
+            num_out = len(seq.output_token_ids)
+            total = len(seq.prompt_token_ids) + num_out
+            samples = cached + num_tokens == total
+            if num_tokens == 1 and samples:  # the data plane's definition of a decode item
+                decoders.append(seq)
+                contexts.append(cached)
+                left = min(seq.stop.max_tokens - num_out, max_len - total)
+                remaining.append(left if left > 1 else 1)
+            else:
+                chunks.append((num_tokens, cached, samples))
+        return batch, decoders
+
+    def _reserve_lookahead(self, draft: _StepDraft, decoders: list[Sequence], decision: ModeDecision) -> ModeDecision:
+        """Give every decode item blocks for `k` tokens; lower `k` until the free blocks suffice."""
+        k, size = decision.decode_steps, self.allocator.block_size
+        while k > 1:
+            need = [max(-(-(s.num_computed_tokens + k) // size) - len(s.block_ids), 0) for s in decoders]
+            if sum(need) <= self.allocator.num_free:
+                break
+            k -= 1
+        if k > 1:
+            for seq, n in zip(decoders, need):
+                if n:
+                    blocks = self.allocator.allocate(seq.seq_id, n)
+                    seq.block_ids.extend(blocks)
+                    draft.new_blocks.setdefault(seq.seq_id, []).extend(blocks)
+        if k == decision.decode_steps:
+            return decision
+        return ModeDecision(decision.mode, decision.prefill_sms, decision.decode_sms, k)
 
     def _schedule_running(self, seq: Sequence, draft: _StepDraft) -> None:
         num_tokens = min(seq.num_uncomputed_tokens, draft.budget)
@@ -168,7 +246,7 @@ class Scheduler:
             draft.tokens[seq.seq_id] = num_tokens
             draft.budget -= num_tokens
 
-    def _build_plan(self, draft: _StepDraft) -> StepPlan:
+    def _build_plan(self, draft: _StepDraft, decision: ModeDecision, forecast: StepForecast | None) -> StepPlan:
         new_requests: list[NewRequest] = []
         scheduled: list[ScheduledSeq] = []
         expects: dict[int, bool] = {}
@@ -193,13 +271,21 @@ class Scheduler:
             expects[seq_id] = seq.num_computed_tokens == seq.num_tokens
         plan = StepPlan(
             step_id=self._next_step_id,
+            mode=decision.mode,
+            prefill_sms=decision.prefill_sms,
+            decode_sms=decision.decode_sms,
+            decode_steps=decision.decode_steps,
             new_requests=new_requests,
             scheduled=scheduled,
             finished_seq_ids=self._dropped_on_worker,
         )
         self._next_step_id += 1
         self._dropped_on_worker = []
-        self.inflight = InflightStep(plan=plan, expects_token=expects, sent_at=time.monotonic())
+        now = time.monotonic()
+        self.inflight = InflightStep(plan, expects, now, forecast, decision)
+        if self._result_at is not None:
+            self.stats.host_gap_s += now - self._result_at
+            self.stats.host_gaps += 1
         return plan
 
     # ------------------------------------------------------------------ applying a result
@@ -210,6 +296,10 @@ class Scheduler:
         if inflight is None or result.step_id != inflight.plan.step_id:
             raise RuntimeError(f"result for step {result.step_id} does not match the step in flight")
         self.inflight = None
+        self._result_at = time.monotonic()
+        self.stats.record(inflight.plan, result.timings)
+        if inflight.forecast is not None:
+            self._observe(inflight, result.timings)
         updates: list[SeqUpdate] = []
         answered: set[int] = set()
         for failure in result.failures:
@@ -233,23 +323,39 @@ class Scheduler:
                 updates.append(SeqUpdate(seq, [], None, True))
         return updates
 
+    def _observe(self, inflight: InflightStep, timings: StepTimings) -> None:
+        """Feed the measured times to the predictor (a phase measured as 0 ms was not measured)."""
+        assert inflight.forecast is not None and self.predictor is not None
+        measured = {"total": timings.total_ms, "prefill": timings.prefill_ms,
+                    "decode": timings.decode_ms / max(inflight.decision.decode_steps, 1)}
+        for regime, raw_ms, which in inflight.forecast.observations(inflight.decision):
+            self.predictor.observe(regime, raw_ms, measured[which])
+
     def _append_tokens(
         self, seq: Sequence, token_ids: list[int], logprobs: list[TokenLogprobs] | None
     ) -> SeqUpdate:
-        accepted: list[int] = []
+        out, eos, max_len = seq.output_token_ids, self.eos_token_ids, self.max_model_len
+        accepted, stop_params = len(token_ids), seq.stop
+        if (logprobs is None and len(out) + accepted < stop_params.max_tokens
+                and len(seq.prompt_token_ids) + len(out) + accepted < max_len
+                and (stop_params.ignore_eos or eos.isdisjoint(token_ids))
+                and stop_params.stop_token_ids.isdisjoint(token_ids)):  # fast path: nothing can stop it
+            out.extend(token_ids)
+            seq.num_computed_tokens += accepted - 1
+            return SeqUpdate(seq, list(token_ids), None, False)
         for i, token_id in enumerate(token_ids):
-            seq.output_token_ids.append(token_id)
+            out.append(token_id)
             if logprobs is not None and i < len(logprobs):
                 seq.output_logprobs.append(logprobs[i])
-            accepted.append(token_id)
             if i > 0:  # look-ahead: the worker computed the previous sampled token too
                 seq.num_computed_tokens += 1
-            stop = check_token_stop(seq, token_id, self.eos_token_ids, self.max_model_len)
+            stop = check_token_stop(seq, token_id, eos, max_len)
             if stop is not None:
                 self.finish(seq.seq_id, stop[0], stop[1])
+                accepted = i + 1
                 break
-        new_logprobs = logprobs[: len(accepted)] if logprobs is not None else None
-        return SeqUpdate(seq, accepted, new_logprobs, seq.is_finished)
+        new_logprobs = logprobs[:accepted] if logprobs is not None else None
+        return SeqUpdate(seq, list(token_ids[:accepted]), new_logprobs, seq.is_finished)
 
     def check_invariants(self) -> None:
         live = {s.seq_id: s.block_ids for s in self.seqs.values()}

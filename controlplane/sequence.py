@@ -33,7 +33,7 @@ class StopParams:
     ignore_eos: bool = False
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Sequence:
     seq_id: int
     request_id: str
@@ -82,11 +82,12 @@ def check_token_stop(
 ) -> tuple[FinishReason, str | None] | None:
     """The stop condition the newest output token `token_id` triggers, if any (strings aside)."""
     num_out = len(seq.output_token_ids)
-    if num_out >= seq.stop.min_tokens:
-        if not seq.stop.ignore_eos and token_id in eos_token_ids:
+    stop = seq.stop
+    if num_out >= stop.min_tokens:
+        if not stop.ignore_eos and token_id in eos_token_ids:
             return FinishReason.STOP, None
-        if token_id in seq.stop.stop_token_ids:
+        if token_id in stop.stop_token_ids:
             return FinishReason.STOP, str(token_id)
-    if num_out >= seq.stop.max_tokens or seq.num_tokens >= max_model_len:
+    if num_out >= stop.max_tokens or len(seq.prompt_token_ids) + num_out >= max_model_len:
         return FinishReason.LENGTH, None
     return None

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
-import os
-import signal
 import sys
 
+from dataplane.lifeline import die_with_parent
 from shared.config import DataplaneConfig
 from shared.telemetry_flags import add_trace_flags, telemetry_from_args
 
@@ -35,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-multiplexing", action="store_true", help="build no green-context SM partitions")
     p.add_argument("--decode-partition-sms", default=None,
                    help="comma-separated decode partition sizes to build (default: every allowed split)")
+    p.add_argument("--calibration-cache-dir", default=None,
+                   help="where measured hardware profiles are cached (default ~/.cache/duetserve)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--health-file", default=None,
                    help="touch this file while serving (read by python -m dataplane.healthcheck)")
@@ -42,17 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit when this process dies (set by the control plane that spawned us)")
     add_trace_flags(p)
     return p
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """SIGTERM us when the parent dies (Linux); exit now if it already has."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-        except OSError:
-            pass
-    if os.getppid() != parent_pid:
-        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             decode_partition_sms=tuple(int(x) for x in args.decode_partition_sms.split(","))
             if args.decode_partition_sms else None,
             telemetry=telemetry_from_args(args), health_file=args.health_file,
+            calibration_cache_dir=args.calibration_cache_dir,
         )
     except ValueError as exc:
         print(f"python -m dataplane: error: {exc}", file=sys.stderr)

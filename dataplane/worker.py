@@ -16,6 +16,7 @@ import torch
 import zmq
 
 from dataplane.attention import AttentionShape, make_backend
+from dataplane.calibration import calibrate
 from dataplane.health import Heartbeat
 from dataplane.kv_cache import allocate_kv_cache
 from dataplane.memory import MemoryPlan, plan_cpu_memory, plan_gpu_memory, profile_activations
@@ -132,10 +133,23 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
     ready = WorkerReady(
         protocol_version=PROTOCOL_VERSION, model=describe_model(cfg, dtype), device=describe_device(device),
         num_kv_blocks=num_blocks, block_size=config.block_size, max_model_len=max_len,
-        attention_backend=backend.name, supports_multiplexing=multiplexer is not None, sm_splits=splits,
+        attention_backend=backend.name, supports_multiplexing=multiplexer is not None,
+        partition_sm_counts=[decode for _, decode in splits],
         max_num_batched_tokens=config.max_num_batched_tokens if device.type == "cuda" else 0,
+        profile=calibrate(device, dtype, config.calibration_cache_dir, **partition_calibration(multiplexer)),
     )
     return LoadedWorker(runner, ready)
+
+
+def partition_calibration(multiplexer: object | None) -> dict[str, object]:
+    """Let calibration measure every partition size on its own green-context stream."""
+    if multiplexer is None:
+        return {}
+    streams: dict[int, torch.cuda.ExternalStream] = {}
+    for part in multiplexer.partitions.partitions.values():  # type: ignore[attr-defined]
+        streams.setdefault(part.actual_decode_sms, part.decode_stream)
+        streams.setdefault(part.actual_prefill_sms, part.prefill_stream)
+    return {"sm_counts": sorted(streams), "partition": lambda sms: torch.cuda.stream(streams[sms])}
 
 
 def build_multiplexer(config: DataplaneConfig, device: torch.device) -> tuple[object | None, list[tuple[int, int]]]:
@@ -197,7 +211,10 @@ class Worker:
                 continue
             reply = self._dispatch(message)
             if reply is not None:
-                sock.send(encode(reply))
+                try:
+                    sock.send(encode(reply), flags=zmq.NOBLOCK)
+                except zmq.Again:  # the control plane left mid-step: a blocking send would hang here
+                    log.warning("no control plane connected; dropped a %s", type(reply).__name__)
             if isinstance(reply, WorkerFatal) or isinstance(message, Shutdown):
                 return 1 if isinstance(reply, WorkerFatal) else 0
         return 0

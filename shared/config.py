@@ -37,6 +37,8 @@ class TelemetryConfig(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def tracing(self) -> bool:
         return self.exporter != "none"
+Policy = Literal["aggregated", "prefill-first", "static", "duet"]
+POLICIES: tuple[str, ...] = ("aggregated", "prefill-first", "static", "duet")
 
 
 class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -61,6 +63,7 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
     decode_partition_sms: tuple[int, ...] | None = None  # decode sizes to build; None: every allowed split
     telemetry: TelemetryConfig = TelemetryConfig()
     health_file: str | None = None  # heartbeat file the serve loop touches (compose health checks)
+    calibration_cache_dir: str | None = None  # None: ~/.cache/duetserve (or $DUETSERVE_CACHE_DIR)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -74,17 +77,38 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
-    """Batching limits of the control plane's scheduler."""
+    """Batching limits and the step policy of the control plane's scheduler.
+
+    Policies: `aggregated` (decode-first chunked prefill under the token budget, vLLM-style),
+    `prefill-first` (a prefill-only batch whenever prompts wait, SGLang's default), `static`
+    (multiplexed on a fixed split whenever prefill and decode work coexist) and `duet` (adaptive:
+    aggregated while the mixed batch fits `tbt_slo_ms`, else the optimizer's split and look-ahead).
+    The SLOs also define goodput in `duetserve simulate`.
+    """
 
     policy: Policy = "aggregated"
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill)
+    tbt_slo_ms: float = 50.0  # time between tokens
+    ttft_slo_ms: float = 2000.0  # time to first token
+    static_decode_sms: int = 32  # static policy: SMs of the decode partition (prefill gets the rest)
+    static_lookahead: int = 4  # static policy: decode steps per multiplexed step
+    max_lookahead: int = 8  # duet policy: largest k the optimizer considers
+    hysteresis: float = 0.05  # duet policy: a new split must beat the current one by this fraction
 
     def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.tbt_slo_ms <= 0 or self.ttft_slo_ms <= 0:
+            raise ValueError("SLOs must be > 0 ms")
+        if self.static_decode_sms < 1 or self.static_lookahead < 1 or self.max_lookahead < 1:
+            raise ValueError("static_decode_sms, static_lookahead and max_lookahead must be >= 1")
+        if self.hysteresis < 0:
+            raise ValueError("hysteresis must be >= 0")
 
 
 class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):

@@ -69,8 +69,11 @@ class ScheduledSeq(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
 class StepPlan(msgspec.Struct, frozen=True, kw_only=True, tag="plan"):
     """One step for the worker. Finished sequences are dropped, new ones registered, then it runs.
 
-    In `multiplexed` mode, prefill items run on `prefill_sms` SMs while items that decode one
-    token run `decode_steps` look-ahead steps on `decode_sms` SMs.
+    In `multiplexed` mode, prefill items run on `prefill_sms` SMs while decode items run
+    `decode_steps` look-ahead steps on `decode_sms` SMs. A decode item is one with `num_tokens == 1`
+    whose token is the last known one (it samples); in any mode it runs `decode_steps` steps, each
+    feeding its sampled token to the next, so its block table must already hold
+    `computed + decode_steps` tokens. Other items run once.
     """
 
     step_id: int
@@ -121,8 +124,34 @@ class DeviceDescription(msgspec.Struct, frozen=True, kw_only=True):
     memory_bytes: int = 0
 
 
+class HardwareProfile(msgspec.Struct, frozen=True, kw_only=True):
+    """Achievable throughput of the device on `S` SMs, for the control plane's latency model.
+
+    `gemm_flops_per_s[i]` (dense GEMM in the serving dtype) and `hbm_bytes_per_s[i]` (device copy,
+    bytes read plus written) hold on `sm_counts[i]` SMs; `sm_counts` is ascending and its last entry
+    is the whole device. `source` says where the numbers come from: `measured` at start-up, `cached`
+    (measured earlier on this GPU and driver), `declared` (a built-in table), or `scaled` (a declared
+    curve rescaled to points measured here). `detail` says which points were measured.
+    `step_overhead_ms` is a fixed cost added to every predicted step (launches, host sync).
+    """
+
+    gpu: str
+    sm_counts: list[int]
+    gemm_flops_per_s: list[float]
+    hbm_bytes_per_s: list[float]
+    source: Literal["measured", "cached", "declared", "scaled"]
+    step_overhead_ms: float = 0.0
+    driver: str = ""
+    detail: str = ""
+
+
 class WorkerReady(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
-    """The worker's answer to Hello: what it loaded and how much KV it holds."""
+    """The worker's answer to Hello: what it loaded and how much KV it holds.
+
+    `profile` feeds the latency model (None: no predictions). With `supports_multiplexing`, a
+    multiplexed plan may give one phase any SM count in `partition_sm_counts` and the other phase
+    the rest of `device.sm_count`.
+    """
 
     protocol_version: int
     model: ModelDescription
@@ -133,7 +162,8 @@ class WorkerReady(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
     attention_backend: str
     supports_multiplexing: bool = False
     max_num_batched_tokens: int = 0  # the largest step the worker's memory plan fits; 0: no limit
-    sm_splits: list[tuple[int, int]] = []  # (prefill SMs, decode SMs) partitions the worker can run
+    partition_sm_counts: list[int] = []
+    profile: HardwareProfile | None = None
 
 
 class TokenLogprobs(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
@@ -158,12 +188,16 @@ class SeqFailure(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
 
 
 class StepTimings(msgspec.Struct, frozen=True, kw_only=True):
-    """Measured durations of one step in milliseconds; `source` says which clock measured them."""
+    """Measured durations of one step in milliseconds; `source` says which clock measured them.
+
+    In a multiplexed step `prefill_ms` covers the prefill items and `decode_ms` all look-ahead
+    decode steps; 0 means not measured separately. `simulated` times come from a roofline, not a clock.
+    """
 
     total_ms: float
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
-    source: Literal["host", "cuda_events"] = "host"
+    source: Literal["host", "cuda_events", "simulated"] = "host"
 
 
 class StepResult(msgspec.Struct, frozen=True, kw_only=True, tag="result"):

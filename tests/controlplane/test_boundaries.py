@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_control_plane_does_not_import_torch() -> None:
     code = (
-        "import sys, pkgutil, importlib, controlplane, shared, dataplane.sim\n"
+        "import sys, pkgutil, importlib, controlplane, shared, dataplane.sim, dataplane.sim_worker\n"
         "for m in pkgutil.walk_packages(controlplane.__path__, 'controlplane.'):\n"
         "    importlib.import_module(m.name)\n"
         "for m in pkgutil.walk_packages(shared.__path__, 'shared.'):\n"

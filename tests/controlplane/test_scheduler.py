@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 from hypothesis import given, settings
@@ -11,6 +12,7 @@ from controlplane.kv_blocks import BlockAllocator
 from controlplane.scheduler import Scheduler
 from controlplane.sequence import FinishReason, Sequence, StopParams
 from dataplane.sim import SimRunner, sim_token
+from dataplane.sim_worker import SimGpu
 from shared.config import SchedulerConfig
 from shared.messages import SamplingParams, StepPlan, StepResult
 
@@ -32,7 +34,7 @@ def make_scheduler(num_blocks: int = 64, block_size: int = 4, budget: int = 32, 
     return sched, SimRunner(num_blocks, block_size, VOCAB)
 
 
-def step(sched: Scheduler, runner: SimRunner) -> tuple[StepPlan, StepResult]:
+def step(sched: Scheduler, runner: SimRunner | SimGpu) -> tuple[StepPlan, StepResult]:
     plan = sched.schedule()
     assert plan is not None
     assert sum(s.num_tokens for s in plan.scheduled) <= sched.config.max_num_batched_tokens
@@ -44,7 +46,7 @@ def step(sched: Scheduler, runner: SimRunner) -> tuple[StepPlan, StepResult]:
     return plan, result
 
 
-def drain(sched: Scheduler, runner: SimRunner, max_steps: int = 10_000) -> int:
+def drain(sched: Scheduler, runner: SimRunner | SimGpu, max_steps: int = 10_000) -> int:
     steps = 0
     while sched.has_work():
         step(sched, runner)
@@ -128,7 +130,7 @@ def test_eos_stops_unless_ignored_and_min_tokens_holds_it_back() -> None:
 
     sched2, _ = make_scheduler()
     held = make_seq(1, 3, 10)
-    held = Sequence(**{**held.__dict__, "stop": StopParams(max_tokens=10, min_tokens=2)})
+    held = dataclasses.replace(held, stop=StopParams(max_tokens=10, min_tokens=2))
     sched2.add(held)
     plan = sched2.schedule()
     assert plan is not None

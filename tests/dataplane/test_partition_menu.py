@@ -29,7 +29,7 @@ def test_menu_picks_listed_sizes_and_rejects_impossible_ones() -> None:
 
 def test_cpu_worker_reports_no_multiplexing_and_runs_multiplexed_plans_aggregated() -> None:
     loaded = load_worker(DataplaneConfig(model="tiny", device="cpu", num_kv_blocks=64))
-    assert not loaded.ready.supports_multiplexing and loaded.ready.sm_splits == []
+    assert not loaded.ready.supports_multiplexing and loaded.ready.partition_sm_counts == []
     runner = loaded.runner
     new = NewRequest(seq_id=1, token_ids=[5, 6, 7], num_prompt_tokens=3, block_ids=[0, 1],
                      sampling=SamplingParams(temperature=0.0))

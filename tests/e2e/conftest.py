@@ -63,6 +63,7 @@ async def serve(
     max_num_seqs: int = 256,
     max_model_len: int | None = None,
     telemetry: TelemetryConfig = TelemetryConfig(),
+    policy: str = "aggregated",
 ) -> AsyncIterator[Served]:
     workdir = tempfile.mkdtemp(prefix="ds-")  # short: ipc paths are limited to ~100 bytes
     endpoint = f"ipc://{workdir}/dp.sock"
@@ -73,8 +74,9 @@ async def serve(
     )
     config = ServerConfig(
         port=0, dataplane_endpoint=endpoint, handshake_timeout_s=120.0, step_timeout_s=60.0,
-        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
         telemetry=telemetry,
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                  policy=policy),  # type: ignore[arg-type]
     )
     plane = ControlPlane(config, model)
     channel = None

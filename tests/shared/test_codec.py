@@ -14,6 +14,7 @@ from shared.codec import ProtocolError, decode_to_control, decode_to_worker, enc
 from shared.messages import (
     PROTOCOL_VERSION,
     DeviceDescription,
+    HardwareProfile,
     Hello,
     ModelDescription,
     NewRequest,
@@ -60,9 +61,14 @@ def test_round_trips() -> None:
                                max_position_embeddings=128, dtype="float32"),
         device=DeviceDescription(kind="cpu", name="cpu"),
     )
+    profiled = msgspec.structs.replace(
+        ready, supports_multiplexing=True, partition_sm_counts=[8, 16],
+        profile=HardwareProfile(gpu="g", sm_counts=[8, 132], gemm_flops_per_s=[1e12, 8e14],
+                                hbm_bytes_per_s=[6e11, 3e12], source="declared", step_overhead_ms=0.5),
+    )
     result = StepResult(step_id=3, outputs=[SeqOutput(seq_id=1, token_ids=[5],
                                                       logprobs=[TokenLogprobs(logprob=-0.1)])])
-    for message in (ready, result, WorkerFatal(reason="x")):
+    for message in (ready, profiled, result, WorkerFatal(reason="x")):
         assert decode_to_control(encode(message)) == message
 
 

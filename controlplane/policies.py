@@ -1,0 +1,190 @@
+"""Step policies: which work a step takes (composition) and how it runs (aggregated or multiplexed).
+
+The scheduler drafts a batch in the order a policy asks for (`decode_first`: every decode, then
+prefill chunks under the token budget; `prefill_first`: prefill chunks only while any prompt can
+run, else decodes), summarises it as a `BatchShape`, and asks the policy for a `ModeDecision`.
+Policies: `aggregated` (vLLM-style), `prefill-first` (SGLang's default), `static` (fixed split and
+look-ahead) and `duet` (the predictor and optimizer of DESIGN.md). `StepForecast` holds one step's
+roofline costs so the policy and the predictor's online correction share them.
+Pure decisions: no I/O, no sockets, no torch; the scheduler applies them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from controlplane.optimizer import Split, candidate_splits, decide, useful_decode_tokens
+from controlplane.predictor import Predictor, Regime, regime_of
+from shared.config import SchedulerConfig
+from shared.messages import Mode, WorkerReady
+from shared.roofline import BatchCost
+
+log = logging.getLogger(__name__)
+
+Composition = Literal["decode_first", "prefill_first"]
+
+
+@dataclass
+class BatchShape:
+    """A drafted batch as the policies see it. Decode items have one new token that samples."""
+
+    decode_contexts: list[int] = field(default_factory=list)  # cached tokens of each decode item
+    decode_remaining: list[int] = field(default_factory=list)  # tokens each decode item may still emit
+    chunks: list[tuple[int, int, bool]] = field(default_factory=list)  # other items: (q, c, samples)
+
+    @property
+    def num_decode(self) -> int:
+        return len(self.decode_contexts)
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(q for q, _, _ in self.chunks)
+
+
+@dataclass(frozen=True)
+class ModeDecision:
+    mode: Mode = "aggregated"
+    prefill_sms: int = 0
+    decode_sms: int = 0
+    decode_steps: int = 1
+
+
+AGGREGATED = ModeDecision()
+
+
+class StepForecast:
+    """Roofline costs of one drafted batch (whole, prefill part, decode part), computed once."""
+
+    def __init__(self, predictor: Predictor, batch: BatchShape) -> None:
+        self.predictor = predictor
+        self.batch = batch
+        self.decode: BatchCost = predictor.cost(batch.decode_contexts, [])
+        self.prefill: BatchCost = predictor.cost([], batch.chunks)
+        self.mixed: BatchCost = self.decode.merge(self.prefill) if batch.chunks and batch.num_decode else (
+            self.decode if not batch.chunks else self.prefill)
+        self.regime: Regime = regime_of(batch.num_decode, len(batch.chunks))
+
+    def mixed_ms(self) -> float:
+        """Corrected prediction of the whole batch, aggregated on the whole device."""
+        return self.predictor.predict_ms(self.mixed, self.regime)
+
+    def observations(self, decision: ModeDecision) -> list[tuple[Regime, float, str]]:
+        """(regime, raw roofline ms, which measured timing to compare with) for this step."""
+        raw = self.predictor.raw_ms
+        if decision.mode == "aggregated":
+            return [(self.regime, raw(self.mixed), "total")]
+        out: list[tuple[Regime, float, str]] = []
+        if not self.prefill.empty:
+            out.append(("mux_prefill", raw(self.prefill, decision.prefill_sms), "prefill"))
+        if not self.decode.empty:
+            out.append(("mux_decode", raw(self.decode, decision.decode_sms), "decode"))
+        return out
+
+
+class Policy(Protocol):
+    name: str
+    composition: Composition
+
+    def decide(self, batch: BatchShape, forecast: StepForecast | None) -> ModeDecision: ...
+
+
+@dataclass
+class AggregatedPolicy:
+    """vLLM-style: one decode-first chunked-prefill batch on the whole GPU, every step."""
+
+    name: str = "aggregated"
+    composition: Composition = "decode_first"
+
+    def decide(self, batch: BatchShape, forecast: StepForecast | None) -> ModeDecision:
+        return AGGREGATED
+
+
+@dataclass
+class PrefillFirstPolicy:
+    """SGLang's default: a prefill-only batch whenever prompts can run, otherwise a decode batch."""
+
+    name: str = "prefill-first"
+    composition: Composition = "prefill_first"
+
+    def decide(self, batch: BatchShape, forecast: StepForecast | None) -> ModeDecision:
+        return AGGREGATED
+
+
+@dataclass
+class StaticPolicy:
+    """Multiplexed on a fixed split with a fixed look-ahead whenever prefill and decode coexist."""
+
+    split: Split | None
+    lookahead: int
+    name: str = "static"
+    composition: Composition = "decode_first"
+
+    def decide(self, batch: BatchShape, forecast: StepForecast | None) -> ModeDecision:
+        if self.split is None or not batch.num_decode or not batch.chunks:
+            return AGGREGATED
+        return ModeDecision("multiplexed", self.split.prefill_sms, self.split.decode_sms, self.lookahead)
+
+
+@dataclass
+class DuetPolicy:
+    """DESIGN.md: aggregated while the mixed batch fits the TBT SLO, else the optimizer's split."""
+
+    splits: list[Split]
+    tbt_slo_ms: float
+    max_lookahead: int
+    hysteresis: float
+    previous: Split | None = None
+    name: str = "duet"
+    composition: Composition = "decode_first"
+
+    def decide(self, batch: BatchShape, forecast: StepForecast | None) -> ModeDecision:
+        if forecast is None or not self.splits or not batch.num_decode or not batch.chunks:
+            return AGGREGATED
+        pred = forecast.predictor
+        choice = decide(
+            forecast.mixed_ms(), self.tbt_slo_ms, self.splits,
+            lambda s: pred.predict_ms(forecast.prefill, "mux_prefill", s),
+            lambda s: pred.predict_ms(forecast.decode, "mux_decode", s),
+            batch.prefill_tokens, useful_decode_tokens(batch.decode_remaining, self.max_lookahead),
+            self.previous, self.hysteresis,
+        )
+        if choice is None:
+            return AGGREGATED
+        self.previous = choice.split
+        return ModeDecision("multiplexed", choice.split.prefill_sms, choice.split.decode_sms, choice.k)
+
+
+def _static_split(config: SchedulerConfig, ready: WorkerReady) -> Split | None:
+    sizes = ready.partition_sm_counts
+    if not sizes:
+        return None
+    decode = min(sizes, key=lambda s: (abs(s - config.static_decode_sms), s))
+    if decode != config.static_decode_sms:
+        log.warning("static split: %d decode SMs is not a partition size; using %d", config.static_decode_sms, decode)
+    return Split(ready.device.sm_count - decode, decode)
+
+
+def make_policy(config: SchedulerConfig, ready: WorkerReady | None) -> Policy:
+    """The configured policy for this worker; multiplexing policies fall back to aggregated steps
+    (and say so) where the worker cannot split its SMs or sent no profile to predict with."""
+    can_split = bool(ready and ready.supports_multiplexing and ready.partition_sm_counts and ready.device.sm_count)
+    if config.policy in ("static", "duet") and not can_split:
+        log.warning("policy %s: the data plane cannot multiplex; every step runs aggregated", config.policy)
+    if config.policy == "prefill-first":
+        return PrefillFirstPolicy()
+    if config.policy == "static":
+        return StaticPolicy(_static_split(config, ready) if can_split and ready else None, config.static_lookahead)
+    if config.policy == "duet":
+        if ready is not None and ready.profile is None:
+            log.warning("policy duet: the data plane sent no hardware profile; every step runs aggregated")
+        splits = candidate_splits(ready.device.sm_count, ready.partition_sm_counts) if can_split and ready else []
+        return DuetPolicy(splits, config.tbt_slo_ms, config.max_lookahead, config.hysteresis)
+    return AggregatedPolicy()
+
+
+def make_predictor(ready: WorkerReady | None) -> Predictor | None:
+    if ready is None or ready.profile is None:
+        return None
+    return Predictor(ready.model, ready.profile)

@@ -1,0 +1,225 @@
+"""`python -m dataplane.sim_worker`: a simulated GPU data plane that speaks the real protocol.
+
+It binds the same DEALER endpoint as `dataplane.worker`, answers Hello with a WorkerReady for a
+named model shape on a named GPU (declared HardwareProfile, partition sizes, KV capacity from the
+GPU's memory), and answers each StepPlan after the time the shared roofline gives for it (scaled
+by `--time-scale`), with SimRunner's deterministic tokens and `simulated` timings. It does no math
+and decides nothing, and must not import torch: it lets the whole control plane run on a CPU and
+backs `duetserve simulate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import zmq
+
+from dataplane.lifeline import die_with_parent
+from dataplane.models.config import ModelConfig, load_model_config
+from dataplane.models.presets import PRESETS
+from dataplane.sim import SimRunner
+from shared.codec import ProtocolError, decode_to_worker, encode
+from shared.messages import (
+    PROTOCOL_VERSION, DeviceDescription, HardwareProfile, Hello, ModelDescription, StepPlan, StepResult,
+    StepTimings, ToControl, WorkerFatal, WorkerReady,
+)
+from shared.profiles import GpuSpec, gpu_spec
+from shared.roofline import BatchCost, ModelShape, Roofline, batch_cost
+
+log = logging.getLogger(__name__)
+
+ACTIVATION_RESERVE_BYTES = 1 << 30
+DTYPE = "bfloat16"
+
+
+def model_config(model: str) -> ModelConfig:
+    if model in PRESETS:
+        return PRESETS[model]
+    if Path(model).is_dir():
+        return load_model_config(model)
+    raise ValueError(f"model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a checkpoint folder")
+
+
+def describe(cfg: ModelConfig) -> ModelDescription:
+    return ModelDescription(
+        name=cfg.name, architecture=cfg.architecture, vocab_size=cfg.vocab_size, num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_q_heads=cfg.num_q_heads,
+        num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
+        dtype=DTYPE, eos_token_ids=list(cfg.eos_token_ids), bos_token_id=cfg.bos_token_id,
+    )
+
+
+def weight_bytes(cfg: ModelConfig, elem: int = 2) -> int:
+    shape = ModelShape.from_description(describe(cfg))
+    per_layer = sum(di * do for di, do in shape.linear_shapes()) + 2 * cfg.hidden_size
+    embeddings = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    return elem * (cfg.num_layers * per_layer + embeddings + cfg.hidden_size)
+
+
+def kv_blocks_for(cfg: ModelConfig, gpu: GpuSpec, block_size: int, utilization: float) -> int:
+    per_block = 2 * block_size * cfg.num_kv_heads * cfg.head_dim * 2 * cfg.num_layers
+    budget = gpu.memory_bytes * utilization - weight_bytes(cfg) - ACTIVATION_RESERVE_BYTES
+    blocks = int(budget // per_block)
+    if blocks < 1:
+        raise ValueError(f"{cfg.name} does not fit on {gpu.name} with room for a KV cache")
+    return blocks
+
+
+def sim_ready(model: str, gpu: str = "h100", *, block_size: int = 16, num_kv_blocks: int | None = None,
+              gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
+              profile: HardwareProfile | None = None) -> WorkerReady:
+    """The WorkerReady a simulated `gpu` running `model` answers with."""
+    cfg, spec = model_config(model), gpu_spec(gpu)
+    blocks = num_kv_blocks or kv_blocks_for(cfg, spec, block_size, gpu_memory_utilization)
+    max_len = min(cfg.max_position_embeddings, max_model_len or cfg.max_position_embeddings)
+    return WorkerReady(
+        protocol_version=PROTOCOL_VERSION, model=describe(cfg),
+        device=DeviceDescription(kind="cuda", name=f"{spec.name} (simulated)", sm_count=spec.sm_count,
+                                 memory_bytes=spec.memory_bytes),
+        num_kv_blocks=blocks, block_size=block_size, max_model_len=max_len, attention_backend="sim",
+        supports_multiplexing=True, partition_sm_counts=spec.partition_sizes(), profile=profile or spec.profile,
+    )
+
+
+class SimGpu:
+    """Executes plans with SimRunner and times them with the roofline of the declared profile."""
+
+    def __init__(self, ready: WorkerReady, time_scale: float = 1.0) -> None:
+        assert ready.profile is not None
+        self.ready = ready
+        self.roofline = Roofline(ModelShape.from_description(ready.model), ready.profile)
+        self.runner = SimRunner(ready.num_kv_blocks, ready.block_size, ready.model.vocab_size)
+        self.time_scale = time_scale
+
+    def timings(self, plan: StepPlan) -> StepTimings:
+        """Simulated GPU time of `plan`, from the worker's state before it runs."""
+        fresh = {n.seq_id: len(n.token_ids) for n in plan.new_requests}
+        decode: list[int] = []
+        chunks: list[tuple[int, int, bool]] = []
+        for entry in plan.scheduled:
+            known = self.runner.seqs.get(entry.seq_id)
+            cached, total = (0, fresh[entry.seq_id]) if entry.seq_id in fresh else (
+                (known.num_computed, len(known.token_ids)) if known else (0, entry.num_tokens))
+            samples = cached + entry.num_tokens >= total
+            if entry.num_tokens == 1 and samples:
+                decode.append(cached)
+            else:
+                chunks.append((entry.num_tokens, cached, samples))
+        shape, k = self.roofline.shape, plan.decode_steps
+        later = sum(self._ms(batch_cost(shape, [c + j for c in decode], []), plan.decode_sms or None)
+                    for j in range(1, k)) if decode else 0.0
+        if plan.mode == "multiplexed":
+            prefill = self._ms(batch_cost(shape, [], chunks), plan.prefill_sms)
+            first = self._ms(batch_cost(shape, decode, []), plan.decode_sms)
+            return StepTimings(total_ms=max(prefill, first + later), prefill_ms=prefill, decode_ms=first + later,
+                               source="simulated")
+        return StepTimings(total_ms=self._ms(batch_cost(shape, decode, chunks), None) + later, source="simulated")
+
+    def _ms(self, cost: BatchCost, sms: int | None) -> float:
+        return self.roofline.step_ms(cost, sms)
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        start = time.monotonic()
+        timings = self.timings(plan)
+        result = self.runner.execute(plan)
+        deadline = start + timings.total_ms * self.time_scale / 1e3
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(left)
+        return msgspec.structs.replace(result, timings=timings)
+
+
+class SimWorker:
+    """Serves one control plane at a time on a bound DEALER socket (like dataplane.worker.Worker)."""
+
+    def __init__(self, endpoint: str, gpu: SimGpu) -> None:
+        self.endpoint = endpoint
+        self.gpu = gpu
+        self._running = True
+
+    def request_stop(self, *_: object) -> None:
+        self._running = False
+
+    def serve(self) -> int:
+        context = zmq.Context()
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.bind(self.endpoint)
+            log.info("simulated data plane listening on %s", self.endpoint)
+            while self._running:
+                if not sock.poll(100):
+                    continue
+                try:
+                    message = decode_to_worker(sock.recv())
+                except ProtocolError as exc:
+                    log.error("dropping malformed frame: %s", exc)
+                    continue
+                if not isinstance(message, Hello | StepPlan):
+                    return 0  # Shutdown
+                reply = self._dispatch(message)
+                try:
+                    sock.send(encode(reply), flags=zmq.NOBLOCK)
+                except zmq.Again:  # the control plane left mid-step
+                    log.warning("no control plane connected; dropped a %s", type(reply).__name__)
+                if isinstance(reply, WorkerFatal):
+                    return 1
+            return 0
+        finally:
+            sock.close(linger=0)
+            context.term()
+
+    def _dispatch(self, message: Hello | StepPlan) -> ToControl:
+        if isinstance(message, Hello):
+            if message.protocol_version != PROTOCOL_VERSION:
+                return WorkerFatal(reason=f"protocol version mismatch: data plane speaks {PROTOCOL_VERSION}, "
+                                          f"control plane speaks {message.protocol_version}")
+            self.gpu = SimGpu(self.gpu.ready, self.gpu.time_scale)  # a new control plane starts from scratch
+            return self.gpu.ready
+        try:
+            return self.gpu.execute(message)
+        except Exception as exc:  # noqa: BLE001 - the error boundary of the process
+            log.exception("step %d failed", message.step_id)
+            return WorkerFatal(reason=f"step {message.step_id} failed: {exc!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dataplane.sim_worker", description=__doc__.split("\n")[0])
+    p.add_argument("--endpoint", required=True, help="ZeroMQ endpoint to bind")
+    p.add_argument("--model", default="qwen3-8b", help="preset name or checkpoint folder (shapes only)")
+    p.add_argument("--gpu", default="h100", help="named GPU whose declared profile times the steps")
+    p.add_argument("--profile", default=None, help="JSON HardwareProfile to use instead of the declared one")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="default: what the GPU's memory holds")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--time-scale", type=float, default=1.0, help="wall seconds per simulated second")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--parent-pid", type=int, default=None, help="exit when this process dies")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.parent_pid is not None:
+        die_with_parent(args.parent_pid)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s sim-dataplane: %(message)s")
+    profile = None
+    if args.profile:
+        profile = msgspec.json.decode(Path(args.profile).read_bytes(), type=HardwareProfile)
+    ready = sim_ready(args.model, args.gpu, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+                      gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+                      profile=profile)
+    worker = SimWorker(args.endpoint, SimGpu(ready, args.time_scale))
+    signal.signal(signal.SIGTERM, worker.request_stop)
+    signal.signal(signal.SIGINT, worker.request_stop)
+    return worker.serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

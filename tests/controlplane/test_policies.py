@@ -1,0 +1,164 @@
+"""Step policies inside the scheduler, against the simulated runner (real bookkeeping, no math)."""
+
+from __future__ import annotations
+
+import random
+
+import msgspec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from controlplane.kv_blocks import BlockAllocator
+from controlplane.scheduler import Scheduler
+from controlplane.sequence import FinishReason
+from dataplane.sim import SimRunner
+from dataplane.sim_worker import SimGpu, sim_ready
+from shared.config import SchedulerConfig
+from shared.messages import WorkerReady
+from tests.controlplane.test_scheduler import VOCAB, EOS, drain, expected_tokens, make_seq, step
+
+
+def make(policy: str, *, num_blocks: int = 4096, block_size: int = 16, budget: int = 2048, max_seqs: int = 256,
+         tbt: float = 30.0, worker: WorkerReady | None = None, **extra: object) -> tuple[Scheduler, SimGpu]:
+    """A scheduler for a simulated H100 worker; its runner reports roofline times instantly."""
+    config = SchedulerConfig(policy=policy, max_num_seqs=max_seqs, max_num_batched_tokens=budget,  # type: ignore[arg-type]
+                             tbt_slo_ms=tbt, **extra)  # type: ignore[arg-type]
+    worker = worker or sim_ready("qwen3-8b", "h100", block_size=block_size, num_kv_blocks=num_blocks)
+    sched = Scheduler(config, BlockAllocator(num_blocks, block_size), 100_000, frozenset({EOS}), worker)
+    gpu = SimGpu(worker, time_scale=0.0)
+    gpu.runner = SimRunner(num_blocks, block_size, VOCAB)  # the tokens expected_tokens() knows
+    return sched, gpu
+
+
+def test_prefill_first_runs_prefill_only_batches_while_prompts_wait() -> None:
+    sched, runner = make("prefill-first", budget=64)
+    for i in range(4):
+        sched.add(make_seq(i, 8, 20))
+    step(sched, runner)  # four prompts, one batch
+    sched.add(make_seq(10, 100, 5))
+    kinds = []
+    while 10 in sched.seqs and not sched.seqs[10].output_token_ids:
+        plan, _ = step(sched, runner)
+        kinds.append({s.seq_id for s in plan.scheduled})
+    assert kinds == [{10}, {10}]  # 64 + 36 tokens, no decode interleaved
+    plan, _ = step(sched, runner)
+    assert {s.seq_id for s in plan.scheduled} == {0, 1, 2, 3, 10}  # nothing waits: decode batch
+    drain(sched, runner)
+
+
+def test_static_multiplexes_when_both_phases_exist_and_reserves_lookahead_blocks() -> None:
+    sched, runner = make("static", block_size=4, static_decode_sms=32, static_lookahead=4)
+    decoders = [make_seq(i, 5, 30) for i in range(3)]
+    for s in decoders:
+        sched.add(s)
+    first, _ = step(sched, runner)
+    assert first.mode == "aggregated"  # prompts only
+    sched.add(make_seq(9, 50, 4))
+    plan = sched.schedule()
+    assert plan is not None and plan.mode == "multiplexed"
+    assert (plan.prefill_sms, plan.decode_sms, plan.decode_steps) == (100, 32, 4)
+    for s in decoders:  # 6 cached + 4 look-ahead tokens need 3 blocks of 4
+        assert len(s.block_ids) == 3
+    sched.update(runner.execute(plan))
+    assert all(len(s.output_token_ids) == 5 for s in decoders)
+    drain(sched, runner)
+    for s in decoders:
+        assert s.output_token_ids == expected_tokens(s, 30)
+    assert sched.allocator.num_free == sched.allocator.num_blocks and sched.stats.steps["multiplexed"] >= 1
+
+
+def test_lookahead_shrinks_when_blocks_are_short() -> None:
+    sched, runner = make("static", num_blocks=7, block_size=4, static_lookahead=8)
+    a, b = make_seq(0, 3, 10), make_seq(1, 3, 10)
+    sched.add(a)
+    sched.add(b)
+    step(sched, runner)
+    sched.add(make_seq(2, 8, 2))  # 2 blocks; a and b hold 1 each: 3 free, k=8 would need 4
+    plan = sched.schedule()
+    assert plan is not None and plan.mode == "multiplexed" and plan.decode_steps == 5
+    sched.update(runner.execute(plan))
+    drain(sched, runner)
+    assert a.output_token_ids == expected_tokens(a, 10) and b.output_token_ids == expected_tokens(b, 10)
+
+
+def test_duet_switches_modes_with_load_and_keeps_its_split() -> None:
+    sched, runner = make("duet", tbt=25.0)
+    seqs = [make_seq(i, 200, 400) for i in range(64)]
+    for seq in seqs:
+        sched.add(seq)
+    modes = [step(sched, runner)[0].mode for _ in range(10)]
+    assert modes[-1] == "aggregated"  # 64 decodes alone fit 25 ms
+    for i in range(100, 104):
+        sched.add(make_seq(i, 4000, 4))  # long prompts: a mixed 2048-token step breaks 25 ms
+    plans = [step(sched, runner)[0] for _ in range(6)]
+    mux = [p for p in plans if p.mode == "multiplexed"]
+    assert mux and all(p.decode_steps >= 2 for p in mux)
+    assert len({(p.prefill_sms, p.decode_sms) for p in mux}) <= 2  # hysteresis: no flapping
+    pred = sched.predictor
+    assert pred is not None
+    predicted = pred.raw_ms(pred.cost([200] * 64, []), mux[0].decode_sms)
+    assert predicted <= 25.0  # the SLO holds on the decode partition
+    drain(sched, runner)
+    assert sched.allocator.num_free == sched.allocator.num_blocks and sched.stats.switches >= 2
+    assert all(s.output_token_ids == expected_tokens(s, 400) for s in seqs)
+
+
+def test_multiplexing_policies_stay_aggregated_on_a_worker_that_cannot_split() -> None:
+    cpu = msgspec.structs.replace(sim_ready("qwen3-8b", num_kv_blocks=4096), supports_multiplexing=False,
+                                  partition_sm_counts=[])
+    for policy in ("static", "duet"):
+        sched, runner = make(policy, worker=cpu, tbt=0.001)
+        for i in range(6):
+            sched.add(make_seq(i, 300, 6))
+        while sched.has_work():
+            assert step(sched, runner)[0].mode == "aggregated"
+
+
+def test_sim_gpu_times_plans_by_the_roofline() -> None:
+    sched, gpu = make("static", static_lookahead=4)
+    for i in range(3):
+        sched.add(make_seq(i, 5, 30))
+    plan = sched.schedule()
+    assert plan is not None
+    sched.update(gpu.execute(plan))
+    sched.add(make_seq(9, 1000, 4))
+    plan = sched.schedule()
+    assert plan is not None and plan.mode == "multiplexed"
+    timings = gpu.timings(plan)
+    assert timings.source == "simulated" and timings.total_ms == max(timings.prefill_ms, timings.decode_ms)
+    assert timings.prefill_ms > timings.decode_ms / 4 > 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    policy=st.sampled_from(["aggregated", "prefill-first", "static", "duet"]),
+    lengths=st.lists(st.tuples(st.integers(1, 60), st.integers(1, 30)), min_size=1, max_size=10),
+    num_blocks=st.integers(23, 80),
+    block_size=st.sampled_from([1, 2, 4, 16]),
+    budget=st.integers(1, 96),
+    lookahead=st.integers(1, 8),
+    seed=st.integers(0, 1000),
+)
+def test_random_workloads_complete_under_every_policy(policy: str, lengths: list[tuple[int, int]], num_blocks: int,
+                                                     block_size: int, budget: int, lookahead: int, seed: int) -> None:
+    capacity = num_blocks * block_size
+    lengths = [(p, o) for p, o in lengths if p + o + 8 <= capacity] or [(1, 1)]
+    sched, runner = make(policy, num_blocks=num_blocks, block_size=block_size, budget=budget, max_seqs=8,
+                         tbt=0.5, static_lookahead=lookahead, max_lookahead=lookahead)
+    rng = random.Random(seed)
+    seqs = [make_seq(i, p, o) for i, (p, o) in enumerate(lengths)]
+    pending, steps = list(seqs), 0
+    while pending or sched.has_work():
+        if pending and rng.random() < 0.5:
+            sched.add(pending.pop(0))
+        if sched.has_work():
+            step(sched, runner)
+            if rng.random() < 0.03 and sched.seqs:
+                sched.finish(rng.choice(list(sched.seqs)), FinishReason.ABORT)
+        steps += 1
+        assert steps < 20_000
+    assert sched.allocator.num_free == num_blocks
+    for seq in seqs:
+        assert seq.is_finished
+        if seq.finish_reason is FinishReason.LENGTH:
+            assert seq.output_token_ids == expected_tokens(seq, seq.stop.max_tokens)

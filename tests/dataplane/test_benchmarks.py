@@ -1,0 +1,33 @@
+"""Smoke tests of the benchmark scripts: they run end to end on the CPU and write the promised JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_predictor_benchmark_runs_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "predictor-cpu.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/predictor.py", "--device", "cpu", "--model", "tiny", "--quick", "--reps", "1",
+         "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["gpu"] == "cpu" and report["n_samples"] == len(report["samples"]) > 0
+    assert set(report["mape_by_regime"]) == {"decode", "prefill", "mixed"}
+    assert all(v is not None for v in report["mape_by_regime"].values())
+    assert report["mape"] >= 0 and report["profile"]["source"] == "measured"
+
+
+def test_scheduler_overhead_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+    proc = subprocess.run([sys.executable, "benchmarks/scheduler_overhead.py", "--steps", "5", "--running", "16",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["policy"] for r in rows] == ["aggregated", "prefill-first", "static", "duet"]
