@@ -71,7 +71,7 @@ def plant(runner: ModelRunner, shape: Shape, rng: random.Random) -> StepPlan:
         total = cached + q
         blocks = -(-total // size)
         runner.seqs[seq_id] = SeqState(
-            seq_id=seq_id, token_ids=[rng.randrange(vocab) for _ in range(total)], num_prompt_tokens=total,
+            seq_id=seq_id, token_ids=torch.randint(0, vocab, (total,)).tolist(), num_prompt_tokens=total,
             block_table=list(range(next_block, next_block + blocks)), sampling=SamplingParams(temperature=0.0),
             num_computed=cached,
         )
@@ -140,10 +140,18 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
     rng = random.Random(args.seed)
     config = DataplaneConfig(model=args.model, device=args.device, dtype=args.dtype, num_kv_blocks=args.kv_blocks,
                              block_size=16, attention_backend=args.attention_backend, seed=args.seed,
-                             calibration_cache_dir=args.calibration_cache_dir)
+                             calibration_cache_dir=args.calibration_cache_dir, max_num_batched_tokens=8192,
+                             decode_partition_sms=tuple(int(x) for x in args.decode_sizes.split(","))
+                             if args.partitions else None)
     loaded = load_worker(config)
     runner, ready = loaded.runner, loaded.ready
     provider = load_partition_provider(args.partition_provider) if args.partition_provider else None
+    if args.partitions and runner.multiplexer is not None:  # the worker's own green-context streams
+        streams = {}
+        for part in runner.multiplexer.partitions.partitions.values():
+            streams.setdefault(part.actual_decode_sms, part.decode_stream)
+            streams.setdefault(part.actual_prefill_sms, part.prefill_stream)
+        provider = lambda sms: torch.cuda.stream(streams[sms])  # noqa: E731
     full = ready.device.sm_count or 1
     sm_counts = [int(s) for s in args.sm_counts.split(",")] if args.sm_counts else [full]
     if provider is None and sm_counts != [full]:
@@ -156,8 +164,11 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
     predictor = Predictor(ready.model, profile)
     shapes = grid(args.quick, runner.num_blocks * runner.block_size)
     samples = []
+    graphs = runner.graphs
     for sms in sm_counts:
         context = provider(sms) if provider is not None and sms != full else nullcontext()
+        # a graph keeps the SMs it was captured on: on a partition, decode runs eagerly instead
+        runner.graphs = graphs if sms == full else None
         with context:
             for decode, chunks in shapes:
                 measured = time_step(runner, (decode, chunks), args.reps, rng)
@@ -195,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-blocks", type=int, default=None, help="default: 20000 on CUDA (320k tokens), 256 on CPU")
     p.add_argument("--sm-counts", default=None, help="comma-separated SM counts (needs --partition-provider)")
     p.add_argument("--partition-provider", default=None, help="module:attr of a PartitionProvider")
+    p.add_argument("--partitions", action="store_true",
+                   help="measure on the worker's own green-context partitions (decode sizes from --decode-sizes)")
+    p.add_argument("--decode-sizes", default="16,32,64", help="decode partition sizes the worker builds")
     p.add_argument("--calibration-cache-dir", default=None)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="a small grid (CPU smoke test)")

@@ -65,6 +65,7 @@ def test_flashinfer_matches_torch_attention(kind: str) -> None:
 
 
 def _worker(tmp_model: str, **overrides: object):  # noqa: ANN202
+    overrides.setdefault("multiplexing", False)  # partitions (and their calibration) only where a test needs them
     config = DataplaneConfig(model=tmp_model, device="cuda", num_kv_blocks=512, max_num_batched_tokens=1024,
                              max_num_seqs=32, **overrides)  # type: ignore[arg-type]
     return load_worker(config)
@@ -209,10 +210,12 @@ def _schedule(runner, prompts_a, prompts_b, k: int, decode_sms: int, sync_debug:
 
 
 def test_multiplexed_schedule_equals_aggregated(gpu_checkpoint: Path) -> None:
-    loaded = _worker(str(gpu_checkpoint))
+    loaded = _worker(str(gpu_checkpoint), multiplexing=True, decode_partition_sms=(8, 16, 120))
     assert loaded.ready.supports_multiplexing
-    assert 8 in loaded.ready.partition_sm_counts and 120 in loaded.ready.partition_sm_counts
-    assert loaded.ready.profile is not None and 16 in loaded.ready.profile.sm_counts  # partitions measured
+    assert loaded.ready.partition_sm_counts == [8, 16, 120]
+    parts = loaded.runner.multiplexer.partitions.partitions
+    assert [(p.actual_prefill_sms, p.actual_decode_sms) for p in parts.values()] == [(124, 8), (116, 16), (12, 120)]
+    assert loaded.ready.profile is not None and {8, 16, 116, 124} <= set(loaded.ready.profile.sm_counts)
     a, b = _prompts(5, 512, seed=6), _prompts(2, 512, seed=7)
     reference = _schedule(_worker(str(gpu_checkpoint)).runner, a, b, k=1, decode_sms=0, sync_debug=False)
     lookahead = _schedule(_worker(str(gpu_checkpoint)).runner, a, b, k=4, decode_sms=0, sync_debug=False)
