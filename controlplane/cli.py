@@ -45,6 +45,8 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default="auto", help="auto (flashinfer on CUDA, torch on CPU), torch "
                                                               "or flashinfer")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on the GPU")
+    p.add_argument("--decode-partition-sms", default=None,
+                   help="comma-separated decode partition sizes to build (default: every split the GPU allows)")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and unseeded sampling")
     p.add_argument("--dataplane-endpoint", default=None,
                    help="ZeroMQ endpoint of the data plane (default: a private ipc:// socket)")
@@ -118,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     from controlplane.traces import add_traces_flags
 
     add_traces_flags(sub.add_parser("traces", help="print one request's spans as a timeline tree"))
+    from controlplane.bench_serve import add_bench_flags
+
+    bench = sub.add_parser("bench", help="benchmarks against a running server")
+    add_bench_flags(bench.add_subparsers(dest="bench_command", required=True).add_parser(
+        "serve", help="open-loop load over the gRPC API; vLLM bench-serve metrics"))
     from controlplane.simulate import add_simulate_flags
 
     simulate = sub.add_parser("simulate", help="replay a trace on a simulated GPU through the real control plane")
@@ -136,6 +143,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataplaneConfig, Server
         max_model_len=args.max_model_len, attention_backend=args.attention_backend, seed=args.seed,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         cuda_graphs=not args.no_cuda_graphs,
+        decode_partition_sms=tuple(int(x) for x in args.decode_partition_sms.split(","))
+        if args.decode_partition_sms else None,
         telemetry=telemetry,
     )
     scheduler = scheduler_config_from_args(args)
@@ -204,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         from controlplane.client import run_health
 
         return run_health(args)
+    if args.command == "bench":
+        from controlplane.bench_serve import bench, format_result
+
+        print(format_result(_run(bench(args))))
+        return 0
     if args.command == "traces":
         from controlplane.traces import run_traces
 

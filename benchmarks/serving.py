@@ -1,0 +1,213 @@
+"""Serving benchmark: request-rate sweeps per policy and trace through the real stack (`duetserve serve`
+as a process, `duetserve bench serve` logic as the client), goodput under TTFT/TPOT SLOs.
+
+    python benchmarks/serving.py --traces code,conv --policies aggregated,prefill-first,duet --rates 4,8,12
+    python benchmarks/serving.py --plot-only benchmarks/results/serving-h100.json   # redraw the plots
+
+Writes benchmarks/results/serving-<gpu>.json (merged with an existing file, so traces can be run in
+separate invocations) and PNG plots next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from controlplane.bench_serve import add_bench_flags, bench  # noqa: E402
+
+TRACES = {"code": "azure_llm_2023_code.csv", "conv": "azure_llm_2023_conv.csv"}
+BASELINES = ("aggregated", "prefill-first", "static")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: argparse.Namespace, policy: str) -> tuple[subprocess.Popen, int, int]:
+    port, metrics = free_port(), free_port()
+    cmd = [sys.executable, "-m", "controlplane.cli", "serve", "--model", args.model, "--port", str(port),
+           "--policy", policy, "--tbt-slo-ms", str(args.tpot_slo_ms), "--ttft-slo-ms", str(args.ttft_slo_ms),
+           "--max-num-batched-tokens", str(args.budget), "--max-num-seqs", str(args.max_num_seqs),
+           "--metrics-port", str(metrics), "--log-level", "WARNING"]
+    if args.decode_partition_sms:
+        cmd += ["--decode-partition-sms", args.decode_partition_sms]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "serving" not in line:
+        proc.kill()
+        raise RuntimeError(f"server for {policy} did not start: {line!r}")
+    return proc, port, metrics
+
+
+def sample_split(metrics_port: int, stop: threading.Event, out: list[tuple[float, float, float]]) -> None:
+    """Poll the Prometheus endpoint for the SM split gauges while a run is in progress."""
+    t0 = time.monotonic()
+    pattern = re.compile(r"^duetserve:sm_split_(prefill|decode)\S*\s+([\d.]+)", re.M)
+    while not stop.wait(0.25):
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1).read().decode()
+        except OSError:
+            continue
+        values = dict(pattern.findall(text))
+        if values:
+            out.append((time.monotonic() - t0, float(values.get("prefill", 0)), float(values.get("decode", 0))))
+
+
+def run_point(args: argparse.Namespace, port: int, metrics: int, trace: Path, rate: float) -> dict:
+    p = argparse.ArgumentParser()
+    add_bench_flags(p)
+    n = int(min(args.max_requests, max(args.min_requests, rate * args.seconds)))
+    bargs = p.parse_args(["--address", f"127.0.0.1:{port}", "--trace", str(trace), "--arrival", "trace",
+                          "--num-prompts", str(n), "--request-rate", str(rate), "--no-progress",
+                          "--goodput", f"ttft:{args.ttft_slo_ms}", f"tpot:{args.tpot_slo_ms}"])
+    split: list[tuple[float, float, float]] = []
+    stop = threading.Event()
+    sampler = threading.Thread(target=sample_split, args=(metrics, stop, split), daemon=True)
+    sampler.start()
+    result = asyncio.run(bench(bargs))
+    stop.set()
+    sampler.join()
+    keep = ["completed", "failed", "duration", "request_throughput", "request_goodput", "slo_attainment",
+            "output_throughput", "total_token_throughput", "mean_ttft_ms", "median_ttft_ms", "p90_ttft_ms",
+            "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "median_itl_ms", "p99_itl_ms",
+            "mean_e2el_ms", "p99_e2el_ms"]
+    row = {k: result[k] for k in keep}
+    row.update(rate=rate, ttfts=result["ttfts"], tpots=[(lat - t) / (o - 1) for lat, t, o in
+                                                         zip(result["latencies"], result["ttfts"], result["output_lens"]) if o > 1],
+               sm_split=split)
+    print(f"  rate {rate:5.1f}: goodput {row['request_goodput']:.2f} req/s, attainment {row['slo_attainment']:.0%}, "
+          f"TTFT p99 {row['p99_ttft_ms']:.0f} ms, TPOT p99 {row['p99_tpot_ms']:.1f} ms, ITL p99 {row['p99_itl_ms']:.1f} ms",
+          flush=True)
+    return row
+
+
+def summarise(results: dict) -> dict:
+    """Per trace: at the lowest rate where the best baseline's SLO attainment drops below 90%."""
+    out = {}
+    for trace, by_policy in results.items():
+        if "duet" not in by_policy:
+            continue
+        rates = sorted({r["rate"] for r in by_policy["duet"]})
+        base = [p for p in by_policy if p in BASELINES]
+
+        def at(policy: str, rate: float) -> dict:
+            return next(r for r in by_policy[policy] if r["rate"] == rate)
+
+        chosen = next((rate for rate in rates if max(at(p, rate)["slo_attainment"] for p in base) < 0.9), rates[-1])
+        best = max(base, key=lambda p: at(p, chosen)["request_goodput"])
+        out[f"azure_{trace}"] = {
+            "duet_goodput": at("duet", chosen)["request_goodput"], "best_baseline_goodput": at(best, chosen)["request_goodput"],
+            "best_baseline": best, "rate": chosen, "duet_p99_tbt_ms": at("duet", chosen)["p99_itl_ms"],
+            "baseline_p99_tbt_ms": at(best, chosen)["p99_itl_ms"],
+        }
+    return out
+
+
+def plot(report: dict, out_dir: Path, gpu: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for trace, by_policy in report["results"].items():
+        fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+        for policy, rows in by_policy.items():
+            rows = sorted(rows, key=lambda r: r["rate"])
+            axes[0].plot([r["rate"] for r in rows], [r["request_goodput"] for r in rows], "o-", label=policy)
+            axes[1].plot([r["rate"] for r in rows], [r["p99_itl_ms"] for r in rows], "o-", label=policy)
+            mid = rows[len(rows) // 2]
+            for ax, key in ((axes[2], "ttfts"), (axes[3], "tpots")):
+                xs = sorted(v * 1e3 for v in mid[key])
+                ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=f"{policy} @ {mid['rate']:g} req/s")
+        axes[0].set(xlabel="request rate (req/s)", ylabel="goodput (req/s)", title=f"azure {trace}: goodput")
+        axes[1].set(xlabel="request rate (req/s)", ylabel="p99 inter-token latency (ms)", title="p99 TBT")
+        axes[2].set(xlabel="TTFT (ms)", ylabel="CDF", title="TTFT CDF", xscale="log")
+        axes[3].set(xlabel="TPOT (ms)", ylabel="CDF", title="TPOT CDF")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"serving-{gpu}-{trace}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+        duet = by_policy.get("duet")
+        if duet:
+            fig, ax = plt.subplots(figsize=(9, 3.5))
+            for row in sorted(duet, key=lambda r: r["rate"]):
+                if row["sm_split"]:
+                    ts, _, dec = zip(*row["sm_split"])
+                    ax.step(ts, dec, where="post", label=f"{row['rate']:g} req/s")
+            ax.set(xlabel="time (s)", ylabel="decode SMs (0: aggregated)", title=f"duet SM split over time, azure {trace}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            path = out_dir / f"serving-{gpu}-{trace}-split.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            paths.append(path)
+    return paths
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="qwen3-8b")
+    p.add_argument("--traces", default="code,conv")
+    p.add_argument("--trace-dir", type=Path, default=ROOT.parent / "shared" / "traces")
+    p.add_argument("--policies", default="aggregated,prefill-first,duet")
+    p.add_argument("--rates", default="4,8,12")
+    p.add_argument("--seconds", type=float, default=25.0, help="trace time per rate point")
+    p.add_argument("--min-requests", type=int, default=60)
+    p.add_argument("--max-requests", type=int, default=300)
+    p.add_argument("--ttft-slo-ms", type=float, default=2000.0)
+    p.add_argument("--tpot-slo-ms", type=float, default=50.0)
+    p.add_argument("--budget", type=int, default=2048, help="max_num_batched_tokens for every policy")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--decode-partition-sms", default="16,24,32,48,64")
+    p.add_argument("--gpu", default="h100")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--plot-only", type=Path, default=None)
+    args = p.parse_args()
+    if args.plot_only:
+        report = json.loads(args.plot_only.read_text())
+        print(plot(report, args.plot_only.parent, report["summary"].get("gpu", args.gpu)))
+        return
+    path = args.out / f"serving-{args.gpu}.json"
+    report = json.loads(path.read_text()) if path.exists() else {"results": {}}
+    rates = [float(r) for r in args.rates.split(",")]
+    for trace in args.traces.split(","):
+        for policy in args.policies.split(","):
+            print(f"{trace} / {policy}", flush=True)
+            proc, port, metrics = start_server(args, policy)
+            try:
+                rows = [run_point(args, port, metrics, args.trace_dir / TRACES[trace], rate) for rate in rates]
+            finally:
+                proc.terminate()
+                proc.wait(60)
+            report["results"].setdefault(trace, {})[policy] = rows
+            args.out.mkdir(parents=True, exist_ok=True)
+            report["summary"] = {"gpu": args.gpu, **summarise(report["results"])}
+            report["config"] = {k: str(v) for k, v in vars(args).items()}
+            path.write_text(json.dumps(report) + "\n")
+    print(json.dumps(report["summary"], indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

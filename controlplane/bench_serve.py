@@ -1,0 +1,233 @@
+"""`duetserve bench serve`: an open-loop load generator over the public gRPC API with the metrics
+vLLM's `bench serve` reports (same JSON keys where they exist).
+
+Arrivals: the trace's own timestamps scaled to a target rate, or Poisson / gamma (burstiness) at a
+rate. Workloads: an Azure-style trace CSV (prompt and output lengths; prompts are random token ids,
+EOS ignored) or random lengths. It is a client: it speaks only protos/ and decides nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
+from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc
+from controlplane.replay import RequestRecord, TraceRequest, load_trace, make_prompt
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass(frozen=True)
+class Goodput:
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    e2el_ms: float | None = None
+
+    @classmethod
+    def parse(cls, items: list[str] | None) -> Goodput | None:
+        if not items:
+            return None
+        values: dict[str, float] = {}
+        for item in items:
+            name, _, ms = item.partition(":")
+            if name not in ("ttft", "tpot", "e2el") or not ms:
+                raise ValueError(f"--goodput takes ttft:MS tpot:MS e2el:MS, got {item!r}")
+            values[f"{name}_ms"] = float(ms)
+        return cls(**values)
+
+
+def arrivals(workload: list[TraceRequest], mode: str, rate: float | None, burstiness: float, seed: int) -> list[float]:
+    """Send times (s): the trace's own gaps scaled to `rate`, or Poisson/gamma gaps at `rate`."""
+    if rate is None or rate == float("inf"):
+        return [0.0] * len(workload)
+    if mode == "trace":
+        span = workload[-1].arrival_s - workload[0].arrival_s
+        own_rate = (len(workload) - 1) / span if span > 0 else rate
+        return [r.arrival_s * own_rate / rate for r in workload]
+    rng = random.Random(seed)
+    shape = burstiness  # gamma with shape k and mean 1/rate; k = 1 is Poisson
+    t, out = 0.0, []
+    for _ in workload:
+        out.append(t)
+        t += rng.gammavariate(shape, 1.0 / (rate * shape))
+    return out
+
+
+def random_workload(n: int, input_len: int, output_len: int, range_ratio: float, seed: int) -> list[TraceRequest]:
+    rng = random.Random(seed)
+    lo_in, lo_out = max(1, int(input_len * range_ratio)), max(1, int(output_len * range_ratio))
+    return [TraceRequest(0.0, rng.randint(lo_in, input_len), rng.randint(lo_out, output_len)) for _ in range(n)]
+
+
+async def _one(stub: pb_grpc.GenerationStub, record: RequestRecord, prompt: list[int], t0: float,
+               progress: object | None) -> None:
+    request = pb.GenerateRequest(max_tokens=record.max_tokens, temperature=0.0, ignore_eos=True)
+    request.token_ids.ids.extend(prompt)
+    record.sent = time.monotonic() - t0
+    try:
+        async for response in stub.Generate(request):
+            if response.token_ids:
+                record.chunks.append((time.monotonic() - t0, len(response.token_ids)))
+            if response.finish_reason:
+                record.finish_reason = response.finish_reason
+                record.completion_tokens = response.completion_tokens
+    except grpc.aio.AioRpcError as exc:
+        record.error = f"{exc.code().name}: {exc.details()}"
+    if progress is not None:
+        progress.update(1)  # type: ignore[attr-defined]
+
+
+async def run_load(stub: pb_grpc.GenerationStub, workload: list[TraceRequest], send_times: list[float], *,
+                   vocab_size: int, max_model_len: int, seed: int = 0, show_progress: bool = True,
+                   max_concurrency: int | None = None) -> tuple[list[RequestRecord], float]:
+    """Send each request at its time (open loop); returns the records and the wall duration."""
+    rng = random.Random(seed)
+    progress = None
+    if show_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(workload), unit="req", desc="requests")
+    gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    t0 = time.monotonic()
+    records, tasks = [], []
+
+    async def send(record: RequestRecord, prompt: list[int]) -> None:
+        if gate is None:
+            return await _one(stub, record, prompt, t0, progress)
+        async with gate:
+            await _one(stub, record, prompt, t0, progress)
+
+    for i, (req, at) in enumerate(zip(workload, send_times)):
+        max_tokens = max(1, min(req.output_tokens, max_model_len - 1))
+        record = RequestRecord(i, max(1, min(req.prompt_tokens, max_model_len - max_tokens)), max_tokens)
+        records.append(record)
+        prompt = make_prompt(rng, record.prompt_tokens, vocab_size)
+        delay = at - (time.monotonic() - t0)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(send(record, prompt)))
+    await asyncio.gather(*tasks)
+    if progress is not None:
+        progress.close()  # type: ignore[attr-defined]
+    return records, time.monotonic() - t0
+
+
+def _stats(name: str, values_ms: list[float]) -> dict[str, float]:
+    if not values_ms:
+        values_ms = [0.0]
+    ordered = sorted(values_ms)
+    out = {f"mean_{name}_ms": statistics.fmean(ordered), f"median_{name}_ms": statistics.median(ordered),
+           f"std_{name}_ms": statistics.pstdev(ordered)}
+    for p in PERCENTILES:
+        out[f"p{p}_{name}_ms"] = ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+    return out
+
+
+def per_request(records: list[RequestRecord]) -> dict[str, list]:
+    """vLLM's per-request arrays (seconds), from which every aggregate below is computed."""
+    ttfts, latencies, itls = [], [], []
+    for r in records:
+        ok = bool(r.chunks) and not r.error
+        ttfts.append(r.chunks[0][0] - r.sent if ok else 0.0)
+        latencies.append(r.chunks[-1][0] - r.sent if ok else 0.0)
+        gaps = []
+        for (prev, _), (now, k) in zip(r.chunks, r.chunks[1:]):
+            gaps.extend([(now - prev) / k] * k)  # a message of k tokens: k gaps of equal share
+        itls.append(gaps)
+    return {"input_lens": [r.prompt_tokens for r in records], "output_lens": [r.completion_tokens for r in records],
+            "ttfts": ttfts, "itls": itls, "latencies": latencies, "start_times": [r.sent for r in records],
+            "errors": [r.error for r in records]}
+
+
+def compute_metrics(arrays: dict[str, list], duration_s: float, goodput: Goodput | None) -> dict[str, object]:
+    ok = [i for i, e in enumerate(arrays["errors"]) if not e and arrays["output_lens"][i] > 0]
+    out_lens = [arrays["output_lens"][i] for i in ok]
+    ttft = [arrays["ttfts"][i] * 1e3 for i in ok]
+    e2el = [arrays["latencies"][i] * 1e3 for i in ok]
+    tpot = [(arrays["latencies"][i] - arrays["ttfts"][i]) * 1e3 / (arrays["output_lens"][i] - 1)
+            for i in ok if arrays["output_lens"][i] > 1]
+    itl = [g * 1e3 for i in ok for g in arrays["itls"][i]]
+    good = len(ok)
+    if goodput is not None:
+        good = 0
+        for i in ok:
+            n = arrays["output_lens"][i]
+            t = arrays["ttfts"][i] * 1e3
+            p = (arrays["latencies"][i] - arrays["ttfts"][i]) * 1e3 / (n - 1) if n > 1 else 0.0
+            good += ((goodput.ttft_ms is None or t <= goodput.ttft_ms) and (goodput.tpot_ms is None or p <= goodput.tpot_ms)
+                     and (goodput.e2el_ms is None or arrays["latencies"][i] * 1e3 <= goodput.e2el_ms))
+    total_in = sum(arrays["input_lens"][i] for i in ok)
+    metrics: dict[str, object] = {
+        "duration": duration_s, "completed": len(ok), "failed": len(arrays["errors"]) - len(ok),
+        "total_input_tokens": total_in, "total_output_tokens": sum(out_lens),
+        "request_throughput": len(ok) / duration_s, "request_goodput": good / duration_s if goodput else None,
+        "output_throughput": sum(out_lens) / duration_s, "total_token_throughput": (total_in + sum(out_lens)) / duration_s,
+        "slo_attainment": good / len(arrays["errors"]) if arrays["errors"] and goodput else None,
+    }
+    for name, values in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2el", e2el)):
+        metrics.update(_stats(name, values))
+    return metrics
+
+
+def add_bench_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default="127.0.0.1:50051")
+    p.add_argument("--dataset", default="trace", choices=["trace", "random"])
+    p.add_argument("--trace", type=Path, default=None, help="Azure-style CSV (TIMESTAMP, ContextTokens, GeneratedTokens)")
+    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--arrival", default="poisson", choices=["trace", "poisson", "gamma"],
+                   help="trace: the trace's own gaps scaled to --request-rate; poisson; gamma (see --burstiness)")
+    p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 is Poisson, < 1 burstier")
+    p.add_argument("--random-input-len", type=int, default=1024)
+    p.add_argument("--random-output-len", type=int, default=128)
+    p.add_argument("--random-range-ratio", type=float, default=1.0)
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--goodput", nargs="+", default=None, help="SLOs, e.g. ttft:2000 tpot:50")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--result-file", type=Path, default=None, help="write the metrics and per-request arrays (JSON)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def workload_from_args(args: argparse.Namespace) -> list[TraceRequest]:
+    if args.dataset == "random":
+        return random_workload(args.num_prompts, args.random_input_len, args.random_output_len,
+                               args.random_range_ratio, args.seed)
+    if args.trace is None:
+        raise SystemExit("--dataset trace needs --trace FILE")
+    return load_trace(args.trace, limit=args.num_prompts)
+
+
+async def bench(args: argparse.Namespace) -> dict[str, object]:
+    goodput = Goodput.parse(args.goodput)
+    workload = workload_from_args(args)
+    rate = None if args.request_rate == float("inf") else args.request_rate
+    send_times = arrivals(workload, args.arrival, rate, args.burstiness, args.seed)
+    async with grpc.aio.insecure_channel(args.address) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        info = await stub.GetModelInfo(pb.GetModelInfoRequest())
+        records, duration = await run_load(stub, workload, send_times, vocab_size=info.vocab_size,
+                                           max_model_len=info.max_model_len, seed=args.seed,
+                                           show_progress=not args.no_progress, max_concurrency=args.max_concurrency)
+    arrays = per_request(records)
+    result = {"model_id": info.model, "policy": info.policy, "request_rate": args.request_rate,
+              "burstiness": args.burstiness, "arrival": args.arrival, "num_prompts": len(workload),
+              **compute_metrics(arrays, duration, goodput), **arrays}
+    if args.result_file:
+        args.result_file.write_text(json.dumps(result) + "\n")
+    return result
+
+
+def format_result(result: dict[str, object]) -> str:
+    keys = ["completed", "failed", "duration", "request_throughput", "request_goodput", "output_throughput",
+            "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "p99_itl_ms"]
+    return "\n".join(f"{k:>22}: {result[k]:.2f}" if isinstance(result[k], float) else f"{k:>22}: {result[k]}"
+                     for k in keys)
