@@ -44,6 +44,8 @@ def dataplane_args(config: DataplaneConfig) -> list[str]:
         args += ["--max-model-len", str(config.max_model_len)]
     if config.health_file is not None:
         args += ["--health-file", config.health_file]
+    if config.allow_remote:
+        args.append("--allow-remote")
     return args + trace_args(config.telemetry)
 
 

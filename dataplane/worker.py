@@ -26,6 +26,7 @@ from dataplane.sampler import Sampler
 from dataplane.tracing import DataplaneTracing
 from shared.codec import ProtocolError, decode_to_worker, encode
 from shared.config import DataplaneConfig
+from shared.endpoints import MAX_FRAME_BYTES, restrict_ipc
 from shared.messages import (
     PROTOCOL_VERSION,
     DeviceDescription,
@@ -175,8 +176,10 @@ class Worker:
         context = zmq.Context()
         sock = context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)  # a larger frame drops that peer, not this process
         try:
             sock.bind(self.config.endpoint)
+            restrict_ipc(self.config.endpoint)
             log.info("data plane listening on %s", self.config.endpoint)
             return self._loop(sock)
         finally:
@@ -198,8 +201,10 @@ class Worker:
             reply = self._dispatch(message)
             if reply is not None:
                 sock.send(encode(reply))
-            if isinstance(reply, WorkerFatal) or isinstance(message, Shutdown):
-                return 1 if isinstance(reply, WorkerFatal) else 0
+            if isinstance(message, Shutdown):
+                return 0
+            if isinstance(reply, WorkerFatal) and not isinstance(message, Hello):  # a refused Hello: keep serving
+                return 1
         return 0
 
     def _run_step(self, plan: StepPlan) -> StepResult:
