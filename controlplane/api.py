@@ -6,18 +6,20 @@ ends the call with a status code and a message that names the problem.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
 import grpc
 
+from controlplane.admission import Overloaded
 from controlplane.engine import Engine, EngineRequest, EngineUnavailable
 from controlplane.observer import RequestObs
 from controlplane.tracing import request_attributes
 from controlplane.output import RequestDelta
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc
-from controlplane.validation import InvalidRequest, Limits, validate_generate
+from controlplane.validation import InvalidRequest, Limits, validate_abort, validate_generate, validate_model_info
 from shared.messages import PROTOCOL_VERSION, TokenLogprobs
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,14 @@ def _response(request_id: str, delta: RequestDelta) -> pb.GenerateResponse:
     return message
 
 
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on the event loop's clock, or None when the client set none."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > 1e9:  # some gRPC versions report "no deadline" as a huge number
+        return None
+    return asyncio.get_running_loop().time() + remaining
+
+
 class GenerationServicer(pb_grpc.GenerationServicer):
     def __init__(self, engine: Engine, model_name: str, policy: str) -> None:
         self.engine = engine
@@ -81,39 +91,50 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, obs: RequestObs
     ) -> AsyncIterator[pb.GenerateResponse]:
         if not self.engine.healthy:
-            await self._abort(context, obs, grpc.StatusCode.UNAVAILABLE, self.engine.failure or "engine not ready")
+            why = self.engine.failure or ("server shutting down" if self.engine.draining else "engine not ready")
+            await self._abort(context, obs, grpc.StatusCode.UNAVAILABLE, why)
         assert self.engine.tokenizer is not None
         try:
             valid = validate_generate(request, self.engine.tokenizer, self._limits())
         except InvalidRequest as exc:
             await self._abort(context, obs, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         obs.set(request_attributes(valid.request_id, valid.sampling, valid.stop.max_tokens, valid.stop.stop_strings))
+        deadline = _deadline(context)
         try:
             handle = self.engine.add_request(
                 EngineRequest(valid.request_id, valid.prompt_token_ids, valid.sampling, valid.stop, obs)
             )
         except EngineUnavailable as exc:
             await self._abort(context, obs, grpc.StatusCode.UNAVAILABLE, str(exc))
+        except Overloaded as exc:
+            await self._abort(context, obs, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except ValueError as exc:
             await self._abort(context, obs, grpc.StatusCode.ALREADY_EXISTS, str(exc))
         try:
-            async for delta in handle:
+            async for delta in handle.until(deadline):
                 if delta.finish_reason == "error":
-                    code = grpc.StatusCode.UNAVAILABLE if self.engine.failure else grpc.StatusCode.INTERNAL
+                    code = grpc.StatusCode.UNAVAILABLE if delta.retryable else grpc.StatusCode.INTERNAL
                     await self._abort(context, obs, code, delta.error or "request failed")
                 yield _response(valid.request_id, delta)
+        except TimeoutError:
+            self.engine.abort(valid.request_id)  # frees its blocks before the next step
+            await self._abort(context, obs, grpc.StatusCode.DEADLINE_EXCEEDED,
+                              "deadline exceeded: the request was aborted")
         finally:
             if not handle.finished:  # the client went away or the call was cancelled
                 self.engine.abort(valid.request_id)
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
-        if not request.request_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: required")
-        return pb.AbortResponse(found=self.engine.abort(request.request_id))
+        try:
+            request_id = validate_abort(request)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.AbortResponse(found=self.engine.abort(request_id))
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
+        validate_model_info(request)
         worker = self.engine.worker
         if worker is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "engine not ready")

@@ -16,6 +16,7 @@ import signal
 import sys
 import tempfile
 
+from controlplane.robust_flags import add_client_security_flags, add_robustness_flags, robustness_from_args
 from shared.config import POLICIES, DataplaneConfig, SchedulerConfig, ServerConfig
 from shared.telemetry_flags import add_metrics_flags, add_trace_flags, telemetry_from_args
 
@@ -60,6 +61,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     add_trace_flags(p)
     add_metrics_flags(p)
+    add_robustness_flags(p)
 
 
 def _add_policy_flags(p: argparse.ArgumentParser) -> None:
@@ -104,6 +106,7 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--timeout", type=float, default=300.0, help="call deadline in seconds")
+    add_client_security_flags(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--address", default="127.0.0.1:50051", help="server address host:port")
     health.add_argument("--service", default="", help="service name to check (default: the whole server)")
     health.add_argument("--timeout", type=float, default=5.0, help="seconds")
+    add_client_security_flags(health)
     from controlplane.traces import add_traces_flags
 
     add_traces_flags(sub.add_parser("traces", help="print one request's spans as a timeline tree"))
@@ -145,37 +149,31 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataplaneConfig, Server
         cuda_graphs=not args.no_cuda_graphs,
         decode_partition_sms=tuple(int(x) for x in args.decode_partition_sms.split(","))
         if args.decode_partition_sms else None,
-        telemetry=telemetry,
+        telemetry=telemetry, allow_remote=args.allow_remote_dataplane,
     )
     scheduler = scheduler_config_from_args(args)
     server = ServerConfig(
         host=args.host, port=args.port, dataplane_endpoint=endpoint,
         handshake_timeout_s=args.handshake_timeout, step_timeout_s=args.step_timeout,
         max_model_len=args.max_model_len, scheduler=scheduler, telemetry=telemetry,
+        **robustness_from_args(args),
     )
     return dataplane, server
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from controlplane.launcher import spawn_dataplane, stop_process
+    from functools import partial
+
+    from controlplane.launcher import spawn_dataplane
     from controlplane.server import ControlPlane
 
     dataplane_config, server_config = configs_from_args(args)
-    child = None if args.attach else spawn_dataplane(dataplane_config, args.log_level)
-    plane = ControlPlane(server_config, args.model)
+    spawn = None if args.attach else partial(spawn_dataplane, dataplane_config, args.log_level)
+    plane = ControlPlane(server_config, args.model, spawn=spawn)  # a spawned data plane is supervised
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-
-    async def watch_child() -> None:
-        while child is not None and child.poll() is None:
-            await asyncio.sleep(0.2)
-        if child is not None:
-            log.error("data plane exited with code %s", child.returncode)
-            stop.set()
-
-    watcher = asyncio.create_task(watch_child())
     code = 0
     try:
         starting = asyncio.create_task(plane.start())
@@ -187,14 +185,11 @@ async def _serve(args: argparse.Namespace) -> int:
         else:
             starting.cancel()
             exc = starting.exception() if starting.done() and not starting.cancelled() else None
-            code = 1 if exc is not None or (child is not None and child.poll() is not None) else 0
+            code = 1 if exc is not None else 0
             if exc is not None:
                 log.error("start-up failed: %s", exc)
     finally:
-        watcher.cancel()
-        await plane.stop()
-        if child is not None:
-            stop_process(child)
+        await plane.stop()  # drains for --shutdown-grace seconds, then stops the data plane
     return code
 
 
@@ -228,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return _run(run_simulate(args, scheduler_config_from_args(args)))
     try:
-        telemetry_from_args(args)
+        configs_from_args(args)  # every flag error before anything starts
     except ValueError as exc:
         build_parser().error(str(exc))
     return _run(_serve(args))

@@ -12,6 +12,16 @@ import grpc
 
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc
+from controlplane.security import auth_metadata, client_credentials
+
+
+def open_channel(args: argparse.Namespace) -> grpc.Channel:
+    """Plain or TLS channel to `args.address`, per the client security flags."""
+    if not (args.tls or args.tls_ca or args.tls_cert):
+        return grpc.insecure_channel(args.address)
+    options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
+    credentials = client_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    return grpc.secure_channel(args.address, credentials, options=options)
 
 
 def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
@@ -31,11 +41,12 @@ def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.address) as channel:
+    with open_channel(args) as channel:
         stub = pb_grpc.GenerationStub(channel)
         try:
             last = None
-            for response in stub.Generate(request_from_args(args), timeout=args.timeout):
+            for response in stub.Generate(request_from_args(args), timeout=args.timeout,
+                                          metadata=auth_metadata(args.auth_token)):
                 sys.stdout.write(response.text)
                 sys.stdout.flush()
                 last = response
@@ -55,7 +66,7 @@ def run_health(args: argparse.Namespace) -> int:
     """`duetserve health`: exit 0 when the server's gRPC health service says SERVING."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    with open_channel(args) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout

@@ -1,25 +1,40 @@
 """The control plane's only ZeroMQ code: connect to the data plane, handshake, send plans, get results.
 
-Frames that do not decode are logged and dropped. A dead or silent worker surfaces as
-`DataplaneUnavailable`; this module decides nothing about requests.
+Frames that do not decode are logged and dropped. A dead, refusing or silent worker surfaces as
+`DataplaneUnavailable`, promptly: a socket monitor reports the connection dropping (a killed worker)
+while a step runs and while the engine is idle, and every wait is bounded. Sends never block (a full
+queue is an error). `reset()` replaces the socket, so nothing queued for a lost worker reaches the
+next one. This module decides nothing about requests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from shared.codec import ProtocolError, decode_to_control, encode
+from shared.endpoints import MAX_FRAME_BYTES
 from shared.messages import PROTOCOL_VERSION, Hello, Shutdown, StepPlan, StepResult, ToControl, WorkerFatal, WorkerReady
 
 log = logging.getLogger(__name__)
 
+POLL_SLICE_S = 0.2  # how often a wait checks for a peer declared lost from outside (the supervisor)
+HELLO_RESEND_S = 1.0  # while connected and unanswered, Hello again: the peer may have answered into a
+# connection it had not yet seen close (a DEALER round-robins its replies); Hello is idempotent
+SEND_HWM = 64  # messages queued for the worker; we never have more than a few in flight
+
 
 class DataplaneUnavailable(RuntimeError):
     """The data plane died, refused us, or did not answer in time."""
+
+
+class DataplaneTimeout(DataplaneUnavailable):
+    """No answer in time: the worker is hung (or still loading, during a handshake)."""
 
 
 class DataplaneClient:
@@ -28,33 +43,101 @@ class DataplaneClient:
         self._own_context = context is None
         self._context = context or zmq.asyncio.Context()
         self._socket: zmq.asyncio.Socket | None = None
+        self._monitor: zmq.asyncio.Socket | None = None
+        self._lost: str | None = None
+
+    # ------------------------------------------------------------------ connection
 
     def connect(self) -> None:
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
         sock.connect(self.endpoint)
         self._socket = sock
+        self._lost = None
+        self._connected = False
 
-    def close(self) -> None:
-        if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
+    def reset(self) -> None:
+        """A fresh socket: frames queued for (or from) the previous worker are discarded."""
+        self._close_sockets(linger_ms=0)
+        self.connect()
+
+    def close(self, linger_ms: int = 0) -> None:
+        self._close_sockets(linger_ms)
         if self._own_context:
             self._context.term()
 
+    def _close_sockets(self, linger_ms: int) -> None:
+        if self._socket is not None:
+            try:
+                self._socket.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._socket.close(linger=linger_ms)
+            self._socket = None
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
+
+    def mark_lost(self, reason: str) -> None:
+        """Declare the peer gone (e.g. its process exited): the current or next wait raises."""
+        self._lost = self._lost or reason
+
+    def _check_lost(self) -> None:
+        if self._socket is None:
+            raise DataplaneUnavailable("not connected")
+        if self._lost is not None:
+            raise DataplaneUnavailable(self._lost)
+
+    async def _drain_monitor(self) -> None:
+        assert self._monitor is not None
+        while await self._monitor.poll(0):
+            event = parse_monitor_message(await self._monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_CONNECTED:
+                self._connected = True
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self.mark_lost(f"the data plane's connection dropped ({event['endpoint']!r})")
+        self._check_lost()
+
+    # ------------------------------------------------------------------ messages
+
     async def handshake(self, timeout_s: float) -> WorkerReady:
-        await self._send(Hello(protocol_version=PROTOCOL_VERSION))
-        reply = await self.receive(timeout_s)
-        if isinstance(reply, WorkerFatal):
-            raise DataplaneUnavailable(f"data plane refused the handshake: {reply.reason}")
-        if not isinstance(reply, WorkerReady):
-            raise DataplaneUnavailable(f"expected WorkerReady, got {type(reply).__name__}")
+        hello = Hello(protocol_version=PROTOCOL_VERSION)
+        await self._send(hello)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                reply = await self.receive(max(min(remaining, HELLO_RESEND_S), 0.0))
+            except DataplaneTimeout:
+                if remaining <= HELLO_RESEND_S:
+                    raise DataplaneTimeout(f"no answer to Hello within {timeout_s:.1f} s") from None
+                if self._connected:  # not queued behind a connection still to come: say it again
+                    await self._send(hello)
+                continue
+            if isinstance(reply, WorkerFatal):
+                raise DataplaneUnavailable(f"data plane refused the handshake: {reply.reason}")
+            if isinstance(reply, WorkerReady):
+                break
+            log.warning("dropping a stale %s while waiting for WorkerReady", type(reply).__name__)
+        if reply.protocol_version != PROTOCOL_VERSION:
+            raise DataplaneUnavailable(
+                f"protocol version mismatch: data plane speaks {reply.protocol_version}, "
+                f"control plane speaks {PROTOCOL_VERSION}"
+            )
         return reply
 
     async def run_step(self, plan: StepPlan, timeout_s: float) -> StepResult:
         await self._send(plan)
+        deadline = time.monotonic() + timeout_s
         while True:
-            reply = await self.receive(timeout_s)
+            remaining = deadline - time.monotonic()
+            try:
+                reply = await self.receive(max(remaining, 0.0))
+            except DataplaneTimeout as exc:
+                raise DataplaneTimeout(f"step {plan.step_id} took longer than {timeout_s:.1f} s") from exc
             if isinstance(reply, StepResult) and reply.step_id == plan.step_id:
                 return reply
             if isinstance(reply, WorkerFatal):
@@ -66,23 +149,46 @@ class DataplaneClient:
             await self._send(Shutdown(reason="control plane shutting down"))
 
     async def _send(self, message: Hello | StepPlan | Shutdown) -> None:
-        if self._socket is None:
-            raise DataplaneUnavailable("not connected")
-        await self._socket.send(encode(message), copy=False)
+        self._check_lost()
+        assert self._socket is not None
+        try:
+            await self._socket.send(encode(message), flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again as exc:
+            raise DataplaneUnavailable("the data plane is not taking messages (send queue full)") from exc
 
     async def receive(self, timeout_s: float) -> ToControl:
         """The next well-formed message; malformed frames are logged and skipped."""
-        if self._socket is None:
-            raise DataplaneUnavailable("not connected")
+        self._check_lost()
+        assert self._socket is not None and self._monitor is not None
+        poller = zmq.asyncio.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not await self._socket.poll(remaining * 1000):
-                raise DataplaneUnavailable(f"no answer from the data plane within {timeout_s:.1f} s")
-            frame = await self._socket.recv()
-            try:
-                return decode_to_control(frame)
-            except ProtocolError as exc:
-                log.error("dropping malformed frame from the data plane: %s", exc)
+            if remaining <= 0:
+                raise DataplaneTimeout(f"no answer from the data plane within {timeout_s:.1f} s")
+            ready = dict(await poller.poll(min(remaining, POLL_SLICE_S) * 1000))
+            if ready.get(self._socket):
+                frame = await self._socket.recv()
+                try:
+                    return decode_to_control(frame)
+                except ProtocolError as exc:
+                    log.error("dropping malformed frame from the data plane: %s", exc)
+                    continue
+            await self._drain_monitor()
 
-
+    async def wait(self, event: asyncio.Event) -> None:
+        """Wait for `event` (new work) while watching the connection; raises if the peer is lost."""
+        self._check_lost()
+        assert self._monitor is not None
+        waiter = asyncio.ensure_future(event.wait())
+        try:
+            while not waiter.done():
+                poll = asyncio.ensure_future(self._monitor.poll(POLL_SLICE_S * 1000))
+                done, _ = await asyncio.wait({waiter, poll}, return_when=asyncio.FIRST_COMPLETED)
+                if poll not in done:
+                    poll.cancel()
+                await self._drain_monitor()
+        finally:
+            waiter.cancel()

@@ -2,6 +2,12 @@
 
 It owns the Scheduler and one OutputProcessor per live request, and talks to the data plane only
 through DataplaneClient. It knows nothing of gRPC: the API layer turns its deltas into messages.
+
+When the data plane is lost (connection dropped, step timeout, fatal message) every live request
+ends at once with a retryable error, the engine reports itself not serving, and it reconnects and
+handshakes again (a supervisor, if any, restarts the process) with a fresh scheduler sized by the new
+WorkerReady. Requests queued at the time fail too: while the data plane is down the engine holds no
+requests. It does not start or kill processes (see `supervisor`).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from controlplane.admission import QueueLimits
 from controlplane.dataplane_client import DataplaneClient, DataplaneUnavailable
 from controlplane.kv_blocks import BlockAllocator
 from controlplane.observer import EngineObserver, RequestObs
@@ -24,6 +31,10 @@ from shared.config import SchedulerConfig
 from shared.messages import SamplingParams, WorkerReady
 
 log = logging.getLogger(__name__)
+
+
+RECONNECT_BACKOFF_S = (0.1, 5.0)  # first and longest pause between reconnection attempts
+RECONNECT_ATTEMPT_S = 15.0  # one handshake attempt while reconnecting (retried until the worker is back)
 
 
 class EngineUnavailable(RuntimeError):
@@ -51,8 +62,17 @@ class RequestHandle:
         self.finished = False
 
     async def __aiter__(self) -> AsyncIterator[RequestDelta]:
+        async for delta in self.until(None):
+            yield delta
+
+    async def until(self, deadline: float | None) -> AsyncIterator[RequestDelta]:
+        """The deltas; raises TimeoutError once the event loop's clock passes `deadline`."""
+        loop = asyncio.get_running_loop()
         while True:
-            delta = await self.queue.get()
+            if deadline is None:
+                delta = await self.queue.get()
+            else:
+                delta = await asyncio.wait_for(self.queue.get(), max(deadline - loop.time(), 0.0))
             yield delta
             if delta.finish_reason is not None:
                 return
@@ -68,6 +88,7 @@ class Engine:
         step_timeout_s: float = 120.0,
         max_model_len: int | None = None,
         observer: EngineObserver | None = None,
+        queue_limits: QueueLimits | None = None,
     ) -> None:
         self.client = client
         self.observer = observer or EngineObserver.disabled()
@@ -85,12 +106,28 @@ class Engine:
         self._task: asyncio.Task[None] | None = None
         self.failure: str | None = None
         self.num_steps = 0
+        self.queue_limits = queue_limits
+        self.draining = False
+        self.num_reconnects = 0
+        self._handshake_timeout_s = 300.0
+        self._reconnecting = False
+        # Hooks for the server and the supervisor; each is called on the event loop, must not block.
+        self.on_serving: Callable[[bool], None] = lambda serving: None
+        self.on_lost: Callable[[str], None] = lambda reason: None
+        self.on_ready: Callable[[WorkerReady], None] = lambda ready: None
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self, handshake_timeout_s: float) -> WorkerReady:
+        self._handshake_timeout_s = handshake_timeout_s
         self.client.connect()
         ready = await self.client.handshake(handshake_timeout_s)
+        self._install(ready)
+        self._task = asyncio.create_task(self._run(), name="engine-step-loop")
+        return ready
+
+    def _install(self, ready: WorkerReady) -> None:
+        """Size the scheduler and KV blocks from a WorkerReady (at start and after every reconnect)."""
         budget = self.scheduler_config.max_num_batched_tokens
         if ready.max_num_batched_tokens and budget > ready.max_num_batched_tokens:
             raise EngineUnavailable(
@@ -98,7 +135,8 @@ class Engine:
                 f"({ready.max_num_batched_tokens}); start both with the same value"
             )
         self.worker = ready
-        self.tokenizer = self._tokenizer_factory(ready)
+        if self.tokenizer is None:
+            self.tokenizer = self._tokenizer_factory(ready)
         capacity_tokens = ready.num_kv_blocks * ready.block_size
         limits = [ready.max_model_len, capacity_tokens]
         if self._max_model_len_cap is not None:
@@ -107,11 +145,27 @@ class Engine:
         allocator = BlockAllocator(ready.num_kv_blocks, ready.block_size)
         eos = frozenset(ready.model.eos_token_ids)
         self.scheduler = Scheduler(self.scheduler_config, allocator, self.max_model_len, eos, ready)
-        self._task = asyncio.create_task(self._run(), name="engine-step-loop")
-        return ready
+        self.failure = None
+        self.on_ready(ready)
+        self.on_serving(True)
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop admitting; let live requests finish for up to `grace_s`, then end the rest (UNAVAILABLE)."""
+        self.draining = True
+        self.on_serving(False)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(grace_s, 0.0)
+        while self._handles and loop.time() < deadline and self.failure is None:
+            await asyncio.sleep(min(0.02, max(deadline - loop.time(), 0.0)))
+        if self._handles:
+            log.warning("shutting down: ending %d requests that did not finish within %.1f s",
+                        len(self._handles), grace_s)
+        self._fail_all(f"server shutting down: the request did not finish within the {grace_s:g} s grace period",
+                       keep_failure=True)
 
     async def stop(self) -> None:
         """Abort every live request, stop the loop and tell the worker to exit."""
+        self.draining = True
         if self.scheduler is not None:
             predictor = self.scheduler.predictor
             log.info("steps run: %s; predictor error: %s", self.scheduler.stats.summary(),
@@ -124,24 +178,34 @@ class Engine:
                 await self._task
             except asyncio.CancelledError:
                 pass
+            self._task = None
+        linger_ms = 0
         if self.failure is None:
             try:
                 await self.client.shutdown()
+                linger_ms = 500  # let the Shutdown frame leave before the socket closes
             except DataplaneUnavailable:
                 pass
-        self.client.close()
+        self.client.close(linger_ms)
+
+    def dataplane_lost(self, reason: str) -> None:
+        """Told from outside (the supervisor saw the process exit): fail over now if we were serving."""
+        if not self._reconnecting:
+            self.client.mark_lost(reason)
 
     @property
     def healthy(self) -> bool:
-        return self.scheduler is not None and self.failure is None
+        return self.scheduler is not None and self.failure is None and not self.draining
 
     # ------------------------------------------------------------------ requests
 
     def add_request(self, request: EngineRequest) -> RequestHandle:
         if not self.healthy or self.scheduler is None or self.tokenizer is None:
-            raise EngineUnavailable(self.failure or "engine not started")
+            raise EngineUnavailable(self.failure or ("server shutting down" if self.draining else "engine not started"))
         if request.request_id in self._handles:
             raise ValueError(f"request_id {request.request_id!r} is already running")
+        if self.queue_limits is not None:
+            self.queue_limits.check(self.scheduler.waiting, len(request.prompt_token_ids))
         seq = Sequence(
             seq_id=next(self._seq_ids),
             request_id=request.request_id,
@@ -181,34 +245,76 @@ class Engine:
     # ------------------------------------------------------------------ the step loop
 
     async def _run(self) -> None:
-        assert self.scheduler is not None
+        while True:
+            try:
+                await self._step_loop()
+            except DataplaneUnavailable as exc:
+                log.error("data plane unavailable: %s", exc)
+                self._lose(f"data plane unavailable: {exc}")
+            except Exception as exc:  # a bug: fail requests loudly instead of hanging them, then start over
+                log.exception("engine step loop crashed")
+                self._lose(f"engine failure: {exc!r}")
+            await self._reconnect()
+
+    async def _step_loop(self) -> None:
+        while True:
+            scheduler = self.scheduler
+            assert scheduler is not None
+            started_ns = time.time_ns()
+            plan = scheduler.schedule()
+            if plan is None:
+                self._wakeup.clear()
+                await self.client.wait(self._wakeup)
+                continue
+            plan = self.observer.step_planned(plan, scheduler, started_ns)
+            result = await self.client.run_step(plan, self.step_timeout_s)
+            self.num_steps += 1
+            self._emit(scheduler.update(result))
+            self.observer.step_done(plan, result, scheduler)
+            await asyncio.sleep(0)  # let API tasks add and abort requests between steps
+
+    def _lose(self, reason: str) -> None:
+        """The data plane is gone: end every live request now, report not serving, tell the supervisor."""
+        self.failure = reason
+        self.observer.step_lost(reason)
+        self._fail_all(reason)
+        self.on_serving(False)
+        self.on_lost(reason)
+
+    async def _reconnect(self) -> None:
+        """Handshake with a (restarted) data plane on a fresh socket until one answers."""
+        delay, longest = RECONNECT_BACKOFF_S
+        self._reconnecting = True
         try:
             while True:
-                started_ns = time.time_ns()
-                plan = self.scheduler.schedule()
-                if plan is None:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
+                self.client.reset()
+                try:
+                    # short attempts: a Hello answered into a connection being torn down is re-sent soon
+                    ready = await self.client.handshake(min(self._handshake_timeout_s, RECONNECT_ATTEMPT_S))
+                    self._install(ready)
+                except (DataplaneUnavailable, EngineUnavailable) as exc:
+                    log.warning("data plane not back yet (%s); retrying in %.1f s", exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, longest)
                     continue
-                plan = self.observer.step_planned(plan, self.scheduler, started_ns)
-                result = await self.client.run_step(plan, self.step_timeout_s)
-                self.num_steps += 1
-                self._emit(self.scheduler.update(result))
-                self.observer.step_done(plan, result, self.scheduler)
-                await asyncio.sleep(0)  # let API tasks add and abort requests between steps
-        except DataplaneUnavailable as exc:
-            log.error("data plane unavailable: %s", exc)
-            self._fail_all(f"data plane unavailable: {exc}")
-        except Exception as exc:  # a bug: fail requests loudly instead of hanging them
-            log.exception("engine step loop crashed")
-            self._fail_all(f"engine failure: {exc!r}")
+                self.num_reconnects += 1
+                log.info("data plane back: %d KV blocks, serving again", ready.num_kv_blocks)
+                return
+        finally:
+            self._reconnecting = False
 
-    def _fail_all(self, reason: str) -> None:
-        self.failure = reason
+    def _fail_all(self, reason: str, keep_failure: bool = False) -> None:
+        """End every live request with a retryable error and free its blocks."""
+        if not keep_failure:
+            self.failure = reason
         for request_id, handle in list(self._handles.items()):
-            self.observer.request_finished(handle.obs, "error", 0, 0, reason)
-            handle.queue.put_nowait(RequestDelta([], "", None, "error", None, reason))
+            seq = self.scheduler.finish(handle.seq_id, FinishReason.ERROR) if self.scheduler else None
+            usage = (seq.num_prompt_tokens, len(seq.output_token_ids)) if seq else (0, 0)
+            self.observer.request_finished(handle.obs, "error", *usage, reason)
+            handle.queue.put_nowait(RequestDelta([], "", None, "error", None, reason, *usage, retryable=True))
+            handle.finished = True
             del self._handles[request_id]
+        self._wakeup.set()
 
     def _emit(self, updates: list[SeqUpdate]) -> None:
         assert self.scheduler is not None

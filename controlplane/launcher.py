@@ -47,6 +47,8 @@ def dataplane_args(config: DataplaneConfig) -> list[str]:
         args += ["--health-file", config.health_file]
     if config.calibration_cache_dir is not None:
         args += ["--calibration-cache-dir", config.calibration_cache_dir]
+    if config.allow_remote:
+        args.append("--allow-remote")
     return args + trace_args(config.telemetry)
 
 

@@ -259,6 +259,18 @@ class EngineObserver:
             step.span.set_attributes(tr.step_result_attributes(result, step.predicted_ms))
             step.span.end()
 
+    def step_lost(self, reason: str) -> None:
+        """The step in flight will never get a result (the data plane was lost): end its span."""
+        step, self._step = self._step, None
+        if step is None:
+            return
+        for obs in step.chunks:
+            _end(obs.chunk_span)
+            obs.chunk_span = None
+        if step.span is not None:
+            step.span.set_status(Status(StatusCode.ERROR, reason))
+            step.span.end()
+
     def _gauges(self, scheduler: SchedulerView, plan: StepPlan) -> None:
         if self.metrics is None:
             return

@@ -25,6 +25,7 @@ class RequestDelta:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    retryable: bool = False  # an error of the server's state (data plane lost, shutting down): UNAVAILABLE
 
 
 @dataclass

@@ -18,6 +18,8 @@ from shared.messages import SamplingParams
 DEFAULT_MAX_TOKENS = 16
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 32
+MAX_STOP_STRING_LEN = 256
+MAX_STOP_TOKEN_IDS = 256
 MAX_REQUEST_ID_LEN = 256
 
 
@@ -117,6 +119,12 @@ def _stop(request: pb.GenerateRequest, num_prompt: int, limits: Limits) -> StopP
     for i, stop in enumerate(request.stop):
         if not stop:
             raise InvalidRequest(f"stop[{i}] is an empty string")
+        if len(stop) > MAX_STOP_STRING_LEN:
+            raise InvalidRequest(f"stop[{i}] is longer than {MAX_STOP_STRING_LEN} characters")
+    if len(request.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidRequest(
+            f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} token ids, got {len(request.stop_token_ids)}"
+        )
     for i, token in enumerate(request.stop_token_ids):
         if token >= limits.vocab_size:
             raise InvalidRequest(f"stop_token_ids[{i}] = {token} is not below vocab_size {limits.vocab_size}")
@@ -129,13 +137,32 @@ def _stop(request: pb.GenerateRequest, num_prompt: int, limits: Limits) -> StopP
     )
 
 
+def _check_request_id(request_id: str) -> None:
+    if len(request_id) > MAX_REQUEST_ID_LEN:
+        raise InvalidRequest(f"request_id longer than {MAX_REQUEST_ID_LEN} characters")
+    if not request_id.isprintable():
+        raise InvalidRequest("request_id: only printable characters are allowed")
+
+
 def validate_generate(
     request: pb.GenerateRequest, tokenizer: TextTokenizer, limits: Limits
 ) -> ValidatedRequest:
-    if len(request.request_id) > MAX_REQUEST_ID_LEN:
-        raise InvalidRequest(f"request_id longer than {MAX_REQUEST_ID_LEN} characters")
+    _check_request_id(request.request_id)
     request_id = request.request_id or uuid.uuid4().hex
     sampling = _sampling(request)
     prompt = _prompt_ids(request, tokenizer, limits)
     stop = _stop(request, len(prompt), limits)
     return ValidatedRequest(request_id, prompt, sampling, stop)
+
+
+def validate_abort(request: pb.AbortRequest) -> str:
+    """The id to abort. AbortRequest has one field, `request_id`: required, same rules as Generate's."""
+    if not request.request_id:
+        raise InvalidRequest("request_id: required")
+    _check_request_id(request.request_id)
+    return request.request_id
+
+
+def validate_model_info(request: pb.GetModelInfoRequest) -> None:
+    """GetModelInfoRequest has no fields; unknown fields sent by newer clients are ignored by protobuf."""
+    del request

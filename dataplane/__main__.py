@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--health-file", default=None,
                    help="touch this file while serving (read by python -m dataplane.healthcheck)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow binding a tcp:// endpoint that is not loopback (the socket has no authentication: "
+                        "use it only on a private network)")
     p.add_argument("--parent-pid", type=int, default=None,
                    help="exit when this process dies (set by the control plane that spawned us)")
     add_trace_flags(p)
@@ -60,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             multiplexing=not args.no_multiplexing,
             decode_partition_sms=tuple(int(x) for x in args.decode_partition_sms.split(","))
             if args.decode_partition_sms else None,
-            telemetry=telemetry_from_args(args), health_file=args.health_file,
             calibration_cache_dir=args.calibration_cache_dir,
+            telemetry=telemetry_from_args(args), health_file=args.health_file, allow_remote=args.allow_remote,
         )
     except ValueError as exc:
         print(f"python -m dataplane: error: {exc}", file=sys.stderr)

@@ -27,6 +27,7 @@ from dataplane.sampler import Sampler
 from dataplane.tracing import DataplaneTracing
 from shared.codec import ProtocolError, decode_to_worker, encode
 from shared.config import DataplaneConfig
+from shared.endpoints import MAX_FRAME_BYTES, restrict_ipc
 from shared.messages import (
     PROTOCOL_VERSION,
     DeviceDescription,
@@ -189,8 +190,10 @@ class Worker:
         context = zmq.Context()
         sock = context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)  # a larger frame drops that peer, not this process
         try:
             sock.bind(self.config.endpoint)
+            restrict_ipc(self.config.endpoint)
             log.info("data plane listening on %s", self.config.endpoint)
             return self._loop(sock)
         finally:
@@ -215,8 +218,10 @@ class Worker:
                     sock.send(encode(reply), flags=zmq.NOBLOCK)
                 except zmq.Again:  # the control plane left mid-step: a blocking send would hang here
                     log.warning("no control plane connected; dropped a %s", type(reply).__name__)
-            if isinstance(reply, WorkerFatal) or isinstance(message, Shutdown):
-                return 1 if isinstance(reply, WorkerFatal) else 0
+            if isinstance(message, Shutdown):
+                return 0
+            if isinstance(reply, WorkerFatal) and not isinstance(message, Hello):  # a refused Hello: keep serving
+                return 1
         return 0
 
     def _run_step(self, plan: StepPlan) -> StepResult:

@@ -9,6 +9,8 @@ from typing import Literal
 
 import msgspec
 
+from shared.endpoints import check_endpoint
+
 Policy = Literal["aggregated"]
 TraceExporter = Literal["none", "console", "otlp", "file"]
 MetricsExporter = Literal["none", "otlp"]
@@ -64,8 +66,10 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
     telemetry: TelemetryConfig = TelemetryConfig()
     health_file: str | None = None  # heartbeat file the serve loop touches (compose health checks)
     calibration_cache_dir: str | None = None  # None: ~/.cache/duetserve (or $DUETSERVE_CACHE_DIR)
+    allow_remote: bool = False  # bind a non-loopback tcp:// endpoint (the socket is unauthenticated)
 
     def __post_init__(self) -> None:
+        check_endpoint(self.endpoint, self.allow_remote)
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
@@ -111,6 +115,14 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("hysteresis must be >= 0")
 
 
+class TlsConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """PEM files for TLS on the gRPC port; with `client_ca_file` clients must present a certificate it signed."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+
 class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     """The gRPC front end and its link to the data plane."""
 
@@ -122,7 +134,25 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_model_len: int | None = None  # cap below the worker's limit
     scheduler: SchedulerConfig = SchedulerConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    # Backpressure: a request beyond these waiting-queue limits gets RESOURCE_EXHAUSTED at once.
+    max_queued_requests: int = 1024
+    max_queued_tokens: int = 1 << 20  # tokens still to prefill, summed over the waiting requests
+    shutdown_grace_s: float = 20.0  # on stop: how long running requests may finish before they are ended
+    restart_backoff_s: float = 0.5  # first pause before restarting a spawned data plane (doubles, up to 10 s)
+    # Security: the data-plane endpoint must be local unless allowed; optional TLS and bearer token on gRPC.
+    allow_remote_dataplane: bool = False
+    tls: TlsConfig | None = None
+    auth_token: str | None = None  # every RPC but health must carry `authorization: Bearer <token>`
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port out of range: {self.port}")
+        check_endpoint(self.dataplane_endpoint, self.allow_remote_dataplane)
+        if self.auth_token is not None and not self.auth_token:
+            raise ValueError("auth_token must not be empty")
+        if self.max_queued_requests < 1:
+            raise ValueError("max_queued_requests must be >= 1")
+        if self.max_queued_tokens < 1:
+            raise ValueError("max_queued_tokens must be >= 1")
+        if self.shutdown_grace_s < 0 or self.step_timeout_s <= 0 or self.handshake_timeout_s <= 0:
+            raise ValueError("shutdown_grace_s must be >= 0; step and handshake timeouts > 0")

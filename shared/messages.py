@@ -208,7 +208,7 @@ class StepResult(msgspec.Struct, frozen=True, kw_only=True, tag="result"):
 
 
 class WorkerFatal(msgspec.Struct, frozen=True, kw_only=True, tag="fatal"):
-    """A process-scoped failure. The worker exits after sending it."""
+    """A process-scoped failure (the worker exits after sending it), or a refused Hello (it keeps serving)."""
 
     reason: str
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from controlplane.cli import build_parser
+from controlplane.cli import build_parser, configs_from_args
 from dataplane.__main__ import build_parser as dataplane_parser
 from tests.e2e.test_cli import readme_commands
 
@@ -69,6 +69,7 @@ def test_every_command_parses_with_our_clis() -> None:
         else:
             args = build_parser().parse_args(argv[1:])
             assert args.command == "serve" and args.attach and args.host == "0.0.0.0"
+            configs_from_args(args)  # the remote data-plane endpoint is explicitly allowed
         health = service["healthcheck"]["test"][1:]
         if health[0] == "duetserve":
             assert build_parser().parse_args(health[1:]).command == "health"

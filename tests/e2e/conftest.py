@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from functools import partial
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -64,21 +65,25 @@ async def serve(
     max_model_len: int | None = None,
     telemetry: TelemetryConfig = TelemetryConfig(),
     policy: str = "aggregated",
+    supervised: bool = False,
+    step_timeout_s: float = 60.0,
+    **server: object,
 ) -> AsyncIterator[Served]:
+    """Both planes. `supervised`: the control plane spawns the data plane and restarts it when it
+    dies (as `duetserve serve` does); otherwise the fixture starts it once. `server`: more ServerConfig."""
     workdir = tempfile.mkdtemp(prefix="ds-")  # short: ipc paths are limited to ~100 bytes
     endpoint = f"ipc://{workdir}/dp.sock"
-    child = spawn_dataplane(
-        DataplaneConfig(model=model, endpoint=endpoint, device="cpu", num_kv_blocks=num_kv_blocks,
-                        block_size=block_size, max_model_len=max_model_len, telemetry=telemetry),
-        log_level="WARNING",
-    )
+    dataplane = DataplaneConfig(model=model, endpoint=endpoint, device="cpu", num_kv_blocks=num_kv_blocks,
+                                block_size=block_size, max_model_len=max_model_len, telemetry=telemetry)
+    spawn = partial(spawn_dataplane, dataplane, log_level="WARNING")
+    child = None if supervised else spawn()
     config = ServerConfig(
-        port=0, dataplane_endpoint=endpoint, handshake_timeout_s=120.0, step_timeout_s=60.0,
-        telemetry=telemetry,
+        port=0, dataplane_endpoint=endpoint, handshake_timeout_s=120.0, step_timeout_s=step_timeout_s,
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                   policy=policy),  # type: ignore[arg-type]
+        telemetry=telemetry, **{"shutdown_grace_s": 2.0, "restart_backoff_s": 0.1, **server},  # type: ignore[arg-type]
     )
-    plane = ControlPlane(config, model)
+    plane = ControlPlane(config, model, spawn=spawn if supervised else None)
     channel = None
     try:
         await plane.start()
@@ -88,7 +93,8 @@ async def serve(
         if channel is not None:
             await channel.close()
         await plane.stop()
-        stop_process(child)
+        if child is not None:
+            stop_process(child)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

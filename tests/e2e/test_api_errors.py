@@ -34,6 +34,12 @@ BAD_REQUESTS: list[tuple[dict[str, object], str]] = [
     ({**OK, "stop_token_ids": [9999]}, "stop_token_ids[0] = 9999"),
     ({**OK, "min_tokens": 5}, "min_tokens (5) exceeds max_tokens (2)"),
     ({**OK, "request_id": "x" * 300}, "request_id longer than"),
+    ({**OK, "request_id": "a\nb"}, "request_id: only printable characters"),
+    ({**OK, "stop": ["s" * 300]}, "stop[0] is longer than 256 characters"),
+    ({**OK, "stop": ["x"] * 40}, "stop: at most 32 stop strings"),
+    ({**OK, "stop_token_ids": [5] * 300}, "stop_token_ids: at most 256 token ids"),
+    ({**OK, "frequency_penalty": -2.5}, "frequency_penalty must be in [-2, 2]"),
+    ({**OK, "min_p": float("inf")}, "min_p must be a finite number"),
 ]
 
 

@@ -93,8 +93,10 @@ async def test_spans_reach_an_otlp_receiver() -> None:
     assert steps and all(s.parent_id == "" for s in steps.values())
     for step in steps.values():
         assert step.attributes["duetserve.step.mode"] == "aggregated"
-        assert {"duetserve.step.prefill_sms", "duetserve.step.decode_sms", "duetserve.step.decode_steps",
-                "duetserve.step.measured_ms"} <= set(step.attributes)
+        assert {"duetserve.step.prefill_sms", "duetserve.step.decode_sms", "duetserve.step.decode_steps"} <= set(
+            step.attributes)
+        if step.status_code != 2:  # a step cut short by the server's stop has no measured time
+            assert "duetserve.step.measured_ms" in step.attributes
     executes = [s for s in spans if s.name == "dataplane.execute"]
     assert all(e.parent_id in steps and e.trace_id == steps[e.parent_id].trace_id for e in executes)
     answered = {s.span_id for s in steps.values() if s.status_code != 2}  # not cut short by the stop

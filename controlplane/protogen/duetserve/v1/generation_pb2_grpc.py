@@ -26,7 +26,11 @@ if _version_not_supported:
 
 
 class GenerationStub:
-    """Missing associated documentation comment in .proto file."""
+    """Status codes: INVALID_ARGUMENT (a field is wrong; the message names it), ALREADY_EXISTS (request_id
+    already running), RESOURCE_EXHAUSTED (queue limits, or a message over 16 MiB), DEADLINE_EXCEEDED
+    (the call's deadline passed: the request was aborted), UNAVAILABLE (the data plane is down or the
+    server is shutting down: retry), UNAUTHENTICATED (the server wants `authorization: Bearer <token>`).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -52,7 +56,11 @@ class GenerationStub:
 
 
 class GenerationServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Status codes: INVALID_ARGUMENT (a field is wrong; the message names it), ALREADY_EXISTS (request_id
+    already running), RESOURCE_EXHAUSTED (queue limits, or a message over 16 MiB), DEADLINE_EXCEEDED
+    (the call's deadline passed: the request was aborted), UNAVAILABLE (the data plane is down or the
+    server is shutting down: retry), UNAUTHENTICATED (the server wants `authorization: Bearer <token>`).
+    """
 
     def Generate(self, request, context):
         """Streams the completion of one prompt: token ids and text deltas as they are produced, then a
@@ -103,7 +111,11 @@ def add_GenerationServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Generation:
-    """Missing associated documentation comment in .proto file."""
+    """Status codes: INVALID_ARGUMENT (a field is wrong; the message names it), ALREADY_EXISTS (request_id
+    already running), RESOURCE_EXHAUSTED (queue limits, or a message over 16 MiB), DEADLINE_EXCEEDED
+    (the call's deadline passed: the request was aborted), UNAVAILABLE (the data plane is down or the
+    server is shutting down: retry), UNAUTHENTICATED (the server wants `authorization: Bearer <token>`).
+    """
 
     @staticmethod
     def Generate(request,

@@ -1,0 +1,37 @@
+"""Admission limits: how much work may wait in the queue before new requests are refused.
+
+A request that would push the waiting queue past `max_requests` sequences or `max_tokens` tokens
+still to prefill is refused at once with `Overloaded` (the API maps it to RESOURCE_EXHAUSTED), so
+the queue never grows without bound. This module only counts; it does not schedule or reorder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from controlplane.sequence import Sequence
+
+
+class Overloaded(RuntimeError):
+    """The queue is full; the message says which limit was hit."""
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    max_requests: int
+    max_tokens: int
+
+    def check(self, waiting: Iterable[Sequence], num_new_tokens: int) -> None:
+        """Raise Overloaded if one more request of `num_new_tokens` tokens does not fit."""
+        queued = list(waiting)
+        if len(queued) + 1 > self.max_requests:
+            raise Overloaded(
+                f"server overloaded: {len(queued)} requests are queued (max_queued_requests {self.max_requests})"
+            )
+        tokens = sum(seq.num_tokens for seq in queued)
+        if tokens + num_new_tokens > self.max_tokens:
+            raise Overloaded(
+                f"server overloaded: {tokens} queued tokens + {num_new_tokens} in this prompt exceed "
+                f"max_queued_tokens {self.max_tokens}"
+            )

@@ -1,0 +1,175 @@
+"""The control plane's ZeroMQ client against a fake data plane: garbage frames are dropped
+(hypothesis), a dropped connection or a silent peer raises DataplaneUnavailable promptly (mid-step
+and idle), a wrong protocol version is refused, and sends never block on a missing peer."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+
+import msgspec
+import pytest
+import zmq
+import zmq.asyncio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from controlplane.dataplane_client import DataplaneClient, DataplaneTimeout, DataplaneUnavailable
+from shared.codec import encode
+from shared.messages import PROTOCOL_VERSION, DeviceDescription, ModelDescription, StepPlan, StepResult, WorkerReady
+
+leaves = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=16)
+          | st.binary(max_size=16))
+values = st.recursive(leaves, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                        max_size=4), max_leaves=16)
+TAGS = ["hello", "plan", "shutdown", "ready", "result", "fatal", "bogus", ""]
+tagged = st.builds(lambda tag, rest: {**rest, "type": tag}, st.sampled_from(TAGS),
+                   st.dictionaries(st.sampled_from(["step_id", "protocol_version", "outputs", "reason", "model",
+                                                    "scheduled", "failures", "x"]), values, max_size=4))
+FRAMES = st.one_of(st.binary(max_size=300), values.map(msgspec.msgpack.encode),
+                   tagged.map(msgspec.msgpack.encode))
+
+
+def ready(version: int = PROTOCOL_VERSION) -> WorkerReady:
+    return WorkerReady(
+        protocol_version=version, num_kv_blocks=8, block_size=16, max_model_len=128, attention_backend="none",
+        model=ModelDescription(name="m", architecture="fake", vocab_size=32, num_layers=1, hidden_size=8,
+                               intermediate_size=8, num_q_heads=1, num_kv_heads=1, head_dim=8,
+                               max_position_embeddings=128, dtype="float32"),
+        device=DeviceDescription(kind="cpu", name="cpu"),
+    )
+
+
+def with_peer(body: Callable[[DataplaneClient, zmq.asyncio.Socket], Awaitable[None]]) -> None:
+    """Run `body(client, fake_worker)` with a fresh context, a bound fake worker and a connected client."""
+
+    async def main() -> None:
+        context = zmq.asyncio.Context()
+        endpoint = f"ipc://{tempfile.mkdtemp(prefix='dpc-')}/s"
+        peer = context.socket(zmq.DEALER)
+        peer.setsockopt(zmq.LINGER, 0)
+        peer.bind(endpoint)
+        client = DataplaneClient(endpoint, context)
+        client.connect()
+        try:
+            await body(client, peer)
+        finally:
+            client.close()
+            peer.close(linger=0)
+            context.term()
+
+    asyncio.run(main())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(FRAMES, max_size=6))
+def test_garbage_frames_are_dropped(frames: list[bytes]) -> None:
+    async def body(client: DataplaneClient, peer: zmq.asyncio.Socket) -> None:
+        async def worker() -> None:
+            await peer.recv()
+            for frame in frames:
+                await peer.send(frame)
+            await peer.send(encode(StepResult(step_id=7)))
+
+        serving = asyncio.create_task(worker())
+        result = await client.run_step(StepPlan(step_id=7), timeout_s=10)
+        assert result.step_id == 7
+        await serving
+
+    with_peer(body)
+
+
+def test_dropped_connection_raises_mid_step_and_idle() -> None:
+    async def mid_step(client: DataplaneClient, peer: zmq.asyncio.Socket) -> None:
+        await peer.send(encode(ready()))  # connect first: the ready frame arrives once connected
+        assert isinstance(await client.receive(10), WorkerReady)
+        step = asyncio.create_task(client.run_step(StepPlan(step_id=1), timeout_s=60))
+        await peer.recv()
+        started = time.monotonic()
+        peer.close(linger=0)
+        with pytest.raises(DataplaneUnavailable, match="connection dropped"):
+            await step
+        assert time.monotonic() - started < 2.0
+
+    async def idle(client: DataplaneClient, peer: zmq.asyncio.Socket) -> None:
+        await peer.send(encode(ready()))
+        assert isinstance(await client.receive(10), WorkerReady)
+        never = asyncio.Event()
+        waiting = asyncio.create_task(client.wait(never))
+        await asyncio.sleep(0.1)
+        peer.close(linger=0)
+        with pytest.raises(DataplaneUnavailable, match="connection dropped"):
+            await asyncio.wait_for(waiting, 2.0)
+
+    with_peer(mid_step)
+    with_peer(idle)
+
+
+def test_silent_peer_times_out_and_lost_mark_interrupts() -> None:
+    async def body(client: DataplaneClient, peer: zmq.asyncio.Socket) -> None:
+        with pytest.raises(DataplaneTimeout, match="step 3 took longer than 0.3 s"):
+            await client.run_step(StepPlan(step_id=3), timeout_s=0.3)
+        step = asyncio.create_task(client.run_step(StepPlan(step_id=4), timeout_s=60))
+        await asyncio.sleep(0.05)
+        client.mark_lost("the process exited")
+        with pytest.raises(DataplaneUnavailable, match="the process exited"):
+            await asyncio.wait_for(step, 2.0)
+        client.reset()  # a fresh socket is usable again
+
+        async def answer_hellos() -> None:
+            while True:  # plans sent on the old socket may still arrive first
+                if msgspec.msgpack.decode(await peer.recv()).get("type") == "hello":
+                    await peer.send(encode(ready()))  # may go to the old connection: Hello comes again
+
+        answering = asyncio.create_task(answer_hellos())
+        assert isinstance(await client.handshake(10), WorkerReady)
+        answering.cancel()
+
+    with_peer(body)
+
+
+def test_wrong_protocol_version_is_refused() -> None:
+    async def body(client: DataplaneClient, peer: zmq.asyncio.Socket) -> None:
+        async def worker() -> None:
+            await peer.recv()
+            await peer.send(encode(StepResult(step_id=99)))  # stale, dropped
+            await peer.send(encode(ready(PROTOCOL_VERSION + 1)))
+
+        serving = asyncio.create_task(worker())
+        with pytest.raises(DataplaneUnavailable, match="protocol version mismatch"):
+            await client.handshake(10)
+        await serving
+
+    with_peer(body)
+
+
+def test_send_never_blocks_without_a_peer() -> None:
+    async def main() -> None:
+        client = DataplaneClient(f"ipc://{tempfile.mkdtemp(prefix='dpc-')}/nobody")
+        client.connect()
+        started = time.monotonic()
+        try:
+            with pytest.raises(DataplaneUnavailable, match="send queue full"):
+                for _ in range(10_000):
+                    await client.shutdown()
+        finally:
+            client.close()
+        assert time.monotonic() - started < 5.0
+
+    asyncio.run(main())
+
+
+def test_hello_is_repeated_when_an_answer_goes_missing() -> None:
+    async def body(client: DataplaneClient, peer: zmq.asyncio.Socket) -> None:
+        async def worker() -> None:
+            await peer.recv()  # the first Hello's answer is "lost"
+            await peer.recv()
+            await peer.send(encode(ready()))
+
+        serving = asyncio.create_task(worker())
+        assert isinstance(await client.handshake(10), WorkerReady)
+        await serving
+
+    with_peer(body)

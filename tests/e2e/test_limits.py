@@ -1,0 +1,103 @@
+"""Limits: oversized messages, Abort's field checks, queue backpressure (RESOURCE_EXHAUSTED) and
+gRPC deadlines (the request is aborted, its blocks freed, the call ends DEADLINE_EXCEEDED)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
+from controlplane.server import MAX_MESSAGE_BYTES
+from tests.e2e.conftest import Served, generate, serve
+
+LONG = {"token_ids": {"ids": list(range(3, 40))}, "max_tokens": 3000, "ignore_eos": True, "temperature": 0.0}
+
+
+def slow_steps(served: Served, delay_s: float = 0.01) -> None:
+    """Make every step take at least `delay_s`, so long requests stay long on a fast CPU."""
+    client = served.plane.engine.client
+    original = client.run_step
+
+    async def run_step(plan, timeout_s):  # noqa: ANN001, ANN202
+        await asyncio.sleep(delay_s)
+        return await original(plan, timeout_s)
+
+    client.run_step = run_step  # type: ignore[method-assign]
+
+
+async def wait_for(predicate, timeout_s: float = 20.0, msg=lambda: "") -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"condition not reached in time {msg()}"
+        await asyncio.sleep(0.01)
+
+
+def all_blocks_free(served: Served) -> bool:
+    allocator = served.scheduler.allocator
+    return not served.scheduler.seqs and allocator.num_free == allocator.num_blocks
+
+
+async def test_oversized_message_and_abort_fields() -> None:
+    async with serve("tiny") as served:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await generate(served.stub, text="x" * (MAX_MESSAGE_BYTES + 1024), max_tokens=1)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for request_id, message in (("", "request_id: required"), ("x" * 300, "request_id longer than"),
+                                    ("a\tb", "only printable")):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await served.stub.Abort(pb.AbortRequest(request_id=request_id))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert message in (err.value.details() or "")
+        assert len((await generate(served.stub, token_ids={"ids": [5, 6]}, max_tokens=2)).token_ids) == 2
+
+
+async def test_queue_limits_refuse_at_once() -> None:
+    async with serve("tiny", max_num_seqs=1, max_queued_requests=2, max_queued_tokens=80) as served:
+        slow_steps(served)
+        calls = [served.stub.Generate(pb.GenerateRequest(request_id="run", **LONG))]
+        await calls[0].read()  # running: it holds the only sequence slot
+        calls += [served.stub.Generate(pb.GenerateRequest(request_id=f"wait{i}", **LONG)) for i in range(2)]
+        await wait_for(lambda: served.scheduler.num_waiting == 2)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await generate(served.stub, token_ids={"ids": [5, 6]}, max_tokens=2)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_queued_requests 2" in (err.value.details() or "")
+        calls.pop().cancel()
+        await wait_for(lambda: served.scheduler.num_waiting == 1)
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # 37 queued + 50 new > 80 tokens
+            await generate(served.stub, token_ids={"ids": list(range(3, 53))}, max_tokens=2)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_queued_tokens 80" in (err.value.details() or "")
+        for call in calls:
+            call.cancel()
+        await wait_for(lambda: all_blocks_free(served))
+        done = await generate(served.stub, token_ids={"ids": list(range(3, 53))}, max_tokens=2)
+        assert done.final is not None and done.final.completion_tokens == 2
+
+
+async def test_deadline_aborts_running_and_queued_requests() -> None:
+    async with serve("tiny", max_num_seqs=1) as served:
+        slow_steps(served)
+        aborted: list[str] = []
+        original = served.plane.engine.abort
+
+        def abort(request_id: str) -> bool:
+            aborted.append(request_id)
+            return original(request_id)
+
+        served.plane.engine.abort = abort  # type: ignore[method-assign]
+        running = served.stub.Generate(pb.GenerateRequest(request_id="d-run", **LONG), timeout=1.5)
+        await running.read()
+        queued = served.stub.Generate(pb.GenerateRequest(request_id="d-queued", **LONG), timeout=0.5)
+        for call in (queued, running):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                while await call.read() != grpc.aio.EOF:
+                    pass
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await wait_for(lambda: all_blocks_free(served))
+        assert {"d-run", "d-queued"} <= set(aborted)  # the server aborted both, not only the client
+        assert served.plane.engine.num_live_requests == 0
+        served.scheduler.check_invariants()
