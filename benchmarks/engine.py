@@ -85,13 +85,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def run_steps(runner, plans: list[StepPlan]) -> list:  # noqa: ANN001
-    results = []
-    for plan in plans:
-        pending = runner.launch(plan)
-        while not pending.ready():
-            time.sleep(20e-6)
-        results.append(pending.result())
-    return results
+    return [runner.launch(plan).wait() for plan in plans]
 
 
 def blocks_per_seq(ctx: int, steps: int, bs: int) -> int:
@@ -200,10 +194,7 @@ def offline(worker, requests: int, in_len: int, out_len: int, budget: int, max_s
         while sched.has_work():
             plan = sched.schedule()
             assert plan is not None
-            pending = runner.launch(plan)
-            while not pending.ready():
-                time.sleep(20e-6)
-            sched.update(pending.result())
+            sched.update(runner.launch(plan).wait())
             steps += 1
     produced = requests * out_len
     result = {"requests": requests, "input_len": in_len, "output_len": out_len, "seconds": t.seconds,

@@ -64,10 +64,7 @@ class Bench:
         self.step_id += 1
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        pending = self.runner.launch(plan)
-        while not pending.ready():
-            time.sleep(20e-6)
-        result = pending.result()
+        result = self.runner.launch(plan).wait()
         wall = (time.perf_counter() - t0) * 1000
         self.runner.seqs.pop(-1, None)
         return wall, result.timings

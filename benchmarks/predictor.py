@@ -147,10 +147,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
     runner, ready = loaded.runner, loaded.ready
     provider = load_partition_provider(args.partition_provider) if args.partition_provider else None
     if args.partitions and runner.multiplexer is not None:  # the worker's own green-context streams
-        streams = {}
-        for part in runner.multiplexer.partitions.partitions.values():
-            streams.setdefault(part.actual_decode_sms, part.decode_stream)
-            streams.setdefault(part.actual_prefill_sms, part.prefill_stream)
+        streams = runner.multiplexer.partitions.streams_by_size()
         provider = lambda sms: torch.cuda.stream(streams[sms])  # noqa: E731
     full = ready.device.sm_count or 1
     sm_counts = [int(s) for s in args.sm_counts.split(",")] if args.sm_counts else [full]

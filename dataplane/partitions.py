@@ -85,6 +85,14 @@ class PartitionSet:
         except KeyError:
             raise ValueError(f"no partition with {decode_sms} decode SMs; built: {sorted(self.partitions)}") from None
 
+    def streams_by_size(self) -> dict[int, torch.cuda.ExternalStream]:
+        """A stream running on exactly S SMs, for every realised partition size S (either side)."""
+        streams: dict[int, torch.cuda.ExternalStream] = {}
+        for part in self.partitions.values():
+            streams.setdefault(part.actual_decode_sms, part.decode_stream)
+            streams.setdefault(part.actual_prefill_sms, part.prefill_stream)
+        return streams
+
     def describe(self) -> list[tuple[int, int]]:
         """(prefill SMs, decode SMs) actually realised for each split, for WorkerReady."""
         return [(p.actual_prefill_sms, p.actual_decode_sms) for p in self.partitions.values()]

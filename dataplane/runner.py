@@ -25,6 +25,9 @@ from dataplane.seq_state import SeqError, SeqState, check_scheduled, new_state
 from shared.messages import SeqFailure, SeqOutput, StepPlan, StepResult, StepTimings, TokenLogprobs
 
 
+POLL_INTERVAL_S = 50e-6
+
+
 @dataclass
 class _Item:
     state: SeqState
@@ -55,6 +58,12 @@ class PendingStep:
 
     def ready(self) -> bool:
         return self.done is None or self.done.query()
+
+    def wait(self, poll_s: float = POLL_INTERVAL_S) -> StepResult:
+        """Poll the step's CUDA event (never a blocking device sync), then collect the result."""
+        while not self.ready():
+            time.sleep(poll_s)
+        return self.result()
 
     def result(self) -> StepResult:
         outputs: dict[int, tuple[list[int], list[TokenLogprobs] | None]] = {}

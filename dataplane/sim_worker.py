@@ -18,15 +18,14 @@ import time
 from pathlib import Path
 
 import msgspec
-import zmq
 
 from dataplane.lifeline import die_with_parent
 from dataplane.models.config import ModelConfig, load_model_config
 from dataplane.models.presets import PRESETS
+from dataplane.serve_loop import serve_plans
 from dataplane.sim import SimRunner
-from shared.codec import ProtocolError, decode_to_worker, encode
 from shared.messages import (
-    PROTOCOL_VERSION, DeviceDescription, HardwareProfile, Hello, ModelDescription, StepPlan, StepResult,
+    PROTOCOL_VERSION, DeviceDescription, HardwareProfile, Hello, ModelDescription, Shutdown, StepPlan, StepResult,
     StepTimings, ToControl, WorkerFatal, WorkerReady,
 )
 from shared.profiles import GpuSpec, gpu_spec
@@ -146,35 +145,11 @@ class SimWorker:
         self._running = False
 
     def serve(self) -> int:
-        context = zmq.Context()
-        sock = context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        try:
-            sock.bind(self.endpoint)
-            log.info("simulated data plane listening on %s", self.endpoint)
-            while self._running:
-                if not sock.poll(100):
-                    continue
-                try:
-                    message = decode_to_worker(sock.recv())
-                except ProtocolError as exc:
-                    log.error("dropping malformed frame: %s", exc)
-                    continue
-                if not isinstance(message, Hello | StepPlan):
-                    return 0  # Shutdown
-                reply = self._dispatch(message)
-                try:
-                    sock.send(encode(reply), flags=zmq.NOBLOCK)
-                except zmq.Again:  # the control plane left mid-step
-                    log.warning("no control plane connected; dropped a %s", type(reply).__name__)
-                if isinstance(reply, WorkerFatal):
-                    return 1
-            return 0
-        finally:
-            sock.close(linger=0)
-            context.term()
+        return serve_plans(self.endpoint, self._dispatch, lambda: self._running, name="simulated data plane")
 
-    def _dispatch(self, message: Hello | StepPlan) -> ToControl:
+    def _dispatch(self, message: Hello | StepPlan | Shutdown) -> ToControl | None:
+        if isinstance(message, Shutdown):
+            return None
         if isinstance(message, Hello):
             if message.protocol_version != PROTOCOL_VERSION:
                 return WorkerFatal(reason=f"protocol version mismatch: data plane speaks {PROTOCOL_VERSION}, "

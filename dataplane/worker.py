@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import time
 from dataclasses import dataclass
 
 import torch
@@ -24,10 +23,10 @@ from dataplane.models.config import ModelConfig
 from dataplane.models.loader import load_model, resolve_dtype
 from dataplane.runner import ModelRunner
 from dataplane.sampler import Sampler
+from dataplane.serve_loop import serve_plans
 from dataplane.tracing import DataplaneTracing
-from shared.codec import ProtocolError, decode_to_worker, encode
+from shared.codec import encode
 from shared.config import DataplaneConfig
-from shared.endpoints import MAX_FRAME_BYTES, restrict_ipc
 from shared.messages import (
     PROTOCOL_VERSION,
     DeviceDescription,
@@ -42,8 +41,6 @@ from shared.messages import (
 )
 
 log = logging.getLogger(__name__)
-
-POLL_INTERVAL_S = 50e-6
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -146,10 +143,7 @@ def partition_calibration(multiplexer: object | None) -> dict[str, object]:
     """Let calibration measure every partition size on its own green-context stream."""
     if multiplexer is None:
         return {}
-    streams: dict[int, torch.cuda.ExternalStream] = {}
-    for part in multiplexer.partitions.partitions.values():  # type: ignore[attr-defined]
-        streams.setdefault(part.actual_decode_sms, part.decode_stream)
-        streams.setdefault(part.actual_prefill_sms, part.prefill_stream)
+    streams = multiplexer.partitions.streams_by_size()  # type: ignore[attr-defined]
     return {"sm_counts": sorted(streams), "partition": lambda sms: torch.cuda.stream(streams[sms])}
 
 
@@ -187,48 +181,13 @@ class Worker:
         self._running = False
 
     def serve(self) -> int:
-        context = zmq.Context()
-        sock = context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)  # a larger frame drops that peer, not this process
         try:
-            sock.bind(self.config.endpoint)
-            restrict_ipc(self.config.endpoint)
-            log.info("data plane listening on %s", self.config.endpoint)
-            return self._loop(sock)
+            return serve_plans(self.config.endpoint, self._dispatch, lambda: self._running, self.heartbeat.beat)
         finally:
             self.heartbeat.close()
-            sock.close(linger=0)
-            context.term()
-
-    def _loop(self, sock: zmq.Socket) -> int:
-        while self._running:
-            self.heartbeat.beat()
-            if not sock.poll(100):
-                continue
-            frame = sock.recv()
-            try:
-                message = decode_to_worker(frame)
-            except ProtocolError as exc:
-                log.error("dropping malformed frame: %s", exc)
-                continue
-            reply = self._dispatch(message)
-            if reply is not None:
-                try:
-                    sock.send(encode(reply), flags=zmq.NOBLOCK)
-                except zmq.Again:  # the control plane left mid-step: a blocking send would hang here
-                    log.warning("no control plane connected; dropped a %s", type(reply).__name__)
-            if isinstance(message, Shutdown):
-                return 0
-            if isinstance(reply, WorkerFatal) and not isinstance(message, Hello):  # a refused Hello: keep serving
-                return 1
-        return 0
 
     def _run_step(self, plan: StepPlan) -> StepResult:
-        pending = self.loaded.runner.launch(plan)
-        while not pending.ready():  # poll the step's CUDA event; never block on the device
-            time.sleep(POLL_INTERVAL_S)
-        return pending.result()
+        return self.loaded.runner.launch(plan).wait()
 
     def _dispatch(self, message: Hello | StepPlan | Shutdown) -> ToControl | None:
         if isinstance(message, Hello):
