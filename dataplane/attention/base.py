@@ -141,3 +141,12 @@ class AttentionBackend(ABC):
         attention (scale 1/sqrt(d)) over its own sequence's cached tokens and the new tokens up
         to and including itself.
         """
+
+    def kv_slots(self) -> tuple[Tensor, Tensor] | None:
+        """(blocks, offsets) [T] long on the device for this step, when a caller may write the new
+        K/V into the cache itself and then call `attend`; None when only `forward` is supported."""
+        return None
+
+    def attend(self, layer_idx: int, q: Tensor, kv_cache: Tensor) -> Tensor:
+        """Like `forward`, but this step's K/V are already in `kv_cache` at `kv_slots()`."""
+        raise NotImplementedError(f"{self.name} attention writes K/V itself; call forward")

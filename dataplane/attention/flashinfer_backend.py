@@ -107,6 +107,14 @@ class FlashInferAttention(AttentionBackend):
         write_kv(kv_cache, self._blocks, self._offsets, k, v)
         return self._wrapper.run(q.contiguous(), kv_cache)  # type: ignore[attr-defined]
 
+    def kv_slots(self) -> tuple[Tensor, Tensor] | None:
+        if self._blocks is None or self._offsets is None:
+            raise RuntimeError("FlashInferAttention.kv_slots called before begin_step")
+        return self._blocks, self._offsets
+
+    def attend(self, layer_idx: int, q: Tensor, kv_cache: Tensor) -> Tensor:
+        return self._wrapper.run(q, kv_cache)  # type: ignore[attr-defined]
+
 
 class GraphDecodeAttention(AttentionBackend):
     """Decode attention for one CUDA-graph batch bucket: fixed device buffers, re-planned per replay.
@@ -149,3 +157,9 @@ class GraphDecodeAttention(AttentionBackend):
     def forward(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor) -> Tensor:
         write_kv(kv_cache, self._blocks, self._offsets, k, v)
         return self._wrapper.run(q.contiguous(), kv_cache)
+
+    def kv_slots(self) -> tuple[Tensor, Tensor] | None:
+        return self._blocks, self._offsets
+
+    def attend(self, layer_idx: int, q: Tensor, kv_cache: Tensor) -> Tensor:
+        return self._wrapper.run(q, kv_cache)
