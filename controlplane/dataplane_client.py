@@ -130,19 +130,27 @@ class DataplaneClient:
         return reply
 
     async def run_step(self, plan: StepPlan, timeout_s: float) -> StepResult:
+        await self.send_plan(plan)
+        return await self.receive_result(plan.step_id, timeout_s)
+
+    async def send_plan(self, plan: StepPlan) -> None:
+        """Queue a plan for the worker (it may still be running earlier ones)."""
         await self._send(plan)
+
+    async def receive_result(self, step_id: int, timeout_s: float) -> StepResult:
+        """The result of step `step_id` (results come back in the order plans were sent)."""
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
             try:
                 reply = await self.receive(max(remaining, 0.0))
             except DataplaneTimeout as exc:
-                raise DataplaneTimeout(f"step {plan.step_id} took longer than {timeout_s:.1f} s") from exc
-            if isinstance(reply, StepResult) and reply.step_id == plan.step_id:
+                raise DataplaneTimeout(f"step {step_id} took longer than {timeout_s:.1f} s") from exc
+            if isinstance(reply, StepResult) and reply.step_id == step_id:
                 return reply
             if isinstance(reply, WorkerFatal):
                 raise DataplaneUnavailable(f"data plane failed: {reply.reason}")
-            log.warning("dropping unexpected %s while waiting for step %d", type(reply).__name__, plan.step_id)
+            log.warning("dropping unexpected %s while waiting for step %d", type(reply).__name__, step_id)
 
     async def shutdown(self) -> None:
         if self._socket is not None:

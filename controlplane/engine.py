@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ from controlplane.scheduler import Scheduler, SeqUpdate
 from controlplane.sequence import FinishReason, Sequence, StopParams
 from controlplane.tokenizer import TextTokenizer
 from shared.config import SchedulerConfig
-from shared.messages import SamplingParams, WorkerReady
+from shared.messages import SamplingParams, StepPlan, WorkerReady
 
 log = logging.getLogger(__name__)
 
@@ -257,21 +258,36 @@ class Engine:
             await self._reconnect()
 
     async def _step_loop(self) -> None:
-        while True:
-            scheduler = self.scheduler
-            assert scheduler is not None
-            started_ns = time.time_ns()
-            plan = scheduler.schedule()
-            if plan is None:
-                self._wakeup.clear()
-                await self.client.wait(self._wakeup)
-                continue
-            plan = self.observer.step_planned(plan, scheduler, started_ns)
-            result = await self.client.run_step(plan, self.step_timeout_s)
-            self.num_steps += 1
-            self._emit(scheduler.update(result))
-            self.observer.step_done(plan, result, scheduler)
-            await asyncio.sleep(0)  # let API tasks add and abort requests between steps
+        """Keep up to `scheduler.max_inflight` plans at the data plane; apply results in order.
+
+        With two in flight, step i+1 is planned and sent while step i runs, so the control plane's
+        and the data plane's host work overlap the GPU's."""
+        inflight: deque[StepPlan] = deque()
+        try:
+            while True:
+                scheduler = self.scheduler
+                assert scheduler is not None
+                if len(inflight) < scheduler.max_inflight:
+                    started_ns = time.time_ns()
+                    plan = scheduler.schedule()
+                    if plan is not None:
+                        plan = self.observer.step_planned(plan, scheduler, started_ns)
+                        await self.client.send_plan(plan)
+                        inflight.append(plan)
+                        continue
+                if not inflight:
+                    self._wakeup.clear()
+                    await self.client.wait(self._wakeup)
+                    continue
+                result = await self.client.receive_result(inflight[0].step_id, self.step_timeout_s)
+                plan = inflight.popleft()
+                self.num_steps += 1
+                self._emit(scheduler.update(result))
+                self.observer.step_done(plan, result, scheduler)
+                await asyncio.sleep(0)  # let API tasks add and abort requests between steps
+        finally:
+            if inflight and self.scheduler is not None:
+                self.scheduler.inflight.clear()  # their results will never be applied
 
     def _lose(self, reason: str) -> None:
         """The data plane is gone: end every live request now, report not serving, tell the supervisor."""

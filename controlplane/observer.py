@@ -73,7 +73,7 @@ class RequestObs:
 @dataclass
 class _Step:
     span: Span | None
-    chunks: list[RequestObs]
+    chunks: list[tuple[RequestObs, Span]]  # the prefill-chunk spans this step opened
     predicted_ms: float | None
     preemptions_before: int
 
@@ -81,6 +81,14 @@ class _Step:
 def _end(span: Span | None, end_ns: int | None = None) -> None:
     if span is not None and span.is_recording():
         span.end(end_time=end_ns)
+
+
+def _end_chunks(step: _Step) -> None:
+    """End the chunk spans a step opened (a request's newer chunk may be in a later step)."""
+    for obs, span in step.chunks:
+        _end(span)
+        if obs.chunk_span is span:
+            obs.chunk_span = None
 
 
 class EngineObserver:
@@ -91,7 +99,7 @@ class EngineObserver:
         self.metrics = metrics if metrics is not None and metrics.enabled else None
         self.model = model
         self._by_seq: dict[int, RequestObs] = {}
-        self._step: _Step | None = None
+        self._steps: dict[int, _Step] = {}  # step id -> its record, while in flight
 
     @classmethod
     def disabled(cls) -> EngineObserver:
@@ -185,7 +193,7 @@ class EngineObserver:
         """Record the step's decision; with tracing on, return the plan carrying trace context."""
         self._gauges(scheduler, plan)
         predicted = getattr(scheduler, "last_predicted_ms", None)
-        self._step = _Step(None, [], predicted, scheduler.num_preemptions)
+        step = self._steps[plan.step_id] = _Step(None, [], predicted, scheduler.num_preemptions)
         if self.metrics is not None or self.tracer is not None:
             self._admitted(plan, started_ns)
         if self.tracer is None:
@@ -193,7 +201,7 @@ class EngineObserver:
         attrs = tr.step_plan_attributes(plan, scheduler.num_running, scheduler.num_waiting, predicted)
         step_span = self.tracer.start_span(tr.STEP_SPAN, context=trace.set_span_in_context(trace.INVALID_SPAN),
                                            start_time=started_ns, attributes=attrs)
-        self._step.span = step_span
+        step.span = step_span
         context = inject(trace.set_span_in_context(step_span))
         link = [Link(step_span.get_span_context())]
         for entry in plan.scheduled:
@@ -201,7 +209,7 @@ class EngineObserver:
             seq = scheduler.seqs.get(entry.seq_id)
             if obs is None or seq is None or obs.span is None or not obs.span.is_recording():
                 continue
-            phase_span = self._phase_span(obs, seq, entry.num_tokens, link, started_ns)
+            phase_span = self._phase_span(obs, seq, entry.num_tokens, link, started_ns, step, plan.decode_steps)
             if phase_span is not None:
                 context[seq_key(entry.seq_id)] = traceparent(phase_span.get_span_context())
         return msgspec.structs.replace(plan, trace_context=context)
@@ -219,11 +227,11 @@ class EngineObserver:
                 self.metrics.queue_time.record(now - obs.arrival, self.metrics.labels)
 
     def _phase_span(self, obs: RequestObs, seq: Sequence, num_tokens: int, link: list[Link],
-                    started_ns: int) -> Span | None:
+                    started_ns: int, step: _Step, k: int) -> Span | None:
         """Open this step's span for one request; returns it when the data plane should join it."""
         assert self.tracer is not None and obs.span is not None
         parent = trace.set_span_in_context(obs.span)
-        if num_tokens == 1 and seq.output_token_ids:  # a decode step
+        if num_tokens == 1 and seq.num_outputs > k:  # a decode step (it had outputs before this step's k)
             obs.num_decode_steps += 1
             if obs.decode_span is not None:
                 return None
@@ -236,12 +244,11 @@ class EngineObserver:
                         "duetserve.chunk.computed_before": seq.num_computed_tokens - num_tokens},
         )
         obs.num_chunks += 1
-        assert self._step is not None
-        self._step.chunks.append(obs)
+        step.chunks.append((obs, obs.chunk_span))
         return obs.chunk_span
 
     def step_done(self, plan: StepPlan, result: StepResult, scheduler: SchedulerView) -> None:
-        step, self._step = self._step, None
+        step = self._steps.pop(plan.step_id, None)
         self._gauges(scheduler, plan)
         if step is None:
             return
@@ -252,24 +259,19 @@ class EngineObserver:
             if step.predicted_ms is not None and result.timings.total_ms > 0:
                 err = abs(step.predicted_ms - result.timings.total_ms) / result.timings.total_ms * 100.0
                 self.metrics.set_predictor_error(err)
-        for obs in step.chunks:
-            _end(obs.chunk_span)
-            obs.chunk_span = None
+        _end_chunks(step)
         if step.span is not None:
             step.span.set_attributes(tr.step_result_attributes(result, step.predicted_ms))
             step.span.end()
 
     def step_lost(self, reason: str) -> None:
-        """The step in flight will never get a result (the data plane was lost): end its span."""
-        step, self._step = self._step, None
-        if step is None:
-            return
-        for obs in step.chunks:
-            _end(obs.chunk_span)
-            obs.chunk_span = None
-        if step.span is not None:
-            step.span.set_status(Status(StatusCode.ERROR, reason))
-            step.span.end()
+        """The steps in flight will never get a result (the data plane was lost): end their spans."""
+        steps, self._steps = self._steps, {}
+        for step in steps.values():
+            _end_chunks(step)
+            if step.span is not None:
+                step.span.set_status(Status(StatusCode.ERROR, reason))
+                step.span.end()
 
     def _gauges(self, scheduler: SchedulerView, plan: StepPlan) -> None:
         if self.metrics is None:
@@ -285,10 +287,11 @@ class EngineObserver:
 
     def shutdown(self) -> None:
         """Flush batched spans and stop the exporters (called once at server stop)."""
-        step, self._step = self._step, None
-        if step is not None and step.span is not None:  # the engine stopped with this step in flight
-            step.span.set_status(Status(StatusCode.ERROR, "no result: the engine stopped or lost the data plane"))
-            step.span.end()
+        steps, self._steps = self._steps, {}
+        for step in steps.values():  # the engine stopped with these steps in flight
+            if step.span is not None:
+                step.span.set_status(Status(StatusCode.ERROR, "no result: the engine stopped or lost the data plane"))
+                step.span.end()
         if self.provider is not None:
             self.provider.shutdown()
             self.provider = None

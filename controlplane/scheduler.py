@@ -8,6 +8,12 @@ look-ahead `k`, for which the scheduler reserves the KV blocks of the `k` decode
 (lowering `k` if blocks are short). When a running sequence needs a block and none is free, the
 most recently admitted sequence is preempted (its blocks freed, recomputed later). Measured step
 times feed the predictor's online correction. The scheduler is synchronous and does no I/O.
+
+With `async_scheduling` a second step may be planned while the first is in flight: a sequence
+that step will sample for counts that token as known-but-unseen (`Sequence.num_inflight`) and
+decodes it next (the data plane feeds it from the GPU). Stops are applied when results arrive, so
+a sequence may compute one token past its end, which is dropped. Sequences with penalties (which
+need every previous token on the host) and ones sure to end at length wait for their results.
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ class _StepDraft:
 @dataclass
 class InflightStep:
     plan: StepPlan
-    expects_token: dict[int, bool]
+    expects_token: dict[int, int]  # seq id -> tokens the step samples for it
+    epochs: dict[int, int]  # scheduled seq id -> its preemption count when planned (later: stale)
     sent_at: float
     forecast: StepForecast | None = None
     decision: ModeDecision = AGGREGATED
@@ -72,7 +79,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.seqs: dict[int, Sequence] = {}
-        self.inflight: InflightStep | None = None
+        self.inflight: deque[InflightStep] = deque()
+        self.max_inflight = 2 if config.async_scheduling else 1
         self._dropped_on_worker: list[int] = []
         self._next_step_id = 0
         self.num_preemptions = 0
@@ -123,8 +131,8 @@ class Scheduler:
 
     def schedule(self) -> StepPlan | None:
         """The next step's plan, or None when there is nothing to run (and nothing to drop)."""
-        if self.inflight is not None:
-            raise RuntimeError("schedule() called while a step is in flight")
+        if len(self.inflight) >= self.max_inflight:
+            raise RuntimeError(f"schedule() called with {len(self.inflight)} steps in flight")
         draft = _StepDraft(budget=self.config.max_num_batched_tokens)
         if self.policy.composition == "prefill_first":
             self._compose_prefill_first(draft)
@@ -174,8 +182,8 @@ class Scheduler:
         for seq_id, num_tokens in draft.tokens.items():
             seq = seqs[seq_id]
             cached = seq.num_computed_tokens
-            num_out = len(seq.output_token_ids)
-            total = len(seq.prompt_token_ids) + num_out
+            num_out = seq.num_outputs
+            total = seq.num_tokens
             samples = cached + num_tokens == total
             if num_tokens == 1 and samples:  # the data plane's definition of a decode item
                 decoders.append(seq)
@@ -204,9 +212,16 @@ class Scheduler:
             return decision
         return ModeDecision(decision.mode, decision.prefill_sms, decision.decode_sms, k)
 
+    def _runs_ahead_ok(self, seq: Sequence) -> bool:
+        """Whether a sequence with tokens in flight may be scheduled before they arrive."""
+        p = seq.sampling
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            return False  # penalties count every previous token on the host
+        return seq.num_outputs < seq.stop.max_tokens and seq.num_tokens < self.max_model_len
+
     def _schedule_running(self, seq: Sequence, draft: _StepDraft) -> None:
         num_tokens = min(seq.num_uncomputed_tokens, draft.budget)
-        if num_tokens <= 0:
+        if num_tokens <= 0 or (seq.num_inflight and not self._runs_ahead_ok(seq)):
             return
         need = self.allocator.blocks_for_tokens(seq.num_computed_tokens + num_tokens) - len(seq.block_ids)
         while need > self.allocator.num_free:
@@ -227,6 +242,7 @@ class Scheduler:
         draft.new_blocks.pop(victim.seq_id, None)
         self.running.remove(victim)
         self._release(victim)
+        victim.num_inflight = 0  # results still to come for it are stale (see the epochs)
         victim.status = SeqStatus.WAITING
         victim.num_preemptions += 1
         self.num_preemptions += 1
@@ -249,7 +265,9 @@ class Scheduler:
     def _build_plan(self, draft: _StepDraft, decision: ModeDecision, forecast: StepForecast | None) -> StepPlan:
         new_requests: list[NewRequest] = []
         scheduled: list[ScheduledSeq] = []
-        expects: dict[int, bool] = {}
+        expects: dict[int, int] = {}
+        epochs: dict[int, int] = {}
+        k = decision.decode_steps
         for seq_id, num_tokens in draft.tokens.items():
             seq = self.seqs[seq_id]
             if not seq.on_worker:
@@ -268,7 +286,12 @@ class Scheduler:
                 blocks = draft.new_blocks.get(seq_id, [])
                 scheduled.append(ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens, new_block_ids=blocks))
             seq.num_computed_tokens += num_tokens
-            expects[seq_id] = seq.num_computed_tokens == seq.num_tokens
+            epochs[seq_id] = seq.num_preemptions
+            if seq.num_computed_tokens == seq.num_tokens:  # it samples: k tokens for a decode item
+                n = k if num_tokens == 1 else 1
+                expects[seq_id] = n
+                seq.num_inflight += n
+                seq.num_computed_tokens += n - 1  # look-ahead passes compute all but the last
         plan = StepPlan(
             step_id=self._next_step_id,
             mode=decision.mode,
@@ -282,7 +305,7 @@ class Scheduler:
         self._next_step_id += 1
         self._dropped_on_worker = []
         now = time.monotonic()
-        self.inflight = InflightStep(plan, expects, now, forecast, decision)
+        self.inflight.append(InflightStep(plan, expects, epochs, now, forecast, decision))
         if self._result_at is not None:
             self.stats.host_gap_s += now - self._result_at
             self.stats.host_gaps += 1
@@ -291,33 +314,37 @@ class Scheduler:
     # ------------------------------------------------------------------ applying a result
 
     def update(self, result: StepResult) -> list[SeqUpdate]:
-        """Apply the worker's answer to the in-flight step; returns per-sequence changes."""
-        inflight = self.inflight
-        if inflight is None or result.step_id != inflight.plan.step_id:
+        """Apply the worker's answer to the oldest step in flight; returns per-sequence changes."""
+        if not self.inflight or result.step_id != self.inflight[0].plan.step_id:
             raise RuntimeError(f"result for step {result.step_id} does not match the step in flight")
-        self.inflight = None
+        inflight = self.inflight.popleft()
         self._result_at = time.monotonic()
         self.stats.record(inflight.plan, result.timings)
         if inflight.forecast is not None:
             self._observe(inflight, result.timings)
+        live: dict[int, Sequence] = {}  # sequences this result still speaks for
+        for seq_id, n in inflight.expects_token.items():
+            seq = self.seqs.get(seq_id)
+            if seq is not None and seq.num_preemptions == inflight.epochs[seq_id]:
+                seq.num_inflight -= n
+                live[seq_id] = seq
         updates: list[SeqUpdate] = []
         answered: set[int] = set()
         for failure in result.failures:
             answered.add(failure.seq_id)
             seq = self.seqs.get(failure.seq_id)
-            if seq is not None:
+            if seq is not None and seq.num_preemptions == inflight.epochs.get(failure.seq_id, seq.num_preemptions):
                 seq.on_worker = False  # the worker dropped it already
                 seq.error = failure.message
                 self.finish(seq.seq_id, FinishReason.ERROR)
                 updates.append(SeqUpdate(seq, [], None, True))
         for output in result.outputs:
             answered.add(output.seq_id)
-            seq = self.seqs.get(output.seq_id)
-            if seq is not None and inflight.expects_token.get(output.seq_id):
+            seq = live.get(output.seq_id)
+            if seq is not None and not seq.is_finished:
                 updates.append(self._append_tokens(seq, output.token_ids, output.logprobs))
-        for seq_id, expects in inflight.expects_token.items():
-            seq = self.seqs.get(seq_id)
-            if expects and seq_id not in answered and seq is not None:
+        for seq_id, seq in live.items():
+            if seq_id not in answered and not seq.is_finished:
                 seq.error = f"the data plane returned no token for seq {seq_id} in step {result.step_id}"
                 self.finish(seq_id, FinishReason.ERROR)
                 updates.append(SeqUpdate(seq, [], None, True))
@@ -341,14 +368,11 @@ class Scheduler:
                 and (stop_params.ignore_eos or eos.isdisjoint(token_ids))
                 and stop_params.stop_token_ids.isdisjoint(token_ids)):  # fast path: nothing can stop it
             out.extend(token_ids)
-            seq.num_computed_tokens += accepted - 1
             return SeqUpdate(seq, list(token_ids), None, False)
         for i, token_id in enumerate(token_ids):
             out.append(token_id)
             if logprobs is not None and i < len(logprobs):
                 seq.output_logprobs.append(logprobs[i])
-            if i > 0:  # look-ahead: the worker computed the previous sampled token too
-                seq.num_computed_tokens += 1
             stop = check_token_stop(seq, token_id, eos, max_len)
             if stop is not None:
                 self.finish(seq.seq_id, stop[0], stop[1])

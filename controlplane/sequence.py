@@ -51,6 +51,8 @@ class Sequence:
     stop_reason: str | None = None  # the stop string or token that ended it
     error: str | None = None
     num_preemptions: int = 0
+    # tokens a step already sent will sample for it, not yet known here (steps planned ahead)
+    num_inflight: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -58,7 +60,13 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        """Known tokens plus the ones steps in flight will sample (their KV is computed next)."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_inflight
+
+    @property
+    def num_outputs(self) -> int:
+        """Output tokens, counting the ones in flight."""
+        return len(self.output_token_ids) + self.num_inflight
 
     @property
     def num_uncomputed_tokens(self) -> int:
@@ -67,7 +75,7 @@ class Sequence:
     @property
     def is_decoding(self) -> bool:
         """Every known token but the last is in the KV cache: the next step computes one token."""
-        return self.num_computed_tokens == self.num_tokens - 1 and bool(self.output_token_ids)
+        return self.num_computed_tokens == self.num_tokens - 1 and self.num_outputs > 0
 
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids

@@ -72,6 +72,7 @@ class PendingStep:
             lps = p.logprobs.materialise(len(tokens)) if p.logprobs is not None else [None] * len(tokens)
             for state, token, lp in zip(p.states, tokens, lps):
                 state.token_ids.append(token)
+                state.num_inflight -= 1
                 toks, lp_list = outputs.setdefault(state.seq_id, ([], [] if lp is not None else None))
                 toks.append(token)
                 if lp_list is not None and lp is not None:
@@ -116,6 +117,9 @@ class ModelRunner:
         self.graphs = graphs
         self.multiplexer = multiplexer
         self.seqs: dict[int, SeqState] = {}
+        # seq id -> (device tensor, row) of its newest sampled token: a plan sent before that token
+        # reached the host (async scheduling) feeds it to the next decode from here
+        self._last_sampled: dict[int, tuple[torch.Tensor, int]] = {}
         self._cuda = device.type == "cuda"
 
     # ------------------------------------------------------------------ plan handling
@@ -130,12 +134,12 @@ class ModelRunner:
     def launch(self, plan: StepPlan) -> PendingStep:
         pending = PendingStep(step_id=plan.step_id, started=time.perf_counter(), failures=[])
         for seq_id in plan.finished_seq_ids:
-            self.seqs.pop(seq_id, None)
+            self.drop(seq_id)
         for new in plan.new_requests:
             try:
+                self.drop(new.seq_id)
                 self.seqs[new.seq_id] = new_state(new, self.config.vocab_size, self.num_blocks)
             except SeqError as exc:
-                self.seqs.pop(new.seq_id, None)
                 pending.failures.append(SeqFailure(seq_id=new.seq_id, message=str(exc)))
         failed = {f.seq_id for f in pending.failures}
         items: list[_Item] = []
@@ -146,7 +150,7 @@ class ModelRunner:
                 state = check_scheduled(self.seqs, entry, plan.decode_steps, self.block_size, self.num_blocks)
                 items.append(_Item(state, entry.num_tokens))
             except SeqError as exc:
-                self.seqs.pop(entry.seq_id, None)
+                self.drop(entry.seq_id)
                 pending.failures.append(SeqFailure(seq_id=entry.seq_id, message=str(exc)))
         if self._cuda:
             pending.start_event = torch.cuda.Event(enable_timing=True)
@@ -159,6 +163,15 @@ class ModelRunner:
             pending.done = torch.cuda.Event(enable_timing=True)
             pending.done.record()
         return pending
+
+    def drop(self, seq_id: int) -> None:
+        """Forget a sequence (steps still running keep what they hold of it)."""
+        self.seqs.pop(seq_id, None)
+        self._last_sampled.pop(seq_id, None)
+
+    def clear(self) -> None:
+        self.seqs.clear()
+        self._last_sampled.clear()
 
     # ------------------------------------------------------------------ execution
 
@@ -186,18 +199,29 @@ class ModelRunner:
             pending.passes.append(previous)
 
     def _stage(self, items: list[_Item], with_tokens: bool) -> tuple[torch.Tensor, ...]:
-        """All per-step index arrays in one host tensor, moved with one async copy."""
+        """All per-step index arrays in one host tensor, moved with one async copy.
+
+        A decode whose input token is still on the device (sampled by a step whose result is not
+        collected) gets a placeholder here, filled on the device from that step's tokens."""
         flat: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         sample_rows: list[int] = []
+        fills: dict[int, tuple[torch.Tensor, list[int], list[int]]] = {}  # id(tensor) -> (tensor, dst, src)
         bs = self.block_size
         row = 0
         for it in items:
             s = it.state
             start, end = s.num_computed, s.num_computed + it.num_tokens
             if with_tokens:
-                flat.extend(s.token_ids[start:end])
+                known = s.token_ids[start:end]
+                if len(known) < it.num_tokens:  # check_scheduled allows this for a decode only
+                    tensor, src = self._last_sampled[s.seq_id]
+                    group = fills.setdefault(id(tensor), (tensor, [], []))
+                    group[1].append(row)
+                    group[2].append(src)
+                    known = [0]
+                flat.extend(known)
             for pos in range(start, end):
                 positions.append(pos)
                 slots.append(s.block_table[pos // bs] * bs + pos % bs)
@@ -205,10 +229,17 @@ class ModelRunner:
             if end >= len(s.token_ids):  # look-ahead passes run past the host's known tokens
                 sample_rows.append(row - 1)
         t = len(positions)
-        host = torch.tensor(flat + positions + slots + sample_rows, dtype=torch.long)
+        gather = [i for _, dst, src in fills.values() for i in (*dst, *src)]
+        host = torch.tensor(flat + positions + slots + sample_rows + gather, dtype=torch.long)
         dev = host.to(self.device, non_blocking=True)
-        f = len(flat)
-        return dev[:f], dev[f : f + t], dev[f + t : f + 2 * t], dev[f + 2 * t :]
+        f, r = len(flat), len(sample_rows)
+        ids = dev[:f]
+        offset = f + 2 * t + r
+        for tensor, dst, src in fills.values():
+            n = len(dst)
+            ids.index_copy_(0, dev[offset : offset + n], tensor.index_select(0, dev[offset + n : offset + 2 * n]))
+            offset += 2 * n
+        return ids, dev[f : f + t], dev[f + t : f + 2 * t], dev[f + 2 * t : f + 2 * t + r]
 
     @torch.inference_mode()
     def _forward_and_sample(self, items: list[_Item], stream_key: object = "full", step: int = 0,
@@ -253,9 +284,12 @@ class ModelRunner:
         if penalised:  # host tensors: the sampler moves them with non-blocking copies
             prompt_ids = [torch.tensor(s.token_ids[: s.num_prompt_tokens]) for s in states]
             output_ids = [torch.tensor(s.token_ids[s.num_prompt_tokens :], dtype=torch.long) for s in states]
-        counts = [s.num_generated + step for s in states]
+        counts = [s.num_generated for s in states]  # counts this step's earlier passes (in flight)
         out = self.sampler.sample(logits, params, counts, prompt_ids, output_ids)
         tokens = out.token_ids
+        for row, state in enumerate(states):
+            state.num_inflight += 1
+            self._last_sampled[state.seq_id] = (tokens, row)
         logprobs = out.logprob_tensors
         if self._cuda:
             tokens = tokens.to("cpu", non_blocking=True)

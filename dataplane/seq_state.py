@@ -23,14 +23,20 @@ class SeqState:
     block_table: list[int]
     sampling: SamplingParams
     num_computed: int = 0
+    num_inflight: int = 0  # tokens sampled on the device whose step's result is not collected yet
+
+    @property
+    def num_known(self) -> int:
+        """Tokens the sequence has, counting sampled ones not yet copied to the host."""
+        return len(self.token_ids) + self.num_inflight
 
     @property
     def num_generated(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return self.num_known - self.num_prompt_tokens
 
     def is_decode(self, num_tokens: int) -> bool:
-        """This step computes only the last known token (a decode, which may look ahead)."""
-        return num_tokens == 1 and self.num_computed + 1 == len(self.token_ids)
+        """This step computes only the last token (a decode, which may look ahead)."""
+        return num_tokens == 1 and self.num_computed + 1 == self.num_known
 
 
 def check_blocks(seq_id: int, blocks: list[int], num_blocks: int) -> None:
@@ -64,11 +70,13 @@ def check_scheduled(
     check_blocks(entry.seq_id, entry.new_block_ids, num_blocks)
     state.block_table.extend(entry.new_block_ids)
     end = state.num_computed + entry.num_tokens
-    if entry.num_tokens < 1 or end > len(state.token_ids):
+    if entry.num_tokens < 1 or end > state.num_known:
         raise SeqError(
             f"seq {entry.seq_id}: cannot compute {entry.num_tokens} tokens "
-            f"({state.num_computed} of {len(state.token_ids)} done)"
+            f"({state.num_computed} of {state.num_known} done)"
         )
+    if entry.num_tokens > 1 and end > len(state.token_ids):  # only a decode reads a token still on the GPU
+        raise SeqError(f"seq {entry.seq_id}: a {entry.num_tokens}-token chunk reaches tokens not sampled yet")
     lookahead = decode_steps - 1 if state.is_decode(entry.num_tokens) else 0
     if end + lookahead > len(state.block_table) * block_size:
         raise SeqError(f"seq {entry.seq_id}: {len(state.block_table)} blocks cannot hold {end + lookahead} tokens")

@@ -1,6 +1,9 @@
 """The one receive -> dispatch -> send loop every data-plane process runs (real or simulated).
 
-It binds the DEALER socket (frame-size cap, owner-only ipc file), drops malformed frames, never blocks
+Plans may be executed asynchronously: `dispatch` launches a plan and returns None, and `collect`
+hands back the results that are ready, in plan order, while `busy` says steps are still running.
+A plan that arrives while earlier ones run is launched at once (so its host work overlaps the
+GPU's). It binds the DEALER socket (frame-size cap, owner-only ipc file), drops malformed frames, never blocks
 sending to a departed control plane, keeps serving after refusing a Hello, and stops on Shutdown or
 a process-scoped failure. It must not import torch: the simulated worker uses it too.
 """
@@ -8,6 +11,7 @@ a process-scoped failure. It must not import torch: the simulated worker uses it
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import zmq
@@ -18,21 +22,39 @@ from shared.messages import Hello, Shutdown, ToControl, ToWorker, WorkerFatal
 
 log = logging.getLogger(__name__)
 
+POLL_S = 50e-6  # while steps run and no plan waits: how often to look for finished ones
+
 
 def serve_plans(endpoint: str, dispatch: Callable[[ToWorker], ToControl | None], running: Callable[[], bool],
-                on_tick: Callable[[], None] = lambda: None, name: str = "data plane") -> int:
+                on_tick: Callable[[], None] = lambda: None, name: str = "data plane",
+                collect: Callable[[], list[ToControl]] = list, busy: Callable[[], bool] = lambda: False) -> int:
     """Serve until Shutdown (0), a fatal reply to a plan (1), or `running()` turning false (0)."""
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)  # a larger frame drops that peer, not this process
+
+    def send(reply: ToControl) -> None:
+        try:
+            sock.send(encode(reply), flags=zmq.NOBLOCK)
+        except zmq.Again:  # the control plane left mid-step: a blocking send would hang here
+            log.warning("no control plane connected; dropped a %s", type(reply).__name__)
+
     try:
         sock.bind(endpoint)
         restrict_ipc(endpoint)
         log.info("%s listening on %s", name, endpoint)
         while running():
             on_tick()
-            if not sock.poll(100):
+            pending = busy()
+            if not sock.poll(0 if pending else 100):
+                replies = collect()
+                for reply in replies:
+                    send(reply)
+                if any(isinstance(r, WorkerFatal) for r in replies):
+                    return 1
+                if pending and not replies:
+                    time.sleep(POLL_S)
                 continue
             try:
                 message = decode_to_worker(sock.recv())
@@ -41,10 +63,7 @@ def serve_plans(endpoint: str, dispatch: Callable[[ToWorker], ToControl | None],
                 continue
             reply = dispatch(message)
             if reply is not None:
-                try:
-                    sock.send(encode(reply), flags=zmq.NOBLOCK)
-                except zmq.Again:  # the control plane left mid-step: a blocking send would hang here
-                    log.warning("no control plane connected; dropped a %s", type(reply).__name__)
+                send(reply)
             if isinstance(message, Shutdown):
                 return 0
             if isinstance(reply, WorkerFatal) and not isinstance(message, Hello):  # a refused Hello: keep serving

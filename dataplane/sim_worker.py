@@ -15,6 +15,7 @@ import logging
 import signal
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import msgspec
@@ -95,6 +96,7 @@ class SimGpu:
         self.roofline = Roofline(ModelShape.from_description(ready.model), ready.profile)
         self.runner = SimRunner(ready.num_kv_blocks, ready.block_size, ready.model.vocab_size)
         self.time_scale = time_scale
+        self._free_at = 0.0  # when the simulated GPU finishes the steps launched so far
 
     def timings(self, plan: StepPlan) -> StepTimings:
         """Simulated GPU time of `plan`, from the worker's state before it runs."""
@@ -123,14 +125,19 @@ class SimGpu:
     def _ms(self, cost: BatchCost, sms: int | None) -> float:
         return self.roofline.step_ms(cost, sms)
 
-    def execute(self, plan: StepPlan) -> StepResult:
-        start = time.monotonic()
+    def launch(self, plan: StepPlan) -> tuple[float, StepResult]:
+        """Run the plan's bookkeeping now; the result is due when the simulated GPU gets through it
+        (after the steps queued before it, like a CUDA stream)."""
         timings = self.timings(plan)
         result = self.runner.execute(plan)
-        deadline = start + timings.total_ms * self.time_scale / 1e3
-        while (left := deadline - time.monotonic()) > 0:
+        self._free_at = max(time.monotonic(), self._free_at) + timings.total_ms * self.time_scale / 1e3
+        return self._free_at, msgspec.structs.replace(result, timings=timings)
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        due, result = self.launch(plan)
+        while (left := due - time.monotonic()) > 0:
             time.sleep(left)
-        return msgspec.structs.replace(result, timings=timings)
+        return result
 
 
 class SimWorker:
@@ -140,12 +147,14 @@ class SimWorker:
         self.endpoint = endpoint
         self.gpu = gpu
         self._running = True
+        self._pending: deque[tuple[float, StepResult]] = deque()  # (due, result), in plan order
 
     def request_stop(self, *_: object) -> None:
         self._running = False
 
     def serve(self) -> int:
-        return serve_plans(self.endpoint, self._dispatch, lambda: self._running, name="simulated data plane")
+        return serve_plans(self.endpoint, self._dispatch, lambda: self._running, name="simulated data plane",
+                           collect=self._collect, busy=lambda: bool(self._pending))
 
     def _dispatch(self, message: Hello | StepPlan | Shutdown) -> ToControl | None:
         if isinstance(message, Shutdown):
@@ -154,13 +163,21 @@ class SimWorker:
             if message.protocol_version != PROTOCOL_VERSION:
                 return WorkerFatal(reason=f"protocol version mismatch: data plane speaks {PROTOCOL_VERSION}, "
                                           f"control plane speaks {message.protocol_version}")
+            self._pending.clear()
             self.gpu = SimGpu(self.gpu.ready, self.gpu.time_scale)  # a new control plane starts from scratch
             return self.gpu.ready
         try:
-            return self.gpu.execute(message)
+            self._pending.append(self.gpu.launch(message))
         except Exception as exc:  # noqa: BLE001 - the error boundary of the process
             log.exception("step %d failed", message.step_id)
             return WorkerFatal(reason=f"step {message.step_id} failed: {exc!r}")
+        return None
+
+    def _collect(self) -> list[ToControl]:
+        now, out = time.monotonic(), []
+        while self._pending and self._pending[0][0] <= now:
+            out.append(self._pending.popleft()[1])
+        return out
 
 
 def build_parser() -> argparse.ArgumentParser:

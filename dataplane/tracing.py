@@ -53,16 +53,21 @@ class DataplaneTracing:
         return cls(make_tracer_provider(config, DATAPLANE_SERVICE))
 
     def execute(self, plan: StepPlan, run: Callable[[StepPlan], StepResult]) -> StepResult:
-        if self._tracer is None or not plan.trace_context:
-            return run(plan)
         start = time.time_ns()
-        with self._tracer.start_as_current_span(
-            "dataplane.execute", context=extract(plan.trace_context), kind=SpanKind.INTERNAL, start_time=start
-        ) as span:
-            result = run(plan)
-            span.set_attributes(_step_attributes(plan, result))
-        self._seq_spans(plan, result, span, start, time.time_ns())
+        result = run(plan)
+        self.record(plan, result, start)
         return result
+
+    def record(self, plan: StepPlan, result: StepResult, start_ns: int) -> None:
+        """Spans of a step launched at `start_ns` whose result is in (steps run asynchronously)."""
+        if self._tracer is None or not plan.trace_context:
+            return
+        span = self._tracer.start_span("dataplane.execute", context=extract(plan.trace_context),
+                                       kind=SpanKind.INTERNAL, start_time=start_ns,
+                                       attributes=_step_attributes(plan, result))
+        end = time.time_ns()
+        span.end(end_time=end)
+        self._seq_spans(plan, result, span, start_ns, end)
 
     def _seq_spans(self, plan: StepPlan, result: StepResult, step: Span, start: int, end: int) -> None:
         assert self._tracer is not None

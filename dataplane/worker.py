@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +23,7 @@ from dataplane.kv_cache import allocate_kv_cache
 from dataplane.memory import MemoryPlan, plan_cpu_memory, plan_gpu_memory, profile_activations
 from dataplane.models.config import ModelConfig
 from dataplane.models.loader import load_model, resolve_dtype
-from dataplane.runner import ModelRunner
+from dataplane.runner import ModelRunner, PendingStep
 from dataplane.sampler import Sampler
 from dataplane.serve_loop import serve_plans
 from dataplane.tracing import DataplaneTracing
@@ -176,18 +178,17 @@ class Worker:
         self.tracing = tracing or DataplaneTracing(None)
         self.heartbeat = Heartbeat(config.health_file)
         self._running = True
+        self._pending: deque[tuple[StepPlan, PendingStep, int]] = deque()  # launched, result not sent
 
     def request_stop(self, *_: object) -> None:
         self._running = False
 
     def serve(self) -> int:
         try:
-            return serve_plans(self.config.endpoint, self._dispatch, lambda: self._running, self.heartbeat.beat)
+            return serve_plans(self.config.endpoint, self._dispatch, lambda: self._running, self.heartbeat.beat,
+                               collect=self._collect, busy=lambda: bool(self._pending))
         finally:
             self.heartbeat.close()
-
-    def _run_step(self, plan: StepPlan) -> StepResult:
-        return self.loaded.runner.launch(plan).wait()
 
     def _dispatch(self, message: Hello | StepPlan | Shutdown) -> ToControl | None:
         if isinstance(message, Hello):
@@ -197,16 +198,34 @@ class Worker:
                     reason=f"protocol version mismatch: data plane speaks {PROTOCOL_VERSION}, "
                     f"control plane speaks {message.protocol_version}"
                 )
-            self.loaded.runner.seqs.clear()  # a new control plane starts from scratch
+            self._pending.clear()  # results for a departed control plane are dropped
+            self.loaded.runner.clear()  # a new control plane starts from scratch
             return self.loaded.ready
         if isinstance(message, StepPlan):
+            start = time.time_ns()
             try:
-                return self.tracing.execute(message, self._run_step)
+                self._pending.append((message, self.loaded.runner.launch(message), start))
             except Exception as exc:  # noqa: BLE001 - the error boundary of the process
                 log.exception("step %d failed", message.step_id)
                 return WorkerFatal(reason=f"step {message.step_id} failed: {exc!r}")
+            return None
         log.info("shutdown requested: %s", message.reason)
         return None
+
+    def _collect(self) -> list[ToControl]:
+        """Results of the launched steps that are done, oldest first (never waits on the GPU)."""
+        out: list[ToControl] = []
+        while self._pending and self._pending[0][1].ready():
+            plan, pending, start = self._pending.popleft()
+            try:
+                result = pending.result()
+            except Exception as exc:  # noqa: BLE001 - the error boundary of the process
+                log.exception("step %d failed", plan.step_id)
+                out.append(WorkerFatal(reason=f"step {plan.step_id} failed: {exc!r}"))
+                return out
+            self.tracing.record(plan, result, start)
+            out.append(result)
+        return out
 
 
 def run(config: DataplaneConfig) -> int:

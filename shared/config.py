@@ -99,6 +99,9 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
     static_lookahead: int = 4  # static policy: decode steps per multiplexed step
     max_lookahead: int = 8  # duet policy: largest k the optimizer considers
     hysteresis: float = 0.05  # duet policy: a new split must beat the current one by this fraction
+    # plan step i+1 while step i runs (its sampled tokens stay on the GPU): hides the control
+    # plane's and the data plane's host work behind the GPU's
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

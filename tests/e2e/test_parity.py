@@ -35,11 +35,12 @@ def prompts(seed: int) -> list[list[int]]:
     return [torch.randint(3, 300, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "llama"])
-async def test_greedy_matches_transformers(arch: str, checkpoints: dict[str, Path]) -> None:
+@pytest.mark.parametrize("arch,async_scheduling", [("qwen3", True), ("llama", True), ("qwen3", False)])
+async def test_greedy_matches_transformers(arch: str, async_scheduling: bool, checkpoints: dict[str, Path]) -> None:
+    """With async scheduling (the default: step i+1 planned while step i runs) and without."""
     folder = checkpoints[arch]
     hf = load_hf_model(folder)
-    async with serve(str(folder), max_num_batched_tokens=CHUNK) as served:
+    async with serve(str(folder), max_num_batched_tokens=CHUNK, async_scheduling=async_scheduling) as served:
         for prompt in prompts(seed=1):
             expected = hf_greedy(hf, prompt, NEW_TOKENS, stop_at_eos=False)
             got = await generate(

@@ -1,0 +1,66 @@
+"""The runner launching step i+1 before step i's result is collected (async scheduling).
+
+A decode whose input token is still "in flight" is fed from the previous step's sampled tokens on
+the device; the tokens must equal those of running the steps one at a time, seeded sampling too.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from dataplane.worker import load_worker
+from shared.config import DataplaneConfig
+from shared.messages import NewRequest, SamplingParams, ScheduledSeq, StepPlan
+
+
+def plans(num_steps: int) -> list[StepPlan]:
+    """Two prompts prefilled in step 0, a third joining in step 2; decodes every step after."""
+    sampling = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9, seed=7),
+                SamplingParams(temperature=0.0)]
+    prompts = [[5, 9, 13, 17, 21], [30, 31, 32], [7, 8, 9, 10, 11, 12, 13]]
+    blocks = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    out = []
+    for step in range(num_steps):
+        new = [NewRequest(seq_id=i, token_ids=prompts[i], num_prompt_tokens=len(prompts[i]), block_ids=blocks[i],
+                          sampling=sampling[i]) for i in ((0, 1) if step == 0 else (2,) if step == 2 else ())]
+        scheduled = [ScheduledSeq(seq_id=i, num_tokens=len(prompts[i]) if step == (0 if i < 2 else 2) else 1)
+                     for i in range(3) if step >= (0 if i < 2 else 2)]
+        out.append(StepPlan(step_id=step, new_requests=new, scheduled=scheduled))
+    return out
+
+
+def tokens_of(results) -> dict[int, list[int]]:  # noqa: ANN001
+    seen: dict[int, list[int]] = {}
+    for result in results:
+        assert not result.failures, result.failures
+        for output in result.outputs:
+            seen.setdefault(output.seq_id, []).extend(output.token_ids)
+    return seen
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_launching_ahead_gives_the_same_tokens(depth: int) -> None:
+    config = DataplaneConfig(model="tiny", device="cpu", num_kv_blocks=16, block_size=4)
+    one_by_one = load_worker(config).runner
+    expected = tokens_of([one_by_one.execute(p) for p in plans(8)])
+
+    runner = load_worker(config).runner
+    pending, results = [], []
+    for plan in plans(8):
+        pending.append(runner.launch(plan))
+        if len(pending) == depth:  # collect only once `depth` steps are out
+            results.append(pending.pop(0).wait())
+    results += [p.wait() for p in pending]
+    assert tokens_of(results) == expected
+    assert all(len(t) == n for t, n in zip(expected.values(), (8, 8, 6)))
+    assert all(s.num_inflight == 0 for s in runner.seqs.values())
+
+
+def test_a_chunk_cannot_reach_tokens_still_on_the_device() -> None:
+    runner = load_worker(DataplaneConfig(model="tiny", device="cpu", num_kv_blocks=16, block_size=4)).runner
+    first = plans(1)[0]
+    runner.launch(first)  # its tokens are not collected
+    runner.seqs[0].num_computed -= 1  # as if a plan had left the last prompt token for later
+    bad = StepPlan(step_id=1, scheduled=[ScheduledSeq(seq_id=0, num_tokens=2)])
+    result = runner.launch(bad).wait()
+    assert result.failures and "not sampled yet" in result.failures[0].message
