@@ -6,9 +6,12 @@ grid of shapes (CUDA events on a GPU; a host clock on the CPU), and compares eac
 given the calibrated HardwareProfile. Sequences are planted in the runner with their context
 already "cached" (KV contents are irrelevant to timing), so no prefill is needed to reach a shape.
 
-Reported: the raw roofline's MAPE; the online-corrected MAPE (samples replayed in a shuffled order,
-each scored before the per-regime correction learns from it, as in serving: this is "mape"); and
-the MAPE of an in-sample affine fit per regime (the best such a correction could do).
+Reported: the online-corrected MAPE of the serving predictor (`controlplane.predictor`: launch-aware
+roofline, host floors, corrections per regime and SM count; samples replayed in a shuffled order,
+each scored before the predictor learns from it, as in serving: this is "mape"), the plain
+roofline's, the uncorrected model's, and the MAPE of an in-sample affine fit of the plain roofline
+per regime. With `--partitions`, decode batches on a decode partition run as the multiplexed step
+runs them (CUDA graphs captured on that partition's stream); prefill and mixed batches run eagerly.
 
     python benchmarks/predictor.py --device cuda --model qwen3-8b            # H100: full device only
     python benchmarks/predictor.py --device cuda --sm-counts 16,32,64,132 --partition-provider MOD:ATTR
@@ -22,8 +25,8 @@ device is measured. Writes benchmarks/results/predictor-<gpu>.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import random
 import re
 import statistics
 import sys
@@ -36,12 +39,14 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from controlplane.predictor import Predictor, PredictorReport, regime_of  # noqa: E402
+from benchmarks.predictor_scoring import by_kind, by_kind_and_sms, fitted_mape, score_online  # noqa: E402
+from controlplane.predictor import Predictor, regime_of  # noqa: E402
 from dataplane.calibration import calibrate, load_partition_provider  # noqa: E402
 from dataplane.runner import ModelRunner, SeqState  # noqa: E402
 from dataplane.worker import load_worker  # noqa: E402
 from shared.config import DataplaneConfig  # noqa: E402
 from shared.messages import SamplingParams, ScheduledSeq, StepPlan  # noqa: E402
+from shared.profiles import execution_profile_for  # noqa: E402
 
 Shape = tuple[list[int], list[tuple[int, int]]]  # decode contexts, prefill chunks (q, c)
 
@@ -61,9 +66,10 @@ def grid(quick: bool, max_kv_tokens: int) -> list[Shape]:
     return [s for s in shapes if sum(c + 1 for c in s[0]) + sum(q + c for q, c in s[1]) <= max_kv_tokens]
 
 
-def plant(runner: ModelRunner, shape: Shape, rng: random.Random) -> StepPlan:
-    """Register the shape's sequences with their contexts already computed; return the step's plan."""
-    runner.seqs.clear()
+def plant(runner: ModelRunner, shape: Shape, decode_sms: int | None = None, full_sms: int = 0) -> StepPlan:
+    """Register the shape's sequences with their contexts already computed; return the step's plan
+    (multiplexed on the `decode_sms` partition when given)."""
+    runner.clear()
     vocab, size = runner.config.vocab_size, runner.block_size
     next_block, scheduled = 0, []
     items = [(c, 1) for c in shape[0]] + [(c, q) for q, c in shape[1]]
@@ -79,15 +85,18 @@ def plant(runner: ModelRunner, shape: Shape, rng: random.Random) -> StepPlan:
         scheduled.append(ScheduledSeq(seq_id=seq_id, num_tokens=q))
     if next_block > runner.num_blocks:
         raise ValueError(f"shape needs {next_block} KV blocks, the runner has {runner.num_blocks}")
+    if decode_sms is not None:
+        return StepPlan(step_id=0, scheduled=scheduled, mode="multiplexed", decode_sms=decode_sms,
+                        prefill_sms=full_sms - decode_sms)
     return StepPlan(step_id=0, scheduled=scheduled)
 
 
-def time_step(runner: ModelRunner, shape: Shape, reps: int, rng: random.Random) -> float:
+def time_step(runner: ModelRunner, shape: Shape, reps: int, decode_sms: int | None = None, full_sms: int = 0) -> float:
     """Median ms of one step of `shape` (after one warm-up run)."""
     cuda = runner.device.type == "cuda"
     times = []
     for rep in range(reps + 1):
-        plan = plant(runner, shape, rng)
+        plan = plant(runner, shape, decode_sms, full_sms)
         if cuda:
             torch.cuda.synchronize(runner.device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -102,31 +111,8 @@ def time_step(runner: ModelRunner, shape: Shape, reps: int, rng: random.Random) 
             ms = (time.perf_counter() - t0) * 1e3
         if rep:
             times.append(ms)
-    runner.seqs.clear()
+    runner.clear()
     return statistics.median(times)
-
-
-def score_online(predictor: Predictor, samples: list[dict], seed: int) -> PredictorReport:
-    """Replay the samples in a shuffled order: predict (corrected), then let the correction learn."""
-    for s in random.Random(seed + 1).sample(samples, len(samples)):
-        s["corrected_ms"] = predictor.correct(s["regime"], s["raw_ms"])
-        predictor.observe(s["regime"], s["raw_ms"], s["measured_ms"])
-    return predictor.report()
-
-
-def fitted_mape(samples: list[dict]) -> dict[str, float]:
-    """In-sample least-squares fit measured ~ a + b * raw per regime, and its MAPE."""
-    out = {}
-    for regime in sorted({s["regime"] for s in samples}):
-        xs = [s["raw_ms"] for s in samples if s["regime"] == regime]
-        ys = [s["measured_ms"] for s in samples if s["regime"] == regime]
-        if len(xs) > 1 and statistics.pvariance(xs) > 0:
-            b = statistics.covariance(xs, ys) / statistics.variance(xs)
-            a = statistics.fmean(ys) - b * statistics.fmean(xs)
-        else:
-            a, b = 0.0, statistics.fmean(ys) / statistics.fmean(xs)
-        out[regime] = statistics.fmean(abs(a + b * x - y) / y for x, y in zip(xs, ys))
-    return out
 
 
 def gpu_key(name: str) -> str:
@@ -137,7 +123,6 @@ def gpu_key(name: str) -> str:
 
 
 def measure(args: argparse.Namespace) -> dict[str, object]:
-    rng = random.Random(args.seed)
     config = DataplaneConfig(model=args.model, device=args.device, dtype=args.dtype, num_kv_blocks=args.kv_blocks,
                              block_size=16, attention_backend=args.attention_backend, seed=args.seed,
                              calibration_cache_dir=args.calibration_cache_dir, max_num_batched_tokens=8192,
@@ -158,40 +143,59 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
         profile = calibrate(runner.device, runner.kv_caches[0].dtype, args.calibration_cache_dir,
                             sm_counts=sm_counts, partition=provider)
     assert profile is not None
-    predictor = Predictor(ready.model, profile)
+    execution = execution_profile_for(ready.device.name, ready.attention_backend)
+    graphs_on = ready.attention_backend == "flashinfer"
+    predictor = Predictor(ready.model, profile, execution, decode_graphs=graphs_on)
+    decode_parts = set(ready.partition_sm_counts) if runner.multiplexer is not None else set()
     shapes = grid(args.quick, runner.num_blocks * runner.block_size)
     samples = []
     graphs = runner.graphs
     for sms in sm_counts:
         context = provider(sms) if provider is not None and sms != full else nullcontext()
-        # a graph keeps the SMs it was captured on: on a partition, decode runs eagerly instead
-        runner.graphs = graphs if sms == full else None
-        with context:
-            for decode, chunks in shapes:
-                measured = time_step(runner, (decode, chunks), args.reps, rng)
-                cost = predictor.cost(decode, [(q, c, True) for q, c in chunks])
-                raw = predictor.raw_ms(cost, None if sms == full else sms)
-                samples.append({"sms": sms, "regime": regime_of(len(decode), len(chunks)), "batch": len(decode),
-                                "decode_context": decode[0] if decode else 0, "chunks": chunks,
-                                "tokens": cost.num_tokens, "measured_ms": measured, "raw_ms": raw})
-                print(f"  S={sms:<4}{samples[-1]['regime']:<8} decode {len(decode):>3} x c{samples[-1]['decode_context']:<5}"
-                      f" chunks {chunks!s:<22} measured {measured:8.3f} ms  roofline {raw:8.3f} ms", flush=True)
+        for decode, chunks in shapes:
+            regime = regime_of(len(decode), len(chunks))
+            # a decode batch on a decode partition runs as a multiplexed step's decode phase: graphs
+            # captured on that partition's stream; anything else on a partition runs eagerly there
+            mux_decode = sms != full and regime == "decode" and sms in decode_parts
+            runner.graphs = graphs if sms == full or mux_decode else None
+            with nullcontext() if mux_decode else context:
+                measured = time_step(runner, (decode, chunks), args.reps, sms if mux_decode else None, full)
+            cost = predictor.cost(decode, [(q, c, True) for q, c in chunks])
+            raw = predictor.raw_ms(cost, None if sms == full else sms)
+            graph = graphs is not None and regime == "decode" and (sms == full or mux_decode)
+            samples.append({"sms": sms, "regime": regime, "batch": len(decode), "graph": graph,
+                            "mode": "multiplexed" if sms != full and regime != "mixed" else "aggregated",
+                            "decode_context": decode[0] if decode else 0, "chunks": chunks,
+                            "tokens": cost.num_tokens, "measured_ms": measured, "raw_ms": raw})
+            print(f"  S={sms:<4}{regime:<8} decode {len(decode):>3} x c{samples[-1]['decode_context']:<5}"
+                  f" chunks {chunks!s:<22} measured {measured:8.3f} ms  roofline {raw:8.3f} ms"
+                  f"{'  graph' if graph else ''}", flush=True)
+    runner.graphs = graphs
     report = score_online(predictor, samples, args.seed)
-    by = {r: m for r, (_, m, _) in report.by_regime.items()}
+    kinds = by_kind(samples)
+    gpu = gpu_key(ready.device.name)
     return {
-        "gpu": gpu_key(ready.device.name), "device": ready.device.name, "model": ready.model.name,
+        "summary": {"gpu": gpu, "mape": report.mape, "n_samples": report.count, "mape_by_regime": kinds},
+        "gpu": gpu, "device": ready.device.name, "model": ready.model.name,
         "attention_backend": ready.attention_backend, "dtype": ready.model.dtype, "sm_counts": sm_counts,
-        "mape": report.mape, "n_samples": report.count,
-        "mape_by_regime": {r: by.get(r) for r in ("decode", "prefill", "mixed")},
-        "mape_definition": "online: per-regime correction (affine, forgetting) learnt in a shuffled replay of the "
-                           "samples, each scored before it is learnt from",
-        "mape_raw_roofline": report.raw_mape,
+        "mape_definition": "online: the serving predictor (launch-aware roofline, host floors, corrections per "
+                           "(regime, SM count)) in a shuffled replay of the samples, each scored before it is "
+                           "learnt from",
+        "mape_raw_roofline": report.raw_mape, "mape_uncorrected_model": report.prior_mape,
         "mape_raw_by_regime": {r: raw for r, (_, _, raw) in report.by_regime.items()},
+        "mape_by_kind_and_sms": by_kind_and_sms(samples),
         "mape_fitted_affine_in_sample": fitted_mape(samples),
         "profile": {"source": profile.source, "detail": profile.detail, "sm_counts": profile.sm_counts,
-                    "gemm_flops_per_s": profile.gemm_flops_per_s, "hbm_bytes_per_s": profile.hbm_bytes_per_s},
+                    "gemm_flops_per_s": profile.gemm_flops_per_s, "hbm_bytes_per_s": profile.hbm_bytes_per_s,
+                    "step_overhead_ms": profile.step_overhead_ms},
+        "model_shape": as_json(predictor.shape), "execution_profile": as_json(execution),
         "reps": args.reps, "samples": samples,
     }
+
+
+def as_json(obj: object) -> dict[str, object]:
+    """A frozen dataclass as a JSON-ready dict (re-built by predictor_scoring.shape_of / execution_of)."""
+    return dataclasses.asdict(obj)  # type: ignore[call-overload]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,13 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.kv_blocks is None:
         args.kv_blocks = 20_000 if args.device.startswith("cuda") else 256
     result = measure(args)
-    out = Path(args.out or ROOT / f"benchmarks/results/predictor-{result['gpu']}.json")
+    out = Path(args.out or ROOT / "benchmarks/results")
+    if out.is_dir() or not out.suffix:  # a folder: the usual file name inside it
+        out = out / f"predictor-{result['gpu']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    fitted = result["mape_fitted_affine_in_sample"]
-    print(f"{result['device']} {result['model']}: MAPE {100 * result['mape']:.1f}% online-corrected, "  # type: ignore[operator]
-          f"{100 * result['mape_raw_roofline']:.1f}% raw roofline over {result['n_samples']} samples; "  # type: ignore[operator]
-          f"by regime {result['mape_by_regime']}; in-sample affine fit {fitted}")
+    summary = result["summary"]
+    print(f"{result['device']} {result['model']}: MAPE {100 * summary['mape']:.1f}% online-corrected, "  # type: ignore[index]
+          f"{100 * result['mape_raw_roofline']:.1f}% raw roofline, "  # type: ignore[operator]
+          f"{100 * result['mape_uncorrected_model']:.1f}% uncorrected model over {summary['n_samples']} samples; "  # type: ignore[index,operator]
+          f"by regime {summary['mape_by_regime']}; by kind@SMs {result['mape_by_kind_and_sms']}")  # type: ignore[index]
     print(f"wrote {out}")
     return 0
 

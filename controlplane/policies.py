@@ -5,7 +5,8 @@ prefill chunks under the token budget; `prefill_first`: prefill chunks only whil
 run, else decodes), summarises it as a `BatchShape`, and asks the policy for a `ModeDecision`.
 Policies: `aggregated` (vLLM-style), `prefill-first` (SGLang's default), `static` (fixed split and
 look-ahead) and `duet` (the predictor and optimizer of DESIGN.md). `StepForecast` holds one step's
-roofline costs so the policy and the predictor's online correction share them.
+roofline costs so the policy and the predictor's online correction share them; its observations
+carry each phase's `StepEstimate` (device time, launch path, SM count) for the predictor to learn from.
 Pure decisions: no I/O, no sockets, no torch; the scheduler applies them.
 """
 
@@ -16,9 +17,10 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from controlplane.optimizer import Split, candidate_splits, decide, useful_decode_tokens
-from controlplane.predictor import Predictor, Regime, regime_of
+from controlplane.predictor import Predictor, Regime, StepEstimate, regime_of
 from shared.config import SchedulerConfig
 from shared.messages import Mode, WorkerReady
+from shared.profiles import execution_profile_for
 from shared.roofline import BatchCost
 
 log = logging.getLogger(__name__)
@@ -70,16 +72,18 @@ class StepForecast:
         """Corrected prediction of the whole batch, aggregated on the whole device."""
         return self.predictor.predict_ms(self.mixed, self.regime)
 
-    def observations(self, decision: ModeDecision) -> list[tuple[Regime, float, str]]:
-        """(regime, raw roofline ms, which measured timing to compare with) for this step."""
-        raw = self.predictor.raw_ms
+    def observations(self, decision: ModeDecision) -> list[tuple[Regime, StepEstimate, str]]:
+        """(regime, the step's estimate, which measured timing to compare with) for this step."""
+        est = self.predictor.estimate
         if decision.mode == "aggregated":
-            return [(self.regime, raw(self.mixed), "total")]
-        out: list[tuple[Regime, float, str]] = []
+            return [(self.regime, est(self.mixed, self.regime, with_roofline=True), "total")]
+        out: list[tuple[Regime, StepEstimate, str]] = []
         if not self.prefill.empty:
-            out.append(("mux_prefill", raw(self.prefill, decision.prefill_sms), "prefill"))
+            out.append(("mux_prefill", est(self.prefill, "mux_prefill", decision.prefill_sms, with_roofline=True),
+                        "prefill"))
         if not self.decode.empty:
-            out.append(("mux_decode", raw(self.decode, decision.decode_sms), "decode"))
+            out.append(("mux_decode", est(self.decode, "mux_decode", decision.decode_sms, with_roofline=True),
+                        "decode"))
         return out
 
 
@@ -185,6 +189,9 @@ def make_policy(config: SchedulerConfig, ready: WorkerReady | None) -> Policy:
 
 
 def make_predictor(ready: WorkerReady | None) -> Predictor | None:
+    """The worker's predictor: its profile, and the declared launch model of its GPU and backend
+    (flashinfer on CUDA replays decode steps as CUDA graphs; other backends run every step eagerly)."""
     if ready is None or ready.profile is None:
         return None
-    return Predictor(ready.model, ready.profile)
+    execution = execution_profile_for(ready.device.name, ready.attention_backend)
+    return Predictor(ready.model, ready.profile, execution, decode_graphs=ready.attention_backend == "flashinfer")

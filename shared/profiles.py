@@ -2,6 +2,8 @@
 
 A declared profile is a built-in table, not a measurement: the data plane sends one when it cannot
 measure (or to shape a curve it measured only in part), and the simulated worker answers with one.
+An `ExecutionProfile` declares how the data plane launches a step (kernel tiles, fixed per-kernel
+cost, host launch time of an eager step): priors of the latency model, which refits them online.
 Pure data and small helpers; this module must not import torch, read files or decide policy.
 """
 
@@ -84,3 +86,77 @@ def gpu_spec(name: str) -> GpuSpec:
         return GPUS[name.lower()]
     except KeyError:
         raise ValueError(f"unknown GPU {name!r}; known: {', '.join(sorted(GPUS))}") from None
+
+
+@dataclass(frozen=True)
+class ExecutionProfile:
+    """How a data plane runs a step on a device, beyond the roofline's FLOP/s and bytes/s.
+
+    Device side: each step launches `num_layers * kernels_per_layer + kernels_per_step` kernels and
+    each costs `kernel_us` on the GPU beyond its roofline (launch gap, ramp and tail), CUDA graph or
+    not. The ragged (prefill) attention kernel computes `ragged_tile_rows` query rows per tile and
+    query head, so a request with q new tokens pays ceil(q / tile) tiles; without
+    `ragged_fuses_gqa` every query head reads its KV head's cache on its own. Host side: an eager
+    step (no CUDA graph) cannot finish before the host has launched it, about
+    `num_layers * eager_host_ms_per_layer + eager_host_ms_per_step`; a CUDA-graph step pays
+    `graph_host_ms` (staging, attention planning) before its replay. These are declared priors: the
+    predictor refits the host floor and an affine device correction online from measured steps.
+    """
+
+    kernels_per_layer: float = 0.0
+    kernels_per_step: float = 0.0
+    kernel_us: float = 0.0
+    ragged_tile_rows: int = 1
+    ragged_fuses_gqa: bool = True
+    eager_host_ms_per_layer: float = 0.0
+    eager_host_ms_per_step: float = 0.0
+    graph_host_ms: float = 0.0
+    detail: str = ""
+
+    def eager_floor_ms(self, num_layers: int) -> float:
+        """Host time to launch one eager step of a model with `num_layers` layers."""
+        return num_layers * self.eager_host_ms_per_layer + self.eager_host_ms_per_step
+
+    def kernels(self, num_layers: int) -> float:
+        return num_layers * self.kernels_per_layer + self.kernels_per_step
+
+
+# No launch model: the plain roofline (the online correction still learns fixed costs).
+NEUTRAL_EXECUTION = ExecutionProfile(detail="no launch model: plain roofline")
+
+# DuetServe's CUDA data plane (flashinfer FA3 ragged prefill on Hopper, tensor-core decode, fused
+# Triton q/k-norm+RoPE+KV-write and SwiGLU) on an H100, Qwen3-8B (36 layers), commit 3eb555d,
+# benchmarks/profile_step.py: an eager 128-token prefill step takes ~12 ms (host-launch-bound: its
+# roofline is ~5.6 ms), a decode step B=64 at 2k context replayed as a CUDA graph runs ~430 kernels
+# in ~13.4 ms of kernel time (~15.6 ms per step). flashinfer's FA3 plan uses 128-row query tiles
+# and does not fuse a GQA group's query heads (scheduler.cuh, PrefillSM90Plan).
+H100_FLASHINFER_EXECUTION = ExecutionProfile(
+    kernels_per_layer=11.5,
+    kernels_per_step=16.0,
+    kernel_us=2.5,
+    ragged_tile_rows=128,
+    ragged_fuses_gqa=False,
+    eager_host_ms_per_layer=0.3,
+    eager_host_ms_per_step=1.0,
+    graph_host_ms=1.0,
+    detail="declared: H100 + flashinfer FA3, profile_step.py at commit 3eb555d (host floor ~12 ms at 36 layers)",
+)
+
+# The same data plane on a GPU without FA3 (flashinfer's FA2 ragged kernel packs a GQA group into
+# its query tiles and picks 16- to 128-row tiles by batch): host and per-kernel costs as measured
+# on the H100 (host-side, so roughly GPU-independent), the smallest tile.
+FLASHINFER_FA2_EXECUTION = ExecutionProfile(
+    kernels_per_layer=11.5, kernels_per_step=16.0, kernel_us=2.5, ragged_tile_rows=16, ragged_fuses_gqa=True,
+    eager_host_ms_per_layer=0.3, eager_host_ms_per_step=1.0, graph_host_ms=1.0,
+    detail="declared: flashinfer FA2 tiles; host and per-kernel costs from the H100 measurement",
+)
+
+_HOPPER = ("h100", "h200", "h800", "h20", "gh200")
+
+
+def execution_profile_for(gpu_name: str, attention_backend: str) -> ExecutionProfile:
+    """The declared execution profile of a data plane: its GPU name and attention backend."""
+    if not attention_backend.startswith("flashinfer"):
+        return NEUTRAL_EXECUTION
+    lowered = gpu_name.lower()
+    return H100_FLASHINFER_EXECUTION if any(k in lowered for k in _HOPPER) else FLASHINFER_FA2_EXECUTION

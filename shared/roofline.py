@@ -6,7 +6,14 @@ RoPE, residual adds, SwiGLU, KV-cache writes) as memory-bound traffic; attention
 per-request rooflines* with `F = 4 hq q (q+c) dh + 2 hq q (q+c)`, `B = s (2 hq q dh + 2 hkv (q+c) dh)`.
 Times `L` layers, plus the LM head on the sampled rows only, plus the profile's fixed step overhead.
 `Pi(S)`, `BW(S)` interpolate the HardwareProfile piecewise-linearly (proportionally below its
-smallest point, flat above its largest).
+smallest point, flat above its largest). That is `Roofline.step_ms`, the paper's model.
+
+`Roofline.device_ms` adds what an `ExecutionProfile` knows about the kernels that run it: a batch
+with any non-decode item runs *every* item through the ragged (prefill) attention kernel, which
+pads each request's rows to whole query tiles per query head (a decode item costs a full tile) and,
+when it does not fuse a GQA group, reads the KV cache once per query head; every kernel costs a
+fixed `kernel_us` on the device; a CUDA-graph step pays the host's pre-replay time. The host floor
+of an eager step is `Roofline.eager_floor_ms`; how the two combine is the predictor's business.
 
 Shared because the control plane predicts with it and the simulated data plane sleeps by it.
 Pure arithmetic: no I/O, no torch, no policy.
@@ -19,6 +26,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 
 from shared.messages import HardwareProfile, ModelDescription
+from shared.profiles import NEUTRAL_EXECUTION, ExecutionProfile
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8": 1}
 
@@ -91,16 +99,27 @@ class BatchCost:
     decode_x: list[int] = field(default_factory=list)  # sorted c + 1 of decode items
     decode_prefix: list[int] = field(default_factory=lambda: [0])
     chunks: list[tuple[float, float]] = field(default_factory=list)  # attention (F, B) per other item
+    chunk_shapes: list[tuple[int, int]] = field(default_factory=list)  # (q, q + c) per other item
 
     @property
     def empty(self) -> bool:
         return self.num_tokens == 0
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.decode_x) + len(self.chunk_shapes)
+
+    @property
+    def ragged(self) -> bool:
+        """Whether the step runs the ragged (prefill) attention kernel: any non-decode item."""
+        return bool(self.chunk_shapes)
 
     def merge(self, other: BatchCost) -> BatchCost:
         xs = sorted(self.decode_x + other.decode_x)
         return BatchCost(
             num_tokens=self.num_tokens + other.num_tokens, num_sampled=self.num_sampled + other.num_sampled,
             decode_x=xs, decode_prefix=list(accumulate(xs, initial=0)), chunks=self.chunks + other.chunks,
+            chunk_shapes=self.chunk_shapes + other.chunk_shapes,
         )
 
 
@@ -112,6 +131,7 @@ def batch_cost(shape: ModelShape, decode_contexts: list[int], chunks: list[tuple
         num_tokens=len(xs) + sum(q for q, _, _ in chunks),
         num_sampled=len(xs) + sum(1 for _, _, samples in chunks if samples),
         decode_x=xs, decode_prefix=list(accumulate(xs, initial=0)), chunks=attn,
+        chunk_shapes=[(q, q + c) for q, c, _ in chunks],
     )
 
 
@@ -131,7 +151,7 @@ def curve_at(sm_counts: list[int], values: list[float], sms: int) -> float:
 class Roofline:
     """Predicted step time (ms) of a BatchCost on S SMs for one model on one profiled device."""
 
-    def __init__(self, shape: ModelShape, profile: HardwareProfile) -> None:
+    def __init__(self, shape: ModelShape, profile: HardwareProfile, execution: ExecutionProfile | None = None) -> None:
         n = len(profile.sm_counts)
         if n == 0 or len(profile.gemm_flops_per_s) != n or len(profile.hbm_bytes_per_s) != n:
             raise ValueError("profile curves must be non-empty and of equal length")
@@ -139,10 +159,16 @@ class Roofline:
             raise ValueError("profile sm_counts must be ascending and positive")
         self.shape = shape
         self.profile = profile
+        self.execution = execution or NEUTRAL_EXECUTION
         self.full_sms = profile.sm_counts[-1]
         self._curves: dict[int, tuple[float, float]] = {}
         self._linears = shape.linear_shapes()
         self._elementwise = shape.bytes_per_elem * shape.elementwise_elems_per_token()
+        ex, sh = self.execution, shape
+        self._kernel_ms = ex.kernels(sh.num_layers) * ex.kernel_us * 1e-3
+        self._tile = max(ex.ragged_tile_rows, 1)
+        self._ragged_kv_heads = sh.num_kv_heads if ex.ragged_fuses_gqa else sh.num_q_heads
+        self.eager_floor_ms = ex.eager_floor_ms(sh.num_layers)
 
     def curves(self, sms: int | None = None) -> tuple[float, float]:
         """(Pi, BW) in FLOP/s and bytes/s on `sms` SMs (None: the whole device)."""
@@ -159,26 +185,59 @@ class Roofline:
         if cost.empty:
             return 0.0
         pi, bw = self.curves(sms)
+        layers = self.shape.num_layers * self.attention_ms(cost, pi, bw)
+        return self.profile.step_overhead_ms + self.dense_ms(cost, pi, bw) + layers
+
+    def device_ms(self, cost: BatchCost, sms: int | None = None, graph: bool = False) -> float:
+        """GPU time of one step: the roofline with the kernels' attention tiles, plus the fixed cost of
+        every kernel, plus (for a CUDA-graph replay) the host's time before the replay."""
+        if cost.empty:
+            return 0.0
+        pi, bw = self.curves(sms)
+        attention = self.ragged_attention_ms(cost, pi, bw) if cost.ragged else self.attention_ms(cost, pi, bw)
+        fixed = self.profile.step_overhead_ms + self._kernel_ms + (self.execution.graph_host_ms if graph else 0.0)
+        return fixed + self.dense_ms(cost, pi, bw) + self.shape.num_layers * attention
+
+    def dense_ms(self, cost: BatchCost, pi: float, bw: float) -> float:
+        """Everything but attention: L layers of projections and element-wise traffic, the LM head on
+        the sampled rows, the embedding gather and final norm."""
         sh = self.shape
         s, n = sh.bytes_per_elem, cost.num_tokens
         layer = sum(linear_ms(n, di, do, s, pi, bw) for di, do in self._linears)
         layer += n * self._elementwise / bw * 1e3
-        layer += self.attention_ms(cost, pi, bw)
         head = linear_ms(cost.num_sampled, sh.hidden_size, sh.vocab_size, s, pi, bw) if cost.num_sampled else 0.0
         model_io = s * n * 4 * sh.hidden_size / bw * 1e3  # embedding gather + final norm
-        return self.profile.step_overhead_ms + sh.num_layers * layer + head + model_io
+        return sh.num_layers * layer + head + model_io
 
     def attention_ms(self, cost: BatchCost, pi: float, bw: float) -> float:
         """One layer's attention: the sum of per-request rooflines."""
         total = sum(max(f / pi, b / bw) for f, b in cost.chunks)
+        return (total + self._decode_sum(cost, pi, bw, 1, self.shape.num_kv_heads)) * 1e3
+
+    def ragged_attention_ms(self, cost: BatchCost, pi: float, bw: float) -> float:
+        """One layer's attention when every item runs in the ragged kernel: rows padded to whole tiles
+        per query head, KV read per `_ragged_kv_heads` heads."""
+        sh, tile = self.shape, self._tile
+        hq, dh, s, hkv = sh.num_q_heads, sh.head_dim, sh.bytes_per_elem, self._ragged_kv_heads
+        total = 0.0
+        for q, kv in cost.chunk_shapes:
+            rows = -(-q // tile) * tile
+            flops = (4 * dh + 2) * hq * rows * kv
+            nbytes = s * (2 * hq * q * dh + 2 * hkv * kv * dh)
+            total += max(flops / pi, nbytes / bw)
+        return (total + self._decode_sum(cost, pi, bw, tile, hkv)) * 1e3
+
+    def _decode_sum(self, cost: BatchCost, pi: float, bw: float, rows: int, kv_heads: int) -> float:
+        """Sum over decode items (x = c + 1 each) of max(a x / pi, (b0 + b1 x) / bw), in seconds, in
+        O(log n): items below the crossover x* are memory-bound, those above compute-bound."""
         xs = cost.decode_x
-        if xs:
-            sh = self.shape
-            hq, hkv, dh, s = sh.num_q_heads, sh.num_kv_heads, sh.head_dim, sh.bytes_per_elem
-            a = hq * (4 * dh + 2)  # flops = a * x
-            b0, b1 = s * 2 * hq * dh, s * 2 * hkv * dh  # bytes = b0 + b1 * x
-            slope = a / pi - b1 / bw
-            split = len(xs) if slope <= 0 else bisect_right(xs, (b0 / bw) / slope)
-            prefix = cost.decode_prefix
-            total += (b0 * split + b1 * prefix[split]) / bw + a * (prefix[-1] - prefix[split]) / pi
-        return total * 1e3
+        if not xs:
+            return 0.0
+        sh = self.shape
+        hq, dh, s = sh.num_q_heads, sh.head_dim, sh.bytes_per_elem
+        a = hq * (4 * dh + 2) * rows  # flops = a * x
+        b0, b1 = s * 2 * hq * dh, s * 2 * kv_heads * dh  # bytes = b0 + b1 * x
+        slope = a / pi - b1 / bw
+        split = len(xs) if slope <= 0 else bisect_right(xs, (b0 / bw) / slope)
+        prefix = cost.decode_prefix
+        return (b0 * split + b1 * prefix[split]) / bw + a * (prefix[-1] - prefix[split]) / pi

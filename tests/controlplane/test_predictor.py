@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from controlplane.predictor import Correction, Predictor, regime_of
 from shared.messages import HardwareProfile
-from shared.profiles import H100_DECLARED
+from shared.profiles import H100_DECLARED, ExecutionProfile
 from shared.roofline import ModelShape, Roofline, attention_flops_bytes, batch_cost, curve_at, linear_ms
 
 # A toy model: with Pi = 1e3 FLOP/s and BW = 1e3 B/s one FLOP or one byte costs exactly 1 ms.
@@ -114,3 +114,69 @@ def test_predictor_reports_its_error_before_learning() -> None:
     assert pred.predict_ms(cost, "decode") == pytest.approx(2 * raw, rel=0.02)
     assert pred.report().by_regime["decode"][0] == 41 and "mixed" not in pred.report().by_regime
     assert pred.report().mape < 0.1
+
+
+# ---------------------------------------------------------------------------------------- launch-aware model
+
+TILED = ExecutionProfile(kernels_per_layer=3.0, kernels_per_step=4.0, kernel_us=1000.0, ragged_tile_rows=4,
+                         ragged_fuses_gqa=False, eager_host_ms_per_layer=100.0, eager_host_ms_per_step=50.0,
+                         graph_host_ms=7.0)
+
+
+def test_ragged_attention_by_hand() -> None:
+    """Every item of a batch with a chunk runs in the ragged kernel: rows padded to a 4-row tile per
+    query head, and (no GQA fusion) each query head reads its own copy of the KV."""
+    roof = Roofline(TOY, UNIT, TILED)
+    cost = batch_cost(TOY, [7], [(3, 5, True)])
+    assert cost.ragged and cost.num_seqs == 2
+    # chunk q=3 over kv=8: F = (4*2+2) * 2 heads * 4 rows * 8 = 640; B = 2*(2*2*3*2 + 2*2*8*2) = 176
+    # decode c=7 (x=8) as a full tile: F = 2*(4*2+2)*4 * 8 = 640; B = 2*2*2*2 + 2*2*2*2*8 = 144
+    assert roof.ragged_attention_ms(cost, 1e3, 1e3) == pytest.approx(640 + 640)
+    # without a chunk the decode kernel runs: the plain per-request roofline
+    decode = batch_cost(TOY, [7], [])
+    assert not decode.ragged
+    assert roof.device_ms(decode) - roof.dense_ms(decode, 1e3, 1e3) - 2 * roof.attention_ms(decode, 1e3, 1e3) == \
+        pytest.approx((2 * 3 + 4) * 1000 * 1e-3)  # 10 kernels of 1000 us each
+
+
+def test_device_time_adds_kernel_and_replay_costs() -> None:
+    roof = Roofline(TOY, UNIT, TILED)
+    cost = batch_cost(TOY, [7, 9], [])
+    assert roof.device_ms(cost, graph=True) - roof.device_ms(cost) == pytest.approx(7.0)
+    assert roof.eager_floor_ms == pytest.approx(2 * 100 + 50)
+    assert Roofline(TOY, UNIT).device_ms(cost) == pytest.approx(roof.step_ms(cost))  # neutral: the paper's model
+
+
+def test_eager_steps_are_floored_and_learn_the_floor() -> None:
+    fast = HardwareProfile(gpu="fast", sm_counts=[8, 16], gemm_flops_per_s=[1e15, 2e15],
+                           hbm_bytes_per_s=[1e13, 2e13], source="declared")
+    pred = Predictor(TOY, fast, TILED)
+    cost = pred.cost([10] * 4, [])
+    eager = pred.estimate(cost, "decode", graph=False)
+    graph = pred.estimate(cost, "decode")
+    assert (eager.path, graph.path) == ("eager-decode", "graph")
+    assert pred.predict(eager, "decode") == pytest.approx(250.0)  # the declared host floor
+    assert pred.predict(graph, "decode") < 50.0  # a graph replay has no host floor
+    for _ in range(30):  # floor-bound steps that take 120 ms: the floor moves there
+        pred.observe("decode", eager, 120.0)
+    assert pred.predict(eager, "decode") == pytest.approx(120.0, rel=0.05)
+    ragged = pred.estimate(pred.cost([], [(3, 0, True)]), "prefill")
+    assert ragged.path == "eager-ragged" and pred.predict(ragged, "prefill") == pytest.approx(250.0)
+
+
+def test_corrections_are_kept_per_sm_bucket_with_a_pooled_fallback() -> None:
+    pred = Predictor(QWEN3_8B, H100_DECLARED, min_key_samples=3)
+    cost = pred.cost([1000] * 16, [])
+    small, large = pred.estimate(cost, "decode", 16), pred.estimate(cost, "decode", 64)
+    for _ in range(20):
+        pred.observe("decode", small, 3 * small.device_ms)
+    assert pred.predict(small, "decode") == pytest.approx(3 * small.device_ms, rel=0.05)
+    # the 64-SM bucket has no data of its own: it borrows the pooled fit (learnt on 16 SMs only)
+    assert pred.correction_for("decode", 64) is pred.corrections["decode"]
+    for _ in range(20):
+        pred.observe("decode", large, large.device_ms)
+    assert pred.predict(large, "decode") == pytest.approx(large.device_ms, rel=0.05)
+    assert pred.predict(small, "decode") == pytest.approx(3 * small.device_ms, rel=0.05)
+    # a multiplexed decode phase with no data borrows the aggregated decode fit of its SM bucket
+    assert pred.correction_for("mux_decode", 16) is pred.keyed[("decode", 16)]
+    assert set(pred.report().by_key) == {"decode@16", "decode@64"}
