@@ -102,8 +102,13 @@ def summarise(results: dict) -> dict:
     for trace, by_policy in results.items():
         if "duet" not in by_policy:
             continue
-        rates = sorted({r["rate"] for r in by_policy["duet"]})
         base = [p for p in by_policy if p in BASELINES]
+        if not base:  # only duet so far (the sweep writes after each policy)
+            continue
+        rates = sorted({r["rate"] for r in by_policy["duet"]} & set.intersection(
+            *({r["rate"] for r in by_policy[p]} for p in base)))
+        if not rates:
+            continue
 
         def at(policy: str, rate: float) -> dict:
             return next(r for r in by_policy[policy] if r["rate"] == rate)
