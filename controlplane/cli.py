@@ -83,6 +83,10 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hysteresis", type=float, default=d.hysteresis,
                    help=f"duet policy: relative gain a new split needs to replace the current one "
                         f"(default {d.hysteresis})")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=d.async_scheduling,
+                   help="plan step i+1 while step i runs on the GPU (its sampled tokens stay on the device), "
+                        "hiding both planes' host work; --no-async-scheduling plans one step at a time "
+                        f"(default {'on' if d.async_scheduling else 'off'})")
 
 
 def scheduler_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
@@ -90,6 +94,7 @@ def scheduler_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         policy=args.policy, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         tbt_slo_ms=args.tbt_slo_ms, ttft_slo_ms=args.ttft_slo_ms, static_decode_sms=args.static_decode_sms,
         static_lookahead=args.static_lookahead, max_lookahead=args.max_lookahead, hysteresis=args.hysteresis,
+        async_scheduling=args.async_scheduling,
     )
 
 

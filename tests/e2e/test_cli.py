@@ -81,3 +81,13 @@ def test_file_exporter_needs_a_file() -> None:
     out = subprocess.run([*CLI, "serve", "--otel-exporter", "file"], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 2 and "--otel-file" in out.stderr
+
+
+def test_scheduler_flags_reach_the_config() -> None:
+    from controlplane.cli import build_parser, scheduler_config_from_args
+
+    default = scheduler_config_from_args(build_parser().parse_args(["serve"]))
+    off = scheduler_config_from_args(build_parser().parse_args(["serve", "--no-async-scheduling", "--policy", "duet",
+                                                                "--max-lookahead", "4"]))
+    assert default.async_scheduling and not off.async_scheduling
+    assert (off.policy, off.max_lookahead) == ("duet", 4)
