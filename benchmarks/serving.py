@@ -3,9 +3,13 @@ as a process, `duetserve bench serve` logic as the client), goodput under TTFT/T
 
     python benchmarks/serving.py --traces code,conv --policies aggregated,prefill-first,duet --rates 4,8,12
     python benchmarks/serving.py --plot-only benchmarks/results/serving-h100.json   # redraw the plots
+    python benchmarks/serving.py --simulate h200 --sim-execution flashinfer ...     # on a CPU
 
 Writes benchmarks/results/serving-<gpu>.json (merged with an existing file, so traces can be run in
-separate invocations) and PNG plots next to it.
+separate invocations) and PNG plots next to it. `--simulate GPU` runs the same sweep with the
+simulated data plane (`python -m dataplane.sim_worker`, attached to `duetserve serve --attach`)
+in real time on a CPU, and writes serving-sim-<gpu>-<execution>.json: the simulator checked
+against a GPU run of the same sweep.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ import argparse
 import asyncio
 import json
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -37,21 +43,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace, policy: str) -> tuple[subprocess.Popen, int, int]:
-    port, metrics = free_port(), free_port()
-    cmd = [sys.executable, "-m", "controlplane.cli", "serve", "--model", args.model, "--port", str(port),
-           "--policy", policy, "--tbt-slo-ms", str(args.tpot_slo_ms), "--ttft-slo-ms", str(args.ttft_slo_ms),
-           "--max-num-batched-tokens", str(args.budget), "--max-num-seqs", str(args.max_num_seqs),
-           "--metrics-port", str(metrics), "--log-level", "WARNING"]
-    if args.decode_partition_sms:
-        cmd += ["--decode-partition-sms", args.decode_partition_sms]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "serving" not in line:
-        proc.kill()
-        raise RuntimeError(f"server for {policy} did not start: {line!r}")
-    return proc, port, metrics
+class Server:
+    """`duetserve serve` for one policy (with `--simulate`, attached to a simulated data plane)."""
+
+    def __init__(self, args: argparse.Namespace, policy: str) -> None:
+        self.port, self.metrics = free_port(), free_port()
+        self.sim: subprocess.Popen | None = None
+        self.workdir: str | None = None
+        cmd = [sys.executable, "-m", "controlplane.cli", "serve", "--model", args.model, "--port", str(self.port),
+               "--policy", policy, "--tbt-slo-ms", str(args.tpot_slo_ms), "--ttft-slo-ms", str(args.ttft_slo_ms),
+               "--max-num-batched-tokens", str(args.budget), "--max-num-seqs", str(args.max_num_seqs),
+               "--metrics-port", str(self.metrics), "--log-level", "WARNING"]
+        if args.simulate:
+            from controlplane.launcher import spawn_sim_dataplane
+
+            self.workdir = tempfile.mkdtemp(prefix="ds-bench-")  # short: ipc paths are limited
+            endpoint = f"ipc://{self.workdir}/dp.sock"
+            self.sim = spawn_sim_dataplane(endpoint, model=args.model, gpu=args.simulate, time_scale=1.0,
+                                           execution=args.sim_execution,
+                                           decode_partition_sms=args.decode_partition_sms)
+            cmd += ["--attach", "--dataplane-endpoint", endpoint]
+        elif args.decode_partition_sms:
+            cmd += ["--decode-partition-sms", args.decode_partition_sms]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if "serving" not in line:
+            self.stop()
+            raise RuntimeError(f"server for {policy} did not start: {line!r}")
+
+    def stop(self) -> None:
+        for proc in (self.proc, self.sim):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def sample_split(metrics_port: int, stop: threading.Event, out: list[tuple[float, float, float]]) -> None:
@@ -185,7 +216,11 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=2048, help="max_num_batched_tokens for every policy")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--decode-partition-sms", default="16,24,32,48,64")
-    p.add_argument("--gpu", default="h100")
+    p.add_argument("--gpu", default="h100", help="the GPU's name in the results file")
+    p.add_argument("--simulate", default=None, metavar="GPU",
+                   help="run against the simulated data plane of this GPU (h100, h200) instead of a real one")
+    p.add_argument("--sim-execution", default="flashinfer", choices=("roofline", "flashinfer"),
+                   help="with --simulate: the simulated plane's timing model (default flashinfer)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--plot-only", type=Path, default=None)
     args = p.parse_args()
@@ -193,21 +228,22 @@ def main() -> None:
         report = json.loads(args.plot_only.read_text())
         print(plot(report, args.plot_only.parent, report["summary"].get("gpu", args.gpu)))
         return
-    path = args.out / f"serving-{args.gpu}.json"
+    gpu = f"sim-{args.simulate}-{args.sim_execution}" if args.simulate else args.gpu
+    path = args.out / f"serving-{gpu}.json"
     report = json.loads(path.read_text()) if path.exists() else {"results": {}}
     rates = [float(r) for r in args.rates.split(",")]
     for trace in args.traces.split(","):
         for policy in args.policies.split(","):
             print(f"{trace} / {policy}", flush=True)
-            proc, port, metrics = start_server(args, policy)
+            server = Server(args, policy)
             try:
-                rows = [run_point(args, port, metrics, args.trace_dir / TRACES[trace], rate) for rate in rates]
+                rows = [run_point(args, server.port, server.metrics, args.trace_dir / TRACES[trace], rate)
+                        for rate in rates]
             finally:
-                proc.terminate()
-                proc.wait(60)
+                server.stop()
             report["results"].setdefault(trace, {})[policy] = rows
             args.out.mkdir(parents=True, exist_ok=True)
-            report["summary"] = {"gpu": args.gpu, **summarise(report["results"])}
+            report["summary"] = {"gpu": gpu, **summarise(report["results"])}
             report["config"] = {k: str(v) for k, v in vars(args).items()}
             path.write_text(json.dumps(report) + "\n")
     print(json.dumps(report["summary"], indent=1))

@@ -194,4 +194,5 @@ def make_predictor(ready: WorkerReady | None) -> Predictor | None:
     if ready is None or ready.profile is None:
         return None
     execution = execution_profile_for(ready.device.name, ready.attention_backend)
-    return Predictor(ready.model, ready.profile, execution, decode_graphs=ready.attention_backend == "flashinfer")
+    return Predictor(ready.model, ready.profile, execution,
+                     decode_graphs=ready.attention_backend.startswith("flashinfer"))

@@ -33,6 +33,7 @@ class SimulationSpec:
     trace: str
     scheduler: SchedulerConfig = SchedulerConfig()
     gpu: str = "h100"
+    execution: str = "flashinfer"  # the declared launch model of the CUDA data plane, or "roofline"
     model: str = "qwen3-8b"
     rate_scale: float = 1.0
     num_requests: int | None = None
@@ -56,7 +57,7 @@ async def run_simulation(spec: SimulationSpec) -> SimulationResult:
     endpoint = f"ipc://{workdir}/dp.sock"
     child = spawn_sim_dataplane(endpoint, model=spec.model, gpu=spec.gpu, time_scale=spec.time_scale,
                                 block_size=spec.block_size, num_kv_blocks=spec.num_kv_blocks,
-                                max_model_len=spec.max_model_len)
+                                max_model_len=spec.max_model_len, execution=spec.execution)
     plane = ControlPlane(ServerConfig(port=0, dataplane_endpoint=endpoint, handshake_timeout_s=60.0,
                                       step_timeout_s=600.0, scheduler=spec.scheduler), spec.model)
     channel = None
@@ -83,7 +84,8 @@ def _report(spec: SimulationSpec, records: list[RequestRecord], sched, device: s
     cfg = spec.scheduler
     metrics = summarise(records, time_scale=spec.time_scale, ttft_slo_ms=cfg.ttft_slo_ms, tbt_slo_ms=cfg.tbt_slo_ms)
     return {
-        "config": {"trace": Path(spec.trace).name, "gpu": spec.gpu, "device": device, "model": spec.model,
+        "config": {"trace": Path(spec.trace).name, "gpu": spec.gpu, "execution": spec.execution, "device": device,
+                   "model": spec.model,
                    "policy": cfg.policy, "tbt_slo_ms": cfg.tbt_slo_ms, "ttft_slo_ms": cfg.ttft_slo_ms,
                    "rate_scale": spec.rate_scale, "time_scale": spec.time_scale,
                    "max_num_batched_tokens": cfg.max_num_batched_tokens, "max_num_seqs": cfg.max_num_seqs},
@@ -122,7 +124,11 @@ def format_report(report: dict[str, object]) -> str:
 
 def add_simulate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", required=True, help="Azure LLM trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens)")
-    p.add_argument("--gpu", default="h100", help="simulated GPU (declared profile), default h100")
+    p.add_argument("--gpu", default="h100", help="simulated GPU (declared profile): h100 or h200, default h100")
+    p.add_argument("--execution", default="flashinfer", choices=("roofline", "flashinfer"),
+                   help="time steps by the declared launch model of DuetServe's flashinfer data plane "
+                        "(CUDA-graph decode, host-launch floor of eager steps; the default) or by the paper's "
+                        "roofline alone")
     p.add_argument("--model", default="qwen3-8b", help="model shape: a preset name or checkpoint folder")
     p.add_argument("--rate-scale", type=float, default=1.0, help="multiply the trace's request rate by this")
     p.add_argument("--num-requests", type=int, default=None, help="replay only the first N requests")
@@ -141,7 +147,8 @@ def add_simulate_flags(p: argparse.ArgumentParser) -> None:
 
 async def run_simulate(args: argparse.Namespace, scheduler: SchedulerConfig) -> int:
     spec = SimulationSpec(
-        trace=args.trace, scheduler=scheduler, gpu=args.gpu, model=args.model, rate_scale=args.rate_scale,
+        trace=args.trace, scheduler=scheduler, gpu=args.gpu, execution=args.execution, model=args.model,
+        rate_scale=args.rate_scale,
         num_requests=args.num_requests, time_scale=args.time_scale, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len, seed=args.seed,
     )

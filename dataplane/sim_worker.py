@@ -3,7 +3,12 @@
 It binds the same DEALER endpoint as `dataplane.worker`, answers Hello with a WorkerReady for a
 named model shape on a named GPU (declared HardwareProfile, partition sizes, KV capacity from the
 GPU's memory), and answers each StepPlan after the time the shared roofline gives for it (scaled
-by `--time-scale`), with SimRunner's deterministic tokens and `simulated` timings. It does no math
+by `--time-scale`), with SimRunner's deterministic tokens and `simulated` timings. `--execution
+roofline` times a step by the paper's roofline alone; `--execution flashinfer` by the declared
+launch model of DuetServe's CUDA data plane (`shared.profiles.ExecutionProfile`: kernel tiles and
+per-kernel costs, decode steps replayed as CUDA graphs, eager steps no faster than the host can
+launch them), and then says it runs the flashinfer backend so the control plane predicts with the
+same model. It does no math
 and decides nothing, and must not import torch: it lets the whole control plane run on a CPU and
 backs `duetserve simulate`.
 """
@@ -29,13 +34,15 @@ from shared.messages import (
     PROTOCOL_VERSION, DeviceDescription, HardwareProfile, Hello, ModelDescription, Shutdown, StepPlan, StepResult,
     StepTimings, ToControl, WorkerFatal, WorkerReady,
 )
-from shared.profiles import GpuSpec, gpu_spec
+from shared.profiles import NEUTRAL_EXECUTION, ExecutionProfile, GpuSpec, execution_profile_for, gpu_spec
 from shared.roofline import BatchCost, ModelShape, Roofline, batch_cost
 
 log = logging.getLogger(__name__)
 
 ACTIVATION_RESERVE_BYTES = 1 << 30
 DTYPE = "bfloat16"
+EXECUTIONS = ("roofline", "flashinfer")
+SIM_FLASHINFER = "flashinfer (simulated)"  # the attention backend a simulated flashinfer plane reports
 
 
 def model_config(model: str) -> ModelConfig:
@@ -73,27 +80,48 @@ def kv_blocks_for(cfg: ModelConfig, gpu: GpuSpec, block_size: int, utilization: 
 
 def sim_ready(model: str, gpu: str = "h100", *, block_size: int = 16, num_kv_blocks: int | None = None,
               gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
-              profile: HardwareProfile | None = None) -> WorkerReady:
-    """The WorkerReady a simulated `gpu` running `model` answers with."""
+              profile: HardwareProfile | None = None, execution: str = "roofline",
+              decode_partition_sms: list[int] | None = None) -> WorkerReady:
+    """The WorkerReady a simulated `gpu` running `model` answers with (decode partitions: every size
+    the GPU allows, or the listed ones, like the real worker's `--decode-partition-sms`)."""
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution must be one of {', '.join(EXECUTIONS)}, not {execution!r}")
     cfg, spec = model_config(model), gpu_spec(gpu)
+    sizes = spec.partition_sizes()
+    if decode_partition_sms is not None:
+        missing = sorted(set(decode_partition_sms) - set(sizes))
+        if missing:
+            raise ValueError(f"decode partition sizes {missing} are not allowed on {spec.name}; choose from {sizes}")
+        sizes = sorted(set(decode_partition_sms))
     blocks = num_kv_blocks or kv_blocks_for(cfg, spec, block_size, gpu_memory_utilization)
     max_len = min(cfg.max_position_embeddings, max_model_len or cfg.max_position_embeddings)
     return WorkerReady(
         protocol_version=PROTOCOL_VERSION, model=describe(cfg),
         device=DeviceDescription(kind="cuda", name=f"{spec.name} (simulated)", sm_count=spec.sm_count,
                                  memory_bytes=spec.memory_bytes),
-        num_kv_blocks=blocks, block_size=block_size, max_model_len=max_len, attention_backend="sim",
-        supports_multiplexing=True, partition_sm_counts=spec.partition_sizes(), profile=profile or spec.profile,
+        num_kv_blocks=blocks, block_size=block_size, max_model_len=max_len,
+        attention_backend=SIM_FLASHINFER if execution == "flashinfer" else "sim",
+        supports_multiplexing=True, partition_sm_counts=sizes, profile=profile or spec.profile,
     )
 
 
+def sim_execution(ready: WorkerReady) -> ExecutionProfile:
+    """The launch model a simulated worker times its steps by: its declared backend's, or none."""
+    if ready.attention_backend != SIM_FLASHINFER:
+        return NEUTRAL_EXECUTION
+    return execution_profile_for(ready.device.name, ready.attention_backend)
+
+
 class SimGpu:
-    """Executes plans with SimRunner and times them with the roofline of the declared profile."""
+    """Executes plans with SimRunner and times them with the roofline of the declared profile (and,
+    for a simulated flashinfer plane, its launch model)."""
 
     def __init__(self, ready: WorkerReady, time_scale: float = 1.0) -> None:
         assert ready.profile is not None
         self.ready = ready
-        self.roofline = Roofline(ModelShape.from_description(ready.model), ready.profile)
+        self.execution = sim_execution(ready)
+        self.graphs = self.execution is not NEUTRAL_EXECUTION  # decode-only passes replay CUDA graphs
+        self.roofline = Roofline(ModelShape.from_description(ready.model), ready.profile, self.execution)
         self.runner = SimRunner(ready.num_kv_blocks, ready.block_size, ready.model.vocab_size)
         self.time_scale = time_scale
         self._free_at = 0.0  # when the simulated GPU finishes the steps launched so far
@@ -123,7 +151,13 @@ class SimGpu:
         return StepTimings(total_ms=self._ms(batch_cost(shape, decode, chunks), None) + later, source="simulated")
 
     def _ms(self, cost: BatchCost, sms: int | None) -> float:
-        return self.roofline.step_ms(cost, sms)
+        """One pass: a decode-only pass replays a graph; any other runs eagerly, no faster than the
+        host launches it (both only with a launch model; else the plain roofline)."""
+        if self.execution is NEUTRAL_EXECUTION:
+            return self.roofline.step_ms(cost, sms)
+        if self.graphs and not cost.ragged:
+            return self.roofline.device_ms(cost, sms, graph=True)
+        return max(self.roofline.device_ms(cost, sms), self.roofline.eager_floor_ms)
 
     def launch(self, plan: StepPlan) -> tuple[float, StepResult]:
         """Run the plan's bookkeeping now; the result is due when the simulated GPU gets through it
@@ -186,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="qwen3-8b", help="preset name or checkpoint folder (shapes only)")
     p.add_argument("--gpu", default="h100", help="named GPU whose declared profile times the steps")
     p.add_argument("--profile", default=None, help="JSON HardwareProfile to use instead of the declared one")
+    p.add_argument("--execution", default="roofline", choices=EXECUTIONS,
+                   help="time steps by the plain roofline, or by the declared launch model of the flashinfer "
+                        "data plane (CUDA-graph decode, host-launch floor of eager steps)")
+    p.add_argument("--decode-partition-sms", default=None,
+                   help="comma-separated decode partition sizes (default: every split the GPU allows)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None, help="default: what the GPU's memory holds")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -206,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         profile = msgspec.json.decode(Path(args.profile).read_bytes(), type=HardwareProfile)
     ready = sim_ready(args.model, args.gpu, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                       gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-                      profile=profile)
+                      profile=profile, execution=args.execution,
+                      decode_partition_sms=[int(x) for x in args.decode_partition_sms.split(",")]
+                      if args.decode_partition_sms else None)
     worker = SimWorker(args.endpoint, SimGpu(ready, args.time_scale))
     signal.signal(signal.SIGTERM, worker.request_stop)
     signal.signal(signal.SIGINT, worker.request_stop)

@@ -28,6 +28,19 @@ H100_DECLARED = HardwareProfile(
     detail="DESIGN.md H100 table (green-context partitions, PyTorch 2.11 cu130); overhead assumed",
 )
 
+# One H200 (SXM, 132 SMs, 141 GB HBM3e) measured by DuetServe's own start-up calibration on its
+# green-context partitions (benchmarks/results/predictor-h200.json, 2026-12-01; points smoothed to
+# be monotone) and, for the whole device, by benchmarks/engine.py's ceilings (engine-h200.json).
+H200_DECLARED = HardwareProfile(
+    gpu="NVIDIA H200",
+    sm_counts=[8, 16, 32, 48, 64, 96, 132],
+    gemm_flops_per_s=[56e12, 111e12, 220e12, 333e12, 430e12, 605e12, 780e12],
+    hbm_bytes_per_s=[0.65e12, 1.24e12, 2.16e12, 3.10e12, 3.66e12, 3.92e12, 4.23e12],
+    source="declared",
+    step_overhead_ms=0.0,
+    detail="H200 calibration on green-context partitions + engine.py ceilings (PyTorch 2.11 cu130), 2026-12-01",
+)
+
 # A nominal CPU: only keeps the latency model defined on machines without a GPU. One "SM" stands
 # for the whole device (CPUs are never partitioned).
 CPU_DECLARED = HardwareProfile(
@@ -60,6 +73,10 @@ GPUS: dict[str, GpuSpec] = {
     "h100": GpuSpec(
         name="NVIDIA H100 80GB HBM3", sm_count=132, memory_bytes=80 * _GIB,
         partition_granularity=8, min_partition_sms=8, profile=H100_DECLARED,
+    ),
+    "h200": GpuSpec(
+        name="NVIDIA H200", sm_count=132, memory_bytes=143771 << 20,
+        partition_granularity=8, min_partition_sms=8, profile=H200_DECLARED,
     ),
 }
 

@@ -38,3 +38,16 @@ def test_scheduler_overhead_benchmark_runs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["results"]
     assert [r["policy"] for r in rows] == ["aggregated", "prefill-first", "static", "duet"]
+
+
+def test_sim_vs_gpu_table_lines_up_points(tmp_path: Path) -> None:
+    def row(rate: float, goodput: float, attainment: float) -> dict:
+        return {"rate": rate, "request_goodput": goodput, "slo_attainment": attainment}
+
+    (tmp_path / "serving-x.json").write_text(json.dumps({"results": {"code": {"duet": [row(4, 2.0, 0.5), row(8, 1.0, 0.2)]}}}))
+    (tmp_path / "serving-sim-x-flashinfer.json").write_text(json.dumps({"results": {"code": {"duet": [row(8, 3.0, 0.7)]}}}))
+    proc = subprocess.run([sys.executable, "benchmarks/sim_vs_gpu.py", "--gpu", "x", "--results", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = (tmp_path / "sim-vs-x.md").read_text().splitlines()
+    assert "| code | duet | 4 | 2.00 (50%) | — |" in lines and "| code | duet | 8 | 1.00 (20%) | 3.00 (70%) |" in lines
