@@ -53,15 +53,21 @@ class Sequence:
     num_preemptions: int = 0
     # tokens a step already sent will sample for it, not yet known here (steps planned ahead)
     num_inflight: int = 0
+    # len(prompt_token_ids), which never changes: the scheduler reads these counts for every running
+    # sequence on every step, so they are kept cheap
+    _num_prompt: int = field(init=False, repr=False, default=0)
+
+    def __post_init__(self) -> None:
+        self._num_prompt = len(self.prompt_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
+        return self._num_prompt
 
     @property
     def num_tokens(self) -> int:
         """Known tokens plus the ones steps in flight will sample (their KV is computed next)."""
-        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_inflight
+        return self._num_prompt + len(self.output_token_ids) + self.num_inflight
 
     @property
     def num_outputs(self) -> int:
@@ -70,12 +76,13 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return self.num_tokens - self.num_computed_tokens
+        return self._num_prompt + len(self.output_token_ids) + self.num_inflight - self.num_computed_tokens
 
     @property
     def is_decoding(self) -> bool:
         """Every known token but the last is in the KV cache: the next step computes one token."""
-        return self.num_computed_tokens == self.num_tokens - 1 and self.num_outputs > 0
+        out = len(self.output_token_ids) + self.num_inflight
+        return out > 0 and self.num_computed_tokens == self._num_prompt + out - 1
 
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
