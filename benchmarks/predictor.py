@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.predictor_scoring import by_kind, by_kind_and_sms, fitted_mape, score_online  # noqa: E402
+from benchmarks.predictor_scoring import by_kind, by_kind_and_sms, fitted_mape, score_online, serving_mape  # noqa: E402
 from controlplane.predictor import Predictor, regime_of  # noqa: E402
 from dataplane.calibration import calibrate, load_partition_provider  # noqa: E402
 from dataplane.runner import ModelRunner, SeqState  # noqa: E402
@@ -173,6 +173,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
     runner.graphs = graphs
     report = score_online(predictor, samples, args.seed)
     kinds = by_kind(samples)
+    n_serving, mape_serving = serving_mape(samples)
     gpu = gpu_key(ready.device.name)
     return {
         "summary": {"gpu": gpu, "mape": report.mape, "n_samples": report.count, "mape_by_regime": kinds},
@@ -182,6 +183,9 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
                            "(regime, SM count)) in a shuffled replay of the samples, each scored before it is "
                            "learnt from",
         "mape_raw_roofline": report.raw_mape, "mape_uncorrected_model": report.prior_mape,
+        "mape_serving_shapes": {"n": n_serving, "mape": mape_serving,
+                                "definition": "the same replay, scored on the shapes serving runs (whole GPU; "
+                                              "prefill on a prefill partition; decode graphs on a decode partition)"},
         "mape_raw_by_regime": {r: raw for r, (_, _, raw) in report.by_regime.items()},
         "mape_by_kind_and_sms": by_kind_and_sms(samples),
         "mape_fitted_affine_in_sample": fitted_mape(samples),

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.predictor_scoring import (  # noqa: E402
     KINDS, by_kind, by_kind_and_sms, fitted_mape, new_predictor, old_predictor, score_online, score_online_old,
+    serving_mape,
 )
 from controlplane.predictor import PredictorReport  # noqa: E402
 
@@ -68,6 +69,10 @@ def rescore(path: Path, seed: int, seeds: int) -> int:
     print(f"new, uncorrected (declared constants): {100 * new.prior_mape:.1f}%; "  # type: ignore[union-attr]
           f"plain roofline: {100 * new.raw_mape:.1f}%")  # type: ignore[union-attr]
     print("new, per kind@SMs:", ", ".join(f"{k} {100 * v:.1f}%" for k, v in by_kind_and_sms(samples).items()))
+    n, mape = serving_mape(samples)
+    if mape is not None:
+        print(f"new, on the {n} shapes serving runs (whole GPU; prefill on a prefill partition; decode graphs "
+              f"on a decode partition): {100 * mape:.1f}%")
     if seeds > 1:
         runs = [evaluate(result, s) for s in range(seeds)]
         for name in ("old", "new"):

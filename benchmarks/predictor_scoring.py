@@ -97,6 +97,28 @@ def by_kind(samples: list[dict], field: str = "corrected_ms") -> dict[str, float
     return out
 
 
+def runs_in_serving(s: dict, full: int, decode_parts: set[int]) -> bool:
+    """A shape DuetServe's policies run: anything on the whole GPU, a prefill on a prefill partition
+    (the multiplexed prefill phase), a decode replayed as graphs on a decode partition (the decode
+    phase). Not: mixed batches, eager decodes or prefills on a decode partition, which the grid
+    measures but serving never runs."""
+    if s["sms"] >= full:
+        return True
+    if s["regime"] == "decode":
+        return bool(s.get("graph")) and s["sms"] in decode_parts
+    return s["regime"] == "prefill" and s["sms"] not in decode_parts
+
+
+def serving_mape(samples: list[dict]) -> tuple[int, float | None]:
+    """(count, MAPE of the scored `corrected_ms`) over the samples that `runs_in_serving`; decode
+    partitions are the SM counts where decode ran as graphs on a partition."""
+    full = full_sms(samples)
+    decode_parts = {s["sms"] for s in samples if s["sms"] < full and s["regime"] == "decode" and s.get("graph")}
+    errs = [abs(s["corrected_ms"] - s["measured_ms"]) / s["measured_ms"] for s in samples
+            if runs_in_serving(s, full, decode_parts)]
+    return len(errs), (statistics.fmean(errs) if errs else None)
+
+
 def by_kind_and_sms(samples: list[dict]) -> dict[str, float]:
     out: dict[str, list[float]] = {}
     for s in samples:

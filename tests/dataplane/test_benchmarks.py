@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -51,3 +53,16 @@ def test_sim_vs_gpu_table_lines_up_points(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     lines = (tmp_path / "sim-vs-x.md").read_text().splitlines()
     assert "| code | duet | 4 | 2.00 (50%) | — |" in lines and "| code | duet | 8 | 1.00 (20%) | 3.00 (70%) |" in lines
+
+
+def test_serving_shapes_are_what_the_policies_run() -> None:
+    from benchmarks.predictor_scoring import serving_mape
+
+    def s(sms: int, regime: str, graph: bool, err: float) -> dict:
+        return {"sms": sms, "regime": regime, "graph": graph, "measured_ms": 10.0, "corrected_ms": 10.0 * (1 + err)}
+
+    samples = [s(132, "mixed", False, 0.1), s(132, "decode", True, 0.1), s(100, "prefill", False, 0.1),
+               s(32, "decode", True, 0.1),  # the decode phase on its partition
+               s(32, "prefill", False, 0.9), s(32, "mixed", False, 0.9), s(100, "decode", False, 0.9)]
+    n, mape = serving_mape(samples)
+    assert n == 4 and mape == pytest.approx(0.1)
