@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from dataplane.attention.base import AttentionBackend, AttentionBatch
@@ -22,6 +23,7 @@ from dataplane.models.config import ModelConfig
 from dataplane.models.dense import DenseForCausalLM
 from dataplane.sampler import LogprobTensors, Sampler
 from dataplane.seq_state import SeqError, SeqState, check_scheduled, new_state
+from dataplane.staging import Span, positions_and_slots
 from shared.messages import SeqFailure, SeqOutput, StepPlan, StepResult, StepTimings, TokenLogprobs
 
 
@@ -204,11 +206,9 @@ class ModelRunner:
         A decode whose input token is still on the device (sampled by a step whose result is not
         collected) gets a placeholder here, filled on the device from that step's tokens."""
         flat: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
+        spans: list[Span] = []
         sample_rows: list[int] = []
         fills: dict[int, tuple[torch.Tensor, list[int], list[int]]] = {}  # id(tensor) -> (tensor, dst, src)
-        bs = self.block_size
         row = 0
         for it in items:
             s = it.state
@@ -222,15 +222,15 @@ class ModelRunner:
                     group[2].append(src)
                     known = [0]
                 flat.extend(known)
-            for pos in range(start, end):
-                positions.append(pos)
-                slots.append(s.block_table[pos // bs] * bs + pos % bs)
+            spans.append((start, end, s.block_table))
             row += it.num_tokens
             if end >= len(s.token_ids):  # look-ahead passes run past the host's known tokens
                 sample_rows.append(row - 1)
+        positions, slots = positions_and_slots(spans, self.block_size)
         t = len(positions)
         gather = [i for _, dst, src in fills.values() for i in (*dst, *src)]
-        host = torch.tensor(flat + positions + slots + sample_rows + gather, dtype=torch.long)
+        host = torch.from_numpy(np.concatenate([np.asarray(flat, dtype=np.int64), positions, slots,
+                                                np.asarray(sample_rows + gather, dtype=np.int64)]))
         dev = host.to(self.device, non_blocking=True)
         f, r = len(flat), len(sample_rows)
         ids = dev[:f]
