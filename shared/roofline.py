@@ -162,6 +162,7 @@ class Roofline:
         self.execution = execution or NEUTRAL_EXECUTION
         self.full_sms = profile.sm_counts[-1]
         self._curves: dict[int, tuple[float, float]] = {}
+        self._dense: dict[tuple[int, int, float, float], float] = {}  # memo: batches repeat their sizes
         self._linears = shape.linear_shapes()
         self._elementwise = shape.bytes_per_elem * shape.elementwise_elems_per_token()
         ex, sh = self.execution, shape
@@ -200,14 +201,22 @@ class Roofline:
 
     def dense_ms(self, cost: BatchCost, pi: float, bw: float) -> float:
         """Everything but attention: L layers of projections and element-wise traffic, the LM head on
-        the sampled rows, the embedding gather and final norm."""
+        the sampled rows, the embedding gather and final norm. A function of the token and sampled
+        counts and the curves only: memoised (bounded), as steps repeat their sizes."""
+        key = (cost.num_tokens, cost.num_sampled, pi, bw)
+        cached = self._dense.get(key)
+        if cached is not None:
+            return cached
         sh = self.shape
         s, n = sh.bytes_per_elem, cost.num_tokens
         layer = sum(linear_ms(n, di, do, s, pi, bw) for di, do in self._linears)
         layer += n * self._elementwise / bw * 1e3
         head = linear_ms(cost.num_sampled, sh.hidden_size, sh.vocab_size, s, pi, bw) if cost.num_sampled else 0.0
         model_io = s * n * 4 * sh.hidden_size / bw * 1e3  # embedding gather + final norm
-        return sh.num_layers * layer + head + model_io
+        if len(self._dense) >= 8192:
+            self._dense.clear()
+        self._dense[key] = out = sh.num_layers * layer + head + model_io
+        return out
 
     def attention_ms(self, cost: BatchCost, pi: float, bw: float) -> float:
         """One layer's attention: the sum of per-request rooflines."""
