@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Link, Span, SpanKind, Tracer
@@ -51,12 +50,6 @@ class DataplaneTracing:
     @classmethod
     def from_config(cls, config: TelemetryConfig) -> DataplaneTracing:
         return cls(make_tracer_provider(config, DATAPLANE_SERVICE))
-
-    def execute(self, plan: StepPlan, run: Callable[[StepPlan], StepResult]) -> StepResult:
-        start = time.time_ns()
-        result = run(plan)
-        self.record(plan, result, start)
-        return result
 
     def record(self, plan: StepPlan, result: StepResult, start_ns: int) -> None:
         """Spans of a step launched at `start_ns` whose result is in (steps run asynchronously)."""
