@@ -8,9 +8,8 @@ roofline` times a step by the paper's roofline alone; `--execution flashinfer` b
 launch model of DuetServe's CUDA data plane (`shared.profiles.ExecutionProfile`: kernel tiles and
 per-kernel costs, decode steps replayed as CUDA graphs, eager steps no faster than the host can
 launch them), and then says it runs the flashinfer backend so the control plane predicts with the
-same model. It does no math
-and decides nothing, and must not import torch: it lets the whole control plane run on a CPU and
-backs `duetserve simulate`.
+same model. It does no math and decides nothing, and must not import torch: it lets the whole
+control plane run on a CPU and backs `duetserve simulate`.
 """
 
 from __future__ import annotations
@@ -120,7 +119,6 @@ class SimGpu:
         assert ready.profile is not None
         self.ready = ready
         self.execution = sim_execution(ready)
-        self.graphs = self.execution is not NEUTRAL_EXECUTION  # decode-only passes replay CUDA graphs
         self.roofline = Roofline(ModelShape.from_description(ready.model), ready.profile, self.execution)
         self.runner = SimRunner(ready.num_kv_blocks, ready.block_size, ready.model.vocab_size)
         self.time_scale = time_scale
@@ -155,7 +153,7 @@ class SimGpu:
         host launches it (both only with a launch model; else the plain roofline)."""
         if self.execution is NEUTRAL_EXECUTION:
             return self.roofline.step_ms(cost, sms)
-        if self.graphs and not cost.ragged:
+        if not cost.ragged:
             return self.roofline.device_ms(cost, sms, graph=True)
         return max(self.roofline.device_ms(cost, sms), self.roofline.eager_floor_ms)
 
