@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import zmq
 import zmq.asyncio
@@ -19,7 +20,9 @@ from zmq.utils.monitor import parse_monitor_message
 
 from shared.codec import ProtocolError, decode_to_control, encode
 from shared.endpoints import MAX_FRAME_BYTES
-from shared.messages import PROTOCOL_VERSION, Hello, Shutdown, StepPlan, StepResult, ToControl, WorkerFatal, WorkerReady
+from shared.messages import (
+    PROTOCOL_VERSION, Hello, Shutdown, StepPlan, StepProgress, StepResult, ToControl, WorkerFatal, WorkerReady,
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +140,10 @@ class DataplaneClient:
         """Queue a plan for the worker (it may still be running earlier ones)."""
         await self._send(plan)
 
-    async def receive_result(self, step_id: int, timeout_s: float) -> StepResult:
-        """The result of step `step_id` (results come back in the order plans were sent)."""
+    async def receive_result(self, step_id: int, timeout_s: float,
+                             on_progress: Callable[[StepProgress], None] | None = None) -> StepResult:
+        """The result of step `step_id` (results come back in the order plans were sent); its
+        StepProgress messages on the way go to `on_progress`."""
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
@@ -148,6 +153,9 @@ class DataplaneClient:
                 raise DataplaneTimeout(f"step {step_id} took longer than {timeout_s:.1f} s") from exc
             if isinstance(reply, StepResult) and reply.step_id == step_id:
                 return reply
+            if isinstance(reply, StepProgress) and reply.step_id == step_id and on_progress is not None:
+                on_progress(reply)
+                continue
             if isinstance(reply, WorkerFatal):
                 raise DataplaneUnavailable(f"data plane failed: {reply.reason}")
             log.warning("dropping unexpected %s while waiting for step %d", type(reply).__name__, step_id)

@@ -279,7 +279,9 @@ class Engine:
                     self._wakeup.clear()
                     await self.client.wait(self._wakeup)
                     continue
-                result = await self.client.receive_result(inflight[0].step_id, self.step_timeout_s)
+                result = await self.client.receive_result(
+                    inflight[0].step_id, self.step_timeout_s,
+                    lambda progress: self._emit(scheduler.progress(progress)))  # tokens before the step ends
                 plan = inflight.popleft()
                 self.num_steps += 1
                 self._emit(scheduler.update(result))

@@ -27,7 +27,9 @@ from controlplane.policies import AGGREGATED, BatchShape, ModeDecision, StepFore
 from controlplane.sequence import FinishReason, Sequence, SeqStatus, check_token_stop
 from controlplane.step_stats import StepStats
 from shared.config import SchedulerConfig
-from shared.messages import NewRequest, ScheduledSeq, StepPlan, StepResult, StepTimings, TokenLogprobs, WorkerReady
+from shared.messages import (
+    NewRequest, ScheduledSeq, SeqOutput, StepPlan, StepProgress, StepResult, StepTimings, TokenLogprobs, WorkerReady,
+)
 
 
 @dataclass
@@ -313,6 +315,27 @@ class Scheduler:
 
     # ------------------------------------------------------------------ applying a result
 
+    def progress(self, message: StepProgress) -> list[SeqUpdate]:
+        """Apply tokens of the oldest step in flight that reached the host before the step ended."""
+        if not self.inflight or message.step_id != self.inflight[0].plan.step_id:
+            raise RuntimeError(f"progress for step {message.step_id} does not match the oldest step in flight")
+        inflight = self.inflight[0]
+        return [u for output in message.outputs if (u := self._accept(inflight, output)) is not None]
+
+    def _accept(self, inflight: InflightStep, output: SeqOutput) -> SeqUpdate | None:
+        """Count `output`'s tokens as arrived; append them unless the step no longer speaks for the
+        sequence (preempted since, or finished: a token computed past a stop is dropped)."""
+        seq = self.seqs.get(output.seq_id)
+        expected = inflight.expects_token.get(output.seq_id, 0)
+        if seq is None or expected <= 0 or seq.num_preemptions != inflight.epochs[output.seq_id]:
+            return None
+        n = min(len(output.token_ids), expected)
+        inflight.expects_token[output.seq_id] = expected - n
+        seq.num_inflight -= n
+        if seq.is_finished:
+            return None
+        return self._append_tokens(seq, output.token_ids, output.logprobs)
+
     def update(self, result: StepResult) -> list[SeqUpdate]:
         """Apply the worker's answer to the oldest step in flight; returns per-sequence changes."""
         if not self.inflight or result.step_id != self.inflight[0].plan.step_id:
@@ -322,28 +345,27 @@ class Scheduler:
         self.stats.record(inflight.plan, result.timings)
         if inflight.forecast is not None:
             self._observe(inflight, result.timings)
-        live: dict[int, Sequence] = {}  # sequences this result still speaks for
-        for seq_id, n in inflight.expects_token.items():
-            seq = self.seqs.get(seq_id)
-            if seq is not None and seq.num_preemptions == inflight.epochs[seq_id]:
-                seq.num_inflight -= n
-                live[seq_id] = seq
         updates: list[SeqUpdate] = []
         answered: set[int] = set()
         for failure in result.failures:
             answered.add(failure.seq_id)
             seq = self.seqs.get(failure.seq_id)
             if seq is not None and seq.num_preemptions == inflight.epochs.get(failure.seq_id, seq.num_preemptions):
+                seq.num_inflight -= max(inflight.expects_token.pop(failure.seq_id, 0), 0)
                 seq.on_worker = False  # the worker dropped it already
                 seq.error = failure.message
                 self.finish(seq.seq_id, FinishReason.ERROR)
                 updates.append(SeqUpdate(seq, [], None, True))
         for output in result.outputs:
             answered.add(output.seq_id)
-            seq = live.get(output.seq_id)
-            if seq is not None and not seq.is_finished:
-                updates.append(self._append_tokens(seq, output.token_ids, output.logprobs))
-        for seq_id, seq in live.items():
+            update = self._accept(inflight, output)
+            if update is not None:
+                updates.append(update)
+        for seq_id, left in inflight.expects_token.items():
+            seq = self.seqs.get(seq_id)
+            if left <= 0 or seq is None or seq.num_preemptions != inflight.epochs[seq_id]:
+                continue
+            seq.num_inflight -= left  # tokens the step owed and never sent
             if seq_id not in answered and not seq.is_finished:
                 seq.error = f"the data plane returned no token for seq {seq_id} in step {result.step_id}"
                 self.finish(seq_id, FinishReason.ERROR)

@@ -44,6 +44,7 @@ class _PassOutput:
     tokens: torch.Tensor  # host copy (in flight until the step's event fires)
     logprobs: LogprobTensors | None
     device_tokens: torch.Tensor | None = None  # feeds the next look-ahead pass
+    copied: torch.cuda.Event | None = None  # fires when this pass's host copies have landed (CUDA)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class PendingStep:
     done: torch.cuda.Event | None = None
     start_event: torch.cuda.Event | None = None
     phases: dict = field(default_factory=dict)  # "prefill"/"decode" -> PhaseEvents (multiplexed steps)
+    _reported: int = 0  # leading passes already handed out by progress()
 
     def ready(self) -> bool:
         return self.done is None or self.done.query()
@@ -67,9 +69,23 @@ class PendingStep:
             time.sleep(poll_s)
         return self.result()
 
-    def result(self) -> StepResult:
+    def progress(self) -> list[SeqOutput]:
+        """Tokens of the leading passes whose copies have landed while the step still runs (look-ahead
+        decode passes, a multiplexed step's decode phase); each pass is reported once."""
+        if self.done is None:
+            return []
+        ready = self._reported
+        while ready < len(self.passes):
+            p = self.passes[ready]
+            if not (p.copied.query() if p.copied is not None else not p.states):  # a pass that sampled nothing is done
+                break
+            ready += 1
+        return self._outputs(ready)
+
+    def _outputs(self, upto: int) -> list[SeqOutput]:
+        """Materialise passes `_reported`..`upto` (their tokens join their sequences) as outputs."""
         outputs: dict[int, tuple[list[int], list[TokenLogprobs] | None]] = {}
-        for p in self.passes:
+        for p in self.passes[self._reported : upto]:
             tokens = p.tokens.tolist()
             lps = p.logprobs.materialise(len(tokens)) if p.logprobs is not None else [None] * len(tokens)
             for state, token, lp in zip(p.states, tokens, lps):
@@ -79,6 +95,12 @@ class PendingStep:
                 toks.append(token)
                 if lp_list is not None and lp is not None:
                     lp_list.append(lp)
+        self._reported = max(self._reported, upto)
+        return [SeqOutput(seq_id=s, token_ids=t, logprobs=lp) for s, (t, lp) in outputs.items()]
+
+    def result(self) -> StepResult:
+        """The step's end: every pass not reported by `progress()`, failures and timings."""
+        outputs = self._outputs(len(self.passes))
         total_ms = (time.perf_counter() - self.started) * 1000.0
         source = "host"
         if self.done is not None and self.start_event is not None:
@@ -86,7 +108,7 @@ class PendingStep:
         phase_ms = {name: ev.elapsed_ms() for name, ev in self.phases.items()}
         return StepResult(
             step_id=self.step_id,
-            outputs=[SeqOutput(seq_id=s, token_ids=t, logprobs=lp) for s, (t, lp) in outputs.items()],
+            outputs=outputs,
             failures=self.failures,
             timings=StepTimings(total_ms=total_ms, prefill_ms=phase_ms.get("prefill", 0.0),
                                 decode_ms=phase_ms.get("decode", 0.0), source=source),  # type: ignore[arg-type]
@@ -291,7 +313,10 @@ class ModelRunner:
             state.num_inflight += 1
             self._last_sampled[state.seq_id] = (tokens, row)
         logprobs = out.logprob_tensors
+        copied = None
         if self._cuda:
             tokens = tokens.to("cpu", non_blocking=True)
             logprobs = logprobs.to_host_async() if logprobs is not None else None
-        return _PassOutput(states, tokens, logprobs, device_tokens=out.token_ids)
+            copied = torch.cuda.Event()
+            copied.record()  # on this pass's stream: its host copies are done when this fires
+        return _PassOutput(states, tokens, logprobs, device_tokens=out.token_ids, copied=copied)

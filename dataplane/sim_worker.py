@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 from collections import deque
+from itertools import accumulate
 from pathlib import Path
 
 import msgspec
@@ -30,8 +31,8 @@ from dataplane.models.presets import PRESETS
 from dataplane.serve_loop import serve_plans
 from dataplane.sim import SimRunner
 from shared.messages import (
-    PROTOCOL_VERSION, DeviceDescription, HardwareProfile, Hello, ModelDescription, Shutdown, StepPlan, StepResult,
-    StepTimings, ToControl, WorkerFatal, WorkerReady,
+    PROTOCOL_VERSION, DeviceDescription, HardwareProfile, Hello, ModelDescription, SeqOutput, Shutdown, StepPlan,
+    StepProgress, StepResult, StepTimings, ToControl, WorkerFatal, WorkerReady,
 )
 from shared.profiles import NEUTRAL_EXECUTION, ExecutionProfile, GpuSpec, execution_profile_for, gpu_spec
 from shared.roofline import BatchCost, ModelShape, Roofline, batch_cost
@@ -126,8 +127,14 @@ class SimGpu:
 
     def timings(self, plan: StepPlan) -> StepTimings:
         """Simulated GPU time of `plan`, from the worker's state before it runs."""
+        return self._plan_times(plan)[0]
+
+    def _plan_times(self, plan: StepPlan) -> tuple[StepTimings, list[float], set[int]]:
+        """The step's timings, when (ms into the step) each decode pass's tokens are ready, and the
+        decode items' sequence ids."""
         fresh = {n.seq_id: len(n.token_ids) for n in plan.new_requests}
         decode: list[int] = []
+        decode_ids: set[int] = set()
         chunks: list[tuple[int, int, bool]] = []
         for entry in plan.scheduled:
             known = self.runner.seqs.get(entry.seq_id)
@@ -136,17 +143,23 @@ class SimGpu:
             samples = cached + entry.num_tokens >= total
             if entry.num_tokens == 1 and samples:
                 decode.append(cached)
+                decode_ids.add(entry.seq_id)
             else:
                 chunks.append((entry.num_tokens, cached, samples))
         shape, k = self.roofline.shape, plan.decode_steps
-        later = sum(self._ms(batch_cost(shape, [c + j for c in decode], []), plan.decode_sms or None)
-                    for j in range(1, k)) if decode else 0.0
+        later = [self._ms(batch_cost(shape, [c + j for c in decode], []), plan.decode_sms or None)
+                 for j in range(1, k)] if decode else []
         if plan.mode == "multiplexed":
             prefill = self._ms(batch_cost(shape, [], chunks), plan.prefill_sms)
-            first = self._ms(batch_cost(shape, decode, []), plan.decode_sms)
-            return StepTimings(total_ms=max(prefill, first + later), prefill_ms=prefill, decode_ms=first + later,
-                               source="simulated")
-        return StepTimings(total_ms=self._ms(batch_cost(shape, decode, chunks), None) + later, source="simulated")
+            first = self._ms(batch_cost(shape, decode, []), plan.decode_sms) if decode else 0.0
+            decode_ms = first + sum(later)
+            timings = StepTimings(total_ms=max(prefill, decode_ms), prefill_ms=prefill, decode_ms=decode_ms,
+                                  source="simulated")
+        else:
+            first = self._ms(batch_cost(shape, decode, chunks), None)
+            timings = StepTimings(total_ms=first + sum(later), source="simulated")
+        ends = list(accumulate(later, initial=first)) if decode else []
+        return timings, ends, decode_ids
 
     def _ms(self, cost: BatchCost, sms: int | None) -> float:
         """One pass: a decode-only pass replays a graph; any other runs eagerly, no faster than the
@@ -157,19 +170,42 @@ class SimGpu:
             return self.roofline.device_ms(cost, sms, graph=True)
         return max(self.roofline.device_ms(cost, sms), self.roofline.eager_floor_ms)
 
-    def launch(self, plan: StepPlan) -> tuple[float, StepResult]:
-        """Run the plan's bookkeeping now; the result is due when the simulated GPU gets through it
-        (after the steps queued before it, like a CUDA stream)."""
-        timings = self.timings(plan)
+    def launch(self, plan: StepPlan) -> list[tuple[float, ToControl]]:
+        """Run the plan's bookkeeping now; returns (due, message) in order: a StepProgress for each
+        decode pass that ends before the step does, then the StepResult with the rest, due when the
+        simulated GPU gets through them (after the steps queued before, like a CUDA stream)."""
+        timings, ends, decode_ids = self._plan_times(plan)
         result = self.runner.execute(plan)
-        self._free_at = max(time.monotonic(), self._free_at) + timings.total_ms * self.time_scale / 1e3
-        return self._free_at, msgspec.structs.replace(result, timings=timings)
+        start = max(time.monotonic(), self._free_at)
+        scale = self.time_scale / 1e3
+        self._free_at = start + timings.total_ms * scale
+        full = {o.seq_id: o for o in result.outputs}
+        events: list[tuple[float, ToControl]] = []
+        reported = 0
+        for j, end in enumerate(ends):
+            if end >= timings.total_ms:  # the step's end: its result carries this pass
+                break
+            outs = [_slice(full[s], j, j + 1) for s in sorted(decode_ids) if s in full and len(full[s].token_ids) > j]
+            events.append((start + end * scale, StepProgress(step_id=plan.step_id, outputs=outs)))
+            reported = j + 1
+        rest = [_slice(o, reported, None) if o.seq_id in decode_ids else o for o in result.outputs]
+        final = msgspec.structs.replace(result, outputs=[o for o in rest if o.token_ids], timings=timings)
+        return [*events, (self._free_at, final)]
 
     def execute(self, plan: StepPlan) -> StepResult:
-        due, result = self.launch(plan)
-        while (left := due - time.monotonic()) > 0:
+        """The whole step at once: every token in the result (for callers without progress)."""
+        timings, _, _ = self._plan_times(plan)
+        result = self.runner.execute(plan)
+        start = max(time.monotonic(), self._free_at)
+        self._free_at = start + timings.total_ms * self.time_scale / 1e3
+        while (left := self._free_at - time.monotonic()) > 0:
             time.sleep(left)
-        return result
+        return msgspec.structs.replace(result, timings=timings)
+
+
+def _slice(output: SeqOutput, start: int, stop: int | None) -> SeqOutput:
+    logprobs = output.logprobs[start:stop] if output.logprobs is not None else None
+    return SeqOutput(seq_id=output.seq_id, token_ids=output.token_ids[start:stop], logprobs=logprobs)
 
 
 class SimWorker:
@@ -179,7 +215,7 @@ class SimWorker:
         self.endpoint = endpoint
         self.gpu = gpu
         self._running = True
-        self._pending: deque[tuple[float, StepResult]] = deque()  # (due, result), in plan order
+        self._pending: deque[tuple[float, ToControl]] = deque()  # (due, progress or result), in order
 
     def request_stop(self, *_: object) -> None:
         self._running = False
@@ -199,7 +235,7 @@ class SimWorker:
             self.gpu = SimGpu(self.gpu.ready, self.gpu.time_scale)  # a new control plane starts from scratch
             return self.gpu.ready
         try:
-            self._pending.append(self.gpu.launch(message))
+            self._pending.extend(self.gpu.launch(message))
         except Exception as exc:  # noqa: BLE001 - the error boundary of the process
             log.exception("step %d failed", message.step_id)
             return WorkerFatal(reason=f"step {message.step_id} failed: {exc!r}")

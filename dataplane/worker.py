@@ -36,6 +36,7 @@ from shared.messages import (
     ModelDescription,
     Shutdown,
     StepPlan,
+    StepProgress,
     StepResult,
     ToControl,
     WorkerFatal,
@@ -213,11 +214,18 @@ class Worker:
         return None
 
     def _collect(self) -> list[ToControl]:
-        """Results of the launched steps that are done, oldest first (never waits on the GPU)."""
+        """Results of the launched steps that are done, oldest first, and the oldest running step's
+        finished look-ahead passes as a StepProgress (never waits on the GPU)."""
         out: list[ToControl] = []
-        while self._pending and self._pending[0][1].ready():
-            plan, pending, start = self._pending.popleft()
+        while self._pending:
+            plan, pending, start = self._pending[0]
             try:
+                if not pending.ready():
+                    outputs = pending.progress()
+                    if outputs:
+                        out.append(StepProgress(step_id=plan.step_id, outputs=outputs))
+                    return out
+                self._pending.popleft()
                 result = pending.result()
             except Exception as exc:  # noqa: BLE001 - the error boundary of the process
                 log.exception("step %d failed", plan.step_id)

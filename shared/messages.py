@@ -11,7 +11,7 @@ from typing import Literal, Union
 
 import msgspec
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 Mode = Literal["aggregated", "multiplexed"]
 
@@ -200,7 +200,18 @@ class StepTimings(msgspec.Struct, frozen=True, kw_only=True):
     source: Literal["host", "cuda_events", "simulated"] = "host"
 
 
+class StepProgress(msgspec.Struct, frozen=True, kw_only=True, tag="progress"):
+    """Tokens of a step that is still running: the look-ahead decode passes that have finished so far
+    (sent as each pass's tokens reach the host, so clients see them before the step ends). Only the
+    oldest step in flight reports progress; its StepResult then carries only what was not reported."""
+
+    step_id: int
+    outputs: list[SeqOutput] = []
+
+
 class StepResult(msgspec.Struct, frozen=True, kw_only=True, tag="result"):
+    """The end of a step: the tokens no StepProgress reported, failures and measured times."""
+
     step_id: int
     outputs: list[SeqOutput] = []
     failures: list[SeqFailure] = []
@@ -213,4 +224,4 @@ class WorkerFatal(msgspec.Struct, frozen=True, kw_only=True, tag="fatal"):
     reason: str
 
 
-ToControl = Union[WorkerReady, StepResult, WorkerFatal]
+ToControl = Union[WorkerReady, StepProgress, StepResult, WorkerFatal]

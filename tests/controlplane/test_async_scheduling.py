@@ -11,6 +11,7 @@ import dataclasses
 import random
 from collections import deque
 
+import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,20 +20,42 @@ from controlplane.scheduler import Scheduler
 from controlplane.sequence import FinishReason, Sequence, StopParams
 from dataplane.sim import SimRunner
 from shared.config import SchedulerConfig
-from shared.messages import SamplingParams, StepResult
+from controlplane.policies import BatchShape, ModeDecision
+from shared.messages import SamplingParams, SeqOutput, StepProgress, StepResult
 from tests.controlplane.test_scheduler import EOS, VOCAB, expected_tokens, make_seq
 
 
+def split(result: StepResult, rng: random.Random) -> tuple[StepProgress | None, StepResult]:
+    """What a worker may send for a running step: the first tokens of some outputs as a StepProgress
+    (finished look-ahead passes), then a StepResult with the rest."""
+    early, rest = [], []
+    for out in result.outputs:
+        cut = rng.randrange(len(out.token_ids) + 1)
+        if cut:
+            early.append(SeqOutput(seq_id=out.seq_id, token_ids=out.token_ids[:cut]))
+        if cut < len(out.token_ids):
+            rest.append(SeqOutput(seq_id=out.seq_id, token_ids=out.token_ids[cut:]))
+    progress = StepProgress(step_id=result.step_id, outputs=early) if early else None
+    return progress, msgspec.structs.replace(result, outputs=rest)
+
+
 def run(seqs: list[Sequence], *, async_scheduling: bool, num_blocks: int = 64, block_size: int = 4,
-        budget: int = 32, max_seqs: int = 16, aborts: dict[int, int] | None = None) -> dict:
-    """Drive the scheduler with up to `max_inflight` plans outstanding; returns per-seq outcomes."""
+        budget: int = 32, max_seqs: int = 16, aborts: dict[int, int] | None = None,
+        progress_seed: int | None = None, lookahead: int = 1) -> dict:
+    """Drive the scheduler with up to `max_inflight` plans outstanding; returns per-seq outcomes.
+
+    With `progress_seed`, each result arrives in two parts (a StepProgress, then the StepResult);
+    `lookahead` > 1 runs decode-only steps with that many look-ahead passes."""
     config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, async_scheduling=async_scheduling)
     sched = Scheduler(config, BlockAllocator(num_blocks, block_size), 10_000, frozenset({EOS}))
+    if lookahead > 1:
+        sched.policy = LookaheadPolicy(lookahead)  # type: ignore[assignment]
     runner = SimRunner(num_blocks, block_size, VOCAB)
     copies = [dataclasses.replace(s, output_token_ids=[], output_logprobs=[]) for s in seqs]
     for seq in copies:
         sched.add(seq)
     inflight: deque[StepResult] = deque()
+    rng_progress = random.Random(progress_seed)
     steps = ahead = 0
     while sched.has_work() or inflight:
         while len(inflight) < sched.max_inflight:
@@ -45,7 +68,13 @@ def run(seqs: list[Sequence], *, async_scheduling: bool, num_blocks: int = 64, b
             assert not result.failures, result.failures
             inflight.append(result)
         assert inflight, "work left but nothing schedulable"
-        sched.update(inflight.popleft())
+        result = inflight.popleft()
+        if progress_seed is not None:
+            progress, result = split(result, rng_progress)
+            if progress is not None:
+                sched.progress(progress)
+                sched.check_invariants()
+        sched.update(result)
         sched.check_invariants()
         steps += 1
         for seq_id, at in (aborts or {}).items():
@@ -55,6 +84,18 @@ def run(seqs: list[Sequence], *, async_scheduling: bool, num_blocks: int = 64, b
     assert sched.allocator.num_free == num_blocks
     return {"outcomes": {s.seq_id: (s.output_token_ids, s.finish_reason) for s in copies}, "ahead": ahead,
             "preemptions": sched.num_preemptions, "steps": steps}
+
+
+@dataclasses.dataclass
+class LookaheadPolicy:
+    """Decode-only batches run `k` look-ahead passes (aggregated), everything else one step."""
+
+    k: int
+    name: str = "lookahead"
+    composition: str = "decode_first"
+
+    def decide(self, batch: BatchShape, forecast: object) -> ModeDecision:
+        return ModeDecision("aggregated", 0, 0, self.k) if not batch.chunks else ModeDecision()
 
 
 def test_decodes_run_ahead_and_give_the_same_tokens() -> None:
@@ -139,3 +180,43 @@ def test_preempting_sequences_with_steps_in_flight_keeps_their_tokens() -> None:
     assert ahead["preemptions"] > 0
     assert ahead["outcomes"] == sync["outcomes"]
     assert all(tokens == expected_tokens(s, 30) for s, (tokens, _) in zip(seqs, ahead["outcomes"].values()))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.tuples(st.integers(1, 30), st.integers(1, 20)), min_size=1, max_size=8),
+    k=st.integers(1, 6),
+    seed=st.integers(0, 1000),
+)
+def test_tokens_reported_before_the_step_ends_change_nothing(lengths: list[tuple[int, int]], k: int,
+                                                             seed: int) -> None:
+    """Look-ahead steps whose tokens arrive partly as a StepProgress and partly in the StepResult give
+    the outputs of whole results, with stops (inside a progress message too) dropping later tokens."""
+    rng = random.Random(seed)
+    seqs = [make_seq(i, p, o) for i, (p, o) in enumerate(lengths)]
+    for i, seq in enumerate(seqs):
+        if rng.random() < 0.4 and seq.stop.max_tokens > 1:
+            n = rng.randrange(seq.stop.max_tokens)
+            seqs[i] = dataclasses.replace(seq, stop=StopParams(
+                max_tokens=seq.stop.max_tokens, stop_token_ids=frozenset({expected_tokens(seq, n + 1)[n]})))
+    kw = dict(num_blocks=200, block_size=4, budget=32, max_seqs=8, lookahead=k)
+    whole = run(seqs, async_scheduling=True, **kw)
+    parts = run(seqs, async_scheduling=True, progress_seed=seed, **kw)
+    assert parts["outcomes"] == whole["outcomes"]
+    assert whole["outcomes"] == run(seqs, async_scheduling=False, num_blocks=200, block_size=4, budget=32,
+                                    max_seqs=8)["outcomes"]
+
+
+def test_progress_for_a_step_that_is_not_the_oldest_is_refused() -> None:
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=32), BlockAllocator(32, 4), 10_000, frozenset({EOS}))
+    sched.add(make_seq(0, 4, 8))
+    first = sched.schedule()
+    assert first is not None
+    second = sched.schedule()
+    assert second is not None
+    try:
+        sched.progress(StepProgress(step_id=second.step_id, outputs=[]))
+    except RuntimeError as exc:
+        assert "oldest" in str(exc)
+    else:
+        raise AssertionError("progress for the second step in flight was accepted")

@@ -197,16 +197,17 @@ def test_fused_path_matches_reference(gpu_checkpoint: Path) -> None:
 
 def _schedule(runner, prompts_a, prompts_b, k: int, decode_sms: int, sync_debug: bool) -> dict[int, list[int]]:  # noqa: ANN001
     """Prefill A; then one step that prefills B while A decodes k look-ahead steps (multiplexed when
-    decode_sms > 0, aggregated otherwise); then aggregated decode of everyone to 12 new tokens."""
+    decode_sms > 0, aggregated otherwise); then aggregated decode of everyone to 12 new tokens.
+    Finished passes are taken as the worker takes them (`progress()` while the step runs)."""
     def news(prompts, first_id):  # noqa: ANN001, ANN202
         return [NewRequest(seq_id=first_id + i, token_ids=p, num_prompt_tokens=len(p),
                            block_ids=list(range((first_id + i) * 8, (first_id + i + 1) * 8)),
                            sampling=SamplingParams(temperature=0.0)) for i, p in enumerate(prompts)]
 
-    def step(plan: StepPlan) -> None:
+    def step(plan: StepPlan) -> None:  # polls progress as the worker does: passes reported early
         pending = runner.launch(plan)
         while not pending.ready():
-            pass
+            pending.progress()
         pending.result()
 
     a_ids, b_ids = range(len(prompts_a)), range(10, 10 + len(prompts_b))

@@ -7,7 +7,7 @@ import pytest
 
 from controlplane.policies import make_predictor
 from dataplane.sim_worker import SIM_FLASHINFER, SimGpu, sim_ready
-from shared.messages import NewRequest, SamplingParams, ScheduledSeq, StepPlan
+from shared.messages import NewRequest, SamplingParams, ScheduledSeq, StepPlan, StepProgress
 from shared.profiles import H100_FLASHINFER_EXECUTION, H200_DECLARED, NEUTRAL_EXECUTION, gpu_spec
 from shared.roofline import batch_cost
 
@@ -67,3 +67,31 @@ def test_the_control_plane_predicts_a_simulated_flashinfer_plane_with_its_launch
 def test_unknown_execution_is_refused() -> None:
     with pytest.raises(ValueError, match="execution"):
         sim_ready("qwen3-8b", "h200", execution="magic")
+
+
+def test_look_ahead_passes_are_reported_as_they_end() -> None:
+    """A multiplexed step whose decode phase ends before its prefill: each decode pass's tokens are
+    due as a StepProgress at that pass's end; the result (at the step's end) carries the rest, and
+    together they are exactly the whole step's tokens."""
+    ready = sim_ready("qwen3-8b", "h200", num_kv_blocks=2048, execution="flashinfer")
+    plans = []
+    for gpu in (SimGpu(ready, time_scale=1e-3), SimGpu(ready, time_scale=1e-3)):
+        prefill, decode = _prefill_then_decode(gpu, 16, 4)
+        gpu.runner.execute(prefill)
+        big = NewRequest(seq_id=9, token_ids=list(range(1, 4001)), num_prompt_tokens=4000,
+                         block_ids=list(range(1000, 1251)), sampling=GREEDY)
+        plans.append((gpu, StepPlan(step_id=1, new_requests=[big], scheduled=[*decode.scheduled,
+                                    ScheduledSeq(seq_id=9, num_tokens=4000)], mode="multiplexed",
+                                    prefill_sms=100, decode_sms=32, decode_steps=4)))
+    (whole_gpu, plan), (gpu, same) = plans
+    whole = whole_gpu.execute(plan)
+    events = gpu.launch(same)
+    *progress, (due, final) = events
+    assert len(progress) == 4 and all(isinstance(m, StepProgress) for _, m in progress)
+    assert [d for d, _ in progress] == sorted(d for d, _ in progress) and progress[-1][0] < due
+    got: dict[int, list[int]] = {}
+    for _, message in [*progress, (due, final)]:
+        for out in message.outputs:
+            got.setdefault(out.seq_id, []).extend(out.token_ids)
+    assert got == {o.seq_id: o.token_ids for o in whole.outputs}
+    assert [o.seq_id for o in final.outputs] == [9]  # only the prefill's token is left for the end
