@@ -32,7 +32,7 @@ from shared.messages import (
 )
 
 
-@dataclass
+@dataclass(slots=True)
 class SeqUpdate:
     """What one step did to one sequence, for the output processor."""
 
@@ -58,6 +58,7 @@ class InflightStep:
     sent_at: float
     forecast: StepForecast | None = None
     decision: ModeDecision = AGGREGATED
+    outstanding: int = 0  # tokens of expects_token not arrived yet
 
 
 class Scheduler:
@@ -225,13 +226,13 @@ class Scheduler:
         num_tokens = min(seq.num_uncomputed_tokens, draft.budget)
         if num_tokens <= 0 or (seq.num_inflight and not self._runs_ahead_ok(seq)):
             return
-        need = self.allocator.blocks_for_tokens(seq.num_computed_tokens + num_tokens) - len(seq.block_ids)
-        while need > self.allocator.num_free:
-            victim = self.running[-1]
-            self._preempt(victim, draft)
-            if victim is seq:
-                return
-        if need > 0:
+        need = -(-(seq.num_computed_tokens + num_tokens) // self.allocator.block_size) - len(seq.block_ids)
+        if need > 0:  # most decodes fit their last block
+            while need > self.allocator.num_free:
+                victim = self.running[-1]
+                self._preempt(victim, draft)
+                if victim is seq:
+                    return
             blocks = self.allocator.allocate(seq.seq_id, need)
             seq.block_ids.extend(blocks)
             draft.new_blocks[seq.seq_id] = blocks
@@ -307,7 +308,7 @@ class Scheduler:
         self._next_step_id += 1
         self._dropped_on_worker = []
         now = time.monotonic()
-        self.inflight.append(InflightStep(plan, expects, epochs, now, forecast, decision))
+        self.inflight.append(InflightStep(plan, expects, epochs, now, forecast, decision, sum(expects.values())))
         if self._result_at is not None:
             self.stats.host_gap_s += now - self._result_at
             self.stats.host_gaps += 1
@@ -331,6 +332,7 @@ class Scheduler:
             return None
         n = min(len(output.token_ids), expected)
         inflight.expects_token[output.seq_id] = expected - n
+        inflight.outstanding -= n
         seq.num_inflight -= n
         if seq.is_finished:
             return None
@@ -351,7 +353,9 @@ class Scheduler:
             answered.add(failure.seq_id)
             seq = self.seqs.get(failure.seq_id)
             if seq is not None and seq.num_preemptions == inflight.epochs.get(failure.seq_id, seq.num_preemptions):
-                seq.num_inflight -= max(inflight.expects_token.pop(failure.seq_id, 0), 0)
+                owed = max(inflight.expects_token.pop(failure.seq_id, 0), 0)
+                seq.num_inflight -= owed
+                inflight.outstanding -= owed
                 seq.on_worker = False  # the worker dropped it already
                 seq.error = failure.message
                 self.finish(seq.seq_id, FinishReason.ERROR)
@@ -361,6 +365,8 @@ class Scheduler:
             update = self._accept(inflight, output)
             if update is not None:
                 updates.append(update)
+        if inflight.outstanding <= 0:  # every token the step owed has arrived
+            return updates
         for seq_id, left in inflight.expects_token.items():
             seq = self.seqs.get(seq_id)
             if left <= 0 or seq is None or seq.num_preemptions != inflight.epochs[seq_id]:
