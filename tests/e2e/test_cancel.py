@@ -18,13 +18,13 @@ def record_plans(served: Served) -> list[tuple[float, set[int]]]:
     """Wrap the data-plane client so each sent plan's sequence ids are logged with a timestamp."""
     sent: list[tuple[float, set[int]]] = []
     client = served.plane.engine.client
-    original = client.run_step
+    original = client.send_plan
 
-    async def run_step(plan, timeout_s):  # noqa: ANN001, ANN202
+    async def send_plan(plan):  # noqa: ANN001, ANN202
         sent.append((time.monotonic(), {s.seq_id for s in plan.scheduled}))
-        return await original(plan, timeout_s)
+        return await original(plan)
 
-    client.run_step = run_step  # type: ignore[method-assign]
+    client.send_plan = send_plan  # type: ignore[method-assign]
     return sent
 
 
@@ -49,6 +49,7 @@ def record_aborts(served: Served) -> dict[str, float]:
 
 
 def plans_after(sent: list[tuple[float, set[int]]], when: float, seq_id: int) -> int:
+    assert any(t <= when and seq_id in ids for t, ids in sent), "no plan of the request was recorded"
     return sum(1 for t, ids in sent if t > when and seq_id in ids)
 
 

@@ -19,13 +19,13 @@ LONG = {"token_ids": {"ids": list(range(3, 40))}, "max_tokens": 3000, "ignore_eo
 def slow_steps(served: Served, delay_s: float = 0.01) -> None:
     """Make every step take at least `delay_s`, so long requests stay long on a fast CPU."""
     client = served.plane.engine.client
-    original = client.run_step
+    original = client.send_plan
 
-    async def run_step(plan, timeout_s):  # noqa: ANN001, ANN202
+    async def send_plan(plan):  # noqa: ANN001, ANN202
         await asyncio.sleep(delay_s)
-        return await original(plan, timeout_s)
+        return await original(plan)
 
-    client.run_step = run_step  # type: ignore[method-assign]
+    client.send_plan = send_plan  # type: ignore[method-assign]
 
 
 async def wait_for(predicate, timeout_s: float = 20.0, msg=lambda: "") -> None:  # noqa: ANN001
