@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU session's runs in one place, for the device tool (one call runs the stages named, each
+# under its own time limit, everything written to $OUT). From the repo root on the GPU machine:
+#   bash benchmarks/gpu_suite.sh tests engine          # first call: also saves the flashinfer JIT cache
+#   bash benchmarks/gpu_suite.sh multiplex predictor
+#   bash benchmarks/gpu_suite.sh serving-code          # a serving stage fills most of one call
+# Needs .whl/ filled by benchmarks/device_prep.sh (carry [".whl"]). Stages: tests engine multiplex
+# predictor serving-code serving-conv. GPU name for file names: GPU=h200 (default).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+. benchmarks/gpu_env.sh || exit 1
+OUT=${OUT:-/tmp/out}; GPU=${GPU:-h200}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
+run() {  # run NAME LIMIT_S CMD...: one stage, its log under $OUT, a line with its exit status
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "stage $name: exit $? in $((SECONDS - t0)) s"; grep -v Warning "$OUT/$name.log" | tail -12
+}
+for stage in "$@"; do
+  case $stage in
+    tests) run tests 420 python3 -m pytest -m gpu tests/dataplane -q -x -p no:cacheprovider
+           save_fi_cache "$OUT" ;;
+    engine) run engine 400 python3 benchmarks/engine.py --peer-requests 64 --peer-output-len 128 --out "$OUT" ;;
+    multiplex) run multiplex 400 python3 benchmarks/multiplex.py --out "$OUT" ;;
+    predictor) run predictor 400 python3 benchmarks/predictor.py --partitions --decode-sizes 32,64 \
+                 --sm-counts 32,68,100,132 --reps 2 --out "$OUT" ;;
+    serving-code) run serving-code 560 python3 benchmarks/serving.py --gpu "$GPU" --traces code \
+                    --policies duet,aggregated,prefill-first --rates 4,8 --seconds 20 --trace-dir .whl/traces --out "$OUT" ;;
+    serving-conv) run serving-conv 560 python3 benchmarks/serving.py --gpu "$GPU" --traces conv \
+                    --policies duet,aggregated,prefill-first --rates 20,28 --seconds 15 --trace-dir .whl/traces --out "$OUT" ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
+ls -la "$OUT"
