@@ -71,11 +71,12 @@ class PendingStep:
 
     def progress(self) -> list[SeqOutput]:
         """Tokens of the leading passes whose copies have landed while the step still runs (look-ahead
-        decode passes, a multiplexed step's decode phase); each pass is reported once."""
+        decode passes, a multiplexed step's decode phase); each pass is reported once. The last pass
+        is left to `result()`, which follows it at once (a one-pass step sends no progress)."""
         if self.done is None:
             return []
         ready = self._reported
-        while ready < len(self.passes):
+        while ready < len(self.passes) - 1:
             p = self.passes[ready]
             if not (p.copied.query() if p.copied is not None else not p.states):  # a pass that sampled nothing is done
                 break
