@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_suite.sh multiplex predictor
 #   bash benchmarks/gpu_suite.sh serving-code          # a serving stage fills most of one call
 # Needs .whl/ filled by benchmarks/device_prep.sh (carry [".whl"]). Stages: tests engine multiplex
-# predictor serving-code serving-conv. GPU name for file names: GPU=h200 (default).
+# predictor (the shapes serving runs) predictor-all (every shape on every SM count) serving-code
+# serving-conv. GPU name for file names: GPU=h200 (default).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . benchmarks/gpu_env.sh || exit 1
@@ -24,7 +25,9 @@ for stage in "$@"; do
     engine) run engine 400 python3 benchmarks/engine.py --peer-requests 64 --peer-output-len 128 --out "$OUT" ;;
     multiplex) run multiplex 400 python3 benchmarks/multiplex.py --out "$OUT" ;;
     predictor) run predictor 400 python3 benchmarks/predictor.py --partitions --decode-sizes 32,64 \
-                 --sm-counts 32,68,100,132 --reps 2 --out "$OUT" ;;
+                 --sm-counts 32,64,68,100,132 --grid serving --reps 2 --out "$OUT" ;;
+    predictor-all) run predictor-all 400 python3 benchmarks/predictor.py --partitions --decode-sizes 32,64 \
+                     --sm-counts 32,68,100,132 --reps 2 --out "$OUT" ;;
     serving-code) run serving-code 560 python3 benchmarks/serving.py --gpu "$GPU" --traces code \
                     --policies duet,aggregated,prefill-first --rates 4,8 --seconds 20 --trace-dir .whl/traces --out "$OUT" ;;
     serving-conv) run serving-conv 560 python3 benchmarks/serving.py --gpu "$GPU" --traces conv \

@@ -39,7 +39,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.predictor_scoring import by_kind, by_kind_and_sms, fitted_mape, score_online, serving_mape  # noqa: E402
+from benchmarks.predictor_scoring import (  # noqa: E402
+    by_kind, by_kind_and_sms, fitted_mape, runs_in_serving, score_online, serving_mape,
+)
 from controlplane.predictor import Predictor, regime_of  # noqa: E402
 from dataplane.calibration import calibrate, load_partition_provider  # noqa: E402
 from dataplane.runner import ModelRunner, SeqState  # noqa: E402
@@ -157,6 +159,9 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
             # a decode batch on a decode partition runs as a multiplexed step's decode phase: graphs
             # captured on that partition's stream; anything else on a partition runs eagerly there
             mux_decode = sms != full and regime == "decode" and sms in decode_parts
+            if args.grid == "serving" and not runs_in_serving(
+                    {"sms": sms, "regime": regime, "graph": mux_decode or sms == full}, full, decode_parts):
+                continue
             runner.graphs = graphs if sms == full or mux_decode else None
             with nullcontext() if mux_decode else context:
                 measured = time_step(runner, (decode, chunks), args.reps, sms if mux_decode else None, full)
@@ -193,7 +198,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
                     "gemm_flops_per_s": profile.gemm_flops_per_s, "hbm_bytes_per_s": profile.hbm_bytes_per_s,
                     "step_overhead_ms": profile.step_overhead_ms},
         "model_shape": as_json(predictor.shape), "execution_profile": as_json(execution),
-        "reps": args.reps, "samples": samples,
+        "reps": args.reps, "grid": args.grid, "samples": samples,
     }
 
 
@@ -216,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-sizes", default="16,32,64", help="decode partition sizes the worker builds")
     p.add_argument("--calibration-cache-dir", default=None)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--grid", default="all", choices=("all", "serving"),
+                   help="all: every shape on every SM count; serving: only what the policies run (anything "
+                        "on the whole GPU, prefill on a prefill partition, decode graphs on a decode partition)")
     p.add_argument("--quick", action="store_true", help="a small grid (CPU smoke test)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="default benchmarks/results/predictor-<gpu>.json")
