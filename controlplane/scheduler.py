@@ -326,15 +326,18 @@ class Scheduler:
     def _accept(self, inflight: InflightStep, output: SeqOutput) -> SeqUpdate | None:
         """Count `output`'s tokens as arrived; append them unless the step no longer speaks for the
         sequence (preempted since, or finished: a token computed past a stop is dropped)."""
-        seq = self.seqs.get(output.seq_id)
-        expected = inflight.expects_token.get(output.seq_id, 0)
-        if seq is None or expected <= 0 or seq.num_preemptions != inflight.epochs[output.seq_id]:
+        seq_id, expects = output.seq_id, inflight.expects_token
+        seq = self.seqs.get(seq_id)
+        expected = expects.get(seq_id, 0)
+        if seq is None or expected <= 0 or seq.num_preemptions != inflight.epochs[seq_id]:
             return None
-        n = min(len(output.token_ids), expected)
-        inflight.expects_token[output.seq_id] = expected - n
+        n = len(output.token_ids)
+        if n > expected:
+            n = expected
+        expects[seq_id] = expected - n
         inflight.outstanding -= n
         seq.num_inflight -= n
-        if seq.is_finished:
+        if seq.status is SeqStatus.FINISHED:
             return None
         return self._append_tokens(seq, output.token_ids, output.logprobs)
 
@@ -348,9 +351,7 @@ class Scheduler:
         if inflight.forecast is not None:
             self._observe(inflight, result.timings)
         updates: list[SeqUpdate] = []
-        answered: set[int] = set()
         for failure in result.failures:
-            answered.add(failure.seq_id)
             seq = self.seqs.get(failure.seq_id)
             if seq is not None and seq.num_preemptions == inflight.epochs.get(failure.seq_id, seq.num_preemptions):
                 owed = max(inflight.expects_token.pop(failure.seq_id, 0), 0)
@@ -360,13 +361,14 @@ class Scheduler:
                 seq.error = failure.message
                 self.finish(seq.seq_id, FinishReason.ERROR)
                 updates.append(SeqUpdate(seq, [], None, True))
+        accept = self._accept
         for output in result.outputs:
-            answered.add(output.seq_id)
-            update = self._accept(inflight, output)
+            update = accept(inflight, output)
             if update is not None:
                 updates.append(update)
         if inflight.outstanding <= 0:  # every token the step owed has arrived
             return updates
+        answered = {o.seq_id for o in result.outputs} | {f.seq_id for f in result.failures}
         for seq_id, left in inflight.expects_token.items():
             seq = self.seqs.get(seq_id)
             if left <= 0 or seq is None or seq.num_preemptions != inflight.epochs[seq_id]:
