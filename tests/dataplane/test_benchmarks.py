@@ -66,3 +66,24 @@ def test_serving_shapes_are_what_the_policies_run() -> None:
                s(32, "prefill", False, 0.9), s(32, "mixed", False, 0.9), s(100, "decode", False, 0.9)]
     n, mape = serving_mape(samples)
     assert n == 4 and mape == pytest.approx(0.1)
+
+
+def test_merging_serving_sweeps_recomputes_the_summary(tmp_path: Path) -> None:
+    def row(rate: float, goodput: float, attainment: float) -> dict:
+        return {"rate": rate, "request_goodput": goodput, "slo_attainment": attainment, "p99_itl_ms": 10.0 * rate}
+
+    duet = {"results": {"code": {"duet": [row(4, 2.0, 0.8), row(8, 3.0, 0.6)]}}}
+    base = {"results": {"code": {"aggregated": [row(4, 1.9, 0.95), row(8, 1.0, 0.3)]}}}
+    (tmp_path / "a.json").write_text(json.dumps(duet))
+    (tmp_path / "b.json").write_text(json.dumps(base))
+    out = tmp_path / "merged.json"
+    proc = subprocess.run([sys.executable, "benchmarks/merge_serving.py", str(out), str(tmp_path / "a.json"),
+                           str(tmp_path / "b.json"), "--gpu", "x"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    merged = json.loads(out.read_text())
+    assert set(merged["results"]["code"]) == {"duet", "aggregated"}
+    # the best baseline first drops below 90% attainment at 8 req/s: the summary is taken there
+    assert merged["summary"]["azure_code"] == {"duet_goodput": 3.0, "best_baseline_goodput": 1.0,
+                                               "best_baseline": "aggregated", "rate": 8.0,
+                                               "duet_p99_tbt_ms": 80.0, "baseline_p99_tbt_ms": 80.0}
