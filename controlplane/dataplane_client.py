@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 
+import msgspec
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
@@ -21,7 +22,8 @@ from zmq.utils.monitor import parse_monitor_message
 from shared.codec import ProtocolError, decode_to_control, encode
 from shared.endpoints import MAX_FRAME_BYTES
 from shared.messages import (
-    PROTOCOL_VERSION, Hello, Shutdown, StepPlan, StepProgress, StepResult, ToControl, WorkerFatal, WorkerReady,
+    PROTOCOL_VERSION, Hello, SeqOutput, Shutdown, StepPlan, StepProgress, StepResult, TokenLogprobs, ToControl,
+    WorkerFatal, WorkerReady,
 )
 
 log = logging.getLogger(__name__)
@@ -143,7 +145,9 @@ class DataplaneClient:
     async def receive_result(self, step_id: int, timeout_s: float,
                              on_progress: Callable[[StepProgress], None] | None = None) -> StepResult:
         """The result of step `step_id` (results come back in the order plans were sent); its
-        StepProgress messages on the way go to `on_progress`."""
+        StepProgress messages on the way go to `on_progress` or, without one, are folded into the
+        result returned (each sequence's early tokens first), so no token is lost."""
+        early: list[StepProgress] = []
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
@@ -152,9 +156,12 @@ class DataplaneClient:
             except DataplaneTimeout as exc:
                 raise DataplaneTimeout(f"step {step_id} took longer than {timeout_s:.1f} s") from exc
             if isinstance(reply, StepResult) and reply.step_id == step_id:
-                return reply
-            if isinstance(reply, StepProgress) and reply.step_id == step_id and on_progress is not None:
-                on_progress(reply)
+                return fold_progress(early, reply) if early else reply
+            if isinstance(reply, StepProgress) and reply.step_id == step_id:
+                if on_progress is not None:
+                    on_progress(reply)
+                else:
+                    early.append(reply)
                 continue
             if isinstance(reply, WorkerFatal):
                 raise DataplaneUnavailable(f"data plane failed: {reply.reason}")
@@ -208,3 +215,15 @@ class DataplaneClient:
                 await self._drain_monitor()
         finally:
             waiter.cancel()
+
+
+def fold_progress(progress: list[StepProgress], result: StepResult) -> StepResult:
+    """One StepResult with the tokens of a step's StepProgress messages before the result's own."""
+    merged: dict[int, tuple[list[int], list[TokenLogprobs] | None]] = {}
+    for output in [o for p in progress for o in p.outputs] + list(result.outputs):
+        tokens, logprobs = merged.setdefault(output.seq_id, ([], [] if output.logprobs is not None else None))
+        tokens.extend(output.token_ids)
+        if logprobs is not None and output.logprobs is not None:
+            logprobs.extend(output.logprobs)
+    outputs = [SeqOutput(seq_id=s, token_ids=t, logprobs=lp) for s, (t, lp) in merged.items()]
+    return msgspec.structs.replace(result, outputs=outputs)

@@ -18,13 +18,15 @@ from hypothesis import strategies as st
 
 from controlplane.dataplane_client import DataplaneClient, DataplaneTimeout, DataplaneUnavailable
 from shared.codec import encode
-from shared.messages import PROTOCOL_VERSION, DeviceDescription, ModelDescription, StepPlan, StepResult, WorkerReady
+from shared.messages import (
+    PROTOCOL_VERSION, DeviceDescription, ModelDescription, SeqOutput, StepPlan, StepProgress, StepResult, WorkerReady,
+)
 
 leaves = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=16)
           | st.binary(max_size=16))
 values = st.recursive(leaves, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                                         max_size=4), max_leaves=16)
-TAGS = ["hello", "plan", "shutdown", "ready", "result", "fatal", "bogus", ""]
+TAGS = ["hello", "plan", "shutdown", "ready", "progress", "result", "fatal", "bogus", ""]
 tagged = st.builds(lambda tag, rest: {**rest, "type": tag}, st.sampled_from(TAGS),
                    st.dictionaries(st.sampled_from(["step_id", "protocol_version", "outputs", "reason", "model",
                                                     "scheduled", "failures", "x"]), values, max_size=4))
@@ -170,6 +172,32 @@ def test_hello_is_repeated_when_an_answer_goes_missing() -> None:
 
         serving = asyncio.create_task(worker())
         assert isinstance(await client.handshake(10), WorkerReady)
+        await serving
+
+    with_peer(body)
+
+
+def test_progress_goes_to_the_callback_or_into_the_result() -> None:
+    """StepProgress before a StepResult: handed to `on_progress`, or (without one) folded into the
+    result, early tokens first; a progress message of another step is not mixed in."""
+    early = StepProgress(step_id=5, outputs=[SeqOutput(seq_id=1, token_ids=[7, 8]), SeqOutput(seq_id=2, token_ids=[3])])
+    other = StepProgress(step_id=4, outputs=[SeqOutput(seq_id=1, token_ids=[99])])
+    final = StepResult(step_id=5, outputs=[SeqOutput(seq_id=1, token_ids=[9]), SeqOutput(seq_id=3, token_ids=[4])])
+
+    async def body(client: DataplaneClient, peer: zmq.asyncio.Socket) -> None:
+        async def worker() -> None:
+            for _ in range(2):
+                await peer.recv()
+                for message in (other, early, final):
+                    await peer.send(encode(message))
+
+        serving = asyncio.create_task(worker())
+        folded = await client.run_step(StepPlan(step_id=5), timeout_s=10)
+        assert {o.seq_id: o.token_ids for o in folded.outputs} == {1: [7, 8, 9], 2: [3], 3: [4]}
+        seen: list[StepProgress] = []
+        await client.send_plan(StepPlan(step_id=5))
+        result = await client.receive_result(5, 10, seen.append)
+        assert seen == [early] and result == final
         await serving
 
     with_peer(body)
