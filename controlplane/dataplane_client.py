@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import Callable
 
-import msgspec
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
@@ -22,8 +21,8 @@ from zmq.utils.monitor import parse_monitor_message
 from shared.codec import ProtocolError, decode_to_control, encode
 from shared.endpoints import MAX_FRAME_BYTES
 from shared.messages import (
-    PROTOCOL_VERSION, Hello, SeqOutput, Shutdown, StepPlan, StepProgress, StepResult, TokenLogprobs, ToControl,
-    WorkerFatal, WorkerReady,
+    PROTOCOL_VERSION, Hello, Shutdown, StepPlan, StepProgress, StepResult, ToControl, WorkerFatal, WorkerReady,
+    fold_progress,
 )
 
 log = logging.getLogger(__name__)
@@ -215,15 +214,3 @@ class DataplaneClient:
                 await self._drain_monitor()
         finally:
             waiter.cancel()
-
-
-def fold_progress(progress: list[StepProgress], result: StepResult) -> StepResult:
-    """One StepResult with the tokens of a step's StepProgress messages before the result's own."""
-    merged: dict[int, tuple[list[int], list[TokenLogprobs] | None]] = {}
-    for output in [o for p in progress for o in p.outputs] + list(result.outputs):
-        tokens, logprobs = merged.setdefault(output.seq_id, ([], [] if output.logprobs is not None else None))
-        tokens.extend(output.token_ids)
-        if logprobs is not None and output.logprobs is not None:
-            logprobs.extend(output.logprobs)
-    outputs = [SeqOutput(seq_id=s, token_ids=t, logprobs=lp) for s, (t, lp) in merged.items()]
-    return msgspec.structs.replace(result, outputs=outputs)

@@ -147,17 +147,20 @@ class ErrorStats:
     sum_raw_ape: float = 0.0
     sum_prior_ape: float = 0.0
 
+    def _mean(self, total: float) -> float:
+        return total / self.count if self.count else 0.0
+
     @property
     def mape(self) -> float:
-        return self.sum_ape / self.count if self.count else 0.0
+        return self._mean(self.sum_ape)
 
     @property
     def raw_mape(self) -> float:
-        return self.sum_raw_ape / self.count if self.count else 0.0
+        return self._mean(self.sum_raw_ape)
 
     @property
     def prior_mape(self) -> float:
-        return self.sum_prior_ape / self.count if self.count else 0.0
+        return self._mean(self.sum_prior_ape)
 
     def add(self, predicted: float, raw: float, prior: float, measured: float) -> None:
         self.count += 1

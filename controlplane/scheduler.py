@@ -226,7 +226,7 @@ class Scheduler:
         num_tokens = min(seq.num_uncomputed_tokens, draft.budget)
         if num_tokens <= 0 or (seq.num_inflight and not self._runs_ahead_ok(seq)):
             return
-        need = -(-(seq.num_computed_tokens + num_tokens) // self.allocator.block_size) - len(seq.block_ids)
+        need = self.allocator.blocks_for_tokens(seq.num_computed_tokens + num_tokens) - len(seq.block_ids)
         if need > 0:  # most decodes fit their last block
             while need > self.allocator.num_free:
                 victim = self.running[-1]

@@ -1,11 +1,12 @@
 """The one receive -> dispatch -> send loop every data-plane process runs (real or simulated).
 
 Plans may be executed asynchronously: `dispatch` launches a plan and returns None, and `collect`
-hands back the results that are ready, in plan order, while `busy` says steps are still running.
-A plan that arrives while earlier ones run is launched at once (so its host work overlaps the
-GPU's). It binds the DEALER socket (frame-size cap, owner-only ipc file), drops malformed frames, never blocks
-sending to a departed control plane, keeps serving after refusing a Hello, and stops on Shutdown or
-a process-scoped failure. It must not import torch: the simulated worker uses it too.
+hands back what is ready (progress and results, in plan order) while `busy` says steps are still
+running. A plan that arrives while earlier ones run is launched at once (so its host work overlaps
+the GPU's). It binds the DEALER socket (frame-size cap, owner-only ipc file), drops malformed
+frames, never blocks sending to a departed control plane, keeps serving after refusing a Hello,
+and stops on Shutdown or a process-scoped failure. It must not import torch: the simulated worker
+uses it too.
 """
 
 from __future__ import annotations

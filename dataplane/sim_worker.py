@@ -32,7 +32,7 @@ from dataplane.serve_loop import serve_plans
 from dataplane.sim import SimRunner
 from shared.messages import (
     PROTOCOL_VERSION, DeviceDescription, HardwareProfile, Hello, ModelDescription, SeqOutput, Shutdown, StepPlan,
-    StepProgress, StepResult, StepTimings, ToControl, WorkerFatal, WorkerReady,
+    StepProgress, StepResult, StepTimings, ToControl, WorkerFatal, WorkerReady, fold_progress,
 )
 from shared.profiles import NEUTRAL_EXECUTION, ExecutionProfile, GpuSpec, execution_profile_for, gpu_spec
 from shared.roofline import BatchCost, ModelShape, Roofline, batch_cost
@@ -194,13 +194,10 @@ class SimGpu:
 
     def execute(self, plan: StepPlan) -> StepResult:
         """The whole step at once: every token in the result (for callers without progress)."""
-        timings, _, _ = self._plan_times(plan)
-        result = self.runner.execute(plan)
-        start = max(time.monotonic(), self._free_at)
-        self._free_at = start + timings.total_ms * self.time_scale / 1e3
-        while (left := self._free_at - time.monotonic()) > 0:
+        *progress, (due, final) = self.launch(plan)
+        while (left := due - time.monotonic()) > 0:
             time.sleep(left)
-        return msgspec.structs.replace(result, timings=timings)
+        return fold_progress([m for _, m in progress], final)  # type: ignore[misc]
 
 
 def _slice(output: SeqOutput, start: int, stop: int | None) -> SeqOutput:

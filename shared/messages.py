@@ -225,3 +225,17 @@ class WorkerFatal(msgspec.Struct, frozen=True, kw_only=True, tag="fatal"):
 
 
 ToControl = Union[WorkerReady, StepProgress, StepResult, WorkerFatal]
+
+
+def fold_progress(progress: list[StepProgress], result: StepResult) -> StepResult:
+    """One StepResult holding a step's StepProgress tokens before the result's own, per sequence
+    (for a caller that takes a step whole)."""
+    merged: dict[int, tuple[list[int], list[TokenLogprobs] | None]] = {}
+    for output in [o for p in progress for o in p.outputs] + list(result.outputs):
+        tokens, logprobs = merged.setdefault(output.seq_id, ([], [] if output.logprobs is not None else None))
+        tokens.extend(output.token_ids)
+        if logprobs is not None and output.logprobs is not None:
+            logprobs.extend(output.logprobs)
+    outputs = [SeqOutput(seq_id=s, token_ids=t, logprobs=lp) for s, (t, lp) in merged.items()]
+    return msgspec.structs.replace(result, outputs=outputs)
+
