@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_suite.sh tests engine          # first call: also saves the flashinfer JIT cache
 #   bash benchmarks/gpu_suite.sh multiplex predictor
 #   bash benchmarks/gpu_suite.sh serving-code          # a serving stage fills most of one call
-# Needs .whl/ filled by benchmarks/device_prep.sh (carry [".whl"]). Stages: tests engine multiplex
+# Needs .whl/ filled by benchmarks/device_prep.sh (carry [".whl"]). Stages: tests profile engine multiplex
 # predictor (the shapes serving runs) predictor-all (every shape on every SM count) serving-code
 # serving-conv. GPU name for file names: GPU=h200 (default).
 set -uo pipefail
@@ -22,6 +22,7 @@ for stage in "$@"; do
   case $stage in
     tests) run tests 420 python3 -m pytest -m gpu tests/dataplane -q -x -p no:cacheprovider
            save_fi_cache "$OUT" ;;
+    profile) run profile 300 python3 benchmarks/profile_step.py --out "$OUT" ;;
     engine) run engine 400 python3 benchmarks/engine.py --peer-requests 64 --peer-output-len 128 --out "$OUT" ;;
     multiplex) run multiplex 400 python3 benchmarks/multiplex.py --out "$OUT" ;;
     predictor) run predictor 400 python3 benchmarks/predictor.py --partitions --decode-sizes 32,64 \

@@ -1,6 +1,7 @@
 """Where a step's time goes, host and device: for eager prefill steps and decode steps (eager and
 graph), the host time of `launch()` (Python + kernel launches), the device time (CUDA events), a
-cProfile of the host side and a torch.profiler kernel table.
+cProfile of the host side and a torch.profiler kernel table; a mixed step also with its decode rows
+left in the ragged kernel (`_unsplit`), to show what the split attention saves.
 
     python benchmarks/profile_step.py --out /tmp/profile      # on a GPU; writes profile.txt there
 """
@@ -94,6 +95,12 @@ def main() -> None:
     for name, decode, tokens in cases:
         report[name] = median_of(b, decode, tokens)
         print(name, json.dumps(report[name]), flush=True)
+    backend = b.runner.backend
+    if hasattr(backend, "split_min_decodes"):  # the same mixed step with every row in the ragged kernel
+        split, backend.split_min_decodes = backend.split_min_decodes, 1 << 30
+        report["mixed_64+512_unsplit"] = median_of(b, True, 512)
+        backend.split_min_decodes = split
+        print("mixed_64+512_unsplit", json.dumps(report["mixed_64+512_unsplit"]), flush=True)
     text.append(json.dumps(report, indent=1))
     for name, decode, tokens in [("prefill128", False, 128), ("mixed_64+512", True, 512), ("decode_graph", True, 0)]:
         text.append(f"\n===== host cProfile: {name}\n" + host_profile(b, decode, tokens))

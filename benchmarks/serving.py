@@ -50,10 +50,13 @@ class Server:
         self.port, self.metrics = free_port(), free_port()
         self.sim: subprocess.Popen | None = None
         self.workdir: str | None = None
+        base = "duet" if policy == "duet-tbt" else policy  # duet-tbt: duet under the paper's per-step rule
         cmd = [sys.executable, "-m", "controlplane.cli", "serve", "--model", args.model, "--port", str(self.port),
-               "--policy", policy, "--tbt-slo-ms", str(args.tpot_slo_ms), "--ttft-slo-ms", str(args.ttft_slo_ms),
+               "--policy", base, "--tbt-slo-ms", str(args.tpot_slo_ms), "--ttft-slo-ms", str(args.ttft_slo_ms),
                "--max-num-batched-tokens", str(args.budget), "--max-num-seqs", str(args.max_num_seqs),
                "--metrics-port", str(self.metrics), "--log-level", "WARNING"]
+        if policy == "duet-tbt":  # the paper's rule: every mixed step fits the TBT SLO
+            cmd += ["--duet-slo", "tbt"]
         if args.simulate:
             from controlplane.launcher import spawn_sim_dataplane
 

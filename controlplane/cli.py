@@ -17,7 +17,7 @@ import sys
 import tempfile
 
 from controlplane.robust_flags import add_client_security_flags, add_robustness_flags, robustness_from_args
-from shared.config import POLICIES, DataplaneConfig, SchedulerConfig, ServerConfig
+from shared.config import DUET_SLOS, POLICIES, DataplaneConfig, SchedulerConfig, ServerConfig
 from shared.telemetry_flags import add_metrics_flags, add_trace_flags, telemetry_from_args
 
 log = logging.getLogger("duetserve")
@@ -83,6 +83,13 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hysteresis", type=float, default=d.hysteresis,
                    help=f"duet policy: relative gain a new split needs to replace the current one "
                         f"(default {d.hysteresis})")
+    p.add_argument("--duet-slo", default=d.duet_slo, choices=DUET_SLOS,
+                   help="duet policy: what bounds a mixed step: tbt (the paper's rule: every step fits "
+                        "--tbt-slo-ms) or tpot (a step may run longer while every running request's time per "
+                        f"output token stays within --tbt-slo-ms) (default {d.duet_slo})")
+    p.add_argument("--tpot-horizon", type=int, default=d.tpot_horizon,
+                   help="duet policy with --duet-slo tpot: future tokens a request's TPOT may count on "
+                        f"(default {d.tpot_horizon})")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=d.async_scheduling,
                    help="plan step i+1 while step i runs on the GPU (its sampled tokens stay on the device), "
                         "hiding both planes' host work; --no-async-scheduling plans one step at a time "
@@ -94,7 +101,7 @@ def scheduler_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         policy=args.policy, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         tbt_slo_ms=args.tbt_slo_ms, ttft_slo_ms=args.ttft_slo_ms, static_decode_sms=args.static_decode_sms,
         static_lookahead=args.static_lookahead, max_lookahead=args.max_lookahead, hysteresis=args.hysteresis,
-        async_scheduling=args.async_scheduling,
+        duet_slo=args.duet_slo, tpot_horizon=args.tpot_horizon, async_scheduling=args.async_scheduling,
     )
 
 

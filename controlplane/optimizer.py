@@ -1,7 +1,8 @@
 """DuetServe's partition optimizer: aggregated or multiplexed, and for multiplexed the SM split and `k`.
 
 Given predicted times of the decode-first mixed batch on the whole GPU, and of its prefill part and
-decode part on candidate partitions, `decide` keeps the batch aggregated when it fits the TBT SLO;
+decode part on candidate partitions, `decide` keeps the batch aggregated when it fits the step
+budget (the TBT SLO, or the longer step the running requests' TPOT can absorb, see `policies`);
 otherwise it returns the split `(S_p, S_d)` and look-ahead `k` that maximise
 `(useful_decode_tokens(k) + T_prefill) / max(k * t_d(S_d), t_p(S_p))` subject to `t_d(S_d) <= TBT`
 (`useful_decode_tokens(k)` is `k * T_decode` capped by what each request can still emit). Beyond the
@@ -106,7 +107,7 @@ def optimize(
 
 def decide(
     mixed_ms: float,
-    tbt_ms: float,
+    budget_ms: float,
     splits: Sequence[Split],
     prefill_ms: TimeFn,
     decode_ms: TimeFn,
@@ -114,8 +115,11 @@ def decide(
     useful: Sequence[float],
     previous: Split | None = None,
     margin: float = 0.0,
+    tbt_ms: float | None = None,
 ) -> Choice | None:
-    """None (run aggregated) if the mixed batch fits the TBT SLO or no split is feasible, else the split."""
-    if mixed_ms <= tbt_ms or not splits or prefill_tokens <= 0 or len(useful) < 2 or useful[1] <= 0:
+    """None (run aggregated) if the mixed batch fits the step budget or no split is feasible, else
+    the split. Multiplexed decode steps keep `tbt_ms` (the TBT SLO; the budget when not given)."""
+    if mixed_ms <= budget_ms or not splits or prefill_tokens <= 0 or len(useful) < 2 or useful[1] <= 0:
         return None
-    return optimize(splits, prefill_ms, decode_ms, prefill_tokens, useful, tbt_ms, previous, margin)
+    tbt = budget_ms if tbt_ms is None else tbt_ms
+    return optimize(splits, prefill_ms, decode_ms, prefill_tokens, useful, tbt, previous, margin)

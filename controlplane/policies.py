@@ -18,7 +18,7 @@ from typing import Literal, Protocol
 
 from controlplane.optimizer import Split, candidate_splits, decide, useful_decode_tokens
 from controlplane.predictor import Predictor, Regime, StepEstimate, regime_of
-from shared.config import SchedulerConfig
+from shared.config import DuetSlo, SchedulerConfig
 from shared.messages import Mode, WorkerReady
 from shared.profiles import execution_profile_for
 from shared.roofline import BatchCost
@@ -35,6 +35,14 @@ class BatchShape:
     decode_contexts: list[int] = field(default_factory=list)  # cached tokens of each decode item
     decode_remaining: list[int] = field(default_factory=list)  # tokens each decode item may still emit
     chunks: list[tuple[int, int, bool]] = field(default_factory=list)  # other items: (q, c, samples)
+    # Filled only for policies that ask (`wants_slack`): per decode item, its output tokens before
+    # this step's (in flight included) and the time since its first token reached the control plane
+    # (0 while that token is still in flight); how long the steps in flight still run; the recent
+    # time between a decode item's tokens.
+    decode_outputs: list[int] = field(default_factory=list)
+    decode_age_ms: list[float] = field(default_factory=list)
+    ahead_ms: float = 0.0
+    token_interval_ms: float = 0.0
 
     @property
     def num_decode(self) -> int:
@@ -51,9 +59,12 @@ class ModeDecision:
     prefill_sms: int = 0
     decode_sms: int = 0
     decode_steps: int = 1
+    predicted_ms: float = 0.0  # the step's predicted time, where the policy predicted it (else 0)
 
 
 AGGREGATED = ModeDecision()
+# duet with slo="tpot" plans for this fraction of the TPOT SLO: room for prediction error and pace changes
+TPOT_TARGET = 0.9
 
 
 class StepForecast:
@@ -90,6 +101,7 @@ class StepForecast:
 class Policy(Protocol):
     name: str
     composition: Composition
+    wants_slack: bool  # whether `decide` reads BatchShape's SLO-slack fields
 
     def decide(self, batch: BatchShape, forecast: StepForecast | None) -> ModeDecision: ...
 
@@ -100,6 +112,7 @@ class AggregatedPolicy:
 
     name: str = "aggregated"
     composition: Composition = "decode_first"
+    wants_slack: bool = False
 
     def decide(self, batch: BatchShape, forecast: StepForecast | None) -> ModeDecision:
         return AGGREGATED
@@ -111,6 +124,7 @@ class PrefillFirstPolicy:
 
     name: str = "prefill-first"
     composition: Composition = "prefill_first"
+    wants_slack: bool = False
 
     def decide(self, batch: BatchShape, forecast: StepForecast | None) -> ModeDecision:
         return AGGREGATED
@@ -124,6 +138,7 @@ class StaticPolicy:
     lookahead: int
     name: str = "static"
     composition: Composition = "decode_first"
+    wants_slack: bool = False
 
     def decide(self, batch: BatchShape, forecast: StepForecast | None) -> ModeDecision:
         if self.split is None or not batch.num_decode or not batch.chunks:
@@ -133,31 +148,60 @@ class StaticPolicy:
 
 @dataclass
 class DuetPolicy:
-    """DESIGN.md: aggregated while the mixed batch fits the TBT SLO, else the optimizer's split."""
+    """DESIGN.md: aggregated while the mixed batch fits the step budget, else the optimizer's split.
+
+    The step budget is the TBT SLO (`slo="tbt"`, the paper's rule) or, with `slo="tpot"`, the
+    longest step every decode item's TPOT can absorb against `TPOT_TARGET` of the SLO: its slack
+    so far (target * tokens so far - time since its first token), plus what its next `horizon`
+    tokens earn (or owe) at the recent pace, less the steps still in flight -- never below the TBT
+    SLO. Multiplexed decode steps always keep the TBT SLO.
+    """
 
     splits: list[Split]
     tbt_slo_ms: float
     max_lookahead: int
     hysteresis: float
+    slo: DuetSlo = "tbt"
+    horizon: int = 16
     previous: Split | None = None
     name: str = "duet"
     composition: Composition = "decode_first"
+    wants_slack: bool = False
+
+    def __post_init__(self) -> None:
+        self.wants_slack = self.slo == "tpot"
+
+    def step_budget_ms(self, batch: BatchShape) -> float:
+        """How long this step may take: the TBT SLO, or what every decode item's TPOT absorbs."""
+        slo = self.tbt_slo_ms
+        if not self.wants_slack or not batch.decode_outputs:
+            return slo
+        target = slo * TPOT_TARGET
+        gain, h = target - batch.token_interval_ms, self.horizon
+        allowed = min(target * n - age + (min(r, h) - 1) * gain
+                      for n, age, r in zip(batch.decode_outputs, batch.decode_age_ms, batch.decode_remaining))
+        return max(slo, allowed - batch.ahead_ms)
 
     def decide(self, batch: BatchShape, forecast: StepForecast | None) -> ModeDecision:
-        if forecast is None or not self.splits or not batch.num_decode or not batch.chunks:
+        if forecast is None:
             return AGGREGATED
+        if not self.splits or not batch.num_decode or not batch.chunks:
+            # the scheduler's estimate of the steps in flight wants this step's time too
+            return ModeDecision(predicted_ms=forecast.mixed_ms()) if self.wants_slack else AGGREGATED
+        mixed_ms = forecast.mixed_ms()
         pred = forecast.predictor
         choice = decide(
-            forecast.mixed_ms(), self.tbt_slo_ms, self.splits,
+            mixed_ms, self.step_budget_ms(batch), self.splits,
             lambda s: pred.predict_ms(forecast.prefill, "mux_prefill", s),
             lambda s: pred.predict_ms(forecast.decode, "mux_decode", s),
             batch.prefill_tokens, useful_decode_tokens(batch.decode_remaining, self.max_lookahead),
-            self.previous, self.hysteresis,
+            self.previous, self.hysteresis, tbt_ms=self.tbt_slo_ms,
         )
         if choice is None:
-            return AGGREGATED
+            return ModeDecision(predicted_ms=mixed_ms)
         self.previous = choice.split
-        return ModeDecision("multiplexed", choice.split.prefill_sms, choice.split.decode_sms, choice.k)
+        return ModeDecision("multiplexed", choice.split.prefill_sms, choice.split.decode_sms, choice.k,
+                            choice.step_ms)
 
 
 def _static_split(config: SchedulerConfig, ready: WorkerReady) -> Split | None:
@@ -184,7 +228,8 @@ def make_policy(config: SchedulerConfig, ready: WorkerReady | None) -> Policy:
         if ready is not None and ready.profile is None:
             log.warning("policy duet: the data plane sent no hardware profile; every step runs aggregated")
         splits = candidate_splits(ready.device.sm_count, ready.partition_sm_counts) if can_split and ready else []
-        return DuetPolicy(splits, config.tbt_slo_ms, config.max_lookahead, config.hysteresis)
+        return DuetPolicy(splits, config.tbt_slo_ms, config.max_lookahead, config.hysteresis,
+                          config.duet_slo, config.tpot_horizon)
     return AggregatedPolicy()
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from controlplane.kv_blocks import BlockAllocator
@@ -30,6 +31,9 @@ from shared.config import SchedulerConfig
 from shared.messages import (
     NewRequest, ScheduledSeq, SeqOutput, StepPlan, StepProgress, StepResult, StepTimings, TokenLogprobs, WorkerReady,
 )
+
+
+PACE_SMOOTHING = 0.2  # weight of the newest step in the decode pace's moving average
 
 
 @dataclass(slots=True)
@@ -55,7 +59,7 @@ class InflightStep:
     plan: StepPlan
     expects_token: dict[int, int]  # seq id -> tokens the step samples for it
     epochs: dict[int, int]  # scheduled seq id -> its preemption count when planned (later: stale)
-    sent_at: float
+    sent_at: float  # on the scheduler's SLO clock
     forecast: StepForecast | None = None
     decision: ModeDecision = AGGREGATED
     outstanding: int = 0  # tokens of expects_token not arrived yet
@@ -87,6 +91,12 @@ class Scheduler:
         self._dropped_on_worker: list[int] = []
         self._next_step_id = 0
         self.num_preemptions = 0
+        # SLO bookkeeping (first-token times, the steps in flight, the pace of decode tokens) runs on
+        # the clients' timeline; `duetserve simulate` rescales it when the data plane runs faster
+        self.slo_clock: Callable[[], float] = time.monotonic
+        self._wants_slack = bool(getattr(self.policy, "wants_slack", False))
+        self._token_interval_ms = config.tbt_slo_ms  # until measured: assume the SLO's pace
+        self._last_result_slo: float | None = None
 
     # ------------------------------------------------------------------ requests in and out
 
@@ -143,6 +153,7 @@ class Scheduler:
             self._compose_decode_first(draft)
         if not draft.tokens:
             self._result_at = None  # idle: the next gap is not the control plane's time
+            self._last_result_slo = None
             return self._build_plan(draft, AGGREGATED, None) if self._dropped_on_worker else None
         batch, decoders = self._batch_shape(draft)
         forecast = StepForecast(self.predictor, batch) if self.predictor is not None else None
@@ -195,7 +206,21 @@ class Scheduler:
                 remaining.append(left if left > 1 else 1)
             else:
                 chunks.append((num_tokens, cached, samples))
+        if self._wants_slack and decoders:
+            self._fill_slack(batch, decoders)
         return batch, decoders
+
+    def _fill_slack(self, batch: BatchShape, decoders: list[Sequence]) -> None:
+        """What a TPOT-aware policy reads: each decode item's tokens so far and time since its first
+        token (none yet: it arrives with the steps in flight, no time has passed on its clock), how
+        long the steps in flight still run, and the recent pace of decode tokens."""
+        now = self.slo_clock()
+        batch.decode_outputs = [s.num_outputs for s in decoders]
+        batch.decode_age_ms = [(now - s.first_token_at) * 1e3 if s.first_token_at else 0.0 for s in decoders]
+        if self.inflight:
+            left = sum(f.decision.predicted_ms for f in self.inflight) - (now - self.inflight[0].sent_at) * 1e3
+            batch.ahead_ms = left if left > 0 else 0.0
+        batch.token_interval_ms = self._token_interval_ms
 
     def _reserve_lookahead(self, draft: _StepDraft, decoders: list[Sequence], decision: ModeDecision) -> ModeDecision:
         """Give every decode item blocks for `k` tokens; lower `k` until the free blocks suffice."""
@@ -308,7 +333,8 @@ class Scheduler:
         self._next_step_id += 1
         self._dropped_on_worker = []
         now = time.monotonic()
-        self.inflight.append(InflightStep(plan, expects, epochs, now, forecast, decision, sum(expects.values())))
+        self.inflight.append(InflightStep(plan, expects, epochs, self.slo_clock(), forecast, decision,
+                                          sum(expects.values())))
         if self._result_at is not None:
             self.stats.host_gap_s += now - self._result_at
             self.stats.host_gaps += 1
@@ -347,6 +373,8 @@ class Scheduler:
             raise RuntimeError(f"result for step {result.step_id} does not match the step in flight")
         inflight = self.inflight.popleft()
         self._result_at = time.monotonic()
+        if self._wants_slack:
+            self._track_pace(inflight)
         self.stats.record(inflight.plan, result.timings)
         if inflight.forecast is not None:
             self._observe(inflight, result.timings)
@@ -380,6 +408,16 @@ class Scheduler:
                 updates.append(SeqUpdate(seq, [], None, True))
         return updates
 
+    def _track_pace(self, inflight: InflightStep) -> None:
+        """Time between a decode item's tokens: the gap between results over the tokens a step gives
+        each decode item (its look-ahead), smoothed over recent steps."""
+        now = self.slo_clock()
+        forecast, last = inflight.forecast, self._last_result_slo
+        self._last_result_slo = now
+        if last is not None and forecast is not None and forecast.batch.num_decode:
+            per_token_ms = (now - last) * 1e3 / max(inflight.decision.decode_steps, 1)
+            self._token_interval_ms += PACE_SMOOTHING * (per_token_ms - self._token_interval_ms)
+
     def _observe(self, inflight: InflightStep, timings: StepTimings) -> None:
         """Feed the measured times to the predictor (a phase measured as 0 ms was not measured)."""
         assert inflight.forecast is not None and self.predictor is not None
@@ -392,6 +430,8 @@ class Scheduler:
         self, seq: Sequence, token_ids: list[int], logprobs: list[TokenLogprobs] | None
     ) -> SeqUpdate:
         out, eos, max_len = seq.output_token_ids, self.eos_token_ids, self.max_model_len
+        if not out and token_ids:
+            seq.first_token_at = self.slo_clock()
         accepted, stop_params = len(token_ids), seq.stop
         if (logprobs is None and len(out) + accepted < stop_params.max_tokens
                 and len(seq.prompt_token_ids) + len(out) + accepted < max_len

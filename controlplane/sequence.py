@@ -53,6 +53,8 @@ class Sequence:
     num_preemptions: int = 0
     # tokens a step already sent will sample for it, not yet known here (steps planned ahead)
     num_inflight: int = 0
+    # when its first output token reached the control plane (the scheduler's SLO clock; 0: not yet)
+    first_token_at: float = 0.0
     # len(prompt_token_ids), which never changes: the scheduler reads these counts for every running
     # sequence on every step, so they are kept cheap
     _num_prompt: int = field(init=False, repr=False, default=0)

@@ -14,6 +14,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,8 @@ async def run_simulation(spec: SimulationSpec) -> SimulationResult:
         await plane.start()
         engine = plane.engine
         assert engine.worker is not None and engine.scheduler is not None
+        scale = spec.time_scale
+        engine.scheduler.slo_clock = lambda: time.monotonic() / scale  # SLOs hold on the simulated timeline
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{plane.port}")
         records = await replay(pb_grpc.GenerationStub(channel), trace, vocab_size=engine.worker.model.vocab_size,
                                max_model_len=engine.max_model_len, rate_scale=spec.rate_scale,

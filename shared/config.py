@@ -39,8 +39,12 @@ class TelemetryConfig(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def tracing(self) -> bool:
         return self.exporter != "none"
+
+
 Policy = Literal["aggregated", "prefill-first", "static", "duet"]
 POLICIES: tuple[str, ...] = ("aggregated", "prefill-first", "static", "duet")
+DuetSlo = Literal["tbt", "tpot"]
+DUET_SLOS: tuple[str, ...] = ("tbt", "tpot")
 
 
 class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -86,8 +90,12 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
     Policies: `aggregated` (decode-first chunked prefill under the token budget, vLLM-style),
     `prefill-first` (a prefill-only batch whenever prompts wait, SGLang's default), `static`
     (multiplexed on a fixed split whenever prefill and decode work coexist) and `duet` (adaptive:
-    aggregated while the mixed batch fits `tbt_slo_ms`, else the optimizer's split and look-ahead).
-    The SLOs also define goodput in `duetserve simulate`.
+    aggregated while the mixed batch fits its step budget, else the optimizer's split and look-ahead).
+    The duet policy's step budget (`duet_slo`): `tbt` is the paper's rule, every mixed step must fit
+    `tbt_slo_ms`; `tpot` lets a mixed step run longer while every running request's time per output
+    token stays within `tbt_slo_ms` -- so far, and over its next `tpot_horizon` tokens at the recent
+    pace -- which is the per-request TPOT SLO goodput is judged by. The SLOs also define goodput in
+    `duetserve simulate`.
     """
 
     policy: Policy = "aggregated"
@@ -99,6 +107,8 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
     static_lookahead: int = 4  # static policy: decode steps per multiplexed step
     max_lookahead: int = 8  # duet policy: largest k the optimizer considers
     hysteresis: float = 0.05  # duet policy: a new split must beat the current one by this fraction
+    duet_slo: DuetSlo = "tpot"  # duet policy: what bounds a mixed step, see above
+    tpot_horizon: int = 16  # duet_slo=tpot: future tokens a request's TPOT may count on
     # plan step i+1 while step i runs (its sampled tokens stay on the GPU): hides the control
     # plane's and the data plane's host work behind the GPU's
     async_scheduling: bool = True
@@ -116,6 +126,10 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("static_decode_sms, static_lookahead and max_lookahead must be >= 1")
         if self.hysteresis < 0:
             raise ValueError("hysteresis must be >= 0")
+        if self.duet_slo not in DUET_SLOS:
+            raise ValueError(f"duet_slo must be one of {', '.join(DUET_SLOS)}, got {self.duet_slo!r}")
+        if self.tpot_horizon < 1:
+            raise ValueError("tpot_horizon must be >= 1")
 
 
 class TlsConfig(msgspec.Struct, frozen=True, kw_only=True):

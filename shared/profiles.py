@@ -116,8 +116,10 @@ class ExecutionProfile:
     `ragged_fuses_gqa` every query head reads its KV head's cache on its own. Host side: an eager
     step (no CUDA graph) cannot finish before the host has launched it, about
     `num_layers * eager_host_ms_per_layer + eager_host_ms_per_step`; a CUDA-graph step pays
-    `graph_host_ms` (staging, attention planning) before its replay. These are declared priors: the
-    predictor refits the host floor and an affine device correction online from measured steps.
+    `graph_host_ms` (staging, attention planning) before its replay. A ragged step with at least
+    `split_min_decodes` decode items (0: never) runs them in the decode kernel instead, one more
+    attention kernel per layer. These are declared priors: the predictor refits the host floor and an
+    affine device correction online from measured steps.
     """
 
     kernels_per_layer: float = 0.0
@@ -128,6 +130,7 @@ class ExecutionProfile:
     eager_host_ms_per_layer: float = 0.0
     eager_host_ms_per_step: float = 0.0
     graph_host_ms: float = 0.0
+    split_min_decodes: int = 0
     detail: str = ""
 
     def eager_floor_ms(self, num_layers: int) -> float:
@@ -137,6 +140,10 @@ class ExecutionProfile:
     def kernels(self, num_layers: int) -> float:
         return num_layers * self.kernels_per_layer + self.kernels_per_step
 
+
+# The CUDA data plane's mixed steps: at least this many leading decode rows go to the decode kernel
+# (dataplane/attention/flashinfer_backend.py; FA3 would give each of them a whole 128-row tile).
+FLASHINFER_SPLIT_MIN_DECODES = 32
 
 # No launch model: the plain roofline (the online correction still learns fixed costs).
 NEUTRAL_EXECUTION = ExecutionProfile(detail="no launch model: plain roofline")
@@ -156,6 +163,7 @@ H100_FLASHINFER_EXECUTION = ExecutionProfile(
     eager_host_ms_per_layer=0.3,
     eager_host_ms_per_step=1.0,
     graph_host_ms=1.0,
+    split_min_decodes=FLASHINFER_SPLIT_MIN_DECODES,
     detail="declared: H100 + flashinfer FA3, profile_step.py at commit 3eb555d (host floor ~12 ms at 36 layers)",
 )
 
@@ -165,6 +173,7 @@ H100_FLASHINFER_EXECUTION = ExecutionProfile(
 FLASHINFER_FA2_EXECUTION = ExecutionProfile(
     kernels_per_layer=11.5, kernels_per_step=16.0, kernel_us=2.5, ragged_tile_rows=16, ragged_fuses_gqa=True,
     eager_host_ms_per_layer=0.3, eager_host_ms_per_step=1.0, graph_host_ms=1.0,
+    split_min_decodes=FLASHINFER_SPLIT_MIN_DECODES,
     detail="declared: flashinfer FA2 tiles; host and per-kernel costs from the H100 measurement",
 )
 

@@ -9,9 +9,10 @@ Times `L` layers, plus the LM head on the sampled rows only, plus the profile's 
 smallest point, flat above its largest). That is `Roofline.step_ms`, the paper's model.
 
 `Roofline.device_ms` adds what an `ExecutionProfile` knows about the kernels that run it: a batch
-with any non-decode item runs *every* item through the ragged (prefill) attention kernel, which
+with any non-decode item runs its items through the ragged (prefill) attention kernel, which
 pads each request's rows to whole query tiles per query head (a decode item costs a full tile) and,
-when it does not fuse a GQA group, reads the KV cache once per query head; every kernel costs a
+when it does not fuse a GQA group, reads the KV cache once per query head -- unless it has enough
+decode items for the data plane to run them in the decode kernel instead; every kernel costs a
 fixed `kernel_us` on the device; a CUDA-graph step pays the host's pre-replay time. The host floor
 of an eager step is `Roofline.eager_floor_ms`; how the two combine is the predictor's business.
 
@@ -225,7 +226,8 @@ class Roofline:
 
     def ragged_attention_ms(self, cost: BatchCost, pi: float, bw: float) -> float:
         """One layer's attention when every item runs in the ragged kernel: rows padded to whole tiles
-        per query head, KV read per `_ragged_kv_heads` heads."""
+        per query head, KV read per `_ragged_kv_heads` heads -- except that a step with at least
+        `split_min_decodes` decode items runs those in the decode kernel (one more kernel)."""
         sh, tile = self.shape, self._tile
         hq, dh, s, hkv = sh.num_q_heads, sh.head_dim, sh.bytes_per_elem, self._ragged_kv_heads
         total = 0.0
@@ -234,7 +236,12 @@ class Roofline:
             flops = (4 * dh + 2) * hq * rows * kv
             nbytes = s * (2 * hq * q * dh + 2 * hkv * kv * dh)
             total += max(flops / pi, nbytes / bw)
-        return (total + self._decode_sum(cost, pi, bw, tile, hkv)) * 1e3
+        split = self.execution.split_min_decodes
+        if split and len(cost.decode_x) >= split:
+            decode = self._decode_sum(cost, pi, bw, 1, sh.num_kv_heads) + self.execution.kernel_us * 1e-6
+        else:
+            decode = self._decode_sum(cost, pi, bw, tile, hkv)
+        return (total + decode) * 1e3
 
     def _decode_sum(self, cost: BatchCost, pi: float, bw: float, rows: int, kv_heads: int) -> float:
         """Sum over decode items (x = c + 1 each) of max(a x / pi, (b0 + b1 x) / bw), in seconds, in

@@ -1,6 +1,7 @@
-"""Paged attention on CUDA with flashinfer: FA3 batch prefill for mixed/prefill steps, the
-tensor-core batch decode kernel for decode-only steps, and fixed-buffer decode wrappers for CUDA
-graphs. Plans are made from host (CPU) index tensors once per step, so planning never waits on
+"""Paged attention on CUDA with flashinfer: FA3 batch prefill for prefill steps, the tensor-core
+batch decode kernel for decode-only steps, both in one mixed step (the decode kernel for its leading
+decode rows, FA3 for the chunks after them: FA3 gives each one-token query a whole 128-row tile),
+and fixed-buffer decode wrappers for CUDA graphs. Plans are made from host (CPU) index tensors once per step, so planning never waits on
 the GPU. flashinfer is imported here only, and this module is imported only on CUDA.
 
 It must not decide batching, and must not synchronise the host with the device.
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from dataplane.attention.base import AttentionBackend, AttentionBatch, AttentionShape
+from shared.profiles import FLASHINFER_SPLIT_MIN_DECODES
 
 WORKSPACE_BYTES = 128 << 20
 
@@ -29,24 +31,37 @@ class HostPlan:
     kv_last_page_len: Tensor
 
 
-def host_plan(batch: AttentionBatch) -> HostPlan:
-    """Build flashinfer's page-table tensors on the host (no device work)."""
+def host_plan(batch: AttentionBatch, start: int = 0, stop: int | None = None) -> HostPlan:
+    """Build flashinfer's page-table tensors on the host (no device work) for sequences
+    `start:stop` of the batch (query offsets rebased to the first of them)."""
     bs = batch.block_size
     pages: list[int] = []
     kv_indptr = [0]
     last = []
-    for table, seq_len in zip(batch.block_tables, batch.seq_lens):
+    stop = batch.num_seqs if stop is None else stop
+    for table, seq_len in zip(batch.block_tables[start:stop], batch.seq_lens[start:stop]):
         n = -(-seq_len // bs)
         pages.extend(table[:n])
         kv_indptr.append(len(pages))
         last.append(seq_len - (n - 1) * bs)
+    qo = batch.query_start_loc[start : stop + 1]
     i32 = torch.int32
     return HostPlan(
-        qo_indptr=torch.tensor(batch.query_start_loc, dtype=i32),
+        qo_indptr=torch.tensor([x - qo[0] for x in qo], dtype=i32),
         kv_indptr=torch.tensor(kv_indptr, dtype=i32),
         kv_indices=torch.tensor(pages, dtype=i32),
         kv_last_page_len=torch.tensor(last, dtype=i32),
     )
+
+
+def leading_decodes(batch: AttentionBatch) -> int:
+    """How many sequences at the front of the batch have one new token."""
+    n = 0
+    for q in batch.query_lens:
+        if q != 1:
+            break
+        n += 1
+    return n
 
 
 def _prefill_backend(device: torch.device) -> str:
@@ -61,51 +76,70 @@ def write_kv(kv_cache: Tensor, blocks: Tensor, offsets: Tensor, k: Tensor, v: Te
 
 
 class FlashInferAttention(AttentionBackend):
-    """Eager flashinfer attention: one plan per step, decode or prefill wrapper by step shape."""
+    """Eager flashinfer attention: one plan per step, decode or prefill wrapper by step shape; a
+    mixed step with at least `split_min_decodes` leading decode rows plans both and splits there."""
 
     name = "flashinfer"
 
-    def __init__(self, shape: AttentionShape, device: torch.device) -> None:
+    def __init__(self, shape: AttentionShape, device: torch.device,
+                 split_min_decodes: int = FLASHINFER_SPLIT_MIN_DECODES) -> None:
         import flashinfer  # lazy: CUDA only
 
         self.shape = shape
         self.device = device
+        self.split_min_decodes = split_min_decodes
+        # one float workspace: the wrappers run one after the other on one stream; each keeps its
+        # own plan (int workspace and pinned staging buffer)
         self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
             self._workspace, "NHD", backend=_prefill_backend(device)
         )
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD", use_tensor_cores=True)
         self._wrapper: object | None = None
+        self._split = 0  # rows the decode wrapper takes in a split mixed step (0: not split)
         self._blocks: Tensor | None = None
         self._offsets: Tensor | None = None
         self.scale = 1.0 / math.sqrt(shape.head_dim)
+
+    def _plan_decode(self, plan: HostPlan, block_size: int) -> None:
+        s = self.shape
+        self._decode.plan(
+            plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, s.num_q_heads, s.num_kv_heads,
+            s.head_dim, block_size, q_data_type=s.dtype, kv_data_type=s.dtype, non_blocking=True,
+        )
+
+    def _plan_prefill(self, plan: HostPlan, block_size: int) -> None:
+        s = self.shape
+        self._prefill.plan(
+            plan.qo_indptr, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, s.num_q_heads,
+            s.num_kv_heads, s.head_dim, block_size, causal=True, q_data_type=s.dtype,
+            kv_data_type=s.dtype, non_blocking=True,
+        )
 
     def begin_step(self, batch: AttentionBatch, device: torch.device, slot_mapping: Tensor | None = None) -> None:
         if slot_mapping is None:  # callers on the hot path pass a staged device tensor
             slot_mapping = batch.slot_mapping().to(device, non_blocking=True)
         self._blocks = slot_mapping // batch.block_size
         self._offsets = slot_mapping % batch.block_size
-        plan = host_plan(batch)
-        s = self.shape
+        self._split = 0
         if batch.is_decode_only:
-            self._decode.plan(
-                plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, s.num_q_heads, s.num_kv_heads,
-                s.head_dim, batch.block_size, q_data_type=s.dtype, kv_data_type=s.dtype, non_blocking=True,
-            )
+            self._plan_decode(host_plan(batch), batch.block_size)
             self._wrapper = self._decode
+            return
+        lead = leading_decodes(batch)
+        if lead >= self.split_min_decodes:
+            self._plan_decode(host_plan(batch, 0, lead), batch.block_size)
+            self._plan_prefill(host_plan(batch, lead), batch.block_size)
+            self._split = lead
         else:
-            self._prefill.plan(
-                plan.qo_indptr, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, s.num_q_heads,
-                s.num_kv_heads, s.head_dim, batch.block_size, causal=True, q_data_type=s.dtype,
-                kv_data_type=s.dtype, non_blocking=True,
-            )
-            self._wrapper = self._prefill
+            self._plan_prefill(host_plan(batch), batch.block_size)
+        self._wrapper = self._prefill
 
     def forward(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor) -> Tensor:
         if self._wrapper is None or self._blocks is None or self._offsets is None:
             raise RuntimeError("FlashInferAttention.forward called before begin_step")
         write_kv(kv_cache, self._blocks, self._offsets, k, v)
-        return self._wrapper.run(q.contiguous(), kv_cache)  # type: ignore[attr-defined]
+        return self.attend(layer_idx, q.contiguous(), kv_cache)
 
     def kv_slots(self) -> tuple[Tensor, Tensor] | None:
         if self._blocks is None or self._offsets is None:
@@ -113,7 +147,13 @@ class FlashInferAttention(AttentionBackend):
         return self._blocks, self._offsets
 
     def attend(self, layer_idx: int, q: Tensor, kv_cache: Tensor) -> Tensor:
-        return self._wrapper.run(q, kv_cache)  # type: ignore[attr-defined]
+        d = self._split
+        if not d:
+            return self._wrapper.run(q, kv_cache)  # type: ignore[attr-defined]
+        out = torch.empty_like(q)
+        self._decode.run(q[:d], kv_cache, out=out[:d])
+        self._prefill.run(q[d:], kv_cache, out=out[d:])
+        return out
 
 
 class GraphDecodeAttention(AttentionBackend):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -82,7 +83,7 @@ def test_lookahead_shrinks_when_blocks_are_short() -> None:
 
 
 def test_duet_switches_modes_with_load_and_keeps_its_split() -> None:
-    sched, runner = make("duet", tbt=25.0)
+    sched, runner = make("duet", tbt=25.0, duet_slo="tbt")  # the paper's per-step rule
     seqs = [make_seq(i, 200, 400) for i in range(64)]
     for seq in seqs:
         sched.add(seq)
@@ -162,3 +163,57 @@ def test_random_workloads_complete_under_every_policy(policy: str, lengths: list
         assert seq.is_finished
         if seq.finish_reason is FinishReason.LENGTH:
             assert seq.output_token_ids == expected_tokens(seq, seq.stop.max_tokens)
+
+
+def test_tpot_step_budget_by_hand() -> None:
+    from controlplane.policies import TPOT_TARGET, BatchShape, DuetPolicy
+
+    assert TPOT_TARGET == 0.9
+    policy = DuetPolicy([], tbt_slo_ms=50.0, max_lookahead=8, hysteresis=0.0, slo="tpot", horizon=4)
+    batch = BatchShape(decode_contexts=[10, 10], decode_remaining=[100, 2], decode_outputs=[4, 10],
+                       decode_age_ms=[150.0, 250.0], ahead_ms=10.0, token_interval_ms=20.0)
+    # target 45 ms: item 0: 45*4 - 150 + (4 - 1) * (45 - 20) = 105; item 1: 450 - 250 + (2 - 1) * 25 = 225
+    assert policy.step_budget_ms(batch) == pytest.approx(95.0)  # less 10 ms of steps in flight
+    slow = BatchShape(decode_contexts=[10], decode_remaining=[100], decode_outputs=[1], decode_age_ms=[0.0],
+                      token_interval_ms=70.0)
+    assert policy.step_budget_ms(slow) == 50.0  # in debt (45 - 3 * 25 < 50): never below the TBT SLO
+    tbt = DuetPolicy([], tbt_slo_ms=50.0, max_lookahead=8, hysteresis=0.0, slo="tbt")
+    assert not tbt.wants_slack and tbt.step_budget_ms(batch) == 50.0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _decoders_then_long_prompt(duet_slo: str, seconds_per_step: float) -> tuple[list[str], Scheduler]:
+    """64 decodes run 12 steps on a clock advancing `seconds_per_step` a step; then long prompts arrive."""
+    sched, runner = make("duet", tbt=25.0, duet_slo=duet_slo, tpot_horizon=4)
+    clock = FakeClock()
+    sched.slo_clock = clock
+    for i in range(64):
+        sched.add(make_seq(i, 200, 400))
+    for _ in range(12):
+        clock.t += seconds_per_step
+        step(sched, runner)
+    for i in range(100, 104):
+        sched.add(make_seq(i, 4000, 4))  # a mixed 2048-token step predicts well over 25 ms
+    modes = []
+    for _ in range(4):
+        clock.t += seconds_per_step
+        modes.append(step(sched, runner)[0].mode)
+    return modes, sched
+
+
+def test_tpot_budget_runs_a_long_mixed_step_aggregated_while_requests_have_slack() -> None:
+    fast, sched = _decoders_then_long_prompt("tpot", 0.010)  # 10 ms a token against a 25 ms SLO
+    assert fast[0] == "aggregated"
+    seq = sched.seqs[0]
+    assert seq.first_token_at > 0 and sched._token_interval_ms < 25.0
+    paper, _ = _decoders_then_long_prompt("tbt", 0.010)
+    assert paper[0] == "multiplexed"  # the same batch breaks the per-step rule
+    slow, _ = _decoders_then_long_prompt("tpot", 0.030)  # 30 ms a token: every request is in debt
+    assert slow[0] == "multiplexed"

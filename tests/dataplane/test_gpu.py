@@ -36,7 +36,7 @@ def random_batch(query_lens: list[int], context_lens: list[int], num_blocks: int
     return AttentionBatch(query_lens, context_lens, tables, BS)
 
 
-@pytest.mark.parametrize("kind", ["mixed", "decode"])
+@pytest.mark.parametrize("kind", ["mixed", "decode", "split"])
 def test_flashinfer_matches_torch_attention(kind: str) -> None:
     from dataplane.attention.flashinfer_backend import FlashInferAttention
 
@@ -45,16 +45,20 @@ def test_flashinfer_matches_torch_attention(kind: str) -> None:
     gen = torch.Generator().manual_seed(0)
     if kind == "mixed":
         batch = random_batch([37, 1, 1, 200, 5], [0, 300, 17, 64, 1000], 400, gen)
+    elif kind == "split":  # 40 leading decodes: the decode kernel takes them, FA3 the chunks after
+        contexts = torch.randint(1, 200, (40,), generator=gen).tolist()
+        batch = random_batch([1] * 40 + [150, 1, 3], contexts + [0, 40, 200], 700, gen)
     else:
         batch = random_batch([1] * 9, [1, 15, 16, 17, 100, 511, 512, 1500, 3000], 700, gen)
     t = batch.num_tokens
     q = torch.randn(t, 32, 128, device=dev, dtype=dtype)
     k = torch.randn(t, 8, 128, device=dev, dtype=dtype)
     v = torch.randn(t, 8, 128, device=dev, dtype=dtype)
-    cache = torch.randn(700 if kind == "decode" else 400, 2, BS, 8, 128, device=dev, dtype=dtype)
+    cache = torch.randn(400 if kind == "mixed" else 700, 2, BS, 8, 128, device=dev, dtype=dtype)
     cache_ref = cache.clone()
     fi = FlashInferAttention(shape, dev)
     fi.begin_step(batch, dev)
+    assert fi._split == (40 if kind == "split" else 0)
     out = fi.forward(0, q, k, v, cache)
     ref_backend = TorchPagedAttention()
     ref_backend.begin_step(batch, dev)

@@ -118,3 +118,20 @@ def test_forward_before_begin_step_raises() -> None:
     with pytest.raises(RuntimeError):
         TorchPagedAttention().forward(0, torch.zeros(1, HQ, D), torch.zeros(1, HKV, D),
                                       torch.zeros(1, HKV, D), torch.zeros(1, 2, 4, HKV, D))
+
+
+def test_flashinfer_host_plan_of_a_slice_equals_the_plan_of_that_sub_batch() -> None:
+    """A split mixed step plans its leading decodes and the rest as two batches (no flashinfer needed)."""
+    from dataplane.attention.flashinfer_backend import host_plan, leading_decodes
+
+    q, c = [1, 1, 1, 37, 1, 5], [10, 33, 16, 0, 7, 100]
+    tables = _random_tables([a + b for a, b in zip(q, c)], 16, 64, torch.Generator().manual_seed(1))
+    batch = AttentionBatch(q, c, tables, 16)
+    assert leading_decodes(batch) == 3
+    for start, stop in ((0, 3), (3, 6), (0, 6)):
+        part = AttentionBatch(q[start:stop], c[start:stop], tables[start:stop], 16)
+        got, want = host_plan(batch, start, stop), host_plan(part)
+        for name in ("qo_indptr", "kv_indptr", "kv_indices", "kv_last_page_len"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), (start, stop, name)
+    assert host_plan(batch, 3).qo_indptr.tolist() == [0, 37, 38, 43]
+    assert leading_decodes(AttentionBatch([4, 1], [0, 3], tables[:2], 16)) == 0

@@ -1,0 +1,167 @@
+"""Virtual-time replay of a trace through the real scheduler and the simulated GPU's timing model:
+one process, no sockets, no sleeping, deterministic -- a policy sweep in seconds on a busy CPU.
+
+    python benchmarks/policy_sim.py --trace conv --rates 12,20,28 --policies duet,duet-tbt,aggregated
+
+Each step costs what `dataplane.sim_worker.SimGpu` says (the declared profile of `--gpu` and its
+launch model), runs in order on one simulated GPU stream, and is planned `--host-ms` after the
+scheduler could plan it; with async scheduling two steps are in flight, as in the engine. A
+multiplexed step's look-ahead tokens reach the client as each pass ends (StepProgress), the rest
+at the step's end. Metrics are `duetserve bench serve`'s, computed by the same code from the same
+per-request arrays. What it leaves out: the control plane's real host time, noise, HBM contention
+between partitions (see benchmarks/results/sim-vs-h200.md for how the simulator compares with the GPU).
+It decides nothing: it drives the scheduler and reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from controlplane.bench_serve import Goodput, arrivals, compute_metrics, per_request  # noqa: E402
+from controlplane.kv_blocks import BlockAllocator  # noqa: E402
+from controlplane.replay import RequestRecord, load_trace  # noqa: E402
+from controlplane.scheduler import Scheduler, SeqUpdate  # noqa: E402
+from controlplane.sequence import Sequence, StopParams  # noqa: E402
+from dataplane.sim_worker import SimGpu, sim_ready  # noqa: E402
+from shared.config import SchedulerConfig  # noqa: E402
+from shared.messages import SamplingParams, StepProgress, StepResult  # noqa: E402
+
+TRACES = {"code": "azure_llm_2023_code.csv", "conv": "azure_llm_2023_conv.csv"}
+
+
+def policy_config(policy: str, base: SchedulerConfig) -> SchedulerConfig:
+    """`duet-tbt` is duet under the paper's per-step rule; other names are SchedulerConfig policies."""
+    import msgspec
+
+    if policy == "duet-tbt":
+        return msgspec.structs.replace(base, policy="duet", duet_slo="tbt")
+    return msgspec.structs.replace(base, policy=policy)  # type: ignore[arg-type]
+
+
+def simulate(trace: Path, rate: float, num_requests: int, config: SchedulerConfig, *, gpu: str = "h200",
+             execution: str = "flashinfer", host_ms: float = 1.0,
+             decode_partition_sms: list[int] | None = None) -> tuple[dict[str, object], Scheduler]:
+    """Replay `num_requests` of `trace` at `rate` req/s; returns bench-serve metrics and the scheduler."""
+    workload = load_trace(trace, limit=num_requests)
+    send = arrivals(workload, "trace", rate, 1.0, 0)
+    ready = sim_ready("qwen3-8b", gpu, execution=execution, decode_partition_sms=decode_partition_sms)
+    gpu_model = SimGpu(ready, time_scale=0.0)
+    sched = Scheduler(config, BlockAllocator(ready.num_kv_blocks, ready.block_size), ready.max_model_len,
+                      frozenset(ready.model.eos_token_ids), ready)
+    now = 0.0
+    sched.slo_clock = lambda: now
+    records: list[RequestRecord] = []
+    by_seq: dict[int, RequestRecord] = {}
+    events: list[tuple[float, int, object]] = []  # (time s, order, payload)
+    order = 0
+
+    def push(t: float, payload: object) -> None:
+        nonlocal order
+        heapq.heappush(events, (t, order, payload))
+        order += 1
+
+    for i, (req, at) in enumerate(zip(workload, send)):
+        max_tokens = max(1, min(req.output_tokens, ready.max_model_len - 1))
+        prompt = max(1, min(req.prompt_tokens, ready.max_model_len - max_tokens))
+        record = RequestRecord(i, prompt, max_tokens, sent=at)
+        records.append(record)
+        push(at, ("arrive", i))
+    gpu_free = 0.0
+
+    def apply(updates: list[SeqUpdate]) -> None:
+        for u in updates:
+            rec = by_seq[u.seq.seq_id]
+            if u.new_token_ids:
+                rec.chunks.append((now, len(u.new_token_ids)))
+                rec.completion_tokens += len(u.new_token_ids)
+            if u.finished:
+                rec.finish_reason = "length"
+
+    while events:
+        now, _, payload = heapq.heappop(events)
+        kind, value = payload  # type: ignore[misc]
+        if kind == "arrive":
+            rec = records[value]
+            seq = Sequence(seq_id=value, request_id=str(value), prompt_token_ids=[16 + (value + j) % 1000 for j in
+                                                                                  range(rec.prompt_tokens)],
+                           sampling=SamplingParams(temperature=0.0),
+                           stop=StopParams(max_tokens=rec.max_tokens, ignore_eos=True), arrival_time=now)
+            by_seq[value] = rec
+            sched.add(seq)
+        elif kind == "progress":
+            apply(sched.progress(value))
+        else:
+            apply(sched.update(value))
+        while len(sched.inflight) < sched.max_inflight and sched.has_work():
+            plan = sched.schedule()
+            if plan is None:
+                break
+            timings, ends, decode_ids = gpu_model._plan_times(plan)
+            result = gpu_model.runner.execute(plan)
+            start = max(now + host_ms / 1e3, gpu_free)
+            gpu_free = start + timings.total_ms / 1e3
+            full = {o.seq_id: o for o in result.outputs}
+            reported = 0
+            for j, end in enumerate(ends):
+                if end >= timings.total_ms:
+                    break
+                outs = [type(full[s])(seq_id=s, token_ids=full[s].token_ids[j:j + 1]) for s in sorted(decode_ids)
+                        if s in full and len(full[s].token_ids) > j]
+                push(start + end / 1e3, ("progress", StepProgress(step_id=plan.step_id, outputs=outs)))
+                reported = j + 1
+            rest = [type(o)(seq_id=o.seq_id, token_ids=o.token_ids[reported:]) if o.seq_id in decode_ids else o
+                    for o in result.outputs]
+            push(gpu_free, ("result", StepResult(step_id=plan.step_id, outputs=[o for o in rest if o.token_ids],
+                                                 failures=result.failures, timings=timings)))
+    duration = max((r.chunks[-1][0] for r in records if r.chunks), default=0.0) - min(send)
+    arrays = per_request(records)
+    return compute_metrics(arrays, duration, Goodput(ttft_ms=config.ttft_slo_ms, tpot_ms=config.tbt_slo_ms)), sched
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trace", default="conv", help="code, conv or a CSV path")
+    p.add_argument("--trace-dir", type=Path, default=ROOT.parent / "shared" / "traces")
+    p.add_argument("--rates", default="12,20,28")
+    p.add_argument("--policies", default="duet,duet-tbt,aggregated,prefill-first")
+    p.add_argument("--seconds", type=float, default=15.0, help="trace time per rate point")
+    p.add_argument("--max-requests", type=int, default=300)
+    p.add_argument("--gpu", default="h200")
+    p.add_argument("--execution", default="flashinfer", choices=("flashinfer", "roofline"))
+    p.add_argument("--host-ms", type=float, default=1.0)
+    p.add_argument("--budget", type=int, default=2048)
+    p.add_argument("--tpot-slo-ms", type=float, default=50.0)
+    p.add_argument("--ttft-slo-ms", type=float, default=2000.0)
+    p.add_argument("--tpot-horizon", type=int, default=SchedulerConfig().tpot_horizon)
+    p.add_argument("--decode-partition-sms", default="16,24,32,48,64")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    trace = Path(args.trace) if args.trace not in TRACES else args.trace_dir / TRACES[args.trace]
+    base = SchedulerConfig(max_num_batched_tokens=args.budget, tbt_slo_ms=args.tpot_slo_ms,
+                           ttft_slo_ms=args.ttft_slo_ms, tpot_horizon=args.tpot_horizon)
+    sizes = [int(x) for x in args.decode_partition_sms.split(",")] if args.decode_partition_sms else None
+    rows = []
+    for rate in (float(r) for r in args.rates.split(",")):
+        n = int(min(args.max_requests, max(60, rate * args.seconds)))
+        for policy in args.policies.split(","):
+            m, sched = simulate(trace, rate, n, policy_config(policy, base), gpu=args.gpu,
+                                execution=args.execution, host_ms=args.host_ms, decode_partition_sms=sizes)
+            steps = sched.stats.summary().get("steps", {})
+            rows.append({"policy": policy, "rate": rate, **{k: v for k, v in m.items() if not isinstance(v, list)},
+                         "steps": steps})
+            print(f"{policy:>13} @ {rate:5.1f}: goodput {m['request_goodput']:6.2f} req/s ({m['slo_attainment']:4.0%})"
+                  f"  TTFT p99 {m['p99_ttft_ms']:7.0f} ms  TPOT p99 {m['p99_tpot_ms']:6.1f} ms"
+                  f"  ITL p99 {m['p99_itl_ms']:6.1f} ms  steps {steps}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
