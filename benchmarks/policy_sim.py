@@ -37,22 +37,45 @@ TRACES = {"code": "azure_llm_2023_code.csv", "conv": "azure_llm_2023_conv.csv"}
 
 
 def policy_config(policy: str, base: SchedulerConfig) -> SchedulerConfig:
-    """`duet-tbt` is duet under the paper's per-step rule; other names are SchedulerConfig policies."""
+    """`duet-tbt` is duet under the paper's rule (every mixed step fits the TBT SLO, split or not),
+    `duet-notrim` without the trimmed-chunk candidate; other names are SchedulerConfig policies."""
     import msgspec
 
     if policy == "duet-tbt":
-        return msgspec.structs.replace(base, policy="duet", duet_slo="tbt")
+        return msgspec.structs.replace(base, policy="duet", duet_slo="tbt", duet_trim=False)
+    if policy == "duet-notrim":
+        return msgspec.structs.replace(base, policy="duet", duet_trim=False)
     return msgspec.structs.replace(base, policy=policy)  # type: ignore[arg-type]
 
 
+def slowed(gpu_model: SimGpu, eager_scale: float, partition_scale: float, isolation: float) -> None:
+    """Scale the simulated GPU's pass times the way a GPU run departs from the declared model: eager
+    (chunked) passes on the whole device by `eager_scale`, on a partition by `partition_scale`, decode
+    passes on a partition (beside a prefill, sharing HBM) by `isolation`."""
+    full, base = gpu_model.ready.device.sm_count, gpu_model._ms
+
+    def ms(cost, sms):  # noqa: ANN001, ANN202
+        t = base(cost, sms)
+        on_partition = sms is not None and sms < full
+        if cost.ragged:
+            return t * (partition_scale if on_partition else eager_scale)
+        return t * isolation if on_partition else t
+
+    gpu_model._ms = ms  # type: ignore[method-assign]
+
+
 def simulate(trace: Path, rate: float, num_requests: int, config: SchedulerConfig, *, gpu: str = "h200",
-             execution: str = "flashinfer", host_ms: float = 1.0,
-             decode_partition_sms: list[int] | None = None) -> tuple[dict[str, object], Scheduler]:
-    """Replay `num_requests` of `trace` at `rate` req/s; returns bench-serve metrics and the scheduler."""
+             execution: str = "flashinfer", host_ms: float = 1.0, decode_partition_sms: list[int] | None = None,
+             scales: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> tuple[dict[str, object], Scheduler]:
+    """Replay `num_requests` of `trace` at `rate` req/s; returns bench-serve's metrics and per-request
+    arrays (as `duetserve bench serve` writes them), and the scheduler.
+    `scales`: (eager, partition, isolation) factors, see `slowed`."""
     workload = load_trace(trace, limit=num_requests)
     send = arrivals(workload, "trace", rate, 1.0, 0)
     ready = sim_ready("qwen3-8b", gpu, execution=execution, decode_partition_sms=decode_partition_sms)
     gpu_model = SimGpu(ready, time_scale=0.0)
+    if scales != (1.0, 1.0, 1.0):
+        slowed(gpu_model, *scales)
     sched = Scheduler(config, BlockAllocator(ready.num_kv_blocks, ready.block_size), ready.max_model_len,
                       frozenset(ready.model.eos_token_ids), ready)
     now = 0.0
@@ -122,7 +145,8 @@ def simulate(trace: Path, rate: float, num_requests: int, config: SchedulerConfi
                                                  failures=result.failures, timings=timings)))
     duration = max((r.chunks[-1][0] for r in records if r.chunks), default=0.0) - min(send)
     arrays = per_request(records)
-    return compute_metrics(arrays, duration, Goodput(ttft_ms=config.ttft_slo_ms, tpot_ms=config.tbt_slo_ms)), sched
+    goodput = Goodput(ttft_ms=config.ttft_slo_ms, tpot_ms=config.tbt_slo_ms)
+    return {**compute_metrics(arrays, duration, goodput), **arrays}, sched
 
 
 def main() -> None:
@@ -141,6 +165,10 @@ def main() -> None:
     p.add_argument("--ttft-slo-ms", type=float, default=2000.0)
     p.add_argument("--tpot-horizon", type=int, default=SchedulerConfig().tpot_horizon)
     p.add_argument("--decode-partition-sms", default="16,24,32,48,64")
+    p.add_argument("--scales", default="1,1,1", metavar="EAGER,PARTITION,ISOLATION",
+                   help="slow the declared model down like a GPU run: eager passes on the whole device, eager "
+                        "passes on a partition, decode on a partition beside a prefill (H200 measured about "
+                        "1.17,1.44,1.17: benchmarks/results/sim-vs-h200.md, multiplex-h200.json)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     trace = Path(args.trace) if args.trace not in TRACES else args.trace_dir / TRACES[args.trace]
@@ -152,7 +180,8 @@ def main() -> None:
         n = int(min(args.max_requests, max(60, rate * args.seconds)))
         for policy in args.policies.split(","):
             m, sched = simulate(trace, rate, n, policy_config(policy, base), gpu=args.gpu,
-                                execution=args.execution, host_ms=args.host_ms, decode_partition_sms=sizes)
+                                execution=args.execution, host_ms=args.host_ms, decode_partition_sms=sizes,
+                                scales=tuple(float(x) for x in args.scales.split(",")))  # type: ignore[arg-type]
             steps = sched.stats.summary().get("steps", {})
             rows.append({"policy": policy, "rate": rate, **{k: v for k, v in m.items() if not isinstance(v, list)},
                          "steps": steps})

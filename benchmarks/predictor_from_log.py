@@ -79,6 +79,12 @@ def rescore(path: Path, seed: int, seeds: int) -> int:
             m = [r[name].mape for r in runs]  # type: ignore[union-attr]
             print(f"{name} over {seeds} orders: mean {100 * statistics.fmean(m):.1f}%, "
                   f"sd {100 * statistics.pstdev(m):.1f}, min {100 * min(m):.1f}%, max {100 * max(m):.1f}%")
+        kinds = [by_kind(r["samples"]) for r in runs]  # type: ignore[arg-type]
+        means = {k: [v[k] for v in kinds if v[k] is not None] for k in KINDS}
+        serving = [m for _, m in (serving_mape(r["samples"]) for r in runs) if m is not None]  # type: ignore[arg-type]
+        print(f"new over {seeds} orders, mean per kind: " + ", ".join(
+            f"{k} {100 * statistics.fmean(v):.1f}%" for k, v in means.items() if v)
+            + (f"; serving shapes {100 * statistics.fmean(serving):.1f}%" if serving else ""))
     return 0
 
 

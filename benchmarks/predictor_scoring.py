@@ -10,6 +10,7 @@ predictor learns from it, as in serving. Pure Python: no torch, no I/O.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import statistics
 
@@ -148,9 +149,13 @@ def profile_of(result: dict) -> HardwareProfile:
 
 
 def execution_of(result: dict) -> ExecutionProfile:
+    """The launch model a results file was measured under: its own, or (older files) the declared one
+    as it was then -- before mixed steps split their attention (a file without the field predates it)."""
     if "execution_profile" in result:
         return ExecutionProfile(**result["execution_profile"])
-    return execution_profile_for(result.get("device", "NVIDIA H100 80GB HBM3"), result.get("attention_backend", "flashinfer"))
+    declared = execution_profile_for(result.get("device", "NVIDIA H100 80GB HBM3"),
+                                     result.get("attention_backend", "flashinfer"))
+    return dataclasses.replace(declared, split_min_decodes=0)
 
 
 def new_predictor(result: dict) -> Predictor:

@@ -55,8 +55,8 @@ class Server:
                "--policy", base, "--tbt-slo-ms", str(args.tpot_slo_ms), "--ttft-slo-ms", str(args.ttft_slo_ms),
                "--max-num-batched-tokens", str(args.budget), "--max-num-seqs", str(args.max_num_seqs),
                "--metrics-port", str(self.metrics), "--log-level", "WARNING"]
-        if policy == "duet-tbt":  # the paper's rule: every mixed step fits the TBT SLO
-            cmd += ["--duet-slo", "tbt"]
+        if policy == "duet-tbt":  # the paper's rule: every mixed step fits the TBT SLO, split or not
+            cmd += ["--duet-slo", "tbt", "--no-duet-trim"]
         if args.simulate:
             from controlplane.launcher import spawn_sim_dataplane
 

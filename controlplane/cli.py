@@ -90,6 +90,10 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tpot-horizon", type=int, default=d.tpot_horizon,
                    help="duet policy with --duet-slo tpot: future tokens a request's TPOT may count on "
                         f"(default {d.tpot_horizon})")
+    p.add_argument("--duet-trim", action=argparse.BooleanOptionalAction, default=d.duet_trim,
+                   help="duet policy: when the mixed batch breaks its step budget, also weigh the batch "
+                        "aggregated with its prompt chunks cut to fit against the best SM split "
+                        f"(default {'on' if d.duet_trim else 'off'}; --no-duet-trim: split or nothing, as in the paper)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=d.async_scheduling,
                    help="plan step i+1 while step i runs on the GPU (its sampled tokens stay on the device), "
                         "hiding both planes' host work; --no-async-scheduling plans one step at a time "
@@ -101,7 +105,8 @@ def scheduler_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         policy=args.policy, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         tbt_slo_ms=args.tbt_slo_ms, ttft_slo_ms=args.ttft_slo_ms, static_decode_sms=args.static_decode_sms,
         static_lookahead=args.static_lookahead, max_lookahead=args.max_lookahead, hysteresis=args.hysteresis,
-        duet_slo=args.duet_slo, tpot_horizon=args.tpot_horizon, async_scheduling=args.async_scheduling,
+        duet_slo=args.duet_slo, tpot_horizon=args.tpot_horizon, duet_trim=args.duet_trim,
+        async_scheduling=args.async_scheduling,
     )
 
 

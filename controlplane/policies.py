@@ -37,12 +37,10 @@ class BatchShape:
     chunks: list[tuple[int, int, bool]] = field(default_factory=list)  # other items: (q, c, samples)
     # Filled only for policies that ask (`wants_slack`): per decode item, its output tokens before
     # this step's (in flight included) and the time since its first token reached the control plane
-    # (0 while that token is still in flight); how long the steps in flight still run; the recent
-    # time between a decode item's tokens.
+    # (0 while that token is still in flight); how long the steps in flight still run.
     decode_outputs: list[int] = field(default_factory=list)
     decode_age_ms: list[float] = field(default_factory=list)
     ahead_ms: float = 0.0
-    token_interval_ms: float = 0.0
 
     @property
     def num_decode(self) -> int:
@@ -60,11 +58,32 @@ class ModeDecision:
     decode_sms: int = 0
     decode_steps: int = 1
     predicted_ms: float = 0.0  # the step's predicted time, where the policy predicted it (else 0)
+    prefill_tokens: int | None = None  # aggregated with the batch's chunks cut to this many tokens
 
 
 AGGREGATED = ModeDecision()
 # duet with slo="tpot" plans for this fraction of the TPOT SLO: room for prediction error and pace changes
 TPOT_TARGET = 0.9
+# duet's trimmed-chunk candidate keeps at least this many prefill tokens (fewer: the step is mostly an
+# eager launch for nothing, and prompts would starve)
+MIN_TRIMMED_PREFILL = 256
+
+
+def trim_chunks(chunks: list[tuple[int, int, bool]], cap: int) -> list[tuple[int, int, bool]]:
+    """The chunks a step keeps when its prefill tokens are cut to `cap`, from the last chunk back
+    (the scheduler cuts its draft the same way): a cut chunk no longer samples."""
+    out: list[tuple[int, int, bool]] = []
+    left = cap
+    for q, c, samples in chunks:
+        if left <= 0:
+            break
+        if q <= left:
+            out.append((q, c, samples))
+            left -= q
+        else:
+            out.append((left, c, False))
+            left = 0
+    return out
 
 
 class StepForecast:
@@ -150,11 +169,15 @@ class StaticPolicy:
 class DuetPolicy:
     """DESIGN.md: aggregated while the mixed batch fits the step budget, else the optimizer's split.
 
-    The step budget is the TBT SLO (`slo="tbt"`, the paper's rule) or, with `slo="tpot"`, the
-    longest step every decode item's TPOT can absorb against `TPOT_TARGET` of the SLO: its slack
-    so far (target * tokens so far - time since its first token), plus what its next `horizon`
-    tokens earn (or owe) at the recent pace, less the steps still in flight -- never below the TBT
-    SLO. Multiplexed decode steps always keep the TBT SLO.
+    The step budget is the TBT SLO (`slo="tbt"`, the paper's rule) or, with `slo="tpot"`, what
+    every decode item's TPOT can absorb against `TPOT_TARGET` of the SLO: the longest step time
+    that, repeated for this token and the item's next `horizon - 1` (fewer if it ends sooner),
+    after the steps in flight, keeps (time since its first token) / (tokens - 1) at the target.
+    A request that banked time on fast steps lets a long step through; a new one allows about the
+    target; never below the target. Multiplexed decode steps always keep the TBT SLO. When the mixed batch breaks the budget,
+    the optimizer's best split competes (with `trim`) with the same batch aggregated but its chunks
+    cut to fit the budget; the higher tokens per ms wins (the split's objective counts its
+    look-ahead decode tokens).
     """
 
     splits: list[Split]
@@ -163,6 +186,7 @@ class DuetPolicy:
     hysteresis: float
     slo: DuetSlo = "tbt"
     horizon: int = 16
+    trim: bool = False
     previous: Split | None = None
     name: str = "duet"
     composition: Composition = "decode_first"
@@ -172,36 +196,66 @@ class DuetPolicy:
         self.wants_slack = self.slo == "tpot"
 
     def step_budget_ms(self, batch: BatchShape) -> float:
-        """How long this step may take: the TBT SLO, or what every decode item's TPOT absorbs."""
+        """How long this step may take: the TBT SLO, or the longest step time that every decode item
+        could sustain for this token and its next `horizon - 1` with its TPOT at the target."""
         slo = self.tbt_slo_ms
         if not self.wants_slack or not batch.decode_outputs:
             return slo
-        target = slo * TPOT_TARGET
-        gain, h = target - batch.token_interval_ms, self.horizon
-        allowed = min(target * n - age + (min(r, h) - 1) * gain
-                      for n, age, r in zip(batch.decode_outputs, batch.decode_age_ms, batch.decode_remaining))
-        return max(slo, allowed - batch.ahead_ms)
+        target, h, ahead = slo * TPOT_TARGET, self.horizon, batch.ahead_ms
+        # m more tokens at s ms each, after `ahead`: (age + ahead + m s) / (n + m - 1) <= target
+        allowed = min((target * (n + m - 1) - age - ahead) / m
+                      for n, age, r in zip(batch.decode_outputs, batch.decode_age_ms, batch.decode_remaining)
+                      for m in (r if r < h else h,))
+        return allowed if allowed > target else target
 
     def decide(self, batch: BatchShape, forecast: StepForecast | None) -> ModeDecision:
         if forecast is None:
             return AGGREGATED
-        if not self.splits or not batch.num_decode or not batch.chunks:
+        if not (self.splits or self.trim) or not batch.num_decode or not batch.chunks:
             # the scheduler's estimate of the steps in flight wants this step's time too
             return ModeDecision(predicted_ms=forecast.mixed_ms()) if self.wants_slack else AGGREGATED
         mixed_ms = forecast.mixed_ms()
+        budget = self.step_budget_ms(batch)
+        if mixed_ms <= budget:
+            return ModeDecision(predicted_ms=mixed_ms)
         pred = forecast.predictor
         choice = decide(
-            mixed_ms, self.step_budget_ms(batch), self.splits,
+            mixed_ms, budget, self.splits,
             lambda s: pred.predict_ms(forecast.prefill, "mux_prefill", s),
             lambda s: pred.predict_ms(forecast.decode, "mux_decode", s),
             batch.prefill_tokens, useful_decode_tokens(batch.decode_remaining, self.max_lookahead),
             self.previous, self.hysteresis, tbt_ms=self.tbt_slo_ms,
-        )
+        ) if self.splits else None
+        trimmed = self.trimmed(batch, forecast, budget) if self.trim else None
+        if trimmed is not None and (choice is None or trimmed[2] >= choice.objective):
+            return ModeDecision(predicted_ms=trimmed[1], prefill_tokens=trimmed[0])
         if choice is None:
             return ModeDecision(predicted_ms=mixed_ms)
         self.previous = choice.split
         return ModeDecision("multiplexed", choice.split.prefill_sms, choice.split.decode_sms, choice.k,
                             choice.step_ms)
+
+    def trimmed(self, batch: BatchShape, forecast: StepForecast, budget_ms: float) -> tuple[int, float, float] | None:
+        """The aggregated step with the most prefill tokens that fits `budget_ms` (binary search on
+        the predicted mixed time, chunks cut from the last one back): (prefill tokens, predicted ms,
+        tokens per ms), or None if fewer than MIN_TRIMMED_PREFILL tokens fit."""
+        pred, decode = forecast.predictor, forecast.decode
+
+        def mixed_ms(cap: int) -> float:
+            return pred.predict_ms(decode.merge(pred.cost([], trim_chunks(batch.chunks, cap))), "mixed")
+
+        lo, hi = MIN_TRIMMED_PREFILL, batch.prefill_tokens - 1
+        if hi < lo or (lo_ms := mixed_ms(lo)) > budget_ms:
+            return None
+        best_ms = lo_ms
+        while hi - lo > max(lo // 16, 16):  # to within ~6%: each probe costs a roofline evaluation
+            mid = (lo + hi + 1) // 2
+            ms = mixed_ms(mid)
+            if ms <= budget_ms:
+                lo, best_ms = mid, ms
+            else:
+                hi = mid - 1
+        return lo, best_ms, (batch.num_decode + lo) / max(best_ms, 1e-9)
 
 
 def _static_split(config: SchedulerConfig, ready: WorkerReady) -> Split | None:
@@ -229,7 +283,7 @@ def make_policy(config: SchedulerConfig, ready: WorkerReady | None) -> Policy:
             log.warning("policy duet: the data plane sent no hardware profile; every step runs aggregated")
         splits = candidate_splits(ready.device.sm_count, ready.partition_sm_counts) if can_split and ready else []
         return DuetPolicy(splits, config.tbt_slo_ms, config.max_lookahead, config.hysteresis,
-                          config.duet_slo, config.tpot_horizon)
+                          config.duet_slo, config.tpot_horizon, config.duet_trim)
     return AggregatedPolicy()
 
 

@@ -4,21 +4,28 @@ Model of one step on S SMs (`shared.roofline`, constants from the worker's Hardw
 declared `ExecutionProfile`):
 
     device = roofline (ragged-kernel tiles included) + kernels * kernel_us (+ pre-replay host time)
-    t      = max(a + b * device, floor)     an eager step: the host must launch it op by op
-    t      = a + b * device                 a decode step replayed as a CUDA graph
+    fit    = a + b * device + c * compute + d * ragged
+    t      = max(fit, floor)     an eager step: the host must launch it op by op
+    t      = fit                 a decode step replayed as a CUDA graph
 
-`a + b * device` is an exponentially-forgetting least-squares fit per (regime, SM-count bucket),
-pulled towards `a = 0, b = 1` until data arrives, with outliers clipped to 4x the current
-prediction once it has a few samples; a key with fewer than `min_key_samples` fits falls back to
-the regime's pooled fit (and a multiplexed phase to its aggregated twin's). `floor` is learnt per
-(launch path, SM bucket) -- eager decode kernel or eager ragged kernel; a small partition runs the
-many small kernels of an eager step slower -- starting from the declared host-launch time, with
-the same fallback to the path's pooled floor: a measurement whose device prediction lies below the
-floor is floor-bound and moves the floor, any other moves the device fit (and the floor too, if
-it came in under it). Every observation is
-first scored against the prediction made before it (absolute percentage error), so `report()` is
-an honest running MAPE, per regime and per (regime, SM bucket); it also scores the plain
-roofline of DESIGN.md (`raw`) and the uncorrected launch-aware model (`prior`) on the same steps.
+`compute` is the step's dense FLOPs at Pi(S): the roofline's max() hides it wherever the weight
+reads dominate, yet real small-M GEMMs add it (decode steps grow ~0.8 ms per ms of it on an H200,
+on every SM count); `ragged` is the ragged kernel's attention (0 in a decode-kernel step), the
+least certain part of the model (a decode item as a whole tile; slower still on a partition).
+The fit is an exponentially-forgetting least squares in relative error per (regime, SM-count
+bucket), with outliers clipped to 4x the current prediction once it has a few samples and a ridge
+prior: a regime's pooled fit (over all SM counts) is pulled towards the uncorrected model
+`a = 0, b = 1, c = d = 0`, each bucket's fit towards its pooled fit, so what is shared across SM
+counts (the compute term's weight) need not be relearnt per bucket. A bucket with fewer than
+`min_key_samples` fits uses the regime's pooled fit (and a multiplexed phase its aggregated twin's).
+`floor` is learnt per (launch path, SM bucket) -- eager decode kernel or eager ragged kernel; the
+host floor differs by partition -- starting from the path's pooled floor and used from the first
+floor-bound step it sees: a measurement whose device prediction lies below the floor is
+floor-bound and moves the floor, any other moves the device fit (and the floor too, if it came in
+under it). Every observation is first scored against the prediction made before it (absolute
+percentage error), so `report()` is an honest running MAPE, per regime and per (regime, SM
+bucket); it also scores the plain roofline of DESIGN.md (`raw`) and the uncorrected launch-aware
+model (`prior`) on the same steps.
 Pure: no I/O, no torch, no scheduling decisions.
 """
 
@@ -53,64 +60,118 @@ class StepEstimate:
 
     `path` says how the step is launched: "graph" (no host floor) or eagerly through the decode or
     the ragged attention kernel (each its own host floor). `roofline_ms` is the plain roofline,
-    kept to report its error next to the model's (0 when not asked for)."""
+    kept to report its error next to the model's (0 when not asked for). `compute_ms` (the dense
+    FLOPs at Pi(S)) and `ragged_ms` (the ragged kernel's attention, 0 for a decode-kernel step) are
+    parts of `device_ms` that the correction weighs on their own: see `Roofline.device_terms`."""
 
     device_ms: float
     path: Path
     sms: int
     roofline_ms: float = 0.0
+    compute_ms: float = 0.0
+    ragged_ms: float = 0.0
 
     @property
     def eager(self) -> bool:
         return self.path != "graph"
 
 
+FEATURES = 4  # of a device fit: 1, device, dense compute, ragged attention
+_UNCORRECTED = (0.0, 1.0, 0.0, 0.0)  # measured = device: the launch-aware model as declared
+
+
+def _solve_spd(m: list[list[float]], r: list[float]) -> list[float]:
+    """x with m x = r for a symmetric positive-definite m (elimination without pivoting, which such
+    a matrix does not need); overwrites m and r."""
+    n = len(r)
+    for k in range(n):
+        row_k, pivot = m[k], m[k][k]
+        for i in range(k + 1, n):
+            row_i = m[i]
+            f = row_i[k] / pivot
+            for j in range(k + 1, n):
+                row_i[j] -= f * row_k[j]
+            r[i] -= f * r[k]
+    x = [0.0] * n
+    for i in range(n - 1, -1, -1):
+        row_i, acc = m[i], r[i]
+        for j in range(i + 1, n):
+            acc -= row_i[j] * x[j]
+        x[i] = acc / row_i[i]
+    return x
+
+
 @dataclass
 class Correction:
-    """Online fit of measured = a + b * raw with forgetting factor `forget` and a ridge prior."""
+    """Online fit of measured = a + b * device + c * compute + d * ragged (`StepEstimate`'s terms).
+
+    Exponentially forgetting least squares in relative error (each observation weighted by
+    1 / measured^2: a 5 ms decode counts as much as a 300 ms prefill, as in the MAPE it is judged
+    by), with a ridge prior worth `prior_weight` average observations that pulls the coefficients
+    towards `parent`'s (a pooled fit: what the other SM buckets of the regime have learnt), or
+    towards the uncorrected `a = 0, b = 1, c = d = 0` where there is none. A term not yet seen
+    non-zero keeps its prior coefficient."""
 
     forget: float = 0.95
-    prior_weight: float = 0.25
+    prior_weight: float = 0.5
     warmup: float = 5.0
     outlier_ratio: float = 4.0
+    parent: Correction | None = field(default=None, repr=False, compare=False)
     n: float = 0.0
-    sx: float = 0.0
-    sy: float = 0.0
-    sxx: float = 0.0
-    sxy: float = 0.0
-    scale_sq: float = 0.0  # typical raw^2: sets the prior's strength on b in the data's units
-    a: float = 0.0
-    b: float = 1.0
     count: int = 0  # observations learnt from
+    coef: list[float] = field(default_factory=lambda: list(_UNCORRECTED))
+    _m: list[list[float]] = field(default_factory=lambda: [[0.0] * FEATURES for _ in range(FEATURES)], repr=False)
+    _r: list[float] = field(default_factory=lambda: [0.0] * FEATURES, repr=False)
 
-    def apply(self, raw_ms: float) -> float:
-        return max(self.a + self.b * raw_ms, 0.1 * raw_ms, 0.0)
+    @property
+    def a(self) -> float:
+        return self.coef[0]
 
-    def update(self, raw_ms: float, measured_ms: float) -> None:
+    @property
+    def b(self) -> float:
+        return self.coef[1]
+
+    def apply(self, device_ms: float, compute_ms: float = 0.0, ragged_ms: float = 0.0) -> float:
+        c = self.coef
+        return max(c[0] + c[1] * device_ms + c[2] * compute_ms + c[3] * ragged_ms, 0.1 * device_ms, 0.0)
+
+    def update(self, device_ms: float, measured_ms: float, compute_ms: float = 0.0, ragged_ms: float = 0.0) -> None:
         if self.n >= self.warmup:  # an outlier (a GC pause, a preempted host) moves the fit 4x at most
-            predicted = self.apply(raw_ms)
+            predicted = self.apply(device_ms, compute_ms, ragged_ms)
             measured_ms = min(max(measured_ms, predicted / self.outlier_ratio), predicted * self.outlier_ratio)
-        lam = self.forget
+        if measured_ms <= 0.0:
+            return
+        x = (1.0, device_ms, compute_ms, ragged_ms)
+        lam, w = self.forget, 1.0 / (measured_ms * measured_ms)
         self.count += 1
         self.n = lam * self.n + 1.0
-        self.sx = lam * self.sx + raw_ms
-        self.sy = lam * self.sy + measured_ms
-        self.sxx = lam * self.sxx + raw_ms * raw_ms
-        self.sxy = lam * self.sxy + raw_ms * measured_ms
-        if self.scale_sq == 0.0:
-            self.scale_sq = max(raw_ms * raw_ms, 1e-9)
-        # Minimise sum w (y - a - b x)^2 + pa a^2 + pb (b - 1)^2: a 2x2 linear system.
-        pa, pb = self.prior_weight, self.prior_weight * self.scale_sq
-        m00, m01, m11 = self.n + pa, self.sx, self.sxx + pb
-        r0, r1 = self.sy, self.sxy + pb
-        det = m00 * m11 - m01 * m01
-        if det <= 0.0:
-            return
-        a = (r0 * m11 - m01 * r1) / det
-        b = (m00 * r1 - m01 * r0) / det
-        if b <= 0.0:  # a fit that says "slower batches run faster" is noise: keep the scale only
-            b, a = max(self.sy, 1e-9) / max(self.sx, 1e-9), 0.0
-        self.a, self.b = a, b
+        m, r = self._m, self._r  # m: the upper triangle of the weighted Gram matrix
+        for i in range(FEATURES):
+            wx = w * x[i]
+            r[i] = lam * r[i] + wx * measured_ms
+            row = m[i]
+            for j in range(i, FEATURES):
+                row[j] = lam * row[j] + wx * x[j]
+        self._fit()
+
+    def _fit(self) -> None:
+        """Minimise sum w (y - coef . x)^2 + sum_i p_i (coef_i - center_i)^2 over the terms seen so far
+        (a term never seen non-zero keeps the center's coefficient), p_i = `prior_weight` times term
+        i's mean weighted square per observation: a linear system of at most 4 unknowns."""
+        parent = self.parent
+        center = parent.coef if parent is not None and parent.count else _UNCORRECTED
+        gram, pw = self._m, self.prior_weight / self.n
+        active = [i for i in range(FEATURES) if gram[i][i] > 0.0]
+        m = [[gram[i][j] if i <= j else gram[j][i] for j in active] for i in active]
+        r = [self._r[i] + pw * gram[i][i] * center[i] for i in active]
+        for k, i in enumerate(active):
+            m[k][k] += pw * gram[i][i]
+        coef = list(center)
+        for k, v in zip(active, _solve_spd(m, r)):
+            coef[k] = v
+        if coef[1] <= 0.0:  # a fit that says "slower batches run faster" is noise: keep the scale only
+            coef = [0.0, max(self._r[1], 1e-12) / max(gram[1][1], 1e-12), 0.0, 0.0]
+        self.coef = coef
 
 
 @dataclass
@@ -235,11 +296,15 @@ class Predictor:
     def estimate(self, cost: BatchCost, regime: Regime, sms: int | None = None, graph: bool | None = None,
                  with_roofline: bool = False) -> StepEstimate:
         """Shape-derived times of `cost` on `sms` SMs; `graph` defaults to: decode regimes replay graphs."""
+        graph, path = self._launch(cost, regime, graph)
+        device, compute, ragged = self.roofline.device_terms(cost, sms, graph)
+        roofline = self.roofline.step_ms(cost, sms) if with_roofline else 0.0
+        return StepEstimate(device, path, sms or self.full_sms, roofline, compute, ragged)
+
+    def _launch(self, cost: BatchCost, regime: Regime, graph: bool | None) -> tuple[bool, Path]:
         if graph is None:
             graph = self.decode_graphs and regime in GRAPH_REGIMES and not cost.ragged
-        path: Path = "graph" if graph else ("eager-ragged" if cost.ragged else "eager-decode")
-        return StepEstimate(self.roofline.device_ms(cost, sms, graph), path, sms or self.full_sms,
-                            self.roofline.step_ms(cost, sms) if with_roofline else 0.0)
+        return graph, "graph" if graph else ("eager-ragged" if cost.ragged else "eager-decode")
 
     # ------------------------------------------------------------------ predictions
 
@@ -262,17 +327,22 @@ class Predictor:
 
     def floor_for(self, path: str, sms: int) -> HostFloor | None:
         """The host floor of an eager launch path on `sms` SMs: the (path, SM bucket) estimate once it
-        has `min_key_samples`, else the path's pooled one; None for a CUDA graph."""
+        has seen a floor-bound step (it starts from the pooled value, so one observation only nudges
+        it), else the path's pooled one; None for a CUDA graph."""
         pooled = self.floors.get(path)
         if pooled is None:
             return None
         keyed = self.keyed_floors.get((path, self.bucket(sms)))
-        return keyed if keyed is not None and keyed.count >= self.min_key_samples else pooled
+        return keyed if keyed is not None and keyed.count else pooled
 
     def predict(self, est: StepEstimate, regime: Regime) -> float:
         """The corrected step time (ms) of an estimate."""
-        device = self.correction_for(regime, est.sms).apply(est.device_ms)
-        floor = self.floor_for(est.path, est.sms)
+        return self._corrected(regime, est.sms, est.path, est.device_ms, est.compute_ms, est.ragged_ms)
+
+    def _corrected(self, regime: Regime, sms: int, path: str, device_ms: float, compute_ms: float,
+                   ragged_ms: float) -> float:
+        device = self.correction_for(regime, sms).apply(device_ms, compute_ms, ragged_ms)
+        floor = self.floor_for(path, sms)
         return device if floor is None else max(device, floor.value)
 
     def prior(self, est: StepEstimate) -> float:
@@ -281,7 +351,11 @@ class Predictor:
         return est.device_ms if pooled is None else max(est.device_ms, pooled.prior_ms)
 
     def predict_ms(self, cost: BatchCost, regime: Regime, sms: int | None = None, graph: bool | None = None) -> float:
-        return self.predict(self.estimate(cost, regime, sms, graph), regime) if not cost.empty else 0.0
+        """`predict(estimate(cost, ...))` without building the estimate: the scheduler's hot path."""
+        if cost.empty:
+            return 0.0
+        graph, path = self._launch(cost, regime, graph)
+        return self._corrected(regime, sms or self.full_sms, path, *self.roofline.device_terms(cost, sms, graph))
 
     # ------------------------------------------------------------------ learning
 
@@ -297,15 +371,19 @@ class Predictor:
         raw = est.roofline_ms or est.device_ms
         self.errors.setdefault(key, ErrorStats()).add(self.predict(est, regime), raw, self.prior(est), measured_ms)
         floor = self.floor_for(est.path, est.sms)
-        corr = self.correction_for(regime, est.sms)
-        device = corr.apply(est.device_ms)
+        terms = (est.device_ms, measured_ms, est.compute_ms, est.ragged_ms)
+        device = self.correction_for(regime, est.sms).apply(est.device_ms, est.compute_ms, est.ragged_ms)
         if floor is not None and (device < floor.value or measured_ms < floor.value):
             # floor-bound (the device fit learns nothing from it), or in under the floor: it is lower
             self._update_floor(est.path, est.sms, measured_ms)
             if device < floor.value:
                 return
-        self.corrections[regime].update(est.device_ms, measured_ms)
-        self.keyed.setdefault(key, Correction(forget=self.forget)).update(est.device_ms, measured_ms)
+        pooled = self.corrections[regime]
+        pooled.update(*terms)
+        keyed = self.keyed.get(key)
+        if keyed is None:  # a new SM bucket's fit is pulled towards the regime's pooled one
+            keyed = self.keyed[key] = Correction(forget=self.forget, parent=pooled)
+        keyed.update(*terms)
 
     def _update_floor(self, path: str, sms: int, measured_ms: float) -> None:
         pooled = self.floors[path]

@@ -33,9 +33,6 @@ from shared.messages import (
 )
 
 
-PACE_SMOOTHING = 0.2  # weight of the newest step in the decode pace's moving average
-
-
 @dataclass(slots=True)
 class SeqUpdate:
     """What one step did to one sequence, for the output processor."""
@@ -95,8 +92,6 @@ class Scheduler:
         # the clients' timeline; `duetserve simulate` rescales it when the data plane runs faster
         self.slo_clock: Callable[[], float] = time.monotonic
         self._wants_slack = bool(getattr(self.policy, "wants_slack", False))
-        self._token_interval_ms = config.tbt_slo_ms  # until measured: assume the SLO's pace
-        self._last_result_slo: float | None = None
 
     # ------------------------------------------------------------------ requests in and out
 
@@ -153,11 +148,14 @@ class Scheduler:
             self._compose_decode_first(draft)
         if not draft.tokens:
             self._result_at = None  # idle: the next gap is not the control plane's time
-            self._last_result_slo = None
             return self._build_plan(draft, AGGREGATED, None) if self._dropped_on_worker else None
         batch, decoders = self._batch_shape(draft)
         forecast = StepForecast(self.predictor, batch) if self.predictor is not None else None
         decision = self.policy.decide(batch, forecast)
+        if decision.prefill_tokens is not None and decision.prefill_tokens < batch.prefill_tokens:
+            self._trim_draft(draft, decision.prefill_tokens)
+            batch, decoders = self._batch_shape(draft)
+            forecast = StepForecast(self.predictor, batch) if self.predictor is not None else None
         if decision.decode_steps > 1:
             decision = self._reserve_lookahead(draft, decoders, decision)
         return self._build_plan(draft, decision, forecast)
@@ -212,15 +210,55 @@ class Scheduler:
 
     def _fill_slack(self, batch: BatchShape, decoders: list[Sequence]) -> None:
         """What a TPOT-aware policy reads: each decode item's tokens so far and time since its first
-        token (none yet: it arrives with the steps in flight, no time has passed on its clock), how
-        long the steps in flight still run, and the recent pace of decode tokens."""
+        token (none yet: it arrives with the steps in flight, no time has passed on its clock) and
+        how long the steps in flight still run."""
         now = self.slo_clock()
         batch.decode_outputs = [s.num_outputs for s in decoders]
         batch.decode_age_ms = [(now - s.first_token_at) * 1e3 if s.first_token_at else 0.0 for s in decoders]
         if self.inflight:
             left = sum(f.decision.predicted_ms for f in self.inflight) - (now - self.inflight[0].sent_at) * 1e3
             batch.ahead_ms = left if left > 0 else 0.0
-        batch.token_interval_ms = self._token_interval_ms
+
+    def _trim_draft(self, draft: _StepDraft, cap: int) -> None:
+        """Cut the draft's prefill chunks to `cap` tokens, from the last back (as `policies.trim_chunks`
+        does): a cut chunk gives back the blocks this step gave it; a sequence admitted this step that
+        keeps nothing goes back to the front of the queue."""
+        seqs, left, cuts = self.seqs, cap, []
+        for seq_id, n in draft.tokens.items():
+            seq = seqs[seq_id]
+            if n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens:
+                continue  # a decode item
+            keep = n if n <= left else left
+            left -= keep
+            if keep < n:
+                cuts.append((seq, keep))
+        for seq, keep in reversed(cuts):
+            sid = seq.seq_id
+            need = self.allocator.blocks_for_tokens(seq.num_computed_tokens + keep)
+            if not seq.on_worker:  # admitted by this draft: every block it holds is this step's
+                if keep == 0:
+                    del draft.tokens[sid]
+                    self.allocator.free(sid, seq.block_ids)
+                    seq.block_ids = []
+                    self.running.remove(seq)
+                    seq.status = SeqStatus.WAITING
+                    self.waiting.appendleft(seq)
+                    continue
+                extra = seq.block_ids[need:]
+            else:
+                new = draft.new_blocks.get(sid, [])
+                n_extra = min(len(seq.block_ids) - need, len(new))
+                extra = new[len(new) - n_extra:] if n_extra > 0 else []
+                if extra:
+                    draft.new_blocks[sid] = new[: len(new) - n_extra]
+            if extra:
+                self.allocator.free(sid, extra)
+                del seq.block_ids[len(seq.block_ids) - len(extra):]
+            if keep:
+                draft.tokens[sid] = keep
+            else:
+                del draft.tokens[sid]
+                draft.new_blocks.pop(sid, None)
 
     def _reserve_lookahead(self, draft: _StepDraft, decoders: list[Sequence], decision: ModeDecision) -> ModeDecision:
         """Give every decode item blocks for `k` tokens; lower `k` until the free blocks suffice."""
@@ -373,8 +411,6 @@ class Scheduler:
             raise RuntimeError(f"result for step {result.step_id} does not match the step in flight")
         inflight = self.inflight.popleft()
         self._result_at = time.monotonic()
-        if self._wants_slack:
-            self._track_pace(inflight)
         self.stats.record(inflight.plan, result.timings)
         if inflight.forecast is not None:
             self._observe(inflight, result.timings)
@@ -407,16 +443,6 @@ class Scheduler:
                 self.finish(seq_id, FinishReason.ERROR)
                 updates.append(SeqUpdate(seq, [], None, True))
         return updates
-
-    def _track_pace(self, inflight: InflightStep) -> None:
-        """Time between a decode item's tokens: the gap between results over the tokens a step gives
-        each decode item (its look-ahead), smoothed over recent steps."""
-        now = self.slo_clock()
-        forecast, last = inflight.forecast, self._last_result_slo
-        self._last_result_slo = now
-        if last is not None and forecast is not None and forecast.batch.num_decode:
-            per_token_ms = (now - last) * 1e3 / max(inflight.decision.decode_steps, 1)
-            self._token_interval_ms += PACE_SMOOTHING * (per_token_ms - self._token_interval_ms)
 
     def _observe(self, inflight: InflightStep, timings: StepTimings) -> None:
         """Feed the measured times to the predictor (a phase measured as 0 ms was not measured)."""

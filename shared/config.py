@@ -109,6 +109,9 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
     hysteresis: float = 0.05  # duet policy: a new split must beat the current one by this fraction
     duet_slo: DuetSlo = "tpot"  # duet policy: what bounds a mixed step, see above
     tpot_horizon: int = 16  # duet_slo=tpot: future tokens a request's TPOT may count on
+    # duet policy: when the mixed batch breaks the step budget, also consider it aggregated with its
+    # prefill chunks cut to fit, and take whichever of that and the best split gives more tokens per ms
+    duet_trim: bool = True
     # plan step i+1 while step i runs (its sampled tokens stay on the GPU): hides the control
     # plane's and the data plane's host work behind the GPU's
     async_scheduling: bool = True

@@ -166,6 +166,8 @@ class Roofline:
         self._dense: dict[tuple[int, int, float, float], float] = {}  # memo: batches repeat their sizes
         self._linears = shape.linear_shapes()
         self._elementwise = shape.bytes_per_elem * shape.elementwise_elems_per_token()
+        self._flops_per_token = 2.0 * shape.num_layers * sum(di * do for di, do in self._linears)
+        self._head_flops_per_row = 2.0 * shape.hidden_size * shape.vocab_size
         ex, sh = self.execution, shape
         self._kernel_ms = ex.kernels(sh.num_layers) * ex.kernel_us * 1e-3
         self._tile = max(ex.ragged_tile_rows, 1)
@@ -193,12 +195,22 @@ class Roofline:
     def device_ms(self, cost: BatchCost, sms: int | None = None, graph: bool = False) -> float:
         """GPU time of one step: the roofline with the kernels' attention tiles, plus the fixed cost of
         every kernel, plus (for a CUDA-graph replay) the host's time before the replay."""
+        return self.device_terms(cost, sms, graph)[0]
+
+    def device_terms(self, cost: BatchCost, sms: int | None = None, graph: bool = False) -> tuple[float, float, float]:
+        """(`device_ms`, dense compute ms, ragged attention ms): the step's device time and two of its
+        terms. Dense compute is the projections' and the LM head's FLOPs at Pi(S) -- work that grows
+        with the token count even where the roofline's max() calls a step bound by its weight reads;
+        ragged attention is the L layers of the ragged kernel's attention (0 without a chunk)."""
         if cost.empty:
-            return 0.0
+            return 0.0, 0.0, 0.0
         pi, bw = self.curves(sms)
-        attention = self.ragged_attention_ms(cost, pi, bw) if cost.ragged else self.attention_ms(cost, pi, bw)
+        ragged = cost.ragged
+        attention = self.ragged_attention_ms(cost, pi, bw) if ragged else self.attention_ms(cost, pi, bw)
         fixed = self.profile.step_overhead_ms + self._kernel_ms + (self.execution.graph_host_ms if graph else 0.0)
-        return fixed + self.dense_ms(cost, pi, bw) + self.shape.num_layers * attention
+        layers = self.shape.num_layers * attention
+        compute = (cost.num_tokens * self._flops_per_token + cost.num_sampled * self._head_flops_per_row) / pi * 1e3
+        return fixed + self.dense_ms(cost, pi, bw) + layers, compute, layers if ragged else 0.0
 
     def dense_ms(self, cost: BatchCost, pi: float, bw: float) -> float:
         """Everything but attention: L layers of projections and element-wise traffic, the LM head on

@@ -170,13 +170,15 @@ def test_tpot_step_budget_by_hand() -> None:
 
     assert TPOT_TARGET == 0.9
     policy = DuetPolicy([], tbt_slo_ms=50.0, max_lookahead=8, hysteresis=0.0, slo="tpot", horizon=4)
-    batch = BatchShape(decode_contexts=[10, 10], decode_remaining=[100, 2], decode_outputs=[4, 10],
-                       decode_age_ms=[150.0, 250.0], ahead_ms=10.0, token_interval_ms=20.0)
-    # target 45 ms: item 0: 45*4 - 150 + (4 - 1) * (45 - 20) = 105; item 1: 450 - 250 + (2 - 1) * 25 = 225
-    assert policy.step_budget_ms(batch) == pytest.approx(95.0)  # less 10 ms of steps in flight
-    slow = BatchShape(decode_contexts=[10], decode_remaining=[100], decode_outputs=[1], decode_age_ms=[0.0],
-                      token_interval_ms=70.0)
-    assert policy.step_budget_ms(slow) == 50.0  # in debt (45 - 3 * 25 < 50): never below the TBT SLO
+    batch = BatchShape(decode_contexts=[10, 10], decode_remaining=[100, 2], decode_outputs=[11, 10],
+                       decode_age_ms=[150.0, 250.0], ahead_ms=10.0)
+    # target 45 ms; item 0 (m = 4): (45 * 14 - 150 - 10) / 4 = 117.5; item 1 (m = 2): (45 * 11 - 260) / 2 = 117.5
+    assert policy.step_budget_ms(batch) == pytest.approx(117.5)
+    fresh = BatchShape(decode_contexts=[10, 10], decode_remaining=[100, 100], decode_outputs=[11, 1],
+                       decode_age_ms=[150.0, 0.0])
+    assert policy.step_budget_ms(fresh) == pytest.approx(45.0)  # a new request allows the target
+    late = BatchShape(decode_contexts=[10], decode_remaining=[1], decode_outputs=[5], decode_age_ms=[300.0])
+    assert policy.step_budget_ms(late) == pytest.approx(45.0)  # 45 * 5 - 300 < 45: in debt, one step at the target
     tbt = DuetPolicy([], tbt_slo_ms=50.0, max_lookahead=8, hysteresis=0.0, slo="tbt")
     assert not tbt.wants_slack and tbt.step_budget_ms(batch) == 50.0
 
@@ -189,31 +191,69 @@ class FakeClock:
         return self.t
 
 
-def _decoders_then_long_prompt(duet_slo: str, seconds_per_step: float) -> tuple[list[str], Scheduler]:
-    """64 decodes run 12 steps on a clock advancing `seconds_per_step` a step; then long prompts arrive."""
-    sched, runner = make("duet", tbt=25.0, duet_slo=duet_slo, tpot_horizon=4)
+def _decoders_then_long_prompt(duet_slo: str, seconds_per_step: float, trim: bool = True) -> list:
+    """64 decodes run 30 steps on a clock advancing `seconds_per_step` a step; then long prompts
+    arrive; the plans of the next 4 steps."""
+    sched, runner = make("duet", tbt=25.0, duet_slo=duet_slo, tpot_horizon=4, duet_trim=trim)
     clock = FakeClock()
     sched.slo_clock = clock
     for i in range(64):
         sched.add(make_seq(i, 200, 400))
-    for _ in range(12):
+    for _ in range(30):
         clock.t += seconds_per_step
         step(sched, runner)
+    assert all(s.first_token_at > 0 for s in sched.running)
     for i in range(100, 104):
         sched.add(make_seq(i, 4000, 4))  # a mixed 2048-token step predicts well over 25 ms
-    modes = []
+    plans = []
     for _ in range(4):
         clock.t += seconds_per_step
-        modes.append(step(sched, runner)[0].mode)
-    return modes, sched
+        plans.append(step(sched, runner)[0])
+    drain(sched, runner)
+    assert sched.allocator.num_free == sched.allocator.num_blocks
+    return plans
+
+
+def _prefill_tokens(plan) -> int:  # noqa: ANN001
+    return sum(s.num_tokens for s in plan.scheduled if s.num_tokens > 1)
 
 
 def test_tpot_budget_runs_a_long_mixed_step_aggregated_while_requests_have_slack() -> None:
-    fast, sched = _decoders_then_long_prompt("tpot", 0.010)  # 10 ms a token against a 25 ms SLO
-    assert fast[0] == "aggregated"
-    seq = sched.seqs[0]
-    assert seq.first_token_at > 0 and sched._token_interval_ms < 25.0
-    paper, _ = _decoders_then_long_prompt("tbt", 0.010)
-    assert paper[0] == "multiplexed"  # the same batch breaks the per-step rule
-    slow, _ = _decoders_then_long_prompt("tpot", 0.030)  # 30 ms a token: every request is in debt
-    assert slow[0] == "multiplexed"
+    fast = _decoders_then_long_prompt("tpot", 0.005)  # 5 ms a token against a 22.5 ms target: time banked
+    assert fast[0].mode == "aggregated" and _prefill_tokens(fast[0]) == 2048 - 64  # the whole chunk
+    paper = _decoders_then_long_prompt("tbt", 0.005, trim=False)
+    assert paper[0].mode == "multiplexed"  # the same batch breaks the paper's per-step rule
+    slow = _decoders_then_long_prompt("tpot", 0.030)  # 30 ms a token: every request is in debt
+    assert slow[0].mode == "multiplexed" or _prefill_tokens(slow[0]) < 2048 - 64
+
+
+def test_trimmed_chunks_give_back_blocks_and_requeue_what_they_drop() -> None:
+    """Duet cuts a mixed step's chunks to fit the budget (here on a worker that cannot split, where
+    that is its only move): the cut prompt continues later, a prompt admitted and then dropped goes
+    back to the queue's front with no blocks, and every token comes out right."""
+    cpu = msgspec.structs.replace(sim_ready("qwen3-8b", "h100", num_kv_blocks=4096), supports_multiplexing=False,
+                                  partition_sm_counts=[])
+    sched, runner = make("duet", tbt=25.0, duet_slo="tbt", worker=cpu)
+    decoders = [make_seq(i, 100, 60) for i in range(40)]
+    for seq in decoders:
+        sched.add(seq)
+    for _ in range(3):
+        step(sched, runner)
+    late = [make_seq(100 + i, 900, 5) for i in range(3)]
+    for seq in late:
+        sched.add(seq)
+    plan = sched.schedule()
+    assert plan is not None and plan.mode == "aggregated"
+    chunk = {s.seq_id: s.num_tokens for s in plan.scheduled if s.num_tokens > 1}
+    assert 256 <= sum(chunk.values()) < 2048 - 40  # trimmed, not the whole budget
+    dropped = [s for s in late if s.seq_id not in chunk]
+    assert dropped and all(s.block_ids == [] for s in dropped) and list(sched.waiting) == dropped
+    for s in late:
+        if s.seq_id in chunk:
+            assert len(s.block_ids) == -(-chunk[s.seq_id] // 16)  # blocks for what it runs, no more
+    sched.check_invariants()
+    sched.update(runner.execute(plan))
+    drain(sched, runner)
+    for seq in decoders + late:
+        assert seq.output_token_ids == expected_tokens(seq, seq.stop.max_tokens)
+    assert sched.allocator.num_free == sched.allocator.num_blocks

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controlplane.predictor import Correction, Predictor, regime_of
+from controlplane.predictor import Correction, Predictor, StepEstimate, regime_of
 from shared.messages import HardwareProfile
-from shared.profiles import H100_DECLARED, ExecutionProfile
+from shared.profiles import H100_DECLARED, H100_FLASHINFER_EXECUTION, H200_DECLARED, ExecutionProfile
 from shared.roofline import ModelShape, Roofline, attention_flops_bytes, batch_cost, curve_at, linear_ms
 
 # A toy model: with Pi = 1e3 FLOP/s and BW = 1e3 B/s one FLOP or one byte costs exactly 1 ms.
@@ -180,3 +180,111 @@ def test_corrections_are_kept_per_sm_bucket_with_a_pooled_fallback() -> None:
     # a multiplexed decode phase with no data borrows the aggregated decode fit of its SM bucket
     assert pred.correction_for("mux_decode", 16) is pred.keyed[("decode", 16)]
     assert set(pred.report().by_key) == {"decode@16", "decode@64"}
+
+
+# ---------------------------------------------------------------------------------------- terms of the fit
+
+
+def test_device_terms_by_hand() -> None:
+    """`device_terms`: device_ms, the dense FLOPs at Pi (each TOY token: 2 layers x 2 x 144 weights;
+    each sampled row: 2 x 4 x 10 LM-head weights) and the ragged kernel's attention over L layers."""
+    roof = Roofline(TOY, UNIT, TILED)
+    decode = batch_cost(TOY, [7, 9], [])
+    assert roof.device_terms(decode) == (pytest.approx(roof.device_ms(decode)), pytest.approx(2 * 576 + 2 * 80), 0.0)
+    mixed = batch_cost(TOY, [7], [(3, 5, True)])
+    device, compute, ragged = roof.device_terms(mixed)
+    assert device == pytest.approx(roof.device_ms(mixed))
+    assert compute == pytest.approx(4 * 576 + 2 * 80)
+    assert ragged == pytest.approx(2 * roof.ragged_attention_ms(mixed, 1e3, 1e3))
+
+
+def test_correction_learns_the_compute_term() -> None:
+    """Small-M GEMMs add their FLOPs to the weight reads: a fit with the compute term finds it."""
+    fit = Correction()
+    rng = random.Random(1)
+    for _ in range(80):
+        device, compute = rng.uniform(5.0, 30.0), rng.uniform(0.0, 8.0)
+        fit.update(device, 1.1 * device + 0.8 * compute, compute)
+    assert fit.coef[2] == pytest.approx(0.8, abs=0.05)
+    assert fit.apply(10.0, 6.0) == pytest.approx(11.0 + 4.8, rel=0.02)
+    assert fit.apply(10.0) == pytest.approx(11.0, rel=0.02)  # no compute, no compute term
+
+
+def test_correction_fits_relative_error() -> None:
+    """Small steps count as much as large ones (the MAPE's view): a 1 ms step that an affine law
+    cannot fit together with 100-200 ms ones keeps a small relative error."""
+    fit = Correction()
+    for _ in range(10):
+        for device, measured in ((1.0, 2.0), (2.0, 3.0), (3.0, 4.0), (100.0, 100.0), (150.0, 150.0), (200.0, 200.0)):
+            fit.update(device, measured)
+    assert fit.apply(1.0) == pytest.approx(2.0, rel=0.02)  # unweighted, the same fit is 7% off
+    assert fit.apply(150.0) == pytest.approx(150.0, rel=0.01)
+
+
+def test_correction_is_scale_free() -> None:
+    """Priors in the data's own units: milliseconds or microseconds give the same relative predictions."""
+    ms, us = Correction(), Correction()
+    rng = random.Random(2)
+    for _ in range(12):
+        device, compute = rng.uniform(2.0, 40.0), rng.uniform(0.0, 5.0)
+        measured = 2.0 + 1.2 * device + 0.5 * compute + rng.uniform(-1.0, 1.0)
+        ms.update(device, measured, compute)
+        us.update(1e3 * device, 1e3 * measured, 1e3 * compute)
+    assert us.apply(1e4, 2e3) == pytest.approx(1e3 * ms.apply(10.0, 2.0), rel=1e-9)
+
+
+def _decode_law(pred: Predictor, sms: int, batch: int) -> tuple[StepEstimate, float]:
+    est = pred.estimate(pred.cost([512] * batch, []), "decode", sms)
+    return est, 1.05 * est.device_ms + 0.8 * est.compute_ms
+
+
+def test_a_new_sm_bucket_starts_from_what_the_regime_learnt() -> None:
+    """The compute term's weight is the same on every SM count: a bucket's fit is pulled towards the
+    regime's pooled fit, so three samples on 64 SMs already predict a large batch there."""
+    pred = Predictor(QWEN3_8B, H100_DECLARED, min_key_samples=3)
+    rng = random.Random(3)
+    for _ in range(40):
+        pred.observe("decode", *_decode_law(pred, 16, rng.choice([1, 8, 32, 64, 128, 256])))
+    fresh = Correction()
+    for batch in (1, 4, 8):  # small batches: they say little about the compute term
+        est, measured = _decode_law(pred, 64, batch)
+        pred.observe("decode", est, measured)
+        fresh.update(est.device_ms, measured, est.compute_ms)
+    keyed = pred.correction_for("decode", 64)
+    assert keyed is pred.keyed[("decode", 64)] and keyed.parent is pred.corrections["decode"]
+    big, truth = _decode_law(pred, 64, 256)
+    assert pred.predict(big, "decode") == pytest.approx(truth, rel=0.03)
+    assert abs(fresh.apply(big.device_ms, big.compute_ms) - truth) > 2 * abs(pred.predict(big, "decode") - truth)
+
+
+def test_a_bucket_floor_is_used_from_its_first_floor_bound_step() -> None:
+    fast = HardwareProfile(gpu="fast", sm_counts=[8, 16], gemm_flops_per_s=[1e15, 2e15],
+                           hbm_bytes_per_s=[1e13, 2e13], source="declared")
+    pred = Predictor(TOY, fast, TILED)
+    cost = pred.cost([10] * 4, [])
+    whole, part = pred.estimate(cost, "decode", 16, graph=False), pred.estimate(cost, "decode", 8, graph=False)
+    for _ in range(30):
+        pred.observe("decode", whole, 120.0)
+    learnt = pred.floor_for("eager-decode", 16).value  # type: ignore[union-attr]
+    pred.observe("decode", part, 60.0)  # one floor-bound step on the partition: its floor moves at once
+    assert pred.floor_for("eager-decode", 8) is pred.keyed_floors[("eager-decode", 8)]
+    assert pred.predict(part, "decode") == pytest.approx((0.5 * learnt + 60.0) / 1.5)
+    assert pred.predict(whole, "decode") == pytest.approx(learnt)  # the whole device keeps its own
+
+
+def test_predict_ms_is_predict_of_the_estimate() -> None:
+    """The scheduler's fast path builds no estimate: it must give the same number."""
+    pred = Predictor(QWEN3_8B, H200_DECLARED, H100_FLASHINFER_EXECUTION)
+    rng = random.Random(4)
+    shapes = [([500] * 64, []), ([2000] * 8, [(256, 0, True)]), ([], [(1024, 512, True)]), ([100], [])]
+    for _ in range(60):
+        decode, chunks = rng.choice(shapes)
+        cost, sms = pred.cost(decode, chunks), rng.choice([None, 32, 64, 100])
+        regime = regime_of(len(decode), len(chunks))
+        pred.observe(regime, pred.estimate(cost, regime, sms), rng.uniform(5.0, 60.0))
+    for decode, chunks in shapes:
+        cost, regime = pred.cost(decode, chunks), regime_of(len(decode), len(chunks))
+        for sms in (None, 32, 64, 100):
+            for graph in (None, False):
+                est = pred.estimate(cost, regime, sms, graph)
+                assert pred.predict_ms(cost, regime, sms, graph) == pred.predict(est, regime)

@@ -91,3 +91,7 @@ def test_scheduler_flags_reach_the_config() -> None:
                                                                 "--max-lookahead", "4"]))
     assert default.async_scheduling and not off.async_scheduling
     assert (off.policy, off.max_lookahead) == ("duet", 4)
+    assert (default.duet_slo, default.tpot_horizon, default.duet_trim) == ("tpot", 16, True)
+    paper = scheduler_config_from_args(build_parser().parse_args(["serve", "--policy", "duet", "--duet-slo", "tbt",
+                                                                  "--no-duet-trim", "--tpot-horizon", "8"]))
+    assert (paper.duet_slo, paper.tpot_horizon, paper.duet_trim) == ("tbt", 8, False)
