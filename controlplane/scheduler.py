@@ -163,11 +163,28 @@ class Scheduler:
     def _compose_decode_first(self, draft: _StepDraft) -> None:
         decoding: list[Sequence] = []
         prefilling: list[Sequence] = []
-        for seq in self.running:
-            (decoding if seq.is_decoding else prefilling).append(seq)
-        self._schedule_all(decoding + prefilling, draft)
+        for seq in self.running:  # Sequence.is_decoding, inlined: this loop sees every running sequence
+            out = len(seq.output_token_ids) + seq.num_inflight
+            (decoding if out and seq.num_computed_tokens == seq._num_prompt + out - 1 else prefilling).append(seq)
+        self._schedule_decodes(decoding, draft)
+        self._schedule_all(prefilling, draft)
         if not draft.preempted:
             self._admit_waiting(draft)
+
+    def _schedule_decodes(self, seqs: list[Sequence], draft: _StepDraft) -> None:
+        """`_schedule_all` for decoding sequences (one token each): the common case, a token that fits
+        the sequence's last block, without the general path's arithmetic."""
+        size, tokens, running = self.allocator.block_size, draft.tokens, SeqStatus.RUNNING
+        for seq in seqs:
+            if draft.budget == 0:
+                break
+            if seq.status is not running or (seq.num_inflight and not self._runs_ahead_ok(seq)):
+                continue
+            if seq.num_computed_tokens >= len(seq.block_ids) * size:  # needs a block (may preempt)
+                self._schedule_running(seq, draft)
+                continue
+            tokens[seq.seq_id] = 1
+            draft.budget -= 1
 
     def _compose_prefill_first(self, draft: _StepDraft) -> None:
         """Prefill chunks only while any can run; a decode batch otherwise."""
@@ -194,8 +211,8 @@ class Scheduler:
         for seq_id, num_tokens in draft.tokens.items():
             seq = seqs[seq_id]
             cached = seq.num_computed_tokens
-            num_out = seq.num_outputs
-            total = seq.num_tokens
+            num_out = len(seq.output_token_ids) + seq.num_inflight  # Sequence.num_outputs, inlined
+            total = seq._num_prompt + num_out
             samples = cached + num_tokens == total
             if num_tokens == 1 and samples:  # the data plane's definition of a decode item
                 decoders.append(seq)
@@ -334,8 +351,9 @@ class Scheduler:
         expects: dict[int, int] = {}
         epochs: dict[int, int] = {}
         k = decision.decode_steps
+        seqs, new_blocks = self.seqs, draft.new_blocks
         for seq_id, num_tokens in draft.tokens.items():
-            seq = self.seqs[seq_id]
+            seq = seqs[seq_id]
             if not seq.on_worker:
                 new_requests.append(
                     NewRequest(
@@ -349,11 +367,12 @@ class Scheduler:
                 seq.on_worker = True
                 scheduled.append(ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens))
             else:
-                blocks = draft.new_blocks.get(seq_id, [])
+                blocks = new_blocks.get(seq_id, [])
                 scheduled.append(ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens, new_block_ids=blocks))
             seq.num_computed_tokens += num_tokens
             epochs[seq_id] = seq.num_preemptions
-            if seq.num_computed_tokens == seq.num_tokens:  # it samples: k tokens for a decode item
+            if seq.num_computed_tokens == seq._num_prompt + len(seq.output_token_ids) + seq.num_inflight:
+                # it samples (the step computes every known token): k tokens for a decode item
                 n = k if num_tokens == 1 else 1
                 expects[seq_id] = n
                 seq.num_inflight += n
@@ -425,11 +444,34 @@ class Scheduler:
                 seq.error = failure.message
                 self.finish(seq.seq_id, FinishReason.ERROR)
                 updates.append(SeqUpdate(seq, [], None, True))
-        accept = self._accept
+        # `_accept` then `_append_tokens`, inlined for the common case (a running sequence that has
+        # tokens already and that nothing can stop): this loop sees every sequence of every step
+        seqs, expects, epochs, eos, max_len = self.seqs, inflight.expects_token, inflight.epochs, \
+            self.eos_token_ids, self.max_model_len
+        finished, arrived = SeqStatus.FINISHED, 0
         for output in result.outputs:
-            update = accept(inflight, output)
-            if update is not None:
-                updates.append(update)
+            seq_id = output.seq_id
+            seq = seqs.get(seq_id)
+            expected = expects.get(seq_id, 0)
+            if seq is None or expected <= 0 or seq.num_preemptions != epochs[seq_id]:
+                continue
+            token_ids = output.token_ids
+            k = len(token_ids)
+            n = k if k <= expected else expected
+            expects[seq_id] = expected - n
+            arrived += n
+            seq.num_inflight -= n
+            if seq.status is finished:
+                continue
+            out, stop = seq.output_token_ids, seq.stop
+            if (out and output.logprobs is None and len(out) + k < stop.max_tokens
+                    and seq._num_prompt + len(out) + k < max_len
+                    and (stop.ignore_eos or eos.isdisjoint(token_ids)) and stop.stop_token_ids.isdisjoint(token_ids)):
+                out.extend(token_ids)
+                updates.append(SeqUpdate(seq, list(token_ids), None, False))
+            else:
+                updates.append(self._append_tokens(seq, token_ids, output.logprobs))
+        inflight.outstanding -= arrived
         if inflight.outstanding <= 0:  # every token the step owed has arrived
             return updates
         answered = {o.seq_id for o in result.outputs} | {f.seq_id for f in result.failures}

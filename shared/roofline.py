@@ -116,10 +116,14 @@ class BatchCost:
         return bool(self.chunk_shapes)
 
     def merge(self, other: BatchCost) -> BatchCost:
-        xs = sorted(self.decode_x + other.decode_x)
+        if other.decode_x and self.decode_x:
+            xs = sorted(self.decode_x + other.decode_x)
+            prefix = list(accumulate(xs, initial=0))
+        else:  # one side has every decode item (a decode part plus a prefill part): share its lists
+            xs, prefix = (self.decode_x, self.decode_prefix) if self.decode_x else (other.decode_x, other.decode_prefix)
         return BatchCost(
             num_tokens=self.num_tokens + other.num_tokens, num_sampled=self.num_sampled + other.num_sampled,
-            decode_x=xs, decode_prefix=list(accumulate(xs, initial=0)), chunks=self.chunks + other.chunks,
+            decode_x=xs, decode_prefix=prefix, chunks=self.chunks + other.chunks,
             chunk_shapes=self.chunk_shapes + other.chunk_shapes,
         )
 

@@ -257,3 +257,35 @@ def test_trimmed_chunks_give_back_blocks_and_requeue_what_they_drop() -> None:
     for seq in decoders + late:
         assert seq.output_token_ids == expected_tokens(seq, seq.stop.max_tokens)
     assert sched.allocator.num_free == sched.allocator.num_blocks
+
+
+@settings(max_examples=30, deadline=None)
+@given(num_decode=st.integers(1, 256), chunks=st.lists(st.tuples(st.integers(1, 2048), st.integers(0, 4000)),
+                                                       min_size=1, max_size=4),
+       budget=st.floats(5.0, 120.0))
+def test_trimmed_candidate_fits_the_budget_and_keeps_nearly_all_it_can(num_decode: int, chunks: list, budget: float) -> None:
+    from controlplane.policies import MIN_TRIMMED_PREFILL, BatchShape, StepForecast, trim_chunks
+
+    sched, _ = make("duet", tbt=50.0)
+    policy, pred = sched.policy, sched.predictor
+    batch = BatchShape(decode_contexts=[500] * num_decode, decode_remaining=[100] * num_decode,
+                       chunks=[(q, c, True) for q, c in chunks])
+    forecast = StepForecast(pred, batch)
+
+    def ms(cap: int) -> float:
+        return pred.predict_ms(forecast.decode.merge(pred.cost([], trim_chunks(batch.chunks, cap))), "mixed")
+
+    got = policy.trimmed(batch, forecast, budget)
+    total = batch.prefill_tokens
+    if got is None:
+        assert total <= MIN_TRIMMED_PREFILL or ms(MIN_TRIMMED_PREFILL) > budget
+        return
+    cap, cap_ms, rate = got
+    assert MIN_TRIMMED_PREFILL <= cap <= total and cap_ms == pytest.approx(ms(cap)) and cap_ms <= budget
+    assert rate == pytest.approx((num_decode + cap) / cap_ms)
+    slack = max(cap // 16, 16)
+    assert cap == total or cap + slack >= total or ms(cap + slack + 1) > budget  # within ~6% of the most that fits
+    kept = trim_chunks(batch.chunks, cap)
+    assert sum(q for q, _, _ in kept) == cap
+    for (q, c, samples), (q0, c0, _) in zip(kept, batch.chunks):  # a prefix; only a cut chunk stops sampling
+        assert c == c0 and samples == (q == q0)
