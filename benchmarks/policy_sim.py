@@ -156,6 +156,7 @@ def main() -> None:
     p.add_argument("--rates", default="12,20,28")
     p.add_argument("--policies", default="duet,duet-tbt,aggregated,prefill-first")
     p.add_argument("--seconds", type=float, default=15.0, help="trace time per rate point")
+    p.add_argument("--min-requests", type=int, default=60)
     p.add_argument("--max-requests", type=int, default=300)
     p.add_argument("--gpu", default="h200")
     p.add_argument("--execution", default="flashinfer", choices=("flashinfer", "roofline"))
@@ -177,7 +178,7 @@ def main() -> None:
     sizes = [int(x) for x in args.decode_partition_sms.split(",")] if args.decode_partition_sms else None
     rows = []
     for rate in (float(r) for r in args.rates.split(",")):
-        n = int(min(args.max_requests, max(60, rate * args.seconds)))
+        n = int(min(args.max_requests, max(args.min_requests, rate * args.seconds)))
         for policy in args.policies.split(","):
             m, sched = simulate(trace, rate, n, policy_config(policy, base), gpu=args.gpu,
                                 execution=args.execution, host_ms=args.host_ms, decode_partition_sms=sizes,

@@ -177,7 +177,7 @@ class DuetPolicy:
     target; never below the target. Multiplexed decode steps always keep the TBT SLO. When the mixed batch breaks the budget,
     the optimizer's best split competes (with `trim`) with the same batch aggregated but its chunks
     cut to fit the budget; the higher tokens per ms wins (the split's objective counts its
-    look-ahead decode tokens).
+    look-ahead decode tokens). If neither fits, the smallest trimmed step (it overruns least).
     """
 
     splits: list[Split]
@@ -230,22 +230,31 @@ class DuetPolicy:
         if trimmed is not None and (choice is None or trimmed[2] >= choice.objective):
             return ModeDecision(predicted_ms=trimmed[1], prefill_tokens=trimmed[0])
         if choice is None:
+            if self.trim and batch.prefill_tokens > MIN_TRIMMED_PREFILL:
+                # nothing meets the budget: the smallest trimmed step overruns it least
+                least = self.trimmed(batch, forecast, float("inf"), mixed_ms, cap=MIN_TRIMMED_PREFILL)
+                if least is not None:
+                    return ModeDecision(predicted_ms=least[1], prefill_tokens=least[0])
             return ModeDecision(predicted_ms=mixed_ms)
         self.previous = choice.split
         return ModeDecision("multiplexed", choice.split.prefill_sms, choice.split.decode_sms, choice.k,
                             choice.step_ms)
 
     def trimmed(self, batch: BatchShape, forecast: StepForecast, budget_ms: float,
-                full_ms: float | None = None) -> tuple[int, float, float] | None:
+                full_ms: float | None = None, cap: int | None = None) -> tuple[int, float, float] | None:
         """The aggregated step with the most prefill tokens that fits `budget_ms` (to within ~6%, by
         false position on the predicted mixed time, which is close to linear in the tokens kept;
         chunks cut from the last one back): (prefill tokens, predicted ms, tokens per ms), or None
-        if fewer than MIN_TRIMMED_PREFILL tokens fit. `full_ms`: the whole batch's prediction."""
+        if fewer than MIN_TRIMMED_PREFILL tokens fit. `full_ms`: the whole batch's prediction;
+        `cap`: just that many tokens, whatever it costs."""
         pred, decode = forecast.predictor, forecast.decode
 
         def mixed_ms(cap: int) -> float:
             return pred.predict_ms(decode.merge(pred.cost([], trim_chunks(batch.chunks, cap))), "mixed")
 
+        if cap is not None:
+            ms = mixed_ms(cap)
+            return cap, ms, (batch.num_decode + cap) / max(ms, 1e-9)
         lo, hi = MIN_TRIMMED_PREFILL, batch.prefill_tokens
         if hi <= lo or (lo_ms := mixed_ms(lo)) > budget_ms:
             return None

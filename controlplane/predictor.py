@@ -31,6 +31,8 @@ Pure: no I/O, no torch, no scheduling decisions.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -77,6 +79,7 @@ class StepEstimate:
 
 
 FEATURES = 4  # of a device fit: 1, device, dense compute, ragged attention
+KEYED_FLOOR_SAMPLES = 2  # floor-bound steps before an SM bucket's own host floor is used: one can be a hiccup
 _UNCORRECTED = (0.0, 1.0, 0.0, 0.0)  # measured = device: the launch-aware model as declared
 
 
@@ -139,7 +142,7 @@ class Correction:
         if self.n >= self.warmup:  # an outlier (a GC pause, a preempted host) moves the fit 4x at most
             predicted = self.apply(device_ms, compute_ms, ragged_ms)
             measured_ms = min(max(measured_ms, predicted / self.outlier_ratio), predicted * self.outlier_ratio)
-        if measured_ms <= 0.0:
+        if not measured_ms > 0.0:  # also NaN: a broken timing teaches nothing
             return
         x = (1.0, device_ms, compute_ms, ragged_ms)
         lam, w = self.forget, 1.0 / (measured_ms * measured_ms)
@@ -157,15 +160,19 @@ class Correction:
     def _fit(self) -> None:
         """Minimise sum w (y - coef . x)^2 + sum_i p_i (coef_i - center_i)^2 over the terms seen so far
         (a term never seen non-zero keeps the center's coefficient), p_i = `prior_weight` times term
-        i's mean weighted square per observation: a linear system of at most 4 unknowns."""
+        i's mean weighted square per observation (for the compute and ragged terms at least the
+        device term's): a linear system of at most 4 unknowns."""
         parent = self.parent
         center = parent.coef if parent is not None and parent.count else _UNCORRECTED
         gram, pw = self._m, self.prior_weight / self.n
         active = [i for i in range(FEATURES) if gram[i][i] > 0.0]
         m = [[gram[i][j] if i <= j else gram[j][i] for j in active] for i in active]
-        r = [self._r[i] + pw * gram[i][i] * center[i] for i in active]
+        # the compute and ragged terms are parts of the device time (ms, like it): their ridge is at
+        # least the device term's, so a term seen only tiny so far cannot take a huge coefficient
+        ridge = [pw * (gram[i][i] if i < 2 else max(gram[i][i], 0.1 * gram[1][1])) for i in range(FEATURES)]
+        r = [self._r[i] + ridge[i] * center[i] for i in active]
         for k, i in enumerate(active):
-            m[k][k] += pw * gram[i][i]
+            m[k][k] += ridge[i]
         coef = list(center)
         for k, v in zip(active, _solve_spd(m, r)):
             coef[k] = v
@@ -193,9 +200,11 @@ class HostFloor:
         return (self.prior_weight * self.prior_ms + self.total) / (self.prior_weight + self.n)
 
     def update(self, measured_ms: float) -> None:
-        if self.count >= self.warmup:
-            v = self.value
-            measured_ms = min(max(measured_ms, v / self.outlier_ratio), v * self.outlier_ratio)
+        # a hiccup (GC pause, preempted host) moves the floor at most outlier_ratio, or 2x while
+        # the estimate is young and a single sample weighs most
+        ratio = self.outlier_ratio if self.count >= self.warmup else min(self.outlier_ratio, 2.0)
+        v = self.value
+        measured_ms = min(max(measured_ms, v / ratio), v * ratio)
         self.count += 1
         self.n = self.forget * self.n + 1.0
         self.total = self.forget * self.total + measured_ms
@@ -327,13 +336,13 @@ class Predictor:
 
     def floor_for(self, path: str, sms: int) -> HostFloor | None:
         """The host floor of an eager launch path on `sms` SMs: the (path, SM bucket) estimate once it
-        has seen a floor-bound step (it starts from the pooled value, so one observation only nudges
-        it), else the path's pooled one; None for a CUDA graph."""
+        has seen `KEYED_FLOOR_SAMPLES` floor-bound steps (it starts from the pooled value), else the
+        path's pooled one; None for a CUDA graph."""
         pooled = self.floors.get(path)
         if pooled is None:
             return None
         keyed = self.keyed_floors.get((path, self.bucket(sms)))
-        return keyed if keyed is not None and keyed.count else pooled
+        return keyed if keyed is not None and keyed.count >= KEYED_FLOOR_SAMPLES else pooled
 
     def predict(self, est: StepEstimate, regime: Regime) -> float:
         """The corrected step time (ms) of an estimate."""
@@ -365,7 +374,7 @@ class Predictor:
         A bare float is a device-time estimate on the whole device with no host floor."""
         if not isinstance(est, StepEstimate):
             est = StepEstimate(float(est), "graph", self.full_sms, float(est))
-        if measured_ms <= 0.0 or est.device_ms <= 0.0:
+        if not (math.isfinite(measured_ms) and measured_ms > 0.0 and est.device_ms > 0.0):  # NaN, inf: broken timings
             return
         key = (regime, self.bucket(est.sms))
         raw = est.roofline_ms or est.device_ms

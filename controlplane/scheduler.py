@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from controlplane.kv_blocks import BlockAllocator
 from controlplane.policies import AGGREGATED, BatchShape, ModeDecision, StepForecast, make_policy, make_predictor
@@ -293,7 +293,7 @@ class Scheduler:
                     draft.new_blocks.setdefault(seq.seq_id, []).extend(blocks)
         if k == decision.decode_steps:
             return decision
-        return ModeDecision(decision.mode, decision.prefill_sms, decision.decode_sms, k)
+        return replace(decision, decode_steps=k)  # the prediction stays (a bound for fewer steps)
 
     def _runs_ahead_ok(self, seq: Sequence) -> bool:
         """Whether a sequence with tokens in flight may be scheduled before they arrive."""

@@ -289,3 +289,55 @@ def test_trimmed_candidate_fits_the_budget_and_keeps_nearly_all_it_can(num_decod
     assert sum(q for q, _, _ in kept) == cap
     for (q, c, samples), (q0, c0, _) in zip(kept, batch.chunks):  # a prefix; only a cut chunk stops sampling
         assert c == c0 and samples == (q == q0)
+
+
+def test_duet_reviewer_regressions() -> None:
+    """Three holes a review found: a lowered look-ahead lost the step's prediction; with no split and
+    not even the smallest trimmed step in budget, duet ran the whole batch; a term seen only tiny
+    took a huge coefficient in the predictor's fit; one hiccup set a new SM bucket's host floor."""
+    from controlplane.policies import MIN_TRIMMED_PREFILL, ModeDecision
+    from controlplane.predictor import Predictor
+    from controlplane.scheduler import _StepDraft
+    from shared.profiles import H100_FLASHINFER_EXECUTION
+
+    sched, gpu = make("static", num_blocks=4, block_size=4)
+    a, b = make_seq(0, 3, 10), make_seq(1, 3, 10)
+    sched.add(a)
+    sched.add(b)
+    step(sched, gpu)
+    out = sched._reserve_lookahead(_StepDraft(budget=8), [a, b], ModeDecision("multiplexed", 100, 32, 8, 30.0))
+    assert 1 <= out.decode_steps < 8 and out.predicted_ms == 30.0
+
+    cpu = msgspec.structs.replace(sim_ready("qwen3-8b", "h100", num_kv_blocks=4096), supports_multiplexing=False,
+                                  partition_sm_counts=[])
+    sched, runner = make("duet", tbt=6.0, duet_slo="tbt", worker=cpu)
+    for i in range(200):
+        sched.add(make_seq(i, 100, 40))
+    for _ in range(3):
+        step(sched, runner)
+    sched.add(make_seq(999, 3000, 2))
+    plan = sched.schedule()
+    assert plan is not None
+    assert sum(s.num_tokens for s in plan.scheduled if s.num_tokens > 1) == MIN_TRIMMED_PREFILL
+    sched.update(runner.execute(plan))
+    drain(sched, runner)
+
+    ready = sim_ready("qwen3-8b", "h100", block_size=16, num_kv_blocks=4096)
+    p = Predictor(ready.model, ready.profile)
+    small, big = p.cost([], [(8, 0, True)]), p.cost([], [(2048, 0, True)])
+
+    def truth(cost) -> float:  # noqa: ANN001
+        return 1.15 * p.estimate(cost, "prefill").device_ms + 0.5
+
+    for _ in range(6):
+        p.observe("prefill", p.estimate(small, "prefill"), truth(small))
+    assert p.predict_ms(big, "prefill") < 2 * truth(big)
+    p.observe("prefill", p.estimate(small, "prefill"), float("nan"))  # a broken timing teaches nothing
+    assert p.predict_ms(big, "prefill") < 2 * truth(big) and p.report().count == 6
+
+    p = Predictor(ready.model, ready.profile, H100_FLASHINFER_EXECUTION)
+    tiny = p.cost([], [(8, 0, True)])
+    for _ in range(30):
+        p.observe("prefill", p.estimate(tiny, "prefill", with_roofline=True), 12.5)
+    p.observe("mux_prefill", p.estimate(tiny, "mux_prefill", 66, with_roofline=True), 60.0)
+    assert p.predict_ms(tiny, "mux_prefill", 66) < 20.0
