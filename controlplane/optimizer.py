@@ -51,9 +51,11 @@ def candidate_splits(total_sms: int, decode_sizes: Sequence[int]) -> list[Split]
 
 def useful_decode_tokens(remaining: Sequence[int], max_k: int) -> list[float]:
     """Entry k: tokens k look-ahead steps can usefully emit, each request capped by its `remaining`."""
+    short = [r for r in remaining if r < max_k]  # usually few: most requests outlast any look-ahead
     counts = [0] * (max_k + 1)
-    for r in remaining:
-        counts[min(max(r, 1), max_k)] += 1
+    for r in short:
+        counts[r if r > 1 else 1] += 1
+    counts[max_k] += len(remaining) - len(short)
     useful = [0.0] * (max_k + 1)
     below = 0.0  # sum of r over requests with r < k
     at_least = len(remaining)  # requests with r >= k

@@ -202,10 +202,17 @@ class DuetPolicy:
         if not self.wants_slack or not batch.decode_outputs:
             return slo
         target, h, ahead = slo * TPOT_TARGET, self.horizon, batch.ahead_ms
-        # m more tokens at s ms each, after `ahead`: (age + ahead + m s) / (n + m - 1) <= target
-        allowed = min((target * (n + m - 1) - age - ahead) / m
-                      for n, age, r in zip(batch.decode_outputs, batch.decode_age_ms, batch.decode_remaining)
-                      for m in (r if r < h else h,))
+        # m more tokens at s ms each, after `ahead`: (age + ahead + m s) / (n + m - 1) <= target, so
+        # s <= (target * (n + m - 1) - age - ahead) / m; for every item with m = h that is the least
+        # target * n - age, taken in one pass
+        items = zip(batch.decode_outputs, batch.decode_age_ms, batch.decode_remaining)
+        least = min((target * n - age for n, age, r in items if r >= h), default=None)
+        allowed = (least + target * (h - 1) - ahead) / h if least is not None else float("inf")
+        for n, age, r in zip(batch.decode_outputs, batch.decode_age_ms, batch.decode_remaining):
+            if r < h:  # ends within the horizon: its own m
+                v = (target * (n + r - 1) - age - ahead) / r
+                if v < allowed:
+                    allowed = v
         return allowed if allowed > target else target
 
     def decide(self, batch: BatchShape, forecast: StepForecast | None) -> ModeDecision:

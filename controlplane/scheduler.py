@@ -208,6 +208,11 @@ class Scheduler:
         contexts, remaining, chunks = batch.decode_contexts, batch.decode_remaining, batch.chunks
         decoders: list[Sequence] = []
         seqs, max_len = self.seqs, self.max_model_len
+        # what a TPOT-aware policy reads: each decode item's tokens so far and time since its first
+        # token (none yet: it arrives with the steps in flight, no time has passed on its clock) and
+        # how long the steps in flight still run
+        slack = self._wants_slack
+        outputs, ages, now = batch.decode_outputs, batch.decode_age_ms, self.slo_clock() if slack else 0.0
         for seq_id, num_tokens in draft.tokens.items():
             seq = seqs[seq_id]
             cached = seq.num_computed_tokens
@@ -219,22 +224,16 @@ class Scheduler:
                 contexts.append(cached)
                 left = min(seq.stop.max_tokens - num_out, max_len - total)
                 remaining.append(left if left > 1 else 1)
+                if slack:
+                    outputs.append(num_out)
+                    first = seq.first_token_at
+                    ages.append((now - first) * 1e3 if first else 0.0)
             else:
                 chunks.append((num_tokens, cached, samples))
-        if self._wants_slack and decoders:
-            self._fill_slack(batch, decoders)
-        return batch, decoders
-
-    def _fill_slack(self, batch: BatchShape, decoders: list[Sequence]) -> None:
-        """What a TPOT-aware policy reads: each decode item's tokens so far and time since its first
-        token (none yet: it arrives with the steps in flight, no time has passed on its clock) and
-        how long the steps in flight still run."""
-        now = self.slo_clock()
-        batch.decode_outputs = [s.num_outputs for s in decoders]
-        batch.decode_age_ms = [(now - s.first_token_at) * 1e3 if s.first_token_at else 0.0 for s in decoders]
-        if self.inflight:
+        if slack and self.inflight:
             left = sum(f.decision.predicted_ms for f in self.inflight) - (now - self.inflight[0].sent_at) * 1e3
             batch.ahead_ms = left if left > 0 else 0.0
+        return batch, decoders
 
     def _trim_draft(self, draft: _StepDraft, cap: int) -> None:
         """Cut the draft's prefill chunks to `cap` tokens, from the last back (as `policies.trim_chunks`

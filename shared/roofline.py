@@ -167,7 +167,7 @@ class Roofline:
         self.execution = execution or NEUTRAL_EXECUTION
         self.full_sms = profile.sm_counts[-1]
         self._curves: dict[int, tuple[float, float]] = {}
-        self._dense: dict[tuple[int, int, float, float], float] = {}  # memo: batches repeat their sizes
+        self._dense_coef: dict[tuple[float, float], tuple] = {}  # per curve point: see dense_ms
         self._linears = shape.linear_shapes()
         self._elementwise = shape.bytes_per_elem * shape.elementwise_elems_per_token()
         self._flops_per_token = 2.0 * shape.num_layers * sum(di * do for di, do in self._linears)
@@ -219,21 +219,37 @@ class Roofline:
     def dense_ms(self, cost: BatchCost, pi: float, bw: float) -> float:
         """Everything but attention: L layers of projections and element-wise traffic, the LM head on
         the sampled rows, the embedding gather and final norm. A function of the token and sampled
-        counts and the curves only: memoised (bounded), as steps repeat their sizes."""
-        key = (cost.num_tokens, cost.num_sampled, pi, bw)
-        cached = self._dense.get(key)
-        if cached is not None:
-            return cached
-        sh = self.shape
-        s, n = sh.bytes_per_elem, cost.num_tokens
-        layer = sum(linear_ms(n, di, do, s, pi, bw) for di, do in self._linears)
-        layer += n * self._elementwise / bw * 1e3
-        head = linear_ms(cost.num_sampled, sh.hidden_size, sh.vocab_size, s, pi, bw) if cost.num_sampled else 0.0
-        model_io = s * n * 4 * sh.hidden_size / bw * 1e3  # embedding gather + final norm
-        if len(self._dense) >= 8192:
-            self._dense.clear()
-        self._dense[key] = out = sh.num_layers * layer + head + model_io
+        counts and the curves only: each GEMM's `max(F / Pi, B / BW)` is affine in the rows on
+        either side of its crossover, so the coefficients are kept per curve point and a step
+        costs a few multiply-adds (the scheduler evaluates it on every candidate SM count)."""
+        coef = self._dense_coef.get((pi, bw))
+        if coef is None:
+            coef = self._dense_coef[(pi, bw)] = self._dense_coefficients(pi, bw)
+        linears, per_token, head = coef
+        n, m = cost.num_tokens, cost.num_sampled
+        layer = 0.0
+        for a_f, a_b, c_b in linears:
+            f, b = n * a_f, n * a_b + c_b
+            layer += f if f > b else b
+        out = self.shape.num_layers * layer + n * per_token
+        if m:
+            a_f, a_b, c_b = head
+            f, b = m * a_f, m * a_b + c_b
+            out += f if f > b else b
         return out
+
+    def _dense_coefficients(self, pi: float, bw: float) -> tuple[list[tuple[float, float, float]], float,
+                                                                  tuple[float, float, float]]:
+        """Per GEMM (ms per row as compute, ms per row and fixed ms as traffic), the element-wise and
+        model-input traffic per token (all layers), and the LM head's GEMM, at (Pi, BW)."""
+        sh = self.shape
+        s = sh.bytes_per_elem
+
+        def gemm(di: int, do: int) -> tuple[float, float, float]:
+            return 2.0 * di * do / pi * 1e3, s * (di + do) / bw * 1e3, s * di * do / bw * 1e3
+
+        per_token = (sh.num_layers * self._elementwise + s * 4 * sh.hidden_size) / bw * 1e3
+        return [gemm(di, do) for di, do in self._linears], per_token, gemm(sh.hidden_size, sh.vocab_size)
 
     def attention_ms(self, cost: BatchCost, pi: float, bw: float) -> float:
         """One layer's attention: the sum of per-request rooflines."""
