@@ -183,7 +183,8 @@ def main() -> None:
             m, sched = simulate(trace, rate, n, policy_config(policy, base), gpu=args.gpu,
                                 execution=args.execution, host_ms=args.host_ms, decode_partition_sms=sizes,
                                 scales=tuple(float(x) for x in args.scales.split(",")))  # type: ignore[arg-type]
-            steps = sched.stats.summary().get("steps", {})
+            summary = sched.stats.summary()
+            steps = {**summary.get("steps", {}), "trimmed": summary.get("trimmed_steps", 0)}
             rows.append({"policy": policy, "rate": rate, **{k: v for k, v in m.items() if not isinstance(v, list)},
                          "steps": steps})
             print(f"{policy:>13} @ {rate:5.1f}: goodput {m['request_goodput']:6.2f} req/s ({m['slo_attainment']:4.0%})"

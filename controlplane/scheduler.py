@@ -153,6 +153,7 @@ class Scheduler:
         forecast = StepForecast(self.predictor, batch) if self.predictor is not None else None
         decision = self.policy.decide(batch, forecast)
         if decision.prefill_tokens is not None and decision.prefill_tokens < batch.prefill_tokens:
+            self.stats.trimmed += 1
             self._trim_draft(draft, decision.prefill_tokens)
             batch, decoders = self._batch_shape(draft)
             forecast = StepForecast(self.predictor, batch) if self.predictor is not None else None

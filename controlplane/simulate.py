@@ -3,7 +3,7 @@
 Starts the simulated data plane (`python -m dataplane.sim_worker`: a named GPU's declared roofline,
 no math), the real control plane with the chosen policy, and a replay client that sends a trace
 through the real gRPC API; then reports TTFT / TPOT / inter-token latency, throughput, goodput
-under the SLOs, and what the scheduler ran (steps per mode, splits, look-ahead, mode switches,
+under the SLOs, and what the scheduler ran (steps per mode, splits, look-ahead, mode switches, trims,
 predictor error). It wires existing parts together and holds no policy of its own.
 """
 
@@ -113,7 +113,7 @@ def format_report(report: dict[str, object]) -> str:
         lines.append(f"  {name[:-3].upper():<13} mean {p['mean']:8.1f}  p50 {p['p50']:8.1f}  p90 {p['p90']:8.1f}  "
                      f"p99 {p['p99']:8.1f} ms")
     lines.append(f"  steps         {s['steps']}  busy ms {s['busy_ms']}  mode switches {s['mode_switches']}  "
-                 f"preemptions {s['preemptions']}")
+                 f"trimmed {s.get('trimmed_steps', 0)}  preemptions {s['preemptions']}")
     gap = s["control_plane_ms_per_step"]
     lines.append(f"  control plane {gap:.2f} ms wall per step between result and next plan "
                  f"(= {gap / c['time_scale']:.1f} simulated ms; keep it small against step times)")

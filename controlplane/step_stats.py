@@ -1,5 +1,6 @@
 """Counters of what the scheduler ran: steps and busy time per mode, splits, look-ahead, mode switches,
-and the control plane's own wall time between a result and the next plan.
+steps with trimmed prompt chunks, and the control plane's own wall time between a result and the
+next plan.
 
 A bounded timeline of recent steps feeds `duetserve simulate`'s report. Bookkeeping only: no policy.
 """
@@ -30,6 +31,7 @@ class StepStats:
     splits: Counter[tuple[int, int]] = field(default_factory=Counter)
     lookahead: Counter[int] = field(default_factory=Counter)
     switches: int = 0
+    trimmed: int = 0  # aggregated steps whose prompt chunks the policy cut to fit its step budget
     last_mode: str | None = None
     host_gap_s: float = 0.0  # wall time from a result to the next plan, over back-to-back steps
     host_gaps: int = 0
@@ -54,6 +56,7 @@ class StepStats:
             "steps": dict(self.steps),
             "busy_ms": {k: round(v, 3) for k, v in self.busy_ms.items()},
             "mode_switches": self.switches,
+            "trimmed_steps": self.trimmed,
             "splits": {f"{p}+{d}": n for (p, d), n in self.splits.most_common()},
             "lookahead": {str(k): n for k, n in sorted(self.lookahead.items())},
             "control_plane_ms_per_step": 1e3 * self.host_gap_s / self.host_gaps if self.host_gaps else 0.0,

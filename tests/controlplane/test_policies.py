@@ -242,12 +242,14 @@ def test_trimmed_chunks_give_back_blocks_and_requeue_what_they_drop() -> None:
     late = [make_seq(100 + i, 900, 5) for i in range(3)]
     for seq in late:
         sched.add(seq)
+    trims = sched.stats.trimmed
     plan = sched.schedule()
     assert plan is not None and plan.mode == "aggregated"
     chunk = {s.seq_id: s.num_tokens for s in plan.scheduled if s.num_tokens > 1}
     assert 256 <= sum(chunk.values()) < 2048 - 40  # trimmed, not the whole budget
     dropped = [s for s in late if s.seq_id not in chunk]
     assert dropped and all(s.block_ids == [] for s in dropped) and list(sched.waiting) == dropped
+    assert sched.stats.summary()["trimmed_steps"] == trims + 1
     for s in late:
         if s.seq_id in chunk:
             assert len(s.block_ids) == -(-chunk[s.seq_id] // 16)  # blocks for what it runs, no more
