@@ -112,6 +112,19 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.running)
 
+    @property
+    def last_predicted_ms(self) -> float | None:
+        """The predicted time of the step planned last (what the observer scores the predictor by):
+        the policy's own prediction, else the predictor's for an aggregated step; None without one."""
+        if not self.inflight:
+            return None
+        step = self.inflight[-1]
+        if step.decision.predicted_ms > 0:
+            return step.decision.predicted_ms
+        if step.forecast is None or step.decision.mode != "aggregated" or step.forecast.mixed.empty:
+            return None
+        return step.forecast.mixed_ms()
+
     def finish(self, seq_id: int, reason: FinishReason, stop_reason: str | None = None) -> Sequence | None:
         """End a sequence now (stop, abort, error): free its blocks, tell the worker next step."""
         seq = self.seqs.pop(seq_id, None)

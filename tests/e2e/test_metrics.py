@@ -65,3 +65,5 @@ async def test_prometheus_histograms_move() -> None:
     assert value(after, "duetserve:num_requests_waiting") == 0
     assert f'duetserve:kv_cache_usage_perc{{model_name="tiny"}}' in after
     assert value(after, "duetserve:sm_split_prefill") == value(after, "duetserve:sm_split_decode") == 0
+    # the scheduler's prediction of each step, scored against the measured step (the CPU sends a profile)
+    assert 'duetserve:predictor_abs_pct_error{model_name="tiny"}' in after

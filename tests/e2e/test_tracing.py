@@ -95,8 +95,12 @@ async def test_spans_reach_an_otlp_receiver() -> None:
         assert step.attributes["duetserve.step.mode"] == "aggregated"
         assert {"duetserve.step.prefill_sms", "duetserve.step.decode_sms", "duetserve.step.decode_steps"} <= set(
             step.attributes)
+        if step.attributes["duetserve.step.num_tokens"]:  # not a step that only drops finished requests
+            assert step.attributes["duetserve.step.predicted_ms"] > 0  # the predictor's estimate of it
         if step.status_code != 2:  # a step cut short by the server's stop has no measured time
             assert "duetserve.step.measured_ms" in step.attributes
+            assert "duetserve.step.predictor_abs_pct_error" in step.attributes or not step.attributes[
+                "duetserve.step.num_tokens"]
     executes = [s for s in spans if s.name == "dataplane.execute"]
     assert all(e.parent_id in steps and e.trace_id == steps[e.parent_id].trace_id for e in executes)
     answered = {s.span_id for s in steps.values() if s.status_code != 2}  # not cut short by the stop
