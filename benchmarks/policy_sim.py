@@ -31,7 +31,7 @@ from controlplane.scheduler import Scheduler, SeqUpdate  # noqa: E402
 from controlplane.sequence import Sequence, StopParams  # noqa: E402
 from dataplane.sim_worker import SimGpu, sim_ready  # noqa: E402
 from shared.config import SchedulerConfig  # noqa: E402
-from shared.messages import SamplingParams, StepProgress, StepResult  # noqa: E402
+from shared.messages import SamplingParams, StepProgress  # noqa: E402
 
 TRACES = {"code": "azure_llm_2023_code.csv", "conv": "azure_llm_2023_conv.csv"}
 
@@ -126,23 +126,9 @@ def simulate(trace: Path, rate: float, num_requests: int, config: SchedulerConfi
             plan = sched.schedule()
             if plan is None:
                 break
-            timings, ends, decode_ids = gpu_model._plan_times(plan)
-            result = gpu_model.runner.execute(plan)
-            start = max(now + host_ms / 1e3, gpu_free)
-            gpu_free = start + timings.total_ms / 1e3
-            full = {o.seq_id: o for o in result.outputs}
-            reported = 0
-            for j, end in enumerate(ends):
-                if end >= timings.total_ms:
-                    break
-                outs = [type(full[s])(seq_id=s, token_ids=full[s].token_ids[j:j + 1]) for s in sorted(decode_ids)
-                        if s in full and len(full[s].token_ids) > j]
-                push(start + end / 1e3, ("progress", StepProgress(step_id=plan.step_id, outputs=outs)))
-                reported = j + 1
-            rest = [type(o)(seq_id=o.seq_id, token_ids=o.token_ids[reported:]) if o.seq_id in decode_ids else o
-                    for o in result.outputs]
-            push(gpu_free, ("result", StepResult(step_id=plan.step_id, outputs=[o for o in rest if o.token_ids],
-                                                 failures=result.failures, timings=timings)))
+            gpu_free, messages = gpu_model.run_at(plan, max(now + host_ms / 1e3, gpu_free), 1e-3)
+            for due, message in messages:
+                push(due, ("progress" if isinstance(message, StepProgress) else "result", message))
     duration = max((r.chunks[-1][0] for r in records if r.chunks), default=0.0) - min(send)
     arrays = per_request(records)
     goodput = Goodput(ttft_ms=config.ttft_slo_ms, tpot_ms=config.tbt_slo_ms)

@@ -174,11 +174,15 @@ class SimGpu:
         """Run the plan's bookkeeping now; returns (due, message) in order: a StepProgress for each
         decode pass that ends before the step does, then the StepResult with the rest, due when the
         simulated GPU gets through them (after the steps queued before, like a CUDA stream)."""
+        self._free_at, messages = self.run_at(plan, max(time.monotonic(), self._free_at), self.time_scale / 1e3)
+        return messages
+
+    def run_at(self, plan: StepPlan, start: float, scale: float) -> tuple[float, list[tuple[float, ToControl]]]:
+        """The plan's bookkeeping, its GPU starting at `start` (seconds on any clock, `scale` of them
+        per simulated ms): (when it ends, its (due, message) list as `launch` returns it)."""
         timings, ends, decode_ids = self._plan_times(plan)
         result = self.runner.execute(plan)
-        start = max(time.monotonic(), self._free_at)
-        scale = self.time_scale / 1e3
-        self._free_at = start + timings.total_ms * scale
+        end_at = start + timings.total_ms * scale
         full = {o.seq_id: o for o in result.outputs}
         events: list[tuple[float, ToControl]] = []
         reported = 0
@@ -190,7 +194,7 @@ class SimGpu:
             reported = j + 1
         rest = [_slice(o, reported, None) if o.seq_id in decode_ids else o for o in result.outputs]
         final = msgspec.structs.replace(result, outputs=[o for o in rest if o.token_ids], timings=timings)
-        return [*events, (self._free_at, final)]
+        return end_at, [*events, (end_at, final)]
 
     def execute(self, plan: StepPlan) -> StepResult:
         """The whole step at once: every token in the result (for callers without progress)."""
