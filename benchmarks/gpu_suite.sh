@@ -30,7 +30,7 @@ for stage in "$@"; do
     predictor-all) run predictor-all 400 python3 benchmarks/predictor.py --partitions --decode-sizes 32,64 \
                      --sm-counts 32,68,100,132 --reps 2 --out "$OUT" ;;
     serving-code) run serving-code 560 python3 benchmarks/serving.py --gpu "$GPU" --traces code \
-                    --policies duet,aggregated,prefill-first --rates ${CODE_RATES:-2,4,8} --seconds 18 --trace-dir .whl/traces --out "$OUT" ;;
+                    --policies duet,aggregated,prefill-first --rates ${CODE_RATES:-2,4,8} --seconds 18 --min-requests 40 --trace-dir .whl/traces --out "$OUT" ;;
     serving-conv) run serving-conv 560 python3 benchmarks/serving.py --gpu "$GPU" --traces conv \
                     --policies duet,aggregated,prefill-first --rates ${CONV_RATES:-20,28,36} --seconds 15 --trace-dir .whl/traces --out "$OUT" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
