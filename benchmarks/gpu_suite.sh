@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_suite.sh serving-code          # a serving stage fills most of one call
 # Needs .whl/ filled by benchmarks/device_prep.sh (carry [".whl"]). Stages: tests profile engine multiplex
 # predictor (the shapes serving runs) predictor-all (every shape on every SM count) serving-code
-# serving-conv. GPU name for file names: GPU=h200 (default).
+# serving-conv serving-code-more (the paper-style duet-tbt and static on Azure code) serving-conv-knee
+# (Azure conversation past the baselines' knee). GPU name for file names: GPU=h200 (default).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . benchmarks/gpu_env.sh || exit 1
@@ -33,6 +34,10 @@ for stage in "$@"; do
                     --policies duet,aggregated,prefill-first --rates ${CODE_RATES:-2,4,8} --seconds 18 --min-requests 40 --trace-dir .whl/traces --out "$OUT" ;;
     serving-conv) run serving-conv 560 python3 benchmarks/serving.py --gpu "$GPU" --traces conv \
                     --policies duet,aggregated,prefill-first --rates ${CONV_RATES:-20,28,36} --seconds 15 --trace-dir .whl/traces --out "$OUT" ;;
+    serving-code-more) run serving-code-more 560 python3 benchmarks/serving.py --gpu "$GPU" --traces code \
+                    --policies duet-tbt,static --rates ${CODE_RATES:-2,4,8} --seconds 18 --min-requests 40 --trace-dir .whl/traces --out "$OUT" ;;
+    serving-conv-knee) run serving-conv-knee 560 python3 benchmarks/serving.py --gpu "$GPU" --traces conv \
+                    --policies duet,aggregated,prefill-first --rates ${KNEE_RATES:-40,48} --seconds 15 --trace-dir .whl/traces --out "$OUT" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
