@@ -174,10 +174,12 @@ class DuetPolicy:
     that, repeated for this token and the item's next `horizon - 1` (fewer if it ends sooner),
     after the steps in flight, keeps (time since its first token) / (tokens - 1) at the target.
     A request that banked time on fast steps lets a long step through; a new one allows about the
-    target; never below the target. Multiplexed decode steps always keep the TBT SLO. When the mixed batch breaks the budget,
-    the optimizer's best split competes (with `trim`) with the same batch aggregated but its chunks
-    cut to fit the budget; the higher tokens per ms wins (the split's objective counts its
-    look-ahead decode tokens). If neither fits, the smallest trimmed step (it overruns least).
+    target; never below the target. Multiplexed decode steps always keep the TBT SLO.
+
+    When the mixed batch breaks the budget, the optimizer's best split competes (with `trim`) with
+    the same batch aggregated but its chunks cut to fit the budget; the higher tokens per ms wins
+    (the split's objective counts its look-ahead decode tokens). If neither fits, the smallest
+    trimmed step runs (it overruns least).
     """
 
     splits: list[Split]
