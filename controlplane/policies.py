@@ -89,14 +89,23 @@ def trim_chunks(chunks: list[tuple[int, int, bool]], cap: int) -> list[tuple[int
 class StepForecast:
     """Roofline costs of one drafted batch (whole, prefill part, decode part), computed once."""
 
-    def __init__(self, predictor: Predictor, batch: BatchShape) -> None:
+    def __init__(self, predictor: Predictor, batch: BatchShape, decode: BatchCost | None = None) -> None:
+        """`decode`: the decode part's cost when already known (the same decode items)."""
         self.predictor = predictor
         self.batch = batch
-        self.decode: BatchCost = predictor.cost(batch.decode_contexts, [])
+        self.decode: BatchCost = predictor.cost(batch.decode_contexts, []) if decode is None else decode
         self.prefill: BatchCost = predictor.cost([], batch.chunks)
         self.mixed: BatchCost = self.decode.merge(self.prefill) if batch.chunks and batch.num_decode else (
             self.decode if not batch.chunks else self.prefill)
         self.regime: Regime = regime_of(batch.num_decode, len(batch.chunks))
+
+    def trimmed(self, cap: int) -> StepForecast:
+        """The forecast of this batch with its chunks cut to `cap` tokens (`trim_chunks`); its
+        `batch` is a new BatchShape sharing the decode items' lists."""
+        b = self.batch
+        batch = BatchShape(b.decode_contexts, b.decode_remaining, trim_chunks(b.chunks, cap), b.decode_outputs,
+                           b.decode_age_ms, b.ahead_ms)
+        return StepForecast(self.predictor, batch, self.decode)
 
     def mixed_ms(self) -> float:
         """Corrected prediction of the whole batch, aggregated on the whole device."""
@@ -241,29 +250,23 @@ class DuetPolicy:
         if choice is None:
             if self.trim and batch.prefill_tokens > MIN_TRIMMED_PREFILL:
                 # nothing meets the budget: the smallest trimmed step overruns it least
-                least = self.trimmed(batch, forecast, float("inf"), mixed_ms, cap=MIN_TRIMMED_PREFILL)
-                if least is not None:
-                    return ModeDecision(predicted_ms=least[1], prefill_tokens=least[0])
+                return ModeDecision(predicted_ms=_trimmed_ms(batch, forecast, MIN_TRIMMED_PREFILL),
+                                    prefill_tokens=MIN_TRIMMED_PREFILL)
             return ModeDecision(predicted_ms=mixed_ms)
         self.previous = choice.split
         return ModeDecision("multiplexed", choice.split.prefill_sms, choice.split.decode_sms, choice.k,
                             choice.step_ms)
 
     def trimmed(self, batch: BatchShape, forecast: StepForecast, budget_ms: float,
-                full_ms: float | None = None, cap: int | None = None) -> tuple[int, float, float] | None:
+                full_ms: float | None = None) -> tuple[int, float, float] | None:
         """The aggregated step with the most prefill tokens that fits `budget_ms` (to within ~6%, by
         false position on the predicted mixed time, which is close to linear in the tokens kept;
         chunks cut from the last one back): (prefill tokens, predicted ms, tokens per ms), or None
-        if fewer than MIN_TRIMMED_PREFILL tokens fit. `full_ms`: the whole batch's prediction;
-        `cap`: just that many tokens, whatever it costs."""
-        pred, decode = forecast.predictor, forecast.decode
+        if fewer than MIN_TRIMMED_PREFILL tokens fit. `full_ms`: the whole batch's prediction."""
 
         def mixed_ms(cap: int) -> float:
-            return pred.predict_ms(decode.merge(pred.cost([], trim_chunks(batch.chunks, cap))), "mixed")
+            return _trimmed_ms(batch, forecast, cap)
 
-        if cap is not None:
-            ms = mixed_ms(cap)
-            return cap, ms, (batch.num_decode + cap) / max(ms, 1e-9)
         lo, hi = MIN_TRIMMED_PREFILL, batch.prefill_tokens
         if hi <= lo or (lo_ms := mixed_ms(lo)) > budget_ms:
             return None
@@ -282,6 +285,12 @@ class DuetPolicy:
             else:
                 hi, hi_ms = cap, ms
         return lo, lo_ms, (batch.num_decode + lo) / max(lo_ms, 1e-9)
+
+
+def _trimmed_ms(batch: BatchShape, forecast: StepForecast, cap: int) -> float:
+    """Predicted time of the batch aggregated with its chunks cut to `cap` tokens."""
+    pred = forecast.predictor
+    return pred.predict_ms(forecast.decode.merge(pred.cost([], trim_chunks(batch.chunks, cap))), "mixed")
 
 
 def _static_split(config: SchedulerConfig, ready: WorkerReady) -> Split | None:

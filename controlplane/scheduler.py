@@ -21,11 +21,12 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from controlplane.kv_blocks import BlockAllocator
 from controlplane.policies import AGGREGATED, BatchShape, ModeDecision, StepForecast, make_policy, make_predictor
 from controlplane.sequence import FinishReason, Sequence, SeqStatus, check_token_stop
+from controlplane.step_draft import StepDraft, trim_draft
 from controlplane.step_stats import StepStats
 from shared.config import SchedulerConfig
 from shared.messages import (
@@ -41,14 +42,6 @@ class SeqUpdate:
     new_token_ids: list[int]
     new_logprobs: list[TokenLogprobs] | None
     finished: bool
-
-
-@dataclass
-class _StepDraft:
-    budget: int
-    tokens: dict[int, int] = field(default_factory=dict)  # seq id -> tokens scheduled
-    new_blocks: dict[int, list[int]] = field(default_factory=dict)
-    preempted: bool = False
 
 
 @dataclass
@@ -154,7 +147,7 @@ class Scheduler:
         """The next step's plan, or None when there is nothing to run (and nothing to drop)."""
         if len(self.inflight) >= self.max_inflight:
             raise RuntimeError(f"schedule() called with {len(self.inflight)} steps in flight")
-        draft = _StepDraft(budget=self.config.max_num_batched_tokens)
+        draft = StepDraft(budget=self.config.max_num_batched_tokens)
         if self.policy.composition == "prefill_first":
             self._compose_prefill_first(draft)
         else:
@@ -167,14 +160,14 @@ class Scheduler:
         decision = self.policy.decide(batch, forecast)
         if decision.prefill_tokens is not None and decision.prefill_tokens < batch.prefill_tokens:
             self.stats.trimmed += 1
-            self._trim_draft(draft, decision.prefill_tokens)
-            batch, decoders = self._batch_shape(draft)
-            forecast = StepForecast(self.predictor, batch) if self.predictor is not None else None
+            trim_draft(draft, decision.prefill_tokens, self.seqs, self.allocator, self.running, self.waiting)
+            if forecast is not None:  # the decode items are the same; the chunks are cut as the draft was
+                forecast = forecast.trimmed(decision.prefill_tokens)
         if decision.decode_steps > 1:
             decision = self._reserve_lookahead(draft, decoders, decision)
         return self._build_plan(draft, decision, forecast)
 
-    def _compose_decode_first(self, draft: _StepDraft) -> None:
+    def _compose_decode_first(self, draft: StepDraft) -> None:
         decoding: list[Sequence] = []
         prefilling: list[Sequence] = []
         for seq in self.running:  # Sequence.is_decoding, inlined: this loop sees every running sequence
@@ -185,7 +178,7 @@ class Scheduler:
         if not draft.preempted:
             self._admit_waiting(draft)
 
-    def _schedule_decodes(self, seqs: list[Sequence], draft: _StepDraft) -> None:
+    def _schedule_decodes(self, seqs: list[Sequence], draft: StepDraft) -> None:
         """`_schedule_all` for decoding sequences (one token each): the common case, a token that fits
         the sequence's last block, without the general path's arithmetic."""
         size, tokens, running = self.allocator.block_size, draft.tokens, SeqStatus.RUNNING
@@ -200,7 +193,7 @@ class Scheduler:
             tokens[seq.seq_id] = 1
             draft.budget -= 1
 
-    def _compose_prefill_first(self, draft: _StepDraft) -> None:
+    def _compose_prefill_first(self, draft: StepDraft) -> None:
         """Prefill chunks only while any can run; a decode batch otherwise."""
         decoding = [s for s in self.running if s.is_decoding]
         self._schedule_all([s for s in self.running if not s.is_decoding], draft)
@@ -209,14 +202,14 @@ class Scheduler:
         if not draft.tokens:
             self._schedule_all(decoding, draft)
 
-    def _schedule_all(self, seqs: list[Sequence], draft: _StepDraft) -> None:
+    def _schedule_all(self, seqs: list[Sequence], draft: StepDraft) -> None:
         for seq in seqs:
             if draft.budget == 0:
                 break
             if seq.status is SeqStatus.RUNNING:
                 self._schedule_running(seq, draft)
 
-    def _batch_shape(self, draft: _StepDraft) -> tuple[BatchShape, list[Sequence]]:
+    def _batch_shape(self, draft: StepDraft) -> tuple[BatchShape, list[Sequence]]:
         """The batch as policies see it, and its decode items' sequences."""
         batch = BatchShape()
         contexts, remaining, chunks = batch.decode_contexts, batch.decode_remaining, batch.chunks
@@ -249,48 +242,7 @@ class Scheduler:
             batch.ahead_ms = left if left > 0 else 0.0
         return batch, decoders
 
-    def _trim_draft(self, draft: _StepDraft, cap: int) -> None:
-        """Cut the draft's prefill chunks to `cap` tokens, from the last back (as `policies.trim_chunks`
-        does): a cut chunk gives back the blocks this step gave it; a sequence admitted this step that
-        keeps nothing goes back to the front of the queue."""
-        seqs, left, cuts = self.seqs, cap, []
-        for seq_id, n in draft.tokens.items():
-            seq = seqs[seq_id]
-            if n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens:
-                continue  # a decode item
-            keep = n if n <= left else left
-            left -= keep
-            if keep < n:
-                cuts.append((seq, keep))
-        for seq, keep in reversed(cuts):
-            sid = seq.seq_id
-            need = self.allocator.blocks_for_tokens(seq.num_computed_tokens + keep)
-            if not seq.on_worker:  # admitted by this draft: every block it holds is this step's
-                if keep == 0:
-                    del draft.tokens[sid]
-                    self.allocator.free(sid, seq.block_ids)
-                    seq.block_ids = []
-                    self.running.remove(seq)
-                    seq.status = SeqStatus.WAITING
-                    self.waiting.appendleft(seq)
-                    continue
-                extra = seq.block_ids[need:]
-            else:
-                new = draft.new_blocks.get(sid, [])
-                n_extra = min(len(seq.block_ids) - need, len(new))
-                extra = new[len(new) - n_extra:] if n_extra > 0 else []
-                if extra:
-                    draft.new_blocks[sid] = new[: len(new) - n_extra]
-            if extra:
-                self.allocator.free(sid, extra)
-                del seq.block_ids[len(seq.block_ids) - len(extra):]
-            if keep:
-                draft.tokens[sid] = keep
-            else:
-                del draft.tokens[sid]
-                draft.new_blocks.pop(sid, None)
-
-    def _reserve_lookahead(self, draft: _StepDraft, decoders: list[Sequence], decision: ModeDecision) -> ModeDecision:
+    def _reserve_lookahead(self, draft: StepDraft, decoders: list[Sequence], decision: ModeDecision) -> ModeDecision:
         """Give every decode item blocks for `k` tokens; lower `k` until the free blocks suffice."""
         k, size = decision.decode_steps, self.allocator.block_size
         while k > 1:
@@ -315,7 +267,7 @@ class Scheduler:
             return False  # penalties count every previous token on the host
         return seq.num_outputs < seq.stop.max_tokens and seq.num_tokens < self.max_model_len
 
-    def _schedule_running(self, seq: Sequence, draft: _StepDraft) -> None:
+    def _schedule_running(self, seq: Sequence, draft: StepDraft) -> None:
         num_tokens = min(seq.num_uncomputed_tokens, draft.budget)
         if num_tokens <= 0 or (seq.num_inflight and not self._runs_ahead_ok(seq)):
             return
@@ -332,7 +284,7 @@ class Scheduler:
         draft.tokens[seq.seq_id] = num_tokens
         draft.budget -= num_tokens
 
-    def _preempt(self, victim: Sequence, draft: _StepDraft) -> None:
+    def _preempt(self, victim: Sequence, draft: StepDraft) -> None:
         draft.preempted = True
         draft.budget += draft.tokens.pop(victim.seq_id, 0)
         draft.new_blocks.pop(victim.seq_id, None)
@@ -344,7 +296,7 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(victim)
 
-    def _admit_waiting(self, draft: _StepDraft) -> None:
+    def _admit_waiting(self, draft: StepDraft) -> None:
         while self.waiting and draft.budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             num_tokens = min(seq.num_tokens, draft.budget)
@@ -358,7 +310,7 @@ class Scheduler:
             draft.tokens[seq.seq_id] = num_tokens
             draft.budget -= num_tokens
 
-    def _build_plan(self, draft: _StepDraft, decision: ModeDecision, forecast: StepForecast | None) -> StepPlan:
+    def _build_plan(self, draft: StepDraft, decision: ModeDecision, forecast: StepForecast | None) -> StepPlan:
         new_requests: list[NewRequest] = []
         scheduled: list[ScheduledSeq] = []
         expects: dict[int, int] = {}
@@ -416,53 +368,19 @@ class Scheduler:
         """Apply tokens of the oldest step in flight that reached the host before the step ended."""
         if not self.inflight or message.step_id != self.inflight[0].plan.step_id:
             raise RuntimeError(f"progress for step {message.step_id} does not match the oldest step in flight")
-        inflight = self.inflight[0]
-        return [u for output in message.outputs if (u := self._accept(inflight, output)) is not None]
-
-    def _accept(self, inflight: InflightStep, output: SeqOutput) -> SeqUpdate | None:
-        """Count `output`'s tokens as arrived; append them unless the step no longer speaks for the
-        sequence (preempted since, or finished: a token computed past a stop is dropped)."""
-        seq_id, expects = output.seq_id, inflight.expects_token
-        seq = self.seqs.get(seq_id)
-        expected = expects.get(seq_id, 0)
-        if seq is None or expected <= 0 or seq.num_preemptions != inflight.epochs[seq_id]:
-            return None
-        n = len(output.token_ids)
-        if n > expected:
-            n = expected
-        expects[seq_id] = expected - n
-        inflight.outstanding -= n
-        seq.num_inflight -= n
-        if seq.status is SeqStatus.FINISHED:
-            return None
-        return self._append_tokens(seq, output.token_ids, output.logprobs)
-
-    def update(self, result: StepResult) -> list[SeqUpdate]:
-        """Apply the worker's answer to the oldest step in flight; returns per-sequence changes."""
-        if not self.inflight or result.step_id != self.inflight[0].plan.step_id:
-            raise RuntimeError(f"result for step {result.step_id} does not match the step in flight")
-        inflight = self.inflight.popleft()
-        self._result_at = time.monotonic()
-        self.stats.record(inflight.plan, result.timings)
-        if inflight.forecast is not None:
-            self._observe(inflight, result.timings)
         updates: list[SeqUpdate] = []
-        for failure in result.failures:
-            seq = self.seqs.get(failure.seq_id)
-            if seq is not None and seq.num_preemptions == inflight.epochs.get(failure.seq_id, seq.num_preemptions):
-                owed = max(inflight.expects_token.pop(failure.seq_id, 0), 0)
-                seq.num_inflight -= owed
-                inflight.outstanding -= owed
-                seq.on_worker = False  # the worker dropped it already
-                seq.error = failure.message
-                self.finish(seq.seq_id, FinishReason.ERROR)
-                updates.append(SeqUpdate(seq, [], None, True))
-        # `_accept` then `_append_tokens`, inlined for the common case (a running sequence that has
-        # tokens already and that nothing can stop): this loop sees every sequence of every step
+        self._accept(self.inflight[0], message.outputs, updates)
+        return updates
+
+    def _accept(self, inflight: InflightStep, outputs: list[SeqOutput], updates: list[SeqUpdate]) -> None:
+        """Count each output's tokens as arrived and append them to `updates`, unless the step no
+        longer speaks for the sequence (preempted since, or finished: a token computed past a stop
+        is dropped). The common token (a running sequence with tokens already that nothing can
+        stop) is applied inline: this loop sees every sequence of every step."""
         seqs, expects, epochs, eos, max_len = self.seqs, inflight.expects_token, inflight.epochs, \
             self.eos_token_ids, self.max_model_len
         finished, arrived = SeqStatus.FINISHED, 0
-        for output in result.outputs:
+        for output in outputs:
             seq_id = output.seq_id
             seq = seqs.get(seq_id)
             expected = expects.get(seq_id, 0)
@@ -485,6 +403,28 @@ class Scheduler:
             else:
                 updates.append(self._append_tokens(seq, token_ids, output.logprobs))
         inflight.outstanding -= arrived
+
+    def update(self, result: StepResult) -> list[SeqUpdate]:
+        """Apply the worker's answer to the oldest step in flight; returns per-sequence changes."""
+        if not self.inflight or result.step_id != self.inflight[0].plan.step_id:
+            raise RuntimeError(f"result for step {result.step_id} does not match the step in flight")
+        inflight = self.inflight.popleft()
+        self._result_at = time.monotonic()
+        self.stats.record(inflight.plan, result.timings)
+        if inflight.forecast is not None:
+            self._observe(inflight, result.timings)
+        updates: list[SeqUpdate] = []
+        for failure in result.failures:
+            seq = self.seqs.get(failure.seq_id)
+            if seq is not None and seq.num_preemptions == inflight.epochs.get(failure.seq_id, seq.num_preemptions):
+                owed = max(inflight.expects_token.pop(failure.seq_id, 0), 0)
+                seq.num_inflight -= owed
+                inflight.outstanding -= owed
+                seq.on_worker = False  # the worker dropped it already
+                seq.error = failure.message
+                self.finish(seq.seq_id, FinishReason.ERROR)
+                updates.append(SeqUpdate(seq, [], None, True))
+        self._accept(inflight, result.outputs, updates)
         if inflight.outstanding <= 0:  # every token the step owed has arrived
             return updates
         answered = {o.seq_id for o in result.outputs} | {f.seq_id for f in result.failures}
@@ -510,16 +450,12 @@ class Scheduler:
     def _append_tokens(
         self, seq: Sequence, token_ids: list[int], logprobs: list[TokenLogprobs] | None
     ) -> SeqUpdate:
+        """Append tokens one by one, stopping at the first that ends the sequence (`_accept` takes
+        the tokens that cannot stop it without coming here)."""
         out, eos, max_len = seq.output_token_ids, self.eos_token_ids, self.max_model_len
         if not out and token_ids:
             seq.first_token_at = self.slo_clock()
-        accepted, stop_params = len(token_ids), seq.stop
-        if (logprobs is None and len(out) + accepted < stop_params.max_tokens
-                and len(seq.prompt_token_ids) + len(out) + accepted < max_len
-                and (stop_params.ignore_eos or eos.isdisjoint(token_ids))
-                and stop_params.stop_token_ids.isdisjoint(token_ids)):  # fast path: nothing can stop it
-            out.extend(token_ids)
-            return SeqUpdate(seq, list(token_ids), None, False)
+        accepted = len(token_ids)
         for i, token_id in enumerate(token_ids):
             out.append(token_id)
             if logprobs is not None and i < len(logprobs):

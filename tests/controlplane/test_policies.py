@@ -299,7 +299,7 @@ def test_duet_reviewer_regressions() -> None:
     took a huge coefficient in the predictor's fit; one hiccup set a new SM bucket's host floor."""
     from controlplane.policies import MIN_TRIMMED_PREFILL, ModeDecision
     from controlplane.predictor import Predictor
-    from controlplane.scheduler import _StepDraft
+    from controlplane.step_draft import StepDraft
     from shared.profiles import H100_FLASHINFER_EXECUTION
 
     sched, gpu = make("static", num_blocks=4, block_size=4)
@@ -307,7 +307,7 @@ def test_duet_reviewer_regressions() -> None:
     sched.add(a)
     sched.add(b)
     step(sched, gpu)
-    out = sched._reserve_lookahead(_StepDraft(budget=8), [a, b], ModeDecision("multiplexed", 100, 32, 8, 30.0))
+    out = sched._reserve_lookahead(StepDraft(budget=8), [a, b], ModeDecision("multiplexed", 100, 32, 8, 30.0))
     assert 1 <= out.decode_steps < 8 and out.predicted_ms == 30.0
 
     cpu = msgspec.structs.replace(sim_ready("qwen3-8b", "h100", num_kv_blocks=4096), supports_multiplexing=False,
