@@ -265,19 +265,29 @@ def main() -> None:
     p.add_argument("--offline-requests", type=int, default=256)
     p.add_argument("--peer-requests", type=int, default=0, help="transformers peer requests (0: skip)")
     p.add_argument("--peer-output-len", type=int, default=256)
+    p.add_argument("--blas-library", default="default", help="default | cublas | cublaslt")
+    p.add_argument("--decode-only", action="store_true", help="the decode grid only (an A/B of kernels)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
     device = torch.device(args.device)
     quick = args.quick
     budget, max_seqs = (512, 16) if quick else (8192, 256)
     worker = load_worker(DataplaneConfig(model=args.model, device=args.device, max_num_batched_tokens=budget,
-                                         max_num_seqs=max_seqs, num_kv_blocks=2048 if quick else None))
+                                         max_num_seqs=max_seqs, num_kv_blocks=2048 if quick else None,
+                                         blas_library=args.blas_library))
     print(f"{args.model} on {worker.ready.device.name}: {worker.ready.num_kv_blocks} KV blocks", flush=True)
     ceilings = measure_ceilings(device, quick)
     print(f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s (read+write), "
           f"GEMM {ceilings['gemm_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
     batches, contexts = ([1, 4], [64]) if quick else ([1, 16, 64, 256], [1024, 4096])
     decode = decode_grid(worker, batches, contexts, 4 if quick else 16, device, ceilings)
+    if args.decode_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"engine-decode-{gpu_slug(device)}-{args.blas_library}.json"
+        path.write_text(json.dumps({"blas_library": args.blas_library, "ceilings": ceilings, "decode": decode},
+                                   indent=1) + "\n")
+        print(f"wrote {path}")
+        return
     prefill = prefill_grid(worker, [64, 256] if quick else [512, 2048, 8192], device, ceilings)
     in_len, out_len = (32, 8) if quick else (1024, 256)
     n = min(args.offline_requests, 8) if quick else args.offline_requests

@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_suite.sh tests engine          # first call: also saves the flashinfer JIT cache
 #   bash benchmarks/gpu_suite.sh multiplex predictor
 #   bash benchmarks/gpu_suite.sh serving-code          # a serving stage fills most of one call
-# Needs .whl/ filled by benchmarks/device_prep.sh (carry [".whl"]). Stages: tests profile engine multiplex
+# Needs .whl/ filled by benchmarks/device_prep.sh (carry [".whl"]). Stages: tests profile gemm-lib (decode
+# GEMMs by BLAS library) decode-ab (the engine's decode grid under cuBLASLt, then cuBLAS) engine multiplex
 # predictor (the shapes serving runs) predictor-all (every shape on every SM count) serving-code
 # serving-conv serving-code-more (the paper-style duet-tbt and static on Azure code) serving-conv-knee
 # (Azure conversation past the baselines' knee). GPU name for file names: GPU=h200 (default).
@@ -24,6 +25,10 @@ for stage in "$@"; do
     tests) run tests 420 python3 -m pytest -m gpu tests/dataplane -q -x -p no:cacheprovider
            save_fi_cache "$OUT" ;;
     profile) run profile 300 python3 benchmarks/profile_step.py --out "$OUT" ;;
+    gemm-lib) run gemm-lib 200 python3 benchmarks/gemm_lib.py --out "$OUT" ;;
+    decode-ab) for lib in cublaslt cublas; do  # the decode grid under each BLAS library, same machine
+                 run decode-$lib 300 python3 benchmarks/engine.py --decode-only --blas-library $lib --out "$OUT"
+               done ;;
     engine) run engine 400 python3 benchmarks/engine.py --peer-requests 64 --peer-output-len 128 --out "$OUT" ;;
     multiplex) run multiplex 400 python3 benchmarks/multiplex.py --out "$OUT" ;;
     predictor) run predictor 400 python3 benchmarks/predictor.py --partitions --decode-sizes 32,64 \

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from dataplane.lifeline import die_with_parent
-from shared.config import DataplaneConfig
+from shared.config import BLAS_LIBRARIES, DataplaneConfig
 from shared.telemetry_flags import add_trace_flags, telemetry_from_args
 
 
@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="largest decode batch with a CUDA graph")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly")
     p.add_argument("--no-fused-kernels", action="store_true", help="use the reference (unfused) model path on CUDA")
+    p.add_argument("--blas-library", choices=BLAS_LIBRARIES, default=d.blas_library,
+                   help="library for torch's GEMMs on CUDA (default: torch's choice)")
     p.add_argument("--no-multiplexing", action="store_true", help="build no green-context SM partitions")
     p.add_argument("--decode-partition-sms", default=None,
                    help="comma-separated decode partition sizes to build (default: every allowed split)")
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             max_model_len=args.max_model_len, attention_backend=args.attention_backend, seed=args.seed,
             max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
             cuda_graphs=not args.no_cuda_graphs, fused_kernels=not args.no_fused_kernels,
-            multiplexing=not args.no_multiplexing,
+            multiplexing=not args.no_multiplexing, blas_library=args.blas_library,
             decode_partition_sms=tuple(int(x) for x in args.decode_partition_sms.split(","))
             if args.decode_partition_sms else None,
             calibration_cache_dir=args.calibration_cache_dir,

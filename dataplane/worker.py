@@ -101,6 +101,8 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     torch.manual_seed(config.seed)
+    if device.type == "cuda" and config.blas_library != "default":
+        torch.backends.cuda.preferred_blas_library(config.blas_library)  # process-wide, before any capture
     model, cfg = load_model(config.model, dtype=dtype, device=device, seed=config.seed)
     if device.type == "cuda" and config.fused_kernels and dtype != torch.float32:
         from dataplane.models.fused import enable_fused_path

@@ -47,6 +47,9 @@ DuetSlo = Literal["tbt", "tpot"]
 DUET_SLOS: tuple[str, ...] = ("tbt", "tpot")
 
 
+BLAS_LIBRARIES: tuple[str, ...] = ("default", "cublas", "cublaslt")
+
+
 class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
     """What the worker loads and how it sizes its KV cache."""
 
@@ -65,6 +68,7 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_num_seqs: int = 256  # largest decode batch with a CUDA graph
     cuda_graphs: bool = True
     fused_kernels: bool = True  # flashinfer norm/rope and fused projections on CUDA (bf16/fp16)
+    blas_library: str = "default"  # default | cublas | cublaslt: the library torch's GEMMs use on CUDA
     multiplexing: bool = True  # build green-context SM partitions on CUDA
     decode_partition_sms: tuple[int, ...] | None = None  # decode sizes to build; None: every allowed split
     telemetry: TelemetryConfig = TelemetryConfig()
@@ -82,6 +86,8 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError("max_model_len must be >= 1")
+        if self.blas_library not in BLAS_LIBRARIES:
+            raise ValueError(f"blas_library must be one of {', '.join(BLAS_LIBRARIES)}, got {self.blas_library!r}")
 
 
 class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
