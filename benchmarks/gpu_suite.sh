@@ -4,10 +4,11 @@
 #   bash benchmarks/gpu_suite.sh tests engine          # first call: also saves the flashinfer JIT cache
 #   bash benchmarks/gpu_suite.sh multiplex predictor
 #   bash benchmarks/gpu_suite.sh serving-code          # a serving stage fills most of one call
-# Needs .whl/ filled by benchmarks/device_prep.sh (carry [".whl"]). Stages: tests profile gemm-lib (decode
+# Needs .whl/ filled by benchmarks/device_prep.sh (carry [".whl"]). Stages: tests profile profile-decode (kernel tables of
+# replayed decode graphs at 1k context, attention by page size) gemm-lib (decode
 # GEMMs by BLAS library) decode-ab (the engine's decode grid under cuBLASLt, then cuBLAS) engine multiplex
 # predictor (the shapes serving runs) predictor-all (every shape on every SM count) serving-code
-# serving-conv serving-code-more (the paper-style duet-tbt and static on Azure code) serving-conv-knee
+# serving-conv serving-code-more (the paper-style duet-tbt and static on Azure code) serving-conv-static serving-conv-knee
 # (Azure conversation past the baselines' knee). GPU name for file names: GPU=h200 (default).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,8 @@ for stage in "$@"; do
     tests) run tests 420 python3 -m pytest -m gpu tests/dataplane -q -x -p no:cacheprovider
            save_fi_cache "$OUT" ;;
     profile) run profile 300 python3 benchmarks/profile_step.py --out "$OUT" ;;
+    profile-decode) for b in 16 64; do run profile-decode-$b 200 python3 benchmarks/profile_decode.py --graphs \
+                      --batch $b --context 1024 --page-sizes 16,32,64; done ;;
     gemm-lib) run gemm-lib 200 python3 benchmarks/gemm_lib.py --out "$OUT" ;;
     decode-ab) for lib in cublaslt cublas; do  # the decode grid under each BLAS library, same machine
                  run decode-$lib 300 python3 benchmarks/engine.py --decode-only --blas-library $lib --out "$OUT"
@@ -41,6 +44,8 @@ for stage in "$@"; do
                     --policies duet,aggregated,prefill-first --rates ${CONV_RATES:-20,28,36} --seconds 15 --trace-dir .whl/traces --out "$OUT" ;;
     serving-code-more) run serving-code-more 560 python3 benchmarks/serving.py --gpu "$GPU" --traces code \
                     --policies duet-tbt,static --rates ${CODE_RATES:-2,4,8} --seconds 18 --min-requests 40 --trace-dir .whl/traces --out "$OUT" ;;
+    serving-conv-static) run serving-conv-static 300 python3 benchmarks/serving.py --gpu "$GPU" --traces conv \
+                    --policies static --rates ${CONV_RATES:-20,28,36} --seconds 15 --trace-dir .whl/traces --out "$OUT" ;;
     serving-conv-knee) run serving-conv-knee 560 python3 benchmarks/serving.py --gpu "$GPU" --traces conv \
                     --policies duet,aggregated,prefill-first --rates ${KNEE_RATES:-40,48} --seconds 15 --trace-dir .whl/traces --out "$OUT" ;;
     *) echo "unknown stage $stage"; exit 2 ;;

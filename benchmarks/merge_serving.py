@@ -1,5 +1,6 @@
 """Merge serving sweeps run in separate device calls into one results file, with the summary
-`benchmarks/serving.py` writes (a later file's (trace, policy) rows replace an earlier one's).
+`benchmarks/serving.py` writes. Rows are kept per (trace, policy, rate): a later file's row at a
+rate replaces an earlier one's at that rate, and rates swept in different calls add up.
 
     python benchmarks/merge_serving.py OUT.json IN1.json IN2.json ... [--gpu h200] [--note TEXT]
 
@@ -24,7 +25,10 @@ def merge(reports: list[dict], gpu: str, note: str = "") -> dict:
     configs = []
     for report in reports:
         for trace, by_policy in report["results"].items():
-            results.setdefault(trace, {}).update(by_policy)
+            for policy, rows in by_policy.items():
+                kept = results.setdefault(trace, {}).setdefault(policy, [])
+                new_rates = {r["rate"] for r in rows}
+                kept[:] = sorted([r for r in kept if r["rate"] not in new_rates] + rows, key=lambda r: r["rate"])
         configs.append(report.get("config", {}))
     merged = {"results": results, "summary": {"gpu": gpu, **summarise(results)}, "config": configs}
     if note:

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from controlplane.bench_serve import add_bench_flags, bench  # noqa: E402
 
 TRACES = {"code": "azure_llm_2023_code.csv", "conv": "azure_llm_2023_conv.csv"}
-BASELINES = ("aggregated", "prefill-first", "static")
+BASELINES = ("aggregated", "prefill-first")  # the baselines; static is reported beside them
 
 
 def free_port() -> int:
@@ -154,6 +154,10 @@ def summarise(results: dict) -> dict:
             "best_baseline": best, "rate": chosen, "duet_p99_tbt_ms": at("duet", chosen)["p99_itl_ms"],
             "baseline_p99_tbt_ms": at(best, chosen)["p99_itl_ms"],
         }
+        for other in ("static", "duet-tbt"):
+            row = next((r for r in by_policy.get(other, []) if r["rate"] == chosen), None)
+            if row is not None:
+                out[f"azure_{trace}"][f"{other.replace('-', '_')}_goodput"] = row["request_goodput"]
     return out
 
 

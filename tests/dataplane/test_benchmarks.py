@@ -89,6 +89,18 @@ def test_merging_serving_sweeps_recomputes_the_summary(tmp_path: Path) -> None:
                                                "duet_p99_tbt_ms": 80.0, "baseline_p99_tbt_ms": 80.0}
 
 
+def test_merging_keeps_rates_swept_in_separate_calls(tmp_path: Path) -> None:
+    from benchmarks.merge_serving import merge
+
+    def row(rate: float, goodput: float) -> dict:
+        return {"rate": rate, "request_goodput": goodput, "slo_attainment": 0.95, "p99_itl_ms": 1.0}
+
+    first = {"results": {"conv": {"duet": [row(20, 1.0), row(28, 2.0)]}}}
+    later = {"results": {"conv": {"duet": [row(40, 4.0), row(28, 2.5)]}}}
+    rows = merge([first, later], "x")["results"]["conv"]["duet"]
+    assert [(r["rate"], r["request_goodput"]) for r in rows] == [(20, 1.0), (28, 2.5), (40, 4.0)]
+
+
 def test_policy_sim_replays_every_request_deterministically(tmp_path: Path) -> None:
     """The virtual-time replay completes every request with all its tokens, leaks no KV block, gives
     the same figures twice, and its goodput is what the per-request arrays say."""
