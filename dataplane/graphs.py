@@ -74,6 +74,7 @@ class DecodeGraphs:
         self._max_pages_per_seq = max_pages_per_seq
         self._wrappers: dict[tuple[int, int], GraphDecodeAttention] = {}
         self._graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self._warm: set[tuple[object, int]] = set()  # (stream key, bucket) with a graph captured
         self._pool = torch.cuda.graph_pool_handle()
         self._side_stream = torch.cuda.Stream(device)
         self.capture_seconds = 0.0
@@ -123,13 +124,16 @@ class DecodeGraphs:
             self.blocks[:size].fill_(self.scratch_block)
             self.offsets[:size].zero_()
             backend.begin_step(dummy, self.device)
-            for _ in range(2):  # warm up kernels and cuBLAS on this stream (and its SMs)
+            # warm up kernels and cuBLAS on this stream (and its SMs) for this batch size, once: a
+            # further look-ahead step's graph runs the same kernels, only its plan buffers differ
+            for _ in range(0 if (stream_key, size) in self._warm else 2):
                 self.model(self.input_ids[:size], self.positions[:size], backend, self.kv_caches)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool, stream=stream):
                 out = self.model(self.input_ids[:size], self.positions[:size], backend, self.kv_caches)
         current.wait_stream(stream)
         self._graphs[key] = (graph, out)
+        self._warm.add((stream_key, size))
         self.capture_seconds += time.perf_counter() - start
 
     def capture(self, stream_key: object = "full", stream: torch.cuda.Stream | None = None,
