@@ -90,8 +90,12 @@ class Engine:
         max_model_len: int | None = None,
         observer: EngineObserver | None = None,
         queue_limits: QueueLimits | None = None,
+        slo_clock: Callable[[], float] | None = None,
     ) -> None:
         self.client = client
+        # the clock the scheduler's SLO bookkeeping runs on (default time.monotonic); every scheduler
+        # this engine builds (each data-plane handshake) gets it
+        self._slo_clock = slo_clock
         self.observer = observer or EngineObserver.disabled()
         self._tokenizer_factory = tokenizer_factory
         self.tokenizer: TextTokenizer | None = None
@@ -146,6 +150,8 @@ class Engine:
         allocator = BlockAllocator(ready.num_kv_blocks, ready.block_size)
         eos = frozenset(ready.model.eos_token_ids)
         self.scheduler = Scheduler(self.scheduler_config, allocator, self.max_model_len, eos, ready)
+        if self._slo_clock is not None:
+            self.scheduler.slo_clock = self._slo_clock
         self.failure = None
         self.on_ready(ready)
         self.on_serving(True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -40,7 +41,8 @@ MAX_MESSAGE_BYTES = 16 << 20
 class ControlPlane:
     """`spawn`, when given, starts a data-plane process; the supervisor restarts it when it dies."""
 
-    def __init__(self, config: ServerConfig, model: str, spawn: Spawn | None = None) -> None:
+    def __init__(self, config: ServerConfig, model: str, spawn: Spawn | None = None,
+                 slo_clock: Callable[[], float] | None = None) -> None:
         self.config = config
         self.model = model
         self.metrics = ServingMetrics(config.telemetry, model)
@@ -54,6 +56,7 @@ class ControlPlane:
             max_model_len=config.max_model_len,
             observer=self.observer,
             queue_limits=QueueLimits(config.max_queued_requests, config.max_queued_tokens),
+            slo_clock=slo_clock,
         )
         self.health = HealthServicer()
         self._server: grpc.aio.Server | None = None

@@ -59,15 +59,15 @@ async def run_simulation(spec: SimulationSpec) -> SimulationResult:
     child = spawn_sim_dataplane(endpoint, model=spec.model, gpu=spec.gpu, time_scale=spec.time_scale,
                                 block_size=spec.block_size, num_kv_blocks=spec.num_kv_blocks,
                                 max_model_len=spec.max_model_len, execution=spec.execution)
+    scale = spec.time_scale
     plane = ControlPlane(ServerConfig(port=0, dataplane_endpoint=endpoint, handshake_timeout_s=60.0,
-                                      step_timeout_s=600.0, scheduler=spec.scheduler), spec.model)
+                                      step_timeout_s=600.0, scheduler=spec.scheduler), spec.model,
+                         slo_clock=lambda: time.monotonic() / scale)  # SLOs hold on the simulated timeline
     channel = None
     try:
         await plane.start()
         engine = plane.engine
         assert engine.worker is not None and engine.scheduler is not None
-        scale = spec.time_scale
-        engine.scheduler.slo_clock = lambda: time.monotonic() / scale  # SLOs hold on the simulated timeline
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{plane.port}")
         records = await replay(pb_grpc.GenerationStub(channel), trace, vocab_size=engine.worker.model.vocab_size,
                                max_model_len=engine.max_model_len, rate_scale=spec.rate_scale,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from functools import partial
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +68,7 @@ async def serve(
     supervised: bool = False,
     step_timeout_s: float = 60.0,
     async_scheduling: bool = True,
+    slo_clock: Callable[[], float] | None = None,
     **server: object,
 ) -> AsyncIterator[Served]:
     """Both planes. `supervised`: the control plane spawns the data plane and restarts it when it
@@ -84,7 +85,7 @@ async def serve(
                                   policy=policy, async_scheduling=async_scheduling),  # type: ignore[arg-type]
         telemetry=telemetry, **{"shutdown_grace_s": 2.0, "restart_backoff_s": 0.1, **server},  # type: ignore[arg-type]
     )
-    plane = ControlPlane(config, model, spawn=spawn if supervised else None)
+    plane = ControlPlane(config, model, spawn=spawn if supervised else None, slo_clock=slo_clock)
     channel = None
     try:
         await plane.start()

@@ -85,6 +85,23 @@ async def test_kill_9_while_idle_is_noticed() -> None:
         await serves_again(served)
 
 
+async def test_the_slo_clock_survives_a_restart() -> None:
+    """The scheduler built at each handshake runs its SLO bookkeeping on the engine's clock."""
+
+    def clock() -> float:
+        return time.monotonic() / 2
+
+    async with serve("tiny", supervised=True, slo_clock=clock) as served:
+        supervisor = served.plane.supervisor
+        assert supervisor is not None and supervisor.child is not None
+        first = served.scheduler
+        assert first.slo_clock is clock
+        os.kill(supervisor.child.pid, signal.SIGKILL)
+        await wait_health(served, NOT_SERVING, 10)
+        await serves_again(served)
+        assert served.scheduler is not first and served.scheduler.slo_clock is clock
+
+
 async def test_hung_dataplane_times_out_and_is_replaced() -> None:
     async with serve("tiny", supervised=True, step_timeout_s=1.0) as served:
         supervisor = served.plane.supervisor
