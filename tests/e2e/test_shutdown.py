@@ -24,7 +24,7 @@ async def test_graceful_shutdown_drains_then_ends_the_rest() -> None:
         pid = served.plane.supervisor.child.pid  # type: ignore[union-attr]
         long_call = served.stub.Generate(pb.GenerateRequest(request_id="long", **LONG))
         await long_call.read()
-        short_call = asyncio.create_task(generate(served.stub, token_ids={"ids": [5, 6, 7]}, max_tokens=30,
+        short_call = asyncio.create_task(generate(served.stub, token_ids={"ids": [5, 6, 7]}, max_tokens=12,
                                                   ignore_eos=True))
         await asyncio.sleep(0.05)
         started = time.monotonic()
@@ -38,7 +38,7 @@ async def test_graceful_shutdown_drains_then_ends_the_rest() -> None:
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in (err.value.details() or "")
         short = await short_call  # finished normally within the grace period
         assert short.final is not None and short.final.finish_reason == "length"
-        assert short.final.completion_tokens == 30
+        assert short.final.completion_tokens == 12
         with pytest.raises(grpc.aio.AioRpcError) as err:
             while await long_call.read() != grpc.aio.EOF:
                 pass
