@@ -168,30 +168,39 @@ class Scheduler:
         return self._build_plan(draft, decision, forecast)
 
     def _compose_decode_first(self, draft: StepDraft) -> None:
-        decoding: list[Sequence] = []
+        """Every decode in running order, then the running prefills' chunks, then waiting sequences.
+
+        One pass over the running sequences schedules the common decode inline (one token that fits
+        the sequence's last block: none of `_schedule_running`'s arithmetic) and sets the prefills
+        aside; a decode that needs a block takes the general path, which may preempt from the end of
+        `running` (hence the copy, and the status check for what it preempted)."""
         prefilling: list[Sequence] = []
-        for seq in self.running:  # Sequence.is_decoding, inlined: this loop sees every running sequence
-            out = len(seq.output_token_ids) + seq.num_inflight
-            (decoding if out and seq.num_computed_tokens == seq._num_prompt + out - 1 else prefilling).append(seq)
-        self._schedule_decodes(decoding, draft)
+        size, tokens, running = self.allocator.block_size, draft.tokens, SeqStatus.RUNNING
+        budget = draft.budget  # a local in the loop; `draft.budget` is synced around the general path
+        for seq in list(self.running):
+            if seq.status is not running:
+                continue
+            inflight = seq.num_inflight
+            out = len(seq.output_token_ids) + inflight
+            computed = seq.num_computed_tokens
+            if not out or computed != seq._num_prompt + out - 1:  # not Sequence.is_decoding (inlined)
+                prefilling.append(seq)
+                continue
+            if budget == 0:
+                break  # nothing else fits: the prefills would not run either
+            if inflight and not self._runs_ahead_ok(seq):
+                continue
+            if computed >= len(seq.block_ids) * size:  # needs a block (may preempt)
+                draft.budget = budget
+                self._schedule_running(seq, draft)
+                budget = draft.budget
+                continue
+            tokens[seq.seq_id] = 1
+            budget -= 1
+        draft.budget = budget
         self._schedule_all(prefilling, draft)
         if not draft.preempted:
             self._admit_waiting(draft)
-
-    def _schedule_decodes(self, seqs: list[Sequence], draft: StepDraft) -> None:
-        """`_schedule_all` for decoding sequences (one token each): the common case, a token that fits
-        the sequence's last block, without the general path's arithmetic."""
-        size, tokens, running = self.allocator.block_size, draft.tokens, SeqStatus.RUNNING
-        for seq in seqs:
-            if draft.budget == 0:
-                break
-            if seq.status is not running or (seq.num_inflight and not self._runs_ahead_ok(seq)):
-                continue
-            if seq.num_computed_tokens >= len(seq.block_ids) * size:  # needs a block (may preempt)
-                self._schedule_running(seq, draft)
-                continue
-            tokens[seq.seq_id] = 1
-            draft.budget -= 1
 
     def _compose_prefill_first(self, draft: StepDraft) -> None:
         """Prefill chunks only while any can run; a decode batch otherwise."""
@@ -225,18 +234,19 @@ class Scheduler:
             cached = seq.num_computed_tokens
             num_out = len(seq.output_token_ids) + seq.num_inflight  # Sequence.num_outputs, inlined
             total = seq._num_prompt + num_out
-            samples = cached + num_tokens == total
-            if num_tokens == 1 and samples:  # the data plane's definition of a decode item
+            if num_tokens == 1 and cached + 1 == total:  # the data plane's definition of a decode item
                 decoders.append(seq)
                 contexts.append(cached)
-                left = min(seq.stop.max_tokens - num_out, max_len - total)
+                # min(max_tokens - num_out, max_len - total): what it may still emit, at least 1
+                cap = seq._max_total
+                left = (cap if cap < max_len else max_len) - total
                 remaining.append(left if left > 1 else 1)
                 if slack:
                     outputs.append(num_out)
                     first = seq.first_token_at
                     ages.append((now - first) * 1e3 if first else 0.0)
             else:
-                chunks.append((num_tokens, cached, samples))
+                chunks.append((num_tokens, cached, cached + num_tokens == total))
         if slack and self.inflight:
             left = sum(f.decision.predicted_ms for f in self.inflight) - (now - self.inflight[0].sent_at) * 1e3
             batch.ahead_ms = left if left > 0 else 0.0
@@ -382,9 +392,11 @@ class Scheduler:
         finished, arrived = SeqStatus.FINISHED, 0
         for output in outputs:
             seq_id = output.seq_id
-            seq = seqs.get(seq_id)
             expected = expects.get(seq_id, 0)
-            if seq is None or expected <= 0 or seq.num_preemptions != epochs[seq_id]:
+            if expected <= 0:
+                continue
+            seq = seqs.get(seq_id)
+            if seq is None or seq.num_preemptions != epochs[seq_id]:
                 continue
             token_ids = output.token_ids
             k = len(token_ids)
@@ -394,9 +406,9 @@ class Scheduler:
             seq.num_inflight -= n
             if seq.status is finished:
                 continue
-            out, stop = seq.output_token_ids, seq.stop
-            if (out and output.logprobs is None and len(out) + k < stop.max_tokens
-                    and seq._num_prompt + len(out) + k < max_len
+            out, stop, cap = seq.output_token_ids, seq.stop, seq._max_total
+            # no length stop within these tokens: prompt + outputs < min(prompt + max_tokens, max_len)
+            if (out and output.logprobs is None and seq._num_prompt + len(out) + k < (cap if cap < max_len else max_len)
                     and (stop.ignore_eos or eos.isdisjoint(token_ids)) and stop.stop_token_ids.isdisjoint(token_ids)):
                 out.extend(token_ids)
                 updates.append(SeqUpdate(seq, list(token_ids), None, False))

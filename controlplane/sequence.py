@@ -58,9 +58,12 @@ class Sequence:
     # len(prompt_token_ids), which never changes: the scheduler reads these counts for every running
     # sequence on every step, so they are kept cheap
     _num_prompt: int = field(init=False, repr=False, default=0)
+    # the prompt plus `stop.max_tokens`: the most tokens it may hold before the model's length cap
+    _max_total: int = field(init=False, repr=False, default=0)
 
     def __post_init__(self) -> None:
         self._num_prompt = len(self.prompt_token_ids)
+        self._max_total = self._num_prompt + self.stop.max_tokens
 
     @property
     def num_prompt_tokens(self) -> int:

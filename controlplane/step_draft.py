@@ -14,7 +14,7 @@ from controlplane.kv_blocks import BlockAllocator
 from controlplane.sequence import Sequence, SeqStatus
 
 
-@dataclass
+@dataclass(slots=True)
 class StepDraft:
     budget: int
     tokens: dict[int, int] = field(default_factory=dict)  # seq id -> tokens scheduled
