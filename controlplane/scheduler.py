@@ -53,6 +53,7 @@ class InflightStep:
     forecast: StepForecast | None = None
     decision: ModeDecision = AGGREGATED
     outstanding: int = 0  # tokens of expects_token not arrived yet
+    num_tokens: int = 0  # tokens the plan schedules (what StepStats counts)
 
 
 class Scheduler:
@@ -329,7 +330,15 @@ class Scheduler:
         seqs, new_blocks = self.seqs, draft.new_blocks
         for seq_id, num_tokens in draft.tokens.items():
             seq = seqs[seq_id]
-            if not seq.on_worker:
+            if seq.on_worker:
+                blocks = new_blocks.get(seq_id)
+                if blocks is not None:
+                    scheduled.append(ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens, new_block_ids=blocks))
+                elif num_tokens == 1:
+                    scheduled.append(seq._one_token_entry)
+                else:
+                    scheduled.append(ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens))
+            else:
                 new_requests.append(
                     NewRequest(
                         seq_id=seq_id,
@@ -341,17 +350,15 @@ class Scheduler:
                 )
                 seq.on_worker = True
                 scheduled.append(ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens))
-            else:
-                blocks = new_blocks.get(seq_id, [])
-                scheduled.append(ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens, new_block_ids=blocks))
-            seq.num_computed_tokens += num_tokens
+            computed = seq.num_computed_tokens + num_tokens
             epochs[seq_id] = seq.num_preemptions
-            if seq.num_computed_tokens == seq._num_prompt + len(seq.output_token_ids) + seq.num_inflight:
+            if computed == seq._num_prompt + len(seq.output_token_ids) + seq.num_inflight:
                 # it samples (the step computes every known token): k tokens for a decode item
                 n = k if num_tokens == 1 else 1
                 expects[seq_id] = n
                 seq.num_inflight += n
-                seq.num_computed_tokens += n - 1  # look-ahead passes compute all but the last
+                computed += n - 1  # look-ahead passes compute all but the last
+            seq.num_computed_tokens = computed
         plan = StepPlan(
             step_id=self._next_step_id,
             mode=decision.mode,
@@ -366,7 +373,7 @@ class Scheduler:
         self._dropped_on_worker = []
         now = time.monotonic()
         self.inflight.append(InflightStep(plan, expects, epochs, self.slo_clock(), forecast, decision,
-                                          sum(expects.values())))
+                                          sum(expects.values()), sum(draft.tokens.values())))
         if self._result_at is not None:
             self.stats.host_gap_s += now - self._result_at
             self.stats.host_gaps += 1
@@ -422,7 +429,7 @@ class Scheduler:
             raise RuntimeError(f"result for step {result.step_id} does not match the step in flight")
         inflight = self.inflight.popleft()
         self._result_at = time.monotonic()
-        self.stats.record(inflight.plan, result.timings)
+        self.stats.record(inflight.plan, result.timings, inflight.num_tokens)
         if inflight.forecast is not None:
             self._observe(inflight, result.timings)
         updates: list[SeqUpdate] = []
