@@ -23,6 +23,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import msgspec
+
 from controlplane.kv_blocks import BlockAllocator
 from controlplane.policies import AGGREGATED, BatchShape, ModeDecision, StepForecast, make_policy, make_predictor
 from controlplane.sequence import FinishReason, Sequence, SeqStatus, check_token_stop
@@ -34,9 +36,10 @@ from shared.messages import (
 )
 
 
-@dataclass(slots=True)
-class SeqUpdate:
-    """What one step did to one sequence, for the output processor."""
+class SeqUpdate(msgspec.Struct):
+    """What one step did to one sequence, for the output processor. Never sent anywhere: a Struct
+    rather than a dataclass because the scheduler builds one per sequence per step, and a Struct
+    is built in C (about 2.5x cheaper)."""
 
     seq: Sequence
     new_token_ids: list[int]
