@@ -28,7 +28,7 @@ import msgspec
 from controlplane.kv_blocks import BlockAllocator
 from controlplane.policies import AGGREGATED, BatchShape, ModeDecision, StepForecast, make_policy, make_predictor
 from controlplane.sequence import FinishReason, Sequence, SeqStatus, check_token_stop
-from controlplane.step_draft import StepDraft, trim_draft
+from controlplane.step_draft import StepDraft, batch_shape, trim_draft
 from controlplane.step_stats import StepStats
 from shared.config import SchedulerConfig
 from shared.messages import (
@@ -175,11 +175,13 @@ class Scheduler:
         """Every decode in running order, then the running prefills' chunks, then waiting sequences.
 
         One pass over the running sequences schedules the common decode inline (one token that fits
-        the sequence's last block: none of `_schedule_running`'s arithmetic) and sets the prefills
-        aside; a decode that needs a block takes the general path, which may preempt from the end of
-        `running` (hence the copy, and the status check for what it preempted)."""
+        the sequence's last block: none of `_schedule_running`'s arithmetic), notes each decode item
+        for the batch shape (`StepDraft.decoders`) and sets the prefills aside; a decode that needs a
+        block takes the general path, which may preempt from the end of `running` (hence the copy,
+        and the status check for what it preempted)."""
         prefilling: list[Sequence] = []
-        size, tokens, running = self.allocator.block_size, draft.tokens, SeqStatus.RUNNING
+        size, tokens, running, max_len = self.allocator.block_size, draft.tokens, SeqStatus.RUNNING, self.max_model_len
+        decoders, contexts, remaining = draft.decoders, draft.decode_contexts, draft.decode_remaining
         budget = draft.budget  # a local in the loop; `draft.budget` is synced around the general path
         for seq in list(self.running):
             if seq.status is not running:
@@ -198,9 +200,16 @@ class Scheduler:
                 draft.budget = budget
                 self._schedule_running(seq, draft)
                 budget = draft.budget
-                continue
-            tokens[seq.seq_id] = 1
-            budget -= 1
+                if seq.seq_id not in tokens:
+                    continue
+            else:
+                tokens[seq.seq_id] = 1
+                budget -= 1
+            decoders.append(seq)
+            contexts.append(computed)
+            cap = seq._max_total  # decode_left(seq, computed + 1, max_len), inlined
+            left = (cap if cap < max_len else max_len) - computed - 1
+            remaining.append(left if left > 1 else 1)
         draft.budget = budget
         self._schedule_all(prefilling, draft)
         if not draft.preempted:
@@ -223,35 +232,12 @@ class Scheduler:
                 self._schedule_running(seq, draft)
 
     def _batch_shape(self, draft: StepDraft) -> tuple[BatchShape, list[Sequence]]:
-        """The batch as policies see it, and its decode items' sequences."""
-        batch = BatchShape()
-        contexts, remaining, chunks = batch.decode_contexts, batch.decode_remaining, batch.chunks
-        decoders: list[Sequence] = []
-        seqs, max_len = self.seqs, self.max_model_len
-        # what a TPOT-aware policy reads: each decode item's tokens so far and time since its first
-        # token (none yet: it arrives with the steps in flight, no time has passed on its clock) and
-        # how long the steps in flight still run
+        """The batch as policies see it (`step_draft.batch_shape`), and its decode items' sequences.
+        A TPOT-aware policy also reads how long the steps in flight still run."""
         slack = self._wants_slack
-        outputs, ages, now = batch.decode_outputs, batch.decode_age_ms, self.slo_clock() if slack else 0.0
-        for seq_id, num_tokens in draft.tokens.items():
-            seq = seqs[seq_id]
-            cached = seq.num_computed_tokens
-            num_out = len(seq.output_token_ids) + seq.num_inflight  # Sequence.num_outputs, inlined
-            total = seq._num_prompt + num_out
-            if num_tokens == 1 and cached + 1 == total:  # the data plane's definition of a decode item
-                decoders.append(seq)
-                contexts.append(cached)
-                # min(max_tokens - num_out, max_len - total): what it may still emit, at least 1
-                cap = seq._max_total
-                left = (cap if cap < max_len else max_len) - total
-                remaining.append(left if left > 1 else 1)
-                if slack:
-                    outputs.append(num_out)
-                    first = seq.first_token_at
-                    ages.append((now - first) * 1e3 if first else 0.0)
-            else:
-                chunks.append((num_tokens, cached, cached + num_tokens == total))
-        if slack and self.inflight:
+        now = self.slo_clock() if slack else None
+        batch, decoders = batch_shape(draft, self.seqs, self.max_model_len, now)
+        if now is not None and self.inflight:
             left = sum(f.decision.predicted_ms for f in self.inflight) - (now - self.inflight[0].sent_at) * 1e3
             batch.ahead_ms = left if left > 0 else 0.0
         return batch, decoders
