@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from itertools import islice
 
 import msgspec
 
@@ -317,28 +318,20 @@ class Scheduler:
         epochs: dict[int, int] = {}
         k = decision.decode_steps
         seqs, new_blocks = self.seqs, draft.new_blocks
-        for seq_id, num_tokens in draft.tokens.items():
-            seq = seqs[seq_id]
-            if seq.on_worker:
-                blocks = new_blocks.get(seq_id)
-                if blocks is not None:
-                    scheduled.append(ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens, new_block_ids=blocks))
-                elif num_tokens == 1:
-                    scheduled.append(seq._one_token_entry)
-                else:
-                    scheduled.append(ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens))
+        noted = draft.noted_decoders()
+        for seq in noted:  # decode items as the decode pass noted them: one token that samples, k of them
+            seq_id = seq.seq_id
+            if seq.on_worker and seq_id not in new_blocks:
+                scheduled.append(seq._one_token_entry)
             else:
-                new_requests.append(
-                    NewRequest(
-                        seq_id=seq_id,
-                        token_ids=seq.all_token_ids(),
-                        num_prompt_tokens=seq.num_prompt_tokens,
-                        block_ids=list(seq.block_ids),
-                        sampling=seq.sampling,
-                    )
-                )
-                seq.on_worker = True
-                scheduled.append(ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens))
+                scheduled.append(self._plan_entry(seq, 1, new_blocks, new_requests))
+            epochs[seq_id] = seq.num_preemptions
+            expects[seq_id] = k
+            seq.num_inflight += k
+            seq.num_computed_tokens += k  # its token, and all but the last of the look-ahead passes'
+        for seq_id, num_tokens in islice(draft.tokens.items(), len(noted), None):
+            seq = seqs[seq_id]
+            scheduled.append(self._plan_entry(seq, num_tokens, new_blocks, new_requests))
             computed = seq.num_computed_tokens + num_tokens
             epochs[seq_id] = seq.num_preemptions
             if computed == seq._num_prompt + len(seq.output_token_ids) + seq.num_inflight:
@@ -367,6 +360,22 @@ class Scheduler:
             self.stats.host_gap_s += now - self._result_at
             self.stats.host_gaps += 1
         return plan
+
+    @staticmethod
+    def _plan_entry(seq: Sequence, num_tokens: int, new_blocks: dict[int, list[int]],
+                    new_requests: list[NewRequest]) -> ScheduledSeq:
+        """`seq`'s entry in the plan; a sequence the worker holds no state for is sent whole first."""
+        seq_id = seq.seq_id
+        if not seq.on_worker:
+            new_requests.append(NewRequest(seq_id=seq_id, token_ids=seq.all_token_ids(),
+                                           num_prompt_tokens=seq.num_prompt_tokens, block_ids=list(seq.block_ids),
+                                           sampling=seq.sampling))
+            seq.on_worker = True
+            return ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens)
+        blocks = new_blocks.get(seq_id)
+        if blocks is not None:
+            return ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens, new_block_ids=blocks)
+        return seq._one_token_entry if num_tokens == 1 else ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens)
 
     # ------------------------------------------------------------------ applying a result
 

@@ -31,6 +31,10 @@ class StepDraft:
     decode_contexts: list[int] = field(default_factory=list)
     decode_remaining: list[int] = field(default_factory=list)
 
+    def noted_decoders(self) -> list[Sequence]:
+        """The decode items the decode pass noted (the first entries of `tokens`), unless voided."""
+        return self.decoders if not self.preempted else []
+
 
 def decode_left(seq: Sequence, total: int, max_len: int) -> int:
     """Tokens a decode item holding `total` tokens may still emit, at least 1: the smaller of what
@@ -49,10 +53,9 @@ def batch_shape(draft: StepDraft, seqs: dict[int, Sequence], max_len: int,
     no time has passed on its clock); `ahead_ms` is the caller's."""
     batch = BatchShape()
     items: Iterable[tuple[int, int]] = draft.tokens.items()
-    decoders: list[Sequence] = []
-    if draft.decoders and not draft.preempted:
-        decoders, batch.decode_contexts, batch.decode_remaining = \
-            draft.decoders, draft.decode_contexts, draft.decode_remaining
+    decoders = list(draft.noted_decoders())  # a copy: the draft's list stays the noted ones
+    if decoders:  # the shape takes the noted counts over (the draft does not read them again)
+        batch.decode_contexts, batch.decode_remaining = draft.decode_contexts, draft.decode_remaining
         items = islice(items, len(decoders), None)
     contexts, remaining, chunks = batch.decode_contexts, batch.decode_remaining, batch.chunks
     slack = now is not None
