@@ -36,21 +36,29 @@ class BlockAllocator:
         return num_new_blocks <= len(self._free)
 
     def allocate(self, seq_id: int, num_new_blocks: int) -> list[int]:
-        if num_new_blocks > len(self._free):
-            raise OutOfBlocks(f"need {num_new_blocks} blocks, {len(self._free)} free")
-        taken = [self._free.pop() for _ in range(num_new_blocks)]
-        for block in taken:
-            self._owner[block] = seq_id
+        """`num_new_blocks` blocks from the top of the free list, the last freed first (as popping them
+        one by one would give them); taken in one slice, since a prompt chunk takes a hundred at once."""
+        free = self._free
+        if num_new_blocks > len(free):
+            raise OutOfBlocks(f"need {num_new_blocks} blocks, {len(free)} free")
+        start = len(free) - num_new_blocks
+        taken = free[start:]
+        del free[start:]
+        taken.reverse()
+        self._owner.update(dict.fromkeys(taken, seq_id))
         return taken
 
     def free(self, seq_id: int, block_ids: list[int]) -> None:
+        """Give `block_ids` back (all or none: each must be owned by `seq_id`)."""
+        owner = self._owner
+        if block_ids and set(map(owner.get, block_ids)) != {seq_id}:  # a block someone else owns, or nobody
+            for block in block_ids:
+                if owner.get(block) != seq_id:
+                    raise RuntimeError(f"block {block} freed by seq {seq_id} but owned by {owner.get(block)}")
+        free = self._free
         for block in block_ids:
-            owner = self._owner.get(block)
-            if owner != seq_id:
-                raise RuntimeError(f"block {block} freed by seq {seq_id} but owned by {owner}")
-        for block in block_ids:
-            del self._owner[block]
-            self._free.append(block)
+            del owner[block]
+            free.append(block)
 
     def check_invariants(self, live: dict[int, list[int]] | None = None) -> None:
         """Every block is either free or owned, never both, never twice; `live` must match owners."""

@@ -22,11 +22,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from itertools import islice
+
+import msgspec
 
 from controlplane.kv_blocks import BlockAllocator
 from controlplane.policies import AGGREGATED, BatchShape, ModeDecision, StepForecast, make_policy, make_predictor
 from controlplane.sequence import FinishReason, Sequence, SeqStatus, check_token_stop
-from controlplane.step_draft import StepDraft, trim_draft
+from controlplane.step_draft import StepDraft, batch_shape, trim_draft
 from controlplane.step_stats import StepStats
 from shared.config import SchedulerConfig
 from shared.messages import (
@@ -34,9 +37,10 @@ from shared.messages import (
 )
 
 
-@dataclass(slots=True)
-class SeqUpdate:
-    """What one step did to one sequence, for the output processor."""
+class SeqUpdate(msgspec.Struct):
+    """What one step did to one sequence, for the output processor. Never sent anywhere: a Struct
+    rather than a dataclass because the scheduler builds one per sequence per step, and a Struct
+    is built in C (about 2.5x cheaper)."""
 
     seq: Sequence
     new_token_ids: list[int]
@@ -53,6 +57,7 @@ class InflightStep:
     forecast: StepForecast | None = None
     decision: ModeDecision = AGGREGATED
     outstanding: int = 0  # tokens of expects_token not arrived yet
+    num_tokens: int = 0  # tokens the plan schedules (what StepStats counts)
 
 
 class Scheduler:
@@ -168,30 +173,48 @@ class Scheduler:
         return self._build_plan(draft, decision, forecast)
 
     def _compose_decode_first(self, draft: StepDraft) -> None:
-        decoding: list[Sequence] = []
+        """Every decode in running order, then the running prefills' chunks, then waiting sequences.
+
+        One pass over the running sequences schedules the common decode inline (one token that fits
+        the sequence's last block: none of `_schedule_running`'s arithmetic), notes each decode item
+        for the batch shape (`StepDraft.decoders`) and sets the prefills aside; a decode that needs a
+        block takes the general path, which may preempt from the end of `running` (hence the copy,
+        and the status check for what it preempted)."""
         prefilling: list[Sequence] = []
-        for seq in self.running:  # Sequence.is_decoding, inlined: this loop sees every running sequence
-            out = len(seq.output_token_ids) + seq.num_inflight
-            (decoding if out and seq.num_computed_tokens == seq._num_prompt + out - 1 else prefilling).append(seq)
-        self._schedule_decodes(decoding, draft)
+        size, tokens, running, max_len = self.allocator.block_size, draft.tokens, SeqStatus.RUNNING, self.max_model_len
+        decoders, contexts, remaining = draft.decoders, draft.decode_contexts, draft.decode_remaining
+        budget = draft.budget  # a local in the loop; `draft.budget` is synced around the general path
+        for seq in list(self.running):
+            if seq.status is not running:
+                continue
+            inflight = seq.num_inflight
+            out = len(seq.output_token_ids) + inflight
+            computed = seq.num_computed_tokens
+            if not out or computed != seq._num_prompt + out - 1:  # not Sequence.is_decoding (inlined)
+                prefilling.append(seq)
+                continue
+            if budget == 0:
+                break  # nothing else fits: the prefills would not run either
+            if inflight and not self._runs_ahead_ok(seq):
+                continue
+            if computed >= len(seq.block_ids) * size:  # needs a block (may preempt)
+                draft.budget = budget
+                self._schedule_running(seq, draft)
+                budget = draft.budget
+                if seq.seq_id not in tokens:
+                    continue
+            else:
+                tokens[seq.seq_id] = 1
+                budget -= 1
+            decoders.append(seq)
+            contexts.append(computed)
+            cap = seq._max_total  # decode_left(seq, computed + 1, max_len), inlined
+            left = (cap if cap < max_len else max_len) - computed - 1
+            remaining.append(left if left > 1 else 1)
+        draft.budget = budget
         self._schedule_all(prefilling, draft)
         if not draft.preempted:
             self._admit_waiting(draft)
-
-    def _schedule_decodes(self, seqs: list[Sequence], draft: StepDraft) -> None:
-        """`_schedule_all` for decoding sequences (one token each): the common case, a token that fits
-        the sequence's last block, without the general path's arithmetic."""
-        size, tokens, running = self.allocator.block_size, draft.tokens, SeqStatus.RUNNING
-        for seq in seqs:
-            if draft.budget == 0:
-                break
-            if seq.status is not running or (seq.num_inflight and not self._runs_ahead_ok(seq)):
-                continue
-            if seq.num_computed_tokens >= len(seq.block_ids) * size:  # needs a block (may preempt)
-                self._schedule_running(seq, draft)
-                continue
-            tokens[seq.seq_id] = 1
-            draft.budget -= 1
 
     def _compose_prefill_first(self, draft: StepDraft) -> None:
         """Prefill chunks only while any can run; a decode batch otherwise."""
@@ -210,34 +233,12 @@ class Scheduler:
                 self._schedule_running(seq, draft)
 
     def _batch_shape(self, draft: StepDraft) -> tuple[BatchShape, list[Sequence]]:
-        """The batch as policies see it, and its decode items' sequences."""
-        batch = BatchShape()
-        contexts, remaining, chunks = batch.decode_contexts, batch.decode_remaining, batch.chunks
-        decoders: list[Sequence] = []
-        seqs, max_len = self.seqs, self.max_model_len
-        # what a TPOT-aware policy reads: each decode item's tokens so far and time since its first
-        # token (none yet: it arrives with the steps in flight, no time has passed on its clock) and
-        # how long the steps in flight still run
+        """The batch as policies see it (`step_draft.batch_shape`), and its decode items' sequences.
+        A TPOT-aware policy also reads how long the steps in flight still run."""
         slack = self._wants_slack
-        outputs, ages, now = batch.decode_outputs, batch.decode_age_ms, self.slo_clock() if slack else 0.0
-        for seq_id, num_tokens in draft.tokens.items():
-            seq = seqs[seq_id]
-            cached = seq.num_computed_tokens
-            num_out = len(seq.output_token_ids) + seq.num_inflight  # Sequence.num_outputs, inlined
-            total = seq._num_prompt + num_out
-            samples = cached + num_tokens == total
-            if num_tokens == 1 and samples:  # the data plane's definition of a decode item
-                decoders.append(seq)
-                contexts.append(cached)
-                left = min(seq.stop.max_tokens - num_out, max_len - total)
-                remaining.append(left if left > 1 else 1)
-                if slack:
-                    outputs.append(num_out)
-                    first = seq.first_token_at
-                    ages.append((now - first) * 1e3 if first else 0.0)
-            else:
-                chunks.append((num_tokens, cached, samples))
-        if slack and self.inflight:
+        now = self.slo_clock() if slack else None
+        batch, decoders = batch_shape(draft, self.seqs, self.max_model_len, now)
+        if now is not None and self.inflight:
             left = sum(f.decision.predicted_ms for f in self.inflight) - (now - self.inflight[0].sent_at) * 1e3
             batch.ahead_ms = left if left > 0 else 0.0
         return batch, decoders
@@ -317,31 +318,29 @@ class Scheduler:
         epochs: dict[int, int] = {}
         k = decision.decode_steps
         seqs, new_blocks = self.seqs, draft.new_blocks
-        for seq_id, num_tokens in draft.tokens.items():
-            seq = seqs[seq_id]
-            if not seq.on_worker:
-                new_requests.append(
-                    NewRequest(
-                        seq_id=seq_id,
-                        token_ids=seq.all_token_ids(),
-                        num_prompt_tokens=seq.num_prompt_tokens,
-                        block_ids=list(seq.block_ids),
-                        sampling=seq.sampling,
-                    )
-                )
-                seq.on_worker = True
-                scheduled.append(ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens))
+        noted = draft.noted_decoders()
+        for seq in noted:  # decode items as the decode pass noted them: one token that samples, k of them
+            seq_id = seq.seq_id
+            if seq.on_worker and seq_id not in new_blocks:
+                scheduled.append(seq._one_token_entry)
             else:
-                blocks = new_blocks.get(seq_id, [])
-                scheduled.append(ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens, new_block_ids=blocks))
-            seq.num_computed_tokens += num_tokens
+                scheduled.append(self._plan_entry(seq, 1, new_blocks, new_requests))
             epochs[seq_id] = seq.num_preemptions
-            if seq.num_computed_tokens == seq._num_prompt + len(seq.output_token_ids) + seq.num_inflight:
+            expects[seq_id] = k
+            seq.num_inflight += k
+            seq.num_computed_tokens += k  # its token, and all but the last of the look-ahead passes'
+        for seq_id, num_tokens in islice(draft.tokens.items(), len(noted), None):
+            seq = seqs[seq_id]
+            scheduled.append(self._plan_entry(seq, num_tokens, new_blocks, new_requests))
+            computed = seq.num_computed_tokens + num_tokens
+            epochs[seq_id] = seq.num_preemptions
+            if computed == seq._num_prompt + len(seq.output_token_ids) + seq.num_inflight:
                 # it samples (the step computes every known token): k tokens for a decode item
                 n = k if num_tokens == 1 else 1
                 expects[seq_id] = n
                 seq.num_inflight += n
-                seq.num_computed_tokens += n - 1  # look-ahead passes compute all but the last
+                computed += n - 1  # look-ahead passes compute all but the last
+            seq.num_computed_tokens = computed
         plan = StepPlan(
             step_id=self._next_step_id,
             mode=decision.mode,
@@ -356,11 +355,27 @@ class Scheduler:
         self._dropped_on_worker = []
         now = time.monotonic()
         self.inflight.append(InflightStep(plan, expects, epochs, self.slo_clock(), forecast, decision,
-                                          sum(expects.values())))
+                                          sum(expects.values()), sum(draft.tokens.values())))
         if self._result_at is not None:
             self.stats.host_gap_s += now - self._result_at
             self.stats.host_gaps += 1
         return plan
+
+    @staticmethod
+    def _plan_entry(seq: Sequence, num_tokens: int, new_blocks: dict[int, list[int]],
+                    new_requests: list[NewRequest]) -> ScheduledSeq:
+        """`seq`'s entry in the plan; a sequence the worker holds no state for is sent whole first."""
+        seq_id = seq.seq_id
+        if not seq.on_worker:
+            new_requests.append(NewRequest(seq_id=seq_id, token_ids=seq.all_token_ids(),
+                                           num_prompt_tokens=seq.num_prompt_tokens, block_ids=list(seq.block_ids),
+                                           sampling=seq.sampling))
+            seq.on_worker = True
+            return ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens)
+        blocks = new_blocks.get(seq_id)
+        if blocks is not None:
+            return ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens, new_block_ids=blocks)
+        return seq._one_token_entry if num_tokens == 1 else ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens)
 
     # ------------------------------------------------------------------ applying a result
 
@@ -382,9 +397,11 @@ class Scheduler:
         finished, arrived = SeqStatus.FINISHED, 0
         for output in outputs:
             seq_id = output.seq_id
-            seq = seqs.get(seq_id)
             expected = expects.get(seq_id, 0)
-            if seq is None or expected <= 0 or seq.num_preemptions != epochs[seq_id]:
+            if expected <= 0:
+                continue
+            seq = seqs.get(seq_id)
+            if seq is None or seq.num_preemptions != epochs[seq_id]:
                 continue
             token_ids = output.token_ids
             k = len(token_ids)
@@ -394,9 +411,9 @@ class Scheduler:
             seq.num_inflight -= n
             if seq.status is finished:
                 continue
-            out, stop = seq.output_token_ids, seq.stop
-            if (out and output.logprobs is None and len(out) + k < stop.max_tokens
-                    and seq._num_prompt + len(out) + k < max_len
+            out, stop, cap = seq.output_token_ids, seq.stop, seq._max_total
+            # no length stop within these tokens: prompt + outputs < min(prompt + max_tokens, max_len)
+            if (out and output.logprobs is None and seq._num_prompt + len(out) + k < (cap if cap < max_len else max_len)
                     and (stop.ignore_eos or eos.isdisjoint(token_ids)) and stop.stop_token_ids.isdisjoint(token_ids)):
                 out.extend(token_ids)
                 updates.append(SeqUpdate(seq, list(token_ids), None, False))
@@ -410,7 +427,7 @@ class Scheduler:
             raise RuntimeError(f"result for step {result.step_id} does not match the step in flight")
         inflight = self.inflight.popleft()
         self._result_at = time.monotonic()
-        self.stats.record(inflight.plan, result.timings)
+        self.stats.record(inflight.plan, result.timings, inflight.num_tokens)
         if inflight.forecast is not None:
             self._observe(inflight, result.timings)
         updates: list[SeqUpdate] = []

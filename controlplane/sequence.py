@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from shared.messages import SamplingParams, TokenLogprobs
+from shared.messages import SamplingParams, ScheduledSeq, TokenLogprobs
 
 
 class SeqStatus(enum.Enum):
@@ -58,9 +58,16 @@ class Sequence:
     # len(prompt_token_ids), which never changes: the scheduler reads these counts for every running
     # sequence on every step, so they are kept cheap
     _num_prompt: int = field(init=False, repr=False, default=0)
+    # the prompt plus `stop.max_tokens`: the most tokens it may hold before the model's length cap
+    _max_total: int = field(init=False, repr=False, default=0)
+    # its plan entry for one token and no new block (most steps of a decode): a frozen message, the
+    # same in every such step, so it is built once and not once per step
+    _one_token_entry: ScheduledSeq = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._num_prompt = len(self.prompt_token_ids)
+        self._max_total = self._num_prompt + self.stop.max_tokens
+        self._one_token_entry = ScheduledSeq(seq_id=self.seq_id, num_tokens=1)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,5 +1,6 @@
 """A step being composed: the tokens each scheduled sequence gets, the blocks given to it for them,
-and how the draft is cut when a policy keeps fewer prompt tokens than were drafted.
+the batch as policies see it, and how the draft is cut when a policy keeps fewer prompt tokens
+than were drafted.
 
 The scheduler owns the draft and the queues; these functions only edit what they are handed. No
 policy, no I/O.
@@ -8,18 +9,75 @@ policy, no I/O.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import islice
 
 from controlplane.kv_blocks import BlockAllocator
+from controlplane.policies import BatchShape
 from controlplane.sequence import Sequence, SeqStatus
 
 
-@dataclass
+@dataclass(slots=True)
 class StepDraft:
     budget: int
     tokens: dict[int, int] = field(default_factory=dict)  # seq id -> tokens scheduled
     new_blocks: dict[int, list[int]] = field(default_factory=dict)  # seq id -> blocks this step gave it
     preempted: bool = False
+    # The decode items of the decode-first pass, in order (the first entries of `tokens`), with each
+    # one's cached tokens and how many tokens it may still emit: what BatchShape reads of them,
+    # noted by the pass, which reads those counts anyway. Void once `preempted` (a victim may be one).
+    decoders: list[Sequence] = field(default_factory=list)
+    decode_contexts: list[int] = field(default_factory=list)
+    decode_remaining: list[int] = field(default_factory=list)
+
+    def noted_decoders(self) -> list[Sequence]:
+        """The decode items the decode pass noted (the first entries of `tokens`), unless voided."""
+        return self.decoders if not self.preempted else []
+
+
+def decode_left(seq: Sequence, total: int, max_len: int) -> int:
+    """Tokens a decode item holding `total` tokens may still emit, at least 1: the smaller of what
+    `max_tokens` and the model's length leave (`Sequence._max_total` is prompt + max_tokens)."""
+    cap = seq._max_total
+    left = (cap if cap < max_len else max_len) - total
+    return left if left > 1 else 1
+
+
+def batch_shape(draft: StepDraft, seqs: dict[int, Sequence], max_len: int,
+                now: float | None = None) -> tuple[BatchShape, list[Sequence]]:
+    """The drafted batch as policies see it, and its decode items' sequences: the decode pass's items
+    as it noted them (unless a preemption voided them), then the rest of the draft, walked. `now`
+    (the SLO clock; None: not asked for) adds what a TPOT-aware policy reads of each decode item: its
+    tokens so far and the time since its first token (none yet: it arrives with the steps in flight,
+    no time has passed on its clock); `ahead_ms` is the caller's."""
+    batch = BatchShape()
+    items: Iterable[tuple[int, int]] = draft.tokens.items()
+    decoders = list(draft.noted_decoders())  # a copy: the draft's list stays the noted ones
+    if decoders:  # the shape takes the noted counts over (the draft does not read them again)
+        batch.decode_contexts, batch.decode_remaining = draft.decode_contexts, draft.decode_remaining
+        items = islice(items, len(decoders), None)
+    contexts, remaining, chunks = batch.decode_contexts, batch.decode_remaining, batch.chunks
+    slack = now is not None
+    outputs, ages, t = batch.decode_outputs, batch.decode_age_ms, now or 0.0
+    for seq in decoders if slack else ():
+        outputs.append(len(seq.output_token_ids) + seq.num_inflight)
+        ages.append((t - seq.first_token_at) * 1e3 if seq.first_token_at else 0.0)
+    for seq_id, num_tokens in items:
+        seq = seqs[seq_id]
+        cached = seq.num_computed_tokens
+        num_out = len(seq.output_token_ids) + seq.num_inflight  # Sequence.num_outputs, inlined
+        total = seq._num_prompt + num_out
+        if num_tokens == 1 and cached + 1 == total:  # the data plane's definition of a decode item
+            decoders.append(seq)
+            contexts.append(cached)
+            remaining.append(decode_left(seq, total, max_len))
+            if slack:
+                outputs.append(num_out)
+                ages.append((t - seq.first_token_at) * 1e3 if seq.first_token_at else 0.0)
+        else:
+            chunks.append((num_tokens, cached, cached + num_tokens == total))
+    return batch, decoders
 
 
 def trim_draft(draft: StepDraft, cap: int, seqs: dict[int, Sequence], allocator: BlockAllocator,

@@ -130,7 +130,7 @@ class BatchCost:
 
 def batch_cost(shape: ModelShape, decode_contexts: list[int], chunks: list[tuple[int, int, bool]]) -> BatchCost:
     """Cost of a batch: decode items by cached length, other items as (q, c, samples)."""
-    xs = sorted(c + 1 for c in decode_contexts)
+    xs = sorted([c + 1 for c in decode_contexts])
     attn = [attention_flops_bytes(shape, q, c) for q, c, _ in chunks]
     return BatchCost(
         num_tokens=len(xs) + sum(q for q, _, _ in chunks),

@@ -211,3 +211,30 @@ def test_random_workloads_complete_with_invariants(
             assert seq.output_token_ids == expected_tokens(seq, seq.stop.max_tokens)
         else:
             assert seq.finish_reason is FinishReason.ABORT
+
+
+def test_decode_pass_items_then_chunks_then_one_token_prompt() -> None:
+    """The decode pass notes its decode items for the batch shape and the plan; a later item that is
+    also a decode item (a one-token prompt, admitted after a running prompt's last chunk) must be
+    planned once, after that chunk, and seen by the policy as a decode item."""
+    sched, runner = make_scheduler(budget=32)
+    sched.add(make_seq(0, 5, 50))
+    sched.add(make_seq(1, 5, 50))
+    step(sched, runner)
+    sched.add(make_seq(2, 40, 5))
+    plan, _ = step(sched, runner)
+    assert [(s.seq_id, s.num_tokens) for s in plan.scheduled] == [(0, 1), (1, 1), (2, 30)]
+    sched.add(make_seq(3, 1, 5))
+    seen = []
+    decide = sched.policy.decide
+
+    def watched(batch, forecast):  # noqa: ANN001, ANN202
+        seen.append(batch)
+        return decide(batch, forecast)
+
+    sched.policy.decide = watched  # type: ignore[method-assign]
+    plan, _ = step(sched, runner)
+    assert [(s.seq_id, s.num_tokens) for s in plan.scheduled] == [(0, 1), (1, 1), (2, 10), (3, 1)]
+    assert seen[0].decode_contexts == [6, 6, 0] and seen[0].chunks == [(10, 30, True)]
+    assert [s.seq_id for s in plan.new_requests] == [3]
+    drain(sched, runner)
