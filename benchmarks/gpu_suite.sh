@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_suite.sh serving-code          # a serving stage fills most of one call
 # Needs .whl/ filled by benchmarks/device_prep.sh (carry [".whl"]). Stages: tests profile profile-decode (kernel tables of
 # replayed decode graphs at 1k context, attention by page size) gemm-lib (decode
-# GEMMs by BLAS library) decode-ab (the engine's decode grid under cuBLASLt, then cuBLAS) engine multiplex
+# GEMMs by BLAS library) skinny-gemm (tune the Triton decode GEMM against cuBLAS)
+# decode-attention (flashinfer's graph decode kernel options) decode-ab (the engine's decode grid under cuBLASLt, then cuBLAS) engine multiplex
 # predictor (the shapes serving runs) predictor-all (every shape on every SM count) serving-code
 # serving-conv serving-code-more (the paper-style duet-tbt and static on Azure code) serving-conv-static serving-conv-knee
 # (Azure conversation past the baselines' knee). GPU name for file names: GPU=h200 (default).
@@ -29,6 +30,9 @@ for stage in "$@"; do
     profile-decode) for b in 16 64; do run profile-decode-$b 200 python3 benchmarks/profile_decode.py --graphs \
                       --batch $b --context 1024 --page-sizes 16,32,64; done ;;
     gemm-lib) run gemm-lib 200 python3 benchmarks/gemm_lib.py --out "$OUT" ;;
+    skinny-gemm) run skinny-gemm 420 python3 benchmarks/skinny_gemm.py --out "$OUT" --stages ${GEMM_STAGES:-4} \
+                   --warps ${GEMM_WARPS:-4} --rows ${GEMM_ROWS:-1,16,32,64,128} ;;
+    decode-attention) run decode-attention 300 python3 benchmarks/decode_attention.py --out "$OUT" ;;
     decode-ab) for lib in cublaslt cublas; do  # the decode grid under each BLAS library, same machine
                  run decode-$lib 300 python3 benchmarks/engine.py --decode-only --blas-library $lib --out "$OUT"
                done ;;
