@@ -267,10 +267,17 @@ def main() -> None:
     p.add_argument("--peer-output-len", type=int, default=256)
     p.add_argument("--blas-library", default="default", help="default | cublas | cublaslt")
     p.add_argument("--decode-only", action="store_true", help="the decode grid only (an A/B of kernels)")
+    p.add_argument("--unsplit-kv-min-batch", type=int, default=None,
+                   help="decode graphs of at least this batch read KV unsplit (default: the data plane's "
+                        "flashinfer_backend.UNSPLIT_KV_MIN_BATCH, off)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
     device = torch.device(args.device)
     quick = args.quick
+    if args.unsplit_kv_min_batch is not None:  # an A/B of the decode attention's KV split, before any capture
+        import dataplane.attention.flashinfer_backend as fib
+
+        fib.UNSPLIT_KV_MIN_BATCH = args.unsplit_kv_min_batch
     budget, max_seqs = (512, 16) if quick else (8192, 256)
     worker = load_worker(DataplaneConfig(model=args.model, device=args.device, max_num_batched_tokens=budget,
                                          max_num_seqs=max_seqs, num_kv_blocks=2048 if quick else None,
@@ -283,9 +290,12 @@ def main() -> None:
     decode = decode_grid(worker, batches, contexts, 4 if quick else 16, device, ceilings)
     if args.decode_only:
         args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"engine-decode-{gpu_slug(device)}-{args.blas_library}.json"
-        path.write_text(json.dumps({"blas_library": args.blas_library, "ceilings": ceilings, "decode": decode},
-                                   indent=1) + "\n")
+        split = "" if args.unsplit_kv_min_batch is None else f"-unsplit{args.unsplit_kv_min_batch}"
+        path = args.out / f"engine-decode-{gpu_slug(device)}-{args.blas_library}{split}.json"
+        from dataplane.attention.flashinfer_backend import UNSPLIT_KV_MIN_BATCH
+
+        path.write_text(json.dumps({"blas_library": args.blas_library, "unsplit_kv_min_batch": UNSPLIT_KV_MIN_BATCH,
+                                    "ceilings": ceilings, "decode": decode}, indent=1) + "\n")
         print(f"wrote {path}")
         return
     prefill = prefill_grid(worker, [64, 256] if quick else [512, 2048, 8192], device, ceilings)

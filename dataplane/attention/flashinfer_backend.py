@@ -156,11 +156,26 @@ class FlashInferAttention(AttentionBackend):
         return out
 
 
+# Decode graphs of at least this batch would read each (request, KV head) in one program rather than
+# split its KV across programs and merge. The kernel alone (`benchmarks/decode_attention.py`,
+# results/decode-attention-h200.json) is 6% faster at B=64 and 3% at B=256 (1k context); a whole
+# decode step 5% and 2.5% (`engine.py --decode-only --unsplit-kv-min-batch 32` against 100000, one
+# run each on one machine, where the unchanged B=1 and B=16 steps moved 3%:
+# results/engine-decode-h200-default-unsplit*.json). Off
+# (None): with it at 32, a graph-replay-equals-eager test on a 40-request bucket of mixed prompt
+# lengths (prompts of 5-60 tokens) once failed with a torch error and once ran past 150 s, on the
+# H200; not yet understood (flashinfer's graph-mode plan without split KV may not be replay-safe when
+# the lengths change between plans). Off, the plan is flashinfer's default, as before.
+UNSPLIT_KV_MIN_BATCH: int | None = None
+
+
 class GraphDecodeAttention(AttentionBackend):
     """Decode attention for one CUDA-graph batch bucket: fixed device buffers, re-planned per replay.
 
     `begin_step` only plans (host work plus an async copy into the wrapper's fixed buffers) and
     sets the slot tensors the captured graph reads; call it outside capture before each replay.
+    Whether KV is split across programs is fixed per bucket (`UNSPLIT_KV_MIN_BATCH`), so every plan
+    of a bucket launches the kernels its graph captured.
     """
 
     name = "flashinfer-graph"
@@ -180,6 +195,7 @@ class GraphDecodeAttention(AttentionBackend):
         )
         self._blocks = blocks  # views into the graph runner's static slot buffers
         self._offsets = offsets
+        self.split_kv = UNSPLIT_KV_MIN_BATCH is None or batch_size < UNSPLIT_KV_MIN_BATCH
 
     def begin_step(self, batch: AttentionBatch, device: torch.device, slot_mapping: Tensor | None = None) -> None:
         if batch.num_seqs != self.batch_size or not batch.is_decode_only:
@@ -192,6 +208,7 @@ class GraphDecodeAttention(AttentionBackend):
         self._wrapper.plan(
             plan.kv_indptr, indices, plan.kv_last_page_len, s.num_q_heads, s.num_kv_heads, s.head_dim,
             batch.block_size, q_data_type=s.dtype, kv_data_type=s.dtype, non_blocking=True,
+            disable_split_kv=not self.split_kv,
         )
 
     def forward(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor) -> Tensor:
