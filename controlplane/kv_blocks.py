@@ -48,6 +48,15 @@ class BlockAllocator:
         self._owner.update(dict.fromkeys(taken, seq_id))
         return taken
 
+    def allocate_one(self, seq_id: int) -> int:
+        """One block, the one `allocate(seq_id, 1)` would give: what a decode takes every
+        `block_size` tokens, without the list."""
+        if not self._free:
+            raise OutOfBlocks("need 1 block, 0 free")
+        block = self._free.pop()
+        self._owner[block] = seq_id
+        return block
+
     def free(self, seq_id: int, block_ids: list[int]) -> None:
         """Give `block_ids` back (all or none: each must be owned by `seq_id`)."""
         owner = self._owner

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from itertools import islice
 
 import msgspec
@@ -40,7 +40,8 @@ from shared.messages import (
 class SeqUpdate(msgspec.Struct):
     """What one step did to one sequence, for the output processor. Never sent anywhere: a Struct
     rather than a dataclass because the scheduler builds one per sequence per step, and a Struct
-    is built in C (about 2.5x cheaper)."""
+    is built in C (about 2.5x cheaper). `new_token_ids` may be the data plane's output list itself
+    (not a copy): read it, do not change it."""
 
     seq: Sequence
     new_token_ids: list[int]
@@ -52,12 +53,14 @@ class SeqUpdate(msgspec.Struct):
 class InflightStep:
     plan: StepPlan
     expects_token: dict[int, int]  # seq id -> tokens the step samples for it
-    epochs: dict[int, int]  # scheduled seq id -> its preemption count when planned (later: stale)
     sent_at: float  # on the scheduler's SLO clock
     forecast: StepForecast | None = None
     decision: ModeDecision = AGGREGATED
     outstanding: int = 0  # tokens of expects_token not arrived yet
     num_tokens: int = 0  # tokens the plan schedules (what StepStats counts)
+    # seq ids preempted since the step was planned (`Scheduler._preempt` adds them): what the step
+    # computed for them is stale, and the tokens it owes them are no longer owed
+    stale: set[int] = field(default_factory=set)
 
 
 class Scheduler:
@@ -96,6 +99,7 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         if seq.seq_id in self.seqs:
             raise ValueError(f"seq {seq.seq_id} already scheduled")
+        seq.set_limits(self.max_model_len, self.eos_token_ids)
         self.seqs[seq.seq_id] = seq
         self.waiting.append(seq)
 
@@ -175,13 +179,15 @@ class Scheduler:
     def _compose_decode_first(self, draft: StepDraft) -> None:
         """Every decode in running order, then the running prefills' chunks, then waiting sequences.
 
-        One pass over the running sequences schedules the common decode inline (one token that fits
-        the sequence's last block: none of `_schedule_running`'s arithmetic), notes each decode item
-        for the batch shape (`StepDraft.decoders`) and sets the prefills aside; a decode that needs a
-        block takes the general path, which may preempt from the end of `running` (hence the copy,
-        and the status check for what it preempted)."""
+        One pass over the running sequences schedules the common decodes inline (one token that fits
+        the sequence's last block, or that starts a new block while one is free: none of
+        `_schedule_running`'s arithmetic), notes each decode item for the batch shape
+        (`StepDraft.decoders`) and sets the prefills aside; a decode whose blocks are short takes
+        the general path, which may preempt from the end of `running` (hence the copy, and the
+        status check for what it preempted)."""
         prefilling: list[Sequence] = []
-        size, tokens, running, max_len = self.allocator.block_size, draft.tokens, SeqStatus.RUNNING, self.max_model_len
+        allocator, tokens, new_blocks, running = self.allocator, draft.tokens, draft.new_blocks, SeqStatus.RUNNING
+        size = allocator.block_size
         decoders, contexts, remaining = draft.decoders, draft.decode_contexts, draft.decode_remaining
         budget = draft.budget  # a local in the loop; `draft.budget` is synced around the general path
         for seq in list(self.running):
@@ -197,19 +203,26 @@ class Scheduler:
                 break  # nothing else fits: the prefills would not run either
             if inflight and not self._runs_ahead_ok(seq):
                 continue
-            if computed >= len(seq.block_ids) * size:  # needs a block (may preempt)
+            blocks = seq.block_ids
+            room = len(blocks) * size - computed  # free slots in its last block
+            if room > 0:
+                tokens[seq.seq_id] = 1
+                budget -= 1
+            elif room == 0 and allocator.num_free:  # its token starts a block (every `size` steps)
+                block = allocator.allocate_one(seq.seq_id)
+                blocks.append(block)
+                new_blocks[seq.seq_id] = [block]
+                tokens[seq.seq_id] = 1
+                budget -= 1
+            else:  # no block free (preempts), or blocks short
                 draft.budget = budget
                 self._schedule_running(seq, draft)
                 budget = draft.budget
                 if seq.seq_id not in tokens:
                     continue
-            else:
-                tokens[seq.seq_id] = 1
-                budget -= 1
             decoders.append(seq)
             contexts.append(computed)
-            cap = seq._max_total  # decode_left(seq, computed + 1, max_len), inlined
-            left = (cap if cap < max_len else max_len) - computed - 1
+            left = seq._token_cap - computed - 1  # decode_left(seq, computed + 1, max_len), inlined
             remaining.append(left if left > 1 else 1)
         draft.budget = budget
         self._schedule_all(prefilling, draft)
@@ -291,7 +304,9 @@ class Scheduler:
         draft.new_blocks.pop(victim.seq_id, None)
         self.running.remove(victim)
         self._release(victim)
-        victim.num_inflight = 0  # results still to come for it are stale (see the epochs)
+        victim.num_inflight = 0  # results still to come for it are stale:
+        for step in self.inflight:
+            step.stale.add(victim.seq_id)
         victim.status = SeqStatus.WAITING
         victim.num_preemptions += 1
         self.num_preemptions += 1
@@ -314,26 +329,23 @@ class Scheduler:
     def _build_plan(self, draft: StepDraft, decision: ModeDecision, forecast: StepForecast | None) -> StepPlan:
         new_requests: list[NewRequest] = []
         scheduled: list[ScheduledSeq] = []
-        expects: dict[int, int] = {}
-        epochs: dict[int, int] = {}
         k = decision.decode_steps
         seqs, new_blocks = self.seqs, draft.new_blocks
         noted = draft.noted_decoders()
-        for seq in noted:  # decode items as the decode pass noted them: one token that samples, k of them
-            seq_id = seq.seq_id
-            if seq.on_worker and seq_id not in new_blocks:
+        # decode items as the decode pass noted them (the first entries of `tokens`): one token that
+        # samples, k of them
+        expects = dict.fromkeys(islice(draft.tokens, len(noted)), k)
+        for seq in noted:
+            if seq.on_worker and seq.seq_id not in new_blocks:
                 scheduled.append(seq._one_token_entry)
             else:
                 scheduled.append(self._plan_entry(seq, 1, new_blocks, new_requests))
-            epochs[seq_id] = seq.num_preemptions
-            expects[seq_id] = k
             seq.num_inflight += k
             seq.num_computed_tokens += k  # its token, and all but the last of the look-ahead passes'
         for seq_id, num_tokens in islice(draft.tokens.items(), len(noted), None):
             seq = seqs[seq_id]
             scheduled.append(self._plan_entry(seq, num_tokens, new_blocks, new_requests))
             computed = seq.num_computed_tokens + num_tokens
-            epochs[seq_id] = seq.num_preemptions
             if computed == seq._num_prompt + len(seq.output_token_ids) + seq.num_inflight:
                 # it samples (the step computes every known token): k tokens for a decode item
                 n = k if num_tokens == 1 else 1
@@ -354,7 +366,7 @@ class Scheduler:
         self._next_step_id += 1
         self._dropped_on_worker = []
         now = time.monotonic()
-        self.inflight.append(InflightStep(plan, expects, epochs, self.slo_clock(), forecast, decision,
+        self.inflight.append(InflightStep(plan, expects, self.slo_clock(), forecast, decision,
                                           sum(expects.values()), sum(draft.tokens.values())))
         if self._result_at is not None:
             self.stats.host_gap_s += now - self._result_at
@@ -390,18 +402,18 @@ class Scheduler:
     def _accept(self, inflight: InflightStep, outputs: list[SeqOutput], updates: list[SeqUpdate]) -> None:
         """Count each output's tokens as arrived and append them to `updates`, unless the step no
         longer speaks for the sequence (preempted since, or finished: a token computed past a stop
-        is dropped). The common token (a running sequence with tokens already that nothing can
-        stop) is applied inline: this loop sees every sequence of every step."""
-        seqs, expects, epochs, eos, max_len = self.seqs, inflight.expects_token, inflight.epochs, \
-            self.eos_token_ids, self.max_model_len
-        finished, arrived = SeqStatus.FINISHED, 0
+        is dropped; `seqs` holds live sequences only). The common token (a running sequence with
+        tokens already that nothing can stop) is applied inline: this loop sees every sequence of
+        every step. Its update shares the output's token list (the result is not read again)."""
+        seqs, expects, stale = self.seqs, inflight.expects_token, inflight.stale
+        arrived = 0
         for output in outputs:
             seq_id = output.seq_id
             expected = expects.get(seq_id, 0)
             if expected <= 0:
                 continue
             seq = seqs.get(seq_id)
-            if seq is None or seq.num_preemptions != epochs[seq_id]:
+            if seq is None or seq_id in stale:
                 continue
             token_ids = output.token_ids
             k = len(token_ids)
@@ -409,14 +421,12 @@ class Scheduler:
             expects[seq_id] = expected - n
             arrived += n
             seq.num_inflight -= n
-            if seq.status is finished:
-                continue
-            out, stop, cap = seq.output_token_ids, seq.stop, seq._max_total
-            # no length stop within these tokens: prompt + outputs < min(prompt + max_tokens, max_len)
-            if (out and output.logprobs is None and seq._num_prompt + len(out) + k < (cap if cap < max_len else max_len)
-                    and (stop.ignore_eos or eos.isdisjoint(token_ids)) and stop.stop_token_ids.isdisjoint(token_ids)):
+            out = seq.output_token_ids
+            # no length stop within these tokens (prompt + outputs < its token cap), no stop token
+            if (out and output.logprobs is None and seq._num_prompt + len(out) + k < seq._token_cap
+                    and seq._stop_token_ids.isdisjoint(token_ids)):
                 out.extend(token_ids)
-                updates.append(SeqUpdate(seq, list(token_ids), None, False))
+                updates.append(SeqUpdate(seq, token_ids, None, False))
             else:
                 updates.append(self._append_tokens(seq, token_ids, output.logprobs))
         inflight.outstanding -= arrived
@@ -433,7 +443,7 @@ class Scheduler:
         updates: list[SeqUpdate] = []
         for failure in result.failures:
             seq = self.seqs.get(failure.seq_id)
-            if seq is not None and seq.num_preemptions == inflight.epochs.get(failure.seq_id, seq.num_preemptions):
+            if seq is not None and failure.seq_id not in inflight.stale:
                 owed = max(inflight.expects_token.pop(failure.seq_id, 0), 0)
                 seq.num_inflight -= owed
                 inflight.outstanding -= owed
@@ -447,7 +457,7 @@ class Scheduler:
         answered = {o.seq_id for o in result.outputs} | {f.seq_id for f in result.failures}
         for seq_id, left in inflight.expects_token.items():
             seq = self.seqs.get(seq_id)
-            if left <= 0 or seq is None or seq.num_preemptions != inflight.epochs[seq_id]:
+            if left <= 0 or seq is None or seq_id in inflight.stale:
                 continue
             seq.num_inflight -= left  # tokens the step owed and never sent
             if seq_id not in answered and not seq.is_finished:
@@ -483,7 +493,7 @@ class Scheduler:
                 accepted = i + 1
                 break
         new_logprobs = logprobs[:accepted] if logprobs is not None else None
-        return SeqUpdate(seq, list(token_ids[:accepted]), new_logprobs, seq.is_finished)
+        return SeqUpdate(seq, token_ids[:accepted], new_logprobs, seq.is_finished)
 
     def check_invariants(self) -> None:
         live = {s.seq_id: s.block_ids for s in self.seqs.values()}

@@ -63,11 +63,23 @@ class Sequence:
     # its plan entry for one token and no new block (most steps of a decode): a frozen message, the
     # same in every such step, so it is built once and not once per step
     _one_token_entry: ScheduledSeq = field(init=False, repr=False, compare=False)
+    # the scheduler's limits, fixed when it is added (`set_limits`): the most tokens it may hold
+    # (`_max_total`, or the model's length if less) and the token ids that may end it (its stop
+    # tokens, and the model's EOS unless ignored) -- what every result checks each new token against
+    _token_cap: int = field(init=False, repr=False, default=0)
+    _stop_token_ids: frozenset[int] = field(init=False, repr=False, default=frozenset())
 
     def __post_init__(self) -> None:
         self._num_prompt = len(self.prompt_token_ids)
         self._max_total = self._num_prompt + self.stop.max_tokens
         self._one_token_entry = ScheduledSeq(seq_id=self.seq_id, num_tokens=1)
+        self._token_cap = self._max_total
+
+    def set_limits(self, max_model_len: int, eos_token_ids: frozenset[int]) -> None:
+        """Fix the scheduler's limits: its model length and EOS ids (see `_token_cap`)."""
+        self._token_cap = min(self._max_total, max_model_len)
+        stop = self.stop
+        self._stop_token_ids = stop.stop_token_ids if stop.ignore_eos else stop.stop_token_ids | eos_token_ids
 
     @property
     def num_prompt_tokens(self) -> int:

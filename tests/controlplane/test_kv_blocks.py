@@ -46,3 +46,14 @@ def test_random_operations_keep_invariants(ops: list[tuple[bool, int, int]]) -> 
             alloc.free(seq, live.pop(seq))
         alloc.check_invariants(live)
     assert alloc.num_used == sum(len(b) for b in live.values())
+
+
+def test_allocate_one_gives_the_block_allocate_would() -> None:
+    one, many = BlockAllocator(4, 16), BlockAllocator(4, 16)
+    for alloc in (one, many):  # the same free list on both: a few blocks out and back
+        alloc.free(9, alloc.allocate(9, 3)[1:2])
+    assert [one.allocate_one(1) for _ in range(2)] == [many.allocate(1, 1)[0] for _ in range(2)]
+    assert one._owner == many._owner and one.num_free == many.num_free == 0
+    with pytest.raises(OutOfBlocks):
+        one.allocate_one(2)
+    one.check_invariants()
