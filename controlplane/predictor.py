@@ -151,10 +151,12 @@ class Correction:
         self.count += 1
         self.n = lam * self.n + 1.0
         m, r = self._m, self._r  # m: the upper triangle of the weighted Gram matrix
-        for i, row in enumerate(m):  # row i from its diagonal on, as one comprehension (the hot path)
+        for i in range(FEATURES):
             wx = w * x[i]
             r[i] = lam * r[i] + wx * measured_ms
-            row[i:] = [lam * v + wx * xj for v, xj in zip(row[i:], x[i:])]
+            row = m[i]
+            for j in range(i, FEATURES):
+                row[j] = lam * row[j] + wx * x[j]
         self._fit()
 
     def _fit(self) -> None:
@@ -377,15 +379,20 @@ class Predictor:
         if not (math.isfinite(measured_ms) and measured_ms > 0.0 and est.device_ms > 0.0):  # NaN, inf: broken timings
             return
         key = (regime, self.bucket(est.sms))
-        raw = est.roofline_ms or est.device_ms
-        self.errors.setdefault(key, ErrorStats()).add(self.predict(est, regime), raw, self.prior(est), measured_ms)
-        floor = self.floor_for(est.path, est.sms)
-        terms = (est.device_ms, measured_ms, est.compute_ms, est.ragged_ms)
+        stats = self.errors.get(key)
+        if stats is None:
+            stats = self.errors[key] = ErrorStats()
+        # the prediction as `predict` makes it, its parts kept for the learning below
         device = self.correction_for(regime, est.sms).apply(est.device_ms, est.compute_ms, est.ragged_ms)
-        if floor is not None and (device < floor.value or measured_ms < floor.value):
+        floor = self.floor_for(est.path, est.sms)
+        floor_ms = floor.value if floor is not None else 0.0
+        predicted = device if floor is None else max(device, floor_ms)
+        stats.add(predicted, est.roofline_ms or est.device_ms, self.prior(est), measured_ms)
+        terms = (est.device_ms, measured_ms, est.compute_ms, est.ragged_ms)
+        if floor is not None and (device < floor_ms or measured_ms < floor_ms):
             # floor-bound (the device fit learns nothing from it), or in under the floor: it is lower
             self._update_floor(est.path, est.sms, measured_ms)
-            if device < floor.value:
+            if device < floor.value:  # the floor as updated
                 return
         pooled = self.corrections[regime]
         pooled.update(*terms)
