@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from operator import sub
 from typing import Literal, Protocol
 
 from controlplane.optimizer import Split, candidate_splits, decide, useful_decode_tokens
@@ -213,17 +214,23 @@ class DuetPolicy:
         if not self.wants_slack or not batch.decode_outputs:
             return slo
         target, h, ahead = slo * TPOT_TARGET, self.horizon, batch.ahead_ms
+        outputs, ages, remaining = batch.decode_outputs, batch.decode_age_ms, batch.decode_remaining
         # m more tokens at s ms each, after `ahead`: (age + ahead + m s) / (n + m - 1) <= target, so
         # s <= (target * (n + m - 1) - age - ahead) / m; for every item with m = h that is the least
-        # target * n - age, taken in one pass
-        items = zip(batch.decode_outputs, batch.decode_age_ms, batch.decode_remaining)
-        least = min((target * n - age for n, age, r in items if r >= h), default=None)
+        # target * n - age. Usually every item outlasts the horizon: then that least is taken over
+        # all of them by map (this runs for every decode item of every step)
+        if min(remaining, default=0) >= h:
+            least: float | None = min(map(sub, map(target.__mul__, outputs), ages))
+            short: list[tuple[int, float, int]] = []
+        else:
+            items = list(zip(outputs, ages, remaining))
+            least = min((target * n - age for n, age, r in items if r >= h), default=None)
+            short = [item for item in items if item[2] < h]
         allowed = (least + target * (h - 1) - ahead) / h if least is not None else float("inf")
-        for n, age, r in zip(batch.decode_outputs, batch.decode_age_ms, batch.decode_remaining):
-            if r < h:  # ends within the horizon: its own m
-                v = (target * (n + r - 1) - age - ahead) / r
-                if v < allowed:
-                    allowed = v
+        for n, age, r in short:  # ends within the horizon: its own m
+            v = (target * (n + r - 1) - age - ahead) / r
+            if v < allowed:
+                allowed = v
         return allowed if allowed > target else target
 
     def decide(self, batch: BatchShape, forecast: StepForecast | None) -> ModeDecision:

@@ -59,10 +59,11 @@ def batch_shape(draft: StepDraft, seqs: dict[int, Sequence], max_len: int,
         items = islice(items, len(decoders), None)
     contexts, remaining, chunks = batch.decode_contexts, batch.decode_remaining, batch.chunks
     slack = now is not None
-    outputs, ages, t = batch.decode_outputs, batch.decode_age_ms, now or 0.0
-    for seq in decoders if slack else ():
-        outputs.append(len(seq.output_token_ids) + seq.num_inflight)
-        ages.append((t - seq.first_token_at) * 1e3 if seq.first_token_at else 0.0)
+    t = now or 0.0
+    if slack and decoders:  # one comprehension each: a TPOT-aware policy reads them for every decode item
+        batch.decode_outputs = [len(seq.output_token_ids) + seq.num_inflight for seq in decoders]
+        batch.decode_age_ms = [(t - seq.first_token_at) * 1e3 if seq.first_token_at else 0.0 for seq in decoders]
+    outputs, ages = batch.decode_outputs, batch.decode_age_ms
     for seq_id, num_tokens in items:
         seq = seqs[seq_id]
         cached = seq.num_computed_tokens

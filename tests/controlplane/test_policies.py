@@ -183,6 +183,31 @@ def test_tpot_step_budget_by_hand() -> None:
     assert not tbt.wants_slack and tbt.step_budget_ms(batch) == 50.0
 
 
+def _step_budget_reference(target: float, h: int, batch: object) -> float:
+    """The TPOT step budget item by item, as first written (before its map fast path)."""
+    items = list(zip(batch.decode_outputs, batch.decode_age_ms, batch.decode_remaining))  # type: ignore[attr-defined]
+    least = min((target * n - age for n, age, r in items if r >= h), default=None)
+    allowed = (least + target * (h - 1) - batch.ahead_ms) / h if least is not None else float("inf")  # type: ignore[attr-defined]
+    for n, age, r in items:
+        if r < h:
+            allowed = min(allowed, (target * (n + r - 1) - age - batch.ahead_ms) / r)  # type: ignore[attr-defined]
+    return allowed if allowed > target else target
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 500), st.floats(0.0, 20_000.0), st.integers(1, 40)), min_size=1, max_size=30),
+       st.floats(0.0, 200.0), st.integers(1, 16))
+def test_tpot_step_budget_matches_the_item_by_item_rule(items: list[tuple[int, float, int]], ahead: float,
+                                                        horizon: int) -> None:
+    from controlplane.policies import TPOT_TARGET, BatchShape, DuetPolicy
+
+    policy = DuetPolicy([], tbt_slo_ms=30.0, max_lookahead=8, hysteresis=0.0, slo="tpot", horizon=horizon)
+    outputs, ages, remaining = (list(v) for v in zip(*items))
+    batch = BatchShape(decode_contexts=[100] * len(items), decode_remaining=remaining, decode_outputs=outputs,
+                       decode_age_ms=ages, ahead_ms=ahead)
+    assert policy.step_budget_ms(batch) == _step_budget_reference(30.0 * TPOT_TARGET, horizon, batch)  # bit for bit
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.t = 100.0
