@@ -423,12 +423,18 @@ class Scheduler:
             seq.num_inflight -= n
             out = seq.output_token_ids
             # no length stop within these tokens (prompt + outputs < its token cap), no stop token
-            if (out and output.logprobs is None and seq._num_prompt + len(out) + k < seq._token_cap
-                    and seq._stop_token_ids.isdisjoint(token_ids)):
-                out.extend(token_ids)
-                updates.append(SeqUpdate(seq, token_ids, None, False))
-            else:
-                updates.append(self._append_tokens(seq, token_ids, output.logprobs))
+            if out and output.logprobs is None and seq._num_prompt + len(out) + k < seq._token_cap:
+                if k == 1:  # a decode's one token (most outputs): no set or list method to call
+                    token = token_ids[0]
+                    if token not in seq._stop_token_ids:
+                        out.append(token)
+                        updates.append(SeqUpdate(seq, token_ids, None, False))
+                        continue
+                elif seq._stop_token_ids.isdisjoint(token_ids):
+                    out.extend(token_ids)
+                    updates.append(SeqUpdate(seq, token_ids, None, False))
+                    continue
+            updates.append(self._append_tokens(seq, token_ids, output.logprobs))
         inflight.outstanding -= arrived
 
     def update(self, result: StepResult) -> list[SeqUpdate]:
