@@ -52,7 +52,7 @@ class SeqUpdate(msgspec.Struct):
 @dataclass
 class InflightStep:
     plan: StepPlan
-    expects_token: dict[int, int]  # seq id -> tokens the step samples for it
+    expects_token: dict[int, int]  # scheduled seq id -> tokens the step samples for it (0: none)
     sent_at: float  # on the scheduler's SLO clock
     forecast: StepForecast | None = None
     decision: ModeDecision = AGGREGATED
@@ -332,9 +332,12 @@ class Scheduler:
         k = decision.decode_steps
         seqs, new_blocks = self.seqs, draft.new_blocks
         noted = draft.noted_decoders()
-        # decode items as the decode pass noted them (the first entries of `tokens`): one token that
-        # samples, k of them
-        expects = dict.fromkeys(islice(draft.tokens, len(noted)), k)
+        # the tokens the step samples per scheduled sequence (0: none), from a copy of `tokens` (cheap:
+        # the dict's table is cloned), whose first entries -- the noted decode items, each one token
+        # that samples -- are right as they are unless the step looks ahead (k of them)
+        expects = draft.tokens.copy()
+        if k != 1:
+            expects.update(dict.fromkeys(islice(draft.tokens, len(noted)), k))
         for seq in noted:
             if seq.on_worker and seq.seq_id not in new_blocks:
                 scheduled.append(seq._one_token_entry)
@@ -352,6 +355,8 @@ class Scheduler:
                 expects[seq_id] = n
                 seq.num_inflight += n
                 computed += n - 1  # look-ahead passes compute all but the last
+            else:
+                expects[seq_id] = 0
             seq.num_computed_tokens = computed
         plan = StepPlan(
             step_id=self._next_step_id,
