@@ -10,11 +10,14 @@ from __future__ import annotations
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+import msgspec
+
 from shared.messages import StepPlan, StepTimings
 
 
-@dataclass(frozen=True)
-class StepRecord:
+class StepRecord(msgspec.Struct, frozen=True):
+    """One finished step (a Struct: one is built per step, in C)."""
+
     step_id: int
     mode: str
     prefill_sms: int

@@ -90,15 +90,15 @@ def linear_ms(n: int, d_in: int, d_out: int, s: int, flops_per_s: float, bytes_p
 class BatchCost:
     """One batch, reduced to what the roofline needs; cheap to re-evaluate at many SM counts.
 
-    Decode items (one new token on `c` cached ones) are kept as sorted `x = c + 1` with prefix
-    sums so their summed per-request roofline costs O(log n) per evaluation; other items keep
-    their attention (flops, bytes) each.
+    Decode items (one new token on `c` cached ones, so `x = c + 1` keys) are kept as their sorted `c`
+    with prefix sums so their summed per-request roofline costs O(log n) per evaluation (the sums
+    of `x` follow: prefix + count); other items keep their attention (flops, bytes) each.
     """
 
     num_tokens: int = 0
     num_sampled: int = 0
-    decode_x: list[int] = field(default_factory=list)  # sorted c + 1 of decode items
-    decode_prefix: list[int] = field(default_factory=lambda: [0])
+    decode_c: list[int] = field(default_factory=list)  # sorted cached tokens of decode items
+    decode_prefix: list[int] = field(default_factory=lambda: [0])  # prefix sums of decode_c
     chunks: list[tuple[float, float]] = field(default_factory=list)  # attention (F, B) per other item
     chunk_shapes: list[tuple[int, int]] = field(default_factory=list)  # (q, q + c) per other item
 
@@ -108,7 +108,7 @@ class BatchCost:
 
     @property
     def num_seqs(self) -> int:
-        return len(self.decode_x) + len(self.chunk_shapes)
+        return len(self.decode_c) + len(self.chunk_shapes)
 
     @property
     def ragged(self) -> bool:
@@ -116,26 +116,26 @@ class BatchCost:
         return bool(self.chunk_shapes)
 
     def merge(self, other: BatchCost) -> BatchCost:
-        if other.decode_x and self.decode_x:
-            xs = sorted(self.decode_x + other.decode_x)
-            prefix = list(accumulate(xs, initial=0))
+        if other.decode_c and self.decode_c:
+            cs = sorted(self.decode_c + other.decode_c)
+            prefix = list(accumulate(cs, initial=0))
         else:  # one side has every decode item (a decode part plus a prefill part): share its lists
-            xs, prefix = (self.decode_x, self.decode_prefix) if self.decode_x else (other.decode_x, other.decode_prefix)
+            cs, prefix = (self.decode_c, self.decode_prefix) if self.decode_c else (other.decode_c, other.decode_prefix)
         return BatchCost(
             num_tokens=self.num_tokens + other.num_tokens, num_sampled=self.num_sampled + other.num_sampled,
-            decode_x=xs, decode_prefix=prefix, chunks=self.chunks + other.chunks,
+            decode_c=cs, decode_prefix=prefix, chunks=self.chunks + other.chunks,
             chunk_shapes=self.chunk_shapes + other.chunk_shapes,
         )
 
 
 def batch_cost(shape: ModelShape, decode_contexts: list[int], chunks: list[tuple[int, int, bool]]) -> BatchCost:
     """Cost of a batch: decode items by cached length, other items as (q, c, samples)."""
-    xs = sorted([c + 1 for c in decode_contexts])
+    cs = sorted(decode_contexts)
     attn = [attention_flops_bytes(shape, q, c) for q, c, _ in chunks]
     return BatchCost(
-        num_tokens=len(xs) + sum(q for q, _, _ in chunks),
-        num_sampled=len(xs) + sum(1 for _, _, samples in chunks if samples),
-        decode_x=xs, decode_prefix=list(accumulate(xs, initial=0)), chunks=attn,
+        num_tokens=len(cs) + sum(q for q, _, _ in chunks),
+        num_sampled=len(cs) + sum(1 for _, _, samples in chunks if samples),
+        decode_c=cs, decode_prefix=list(accumulate(cs, initial=0)), chunks=attn,
         chunk_shapes=[(q, q + c) for q, c, _ in chunks],
     )
 
@@ -269,7 +269,7 @@ class Roofline:
             nbytes = s * (2 * hq * q * dh + 2 * hkv * kv * dh)
             total += max(flops / pi, nbytes / bw)
         split = self.execution.split_min_decodes
-        if split and len(cost.decode_x) >= split:
+        if split and len(cost.decode_c) >= split:
             decode = self._decode_sum(cost, pi, bw, 1, sh.num_kv_heads) + self.execution.kernel_us * 1e-6
         else:
             decode = self._decode_sum(cost, pi, bw, tile, hkv)
@@ -277,15 +277,20 @@ class Roofline:
 
     def _decode_sum(self, cost: BatchCost, pi: float, bw: float, rows: int, kv_heads: int) -> float:
         """Sum over decode items (x = c + 1 each) of max(a x / pi, (b0 + b1 x) / bw), in seconds, in
-        O(log n): items below the crossover x* are memory-bound, those above compute-bound."""
-        xs = cost.decode_x
-        if not xs:
+        O(log n): items below the crossover x* are memory-bound, those above compute-bound. The
+        sorted `c` are searched for `c <= x* - 1` (for integer c the same test as `x <= x*`: x* - 1
+        is exact wherever it could matter), and a prefix of `x` sums to the prefix of `c` plus its
+        count, so the result is the one sorted `x` would give, to the bit."""
+        cs = cost.decode_c
+        if not cs:
             return 0.0
         sh = self.shape
         hq, dh, s = sh.num_q_heads, sh.head_dim, sh.bytes_per_elem
         a = hq * (4 * dh + 2) * rows  # flops = a * x
         b0, b1 = s * 2 * hq * dh, s * 2 * kv_heads * dh  # bytes = b0 + b1 * x
         slope = a / pi - b1 / bw
-        split = len(xs) if slope <= 0 else bisect_right(xs, (b0 / bw) / slope)
+        n = len(cs)
+        split = n if slope <= 0 else bisect_right(cs, (b0 / bw) / slope - 1)
         prefix = cost.decode_prefix
-        return (b0 * split + b1 * prefix[split]) / bw + a * (prefix[-1] - prefix[split]) / pi
+        below, total = prefix[split] + split, prefix[-1] + n  # sums of x over the first `split`, over all
+        return (b0 * split + b1 * below) / bw + a * (total - below) / pi
