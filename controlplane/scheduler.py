@@ -183,16 +183,15 @@ class Scheduler:
         the sequence's last block, or that starts a new block while one is free: none of
         `_schedule_running`'s arithmetic), notes each decode item for the batch shape
         (`StepDraft.decoders`) and sets the prefills aside; a decode whose blocks are short takes
-        the general path, which may preempt from the end of `running` (hence the copy, and the
-        status check for what it preempted)."""
+        the general path, which may preempt from the end of `running`. The pass walks `running`
+        itself, not a copy: a preemption removes sequences from its end, back to the current one at
+        most, so the walk just ends sooner and never meets a preempted sequence."""
         prefilling: list[Sequence] = []
-        allocator, tokens, new_blocks, running = self.allocator, draft.tokens, draft.new_blocks, SeqStatus.RUNNING
+        allocator, tokens, new_blocks = self.allocator, draft.tokens, draft.new_blocks
         size = allocator.block_size
         decoders, contexts, remaining = draft.decoders, draft.decode_contexts, draft.decode_remaining
         budget = draft.budget  # a local in the loop; `draft.budget` is synced around the general path
-        for seq in list(self.running):
-            if seq.status is not running:
-                continue
+        for seq in self.running:
             inflight = seq.num_inflight
             out = len(seq.output_token_ids) + inflight
             computed = seq.num_computed_tokens

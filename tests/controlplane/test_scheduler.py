@@ -98,6 +98,23 @@ def test_preemption_recomputes_and_gives_the_same_tokens() -> None:
     assert sched.allocator.num_free == 12
 
 
+def test_a_decode_pass_that_preempts_ends_at_the_preempted_tail() -> None:
+    """Three decodes that each start a block and no block free: the first preempts the last and
+    takes its block, the second preempts itself, and the pass ends there (the last is not met)."""
+    sched, runner = make_scheduler(num_blocks=3, block_size=4, budget=64)
+    seqs = [make_seq(i, 4, 3) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    step(sched, runner)  # three 4-token prompts, one block each: all decoding, none free
+    assert all(s.is_decoding for s in seqs) and sched.allocator.num_free == 0
+    plan, _ = step(sched, runner)
+    assert [e.seq_id for e in plan.scheduled] == [0]
+    assert [s.seq_id for s in sched.waiting] == [1, 2] and sched.num_preemptions == 2
+    drain(sched, runner)
+    for s in seqs:
+        assert s.output_token_ids == expected_tokens(s, 3)
+
+
 def test_finish_frees_blocks_and_tells_the_worker() -> None:
     sched, runner = make_scheduler()
     a, b = make_seq(0, 10, 100), make_seq(1, 10, 100)
