@@ -34,7 +34,8 @@ class BatchShape:
     """A drafted batch as the policies see it. Decode items have one new token that samples."""
 
     decode_contexts: list[int] = field(default_factory=list)  # cached tokens of each decode item
-    decode_remaining: list[int] = field(default_factory=list)  # tokens each decode item may still emit
+    # tokens each decode item may still emit: filled only for policies that read it (`wants_remaining`)
+    decode_remaining: list[int] = field(default_factory=list)
     chunks: list[tuple[int, int, bool]] = field(default_factory=list)  # other items: (q, c, samples)
     # Filled only for policies that ask (`wants_slack`): per decode item, its output tokens before
     # this step's (in flight included) and the time since its first token reached the control plane
@@ -131,6 +132,7 @@ class Policy(Protocol):
     name: str
     composition: Composition
     wants_slack: bool  # whether `decide` reads BatchShape's SLO-slack fields
+    wants_remaining: bool  # whether `decide` reads BatchShape.decode_remaining
 
     def decide(self, batch: BatchShape, forecast: StepForecast | None) -> ModeDecision: ...
 
@@ -142,6 +144,7 @@ class AggregatedPolicy:
     name: str = "aggregated"
     composition: Composition = "decode_first"
     wants_slack: bool = False
+    wants_remaining: bool = False
 
     def decide(self, batch: BatchShape, forecast: StepForecast | None) -> ModeDecision:
         return AGGREGATED
@@ -154,6 +157,7 @@ class PrefillFirstPolicy:
     name: str = "prefill-first"
     composition: Composition = "prefill_first"
     wants_slack: bool = False
+    wants_remaining: bool = False
 
     def decide(self, batch: BatchShape, forecast: StepForecast | None) -> ModeDecision:
         return AGGREGATED
@@ -168,6 +172,7 @@ class StaticPolicy:
     name: str = "static"
     composition: Composition = "decode_first"
     wants_slack: bool = False
+    wants_remaining: bool = False
 
     def decide(self, batch: BatchShape, forecast: StepForecast | None) -> ModeDecision:
         if self.split is None or not batch.num_decode or not batch.chunks:
@@ -203,6 +208,7 @@ class DuetPolicy:
     name: str = "duet"
     composition: Composition = "decode_first"
     wants_slack: bool = False
+    wants_remaining: bool = True
 
     def __post_init__(self) -> None:
         self.wants_slack = self.slo == "tpot"

@@ -93,6 +93,7 @@ class Scheduler:
         # the clients' timeline; `duetserve simulate` rescales it when the data plane runs faster
         self.slo_clock: Callable[[], float] = time.monotonic
         self._wants_slack = bool(getattr(self.policy, "wants_slack", False))
+        self._wants_remaining = bool(getattr(self.policy, "wants_remaining", True))
 
     # ------------------------------------------------------------------ requests in and out
 
@@ -189,7 +190,7 @@ class Scheduler:
         prefilling: list[Sequence] = []
         allocator, tokens, new_blocks = self.allocator, draft.tokens, draft.new_blocks
         size = allocator.block_size
-        decoders, contexts, remaining = draft.decoders, draft.decode_contexts, draft.decode_remaining
+        decoders, contexts = draft.decoders, draft.decode_contexts
         budget = draft.budget  # a local in the loop; `draft.budget` is synced around the general path
         for seq in self.running:
             inflight = seq.num_inflight
@@ -221,8 +222,6 @@ class Scheduler:
                     continue
             decoders.append(seq)
             contexts.append(computed)
-            left = seq._token_cap - computed - 1  # decode_left(seq, computed + 1, max_len), inlined
-            remaining.append(left if left > 1 else 1)
         draft.budget = budget
         self._schedule_all(prefilling, draft)
         if not draft.preempted:
@@ -249,7 +248,7 @@ class Scheduler:
         A TPOT-aware policy also reads how long the steps in flight still run."""
         slack = self._wants_slack
         now = self.slo_clock() if slack else None
-        batch, decoders = batch_shape(draft, self.seqs, self.max_model_len, now)
+        batch, decoders = batch_shape(draft, self.seqs, self._wants_remaining, now)
         if now is not None and self.inflight:
             left = sum(f.decision.predicted_ms for f in self.inflight) - (now - self.inflight[0].sent_at) * 1e3
             batch.ahead_ms = left if left > 0 else 0.0

@@ -25,37 +25,39 @@ class StepDraft:
     new_blocks: dict[int, list[int]] = field(default_factory=dict)  # seq id -> blocks this step gave it
     preempted: bool = False
     # The decode items of the decode-first pass, in order (the first entries of `tokens`), with each
-    # one's cached tokens and how many tokens it may still emit: what BatchShape reads of them,
-    # noted by the pass, which reads those counts anyway. Void once `preempted` (a victim may be one).
+    # one's cached tokens: what BatchShape reads of them, noted by the pass, which reads those
+    # counts anyway. Void once `preempted` (a victim may be one).
     decoders: list[Sequence] = field(default_factory=list)
     decode_contexts: list[int] = field(default_factory=list)
-    decode_remaining: list[int] = field(default_factory=list)
 
     def noted_decoders(self) -> list[Sequence]:
         """The decode items the decode pass noted (the first entries of `tokens`), unless voided."""
         return self.decoders if not self.preempted else []
 
 
-def decode_left(seq: Sequence, total: int, max_len: int) -> int:
-    """Tokens a decode item holding `total` tokens may still emit, at least 1: the smaller of what
-    `max_tokens` and the model's length leave (`Sequence._max_total` is prompt + max_tokens)."""
-    cap = seq._max_total
-    left = (cap if cap < max_len else max_len) - total
+def decode_left(seq: Sequence, total: int) -> int:
+    """Tokens a decode item holding `total` tokens may still emit, at least 1: what its token cap
+    (`max_tokens` or the model's length, whichever ends it first) leaves."""
+    left = seq._token_cap - total
     return left if left > 1 else 1
 
 
-def batch_shape(draft: StepDraft, seqs: dict[int, Sequence], max_len: int,
+def batch_shape(draft: StepDraft, seqs: dict[int, Sequence], remaining_too: bool = True,
                 now: float | None = None) -> tuple[BatchShape, list[Sequence]]:
     """The drafted batch as policies see it, and its decode items' sequences: the decode pass's items
-    as it noted them (unless a preemption voided them), then the rest of the draft, walked. `now`
-    (the SLO clock; None: not asked for) adds what a TPOT-aware policy reads of each decode item: its
-    tokens so far and the time since its first token (none yet: it arrives with the steps in flight,
-    no time has passed on its clock); `ahead_ms` is the caller's."""
+    as it noted them (unless a preemption voided them), then the rest of the draft, walked.
+    `remaining_too` fills `decode_remaining` (for a policy that reads it). `now` (the SLO clock;
+    None: not asked for) adds what a TPOT-aware policy reads of each decode item: its tokens so far
+    and the time since its first token (none yet: it arrives with the steps in flight, no time has
+    passed on its clock); `ahead_ms` is the caller's."""
     batch = BatchShape()
     items: Iterable[tuple[int, int]] = draft.tokens.items()
     decoders = list(draft.noted_decoders())  # a copy: the draft's list stays the noted ones
     if decoders:  # the shape takes the noted counts over (the draft does not read them again)
-        batch.decode_contexts, batch.decode_remaining = draft.decode_contexts, draft.decode_remaining
+        batch.decode_contexts = draft.decode_contexts
+        if remaining_too:  # decode_left(seq, c + 1), one comprehension
+            batch.decode_remaining = [left if (left := seq._token_cap - c - 1) > 1 else 1
+                                      for seq, c in zip(decoders, draft.decode_contexts)]
         items = islice(items, len(decoders), None)
     contexts, remaining, chunks = batch.decode_contexts, batch.decode_remaining, batch.chunks
     slack = now is not None
@@ -72,7 +74,8 @@ def batch_shape(draft: StepDraft, seqs: dict[int, Sequence], max_len: int,
         if num_tokens == 1 and cached + 1 == total:  # the data plane's definition of a decode item
             decoders.append(seq)
             contexts.append(cached)
-            remaining.append(decode_left(seq, total, max_len))
+            if remaining_too:
+                remaining.append(decode_left(seq, total))
             if slack:
                 outputs.append(num_out)
                 ages.append((t - seq.first_token_at) * 1e3 if seq.first_token_at else 0.0)
