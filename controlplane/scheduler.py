@@ -302,7 +302,7 @@ class Scheduler:
         draft.new_blocks.pop(victim.seq_id, None)
         self.running.remove(victim)
         self._release(victim)
-        victim.num_inflight = 0  # results still to come for it are stale:
+        victim.num_inflight = 0  # results still to come for it are stale: the steps in flight drop them
         for step in self.inflight:
             step.stale.add(victim.seq_id)
         victim.status = SeqStatus.WAITING
