@@ -9,7 +9,9 @@ Writes benchmarks/results/serving-<gpu>.json (merged with an existing file, so t
 separate invocations) and PNG plots next to it. `--simulate GPU` runs the same sweep with the
 simulated data plane (`python -m dataplane.sim_worker`, attached to `duetserve serve --attach`)
 in real time on a CPU, and writes serving-sim-<gpu>-<execution>.json: the simulator checked
-against a GPU run of the same sweep.
+against a GPU run of the same sweep. Each point also keeps its steps (`steps`: per mode, how many,
+their mean measured time and a multiplexed step's phases, tokens per step, and the GPU's busy
+share), from the server's step counters read before and after it.
 """
 
 from __future__ import annotations
@@ -102,6 +104,39 @@ def sample_split(metrics_port: int, stop: threading.Event, out: list[tuple[float
             out.append((time.monotonic() - t0, float(values.get("prefill", 0)), float(values.get("decode", 0))))
 
 
+_STEP_COUNTER = re.compile(r'^duetserve:(steps|step_tokens|step_time_milliseconds)_total\{([^}]*)\}\s+([\d.e+-]+)', re.M)
+
+
+def step_counters(metrics_port: int) -> dict[tuple[str, str, str], float]:
+    """The server's step counters now: (counter, mode, phase) -> value (phase "" for steps and tokens)."""
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for name, labels, value in _STEP_COUNTER.findall(text):
+        attrs = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        out[(name, attrs.get("mode", ""), attrs.get("phase", ""))] = float(value)
+    return out
+
+
+def step_mix(before: dict[tuple[str, str, str], float], after: dict[tuple[str, str, str], float],
+             duration_s: float) -> dict[str, object]:
+    """Per mode, what one point's steps were (the counters' growth over the point): how many, their
+    mean measured time (and a multiplexed step's phases), tokens per step, and the GPU's busy share."""
+    grew = {key: after[key] - before.get(key, 0.0) for key in after}
+    modes: dict[str, dict[str, float]] = {}
+    for (name, mode, phase), value in grew.items():
+        if name == "steps" and value > 0:
+            n = value
+            row = modes[mode] = {"steps": n, "tokens_per_step": grew.get(("step_tokens", mode, ""), 0.0) / n}
+            for ph in ("total", "prefill", "decode"):
+                if ("step_time_milliseconds", mode, ph) in grew:
+                    row[f"mean_{ph}_ms"] = grew[("step_time_milliseconds", mode, ph)] / n
+    busy = sum(grew.get(("step_time_milliseconds", mode, "total"), 0.0) for mode in modes)
+    return {"modes": modes, "gpu_busy_fraction": busy / (duration_s * 1e3) if duration_s > 0 else 0.0}
+
+
 def run_point(args: argparse.Namespace, port: int, metrics: int, trace: Path, rate: float) -> dict:
     p = argparse.ArgumentParser()
     add_bench_flags(p)
@@ -113,9 +148,11 @@ def run_point(args: argparse.Namespace, port: int, metrics: int, trace: Path, ra
     stop = threading.Event()
     sampler = threading.Thread(target=sample_split, args=(metrics, stop, split), daemon=True)
     sampler.start()
+    counters = step_counters(metrics)
     result = asyncio.run(bench(bargs))
     stop.set()
     sampler.join()
+    steps = step_mix(counters, step_counters(metrics), result["duration"])
     keep = ["completed", "failed", "duration", "request_throughput", "request_goodput", "slo_attainment",
             "output_throughput", "total_token_throughput", "mean_ttft_ms", "median_ttft_ms", "p90_ttft_ms",
             "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "median_itl_ms", "p99_itl_ms",
@@ -123,10 +160,15 @@ def run_point(args: argparse.Namespace, port: int, metrics: int, trace: Path, ra
     row = {k: result[k] for k in keep}
     row.update(rate=rate, ttfts=result["ttfts"], tpots=[(lat - t) / (o - 1) for lat, t, o in
                                                          zip(result["latencies"], result["ttfts"], result["output_lens"]) if o > 1],
-               sm_split=split)
+               sm_split=split, steps=steps)
     print(f"  rate {rate:5.1f}: goodput {row['request_goodput']:.2f} req/s, attainment {row['slo_attainment']:.0%}, "
           f"TTFT p99 {row['p99_ttft_ms']:.0f} ms, TPOT p99 {row['p99_tpot_ms']:.1f} ms, ITL p99 {row['p99_itl_ms']:.1f} ms",
           flush=True)
+    mix = ", ".join(f"{mode} {int(m['steps'])} x {m.get('mean_total_ms', 0):.1f} ms"
+                    + (f" (prefill {m['mean_prefill_ms']:.1f}, decode {m['mean_decode_ms']:.1f})"
+                       if "mean_prefill_ms" in m else "") + f", {m['tokens_per_step']:.0f} tok"
+                    for mode, m in steps["modes"].items())  # type: ignore[union-attr]
+    print(f"    steps: {mix or 'none seen'}; GPU busy {steps['gpu_busy_fraction']:.0%}", flush=True)
     return row
 
 

@@ -70,6 +70,12 @@ class ServingMetrics:
         self.generation_tokens = m.create_counter(PREFIX + "generation_tokens", description="Generated tokens")
         self.request_success = m.create_counter(PREFIX + "request_success", description="Finished requests")
         self.preemptions = m.create_counter(PREFIX + "num_preemptions", description="Preempted sequences")
+        # engine steps by mode (aggregated | multiplexed): how many, their measured time (phase total;
+        # a multiplexed step also prefill and decode, its look-ahead passes together), tokens scheduled
+        self.steps = m.create_counter(PREFIX + "steps", description="Engine steps finished")
+        self.step_time = m.create_counter(PREFIX + "step_time_milliseconds", unit="ms",
+                                          description="Measured time of the finished steps")
+        self.step_tokens = m.create_counter(PREFIX + "step_tokens", description="Tokens the finished steps scheduled")
         self.running = m.create_gauge(PREFIX + "num_requests_running", description="Requests in the batch")
         self.waiting = m.create_gauge(PREFIX + "num_requests_waiting", description="Requests queued")
         self.kv_usage = m.create_gauge(PREFIX + "kv_cache_usage_perc", description="KV blocks in use (0-1)")

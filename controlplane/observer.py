@@ -76,6 +76,7 @@ class _Step:
     chunks: list[tuple[RequestObs, Span]]  # the prefill-chunk spans this step opened
     predicted_ms: float | None
     preemptions_before: int
+    num_tokens: int = 0  # tokens the plan schedules (counted only with metrics on)
 
 
 def _end(span: Span | None, end_ns: int | None = None) -> None:
@@ -195,7 +196,7 @@ class EngineObserver:
         predicted = getattr(scheduler, "last_predicted_ms", None)
         step = self._steps[plan.step_id] = _Step(None, [], predicted, scheduler.num_preemptions)
         if self.metrics is not None or self.tracer is not None:
-            self._admitted(plan, started_ns)
+            step.num_tokens = self._admitted(plan, started_ns)
         if self.tracer is None:
             return plan
         attrs = tr.step_plan_attributes(plan, scheduler.num_running, scheduler.num_waiting, predicted)
@@ -214,10 +215,12 @@ class EngineObserver:
                 context[seq_key(entry.seq_id)] = traceparent(phase_span.get_span_context())
         return msgspec.structs.replace(plan, trace_context=context)
 
-    def _admitted(self, plan: StepPlan, started_ns: int) -> None:
-        """End the queue phase of requests scheduled for the first time."""
+    def _admitted(self, plan: StepPlan, started_ns: int) -> int:
+        """End the queue phase of requests scheduled for the first time; returns the plan's tokens."""
         now = time.monotonic()
+        num_tokens = 0
         for entry in plan.scheduled:
+            num_tokens += entry.num_tokens
             obs = self._by_seq.get(entry.seq_id)
             if obs is None or obs.first_scheduled is not None:
                 continue
@@ -225,6 +228,7 @@ class EngineObserver:
             _end(obs.queue_span, started_ns)
             if self.metrics is not None:
                 self.metrics.queue_time.record(now - obs.arrival, self.metrics.labels)
+        return num_tokens
 
     def _phase_span(self, obs: RequestObs, seq: Sequence, num_tokens: int, link: list[Link],
                     started_ns: int, step: _Step, k: int) -> Span | None:
@@ -259,10 +263,23 @@ class EngineObserver:
             if step.predicted_ms is not None and result.timings.total_ms > 0:
                 err = abs(step.predicted_ms - result.timings.total_ms) / result.timings.total_ms * 100.0
                 self.metrics.set_predictor_error(err)
+            self._step_metrics(plan, result, step.num_tokens)
         _end_chunks(step)
         if step.span is not None:
             step.span.set_attributes(tr.step_result_attributes(result, step.predicted_ms))
             step.span.end()
+
+    def _step_metrics(self, plan: StepPlan, result: StepResult, num_tokens: int) -> None:
+        m = self.metrics
+        assert m is not None
+        labels = {**m.labels, "mode": plan.mode}
+        m.steps.add(1, labels)
+        m.step_tokens.add(num_tokens, labels)
+        t = result.timings
+        m.step_time.add(t.total_ms, {**labels, "phase": "total"})
+        if plan.mode == "multiplexed":
+            m.step_time.add(t.prefill_ms, {**labels, "phase": "prefill"})
+            m.step_time.add(t.decode_ms, {**labels, "phase": "decode"})
 
     def step_lost(self, reason: str) -> None:
         """The steps in flight will never get a result (the data plane was lost): end their spans."""

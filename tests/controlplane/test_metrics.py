@@ -49,3 +49,30 @@ def test_predictor_error_comes_from_the_schedulers_prediction() -> None:
     assert 'duetserve:kv_cache_usage_perc{model_name="m"} 0.6' in text
     assert 'duetserve:num_requests_waiting{model_name="m"} 1' in text
     observer.shutdown()
+
+
+def test_steps_are_counted_by_mode_with_their_time_and_tokens() -> None:
+    from shared.messages import ScheduledSeq
+
+    m = metrics()
+    observer = EngineObserver(None, m, "m")
+    scheduler = SimpleNamespace(seqs={}, num_preemptions=0, num_running=2, num_waiting=0)
+    mux = StepPlan(step_id=0, mode="multiplexed", prefill_sms=96, decode_sms=36, decode_steps=2,
+                   scheduled=[ScheduledSeq(seq_id=1, num_tokens=1), ScheduledSeq(seq_id=2, num_tokens=300)])
+    agg = StepPlan(step_id=1, scheduled=[ScheduledSeq(seq_id=1, num_tokens=1), ScheduledSeq(seq_id=3, num_tokens=7)])
+    observer.step_planned(mux, scheduler, 0)
+    observer.step_done(mux, StepResult(step_id=0, timings=StepTimings(total_ms=30.0, prefill_ms=28.0,
+                                                                        decode_ms=24.0)), scheduler)
+    for plan, ms in ((agg, 9.5), (agg, 10.5)):
+        observer.step_planned(plan, scheduler, 0)
+        observer.step_done(plan, StepResult(step_id=plan.step_id, timings=StepTimings(total_ms=ms)), scheduler)
+    text = m.render_prometheus()
+    assert 'duetserve:steps_total{mode="multiplexed",model_name="m"} 1' in text
+    assert 'duetserve:steps_total{mode="aggregated",model_name="m"} 2' in text
+    assert 'duetserve:step_tokens_total{mode="multiplexed",model_name="m"} 301' in text
+    assert 'duetserve:step_tokens_total{mode="aggregated",model_name="m"} 16' in text
+    assert 'duetserve:step_time_milliseconds_total{mode="aggregated",model_name="m",phase="total"} 20.0' in text
+    assert 'duetserve:step_time_milliseconds_total{mode="multiplexed",model_name="m",phase="decode"} 24.0' in text
+    assert 'duetserve:step_time_milliseconds_total{mode="multiplexed",model_name="m",phase="prefill"} 28.0' in text
+    assert not [line for line in text.splitlines() if 'mode="aggregated"' in line and 'phase="prefill"' in line]
+    observer.shutdown()

@@ -31,6 +31,11 @@ def test_simulated_sweep_writes_results_and_summary(tmp_path: Path) -> None:
     for rows in code.values():
         assert [r["rate"] for r in rows] == [2.0, 4.0]
         assert all(r["completed"] == 6 and r["failed"] == 0 and len(r["ttfts"]) == 6 for r in rows)
+        for r in rows:  # the point's steps, from the server's step counters
+            modes = r["steps"]["modes"]
+            assert modes and all(m["steps"] >= 1 and m["mean_total_ms"] > 0 and m["tokens_per_step"] > 0
+                                 for m in modes.values())
+            assert 0 < r["steps"]["gpu_busy_fraction"] <= 1.5
     summary = report["summary"]["azure_code"]
     assert summary["best_baseline"] == "aggregated" and summary["rate"] in (2.0, 4.0)
     assert summary["duet_goodput"] == next(r["request_goodput"] for r in code["duet"] if r["rate"] == summary["rate"])
