@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_suite.sh tests engine          # first call: also saves the flashinfer JIT cache
 #   bash benchmarks/gpu_suite.sh multiplex predictor
 #   bash benchmarks/gpu_suite.sh serving-code          # a serving stage fills most of one call
-# Needs .whl/ filled by benchmarks/device_prep.sh (carry [".whl"]). Stages: tests profile profile-decode (kernel tables of
+# Needs .whl/ filled by benchmarks/device_prep.sh (carry [".whl"]). Stages: tests experiments (GPU tests marked
+# experimental: open questions, e.g. unsplit KV on a large mixed bucket) profile profile-decode (kernel tables of
 # replayed decode graphs at 1k context, attention by page size) gemm-lib (decode
 # GEMMs by BLAS library) skinny-gemm (tune the Triton decode GEMM against cuBLAS)
 # decode-attention (flashinfer's graph decode kernel options) decode-ab (the engine's decode grid under cuBLASLt, then cuBLAS) engine multiplex
@@ -24,8 +25,10 @@ run() {  # run NAME LIMIT_S CMD...: one stage, its log under $OUT, a line with i
 }
 for stage in "$@"; do
   case $stage in
-    tests) run tests 420 python3 -m pytest -m gpu tests/dataplane -q -x -p no:cacheprovider
+    tests) run tests 420 python3 -m pytest -m "gpu and not experimental" tests/dataplane -q -x -p no:cacheprovider
            save_fi_cache "$OUT" ;;
+    experiments) run experiments 420 python3 -u -m pytest -m experimental tests/dataplane -v -p no:cacheprovider \
+                   --timeout 180 ;;
     profile) run profile 300 python3 benchmarks/profile_step.py --out "$OUT" ;;
     profile-decode) for b in 16 64; do run profile-decode-$b 200 python3 benchmarks/profile_decode.py --graphs \
                       --batch $b --context 1024 --page-sizes 16,32,64; done ;;

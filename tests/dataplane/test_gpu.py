@@ -70,8 +70,9 @@ def test_flashinfer_matches_torch_attention(kind: str) -> None:
 
 def _worker(tmp_model: str, **overrides: object):  # noqa: ANN202
     overrides.setdefault("multiplexing", False)  # partitions (and their calibration) only where a test needs them
-    config = DataplaneConfig(model=tmp_model, device="cuda", num_kv_blocks=512, max_num_batched_tokens=1024,
-                             max_num_seqs=32, **overrides)  # type: ignore[arg-type]
+    overrides.setdefault("max_num_seqs", 32)
+    overrides.setdefault("max_num_batched_tokens", 1024)
+    config = DataplaneConfig(model=tmp_model, device="cuda", num_kv_blocks=512, **overrides)  # type: ignore[arg-type]
     return load_worker(config)
 
 
@@ -136,6 +137,23 @@ def test_graph_replay_equals_eager(gpu_checkpoint: Path) -> None:
     graphed = _worker(str(gpu_checkpoint)).runner
     eager = _worker(str(gpu_checkpoint), cuda_graphs=False).runner
     assert graphed.graphs is not None and eager.graphs is None
+    assert greedy_run(graphed, prompts, 24) == greedy_run(eager, prompts, 24)
+
+
+@pytest.mark.experimental
+@pytest.mark.parametrize("unsplit_from", [None, 32])
+def test_graph_replay_equals_eager_on_a_large_mixed_bucket(gpu_checkpoint: Path, unsplit_from: int | None,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """40 requests of 5-60 prompt tokens (a bucket of 40), with flashinfer's split KV as planned and
+    unsplit from 32 (`UNSPLIT_KV_MIN_BATCH`). Unsplit, one such run failed and one ran past 150 s on
+    the H200; the pair tells whether that is the option or the larger bucket."""
+    import dataplane.attention.flashinfer_backend as fib
+
+    monkeypatch.setattr(fib, "UNSPLIT_KV_MIN_BATCH", unsplit_from)
+    prompts = _prompts(40, 512, seed=1)
+    sizes = {"max_num_seqs": 48, "max_num_batched_tokens": 4096}  # every prompt prefills in one step
+    graphed = _worker(str(gpu_checkpoint), **sizes).runner
+    eager = _worker(str(gpu_checkpoint), cuda_graphs=False, **sizes).runner
     assert greedy_run(graphed, prompts, 24) == greedy_run(eager, prompts, 24)
 
 
