@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 from controlplane.bench_serve import Goodput, arrivals, compute_metrics, per_request  # noqa: E402
 from controlplane.kv_blocks import BlockAllocator  # noqa: E402
 from controlplane.replay import RequestRecord, load_trace  # noqa: E402
-from controlplane.scheduler import Scheduler, SeqUpdate  # noqa: E402
+from controlplane.scheduler import Scheduler  # noqa: E402
+from controlplane.step_records import SeqUpdate  # noqa: E402
 from controlplane.sequence import Sequence, StopParams  # noqa: E402
 from dataplane.sim_worker import SimGpu, sim_ready  # noqa: E402
 from shared.config import SchedulerConfig  # noqa: E402

@@ -90,14 +90,21 @@ class Server:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def scrape(metrics_port: int, timeout: float) -> str | None:
+    """The server's Prometheus text, or None when the endpoint does not answer."""
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=timeout).read().decode()
+    except OSError:
+        return None
+
+
 def sample_split(metrics_port: int, stop: threading.Event, out: list[tuple[float, float, float]]) -> None:
     """Poll the Prometheus endpoint for the SM split gauges while a run is in progress."""
     t0 = time.monotonic()
     pattern = re.compile(r"^duetserve:sm_split_(prefill|decode)\S*\s+([\d.]+)", re.M)
     while not stop.wait(0.25):
-        try:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1).read().decode()
-        except OSError:
+        text = scrape(metrics_port, 1)
+        if text is None:
             continue
         values = dict(pattern.findall(text))
         if values:
@@ -109,9 +116,8 @@ _STEP_COUNTER = re.compile(r'^duetserve:(steps|step_tokens|step_time_millisecond
 
 def step_counters(metrics_port: int) -> dict[tuple[str, str, str], float]:
     """The server's step counters now: (counter, mode, phase) -> value (phase "" for steps and tokens)."""
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2).read().decode()
-    except OSError:
+    text = scrape(metrics_port, 2)
+    if text is None:
         return {}
     out = {}
     for name, labels, value in _STEP_COUNTER.findall(text):

@@ -25,7 +25,8 @@ from controlplane.dataplane_client import DataplaneClient, DataplaneUnavailable
 from controlplane.kv_blocks import BlockAllocator
 from controlplane.observer import EngineObserver, RequestObs
 from controlplane.output import OutputProcessor, RequestDelta
-from controlplane.scheduler import Scheduler, SeqUpdate
+from controlplane.scheduler import Scheduler
+from controlplane.step_records import SeqUpdate
 from controlplane.sequence import FinishReason, Sequence, StopParams
 from controlplane.tokenizer import TextTokenizer
 from shared.config import SchedulerConfig

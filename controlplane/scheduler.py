@@ -21,46 +21,19 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from itertools import islice
-
-import msgspec
 
 from controlplane.kv_blocks import BlockAllocator
 from controlplane.policies import AGGREGATED, BatchShape, ModeDecision, StepForecast, make_policy, make_predictor
 from controlplane.sequence import FinishReason, Sequence, SeqStatus, check_token_stop
 from controlplane.step_draft import StepDraft, batch_shape, trim_draft
+from controlplane.step_records import InflightStep, SeqUpdate
 from controlplane.step_stats import StepStats
 from shared.config import SchedulerConfig
 from shared.messages import (
     NewRequest, ScheduledSeq, SeqOutput, StepPlan, StepProgress, StepResult, StepTimings, TokenLogprobs, WorkerReady,
 )
-
-
-class SeqUpdate(msgspec.Struct):
-    """What one step did to one sequence, for the output processor. Never sent anywhere: a Struct
-    rather than a dataclass because the scheduler builds one per sequence per step, and a Struct
-    is built in C (about 2.5x cheaper). `new_token_ids` may be the data plane's output list itself
-    (not a copy): read it, do not change it."""
-
-    seq: Sequence
-    new_token_ids: list[int]
-    new_logprobs: list[TokenLogprobs] | None
-    finished: bool
-
-
-@dataclass
-class InflightStep:
-    plan: StepPlan
-    expects_token: dict[int, int]  # scheduled seq id -> tokens the step samples for it (0: none)
-    sent_at: float  # on the scheduler's SLO clock
-    forecast: StepForecast | None = None
-    decision: ModeDecision = AGGREGATED
-    outstanding: int = 0  # tokens of expects_token not arrived yet
-    num_tokens: int = 0  # tokens the plan schedules (what StepStats counts)
-    # seq ids preempted since the step was planned (`Scheduler._preempt` adds them): what the step
-    # computed for them is stale, and the tokens it owes them are no longer owed
-    stale: set[int] = field(default_factory=set)
 
 
 class Scheduler:

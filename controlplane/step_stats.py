@@ -40,8 +40,8 @@ class StepStats:
     host_gaps: int = 0
     timeline: deque[StepRecord] = field(default_factory=lambda: deque(maxlen=20_000))
 
-    def record(self, plan: StepPlan, timings: StepTimings, num_tokens: int | None = None) -> None:
-        """Count one finished step; `num_tokens`: the plan's scheduled tokens, where the caller knows them."""
+    def record(self, plan: StepPlan, timings: StepTimings, num_tokens: int) -> None:
+        """Count one finished step; `num_tokens`: the tokens its plan scheduled (the scheduler's count)."""
         mode = plan.mode
         self.steps[mode] += 1
         self.busy_ms[mode] += timings.total_ms
@@ -51,9 +51,8 @@ class StepStats:
         if self.last_mode is not None and mode != self.last_mode:
             self.switches += 1
         self.last_mode = mode
-        tokens = sum(s.num_tokens for s in plan.scheduled) if num_tokens is None else num_tokens
         self.timeline.append(StepRecord(plan.step_id, mode, plan.prefill_sms, plan.decode_sms, plan.decode_steps,
-                                        tokens, timings.total_ms))
+                                        num_tokens, timings.total_ms))
 
     def summary(self) -> dict[str, object]:
         return {
