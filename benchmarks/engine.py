@@ -269,7 +269,7 @@ def main() -> None:
     p.add_argument("--decode-only", action="store_true", help="the decode grid only (an A/B of kernels)")
     p.add_argument("--unsplit-kv-min-batch", type=int, default=None,
                    help="decode graphs of at least this batch read KV unsplit (default: the data plane's "
-                        "flashinfer_backend.UNSPLIT_KV_MIN_BATCH, off)")
+                        "flashinfer_backend.UNSPLIT_KV_MIN_BATCH, 32; 100000 keeps flashinfer's split everywhere)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -317,8 +317,11 @@ def main() -> None:
         "offline_output_tok_s": off["output_tok_s"],
         "peer_output_tok_s": peer_result["output_tok_s"] if peer_result else math.nan,
     }
+    from dataplane.attention.flashinfer_backend import UNSPLIT_KV_MIN_BATCH
+
     report = {"summary": summary, "model": args.model, "device": torch.cuda.get_device_name(device)
               if device.type == "cuda" else platform.processor(), "torch": torch.__version__,
+              "blas_library": args.blas_library, "unsplit_kv_min_batch": UNSPLIT_KV_MIN_BATCH,
               "ceilings": ceilings, "decode": decode, "prefill": prefill, "offline": off, "peer": peer_result}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"engine-{summary['gpu']}.json"

@@ -11,7 +11,8 @@
 # decode-attention (flashinfer's graph decode kernel options) decode-ab (the engine's decode grid under cuBLASLt, then cuBLAS) engine multiplex
 # predictor (the shapes serving runs) predictor-all (every shape on every SM count) serving-code
 # serving-conv serving-code-more (the paper-style duet-tbt and static on Azure code) serving-conv-static serving-conv-knee
-# (Azure conversation past the baselines' knee). GPU name for file names: GPU=h200 (default).
+# (Azure conversation past the baselines' knee) serving-conv-steady (60 s of conversation trace per point, up to
+# 3000 requests: past the first burst, into steady state; STEADY_POLICIES, STEADY_RATES). GPU name for file names: GPU=h200 (default).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . benchmarks/gpu_env.sh || exit 1
@@ -55,6 +56,9 @@ for stage in "$@"; do
                     --policies static --rates ${CONV_RATES:-20,28,36} --seconds 15 --trace-dir .whl/traces --out "$OUT" ;;
     serving-conv-knee) run serving-conv-knee 560 python3 benchmarks/serving.py --gpu "$GPU" --traces conv \
                     --policies duet,aggregated,prefill-first --rates ${KNEE_RATES:-40,48} --seconds 15 --trace-dir .whl/traces --out "$OUT" ;;
+    serving-conv-steady) run serving-conv-steady 560 python3 benchmarks/serving.py --gpu "$GPU-steady" --traces conv \
+                    --policies ${STEADY_POLICIES:-duet,aggregated} --rates ${STEADY_RATES:-20,22} --seconds 60 \
+                    --max-requests 3000 --trace-dir .whl/traces --out "$OUT" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -156,17 +156,15 @@ class FlashInferAttention(AttentionBackend):
         return out
 
 
-# Decode graphs of at least this batch would read each (request, KV head) in one program rather than
-# split its KV across programs and merge. The kernel alone (`benchmarks/decode_attention.py`,
-# results/decode-attention-h200.json) is 6% faster at B=64 and 3% at B=256 (1k context); a whole
-# decode step 5% and 2.5% (`engine.py --decode-only --unsplit-kv-min-batch 32` against 100000, one
-# run each on one machine, where the unchanged B=1 and B=16 steps moved 3%:
-# results/engine-decode-h200-default-unsplit*.json). Off
-# (None): with it at 32, a graph-replay-equals-eager test on a 40-request bucket of mixed prompt
-# lengths (prompts of 5-60 tokens) once failed with a torch error and once ran past 150 s, on the
-# H200; not yet understood (flashinfer's graph-mode plan without split KV may not be replay-safe when
-# the lengths change between plans). Off, the plan is flashinfer's default, as before.
-UNSPLIT_KV_MIN_BATCH: int | None = None
+# Decode graphs of at least this batch read each (request, KV head) in one program rather than split
+# its KV across programs and merge (None: flashinfer's own split, every bucket). The kernel alone
+# (`benchmarks/decode_attention.py`, results/decode-attention-h200.json) is 6% faster at B=64 and 3%
+# at B=256 (1k context) and slower below B=16 at 4k; a whole decode step 5% and 2.5%
+# (`engine.py --decode-only --unsplit-kv-min-batch 32` against 100000, one machine:
+# results/engine-decode-h200-default-unsplit*.json). Graph replay equals eager on a 40-request bucket
+# of mixed prompt lengths with it (test_gpu.py, H200); an earlier failure of that test was a cold
+# flashinfer JIT build running past the test's time limit, which the split-KV run hit as well.
+UNSPLIT_KV_MIN_BATCH: int | None = 32
 
 
 class GraphDecodeAttention(AttentionBackend):
