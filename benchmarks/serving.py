@@ -179,7 +179,11 @@ def run_point(args: argparse.Namespace, port: int, metrics: int, trace: Path, ra
 
 
 def summarise(results: dict) -> dict:
-    """Per trace: at the lowest rate where the best baseline's SLO attainment drops below 90%."""
+    """Per trace: at the lowest rate where the best baseline's SLO attainment drops below 90%.
+
+    Beside the goodputs, each policy's attainment there and `goodput_ratio_ceiling`: duet's request
+    throughput over the baseline's goodput, the ratio duet would reach with every request inside its
+    SLOs (goodput never exceeds the rate requests complete at, about the same for every policy)."""
     out = {}
     for trace, by_policy in results.items():
         if "duet" not in by_policy:
@@ -201,6 +205,10 @@ def summarise(results: dict) -> dict:
             "duet_goodput": at("duet", chosen)["request_goodput"], "best_baseline_goodput": at(best, chosen)["request_goodput"],
             "best_baseline": best, "rate": chosen, "duet_p99_tbt_ms": at("duet", chosen)["p99_itl_ms"],
             "baseline_p99_tbt_ms": at(best, chosen)["p99_itl_ms"],
+            "duet_slo_attainment": at("duet", chosen)["slo_attainment"],
+            "baseline_slo_attainment": at(best, chosen)["slo_attainment"],
+            "goodput_ratio_ceiling": at("duet", chosen)["request_throughput"] / at(best, chosen)["request_goodput"]
+            if at(best, chosen)["request_goodput"] else float("inf"),
         }
         for other in ("static", "duet-tbt"):
             row = next((r for r in by_policy.get(other, []) if r["rate"] == chosen), None)

@@ -70,10 +70,11 @@ def test_serving_shapes_are_what_the_policies_run() -> None:
 
 def test_merging_serving_sweeps_recomputes_the_summary(tmp_path: Path) -> None:
     def row(rate: float, goodput: float, attainment: float) -> dict:
-        return {"rate": rate, "request_goodput": goodput, "slo_attainment": attainment, "p99_itl_ms": 10.0 * rate}
+        return {"rate": rate, "request_goodput": goodput, "slo_attainment": attainment, "p99_itl_ms": 10.0 * rate,
+                "request_throughput": goodput / attainment}
 
     duet = {"results": {"code": {"duet": [row(4, 2.0, 0.8), row(8, 3.0, 0.6)]}}}
-    base = {"results": {"code": {"aggregated": [row(4, 1.9, 0.95), row(8, 1.0, 0.3)]}}}
+    base = {"results": {"code": {"aggregated": [row(4, 1.9, 0.95), row(8, 1.0, 0.25)]}}}
     (tmp_path / "a.json").write_text(json.dumps(duet))
     (tmp_path / "b.json").write_text(json.dumps(base))
     out = tmp_path / "merged.json"
@@ -86,7 +87,10 @@ def test_merging_serving_sweeps_recomputes_the_summary(tmp_path: Path) -> None:
     # the best baseline first drops below 90% attainment at 8 req/s: the summary is taken there
     assert merged["summary"]["azure_code"] == {"duet_goodput": 3.0, "best_baseline_goodput": 1.0,
                                                "best_baseline": "aggregated", "rate": 8.0,
-                                               "duet_p99_tbt_ms": 80.0, "baseline_p99_tbt_ms": 80.0}
+                                               "duet_p99_tbt_ms": 80.0, "baseline_p99_tbt_ms": 80.0,
+                                               "duet_slo_attainment": 0.6, "baseline_slo_attainment": 0.25,
+                                               # duet's 5 req/s completed, all inside the SLOs, over 1.0
+                                               "goodput_ratio_ceiling": 5.0}
 
 
 def test_merging_keeps_rates_swept_in_separate_calls(tmp_path: Path) -> None:
