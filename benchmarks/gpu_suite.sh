@@ -9,6 +9,7 @@
 # replayed decode graphs at 1k context, attention by page size) gemm-lib (decode
 # GEMMs by BLAS library) skinny-gemm (tune the Triton decode GEMM against cuBLAS)
 # decode-attention (flashinfer's graph decode kernel options) decode-ab (the engine's decode grid under cuBLASLt, then cuBLAS) engine multiplex
+# multiplex-lt multiplex-sized (the multiplex benchmark under cuBLASLt with kernels sized for the device, then the partition)
 # predictor (the shapes serving runs) predictor-all (every shape on every SM count) serving-code
 # serving-conv serving-code-more (the paper-style duet-tbt and static on Azure code) serving-conv-static serving-conv-knee
 # (Azure conversation past the baselines' knee) serving-conv-steady (60 s of conversation trace per point, up to
@@ -42,6 +43,9 @@ for stage in "$@"; do
                done ;;
     engine) run engine 400 python3 benchmarks/engine.py --peer-requests 64 --peer-output-len 128 --out "$OUT" ;;
     multiplex) run multiplex 400 python3 benchmarks/multiplex.py --out "$OUT" ;;
+    multiplex-lt) run multiplex-lt 400 python3 benchmarks/multiplex.py --blas-library cublaslt --out "$OUT" ;;
+    multiplex-sized) run multiplex-sized 400 python3 benchmarks/multiplex.py --blas-library cublaslt \
+                       --partition-kernels partition --out "$OUT" ;;
     predictor) run predictor 400 python3 benchmarks/predictor.py --partitions --decode-sizes 32,64 \
                  --sm-counts 32,64,68,100,132 --grid serving --reps 2 --out "$OUT" ;;
     predictor-all) run predictor-all 400 python3 benchmarks/predictor.py --partitions --decode-sizes 32,64 \

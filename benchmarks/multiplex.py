@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.engine import gpu_slug  # noqa: E402
 from dataplane.seq_state import SeqState  # noqa: E402
 from dataplane.worker import load_worker  # noqa: E402
-from shared.config import DataplaneConfig  # noqa: E402
+from shared.config import BLAS_LIBRARIES, PARTITION_KERNELS, DataplaneConfig  # noqa: E402
 from shared.messages import SamplingParams, ScheduledSeq, StepPlan  # noqa: E402
 
 
@@ -86,12 +86,17 @@ def main() -> None:
     p.add_argument("--ks", default="1,2,4,8")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--tbt-slo-ms", type=float, default=50.0, help="TBT bound of the fair comparison")
+    p.add_argument("--partition-kernels", choices=PARTITION_KERNELS, default="device",
+                   help="kernels of a multiplexed step sized for the whole GPU or their partition "
+                        "(dataplane/partition_kernels.py; the results file gets a suffix)")
+    p.add_argument("--blas-library", choices=BLAS_LIBRARIES, default="default")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
     splits = [int(x) for x in args.splits.split(",")]
     ks = [int(x) for x in args.ks.split(",")]
     worker = load_worker(DataplaneConfig(model=args.model, device="cuda", max_num_batched_tokens=args.prefill + args.batch,
-                                         max_num_seqs=args.batch, decode_partition_sms=tuple(splits)))
+                                         max_num_seqs=args.batch, decode_partition_sms=tuple(splits),
+                                         partition_kernels=args.partition_kernels, blas_library=args.blas_library))
     print(f"{args.model}: {worker.ready.num_kv_blocks} KV blocks, decode partitions {worker.ready.partition_sm_counts}", flush=True)
     b = Bench(worker, args.batch, args.context, args.prefill)
     B, P = args.batch, args.prefill
@@ -111,6 +116,9 @@ def main() -> None:
     rows["aggregated_chunked"] = chunked
     multiplexed = []
     for d in splits:
+        # the prefill alone on its partition: how prefill time scales with SMs, apart from contention
+        _, t_pre = b.median(args.reps, decode=False, prefill=True, mode="multiplexed", decode_sms=d)
+        print(f"split {d}d: prefill alone on the rest {t_pre.prefill_ms:6.1f} ms", flush=True)
         for k in ks:
             _, t_alone = b.median(args.reps, decode=True, prefill=False, mode="multiplexed", decode_sms=d, k=k)
             wall, t = b.median(args.reps, decode=True, prefill=True, mode="multiplexed", decode_sms=d, k=k)
@@ -118,7 +126,7 @@ def main() -> None:
                    "k": k, "step_ms": t.total_ms, "wall_ms": wall, "prefill_ms": t.prefill_ms,
                    # decoders get k tokens per step, delivered when the step ends: TPOT = step / k
                    "decode_ms": t.decode_ms, "tbt_ms": t.total_ms / k, "decode_step_ms": t.decode_ms / k,
-                   "tbt_alone_ms": t_alone.decode_ms / k,
+                   "tbt_alone_ms": t_alone.decode_ms / k, "prefill_alone_on_partition_ms": t_pre.prefill_ms,
                    "isolation_ratio": t.decode_ms / max(t_alone.decode_ms, 1e-6),
                    "tok_s": (k * B + P) / t.total_ms * 1000}
             multiplexed.append(row)
@@ -141,10 +149,13 @@ def main() -> None:
     summary = {"gpu": gpu_slug(torch.device("cuda")), "isolation_ratio": best["isolation_ratio"],
                "best_multiplexed_tok_s": best["tok_s"], "aggregated_tok_s": rows["aggregated"]["tok_s"],
                "best_split": [best["prefill_sms"], best["decode_sms"]], "k": best["k"]}
-    report = {"summary": summary, "model": args.model, "batch": B, "context": args.context, "prefill_tokens": P,
+    report = {"summary": summary, "model": args.model, "partition_kernels": args.partition_kernels,
+              "blas_library": args.blas_library, "batch": B, "context": args.context, "prefill_tokens": P,
               "baselines": rows, "multiplexed": multiplexed, "under_tbt_slo": under_slo, "graphs": worker.runner.graphs.num_graphs}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"multiplex-{summary['gpu']}.json"
+    suffix = "" if (args.partition_kernels, args.blas_library) == ("device", "default") else \
+        f"-{args.partition_kernels}-{args.blas_library}"
+    path = args.out / f"multiplex-{summary['gpu']}{suffix}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
     print(f"wrote {path}")

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from dataplane.lifeline import die_with_parent
-from shared.config import BLAS_LIBRARIES, DataplaneConfig
+from shared.config import BLAS_LIBRARIES, PARTITION_KERNELS, DataplaneConfig
 from shared.telemetry_flags import add_trace_flags, telemetry_from_args
 
 
@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-multiplexing", action="store_true", help="build no green-context SM partitions")
     p.add_argument("--decode-partition-sms", default=None,
                    help="comma-separated decode partition sizes to build (default: every allowed split)")
+    p.add_argument("--partition-kernels", choices=PARTITION_KERNELS, default=d.partition_kernels,
+                   help="size a multiplexed step's kernels for the whole GPU (device) or for their partition "
+                        "(partition: cuBLASLt SM target, FA2 prefill; an experiment)")
     p.add_argument("--calibration-cache-dir", default=None,
                    help="where measured hardware profiles are cached (default ~/.cache/duetserve)")
     p.add_argument("--log-level", default="INFO")
@@ -63,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
             cuda_graphs=not args.no_cuda_graphs, fused_kernels=not args.no_fused_kernels,
             multiplexing=not args.no_multiplexing, blas_library=args.blas_library,
+            partition_kernels=args.partition_kernels,
             decode_partition_sms=tuple(int(x) for x in args.decode_partition_sms.split(","))
             if args.decode_partition_sms else None,
             calibration_cache_dir=args.calibration_cache_dir,

@@ -7,11 +7,13 @@ events; nothing here waits on the GPU. It executes the plan's split and k; it ch
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
 
 import torch
 
-from dataplane.partitions import PartitionSet
+from dataplane.partition_kernels import sm_count_target
+from dataplane.partitions import Partition, PartitionSet
 
 if TYPE_CHECKING:
     from dataplane.runner import ModelRunner, PendingStep, _Item
@@ -32,8 +34,18 @@ class PhaseEvents:
 
 
 class Multiplexer:
-    def __init__(self, partitions: PartitionSet) -> None:
+    """`partition_kernels`: size kernels for the partition they run on (`dataplane.partition_kernels`)
+    rather than the whole device; `device_sms` is the whole device's SM count."""
+
+    def __init__(self, partitions: PartitionSet, partition_kernels: bool = False, device_sms: int = 0) -> None:
+        if partition_kernels and device_sms < 1:
+            raise ValueError("partition-sized kernels need the device's SM count")
         self.partitions = partitions
+        self.partition_kernels = partition_kernels
+        self.device_sms = device_sms
+
+    def _sized(self, sms: int) -> AbstractContextManager[None]:
+        return sm_count_target(sms, self.device_sms) if self.partition_kernels else nullcontext()
 
     def run(self, runner: ModelRunner, items: list[_Item], plan: StepPlan, pending: PendingStep) -> None:
         part = self.partitions.get(plan.decode_sms)
@@ -47,15 +59,16 @@ class Multiplexer:
             return
         key = part.split.decode_sms
         if graphs is not None and bucket is not None:
-            for step in range(plan.decode_steps):  # capture before any eager work is in flight
-                graphs.ensure(key, part.decode_stream, bucket, step)
+            with self._sized(part.actual_decode_sms):  # a capture keeps the GEMMs it chose
+                for step in range(plan.decode_steps):  # capture before any eager work is in flight
+                    graphs.ensure(key, part.decode_stream, bucket, step)
         start = torch.cuda.Event()
         start.record()
         phases = {}
         if decode:
             phases["decode"] = self._on(part.decode_stream, start, lambda: self._decode(runner, decode, plan, pending, key))
         if prefill:
-            phases["prefill"] = self._on(part.prefill_stream, start, lambda: runner._run(prefill, 1, pending, eager=True))
+            phases["prefill"] = self._on(part.prefill_stream, start, lambda: self._prefill(runner, prefill, pending, part))
         current = torch.cuda.current_stream()
         for ev in phases.values():
             current.wait_event(ev.end)
@@ -70,6 +83,13 @@ class Multiplexer:
             work()
             ev.end.record(stream)
         return ev
+
+    def _prefill(self, runner: ModelRunner, prefill: list[_Item], pending: PendingStep, part: Partition) -> None:
+        if not self.partition_kernels:
+            runner._run(prefill, 1, pending, eager=True)
+            return
+        with self._sized(part.actual_prefill_sms), runner.backend.on_partition():
+            runner._run(prefill, 1, pending, eager=True)
 
     @staticmethod
     def _decode(runner: ModelRunner, decode: list[_Item], plan: StepPlan, pending: PendingStep, key: object) -> None:

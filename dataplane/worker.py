@@ -167,7 +167,8 @@ def build_multiplexer(config: DataplaneConfig, device: torch.device) -> tuple[ob
     except Exception as exc:  # an old driver or a GPU without green contexts: serve aggregated only
         log.warning("green contexts unavailable, multiplexing off: %s", exc)
         return None, []
-    return Multiplexer(partitions), partitions.describe()
+    sized = config.partition_kernels == "partition"
+    return Multiplexer(partitions, sized, props.multi_processor_count), partitions.describe()
 
 
 class Worker:

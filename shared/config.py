@@ -48,6 +48,7 @@ DUET_SLOS: tuple[str, ...] = ("tbt", "tpot")
 
 
 BLAS_LIBRARIES: tuple[str, ...] = ("default", "cublas", "cublaslt")
+PARTITION_KERNELS: tuple[str, ...] = ("device", "partition")  # DataplaneConfig.partition_kernels
 
 
 class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -71,6 +72,9 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
     blas_library: str = "default"  # default | cublas | cublaslt: the library torch's GEMMs use on CUDA
     multiplexing: bool = True  # build green-context SM partitions on CUDA
     decode_partition_sms: tuple[int, ...] | None = None  # decode sizes to build; None: every allowed split
+    # device: kernels on a partition size themselves for the whole GPU; partition: for their partition
+    # (cuBLASLt's SM target, FA2 prefill; dataplane/partition_kernels.py). An experiment, off by default.
+    partition_kernels: str = "device"
     telemetry: TelemetryConfig = TelemetryConfig()
     health_file: str | None = None  # heartbeat file the serve loop touches (compose health checks)
     calibration_cache_dir: str | None = None  # None: ~/.cache/duetserve (or $DUETSERVE_CACHE_DIR)
@@ -88,6 +92,9 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("max_model_len must be >= 1")
         if self.blas_library not in BLAS_LIBRARIES:
             raise ValueError(f"blas_library must be one of {', '.join(BLAS_LIBRARIES)}, got {self.blas_library!r}")
+        if self.partition_kernels not in PARTITION_KERNELS:
+            raise ValueError(f"partition_kernels must be one of {', '.join(PARTITION_KERNELS)}, "
+                             f"got {self.partition_kernels!r}")
 
 
 class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):

@@ -9,6 +9,7 @@ This module must not decide anything about scheduling, and must not import a GPU
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -150,3 +151,8 @@ class AttentionBackend(ABC):
     def attend(self, layer_idx: int, q: Tensor, kv_cache: Tensor) -> Tensor:
         """Like `forward`, but this step's K/V are already in `kv_cache` at `kv_slots()`."""
         raise NotImplementedError(f"{self.name} attention writes K/V itself; call forward")
+
+    def on_partition(self) -> AbstractContextManager[None]:
+        """Steps begun inside this block run on an SM partition: a backend whose kernels assume
+        every SM of the device picks ones that do not (`dataplane.partition_kernels`). Default: no change."""
+        return nullcontext()

@@ -10,6 +10,8 @@ It must not decide batching, and must not synchronise the host with the device.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +97,9 @@ class FlashInferAttention(AttentionBackend):
             self._workspace, "NHD", backend=_prefill_backend(device)
         )
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD", use_tensor_cores=True)
+        self._prefill_device = self._prefill
+        self._prefill_partition: object | None = None  # FA2, built on first use by `on_partition`
+        self._step_prefill = self._prefill  # the prefill wrapper this step planned
         self._wrapper: object | None = None
         self._split = 0  # rows the decode wrapper takes in a split mixed step (0: not split)
         self._blocks: Tensor | None = None
@@ -116,6 +121,20 @@ class FlashInferAttention(AttentionBackend):
             kv_data_type=s.dtype, non_blocking=True,
         )
 
+    @contextmanager
+    def on_partition(self) -> Iterator[None]:
+        """Prefill planned inside runs in FA2: FA3's static schedule spreads its work over one CTA per
+        device SM, so on a partition the CTAs past its SM count would run as a second wave."""
+        import flashinfer
+
+        if self._prefill_partition is None:
+            self._prefill_partition = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD", backend="fa2")
+        self._prefill = self._prefill_partition
+        try:
+            yield
+        finally:
+            self._prefill = self._prefill_device
+
     def begin_step(self, batch: AttentionBatch, device: torch.device, slot_mapping: Tensor | None = None) -> None:
         if slot_mapping is None:  # callers on the hot path pass a staged device tensor
             slot_mapping = batch.slot_mapping().to(device, non_blocking=True)
@@ -126,6 +145,7 @@ class FlashInferAttention(AttentionBackend):
             self._plan_decode(host_plan(batch), batch.block_size)
             self._wrapper = self._decode
             return
+        self._step_prefill = self._prefill
         lead = leading_decodes(batch)
         if lead >= self.split_min_decodes:
             self._plan_decode(host_plan(batch, 0, lead), batch.block_size)
@@ -152,7 +172,7 @@ class FlashInferAttention(AttentionBackend):
             return self._wrapper.run(q, kv_cache)  # type: ignore[attr-defined]
         out = torch.empty_like(q)
         self._decode.run(q[:d], kv_cache, out=out[:d])
-        self._prefill.run(q[d:], kv_cache, out=out[d:])
+        self._step_prefill.run(q[d:], kv_cache, out=out[d:])
         return out
 
 

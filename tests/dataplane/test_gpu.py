@@ -264,3 +264,23 @@ def test_multiplexed_schedule_equals_aggregated(gpu_checkpoint: Path) -> None:
     multiplexed = _schedule(loaded.runner, a, b, k=4, decode_sms=16, sync_debug=True)
     assert lookahead == reference
     assert multiplexed == reference
+
+
+@pytest.mark.experimental
+def test_partition_sized_kernels_keep_the_multiplexed_tokens(gpu_checkpoint: Path) -> None:
+    """`partition_kernels="partition"` (cuBLASLt SM target, FA2 prefill on the partition): greedy tokens
+    of the multiplexed schedule equal the aggregated one's, with no host sync; an open question whether
+    FA2's rounding keeps every near-tie of the tiny random model, hence experimental."""
+    blas = torch.backends.cuda.preferred_blas_library()  # the worker sets it process-wide
+    try:
+        sized = _worker(str(gpu_checkpoint), multiplexing=True, decode_partition_sms=(16,),
+                        partition_kernels="partition", blas_library="cublaslt")
+        assert sized.runner.multiplexer.partition_kernels
+        a, b = _prompts(5, 512, seed=6), _prompts(2, 512, seed=7)
+        reference = _schedule(_worker(str(gpu_checkpoint)).runner, a, b, k=1, decode_sms=0, sync_debug=False)
+        _schedule(sized.runner, a, b, k=4, decode_sms=16, sync_debug=False)  # captures the partition's graphs
+        sized.runner.seqs.clear()
+        assert _schedule(sized.runner, a, b, k=4, decode_sms=16, sync_debug=True) == reference
+        assert torch._C._get_sm_carveout_experimental() is None
+    finally:
+        torch.backends.cuda.preferred_blas_library(blas)

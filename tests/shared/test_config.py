@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import BLAS_LIBRARIES, DataplaneConfig
+from shared.config import BLAS_LIBRARIES, PARTITION_KERNELS, DataplaneConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,3 +24,11 @@ def test_dataplane_cli_refuses_an_unknown_blas_library() -> None:
     out = subprocess.run([sys.executable, "-m", "dataplane", "--blas-library", "mkl"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--blas-library" in out.stderr
+
+
+def test_partition_kernels_is_checked() -> None:
+    assert DataplaneConfig().partition_kernels == "device"
+    for name in PARTITION_KERNELS:
+        assert DataplaneConfig(partition_kernels=name).partition_kernels == name
+    with pytest.raises(ValueError, match="partition_kernels must be one of device, partition, got 'half'"):
+        DataplaneConfig(partition_kernels="half")
