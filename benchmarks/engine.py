@@ -267,6 +267,8 @@ def main() -> None:
     p.add_argument("--peer-output-len", type=int, default=256)
     p.add_argument("--blas-library", default="default", help="default | cublas | cublaslt")
     p.add_argument("--decode-only", action="store_true", help="the decode grid only (an A/B of kernels)")
+    p.add_argument("--piecewise-graphs", action="store_true",
+                   help="prefill passes of up to 1024 tokens as piecewise CUDA graphs (results file engine-<gpu>-piecewise)")
     p.add_argument("--unsplit-kv-min-batch", type=int, default=None,
                    help="decode graphs of at least this batch read KV unsplit (default: the data plane's "
                         "flashinfer_backend.UNSPLIT_KV_MIN_BATCH, 32; 100000 keeps flashinfer's split everywhere)")
@@ -281,7 +283,7 @@ def main() -> None:
     budget, max_seqs = (512, 16) if quick else (8192, 256)
     worker = load_worker(DataplaneConfig(model=args.model, device=args.device, max_num_batched_tokens=budget,
                                          max_num_seqs=max_seqs, num_kv_blocks=2048 if quick else None,
-                                         blas_library=args.blas_library))
+                                         blas_library=args.blas_library, piecewise_graphs=args.piecewise_graphs))
     print(f"{args.model} on {worker.ready.device.name}: {worker.ready.num_kv_blocks} KV blocks", flush=True)
     ceilings = measure_ceilings(device, quick)
     print(f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s (read+write), "
@@ -298,7 +300,7 @@ def main() -> None:
                                     "ceilings": ceilings, "decode": decode}, indent=1) + "\n")
         print(f"wrote {path}")
         return
-    prefill = prefill_grid(worker, [64, 256] if quick else [512, 2048, 8192], device, ceilings)
+    prefill = prefill_grid(worker, [64, 256] if quick else [128, 512, 2048, 8192], device, ceilings)
     in_len, out_len = (32, 8) if quick else (1024, 256)
     n = min(args.offline_requests, 8) if quick else args.offline_requests
     off = offline(worker, n, in_len, out_len, budget, max_seqs)
@@ -322,9 +324,10 @@ def main() -> None:
     report = {"summary": summary, "model": args.model, "device": torch.cuda.get_device_name(device)
               if device.type == "cuda" else platform.processor(), "torch": torch.__version__,
               "blas_library": args.blas_library, "unsplit_kv_min_batch": UNSPLIT_KV_MIN_BATCH,
+              "piecewise_graphs": args.piecewise_graphs,
               "ceilings": ceilings, "decode": decode, "prefill": prefill, "offline": off, "peer": peer_result}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"engine-{summary['gpu']}.json"
+    path = args.out / f"engine-{summary['gpu']}{'-piecewise' if args.piecewise_graphs else ''}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
     print(f"wrote {path}")

@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_suite.sh multiplex predictor
 #   bash benchmarks/gpu_suite.sh serving-code          # a serving stage fills most of one call
 # Needs .whl/ filled by benchmarks/device_prep.sh (carry [".whl"]). Stages: tests experiments (GPU tests marked
-# experimental: open questions; none at present) profile profile-decode (kernel tables of
+# experimental: open questions, e.g. piecewise graphs) profile profile-decode (kernel tables of
 # replayed decode graphs at 1k context, attention by page size) gemm-lib (decode
 # GEMMs by BLAS library) skinny-gemm (tune the Triton decode GEMM against cuBLAS)
 # decode-attention (flashinfer's graph decode kernel options) decode-ab (the engine's decode grid under cuBLASLt, then cuBLAS) engine multiplex
@@ -13,7 +13,8 @@
 # predictor (the shapes serving runs) predictor-all (every shape on every SM count) serving-code
 # serving-conv serving-code-more (the paper-style duet-tbt and static on Azure code) serving-conv-static serving-conv-knee
 # (Azure conversation past the baselines' knee) serving-conv-steady (60 s of conversation trace per point, up to
-# 3000 requests: past the first burst, into steady state; STEADY_POLICIES, STEADY_RATES). GPU name for file names: GPU=h200 (default).
+# 3000 requests: past the first burst, into steady state; STEADY_POLICIES, STEADY_RATES; PIECEWISE=1 serves with
+# piecewise graphs) engine-piecewise (the engine benchmark with piecewise graphs for prefill passes). GPU name for file names: GPU=h200 (default).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . benchmarks/gpu_env.sh || exit 1
@@ -42,6 +43,7 @@ for stage in "$@"; do
                  run decode-$lib 300 python3 benchmarks/engine.py --decode-only --blas-library $lib --out "$OUT"
                done ;;
     engine) run engine 400 python3 benchmarks/engine.py --peer-requests 64 --peer-output-len 128 --out "$OUT" ;;
+    engine-piecewise) run engine-piecewise 400 python3 benchmarks/engine.py --piecewise-graphs --out "$OUT" ;;
     multiplex) run multiplex 400 python3 benchmarks/multiplex.py --out "$OUT" ;;
     multiplex-lt) run multiplex-lt 400 python3 benchmarks/multiplex.py --blas-library cublaslt --out "$OUT" ;;
     multiplex-sized) run multiplex-sized 400 python3 benchmarks/multiplex.py --blas-library cublaslt \
@@ -60,9 +62,10 @@ for stage in "$@"; do
                     --policies static --rates ${CONV_RATES:-20,28,36} --seconds 15 --trace-dir .whl/traces --out "$OUT" ;;
     serving-conv-knee) run serving-conv-knee 560 python3 benchmarks/serving.py --gpu "$GPU" --traces conv \
                     --policies duet,aggregated,prefill-first --rates ${KNEE_RATES:-40,48} --seconds 15 --trace-dir .whl/traces --out "$OUT" ;;
-    serving-conv-steady) run serving-conv-steady 560 python3 benchmarks/serving.py --gpu "$GPU-steady" --traces conv \
+    serving-conv-steady) run serving-conv-steady 560 python3 benchmarks/serving.py --traces conv \
                     --policies ${STEADY_POLICIES:-duet,aggregated} --rates ${STEADY_RATES:-20,22} --seconds 60 \
-                    --max-requests 3000 --trace-dir .whl/traces --out "$OUT" ;;
+                    --max-requests 3000 --trace-dir .whl/traces --out "$OUT" \
+                    ${PIECEWISE:+--piecewise-graphs} --gpu "$GPU-steady${PIECEWISE:+-piecewise}" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -46,6 +46,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default="auto", help="auto (flashinfer on CUDA, torch on CPU), torch "
                                                               "or flashinfer")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on the GPU")
+    p.add_argument("--piecewise-graphs", action="store_true",
+                   help="run prefill and mixed steps of up to 1024 tokens as CUDA graphs around attention on "
+                        "the GPU (an experiment)")
     p.add_argument("--decode-partition-sms", default=None,
                    help="comma-separated decode partition sizes to build (default: every split the GPU allows)")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and unseeded sampling")
@@ -163,7 +166,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataplaneConfig, Server
         gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_bytes=args.cpu_kv_cache_bytes,
         max_model_len=args.max_model_len, attention_backend=args.attention_backend, seed=args.seed,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-        cuda_graphs=not args.no_cuda_graphs,
+        cuda_graphs=not args.no_cuda_graphs, piecewise_graphs=args.piecewise_graphs,
         decode_partition_sms=tuple(int(x) for x in args.decode_partition_sms.split(","))
         if args.decode_partition_sms else None,
         telemetry=telemetry, allow_remote=args.allow_remote_dataplane,

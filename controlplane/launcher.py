@@ -35,6 +35,12 @@ def dataplane_args(config: DataplaneConfig) -> list[str]:
     ]
     if not config.cuda_graphs:
         args.append("--no-cuda-graphs")
+    if config.piecewise_graphs:
+        args.append("--piecewise-graphs")
+    if config.partition_kernels != "device":
+        args += ["--partition-kernels", config.partition_kernels]
+    if config.blas_library != "default":
+        args += ["--blas-library", config.blas_library]
     if not config.multiplexing:
         args.append("--no-multiplexing")
     if config.decode_partition_sms:

@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest step (tokens) the GPU memory plan must fit")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="largest decode batch with a CUDA graph")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly")
+    p.add_argument("--piecewise-graphs", action="store_true",
+                   help="run prefill and mixed passes of up to 1024 tokens as CUDA graphs around attention "
+                        "(an experiment)")
     p.add_argument("--no-fused-kernels", action="store_true", help="use the reference (unfused) model path on CUDA")
     p.add_argument("--blas-library", choices=BLAS_LIBRARIES, default=d.blas_library,
                    help="library for torch's GEMMs on CUDA (default: torch's choice)")
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_bytes=args.cpu_kv_cache_bytes,
             max_model_len=args.max_model_len, attention_backend=args.attention_backend, seed=args.seed,
             max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-            cuda_graphs=not args.no_cuda_graphs, fused_kernels=not args.no_fused_kernels,
+            cuda_graphs=not args.no_cuda_graphs, piecewise_graphs=args.piecewise_graphs,
+            fused_kernels=not args.no_fused_kernels,
             multiplexing=not args.no_multiplexing, blas_library=args.blas_library,
             partition_kernels=args.partition_kernels,
             decode_partition_sms=tuple(int(x) for x in args.decode_partition_sms.split(","))

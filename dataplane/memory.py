@@ -62,16 +62,19 @@ def profile_activations(model: DenseForCausalLM, cfg: ModelConfig, backend: Atte
 
 
 def plan_gpu_memory(cfg: ModelConfig, *, utilization: float, activation_bytes: int, block_size: int,
-                    dtype: torch.dtype, device: torch.device, num_kv_blocks: int | None) -> MemoryPlan:
+                    dtype: torch.dtype, device: torch.device, num_kv_blocks: int | None,
+                    extra_reserve_bytes: int = 0) -> MemoryPlan:
+    """`extra_reserve_bytes`: graphs beyond the decode ones (piecewise graphs' buffers and pool)."""
     free, total = torch.cuda.mem_get_info(device)
     used = total - free  # weights, the CUDA context and anything else on the card
     weight_bytes = torch.cuda.memory_allocated(device)
     per_block = kv_bytes_per_block(cfg, block_size, dtype)
-    budget = int(total * utilization) - used - activation_bytes - GRAPH_RESERVE_BYTES
+    reserve = GRAPH_RESERVE_BYTES + extra_reserve_bytes
+    budget = int(total * utilization) - used - activation_bytes - reserve
     blocks = num_kv_blocks if num_kv_blocks is not None else budget // per_block
     if blocks < 1:
         raise RuntimeError(f"no GPU memory left for the KV cache (budget {budget / 2**20:.0f} MiB)")
-    return MemoryPlan(total, weight_bytes, activation_bytes, GRAPH_RESERVE_BYTES, per_block, blocks)
+    return MemoryPlan(total, weight_bytes, activation_bytes, reserve, per_block, blocks)
 
 
 def plan_cpu_memory(cfg: ModelConfig, *, kv_bytes: int, block_size: int, dtype: torch.dtype,

@@ -19,6 +19,7 @@ import torch
 from dataplane.attention.base import AttentionBackend, AttentionBatch
 from dataplane.graphs import DecodeGraphs
 from dataplane.multiplex import Multiplexer
+from dataplane.piecewise import PiecewiseGraphs
 from dataplane.models.config import ModelConfig
 from dataplane.models.dense import DenseForCausalLM
 from dataplane.sampler import LogprobTensors, Sampler
@@ -130,6 +131,7 @@ class ModelRunner:
         device: torch.device,
         graphs: DecodeGraphs | None = None,
         multiplexer: Multiplexer | None = None,
+        pieces: PiecewiseGraphs | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -141,6 +143,7 @@ class ModelRunner:
         self.device = device
         self.graphs = graphs
         self.multiplexer = multiplexer
+        self.pieces = pieces  # prefill and mixed passes on the whole GPU, by token bucket
         self.seqs: dict[int, SeqState] = {}
         # seq id -> (device tensor, row) of its newest sampled token: a plan sent before that token
         # reached the host (async scheduling) feeds it to the next decode from here
@@ -288,7 +291,11 @@ class ModelRunner:
                 # copied the previous plan would corrupt it. Graphs avoid this; eager waits here.
                 torch.cuda.current_stream(self.device).synchronize()
             self.backend.begin_step(batch, self.device, slots)
-            hidden = self.model(input_ids, positions, self.backend, self.kv_caches)
+            if (self.pieces is not None and stream_key == "full" and not eager
+                    and self.pieces.bucket_for(batch.num_tokens) is not None):
+                hidden = self.pieces.run(input_ids, positions, slots, self.backend)
+            else:
+                hidden = self.model(input_ids, positions, self.backend, self.kv_caches)
         samplers: list[SeqState] = []
         for it in items:
             it.state.num_computed += it.num_tokens

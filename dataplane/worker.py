@@ -21,6 +21,7 @@ from dataplane.calibration import calibrate
 from dataplane.health import Heartbeat
 from dataplane.kv_cache import allocate_kv_cache
 from dataplane.memory import MemoryPlan, plan_cpu_memory, plan_gpu_memory, profile_activations
+from dataplane.piecewise import PiecewiseGraphs, default_token_buckets, piecewise_possible, piecewise_reserve_bytes
 from dataplane.models.config import ModelConfig
 from dataplane.models.loader import load_model, resolve_dtype
 from dataplane.runner import ModelRunner, PendingStep
@@ -86,9 +87,14 @@ def plan_memory(config: DataplaneConfig, model: torch.nn.Module, cfg: ModelConfi
         model, cfg, backend, num_tokens=config.max_num_batched_tokens,  # type: ignore[arg-type]
         num_logit_rows=config.max_num_seqs, block_size=config.block_size, dtype=dtype, device=device,
     )
+    extra = 0
+    if config.piecewise_graphs and piecewise_possible(model, device, backend.name, config.cuda_graphs):  # type: ignore[arg-type,attr-defined]
+
+        extra = piecewise_reserve_bytes(cfg.hidden_size, cfg.q_size, cfg.q_size + 2 * cfg.kv_size,
+                                        cfg.intermediate_size, config.max_num_batched_tokens, dtype)
     return plan_gpu_memory(cfg, utilization=config.gpu_memory_utilization, activation_bytes=activations,
                            block_size=config.block_size, dtype=dtype, device=device,
-                           num_kv_blocks=config.num_kv_blocks)
+                           num_kv_blocks=config.num_kv_blocks, extra_reserve_bytes=extra)
 
 
 @dataclass
@@ -127,11 +133,14 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
             buckets=default_buckets(config.max_num_seqs),
         )
         graphs.capture()
+    pieces = None
+    if config.piecewise_graphs:
+        pieces = build_piecewise(model, kv_caches, config, device, num_blocks, backend.name)
     multiplexer, splits = build_multiplexer(config, device) if graphs is not None else (None, [])
     runner = ModelRunner(
         model, cfg, kv_caches, backend, Sampler(device=device, seed=config.seed),
         block_size=config.block_size, num_blocks=num_blocks, device=device, graphs=graphs,
-        multiplexer=multiplexer,
+        multiplexer=multiplexer, pieces=pieces,
     )
     ready = WorkerReady(
         protocol_version=PROTOCOL_VERSION, model=describe_model(cfg, dtype), device=describe_device(device),
@@ -150,6 +159,19 @@ def partition_calibration(multiplexer: object | None) -> dict[str, object]:
         return {}
     streams = multiplexer.partitions.streams_by_size()  # type: ignore[attr-defined]
     return {"sm_counts": sorted(streams), "partition": lambda sms: torch.cuda.stream(streams[sms])}
+
+
+def build_piecewise(model: torch.nn.Module, kv_caches: list[torch.Tensor], config: DataplaneConfig,
+                    device: torch.device, scratch_block: int, backend_name: str) -> PiecewiseGraphs | None:
+    """Piecewise graphs of prefill and mixed passes, when the fused path has its Triton kernels."""
+    if not piecewise_possible(model, device, backend_name, config.cuda_graphs):  # type: ignore[arg-type]
+        log.warning("piecewise graphs need CUDA graphs, flashinfer and the fused path with Triton; prefill and "
+                    "mixed passes stay eager")
+        return None
+    pieces = PiecewiseGraphs(model, kv_caches, device, block_size=config.block_size,  # type: ignore[arg-type]
+                             scratch_block=scratch_block, buckets=default_token_buckets(config.max_num_batched_tokens))
+    pieces.capture()
+    return pieces
 
 
 def build_multiplexer(config: DataplaneConfig, device: torch.device) -> tuple[object | None, list[tuple[int, int]]]:

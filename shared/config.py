@@ -68,6 +68,9 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_num_batched_tokens: int = 2048  # largest step the memory plan must fit (the scheduler's budget)
     max_num_seqs: int = 256  # largest decode batch with a CUDA graph
     cuda_graphs: bool = True
+    # prefill and mixed passes of up to 1024 tokens as CUDA graphs around eager attention
+    # (dataplane/piecewise.py); an experiment, off by default
+    piecewise_graphs: bool = False
     fused_kernels: bool = True  # flashinfer norm/rope and fused projections on CUDA (bf16/fp16)
     blas_library: str = "default"  # default | cublas | cublaslt: the library torch's GEMMs use on CUDA
     multiplexing: bool = True  # build green-context SM partitions on CUDA

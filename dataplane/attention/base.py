@@ -148,8 +148,9 @@ class AttentionBackend(ABC):
         K/V into the cache itself and then call `attend`; None when only `forward` is supported."""
         return None
 
-    def attend(self, layer_idx: int, q: Tensor, kv_cache: Tensor) -> Tensor:
-        """Like `forward`, but this step's K/V are already in `kv_cache` at `kv_slots()`."""
+    def attend(self, layer_idx: int, q: Tensor, kv_cache: Tensor, out: Tensor | None = None) -> Tensor:
+        """Like `forward`, but this step's K/V are already in `kv_cache` at `kv_slots()`; writes into
+        `out` (q's shape, contiguous) when given and returns it."""
         raise NotImplementedError(f"{self.name} attention writes K/V itself; call forward")
 
     def on_partition(self) -> AbstractContextManager[None]:

@@ -166,11 +166,12 @@ class FlashInferAttention(AttentionBackend):
             raise RuntimeError("FlashInferAttention.kv_slots called before begin_step")
         return self._blocks, self._offsets
 
-    def attend(self, layer_idx: int, q: Tensor, kv_cache: Tensor) -> Tensor:
+    def attend(self, layer_idx: int, q: Tensor, kv_cache: Tensor, out: Tensor | None = None) -> Tensor:
         d = self._split
         if not d:
-            return self._wrapper.run(q, kv_cache)  # type: ignore[attr-defined]
-        out = torch.empty_like(q)
+            return self._wrapper.run(q, kv_cache, out=out)  # type: ignore[attr-defined]
+        if out is None:
+            out = torch.empty_like(q)
         self._decode.run(q[:d], kv_cache, out=out[:d])
         self._step_prefill.run(q[d:], kv_cache, out=out[d:])
         return out
@@ -236,5 +237,5 @@ class GraphDecodeAttention(AttentionBackend):
     def kv_slots(self) -> tuple[Tensor, Tensor] | None:
         return self._blocks, self._offsets
 
-    def attend(self, layer_idx: int, q: Tensor, kv_cache: Tensor) -> Tensor:
-        return self._wrapper.run(q, kv_cache)
+    def attend(self, layer_idx: int, q: Tensor, kv_cache: Tensor, out: Tensor | None = None) -> Tensor:
+        return self._wrapper.run(q, kv_cache, out=out)

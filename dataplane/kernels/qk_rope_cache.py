@@ -74,8 +74,9 @@ def _qk_rope_cache_kernel(
 
 def qk_rope_cache(qkv: Tensor, positions: Tensor, cos_sin: Tensor, q_norm: Tensor | None, k_norm: Tensor | None,
                   eps: float, kv_cache: Tensor, blocks: Tensor, offsets: Tensor, num_q_heads: int,
-                  num_kv_heads: int) -> Tensor:
-    """qkv [T, (hq + 2 hkv) d] -> q [T, hq, d] (normed, rotated); k, v written to the cache.
+                  num_kv_heads: int, out: Tensor | None = None) -> Tensor:
+    """qkv [T, (hq + 2 hkv) d] -> q [T, hq, d] (normed, rotated; written to `out` when given, a
+    contiguous [T, hq, d] tensor of qkv's dtype); k, v written to the cache.
 
     Token i's keys go to kv_cache[blocks[i], 0, offsets[i]], its values to [blocks[i], 1, offsets[i]].
     kv_cache: [num_blocks, 2, block_size, hkv, d] contiguous; cos_sin: [max_pos, d] float32 with cos
@@ -87,7 +88,13 @@ def qk_rope_cache(qkv: Tensor, positions: Tensor, cos_sin: Tensor, q_norm: Tenso
         raise ValueError(f"qk_rope_cache: qkv {tuple(qkv.shape)} does not match the cache {tuple(kv_cache.shape)}")
     if not kv_cache.is_contiguous() or cos_sin.shape[1] != d or cos_sin.dtype != torch.float32:
         raise ValueError("qk_rope_cache: kv_cache must be contiguous and cos_sin float32 [max_pos, head_dim]")
-    q = torch.empty(t, num_q_heads, d, dtype=qkv.dtype, device=qkv.device)
+    if out is None:
+        q = torch.empty(t, num_q_heads, d, dtype=qkv.dtype, device=qkv.device)
+    elif out.shape != (t, num_q_heads, d) or out.dtype != qkv.dtype or not out.is_contiguous():
+        raise ValueError(f"qk_rope_cache: out {tuple(out.shape)} {out.dtype} is not a contiguous "
+                         f"[{t}, {num_q_heads}, {d}] {qkv.dtype} tensor")
+    else:
+        q = out
     if t == 0:
         return q
     norm = q_norm is not None and k_norm is not None

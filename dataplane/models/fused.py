@@ -69,39 +69,60 @@ def _fuse_linear(parts: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
-def enable_fused_path(model: DenseForCausalLM, device: torch.device) -> None:
-    """Concatenate q/k/v and gate/up weights (freeing the parts) and switch forward to fused kernels."""
+def fuse_projections(model: DenseForCausalLM) -> None:
+    """Concatenate q/k/v and gate/up weights into one projection each, freeing the parts."""
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         attn.qkv_proj = _fuse_linear([attn.q_proj, attn.k_proj, attn.v_proj])
         mlp.gate_up_proj = _fuse_linear([mlp.gate_proj, mlp.up_proj])
         del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
+
+
+def enable_fused_path(model: DenseForCausalLM, device: torch.device) -> None:
+    """Fuse the projections and switch forward to fused kernels."""
+    fuse_projections(model)
     torch.cuda.empty_cache()
     model.fused = FusedKernels(model, device)
 
 
+def project_q(layer: DecoderLayer, h: Tensor, positions: Tensor, kernels: FusedKernels, kv_cache: Tensor,
+              blocks: Tensor, offsets: Tensor, out: Tensor | None = None) -> Tensor:
+    """The fused QKV projection, then one Triton kernel: q/k-norm, RoPE, this step's K/V into the cache
+    at (blocks, offsets). Returns q [T, hq, d] (in `out` when given). Needs `kernels.triton`."""
+    attn = layer.self_attn
+    norm = attn.q_norm is not None and attn.k_norm is not None
+    return kernels.triton[0](attn.qkv_proj(h), positions, kernels.cos_sin, attn.q_norm.weight if norm else None,
+                             attn.k_norm.weight if norm else None, attn.q_norm.eps if norm else 0.0, kv_cache,
+                             blocks, offsets, attn.num_q_heads, attn.num_kv_heads, out=out)
+
+
+def after_attention(layer: DecoderLayer, o: Tensor, residual: Tensor, kernels: FusedKernels) -> Tensor:
+    """The rest of the layer from its attention output o [T, hq, d]: the O projection, the residual add
+    with the post-attention norm (residual updated in place), the MLP. Returns the layer's output."""
+    attn = layer.self_attn
+    h = attn.o_proj(o.reshape(o.shape[0], attn.num_q_heads * attn.head_dim))
+    post = layer.post_attention_layernorm
+    h, _ = kernels.add_rms_norm(h, residual, post.weight, post.eps)
+    return _mlp(layer, h, kernels)
+
+
 def _attention(layer: DecoderLayer, h: Tensor, positions: Tensor, kernels: FusedKernels,
                attention: AttentionBackend, kv_cache: Tensor) -> Tensor:
+    """The attention output [T, hq, d]."""
     attn = layer.self_attn
     t, d = h.shape[0], attn.head_dim
-    qkv = attn.qkv_proj(h)
-    q_size, kv_size = attn.num_q_heads * d, attn.num_kv_heads * d
     slots = attention.kv_slots() if kernels.triton is not None else None
     if slots is not None:
-        norm = attn.q_norm is not None and attn.k_norm is not None
-        q = kernels.triton[0](qkv, positions, kernels.cos_sin, attn.q_norm.weight if norm else None,
-                              attn.k_norm.weight if norm else None, attn.q_norm.eps if norm else 0.0, kv_cache,
-                              *slots, attn.num_q_heads, attn.num_kv_heads)
-        return attn.o_proj(attention.attend(attn.layer_idx, q, kv_cache).reshape(t, q_size))
-    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        return attention.attend(attn.layer_idx, project_q(layer, h, positions, kernels, kv_cache, *slots), kv_cache)
+    q_size, kv_size = attn.num_q_heads * d, attn.num_kv_heads * d
+    q, k, v = attn.qkv_proj(h).split([q_size, kv_size, kv_size], dim=-1)
     q = q.reshape(t, attn.num_q_heads, d)
     k = k.reshape(t, attn.num_kv_heads, d)
     if attn.q_norm is not None and attn.k_norm is not None:
         q = kernels.rms_norm(q.reshape(-1, d), attn.q_norm.weight, attn.q_norm.eps).view(t, -1, d)
         k = kernels.rms_norm(k.reshape(-1, d), attn.k_norm.weight, attn.k_norm.eps).view(t, -1, d)
     kernels.rope(positions, q, k)
-    o = attention.forward(attn.layer_idx, q, k, v.reshape(t, attn.num_kv_heads, d), kv_cache)
-    return attn.o_proj(o.reshape(t, q_size))
+    return attention.forward(attn.layer_idx, q, k, v.reshape(t, attn.num_kv_heads, d), kv_cache)
 
 
 def _mlp(layer: DecoderLayer, h: Tensor, kernels: FusedKernels) -> Tensor:
@@ -123,10 +144,7 @@ def fused_forward(model: DenseForCausalLM, input_ids: Tensor, positions: Tensor,
     for i, (layer, kv_cache) in enumerate(zip(layers, kv_caches, strict=True)):
         if i > 0:
             h, residual = kernels.add_rms_norm(h, residual, layer.input_layernorm.weight, layer.input_layernorm.eps)
-        h = _attention(layer, h, positions, kernels, attention, kv_cache)
-        post = layer.post_attention_layernorm
-        h, residual = kernels.add_rms_norm(h, residual, post.weight, post.eps)
-        h = _mlp(layer, h, kernels)
+        h = after_attention(layer, _attention(layer, h, positions, kernels, attention, kv_cache), residual, kernels)
     norm = model.model.norm
     h, _ = kernels.add_rms_norm(h, residual, norm.weight, norm.eps)
     return h

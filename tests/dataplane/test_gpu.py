@@ -284,3 +284,46 @@ def test_partition_sized_kernels_keep_the_multiplexed_tokens(gpu_checkpoint: Pat
         assert torch._C._get_sm_carveout_experimental() is None
     finally:
         torch.backends.cuda.preferred_blas_library(blas)
+
+
+@pytest.mark.experimental
+def test_piecewise_graphs_keep_the_tokens(gpu_checkpoint: Path) -> None:
+    """Prefill and mixed passes replayed as piecewise graphs around eager attention give the eager
+    passes' greedy tokens, with no host sync; experimental until a GPU run has shown it."""
+    sizes = {"max_num_seqs": 48}
+    pieces = _worker(str(gpu_checkpoint), piecewise_graphs=True, **sizes).runner
+    assert pieces.pieces is not None and pieces.pieces.num_graphs > 0
+    eager = _worker(str(gpu_checkpoint), **sizes).runner
+    prompts = _prompts(6, 512, seed=8)
+    want = greedy_run(eager, prompts, 12)
+    assert greedy_run(pieces, prompts, 12, sync_debug=True) == want
+    pieces.clear()
+    assert greedy_run(pieces, prompts, 12, depth=2) == want  # async: step i+1 launched before i is collected
+    pieces.clear()
+    eager.clear()
+    a, b = _prompts(5, 512, seed=6), _prompts(2, 512, seed=7)  # a mixed step: A decodes while B prefills
+    assert (_schedule(pieces, a, b, k=1, decode_sms=0, sync_debug=True)
+            == _schedule(eager, a, b, k=1, decode_sms=0, sync_debug=False))
+    pieces.clear()
+    eager.clear()
+    # 36 decodes ahead of a prefill: past FLASHINFER_SPLIT_MIN_DECODES, so attention splits the rows
+    assert _many_decodes_and_a_prefill(pieces) == _many_decodes_and_a_prefill(eager)
+
+
+def _many_decodes_and_a_prefill(runner, decodes: int = 36) -> dict[int, list[int]]:  # noqa: ANN001
+    prompts = [*_prompts(decodes, 512, seed=9), *_prompts(1, 512, seed=10)]
+    news = [NewRequest(seq_id=i, token_ids=p, num_prompt_tokens=len(p), block_ids=list(range(i * 8, (i + 1) * 8)),
+                       sampling=SamplingParams(temperature=0.0)) for i, p in enumerate(prompts)]
+    last = decodes  # the prompt that prefills beside the decodes
+    plans = [StepPlan(step_id=0, new_requests=news[:last],
+                      scheduled=[ScheduledSeq(seq_id=i, num_tokens=len(prompts[i])) for i in range(last)]),
+             StepPlan(step_id=1, new_requests=news[last:],
+                      scheduled=[*(ScheduledSeq(seq_id=i, num_tokens=1) for i in range(last)),
+                                 ScheduledSeq(seq_id=last, num_tokens=len(prompts[last]))])]
+    plans += [StepPlan(step_id=s, scheduled=[ScheduledSeq(seq_id=i, num_tokens=1) for i in range(last + 1)])
+              for s in range(2, 8)]
+    out: dict[int, list[int]] = {}
+    for plan in plans:
+        for o in runner.execute(plan).outputs:
+            out.setdefault(o.seq_id, []).extend(o.token_ids)
+    return out

@@ -73,6 +73,11 @@ def test_qk_rope_cache_matches_reference(heads: tuple[int, int], qk_norm: bool, 
         return float((a.float() - b.float()).norm() / b.float().norm())
 
     assert rel(q, q_ref) < tol
+    out = torch.full((t, cfg.num_q_heads, d), float("nan"), dtype=dtype, device=DEVICE)
+    again = qk_rope_cache(qkv, positions, cos_sin, norms[0].weight if qk_norm else None,
+                          norms[1].weight if qk_norm else None, 1e-6, cache, blocks, offsets,
+                          cfg.num_q_heads, cfg.num_kv_heads, out=out)
+    assert again is out and torch.equal(out, q)  # q written into the caller's buffer
     assert rel(cache[blocks, 0, offsets], k_ref) < tol
     assert torch.equal(cache[blocks, 1, offsets], v_ref)
     untouched = torch.ones(num_blocks * bs, dtype=torch.bool, device=DEVICE)
@@ -89,6 +94,10 @@ def test_qk_rope_cache_rejects_mismatched_shapes() -> None:
     with pytest.raises(ValueError, match="does not match"):
         qk_rope_cache(bad, idx, cos_sin_cache(cfg), None, None, 1e-6, cache, idx, idx, cfg.num_q_heads,
                       cfg.num_kv_heads)
+    good = torch.zeros(3, cfg.q_size + 2 * cfg.kv_size, device=DEVICE)
+    with pytest.raises(ValueError, match="is not a contiguous"):
+        qk_rope_cache(good, idx, cos_sin_cache(cfg), None, None, 1e-6, cache, idx, idx, cfg.num_q_heads,
+                      cfg.num_kv_heads, out=torch.zeros(4, cfg.num_q_heads, cfg.head_dim, device=DEVICE))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
