@@ -14,7 +14,8 @@
 # serving-conv serving-code-more (the paper-style duet-tbt and static on Azure code) serving-conv-static serving-conv-knee
 # (Azure conversation past the baselines' knee) serving-conv-steady (60 s of conversation trace per point, up to
 # 3000 requests: past the first burst, into steady state; STEADY_POLICIES, STEADY_RATES; PIECEWISE=1 serves with
-# piecewise graphs) engine-piecewise (the engine benchmark with piecewise graphs for prefill passes). GPU name for file names: GPU=h200 (default).
+# piecewise graphs) engine-piecewise (the engine benchmark with piecewise graphs for prefill passes) profile-piecewise (host
+# launch and device time of prefill and mixed steps with them). GPU name for file names: GPU=h200 (default).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . benchmarks/gpu_env.sh || exit 1
@@ -33,6 +34,7 @@ for stage in "$@"; do
     experiments) run experiments 420 python3 -u -m pytest -m experimental tests/dataplane -v -p no:cacheprovider \
                    --timeout 180 ;;
     profile) run profile 300 python3 benchmarks/profile_step.py --out "$OUT" ;;
+    profile-piecewise) run profile-piecewise 300 python3 benchmarks/profile_step.py --piecewise-graphs --out "$OUT" ;;
     profile-decode) for b in 16 64; do run profile-decode-$b 200 python3 benchmarks/profile_decode.py --graphs \
                       --batch $b --context 1024 --page-sizes 16,32,64; done ;;
     gemm-lib) run gemm-lib 200 python3 benchmarks/gemm_lib.py --out "$OUT" ;;

@@ -4,6 +4,7 @@ cProfile of the host side and a torch.profiler kernel table; a mixed step also w
 left in the ragged kernel (`_unsplit`), to show what the split attention saves.
 
     python benchmarks/profile_step.py --out /tmp/profile      # on a GPU; writes profile.txt there
+    python benchmarks/profile_step.py --piecewise-graphs --out /tmp/profile   # profile-piecewise.txt
 """
 
 from __future__ import annotations
@@ -84,9 +85,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--out", type=Path, default=Path("."))
+    p.add_argument("--piecewise-graphs", action="store_true",
+                   help="prefill and mixed steps of up to 1024 tokens as piecewise graphs (files profile-piecewise.*)")
     args = p.parse_args()
     worker = load_worker(DataplaneConfig(model="qwen3-8b", device="cuda", max_num_batched_tokens=8192,
-                                         max_num_seqs=256, multiplexing=False))
+                                         max_num_seqs=256, multiplexing=False, piecewise_graphs=args.piecewise_graphs))
     b = Bench(worker, args.batch, args.context, 512)
     report: dict[str, object] = {}
     text: list[str] = []
@@ -107,8 +110,9 @@ def main() -> None:
     for name, decode, tokens in [("decode_graph", True, 0), ("prefill2048", False, 2048)]:
         text.append(f"\n===== kernels: {name}\n" + kernel_table(b, decode, tokens))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "profile.txt").write_text("\n".join(text))
-    (args.out / "profile.json").write_text(json.dumps(report, indent=1))
+    stem = "profile-piecewise" if args.piecewise_graphs else "profile"
+    (args.out / f"{stem}.txt").write_text("\n".join(text))
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
     print("\n".join(text[1:]))
 
 
