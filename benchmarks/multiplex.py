@@ -122,7 +122,7 @@ def main() -> None:
         for k in ks:
             _, t_alone = b.median(args.reps, decode=True, prefill=False, mode="multiplexed", decode_sms=d, k=k)
             wall, t = b.median(args.reps, decode=True, prefill=True, mode="multiplexed", decode_sms=d, k=k)
-            row = {"decode_sms": d, "prefill_sms": 132 - d if torch.cuda.get_device_properties(0).multi_processor_count == 132 else None,
+            row = {"decode_sms": d, "prefill_sms": worker.runner.multiplexer.partitions.get(d).actual_prefill_sms,
                    "k": k, "step_ms": t.total_ms, "wall_ms": wall, "prefill_ms": t.prefill_ms,
                    # decoders get k tokens per step, delivered when the step ends: TPOT = step / k
                    "decode_ms": t.decode_ms, "tbt_ms": t.total_ms / k, "decode_step_ms": t.decode_ms / k,

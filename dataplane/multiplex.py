@@ -66,7 +66,8 @@ class Multiplexer:
         start.record()
         phases = {}
         if decode:
-            phases["decode"] = self._on(part.decode_stream, start, lambda: self._decode(runner, decode, plan, pending, key))
+            phases["decode"] = self._on(part.decode_stream, start,
+                                        lambda: self._sized_decode(runner, decode, plan, pending, part))
         if prefill:
             phases["prefill"] = self._on(part.prefill_stream, start, lambda: self._prefill(runner, prefill, pending, part))
         current = torch.cuda.current_stream()
@@ -83,6 +84,11 @@ class Multiplexer:
             work()
             ev.end.record(stream)
         return ev
+
+    def _sized_decode(self, runner: ModelRunner, decode: list[_Item], plan: StepPlan, pending: PendingStep,
+                      part: Partition) -> None:
+        with self._sized(part.actual_decode_sms):  # the eager lm_head and sampling of each pass
+            self._decode(runner, decode, plan, pending, part.split.decode_sms)
 
     def _prefill(self, runner: ModelRunner, prefill: list[_Item], pending: PendingStep, part: Partition) -> None:
         if not self.partition_kernels:

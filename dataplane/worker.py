@@ -137,6 +137,9 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
     if config.piecewise_graphs:
         pieces = build_piecewise(model, kv_caches, config, device, num_blocks, backend.name)
     multiplexer, splits = build_multiplexer(config, device) if graphs is not None else (None, [])
+    if multiplexer is not None and multiplexer.partition_kernels:  # type: ignore[attr-defined]
+        with backend.on_partition():  # its wrapper and pinned buffers now, not on the first multiplexed step
+            pass
     runner = ModelRunner(
         model, cfg, kv_caches, backend, Sampler(device=device, seed=config.seed),
         block_size=config.block_size, num_blocks=num_blocks, device=device, graphs=graphs,
@@ -190,6 +193,9 @@ def build_multiplexer(config: DataplaneConfig, device: torch.device) -> tuple[ob
         log.warning("green contexts unavailable, multiplexing off: %s", exc)
         return None, []
     sized = config.partition_kernels == "partition"
+    if sized and config.blas_library != "cublaslt":
+        log.warning("partition_kernels=partition with blas_library=%s: only cuBLASLt GEMMs take the SM-count "
+                    "target, so this sizes the prefill's attention alone", config.blas_library)
     return Multiplexer(partitions, sized, props.multi_processor_count), partitions.describe()
 
 

@@ -123,17 +123,21 @@ class FlashInferAttention(AttentionBackend):
 
     @contextmanager
     def on_partition(self) -> Iterator[None]:
-        """Prefill planned inside runs in FA2: FA3's static schedule spreads its work over one CTA per
-        device SM, so on a partition the CTAs past its SM count would run as a second wave."""
-        import flashinfer
-
+        """Prefill planned inside runs in FA2 (a CTA per tile): FA3's static schedule spreads its work
+        over one CTA per device SM, so on a partition the CTAs past its SM count would run as a second
+        wave. Where the prefill wrapper is FA2 already (not sm90), nothing changes."""
+        if _prefill_backend(self.device) != "fa3":
+            yield
+            return
         if self._prefill_partition is None:
+            import flashinfer
+
             self._prefill_partition = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD", backend="fa2")
-        self._prefill = self._prefill_partition
+        previous, self._prefill = self._prefill, self._prefill_partition
         try:
             yield
         finally:
-            self._prefill = self._prefill_device
+            self._prefill = previous
 
     def begin_step(self, batch: AttentionBatch, device: torch.device, slot_mapping: Tensor | None = None) -> None:
         if slot_mapping is None:  # callers on the hot path pass a staged device tensor
