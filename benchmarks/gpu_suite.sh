@@ -29,7 +29,7 @@ run() {  # run NAME LIMIT_S CMD...: one stage, its log under $OUT, a line with i
 }
 for stage in "$@"; do
   case $stage in
-    tests) run tests 420 python3 -m pytest -m "gpu and not experimental" tests/dataplane -q -x -p no:cacheprovider
+    tests) run tests 580 python3 -m pytest -m "gpu and not experimental" tests/dataplane -q -x -p no:cacheprovider
            save_fi_cache "$OUT" ;;
     experiments) run experiments 420 python3 -u -m pytest -m experimental tests/dataplane -v -p no:cacheprovider \
                    --timeout 180 ;;
