@@ -21,9 +21,9 @@ from dataplane.calibration import calibrate
 from dataplane.health import Heartbeat
 from dataplane.kv_cache import allocate_kv_cache
 from dataplane.memory import MemoryPlan, plan_cpu_memory, plan_gpu_memory, profile_activations
-from dataplane.piecewise import PiecewiseGraphs, default_token_buckets, piecewise_possible, piecewise_reserve_bytes
 from dataplane.models.config import ModelConfig
 from dataplane.models.loader import load_model, resolve_dtype
+from dataplane.piecewise import PiecewiseGraphs, default_token_buckets, piecewise_possible, piecewise_reserve_bytes
 from dataplane.runner import ModelRunner, PendingStep
 from dataplane.sampler import Sampler
 from dataplane.serve_loop import serve_plans
