@@ -30,7 +30,7 @@ H100_DECLARED = HardwareProfile(
 
 # One H200 (SXM, 132 SMs, 141 GB HBM3e) measured by DuetServe's own start-up calibration on its
 # green-context partitions (benchmarks/results/predictor-h200-all.json, 2026-12-01; points smoothed to
-# be monotone) and, for the whole device, by benchmarks/engine.py's ceilings (engine-h200.json).
+# be monotone) and, for the whole device, by benchmarks/engine.py's ceilings (engine-h200-4eacc25.json).
 H200_DECLARED = HardwareProfile(
     gpu="NVIDIA H200",
     sm_counts=[8, 16, 32, 48, 64, 96, 132],

@@ -127,3 +127,19 @@ def test_policy_sim_replays_every_request_deterministically(tmp_path: Path) -> N
     assert (duet.policy, duet.duet_slo, duet.duet_trim) == ("duet", "tpot", True)
     paper = policy_config("duet-tbt", base)
     assert (paper.policy, paper.duet_slo, paper.duet_trim) == ("duet", "tbt", False)
+
+
+def test_the_piecewise_what_if_lowers_the_host_floor_of_small_eager_passes_only() -> None:
+    from benchmarks.policy_sim import piecewise
+    from dataplane.sim_worker import SimGpu, sim_ready
+    from shared.roofline import BatchCost
+
+    gpu = SimGpu(sim_ready("qwen3-8b", "h200", execution="flashinfer"), time_scale=0.0)
+    small = BatchCost(num_tokens=128, num_sampled=1, chunks=[(1.0, 1.0)], chunk_shapes=[(128, 128)])
+    big = BatchCost(num_tokens=2048, num_sampled=1, chunks=[(1.0, 1.0)], chunk_shapes=[(2048, 2048)])
+    floor = gpu.roofline.eager_floor_ms
+    eager_small, eager_big, on_partition = gpu._ms(small, None), gpu._ms(big, None), gpu._ms(small, 64)
+    assert eager_small == pytest.approx(floor)  # a 128-token pass waits on the host's launches
+    piecewise(gpu, 3.0)
+    assert 3.0 <= gpu._ms(small, None) < floor
+    assert gpu._ms(big, None) == eager_big and gpu._ms(small, 64) == on_partition
