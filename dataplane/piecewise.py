@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from dataplane.attention.base import AttentionBackend
+from dataplane.models.config import ModelConfig
 from dataplane.models.dense import DenseForCausalLM
 from dataplane.models.fused import after_attention, project_q
 
@@ -42,14 +43,13 @@ def default_token_buckets(max_tokens: int) -> list[int]:
     return sorted({s for s in sizes if s < cap} | ({cap} if cap >= 1 else set()))
 
 
-def piecewise_reserve_bytes(hidden: int, q_width: int, qkv_width: int, intermediate: int, max_tokens: int,
-                            dtype: torch.dtype) -> int:
+def piecewise_reserve_bytes(cfg: ModelConfig, max_tokens: int, dtype: torch.dtype) -> int:
     """GPU memory the pieces hold beyond the eager pass's: the static buffers (residual, q, attention
     output, hidden states) and one piece's temporaries in the pool (qkv, gate/up, the activation, two
     hidden-sized), with a quarter on top for the allocator's rounding."""
-    per_token = 2 * hidden + 2 * q_width + qkv_width + 3 * intermediate + 2 * hidden
-    elem = torch.empty((), dtype=dtype).element_size()
-    return int(per_token * elem * min(max_tokens, MAX_PIECEWISE_TOKENS) * 1.25)
+    qkv = cfg.q_size + 2 * cfg.kv_size
+    per_token = 4 * cfg.hidden_size + 2 * cfg.q_size + qkv + 3 * cfg.intermediate_size
+    return int(per_token * dtype.itemsize * min(max_tokens, MAX_PIECEWISE_TOKENS) * 1.25)
 
 
 def piecewise_possible(model: DenseForCausalLM, device: torch.device, backend_name: str, cuda_graphs: bool) -> bool:
@@ -163,17 +163,20 @@ class PiecewiseGraphs:
         log.info("captured %d piecewise graphs (%d token buckets up to %d) in %.1f s", self.num_graphs,
                  len(self.buckets), self.buckets[-1], self.capture_seconds)
 
-    def run(self, input_ids: Tensor, positions: Tensor, slots: Tensor, attention: AttentionBackend) -> Tensor:
-        """One forward of T tokens (device tensors [T]); `attention` has begun this step. Returns the
-        final-normed hidden states [T, hidden] (a view of a static buffer, valid until the next run)."""
+    def run(self, input_ids: Tensor, positions: Tensor, attention: AttentionBackend) -> Tensor:
+        """One forward of T tokens (device tensors [T]); `attention` has begun this step and gives its
+        KV slots. Returns the final-normed hidden states [T, hidden] (a view of a static buffer, valid
+        until the next run)."""
         t = input_ids.shape[0]
         size = self.bucket_for(t)
-        if size is None or size not in self._graphs:
-            raise ValueError(f"no piecewise graphs for {t} tokens")
+        slots = attention.kv_slots()
+        if size is None or size not in self._graphs or slots is None:
+            raise ValueError(f"no piecewise graphs for {t} tokens" if slots is not None else
+                             f"{attention.name} attention does not expose its KV slots")
         self.input_ids[:t].copy_(input_ids)
         self.positions[:t].copy_(positions)
-        self.blocks[:t].copy_(slots // self.block_size)
-        self.offsets[:t].copy_(slots % self.block_size)
+        self.blocks[:t].copy_(slots[0])
+        self.offsets[:t].copy_(slots[1])
         self._pad(t, size)
         pieces = self._graphs[size]
         for i in range(self.num_layers + 1):

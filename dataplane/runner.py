@@ -293,7 +293,7 @@ class ModelRunner:
             self.backend.begin_step(batch, self.device, slots)
             if (self.pieces is not None and stream_key == "full" and not eager
                     and self.pieces.bucket_for(batch.num_tokens) is not None):
-                hidden = self.pieces.run(input_ids, positions, slots, self.backend)
+                hidden = self.pieces.run(input_ids, positions, self.backend)
             else:
                 hidden = self.model(input_ids, positions, self.backend, self.kv_caches)
         samplers: list[SeqState] = []

@@ -78,7 +78,7 @@ def describe_model(cfg: ModelConfig, dtype: torch.dtype) -> ModelDescription:
 
 
 def plan_memory(config: DataplaneConfig, model: torch.nn.Module, cfg: ModelConfig, backend: object,
-                dtype: torch.dtype, device: torch.device) -> MemoryPlan:
+                dtype: torch.dtype, device: torch.device, piecewise: bool = False) -> MemoryPlan:
     """How many KV blocks fit: the configured number, or what the memory budget leaves."""
     if device.type != "cuda":
         return plan_cpu_memory(cfg, kv_bytes=config.cpu_kv_cache_bytes, block_size=config.block_size, dtype=dtype,
@@ -87,11 +87,7 @@ def plan_memory(config: DataplaneConfig, model: torch.nn.Module, cfg: ModelConfi
         model, cfg, backend, num_tokens=config.max_num_batched_tokens,  # type: ignore[arg-type]
         num_logit_rows=config.max_num_seqs, block_size=config.block_size, dtype=dtype, device=device,
     )
-    extra = 0
-    if config.piecewise_graphs and piecewise_possible(model, device, backend.name, config.cuda_graphs):  # type: ignore[arg-type,attr-defined]
-
-        extra = piecewise_reserve_bytes(cfg.hidden_size, cfg.q_size, cfg.q_size + 2 * cfg.kv_size,
-                                        cfg.intermediate_size, config.max_num_batched_tokens, dtype)
+    extra = piecewise_reserve_bytes(cfg, config.max_num_batched_tokens, dtype) if piecewise else 0
     return plan_gpu_memory(cfg, utilization=config.gpu_memory_utilization, activation_bytes=activations,
                            block_size=config.block_size, dtype=dtype, device=device,
                            num_kv_blocks=config.num_kv_blocks, extra_reserve_bytes=extra)
@@ -116,7 +112,11 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
         enable_fused_path(model, device)
     shape = AttentionShape(cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, dtype)
     backend = make_backend(config.attention_backend, device, shape)
-    memory = plan_memory(config, model, cfg, backend, dtype, device)
+    piecewise = config.piecewise_graphs and piecewise_possible(model, device, backend.name, config.cuda_graphs)
+    if config.piecewise_graphs and not piecewise:
+        log.warning("piecewise graphs need CUDA graphs, flashinfer and the fused path with Triton; prefill and "
+                    "mixed passes stay eager")
+    memory = plan_memory(config, model, cfg, backend, dtype, device, piecewise)
     log.info("memory plan: %s", memory.describe() if device.type == "cuda" else f"{memory.num_kv_blocks} KV blocks")
     num_blocks = memory.num_kv_blocks
     kv_caches = allocate_kv_cache(cfg, num_blocks + 1, config.block_size, dtype, device)  # +1: graph padding
@@ -134,8 +134,10 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
         )
         graphs.capture()
     pieces = None
-    if config.piecewise_graphs:
-        pieces = build_piecewise(model, kv_caches, config, device, num_blocks, backend.name)
+    if piecewise:
+        pieces = PiecewiseGraphs(model, kv_caches, device, block_size=config.block_size,  # type: ignore[arg-type]
+                                 scratch_block=num_blocks, buckets=default_token_buckets(config.max_num_batched_tokens))
+        pieces.capture()
     multiplexer, splits = build_multiplexer(config, device) if graphs is not None else (None, [])
     if multiplexer is not None and multiplexer.partition_kernels:  # type: ignore[attr-defined]
         with backend.on_partition():  # its wrapper and pinned buffers now, not on the first multiplexed step
@@ -162,19 +164,6 @@ def partition_calibration(multiplexer: object | None) -> dict[str, object]:
         return {}
     streams = multiplexer.partitions.streams_by_size()  # type: ignore[attr-defined]
     return {"sm_counts": sorted(streams), "partition": lambda sms: torch.cuda.stream(streams[sms])}
-
-
-def build_piecewise(model: torch.nn.Module, kv_caches: list[torch.Tensor], config: DataplaneConfig,
-                    device: torch.device, scratch_block: int, backend_name: str) -> PiecewiseGraphs | None:
-    """Piecewise graphs of prefill and mixed passes, when the fused path has its Triton kernels."""
-    if not piecewise_possible(model, device, backend_name, config.cuda_graphs):  # type: ignore[arg-type]
-        log.warning("piecewise graphs need CUDA graphs, flashinfer and the fused path with Triton; prefill and "
-                    "mixed passes stay eager")
-        return None
-    pieces = PiecewiseGraphs(model, kv_caches, device, block_size=config.block_size,  # type: ignore[arg-type]
-                             scratch_block=scratch_block, buckets=default_token_buckets(config.max_num_batched_tokens))
-    pieces.capture()
-    return pieces
 
 
 def build_multiplexer(config: DataplaneConfig, device: torch.device) -> tuple[object | None, list[tuple[int, int]]]:

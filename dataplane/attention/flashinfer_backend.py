@@ -97,7 +97,6 @@ class FlashInferAttention(AttentionBackend):
             self._workspace, "NHD", backend=_prefill_backend(device)
         )
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD", use_tensor_cores=True)
-        self._prefill_device = self._prefill
         self._prefill_partition: object | None = None  # FA2, built on first use by `on_partition`
         self._step_prefill = self._prefill  # the prefill wrapper this step planned
         self._wrapper: object | None = None

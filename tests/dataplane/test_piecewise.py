@@ -97,7 +97,7 @@ def _step(model: DenseForCausalLM, batch: AttentionBatch, caches: list[torch.Ten
     with torch.inference_mode():
         if pieces is None:
             return model(ids, positions, attention, caches).clone()
-        return pieces.run(ids, positions, slots, attention).clone()
+        return pieces.run(ids, positions, attention).clone()
 
 
 def test_pieces_compute_the_fused_forward_and_pad_into_the_scratch_block(model: DenseForCausalLM) -> None:
