@@ -203,14 +203,14 @@ def summarise(results: dict) -> dict:
 
         chosen = next((rate for rate in rates if max(at(p, rate)["slo_attainment"] for p in base) < 0.9), rates[-1])
         best = max(base, key=lambda p: at(p, chosen)["request_goodput"])
+        duet, baseline = at("duet", chosen), at(best, chosen)
         out[f"azure_{trace}"] = {
-            "duet_goodput": at("duet", chosen)["request_goodput"], "best_baseline_goodput": at(best, chosen)["request_goodput"],
-            "best_baseline": best, "rate": chosen, "duet_p99_tbt_ms": at("duet", chosen)["p99_itl_ms"],
-            "baseline_p99_tbt_ms": at(best, chosen)["p99_itl_ms"],
-            "duet_slo_attainment": at("duet", chosen)["slo_attainment"],
-            "baseline_slo_attainment": at(best, chosen)["slo_attainment"],
-            "goodput_ratio_ceiling": at("duet", chosen)["request_throughput"] / at(best, chosen)["request_goodput"]
-            if at(best, chosen)["request_goodput"] else float("inf"),
+            "duet_goodput": duet["request_goodput"], "best_baseline_goodput": baseline["request_goodput"],
+            "best_baseline": best, "rate": chosen, "duet_p99_tbt_ms": duet["p99_itl_ms"],
+            "baseline_p99_tbt_ms": baseline["p99_itl_ms"],
+            "duet_slo_attainment": duet["slo_attainment"], "baseline_slo_attainment": baseline["slo_attainment"],
+            "goodput_ratio_ceiling": duet["request_throughput"] / baseline["request_goodput"]
+            if baseline["request_goodput"] else float("inf"),
         }
         for other in ("static", "duet-tbt"):
             row = next((r for r in by_policy.get(other, []) if r["rate"] == chosen), None)
