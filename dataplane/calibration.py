@@ -6,8 +6,9 @@ returns a context manager running the enclosed work on an S-SM partition, e.g. a
 stream), on each candidate partition size. Without a provider only the whole device is measured;
 if a declared curve exists for the GPU (shared.profiles) its shape is rescaled to the measured
 point (`source="scaled"`), else the profile holds that one point (`source="measured"`). Results
-are cached as JSON keyed by GPU name, SM count, driver and CUDA versions (default
-`~/.cache/duetserve`); a cache hit says `source="cached"`. On CPU a tiny matmul and copy give a
+are cached as JSON keyed by GPU name, SM count, driver and CUDA versions and the kernel setup
+(`setup`: the BLAS library and whether partitions' kernels are sized for them, which change the
+GEMM rates measured; default `~/.cache/duetserve`); a cache hit says `source="cached"`. On CPU a tiny matmul and copy give a
 measured one-point profile in milliseconds. `detail` always says which points were measured.
 
 This module measures and reports; it decides nothing about scheduling.
@@ -129,8 +130,9 @@ def profile_from_points(gpu: str, points: dict[int, tuple[float, float]], full_s
                            detail=measured)
 
 
-def cache_path(cache_dir: Path, gpu: str, sm_count: int, driver: str) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"{gpu}-{sm_count}sm-{driver}").strip("-")
+def cache_path(cache_dir: Path, gpu: str, sm_count: int, driver: str, setup: str = "") -> Path:
+    """`setup` names the kernel choices the measurement depends on ("" for the defaults)."""
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"{gpu}-{sm_count}sm-{driver}{'-' + setup if setup else ''}").strip("-")
     return cache_dir / f"profile-{slug}.json"
 
 
@@ -170,14 +172,16 @@ def cpu_profile() -> HardwareProfile:
 
 
 def calibrate(device: torch.device, dtype: torch.dtype, cache_dir: str | Path | None = None, *,
-              sm_counts: list[int] | None = None, partition: PartitionProvider | None = None) -> HardwareProfile:
-    """The device's profile: cached if this GPU and driver were measured before, else measured now."""
+              sm_counts: list[int] | None = None, partition: PartitionProvider | None = None,
+              setup: str = "") -> HardwareProfile:
+    """The device's profile: cached if this GPU, driver and kernel `setup` were measured before, else
+    measured now."""
     if device.type != "cuda":
         return cpu_profile()
     props = torch.cuda.get_device_properties(device)
     driver = _driver(device)
     path = cache_path(Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR, props.name, props.multi_processor_count,
-                      driver)
+                      driver, setup)
     cached = load_cached(path)
     wanted = set(sm_counts or []) | {props.multi_processor_count}
     if cached is not None and (partition is None or (cached.source == "measured" and wanted <= set(cached.sm_counts))):

@@ -44,7 +44,7 @@ class Multiplexer:
         self.partition_kernels = partition_kernels
         self.device_sms = device_sms
 
-    def _sized(self, sms: int) -> AbstractContextManager[None]:
+    def sized(self, sms: int) -> AbstractContextManager[None]:
         return sm_count_target(sms, self.device_sms) if self.partition_kernels else nullcontext()
 
     def run(self, runner: ModelRunner, items: list[_Item], plan: StepPlan, pending: PendingStep) -> None:
@@ -59,7 +59,7 @@ class Multiplexer:
             return
         key = part.split.decode_sms
         if graphs is not None and bucket is not None:
-            with self._sized(part.actual_decode_sms):  # a capture keeps the GEMMs it chose
+            with self.sized(part.actual_decode_sms):  # a capture keeps the GEMMs it chose
                 for step in range(plan.decode_steps):  # capture before any eager work is in flight
                     graphs.ensure(key, part.decode_stream, bucket, step)
         start = torch.cuda.Event()
@@ -87,14 +87,14 @@ class Multiplexer:
 
     def _sized_decode(self, runner: ModelRunner, decode: list[_Item], plan: StepPlan, pending: PendingStep,
                       part: Partition) -> None:
-        with self._sized(part.actual_decode_sms):  # the eager lm_head and sampling of each pass
+        with self.sized(part.actual_decode_sms):  # the eager lm_head and sampling of each pass
             self._decode(runner, decode, plan, pending, part.split.decode_sms)
 
     def _prefill(self, runner: ModelRunner, prefill: list[_Item], pending: PendingStep, part: Partition) -> None:
         if not self.partition_kernels:
             runner._run(prefill, 1, pending, eager=True)
             return
-        with self._sized(part.actual_prefill_sms), runner.backend.on_partition():
+        with self.sized(part.actual_prefill_sms), runner.backend.on_partition():
             runner._run(prefill, 1, pending, eager=True)
 
     @staticmethod

@@ -11,6 +11,8 @@ import logging
 import signal
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -153,17 +155,33 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
         attention_backend=backend.name, supports_multiplexing=multiplexer is not None,
         partition_sm_counts=[decode for _, decode in splits],
         max_num_batched_tokens=config.max_num_batched_tokens if device.type == "cuda" else 0,
-        profile=calibrate(device, dtype, config.calibration_cache_dir, **partition_calibration(multiplexer)),
+        profile=calibrate(device, dtype, config.calibration_cache_dir, setup=calibration_setup(config),
+                          **partition_calibration(multiplexer)),
     )
     return LoadedWorker(runner, ready)
 
 
+def calibration_setup(config: DataplaneConfig) -> str:
+    """The kernel choices a calibration depends on, for its cache key ("" for the defaults)."""
+    parts = [f"blas-{config.blas_library}"] if config.blas_library != "default" else []
+    if config.multiplexing and config.partition_kernels != "device":
+        parts.append(f"kernels-{config.partition_kernels}")
+    return "-".join(parts)
+
+
 def partition_calibration(multiplexer: object | None) -> dict[str, object]:
-    """Let calibration measure every partition size on its own green-context stream."""
+    """Let calibration measure every partition size on its own green-context stream, with its GEMMs
+    sized for the partition when the multiplexer sizes kernels so."""
     if multiplexer is None:
         return {}
     streams = multiplexer.partitions.streams_by_size()  # type: ignore[attr-defined]
-    return {"sm_counts": sorted(streams), "partition": lambda sms: torch.cuda.stream(streams[sms])}
+
+    @contextmanager
+    def partition(sms: int) -> Iterator[None]:
+        with torch.cuda.stream(streams[sms]), multiplexer.sized(sms):  # type: ignore[attr-defined]
+            yield
+
+    return {"sm_counts": sorted(streams), "partition": partition}
 
 
 def build_multiplexer(config: DataplaneConfig, device: torch.device) -> tuple[object | None, list[tuple[int, int]]]:

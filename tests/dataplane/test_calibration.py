@@ -60,6 +60,9 @@ def test_cache_round_trip_is_keyed_by_gpu_and_driver(tmp_path: Path) -> None:
     cached = as_cached(loaded)
     assert cached.source == "cached" and cached.detail.startswith("scaled: ")
     assert cache_path(tmp_path, profile.gpu, 132, "driver2") != path
+    lt = cache_path(tmp_path, profile.gpu, 132, "driver1", "blas-cublaslt-kernels-partition")
+    assert lt != path and "cublaslt-kernels-partition" in lt.name  # another kernel setup, another entry
+    assert cache_path(tmp_path, profile.gpu, 132, "driver1", "") == path
     assert load_cached(tmp_path / "missing.json") is None
     (tmp_path / "bad.json").write_text("{not json")
     assert load_cached(tmp_path / "bad.json") is None
