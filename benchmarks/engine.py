@@ -267,8 +267,9 @@ def main() -> None:
     p.add_argument("--peer-output-len", type=int, default=256)
     p.add_argument("--blas-library", default="default", help="default | cublas | cublaslt")
     p.add_argument("--decode-only", action="store_true", help="the decode grid only (an A/B of kernels)")
-    p.add_argument("--piecewise-graphs", action="store_true",
-                   help="prefill passes of up to 1024 tokens as piecewise CUDA graphs (results file engine-<gpu>-piecewise)")
+    p.add_argument("--piecewise-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="prefill passes of up to 1024 tokens as piecewise CUDA graphs, as served (results file "
+                        "engine-<gpu>-piecewise; --no-piecewise-graphs: eager, engine-<gpu>)")
     p.add_argument("--unsplit-kv-min-batch", type=int, default=None,
                    help="decode graphs of at least this batch read KV unsplit (default: the data plane's "
                         "flashinfer_backend.UNSPLIT_KV_MIN_BATCH, 32; 100000 keeps flashinfer's split everywhere)")

@@ -5,17 +5,19 @@
 #   bash benchmarks/gpu_suite.sh multiplex predictor
 #   bash benchmarks/gpu_suite.sh serving-code          # a serving stage fills most of one call
 # Needs .whl/ filled by benchmarks/device_prep.sh (carry [".whl"]). Stages: tests experiments (GPU tests marked
-# experimental: open questions, e.g. piecewise graphs) profile profile-decode (kernel tables of
+# experimental: open questions, e.g. partition-sized kernels) profile profile-decode (kernel tables of
 # replayed decode graphs at 1k context, attention by page size) gemm-lib (decode
 # GEMMs by BLAS library) skinny-gemm (tune the Triton decode GEMM against cuBLAS)
 # decode-attention (flashinfer's graph decode kernel options) decode-ab (the engine's decode grid under cuBLASLt, then cuBLAS) engine multiplex
-# multiplex-lt multiplex-sized (the multiplex benchmark under cuBLASLt with kernels sized for the device, then the partition)
+# multiplex-lt multiplex-sized multiplex-gemm (the multiplex benchmark under cuBLASLt with kernels sized for the device,
+# then the partition, then the partition's GEMMs only, FA3 prefill kept)
 # predictor (the shapes serving runs) predictor-all (every shape on every SM count) serving-code
 # serving-conv serving-code-more (the paper-style duet-tbt and static on Azure code) serving-conv-static serving-conv-knee
 # (Azure conversation past the baselines' knee) serving-conv-steady (60 s of conversation trace per point, up to
-# 3000 requests: past the first burst, into steady state; STEADY_POLICIES, STEADY_RATES; PIECEWISE=1 serves with
-# piecewise graphs) engine-piecewise (the engine benchmark with piecewise graphs for prefill passes) profile-piecewise (host
-# launch and device time of prefill and mixed steps with them). GPU name for file names: GPU=h200 (default).
+# 3000 requests: past the first burst, into steady state; STEADY_POLICIES, STEADY_RATES; EAGER=1 serves without
+# piecewise graphs) engine-eager (the engine benchmark with prefill passes launched eagerly, not as piecewise graphs)
+# profile-eager (host launch and device time of eager prefill and mixed steps). GPU name for file names: GPU=h200 (default).
+# Every other stage runs the data plane's defaults, piecewise graphs included.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . benchmarks/gpu_env.sh || exit 1
@@ -34,7 +36,7 @@ for stage in "$@"; do
     experiments) run experiments 420 python3 -u -m pytest -m experimental tests/dataplane -v -p no:cacheprovider \
                    --timeout 180 ;;
     profile) run profile 300 python3 benchmarks/profile_step.py --out "$OUT" ;;
-    profile-piecewise) run profile-piecewise 300 python3 benchmarks/profile_step.py --piecewise-graphs --out "$OUT" ;;
+    profile-eager) run profile-eager 300 python3 benchmarks/profile_step.py --no-piecewise-graphs --out "$OUT" ;;
     profile-decode) for b in 16 64; do run profile-decode-$b 200 python3 benchmarks/profile_decode.py --graphs \
                       --batch $b --context 1024 --page-sizes 16,32,64; done ;;
     gemm-lib) run gemm-lib 200 python3 benchmarks/gemm_lib.py --out "$OUT" ;;
@@ -45,11 +47,13 @@ for stage in "$@"; do
                  run decode-$lib 300 python3 benchmarks/engine.py --decode-only --blas-library $lib --out "$OUT"
                done ;;
     engine) run engine 400 python3 benchmarks/engine.py --peer-requests 64 --peer-output-len 128 --out "$OUT" ;;
-    engine-piecewise) run engine-piecewise 400 python3 benchmarks/engine.py --piecewise-graphs --out "$OUT" ;;
+    engine-eager) run engine-eager 400 python3 benchmarks/engine.py --no-piecewise-graphs --out "$OUT" ;;
     multiplex) run multiplex 400 python3 benchmarks/multiplex.py --out "$OUT" ;;
     multiplex-lt) run multiplex-lt 400 python3 benchmarks/multiplex.py --blas-library cublaslt --out "$OUT" ;;
     multiplex-sized) run multiplex-sized 400 python3 benchmarks/multiplex.py --blas-library cublaslt \
                        --partition-kernels partition --out "$OUT" ;;
+    multiplex-gemm) run multiplex-gemm 400 python3 benchmarks/multiplex.py --blas-library cublaslt \
+                      --partition-kernels gemm --out "$OUT" ;;
     predictor) run predictor 400 python3 benchmarks/predictor.py --partitions --decode-sizes 32,64 \
                  --sm-counts 32,64,68,100,132 --grid serving --reps 2 --out "$OUT" ;;
     predictor-all) run predictor-all 400 python3 benchmarks/predictor.py --partitions --decode-sizes 32,64 \
@@ -64,10 +68,11 @@ for stage in "$@"; do
                     --policies static --rates ${CONV_RATES:-20,28,36} --seconds 15 --trace-dir .whl/traces --out "$OUT" ;;
     serving-conv-knee) run serving-conv-knee 560 python3 benchmarks/serving.py --gpu "$GPU" --traces conv \
                     --policies duet,aggregated,prefill-first --rates ${KNEE_RATES:-40,48} --seconds 15 --trace-dir .whl/traces --out "$OUT" ;;
-    serving-conv-steady) run serving-conv-steady 560 python3 benchmarks/serving.py --traces conv \
+    serving-conv-steady) mode=piecewise; [ -n "${EAGER:-}" ] && mode=eager
+                  run serving-conv-steady 560 python3 benchmarks/serving.py --traces conv \
                     --policies ${STEADY_POLICIES:-duet,aggregated} --rates ${STEADY_RATES:-20,22} --seconds 60 \
                     --max-requests 3000 --trace-dir .whl/traces --out "$OUT" \
-                    ${PIECEWISE:+--piecewise-graphs} --gpu "$GPU-steady${PIECEWISE:+-piecewise}" ;;
+                    ${EAGER:+--no-piecewise-graphs} --gpu "$GPU-steady-$mode" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -87,8 +87,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--tbt-slo-ms", type=float, default=50.0, help="TBT bound of the fair comparison")
     p.add_argument("--partition-kernels", choices=PARTITION_KERNELS, default="device",
-                   help="kernels of a multiplexed step sized for the whole GPU or their partition "
-                        "(dataplane/partition_kernels.py; the results file gets a suffix)")
+                   help="kernels of a multiplexed step sized for the whole GPU, their partition, or their "
+                        "partition's GEMMs only (dataplane/partition_kernels.py; the results file gets a suffix)")
     p.add_argument("--blas-library", choices=BLAS_LIBRARIES, default="default")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()

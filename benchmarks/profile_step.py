@@ -85,8 +85,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--out", type=Path, default=Path("."))
-    p.add_argument("--piecewise-graphs", action="store_true",
-                   help="prefill and mixed steps of up to 1024 tokens as piecewise graphs (files profile-piecewise.*)")
+    p.add_argument("--piecewise-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="prefill and mixed steps of up to 1024 tokens as piecewise graphs, as served (files "
+                        "profile-piecewise.*; --no-piecewise-graphs: eager, files profile.*)")
     args = p.parse_args()
     worker = load_worker(DataplaneConfig(model="qwen3-8b", device="cuda", max_num_batched_tokens=8192,
                                          max_num_seqs=256, multiplexing=False, piecewise_graphs=args.piecewise_graphs))

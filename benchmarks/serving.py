@@ -57,8 +57,8 @@ class Server:
                "--policy", base, "--tbt-slo-ms", str(args.tpot_slo_ms), "--ttft-slo-ms", str(args.ttft_slo_ms),
                "--max-num-batched-tokens", str(args.budget), "--max-num-seqs", str(args.max_num_seqs),
                "--metrics-port", str(self.metrics), "--log-level", "WARNING"]
-        if args.piecewise_graphs:
-            cmd.append("--piecewise-graphs")
+        if not args.piecewise_graphs:
+            cmd.append("--no-piecewise-graphs")
         if policy == "duet-tbt":  # the paper's rule: every mixed step fits the TBT SLO, split or not
             cmd += ["--duet-slo", "tbt", "--no-duet-trim"]
         if args.simulate:
@@ -280,8 +280,9 @@ def main() -> None:
     p.add_argument("--tpot-slo-ms", type=float, default=50.0)
     p.add_argument("--budget", type=int, default=2048, help="max_num_batched_tokens for every policy")
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--piecewise-graphs", action="store_true",
-                   help="serve with piecewise CUDA graphs for prefill and mixed steps (name the run with --gpu)")
+    p.add_argument("--piecewise-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve with piecewise CUDA graphs for prefill and mixed steps, the server's default "
+                        "(--no-piecewise-graphs: eager; name the run with --gpu)")
     p.add_argument("--decode-partition-sms", default="16,24,32,48,64")
     p.add_argument("--gpu", default="h100", help="the GPU's name in the results file")
     p.add_argument("--simulate", default=None, metavar="GPU",

@@ -46,9 +46,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default="auto", help="auto (flashinfer on CUDA, torch on CPU), torch "
                                                               "or flashinfer")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on the GPU")
-    p.add_argument("--piecewise-graphs", action="store_true",
+    p.add_argument("--piecewise-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="run prefill and mixed steps of up to 1024 tokens as CUDA graphs around attention on "
-                        "the GPU (an experiment)")
+                        "the GPU (--no-piecewise-graphs: launch them eagerly)")
     p.add_argument("--decode-partition-sms", default=None,
                    help="comma-separated decode partition sizes to build (default: every split the GPU allows)")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and unseeded sampling")

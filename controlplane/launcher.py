@@ -35,8 +35,8 @@ def dataplane_args(config: DataplaneConfig) -> list[str]:
     ]
     if not config.cuda_graphs:
         args.append("--no-cuda-graphs")
-    if config.piecewise_graphs:
-        args.append("--piecewise-graphs")
+    if not config.piecewise_graphs:
+        args.append("--no-piecewise-graphs")
     if config.partition_kernels != "device":
         args += ["--partition-kernels", config.partition_kernels]
     if config.blas_library != "default":

@@ -29,9 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest step (tokens) the GPU memory plan must fit")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="largest decode batch with a CUDA graph")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly")
-    p.add_argument("--piecewise-graphs", action="store_true",
+    p.add_argument("--piecewise-graphs", action=argparse.BooleanOptionalAction, default=d.piecewise_graphs,
                    help="run prefill and mixed passes of up to 1024 tokens as CUDA graphs around attention "
-                        "(an experiment)")
+                        "(--no-piecewise-graphs: launch them eagerly)")
     p.add_argument("--no-fused-kernels", action="store_true", help="use the reference (unfused) model path on CUDA")
     p.add_argument("--blas-library", choices=BLAS_LIBRARIES, default=d.blas_library,
                    help="library for torch's GEMMs on CUDA (default: torch's choice)")
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated decode partition sizes to build (default: every allowed split)")
     p.add_argument("--partition-kernels", choices=PARTITION_KERNELS, default=d.partition_kernels,
                    help="size a multiplexed step's kernels for the whole GPU (device) or for their partition "
-                        "(partition: cuBLASLt SM target, FA2 prefill; an experiment)")
+                        "(partition: cuBLASLt SM target, FA2 prefill; gemm: the SM target only; an experiment)")
     p.add_argument("--calibration-cache-dir", default=None,
                    help="where measured hardware profiles are cached (default ~/.cache/duetserve)")
     p.add_argument("--log-level", default="INFO")

@@ -34,14 +34,17 @@ class PhaseEvents:
 
 
 class Multiplexer:
-    """`partition_kernels`: size kernels for the partition they run on (`dataplane.partition_kernels`)
-    rather than the whole device; `device_sms` is the whole device's SM count."""
+    """`partition_kernels`: size GEMMs for the partition they run on (`dataplane.partition_kernels`)
+    rather than the whole device, and with `fa2_prefill` plan the partition's prefill attention with
+    FA2; `device_sms` is the whole device's SM count."""
 
-    def __init__(self, partitions: PartitionSet, partition_kernels: bool = False, device_sms: int = 0) -> None:
+    def __init__(self, partitions: PartitionSet, partition_kernels: bool = False, device_sms: int = 0,
+                 fa2_prefill: bool = True) -> None:
         if partition_kernels and device_sms < 1:
             raise ValueError("partition-sized kernels need the device's SM count")
         self.partitions = partitions
         self.partition_kernels = partition_kernels
+        self.fa2_prefill = partition_kernels and fa2_prefill
         self.device_sms = device_sms
 
     def sized(self, sms: int) -> AbstractContextManager[None]:
@@ -94,7 +97,8 @@ class Multiplexer:
         if not self.partition_kernels:
             runner._run(prefill, 1, pending, eager=True)
             return
-        with self.sized(part.actual_prefill_sms), runner.backend.on_partition():
+        attention = runner.backend.on_partition() if self.fa2_prefill else nullcontext()
+        with self.sized(part.actual_prefill_sms), attention:
             runner._run(prefill, 1, pending, eager=True)
 
     @staticmethod

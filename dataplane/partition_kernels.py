@@ -9,6 +9,8 @@ partition:
   partition of S SMs the CTAs past S run as a second wave: the attention backend plans a
   partition's prefill with FA2, whose grid is not tied to the SM count
   (`AttentionBackend.on_partition`).
+`partition_kernels="partition"` does both; `"gemm"` the SM target alone (FA3 keeps the prefill: FA2
+at 8k tokens is slower than FA3's second wave, results/multiplex-h200-partition-cublaslt.json).
 It changes host-side launch settings only and restores them on exit; it decides no split.
 """
 

@@ -115,9 +115,9 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
     shape = AttentionShape(cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, dtype)
     backend = make_backend(config.attention_backend, device, shape)
     piecewise = config.piecewise_graphs and piecewise_possible(model, device, backend.name, config.cuda_graphs)
-    if config.piecewise_graphs and not piecewise:
-        log.warning("piecewise graphs need CUDA graphs, flashinfer and the fused path with Triton; prefill and "
-                    "mixed passes stay eager")
+    if config.piecewise_graphs and not piecewise and device.type == "cuda":  # on a CPU every pass is eager
+        log.info("piecewise graphs need CUDA graphs, flashinfer and the fused path with Triton; prefill and "
+                 "mixed passes stay eager")
     memory = plan_memory(config, model, cfg, backend, dtype, device, piecewise)
     log.info("memory plan: %s", memory.describe() if device.type == "cuda" else f"{memory.num_kv_blocks} KV blocks")
     num_blocks = memory.num_kv_blocks
@@ -141,7 +141,7 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
                                  scratch_block=num_blocks, buckets=default_token_buckets(config.max_num_batched_tokens))
         pieces.capture()
     multiplexer, splits = build_multiplexer(config, device) if graphs is not None else (None, [])
-    if multiplexer is not None and multiplexer.partition_kernels:  # type: ignore[attr-defined]
+    if multiplexer is not None and multiplexer.fa2_prefill:  # type: ignore[attr-defined]
         with backend.on_partition():  # its wrapper and pinned buffers now, not on the first multiplexed step
             pass
     runner = ModelRunner(
@@ -199,11 +199,14 @@ def build_multiplexer(config: DataplaneConfig, device: torch.device) -> tuple[ob
     except Exception as exc:  # an old driver or a GPU without green contexts: serve aggregated only
         log.warning("green contexts unavailable, multiplexing off: %s", exc)
         return None, []
-    sized = config.partition_kernels == "partition"
+    sized = config.partition_kernels != "device"
+    fa2 = config.partition_kernels == "partition"
     if sized and config.blas_library != "cublaslt":
-        log.warning("partition_kernels=partition with blas_library=%s: only cuBLASLt GEMMs take the SM-count "
-                    "target, so this sizes the prefill's attention alone", config.blas_library)
-    return Multiplexer(partitions, sized, props.multi_processor_count), partitions.describe()
+        log.warning("partition_kernels=%s with blas_library=%s: only cuBLASLt GEMMs take the SM-count target, "
+                    "so this sizes %s", config.partition_kernels, config.blas_library,
+                    "the prefill's attention alone" if fa2 else "nothing")
+    return (Multiplexer(partitions, sized, props.multi_processor_count, fa2_prefill=fa2),
+            partitions.describe())
 
 
 class Worker:

@@ -48,7 +48,7 @@ DUET_SLOS: tuple[str, ...] = ("tbt", "tpot")
 
 
 BLAS_LIBRARIES: tuple[str, ...] = ("default", "cublas", "cublaslt")
-PARTITION_KERNELS: tuple[str, ...] = ("device", "partition")  # DataplaneConfig.partition_kernels
+PARTITION_KERNELS: tuple[str, ...] = ("device", "partition", "gemm")  # DataplaneConfig.partition_kernels
 
 
 class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -69,14 +69,15 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_num_seqs: int = 256  # largest decode batch with a CUDA graph
     cuda_graphs: bool = True
     # prefill and mixed passes of up to 1024 tokens as CUDA graphs around eager attention
-    # (dataplane/piecewise.py); an experiment, off by default
-    piecewise_graphs: bool = False
+    # (dataplane/piecewise.py), where they can be built (CUDA graphs, flashinfer, the fused path)
+    piecewise_graphs: bool = True
     fused_kernels: bool = True  # flashinfer norm/rope and fused projections on CUDA (bf16/fp16)
     blas_library: str = "default"  # default | cublas | cublaslt: the library torch's GEMMs use on CUDA
     multiplexing: bool = True  # build green-context SM partitions on CUDA
     decode_partition_sms: tuple[int, ...] | None = None  # decode sizes to build; None: every allowed split
     # device: kernels on a partition size themselves for the whole GPU; partition: for their partition
-    # (cuBLASLt's SM target, FA2 prefill; dataplane/partition_kernels.py). An experiment, off by default.
+    # (cuBLASLt's SM target, FA2 prefill; dataplane/partition_kernels.py); gemm: the SM target only (the
+    # prefill keeps FA3). An experiment, off by default.
     partition_kernels: str = "device"
     telemetry: TelemetryConfig = TelemetryConfig()
     health_file: str | None = None  # heartbeat file the serve loop touches (compose health checks)

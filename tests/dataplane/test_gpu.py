@@ -286,14 +286,14 @@ def test_partition_sized_kernels_keep_the_multiplexed_tokens(gpu_checkpoint: Pat
         torch.backends.cuda.preferred_blas_library(blas)
 
 
-@pytest.mark.experimental
 def test_piecewise_graphs_keep_the_tokens(gpu_checkpoint: Path) -> None:
-    """Prefill and mixed passes replayed as piecewise graphs around eager attention give the eager
-    passes' greedy tokens, with no host sync; experimental until a GPU run has shown it."""
+    """Prefill and mixed passes replayed as piecewise graphs around eager attention (the default) give
+    the eager passes' greedy tokens, with no host sync."""
     sizes = {"max_num_seqs": 48}
-    pieces = _worker(str(gpu_checkpoint), piecewise_graphs=True, **sizes).runner
+    pieces = _worker(str(gpu_checkpoint), **sizes).runner
     assert pieces.pieces is not None and pieces.pieces.num_graphs > 0
-    eager = _worker(str(gpu_checkpoint), **sizes).runner
+    eager = _worker(str(gpu_checkpoint), piecewise_graphs=False, **sizes).runner
+    assert eager.pieces is None
     prompts = _prompts(6, 512, seed=8)
     want = greedy_run(eager, prompts, 12)
     assert greedy_run(pieces, prompts, 12, sync_debug=True) == want

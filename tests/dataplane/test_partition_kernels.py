@@ -89,3 +89,41 @@ def test_calibration_sizes_a_partitions_gemms_as_the_multiplexer_does(sized: boo
     assert inside == (132 - 16 if sized else before)
     assert torch._C._get_sm_carveout_experimental() == before
     assert partition_calibration(None) == {}
+
+
+@pytest.mark.parametrize(("mode", "want_target", "want_fa2"), [
+    ("device", None, False), ("gemm", 132 - 100, False), ("partition", 132 - 100, True)])
+def test_a_partitions_prefill_is_sized_as_the_mode_says(mode: str, want_target: int | None, want_fa2: bool) -> None:
+    from contextlib import contextmanager
+
+    from dataplane.multiplex import Multiplexer
+    from dataplane.partition_menu import Split
+    from dataplane.partitions import Partition
+
+    seen: list[tuple[int, bool]] = []
+
+    class Backend:
+        fa2 = False
+
+        @contextmanager
+        def on_partition(self):  # noqa: ANN202
+            Backend.fa2 = True
+            try:
+                yield
+            finally:
+                Backend.fa2 = False
+
+    class Runner:
+        backend = Backend()
+
+        def _run(self, items, steps, pending, eager) -> None:  # noqa: ANN001
+            seen.append((torch._C._get_sm_carveout_experimental(), Backend.fa2))
+
+    before = torch._C._get_sm_carveout_experimental()
+    part = Partition(split=Split(decode_sms=32, prefill_sms=100), decode_stream=None, prefill_stream=None,  # type: ignore[arg-type]
+                     actual_decode_sms=32, actual_prefill_sms=100)
+    mux = Multiplexer(None, mode != "device", 132, fa2_prefill=mode == "partition")  # type: ignore[arg-type]
+    assert mux.fa2_prefill == want_fa2
+    mux._prefill(Runner(), [], None, part)  # type: ignore[arg-type]
+    assert seen == [(before if want_target is None else want_target, want_fa2)]
+    assert torch._C._get_sm_carveout_experimental() == before and not Backend.fa2

@@ -30,7 +30,7 @@ def test_partition_kernels_is_checked() -> None:
     assert DataplaneConfig().partition_kernels == "device"
     for name in PARTITION_KERNELS:
         assert DataplaneConfig(partition_kernels=name).partition_kernels == name
-    with pytest.raises(ValueError, match="partition_kernels must be one of device, partition, got 'half'"):
+    with pytest.raises(ValueError, match="partition_kernels must be one of device, partition, gemm, got 'half'"):
         DataplaneConfig(partition_kernels="half")
 
 
@@ -38,19 +38,19 @@ def test_the_launcher_hands_every_dataplane_option_on() -> None:
     from controlplane.launcher import dataplane_args
     from dataplane.__main__ import build_parser
 
-    config = DataplaneConfig(piecewise_graphs=True, partition_kernels="partition", blas_library="cublaslt",
+    config = DataplaneConfig(piecewise_graphs=False, partition_kernels="partition", blas_library="cublaslt",
                              cuda_graphs=False, decode_partition_sms=(16, 32))
     args = build_parser().parse_args(dataplane_args(config))
-    assert args.piecewise_graphs and args.partition_kernels == "partition" and args.blas_library == "cublaslt"
+    assert not args.piecewise_graphs and args.partition_kernels == "partition" and args.blas_library == "cublaslt"
     assert args.no_cuda_graphs and args.decode_partition_sms == "16,32"
     plain = build_parser().parse_args(dataplane_args(DataplaneConfig()))
-    assert not plain.piecewise_graphs and plain.partition_kernels == "device" and plain.blas_library == "default"
+    assert plain.piecewise_graphs and plain.partition_kernels == "device" and plain.blas_library == "default"
 
 
 def test_serve_takes_piecewise_graphs() -> None:
     from controlplane.cli import build_parser, configs_from_args
 
-    dataplane, _ = configs_from_args(build_parser().parse_args(["serve", "--piecewise-graphs"]))
-    assert dataplane.piecewise_graphs
-    dataplane, _ = configs_from_args(build_parser().parse_args(["serve"]))
+    dataplane, _ = configs_from_args(build_parser().parse_args(["serve", "--no-piecewise-graphs"]))
     assert not dataplane.piecewise_graphs
+    dataplane, _ = configs_from_args(build_parser().parse_args(["serve"]))  # on by default, as vLLM's
+    assert dataplane.piecewise_graphs
