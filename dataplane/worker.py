@@ -135,11 +135,7 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
             buckets=default_buckets(config.max_num_seqs),
         )
         graphs.capture()
-    pieces = None
-    if piecewise:
-        pieces = PiecewiseGraphs(model, kv_caches, device, block_size=config.block_size,  # type: ignore[arg-type]
-                                 scratch_block=num_blocks, buckets=default_token_buckets(config.max_num_batched_tokens))
-        pieces.capture()
+    pieces = build_pieces(model, kv_caches, device, config, num_blocks) if piecewise else None
     multiplexer, splits = build_multiplexer(config, device) if graphs is not None else (None, [])
     if multiplexer is not None and multiplexer.fa2_prefill:  # type: ignore[attr-defined]
         with backend.on_partition():  # its wrapper and pinned buffers now, not on the first multiplexed step
@@ -159,6 +155,25 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
                           **partition_calibration(multiplexer)),
     )
     return LoadedWorker(runner, ready)
+
+
+def build_pieces(model: torch.nn.Module, kv_caches: list[torch.Tensor], device: torch.device,
+                 config: DataplaneConfig, scratch_block: int) -> PiecewiseGraphs | None:
+    """Piecewise graphs of prefill and mixed passes, or None (passes stay eager) when capturing them
+    fails: they are a speed-up, so a GPU or driver that refuses a capture still serves."""
+    pieces = PiecewiseGraphs(model, kv_caches, device, block_size=config.block_size,  # type: ignore[arg-type]
+                             scratch_block=scratch_block, buckets=default_token_buckets(config.max_num_batched_tokens))
+    try:
+        pieces.capture()
+    except Exception as exc:  # noqa: BLE001 - any failure to capture leaves the eager passes, which work
+        log.warning("piecewise graphs could not be captured (%s: %s); prefill and mixed passes stay eager",
+                    type(exc).__name__, exc)
+        del pieces
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+        return None
+    return pieces
 
 
 def calibration_setup(config: DataplaneConfig) -> str:
