@@ -30,7 +30,6 @@ from controlplane.replay import RequestRecord, load_trace  # noqa: E402
 from controlplane.scheduler import Scheduler  # noqa: E402
 from controlplane.step_records import SeqUpdate  # noqa: E402
 from controlplane.sequence import Sequence, StopParams  # noqa: E402
-from dataplane.piecewise import MAX_PIECEWISE_TOKENS  # noqa: E402
 from dataplane.sim_worker import SimGpu, sim_ready  # noqa: E402
 from shared.config import SchedulerConfig  # noqa: E402
 from shared.messages import SamplingParams, StepProgress  # noqa: E402
@@ -66,32 +65,22 @@ def slowed(gpu_model: SimGpu, eager_scale: float, partition_scale: float, isolat
     gpu_model._ms = ms  # type: ignore[method-assign]
 
 
-def piecewise(gpu_model: SimGpu, host_floor_ms: float, max_tokens: int = MAX_PIECEWISE_TOKENS) -> None:
-    """What-if for piecewise graphs (`--piecewise-graphs`): an eager pass on the whole device of up to
-    `max_tokens` tokens waits `host_floor_ms` on the host instead of the eager launch floor."""
-    full, base, roofline = gpu_model.ready.device.sm_count, gpu_model._ms, gpu_model.roofline
-
-    def ms(cost, sms):  # noqa: ANN001, ANN202
-        if cost.ragged and cost.num_tokens <= max_tokens and (sms is None or sms >= full):
-            return max(roofline.device_ms(cost, sms), host_floor_ms)
-        return base(cost, sms)
-
-    gpu_model._ms = ms  # type: ignore[method-assign]
-
-
 def simulate(trace: Path, rate: float, num_requests: int, config: SchedulerConfig, *, gpu: str = "h200",
              execution: str = "flashinfer", host_ms: float = 1.0, decode_partition_sms: list[int] | None = None,
-             scales: tuple[float, float, float] = (1.0, 1.0, 1.0),
+             scales: tuple[float, float, float] = (1.0, 1.0, 1.0), piecewise_graphs: bool = True,
              piecewise_host_ms: float | None = None) -> tuple[dict[str, object], Scheduler]:
     """Replay `num_requests` of `trace` at `rate` req/s; returns bench-serve's metrics and per-request
     arrays (as `duetserve bench serve` writes them), and the scheduler.
-    `scales`: (eager, partition, isolation) factors, see `slowed`; `piecewise_host_ms`: see `piecewise`."""
+    `scales`: (eager, partition, isolation) factors, see `slowed`; `piecewise_graphs`: passes of up to
+    1024 tokens on the whole device launch as piecewise graphs (the data plane's default), whose host
+    floor `piecewise_host_ms` replaces the declared one (a what-if)."""
     workload = load_trace(trace, limit=num_requests)
     send = arrivals(workload, "trace", rate, 1.0, 0)
-    ready = sim_ready("qwen3-8b", gpu, execution=execution, decode_partition_sms=decode_partition_sms)
+    ready = sim_ready("qwen3-8b", gpu, execution=execution, decode_partition_sms=decode_partition_sms,
+                      piecewise_graphs=piecewise_graphs)
     gpu_model = SimGpu(ready, time_scale=0.0)
     if piecewise_host_ms is not None:
-        piecewise(gpu_model, piecewise_host_ms)
+        gpu_model.roofline.piecewise_floor_ms = piecewise_host_ms
     if scales != (1.0, 1.0, 1.0):
         slowed(gpu_model, *scales)
     sched = Scheduler(config, BlockAllocator(ready.num_kv_blocks, ready.block_size), ready.max_model_len,
@@ -174,9 +163,12 @@ def main() -> None:
                    help="slow the declared model down like a GPU run: eager passes on the whole device, eager "
                         "passes on a partition, decode on a partition beside a prefill (H200 measured about "
                         "1.17,1.44,1.17: benchmarks/results/sim-vs-h200.md, multiplex-h200.json)")
+    p.add_argument("--piecewise-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="passes of up to 1024 tokens on the whole device launch as piecewise graphs, as the data "
+                        "plane's do by default (--no-piecewise-graphs: every prefill and mixed pass eager, as "
+                        "the GPU runs before 5a47025 were)")
     p.add_argument("--piecewise-host-ms", type=float, default=None,
-                   help="what-if: eager passes of up to 1024 tokens on the whole device wait this long on the host "
-                        "(piecewise graphs) instead of the declared eager launch floor")
+                   help="what-if: piecewise passes wait this long on the host instead of the declared floor")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     trace = Path(args.trace) if args.trace not in TRACES else args.trace_dir / TRACES[args.trace]
@@ -190,7 +182,7 @@ def main() -> None:
             m, sched = simulate(trace, rate, n, policy_config(policy, base), gpu=args.gpu,
                                 execution=args.execution, host_ms=args.host_ms, decode_partition_sms=sizes,
                                 scales=tuple(float(x) for x in args.scales.split(",")),  # type: ignore[arg-type]
-                                piecewise_host_ms=args.piecewise_host_ms)
+                                piecewise_graphs=args.piecewise_graphs, piecewise_host_ms=args.piecewise_host_ms)
             summary = sched.stats.summary()
             steps = {**summary.get("steps", {}), "trimmed": summary.get("trimmed_steps", 0)}
             rows.append({"policy": policy, "rate": rate, **{k: v for k, v in m.items() if not isinstance(v, list)},

@@ -68,7 +68,8 @@ class Server:
             endpoint = f"ipc://{self.workdir}/dp.sock"
             self.sim = spawn_sim_dataplane(endpoint, model=args.model, gpu=args.simulate, time_scale=1.0,
                                            execution=args.sim_execution,
-                                           decode_partition_sms=args.decode_partition_sms)
+                                           decode_partition_sms=args.decode_partition_sms,
+                                           piecewise_graphs=args.piecewise_graphs)
             cmd += ["--attach", "--dataplane-endpoint", endpoint]
         elif args.decode_partition_sms:
             cmd += ["--decode-partition-sms", args.decode_partition_sms]

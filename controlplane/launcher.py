@@ -80,7 +80,8 @@ def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> int:
 def spawn_sim_dataplane(endpoint: str, *, model: str, gpu: str, time_scale: float, block_size: int = 16,
                         num_kv_blocks: int | None = None, max_model_len: int | None = None,
                         log_level: str = "WARNING", execution: str = "roofline",
-                        decode_partition_sms: str | None = None) -> subprocess.Popen[bytes]:
+                        decode_partition_sms: str | None = None, piecewise_graphs: bool = True,
+                        ) -> subprocess.Popen[bytes]:
     """Start `python -m dataplane.sim_worker`: a simulated GPU that speaks the real protocol."""
     cmd = [sys.executable, "-m", "dataplane.sim_worker", "--endpoint", endpoint, "--model", model, "--gpu", gpu,
            "--time-scale", str(time_scale), "--block-size", str(block_size), "--log-level", log_level,
@@ -91,5 +92,7 @@ def spawn_sim_dataplane(endpoint: str, *, model: str, gpu: str, time_scale: floa
         cmd += ["--max-model-len", str(max_model_len)]
     if decode_partition_sms:
         cmd += ["--decode-partition-sms", decode_partition_sms]
+    if not piecewise_graphs:
+        cmd.append("--no-piecewise-graphs")
     log.info("starting simulated data plane: %s", " ".join(cmd))
     return subprocess.Popen(cmd)  # noqa: S603 - our own interpreter and module

@@ -342,4 +342,5 @@ def make_predictor(ready: WorkerReady | None) -> Predictor | None:
         return None
     execution = execution_profile_for(ready.device.name, ready.attention_backend)
     return Predictor(ready.model, ready.profile, execution,
-                     decode_graphs=ready.attention_backend.startswith("flashinfer"))
+                     decode_graphs=ready.attention_backend.startswith("flashinfer"),
+                     piecewise_max_tokens=ready.piecewise_max_tokens)

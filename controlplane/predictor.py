@@ -47,7 +47,9 @@ REGIMES: tuple[Regime, ...] = ("decode", "prefill", "mixed", "mux_decode", "mux_
 _FALLBACK: dict[Regime, Regime] = {"mux_decode": "decode", "mux_prefill": "prefill"}
 # Decode-only steps replay CUDA graphs (aggregated on the whole device, multiplexed on a partition).
 GRAPH_REGIMES: frozenset[str] = frozenset({"decode", "mux_decode"})
-Path = Literal["graph", "eager-decode", "eager-ragged"]
+# How a step is launched: a CUDA graph; eagerly (decode-only or with prefill rows); or as piecewise
+# graphs around eager attention (prefill and mixed passes up to WorkerReady.piecewise_max_tokens).
+Path = Literal["graph", "eager-decode", "eager-ragged", "piecewise"]
 
 
 def regime_of(num_decode: int, num_other: int) -> Regime:
@@ -278,7 +280,7 @@ class Predictor:
 
     def __init__(self, model: ModelDescription | ModelShape, profile: HardwareProfile,
                  execution: ExecutionProfile | None = None, *, forget: float = 0.95, sm_bucket: int = 8,
-                 min_key_samples: int = 3, decode_graphs: bool = True) -> None:
+                 min_key_samples: int = 3, decode_graphs: bool = True, piecewise_max_tokens: int = 0) -> None:
         shape = model if isinstance(model, ModelShape) else ModelShape.from_description(model)
         self.roofline = Roofline(shape, profile, execution)
         self.execution = self.roofline.execution
@@ -288,10 +290,12 @@ class Predictor:
         self.sm_bucket = max(sm_bucket, 1)
         self.min_key_samples = min_key_samples
         self.decode_graphs = decode_graphs
+        self.piecewise_max_tokens = piecewise_max_tokens
         self.corrections = {r: Correction(forget=forget) for r in REGIMES}  # pooled over SM counts
         self.keyed: dict[tuple[Regime, int], Correction] = {}
         floor = self.roofline.eager_floor_ms
         self.floors: dict[str, HostFloor] = {p: HostFloor(floor, forget=forget) for p in ("eager-decode", "eager-ragged")}
+        self.floors["piecewise"] = HostFloor(self.roofline.piecewise_floor_ms, forget=forget)
         self.keyed_floors: dict[tuple[str, int], HostFloor] = {}
         self.errors: dict[tuple[Regime, int], ErrorStats] = {}
 
@@ -307,15 +311,20 @@ class Predictor:
     def estimate(self, cost: BatchCost, regime: Regime, sms: int | None = None, graph: bool | None = None,
                  with_roofline: bool = False) -> StepEstimate:
         """Shape-derived times of `cost` on `sms` SMs; `graph` defaults to: decode regimes replay graphs."""
-        graph, path = self._launch(cost, regime, graph)
+        graph, path = self._launch(cost, regime, graph, sms)
         device, compute, ragged = self.roofline.device_terms(cost, sms, graph)
         roofline = self.roofline.step_ms(cost, sms) if with_roofline else 0.0
         return StepEstimate(device, path, sms or self.full_sms, roofline, compute, ragged)
 
-    def _launch(self, cost: BatchCost, regime: Regime, graph: bool | None) -> tuple[bool, Path]:
+    def _launch(self, cost: BatchCost, regime: Regime, graph: bool | None, sms: int | None) -> tuple[bool, Path]:
         if graph is None:
             graph = self.decode_graphs and regime in GRAPH_REGIMES and not cost.ragged
-        return graph, "graph" if graph else ("eager-ragged" if cost.ragged else "eager-decode")
+        if graph:
+            return True, "graph"
+        if not cost.ragged:
+            return False, "eager-decode"
+        whole = sms is None or sms >= self.full_sms  # a partition's prefill stays eager
+        return False, "piecewise" if whole and cost.num_tokens <= self.piecewise_max_tokens else "eager-ragged"
 
     # ------------------------------------------------------------------ predictions
 
@@ -365,7 +374,7 @@ class Predictor:
         """`predict(estimate(cost, ...))` without building the estimate: the scheduler's hot path."""
         if cost.empty:
             return 0.0
-        graph, path = self._launch(cost, regime, graph)
+        graph, path = self._launch(cost, regime, graph, sms)
         return self._corrected(regime, sms or self.full_sms, path, *self.roofline.device_terms(cost, sms, graph))
 
     # ------------------------------------------------------------------ learning

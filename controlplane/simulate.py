@@ -43,6 +43,7 @@ class SimulationSpec:
     num_kv_blocks: int | None = None
     max_model_len: int | None = None
     seed: int = 0
+    piecewise_graphs: bool = True  # short prefill and mixed passes launch as piecewise graphs (flashinfer)
 
 
 @dataclass
@@ -58,7 +59,8 @@ async def run_simulation(spec: SimulationSpec) -> SimulationResult:
     endpoint = f"ipc://{workdir}/dp.sock"
     child = spawn_sim_dataplane(endpoint, model=spec.model, gpu=spec.gpu, time_scale=spec.time_scale,
                                 block_size=spec.block_size, num_kv_blocks=spec.num_kv_blocks,
-                                max_model_len=spec.max_model_len, execution=spec.execution)
+                                max_model_len=spec.max_model_len, execution=spec.execution,
+                                piecewise_graphs=spec.piecewise_graphs)
     scale = spec.time_scale
     plane = ControlPlane(ServerConfig(port=0, dataplane_endpoint=endpoint, handshake_timeout_s=60.0,
                                       step_timeout_s=600.0, scheduler=spec.scheduler), spec.model,
@@ -132,6 +134,9 @@ def add_simulate_flags(p: argparse.ArgumentParser) -> None:
                    help="time steps by the declared launch model of DuetServe's flashinfer data plane "
                         "(CUDA-graph decode, host-launch floor of eager steps; the default) or by the paper's "
                         "roofline alone")
+    p.add_argument("--piecewise-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --execution flashinfer: prefill and mixed passes of up to 1024 tokens launch as "
+                        "piecewise graphs, as the real data plane's do by default")
     p.add_argument("--model", default="qwen3-8b", help="model shape: a preset name or checkpoint folder")
     p.add_argument("--rate-scale", type=float, default=1.0, help="multiply the trace's request rate by this")
     p.add_argument("--num-requests", type=int, default=None, help="replay only the first N requests")
@@ -154,6 +159,7 @@ async def run_simulate(args: argparse.Namespace, scheduler: SchedulerConfig) -> 
         rate_scale=args.rate_scale,
         num_requests=args.num_requests, time_scale=args.time_scale, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len, seed=args.seed,
+        piecewise_graphs=args.piecewise_graphs,
     )
     result = await run_simulation(spec)
     print(format_report(result.report), flush=True)

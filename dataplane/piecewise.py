@@ -29,10 +29,10 @@ from dataplane.attention.base import AttentionBackend
 from dataplane.models.config import ModelConfig
 from dataplane.models.dense import DenseForCausalLM
 from dataplane.models.fused import after_attention, project_q
+from shared.profiles import MAX_PIECEWISE_TOKENS  # above it a pass's GPU time hides its launches
 
 log = logging.getLogger(__name__)
 
-MAX_PIECEWISE_TOKENS = 1024  # above this a pass's GPU time hides its launches (async scheduling)
 
 
 def default_token_buckets(max_tokens: int) -> list[int]:

@@ -34,7 +34,9 @@ from shared.messages import (
     PROTOCOL_VERSION, DeviceDescription, HardwareProfile, Hello, ModelDescription, SeqOutput, Shutdown, StepPlan,
     StepProgress, StepResult, StepTimings, ToControl, WorkerFatal, WorkerReady, fold_progress,
 )
-from shared.profiles import NEUTRAL_EXECUTION, ExecutionProfile, GpuSpec, execution_profile_for, gpu_spec
+from shared.profiles import (
+    MAX_PIECEWISE_TOKENS, NEUTRAL_EXECUTION, ExecutionProfile, GpuSpec, execution_profile_for, gpu_spec,
+)
 from shared.roofline import BatchCost, ModelShape, Roofline, batch_cost
 
 log = logging.getLogger(__name__)
@@ -81,9 +83,11 @@ def kv_blocks_for(cfg: ModelConfig, gpu: GpuSpec, block_size: int, utilization: 
 def sim_ready(model: str, gpu: str = "h100", *, block_size: int = 16, num_kv_blocks: int | None = None,
               gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
               profile: HardwareProfile | None = None, execution: str = "roofline",
-              decode_partition_sms: list[int] | None = None) -> WorkerReady:
+              decode_partition_sms: list[int] | None = None, piecewise_graphs: bool = True) -> WorkerReady:
     """The WorkerReady a simulated `gpu` running `model` answers with (decode partitions: every size
-    the GPU allows, or the listed ones, like the real worker's `--decode-partition-sms`)."""
+    the GPU allows, or the listed ones, like the real worker's `--decode-partition-sms`). A simulated
+    flashinfer plane replays passes of up to MAX_PIECEWISE_TOKENS as piecewise graphs, as the real one
+    does by default, unless `piecewise_graphs` is off."""
     if execution not in EXECUTIONS:
         raise ValueError(f"execution must be one of {', '.join(EXECUTIONS)}, not {execution!r}")
     cfg, spec = model_config(model), gpu_spec(gpu)
@@ -102,6 +106,7 @@ def sim_ready(model: str, gpu: str = "h100", *, block_size: int = 16, num_kv_blo
         num_kv_blocks=blocks, block_size=block_size, max_model_len=max_len,
         attention_backend=SIM_FLASHINFER if execution == "flashinfer" else "sim",
         supports_multiplexing=True, partition_sm_counts=sizes, profile=profile or spec.profile,
+        piecewise_max_tokens=MAX_PIECEWISE_TOKENS if execution == "flashinfer" and piecewise_graphs else 0,
     )
 
 
@@ -162,13 +167,17 @@ class SimGpu:
         return timings, ends, decode_ids
 
     def _ms(self, cost: BatchCost, sms: int | None) -> float:
-        """One pass: a decode-only pass replays a graph; any other runs eagerly, no faster than the
-        host launches it (both only with a launch model; else the plain roofline)."""
+        """One pass: a decode-only pass replays a graph; any other runs no faster than the host
+        launches it, as piecewise graphs (up to `piecewise_max_tokens` on the whole device) or
+        eagerly (both only with a launch model; else the plain roofline)."""
         if self.execution is NEUTRAL_EXECUTION:
             return self.roofline.step_ms(cost, sms)
         if not cost.ragged:
             return self.roofline.device_ms(cost, sms, graph=True)
-        return max(self.roofline.device_ms(cost, sms), self.roofline.eager_floor_ms)
+        whole = sms is None or sms >= self.ready.device.sm_count
+        pieces = whole and cost.num_tokens <= self.ready.piecewise_max_tokens
+        floor = self.roofline.piecewise_floor_ms if pieces else self.roofline.eager_floor_ms
+        return max(self.roofline.device_ms(cost, sms), floor)
 
     def launch(self, plan: StepPlan) -> list[tuple[float, ToControl]]:
         """Run the plan's bookkeeping now; returns (due, message) in order: a StepProgress for each
@@ -260,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "data plane (CUDA-graph decode, host-launch floor of eager steps)")
     p.add_argument("--decode-partition-sms", default=None,
                    help="comma-separated decode partition sizes (default: every split the GPU allows)")
+    p.add_argument("--piecewise-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --execution flashinfer: prefill and mixed passes of up to 1024 tokens launch as "
+                        "piecewise graphs, as the real data plane's do by default")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None, help="default: what the GPU's memory holds")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -280,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         profile = msgspec.json.decode(Path(args.profile).read_bytes(), type=HardwareProfile)
     ready = sim_ready(args.model, args.gpu, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                       gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-                      profile=profile, execution=args.execution,
+                      profile=profile, execution=args.execution, piecewise_graphs=args.piecewise_graphs,
                       decode_partition_sms=[int(x) for x in args.decode_partition_sms.split(",")]
                       if args.decode_partition_sms else None)
     worker = SimWorker(args.endpoint, SimGpu(ready, args.time_scale))

@@ -11,7 +11,7 @@ from typing import Literal, Union
 
 import msgspec
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 Mode = Literal["aggregated", "multiplexed"]
 
@@ -164,6 +164,9 @@ class WorkerReady(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
     max_num_batched_tokens: int = 0  # the largest step the worker's memory plan fits; 0: no limit
     partition_sm_counts: list[int] = []
     profile: HardwareProfile | None = None
+    # prefill and mixed passes of up to this many tokens on the whole device replay piecewise CUDA
+    # graphs (a shorter host launch); 0: every such pass launches eagerly
+    piecewise_max_tokens: int = 0
 
 
 class TokenLogprobs(msgspec.Struct, frozen=True, kw_only=True, array_like=True):

@@ -118,8 +118,11 @@ class ExecutionProfile:
     `num_layers * eager_host_ms_per_layer + eager_host_ms_per_step`; a CUDA-graph step pays
     `graph_host_ms` (staging, attention planning) before its replay. A ragged step with at least
     `split_min_decodes` decode items (0: never) runs them in the decode kernel instead, one more
-    attention kernel per layer. These are declared priors: the predictor refits the host floor and an
-    affine device correction online from measured steps.
+    attention kernel per layer. A pass the data plane replays as piecewise graphs (attention eager
+    between them; `WorkerReady.piecewise_max_tokens`) waits on the host about
+    `num_layers * piecewise_host_ms_per_layer + eager_host_ms_per_step` instead of the eager floor.
+    These are declared priors: the predictor refits the host floors and an affine device correction
+    online from measured steps.
     """
 
     kernels_per_layer: float = 0.0
@@ -131,11 +134,16 @@ class ExecutionProfile:
     eager_host_ms_per_step: float = 0.0
     graph_host_ms: float = 0.0
     split_min_decodes: int = 0
+    piecewise_host_ms_per_layer: float = 0.0
     detail: str = ""
 
     def eager_floor_ms(self, num_layers: int) -> float:
         """Host time to launch one eager step of a model with `num_layers` layers."""
         return num_layers * self.eager_host_ms_per_layer + self.eager_host_ms_per_step
+
+    def piecewise_floor_ms(self, num_layers: int) -> float:
+        """Host time to launch one pass replayed as piecewise graphs (its attention eager)."""
+        return num_layers * self.piecewise_host_ms_per_layer + self.eager_host_ms_per_step
 
     def kernels(self, num_layers: int) -> float:
         return num_layers * self.kernels_per_layer + self.kernels_per_step
@@ -144,6 +152,14 @@ class ExecutionProfile:
 # The CUDA data plane's mixed steps: at least this many leading decode rows go to the decode kernel
 # (dataplane/attention/flashinfer_backend.py; FA3 would give each of them a whole 128-row tile).
 FLASHINFER_SPLIT_MIN_DECODES = 32
+
+# The largest prefill or mixed pass the CUDA data plane replays as piecewise graphs
+# (dataplane/piecewise.py); above it a pass's GPU time hides its launches.
+MAX_PIECEWISE_TOKENS = 1024
+
+# Host launch of a piecewise pass, per layer: 2.4 ms for 128- and 512-token prefills on the 36-layer
+# Qwen3-8B on an H200 (results/profile-step-h200-piecewise.json), less the per-step 1 ms.
+PIECEWISE_HOST_MS_PER_LAYER = 0.04
 
 # No launch model: the plain roofline (the online correction still learns fixed costs).
 NEUTRAL_EXECUTION = ExecutionProfile(detail="no launch model: plain roofline")
@@ -164,7 +180,9 @@ H100_FLASHINFER_EXECUTION = ExecutionProfile(
     eager_host_ms_per_step=1.0,
     graph_host_ms=1.0,
     split_min_decodes=FLASHINFER_SPLIT_MIN_DECODES,
-    detail="declared: H100 + flashinfer FA3, profile_step.py at commit 3eb555d (host floor ~12 ms at 36 layers)",
+    piecewise_host_ms_per_layer=PIECEWISE_HOST_MS_PER_LAYER,
+    detail="declared: H100 + flashinfer FA3, profile_step.py at commit 3eb555d (host floor ~12 ms at 36 layers; "
+           "piecewise passes ~2.4 ms, H200 at 5a47025)",
 )
 
 # The same data plane on a GPU without FA3 (flashinfer's FA2 ragged kernel packs a GQA group into
@@ -173,7 +191,7 @@ H100_FLASHINFER_EXECUTION = ExecutionProfile(
 FLASHINFER_FA2_EXECUTION = ExecutionProfile(
     kernels_per_layer=11.5, kernels_per_step=16.0, kernel_us=2.5, ragged_tile_rows=16, ragged_fuses_gqa=True,
     eager_host_ms_per_layer=0.3, eager_host_ms_per_step=1.0, graph_host_ms=1.0,
-    split_min_decodes=FLASHINFER_SPLIT_MIN_DECODES,
+    split_min_decodes=FLASHINFER_SPLIT_MIN_DECODES, piecewise_host_ms_per_layer=PIECEWISE_HOST_MS_PER_LAYER,
     detail="declared: flashinfer FA2 tiles; host and per-kernel costs from the H100 measurement",
 )
 

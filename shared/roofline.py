@@ -177,6 +177,7 @@ class Roofline:
         self._tile = max(ex.ragged_tile_rows, 1)
         self._ragged_kv_heads = sh.num_kv_heads if ex.ragged_fuses_gqa else sh.num_q_heads
         self.eager_floor_ms = ex.eager_floor_ms(sh.num_layers)
+        self.piecewise_floor_ms = ex.piecewise_floor_ms(sh.num_layers)
 
     def curves(self, sms: int | None = None) -> tuple[float, float]:
         """(Pi, BW) in FLOP/s and bytes/s on `sms` SMs (None: the whole device)."""

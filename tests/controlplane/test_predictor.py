@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -162,6 +163,25 @@ def test_eager_steps_are_floored_and_learn_the_floor() -> None:
     assert pred.predict(eager, "decode") == pytest.approx(120.0, rel=0.05)
     ragged = pred.estimate(pred.cost([], [(3, 0, True)]), "prefill")
     assert ragged.path == "eager-ragged" and pred.predict(ragged, "prefill") == pytest.approx(250.0)
+
+
+def test_piecewise_passes_have_their_own_floor_on_the_whole_device_only() -> None:
+    fast = HardwareProfile(gpu="fast", sm_counts=[8, 16], gemm_flops_per_s=[1e15, 2e15],
+                           hbm_bytes_per_s=[1e13, 2e13], source="declared")
+    pieces = dataclasses.replace(TILED, piecewise_host_ms_per_layer=10.0)
+    pred = Predictor(TOY, fast, pieces, piecewise_max_tokens=64)
+    small, big = pred.cost([5], [(3, 0, True)]), pred.cost([], [(100, 0, True)])
+    replayed, eager, on_partition = (pred.estimate(small, "mixed"), pred.estimate(big, "prefill"),
+                                     pred.estimate(small, "mixed", sms=8))
+    assert (replayed.path, eager.path, on_partition.path) == ("piecewise", "eager-ragged", "eager-ragged")
+    assert pred.predict(replayed, "mixed") == pytest.approx(2 * 10 + 50)  # layers x per-layer + per-step
+    assert pred.predict(eager, "prefill") == pytest.approx(250.0) == pred.predict(on_partition, "mixed")
+    assert pred.predict_ms(small, "mixed") == pytest.approx(70.0)
+    for _ in range(30):  # piecewise passes that take 40 ms teach their own floor, not the eager one
+        pred.observe("mixed", replayed, 40.0)
+    assert pred.predict(replayed, "mixed") == pytest.approx(40.0, rel=0.05)
+    assert pred.predict(eager, "prefill") == pytest.approx(250.0)
+    assert Predictor(TOY, fast, pieces).estimate(small, "mixed").path == "eager-ragged"  # no pieces: eager
 
 
 def test_corrections_are_kept_per_sm_bucket_with_a_pooled_fallback() -> None:

@@ -129,17 +129,21 @@ def test_policy_sim_replays_every_request_deterministically(tmp_path: Path) -> N
     assert (paper.policy, paper.duet_slo, paper.duet_trim) == ("duet", "tbt", False)
 
 
-def test_the_piecewise_what_if_lowers_the_host_floor_of_small_eager_passes_only() -> None:
-    from benchmarks.policy_sim import piecewise
+def test_piecewise_passes_wait_on_a_shorter_host_launch_only_where_the_data_plane_replays_them() -> None:
     from dataplane.sim_worker import SimGpu, sim_ready
     from shared.roofline import BatchCost
 
-    gpu = SimGpu(sim_ready("qwen3-8b", "h200", execution="flashinfer"), time_scale=0.0)
+    eager = SimGpu(sim_ready("qwen3-8b", "h200", execution="flashinfer", piecewise_graphs=False), time_scale=0.0)
+    pieces = SimGpu(sim_ready("qwen3-8b", "h200", execution="flashinfer"), time_scale=0.0)
+    assert (eager.ready.piecewise_max_tokens, pieces.ready.piecewise_max_tokens) == (0, 1024)
+    assert sim_ready("qwen3-8b", "h200").piecewise_max_tokens == 0  # the plain roofline has no launches
     small = BatchCost(num_tokens=128, num_sampled=1, chunks=[(1.0, 1.0)], chunk_shapes=[(128, 128)])
     big = BatchCost(num_tokens=2048, num_sampled=1, chunks=[(1.0, 1.0)], chunk_shapes=[(2048, 2048)])
-    floor = gpu.roofline.eager_floor_ms
-    eager_small, eager_big, on_partition = gpu._ms(small, None), gpu._ms(big, None), gpu._ms(small, 64)
-    assert eager_small == pytest.approx(floor)  # a 128-token pass waits on the host's launches
-    piecewise(gpu, 3.0)
-    assert 3.0 <= gpu._ms(small, None) < floor
-    assert gpu._ms(big, None) == eager_big and gpu._ms(small, 64) == on_partition
+    floor, piece_floor = eager.roofline.eager_floor_ms, pieces.roofline.piecewise_floor_ms
+    assert 2.0 < piece_floor < 3.0 < floor  # 2.4 ms measured at 36 layers, against ~12 eager
+    assert eager._ms(small, None) == pytest.approx(floor)  # a 128-token pass waits on the host's launches
+    assert piece_floor <= pieces._ms(small, None) < floor
+    assert pieces._ms(big, None) == eager._ms(big, None)  # over 1024 tokens: eager either way
+    assert pieces._ms(small, 64) == eager._ms(small, 64)  # a partition's prefill stays eager
+    pieces.roofline.piecewise_floor_ms = 9.0  # policy_sim's --piecewise-host-ms what-if
+    assert pieces._ms(small, None) == pytest.approx(9.0)

@@ -35,13 +35,16 @@ def test_roofline_execution_is_the_plain_roofline() -> None:
 
 
 def test_flashinfer_execution_floors_eager_steps_and_replays_decode_graphs() -> None:
-    ready = sim_ready("qwen3-8b", "h200", num_kv_blocks=512, execution="flashinfer")
+    ready = sim_ready("qwen3-8b", "h200", num_kv_blocks=512, execution="flashinfer", piecewise_graphs=False)
     gpu = SimGpu(ready, time_scale=0.0)
     assert ready.attention_backend == SIM_FLASHINFER and gpu.execution == H100_FLASHINFER_EXECUTION
     prefill, decode = _prefill_then_decode(gpu, 16, 2)
     small = gpu.timings(prefill).total_ms  # 32 tokens: the host's launch time dominates
     assert small == pytest.approx(gpu.roofline.eager_floor_ms)
     assert small > 2 * gpu.roofline.step_ms(batch_cost(gpu.roofline.shape, [], [(16, 0, True)] * 2))
+    pieces = SimGpu(sim_ready("qwen3-8b", "h200", num_kv_blocks=512, execution="flashinfer"), time_scale=0.0)
+    replayed = pieces.timings(_prefill_then_decode(pieces, 16, 2)[0]).total_ms  # as piecewise graphs (default)
+    assert pieces.roofline.piecewise_floor_ms <= replayed < small / 2
     gpu.runner.execute(prefill)
     graph = gpu.timings(decode).total_ms  # a decode-only step replays a graph: below the eager floor
     assert graph < gpu.roofline.eager_floor_ms

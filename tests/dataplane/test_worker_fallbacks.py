@@ -26,7 +26,7 @@ def test_a_failed_capture_leaves_eager_passes_and_a_warning(monkeypatch, caplog)
     monkeypatch.setattr(worker_module, "PiecewiseGraphs", Refused)
     with caplog.at_level(logging.WARNING, logger="dataplane.worker"):
         loaded = worker_module.load_worker(DataplaneConfig(model="tiny", device="cpu", num_kv_blocks=64))
-    assert len(built) == 1 and loaded.runner.pieces is None
+    assert len(built) == 1 and loaded.runner.pieces is None and loaded.ready.piecewise_max_tokens == 0
     assert "could not be captured (RuntimeError: operation not permitted" in caplog.text
     out = loaded.runner.execute(StepPlan(step_id=0, new_requests=[NewRequest(
         seq_id=1, token_ids=[5, 6, 7], num_prompt_tokens=3, block_ids=[0], sampling=SamplingParams(temperature=0.0))],
