@@ -267,6 +267,8 @@ def main() -> None:
     p.add_argument("--peer-output-len", type=int, default=256)
     p.add_argument("--blas-library", default="default", help="default | cublas | cublaslt")
     p.add_argument("--decode-only", action="store_true", help="the decode grid only (an A/B of kernels)")
+    p.add_argument("--block-size", type=int, default=DataplaneConfig().block_size,
+                   help="KV page size in tokens (an A/B of decode attention; decode-only files get -page<N>)")
     p.add_argument("--piecewise-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="prefill passes of up to 1024 tokens as piecewise CUDA graphs, as served (results file "
                         "engine-<gpu>-piecewise; --no-piecewise-graphs: eager, engine-<gpu>)")
@@ -284,7 +286,8 @@ def main() -> None:
     budget, max_seqs = (512, 16) if quick else (8192, 256)
     worker = load_worker(DataplaneConfig(model=args.model, device=args.device, max_num_batched_tokens=budget,
                                          max_num_seqs=max_seqs, num_kv_blocks=2048 if quick else None,
-                                         blas_library=args.blas_library, piecewise_graphs=args.piecewise_graphs))
+                                         blas_library=args.blas_library, block_size=args.block_size,
+                                         piecewise_graphs=args.piecewise_graphs and not args.decode_only))
     print(f"{args.model} on {worker.ready.device.name}: {worker.ready.num_kv_blocks} KV blocks", flush=True)
     ceilings = measure_ceilings(device, quick)
     print(f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s (read+write), "
@@ -294,11 +297,13 @@ def main() -> None:
     if args.decode_only:
         args.out.mkdir(parents=True, exist_ok=True)
         split = "" if args.unsplit_kv_min_batch is None else f"-unsplit{args.unsplit_kv_min_batch}"
-        path = args.out / f"engine-decode-{gpu_slug(device)}-{args.blas_library}{split}.json"
+        page = "" if args.block_size == DataplaneConfig().block_size else f"-page{args.block_size}"
+        path = args.out / f"engine-decode-{gpu_slug(device)}-{args.blas_library}{split}{page}.json"
         from dataplane.attention.flashinfer_backend import UNSPLIT_KV_MIN_BATCH
 
         path.write_text(json.dumps({"blas_library": args.blas_library, "unsplit_kv_min_batch": UNSPLIT_KV_MIN_BATCH,
-                                    "ceilings": ceilings, "decode": decode}, indent=1) + "\n")
+                                    "block_size": args.block_size, "ceilings": ceilings, "decode": decode},
+                                   indent=1) + "\n")
         print(f"wrote {path}")
         return
     prefill = prefill_grid(worker, [64, 256] if quick else [128, 512, 2048, 8192], device, ceilings)
@@ -325,7 +330,7 @@ def main() -> None:
     report = {"summary": summary, "model": args.model, "device": torch.cuda.get_device_name(device)
               if device.type == "cuda" else platform.processor(), "torch": torch.__version__,
               "blas_library": args.blas_library, "unsplit_kv_min_batch": UNSPLIT_KV_MIN_BATCH,
-              "piecewise_graphs": args.piecewise_graphs,
+              "piecewise_graphs": args.piecewise_graphs, "block_size": args.block_size,
               "ceilings": ceilings, "decode": decode, "prefill": prefill, "offline": off, "peer": peer_result}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"engine-{summary['gpu']}{'-piecewise' if args.piecewise_graphs else ''}.json"

@@ -8,7 +8,8 @@
 # experimental: open questions, e.g. partition-sized kernels) profile profile-decode (kernel tables of
 # replayed decode graphs at 1k context, attention by page size) gemm-lib (decode
 # GEMMs by BLAS library) skinny-gemm (tune the Triton decode GEMM against cuBLAS)
-# decode-attention (flashinfer's graph decode kernel options) decode-ab (the engine's decode grid under cuBLASLt, then cuBLAS) engine multiplex
+# decode-attention (flashinfer's graph decode kernel options) decode-ab (the engine's decode grid under cuBLASLt, then cuBLAS)
+# decode-pages (the decode grid with KV pages of 16, 32 and 64 tokens) engine multiplex
 # multiplex-lt multiplex-sized multiplex-gemm (the multiplex benchmark under cuBLASLt with kernels sized for the device,
 # then the partition, then the partition's GEMMs only, FA3 prefill kept)
 # predictor (the shapes serving runs) predictor-all (every shape on every SM count) serving-code
@@ -46,6 +47,9 @@ for stage in "$@"; do
     decode-ab) for lib in cublaslt cublas; do  # the decode grid under each BLAS library, same machine
                  run decode-$lib 300 python3 benchmarks/engine.py --decode-only --blas-library $lib --out "$OUT"
                done ;;
+    decode-pages) for bs in 16 32 64; do  # the decode grid by KV page size, same machine
+                    run decode-page$bs 280 python3 benchmarks/engine.py --decode-only --block-size $bs --out "$OUT"
+                  done ;;
     engine) run engine 400 python3 benchmarks/engine.py --peer-requests 64 --peer-output-len 128 --out "$OUT" ;;
     engine-eager) run engine-eager 400 python3 benchmarks/engine.py --no-piecewise-graphs --out "$OUT" ;;
     multiplex) run multiplex 400 python3 benchmarks/multiplex.py --out "$OUT" ;;
