@@ -288,6 +288,7 @@ def main() -> None:
                                          max_num_seqs=max_seqs, num_kv_blocks=2048 if quick else None,
                                          blas_library=args.blas_library, block_size=args.block_size,
                                          piecewise_graphs=args.piecewise_graphs and not args.decode_only))
+    built_pieces = worker.runner.pieces is not None  # what the worker built (none on a CPU), not what was asked
     print(f"{args.model} on {worker.ready.device.name}: {worker.ready.num_kv_blocks} KV blocks", flush=True)
     ceilings = measure_ceilings(device, quick)
     print(f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s (read+write), "
@@ -330,10 +331,12 @@ def main() -> None:
     report = {"summary": summary, "model": args.model, "device": torch.cuda.get_device_name(device)
               if device.type == "cuda" else platform.processor(), "torch": torch.__version__,
               "blas_library": args.blas_library, "unsplit_kv_min_batch": UNSPLIT_KV_MIN_BATCH,
-              "piecewise_graphs": args.piecewise_graphs, "block_size": args.block_size,
+              "piecewise_graphs": built_pieces, "block_size": args.block_size,
               "ceilings": ceilings, "decode": decode, "prefill": prefill, "offline": off, "peer": peer_result}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"engine-{summary['gpu']}{'-piecewise' if args.piecewise_graphs else ''}.json"
+    pieces = "-piecewise" if report["piecewise_graphs"] else ""
+    page = "" if args.block_size == DataplaneConfig().block_size else f"-page{args.block_size}"
+    path = args.out / f"engine-{summary['gpu']}{pieces}{page}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
     print(f"wrote {path}")

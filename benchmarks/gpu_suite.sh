@@ -9,7 +9,7 @@
 # replayed decode graphs at 1k context, attention by page size) gemm-lib (decode
 # GEMMs by BLAS library) skinny-gemm (tune the Triton decode GEMM against cuBLAS)
 # decode-attention (flashinfer's graph decode kernel options) decode-ab (the engine's decode grid under cuBLASLt, then cuBLAS)
-# decode-pages (the decode grid with KV pages of 16, 32 and 64 tokens) engine multiplex
+# decode-pages (the decode grid with KV pages of 16 and 32 tokens; PAGES="16 64" for others) engine multiplex
 # multiplex-lt multiplex-sized multiplex-gemm (the multiplex benchmark under cuBLASLt with kernels sized for the device,
 # then the partition, then the partition's GEMMs only, FA3 prefill kept)
 # predictor (the shapes serving runs) predictor-all (every shape on every SM count) serving-code
@@ -47,7 +47,7 @@ for stage in "$@"; do
     decode-ab) for lib in cublaslt cublas; do  # the decode grid under each BLAS library, same machine
                  run decode-$lib 300 python3 benchmarks/engine.py --decode-only --blas-library $lib --out "$OUT"
                done ;;
-    decode-pages) for bs in 16 32 64; do  # the decode grid by KV page size, same machine
+    decode-pages) for bs in ${PAGES:-16 32}; do  # the decode grid by KV page size, same machine (2 fit a call)
                     run decode-page$bs 280 python3 benchmarks/engine.py --decode-only --block-size $bs --out "$OUT"
                   done ;;
     engine) run engine 400 python3 benchmarks/engine.py --peer-requests 64 --peer-output-len 128 --out "$OUT" ;;
@@ -72,11 +72,11 @@ for stage in "$@"; do
                     --policies static --rates ${CONV_RATES:-20,28,36} --seconds 15 --trace-dir .whl/traces --out "$OUT" ;;
     serving-conv-knee) run serving-conv-knee 560 python3 benchmarks/serving.py --gpu "$GPU" --traces conv \
                     --policies duet,aggregated,prefill-first --rates ${KNEE_RATES:-40,48} --seconds 15 --trace-dir .whl/traces --out "$OUT" ;;
-    serving-conv-steady) mode=piecewise; [ -n "${EAGER:-}" ] && mode=eager
+    serving-conv-steady) mode=piecewise; [ "${EAGER:-0}" != 0 ] && mode=eager
                   run serving-conv-steady 560 python3 benchmarks/serving.py --traces conv \
                     --policies ${STEADY_POLICIES:-duet,aggregated} --rates ${STEADY_RATES:-20,22} --seconds 60 \
                     --max-requests 3000 --trace-dir .whl/traces --out "$OUT" \
-                    ${EAGER:+--no-piecewise-graphs} --gpu "$GPU-steady-$mode" ;;
+                    $([ $mode = eager ] && echo --no-piecewise-graphs) --gpu "$GPU-steady-$mode" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -1,6 +1,7 @@
 """Merge serving sweeps run in separate device calls into one results file, with the summary
 `benchmarks/serving.py` writes. Rows are kept per (trace, policy, rate): a later file's row at a
-rate replaces an earlier one's at that rate, and rates swept in different calls add up.
+rate replaces an earlier one's at that rate, and rates swept in different calls add up. Sweeps whose
+servers launched passes differently (piecewise graphs or eager) are refused.
 
     python benchmarks/merge_serving.py OUT.json IN1.json IN2.json ... [--gpu h200] [--note TEXT]
 
@@ -29,7 +30,12 @@ def merge(reports: list[dict], gpu: str, note: str = "") -> dict:
                 kept = results.setdefault(trace, {}).setdefault(policy, [])
                 new_rates = {r["rate"] for r in rows}
                 kept[:] = sorted([r for r in kept if r["rate"] not in new_rates] + rows, key=lambda r: r["rate"])
-        configs.append(report.get("config", {}))
+        config = report.get("config", {})
+        configs += config if isinstance(config, list) else [config]
+    launches = {str(c.get("piecewise_graphs", False)) for c in configs}  # absent: before the pieces, eager
+    if len(launches) > 1:
+        raise ValueError("these sweeps launched prefill and mixed passes differently (piecewise graphs in some, "
+                         "eager in others): merge like with like")
     merged = {"results": results, "summary": {"gpu": gpu, **summarise(results)}, "config": configs}
     if note:
         merged["note"] = note

@@ -151,7 +151,8 @@ def main() -> None:
                "best_split": [best["prefill_sms"], best["decode_sms"]], "k": best["k"]}
     report = {"summary": summary, "model": args.model, "partition_kernels": args.partition_kernels,
               "blas_library": args.blas_library, "batch": B, "context": args.context, "prefill_tokens": P,
-              "baselines": rows, "multiplexed": multiplexed, "under_tbt_slo": under_slo, "graphs": worker.runner.graphs.num_graphs}
+              "baselines": rows, "multiplexed": multiplexed, "under_tbt_slo": under_slo, "graphs": worker.runner.graphs.num_graphs,
+              "piecewise_max_tokens": worker.ready.piecewise_max_tokens}  # the aggregated chunks up to it replay pieces
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "" if (args.partition_kernels, args.blas_library) == ("device", "default") else \
         f"-{args.partition_kernels}-{args.blas_library}"

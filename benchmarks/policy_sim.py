@@ -52,7 +52,9 @@ def policy_config(policy: str, base: SchedulerConfig) -> SchedulerConfig:
 def slowed(gpu_model: SimGpu, eager_scale: float, partition_scale: float, isolation: float) -> None:
     """Scale the simulated GPU's pass times the way a GPU run departs from the declared model: eager
     (chunked) passes on the whole device by `eager_scale`, on a partition by `partition_scale`, decode
-    passes on a partition (beside a prefill, sharing HBM) by `isolation`."""
+    passes on a partition (beside a prefill, sharing HBM) by `isolation`. The factors were measured
+    on eager passes; a piecewise pass on the whole device is scaled by `eager_scale` too, its host
+    floor included (they run the same kernels)."""
     full, base = gpu_model.ready.device.sm_count, gpu_model._ms
 
     def ms(cost, sms):  # noqa: ANN001, ANN202
@@ -190,8 +192,10 @@ def main() -> None:
             print(f"{policy:>13} @ {rate:5.1f}: goodput {m['request_goodput']:6.2f} req/s ({m['slo_attainment']:4.0%})"
                   f"  TTFT p99 {m['p99_ttft_ms']:7.0f} ms  TPOT p99 {m['p99_tpot_ms']:6.1f} ms"
                   f"  ITL p99 {m['p99_itl_ms']:6.1f} ms  steps {steps}", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+    if args.json:  # each row says how its passes were launched
+        launch = {"piecewise_graphs": args.piecewise_graphs, "piecewise_host_ms": args.piecewise_host_ms,
+                  "scales": args.scales}
+        args.json.write_text(json.dumps([{**row, **launch} for row in rows], indent=1))
 
 
 if __name__ == "__main__":

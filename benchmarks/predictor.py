@@ -147,12 +147,14 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
     assert profile is not None
     execution = execution_profile_for(ready.device.name, ready.attention_backend)
     graphs_on = ready.attention_backend == "flashinfer"
-    predictor = Predictor(ready.model, profile, execution, decode_graphs=graphs_on)
+    predictor = Predictor(ready.model, profile, execution, decode_graphs=graphs_on,
+                          piecewise_max_tokens=ready.piecewise_max_tokens)
     decode_parts = set(ready.partition_sm_counts) if runner.multiplexer is not None else set()
     shapes = grid(args.quick, runner.num_blocks * runner.block_size)
     samples = []
-    graphs = runner.graphs
+    graphs, pieces = runner.graphs, runner.pieces
     for sms in sm_counts:
+        runner.pieces = pieces if sms == full else None  # serving runs a partition's prefill eagerly
         context = provider(sms) if provider is not None and sms != full else nullcontext()
         for decode, chunks in shapes:
             regime = regime_of(len(decode), len(chunks))
@@ -184,6 +186,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
         "summary": {"gpu": gpu, "mape": report.mape, "n_samples": report.count, "mape_by_regime": kinds},
         "gpu": gpu, "device": ready.device.name, "model": ready.model.name,
         "attention_backend": ready.attention_backend, "dtype": ready.model.dtype, "sm_counts": sm_counts,
+        "piecewise_max_tokens": ready.piecewise_max_tokens,
         "mape_definition": "online: the serving predictor (launch-aware roofline, host floors, corrections per "
                            "(regime, SM count)) in a shuffled replay of the samples, each scored before it is "
                            "learnt from",

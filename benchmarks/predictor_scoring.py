@@ -160,7 +160,8 @@ def execution_of(result: dict) -> ExecutionProfile:
 
 def new_predictor(result: dict) -> Predictor:
     return Predictor(shape_of(result), profile_of(result), execution_of(result),
-                     decode_graphs=result.get("attention_backend", "flashinfer") == "flashinfer")
+                     decode_graphs=result.get("attention_backend", "flashinfer") == "flashinfer",
+                     piecewise_max_tokens=result.get("piecewise_max_tokens", 0))  # 0: runs before the pieces
 
 
 def old_predictor(result: dict) -> Predictor:

@@ -3,8 +3,8 @@ graph), the host time of `launch()` (Python + kernel launches), the device time 
 cProfile of the host side and a torch.profiler kernel table; a mixed step also with its decode rows
 left in the ragged kernel (`_unsplit`), to show what the split attention saves.
 
-    python benchmarks/profile_step.py --out /tmp/profile      # on a GPU; writes profile.txt there
-    python benchmarks/profile_step.py --piecewise-graphs --out /tmp/profile   # profile-piecewise.txt
+    python benchmarks/profile_step.py --out /tmp/profile      # on a GPU; writes profile-piecewise.txt there
+    python benchmarks/profile_step.py --no-piecewise-graphs --out /tmp/profile   # eager passes: profile.txt
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def main() -> None:
     for name, decode, tokens in [("decode_graph", True, 0), ("prefill2048", False, 2048)]:
         text.append(f"\n===== kernels: {name}\n" + kernel_table(b, decode, tokens))
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "profile-piecewise" if args.piecewise_graphs else "profile"
+    stem = "profile-piecewise" if b.runner.pieces is not None else "profile"  # what was built, not asked
     (args.out / f"{stem}.txt").write_text("\n".join(text))
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
     print("\n".join(text[1:]))

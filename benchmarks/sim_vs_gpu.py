@@ -39,8 +39,17 @@ def table(real: dict, sims: dict[str, dict]) -> list[str]:
     return lines
 
 
-def replay(real: dict, gpu: str, trace_dir: Path, scales: tuple[float, float, float]) -> dict:
-    """Every (trace, policy, rate) point of a GPU sweep, replayed with the same requests in virtual time."""
+def served_with_pieces(config: dict | list) -> bool:
+    """Whether a serving sweep's server ran piecewise graphs (sweeps from before they existed did not;
+    a merged file lists its inputs' configs, which merge_serving.py keeps alike)."""
+    configs = config if isinstance(config, list) else [config]
+    return bool(configs) and str(configs[0].get("piecewise_graphs", False)) == "True"
+
+
+def replay(real: dict, gpu: str, trace_dir: Path, scales: tuple[float, float, float],
+           piecewise_graphs: bool = False) -> dict:
+    """Every (trace, policy, rate) point of a GPU sweep, replayed with the same requests in virtual time,
+    launching passes as that sweep's server did (`piecewise_graphs`)."""
     sys.path.insert(0, str(ROOT))
     from benchmarks.policy_sim import TRACES, policy_config, simulate
     from shared.config import SchedulerConfig
@@ -52,7 +61,7 @@ def replay(real: dict, gpu: str, trace_dir: Path, scales: tuple[float, float, fl
             for row in rows:
                 n = row["completed"] + row["failed"]
                 metrics, _ = simulate(trace_dir / TRACES[trace], row["rate"], n, policy_config(policy, base), gpu=gpu,
-                                      scales=scales)
+                                      scales=scales, piecewise_graphs=piecewise_graphs)
                 out.setdefault(trace, {}).setdefault(policy, []).append({"rate": row["rate"], **metrics})
     return out
 
@@ -66,14 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scales", default="1.17,1.44,1.17", help="the replay's measured slow-downs (see policy_sim.py)")
     p.add_argument("--trace-dir", type=Path, default=ROOT.parent / "shared" / "traces")
     args = p.parse_args(argv)
-    real = json.loads((args.results / f"serving-{args.gpu}.json").read_text())["results"]
+    report = json.loads((args.results / f"serving-{args.gpu}.json").read_text())
+    real, pieces = report["results"], served_with_pieces(report.get("config", {}))
     sims = {} if args.no_sims else {
         f"sim `{e}`": json.loads(f.read_text())["results"] for e in EXECUTIONS
         if (f := args.results / f"serving-sim-{args.gpu}-{e}.json").exists()}
     if args.replay:
         scales = tuple(float(x) for x in args.scales.split(","))
-        sims["replay, declared"] = replay(real, args.gpu, args.trace_dir, (1.0, 1.0, 1.0))
-        sims[f"replay, scales {args.scales}"] = replay(real, args.gpu, args.trace_dir, scales)  # type: ignore[arg-type]
+        sims["replay, declared"] = replay(real, args.gpu, args.trace_dir, (1.0, 1.0, 1.0), pieces)
+        sims[f"replay, scales {args.scales}"] = replay(real, args.gpu, args.trace_dir, scales, pieces)  # type: ignore[arg-type]
     if not sims:
         raise SystemExit(f"no serving-sim-{args.gpu}-*.json in {args.results} (and no --replay)")
     text = "\n".join([f"# Simulated vs measured serving ({args.gpu})", "",

@@ -323,7 +323,7 @@ class Predictor:
             return True, "graph"
         if not cost.ragged:
             return False, "eager-decode"
-        whole = sms is None or sms >= self.full_sms  # a partition's prefill stays eager
+        whole = (sms or self.full_sms) >= self.full_sms  # a partition's prefill stays eager
         return False, "piecewise" if whole and cost.num_tokens <= self.piecewise_max_tokens else "eager-ragged"
 
     # ------------------------------------------------------------------ predictions

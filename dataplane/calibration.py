@@ -8,8 +8,8 @@ if a declared curve exists for the GPU (shared.profiles) its shape is rescaled t
 point (`source="scaled"`), else the profile holds that one point (`source="measured"`). Results
 are cached as JSON keyed by GPU name, SM count, driver and CUDA versions and the kernel setup
 (`setup`: the BLAS library and whether partitions' kernels are sized for them, which change the
-GEMM rates measured; default `~/.cache/duetserve`); a cache hit says `source="cached"`. On CPU a tiny matmul and copy give a
-measured one-point profile in milliseconds. `detail` always says which points were measured.
+GEMM rates measured; default `~/.cache/duetserve`); a cache hit says `source="cached"`. On CPU a
+tiny matmul and copy give a measured one-point profile in milliseconds. `detail` always says which points were measured.
 
 This module measures and reports; it decides nothing about scheduling.
 """

@@ -34,7 +34,6 @@ from shared.profiles import MAX_PIECEWISE_TOKENS  # above it a pass's GPU time h
 log = logging.getLogger(__name__)
 
 
-
 def default_token_buckets(max_tokens: int) -> list[int]:
     """Every 16 tokens to 256, every 32 to 512, every 64 to 1024 (padding under ~12%), up to
     `max_tokens` (itself a bucket when it falls between)."""

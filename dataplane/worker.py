@@ -160,21 +160,25 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
 
 def build_pieces(model: torch.nn.Module, kv_caches: list[torch.Tensor], device: torch.device,
                  config: DataplaneConfig, scratch_block: int) -> PiecewiseGraphs | None:
-    """Piecewise graphs of prefill and mixed passes, or None (passes stay eager) when capturing them
-    fails: they are a speed-up, so a GPU or driver that refuses a capture still serves."""
-    pieces = PiecewiseGraphs(model, kv_caches, device, block_size=config.block_size,  # type: ignore[arg-type]
-                             scratch_block=scratch_block, buckets=default_token_buckets(config.max_num_batched_tokens))
+    """Piecewise graphs of prefill and mixed passes, or None (passes stay eager) when building or
+    capturing them fails: they are a speed-up, so a GPU or driver that refuses a capture still serves."""
     try:
+        pieces = PiecewiseGraphs(model, kv_caches, device, block_size=config.block_size,  # type: ignore[arg-type]
+                                 scratch_block=scratch_block,
+                                 buckets=default_token_buckets(config.max_num_batched_tokens))
         pieces.capture()
-    except Exception as exc:  # noqa: BLE001 - any failure to capture leaves the eager passes, which work
+        return pieces
+    except Exception as exc:  # noqa: BLE001 - any failure leaves the eager passes, which work
         log.warning("piecewise graphs could not be captured (%s: %s); prefill and mixed passes stay eager",
                     type(exc).__name__, exc)
-        del pieces
-        if device.type == "cuda":
+    # out of the except block, so its traceback no longer holds the pieces' buffers and graph pool
+    if device.type == "cuda":
+        try:
             torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()
-        return None
-    return pieces
+        except RuntimeError as exc:  # an error the failed capture left pending: the next CUDA call says so
+            log.warning("after the failed capture: %s", exc)
+        torch.cuda.empty_cache()
+    return None
 
 
 def calibration_setup(config: DataplaneConfig) -> str:

@@ -105,6 +105,21 @@ def test_merging_keeps_rates_swept_in_separate_calls(tmp_path: Path) -> None:
     assert [(r["rate"], r["request_goodput"]) for r in rows] == [(20, 1.0), (28, 2.5), (40, 4.0)]
 
 
+
+def test_sweeps_that_launched_passes_differently_are_not_merged() -> None:
+    from benchmarks.merge_serving import merge
+    from benchmarks.sim_vs_gpu import served_with_pieces
+
+    rows = {"conv": {"duet": [{"rate": 20, "request_goodput": 1.0, "slo_attainment": 0.9, "p99_itl_ms": 1.0}]}}
+    eager = {"results": rows, "config": {"rates": "20"}}  # a sweep from before the pieces: eager
+    pieces = {"results": rows, "config": {"rates": "20", "piecewise_graphs": "True"}}
+    with pytest.raises(ValueError, match="merge like with like"):
+        merge([eager, pieces], "x")
+    merged = merge([pieces, pieces], "x")
+    assert served_with_pieces(merged["config"]) and not served_with_pieces(merge([eager], "x")["config"])
+    assert not served_with_pieces({"piecewise_graphs": "False"}) and not served_with_pieces([])
+
+
 def test_policy_sim_replays_every_request_deterministically(tmp_path: Path) -> None:
     """The virtual-time replay completes every request with all its tokens, leaks no KV block, gives
     the same figures twice, and its goodput is what the per-request arrays say."""

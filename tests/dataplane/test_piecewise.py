@@ -149,4 +149,3 @@ def test_a_cpu_worker_asked_for_pieces_runs_eager(model: DenseForCausalLM) -> No
     assert not piecewise_possible(model, torch.device("cuda"), "flashinfer", False)  # no CUDA graphs
     loaded = load_worker(DataplaneConfig(model="tiny", device="cpu", num_kv_blocks=64, piecewise_graphs=True))
     assert loaded.runner.pieces is None
-

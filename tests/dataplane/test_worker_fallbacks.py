@@ -3,11 +3,15 @@ worker serving, with a warning, instead of failing its start."""
 
 from __future__ import annotations
 
+import pytest
+
 from shared.messages import NewRequest, SamplingParams, ScheduledSeq, StepPlan
 
 
-def test_a_failed_capture_leaves_eager_passes_and_a_warning(monkeypatch, caplog) -> None:  # noqa: ANN001
-    """Piecewise graphs are a speed-up: a capture the GPU refuses must not stop the worker."""
+@pytest.mark.parametrize("failing", ["build", "capture"])
+def test_a_failed_capture_leaves_eager_passes_and_a_warning(failing: str, monkeypatch, caplog) -> None:  # noqa: ANN001
+    """Piecewise graphs are a speed-up: buffers the GPU cannot hold, or a capture it refuses, must not
+    stop the worker."""
     import logging
 
     import dataplane.worker as worker_module
@@ -18,6 +22,8 @@ def test_a_failed_capture_leaves_eager_passes_and_a_warning(monkeypatch, caplog)
     class Refused:
         def __init__(self, *args: object, **kwargs: object) -> None:
             built.append(self)
+            if failing == "build":
+                raise RuntimeError("operation not permitted when stream is capturing (out of memory)")
 
         def capture(self) -> None:
             raise RuntimeError("operation not permitted when stream is capturing")
