@@ -35,7 +35,8 @@ for stage in "$@"; do
     tests) run tests 580 python3 -m pytest -m "gpu and not experimental" tests/dataplane -q -x -p no:cacheprovider
            save_fi_cache "$OUT" ;;
     experiments) run experiments 420 python3 -u -m pytest -m experimental tests/dataplane -v -p no:cacheprovider \
-                   --timeout 320 ;;  # the partition-sized test took 201 s with its FA2 kernels built
+                   --timeout 320  # the partition-sized test took 201 s with its FA2 kernels built
+                 save_fi_cache "$OUT" ;;  # FA2 prefill modules for partitions
     profile) run profile 300 python3 benchmarks/profile_step.py --out "$OUT" ;;
     profile-eager) run profile-eager 300 python3 benchmarks/profile_step.py --no-piecewise-graphs --out "$OUT" ;;
     profile-decode) for b in 16 64; do run profile-decode-$b 200 python3 benchmarks/profile_decode.py --graphs \
@@ -55,7 +56,8 @@ for stage in "$@"; do
     multiplex) run multiplex 400 python3 benchmarks/multiplex.py --out "$OUT" ;;
     multiplex-lt) run multiplex-lt 400 python3 benchmarks/multiplex.py --blas-library cublaslt --out "$OUT" ;;
     multiplex-sized) run multiplex-sized 400 python3 benchmarks/multiplex.py --blas-library cublaslt \
-                       --partition-kernels partition --out "$OUT" ;;
+                       --partition-kernels partition --out "$OUT"
+                     save_fi_cache "$OUT" ;;
     multiplex-gemm) run multiplex-gemm 400 python3 benchmarks/multiplex.py --blas-library cublaslt \
                       --partition-kernels gemm --out "$OUT" ;;
     predictor) run predictor 400 python3 benchmarks/predictor.py --partitions --decode-sizes 32,64 \
