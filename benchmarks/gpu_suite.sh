@@ -34,7 +34,7 @@ for stage in "$@"; do
   case $stage in
     tests) run tests 580 python3 -m pytest -m "gpu and not experimental" tests/dataplane -q -x -p no:cacheprovider
            save_fi_cache "$OUT" ;;
-    experiments) run experiments 420 python3 -u -m pytest -m experimental tests/dataplane -v -p no:cacheprovider \
+    experiments) run experiments 560 python3 -u -m pytest -m experimental tests/dataplane -v -p no:cacheprovider \
                    --timeout 320  # the partition-sized test took 201 s with its FA2 kernels built
                  save_fi_cache "$OUT" ;;  # FA2 prefill modules for partitions
     profile) run profile 300 python3 benchmarks/profile_step.py --out "$OUT" ;;

@@ -267,15 +267,18 @@ def test_multiplexed_schedule_equals_aggregated(gpu_checkpoint: Path) -> None:
 
 
 @pytest.mark.experimental
-def test_partition_sized_kernels_keep_the_multiplexed_tokens(gpu_checkpoint: Path) -> None:
-    """`partition_kernels="partition"` (cuBLASLt SM target, FA2 prefill on the partition): greedy tokens
-    of the multiplexed schedule equal the aggregated one's, with no host sync; an open question whether
-    FA2's rounding keeps every near-tie of the tiny random model, hence experimental."""
+@pytest.mark.parametrize("mode", ["partition", "gemm"])
+def test_partition_sized_kernels_keep_the_multiplexed_tokens(gpu_checkpoint: Path, mode: str) -> None:
+    """`partition_kernels="partition"` (cuBLASLt SM target, FA2 prefill on the partition) and "gemm"
+    (the SM target alone): greedy tokens of the multiplexed schedule equal the aggregated one's, with
+    no host sync; an open question whether FA2's rounding keeps every near-tie of the tiny random
+    model, hence experimental ("partition" passed on the H200 at 5a47025)."""
     blas = torch.backends.cuda.preferred_blas_library()  # the worker sets it process-wide
     try:
         sized = _worker(str(gpu_checkpoint), multiplexing=True, decode_partition_sms=(16,),
-                        partition_kernels="partition", blas_library="cublaslt")
+                        partition_kernels=mode, blas_library="cublaslt")
         assert sized.runner.multiplexer.partition_kernels
+        assert sized.runner.multiplexer.fa2_prefill == (mode == "partition")
         a, b = _prompts(5, 512, seed=6), _prompts(2, 512, seed=7)
         reference = _schedule(_worker(str(gpu_checkpoint)).runner, a, b, k=1, decode_sms=0, sync_debug=False)
         _schedule(sized.runner, a, b, k=4, decode_sms=16, sync_debug=False)  # captures the partition's graphs
