@@ -15,14 +15,17 @@
 # predictor (the shapes serving runs) predictor-all (every shape on every SM count) serving-code
 # serving-conv serving-code-more (the paper-style duet-tbt and static on Azure code) serving-conv-static serving-conv-knee
 # (Azure conversation past the baselines' knee) serving-conv-steady (60 s of conversation trace per point, up to
-# 3000 requests: past the first burst, into steady state; STEADY_POLICIES, STEADY_RATES; EAGER=1 serves without
-# piecewise graphs) engine-eager (the engine benchmark with prefill passes launched eagerly, not as piecewise graphs)
+# 3000 requests: past the first burst, into steady state; STEADY_POLICIES, STEADY_RATES). EAGER=1: every serving
+# stage serves without piecewise graphs (results named <gpu>, else <gpu>-piecewise) engine-eager (the engine benchmark with prefill passes launched eagerly, not as piecewise graphs)
 # profile-eager (host launch and device time of eager prefill and mixed steps). GPU name for file names: GPU=h200 (default).
 # Every other stage runs the data plane's defaults, piecewise graphs included.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . benchmarks/gpu_env.sh || exit 1
 OUT=${OUT:-/tmp/out}; GPU=${GPU:-h200}; mkdir -p "$OUT"
+# serving stages launch prefill and mixed passes as piecewise graphs (the default; results named
+# <gpu>-piecewise) or, with EAGER=1, eagerly (results named <gpu>, like the sweeps from before the pieces)
+if [ "${EAGER:-0}" != 0 ]; then LAUNCH=--no-piecewise-graphs; TAG=""; else LAUNCH=""; TAG=-piecewise; fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
 run() {  # run NAME LIMIT_S CMD...: one stage, its log under $OUT, a line with its exit status
   local name=$1 limit=$2; shift 2
@@ -64,21 +67,20 @@ for stage in "$@"; do
                  --sm-counts 32,64,68,100,132 --grid serving --reps 2 --out "$OUT" ;;
     predictor-all) run predictor-all 400 python3 benchmarks/predictor.py --partitions --decode-sizes 32,64 \
                      --sm-counts 32,68,100,132 --reps 2 --out "$OUT" ;;
-    serving-code) run serving-code 560 python3 benchmarks/serving.py --gpu "$GPU" --traces code \
+    serving-code) run serving-code 560 python3 benchmarks/serving.py $LAUNCH --gpu "$GPU$TAG" --traces code \
                     --policies duet,aggregated,prefill-first --rates ${CODE_RATES:-2,4,8} --seconds 18 --min-requests 40 --trace-dir .whl/traces --out "$OUT" ;;
-    serving-conv) run serving-conv 560 python3 benchmarks/serving.py --gpu "$GPU" --traces conv \
+    serving-conv) run serving-conv 560 python3 benchmarks/serving.py $LAUNCH --gpu "$GPU$TAG" --traces conv \
                     --policies duet,aggregated,prefill-first --rates ${CONV_RATES:-20,28,36} --seconds 15 --trace-dir .whl/traces --out "$OUT" ;;
-    serving-code-more) run serving-code-more 560 python3 benchmarks/serving.py --gpu "$GPU" --traces code \
+    serving-code-more) run serving-code-more 560 python3 benchmarks/serving.py $LAUNCH --gpu "$GPU$TAG" --traces code \
                     --policies duet-tbt,static --rates ${CODE_RATES:-2,4,8} --seconds 18 --min-requests 40 --trace-dir .whl/traces --out "$OUT" ;;
-    serving-conv-static) run serving-conv-static 300 python3 benchmarks/serving.py --gpu "$GPU" --traces conv \
+    serving-conv-static) run serving-conv-static 300 python3 benchmarks/serving.py $LAUNCH --gpu "$GPU$TAG" --traces conv \
                     --policies static --rates ${CONV_RATES:-20,28,36} --seconds 15 --trace-dir .whl/traces --out "$OUT" ;;
-    serving-conv-knee) run serving-conv-knee 560 python3 benchmarks/serving.py --gpu "$GPU" --traces conv \
+    serving-conv-knee) run serving-conv-knee 560 python3 benchmarks/serving.py $LAUNCH --gpu "$GPU$TAG" --traces conv \
                     --policies duet,aggregated,prefill-first --rates ${KNEE_RATES:-40,48} --seconds 15 --trace-dir .whl/traces --out "$OUT" ;;
-    serving-conv-steady) mode=piecewise; [ "${EAGER:-0}" != 0 ] && mode=eager
-                  run serving-conv-steady 560 python3 benchmarks/serving.py --traces conv \
+    serving-conv-steady) run serving-conv-steady 560 python3 benchmarks/serving.py --traces conv \
                     --policies ${STEADY_POLICIES:-duet,aggregated} --rates ${STEADY_RATES:-20,22} --seconds 60 \
                     --max-requests 3000 --trace-dir .whl/traces --out "$OUT" \
-                    $([ $mode = eager ] && echo --no-piecewise-graphs) --gpu "$GPU-steady-$mode" ;;
+                    $LAUNCH --gpu "$GPU-steady$TAG" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
