@@ -68,25 +68,29 @@ def replay(real: dict, gpu: str, trace_dir: Path, scales: tuple[float, float, fl
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--gpu", default="h200")
+    p.add_argument("--gpu", default="h200", help="the simulated GPU")
+    p.add_argument("--run", default=None, help="the sweep's name in serving-<run>.json (default: --gpu), e.g. "
+                                                 "h200-steady-piecewise; writes sim-vs-<run>.md")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--replay", action="store_true", help="add benchmarks/policy_sim.py replays of every point")
     p.add_argument("--no-sims", action="store_true", help="leave out the serving.py --simulate files")
     p.add_argument("--scales", default="1.17,1.44,1.17", help="the replay's measured slow-downs (see policy_sim.py)")
     p.add_argument("--trace-dir", type=Path, default=ROOT.parent / "shared" / "traces")
     args = p.parse_args(argv)
-    report = json.loads((args.results / f"serving-{args.gpu}.json").read_text())
+    run = args.run or args.gpu
+    report = json.loads((args.results / f"serving-{run}.json").read_text())
     real, pieces = report["results"], served_with_pieces(report.get("config", {}))
     sims = {} if args.no_sims else {
         f"sim `{e}`": json.loads(f.read_text())["results"] for e in EXECUTIONS
-        if (f := args.results / f"serving-sim-{args.gpu}-{e}.json").exists()}
+        if (f := args.results / f"serving-sim-{run}-{e}.json").exists()}
     if args.replay:
         scales = tuple(float(x) for x in args.scales.split(","))
         sims["replay, declared"] = replay(real, args.gpu, args.trace_dir, (1.0, 1.0, 1.0), pieces)
         sims[f"replay, scales {args.scales}"] = replay(real, args.gpu, args.trace_dir, scales, pieces)  # type: ignore[arg-type]
     if not sims:
-        raise SystemExit(f"no serving-sim-{args.gpu}-*.json in {args.results} (and no --replay)")
-    text = "\n".join([f"# Simulated vs measured serving ({args.gpu})", "",
+        raise SystemExit(f"no serving-sim-{run}-*.json in {args.results} (and no --replay)")
+    launches = "piecewise graphs" if pieces else "eager passes"
+    text = "\n".join([f"# Simulated vs measured serving ({run}, {launches})", "",
                       "Goodput in req/s under TTFT 2 s / TPOT 50 ms, SLO attainment in brackets; the same "
                       "`benchmarks/serving.py` sweep on the GPU and against the simulated data plane"
                       + (" (`serving.py --simulate`)" if not args.no_sims else "")
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                          "launch model or slowed by the factors measured on the GPU (eager on the whole "
                          "device, eager on a partition, decode beside a prefill)" if args.replay else "") + ".",
                       "", *table(real, sims), ""])
-    out = args.results / f"sim-vs-{args.gpu}.md"
+    out = args.results / f"sim-vs-{run}.md"
     out.write_text(text)
     print(text)
     print(f"wrote {out}")
