@@ -231,6 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from controlplane.bench_serve import bench, format_result
 
+        from controlplane.bench_serve import Goodput, workload_from_args
+
+        try:  # the inputs first: a trace that cannot be read, a bad --goodput
+            Goodput.parse(args.goodput)
+            workload_from_args(args)
+        except (OSError, ValueError) as exc:
+            print(f"duetserve bench serve: error: {exc}", file=sys.stderr)
+            return 2
         print(format_result(_run(bench(args))))
         return 0
     if args.command == "traces":
@@ -241,7 +249,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "simulate":
         from controlplane.simulate import run_simulate
 
-        return _run(run_simulate(args, scheduler_config_from_args(args)))
+        from controlplane.replay import load_trace
+
+        try:  # the inputs first: a trace that cannot be read, a bad setting
+            scheduler = scheduler_config_from_args(args)
+            load_trace(args.trace, args.num_requests)
+        except (OSError, ValueError) as exc:
+            print(f"duetserve simulate: error: {exc}", file=sys.stderr)
+            return 2
+        return _run(run_simulate(args, scheduler))
     try:
         configs_from_args(args)  # every flag error before anything starts
     except ValueError as exc:

@@ -38,12 +38,27 @@ def _timestamp(text: str) -> float:
     return datetime.strptime(whole, "%Y-%m-%d %H:%M:%S").timestamp() + (float(f"0.{frac}") if frac else 0.0)
 
 
+TRACE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+
+
 def load_trace(path: str | Path, limit: int | None = None) -> list[TraceRequest]:
+    """The trace's first `limit` requests, arrivals from 0; ValueError naming the file and line for a
+    file that is not such a trace (a missing column, an unreadable time or count)."""
     out: list[TraceRequest] = []
     with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            out.append(TraceRequest(_timestamp(row["TIMESTAMP"]), int(row["ContextTokens"]),
-                                    max(int(row["GeneratedTokens"]), 1)))
+        reader = csv.DictReader(f)
+        missing = [c for c in TRACE_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: not an Azure LLM trace CSV: no column {', '.join(missing)} "
+                             f"(it needs {', '.join(TRACE_COLUMNS)})")
+        for row in reader:
+            try:
+                prompt, output = int(row["ContextTokens"]), int(row["GeneratedTokens"])
+                if prompt < 1 or output < 0:
+                    raise ValueError(f"token counts must be positive, got {prompt} and {output}")
+                out.append(TraceRequest(_timestamp(row["TIMESTAMP"] or ""), prompt, max(output, 1)))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{path}:{reader.line_num}: {exc}") from None
             if limit is not None and len(out) >= limit:
                 break
     if not out:

@@ -20,6 +20,22 @@ def test_load_trace_parses_seven_digit_timestamps() -> None:
     assert len(load_trace(TRACES / "azure_llm_2023_conv_300.csv", limit=10)) == 10
 
 
+@pytest.mark.parametrize(("text", "error"), [
+    ("a,b\n1,2\n", "not an Azure LLM trace CSV: no column TIMESTAMP, ContextTokens, GeneratedTokens"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.97,12,4\n2023-11-16 18:17:04.1,abc,3\n",
+     r"bad\.csv:3: invalid literal"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\nyesterday,12,4\n", r"bad\.csv:2: time data 'yesterday'"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.97,0,4\n", "token counts must be positive"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.97,5\n", r"bad\.csv:2: int\(\) argument"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\n", "no requests"),
+])
+def test_a_file_that_is_not_a_trace_is_refused_with_its_line(tmp_path: Path, text: str, error: str) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text(text)
+    with pytest.raises(ValueError, match=error):
+        load_trace(bad)
+
+
 def test_summarise_by_hand() -> None:
     # Sent at 0; tokens arrive at 0.1 (1), 0.2 (2: a look-ahead burst), 0.3 (1): TTFT 100 ms,
     # TPOT (0.3 - 0.1) / 3 = 66.7 ms, ITL 50, 50, 100 ms. With time_scale 0.5 every time doubles.

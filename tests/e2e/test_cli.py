@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "controlplane.cli"]
 
@@ -81,6 +83,16 @@ def test_file_exporter_needs_a_file() -> None:
     out = subprocess.run([*CLI, "serve", "--otel-exporter", "file"], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 2 and "--otel-file" in out.stderr
+
+
+@pytest.mark.parametrize("command", [["simulate", "--trace"], ["bench", "serve", "--dataset", "trace", "--no-progress",
+                                                             "--address", "127.0.0.1:1", "--trace"]])
+def test_a_bad_trace_is_a_clear_error_before_anything_starts(command: list[str], tmp_path: Path) -> None:
+    bad = tmp_path / "notes.csv"
+    bad.write_text("when,what\n1,2\n")
+    for path, says in ((bad, "not an Azure LLM trace CSV"), (tmp_path / "missing.csv", "No such file")):
+        out = subprocess.run([*CLI, *command, str(path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr
 
 
 def test_scheduler_flags_reach_the_config() -> None:
