@@ -152,4 +152,5 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             policy=self.policy,
             supports_multiplexing=worker.supports_multiplexing,
             protocol_version=PROTOCOL_VERSION,
+            piecewise_max_tokens=worker.piecewise_max_tokens,
         )

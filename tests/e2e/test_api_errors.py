@@ -74,6 +74,7 @@ async def test_model_info_health_and_reflection() -> None:
         assert (info.model, info.vocab_size, info.num_kv_blocks, info.block_size) == ("tiny", 260, 100, 16)
         assert info.max_model_len == 1600 and list(info.eos_token_ids) == [257]
         assert info.policy == "aggregated" and not info.supports_multiplexing
+        assert info.piecewise_max_tokens == 0  # a CPU runs every prefill and mixed step eagerly
         health = health_pb2_grpc.HealthStub(served.channel)
         for service in ("", "duetserve.v1.Generation"):
             reply = await health.Check(health_pb2.HealthCheckRequest(service=service))

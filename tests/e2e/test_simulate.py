@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from controlplane.simulate import SimulationSpec, run_simulation
 from shared.config import SchedulerConfig
 
@@ -41,3 +43,32 @@ def test_simulate_command_writes_a_report(tmp_path: Path) -> None:
     assert "goodput" in proc.stdout and "TTFT" in proc.stdout
     report = json.loads(out.read_text())
     assert report["config"]["policy"] == "static" and report["metrics"]["completed"] == 6
+
+
+@pytest.mark.parametrize(("pieces", "want"), [(True, 1024), (False, 0)])
+async def test_model_info_says_which_steps_replay_piecewise_graphs(pieces: bool, want: int) -> None:
+    import shutil
+    import tempfile
+
+    import grpc
+
+    from controlplane.launcher import spawn_sim_dataplane, stop_process
+    from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
+    from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc
+    from controlplane.server import ControlPlane
+    from shared.config import ServerConfig
+
+    workdir = tempfile.mkdtemp(prefix="ds-mi-")
+    endpoint = f"ipc://{workdir}/dp.sock"
+    child = spawn_sim_dataplane(endpoint, model="qwen3-8b", gpu="h200", time_scale=0.05, execution="flashinfer",
+                                piecewise_graphs=pieces)
+    plane = ControlPlane(ServerConfig(port=0, dataplane_endpoint=endpoint, handshake_timeout_s=60.0), "qwen3-8b")
+    try:
+        await plane.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.port}") as channel:
+            info = await pb_grpc.GenerationStub(channel).GetModelInfo(pb.GetModelInfoRequest())
+    finally:
+        await plane.stop()
+        stop_process(child)
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert info.piecewise_max_tokens == want and info.attention_backend.startswith("flashinfer")
