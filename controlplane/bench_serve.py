@@ -206,9 +206,10 @@ def workload_from_args(args: argparse.Namespace) -> list[TraceRequest]:
     return load_trace(args.trace, limit=args.num_prompts)
 
 
-async def bench(args: argparse.Namespace) -> dict[str, object]:
+async def bench(args: argparse.Namespace, workload: list[TraceRequest] | None = None) -> dict[str, object]:
+    """`workload`: the requests already read from the flags (None: read them here)."""
     goodput = Goodput.parse(args.goodput)
-    workload = workload_from_args(args)
+    workload = workload if workload is not None else workload_from_args(args)
     rate = None if args.request_rate == float("inf") else args.request_rate
     send_times = arrivals(workload, args.arrival, rate, args.burstiness, args.seed)
     async with grpc.aio.insecure_channel(args.address) as channel:

@@ -229,17 +229,15 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_health(args)
     if args.command == "bench":
-        from controlplane.bench_serve import bench, format_result
-
-        from controlplane.bench_serve import Goodput, workload_from_args
+        from controlplane.bench_serve import Goodput, bench, format_result, workload_from_args
 
         try:  # the inputs first: a trace that cannot be read, a bad --goodput
             Goodput.parse(args.goodput)
-            workload_from_args(args)
+            workload = workload_from_args(args)
         except (OSError, ValueError) as exc:
             print(f"duetserve bench serve: error: {exc}", file=sys.stderr)
             return 2
-        print(format_result(_run(bench(args))))
+        print(format_result(_run(bench(args, workload))))
         return 0
     if args.command == "traces":
         from controlplane.traces import run_traces
@@ -247,17 +245,16 @@ def main(argv: list[str] | None = None) -> int:
         return run_traces(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "simulate":
-        from controlplane.simulate import run_simulate
-
         from controlplane.replay import load_trace
+        from controlplane.simulate import run_simulate
 
         try:  # the inputs first: a trace that cannot be read, a bad setting
             scheduler = scheduler_config_from_args(args)
-            load_trace(args.trace, args.num_requests)
+            trace = load_trace(args.trace, args.num_requests)
         except (OSError, ValueError) as exc:
             print(f"duetserve simulate: error: {exc}", file=sys.stderr)
             return 2
-        return _run(run_simulate(args, scheduler))
+        return _run(run_simulate(args, scheduler, trace))
     try:
         configs_from_args(args)  # every flag error before anything starts
     except ValueError as exc:

@@ -323,8 +323,8 @@ class Predictor:
             return True, "graph"
         if not cost.ragged:
             return False, "eager-decode"
-        whole = (sms or self.full_sms) >= self.full_sms  # a partition's prefill stays eager
-        return False, "piecewise" if whole and cost.num_tokens <= self.piecewise_max_tokens else "eager-ragged"
+        pieces = self.roofline.replays_pieces(cost, sms, self.piecewise_max_tokens)
+        return False, "piecewise" if pieces else "eager-ragged"
 
     # ------------------------------------------------------------------ predictions
 

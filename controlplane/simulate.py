@@ -22,7 +22,7 @@ import grpc
 
 from controlplane.launcher import spawn_sim_dataplane, stop_process
 from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc
-from controlplane.replay import RequestRecord, load_trace, replay, summarise
+from controlplane.replay import RequestRecord, TraceRequest, load_trace, replay, summarise
 from controlplane.server import ControlPlane
 from shared.config import SchedulerConfig, ServerConfig
 
@@ -53,8 +53,9 @@ class SimulationResult:
     kv_blocks_in_use: int = 0  # after every request finished: should be 0
 
 
-async def run_simulation(spec: SimulationSpec) -> SimulationResult:
-    trace = load_trace(spec.trace, spec.num_requests)
+async def run_simulation(spec: SimulationSpec, trace: list[TraceRequest] | None = None) -> SimulationResult:
+    """`trace`: spec.trace already read (None: read it here)."""
+    trace = trace if trace is not None else load_trace(spec.trace, spec.num_requests)
     workdir = tempfile.mkdtemp(prefix="ds-sim-")  # short: ipc paths are limited to ~100 bytes
     endpoint = f"ipc://{workdir}/dp.sock"
     child = spawn_sim_dataplane(endpoint, model=spec.model, gpu=spec.gpu, time_scale=spec.time_scale,
@@ -153,7 +154,8 @@ def add_simulate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="WARNING")
 
 
-async def run_simulate(args: argparse.Namespace, scheduler: SchedulerConfig) -> int:
+async def run_simulate(args: argparse.Namespace, scheduler: SchedulerConfig,
+                       trace: list[TraceRequest] | None = None) -> int:
     spec = SimulationSpec(
         trace=args.trace, scheduler=scheduler, gpu=args.gpu, execution=args.execution, model=args.model,
         rate_scale=args.rate_scale,
@@ -161,7 +163,7 @@ async def run_simulate(args: argparse.Namespace, scheduler: SchedulerConfig) -> 
         num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len, seed=args.seed,
         piecewise_graphs=args.piecewise_graphs,
     )
-    result = await run_simulation(spec)
+    result = await run_simulation(spec, trace)
     print(format_report(result.report), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result.report, indent=1) + "\n")

@@ -94,9 +94,6 @@ class Multiplexer:
             self._decode(runner, decode, plan, pending, part.split.decode_sms)
 
     def _prefill(self, runner: ModelRunner, prefill: list[_Item], pending: PendingStep, part: Partition) -> None:
-        if not self.partition_kernels:
-            runner._run(prefill, 1, pending, eager=True)
-            return
         attention = runner.backend.on_partition() if self.fa2_prefill else nullcontext()
         with self.sized(part.actual_prefill_sms), attention:
             runner._run(prefill, 1, pending, eager=True)

@@ -95,6 +95,11 @@ class PiecewiseGraphs:
         self.capture_seconds = 0.0
 
     @property
+    def max_tokens(self) -> int:
+        """The largest pass replayed (the last bucket)."""
+        return self.buckets[-1]
+
+    @property
     def num_graphs(self) -> int:
         return sum(len(g) for g in self._graphs.values())
 

@@ -292,7 +292,7 @@ class ModelRunner:
                 torch.cuda.current_stream(self.device).synchronize()
             self.backend.begin_step(batch, self.device, slots)
             if (self.pieces is not None and stream_key == "full" and not eager
-                    and self.pieces.bucket_for(batch.num_tokens) is not None):
+                    and 1 <= batch.num_tokens <= self.pieces.max_tokens):
                 hidden = self.pieces.run(input_ids, positions, self.backend)
             else:
                 hidden = self.model(input_ids, positions, self.backend, self.kv_caches)

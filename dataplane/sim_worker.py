@@ -174,8 +174,7 @@ class SimGpu:
             return self.roofline.step_ms(cost, sms)
         if not cost.ragged:
             return self.roofline.device_ms(cost, sms, graph=True)
-        whole = (sms or self.ready.device.sm_count) >= self.ready.device.sm_count
-        pieces = whole and cost.num_tokens <= self.ready.piecewise_max_tokens
+        pieces = self.roofline.replays_pieces(cost, sms, self.ready.piecewise_max_tokens)
         floor = self.roofline.piecewise_floor_ms if pieces else self.roofline.eager_floor_ms
         return max(self.roofline.device_ms(cost, sms), floor)
 

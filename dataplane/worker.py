@@ -153,7 +153,7 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
         max_num_batched_tokens=config.max_num_batched_tokens if device.type == "cuda" else 0,
         profile=calibrate(device, dtype, config.calibration_cache_dir, setup=calibration_setup(config),
                           **partition_calibration(multiplexer)),
-        piecewise_max_tokens=pieces.buckets[-1] if pieces is not None else 0,
+        piecewise_max_tokens=pieces.max_tokens if pieces is not None else 0,
     )
     return LoadedWorker(runner, ready)
 

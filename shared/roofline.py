@@ -197,6 +197,13 @@ class Roofline:
         layers = self.shape.num_layers * self.attention_ms(cost, pi, bw)
         return self.profile.step_overhead_ms + self.dense_ms(cost, pi, bw) + layers
 
+    def replays_pieces(self, cost: BatchCost, sms: int | None, piecewise_max_tokens: int) -> bool:
+        """Whether the data plane replays this prefill or mixed pass as piecewise graphs (host floor
+        `piecewise_floor_ms`, not `eager_floor_ms`): on the whole device (a partition's prefill stays
+        eager; None or 0 SMs mean the whole device), up to `piecewise_max_tokens` tokens."""
+        return (cost.ragged and (sms or self.full_sms) >= self.full_sms
+                and cost.num_tokens <= piecewise_max_tokens)
+
     def device_ms(self, cost: BatchCost, sms: int | None = None, graph: bool = False) -> float:
         """GPU time of one step: the roofline with the kernels' attention tiles, plus the fixed cost of
         every kernel, plus (for a CUDA-graph replay) the host's time before the replay."""
