@@ -17,9 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controlplane.dataplane_client import DataplaneClient, DataplaneTimeout, DataplaneUnavailable
-from shared.codec import encode
+from shared.codec import ProtocolError, decode_to_control, encode
 from shared.messages import (
-    PROTOCOL_VERSION, DeviceDescription, ModelDescription, SeqOutput, StepPlan, StepProgress, StepResult, WorkerReady,
+    PROTOCOL_VERSION, DeviceDescription, ModelDescription, SeqOutput, StepPlan, StepProgress, StepResult, WorkerFatal,
+    WorkerReady,
 )
 
 leaves = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=16)
@@ -30,8 +31,18 @@ TAGS = ["hello", "plan", "shutdown", "ready", "progress", "result", "fatal", "bo
 tagged = st.builds(lambda tag, rest: {**rest, "type": tag}, st.sampled_from(TAGS),
                    st.dictionaries(st.sampled_from(["step_id", "protocol_version", "outputs", "reason", "model",
                                                     "scheduled", "failures", "x"]), values, max_size=4))
+
+
+def _not_fatal(frame: bytes) -> bool:
+    """A frame that happens to be a well-formed WorkerFatal is no garbage: the client rightly stops."""
+    try:
+        return not isinstance(decode_to_control(frame), WorkerFatal)
+    except ProtocolError:
+        return True
+
+
 FRAMES = st.one_of(st.binary(max_size=300), values.map(msgspec.msgpack.encode),
-                   tagged.map(msgspec.msgpack.encode))
+                   tagged.map(msgspec.msgpack.encode)).filter(_not_fatal)
 
 
 def ready(version: int = PROTOCOL_VERSION) -> WorkerReady:
