@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from controlplane.kv_blocks import BlockAllocator  # noqa: E402
+from controlplane.prefix_cache import make_allocator  # noqa: E402
 from controlplane.scheduler import Scheduler  # noqa: E402
 from controlplane.sequence import Sequence, StopParams  # noqa: E402
 from dataplane.kv_cache import kv_bytes_per_block  # noqa: E402
@@ -192,8 +192,9 @@ def offline(worker, requests: int, in_len: int, out_len: int, budget: int, max_s
     """The real scheduler driving the real runner in one process (no sockets)."""
     ready, runner = worker.ready, worker.runner
     runner.clear()
-    sched = Scheduler(SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget),
-                      BlockAllocator(ready.num_kv_blocks, ready.block_size), ready.max_model_len, frozenset())
+    config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget)
+    allocator = make_allocator(ready.num_kv_blocks, ready.block_size, config.enable_prefix_caching)
+    sched = Scheduler(config, allocator, ready.max_model_len, frozenset())
     g = torch.Generator().manual_seed(0)
     for i in range(requests):
         prompt = torch.randint(0, ready.model.vocab_size, (in_len,), generator=g).tolist()

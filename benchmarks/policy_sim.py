@@ -25,11 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from controlplane.bench_serve import Goodput, arrivals, compute_metrics, per_request  # noqa: E402
-from controlplane.kv_blocks import BlockAllocator  # noqa: E402
+from controlplane.prefix_cache import make_allocator  # noqa: E402
 from controlplane.replay import RequestRecord, load_trace  # noqa: E402
 from controlplane.scheduler import Scheduler  # noqa: E402
-from controlplane.step_records import SeqUpdate  # noqa: E402
 from controlplane.sequence import Sequence, StopParams  # noqa: E402
+from controlplane.step_records import SeqUpdate  # noqa: E402
 from dataplane.sim_worker import SimGpu, sim_ready  # noqa: E402
 from shared.config import SchedulerConfig  # noqa: E402
 from shared.messages import SamplingParams, StepProgress  # noqa: E402
@@ -85,7 +85,8 @@ def simulate(trace: Path, rate: float, num_requests: int, config: SchedulerConfi
         gpu_model.roofline.piecewise_floor_ms = piecewise_host_ms
     if scales != (1.0, 1.0, 1.0):
         slowed(gpu_model, *scales)
-    sched = Scheduler(config, BlockAllocator(ready.num_kv_blocks, ready.block_size), ready.max_model_len,
+    allocator = make_allocator(ready.num_kv_blocks, ready.block_size, config.enable_prefix_caching)
+    sched = Scheduler(config, allocator, ready.max_model_len,
                       frozenset(ready.model.eos_token_ids), ready)
     now = 0.0
     sched.slo_clock = lambda: now

@@ -49,6 +49,7 @@ def _response(request_id: str, delta: RequestDelta) -> pb.GenerateResponse:
         message.finish_reason = delta.finish_reason
         message.prompt_tokens = delta.prompt_tokens
         message.completion_tokens = delta.completion_tokens
+        message.cached_tokens = delta.cached_tokens
         message.stop_reason = delta.stop_reason or ""
     return message
 

@@ -101,6 +101,11 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
                    help="plan step i+1 while step i runs on the GPU (its sampled tokens stay on the device), "
                         "hiding both planes' host work; --no-async-scheduling plans one step at a time "
                         f"(default {'on' if d.async_scheduling else 'off'})")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=d.enable_prefix_caching,
+                   help="automatic prefix caching: full KV blocks outlive their requests and a prompt that "
+                        "starts with cached blocks skips computing them "
+                        f"(default {'on' if d.enable_prefix_caching else 'off'})")
 
 
 def scheduler_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
@@ -109,7 +114,7 @@ def scheduler_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         tbt_slo_ms=args.tbt_slo_ms, ttft_slo_ms=args.ttft_slo_ms, static_decode_sms=args.static_decode_sms,
         static_lookahead=args.static_lookahead, max_lookahead=args.max_lookahead, hysteresis=args.hysteresis,
         duet_slo=args.duet_slo, tpot_horizon=args.tpot_horizon, duet_trim=args.duet_trim,
-        async_scheduling=args.async_scheduling,
+        async_scheduling=args.async_scheduling, enable_prefix_caching=args.enable_prefix_caching,
     )
 
 

@@ -56,7 +56,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if last is not None:
         print(
             f"\n[finish_reason={last.finish_reason} prompt_tokens={last.prompt_tokens} "
-            f"completion_tokens={last.completion_tokens}]",
+            f"completion_tokens={last.completion_tokens} cached_tokens={last.cached_tokens}]",
             file=sys.stderr,
         )
     return 0

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 from controlplane.admission import QueueLimits
 from controlplane.dataplane_client import DataplaneClient, DataplaneUnavailable
-from controlplane.kv_blocks import BlockAllocator
 from controlplane.observer import EngineObserver, RequestObs
 from controlplane.output import OutputProcessor, RequestDelta
+from controlplane.prefix_cache import make_allocator
 from controlplane.scheduler import Scheduler
-from controlplane.step_records import SeqUpdate
 from controlplane.sequence import FinishReason, Sequence, StopParams
+from controlplane.step_records import SeqUpdate
 from controlplane.tokenizer import TextTokenizer
 from shared.config import SchedulerConfig
 from shared.messages import SamplingParams, StepPlan, WorkerReady
@@ -148,7 +148,7 @@ class Engine:
         if self._max_model_len_cap is not None:
             limits.append(self._max_model_len_cap)
         self.max_model_len = min(limits)
-        allocator = BlockAllocator(ready.num_kv_blocks, ready.block_size)
+        allocator = make_allocator(ready.num_kv_blocks, ready.block_size, self.scheduler_config.enable_prefix_caching)
         eos = frozenset(ready.model.eos_token_ids)
         self.scheduler = Scheduler(self.scheduler_config, allocator, self.max_model_len, eos, ready)
         if self._slo_clock is not None:
@@ -238,7 +238,7 @@ class Engine:
             return False
         seq = self.scheduler.finish(handle.seq_id, FinishReason.ABORT)
         handle.finished = True
-        usage = (seq.num_prompt_tokens, len(seq.output_token_ids)) if seq else (0, 0)
+        usage = _usage(seq)
         self.observer.request_finished(handle.obs, "abort", *usage)
         handle.queue.put_nowait(
             RequestDelta([], handle.processor.take_text(final=True), None, "abort", None, None, *usage)
@@ -334,7 +334,7 @@ class Engine:
             self.failure = reason
         for request_id, handle in list(self._handles.items()):
             seq = self.scheduler.finish(handle.seq_id, FinishReason.ERROR) if self.scheduler else None
-            usage = (seq.num_prompt_tokens, len(seq.output_token_ids)) if seq else (0, 0)
+            usage = _usage(seq)
             self.observer.request_finished(handle.obs, "error", *usage, reason)
             handle.queue.put_nowait(RequestDelta([], "", None, "error", None, reason, *usage, retryable=True))
             handle.finished = True
@@ -366,8 +366,14 @@ class Engine:
                 delta.error = seq.error
                 delta.prompt_tokens = seq.num_prompt_tokens
                 delta.completion_tokens = len(seq.output_token_ids)
+                delta.cached_tokens = seq.num_cached_tokens
                 self.observer.request_finished(handle.obs, delta.finish_reason, delta.prompt_tokens,
-                                               delta.completion_tokens, seq.error)
+                                               delta.completion_tokens, delta.cached_tokens, seq.error)
                 del self._handles[seq.request_id]
                 handle.finished = True
             handle.queue.put_nowait(delta)
+
+
+def _usage(seq: Sequence | None) -> tuple[int, int, int]:
+    """A finished request's prompt tokens, completion tokens and prompt tokens found in the prefix cache."""
+    return (seq.num_prompt_tokens, len(seq.output_token_ids), seq.num_cached_tokens) if seq else (0, 0, 0)

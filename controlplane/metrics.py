@@ -68,6 +68,12 @@ class ServingMetrics:
                                explicit_bucket_boundaries_advisory=_E2E_S)
         self.prompt_tokens = m.create_counter(PREFIX + "prompt_tokens", description="Prefilled prompt tokens")
         self.generation_tokens = m.create_counter(PREFIX + "generation_tokens", description="Generated tokens")
+        # vLLM's prefix_cache_queries / prefix_cache_hits: prompt tokens of finished requests, and how
+        # many of them their admission found in the prefix cache
+        self.prefix_cache_queries = m.create_counter(PREFIX + "prefix_cache_queries",
+                                                     description="Prompt tokens looked up in the prefix cache")
+        self.prefix_cache_hits = m.create_counter(PREFIX + "prefix_cache_hits",
+                                                  description="Prompt tokens found in the prefix cache")
         self.request_success = m.create_counter(PREFIX + "request_success", description="Finished requests")
         self.preemptions = m.create_counter(PREFIX + "num_preemptions", description="Preempted sequences")
         # engine steps by mode (aggregated | multiplexed): how many, their measured time (phase total;

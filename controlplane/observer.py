@@ -137,7 +137,8 @@ class EngineObserver:
         obs.last_token = now
 
     def request_finished(self, obs: RequestObs, reason: str, prompt_tokens: int, completion_tokens: int,
-                         error: str | None = None) -> None:
+                         cached_tokens: int = 0, error: str | None = None) -> None:
+        """`cached_tokens`: prompt tokens its admission found in the prefix cache."""
         if obs.finish_reason is not None:
             return
         obs.finish_reason = reason
@@ -149,9 +150,11 @@ class EngineObserver:
             self.metrics.request_success.add(1, {**labels, "finished_reason": reason})
             self.metrics.prompt_tokens.add(prompt_tokens, labels)
             self.metrics.generation_tokens.add(completion_tokens, labels)
+            self.metrics.prefix_cache_queries.add(prompt_tokens, labels)
+            self.metrics.prefix_cache_hits.add(cached_tokens, labels)
         if obs.span is None:
             return
-        obs.set(tr.usage_attributes(reason, prompt_tokens, completion_tokens))
+        obs.set(tr.usage_attributes(reason, prompt_tokens, completion_tokens, cached_tokens))
         obs.set(self._latencies(obs, now))
         if error:
             obs.span.set_status(Status(StatusCode.ERROR, error))

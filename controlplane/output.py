@@ -25,6 +25,7 @@ class RequestDelta:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     retryable: bool = False  # an error of the server's state (data plane lost, shutting down): UNAVAILABLE
 
 

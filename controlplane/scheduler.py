@@ -9,6 +9,11 @@ look-ahead `k`, for which the scheduler reserves the KV blocks of the `k` decode
 most recently admitted sequence is preempted (its blocks freed, recomputed later). Measured step
 times feed the predictor's online correction. The scheduler is synchronous and does no I/O.
 
+With a `PrefixCachingAllocator` a waiting sequence is admitted with the cached blocks its tokens
+start with (at least its last token is computed, so the step samples), and a sequence's full
+blocks are registered once their KV is known computed: a prefill chunk's when its step's result
+arrives, the rest (generated tokens too) when the sequence is released -- never after an error.
+
 With `async_scheduling` a second step may be planned while the first is in flight: a sequence
 that step will sample for counts that token as known-but-unseen (`Sequence.num_inflight`) and
 decodes it next (the data plane feeds it from the GPU). Stops are applied when results arrive, so
@@ -24,15 +29,23 @@ from collections.abc import Callable
 from dataclasses import replace
 from itertools import islice
 
-from controlplane.kv_blocks import BlockAllocator
 from controlplane.policies import AGGREGATED, BatchShape, ModeDecision, StepForecast, make_policy, make_predictor
-from controlplane.sequence import FinishReason, Sequence, SeqStatus, check_token_stop
+from controlplane.prefix_cache import Allocator, PrefixCachingAllocator
+from controlplane.sequence import FinishReason, SeqStatus, Sequence, check_token_stop
 from controlplane.step_draft import StepDraft, batch_shape, trim_draft
 from controlplane.step_records import InflightStep, SeqUpdate
 from controlplane.step_stats import StepStats
 from shared.config import SchedulerConfig
 from shared.messages import (
-    NewRequest, ScheduledSeq, SeqOutput, StepPlan, StepProgress, StepResult, StepTimings, TokenLogprobs, WorkerReady,
+    NewRequest,
+    ScheduledSeq,
+    SeqOutput,
+    StepPlan,
+    StepProgress,
+    StepResult,
+    StepTimings,
+    TokenLogprobs,
+    WorkerReady,
 )
 
 
@@ -40,7 +53,7 @@ class Scheduler:
     def __init__(
         self,
         config: SchedulerConfig,
-        allocator: BlockAllocator,
+        allocator: Allocator,
         max_model_len: int,
         eos_token_ids: frozenset[int],
         worker: WorkerReady | None = None,
@@ -52,6 +65,7 @@ class Scheduler:
         self.stats = StepStats()
         self._result_at: float | None = None  # when the last result arrived, for StepStats.host_gap_s
         self.allocator = allocator
+        self.cache = allocator if isinstance(allocator, PrefixCachingAllocator) else None
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self.waiting: deque[Sequence] = deque()
@@ -110,16 +124,21 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
-        self._release(seq)
+        self._release(seq, keep_kv=reason is not FinishReason.ERROR)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
         return seq
 
-    def _release(self, seq: Sequence) -> None:
+    def _release(self, seq: Sequence, keep_kv: bool = True) -> None:
+        """Free the sequence's blocks; with prefix caching and `keep_kv` its full computed blocks are
+        registered first (an error may have left their KV unwritten)."""
+        if self.cache is not None and keep_kv:
+            self._register(seq)
         self.allocator.free(seq.seq_id, seq.block_ids)
         seq.block_ids = []
         seq.num_computed_tokens = 0
+        seq._cache_blocks = seq._cache_parent = 0
         if seq.on_worker:
             self._dropped_on_worker.append(seq.seq_id)
             seq.on_worker = False
@@ -284,8 +303,13 @@ class Scheduler:
         self.waiting.appendleft(victim)
 
     def _admit_waiting(self, draft: StepDraft) -> None:
+        cache = self.cache
         while self.waiting and draft.budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if cache is not None:
+                if not self._admit_cached(seq, draft, cache):
+                    break
+                continue
             num_tokens = min(seq.num_tokens, draft.budget)
             need = self.allocator.blocks_for_tokens(num_tokens)
             if need > self.allocator.num_free:
@@ -297,12 +321,53 @@ class Scheduler:
             draft.tokens[seq.seq_id] = num_tokens
             draft.budget -= num_tokens
 
+    def _admit_cached(self, seq: Sequence, draft: StepDraft, cache: PrefixCachingAllocator) -> bool:
+        """Admit the queue's head with the cached blocks its tokens start with, if the blocks for its
+        first chunk are free (acquiring an idle cached block takes it from the free count)."""
+        tokens = seq.all_token_ids() if seq.output_token_ids else seq.prompt_token_ids
+        size = cache.block_size
+        cached, parent = cache.match(tokens, (len(tokens) - 1) // size)  # its last token is computed
+        hit = len(cached) * size
+        num_tokens = min(len(tokens) - hit, draft.budget)
+        need = cache.blocks_for_tokens(hit + num_tokens) - len(cached)
+        if need + cache.num_idle(cached) > cache.num_free:
+            return False
+        self.waiting.popleft()
+        cache.acquire(seq.seq_id, cached)
+        cached.extend(cache.allocate(seq.seq_id, need))
+        seq.block_ids = cached
+        seq.num_computed_tokens = hit
+        seq._cache_blocks, seq._cache_parent = hit // size, parent
+        if not seq.num_preemptions:
+            seq.num_cached_tokens = hit
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+        draft.tokens[seq.seq_id] = num_tokens
+        draft.budget -= num_tokens
+        return True
+
+    def _register(self, seq: Sequence) -> None:
+        """Register the sequence's full blocks whose tokens are known and whose KV is computed."""
+        cache = self.cache
+        assert cache is not None
+        size, done = cache.block_size, seq._cache_blocks
+        known = seq._num_prompt + len(seq.output_token_ids)
+        computed = seq.num_computed_tokens
+        full = min(computed if computed < known else known, len(seq.block_ids) * size) // size
+        if full <= done:
+            return
+        tokens = seq.prompt_token_ids if full * size <= seq._num_prompt else seq.all_token_ids()
+        seq._cache_parent = cache.register(seq.block_ids, tokens, done, full, seq._cache_parent)
+        seq._cache_blocks = full
+
     def _build_plan(self, draft: StepDraft, decision: ModeDecision, forecast: StepForecast | None) -> StepPlan:
         new_requests: list[NewRequest] = []
         scheduled: list[ScheduledSeq] = []
         k = decision.decode_steps
         seqs, new_blocks = self.seqs, draft.new_blocks
         noted = draft.noted_decoders()
+        chunked: list[Sequence] = []  # prompt chunks, whose blocks are registered when the result comes
+        caching = self.cache is not None
         # the tokens the step samples per scheduled sequence (0: none), from a copy of `tokens` (cheap:
         # the dict's table is cloned), whose first entries -- the noted decode items, each one token
         # that samples -- are right as they are unless the step looks ahead (k of them)
@@ -319,6 +384,8 @@ class Scheduler:
         for seq_id, num_tokens in islice(draft.tokens.items(), len(noted), None):
             seq = seqs[seq_id]
             scheduled.append(self._plan_entry(seq, num_tokens, new_blocks, new_requests))
+            if caching and num_tokens > 1:
+                chunked.append(seq)
             computed = seq.num_computed_tokens + num_tokens
             if computed == seq._num_prompt + len(seq.output_token_ids) + seq.num_inflight:
                 # it samples (the step computes every known token): k tokens for a decode item
@@ -343,7 +410,7 @@ class Scheduler:
         self._dropped_on_worker = []
         now = time.monotonic()
         self.inflight.append(InflightStep(plan, expects, self.slo_clock(), forecast, decision,
-                                          sum(expects.values()), sum(draft.tokens.values())))
+                                          sum(expects.values()), sum(draft.tokens.values()), chunked=chunked))
         if self._result_at is not None:
             self.stats.host_gap_s += now - self._result_at
             self.stats.host_gaps += 1
@@ -357,7 +424,7 @@ class Scheduler:
         if not seq.on_worker:
             new_requests.append(NewRequest(seq_id=seq_id, token_ids=seq.all_token_ids(),
                                            num_prompt_tokens=seq.num_prompt_tokens, block_ids=list(seq.block_ids),
-                                           sampling=seq.sampling))
+                                           sampling=seq.sampling, num_computed_tokens=seq.num_computed_tokens))
             seq.on_worker = True
             return ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens)
         blocks = new_blocks.get(seq_id)
@@ -434,6 +501,11 @@ class Scheduler:
                 self.finish(seq.seq_id, FinishReason.ERROR)
                 updates.append(SeqUpdate(seq, [], None, True))
         self._accept(inflight, result.outputs, updates)
+        if inflight.chunked:
+            seqs = self.seqs
+            for seq in inflight.chunked:  # their chunks' KV is computed: share its full blocks
+                if seqs.get(seq.seq_id) is seq and seq.seq_id not in inflight.stale:
+                    self._register(seq)
         if inflight.outstanding <= 0:  # every token the step owed has arrived
             return updates
         answered = {o.seq_id for o in result.outputs} | {f.seq_id for f in result.failures}

@@ -55,6 +55,8 @@ class Sequence:
     num_inflight: int = 0
     # when its first output token reached the control plane (the scheduler's SLO clock; 0: not yet)
     first_token_at: float = 0.0
+    # prompt tokens whose KV its first admission found in the prefix cache (reported in its usage)
+    num_cached_tokens: int = 0
     # len(prompt_token_ids), which never changes: the scheduler reads these counts for every running
     # sequence on every step, so they are kept cheap
     _num_prompt: int = field(init=False, repr=False, default=0)
@@ -68,6 +70,10 @@ class Sequence:
     # tokens, and the model's EOS unless ignored) -- what every result checks each new token against
     _token_cap: int = field(init=False, repr=False, default=0)
     _stop_token_ids: frozenset[int] = field(init=False, repr=False, default=frozenset())
+    # prefix caching: how many of its leading blocks are in the cache's index (matched at admission
+    # or registered since), and the entry id the last of them ends in (0: none) -- reset on release
+    _cache_blocks: int = field(init=False, repr=False, default=0)
+    _cache_parent: int = field(init=False, repr=False, default=0)
 
     def __post_init__(self) -> None:
         self._num_prompt = len(self.prompt_token_ids)

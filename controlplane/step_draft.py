@@ -13,9 +13,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import islice
 
-from controlplane.kv_blocks import BlockAllocator
 from controlplane.policies import BatchShape
-from controlplane.sequence import Sequence, SeqStatus
+from controlplane.prefix_cache import Allocator
+from controlplane.sequence import SeqStatus, Sequence
 
 
 @dataclass(slots=True)
@@ -84,7 +84,7 @@ def batch_shape(draft: StepDraft, seqs: dict[int, Sequence], remaining_too: bool
     return batch, decoders
 
 
-def trim_draft(draft: StepDraft, cap: int, seqs: dict[int, Sequence], allocator: BlockAllocator,
+def trim_draft(draft: StepDraft, cap: int, seqs: dict[int, Sequence], allocator: Allocator,
                running: list[Sequence], waiting: deque[Sequence]) -> None:
     """Cut the draft's prefill chunks to `cap` tokens, from the last back (as `policies.trim_chunks`
     does): a cut chunk gives back the blocks this step gave it; a sequence admitted this step that
@@ -106,6 +106,8 @@ def trim_draft(draft: StepDraft, cap: int, seqs: dict[int, Sequence], allocator:
                 del draft.tokens[sid]
                 allocator.free(sid, seq.block_ids)
                 seq.block_ids = []
+                seq.num_computed_tokens = seq.num_cached_tokens = 0  # a prefix-cache hit is looked up again
+                seq._cache_blocks = seq._cache_parent = 0
                 running.remove(seq)
                 seq.status = SeqStatus.WAITING
                 waiting.appendleft(seq)

@@ -64,9 +64,12 @@ def request_attributes(request_id: str, sampling: SamplingParams, max_tokens: in
     return attrs
 
 
-def usage_attributes(finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, object]:
-    """Token usage under both the current and the older GenAI names, and the finish reason."""
+def usage_attributes(finish_reason: str, prompt_tokens: int, completion_tokens: int,
+                     cached_tokens: int = 0) -> dict[str, object]:
+    """Token usage under both the current and the older GenAI names, the prompt tokens found in the
+    prefix cache, and the finish reason."""
     return {
+        "duetserve.usage.cached_tokens": cached_tokens,
         "gen_ai.usage.input_tokens": prompt_tokens,
         "gen_ai.usage.output_tokens": completion_tokens,
         "gen_ai.usage.prompt_tokens": prompt_tokens,

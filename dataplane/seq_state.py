@@ -54,9 +54,12 @@ def new_state(new: NewRequest, vocab_size: int, num_blocks: int) -> SeqState:
     if not 0 < new.num_prompt_tokens <= len(new.token_ids):
         raise SeqError(f"seq {new.seq_id}: num_prompt_tokens {new.num_prompt_tokens} is inconsistent")
     check_blocks(new.seq_id, new.block_ids, num_blocks)
+    if not 0 <= new.num_computed_tokens < len(new.token_ids):
+        raise SeqError(f"seq {new.seq_id}: num_computed_tokens {new.num_computed_tokens} is not below its "
+                       f"{len(new.token_ids)} tokens")
     return SeqState(
         seq_id=new.seq_id, token_ids=list(new.token_ids), num_prompt_tokens=new.num_prompt_tokens,
-        block_table=list(new.block_ids), sampling=new.sampling,
+        block_table=list(new.block_ids), sampling=new.sampling, num_computed=new.num_computed_tokens,
     )
 
 

@@ -31,12 +31,16 @@ class _SimSeq:
 class SimRunner:
     """Executes StepPlans on bookkeeping alone; raises AssertionError-free, reports SeqFailures."""
 
-    def __init__(self, num_blocks: int, block_size: int, vocab_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, vocab_size: int, check_kv: bool = False) -> None:
+        """`check_kv` (tests): keep which token each KV slot was computed for, and fail a sequence whose
+        context slots hold other tokens (a block shared or reused wrongly)."""
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.vocab_size = vocab_size
+        self.kv: dict[int, list[int | None]] | None = {} if check_kv else None
         self.seqs: dict[int, _SimSeq] = {}
-        self.block_owner: dict[int, int] = {}
+        self.block_owner: dict[int, int] = {}  # block -> the sequence that writes its KV
+        self.block_readers: dict[int, set[int]] = {}  # block -> sequences holding it as a cached prefix
 
     def execute(self, plan: StepPlan) -> StepResult:
         start = time.perf_counter()
@@ -52,7 +56,7 @@ class SimRunner:
         for entry in plan.scheduled:
             if entry.seq_id in failed:
                 continue
-            problem = self._extend(entry, plan.decode_steps)
+            problem = self._extend(entry, plan.decode_steps) or self._check_context(entry.seq_id)
             if problem:
                 self._drop(entry.seq_id)
                 failures.append(SeqFailure(seq_id=entry.seq_id, message=problem))
@@ -68,7 +72,24 @@ class SimRunner:
         seq = self.seqs.pop(seq_id, None)
         if seq is not None:
             for block in seq.block_table:
-                self.block_owner.pop(block, None)
+                if self.block_owner.get(block) == seq_id:
+                    del self.block_owner[block]
+            self._drop_reader(seq_id, seq.block_table)
+
+    def _share(self, seq_id: int, blocks: list[int]) -> str | None:
+        """Hold `blocks` as a cached prefix: each must be whole in KV already (its writer, if still
+        here, has computed past it)."""
+        for block in blocks:
+            if not 0 <= block < self.num_blocks:
+                return f"seq {seq_id}: block id {block} outside the KV cache"
+            owner = self.block_owner.get(block)
+            if owner is not None:
+                writer = self.seqs[owner]
+                if (writer.block_table.index(block) + 1) * self.block_size > writer.num_computed:
+                    return f"seq {seq_id}: cached block {block} is still being written by seq {owner}"
+        for block in blocks:
+            self.block_readers.setdefault(block, set()).add(seq_id)
+        return None
 
     def _claim(self, seq_id: int, blocks: list[int]) -> str | None:
         for block in blocks:
@@ -77,6 +98,9 @@ class SimRunner:
             owner = self.block_owner.get(block)
             if owner is not None and owner != seq_id:
                 return f"seq {seq_id}: block {block} is still held by seq {owner}"
+            readers = self.block_readers.get(block, set()) - {seq_id}
+            if readers:
+                return f"seq {seq_id}: block {block} is a cached prefix of seq {min(readers)}"
         for block in blocks:
             self.block_owner[block] = seq_id
         return None
@@ -85,13 +109,28 @@ class SimRunner:
         self._drop(new.seq_id)
         if not new.token_ids or not 0 < new.num_prompt_tokens <= len(new.token_ids):
             return f"seq {new.seq_id}: bad token list"
-        problem = self._claim(new.seq_id, new.block_ids)
+        cached = new.num_computed_tokens
+        if cached % self.block_size or not 0 <= cached < len(new.token_ids) \
+                or cached > len(new.block_ids) * self.block_size:
+            return f"seq {new.seq_id}: {cached} cached tokens are not whole blocks of its {len(new.token_ids)}"
+        shared = cached // self.block_size
+        problem = self._share(new.seq_id, new.block_ids[:shared]) or self._claim(new.seq_id, new.block_ids[shared:])
         if problem:
+            self._drop_reader(new.seq_id, new.block_ids[:shared])
             return problem
         prompt = new.token_ids[: new.num_prompt_tokens]
         key = hash(tuple(prompt)) & 0xFFFFFFFF
-        self.seqs[new.seq_id] = _SimSeq(list(new.token_ids), new.num_prompt_tokens, list(new.block_ids), key)
+        self.seqs[new.seq_id] = _SimSeq(list(new.token_ids), new.num_prompt_tokens, list(new.block_ids), key,
+                                        num_computed=cached)
         return None
+
+    def _drop_reader(self, seq_id: int, blocks: list[int]) -> None:
+        for block in blocks:
+            readers = self.block_readers.get(block)
+            if readers is not None:
+                readers.discard(seq_id)
+                if not readers:
+                    del self.block_readers[block]
 
     def _extend(self, entry: ScheduledSeq, decode_steps: int) -> str | None:
         seq = self.seqs.get(entry.seq_id)
@@ -113,6 +152,7 @@ class SimRunner:
     def _compute(self, entry: ScheduledSeq, decode_steps: int) -> list[int]:
         seq = self.seqs[entry.seq_id]
         decoding = entry.num_tokens == 1 and seq.num_computed + 1 == len(seq.token_ids)
+        self._write_kv(seq, entry.num_tokens)
         seq.num_computed += entry.num_tokens
         if seq.num_computed < len(seq.token_ids):
             return []
@@ -120,8 +160,31 @@ class SimRunner:
         tokens = []
         for step in range(steps):
             if step:
+                self._write_kv(seq, 1)
                 seq.num_computed += 1
             token = sim_token(seq.prompt_key, len(seq.token_ids), self.vocab_size)
             seq.token_ids.append(token)
             tokens.append(token)
         return tokens
+
+    def _write_kv(self, seq: _SimSeq, num_tokens: int) -> None:
+        """With `check_kv`: the KV slots of the next `num_tokens` positions now hold their tokens."""
+        if self.kv is None:
+            return
+        size = self.block_size
+        for pos in range(seq.num_computed, seq.num_computed + num_tokens):
+            slots = self.kv.setdefault(seq.block_table[pos // size], [None] * size)
+            slots[pos % size] = seq.token_ids[pos]
+
+    def _check_context(self, seq_id: int) -> str | None:
+        """With `check_kv`: whether every computed position's KV slot holds that position's token."""
+        if self.kv is None:
+            return None
+        seq, size = self.seqs[seq_id], self.block_size
+        for pos in range(seq.num_computed):
+            slots = self.kv.get(seq.block_table[pos // size])
+            held = slots[pos % size] if slots is not None else None
+            if held != seq.token_ids[pos]:
+                return (f"seq {seq_id}: the KV of position {pos} (block {seq.block_table[pos // size]}) was "
+                        f"computed for token {held}, not {seq.token_ids[pos]}")
+        return None

@@ -137,13 +137,13 @@ class SimGpu:
     def _plan_times(self, plan: StepPlan) -> tuple[StepTimings, list[float], set[int]]:
         """The step's timings, when (ms into the step) each decode pass's tokens are ready, and the
         decode items' sequence ids."""
-        fresh = {n.seq_id: len(n.token_ids) for n in plan.new_requests}
+        fresh = {n.seq_id: (n.num_computed_tokens, len(n.token_ids)) for n in plan.new_requests}
         decode: list[int] = []
         decode_ids: set[int] = set()
         chunks: list[tuple[int, int, bool]] = []
         for entry in plan.scheduled:
             known = self.runner.seqs.get(entry.seq_id)
-            cached, total = (0, fresh[entry.seq_id]) if entry.seq_id in fresh else (
+            cached, total = fresh[entry.seq_id] if entry.seq_id in fresh else (
                 (known.num_computed, len(known.token_ids)) if known else (0, entry.num_tokens))
             samples = cached + entry.num_tokens >= total
             if entry.num_tokens == 1 and samples:

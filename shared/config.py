@@ -132,6 +132,9 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
     # plan step i+1 while step i runs (its sampled tokens stay on the GPU): hides the control
     # plane's and the data plane's host work behind the GPU's
     async_scheduling: bool = True
+    # automatic prefix caching: full KV blocks outlive their requests, and a prompt that starts
+    # with cached blocks skips computing them (as vLLM's --enable-prefix-caching, on by default)
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

@@ -11,7 +11,7 @@ from typing import Literal, Union
 
 import msgspec
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 Mode = Literal["aggregated", "multiplexed"]
 
@@ -45,6 +45,8 @@ class NewRequest(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
 
     `token_ids` holds the prompt and, after a preemption, the tokens generated before it;
     `num_prompt_tokens` counts the original prompt so generated-token indices stay stable.
+    `num_computed_tokens` leading tokens already have their KV in the first `block_ids` (a prefix
+    cache hit: whole blocks, fewer than `token_ids`); the first chunk starts after them.
     """
 
     seq_id: int
@@ -52,6 +54,7 @@ class NewRequest(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     num_prompt_tokens: int
     block_ids: list[int]
     sampling: SamplingParams
+    num_computed_tokens: int = 0
 
 
 class ScheduledSeq(msgspec.Struct, frozen=True, kw_only=True, array_like=True):

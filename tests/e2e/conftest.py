@@ -68,6 +68,7 @@ async def serve(
     supervised: bool = False,
     step_timeout_s: float = 60.0,
     async_scheduling: bool = True,
+    enable_prefix_caching: bool = True,
     slo_clock: Callable[[], float] | None = None,
     **server: object,
 ) -> AsyncIterator[Served]:
@@ -82,7 +83,8 @@ async def serve(
     config = ServerConfig(
         port=0, dataplane_endpoint=endpoint, handshake_timeout_s=120.0, step_timeout_s=step_timeout_s,
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                  policy=policy, async_scheduling=async_scheduling),  # type: ignore[arg-type]
+                                  policy=policy, async_scheduling=async_scheduling,  # type: ignore[arg-type]
+                                  enable_prefix_caching=enable_prefix_caching),
         telemetry=telemetry, **{"shutdown_grace_s": 2.0, "restart_backoff_s": 0.1, **server},  # type: ignore[arg-type]
     )
     plane = ControlPlane(config, model, spawn=spawn if supervised else None, slo_clock=slo_clock)

@@ -60,6 +60,9 @@ async def test_prometheus_histograms_move() -> None:
     assert value(after, "duetserve:inter_token_latency_seconds_count") >= 3  # >= one gap per request
     assert value(after, "duetserve:generation_tokens_total") == 15
     assert value(after, "duetserve:prompt_tokens_total") == sum(o.final.prompt_tokens for o in outs)
+    # prefix caching: every prompt token is looked up; "Hello <i>" prompts are shorter than a block
+    assert value(after, "duetserve:prefix_cache_queries_total") == sum(o.final.prompt_tokens for o in outs)
+    assert value(after, "duetserve:prefix_cache_hits_total") == 0
     assert value(after, "duetserve:request_success_total", finished_reason="length") == 3
     assert value(after, "duetserve:num_requests_running") == 0
     assert value(after, "duetserve:num_requests_waiting") == 0
@@ -67,3 +70,15 @@ async def test_prometheus_histograms_move() -> None:
     assert value(after, "duetserve:sm_split_prefill") == value(after, "duetserve:sm_split_decode") == 0
     # the scheduler's prediction of each step, scored against the measured step (the CPU sends a profile)
     assert 'duetserve:predictor_abs_pct_error{model_name="tiny"}' in after
+
+
+async def test_prefix_cache_counters_count_the_reused_prompt_tokens() -> None:
+    port = free_port()
+    prompt = list(range(20, 60))  # 40 tokens: 2 full blocks of 16 are reused by the second request
+    async with serve("tiny", telemetry=TelemetryConfig(metrics_port=port)) as served:
+        for _ in range(2):
+            out = await generate(served.stub, token_ids={"ids": prompt}, max_tokens=2, temperature=0.0)
+        after = await asyncio.to_thread(scrape, port)
+    assert out.final is not None and out.final.cached_tokens == 32
+    assert value(after, "duetserve:prefix_cache_queries_total") == 80
+    assert value(after, "duetserve:prefix_cache_hits_total") == 32

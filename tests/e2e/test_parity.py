@@ -69,3 +69,27 @@ async def test_text_prompt_and_eos_match_transformers(checkpoints: dict[str, Pat
     assert got.text == tokenizer.decode(expected, skip_special_tokens=True)
     reason = "stop" if expected and expected[-1] == hf.config.eos_token_id else "length"
     assert got.final.finish_reason == reason
+
+
+async def test_prefix_cache_hits_keep_transformers_tokens(checkpoints: dict[str, Path]) -> None:
+    """Prompts that start with earlier prompts (and their answers) reuse the cached blocks -- the
+    final message says how many prompt tokens -- and still give transformers' greedy tokens; with
+    the cache off nothing is reused."""
+    folder = checkpoints["qwen3"]
+    hf = load_hf_model(folder)
+    base = prompts(seed=3)[3]  # 90 tokens: 5 full blocks of 16
+    for caching in (True, False):
+        async with serve(str(folder), max_num_batched_tokens=CHUNK, enable_prefix_caching=caching) as served:
+            first = await generate(served.stub, token_ids={"ids": base}, max_tokens=NEW_TOKENS, temperature=0.0,
+                                   ignore_eos=True)
+            # the same prompt; a longer one; the next turn of a conversation (prompt, answer, more)
+            turn = base + first.token_ids + [5, 6, 7]
+            cases = [(base, 80), (base + [9] * 20, 80), (turn, 112)]
+            for prompt, hit in cases:
+                got = await generate(served.stub, token_ids={"ids": prompt}, max_tokens=NEW_TOKENS,
+                                     temperature=0.0, ignore_eos=True)
+                assert got.token_ids == hf_greedy(hf, prompt, NEW_TOKENS, stop_at_eos=False), len(prompt)
+                assert got.final is not None and got.final.cached_tokens == (hit if caching else 0), len(prompt)
+            assert first.final is not None and first.final.cached_tokens == 0
+            served.scheduler.check_invariants()
+            assert served.scheduler.allocator.num_free == served.scheduler.allocator.num_blocks

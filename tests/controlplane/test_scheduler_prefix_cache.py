@@ -1,0 +1,184 @@
+"""The scheduler with prefix caching, against the simulated runner keeping every KV slot's token
+(`check_kv`): a sequence whose context slots hold other tokens fails the step, so a block shared or
+reused wrongly cannot pass. Outputs must equal those of the same requests without the cache."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from controlplane.kv_blocks import BlockAllocator
+from controlplane.prefix_cache import PrefixCachingAllocator
+from controlplane.scheduler import Scheduler
+from controlplane.sequence import FinishReason, SeqStatus, Sequence, StopParams
+from controlplane.step_draft import StepDraft, trim_draft
+from dataplane.sim import SimRunner
+from shared.config import SchedulerConfig
+from shared.messages import SamplingParams
+from tests.controlplane.test_scheduler import EOS, VOCAB, drain, expected_tokens, step
+
+SIZE = 4
+
+
+def seq_with(seq_id: int, prompt: list[int], max_tokens: int = 3) -> Sequence:
+    return Sequence(seq_id=seq_id, request_id=f"r{seq_id}", prompt_token_ids=list(prompt),
+                    sampling=SamplingParams(temperature=0.0), stop=StopParams(max_tokens=max_tokens),
+                    arrival_time=float(seq_id))
+
+
+def make(num_blocks: int = 64, budget: int = 32, cache: bool = True, async_scheduling: bool = True,
+         max_seqs: int = 16) -> tuple[Scheduler, SimRunner]:
+    config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, async_scheduling=async_scheduling)
+    alloc = (PrefixCachingAllocator if cache else BlockAllocator)(num_blocks, SIZE)
+    return Scheduler(config, alloc, 10_000, frozenset({EOS})), SimRunner(num_blocks, SIZE, VOCAB, check_kv=True)
+
+
+PROMPT = [100 + i for i in range(20)]  # 5 full blocks
+
+
+def test_a_later_prompt_with_the_same_start_computes_only_the_rest() -> None:
+    sched, runner = make()
+    first = seq_with(0, PROMPT)
+    sched.add(first)
+    drain(sched, runner)
+    assert sched.allocator.num_cached == 5 and first.num_cached_tokens == 0
+    second = seq_with(1, PROMPT[:16] + [7, 8, 9])
+    sched.add(second)
+    plan, _ = step(sched, runner)
+    (new,) = plan.new_requests
+    assert new.num_computed_tokens == 16 and plan.scheduled[0].num_tokens == 3
+    assert new.block_ids[:4] == first_blocks(sched, PROMPT)
+    drain(sched, runner)
+    assert second.num_cached_tokens == 16
+    assert second.output_token_ids == expected_tokens(second, 3)
+    assert sched.allocator.num_free == sched.allocator.num_blocks
+
+
+def first_blocks(sched: Scheduler, tokens: list[int]) -> list[int]:
+    cache = sched.allocator
+    assert isinstance(cache, PrefixCachingAllocator)
+    return cache.match(tokens, len(tokens) // SIZE)[0][:4]
+
+
+def test_a_prompt_cached_whole_still_computes_its_last_block() -> None:
+    sched, runner = make()
+    sched.add(seq_with(0, PROMPT))
+    drain(sched, runner)
+    again = seq_with(1, PROMPT)
+    sched.add(again)
+    plan, _ = step(sched, runner)
+    assert plan.new_requests[0].num_computed_tokens == 16 and plan.scheduled[0].num_tokens == 4
+    drain(sched, runner)
+    assert again.output_token_ids == expected_tokens(again, 3) and again.num_cached_tokens == 16
+
+
+def test_a_running_prompt_shares_its_prefill_once_the_chunk_is_back() -> None:
+    sched, runner = make(budget=8, async_scheduling=False)
+    first = seq_with(0, PROMPT, max_tokens=20)
+    sched.add(first)
+    step(sched, runner)  # 8 of its 20 tokens: 2 blocks registered with the result
+    assert sched.allocator.num_cached == 2
+    second = seq_with(1, PROMPT[:12] + [5, 6])
+    sched.add(second)
+    while not second.on_worker:
+        plan, _ = step(sched, runner)
+    # step 2 computed the first's next 8 tokens, so step 3 admits the second with 3 of its 4 blocks
+    # (12 of its 14 tokens; the last one is computed) beside the first's last 4 prompt tokens
+    assert plan.step_id == 2 and plan.new_requests[0].num_computed_tokens == 12
+    assert second.block_ids[:3] == first.block_ids[:3] and second.block_ids[3] not in first.block_ids
+    drain(sched, runner)
+    assert first.output_token_ids == expected_tokens(first, 20)
+    assert second.output_token_ids == expected_tokens(second, 3)
+
+
+def test_generated_tokens_are_cached_for_the_next_turn() -> None:
+    sched, runner = make()
+    turn = seq_with(0, PROMPT[:10], max_tokens=10)
+    sched.add(turn)
+    drain(sched, runner)
+    history = turn.prompt_token_ids + turn.output_token_ids  # 20 tokens: 5 full blocks, 4 computed
+    follow_up = seq_with(1, history + [42, 43])
+    sched.add(follow_up)
+    plan, _ = step(sched, runner)
+    assert plan.new_requests[0].num_computed_tokens == 16  # the last output's KV was never computed
+    drain(sched, runner)
+    assert follow_up.output_token_ids == expected_tokens(follow_up, 3)
+
+
+def test_an_error_registers_nothing_and_an_abort_keeps_the_computed_blocks() -> None:
+    for reason, cached in ((FinishReason.ERROR, 0), (FinishReason.ABORT, 2)):
+        sched, runner = make(budget=8, async_scheduling=False)
+        sched.add(seq_with(0, PROMPT))
+        plan = sched.schedule()  # the first chunk, 8 tokens, in flight
+        assert plan is not None
+        sched.finish(0, reason)
+        sched.update(runner.execute(plan))
+        sched.check_invariants()
+        assert sched.allocator.num_cached == cached
+        assert sched.allocator.num_free == sched.allocator.num_blocks
+
+
+def test_a_trimmed_admission_goes_back_to_the_queue_as_it_was() -> None:
+    sched, runner = make()
+    sched.add(seq_with(0, PROMPT))
+    drain(sched, runner)
+    seq = seq_with(1, PROMPT[:16] + [1, 2, 3])
+    sched.add(seq)
+    draft = StepDraft(budget=32)
+    sched._admit_waiting(draft)
+    assert seq.num_computed_tokens == 16 and seq.num_cached_tokens == 16 and draft.tokens == {1: 3}
+    trim_draft(draft, 0, sched.seqs, sched.allocator, sched.running, sched.waiting)
+    assert seq.status is SeqStatus.WAITING and sched.waiting == deque([seq])
+    assert (seq.num_computed_tokens, seq.num_cached_tokens, seq.block_ids) == (0, 0, [])
+    sched.check_invariants()
+    drain(sched, runner)  # admitted again, with the same hit
+    assert seq.num_cached_tokens == 16 and seq.output_token_ids == expected_tokens(seq, 3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(1, 30), st.integers(1, 12), st.integers(0, 3)),
+                min_size=1, max_size=14),
+       st.integers(12, 40), st.sampled_from([4, 8, 32]), st.booleans(), st.booleans())
+def test_random_requests_give_the_same_tokens_with_and_without_the_cache(
+        requests: list[tuple[int, int, int, int]], num_blocks: int, budget: int, async_scheduling: bool,
+        abort_one: bool) -> None:
+    """Prompts from three families sharing prefixes, arriving a few steps apart, through few blocks
+    (preemptions, evictions): each request's tokens equal its expected ones, no KV slot a step
+    reads holds another token, every block is free at the end."""
+    outputs = {}
+    for cache in (False, True):
+        sched, runner = make(num_blocks=num_blocks, budget=budget, cache=cache, async_scheduling=async_scheduling)
+        pending = [(i, seq_with(i, [fam * 1000 + (j if j < 9 else fam + j) for j in range(length)], max_tokens))
+                   for i, (fam, length, max_tokens, _) in enumerate(requests)]
+        delays = deque(gap for *_, gap in requests)
+        seqs: list[Sequence] = []
+        executed: deque = deque()  # results of the steps in flight, oldest first
+        steps = 0
+        while pending or sched.has_work() or executed:
+            while pending and (not delays[0] or not sched.has_work()):
+                delays.popleft()
+                seqs.append(pending.pop(0)[1])
+                sched.add(seqs[-1])
+            if delays:
+                delays[0] -= 1
+            if abort_one and steps == 3 and not seqs[0].is_finished:
+                sched.finish(seqs[0].seq_id, FinishReason.ABORT)
+            while len(sched.inflight) < sched.max_inflight:  # up to two planned ahead, as the engine does
+                plan = sched.schedule()
+                if plan is None:
+                    break
+                executed.append(runner.execute(plan))
+                assert not executed[-1].failures, executed[-1].failures
+            if executed:
+                sched.update(executed.popleft())
+            sched.check_invariants()
+            steps += 1
+            assert steps < 5000, "no progress"
+        assert sched.allocator.num_free == sched.allocator.num_blocks
+        outputs[cache] = [(s.finish_reason, s.output_token_ids) for s in seqs]
+        for s in seqs:
+            if s.finish_reason is FinishReason.LENGTH:
+                assert s.output_token_ids == expected_tokens(s, len(s.output_token_ids))
+    assert outputs[True] == outputs[False]
