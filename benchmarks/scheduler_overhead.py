@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from controlplane.kv_blocks import BlockAllocator  # noqa: E402
+from controlplane.prefix_cache import make_allocator  # noqa: E402
 from controlplane.scheduler import Scheduler  # noqa: E402
 from controlplane.sequence import Sequence, StopParams  # noqa: E402
 from dataplane.sim_worker import SimGpu, sim_ready  # noqa: E402
@@ -48,12 +48,13 @@ def _pct(values: list[float]) -> dict[str, float]:
             "p99_us": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1e6, "max_us": ordered[-1] * 1e6}
 
 
-def run_policy(policy: str, running: int, steps: int, seed: int) -> dict[str, object]:
+def run_policy(policy: str, running: int, steps: int, seed: int,
+               prefix_caching: bool = True) -> dict[str, object]:
     rng = random.Random(seed)
     ready = sim_ready("qwen3-8b", "h100", block_size=BLOCK, num_kv_blocks=NUM_BLOCKS)
     config = SchedulerConfig(policy=policy, max_num_seqs=running + 16, max_num_batched_tokens=2048,  # type: ignore[arg-type]
                              tbt_slo_ms=30.0)
-    sched = Scheduler(config, BlockAllocator(NUM_BLOCKS, BLOCK), 40_960, frozenset(), ready)
+    sched = Scheduler(config, make_allocator(NUM_BLOCKS, BLOCK, prefix_caching), 40_960, frozenset(), ready)
     gpu = SimGpu(ready, time_scale=0.0)
     decide_times: list[float] = []
     original = sched.policy.decide
@@ -106,11 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=3,
                    help="rounds per policy; the round with the lowest mean is kept (others lose to host noise)")
+    p.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="the scheduler's allocator with automatic prefix caching, as the server runs it (default on)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/scheduler-overhead.json"))
     args = p.parse_args(argv)
     rows = []
     for policy in POLICIES:
-        rounds = [run_policy(policy, args.running, args.steps, args.seed) for _ in range(max(args.repeat, 1))]
+        rounds = [run_policy(policy, args.running, args.steps, args.seed, args.prefix_caching)
+                  for _ in range(max(args.repeat, 1))]
         best = min(rounds, key=lambda r: r["schedule_plus_update"]["mean_us"])  # type: ignore[index]
         best["round_means_us"] = [round(r["schedule_plus_update"]["mean_us"]) for r in rounds]  # type: ignore[index]
         rows.append(best)
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"benchmark": "scheduler-overhead", "running_requests": args.running, "python": platform.python_version(),
            "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
            "cpus": os.cpu_count(), "load_average_1m_at_end": os.getloadavg()[0],
-           "target_us_per_step": 1000, "results": rows}
+           "target_us_per_step": 1000, "prefix_caching": args.prefix_caching, "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")

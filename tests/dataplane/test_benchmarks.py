@@ -162,3 +162,18 @@ def test_piecewise_passes_wait_on_a_shorter_host_launch_only_where_the_data_plan
     assert pieces._ms(small, 64) == eager._ms(small, 64)  # a partition's prefill stays eager
     pieces.roofline.piecewise_floor_ms = 9.0  # policy_sim's --piecewise-host-ms what-if
     assert pieces._ms(small, None) == pytest.approx(9.0)
+
+
+def test_prefix_cache_benchmark_runs_on_cpu(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "benchmarks/prefix_cache.py", "--model", "tiny", "--device", "cpu",
+                           "--quick", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "prefix-cache-cpu.json").read_text())
+    off, on = report["rows"]
+    assert (off["prefix_caching"], on["prefix_caching"]) == (False, True)
+    assert off["prompt_tokens_cached"] == 0 and off["preemptions"] == on["preemptions"] == 0
+    # 8 prompts of 48 shared + 8 own tokens: the admissions after the first steps hit 3 blocks of 16,
+    # and the steps computed exactly that many tokens fewer
+    assert on["prompt_tokens_cached"] > 0
+    assert off["tokens_scheduled"] - on["tokens_scheduled"] == on["prompt_tokens_cached"]
+    assert report["summary"]["greedy_equal_fraction"] == 1.0  # float32 on the CPU: the same tokens
