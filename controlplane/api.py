@@ -1,7 +1,8 @@
 """The gRPC servicer of duetserve.v1.Generation: protobuf in, engine calls, protobuf out.
 
 No policy lives here: validation is in `validation`, scheduling in the engine. Every client error
-ends the call with a status code and a message that names the problem.
+ends the call with a status code and a message that names the problem. A request for n > 1
+completions becomes n engine requests (`choice_id`), whose streams the call interleaves.
 """
 
 from __future__ import annotations
@@ -11,15 +12,18 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
+import msgspec
 
 from controlplane.admission import Overloaded
-from controlplane.engine import Engine, EngineRequest, EngineUnavailable
+from controlplane.engine import Engine, EngineRequest, EngineUnavailable, RequestHandle
 from controlplane.observer import RequestObs
 from controlplane.tracing import request_attributes
 from controlplane.output import RequestDelta
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc
-from controlplane.validation import InvalidRequest, Limits, validate_abort, validate_generate, validate_model_info
+from controlplane.validation import (
+    InvalidRequest, Limits, ValidatedRequest, validate_abort, validate_generate, validate_model_info,
+)
 from shared.messages import PROTOCOL_VERSION, TokenLogprobs
 
 log = logging.getLogger(__name__)
@@ -38,12 +42,19 @@ def _logprobs_pb(token_ids: list[int], logprobs: list[TokenLogprobs] | None) -> 
     ]
 
 
-def _response(request_id: str, delta: RequestDelta) -> pb.GenerateResponse:
+def choice_id(request_id: str, index: int) -> str:
+    """The engine's id of completion `index` of a request for several: client ids are printable, so
+    the separator (a control character) keeps the two apart."""
+    return f"{request_id}\x1f{index}"
+
+
+def _response(request_id: str, delta: RequestDelta, index: int = 0) -> pb.GenerateResponse:
     message = pb.GenerateResponse(
         request_id=request_id,
         token_ids=delta.token_ids,
         text=delta.text,
         logprobs=_logprobs_pb(delta.token_ids, delta.logprobs),
+        index=index,
     )
     if delta.finish_reason is not None:
         message.finish_reason = delta.finish_reason
@@ -67,6 +78,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.engine = engine
         self.model_name = model_name
         self.policy = policy
+        self._fanouts: dict[str, list[str]] = {}  # request id of n > 1 completions -> their engine ids
 
     def _limits(self) -> Limits:
         assert self.engine.worker is not None
@@ -101,6 +113,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await self._abort(context, obs, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         obs.set(request_attributes(valid.request_id, valid.sampling, valid.stop.max_tokens, valid.stop.stop_strings))
         deadline = _deadline(context)
+        if valid.request_id in self._fanouts or (valid.n > 1 and self.engine.has_request(valid.request_id)):
+            await self._abort(context, obs, grpc.StatusCode.ALREADY_EXISTS,
+                              f"request_id {valid.request_id!r} is already running")
+        if valid.n > 1:
+            async for response in self._generate_many(valid, context, obs, deadline):
+                yield response
+            return
         try:
             handle = self.engine.add_request(
                 EngineRequest(valid.request_id, valid.prompt_token_ids, valid.sampling, valid.stop, obs)
@@ -125,12 +144,72 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             if not handle.finished:  # the client went away or the call was cancelled
                 self.engine.abort(valid.request_id)
 
+    async def _generate_many(self, valid: ValidatedRequest, context: grpc.aio.ServicerContext, obs: RequestObs,
+                             deadline: float | None) -> AsyncIterator[pb.GenerateResponse]:
+        """n completions of one prompt as n engine requests, their messages interleaved as they come;
+        completion i samples with seed + i when a seed is set. The first failure ends them all."""
+        rid, observer = valid.request_id, self.engine.observer
+        ids = [choice_id(rid, i) for i in range(valid.n)]
+        self._fanouts[rid] = ids
+        extra = [observer.start_request(context.invocation_metadata()) for _ in ids[1:]]  # one span each
+        handles: list[RequestHandle] = []
+        merged: asyncio.Queue[tuple[int, RequestDelta | None]] = asyncio.Queue()  # None: deadline passed
+
+        async def pump(index: int, handle: RequestHandle) -> None:
+            try:
+                async for delta in handle.until(deadline):
+                    merged.put_nowait((index, delta))
+            except TimeoutError:
+                merged.put_nowait((index, None))
+
+        pumps: list[asyncio.Task] = []
+        try:
+            seed = valid.sampling.seed
+            for i, (engine_id, choice_obs) in enumerate(zip(ids, [obs, *extra])):
+                sampling = valid.sampling if seed is None else msgspec.structs.replace(
+                    valid.sampling, seed=(seed + i) % 2**64)
+                try:
+                    handles.append(self.engine.add_request(
+                        EngineRequest(engine_id, valid.prompt_token_ids, sampling, valid.stop, choice_obs)))
+                except EngineUnavailable as exc:
+                    await self._abort(context, obs, grpc.StatusCode.UNAVAILABLE, str(exc))
+                except Overloaded as exc:
+                    await self._abort(context, obs, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+                except ValueError as exc:
+                    await self._abort(context, obs, grpc.StatusCode.ALREADY_EXISTS, str(exc))
+            pumps = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+            left = len(handles)
+            while left:
+                index, delta = await merged.get()
+                if delta is None:
+                    await self._abort(context, obs, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                      "deadline exceeded: the request was aborted")
+                    return
+                if delta.finish_reason == "error":
+                    code = grpc.StatusCode.UNAVAILABLE if delta.retryable else grpc.StatusCode.INTERNAL
+                    await self._abort(context, obs, code, delta.error or f"completion {index} failed")
+                yield _response(rid, delta, index)
+                if delta.finish_reason is not None:
+                    left -= 1
+        finally:
+            for task in pumps:
+                task.cancel()
+            for engine_id, handle in zip(ids, handles):
+                if not handle.finished:  # the client went away, the call was cancelled, or one failed
+                    self.engine.abort(engine_id)
+            del self._fanouts[rid]
+            for choice_obs in extra:
+                observer.close_request(choice_obs)
+
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         try:
             request_id = validate_abort(request)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return pb.AbortResponse(found=self.engine.abort(request_id))
+        found = self.engine.abort(request_id)
+        for engine_id in self._fanouts.get(request_id, []):
+            found = self.engine.abort(engine_id) or found
+        return pb.AbortResponse(found=found)
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext

@@ -130,6 +130,8 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--n", type=int, default=1, help="completions to sample (parallel sampling; printed at the end "
+                                                    "when more than one)")
     p.add_argument("--timeout", type=float, default=300.0, help="call deadline in seconds")
     add_client_security_flags(p)
 

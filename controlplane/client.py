@@ -27,7 +27,7 @@ def open_channel(args: argparse.Namespace) -> grpc.Channel:
 def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
     request = pb.GenerateRequest(
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, min_p=args.min_p,
-        stop=args.stop, ignore_eos=args.ignore_eos,
+        stop=args.stop, ignore_eos=args.ignore_eos, n=args.n,
     )
     if args.token_ids:
         request.token_ids.ids.extend(int(t) for t in args.token_ids.split(","))
@@ -41,24 +41,30 @@ def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    """Stream one completion as it comes; with --n > 1, print each completion when all are done."""
+    texts: dict[int, str] = {}
+    finals: dict[int, pb.GenerateResponse] = {}
     with open_channel(args) as channel:
         stub = pb_grpc.GenerationStub(channel)
         try:
-            last = None
             for response in stub.Generate(request_from_args(args), timeout=args.timeout,
                                           metadata=auth_metadata(args.auth_token)):
-                sys.stdout.write(response.text)
-                sys.stdout.flush()
-                last = response
+                texts[response.index] = texts.get(response.index, "") + response.text
+                if args.n <= 1:
+                    sys.stdout.write(response.text)
+                    sys.stdout.flush()
+                if response.finish_reason:
+                    finals[response.index] = response
         except grpc.RpcError as exc:
             print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
-    if last is not None:
-        print(
-            f"\n[finish_reason={last.finish_reason} prompt_tokens={last.prompt_tokens} "
-            f"completion_tokens={last.completion_tokens} cached_tokens={last.cached_tokens}]",
-            file=sys.stderr,
-        )
+    for index in sorted(finals):
+        last = finals[index]
+        if args.n > 1:
+            print(f"--- completion {index}\n{texts[index]}")
+        usage = (f"[finish_reason={last.finish_reason} prompt_tokens={last.prompt_tokens} "
+                 f"completion_tokens={last.completion_tokens} cached_tokens={last.cached_tokens}]")
+        print(usage if args.n > 1 else "\n" + usage, file=sys.stderr)
     return 0
 
 

@@ -246,6 +246,9 @@ class Engine:
         self._wakeup.set()
         return True
 
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._handles
+
     @property
     def num_live_requests(self) -> int:
         return len(self._handles)

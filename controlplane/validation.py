@@ -21,6 +21,7 @@ MAX_STOP_STRINGS = 32
 MAX_STOP_STRING_LEN = 256
 MAX_STOP_TOKEN_IDS = 256
 MAX_REQUEST_ID_LEN = 256
+MAX_N = 16  # completions of one request (parallel sampling)
 
 
 class InvalidRequest(ValueError):
@@ -39,6 +40,7 @@ class ValidatedRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     stop: StopParams
+    n: int = 1  # completions to sample
 
 
 def _finite(name: str, value: float) -> float:
@@ -152,7 +154,10 @@ def validate_generate(
     sampling = _sampling(request)
     prompt = _prompt_ids(request, tokenizer, limits)
     stop = _stop(request, len(prompt), limits)
-    return ValidatedRequest(request_id, prompt, sampling, stop)
+    n = request.n or 1
+    if n > MAX_N:
+        raise InvalidRequest(f"n must be at most {MAX_N} completions, got {n}")
+    return ValidatedRequest(request_id, prompt, sampling, stop, n)
 
 
 def validate_abort(request: pb.AbortRequest) -> str:

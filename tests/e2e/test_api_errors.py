@@ -40,6 +40,7 @@ BAD_REQUESTS: list[tuple[dict[str, object], str]] = [
     ({**OK, "stop_token_ids": [5] * 300}, "stop_token_ids: at most 256 token ids"),
     ({**OK, "frequency_penalty": -2.5}, "frequency_penalty must be in [-2, 2]"),
     ({**OK, "min_p": float("inf")}, "min_p must be a finite number"),
+    ({**OK, "n": 17}, "n must be at most 16 completions"),
 ]
 
 
