@@ -44,6 +44,7 @@ class PrefixCachingAllocator:
         self._entry: dict[int, int] = {}  # cached block -> its entry id
         self._next_entry = 1
         self.evictions = 0  # cached blocks taken for new KV
+        self.epoch = 0  # moves whenever the index changes: a `match` made at the same epoch still holds
 
     # ------------------------------------------------------------------ the BlockAllocator interface
 
@@ -184,6 +185,7 @@ class PrefixCachingAllocator:
             key = (parent, tuple(token_ids[i * size:(i + 1) * size]))
             found = index.setdefault(key, block)  # one hash of the key (a tuple's hash is not kept)
             if found == block:
+                self.epoch += 1
                 key_of[block] = key
                 parent = entry[block] = next_entry
                 next_entry += 1
@@ -199,6 +201,7 @@ class PrefixCachingAllocator:
         return block
 
     def _uncache(self, block: int) -> None:
+        self.epoch += 1
         key = self._key.pop(block)
         del self._index[key], self._entry[block]
 

@@ -11,8 +11,9 @@ times feed the predictor's online correction. The scheduler is synchronous and d
 
 With a `PrefixCachingAllocator` a waiting sequence is admitted with the cached blocks its tokens
 start with (at least its last token is computed, so the step samples), and a sequence's full
-blocks are registered once their KV is known computed: a prefill chunk's when its step's result
-arrives, the rest (generated tokens too) when the sequence is released -- never after an error.
+blocks are registered once a result has confirmed their KV: a chunk's when its step's result
+arrives, the blocks of its generated tokens when it is released (each output that arrived confirms
+the KV before it) -- never what a step still in flight computes, never after an error.
 
 With `async_scheduling` a second step may be planned while the first is in flight: a sequence
 that step will sample for counts that token as known-but-unseen (`Sequence.num_inflight`) and
@@ -138,7 +139,7 @@ class Scheduler:
         self.allocator.free(seq.seq_id, seq.block_ids)
         seq.block_ids = []
         seq.num_computed_tokens = 0
-        seq._cache_blocks = seq._cache_parent = 0
+        seq._cache_blocks = seq._cache_parent = seq._kv_confirmed = seq._admitted_tokens = 0
         if seq.on_worker:
             self._dropped_on_worker.append(seq.seq_id)
             seq.on_worker = False
@@ -326,7 +327,11 @@ class Scheduler:
         first chunk are free (acquiring an idle cached block takes it from the free count)."""
         tokens = seq.all_token_ids() if seq.output_token_ids else seq.prompt_token_ids
         size = cache.block_size
-        cached, parent = cache.match(tokens, (len(tokens) - 1) // size)  # its last token is computed
+        epoch, cached, parent = seq._match
+        if epoch != cache.epoch:
+            cached, parent = cache.match(tokens, (len(tokens) - 1) // size)  # its last token is computed
+            seq._match = (cache.epoch, cached, parent)
+        cached = list(cached)
         hit = len(cached) * size
         num_tokens = min(len(tokens) - hit, draft.budget)
         need = cache.blocks_for_tokens(hit + num_tokens) - len(cached)
@@ -336,8 +341,8 @@ class Scheduler:
         cache.acquire(seq.seq_id, cached)
         cached.extend(cache.allocate(seq.seq_id, need))
         seq.block_ids = cached
-        seq.num_computed_tokens = hit
-        seq._cache_blocks, seq._cache_parent = hit // size, parent
+        seq.num_computed_tokens = seq._kv_confirmed = hit
+        seq._cache_blocks, seq._cache_parent, seq._admitted_tokens = hit // size, parent, len(tokens)
         if not seq.num_preemptions:
             seq.num_cached_tokens = hit
         seq.status = SeqStatus.RUNNING
@@ -347,13 +352,17 @@ class Scheduler:
         return True
 
     def _register(self, seq: Sequence) -> None:
-        """Register the sequence's full blocks whose tokens are known and whose KV is computed."""
+        """Register the sequence's full blocks whose tokens are known and whose KV a result confirmed:
+        up to its confirmed chunks, or, once it decodes, up to its last output that arrived (the
+        pass that sampled it wrote the KV of the token before)."""
         cache = self.cache
         assert cache is not None
         size, done = cache.block_size, seq._cache_blocks
         known = seq._num_prompt + len(seq.output_token_ids)
-        computed = seq.num_computed_tokens
-        full = min(computed if computed < known else known, len(seq.block_ids) * size) // size
+        confirmed = seq._kv_confirmed
+        if confirmed >= seq._admitted_tokens and confirmed < known - 1:
+            confirmed = known - 1
+        full = min(confirmed, len(seq.block_ids) * size) // size
         if full <= done:
             return
         tokens = seq.prompt_token_ids if full * size <= seq._num_prompt else seq.all_token_ids()
@@ -366,7 +375,7 @@ class Scheduler:
         k = decision.decode_steps
         seqs, new_blocks = self.seqs, draft.new_blocks
         noted = draft.noted_decoders()
-        chunked: list[Sequence] = []  # prompt chunks, whose blocks are registered when the result comes
+        chunked: list[tuple[Sequence, int]] = []  # what the result confirms (InflightStep.chunked)
         caching = self.cache is not None
         # the tokens the step samples per scheduled sequence (0: none), from a copy of `tokens` (cheap:
         # the dict's table is cloned), whose first entries -- the noted decode items, each one token
@@ -384,8 +393,6 @@ class Scheduler:
         for seq_id, num_tokens in islice(draft.tokens.items(), len(noted), None):
             seq = seqs[seq_id]
             scheduled.append(self._plan_entry(seq, num_tokens, new_blocks, new_requests))
-            if caching and num_tokens > 1:
-                chunked.append(seq)
             computed = seq.num_computed_tokens + num_tokens
             if computed == seq._num_prompt + len(seq.output_token_ids) + seq.num_inflight:
                 # it samples (the step computes every known token): k tokens for a decode item
@@ -396,6 +403,8 @@ class Scheduler:
             else:
                 expects[seq_id] = 0
             seq.num_computed_tokens = computed
+            if caching:
+                chunked.append((seq, computed))
         plan = StepPlan(
             step_id=self._next_step_id,
             mode=decision.mode,
@@ -501,12 +510,8 @@ class Scheduler:
                 self.finish(seq.seq_id, FinishReason.ERROR)
                 updates.append(SeqUpdate(seq, [], None, True))
         self._accept(inflight, result.outputs, updates)
-        if inflight.chunked:
-            seqs = self.seqs
-            for seq in inflight.chunked:  # their chunks' KV is computed: share its full blocks
-                if seqs.get(seq.seq_id) is seq and seq.seq_id not in inflight.stale:
-                    self._register(seq)
         if inflight.outstanding <= 0:  # every token the step owed has arrived
+            self._confirm(inflight)
             return updates
         answered = {o.seq_id for o in result.outputs} | {f.seq_id for f in result.failures}
         for seq_id, left in inflight.expects_token.items():
@@ -518,7 +523,19 @@ class Scheduler:
                 seq.error = f"the data plane returned no token for seq {seq_id} in step {result.step_id}"
                 self.finish(seq_id, FinishReason.ERROR)
                 updates.append(SeqUpdate(seq, [], None, True))
+        self._confirm(inflight)
         return updates
+
+    def _confirm(self, inflight: InflightStep) -> None:
+        """With prefix caching: the step's chunks are computed (their sequences still live, the step
+        still speaking for them, none failed -- a failure or a missing token finished it): register
+        their full blocks."""
+        seqs, stale = self.seqs, inflight.stale
+        for seq, computed in inflight.chunked:
+            if seqs.get(seq.seq_id) is seq and seq.seq_id not in stale:
+                if computed > seq._kv_confirmed:
+                    seq._kv_confirmed = computed
+                self._register(seq)
 
     def _observe(self, inflight: InflightStep, timings: StepTimings) -> None:
         """Feed the measured times to the predictor (a phase measured as 0 ms was not measured)."""

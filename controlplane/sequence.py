@@ -74,6 +74,14 @@ class Sequence:
     # or registered since), and the entry id the last of them ends in (0: none) -- reset on release
     _cache_blocks: int = field(init=False, repr=False, default=0)
     _cache_parent: int = field(init=False, repr=False, default=0)
+    # prefix caching: leading tokens whose KV a step's result has confirmed in its blocks (a chunk's
+    # end, or the cached prefix it was admitted with), and how many tokens it held when admitted
+    # (once confirmed that far it decodes, and each output that arrives confirms the KV before it)
+    _kv_confirmed: int = field(init=False, repr=False, default=0)
+    _admitted_tokens: int = field(init=False, repr=False, default=0)
+    # prefix caching: the cache's last `match` of its tokens and the index epoch it was made at (a
+    # queue head waiting for free blocks is not matched again while the index stays the same)
+    _match: tuple[int, list[int], int] = field(init=False, repr=False, default=(-1, [], 0))
 
     def __post_init__(self) -> None:
         self._num_prompt = len(self.prompt_token_ids)

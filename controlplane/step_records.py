@@ -41,6 +41,6 @@ class InflightStep:
     # seq ids preempted since the step was planned (`Scheduler._preempt` adds them): what the step
     # computed for them is stale, and the tokens it owes them are no longer owed
     stale: set[int] = field(default_factory=set)
-    # with prefix caching: the sequences the step computes a chunk of more than one token for (their
-    # full blocks are registered when the result arrives)
-    chunked: list[Sequence] = field(default_factory=list)
+    # with prefix caching: each sequence the step computes other than as a noted decode (prompt
+    # chunks, mostly), with its computed tokens once the step has run: what the result confirms
+    chunked: list[tuple[Sequence, int]] = field(default_factory=list)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import deque
 
+import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,7 +17,7 @@ from controlplane.sequence import FinishReason, SeqStatus, Sequence, StopParams
 from controlplane.step_draft import StepDraft, trim_draft
 from dataplane.sim import SimRunner
 from shared.config import SchedulerConfig
-from shared.messages import SamplingParams
+from shared.messages import SamplingParams, SeqFailure, StepResult
 from tests.controlplane.test_scheduler import EOS, VOCAB, drain, expected_tokens, step
 
 SIZE = 4
@@ -107,8 +108,10 @@ def test_generated_tokens_are_cached_for_the_next_turn() -> None:
     assert follow_up.output_token_ids == expected_tokens(follow_up, 3)
 
 
-def test_an_error_registers_nothing_and_an_abort_keeps_the_computed_blocks() -> None:
-    for reason, cached in ((FinishReason.ERROR, 0), (FinishReason.ABORT, 2)):
+def test_only_kv_a_result_confirmed_is_registered() -> None:
+    """A request ended while its chunk is in flight registers nothing of that chunk (the step might
+    still fail it), nor does an error; a chunk whose result is back stays cached after an abort."""
+    for reason in (FinishReason.ERROR, FinishReason.ABORT):
         sched, runner = make(budget=8, async_scheduling=False)
         sched.add(seq_with(0, PROMPT))
         plan = sched.schedule()  # the first chunk, 8 tokens, in flight
@@ -116,8 +119,45 @@ def test_an_error_registers_nothing_and_an_abort_keeps_the_computed_blocks() -> 
         sched.finish(0, reason)
         sched.update(runner.execute(plan))
         sched.check_invariants()
-        assert sched.allocator.num_cached == cached
-        assert sched.allocator.num_free == sched.allocator.num_blocks
+        assert sched.allocator.num_cached == 0 and sched.allocator.num_free == sched.allocator.num_blocks
+    sched, runner = make(budget=8, async_scheduling=False)
+    sched.add(seq_with(0, PROMPT))
+    step(sched, runner)  # the first chunk's result is back: 2 blocks confirmed
+    sched.finish(0, FinishReason.ABORT)
+    assert sched.allocator.num_cached == 2
+
+
+def test_a_chunk_the_data_plane_failed_is_not_shared() -> None:
+    """Two chunks in flight (async); the second fails on the data plane. The first chunk's blocks
+    were confirmed by its result, the second's never are, so a later prompt reuses only the first."""
+    sched, runner = make(budget=8, async_scheduling=True)
+    sched.add(seq_with(0, PROMPT))
+    first, second = sched.schedule(), sched.schedule()
+    assert first is not None and second is not None
+    first_result = runner.execute(first)
+    runner._drop(0)  # the data plane drops the sequence instead of running its second chunk
+    failed = msgspec.structs.replace(runner.execute(msgspec.structs.replace(second, scheduled=[])),
+                                     failures=[SeqFailure(seq_id=0, message="injected")])
+    sched.update(first_result)
+    assert sched.allocator.num_cached == 2  # the second chunk (in flight then) is not registered
+    sched.update(failed)
+    assert sched.seqs == {} and sched.allocator.num_cached == 2
+    again = seq_with(1, PROMPT)
+    sched.add(again)
+    plan, _ = step(sched, runner)  # the simulated runner fails a step reading unwritten KV
+    assert plan.new_requests[0].num_computed_tokens == 8
+    drain(sched, runner)
+    assert again.output_token_ids == expected_tokens(again, 3)
+
+
+def test_a_token_the_data_plane_never_sent_shares_nothing() -> None:
+    sched, runner = make(async_scheduling=False)
+    sched.add(seq_with(0, PROMPT[:8]))
+    plan = sched.schedule()
+    assert plan is not None
+    runner.execute(plan)
+    sched.update(StepResult(step_id=plan.step_id))  # no token and no failure: the sequence errs
+    assert sched.seqs == {} and sched.allocator.num_cached == 0
 
 
 def test_a_trimmed_admission_goes_back_to_the_queue_as_it_was() -> None:
@@ -182,3 +222,26 @@ def test_random_requests_give_the_same_tokens_with_and_without_the_cache(
             if s.finish_reason is FinishReason.LENGTH:
                 assert s.output_token_ids == expected_tokens(s, len(s.output_token_ids))
     assert outputs[True] == outputs[False]
+
+
+def test_a_waiting_head_is_matched_again_only_when_the_index_changed() -> None:
+    sched, runner = make(num_blocks=48, budget=128, async_scheduling=False)
+    sched.add(seq_with(0, PROMPT))
+    drain(sched, runner)  # 5 cached blocks, idle
+    runner_up = seq_with(1, list(range(500, 560)), max_tokens=16)  # 15 blocks, growing to 19
+    sched.add(runner_up)
+    step(sched, runner)
+    head = seq_with(2, PROMPT[:16] + list(range(600, 720)))  # 4 cached + 30 new blocks: too many for now
+    sched.add(head)
+    cache = sched.allocator
+    assert isinstance(cache, PrefixCachingAllocator)
+    calls = []
+    real = cache.match
+    cache.match = lambda *a: calls.append(cache.epoch) or real(*a)  # type: ignore[method-assign]
+    for _ in range(10):
+        step(sched, runner)
+    assert head.status is SeqStatus.WAITING and runner_up.output_token_ids
+    assert len(calls) == len(set(calls))  # one match per epoch of the index at most
+    assert len(calls) < 10
+    drain(sched, runner)
+    assert head.num_cached_tokens == 16 and head.output_token_ids == expected_tokens(head, 3)
