@@ -147,13 +147,22 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def _generate_many(self, valid: ValidatedRequest, context: grpc.aio.ServicerContext, obs: RequestObs,
                              deadline: float | None) -> AsyncIterator[pb.GenerateResponse]:
         """n completions of one prompt as n engine requests, their messages interleaved as they come;
-        completion i samples with seed + i when a seed is set. The first failure ends them all."""
-        rid, observer = valid.request_id, self.engine.observer
+        completion i samples with seed + i when a seed is set. The first failure ends them all.
+
+        With prefix caching, and a prompt of at least one whole block and a token, completion 0 starts
+        alone and the others join when its first token is out: by then its prompt's blocks are in the
+        cache, so the prompt is computed once, not n times."""
+        rid, observer, engine = valid.request_id, self.engine.observer, self.engine
         ids = [choice_id(rid, i) for i in range(valid.n)]
         self._fanouts[rid] = ids
         extra = [observer.start_request(context.invocation_metadata()) for _ in ids[1:]]  # one span each
+        observers = [obs, *extra]
         handles: list[RequestHandle] = []
         merged: asyncio.Queue[tuple[int, RequestDelta | None]] = asyncio.Queue()  # None: deadline passed
+        pumps: list[asyncio.Task] = []
+        assert engine.worker is not None
+        staggered = (engine.scheduler_config.enable_prefix_caching
+                     and (len(valid.prompt_token_ids) - 1) // engine.worker.block_size >= 1)
 
         async def pump(index: int, handle: RequestHandle) -> None:
             try:
@@ -162,23 +171,26 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             except TimeoutError:
                 merged.put_nowait((index, None))
 
-        pumps: list[asyncio.Task] = []
-        try:
+        async def start(upto: int) -> None:
+            """Add completions len(handles)..upto-1 and start streaming them."""
             seed = valid.sampling.seed
-            for i, (engine_id, choice_obs) in enumerate(zip(ids, [obs, *extra])):
+            for i in range(len(handles), upto):
                 sampling = valid.sampling if seed is None else msgspec.structs.replace(
                     valid.sampling, seed=(seed + i) % 2**64)
                 try:
-                    handles.append(self.engine.add_request(
-                        EngineRequest(engine_id, valid.prompt_token_ids, sampling, valid.stop, choice_obs)))
+                    handles.append(engine.add_request(
+                        EngineRequest(ids[i], valid.prompt_token_ids, sampling, valid.stop, observers[i])))
                 except EngineUnavailable as exc:
                     await self._abort(context, obs, grpc.StatusCode.UNAVAILABLE, str(exc))
                 except Overloaded as exc:
                     await self._abort(context, obs, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
                 except ValueError as exc:
                     await self._abort(context, obs, grpc.StatusCode.ALREADY_EXISTS, str(exc))
-            pumps = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
-            left = len(handles)
+                pumps.append(asyncio.create_task(pump(i, handles[-1])))
+
+        try:
+            await start(1 if staggered else valid.n)
+            left = valid.n
             while left:
                 index, delta = await merged.get()
                 if delta is None:
@@ -188,6 +200,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 if delta.finish_reason == "error":
                     code = grpc.StatusCode.UNAVAILABLE if delta.retryable else grpc.StatusCode.INTERNAL
                     await self._abort(context, obs, code, delta.error or f"completion {index} failed")
+                if len(handles) < valid.n and delta.finish_reason == "abort":  # aborted before the rest began
+                    for i in range(len(handles), valid.n):
+                        yield _response(rid, RequestDelta([], "", finish_reason="abort",
+                                                          prompt_tokens=len(valid.prompt_token_ids)), i)
+                    left -= valid.n - len(handles)
+                elif len(handles) < valid.n:  # completion 0's prompt is computed: the rest join now
+                    await start(valid.n)
                 yield _response(rid, delta, index)
                 if delta.finish_reason is not None:
                     left -= 1

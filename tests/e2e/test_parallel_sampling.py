@@ -110,3 +110,26 @@ async def test_cli_prints_each_completion() -> None:
     assert out.returncode == 0, out.stderr
     assert "--- completion 0" in out.stdout and "--- completion 1" in out.stdout
     assert out.stderr.count("finish_reason=length") == 2
+
+
+async def test_completions_share_the_prompt_through_the_prefix_cache() -> None:
+    """Completion 0 computes the prompt; the others join once it is cached (cached_tokens), or all
+    start at once with the cache off. An Abort at any moment ends every completion."""
+    prompt = {"token_ids": {"ids": list(range(3, 43))}, "ignore_eos": True, "temperature": 0.0}  # 40 tokens
+    for caching in (True, False):
+        async with serve("tiny", enable_prefix_caching=caching) as served:
+            got = await choices(served, **prompt, max_tokens=5, n=3)
+            cached = [got[i][1].cached_tokens for i in range(3)]
+            assert cached == ([0, 32, 32] if caching else [0, 0, 0])
+            assert got[0][0] == got[1][0] == got[2][0]  # greedy
+            call = served.stub.Generate(pb.GenerateRequest(request_id="quick", n=3, **{**prompt, "max_tokens": 3000}))
+            finals_task = asyncio.ensure_future(_finals(call))
+            while not (await served.stub.Abort(pb.AbortRequest(request_id="quick"))).found:
+                await asyncio.sleep(0.002)  # until the call reached the engine (maybe before the rest began)
+            assert await finals_task == {0: "abort", 1: "abort", 2: "abort"}
+            await wait_idle(served)
+            assert all_free(served) and served.plane.engine.num_live_requests == 0
+
+
+async def _finals(call) -> dict[int, str]:  # noqa: ANN001
+    return {r.index: r.finish_reason async for r in call if r.finish_reason}
