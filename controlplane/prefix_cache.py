@@ -3,7 +3,8 @@ later prompt that starts with the same tokens reuses their KV instead of recompu
 automatic prefix caching, SGLang's radix cache).
 
 A full block whose KV is computed is *registered* under its key: the entry id of the block before
-it in its sequence (0 for the first) and its own tokens. Entry ids are never reused, so a key names
+it in its sequence (0 for the first) and its own tokens, as bytes (`token_bytes`: a slice of bytes
+keeps its hash, where a tuple of ints is hashed again at every lookup). Entry ids are never reused, so a key names
 one exact token prefix; a lookup walks a prompt's blocks from the first and stops at the first miss.
 Blocks are reference-counted: a cached block may sit in many sequences' block tables. When no
 sequence holds a cached block it is *idle*: still findable, and counted as free. Allocation takes
@@ -18,11 +19,17 @@ scheduler decides when KV is computed (and so when a block may be registered).
 
 from __future__ import annotations
 
+from array import array
 from collections import Counter, OrderedDict
 
 from controlplane.kv_blocks import BlockAllocator, OutOfBlocks
 
-Key = tuple[int, tuple[int, ...]]  # (entry id of the block before, this block's tokens)
+Key = tuple[int, bytes]  # (entry id of the block before, this block's tokens as token_bytes)
+
+
+def token_bytes(token_ids: list[int]) -> bytes:
+    """Token ids as the index keys them: 4 bytes each (ids are below the vocabulary size)."""
+    return array("I", token_ids).tobytes()
 
 
 class PrefixCachingAllocator:
@@ -139,14 +146,15 @@ class PrefixCachingAllocator:
 
     # ------------------------------------------------------------------ the prefix index
 
-    def match(self, token_ids: list[int], max_blocks: int) -> tuple[list[int], int]:
-        """The cached blocks that hold `token_ids`' first blocks (at most `max_blocks`), in order, and
-        the entry id of the last one (0: none). Nothing is taken: `acquire` them to hold them."""
-        size, index, entry = self.block_size, self._index, self._entry
+    def match(self, tokens: bytes, max_blocks: int) -> tuple[list[int], int]:
+        """The cached blocks that hold the first blocks of `tokens` (`token_bytes`; at most
+        `max_blocks`), in order, and the entry id of the last one (0: none). Nothing is taken:
+        `acquire` them to hold them."""
+        stride, index, entry = 4 * self.block_size, self._index, self._entry
         blocks: list[int] = []
         parent = 0
         for i in range(max_blocks):
-            block = index.get((parent, tuple(token_ids[i * size:(i + 1) * size])))
+            block = index.get((parent, tokens[i * stride:(i + 1) * stride]))
             if block is None:
                 break
             blocks.append(block)
@@ -169,12 +177,12 @@ class PrefixCachingAllocator:
                 del idle[block]
             refs[block] = refs.get(block, 0) + 1
 
-    def register(self, block_ids: list[int], token_ids: list[int], start: int, end: int, parent: int) -> int:
+    def register(self, block_ids: list[int], tokens: bytes, start: int, end: int, parent: int) -> int:
         """Register a sequence's blocks `start..end-1` (full, their KV computed) under the prefix its
         first `start` blocks end in (entry id `parent`); returns the entry id the last one ends in.
         A block whose prefix is cached already (under another block) stays uncached, and the chain
         goes on from the cached one. A block may be registered once."""
-        size, index, key_of, entry, refs = self.block_size, self._index, self._key, self._entry, self._refs
+        stride, index, key_of, entry, refs = 4 * self.block_size, self._index, self._key, self._entry, self._refs
         next_entry = self._next_entry
         for i in range(start, end):
             block = block_ids[i]
@@ -182,7 +190,7 @@ class PrefixCachingAllocator:
                 raise RuntimeError(f"block {block} registered but held by no sequence")
             if block in key_of:
                 raise RuntimeError(f"block {block} is cached already")
-            key = (parent, tuple(token_ids[i * size:(i + 1) * size]))
+            key = (parent, tokens[i * stride:(i + 1) * stride])
             found = index.setdefault(key, block)  # one hash of the key (a tuple's hash is not kept)
             if found == block:
                 self.epoch += 1

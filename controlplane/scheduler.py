@@ -31,7 +31,7 @@ from dataclasses import replace
 from itertools import islice
 
 from controlplane.policies import AGGREGATED, BatchShape, ModeDecision, StepForecast, make_policy, make_predictor
-from controlplane.prefix_cache import Allocator, PrefixCachingAllocator
+from controlplane.prefix_cache import Allocator, PrefixCachingAllocator, token_bytes
 from controlplane.sequence import FinishReason, SeqStatus, Sequence, check_token_stop
 from controlplane.step_draft import StepDraft, batch_shape, trim_draft
 from controlplane.step_records import InflightStep, SeqUpdate
@@ -325,15 +325,16 @@ class Scheduler:
     def _admit_cached(self, seq: Sequence, draft: StepDraft, cache: PrefixCachingAllocator) -> bool:
         """Admit the queue's head with the cached blocks its tokens start with, if the blocks for its
         first chunk are free (acquiring an idle cached block takes it from the free count)."""
-        tokens = seq.all_token_ids() if seq.output_token_ids else seq.prompt_token_ids
+        num_tokens = seq._num_prompt + len(seq.output_token_ids)
         size = cache.block_size
         epoch, cached, parent = seq._match
-        if epoch != cache.epoch:
-            cached, parent = cache.match(tokens, (len(tokens) - 1) // size)  # its last token is computed
+        if epoch != cache.epoch:  # its last token is computed, whatever the cache holds
+            cached, parent = cache.match(self._token_bytes(seq, num_tokens), (num_tokens - 1) // size)
             seq._match = (cache.epoch, cached, parent)
         cached = list(cached)
         hit = len(cached) * size
-        num_tokens = min(len(tokens) - hit, draft.budget)
+        admitted = num_tokens
+        num_tokens = min(num_tokens - hit, draft.budget)
         need = cache.blocks_for_tokens(hit + num_tokens) - len(cached)
         if need + cache.num_idle(cached) > cache.num_free:
             return False
@@ -342,7 +343,7 @@ class Scheduler:
         cached.extend(cache.allocate(seq.seq_id, need))
         seq.block_ids = cached
         seq.num_computed_tokens = seq._kv_confirmed = hit
-        seq._cache_blocks, seq._cache_parent, seq._admitted_tokens = hit // size, parent, len(tokens)
+        seq._cache_blocks, seq._cache_parent, seq._admitted_tokens = hit // size, parent, admitted
         if not seq.num_preemptions:
             seq.num_cached_tokens = hit
         seq.status = SeqStatus.RUNNING
@@ -365,9 +366,18 @@ class Scheduler:
         full = min(confirmed, len(seq.block_ids) * size) // size
         if full <= done:
             return
-        tokens = seq.prompt_token_ids if full * size <= seq._num_prompt else seq.all_token_ids()
+        tokens = self._token_bytes(seq, full * size)
         seq._cache_parent = cache.register(seq.block_ids, tokens, done, full, seq._cache_parent)
         seq._cache_blocks = full
+
+    @staticmethod
+    def _token_bytes(seq: Sequence, num_tokens: int) -> bytes:
+        """At least its first `num_tokens` tokens as the prefix index keys them (the prompt's kept)."""
+        if num_tokens <= seq._num_prompt:
+            if not seq._prompt_bytes:
+                seq._prompt_bytes = token_bytes(seq.prompt_token_ids)
+            return seq._prompt_bytes
+        return token_bytes(seq.all_token_ids())
 
     def _build_plan(self, draft: StepDraft, decision: ModeDecision, forecast: StepForecast | None) -> StepPlan:
         new_requests: list[NewRequest] = []

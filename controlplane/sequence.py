@@ -82,6 +82,7 @@ class Sequence:
     # prefix caching: the cache's last `match` of its tokens and the index epoch it was made at (a
     # queue head waiting for free blocks is not matched again while the index stays the same)
     _match: tuple[int, list[int], int] = field(init=False, repr=False, default=(-1, [], 0))
+    _prompt_bytes: bytes = field(init=False, repr=False, default=b"")  # its prompt as token_bytes, once
 
     def __post_init__(self) -> None:
         self._num_prompt = len(self.prompt_token_ids)

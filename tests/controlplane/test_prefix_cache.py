@@ -8,15 +8,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controlplane.kv_blocks import OutOfBlocks
-from controlplane.prefix_cache import PrefixCachingAllocator
+from controlplane.prefix_cache import PrefixCachingAllocator, token_bytes
 
 SIZE = 4
+
+
+def match(alloc: PrefixCachingAllocator, tokens: list[int], max_blocks: int) -> tuple[list[int], int]:
+    return alloc.match(token_bytes(tokens), max_blocks)
+
+
+def register(alloc: PrefixCachingAllocator, blocks: list[int], tokens: list[int], start: int, end: int,
+             parent: int) -> int:
+    return alloc.register(blocks, token_bytes(tokens), start, end, parent)
 
 
 def cache_seq(alloc: PrefixCachingAllocator, seq_id: int, tokens: list[int]) -> list[int]:
     """Allocate blocks for `tokens` and register every full one, as a finished prefill would."""
     blocks = alloc.allocate(seq_id, alloc.blocks_for_tokens(len(tokens)))
-    alloc.register(blocks, tokens, 0, len(tokens) // SIZE, 0)
+    register(alloc, blocks, tokens, 0, len(tokens) // SIZE, 0)
     return blocks
 
 
@@ -25,12 +34,12 @@ def test_a_registered_prefix_is_found_block_by_block() -> None:
     tokens = list(range(100, 114))  # 3 full blocks and 2 tokens
     blocks = cache_seq(alloc, 0, tokens)
     assert alloc.num_cached == 3
-    found, parent = alloc.match(tokens, 3)
+    found, parent = match(alloc, tokens, 3)
     assert found == blocks[:3] and parent > 0
-    assert alloc.match(tokens, 2)[0] == blocks[:2]  # at most max_blocks
+    assert match(alloc, tokens, 2)[0] == blocks[:2]  # at most max_blocks
     other = tokens[:4] + [7] + tokens[5:]  # the second block differs: the walk stops there
-    assert alloc.match(other, 3)[0] == blocks[:1]
-    assert alloc.match([1, 2, 3, 4] + tokens[4:], 3) == ([], 0)  # the same later blocks after another first
+    assert match(alloc, other, 3)[0] == blocks[:1]
+    assert match(alloc, [1, 2, 3, 4] + tokens[4:], 3) == ([], 0)  # the same later blocks after another first
     alloc.check_invariants({0: blocks})
 
 
@@ -38,7 +47,7 @@ def test_shared_blocks_are_counted_and_go_idle_when_nobody_holds_them() -> None:
     alloc = PrefixCachingAllocator(8, SIZE)
     tokens = list(range(8))
     a = cache_seq(alloc, 0, tokens)
-    found, _ = alloc.match(tokens + [9], 2)
+    found, _ = match(alloc, tokens + [9], 2)
     alloc.acquire(1, found)
     b = found + alloc.allocate(1, 1)
     alloc.check_invariants({0: a, 1: b})
@@ -50,7 +59,7 @@ def test_shared_blocks_are_counted_and_go_idle_when_nobody_holds_them() -> None:
     alloc.check_invariants({})
     assert alloc.num_free == 8 and alloc.num_cached == 2  # idle, still findable, counted as free
     assert alloc.num_idle(found) == 2
-    again, _ = alloc.match(tokens, 2)
+    again, _ = match(alloc, tokens, 2)
     alloc.acquire(2, again)
     assert again == a and alloc.num_free == 6
     with pytest.raises(RuntimeError, match="held by no sequence"):
@@ -68,7 +77,7 @@ def test_allocation_takes_uncached_blocks_before_evicting_the_oldest_idle() -> N
     assert alloc.allocate_one(3) == first[1]
     assert alloc.allocate(4, 2) == [first[0], second[1]]
     assert alloc.evictions == 3 and alloc.num_cached == 1
-    assert alloc.match(list(range(50, 58)), 2)[0] == [second[0]]
+    assert match(alloc, list(range(50, 58)), 2)[0] == [second[0]]
     with pytest.raises(OutOfBlocks):
         alloc.allocate(5, 2)
     alloc.check_invariants({2: fresh, 3: [first[1]], 4: [first[0], second[1]]})
@@ -83,9 +92,9 @@ def test_an_evicted_block_cuts_off_the_blocks_after_it() -> None:
     (reused,) = alloc.allocate(1, 1)
     assert reused == blocks[0]
     # the reused block gets other tokens under the same (empty) prefix; the old chain must not resume
-    alloc.register([reused], [90, 91, 92, 93], 0, 1, 0)
-    assert alloc.match([90, 91, 92, 93] + tokens[4:], 3)[0] == [reused]
-    assert alloc.match(tokens, 3) == ([], 0)
+    register(alloc, [reused], [90, 91, 92, 93], 0, 1, 0)
+    assert match(alloc, [90, 91, 92, 93] + tokens[4:], 3)[0] == [reused]
+    assert match(alloc, tokens, 3) == ([], 0)
 
 
 def test_a_duplicate_block_stays_uncached_and_the_chain_goes_on_through_the_cached_one() -> None:
@@ -94,9 +103,9 @@ def test_a_duplicate_block_stays_uncached_and_the_chain_goes_on_through_the_cach
     a = cache_seq(alloc, 0, tokens)
     b = alloc.allocate(1, 3)  # the same prompt, computed beside it, plus one more block
     longer = tokens + [20, 21, 22, 23]
-    alloc.register(b, longer, 0, 3, 0)
+    register(alloc, b, longer, 0, 3, 0)
     assert alloc.num_cached == 3  # b's first two duplicate a's
-    assert alloc.match(longer, 3)[0] == a + [b[2]]
+    assert match(alloc, longer, 3)[0] == a + [b[2]]
     alloc.free(1, b)
     assert alloc.num_free == 6 and alloc.num_idle(b) == 1  # b[0], b[1] uncached: free; b[2] idle
     alloc.check_invariants({0: a})
@@ -108,10 +117,10 @@ def test_misuse_is_refused() -> None:
     with pytest.raises(RuntimeError, match="not cached"):
         alloc.acquire(1, blocks)
     with pytest.raises(RuntimeError, match="held by no sequence"):
-        alloc.register([3], [1, 2, 3, 4], 0, 1, 0)
-    alloc.register(blocks, list(range(8)), 0, 2, 0)
+        register(alloc, [3], [1, 2, 3, 4], 0, 1, 0)
+    register(alloc, blocks, list(range(8)), 0, 2, 0)
     with pytest.raises(RuntimeError, match="cached already"):
-        alloc.register(blocks, list(range(50, 58)), 0, 1, 0)
+        register(alloc, blocks, list(range(50, 58)), 0, 1, 0)
     with pytest.raises(ValueError):
         PrefixCachingAllocator(0, SIZE)
     alloc._idle[blocks[0]] = None  # a held block also idle: the invariant check notices
@@ -140,7 +149,7 @@ def test_random_walk_never_matches_a_block_holding_other_tokens(ops: list[tuple[
                 alloc.free(seq_id, live.pop(seq_id))
         else:
             tokens = [family * 1000 + (i if i < 6 else family + i) for i in range(length)]
-            found, parent = alloc.match(tokens, (length - 1) // SIZE)
+            found, parent = match(alloc, tokens, (length - 1) // SIZE)
             for i, block in enumerate(found):
                 assert written[block] == tuple(tokens[i * SIZE:(i + 1) * SIZE])
             need = alloc.blocks_for_tokens(length) - len(found)
@@ -150,7 +159,7 @@ def test_random_walk_never_matches_a_block_holding_other_tokens(ops: list[tuple[
             blocks = found + alloc.allocate(next_id, need)
             for i in range(len(found), len(blocks)):  # the sequence computes its own blocks' KV
                 written[blocks[i]] = tuple(tokens[i * SIZE:(i + 1) * SIZE])
-            alloc.register(blocks, tokens, len(found), length // SIZE, parent)
+            register(alloc, blocks, tokens, len(found), length // SIZE, parent)
             live[next_id] = blocks
             next_id += 1
         alloc.check_invariants(live)

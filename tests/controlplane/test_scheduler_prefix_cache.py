@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controlplane.kv_blocks import BlockAllocator
-from controlplane.prefix_cache import PrefixCachingAllocator
+from controlplane.prefix_cache import PrefixCachingAllocator, token_bytes
 from controlplane.scheduler import Scheduler
 from controlplane.sequence import FinishReason, SeqStatus, Sequence, StopParams
 from controlplane.step_draft import StepDraft, trim_draft
@@ -60,7 +60,7 @@ def test_a_later_prompt_with_the_same_start_computes_only_the_rest() -> None:
 def first_blocks(sched: Scheduler, tokens: list[int]) -> list[int]:
     cache = sched.allocator
     assert isinstance(cache, PrefixCachingAllocator)
-    return cache.match(tokens, len(tokens) // SIZE)[0][:4]
+    return cache.match(token_bytes(tokens), len(tokens) // SIZE)[0][:4]
 
 
 def test_a_prompt_cached_whole_still_computes_its_last_block() -> None:
