@@ -107,6 +107,7 @@ def simulate(trace: Path, rate: float, num_requests: int, config: SchedulerConfi
         records.append(record)
         push(at, ("arrive", i))
     gpu_free = 0.0
+    vocab = ready.model.vocab_size
 
     def apply(updates: list[SeqUpdate]) -> None:
         for u in updates:
@@ -122,8 +123,10 @@ def simulate(trace: Path, rate: float, num_requests: int, config: SchedulerConfi
         kind, value = payload  # type: ignore[misc]
         if kind == "arrive":
             rec = records[value]
-            seq = Sequence(seq_id=value, request_id=str(value), prompt_token_ids=[16 + (value + j) % 1000 for j in
-                                                                                  range(rec.prompt_tokens)],
+            # a prompt of its own: no two requests share a first block, so the prefix cache never hits, as
+            # with the random prompts of a GPU sweep
+            seq = Sequence(seq_id=value, request_id=str(value),
+                           prompt_token_ids=[16 + (value * 7919 + j) % (vocab - 16) for j in range(rec.prompt_tokens)],
                            sampling=SamplingParams(temperature=0.0),
                            stop=StopParams(max_tokens=rec.max_tokens, ignore_eos=True), arrival_time=now)
             by_seq[value] = rec
