@@ -37,7 +37,9 @@ NUM_BLOCKS = 40_000
 
 
 def _seq(seq_id: int, prompt_len: int, max_tokens: int) -> Sequence:
-    return Sequence(seq_id=seq_id, request_id=str(seq_id), prompt_token_ids=[16 + seq_id % 1000] * prompt_len,
+    # a prompt of its own (the prefix cache, on by default, must find nothing to reuse)
+    prompt = [16 + (seq_id * 7919 + j) % 100_000 for j in range(prompt_len)]
+    return Sequence(seq_id=seq_id, request_id=str(seq_id), prompt_token_ids=prompt,
                     sampling=SamplingParams(temperature=0.0), stop=StopParams(max_tokens=max_tokens, ignore_eos=True),
                     arrival_time=0.0)
 
