@@ -22,16 +22,17 @@ class QueueLimits:
     max_requests: int
     max_tokens: int
 
-    def check(self, waiting: Iterable[Sequence], num_new_tokens: int) -> None:
-        """Raise Overloaded if one more request of `num_new_tokens` tokens does not fit."""
+    def check(self, waiting: Iterable[Sequence], num_new_tokens: int, count: int = 1) -> None:
+        """Raise Overloaded if `count` more requests of `num_new_tokens` tokens each do not fit."""
         queued = list(waiting)
-        if len(queued) + 1 > self.max_requests:
-            raise Overloaded(
-                f"server overloaded: {len(queued)} requests are queued (max_queued_requests {self.max_requests})"
-            )
+        if len(queued) + count > self.max_requests:
+            more = "" if count == 1 else f" and this request asks for {count} completions"
+            raise Overloaded(f"server overloaded: {len(queued)} requests are queued{more} "
+                             f"(max_queued_requests {self.max_requests})")
         tokens = sum(seq.num_tokens for seq in queued)
-        if tokens + num_new_tokens > self.max_tokens:
+        if tokens + count * num_new_tokens > self.max_tokens:
+            prompts = "this prompt" if count == 1 else f"this prompt x {count} completions"
             raise Overloaded(
-                f"server overloaded: {tokens} queued tokens + {num_new_tokens} in this prompt exceed "
+                f"server overloaded: {tokens} queued tokens + {count * num_new_tokens} in {prompts} exceed "
                 f"max_queued_tokens {self.max_tokens}"
             )

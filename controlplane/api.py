@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 import msgspec
@@ -40,6 +41,15 @@ def _logprobs_pb(token_ids: list[int], logprobs: list[TokenLogprobs] | None) -> 
         )
         for token, lp in zip(token_ids, logprobs)
     ]
+
+
+@dataclass
+class _Fanout:
+    """A running request for n > 1 completions: its completions' engine ids, and whether an Abort
+    came (then completions not started yet are never started)."""
+
+    ids: list[str]
+    aborted: bool = False
 
 
 def choice_id(request_id: str, index: int) -> str:
@@ -78,7 +88,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.engine = engine
         self.model_name = model_name
         self.policy = policy
-        self._fanouts: dict[str, list[str]] = {}  # request id of n > 1 completions -> their engine ids
+        self._fanouts: dict[str, _Fanout] = {}  # request id of n > 1 completions -> their engine requests
 
     def _limits(self) -> Limits:
         assert self.engine.worker is not None
@@ -150,14 +160,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         completion i samples with seed + i when a seed is set. The first failure ends them all.
 
         With prefix caching, and a prompt of at least one whole block and a token, completion 0 starts
-        alone and the others join when its first token is out: by then its prompt's blocks are in the
-        cache, so the prompt is computed once, not n times."""
-        rid, observer, engine = valid.request_id, self.engine.observer, self.engine
-        ids = [choice_id(rid, i) for i in range(valid.n)]
-        self._fanouts[rid] = ids
-        extra = [observer.start_request(context.invocation_metadata()) for _ in ids[1:]]  # one span each
-        observers = [obs, *extra]
+        alone and the others join when its first message is out: by then its prompt's blocks are in
+        the cache, so the prompt is computed once, not n times. An Abort before they joined (or a
+        first message that is completion 0's abort) ends them unstarted, each with an abort message."""
+        rid, engine = valid.request_id, self.engine
+        fanout = _Fanout([choice_id(rid, i) for i in range(valid.n)])
         handles: list[RequestHandle] = []
+        spans: list[RequestObs] = []  # the completions' own request spans (completion 0 has the call's)
         merged: asyncio.Queue[tuple[int, RequestDelta | None]] = asyncio.Queue()  # None: deadline passed
         pumps: list[asyncio.Task] = []
         assert engine.worker is not None
@@ -177,9 +186,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             for i in range(len(handles), upto):
                 sampling = valid.sampling if seed is None else msgspec.structs.replace(
                     valid.sampling, seed=(seed + i) % 2**64)
+                if i:
+                    spans.append(engine.observer.start_request(context.invocation_metadata()))
                 try:
-                    handles.append(engine.add_request(
-                        EngineRequest(ids[i], valid.prompt_token_ids, sampling, valid.stop, observers[i])))
+                    handles.append(engine.add_request(EngineRequest(
+                        fanout.ids[i], valid.prompt_token_ids, sampling, valid.stop, spans[-1] if i else obs)))
                 except EngineUnavailable as exc:
                     await self._abort(context, obs, grpc.StatusCode.UNAVAILABLE, str(exc))
                 except Overloaded as exc:
@@ -188,9 +199,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     await self._abort(context, obs, grpc.StatusCode.ALREADY_EXISTS, str(exc))
                 pumps.append(asyncio.create_task(pump(i, handles[-1])))
 
+        self._fanouts[rid] = fanout
         try:
+            try:
+                engine.check_room(len(valid.prompt_token_ids), valid.n)  # all n fit, or none starts
+            except Overloaded as exc:
+                await self._abort(context, obs, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             await start(1 if staggered else valid.n)
-            left = valid.n
+            left = target = valid.n  # completions to end; to start (fewer once aborted before they began)
             while left:
                 index, delta = await merged.get()
                 if delta is None:
@@ -200,35 +216,41 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 if delta.finish_reason == "error":
                     code = grpc.StatusCode.UNAVAILABLE if delta.retryable else grpc.StatusCode.INTERNAL
                     await self._abort(context, obs, code, delta.error or f"completion {index} failed")
-                if len(handles) < valid.n and delta.finish_reason == "abort":  # aborted before the rest began
-                    for i in range(len(handles), valid.n):
-                        yield _response(rid, RequestDelta([], "", finish_reason="abort",
-                                                          prompt_tokens=len(valid.prompt_token_ids)), i)
-                    left -= valid.n - len(handles)
-                elif len(handles) < valid.n:  # completion 0's prompt is computed: the rest join now
-                    await start(valid.n)
+                if len(handles) < target:
+                    if fanout.aborted or delta.finish_reason == "abort":  # aborted before the rest began
+                        for i in range(len(handles), target):
+                            yield _response(rid, RequestDelta([], "", finish_reason="abort",
+                                                              prompt_tokens=len(valid.prompt_token_ids)), i)
+                        left -= target - len(handles)
+                        target = len(handles)
+                        del fanout.ids[target:]
+                    else:  # completion 0's prompt is computed: the rest join now
+                        await start(target)
                 yield _response(rid, delta, index)
                 if delta.finish_reason is not None:
                     left -= 1
         finally:
             for task in pumps:
                 task.cancel()
-            for engine_id, handle in zip(ids, handles):
+            for engine_id, handle in zip(fanout.ids, handles):
                 if not handle.finished:  # the client went away, the call was cancelled, or one failed
-                    self.engine.abort(engine_id)
+                    engine.abort(engine_id)
             del self._fanouts[rid]
-            for choice_obs in extra:
-                observer.close_request(choice_obs)
+            for span in spans:
+                engine.observer.close_request(span)
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         try:
             request_id = validate_abort(request)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        found = self.engine.abort(request_id)
-        for engine_id in self._fanouts.get(request_id, []):
-            found = self.engine.abort(engine_id) or found
-        return pb.AbortResponse(found=found)
+        fanout = self._fanouts.get(request_id)
+        if fanout is None:
+            return pb.AbortResponse(found=self.engine.abort(request_id))
+        fanout.aborted = True  # completions not started yet never will be
+        for engine_id in fanout.ids:
+            self.engine.abort(engine_id)
+        return pb.AbortResponse(found=True)
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext

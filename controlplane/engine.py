@@ -249,6 +249,11 @@ class Engine:
     def has_request(self, request_id: str) -> bool:
         return request_id in self._handles
 
+    def check_room(self, num_prompt_tokens: int, count: int) -> None:
+        """Raise Overloaded unless the queue has room for `count` requests of this prompt."""
+        if self.queue_limits is not None and self.scheduler is not None:
+            self.queue_limits.check(self.scheduler.waiting, num_prompt_tokens, count)
+
     @property
     def num_live_requests(self) -> int:
         return len(self._handles)

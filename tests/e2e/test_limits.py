@@ -67,6 +67,10 @@ async def test_queue_limits_refuse_at_once() -> None:
         assert "max_queued_requests 2" in (err.value.details() or "")
         calls.pop().cancel()
         await wait_for(lambda: served.scheduler.num_waiting == 1)
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # one queued + 2 completions > 2 requests: none starts
+            await generate(served.stub, token_ids={"ids": [5, 6]}, max_tokens=2, n=2)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "asks for 2 completions" in (err.value.details() or "") and served.scheduler.num_waiting == 1
         with pytest.raises(grpc.aio.AioRpcError) as err:  # 37 queued + 50 new > 80 tokens
             await generate(served.stub, token_ids={"ids": list(range(3, 53))}, max_tokens=2)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
