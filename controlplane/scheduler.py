@@ -361,9 +361,9 @@ class Scheduler:
         size, done = cache.block_size, seq._cache_blocks
         known = seq._num_prompt + len(seq.output_token_ids)
         confirmed = seq._kv_confirmed
-        if confirmed >= seq._admitted_tokens and confirmed < known - 1:
+        if confirmed >= seq._admitted_tokens:  # it decodes: the arrived outputs tell, not the planned passes
             confirmed = known - 1
-        full = min(confirmed, len(seq.block_ids) * size) // size
+        full = min(confirmed, known, len(seq.block_ids) * size) // size
         if full <= done:
             return
         tokens = self._token_bytes(seq, full * size)
