@@ -26,7 +26,8 @@ class FakeEngine:
         self.added: list[str] = []
 
     def add_request(self, request: EngineRequest) -> RequestHandle:
-        handle = RequestHandle(request.request_id, len(self.added), SimpleNamespace(), request.obs)  # type: ignore[arg-type]
+        processor = SimpleNamespace()  # the servicer never reads it
+        handle = RequestHandle(request.request_id, len(self.added), processor, request.obs)  # type: ignore[arg-type]
         self.handles[request.request_id] = handle
         self.added.append(request.request_id)
         return handle
@@ -62,7 +63,8 @@ def run(first: RequestDelta) -> tuple[bool, FakeEngine, list[tuple[int, list[int
         messages: list[tuple[int, list[int], str]] = []
 
         async def consume() -> None:
-            async for m in servicer._generate_many(valid, Context(), engine.observer.start_request(()), None):  # type: ignore[arg-type]
+            obs = engine.observer.start_request(())
+            async for m in servicer._generate_many(valid, Context(), obs, None):  # type: ignore[arg-type]
                 messages.append((m.index, list(m.token_ids), m.finish_reason))
 
         task = asyncio.create_task(consume())
