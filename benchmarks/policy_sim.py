@@ -117,6 +117,7 @@ def simulate(trace: Path, rate: float, num_requests: int, config: SchedulerConfi
                 rec.completion_tokens += len(u.new_token_ids)
             if u.finished:
                 rec.finish_reason = "length"
+                rec.cached_tokens = u.seq.num_cached_tokens
 
     while events:
         now, _, payload = heapq.heappop(events)

@@ -62,10 +62,13 @@ def arrivals(workload: list[TraceRequest], mode: str, rate: float | None, bursti
     return out
 
 
-def random_workload(n: int, input_len: int, output_len: int, range_ratio: float, seed: int) -> list[TraceRequest]:
+def random_workload(n: int, input_len: int, output_len: int, range_ratio: float, seed: int,
+                    prefix_len: int = 0) -> list[TraceRequest]:
+    """`n` requests of random lengths; each prompt is `prefix_len` shared tokens plus its own part."""
     rng = random.Random(seed)
     lo_in, lo_out = max(1, int(input_len * range_ratio)), max(1, int(output_len * range_ratio))
-    return [TraceRequest(0.0, rng.randint(lo_in, input_len), rng.randint(lo_out, output_len)) for _ in range(n)]
+    return [TraceRequest(0.0, prefix_len + rng.randint(lo_in, input_len), rng.randint(lo_out, output_len))
+            for _ in range(n)]
 
 
 async def _one(stub: pb_grpc.GenerationStub, record: RequestRecord, prompt: list[int], t0: float,
@@ -80,6 +83,7 @@ async def _one(stub: pb_grpc.GenerationStub, record: RequestRecord, prompt: list
             if response.finish_reason:
                 record.finish_reason = response.finish_reason
                 record.completion_tokens = response.completion_tokens
+                record.cached_tokens = response.cached_tokens
     except grpc.aio.AioRpcError as exc:
         record.error = f"{exc.code().name}: {exc.details()}"
     if progress is not None:
@@ -88,9 +92,11 @@ async def _one(stub: pb_grpc.GenerationStub, record: RequestRecord, prompt: list
 
 async def run_load(stub: pb_grpc.GenerationStub, workload: list[TraceRequest], send_times: list[float], *,
                    vocab_size: int, max_model_len: int, seed: int = 0, show_progress: bool = True,
-                   max_concurrency: int | None = None) -> tuple[list[RequestRecord], float]:
-    """Send each request at its time (open loop); returns the records and the wall duration."""
+                   max_concurrency: int | None = None, prefix_len: int = 0) -> tuple[list[RequestRecord], float]:
+    """Send each request at its time (open loop); returns the records and the wall duration. Each
+    prompt starts with the same `prefix_len` random tokens (as far as its length allows)."""
     rng = random.Random(seed)
+    shared = make_prompt(random.Random(seed + 1), prefix_len, vocab_size)
     progress = None
     if show_progress:
         from tqdm import tqdm
@@ -110,7 +116,8 @@ async def run_load(stub: pb_grpc.GenerationStub, workload: list[TraceRequest], s
         max_tokens = max(1, min(req.output_tokens, max_model_len - 1))
         record = RequestRecord(i, max(1, min(req.prompt_tokens, max_model_len - max_tokens)), max_tokens)
         records.append(record)
-        prompt = make_prompt(rng, record.prompt_tokens, vocab_size)
+        head = shared[: record.prompt_tokens]
+        prompt = head + make_prompt(rng, record.prompt_tokens - len(head), vocab_size)
         delay = at - (time.monotonic() - t0)
         if delay > 0:
             await asyncio.sleep(delay)
@@ -145,7 +152,7 @@ def per_request(records: list[RequestRecord]) -> dict[str, list]:
         itls.append(gaps)
     return {"input_lens": [r.prompt_tokens for r in records], "output_lens": [r.completion_tokens for r in records],
             "ttfts": ttfts, "itls": itls, "latencies": latencies, "start_times": [r.sent for r in records],
-            "errors": [r.error for r in records]}
+            "errors": [r.error for r in records], "cached_lens": [r.cached_tokens for r in records]}
 
 
 def compute_metrics(arrays: dict[str, list], duration_s: float, goodput: Goodput | None) -> dict[str, object]:
@@ -166,9 +173,11 @@ def compute_metrics(arrays: dict[str, list], duration_s: float, goodput: Goodput
             good += ((goodput.ttft_ms is None or t <= goodput.ttft_ms) and (goodput.tpot_ms is None or p <= goodput.tpot_ms)
                      and (goodput.e2el_ms is None or arrays["latencies"][i] * 1e3 <= goodput.e2el_ms))
     total_in = sum(arrays["input_lens"][i] for i in ok)
+    cached = arrays.get("cached_lens") or [0] * len(arrays["errors"])
     metrics: dict[str, object] = {
         "duration": duration_s, "completed": len(ok), "failed": len(arrays["errors"]) - len(ok),
         "total_input_tokens": total_in, "total_output_tokens": sum(out_lens),
+        "total_cached_tokens": sum(cached[i] for i in ok),  # prompt tokens the prefix cache served
         "request_throughput": len(ok) / duration_s, "request_goodput": good / duration_s if goodput else None,
         "output_throughput": sum(out_lens) / duration_s, "total_token_throughput": (total_in + sum(out_lens)) / duration_s,
         "slo_attainment": good / len(arrays["errors"]) if arrays["errors"] and goodput else None,
@@ -190,6 +199,9 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-input-len", type=int, default=1024)
     p.add_argument("--random-output-len", type=int, default=128)
     p.add_argument("--random-range-ratio", type=float, default=1.0)
+    p.add_argument("--random-prefix-len", type=int, default=0,
+                   help="random dataset: tokens of one shared prefix before each prompt's random part (vLLM's "
+                        "flag; exercises the prefix cache)")
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--goodput", nargs="+", default=None, help="SLOs, e.g. ttft:2000 tpot:50")
     p.add_argument("--seed", type=int, default=0)
@@ -199,8 +211,10 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
 
 def workload_from_args(args: argparse.Namespace) -> list[TraceRequest]:
     if args.dataset == "random":
+        if args.random_prefix_len < 0:
+            raise SystemExit("--random-prefix-len must be >= 0")
         return random_workload(args.num_prompts, args.random_input_len, args.random_output_len,
-                               args.random_range_ratio, args.seed)
+                               args.random_range_ratio, args.seed, args.random_prefix_len)
     if args.trace is None:
         raise SystemExit("--dataset trace needs --trace FILE")
     return load_trace(args.trace, limit=args.num_prompts)
@@ -215,9 +229,11 @@ async def bench(args: argparse.Namespace, workload: list[TraceRequest] | None = 
     async with grpc.aio.insecure_channel(args.address) as channel:
         stub = pb_grpc.GenerationStub(channel)
         info = await stub.GetModelInfo(pb.GetModelInfoRequest())
+        prefix = args.random_prefix_len if args.dataset == "random" else 0
         records, duration = await run_load(stub, workload, send_times, vocab_size=info.vocab_size,
                                            max_model_len=info.max_model_len, seed=args.seed,
-                                           show_progress=not args.no_progress, max_concurrency=args.max_concurrency)
+                                           show_progress=not args.no_progress, max_concurrency=args.max_concurrency,
+                                           prefix_len=prefix)
     arrays = per_request(records)
     result = {"model_id": info.model, "policy": info.policy, "request_rate": args.request_rate,
               "burstiness": args.burstiness, "arrival": args.arrival, "num_prompts": len(workload),
@@ -229,6 +245,7 @@ async def bench(args: argparse.Namespace, workload: list[TraceRequest] | None = 
 
 def format_result(result: dict[str, object]) -> str:
     keys = ["completed", "failed", "duration", "request_throughput", "request_goodput", "output_throughput",
+            "total_cached_tokens",
             "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "p99_itl_ms"]
     return "\n".join(f"{k:>22}: {result[k]:.2f}" if isinstance(result[k], float) else f"{k:>22}: {result[k]}"
                      for k in keys)

@@ -78,6 +78,7 @@ class RequestRecord:
     sent: float = 0.0
     chunks: list[tuple[float, int]] = field(default_factory=list)  # (arrival, tokens in the message)
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the server found in its prefix cache
     finish_reason: str = ""
     error: str = ""
 

@@ -77,3 +77,26 @@ def test_arrival_processes() -> None:
     assert arrivals(work, "poisson", None, 1.0, 0) == [0.0] * len(work)
     with pytest.raises(ValueError):
         Goodput.parse(["latency:5"])
+
+
+async def test_a_shared_random_prefix_is_served_from_the_prefix_cache() -> None:
+    """--random-prefix-len (vLLM's flag): every prompt starts with the same tokens, and the server
+    reports the prompt tokens its prefix cache served; requests after the first ones hit it."""
+    workdir = tempfile.mkdtemp(prefix="ds-b-")
+    endpoint = f"ipc://{workdir}/dp.sock"
+    child = spawn_sim_dataplane(endpoint, model="qwen3-8b", gpu="h100", time_scale=0.05)
+    plane = ControlPlane(ServerConfig(port=0, dataplane_endpoint=endpoint, handshake_timeout_s=60.0), "qwen3-8b")
+    try:
+        await plane.start()
+        argv = ["--address", f"127.0.0.1:{plane.port}", "--dataset", "random", "--num-prompts", "12",
+                "--request-rate", "20", "--no-progress", "--random-input-len", "50", "--random-output-len", "4",
+                "--random-prefix-len", "256"]
+        result = await bench(parse(argv))
+    finally:
+        await plane.stop()
+        stop_process(child)
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert result["completed"] == 12 and all(n >= 256 + 50 for n in result["input_lens"])
+    hits = result["cached_lens"]
+    assert hits[0] == 0 and sum(h == 256 for h in hits) >= 8  # 16 blocks of 16 tokens, once the first is cached
+    assert result["total_cached_tokens"] == sum(hits)
