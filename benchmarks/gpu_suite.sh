@@ -18,7 +18,8 @@
 # 3000 requests: past the first burst, into steady state; STEADY_POLICIES, STEADY_RATES). EAGER=1: every serving
 # stage serves without piecewise graphs (results named <gpu>, else <gpu>-piecewise) engine-eager (the engine benchmark with prefill passes launched eagerly, not as piecewise graphs)
 # profile-eager (host launch and device time of eager prefill and mixed steps) prefix-cache (a shared
-# 2k-token system prompt served offline with prefix caching off and on). GPU name for file names: GPU=h200 (default).
+# 2k-token system prompt served offline with prefix caching off and on) serving-prefix (the same
+# through duetserve serve and bench serve --random-prefix-len, 200 requests at 8 req/s, cache off and on). GPU name for file names: GPU=h200 (default).
 # Every other stage runs the data plane's defaults, piecewise graphs included.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -57,6 +58,8 @@ for stage in "$@"; do
                   done ;;
     engine) run engine 400 python3 benchmarks/engine.py --peer-requests 64 --peer-output-len 128 --out "$OUT" ;;
     prefix-cache) run prefix-cache 300 python3 benchmarks/prefix_cache.py --out "$OUT" ;;
+    serving-prefix) run serving-prefix 560 python3 benchmarks/serving_prefix.py $LAUNCH --gpu "$GPU$TAG" \
+                      --out "$OUT" ;;
     engine-eager) run engine-eager 400 python3 benchmarks/engine.py --no-piecewise-graphs --out "$OUT" ;;
     multiplex) run multiplex 400 python3 benchmarks/multiplex.py --out "$OUT" ;;
     multiplex-lt) run multiplex-lt 400 python3 benchmarks/multiplex.py --blas-library cublaslt --out "$OUT" ;;

@@ -48,7 +48,8 @@ def free_port() -> int:
 class Server:
     """`duetserve serve` for one policy (with `--simulate`, attached to a simulated data plane)."""
 
-    def __init__(self, args: argparse.Namespace, policy: str) -> None:
+    def __init__(self, args: argparse.Namespace, policy: str, extra: tuple[str, ...] = ()) -> None:
+        """`extra`: more `duetserve serve` flags."""
         self.port, self.metrics = free_port(), free_port()
         self.sim: subprocess.Popen | None = None
         self.workdir: str | None = None
@@ -56,7 +57,7 @@ class Server:
         cmd = [sys.executable, "-m", "controlplane.cli", "serve", "--model", args.model, "--port", str(self.port),
                "--policy", base, "--tbt-slo-ms", str(args.tpot_slo_ms), "--ttft-slo-ms", str(args.ttft_slo_ms),
                "--max-num-batched-tokens", str(args.budget), "--max-num-seqs", str(args.max_num_seqs),
-               "--metrics-port", str(self.metrics), "--log-level", "WARNING"]
+               "--metrics-port", str(self.metrics), "--log-level", "WARNING", *extra]
         if not args.piecewise_graphs:
             cmd.append("--no-piecewise-graphs")
         if policy == "duet-tbt":  # the paper's rule: every mixed step fits the TBT SLO, split or not

@@ -177,3 +177,14 @@ def test_prefix_cache_benchmark_runs_on_cpu(tmp_path: Path) -> None:
     assert on["prompt_tokens_cached"] > 0
     assert off["tokens_scheduled"] - on["tokens_scheduled"] == on["prompt_tokens_cached"]
     assert report["summary"]["greedy_equal_fraction"] == 1.0  # float32 on the CPU: the same tokens
+
+
+def test_serving_prefix_benchmark_runs_on_the_simulated_plane(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "benchmarks/serving_prefix.py", "--simulate", "h200", "--num-prompts", "12",
+                           "--rate", "8", "--prefix-len", "512", "--input-len", "32", "--output-len", "8",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "serving-prefix-sim-h200.json").read_text())
+    off, on = report["rows"]
+    assert off["completed"] == on["completed"] == 12 and off["total_cached_tokens"] == 0
+    assert on["total_cached_tokens"] > 0 and report["summary"]["simulated"]
