@@ -188,6 +188,29 @@ def prefill_grid(worker, chunks: list[int], device: torch.device, ceilings: dict
     return rows
 
 
+def drive(sched: Scheduler, runner, on_plan=None, on_updates=None) -> int:  # noqa: ANN001
+    """The engine's loop in one process until the scheduler has no work: up to `max_inflight` plans
+    out (async scheduling), results applied in order. `on_plan(plan)` sees each plan as it is sent,
+    `on_updates(updates)` what each result did. Returns the steps run."""
+    steps = 0
+    inflight: list = []
+    while sched.has_work() or inflight:
+        while len(inflight) < sched.max_inflight:
+            plan = sched.schedule()
+            if plan is None:
+                break
+            if on_plan is not None:
+                on_plan(plan)
+            inflight.append(runner.launch(plan))
+        if not inflight:
+            raise RuntimeError("the scheduler has work but planned nothing")
+        updates = sched.update(inflight.pop(0).wait())
+        if on_updates is not None:
+            on_updates(updates)
+        steps += 1
+    return steps
+
+
 def offline(worker, requests: int, in_len: int, out_len: int, budget: int, max_seqs: int) -> dict:  # noqa: ANN001
     """The real scheduler driving the real runner in one process (no sockets)."""
     ready, runner = worker.ready, worker.runner
@@ -201,19 +224,8 @@ def offline(worker, requests: int, in_len: int, out_len: int, budget: int, max_s
         sched.add(Sequence(seq_id=i, request_id=str(i), prompt_token_ids=prompt,
                            sampling=SamplingParams(temperature=0.0),
                            stop=StopParams(max_tokens=out_len, ignore_eos=True), arrival_time=0.0))
-    steps = 0
-    inflight: list = []
-    with Timer(runner.device) as t:  # the engine's loop: up to max_inflight plans out (async scheduling)
-        while sched.has_work() or inflight:
-            while len(inflight) < sched.max_inflight:
-                plan = sched.schedule()
-                if plan is None:
-                    break
-                inflight.append(runner.launch(plan))
-            if not inflight:
-                raise RuntimeError("the scheduler has work but planned nothing")
-            sched.update(inflight.pop(0).wait())
-            steps += 1
+    with Timer(runner.device) as t:
+        steps = drive(sched, runner)
     produced = requests * out_len
     result = {"requests": requests, "input_len": in_len, "output_len": out_len, "seconds": t.seconds,
               "steps": steps, "output_tok_s": produced / t.seconds, "preemptions": sched.num_preemptions}

@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.engine import Timer, gpu_slug  # noqa: E402
+from benchmarks.engine import Timer, drive, gpu_slug  # noqa: E402
 from controlplane.prefix_cache import make_allocator  # noqa: E402
 from controlplane.scheduler import Scheduler  # noqa: E402
 from controlplane.sequence import Sequence, StopParams  # noqa: E402
@@ -63,23 +63,18 @@ def serve_offline(worker, prompts: list[list[int]], out_len: int, budget: int, m
     for seq in seqs:
         sched.add(seq)
     first_token: dict[int, float] = {}
-    computed = steps = 0
-    inflight: list = []
+    scheduled: list[int] = []  # tokens of each plan
+
+    def first_tokens(updates: list) -> None:
+        for update in updates:
+            if update.new_token_ids and update.seq.seq_id not in first_token:
+                first_token[update.seq.seq_id] = time.perf_counter() - start
+
     with Timer(runner.device) as t:
         start = time.perf_counter()
-        while sched.has_work() or inflight:
-            while len(inflight) < sched.max_inflight:
-                plan = sched.schedule()
-                if plan is None:
-                    break
-                computed += sum(s.num_tokens for s in plan.scheduled)
-                inflight.append(runner.launch(plan))
-            if not inflight:
-                raise RuntimeError("the scheduler has work but planned nothing")
-            for update in sched.update(inflight.pop(0).wait()):
-                if update.new_token_ids and update.seq.seq_id not in first_token:
-                    first_token[update.seq.seq_id] = time.perf_counter() - start
-            steps += 1
+        steps = drive(sched, runner, lambda plan: scheduled.append(sum(s.num_tokens for s in plan.scheduled)),
+                      first_tokens)
+    computed = sum(scheduled)
     ttft = sorted(first_token.values())
     if len(ttft) != len(seqs) or any(len(s.output_token_ids) != out_len for s in seqs):
         raise RuntimeError("a request did not get all its tokens")

@@ -130,21 +130,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             async for response in self._generate_many(valid, context, obs, deadline):
                 yield response
             return
-        try:
-            handle = self.engine.add_request(
-                EngineRequest(valid.request_id, valid.prompt_token_ids, valid.sampling, valid.stop, obs)
-            )
-        except EngineUnavailable as exc:
-            await self._abort(context, obs, grpc.StatusCode.UNAVAILABLE, str(exc))
-        except Overloaded as exc:
-            await self._abort(context, obs, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except ValueError as exc:
-            await self._abort(context, obs, grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        handle = await self._add(context, obs, EngineRequest(valid.request_id, valid.prompt_token_ids,
+                                                             valid.sampling, valid.stop, obs))
         try:
             async for delta in handle.until(deadline):
-                if delta.finish_reason == "error":
-                    code = grpc.StatusCode.UNAVAILABLE if delta.retryable else grpc.StatusCode.INTERNAL
-                    await self._abort(context, obs, code, delta.error or "request failed")
+                await self._end_if_failed(context, obs, delta, "request failed")
                 yield _response(valid.request_id, delta)
         except TimeoutError:
             self.engine.abort(valid.request_id)  # frees its blocks before the next step
@@ -153,6 +143,25 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         finally:
             if not handle.finished:  # the client went away or the call was cancelled
                 self.engine.abort(valid.request_id)
+
+    async def _add(self, context: grpc.aio.ServicerContext, obs: RequestObs, request: EngineRequest) -> RequestHandle:
+        """The engine's handle of `request`, or the call ended with the status its refusal maps to."""
+        try:
+            return self.engine.add_request(request)
+        except EngineUnavailable as exc:
+            await self._abort(context, obs, grpc.StatusCode.UNAVAILABLE, str(exc))
+        except Overloaded as exc:
+            await self._abort(context, obs, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except ValueError as exc:
+            await self._abort(context, obs, grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        raise AssertionError("context.abort returned")  # it raises
+
+    async def _end_if_failed(self, context: grpc.aio.ServicerContext, obs: RequestObs, delta: RequestDelta,
+                             default: str) -> None:
+        """End the call if `delta` reports a failure: UNAVAILABLE when retrying may help, else INTERNAL."""
+        if delta.finish_reason == "error":
+            code = grpc.StatusCode.UNAVAILABLE if delta.retryable else grpc.StatusCode.INTERNAL
+            await self._abort(context, obs, code, delta.error or default)
 
     async def _generate_many(self, valid: ValidatedRequest, context: grpc.aio.ServicerContext, obs: RequestObs,
                              deadline: float | None) -> AsyncIterator[pb.GenerateResponse]:
@@ -188,15 +197,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     valid.sampling, seed=(seed + i) % 2**64)
                 if i:
                     spans.append(engine.observer.start_request(context.invocation_metadata()))
-                try:
-                    handles.append(engine.add_request(EngineRequest(
-                        fanout.ids[i], valid.prompt_token_ids, sampling, valid.stop, spans[-1] if i else obs)))
-                except EngineUnavailable as exc:
-                    await self._abort(context, obs, grpc.StatusCode.UNAVAILABLE, str(exc))
-                except Overloaded as exc:
-                    await self._abort(context, obs, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-                except ValueError as exc:
-                    await self._abort(context, obs, grpc.StatusCode.ALREADY_EXISTS, str(exc))
+                handles.append(await self._add(context, obs, EngineRequest(
+                    fanout.ids[i], valid.prompt_token_ids, sampling, valid.stop, spans[-1] if i else obs)))
                 pumps.append(asyncio.create_task(pump(i, handles[-1])))
 
         self._fanouts[rid] = fanout
@@ -213,9 +215,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     await self._abort(context, obs, grpc.StatusCode.DEADLINE_EXCEEDED,
                                       "deadline exceeded: the request was aborted")
                     return
-                if delta.finish_reason == "error":
-                    code = grpc.StatusCode.UNAVAILABLE if delta.retryable else grpc.StatusCode.INTERNAL
-                    await self._abort(context, obs, code, delta.error or f"completion {index} failed")
+                await self._end_if_failed(context, obs, delta, f"completion {index} failed")
                 if len(handles) < target:
                     if fanout.aborted or delta.finish_reason == "abort":  # aborted before the rest began
                         for i in range(len(handles), target):

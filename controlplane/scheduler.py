@@ -30,8 +30,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from itertools import islice
 
+from controlplane import prefix_sharing
 from controlplane.policies import AGGREGATED, BatchShape, ModeDecision, StepForecast, make_policy, make_predictor
-from controlplane.prefix_cache import Allocator, PrefixCachingAllocator, token_bytes
+from controlplane.prefix_cache import Allocator, PrefixCachingAllocator
 from controlplane.sequence import FinishReason, SeqStatus, Sequence, check_token_stop
 from controlplane.step_draft import StepDraft, batch_shape, trim_draft
 from controlplane.step_records import InflightStep, SeqUpdate
@@ -135,11 +136,9 @@ class Scheduler:
         """Free the sequence's blocks; with prefix caching and `keep_kv` its full computed blocks are
         registered first (an error may have left their KV unwritten)."""
         if self.cache is not None and keep_kv:
-            self._register(seq)
+            prefix_sharing.register_confirmed(self.cache, seq)
         self.allocator.free(seq.seq_id, seq.block_ids)
-        seq.block_ids = []
-        seq.num_computed_tokens = 0
-        seq._cache_blocks = seq._cache_parent = seq._kv_confirmed = seq._admitted_tokens = 0
+        seq.forget_blocks()
         if seq.on_worker:
             self._dropped_on_worker.append(seq.seq_id)
             seq.on_worker = False
@@ -325,16 +324,9 @@ class Scheduler:
     def _admit_cached(self, seq: Sequence, draft: StepDraft, cache: PrefixCachingAllocator) -> bool:
         """Admit the queue's head with the cached blocks its tokens start with, if the blocks for its
         first chunk are free (acquiring an idle cached block takes it from the free count)."""
-        num_tokens = seq._num_prompt + len(seq.output_token_ids)
-        size = cache.block_size
-        epoch, cached, parent = seq._match
-        if epoch != cache.epoch:  # its last token is computed, whatever the cache holds
-            cached, parent = cache.match(self._token_bytes(seq, num_tokens), (num_tokens - 1) // size)
-            seq._match = (cache.epoch, cached, parent)
-        cached = list(cached)
-        hit = len(cached) * size
-        admitted = num_tokens
-        num_tokens = min(num_tokens - hit, draft.budget)
+        cached, parent = prefix_sharing.admission_match(cache, seq)
+        hit = len(cached) * cache.block_size
+        num_tokens = min(seq._num_prompt + len(seq.output_token_ids) - hit, draft.budget)
         need = cache.blocks_for_tokens(hit + num_tokens) - len(cached)
         if need + cache.num_idle(cached) > cache.num_free:
             return False
@@ -342,42 +334,12 @@ class Scheduler:
         cache.acquire(seq.seq_id, cached)
         cached.extend(cache.allocate(seq.seq_id, need))
         seq.block_ids = cached
-        seq.num_computed_tokens = seq._kv_confirmed = hit
-        seq._cache_blocks, seq._cache_parent, seq._admitted_tokens = hit // size, parent, admitted
-        if not seq.num_preemptions:
-            seq.num_cached_tokens = hit
+        prefix_sharing.note_admission(seq, hit // cache.block_size, parent, cache.block_size)
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
         draft.tokens[seq.seq_id] = num_tokens
         draft.budget -= num_tokens
         return True
-
-    def _register(self, seq: Sequence) -> None:
-        """Register the sequence's full blocks whose tokens are known and whose KV a result confirmed:
-        up to its confirmed chunks, or, once it decodes, up to its last output that arrived (the
-        pass that sampled it wrote the KV of the token before)."""
-        cache = self.cache
-        assert cache is not None
-        size, done = cache.block_size, seq._cache_blocks
-        known = seq._num_prompt + len(seq.output_token_ids)
-        confirmed = seq._kv_confirmed
-        if confirmed >= seq._admitted_tokens:  # it decodes: the arrived outputs tell, not the planned passes
-            confirmed = known - 1
-        full = min(confirmed, known, len(seq.block_ids) * size) // size
-        if full <= done:
-            return
-        tokens = self._token_bytes(seq, full * size)
-        seq._cache_parent = cache.register(seq.block_ids, tokens, done, full, seq._cache_parent)
-        seq._cache_blocks = full
-
-    @staticmethod
-    def _token_bytes(seq: Sequence, num_tokens: int) -> bytes:
-        """At least its first `num_tokens` tokens as the prefix index keys them (the prompt's kept)."""
-        if num_tokens <= seq._num_prompt:
-            if not seq._prompt_bytes:
-                seq._prompt_bytes = token_bytes(seq.prompt_token_ids)
-            return seq._prompt_bytes
-        return token_bytes(seq.all_token_ids())
 
     def _build_plan(self, draft: StepDraft, decision: ModeDecision, forecast: StepForecast | None) -> StepPlan:
         new_requests: list[NewRequest] = []
@@ -540,12 +502,11 @@ class Scheduler:
         """With prefix caching: the step's chunks are computed (their sequences still live, the step
         still speaking for them, none failed -- a failure or a missing token finished it): register
         their full blocks."""
-        seqs, stale = self.seqs, inflight.stale
+        seqs, stale, cache = self.seqs, inflight.stale, self.cache
         for seq, computed in inflight.chunked:
             if seqs.get(seq.seq_id) is seq and seq.seq_id not in stale:
-                if computed > seq._kv_confirmed:
-                    seq._kv_confirmed = computed
-                self._register(seq)
+                assert cache is not None
+                prefix_sharing.confirm(cache, seq, computed)
 
     def _observe(self, inflight: InflightStep, timings: StepTimings) -> None:
         """Feed the measured times to the predictor (a phase measured as 0 ms was not measured)."""

@@ -96,6 +96,12 @@ class Sequence:
         stop = self.stop
         self._stop_token_ids = stop.stop_token_ids if stop.ignore_eos else stop.stop_token_ids | eos_token_ids
 
+    def forget_blocks(self) -> None:
+        """It holds no KV blocks any more (the caller freed them): nothing computed, nothing shared."""
+        self.block_ids = []
+        self.num_computed_tokens = 0
+        self._cache_blocks = self._cache_parent = self._kv_confirmed = self._admitted_tokens = 0
+
     @property
     def num_prompt_tokens(self) -> int:
         return self._num_prompt

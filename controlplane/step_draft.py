@@ -105,11 +105,9 @@ def trim_draft(draft: StepDraft, cap: int, seqs: dict[int, Sequence], allocator:
             if keep == 0:
                 del draft.tokens[sid]
                 allocator.free(sid, seq.block_ids)
-                seq.block_ids = []
-                seq.num_computed_tokens = 0  # a prefix-cache hit is looked up again at its next admission
-                if not seq.num_preemptions:  # (which sets the reported count only for a first admission)
+                seq.forget_blocks()  # a prefix-cache hit is looked up again at its next admission,
+                if not seq.num_preemptions:  # which sets the reported count only for a first one
                     seq.num_cached_tokens = 0
-                seq._cache_blocks = seq._cache_parent = seq._kv_confirmed = seq._admitted_tokens = 0
                 running.remove(seq)
                 seq.status = SeqStatus.WAITING
                 waiting.appendleft(seq)
