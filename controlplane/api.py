@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import msgspec
@@ -45,11 +45,45 @@ def _logprobs_pb(token_ids: list[int], logprobs: list[TokenLogprobs] | None) -> 
 
 @dataclass
 class _Fanout:
-    """A running request for n > 1 completions: its completions' engine ids, and whether an Abort
-    came (then completions not started yet are never started)."""
+    """A running request for n > 1 completions: its completions' engine ids, whether an Abort came
+    (then completions not started yet are never started), and the started ones' streams, whose
+    messages `merged` interleaves as (index, delta; None: the deadline passed)."""
 
     ids: list[str]
     aborted: bool = False
+    handles: list[RequestHandle] = field(default_factory=list)
+    spans: list[RequestObs] = field(default_factory=list)  # completions' own spans (0 has the call's)
+    merged: asyncio.Queue[tuple[int, RequestDelta | None]] = field(default_factory=asyncio.Queue)
+    pumps: list[asyncio.Task] = field(default_factory=list)
+
+    def stream(self, handle: RequestHandle, deadline: float | None) -> None:
+        """Start forwarding the next completion's messages (`handle`'s) into `merged`."""
+        self.handles.append(handle)
+        self.pumps.append(asyncio.create_task(self._pump(len(self.handles) - 1, handle, deadline)))
+
+    async def _pump(self, index: int, handle: RequestHandle, deadline: float | None) -> None:
+        try:
+            async for delta in handle.until(deadline):
+                self.merged.put_nowait((index, delta))
+        except TimeoutError:
+            self.merged.put_nowait((index, None))
+
+    def forgo_unstarted(self) -> range:
+        """Never start the completions not started yet; returns their indices."""
+        unstarted = range(len(self.handles), len(self.ids))
+        del self.ids[len(self.handles):]
+        return unstarted
+
+    def close(self, engine: Engine) -> None:
+        """Stop forwarding, abort every completion still running (the client went away, the call was
+        cancelled, or one failed) and close the completions' spans."""
+        for task in self.pumps:
+            task.cancel()
+        for engine_id, handle in zip(self.ids, self.handles):
+            if not handle.finished:
+                engine.abort(engine_id)
+        for span in self.spans:
+            engine.observer.close_request(span)
 
 
 def choice_id(request_id: str, index: int) -> str:
@@ -92,7 +126,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     def _limits(self) -> Limits:
         assert self.engine.worker is not None
-        return Limits(vocab_size=self.engine.worker.model.vocab_size, max_model_len=self.engine.max_model_len)
+        return Limits(vocab_size=self.engine.worker.model.vocab_size, max_model_len=self.engine.max_model_len,
+                      priority_scheduling=self.engine.scheduler_config.scheduling_policy == "priority")
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -121,7 +156,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             valid = validate_generate(request, self.engine.tokenizer, self._limits())
         except InvalidRequest as exc:
             await self._abort(context, obs, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        obs.set(request_attributes(valid.request_id, valid.sampling, valid.stop.max_tokens, valid.stop.stop_strings))
+        obs.set(request_attributes(valid.request_id, valid.sampling, valid.stop.max_tokens, valid.stop.stop_strings,
+                                   valid.priority))
         deadline = _deadline(context)
         if valid.request_id in self._fanouts or (valid.n > 1 and self.engine.has_request(valid.request_id)):
             await self._abort(context, obs, grpc.StatusCode.ALREADY_EXISTS,
@@ -131,7 +167,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 yield response
             return
         handle = await self._add(context, obs, EngineRequest(valid.request_id, valid.prompt_token_ids,
-                                                             valid.sampling, valid.stop, obs))
+                                                             valid.sampling, valid.stop, obs, valid.priority))
         try:
             async for delta in handle.until(deadline):
                 await self._end_if_failed(context, obs, delta, "request failed")
@@ -174,70 +210,51 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         first message that is completion 0's abort) ends them unstarted, each with an abort message."""
         rid, engine = valid.request_id, self.engine
         fanout = _Fanout([choice_id(rid, i) for i in range(valid.n)])
-        handles: list[RequestHandle] = []
-        spans: list[RequestObs] = []  # the completions' own request spans (completion 0 has the call's)
-        merged: asyncio.Queue[tuple[int, RequestDelta | None]] = asyncio.Queue()  # None: deadline passed
-        pumps: list[asyncio.Task] = []
         assert engine.worker is not None
         staggered = (engine.scheduler_config.enable_prefix_caching
                      and (len(valid.prompt_token_ids) - 1) // engine.worker.block_size >= 1)
-
-        async def pump(index: int, handle: RequestHandle) -> None:
-            try:
-                async for delta in handle.until(deadline):
-                    merged.put_nowait((index, delta))
-            except TimeoutError:
-                merged.put_nowait((index, None))
-
-        async def start(upto: int) -> None:
-            """Add completions len(handles)..upto-1 and start streaming them."""
-            seed = valid.sampling.seed
-            for i in range(len(handles), upto):
-                sampling = valid.sampling if seed is None else msgspec.structs.replace(
-                    valid.sampling, seed=(seed + i) % 2**64)
-                if i:
-                    spans.append(engine.observer.start_request(context.invocation_metadata()))
-                handles.append(await self._add(context, obs, EngineRequest(
-                    fanout.ids[i], valid.prompt_token_ids, sampling, valid.stop, spans[-1] if i else obs)))
-                pumps.append(asyncio.create_task(pump(i, handles[-1])))
-
         self._fanouts[rid] = fanout
         try:
             try:
                 engine.check_room(len(valid.prompt_token_ids), valid.n)  # all n fit, or none starts
             except Overloaded as exc:
                 await self._abort(context, obs, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-            await start(1 if staggered else valid.n)
-            left = target = valid.n  # completions to end; to start (fewer once aborted before they began)
+            await self._start(fanout, valid, context, obs, deadline, 1 if staggered else valid.n)
+            left = valid.n  # completions still to end
             while left:
-                index, delta = await merged.get()
+                index, delta = await fanout.merged.get()
                 if delta is None:
                     await self._abort(context, obs, grpc.StatusCode.DEADLINE_EXCEEDED,
                                       "deadline exceeded: the request was aborted")
                     return
                 await self._end_if_failed(context, obs, delta, f"completion {index} failed")
-                if len(handles) < target:
+                if len(fanout.handles) < len(fanout.ids):
                     if fanout.aborted or delta.finish_reason == "abort":  # aborted before the rest began
-                        for i in range(len(handles), target):
+                        for i in fanout.forgo_unstarted():
                             yield _response(rid, RequestDelta([], "", finish_reason="abort",
                                                               prompt_tokens=len(valid.prompt_token_ids)), i)
-                        left -= target - len(handles)
-                        target = len(handles)
-                        del fanout.ids[target:]
+                            left -= 1
                     else:  # completion 0's prompt is computed: the rest join now
-                        await start(target)
+                        await self._start(fanout, valid, context, obs, deadline, len(fanout.ids))
                 yield _response(rid, delta, index)
                 if delta.finish_reason is not None:
                     left -= 1
         finally:
-            for task in pumps:
-                task.cancel()
-            for engine_id, handle in zip(fanout.ids, handles):
-                if not handle.finished:  # the client went away, the call was cancelled, or one failed
-                    engine.abort(engine_id)
+            fanout.close(engine)
             del self._fanouts[rid]
-            for span in spans:
-                engine.observer.close_request(span)
+
+    async def _start(self, fanout: _Fanout, valid: ValidatedRequest, context: grpc.aio.ServicerContext,
+                     obs: RequestObs, deadline: float | None, upto: int) -> None:
+        """Add completions len(fanout.handles)..upto-1 to the engine and start streaming them."""
+        seed = valid.sampling.seed
+        for i in range(len(fanout.handles), upto):
+            sampling = valid.sampling if seed is None else msgspec.structs.replace(
+                valid.sampling, seed=(seed + i) % 2**64)
+            if i:
+                fanout.spans.append(self.engine.observer.start_request(context.invocation_metadata()))
+            fanout.stream(await self._add(context, obs, EngineRequest(
+                fanout.ids[i], valid.prompt_token_ids, sampling, valid.stop, fanout.spans[-1] if i else obs,
+                valid.priority)), deadline)
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         try:
@@ -274,4 +291,5 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             supports_multiplexing=worker.supports_multiplexing,
             protocol_version=PROTOCOL_VERSION,
             piecewise_max_tokens=worker.piecewise_max_tokens,
+            scheduling_policy=self.engine.scheduler_config.scheduling_policy,
         )

@@ -17,7 +17,7 @@ import sys
 import tempfile
 
 from controlplane.robust_flags import add_client_security_flags, add_robustness_flags, robustness_from_args
-from shared.config import DUET_SLOS, POLICIES, DataplaneConfig, SchedulerConfig, ServerConfig
+from shared.config import DUET_SLOS, POLICIES, SCHEDULING_POLICIES, DataplaneConfig, SchedulerConfig, ServerConfig
 from shared.telemetry_flags import add_metrics_flags, add_trace_flags, telemetry_from_args
 
 log = logging.getLogger("duetserve")
@@ -106,6 +106,10 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
                    help="automatic prefix caching: full KV blocks outlive their requests and a prompt that "
                         "starts with cached blocks skips computing them "
                         f"(default {'on' if d.enable_prefix_caching else 'off'})")
+    p.add_argument("--scheduling-policy", default=d.scheduling_policy, choices=SCHEDULING_POLICIES,
+                   help="fcfs: admit waiting requests by arrival; priority: by each request's priority "
+                        "(lower first, then arrival), preempting the lowest-priority request first when "
+                        f"KV blocks run short; requests may set a priority only under it (default {d.scheduling_policy})")
 
 
 def scheduler_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
@@ -115,6 +119,7 @@ def scheduler_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         static_lookahead=args.static_lookahead, max_lookahead=args.max_lookahead, hysteresis=args.hysteresis,
         duet_slo=args.duet_slo, tpot_horizon=args.tpot_horizon, duet_trim=args.duet_trim,
         async_scheduling=args.async_scheduling, enable_prefix_caching=args.enable_prefix_caching,
+        scheduling_policy=args.scheduling_policy,
     )
 
 
@@ -132,6 +137,11 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--n", type=int, default=1, help="completions to sample (parallel sampling; printed at the end "
                                                     "when more than one)")
+    p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
+                   help="add BIAS (in [-100, 100]) to token ID's logit (repeatable)")
+    p.add_argument("--allowed-token-ids", default=None, help="comma-separated token ids: only these may be sampled")
+    p.add_argument("--priority", type=int, default=0,
+                   help="lower is served first, on a server started with --scheduling-policy priority")
     p.add_argument("--timeout", type=float, default=300.0, help="call deadline in seconds")
     add_client_security_flags(p)
 

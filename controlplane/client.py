@@ -27,8 +27,15 @@ def open_channel(args: argparse.Namespace) -> grpc.Channel:
 def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
     request = pb.GenerateRequest(
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, min_p=args.min_p,
-        stop=args.stop, ignore_eos=args.ignore_eos, n=args.n,
+        stop=args.stop, ignore_eos=args.ignore_eos, n=args.n, priority=args.priority,
     )
+    for item in args.logit_bias:
+        token, sep, bias = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--logit-bias takes ID=BIAS, got {item!r}")
+        request.logit_bias[int(token)] = float(bias)
+    if args.allowed_token_ids:
+        request.allowed_token_ids.extend(int(t) for t in args.allowed_token_ids.split(","))
     if args.token_ids:
         request.token_ids.ids.extend(int(t) for t in args.token_ids.split(","))
     else:

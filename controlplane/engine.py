@@ -50,6 +50,7 @@ class EngineRequest:
     sampling: SamplingParams
     stop: StopParams
     obs: RequestObs | None = None  # the servicer's span and timestamps; None: metrics only
+    priority: int = 0  # lower is admitted first under scheduling_policy="priority"
 
 
 class RequestHandle:
@@ -221,6 +222,7 @@ class Engine:
             sampling=request.sampling,
             stop=request.stop,
             arrival_time=time.monotonic(),
+            priority=request.priority,
         )
         processor = OutputProcessor(self.tokenizer.stream(), request.stop.stop_strings)
         obs = request.obs or RequestObs(arrival=seq.arrival_time)

@@ -6,7 +6,9 @@ in arrival order while the token budget, `max_num_seqs` and free KV blocks allow
 prefill-first. The policy then picks the mode: aggregated, or multiplexed with a split and a
 look-ahead `k`, for which the scheduler reserves the KV blocks of the `k` decode tokens up front
 (lowering `k` if blocks are short). When a running sequence needs a block and none is free, the
-most recently admitted sequence is preempted (its blocks freed, recomputed later). Measured step
+most recently admitted sequence is preempted (its blocks freed, recomputed later). Under
+`scheduling_policy="priority"` the queue is ordered by (priority, arrival) and so is `running`,
+whose last -- the lowest-priority, latest-arrived sequence -- a preemption takes. Measured step
 times feed the predictor's online correction. The scheduler is synchronous and does no I/O.
 
 With a `PrefixCachingAllocator` a waiting sequence is admitted with the cached blocks its tokens
@@ -25,6 +27,7 @@ need every previous token on the host) and ones sure to end at length wait for t
 from __future__ import annotations
 
 import time
+from bisect import insort
 from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
@@ -33,25 +36,24 @@ from itertools import islice
 from controlplane import prefix_sharing
 from controlplane.policies import AGGREGATED, BatchShape, ModeDecision, StepForecast, make_policy, make_predictor
 from controlplane.prefix_cache import Allocator, PrefixCachingAllocator
-from controlplane.sequence import FinishReason, SeqStatus, Sequence, check_token_stop
+from controlplane.sequence import FinishReason, SeqStatus, Sequence
 from controlplane.step_draft import StepDraft, batch_shape, trim_draft
-from controlplane.step_records import InflightStep, SeqUpdate
+from controlplane.step_outcomes import StepOutcomes
+from controlplane.step_records import InflightStep
 from controlplane.step_stats import StepStats
+from controlplane.waiting_queue import PriorityWaitingQueue, WaitingQueue, priority_key
 from shared.config import SchedulerConfig
 from shared.messages import (
     NewRequest,
     ScheduledSeq,
-    SeqOutput,
     StepPlan,
-    StepProgress,
-    StepResult,
-    StepTimings,
-    TokenLogprobs,
     WorkerReady,
 )
 
 
-class Scheduler:
+class Scheduler(StepOutcomes):
+    """Plans steps (this module) and applies their answers (`step_outcomes.StepOutcomes`)."""
+
     def __init__(
         self,
         config: SchedulerConfig,
@@ -70,7 +72,10 @@ class Scheduler:
         self.cache = allocator if isinstance(allocator, PrefixCachingAllocator) else None
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
-        self.waiting: deque[Sequence] = deque()
+        self._by_priority = config.scheduling_policy == "priority"
+        self.waiting: WaitingQueue = PriorityWaitingQueue() if self._by_priority else deque()
+        # admission order under fcfs; by `priority_key` under priority, so that a preemption, which
+        # takes the last, takes the lowest-priority, latest-arrived sequence
         self.running: list[Sequence] = []
         self.seqs: dict[int, Sequence] = {}
         self.inflight: deque[InflightStep] = deque()
@@ -316,10 +321,16 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.block_ids = self.allocator.allocate(seq.seq_id, need)
-            seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
+            self._start_running(seq)
             draft.tokens[seq.seq_id] = num_tokens
             draft.budget -= num_tokens
+
+    def _start_running(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.RUNNING
+        if self._by_priority:
+            insort(self.running, seq, key=priority_key)
+        else:
+            self.running.append(seq)
 
     def _admit_cached(self, seq: Sequence, draft: StepDraft, cache: PrefixCachingAllocator) -> bool:
         """Admit the queue's head with the cached blocks its tokens start with, if the blocks for its
@@ -335,16 +346,41 @@ class Scheduler:
         cached.extend(cache.allocate(seq.seq_id, need))
         seq.block_ids = cached
         prefix_sharing.note_admission(seq, hit // cache.block_size, parent, cache.block_size)
-        seq.status = SeqStatus.RUNNING
-        self.running.append(seq)
+        self._start_running(seq)
         draft.tokens[seq.seq_id] = num_tokens
         draft.budget -= num_tokens
         return True
 
     def _build_plan(self, draft: StepDraft, decision: ModeDecision, forecast: StepForecast | None) -> StepPlan:
+        """The plan of `draft` under `decision`, recorded as the newest step in flight."""
         new_requests: list[NewRequest] = []
         scheduled: list[ScheduledSeq] = []
-        k = decision.decode_steps
+        expects, chunked = self._plan_entries(draft, decision.decode_steps, new_requests, scheduled)
+        plan = StepPlan(
+            step_id=self._next_step_id,
+            mode=decision.mode,
+            prefill_sms=decision.prefill_sms,
+            decode_sms=decision.decode_sms,
+            decode_steps=decision.decode_steps,
+            new_requests=new_requests,
+            scheduled=scheduled,
+            finished_seq_ids=self._dropped_on_worker,
+        )
+        self._next_step_id += 1
+        self._dropped_on_worker = []
+        now = time.monotonic()
+        self.inflight.append(InflightStep(plan, expects, self.slo_clock(), forecast, decision,
+                                          sum(expects.values()), sum(draft.tokens.values()), chunked=chunked))
+        if self._result_at is not None:
+            self.stats.host_gap_s += now - self._result_at
+            self.stats.host_gaps += 1
+        return plan
+
+    def _plan_entries(self, draft: StepDraft, k: int, new_requests: list[NewRequest],
+                      scheduled: list[ScheduledSeq]) -> tuple[dict[int, int], list[tuple[Sequence, int]]]:
+        """Append each drafted sequence's entry (and the new requests) and advance its computed and
+        in-flight counts. Returns the tokens the step samples per sequence and, with prefix caching,
+        the non-decode sequences with their computed end (`InflightStep.expects_token`, `.chunked`)."""
         seqs, new_blocks = self.seqs, draft.new_blocks
         noted = draft.noted_decoders()
         chunked: list[tuple[Sequence, int]] = []  # what the result confirms (InflightStep.chunked)
@@ -377,25 +413,7 @@ class Scheduler:
             seq.num_computed_tokens = computed
             if caching:
                 chunked.append((seq, computed))
-        plan = StepPlan(
-            step_id=self._next_step_id,
-            mode=decision.mode,
-            prefill_sms=decision.prefill_sms,
-            decode_sms=decision.decode_sms,
-            decode_steps=decision.decode_steps,
-            new_requests=new_requests,
-            scheduled=scheduled,
-            finished_seq_ids=self._dropped_on_worker,
-        )
-        self._next_step_id += 1
-        self._dropped_on_worker = []
-        now = time.monotonic()
-        self.inflight.append(InflightStep(plan, expects, self.slo_clock(), forecast, decision,
-                                          sum(expects.values()), sum(draft.tokens.values()), chunked=chunked))
-        if self._result_at is not None:
-            self.stats.host_gap_s += now - self._result_at
-            self.stats.host_gaps += 1
-        return plan
+        return expects, chunked
 
     @staticmethod
     def _plan_entry(seq: Sequence, num_tokens: int, new_blocks: dict[int, list[int]],
@@ -412,130 +430,6 @@ class Scheduler:
         if blocks is not None:
             return ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens, new_block_ids=blocks)
         return seq._one_token_entry if num_tokens == 1 else ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens)
-
-    # ------------------------------------------------------------------ applying a result
-
-    def progress(self, message: StepProgress) -> list[SeqUpdate]:
-        """Apply tokens of the oldest step in flight that reached the host before the step ended."""
-        if not self.inflight or message.step_id != self.inflight[0].plan.step_id:
-            raise RuntimeError(f"progress for step {message.step_id} does not match the oldest step in flight")
-        updates: list[SeqUpdate] = []
-        self._accept(self.inflight[0], message.outputs, updates)
-        return updates
-
-    def _accept(self, inflight: InflightStep, outputs: list[SeqOutput], updates: list[SeqUpdate]) -> None:
-        """Count each output's tokens as arrived and append them to `updates`, unless the step no
-        longer speaks for the sequence (preempted since, or finished: a token computed past a stop
-        is dropped; `seqs` holds live sequences only). The common token (a running sequence with
-        tokens already that nothing can stop) is applied inline: this loop sees every sequence of
-        every step. Its update shares the output's token list (the result is not read again)."""
-        seqs, expects, stale = self.seqs, inflight.expects_token, inflight.stale
-        arrived = 0
-        for output in outputs:
-            seq_id = output.seq_id
-            expected = expects.get(seq_id, 0)
-            if expected <= 0:
-                continue
-            seq = seqs.get(seq_id)
-            if seq is None or seq_id in stale:
-                continue
-            token_ids = output.token_ids
-            k = len(token_ids)
-            n = k if k <= expected else expected
-            expects[seq_id] = expected - n
-            arrived += n
-            seq.num_inflight -= n
-            out = seq.output_token_ids
-            # no length stop within these tokens (prompt + outputs < its token cap), no stop token
-            if out and output.logprobs is None and seq._num_prompt + len(out) + k < seq._token_cap:
-                if k == 1:  # a decode's one token (most outputs): no set or list method to call
-                    token = token_ids[0]
-                    if token not in seq._stop_token_ids:
-                        out.append(token)
-                        updates.append(SeqUpdate(seq, token_ids, None, False))
-                        continue
-                elif seq._stop_token_ids.isdisjoint(token_ids):
-                    out.extend(token_ids)
-                    updates.append(SeqUpdate(seq, token_ids, None, False))
-                    continue
-            updates.append(self._append_tokens(seq, token_ids, output.logprobs))
-        inflight.outstanding -= arrived
-
-    def update(self, result: StepResult) -> list[SeqUpdate]:
-        """Apply the worker's answer to the oldest step in flight; returns per-sequence changes."""
-        if not self.inflight or result.step_id != self.inflight[0].plan.step_id:
-            raise RuntimeError(f"result for step {result.step_id} does not match the step in flight")
-        inflight = self.inflight.popleft()
-        self._result_at = time.monotonic()
-        self.stats.record(inflight.plan, result.timings, inflight.num_tokens)
-        if inflight.forecast is not None:
-            self._observe(inflight, result.timings)
-        updates: list[SeqUpdate] = []
-        for failure in result.failures:
-            seq = self.seqs.get(failure.seq_id)
-            if seq is not None and failure.seq_id not in inflight.stale:
-                owed = max(inflight.expects_token.pop(failure.seq_id, 0), 0)
-                seq.num_inflight -= owed
-                inflight.outstanding -= owed
-                seq.on_worker = False  # the worker dropped it already
-                seq.error = failure.message
-                self.finish(seq.seq_id, FinishReason.ERROR)
-                updates.append(SeqUpdate(seq, [], None, True))
-        self._accept(inflight, result.outputs, updates)
-        if inflight.outstanding <= 0:  # every token the step owed has arrived
-            self._confirm(inflight)
-            return updates
-        answered = {o.seq_id for o in result.outputs} | {f.seq_id for f in result.failures}
-        for seq_id, left in inflight.expects_token.items():
-            seq = self.seqs.get(seq_id)
-            if left <= 0 or seq is None or seq_id in inflight.stale:
-                continue
-            seq.num_inflight -= left  # tokens the step owed and never sent
-            if seq_id not in answered and not seq.is_finished:
-                seq.error = f"the data plane returned no token for seq {seq_id} in step {result.step_id}"
-                self.finish(seq_id, FinishReason.ERROR)
-                updates.append(SeqUpdate(seq, [], None, True))
-        self._confirm(inflight)
-        return updates
-
-    def _confirm(self, inflight: InflightStep) -> None:
-        """With prefix caching: the step's chunks are computed (their sequences still live, the step
-        still speaking for them, none failed -- a failure or a missing token finished it): register
-        their full blocks."""
-        seqs, stale, cache = self.seqs, inflight.stale, self.cache
-        for seq, computed in inflight.chunked:
-            if seqs.get(seq.seq_id) is seq and seq.seq_id not in stale:
-                assert cache is not None
-                prefix_sharing.confirm(cache, seq, computed)
-
-    def _observe(self, inflight: InflightStep, timings: StepTimings) -> None:
-        """Feed the measured times to the predictor (a phase measured as 0 ms was not measured)."""
-        assert inflight.forecast is not None and self.predictor is not None
-        measured = {"total": timings.total_ms, "prefill": timings.prefill_ms,
-                    "decode": timings.decode_ms / max(inflight.decision.decode_steps, 1)}
-        for regime, raw_ms, which in inflight.forecast.observations(inflight.decision):
-            self.predictor.observe(regime, raw_ms, measured[which])
-
-    def _append_tokens(
-        self, seq: Sequence, token_ids: list[int], logprobs: list[TokenLogprobs] | None
-    ) -> SeqUpdate:
-        """Append tokens one by one, stopping at the first that ends the sequence (`_accept` takes
-        the tokens that cannot stop it without coming here)."""
-        out, eos, max_len = seq.output_token_ids, self.eos_token_ids, self.max_model_len
-        if not out and token_ids:
-            seq.first_token_at = self.slo_clock()
-        accepted = len(token_ids)
-        for i, token_id in enumerate(token_ids):
-            out.append(token_id)
-            if logprobs is not None and i < len(logprobs):
-                seq.output_logprobs.append(logprobs[i])
-            stop = check_token_stop(seq, token_id, eos, max_len)
-            if stop is not None:
-                self.finish(seq.seq_id, stop[0], stop[1])
-                accepted = i + 1
-                break
-        new_logprobs = logprobs[:accepted] if logprobs is not None else None
-        return SeqUpdate(seq, token_ids[:accepted], new_logprobs, seq.is_finished)
 
     def check_invariants(self) -> None:
         live = {s.seq_id: s.block_ids for s in self.seqs.values()}

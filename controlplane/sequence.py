@@ -41,6 +41,7 @@ class Sequence:
     sampling: SamplingParams
     stop: StopParams
     arrival_time: float
+    priority: int = 0  # under scheduling_policy="priority": lower is admitted first
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING

@@ -8,7 +8,6 @@ policy, no I/O.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import islice
@@ -16,6 +15,7 @@ from itertools import islice
 from controlplane.policies import BatchShape
 from controlplane.prefix_cache import Allocator
 from controlplane.sequence import SeqStatus, Sequence
+from controlplane.waiting_queue import WaitingQueue
 
 
 @dataclass(slots=True)
@@ -85,7 +85,7 @@ def batch_shape(draft: StepDraft, seqs: dict[int, Sequence], remaining_too: bool
 
 
 def trim_draft(draft: StepDraft, cap: int, seqs: dict[int, Sequence], allocator: Allocator,
-               running: list[Sequence], waiting: deque[Sequence]) -> None:
+               running: list[Sequence], waiting: WaitingQueue) -> None:
     """Cut the draft's prefill chunks to `cap` tokens, from the last back (as `policies.trim_chunks`
     does): a cut chunk gives back the blocks this step gave it; a sequence admitted this step that
     keeps nothing goes back to the front of the queue."""

@@ -44,7 +44,7 @@ def start_request_span(tracer: Tracer, model: str, parent: Context | None, start
 
 
 def request_attributes(request_id: str, sampling: SamplingParams, max_tokens: int,
-                       stop: tuple[str, ...]) -> dict[str, object]:
+                       stop: tuple[str, ...], priority: int = 0) -> dict[str, object]:
     attrs: dict[str, object] = {
         "gen_ai.request.id": request_id,
         "gen_ai.response.id": request_id,
@@ -61,6 +61,8 @@ def request_attributes(request_id: str, sampling: SamplingParams, max_tokens: in
         attrs["gen_ai.request.seed"] = sampling.seed
     if stop:
         attrs["gen_ai.request.stop_sequences"] = list(stop)
+    if priority:
+        attrs["duetserve.request.priority"] = priority
     return attrs
 
 

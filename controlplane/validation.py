@@ -22,6 +22,8 @@ MAX_STOP_STRING_LEN = 256
 MAX_STOP_TOKEN_IDS = 256
 MAX_REQUEST_ID_LEN = 256
 MAX_N = 16  # completions of one request (parallel sampling)
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
+MAX_LOGIT_BIAS_VALUE = 100.0  # |bias|, as OpenAI's API
 
 
 class InvalidRequest(ValueError):
@@ -32,6 +34,7 @@ class InvalidRequest(ValueError):
 class Limits:
     vocab_size: int
     max_model_len: int
+    priority_scheduling: bool = False  # whether a request may set a priority (--scheduling-policy priority)
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class ValidatedRequest:
     sampling: SamplingParams
     stop: StopParams
     n: int = 1  # completions to sample
+    priority: int = 0  # lower is admitted first, under the priority scheduling policy
 
 
 def _finite(name: str, value: float) -> float:
@@ -74,7 +78,28 @@ def _prompt_ids(request: pb.GenerateRequest, tokenizer: TextTokenizer, limits: L
     return ids
 
 
-def _sampling(request: pb.GenerateRequest) -> SamplingParams:
+def _token_rules(request: pb.GenerateRequest,
+                 limits: Limits) -> tuple[tuple[tuple[int, float], ...], tuple[int, ...]]:
+    """logit_bias as sorted (id, bias) pairs and allowed_token_ids deduplicated, both checked."""
+    if len(request.logit_bias) > MAX_LOGIT_BIAS:
+        raise InvalidRequest(f"logit_bias: at most {MAX_LOGIT_BIAS} entries, got {len(request.logit_bias)}")
+    bias = []
+    for token, value in sorted(request.logit_bias.items()):
+        if token >= limits.vocab_size:
+            raise InvalidRequest(f"logit_bias: token id {token} is outside the vocabulary (size {limits.vocab_size})")
+        value = _finite(f"logit_bias[{token}]", value)
+        if abs(value) > MAX_LOGIT_BIAS_VALUE:
+            raise InvalidRequest(f"logit_bias[{token}] must be in [-{MAX_LOGIT_BIAS_VALUE:g}, "
+                                 f"{MAX_LOGIT_BIAS_VALUE:g}], got {value}")
+        bias.append((token, value))
+    allowed = sorted(set(request.allowed_token_ids))
+    if allowed and allowed[-1] >= limits.vocab_size:
+        raise InvalidRequest(f"allowed_token_ids: token id {allowed[-1]} is outside the vocabulary "
+                             f"(size {limits.vocab_size})")
+    return tuple(bias), tuple(allowed)
+
+
+def _sampling(request: pb.GenerateRequest, limits: Limits) -> SamplingParams:
     temperature = _finite("temperature", request.temperature) if request.HasField("temperature") else 1.0
     if temperature < 0:
         raise InvalidRequest(f"temperature must be >= 0, got {temperature}")
@@ -96,6 +121,7 @@ def _sampling(request: pb.GenerateRequest) -> SamplingParams:
     logprobs = request.logprobs if request.HasField("logprobs") else None
     if logprobs is not None and logprobs > MAX_LOGPROBS:
         raise InvalidRequest(f"logprobs must be at most {MAX_LOGPROBS}, got {logprobs}")
+    logit_bias, allowed = _token_rules(request, limits)
     return SamplingParams(
         temperature=temperature,
         top_p=top_p,
@@ -106,6 +132,8 @@ def _sampling(request: pb.GenerateRequest) -> SamplingParams:
         presence_penalty=request.presence_penalty,
         frequency_penalty=request.frequency_penalty,
         logprobs=logprobs,
+        logit_bias=logit_bias,
+        allowed_token_ids=allowed,
     )
 
 
@@ -151,13 +179,16 @@ def validate_generate(
 ) -> ValidatedRequest:
     _check_request_id(request.request_id)
     request_id = request.request_id or uuid.uuid4().hex
-    sampling = _sampling(request)
+    sampling = _sampling(request, limits)
     prompt = _prompt_ids(request, tokenizer, limits)
     stop = _stop(request, len(prompt), limits)
     n = request.n or 1
     if n > MAX_N:
         raise InvalidRequest(f"n must be at most {MAX_N} completions, got {n}")
-    return ValidatedRequest(request_id, prompt, sampling, stop, n)
+    if request.priority and not limits.priority_scheduling:
+        raise InvalidRequest(f"priority: {request.priority} needs a server started with --scheduling-policy "
+                             "priority (this one admits requests first come, first served)")
+    return ValidatedRequest(request_id, prompt, sampling, stop, n, request.priority)
 
 
 def validate_abort(request: pb.AbortRequest) -> str:

@@ -1,6 +1,7 @@
 """Turn a batch of next-token logits into tokens (and logprobs), one `SamplingParams` per row.
 
 Pipeline per row: penalties (repetition over prompt+output, presence/frequency over output),
+then the token rules (only `allowed_token_ids` stay possible, `logit_bias` is added),
 then greedy argmax if temperature is 0, else temperature, top-k, top-p, min-p and an
 exponential race (argmax(p / Exp(1) noise)). A seeded row draws its noise from a generator seeded
 by (seed, generated-token index), so it samples the same token alone or in any batch.
@@ -79,6 +80,38 @@ def _has_penalties(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
+def _has_token_rules(p: SamplingParams) -> bool:
+    return bool(p.logit_bias or p.allowed_token_ids)
+
+
+def apply_token_rules(logits: Tensor, params: list[SamplingParams]) -> Tensor:
+    """Rows with `allowed_token_ids` keep only those ids (the rest -inf); rows with `logit_bias` get
+    it added. Out of place (the raw logits stay for logprobs); no host sync: the host builds flat
+    indices, moved with non-blocking copies, and a scatter-add and an index-add apply them."""
+    n, vocab = logits.shape
+    device = logits.device
+    allowed = [i for i, p in enumerate(params) if p.allowed_token_ids]
+    if allowed:
+        width = max(len(params[i].allowed_token_ids) for i in allowed)
+        ids = torch.full((len(allowed), width), vocab, dtype=torch.long)  # column `vocab`: padding
+        for j, i in enumerate(allowed):
+            row = params[i].allowed_token_ids
+            ids[j, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask = torch.full((len(allowed), vocab + 1), float("-inf"), device=device)
+        mask.scatter_(1, ids.to(device, non_blocking=True), 0.0)
+        logits = logits.index_add(0, _to_device(allowed, torch.long, device), mask[:, :vocab])
+    flat: list[int] = []
+    bias: list[float] = []
+    for i, p in enumerate(params):
+        for token, value in p.logit_bias:
+            flat.append(i * vocab + token)
+            bias.append(value)
+    if flat:
+        logits = logits.reshape(-1).scatter_add(0, _to_device(flat, torch.long, device),
+                                                 _to_device(bias, logits.dtype, device)).view(n, vocab)
+    return logits
+
+
 def _token_counts(tokens: list[Tensor], vocab: int, device: torch.device) -> Tensor:
     """[N, V] float counts of each token id per row (ids outside [0, V) are ignored)."""
     n = len(tokens)
@@ -118,10 +151,12 @@ class Sampler:
                              f"{len(generated_counts)} generated counts")
         raw = logits.float()
         greedy = [p.temperature < GREEDY_EPS for p in params]
-        if all(greedy) and not any(_has_penalties(p) for p in params):
+        if all(greedy) and not any(_has_penalties(p) or _has_token_rules(p) for p in params):
             tokens = raw.argmax(dim=-1)
         else:
             processed = self._apply_penalties(raw, params, prompt_token_ids, output_token_ids)
+            if any(_has_token_rules(p) for p in params):
+                processed = apply_token_rules(processed, params)
             tokens = self._choose(processed, params, greedy, generated_counts)
         return SampleOutput(token_ids=tokens, logprob_tensors=self._logprobs(raw, tokens, params))
 

@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import zmq
@@ -40,11 +41,13 @@ from shared.messages import (
     Shutdown,
     StepPlan,
     StepProgress,
-    StepResult,
     ToControl,
     WorkerFatal,
     WorkerReady,
 )
+
+if TYPE_CHECKING:
+    from dataplane.graphs import DecodeGraphs
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +130,7 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
         max_len = min(max_len, config.max_model_len)
     graphs = None
     if device.type == "cuda" and backend.name == "flashinfer" and config.cuda_graphs:
-        from dataplane.graphs import DecodeGraphs, default_buckets
-
-        graphs = DecodeGraphs(
-            model, kv_caches, shape, device, block_size=config.block_size,
-            max_pages_per_seq=-(-max_len // config.block_size), scratch_block=num_blocks,
-            buckets=default_buckets(config.max_num_seqs),
-        )
-        graphs.capture()
+        graphs = capture_decode_graphs(config, model, kv_caches, shape, device, num_blocks, max_len)
     pieces = build_pieces(model, kv_caches, device, config, num_blocks) if piecewise else None
     multiplexer, splits = build_multiplexer(config, device) if graphs is not None else (None, [])
     if multiplexer is not None and multiplexer.fa2_prefill:  # type: ignore[attr-defined]
@@ -156,6 +152,21 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
         piecewise_max_tokens=pieces.max_tokens if pieces is not None else 0,
     )
     return LoadedWorker(runner, ready)
+
+
+def capture_decode_graphs(config: DataplaneConfig, model: torch.nn.Module, kv_caches: list[torch.Tensor],
+                          shape: AttentionShape, device: torch.device, num_blocks: int, max_len: int) -> DecodeGraphs:
+    """The whole-GPU decode graphs, one per batch bucket up to `max_num_seqs`, captured now (padding
+    rows write to the scratch block `num_blocks`)."""
+    from dataplane.graphs import DecodeGraphs, default_buckets
+
+    graphs = DecodeGraphs(
+        model, kv_caches, shape, device, block_size=config.block_size,
+        max_pages_per_seq=-(-max_len // config.block_size), scratch_block=num_blocks,
+        buckets=default_buckets(config.max_num_seqs),
+    )
+    graphs.capture()
+    return graphs
 
 
 def build_pieces(model: torch.nn.Module, kv_caches: list[torch.Tensor], device: torch.device,

@@ -44,6 +44,8 @@ class TelemetryConfig(msgspec.Struct, frozen=True, kw_only=True):
 Policy = Literal["aggregated", "prefill-first", "static", "duet"]
 POLICIES: tuple[str, ...] = ("aggregated", "prefill-first", "static", "duet")
 DuetSlo = Literal["tbt", "tpot"]
+SchedulingPolicy = Literal["fcfs", "priority"]
+SCHEDULING_POLICIES: tuple[str, ...] = ("fcfs", "priority")
 DUET_SLOS: tuple[str, ...] = ("tbt", "tpot")
 
 
@@ -135,10 +137,18 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
     # automatic prefix caching: full KV blocks outlive their requests, and a prompt that starts
     # with cached blocks skips computing them (as vLLM's --enable-prefix-caching, on by default)
     enable_prefix_caching: bool = True
+    # the order waiting requests are admitted in, and which running one a preemption takes (vLLM's
+    # --scheduling-policy): `fcfs` by arrival, the most recently admitted preempted first; `priority`
+    # by each request's priority (lower first), then arrival, the lowest-priority latest-arrived
+    # preempted first
+    scheduling_policy: SchedulingPolicy = "fcfs"
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
+                             f"got {self.scheduling_policy!r}")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < 1:

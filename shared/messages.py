@@ -11,7 +11,7 @@ from typing import Literal, Union
 
 import msgspec
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 Mode = Literal["aggregated", "multiplexed"]
 
@@ -28,6 +28,10 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: none; 0: the sampled token's; n: plus the top n
+    # added to the token's logit before sampling (OpenAI's logit_bias): (token id, bias), ids unique
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # when set, only these token ids may be sampled (vLLM's allowed_token_ids)
+    allowed_token_ids: tuple[int, ...] = ()
 
 
 # ---------------------------------------------------------------- control plane -> data plane

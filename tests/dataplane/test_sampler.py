@@ -164,3 +164,92 @@ def test_logprobs_match_log_softmax() -> None:
 def test_mismatched_lengths_raise() -> None:
     with pytest.raises(ValueError):
         Sampler().sample(_logits(2), [SamplingParams()], [0, 0])
+
+
+# ---------------------------------------------------------------- token rules (logit_bias, allowed_token_ids)
+
+
+def test_logit_bias_forces_and_bans_tokens_greedily() -> None:
+    logits = _logits(3, seed=5)
+    top2 = logits.topk(2, dim=-1).indices
+    weakest = int(logits[0].argmin())
+    params = [SamplingParams(temperature=0.0, logit_bias=((weakest, 100.0),)),
+              SamplingParams(temperature=0.0, logit_bias=((int(top2[1, 0]), -100.0),)),
+              SamplingParams(temperature=0.0)]
+    out = _sample(logits, params)
+    assert out.tolist() == [weakest, int(top2[1, 1]), int(logits[2].argmax())]
+
+
+def test_logit_bias_adds_to_the_logits_before_temperature() -> None:
+    logits = torch.zeros(1, V)
+    bias = tuple((t, 2.0) for t in range(5))
+    draws = [int(Sampler(seed=s).sample(logits, [SamplingParams(logit_bias=bias)], [0]).token_ids[0])
+             for s in range(400)]
+    share = sum(d < 5 for d in draws) / len(draws)
+    expected = 5 * torch.e**2 / (5 * torch.e**2 + V - 5)  # softmax of the biased logits
+    assert abs(share - expected) < 0.08
+
+
+def test_allowed_token_ids_restrict_greedy_and_sampled_rows() -> None:
+    logits = _logits(4, seed=9)
+    allowed = (3, 17, 41)
+    params = [SamplingParams(temperature=0.0, allowed_token_ids=allowed),
+              SamplingParams(temperature=1.5, allowed_token_ids=allowed, seed=1),
+              SamplingParams(temperature=1.0, top_k=2, allowed_token_ids=allowed),
+              SamplingParams(temperature=0.0)]
+    out = _sample(logits, params)
+    best = max(allowed, key=lambda t: float(logits[0, t]))
+    assert int(out[0]) == best
+    assert int(out[1]) in allowed and int(out[2]) in allowed
+    assert int(out[3]) == int(logits[3].argmax())  # a row without rules is untouched
+    for s in range(50):
+        row = Sampler(seed=s).sample(logits[1:2], [SamplingParams(temperature=2.0, allowed_token_ids=allowed)], [0])
+        assert int(row.token_ids[0]) in allowed
+
+
+def test_a_bias_cannot_revive_a_token_that_is_not_allowed() -> None:
+    logits = _logits(1, seed=2)
+    params = [SamplingParams(temperature=0.0, allowed_token_ids=(4, 5), logit_bias=((9, 100.0),))]
+    assert int(_sample(logits, params)[0]) in (4, 5)
+
+
+def test_token_rules_leave_logprobs_raw_and_combine_with_penalties() -> None:
+    logits = _logits(2, seed=13)
+    raw = logits.clone()
+    seen = int(logits[0].argmax())
+    params = [SamplingParams(temperature=0.0, logprobs=2, presence_penalty=2.0, logit_bias=((seen, 1.0),)),
+              SamplingParams(temperature=0.0, allowed_token_ids=(seen,), logprobs=0)]
+    out = Sampler().sample(logits, params, [1, 0], prompt_token_ids=[torch.tensor([1]), torch.tensor([1])],
+                           output_token_ids=[torch.tensor([seen]), torch.tensor([], dtype=torch.long)])
+    assert torch.equal(logits, raw)  # the caller's logits are not changed in place
+    ref = torch.log_softmax(raw, -1)
+    shifted = raw[0].clone()
+    shifted[seen] += 1.0 - 2.0
+    assert int(out.token_ids[0]) == int(shifted.argmax())
+    assert int(out.token_ids[1]) == seen
+    for i in (0, 1):
+        lp = out.logprobs[i]
+        assert lp is not None and lp.logprob == pytest.approx(float(ref[i, out.token_ids[i]]), abs=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_token_rules_on_the_gpu_match_the_cpu_without_a_host_sync() -> None:
+    logits = _logits(6, seed=21)
+    params = [SamplingParams(temperature=0.0, logit_bias=((7, 100.0), (8, -3.0))),
+              SamplingParams(temperature=0.0, allowed_token_ids=(1, 2, 30)),
+              SamplingParams(temperature=0.0),
+              SamplingParams(temperature=0.0, allowed_token_ids=(11,), logit_bias=((11, -5.0),)),
+              SamplingParams(temperature=0.9, allowed_token_ids=(5, 6), seed=4),
+              SamplingParams(temperature=0.0, logit_bias=((int(logits[5].argmax()), -100.0),))]
+    want = Sampler().sample(logits, params, [0] * 6).token_ids
+    device_logits = logits.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = Sampler(device="cuda").sample(device_logits, params, [0] * 6).token_ids
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    got_host = got.cpu()
+    assert got_host[[0, 1, 2, 3, 5]].tolist() == want[[0, 1, 2, 3, 5]].tolist()
+    assert int(got_host[4]) in (5, 6)

@@ -69,6 +69,7 @@ async def serve(
     step_timeout_s: float = 60.0,
     async_scheduling: bool = True,
     enable_prefix_caching: bool = True,
+    scheduling_policy: str = "fcfs",
     slo_clock: Callable[[], float] | None = None,
     **server: object,
 ) -> AsyncIterator[Served]:
@@ -84,7 +85,8 @@ async def serve(
         port=0, dataplane_endpoint=endpoint, handshake_timeout_s=120.0, step_timeout_s=step_timeout_s,
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                   policy=policy, async_scheduling=async_scheduling,  # type: ignore[arg-type]
-                                  enable_prefix_caching=enable_prefix_caching),
+                                  enable_prefix_caching=enable_prefix_caching,
+                                  scheduling_policy=scheduling_policy),  # type: ignore[arg-type]
         telemetry=telemetry, **{"shutdown_grace_s": 2.0, "restart_backoff_s": 0.1, **server},  # type: ignore[arg-type]
     )
     plane = ControlPlane(config, model, spawn=spawn if supervised else None, slo_clock=slo_clock)

@@ -156,7 +156,8 @@ def test_schema_still_renders_as_json_schema() -> None:
 def test_round_trips() -> None:
     plan = StepPlan(
         step_id=3, new_requests=[NewRequest(seq_id=1, token_ids=[1, 2], num_prompt_tokens=2, block_ids=[0],
-                                            sampling=SamplingParams(temperature=0.5, seed=7, logprobs=2))],
+                                            sampling=SamplingParams(temperature=0.5, seed=7, logprobs=2,
+                                                                    logit_bias=((5, 1.5),), allowed_token_ids=(1, 5)))],
         scheduled=[ScheduledSeq(seq_id=1, num_tokens=2)], finished_seq_ids=[4], trace_context={"traceparent": "x"},
     )
     assert decode_to_worker(encode(plan)) == plan
