@@ -23,7 +23,8 @@ from controlplane.output import RequestDelta
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc
 from controlplane.validation import (
-    InvalidRequest, Limits, ValidatedRequest, validate_abort, validate_generate, validate_model_info,
+    InvalidRequest, Limits, ValidatedRequest, validate_abort, validate_detokenize, validate_generate,
+    validate_model_info, validate_tokenize,
 )
 from shared.messages import PROTOCOL_VERSION, TokenLogprobs
 
@@ -167,7 +168,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 yield response
             return
         handle = await self._add(context, obs, EngineRequest(valid.request_id, valid.prompt_token_ids,
-                                                             valid.sampling, valid.stop, obs, valid.priority))
+                                                             valid.sampling, valid.stop, obs, valid.priority,
+                                                             valid.skip_special_tokens))
         try:
             async for delta in handle.until(deadline):
                 await self._end_if_failed(context, obs, delta, "request failed")
@@ -254,7 +256,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 fanout.spans.append(self.engine.observer.start_request(context.invocation_metadata()))
             fanout.stream(await self._add(context, obs, EngineRequest(
                 fanout.ids[i], valid.prompt_token_ids, sampling, valid.stop, fanout.spans[-1] if i else obs,
-                valid.priority)), deadline)
+                valid.priority, valid.skip_special_tokens)), deadline)
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         try:
@@ -268,6 +270,25 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         for engine_id in fanout.ids:
             self.engine.abort(engine_id)
         return pb.AbortResponse(found=True)
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None or self.engine.worker is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "engine not ready")
+        text, special = validate_tokenize(request)
+        ids = await asyncio.to_thread(tokenizer.encode, text, special)  # a long text takes a while
+        return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=self.engine.max_model_len)
+
+    async def Detokenize(self, request: pb.DetokenizeRequest,
+                         context: grpc.aio.ServicerContext) -> pb.DetokenizeResponse:
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None or self.engine.worker is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "engine not ready")
+        try:
+            ids, skip = validate_detokenize(request, self._limits())
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.DetokenizeResponse(text=await asyncio.to_thread(tokenizer.decode, ids, skip))
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext

@@ -140,6 +140,10 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
                    help="add BIAS (in [-100, 100]) to token ID's logit (repeatable)")
     p.add_argument("--allowed-token-ids", default=None, help="comma-separated token ids: only these may be sampled")
+    p.add_argument("--skip-special-tokens", action=argparse.BooleanOptionalAction, default=True,
+                   help="leave special tokens out of the text (default on)")
+    p.add_argument("--include-stop-str-in-output", action="store_true",
+                   help="keep the stop string that ended the completion in its text")
     p.add_argument("--priority", type=int, default=0,
                    help="lower is served first, on a server started with --scheduling-policy priority")
     p.add_argument("--timeout", type=float, default=300.0, help="call deadline in seconds")

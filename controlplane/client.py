@@ -28,6 +28,7 @@ def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
     request = pb.GenerateRequest(
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, min_p=args.min_p,
         stop=args.stop, ignore_eos=args.ignore_eos, n=args.n, priority=args.priority,
+        skip_special_tokens=args.skip_special_tokens, include_stop_str_in_output=args.include_stop_str_in_output,
     )
     for item in args.logit_bias:
         token, sep, bias = item.partition("=")

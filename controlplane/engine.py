@@ -51,6 +51,7 @@ class EngineRequest:
     stop: StopParams
     obs: RequestObs | None = None  # the servicer's span and timestamps; None: metrics only
     priority: int = 0  # lower is admitted first under scheduling_policy="priority"
+    skip_special_tokens: bool = True  # leave special tokens out of the streamed text
 
 
 class RequestHandle:
@@ -224,7 +225,8 @@ class Engine:
             arrival_time=time.monotonic(),
             priority=request.priority,
         )
-        processor = OutputProcessor(self.tokenizer.stream(), request.stop.stop_strings)
+        processor = OutputProcessor(self.tokenizer.stream(request.skip_special_tokens), request.stop.stop_strings,
+                                    request.stop.include_stop_str_in_output)
         obs = request.obs or RequestObs(arrival=seq.arrival_time)
         handle = RequestHandle(request.request_id, seq.seq_id, processor, obs)
         self._handles[request.request_id] = handle

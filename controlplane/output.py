@@ -33,7 +33,8 @@ class RequestDelta:
 class OutputProcessor:
     stream: TokenStream
     stop_strings: tuple[str, ...] = ()
-    text: str = ""  # all text decoded so far (stop string excluded once found)
+    include_stop_str: bool = False  # keep the stop string that ended the text (vLLM's include_stop_str_in_output)
+    text: str = ""  # all text decoded so far (stop string excluded once found, unless included)
     _sent: int = 0  # characters of `text` already streamed
     _stop_found: str | None = field(default=None)
 
@@ -54,7 +55,7 @@ class OutputProcessor:
             for stop in self.stop_strings:
                 at = self.text.find(stop, start)
                 if at != -1:
-                    self.text = self.text[:at]
+                    self.text = self.text[: at + len(stop)] if self.include_stop_str else self.text[:at]
                     self._stop_found = stop
                     return stop
         return None

@@ -31,6 +31,7 @@ class StopParams:
     stop_token_ids: frozenset[int] = frozenset()
     stop_strings: tuple[str, ...] = ()
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False  # a stop string that ends the text stays in it
 
 
 @dataclass(eq=False, slots=True)

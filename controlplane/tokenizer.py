@@ -24,17 +24,17 @@ class TokenStream(Protocol):
 class TextTokenizer(Protocol):
     name: str
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
-    def decode(self, token_ids: list[int]) -> str: ...
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
-    def stream(self) -> TokenStream: ...
+    def stream(self, skip_special_tokens: bool = True) -> TokenStream: ...
 
 
 class _HFStream:
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool) -> None:
         self._tokenizer = tokenizer
-        self._stream = DecodeStream(skip_special_tokens=True)
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
 
     def step(self, token_id: int) -> str:
         try:
@@ -53,14 +53,14 @@ class HFTokenizer:
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, token_ids: list[int]) -> str:
-        return self._tokenizer.decode(token_ids, skip_special_tokens=True)
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def stream(self) -> TokenStream:
-        return _HFStream(self._tokenizer)
+    def stream(self, skip_special_tokens: bool = True) -> TokenStream:
+        return _HFStream(self._tokenizer, skip_special_tokens)
 
 
 class _ByteStream:
@@ -80,14 +80,15 @@ class ByteTokenizer:
         self.name = "bytes"
         self._bos = bos_token_id
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = list(text.encode("utf-8"))
-        return ([self._bos] if self._bos is not None else []) + ids
+        return ([self._bos] if self._bos is not None and add_special_tokens else []) + ids
 
-    def decode(self, token_ids: list[int]) -> str:
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Special ids (256 and up) have no text here, whether skipped or not."""
         return bytes(t for t in token_ids if 0 <= t < 256).decode("utf-8", errors="replace")
 
-    def stream(self) -> TokenStream:
+    def stream(self, skip_special_tokens: bool = True) -> TokenStream:
         return _ByteStream()
 
 

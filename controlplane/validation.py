@@ -45,6 +45,7 @@ class ValidatedRequest:
     stop: StopParams
     n: int = 1  # completions to sample
     priority: int = 0  # lower is admitted first, under the priority scheduling policy
+    skip_special_tokens: bool = True
 
 
 def _finite(name: str, value: float) -> float:
@@ -164,6 +165,7 @@ def _stop(request: pb.GenerateRequest, num_prompt: int, limits: Limits) -> StopP
         stop_token_ids=frozenset(request.stop_token_ids),
         stop_strings=tuple(request.stop),
         ignore_eos=request.ignore_eos,
+        include_stop_str_in_output=request.include_stop_str_in_output,
     )
 
 
@@ -188,7 +190,23 @@ def validate_generate(
     if request.priority and not limits.priority_scheduling:
         raise InvalidRequest(f"priority: {request.priority} needs a server started with --scheduling-policy "
                              "priority (this one admits requests first come, first served)")
-    return ValidatedRequest(request_id, prompt, sampling, stop, n, request.priority)
+    skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+    return ValidatedRequest(request_id, prompt, sampling, stop, n, request.priority, skip)
+
+
+def validate_tokenize(request: pb.TokenizeRequest) -> tuple[str, bool]:
+    """The text and whether to add the tokenizer's special tokens (default yes, as Generate does)."""
+    return request.text, request.add_special_tokens if request.HasField("add_special_tokens") else True
+
+
+def validate_detokenize(request: pb.DetokenizeRequest, limits: Limits) -> tuple[list[int], bool]:
+    """The ids (each below the vocabulary size) and whether to skip special tokens (default yes)."""
+    ids = list(request.token_ids)
+    for i, token in enumerate(ids):
+        if token >= limits.vocab_size:
+            raise InvalidRequest(f"token_ids[{i}] = {token} is not a token of this model "
+                                 f"(vocabulary size {limits.vocab_size})")
+    return ids, request.skip_special_tokens if request.HasField("skip_special_tokens") else True
 
 
 def validate_abort(request: pb.AbortRequest) -> str:

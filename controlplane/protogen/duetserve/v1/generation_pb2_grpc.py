@@ -53,6 +53,16 @@ class GenerationStub:
                 request_serializer=controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/duetserve.v1.Generation/Tokenize',
+                request_serializer=controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/duetserve.v1.Generation/Detokenize',
+                request_serializer=controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -84,6 +94,20 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """The served model's tokenizer, as Generate applies it to a text prompt.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Token ids back to text, as Generate streams it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -101,6 +125,16 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.GetModelInfoRequest.FromString,
                     response_serializer=controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.ModelInfo.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.TokenizeRequest.FromString,
+                    response_serializer=controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.DetokenizeRequest.FromString,
+                    response_serializer=controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -188,6 +222,60 @@ class Generation:
             '/duetserve.v1.Generation/GetModelInfo',
             controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.GetModelInfoRequest.SerializeToString,
             controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duetserve.v1.Generation/Tokenize',
+            controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.TokenizeRequest.SerializeToString,
+            controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duetserve.v1.Generation/Detokenize',
+            controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.DetokenizeRequest.SerializeToString,
+            controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
