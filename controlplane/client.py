@@ -32,11 +32,18 @@ def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
     )
     for item in args.logit_bias:
         token, sep, bias = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--logit-bias takes ID=BIAS, got {item!r}")
-        request.logit_bias[int(token)] = float(bias)
+        try:
+            if not sep or int(token) < 0:
+                raise ValueError
+            request.logit_bias[int(token)] = float(bias)
+        except ValueError:
+            raise SystemExit(f"--logit-bias takes ID=BIAS (a token id >= 0 and a number), got {item!r}") from None
     if args.allowed_token_ids:
-        request.allowed_token_ids.extend(int(t) for t in args.allowed_token_ids.split(","))
+        try:
+            request.allowed_token_ids.extend(int(t) for t in args.allowed_token_ids.split(","))
+        except ValueError:
+            raise SystemExit(f"--allowed-token-ids takes comma-separated token ids, got {args.allowed_token_ids!r}") \
+                from None
     if args.token_ids:
         request.token_ids.ids.extend(int(t) for t in args.token_ids.split(","))
     else:

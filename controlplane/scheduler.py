@@ -440,3 +440,6 @@ class Scheduler(StepOutcomes):
             assert len(seq.block_ids) >= need, f"seq {seq.seq_id} has too few blocks"
         for seq in self.waiting:
             assert seq.status is SeqStatus.WAITING and not seq.block_ids
+        if self._by_priority:  # a preemption takes the last: it must be the lowest-priority
+            keys = [priority_key(s) for s in self.running]
+            assert keys == sorted(keys), "running is out of priority order"

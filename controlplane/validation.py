@@ -91,7 +91,7 @@ def _token_rules(request: pb.GenerateRequest,
         value = _finite(f"logit_bias[{token}]", value)
         if abs(value) > MAX_LOGIT_BIAS_VALUE:
             raise InvalidRequest(f"logit_bias[{token}] must be in [-{MAX_LOGIT_BIAS_VALUE:g}, "
-                                 f"{MAX_LOGIT_BIAS_VALUE:g}], got {value}")
+                                 f"{MAX_LOGIT_BIAS_VALUE:g}], got {value:.7g}")  # a float32 on the wire
         bias.append((token, value))
     allowed = sorted(set(request.allowed_token_ids))
     if allowed and allowed[-1] >= limits.vocab_size:

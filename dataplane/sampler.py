@@ -6,13 +6,16 @@ then greedy argmax if temperature is 0, else temperature, top-k, top-p, min-p an
 exponential race (argmax(p / Exp(1) noise)). A seeded row draws its noise from a generator seeded
 by (seed, generated-token index), so it samples the same token alone or in any batch.
 Logprobs are those of the raw logits (before any processing).
-This module must not decide which rows to sample (the worker does) nor keep per-request state.
+This module must not decide which rows to sample (the worker does) nor keep per-request state beyond
+a bounded cache of derived token-rule rows.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -84,32 +87,53 @@ def _has_token_rules(p: SamplingParams) -> bool:
     return bool(p.logit_bias or p.allowed_token_ids)
 
 
-def apply_token_rules(logits: Tensor, params: list[SamplingParams]) -> Tensor:
-    """Rows with `allowed_token_ids` keep only those ids (the rest -inf); rows with `logit_bias` get
-    it added. Out of place (the raw logits stay for logprobs); no host sync: the host builds flat
-    indices, moved with non-blocking copies, and a scatter-add and an index-add apply them."""
-    n, vocab = logits.shape
-    device = logits.device
-    allowed = [i for i, p in enumerate(params) if p.allowed_token_ids]
-    if allowed:
-        width = max(len(params[i].allowed_token_ids) for i in allowed)
-        ids = torch.full((len(allowed), width), vocab, dtype=torch.long)  # column `vocab`: padding
-        for j, i in enumerate(allowed):
-            row = params[i].allowed_token_ids
-            ids[j, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask = torch.full((len(allowed), vocab + 1), float("-inf"), device=device)
-        mask.scatter_(1, ids.to(device, non_blocking=True), 0.0)
-        logits = logits.index_add(0, _to_device(allowed, torch.long, device), mask[:, :vocab])
-    flat: list[int] = []
-    bias: list[float] = []
-    for i, p in enumerate(params):
-        for token, value in p.logit_bias:
-            flat.append(i * vocab + token)
-            bias.append(value)
-    if flat:
-        logits = logits.reshape(-1).scatter_add(0, _to_device(flat, torch.long, device),
-                                                 _to_device(bias, logits.dtype, device)).view(n, vocab)
-    return logits
+class TokenRules:
+    """Each request's token rules as one additive logits row [V] on the device: 0 where a token may be
+    sampled unchanged, its bias where `logit_bias` has one, -inf outside `allowed_token_ids`. A row is
+    built once per request (its params object) and kept while recently used, so a pass costs one
+    stack and one index-add however long the lists are; the rows of at most `capacity` requests stay
+    (4 bytes x V each)."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.capacity = capacity
+        self._rows: OrderedDict[int, tuple[SamplingParams, Tensor]] = OrderedDict()
+
+    def row(self, p: SamplingParams, vocab: int, device: torch.device) -> Tensor:
+        key = id(p)
+        hit = self._rows.get(key)
+        if hit is not None and hit[0] is p and hit[1].shape[0] == vocab and hit[1].device == device:
+            self._rows.move_to_end(key)
+            return hit[1]
+        row = self._build(p, vocab).to(device, non_blocking=True)
+        self._rows[key] = (p, row)  # the params are held, so their id is not reused while cached
+        while len(self._rows) > self.capacity:
+            self._rows.popitem(last=False)
+        return row
+
+    @staticmethod
+    def _build(p: SamplingParams, vocab: int) -> Tensor:
+        allowed = np.asarray(p.allowed_token_ids, dtype=np.int64)
+        biased = np.asarray([t for t, _ in p.logit_bias], dtype=np.int64)
+        if (allowed.size and (allowed.min() < 0 or allowed.max() >= vocab)) or (
+                biased.size and (biased.min() < 0 or biased.max() >= vocab)):
+            raise ValueError(f"a token rule names an id outside the vocabulary (size {vocab})")
+        row = np.zeros(vocab, dtype=np.float32)
+        if allowed.size:
+            row[:] = -np.inf
+            row[allowed] = 0.0
+        if biased.size:
+            row[biased] += np.asarray([v for _, v in p.logit_bias], dtype=np.float32)
+        return torch.from_numpy(row)
+
+    def apply(self, logits: Tensor, params: list[SamplingParams]) -> Tensor:
+        """`logits` with the rule rows added to the rows that have rules; out of place (the raw logits
+        stay for logprobs), and no host sync (the rows' copies are non-blocking)."""
+        ruled = [i for i, p in enumerate(params) if _has_token_rules(p)]
+        if not ruled:
+            return logits
+        vocab, device = logits.shape[1], logits.device
+        rows = torch.stack([self.row(params[i], vocab, device) for i in ruled])
+        return logits.index_add(0, _to_device(ruled, torch.long, device), rows)
 
 
 def _token_counts(tokens: list[Tensor], vocab: int, device: torch.device) -> Tensor:
@@ -135,11 +159,12 @@ def _row_tensor(values: list[float], device: torch.device) -> Tensor:
 
 
 class Sampler:
-    """Stateless apart from one generator for unseeded rows."""
+    """Stateless apart from one generator for unseeded rows and the token-rule rows it keeps."""
 
     def __init__(self, device: torch.device | str = "cpu", seed: int = 0) -> None:
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.rules = TokenRules()
 
     def sample(self, logits: Tensor, params: list[SamplingParams], generated_counts: list[int],
                prompt_token_ids: list[Tensor] | None = None,
@@ -155,8 +180,7 @@ class Sampler:
             tokens = raw.argmax(dim=-1)
         else:
             processed = self._apply_penalties(raw, params, prompt_token_ids, output_token_ids)
-            if any(_has_token_rules(p) for p in params):
-                processed = apply_token_rules(processed, params)
+            processed = self.rules.apply(processed, params)
             tokens = self._choose(processed, params, greedy, generated_counts)
         return SampleOutput(token_ids=tokens, logprob_tensors=self._logprobs(raw, tokens, params))
 

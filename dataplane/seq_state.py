@@ -54,6 +54,11 @@ def new_state(new: NewRequest, vocab_size: int, num_blocks: int) -> SeqState:
     if not 0 < new.num_prompt_tokens <= len(new.token_ids):
         raise SeqError(f"seq {new.seq_id}: num_prompt_tokens {new.num_prompt_tokens} is inconsistent")
     check_blocks(new.seq_id, new.block_ids, num_blocks)
+    rules = [t for t, _ in new.sampling.logit_bias] + list(new.sampling.allowed_token_ids)
+    bad = next((t for t in rules if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise SeqError(f"seq {new.seq_id}: token id {bad} of its logit_bias or allowed_token_ids is outside the "
+                       f"vocabulary (size {vocab_size})")
     if not 0 <= new.num_computed_tokens < len(new.token_ids):
         raise SeqError(f"seq {new.seq_id}: num_computed_tokens {new.num_computed_tokens} is not below its "
                        f"{len(new.token_ids)} tokens")

@@ -253,3 +253,37 @@ def test_token_rules_on_the_gpu_match_the_cpu_without_a_host_sync() -> None:
     got_host = got.cpu()
     assert got_host[[0, 1, 2, 3, 5]].tolist() == want[[0, 1, 2, 3, 5]].tolist()
     assert int(got_host[4]) in (5, 6)
+
+
+def test_token_rule_rows_are_built_once_and_refuse_ids_outside_the_vocabulary() -> None:
+    sampler = Sampler()
+    p = SamplingParams(temperature=0.0, allowed_token_ids=tuple(range(0, V, 2)), logit_bias=((3, 5.0),))
+    first = sampler.rules.row(p, V, torch.device("cpu"))
+    assert sampler.rules.row(p, V, torch.device("cpu")) is first  # cached for the request's params
+    assert float(first[3]) == float("-inf") and float(first[4]) == 0.0  # a bias cannot revive 3
+    assert int(sampler.sample(_logits(1), [p], [0]).token_ids[0]) % 2 == 0
+    small = type(sampler.rules)(capacity=2)
+    rows = [SamplingParams(logit_bias=((i, 1.0),)) for i in range(3)]
+    for r in rows:
+        small.row(r, V, torch.device("cpu"))
+    assert len(small._rows) == 2  # the least recently used went
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        Sampler().sample(_logits(2), [SamplingParams(logit_bias=((V, 5.0),)), SamplingParams()], [0, 0])
+
+
+def test_the_data_plane_refuses_a_request_whose_rules_leave_the_vocabulary() -> None:
+    """A NewRequest is checked on arrival (as its token ids are), so a bad rule fails that request
+    alone, not the step's sampling pass."""
+    from dataplane.worker import load_worker
+    from shared.config import DataplaneConfig
+    from shared.messages import NewRequest, ScheduledSeq, StepPlan
+
+    run = load_worker(DataplaneConfig(model="tiny", device="cpu", num_kv_blocks=16, block_size=4)).runner
+    bad = NewRequest(seq_id=0, token_ids=[5, 6], num_prompt_tokens=2, block_ids=[0],
+                     sampling=SamplingParams(allowed_token_ids=(1, 100_000)))
+    good = NewRequest(seq_id=1, token_ids=[5, 6], num_prompt_tokens=2, block_ids=[1],
+                      sampling=SamplingParams(temperature=0.0, logit_bias=((7, 100.0),)))
+    result = run.execute(StepPlan(step_id=0, new_requests=[bad, good],
+                                  scheduled=[ScheduledSeq(seq_id=0, num_tokens=2), ScheduledSeq(seq_id=1, num_tokens=2)]))
+    assert [f.seq_id for f in result.failures] == [0] and "allowed_token_ids" in result.failures[0].message
+    assert [(o.seq_id, o.token_ids) for o in result.outputs] == [(1, [7])]

@@ -75,7 +75,10 @@ def test_generate_cli_sends_the_priority_and_token_rules() -> None:
     request = request_from_args(args)
     assert request.priority == -2
     assert dict(request.logit_bias) == {5: -100.0, 7: 2.5} and list(request.allowed_token_ids) == [5, 7, 9]
-    with pytest.raises(SystemExit, match="ID=BIAS"):
-        request_from_args(build_parser().parse_args(["generate", "hi", "--logit-bias", "5"]))
+    for bad in ("5", "x=1", "5=abc", "-3=1"):
+        with pytest.raises(SystemExit, match="ID=BIAS"):
+            request_from_args(build_parser().parse_args(["generate", "hi", f"--logit-bias={bad}"]))
+    with pytest.raises(SystemExit, match="comma-separated token ids"):
+        request_from_args(build_parser().parse_args(["generate", "hi", "--allowed-token-ids", "1,x"]))
     serve_args = build_parser().parse_args(["serve", "--scheduling-policy", "priority"])
     assert serve_args.scheduling_policy == "priority"
