@@ -101,6 +101,8 @@ def _response(request_id: str, delta: RequestDelta, index: int = 0) -> pb.Genera
         logprobs=_logprobs_pb(delta.token_ids, delta.logprobs),
         index=index,
     )
+    if delta.prompt_logprobs is not None and delta.prompt_token_ids is not None:
+        message.prompt_logprobs.extend(_logprobs_pb(delta.prompt_token_ids[1:], delta.prompt_logprobs))
     if delta.finish_reason is not None:
         message.finish_reason = delta.finish_reason
         message.prompt_tokens = delta.prompt_tokens

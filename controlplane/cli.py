@@ -144,6 +144,9 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
                    help="leave special tokens out of the text (default on)")
     p.add_argument("--include-stop-str-in-output", action="store_true",
                    help="keep the stop string that ended the completion in its text")
+    p.add_argument("--prompt-logprobs", type=int, default=None, metavar="N",
+                   help="score the prompt: print the sum of its tokens' logprobs and its perplexity (each with "
+                        "N top alternatives on the wire)")
     p.add_argument("--priority", type=int, default=0,
                    help="lower is served first, on a server started with --scheduling-policy priority")
     p.add_argument("--timeout", type=float, default=300.0, help="call deadline in seconds")

@@ -6,6 +6,7 @@ It only speaks the public API (protos/), exactly as an outside client would.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import grpc
@@ -52,19 +53,32 @@ def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
         request.top_p = args.top_p
     if args.seed is not None:
         request.seed = args.seed
+    if args.prompt_logprobs is not None:
+        request.prompt_logprobs = args.prompt_logprobs
     return request
+
+
+def prompt_score(entries: list[pb.TokenLogprob]) -> str:
+    """The prompt's log-likelihood (sum of its tokens' logprobs after the first) and perplexity."""
+    if not entries:
+        return "[prompt_logprobs: no token after the first]"
+    total = sum(e.logprob for e in entries)
+    return f"[prompt_logprobs: {len(entries)} tokens, sum {total:.4f}, perplexity {math.exp(-total / len(entries)):.4f}]"
 
 
 def run_generate(args: argparse.Namespace) -> int:
     """Stream one completion as it comes; with --n > 1, print each completion when all are done."""
     texts: dict[int, str] = {}
     finals: dict[int, pb.GenerateResponse] = {}
+    scores: dict[int, str] = {}
     with open_channel(args) as channel:
         stub = pb_grpc.GenerationStub(channel)
         try:
             for response in stub.Generate(request_from_args(args), timeout=args.timeout,
                                           metadata=auth_metadata(args.auth_token)):
                 texts[response.index] = texts.get(response.index, "") + response.text
+                if response.prompt_logprobs:
+                    scores[response.index] = prompt_score(list(response.prompt_logprobs))
                 if args.n <= 1:
                     sys.stdout.write(response.text)
                     sys.stdout.flush()
@@ -80,6 +94,8 @@ def run_generate(args: argparse.Namespace) -> int:
         usage = (f"[finish_reason={last.finish_reason} prompt_tokens={last.prompt_tokens} "
                  f"completion_tokens={last.completion_tokens} cached_tokens={last.cached_tokens}]")
         print(usage if args.n > 1 else "\n" + usage, file=sys.stderr)
+        if args.prompt_logprobs is not None:
+            print(scores.get(index, prompt_score([])), file=sys.stderr)
     return 0
 
 

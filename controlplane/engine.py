@@ -60,6 +60,7 @@ class RequestHandle:
     def __init__(self, request_id: str, seq_id: int, processor: OutputProcessor, obs: RequestObs) -> None:
         self.request_id = request_id
         self.seq_id = seq_id
+        self.sent_prompt_logprobs = False  # the first message with tokens carries them
         self.processor = processor
         self.obs = obs
         self.queue: asyncio.Queue[RequestDelta] = asyncio.Queue()
@@ -372,6 +373,9 @@ class Engine:
                 text=handle.processor.take_text(final=finished),
                 logprobs=update.new_logprobs,
             )
+            if seq.prompt_logprobs is not None and not handle.sent_prompt_logprobs and update.new_token_ids:
+                delta.prompt_logprobs, delta.prompt_token_ids = seq.prompt_logprobs, seq.prompt_token_ids
+                handle.sent_prompt_logprobs = True
             if finished:
                 delta.finish_reason = seq.finish_reason.value if seq.finish_reason else "stop"
                 delta.stop_reason = seq.stop_reason

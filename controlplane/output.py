@@ -26,6 +26,9 @@ class RequestDelta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    # on a completion's first message when asked for: entry i for prompt token i + 1 (`prompt_token_ids`)
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    prompt_token_ids: list[int] | None = None
     retryable: bool = False  # an error of the server's state (data plane lost, shutting down): UNAVAILABLE
 
 

@@ -95,6 +95,8 @@ class Scheduler(StepOutcomes):
         if seq.seq_id in self.seqs:
             raise ValueError(f"seq {seq.seq_id} already scheduled")
         seq.set_limits(self.max_model_len, self.eos_token_ids)
+        if seq.sampling.prompt_logprobs is not None and seq.prompt_logprobs is None:
+            seq.prompt_logprobs = []
         self.seqs[seq.seq_id] = seq
         self.waiting.append(seq)
 

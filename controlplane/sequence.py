@@ -59,6 +59,9 @@ class Sequence:
     first_token_at: float = 0.0
     # prompt tokens whose KV its first admission found in the prefix cache (reported in its usage)
     num_cached_tokens: int = 0
+    # with sampling.prompt_logprobs: the logprobs of prompt tokens 1, 2, ... received so far ([] at
+    # first, set by the scheduler; None: not asked for)
+    prompt_logprobs: list[TokenLogprobs] | None = None
     # len(prompt_token_ids), which never changes: the scheduler reads these counts for every running
     # sequence on every step, so they are kept cheap
     _num_prompt: int = field(init=False, repr=False, default=0)

@@ -57,6 +57,8 @@ class StepOutcomes:
         for output in outputs:
             seq_id = output.seq_id
             expected = expects.get(seq_id, 0)
+            if output.prompt_logprobs is not None:
+                self._take_prompt_logprobs(output, inflight)
             if expected <= 0:
                 continue
             seq = seqs.get(seq_id)
@@ -83,6 +85,17 @@ class StepOutcomes:
                     continue
             updates.append(self._append_tokens(seq, token_ids, output.logprobs))
         inflight.outstanding -= arrived
+
+    def _take_prompt_logprobs(self, output: SeqOutput, inflight: InflightStep) -> None:
+        """Append the prompt logprobs of a chunk, skipping positions already held (a preempted
+        sequence recomputes its prompt, and its chunks send them again)."""
+        seq = self.seqs.get(output.seq_id)
+        if seq is None or seq.prompt_logprobs is None or output.seq_id in inflight.stale:
+            return
+        entries = output.prompt_logprobs or []
+        skip = len(seq.prompt_logprobs) + 1 - output.prompt_logprobs_start
+        if 0 <= skip < len(entries):
+            seq.prompt_logprobs.extend(entries[skip:])
 
     def update(self, result: StepResult) -> list[SeqUpdate]:
         """Apply the worker's answer to the oldest step in flight; returns per-sequence changes."""

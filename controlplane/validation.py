@@ -122,6 +122,9 @@ def _sampling(request: pb.GenerateRequest, limits: Limits) -> SamplingParams:
     logprobs = request.logprobs if request.HasField("logprobs") else None
     if logprobs is not None and logprobs > MAX_LOGPROBS:
         raise InvalidRequest(f"logprobs must be at most {MAX_LOGPROBS}, got {logprobs}")
+    prompt_logprobs = request.prompt_logprobs if request.HasField("prompt_logprobs") else None
+    if prompt_logprobs is not None and prompt_logprobs > MAX_LOGPROBS:
+        raise InvalidRequest(f"prompt_logprobs must be at most {MAX_LOGPROBS}, got {prompt_logprobs}")
     logit_bias, allowed = _token_rules(request, limits)
     return SamplingParams(
         temperature=temperature,
@@ -135,6 +138,7 @@ def _sampling(request: pb.GenerateRequest, limits: Limits) -> SamplingParams:
         logprobs=logprobs,
         logit_bias=logit_bias,
         allowed_token_ids=allowed,
+        prompt_logprobs=prompt_logprobs,
     )
 
 

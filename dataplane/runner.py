@@ -22,7 +22,7 @@ from dataplane.multiplex import Multiplexer
 from dataplane.piecewise import PiecewiseGraphs
 from dataplane.models.config import ModelConfig
 from dataplane.models.dense import DenseForCausalLM
-from dataplane.sampler import LogprobTensors, Sampler
+from dataplane.sampler import LogprobTensors, Sampler, prompt_logprobs
 from dataplane.seq_state import SeqError, SeqState, check_scheduled, new_state
 from dataplane.staging import Span, positions_and_slots
 from shared.messages import SeqFailure, SeqOutput, StepPlan, StepResult, StepTimings, TokenLogprobs
@@ -46,6 +46,8 @@ class _PassOutput:
     logprobs: LogprobTensors | None
     device_tokens: torch.Tensor | None = None  # feeds the next look-ahead pass
     copied: torch.cuda.Event | None = None  # fires when this pass's host copies have landed (CUDA)
+    # (sequence, prompt position of the first entry, logprobs) of chunks that asked for prompt logprobs
+    prompt: list[tuple[SeqState, int, LogprobTensors]] = field(default_factory=list)
 
 
 @dataclass
@@ -79,7 +81,7 @@ class PendingStep:
         ready = self._reported
         while ready < len(self.passes) - 1:
             p = self.passes[ready]
-            if not (p.copied.query() if p.copied is not None else not p.states):  # a pass that sampled nothing is done
+            if not (p.copied.query() if p.copied is not None else not (p.states or p.prompt)):  # nothing to copy: done
                 break
             ready += 1
         return self._outputs(ready)
@@ -87,18 +89,28 @@ class PendingStep:
     def _outputs(self, upto: int) -> list[SeqOutput]:
         """Materialise passes `_reported`..`upto` (their tokens join their sequences) as outputs."""
         outputs: dict[int, tuple[list[int], list[TokenLogprobs] | None]] = {}
+        prompt: dict[int, tuple[int, list[TokenLogprobs]]] = {}
         for p in self.passes[self._reported : upto]:
+            for state, start, tensors in p.prompt:
+                entries = tensors.materialise(len(tensors.rows))
+                prompt.setdefault(state.seq_id, (start, []))[1].extend(entries)  # type: ignore[arg-type]
+                outputs.setdefault(state.seq_id, ([], None))
             tokens = p.tokens.tolist()
             lps = p.logprobs.materialise(len(tokens)) if p.logprobs is not None else [None] * len(tokens)
             for state, token, lp in zip(p.states, tokens, lps):
                 state.token_ids.append(token)
                 state.num_inflight -= 1
                 toks, lp_list = outputs.setdefault(state.seq_id, ([], [] if lp is not None else None))
+                if lp_list is None and lp is not None:  # its entry was made for its prompt logprobs
+                    lp_list = []
+                    outputs[state.seq_id] = (toks, lp_list)
                 toks.append(token)
                 if lp_list is not None and lp is not None:
                     lp_list.append(lp)
         self._reported = max(self._reported, upto)
-        return [SeqOutput(seq_id=s, token_ids=t, logprobs=lp) for s, (t, lp) in outputs.items()]
+        return [SeqOutput(seq_id=s, token_ids=t, logprobs=lp, prompt_logprobs=prompt[s][1] if s in prompt else None,
+                          prompt_logprobs_start=prompt[s][0] if s in prompt else 0)
+                for s, (t, lp) in outputs.items()]
 
     def result(self) -> StepResult:
         """The step's end: every pass not reported by `progress()`, failures and timings."""
@@ -296,15 +308,38 @@ class ModelRunner:
                 hidden = self.pieces.run(input_ids, positions, self.backend)
             else:
                 hidden = self.model(input_ids, positions, self.backend, self.kv_caches)
+        prompt = self._prompt_logprobs(items, hidden) if step == 0 else []
         samplers: list[SeqState] = []
         for it in items:
             it.state.num_computed += it.num_tokens
             if it.state.num_computed >= len(it.state.token_ids):
                 samplers.append(it.state)
-        if not samplers:
-            return _PassOutput([], torch.empty(0, dtype=torch.long), None)
-        logits = self.model.compute_logits(hidden[sample_rows])
-        return self._sample(logits, samplers, step)
+        if samplers:
+            out = self._sample(self.model.compute_logits(hidden[sample_rows]), samplers, step)
+        else:
+            out = _PassOutput([], torch.empty(0, dtype=torch.long), None)
+        if prompt:
+            out.prompt = prompt
+            if self._cuda and out.copied is None:
+                out.copied = torch.cuda.Event()
+                out.copied.record()  # after the prompt logprobs' host copies
+        return out
+
+    def _prompt_logprobs(self, items: list[_Item], hidden: torch.Tensor) -> list[tuple[SeqState, int, LogprobTensors]]:
+        """For each chunk whose request asked: the logprobs of the prompt tokens its rows predict (row
+        j predicts token j + 1, up to the prompt's last), started on their way to the host."""
+        out: list[tuple[SeqState, int, LogprobTensors]] = []
+        row = 0
+        for it in items:
+            s = it.state
+            first = s.num_computed
+            last = min(first + it.num_tokens, s.num_prompt_tokens - 1)  # tokens first+1..last are predicted
+            if s.sampling.prompt_logprobs is not None and last > first:
+                tensors = prompt_logprobs(self.model.compute_logits, hidden[row : row + last - first],
+                                          s.token_ids[first + 1 : last + 1], s.sampling.prompt_logprobs)
+                out.append((s, first + 1, tensors.to_host_async() if self._cuda else tensors))
+            row += it.num_tokens
+        return out
 
     def _sample(self, logits: torch.Tensor, states: list[SeqState], step: int = 0) -> _PassOutput:
         """Sample on the device; `step` look-ahead passes count tokens the host has not seen yet."""

@@ -13,6 +13,7 @@ a bounded cache of derived token-rule rows.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,6 +86,28 @@ def _has_penalties(p: SamplingParams) -> bool:
 
 def _has_token_rules(p: SamplingParams) -> bool:
     return bool(p.logit_bias or p.allowed_token_ids)
+
+
+PROMPT_LOGPROB_ROWS = 256  # logits rows materialised at a time for prompt logprobs (4 bytes x V each)
+
+
+def prompt_logprobs(compute_logits: Callable[[Tensor], Tensor], hidden: Tensor, targets: list[int],
+                    top_n: int) -> LogprobTensors:
+    """Logprobs of `targets` (one per row of `hidden`, the token each row predicts) under the raw
+    logits, plus each row's top `top_n`: computed `PROMPT_LOGPROB_ROWS` rows at a time so a long
+    chunk never holds all its logits at once. No host sync."""
+    n = hidden.shape[0]
+    wanted = _to_device(targets, torch.long, hidden.device)
+    chosen, vals, ids = [], [], []
+    for i in range(0, n, PROMPT_LOGPROB_ROWS):
+        logp = torch.log_softmax(compute_logits(hidden[i : i + PROMPT_LOGPROB_ROWS]).float(), dim=-1)
+        chosen.append(logp.gather(1, wanted[i : i + PROMPT_LOGPROB_ROWS, None]).squeeze(1))
+        if top_n > 0:
+            v, ix = logp.topk(min(top_n, logp.shape[1]), dim=-1)
+            vals.append(v)
+            ids.append(ix)
+    return LogprobTensors(list(range(n)), [top_n] * n, torch.cat(chosen),
+                          torch.cat(vals) if vals else None, torch.cat(ids) if ids else None)
 
 
 class TokenRules:

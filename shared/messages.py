@@ -32,6 +32,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     logit_bias: tuple[tuple[int, float], ...] = ()
     # when set, only these token ids may be sampled (vLLM's allowed_token_ids)
     allowed_token_ids: tuple[int, ...] = ()
+    # None: none; n: the logprob of every prompt token after the first, plus the top n alternatives
+    prompt_logprobs: int | None = None
 
 
 # ---------------------------------------------------------------- control plane -> data plane
@@ -183,11 +185,17 @@ class TokenLogprobs(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
 
 
 class SeqOutput(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
-    """Tokens sampled for one sequence in one step (several with look-ahead decode)."""
+    """Tokens sampled for one sequence in one step (several with look-ahead decode), and the logprobs
+    of the prompt tokens its chunk predicted when they were asked for."""
 
     seq_id: int
     token_ids: list[int]
     logprobs: list[TokenLogprobs] | None = None
+    # with SamplingParams.prompt_logprobs: the logprobs of prompt tokens this step's chunk predicts,
+    # the first for prompt position `prompt_logprobs_start` (>= 1), the rest in order (token_ids may
+    # be empty: a chunk that does not sample)
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs_start: int = 0
 
 
 class SeqFailure(msgspec.Struct, frozen=True, kw_only=True, array_like=True):

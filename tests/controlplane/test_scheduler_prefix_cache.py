@@ -245,3 +245,43 @@ def test_a_waiting_head_is_matched_again_only_when_the_index_changed() -> None:
     assert len(calls) < 10
     drain(sched, runner)
     assert head.num_cached_tokens == 16 and head.output_token_ids == expected_tokens(head, 3)
+
+
+def test_prompt_logprobs_arrive_once_across_a_recompute_and_skip_the_cache() -> None:
+    """The scheduler keeps a sequence's prompt logprobs in order, drops positions it already holds (a
+    preempted sequence's chunks send them again) and admits such a sequence without cached blocks."""
+    from controlplane.prefix_cache import PrefixCachingAllocator
+    from controlplane.scheduler import Scheduler
+    from shared.config import SchedulerConfig
+    from shared.messages import SamplingParams, SeqOutput, StepResult, StepTimings, TokenLogprobs
+    from tests.controlplane.test_scheduler import EOS, make_seq
+
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=4), PrefixCachingAllocator(32, 4), 1000,
+                      frozenset({EOS}))
+    donor = make_seq(0, 12, 1)
+    sched.add(donor)
+    while sched.has_work():  # serve it whole with tokens from a fake data plane
+        plan = sched.schedule()
+        outs = [SeqOutput(seq_id=e.seq_id, token_ids=[9]) for e in plan.scheduled
+                if donor.num_computed_tokens >= donor.num_tokens]
+        sched.update(StepResult(step_id=plan.step_id, outputs=outs, timings=StepTimings(total_ms=1.0)))
+    seq = make_seq(1, 12, 2)
+    seq.prompt_token_ids = list(donor.prompt_token_ids)
+    seq.sampling = SamplingParams(temperature=0.0, prompt_logprobs=0)
+    sched.add(seq)
+    plan = sched.schedule()
+    assert seq.num_cached_tokens == 0 and [r.num_computed_tokens for r in plan.new_requests] == [0]
+    lp = [TokenLogprobs(logprob=-float(i)) for i in range(1, 12)]
+    sched.update(StepResult(step_id=plan.step_id, outputs=[
+        SeqOutput(seq_id=1, token_ids=[], prompt_logprobs=lp[:4], prompt_logprobs_start=1)],
+        timings=StepTimings(total_ms=1.0)))
+    plan = sched.schedule()
+    sched.update(StepResult(step_id=plan.step_id, outputs=[  # 1..8, as a recompute would: only 5..8 are new
+        SeqOutput(seq_id=1, token_ids=[], prompt_logprobs=lp[:8], prompt_logprobs_start=1)],
+        timings=StepTimings(total_ms=1.0)))
+    assert [e.logprob for e in seq.prompt_logprobs] == [e.logprob for e in lp[:8]]
+    plan = sched.schedule()
+    sched.update(StepResult(step_id=plan.step_id, outputs=[
+        SeqOutput(seq_id=1, token_ids=[5], prompt_logprobs=lp[8:], prompt_logprobs_start=9)],
+        timings=StepTimings(total_ms=1.0)))
+    assert [e.logprob for e in seq.prompt_logprobs] == [e.logprob for e in lp] and seq.output_token_ids == [5]

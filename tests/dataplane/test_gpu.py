@@ -366,3 +366,41 @@ def test_a_cached_prefix_gives_the_tokens_of_the_whole_prompt(gpu_checkpoint: Pa
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len(out[1]) == 9 and out[1] == out[2][:9]
+
+
+def _prompt_logprobs_run(runner, prompt: list[int], chunk: int, sync_debug: bool) -> list[float]:  # noqa: ANN001
+    """Prefill `prompt` in chunks of `chunk` tokens asking for its prompt logprobs; the chosen logprobs."""
+    asked = SamplingParams(temperature=0.0, prompt_logprobs=2)
+    plans, done = [], 0
+    while done < len(prompt):
+        n = min(chunk, len(prompt) - done)
+        news = [NewRequest(seq_id=0, token_ids=prompt, num_prompt_tokens=len(prompt),
+                           block_ids=list(range(-(-len(prompt) // BS) + 1)), sampling=asked)] if not done else []
+        plans.append(StepPlan(step_id=len(plans), new_requests=news, scheduled=[ScheduledSeq(seq_id=0, num_tokens=n)]))
+        done += n
+    got: list[float] = []
+    if sync_debug:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        for plan in plans:
+            pending = runner.launch(plan)
+            while not pending.ready():
+                pass
+            for out in pending.result().outputs:
+                assert out.prompt_logprobs_start == len(got) + 1
+                got.extend(e.logprob for e in out.prompt_logprobs or [])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return got
+
+
+def test_prompt_logprobs_on_the_gpu_match_the_cpu_path(gpu_checkpoint: Path) -> None:
+    """Chunked prefill through flashinfer and piecewise graphs (bf16), without a host sync, gives the
+    prompt logprobs of the float32 CPU path to bf16 accuracy."""
+    prompt = _prompts(1, 512, seed=8)[0] * 3  # 3x a prompt of 5-60 tokens
+    cpu = load_worker(DataplaneConfig(model=str(gpu_checkpoint), device="cpu", num_kv_blocks=64)).runner
+    want = _prompt_logprobs_run(cpu, prompt, chunk=len(prompt), sync_debug=False)
+    got = _prompt_logprobs_run(_worker(str(gpu_checkpoint)).runner, prompt, chunk=16, sync_debug=True)
+    assert len(got) == len(want) == len(prompt) - 1
+    assert max(abs(a - b) for a, b in zip(got, want)) < 0.1

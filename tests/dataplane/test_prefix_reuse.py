@@ -69,3 +69,33 @@ def test_the_simulated_runner_refuses_unsafe_sharing() -> None:
     assert new(4, PREFIX[:4] + [7, 7, 7], [0, 8], 4, 3) == ""  # block 0 shared rightly
     sim.execute(StepPlan(step_id=9, finished_seq_ids=[0]))  # its writer is gone; seq 4 still reads it
     assert "cached prefix of seq 4" in new(5, [1, 2, 3], [0], 0, 3)
+
+
+def test_prompt_logprobs_cover_the_prompt_only_in_chunks_and_after_a_preemption() -> None:
+    """Row j of a chunk predicts token j + 1: chunks send their part of the prompt's logprobs (a chunk
+    that does not sample too), and a recomputed sequence (prompt + its earlier outputs) sends them for
+    prompt tokens only -- the same values as computing the prompt whole."""
+    asked = SamplingParams(temperature=0.0, prompt_logprobs=2)
+    prompt = PREFIX + [40, 41]
+    whole = runner()
+    out = whole.execute(StepPlan(step_id=0, new_requests=[NewRequest(
+        seq_id=0, token_ids=prompt, num_prompt_tokens=10, block_ids=[0, 1, 2], sampling=asked)],
+        scheduled=[ScheduledSeq(seq_id=0, num_tokens=10)])).outputs[0]
+    assert out.prompt_logprobs_start == 1 and len(out.prompt_logprobs) == 9 and len(out.token_ids) == 1
+    chunked = runner()
+    plan = StepPlan(step_id=0, new_requests=[NewRequest(seq_id=0, token_ids=prompt, num_prompt_tokens=10,
+                                                        block_ids=[0, 1, 2], sampling=asked)],
+                    scheduled=[ScheduledSeq(seq_id=0, num_tokens=6)])
+    first = chunked.execute(plan).outputs[0]
+    assert first.token_ids == [] and first.prompt_logprobs_start == 1 and len(first.prompt_logprobs) == 6
+    second = chunked.execute(StepPlan(step_id=1, scheduled=[ScheduledSeq(seq_id=0, num_tokens=4)])).outputs[0]
+    assert second.prompt_logprobs_start == 7 and len(second.prompt_logprobs) == 3
+    joined = first.prompt_logprobs + second.prompt_logprobs
+    assert [e.logprob for e in joined] == pytest.approx([e.logprob for e in out.prompt_logprobs], abs=1e-4)
+    assert [e.top_token_ids for e in joined] == [e.top_token_ids for e in out.prompt_logprobs]
+    again = runner().execute(StepPlan(step_id=0, new_requests=[NewRequest(
+        seq_id=0, token_ids=prompt + [7, 8], num_prompt_tokens=10, block_ids=[0, 1, 2], sampling=asked)],
+        scheduled=[ScheduledSeq(seq_id=0, num_tokens=12)])).outputs[0]
+    assert again.prompt_logprobs_start == 1 and len(again.prompt_logprobs) == 9  # not for the outputs
+    assert [e.logprob for e in again.prompt_logprobs] == pytest.approx([e.logprob for e in out.prompt_logprobs],
+                                                                        abs=1e-4)
