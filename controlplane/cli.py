@@ -147,6 +147,8 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-logprobs", type=int, default=None, metavar="N",
                    help="score the prompt: print the sum of its tokens' logprobs and its perplexity (each with "
                         "N top alternatives on the wire)")
+    p.add_argument("--truncate-prompt-tokens", type=int, default=None, metavar="K",
+                   help="keep only the prompt's last K tokens")
     p.add_argument("--priority", type=int, default=0,
                    help="lower is served first, on a server started with --scheduling-policy priority")
     p.add_argument("--timeout", type=float, default=300.0, help="call deadline in seconds")

@@ -55,6 +55,8 @@ def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
         request.seed = args.seed
     if args.prompt_logprobs is not None:
         request.prompt_logprobs = args.prompt_logprobs
+    if args.truncate_prompt_tokens is not None:
+        request.truncate_prompt_tokens = args.truncate_prompt_tokens
     return request
 
 

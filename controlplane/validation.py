@@ -71,6 +71,12 @@ def _prompt_ids(request: pb.GenerateRequest, tokenizer: TextTokenizer, limits: L
                 )
     if not ids:
         raise InvalidRequest("prompt: no tokens to process")
+    if request.HasField("truncate_prompt_tokens"):
+        keep = request.truncate_prompt_tokens
+        if not 1 <= keep < limits.max_model_len:
+            raise InvalidRequest(f"truncate_prompt_tokens must be in [1, {limits.max_model_len - 1}] "
+                                 f"(below max_model_len {limits.max_model_len}), got {keep}")
+        ids = ids[-keep:]  # the last `keep` tokens, as vLLM's left truncation
     if len(ids) >= limits.max_model_len:
         raise InvalidRequest(
             f"prompt: {len(ids)} tokens, but the model allows at most {limits.max_model_len - 1} "

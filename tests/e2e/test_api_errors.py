@@ -47,6 +47,9 @@ BAD_REQUESTS: list[tuple[dict[str, object], str]] = [
     ({**OK, "logit_bias": {i: 1.0 for i in range(1100)}}, "logit_bias: at most 1024 entries, got 1100"),
     ({**OK, "allowed_token_ids": [5, 9999]}, "allowed_token_ids: token id 9999 is outside the vocabulary"),
     ({**OK, "priority": 2}, "priority: 2 needs a server started with --scheduling-policy priority"),
+    ({**OK, "truncate_prompt_tokens": 0}, "truncate_prompt_tokens must be in [1, 63]"),
+    ({**OK, "truncate_prompt_tokens": 64}, "truncate_prompt_tokens must be in [1, 63] (below max_model_len 64)"),
+    ({**OK, "prompt_logprobs": 21}, "prompt_logprobs must be at most 20"),
 ]
 
 
@@ -59,6 +62,14 @@ async def test_bad_requests_are_invalid_argument() -> None:
             assert message in (err.value.details() or ""), (fields, err.value.details())
         ok = await generate(served.stub, **OK)  # the server still serves
         assert len(ok.token_ids) == 2
+        long = list(range(3, 103))  # 100 tokens: too long for max_model_len 64 unless truncated
+        kept = await generate(served.stub, token_ids={"ids": long}, truncate_prompt_tokens=10, max_tokens=3,
+                              temperature=0.0, ignore_eos=True)
+        tail = await generate(served.stub, token_ids={"ids": long[-10:]}, max_tokens=3, temperature=0.0,
+                              ignore_eos=True)
+        assert kept.final is not None and kept.final.prompt_tokens == 10 and kept.token_ids == tail.token_ids
+        short = await generate(served.stub, token_ids={"ids": [5, 6]}, truncate_prompt_tokens=10, max_tokens=1)
+        assert short.final is not None and short.final.prompt_tokens == 2  # shorter prompts stay whole
         clamped = await generate(served.stub, token_ids={"ids": list(range(3, 63))}, max_tokens=50, ignore_eos=True)
         assert clamped.final is not None and clamped.final.completion_tokens == 4  # 60 + 4 = max_model_len
         assert clamped.final.finish_reason == "length"
