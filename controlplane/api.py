@@ -93,6 +93,29 @@ def choice_id(request_id: str, index: int) -> str:
     return f"{request_id}\x1f{index}"
 
 
+PROMPT_LOGPROBS_PER_MESSAGE = 1024  # ~240 KB a message at 20 alternatives: far below any gRPC limit
+
+
+def _prompt_messages(request_id: str, delta: RequestDelta, index: int) -> list[pb.GenerateResponse]:
+    """A delta's prompt logprobs as messages of their own, at most PROMPT_LOGPROBS_PER_MESSAGE entries
+    each (a long prompt's would pass gRPC's message limits in one); they come before its tokens."""
+    assert delta.prompt_logprobs is not None and delta.prompt_token_ids is not None
+    targets, entries = delta.prompt_token_ids[1:], delta.prompt_logprobs
+    return [pb.GenerateResponse(request_id=request_id, index=index,
+                                prompt_logprobs=_logprobs_pb(targets[i : i + PROMPT_LOGPROBS_PER_MESSAGE],
+                                                             entries[i : i + PROMPT_LOGPROBS_PER_MESSAGE]))
+            for i in range(0, len(entries), PROMPT_LOGPROBS_PER_MESSAGE)]
+
+
+async def _responses(request_id: str, delta: RequestDelta, index: int = 0) -> AsyncIterator[pb.GenerateResponse]:
+    """The messages of one delta: its prompt logprobs first, when it carries them (built off the event
+    loop: thousands of entries take a while), then its tokens."""
+    if delta.prompt_logprobs:
+        for message in await asyncio.to_thread(_prompt_messages, request_id, delta, index):
+            yield message
+    yield _response(request_id, delta, index)
+
+
 def _response(request_id: str, delta: RequestDelta, index: int = 0) -> pb.GenerateResponse:
     message = pb.GenerateResponse(
         request_id=request_id,
@@ -101,8 +124,6 @@ def _response(request_id: str, delta: RequestDelta, index: int = 0) -> pb.Genera
         logprobs=_logprobs_pb(delta.token_ids, delta.logprobs),
         index=index,
     )
-    if delta.prompt_logprobs is not None and delta.prompt_token_ids is not None:
-        message.prompt_logprobs.extend(_logprobs_pb(delta.prompt_token_ids[1:], delta.prompt_logprobs))
     if delta.finish_reason is not None:
         message.finish_reason = delta.finish_reason
         message.prompt_tokens = delta.prompt_tokens
@@ -175,7 +196,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             async for delta in handle.until(deadline):
                 await self._end_if_failed(context, obs, delta, "request failed")
-                yield _response(valid.request_id, delta)
+                async for message in _responses(valid.request_id, delta):
+                    yield message
         except TimeoutError:
             self.engine.abort(valid.request_id)  # frees its blocks before the next step
             await self._abort(context, obs, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -208,14 +230,15 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         """n completions of one prompt as n engine requests, their messages interleaved as they come;
         completion i samples with seed + i when a seed is set. The first failure ends them all.
 
-        With prefix caching, and a prompt of at least one whole block and a token, completion 0 starts
+        With prefix caching, and a prompt of at least one whole block and a token (and no prompt logprobs
+        asked, which are never served from the cache), completion 0 starts
         alone and the others join when its first message is out: by then its prompt's blocks are in
         the cache, so the prompt is computed once, not n times. An Abort before they joined (or a
         first message that is completion 0's abort) ends them unstarted, each with an abort message."""
         rid, engine = valid.request_id, self.engine
         fanout = _Fanout([choice_id(rid, i) for i in range(valid.n)])
         assert engine.worker is not None
-        staggered = (engine.scheduler_config.enable_prefix_caching
+        staggered = (engine.scheduler_config.enable_prefix_caching and valid.sampling.prompt_logprobs is None
                      and (len(valid.prompt_token_ids) - 1) // engine.worker.block_size >= 1)
         self._fanouts[rid] = fanout
         try:
@@ -240,7 +263,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                             left -= 1
                     else:  # completion 0's prompt is computed: the rest join now
                         await self._start(fanout, valid, context, obs, deadline, len(fanout.ids))
-                yield _response(rid, delta, index)
+                async for message in _responses(rid, delta, index):
+                    yield message
                 if delta.finish_reason is not None:
                     left -= 1
         finally:

@@ -26,7 +26,7 @@ def admission_match(cache: PrefixCachingAllocator, seq: Sequence) -> tuple[list[
     """The cached blocks a waiting sequence's tokens start with (a fresh list; at least its last token
     is left to compute; none for a request that wants prompt logprobs) and the entry id they end in. A match made at the cache's current epoch is
     reused: a queue head waiting for free blocks is not matched again while the index stays the same."""
-    if seq.sampling.prompt_logprobs is not None:
+    if seq.needs_prompt_logprobs:
         return [], 0  # every prompt position's logits are wanted: nothing may be skipped
     epoch, cached, parent = seq._match
     if epoch != cache.epoch:

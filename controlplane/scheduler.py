@@ -33,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from itertools import islice
 
+import msgspec
+
 from controlplane import prefix_sharing
 from controlplane.policies import AGGREGATED, BatchShape, ModeDecision, StepForecast, make_policy, make_predictor
 from controlplane.prefix_cache import Allocator, PrefixCachingAllocator
@@ -423,9 +425,12 @@ class Scheduler(StepOutcomes):
         """`seq`'s entry in the plan; a sequence the worker holds no state for is sent whole first."""
         seq_id = seq.seq_id
         if not seq.on_worker:
+            sampling = seq.sampling
+            if seq.prompt_logprobs is not None and not seq.needs_prompt_logprobs:  # a recompute: held already
+                sampling = msgspec.structs.replace(sampling, prompt_logprobs=None)
             new_requests.append(NewRequest(seq_id=seq_id, token_ids=seq.all_token_ids(),
                                            num_prompt_tokens=seq.num_prompt_tokens, block_ids=list(seq.block_ids),
-                                           sampling=seq.sampling, num_computed_tokens=seq.num_computed_tokens))
+                                           sampling=sampling, num_computed_tokens=seq.num_computed_tokens))
             seq.on_worker = True
             return ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens)
         blocks = new_blocks.get(seq_id)

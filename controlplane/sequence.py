@@ -126,6 +126,12 @@ class Sequence:
         return self._num_prompt + len(self.output_token_ids) + self.num_inflight - self.num_computed_tokens
 
     @property
+    def needs_prompt_logprobs(self) -> bool:
+        """It asked for prompt logprobs and does not hold them all yet (its prompt must be computed
+        whole, asking for them; once held, a recompute after a preemption needs neither)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self._num_prompt - 1
+
+    @property
     def is_decoding(self) -> bool:
         """Every known token but the last is in the KV cache: the next step computes one token."""
         out = len(self.output_token_ids) + self.num_inflight

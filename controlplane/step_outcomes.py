@@ -9,6 +9,7 @@ result only ever frees them, through `Scheduler.finish`.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from controlplane.sequence import FinishReason, Sequence, check_token_stop
 from controlplane.step_records import InflightStep, SeqUpdate
 from controlplane.step_stats import StepStats
 from shared.messages import SeqOutput, StepProgress, StepResult, StepTimings, TokenLogprobs
+
+log = logging.getLogger(__name__)
 
 
 class StepOutcomes:
@@ -96,6 +99,9 @@ class StepOutcomes:
         skip = len(seq.prompt_logprobs) + 1 - output.prompt_logprobs_start
         if 0 <= skip < len(entries):
             seq.prompt_logprobs.extend(entries[skip:])
+        elif skip < 0:  # chunks arrive in order: a gap is a data-plane bug, not the client's to guess at
+            log.warning("seq %d: prompt logprobs from position %d, but only %d are held; dropped",
+                        output.seq_id, output.prompt_logprobs_start, len(seq.prompt_logprobs))
 
     def update(self, result: StepResult) -> list[SeqUpdate]:
         """Apply the worker's answer to the oldest step in flight; returns per-sequence changes."""

@@ -160,6 +160,7 @@ class ModelRunner:
         # seq id -> (device tensor, row) of its newest sampled token: a plan sent before that token
         # reached the host (async scheduling) feeds it to the next decode from here
         self._last_sampled: dict[int, tuple[torch.Tensor, int]] = {}
+        self._prompt_seqs: set[int] = set()  # sequences that asked for prompt logprobs (most steps: none)
         self._cuda = device.type == "cuda"
 
     # ------------------------------------------------------------------ plan handling
@@ -179,6 +180,8 @@ class ModelRunner:
             try:
                 self.drop(new.seq_id)
                 self.seqs[new.seq_id] = new_state(new, self.config.vocab_size, self.num_blocks)
+                if new.sampling.prompt_logprobs is not None:
+                    self._prompt_seqs.add(new.seq_id)
             except SeqError as exc:
                 pending.failures.append(SeqFailure(seq_id=new.seq_id, message=str(exc)))
         failed = {f.seq_id for f in pending.failures}
@@ -208,10 +211,12 @@ class ModelRunner:
         """Forget a sequence (steps still running keep what they hold of it)."""
         self.seqs.pop(seq_id, None)
         self._last_sampled.pop(seq_id, None)
+        self._prompt_seqs.discard(seq_id)
 
     def clear(self) -> None:
         self.seqs.clear()
         self._last_sampled.clear()
+        self._prompt_seqs.clear()
 
     # ------------------------------------------------------------------ execution
 
@@ -308,7 +313,7 @@ class ModelRunner:
                 hidden = self.pieces.run(input_ids, positions, self.backend)
             else:
                 hidden = self.model(input_ids, positions, self.backend, self.kv_caches)
-        prompt = self._prompt_logprobs(items, hidden) if step == 0 else []
+        prompt = self._prompt_logprobs(items, hidden) if step == 0 and self._prompt_seqs else []
         samplers: list[SeqState] = []
         for it in items:
             it.state.num_computed += it.num_tokens

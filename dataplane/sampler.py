@@ -106,6 +106,7 @@ def prompt_logprobs(compute_logits: Callable[[Tensor], Tensor], hidden: Tensor, 
             v, ix = logp.topk(min(top_n, logp.shape[1]), dim=-1)
             vals.append(v)
             ids.append(ix)
+        del logp  # before the next slice's logits: one slice of them alive at a time
     return LogprobTensors(list(range(n)), [top_n] * n, torch.cat(chosen),
                           torch.cat(vals) if vals else None, torch.cat(ids) if ids else None)
 

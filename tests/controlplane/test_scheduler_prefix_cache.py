@@ -285,3 +285,13 @@ def test_prompt_logprobs_arrive_once_across_a_recompute_and_skip_the_cache() -> 
         SeqOutput(seq_id=1, token_ids=[5], prompt_logprobs=lp[8:], prompt_logprobs_start=9)],
         timings=StepTimings(total_ms=1.0)))
     assert [e.logprob for e in seq.prompt_logprobs] == [e.logprob for e in lp] and seq.output_token_ids == [5]
+    # a sequence that holds them all (as one preempted after its first token does) is recomputed
+    # from the cache and does not ask the data plane again
+    again = make_seq(2, 12, 2)
+    again.prompt_token_ids = list(donor.prompt_token_ids)
+    again.sampling = SamplingParams(temperature=0.0, prompt_logprobs=0)
+    again.prompt_logprobs = list(lp)
+    sched.add(again)
+    plan = sched.schedule()
+    new = {r.seq_id: r for r in plan.new_requests}[2]
+    assert new.sampling.prompt_logprobs is None and new.num_computed_tokens == 8  # two cached blocks of 4

@@ -388,8 +388,9 @@ def _prompt_logprobs_run(runner, prompt: list[int], chunk: int, sync_debug: bool
             while not pending.ready():
                 pass
             for out in pending.result().outputs:
-                assert out.prompt_logprobs_start == len(got) + 1
-                got.extend(e.logprob for e in out.prompt_logprobs or [])
+                if out.prompt_logprobs is not None:  # a last chunk of one token predicts no prompt token
+                    assert out.prompt_logprobs_start == len(got) + 1
+                    got.extend(e.logprob for e in out.prompt_logprobs)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     return got

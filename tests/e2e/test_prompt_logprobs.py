@@ -51,6 +51,7 @@ async def test_prompt_logprobs_match_transformers(budget: int, checkpoints: dict
                                    ignore_eos=True, prompt_logprobs=3)
         first, *rest = got[0]
         check(list(first.prompt_logprobs), prompt, ref, top=3)
+        assert not first.token_ids and rest[0].token_ids  # their own message, before the tokens
         assert all(not m.prompt_logprobs for m in rest)
         chosen_only = await first_messages(served, token_ids={"ids": prompt}, max_tokens=1, prompt_logprobs=0)
         check(list(chosen_only[0][0].prompt_logprobs), prompt, ref, top=0)
@@ -91,3 +92,20 @@ async def test_cli_scores_the_prompt(checkpoints: dict[str, Path]) -> None:
     assert found, out.stderr
     assert float(found.group(1)) == pytest.approx(total, abs=1e-3)
     assert float(found.group(2)) == pytest.approx(math.exp(-total / 6), rel=1e-3)
+
+
+async def test_a_long_prompts_logprobs_are_split_over_messages(checkpoints: dict[str, Path],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import controlplane.api
+
+    monkeypatch.setattr(controlplane.api, "PROMPT_LOGPROBS_PER_MESSAGE", 10)  # the servicer runs in-process
+    folder = checkpoints["qwen3"]
+    prompt = torch.randint(3, 300, (37,), generator=torch.Generator().manual_seed(5)).tolist()
+    ref = hf_prompt_logprobs(load_hf_model(folder), prompt)
+    async with serve(str(folder)) as served:
+        messages = (await first_messages(served, token_ids={"ids": prompt}, max_tokens=3, prompt_logprobs=1,
+                                         ignore_eos=True))[0]
+    sizes = [len(m.prompt_logprobs) for m in messages]
+    assert sizes[:4] == [10, 10, 10, 6] and not any(sizes[4:]), sizes
+    assert all(not m.token_ids for m in messages[:4]) and sum(len(m.token_ids) for m in messages) == 3
+    check([e for m in messages for e in m.prompt_logprobs], prompt, ref, top=1)
