@@ -19,7 +19,8 @@
 # stage serves without piecewise graphs (results named <gpu>, else <gpu>-piecewise) engine-eager (the engine benchmark with prefill passes launched eagerly, not as piecewise graphs)
 # profile-eager (host launch and device time of eager prefill and mixed steps) prefix-cache (a shared
 # 2k-token system prompt served offline with prefix caching off and on) serving-prefix (the same
-# through duetserve serve and bench serve --random-prefix-len, 200 requests at 8 req/s, cache off and on). GPU name for file names: GPU=h200 (default).
+# through duetserve serve and bench serve --random-prefix-len, 200 requests at 8 req/s, cache off and on) priority
+# (an urgent fifth of 300 requests over a queue, fcfs then --scheduling-policy priority). GPU name for file names: GPU=h200 (default).
 # Every other stage runs the data plane's defaults, piecewise graphs included.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,6 +59,7 @@ for stage in "$@"; do
                   done ;;
     engine) run engine 400 python3 benchmarks/engine.py --peer-requests 64 --peer-output-len 128 --out "$OUT" ;;
     prefix-cache) run prefix-cache 300 python3 benchmarks/prefix_cache.py --out "$OUT" ;;
+    priority) run priority 400 python3 benchmarks/priority.py $LAUNCH --gpu "$GPU$TAG" --out "$OUT" ;;
     serving-prefix) run serving-prefix 560 python3 benchmarks/serving_prefix.py $LAUNCH --gpu "$GPU$TAG" \
                       --out "$OUT" ;;
     engine-eager) run engine-eager 400 python3 benchmarks/engine.py --no-piecewise-graphs --out "$OUT" ;;

@@ -73,7 +73,8 @@ def random_workload(n: int, input_len: int, output_len: int, range_ratio: float,
 
 async def _one(stub: pb_grpc.GenerationStub, record: RequestRecord, prompt: list[int], t0: float,
                progress: object | None) -> None:
-    request = pb.GenerateRequest(max_tokens=record.max_tokens, temperature=0.0, ignore_eos=True)
+    request = pb.GenerateRequest(max_tokens=record.max_tokens, temperature=0.0, ignore_eos=True,
+                                 priority=record.priority)
     request.token_ids.ids.extend(prompt)
     record.sent = time.monotonic() - t0
     try:
@@ -92,9 +93,11 @@ async def _one(stub: pb_grpc.GenerationStub, record: RequestRecord, prompt: list
 
 async def run_load(stub: pb_grpc.GenerationStub, workload: list[TraceRequest], send_times: list[float], *,
                    vocab_size: int, max_model_len: int, seed: int = 0, show_progress: bool = True,
-                   max_concurrency: int | None = None, prefix_len: int = 0) -> tuple[list[RequestRecord], float]:
+                   max_concurrency: int | None = None, prefix_len: int = 0,
+                   priorities: list[int] | None = None) -> tuple[list[RequestRecord], float]:
     """Send each request at its time (open loop); returns the records and the wall duration. Each
-    prompt starts with the same `prefix_len` random tokens (as far as its length allows)."""
+    prompt starts with the same `prefix_len` random tokens (as far as its length allows); request i
+    carries `priorities[i]` when given (a server under --scheduling-policy priority)."""
     rng = random.Random(seed)
     shared = make_prompt(random.Random(seed + 1), prefix_len, vocab_size)
     progress = None
@@ -114,7 +117,8 @@ async def run_load(stub: pb_grpc.GenerationStub, workload: list[TraceRequest], s
 
     for i, (req, at) in enumerate(zip(workload, send_times)):
         max_tokens = max(1, min(req.output_tokens, max_model_len - 1))
-        record = RequestRecord(i, max(1, min(req.prompt_tokens, max_model_len - max_tokens)), max_tokens)
+        record = RequestRecord(i, max(1, min(req.prompt_tokens, max_model_len - max_tokens)), max_tokens,
+                               priority=priorities[i] if priorities else 0)
         records.append(record)
         head = shared[: record.prompt_tokens]
         prompt = head + make_prompt(rng, record.prompt_tokens - len(head), vocab_size)

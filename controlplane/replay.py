@@ -81,6 +81,7 @@ class RequestRecord:
     cached_tokens: int = 0  # prompt tokens the server found in its prefix cache
     finish_reason: str = ""
     error: str = ""
+    priority: int = 0  # what it was sent with (GenerateRequest.priority)
 
 
 def make_prompt(rng: random.Random, length: int, vocab_size: int) -> list[int]:

@@ -188,3 +188,17 @@ def test_serving_prefix_benchmark_runs_on_the_simulated_plane(tmp_path: Path) ->
     off, on = report["rows"]
     assert off["completed"] == on["completed"] == 12 and off["total_cached_tokens"] == 0
     assert on["total_cached_tokens"] > 0 and report["summary"]["simulated"]
+
+
+def test_priority_benchmark_runs_on_the_simulated_plane(tmp_path: Path) -> None:
+    """Every request of both runs completes and is counted in its class (the figures are the run's)."""
+    proc = subprocess.run([sys.executable, "benchmarks/priority.py", "--simulate", "h200", "--num-prompts", "20",
+                           "--rate", "20", "--input-len", "64", "--output-len", "8", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "priority-sim-h200.json").read_text())
+    fcfs, prio = report["rows"]
+    assert (fcfs["scheduling_policy"], prio["scheduling_policy"]) == ("fcfs", "priority")
+    for row in (fcfs, prio):
+        assert row["urgent"]["completed"] + row["others"]["completed"] == 20
+        assert row["urgent"]["requests"] == fcfs["urgent"]["requests"] > 0  # the same seeded classes
