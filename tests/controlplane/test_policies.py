@@ -11,12 +11,11 @@ from hypothesis import strategies as st
 
 from controlplane.kv_blocks import BlockAllocator
 from controlplane.scheduler import Scheduler
-from controlplane.sequence import FinishReason
 from dataplane.sim import SimRunner
 from dataplane.sim_worker import SimGpu, sim_ready
 from shared.config import SchedulerConfig
 from shared.messages import WorkerReady
-from tests.controlplane.test_scheduler import VOCAB, EOS, drain, expected_tokens, make_seq, step
+from tests.controlplane.test_scheduler import VOCAB, EOS, drain, expected_tokens, make_seq, run_random_workload, step
 
 
 def make(policy: str, *, num_blocks: int = 4096, block_size: int = 16, budget: int = 2048, max_seqs: int = 256,
@@ -146,23 +145,8 @@ def test_random_workloads_complete_under_every_policy(policy: str, lengths: list
     lengths = [(p, o) for p, o in lengths if p + o + 8 <= capacity] or [(1, 1)]
     sched, runner = make(policy, num_blocks=num_blocks, block_size=block_size, budget=budget, max_seqs=8,
                          tbt=0.5, static_lookahead=lookahead, max_lookahead=lookahead)
-    rng = random.Random(seed)
     seqs = [make_seq(i, p, o) for i, (p, o) in enumerate(lengths)]
-    pending, steps = list(seqs), 0
-    while pending or sched.has_work():
-        if pending and rng.random() < 0.5:
-            sched.add(pending.pop(0))
-        if sched.has_work():
-            step(sched, runner)
-            if rng.random() < 0.03 and sched.seqs:
-                sched.finish(rng.choice(list(sched.seqs)), FinishReason.ABORT)
-        steps += 1
-        assert steps < 20_000
-    assert sched.allocator.num_free == num_blocks
-    for seq in seqs:
-        assert seq.is_finished
-        if seq.finish_reason is FinishReason.LENGTH:
-            assert seq.output_token_ids == expected_tokens(seq, seq.stop.max_tokens)
+    run_random_workload(sched, runner, seqs, random.Random(seed), abort_rate=0.03)
 
 
 def test_tpot_step_budget_by_hand() -> None:

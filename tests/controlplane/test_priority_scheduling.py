@@ -17,7 +17,7 @@ from controlplane.sequence import FinishReason, Sequence
 from controlplane.waiting_queue import PriorityWaitingQueue
 from dataplane.sim import SimRunner
 from shared.config import SchedulerConfig
-from tests.controlplane.test_scheduler import EOS, VOCAB, drain, expected_tokens, make_seq, step
+from tests.controlplane.test_scheduler import EOS, VOCAB, drain, expected_tokens, make_seq, run_random_workload, step
 
 
 def prio_seq(seq_id: int, priority: int, prompt_len: int = 8, max_tokens: int = 4) -> Sequence:
@@ -153,24 +153,10 @@ def test_random_priority_workloads_complete_with_the_same_tokens(
     capacity = num_blocks * block_size
     specs = [(p, o, pr) for p, o, pr in specs if p + o <= capacity] or [(1, 1, 0)]
     sched, runner = prio_scheduler(num_blocks, block_size, budget, max_seqs, caching)
-    rng = random.Random(seed)
     seqs = [prio_seq(i, pr, p, o) for i, (p, o, pr) in enumerate(specs)]
-    pending, steps = list(seqs), 0
-    while pending or sched.has_work():
-        if pending and rng.random() < 0.5:
-            sched.add(pending.pop(0))
-        if sched.has_work():
-            step(sched, runner)
-            keys = [(s.priority, s.seq_id) for s in sched.running]
-            assert keys == sorted(keys)  # preemption takes the last: the lowest priority
-            if rng.random() < 0.05 and sched.seqs:
-                sched.finish(rng.choice(list(sched.seqs)), FinishReason.ABORT)
-        steps += 1
-        assert steps < 20_000
-    assert sched.allocator.num_free == num_blocks
-    for seq in seqs:
-        assert seq.is_finished
-        if seq.finish_reason is FinishReason.LENGTH:
-            assert seq.output_token_ids == expected_tokens(seq, seq.stop.max_tokens)
-        else:
-            assert seq.finish_reason is FinishReason.ABORT
+
+    def sorted_by_priority(s: Scheduler) -> None:
+        keys = [(q.priority, q.seq_id) for q in s.running]
+        assert keys == sorted(keys)  # preemption takes the last: the lowest priority
+
+    run_random_workload(sched, runner, seqs, random.Random(seed), abort_rate=0.05, after_step=sorted_by_priority)

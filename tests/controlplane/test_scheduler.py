@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 import random
 
 from hypothesis import given, settings
@@ -208,20 +209,27 @@ def test_random_workloads_complete_with_invariants(
     capacity = num_blocks * block_size
     lengths = [(p, o) for p, o in lengths if p + o <= capacity] or [(1, 1)]
     sched, runner = make_scheduler(num_blocks, block_size, budget, max_seqs)
-    rng = random.Random(abort_seed)
     seqs = [make_seq(i, p, o) for i, (p, o) in enumerate(lengths)]
-    pending = list(seqs)
-    steps = 0
+    run_random_workload(sched, runner, seqs, random.Random(abort_seed), abort_rate=0.05)
+
+
+def run_random_workload(sched: Scheduler, runner: SimRunner | SimGpu, seqs: list[Sequence], rng: random.Random,
+                        abort_rate: float, after_step: Callable[[Scheduler], None] | None = None) -> None:
+    """Add `seqs` at random moments, step until all end, abort a random live one now and then; then
+    every block is free, and each sequence that ran to its length has the simulated runner's tokens."""
+    pending, steps = list(seqs), 0
     while pending or sched.has_work():
         if pending and rng.random() < 0.5:
             sched.add(pending.pop(0))
         if sched.has_work():
             step(sched, runner)
-            if rng.random() < 0.05 and sched.seqs:
+            if after_step is not None:
+                after_step(sched)
+            if rng.random() < abort_rate and sched.seqs:
                 sched.finish(rng.choice(list(sched.seqs)), FinishReason.ABORT)
         steps += 1
         assert steps < 20_000
-    assert sched.allocator.num_free == num_blocks
+    assert sched.allocator.num_free == sched.allocator.num_blocks
     for seq in seqs:
         assert seq.is_finished
         if seq.finish_reason is FinishReason.LENGTH:
