@@ -118,11 +118,12 @@ class ControlPlane:
             self.supervisor.start()
         ready = await self.engine.start(self.config.handshake_timeout_s)
         log.info(
-            "data plane ready: %s on %s, %d KV blocks x %d tokens, max_model_len %d, %s, prefix caching %s",
+            "data plane ready: %s on %s, %d KV blocks x %d tokens, max_model_len %d, %s, prefix caching %s, "
+            "%s scheduling",
             ready.model.name, ready.device.name, ready.num_kv_blocks, ready.block_size, self.engine.max_model_len,
             f"piecewise graphs up to {ready.piecewise_max_tokens} tokens" if ready.piecewise_max_tokens
             else "prefill and mixed steps eager",
-            "on" if self.config.scheduler.enable_prefix_caching else "off",
+            "on" if self.config.scheduler.enable_prefix_caching else "off", self.config.scheduler.scheduling_policy,
         )
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
