@@ -16,9 +16,10 @@ import grpc
 import msgspec
 
 from controlplane.admission import Overloaded
+from controlplane.chat_template import ChatTemplate
 from controlplane.engine import Engine, EngineRequest, EngineUnavailable, RequestHandle
 from controlplane.observer import RequestObs
-from controlplane.tracing import request_attributes
+from controlplane.tracing import CHAT_OPERATION, request_attributes
 from controlplane.output import RequestDelta
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc
@@ -142,10 +143,11 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, engine: Engine, model_name: str, policy: str) -> None:
+    def __init__(self, engine: Engine, model_name: str, policy: str, chat_template: ChatTemplate | None = None) -> None:
         self.engine = engine
         self.model_name = model_name
         self.policy = policy
+        self.chat_template = chat_template  # None: the model has none, chat prompts are refused
         self._fanouts: dict[str, _Fanout] = {}  # request id of n > 1 completions -> their engine requests
 
     def _limits(self) -> Limits:
@@ -177,11 +179,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await self._abort(context, obs, grpc.StatusCode.UNAVAILABLE, why)
         assert self.engine.tokenizer is not None
         try:
-            valid = validate_generate(request, self.engine.tokenizer, self._limits())
+            valid = validate_generate(request, self.engine.tokenizer, self._limits(), self.chat_template)
         except InvalidRequest as exc:
             await self._abort(context, obs, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         obs.set(request_attributes(valid.request_id, valid.sampling, valid.stop.max_tokens, valid.stop.stop_strings,
                                    valid.priority))
+        if request.WhichOneof("prompt") == "chat":
+            obs.name_operation(CHAT_OPERATION, self.model_name)
         deadline = _deadline(context)
         if valid.request_id in self._fanouts or (valid.n > 1 and self.engine.has_request(valid.request_id)):
             await self._abort(context, obs, grpc.StatusCode.ALREADY_EXISTS,
@@ -301,7 +305,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         tokenizer = self.engine.tokenizer
         if tokenizer is None or self.engine.worker is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "engine not ready")
-        text, special = validate_tokenize(request)
+        try:
+            text, special = validate_tokenize(request, self.chat_template)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         ids = await asyncio.to_thread(tokenizer.encode, text, special)  # a long text takes a while
         return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=self.engine.max_model_len)
 
@@ -339,4 +346,5 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             protocol_version=PROTOCOL_VERSION,
             piecewise_max_tokens=worker.piecewise_max_tokens,
             scheduling_policy=self.engine.scheduler_config.scheduling_policy,
+            supports_chat=self.chat_template is not None,
         )

@@ -61,6 +61,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="seconds to wait for the data plane to load the model")
     p.add_argument("--step-timeout", type=float, default=120.0,
                    help="seconds one step may take before the data plane is declared dead")
+    p.add_argument("--chat-template", default=None, metavar="FILE_OR_TEXT",
+                   help="Jinja chat template for chat requests (a file, or the template itself); default: the "
+                        "checkpoint's chat_template.jinja or tokenizer_config.json, ChatML for presets")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     add_trace_flags(p)
     add_metrics_flags(p)
@@ -127,6 +130,11 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", default="Hello, DuetServe!", help="prompt text")
     p.add_argument("--address", default="127.0.0.1:50051", help="server address host:port")
     p.add_argument("--token-ids", default=None, help="comma-separated prompt token ids instead of text")
+    p.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message, rendered by the server's chat template")
+    p.add_argument("--system", default=None, help="with --chat: a system message before the prompt")
+    p.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
+                   help='with --chat: extra template variables, e.g. \'{"enable_thinking": false}\'')
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-p", type=float, default=None)
@@ -202,7 +210,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataplaneConfig, Server
         host=args.host, port=args.port, dataplane_endpoint=endpoint,
         handshake_timeout_s=args.handshake_timeout, step_timeout_s=args.step_timeout,
         max_model_len=args.max_model_len, scheduler=scheduler, telemetry=telemetry,
-        **robustness_from_args(args),
+        chat_template=args.chat_template, **robustness_from_args(args),
     )
     return dataplane, server
 
@@ -283,7 +291,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(run_simulate(args, scheduler, trace))
     try:
         configs_from_args(args)  # every flag error before anything starts
-    except ValueError as exc:
+        from controlplane.chat_template import load_chat_template
+
+        load_chat_template(args.model, args.chat_template)
+    except (OSError, ValueError) as exc:
         build_parser().error(str(exc))
     return _run(_serve(args))
 

@@ -6,10 +6,12 @@ It only speaks the public API (protos/), exactly as an outside client would.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 
 import grpc
+from google.protobuf.json_format import ParseDict
 
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc
@@ -47,6 +49,8 @@ def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
                 from None
     if args.token_ids:
         request.token_ids.ids.extend(int(t) for t in args.token_ids.split(","))
+    elif args.chat:
+        request.chat.CopyFrom(chat_from_args(args))
     else:
         request.text = args.prompt
     if args.top_p is not None:
@@ -58,6 +62,24 @@ def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
     if args.truncate_prompt_tokens is not None:
         request.truncate_prompt_tokens = args.truncate_prompt_tokens
     return request
+
+
+def chat_from_args(args: argparse.Namespace) -> pb.ChatPrompt:
+    """--system (optional) and the prompt as chat messages, with --chat-template-kwargs."""
+    chat = pb.ChatPrompt()
+    if args.system is not None:
+        chat.messages.add(role="system", content=args.system)
+    chat.messages.add(role="user", content=args.prompt)
+    if args.chat_template_kwargs:
+        try:
+            kwargs = json.loads(args.chat_template_kwargs)
+            if not isinstance(kwargs, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            raise SystemExit(f"--chat-template-kwargs takes a JSON object, got {args.chat_template_kwargs!r}: "
+                             f"{exc}") from None
+        ParseDict(kwargs, chat.chat_template_kwargs)
+    return chat
 
 
 def prompt_score(entries: list[pb.TokenLogprob]) -> str:

@@ -2,7 +2,7 @@
 
 Span tree (one trace per request; the request span honours an incoming W3C traceparent):
 
-    text_completion <model>              (SERVER, from the gRPC servicer)
+    text_completion <model>              (SERVER, from the gRPC servicer; `chat <model>` for chat prompts)
     ├── queue                            (added -> first scheduled)
     ├── prefill_chunk  (one per chunk)   link -> scheduler.step
     │   └── dataplane.seq                (data plane, via `seq.<id>` in the plan's trace context)
@@ -68,6 +68,12 @@ class RequestObs:
     def set(self, attributes: dict[str, object]) -> None:
         if self.span is not None:
             self.span.set_attributes(attributes)
+
+    def name_operation(self, operation: str, model: str) -> None:
+        """Rename the request span for what the prompt turned out to be (e.g. `chat <model>`)."""
+        if self.span is not None:
+            self.span.update_name(f"{operation} {model}")
+            self.span.set_attribute("gen_ai.operation.name", operation)
 
 
 @dataclass

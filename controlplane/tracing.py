@@ -15,6 +15,7 @@ from shared.messages import SamplingParams, StepPlan, StepResult
 from shared.telemetry import extract
 
 OPERATION = "text_completion"
+CHAT_OPERATION = "chat"  # a request whose prompt is chat messages
 SYSTEM = "duetserve"
 
 REQUEST_SPAN = OPERATION  # named "<operation> <model>", per the GenAI conventions

@@ -9,7 +9,11 @@ from __future__ import annotations
 import math
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
+from google.protobuf.json_format import MessageToDict
+
+from controlplane.chat_template import ChatMessage, ChatTemplate, ChatTemplateError
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from controlplane.sequence import StopParams
 from controlplane.tokenizer import TextTokenizer
@@ -24,6 +28,8 @@ MAX_REQUEST_ID_LEN = 256
 MAX_N = 16  # completions of one request (parallel sampling)
 MAX_LOGIT_BIAS = 1024  # entries of logit_bias
 MAX_LOGIT_BIAS_VALUE = 100.0  # |bias|, as OpenAI's API
+MAX_CHAT_MESSAGES = 1024
+MAX_ROLE_LEN = 64
 
 
 class InvalidRequest(ValueError):
@@ -54,14 +60,50 @@ def _finite(name: str, value: float) -> float:
     return value
 
 
-def _prompt_ids(request: pb.GenerateRequest, tokenizer: TextTokenizer, limits: Limits) -> list[int]:
+def _integral(value: object) -> object:
+    """A Struct's numbers are all doubles; whole ones become ints, as JSON parsed by Python gives them."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
+def chat_text(chat: pb.ChatPrompt, template: ChatTemplate | None) -> str:
+    """The prompt text of chat messages, by the model's template; every problem an InvalidRequest."""
+    if template is None:
+        raise InvalidRequest("chat: this model has no chat template (serve it with --chat-template, or send "
+                             "text or token_ids)")
+    if len(chat.messages) > MAX_CHAT_MESSAGES:
+        raise InvalidRequest(f"chat.messages: at most {MAX_CHAT_MESSAGES} messages, got {len(chat.messages)}")
+    messages = []
+    for i, message in enumerate(chat.messages):
+        if not message.role or len(message.role) > MAX_ROLE_LEN or not message.role.isprintable():
+            raise InvalidRequest(f"chat.messages[{i}].role: required, printable, at most {MAX_ROLE_LEN} characters")
+        messages.append(ChatMessage(message.role, message.content, message.name or None))
+    kwargs: dict[str, Any] = {}
+    if chat.HasField("chat_template_kwargs"):
+        kwargs = {k: _integral(v) for k, v in MessageToDict(chat.chat_template_kwargs).items()}
+    generation_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+    try:
+        return template.render(messages, generation_prompt, chat.continue_final_message, kwargs)
+    except ChatTemplateError as exc:
+        raise InvalidRequest(str(exc)) from exc
+
+
+def _prompt_ids(request: pb.GenerateRequest, tokenizer: TextTokenizer, limits: Limits,
+                chat: ChatTemplate | None) -> list[int]:
     which = request.WhichOneof("prompt")
     if which is None:
-        raise InvalidRequest("prompt: set either text or token_ids")
+        raise InvalidRequest("prompt: set text, token_ids or chat")
     if which == "text":
         if not request.text:
             raise InvalidRequest("text: the prompt is empty")
         ids = tokenizer.encode(request.text)
+    elif which == "chat":
+        ids = tokenizer.encode(chat_text(request.chat, chat), add_special_tokens=False)
     else:
         ids = list(request.token_ids.ids)
         for i, token in enumerate(ids):
@@ -187,12 +229,13 @@ def _check_request_id(request_id: str) -> None:
 
 
 def validate_generate(
-    request: pb.GenerateRequest, tokenizer: TextTokenizer, limits: Limits
+    request: pb.GenerateRequest, tokenizer: TextTokenizer, limits: Limits, chat: ChatTemplate | None = None
 ) -> ValidatedRequest:
+    """`chat` is the model's chat template (None: it has none), for a request with chat messages."""
     _check_request_id(request.request_id)
     request_id = request.request_id or uuid.uuid4().hex
     sampling = _sampling(request, limits)
-    prompt = _prompt_ids(request, tokenizer, limits)
+    prompt = _prompt_ids(request, tokenizer, limits, chat)
     stop = _stop(request, len(prompt), limits)
     n = request.n or 1
     if n > MAX_N:
@@ -204,9 +247,16 @@ def validate_generate(
     return ValidatedRequest(request_id, prompt, sampling, stop, n, request.priority, skip)
 
 
-def validate_tokenize(request: pb.TokenizeRequest) -> tuple[str, bool]:
-    """The text and whether to add the tokenizer's special tokens (default yes, as Generate does)."""
-    return request.text, request.add_special_tokens if request.HasField("add_special_tokens") else True
+def validate_tokenize(request: pb.TokenizeRequest, chat: ChatTemplate | None = None) -> tuple[str, bool]:
+    """The text (chat messages rendered by the template `chat`) and whether to add the tokenizer's
+    special tokens (default: yes for text, as Generate does; no for chat, whose template places them)."""
+    if request.HasField("chat"):
+        if request.text:
+            raise InvalidRequest("text and chat: set one of them")
+        text, default = chat_text(request.chat, chat), False
+    else:
+        text, default = request.text, True
+    return text, request.add_special_tokens if request.HasField("add_special_tokens") else default
 
 
 def validate_detokenize(request: pb.DetokenizeRequest, limits: Limits) -> tuple[list[int], bool]:

@@ -8,8 +8,10 @@ The generated modules are committed; tests/controlplane/test_protogen.py fails w
 from __future__ import annotations
 
 import sys
+from importlib.resources import files
 from pathlib import Path
 
+import grpc_tools
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,6 +23,7 @@ def build(out_dir: Path = ROOT) -> None:
         args = [
             "protoc",
             f"-Icontrolplane/protogen={ROOT / 'protos'}",
+            f"-I{files(grpc_tools) / '_proto'}",  # google/protobuf/struct.proto
             f"--python_out={out_dir}",
             f"--grpc_python_out={out_dir}",
             f"--pyi_out={out_dir}",

@@ -193,6 +193,7 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     allow_remote_dataplane: bool = False
     tls: TlsConfig | None = None
     auth_token: str | None = None  # every RPC but health must carry `authorization: Bearer <token>`
+    chat_template: str | None = None  # a file or the template text; default: the model's own
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -14,7 +14,7 @@ from tests.e2e.conftest import generate, serve
 
 OK = {"token_ids": {"ids": [5, 6, 7]}, "max_tokens": 2}
 BAD_REQUESTS: list[tuple[dict[str, object], str]] = [
-    ({"max_tokens": 2}, "prompt: set either text or token_ids"),
+    ({"max_tokens": 2}, "prompt: set text, token_ids or chat"),
     ({"text": "", "max_tokens": 2}, "prompt is empty"),
     ({"token_ids": {"ids": []}, "max_tokens": 2}, "no tokens"),
     ({"token_ids": {"ids": list(range(3, 70))}}, "at most 63 prompt tokens"),
@@ -50,6 +50,15 @@ BAD_REQUESTS: list[tuple[dict[str, object], str]] = [
     ({**OK, "truncate_prompt_tokens": 0}, "truncate_prompt_tokens must be in [1, 63]"),
     ({**OK, "truncate_prompt_tokens": 64}, "truncate_prompt_tokens must be in [1, 63] (below max_model_len 64)"),
     ({**OK, "prompt_logprobs": 21}, "prompt_logprobs must be at most 20"),
+    ({"chat": {}}, "chat.messages: at least one message is needed"),
+    ({"chat": {"messages": [{"content": "hi"}]}}, "chat.messages[0].role: required"),
+    ({"chat": {"messages": [{"role": "user", "content": "hi"}, {"role": "a\tb"}]}}, "chat.messages[1].role"),
+    ({"chat": {"messages": [{"role": "u"}] * 1025}}, "chat.messages: at most 1024 messages, got 1025"),
+    ({"chat": {"messages": [{"role": "user", "content": "hi"}], "continue_final_message": True}},
+     "continue_final_message and add_generation_prompt exclude each other"),
+    ({"chat": {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"messages": 1}}},
+     "chat.chat_template_kwargs: messages may not be set there"),
+    ({"chat": {"messages": [{"role": "user", "content": "x" * 80}]}}, "at most 63 prompt tokens"),
 ]
 
 
@@ -92,6 +101,7 @@ async def test_model_info_health_and_reflection() -> None:
         assert (info.model, info.vocab_size, info.num_kv_blocks, info.block_size) == ("tiny", 260, 100, 16)
         assert info.max_model_len == 1600 and list(info.eos_token_ids) == [257]
         assert info.policy == "aggregated" and not info.supports_multiplexing
+        assert info.supports_chat  # a preset's ChatML
         assert info.piecewise_max_tokens == 0  # a CPU runs every prefill and mixed step eagerly
         health = health_pb2_grpc.HealthStub(served.channel)
         for service in ("", "duetserve.v1.Generation"):

@@ -1,5 +1,5 @@
-"""The control plane's ready line says how the data plane runs passes, whether prefix caching is on and
-which scheduling policy orders the queue."""
+"""The control plane's ready line says how the data plane runs passes, whether prefix caching is on,
+which scheduling policy orders the queue and where the chat template came from."""
 
 from __future__ import annotations
 
@@ -18,4 +18,13 @@ async def test_ready_line_names_the_launch_mode_prefix_caching_and_policy(cachin
             pass
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data plane ready")]
     assert "prefill and mixed steps eager" in line  # the CPU builds no piecewise graphs
-    assert line.endswith(f"prefix caching {'on' if caching else 'off'}, {policy} scheduling")
+    assert line.endswith(f"prefix caching {'on' if caching else 'off'}, {policy} scheduling, "
+                         "chat template: preset tiny (ChatML)")
+
+
+async def test_ready_line_says_when_there_is_no_chat_template(checkpoints, caplog) -> None:  # noqa: ANN001
+    with caplog.at_level(logging.INFO, logger="controlplane.server"):
+        async with serve(str(checkpoints["llama"])):
+            pass
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data plane ready")]
+    assert line.endswith("chat template: none")

@@ -8,7 +8,7 @@ import grpc
 
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from shared.config import TelemetryConfig
-from tests.e2e.conftest import serve
+from tests.e2e.conftest import generate, serve
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 INCOMING_TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -76,11 +76,13 @@ async def test_spans_reach_an_otlp_receiver() -> None:
             long = await _run(served.stub, "r-long", LONG_PROMPT, 4)
             traceparent = f"00-{INCOMING_TRACE}-{INCOMING_PARENT}-01"
             short = await _run(served.stub, "r-parent", "Hi", 3, metadata=(("traceparent", traceparent),))
+            chat = await generate(served.stub, request_id="r-chat", max_tokens=2, ignore_eos=True,
+                                  chat={"messages": [{"role": "user", "content": "Hi"}]})
             try:
                 await _run(served.stub, "r-bad", "", 3)
             except grpc.aio.AioRpcError as exc:
                 assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert long.completion_tokens == 4 and short.completion_tokens == 3
+        assert long.completion_tokens == 4 and short.completion_tokens == 3 and chat.final is not None
         # leaving `serve` stopped both planes, and each flushed its batch on the way out
         spans = receiver.receiver.wait_for(lambda got: any(s.name == "dataplane.execute" for s in got))
 
@@ -88,6 +90,8 @@ async def test_spans_reach_an_otlp_receiver() -> None:
     assert root.parent_id == ""
     incoming = _check_request_trace(spans, "r-parent", chunks=1, out_tokens=3)
     assert incoming.trace_id == INCOMING_TRACE and incoming.parent_id == INCOMING_PARENT
+    chatted = _request_span(spans, "r-chat")  # a chat prompt is the GenAI "chat" operation
+    assert chatted.name == "chat tiny" and chatted.attributes["gen_ai.operation.name"] == "chat"
 
     steps = {s.span_id: s for s in spans if s.name == "scheduler.step"}
     assert steps and all(s.parent_id == "" for s in steps.values())

@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n3controlplane/protogen/duetserve/v1/generation.proto\x12\x0c\x64uetserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xf1\x06\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.duetserve.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\r\n\x05min_p\x18\x08 \x01(\x02\x12\x11\n\x04seed\x18\t \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x05\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0e \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0f \x01(\x02\x12\x15\n\x08logprobs\x18\x10 \x01(\rH\x06\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x11 \x01(\r\x12\t\n\x01n\x18\x12 \x01(\r\x12\x10\n\x08priority\x18\x13 \x01(\x05\x12@\n\nlogit_bias\x18\x14 \x03(\x0b\x32,.duetserve.v1.GenerateRequest.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x15 \x03(\r\x12 \n\x13skip_special_tokens\x18\x16 \x01(\x08H\x07\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x17 \x01(\x08\x12\x1c\n\x0fprompt_logprobs\x18\x18 \x01(\rH\x08\x88\x01\x01\x12#\n\x16truncate_prompt_tokens\x18\x19 \x01(\rH\t\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\x12\n\x10_prompt_logprobsB\x19\n\x17_truncate_prompt_tokens\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"X\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.duetserve.v1.TopLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xae\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.duetserve.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x13\n\x0bstop_reason\x18\x08 \x01(\t\x12\x15\n\rcached_tokens\x18\t \x01(\r\x12\r\n\x05index\x18\n \x01(\r\x12\x33\n\x0fprompt_logprobs\x18\x0b \x03(\x0b\x32\x1a.duetserve.v1.TokenLogprob\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xd9\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x07 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x19\n\x11\x61ttention_backend\x18\n \x01(\t\x12\x0e\n\x06policy\x18\x0b \x01(\t\x12\x1d\n\x15supports_multiplexing\x18\x0c \x01(\x08\x12\x18\n\x10protocol_version\x18\r \x01(\r\x12\x1c\n\x14piecewise_max_tokens\x18\x0e \x01(\r\x12\x19\n\x11scheduling_policy\x18\x0f \x01(\t\"W\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"K\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t2\x83\x03\n\nGeneration\x12K\n\x08Generate\x12\x1d.duetserve.v1.GenerateRequest\x1a\x1e.duetserve.v1.GenerateResponse0\x01\x12@\n\x05\x41\x62ort\x12\x1a.duetserve.v1.AbortRequest\x1a\x1b.duetserve.v1.AbortResponse\x12J\n\x0cGetModelInfo\x12!.duetserve.v1.GetModelInfoRequest\x1a\x17.duetserve.v1.ModelInfo\x12I\n\x08Tokenize\x12\x1d.duetserve.v1.TokenizeRequest\x1a\x1e.duetserve.v1.TokenizeResponse\x12O\n\nDetokenize\x12\x1f.duetserve.v1.DetokenizeRequest\x1a .duetserve.v1.DetokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n3controlplane/protogen/duetserve/v1/generation.proto\x12\x0c\x64uetserve.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x9b\x07\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.duetserve.v1.TokenIdsH\x00\x12(\n\x04\x63hat\x18\x1a \x01(\x0b\x32\x18.duetserve.v1.ChatPromptH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\r\n\x05min_p\x18\x08 \x01(\x02\x12\x11\n\x04seed\x18\t \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x05\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0e \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0f \x01(\x02\x12\x15\n\x08logprobs\x18\x10 \x01(\rH\x06\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x11 \x01(\r\x12\t\n\x01n\x18\x12 \x01(\r\x12\x10\n\x08priority\x18\x13 \x01(\x05\x12@\n\nlogit_bias\x18\x14 \x03(\x0b\x32,.duetserve.v1.GenerateRequest.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x15 \x03(\r\x12 \n\x13skip_special_tokens\x18\x16 \x01(\x08H\x07\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x17 \x01(\x08\x12\x1c\n\x0fprompt_logprobs\x18\x18 \x01(\rH\x08\x88\x01\x01\x12#\n\x16truncate_prompt_tokens\x18\x19 \x01(\rH\t\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\x12\n\x10_prompt_logprobsB\x19\n\x17_truncate_prompt_tokens\":\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\xce\x01\n\nChatPrompt\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.duetserve.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x16\x63ontinue_final_message\x18\x03 \x01(\x08\x12\x35\n\x14\x63hat_template_kwargs\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructB\x18\n\x16_add_generation_prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"X\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.duetserve.v1.TopLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xae\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.duetserve.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x13\n\x0bstop_reason\x18\x08 \x01(\t\x12\x15\n\rcached_tokens\x18\t \x01(\r\x12\r\n\x05index\x18\n \x01(\r\x12\x33\n\x0fprompt_logprobs\x18\x0b \x03(\x0b\x32\x1a.duetserve.v1.TokenLogprob\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xf0\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x07 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x19\n\x11\x61ttention_backend\x18\n \x01(\t\x12\x0e\n\x06policy\x18\x0b \x01(\t\x12\x1d\n\x15supports_multiplexing\x18\x0c \x01(\x08\x12\x18\n\x10protocol_version\x18\r \x01(\r\x12\x1c\n\x14piecewise_max_tokens\x18\x0e \x01(\r\x12\x19\n\x11scheduling_policy\x18\x0f \x01(\t\x12\x15\n\rsupports_chat\x18\x10 \x01(\x08\"\x7f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12&\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.duetserve.v1.ChatPromptB\x15\n\x13_add_special_tokens\"K\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t2\x83\x03\n\nGeneration\x12K\n\x08Generate\x12\x1d.duetserve.v1.GenerateRequest\x1a\x1e.duetserve.v1.GenerateResponse0\x01\x12@\n\x05\x41\x62ort\x12\x1a.duetserve.v1.AbortRequest\x1a\x1b.duetserve.v1.AbortResponse\x12J\n\x0cGetModelInfo\x12!.duetserve.v1.GetModelInfoRequest\x1a\x17.duetserve.v1.ModelInfo\x12I\n\x08Tokenize\x12\x1d.duetserve.v1.TokenizeRequest\x1a\x1e.duetserve.v1.TokenizeResponse\x12O\n\nDetokenize\x12\x1f.duetserve.v1.DetokenizeRequest\x1a .duetserve.v1.DetokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,36 +34,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_TOKENIDS']._serialized_start=69
-  _globals['_TOKENIDS']._serialized_end=92
-  _globals['_GENERATEREQUEST']._serialized_start=95
-  _globals['_GENERATEREQUEST']._serialized_end=976
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=761
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=809
-  _globals['_TOPLOGPROB']._serialized_start=978
-  _globals['_TOPLOGPROB']._serialized_end=1025
-  _globals['_TOKENLOGPROB']._serialized_start=1027
-  _globals['_TOKENLOGPROB']._serialized_end=1115
-  _globals['_USAGE']._serialized_start=1117
-  _globals['_USAGE']._serialized_end=1174
-  _globals['_GENERATERESPONSE']._serialized_start=1177
-  _globals['_GENERATERESPONSE']._serialized_end=1479
-  _globals['_ABORTREQUEST']._serialized_start=1481
-  _globals['_ABORTREQUEST']._serialized_end=1515
-  _globals['_ABORTRESPONSE']._serialized_start=1517
-  _globals['_ABORTRESPONSE']._serialized_end=1547
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1549
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1570
-  _globals['_MODELINFO']._serialized_start=1573
-  _globals['_MODELINFO']._serialized_end=1918
-  _globals['_TOKENIZEREQUEST']._serialized_start=1920
-  _globals['_TOKENIZEREQUEST']._serialized_end=2007
-  _globals['_TOKENIZERESPONSE']._serialized_start=2009
-  _globals['_TOKENIZERESPONSE']._serialized_end=2084
-  _globals['_DETOKENIZEREQUEST']._serialized_start=2086
-  _globals['_DETOKENIZEREQUEST']._serialized_end=2182
-  _globals['_DETOKENIZERESPONSE']._serialized_start=2184
-  _globals['_DETOKENIZERESPONSE']._serialized_end=2218
-  _globals['_GENERATION']._serialized_start=2221
-  _globals['_GENERATION']._serialized_end=2608
+  _globals['_TOKENIDS']._serialized_start=99
+  _globals['_TOKENIDS']._serialized_end=122
+  _globals['_GENERATEREQUEST']._serialized_start=125
+  _globals['_GENERATEREQUEST']._serialized_end=1048
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=833
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=881
+  _globals['_CHATMESSAGE']._serialized_start=1050
+  _globals['_CHATMESSAGE']._serialized_end=1108
+  _globals['_CHATPROMPT']._serialized_start=1111
+  _globals['_CHATPROMPT']._serialized_end=1317
+  _globals['_TOPLOGPROB']._serialized_start=1319
+  _globals['_TOPLOGPROB']._serialized_end=1366
+  _globals['_TOKENLOGPROB']._serialized_start=1368
+  _globals['_TOKENLOGPROB']._serialized_end=1456
+  _globals['_USAGE']._serialized_start=1458
+  _globals['_USAGE']._serialized_end=1515
+  _globals['_GENERATERESPONSE']._serialized_start=1518
+  _globals['_GENERATERESPONSE']._serialized_end=1820
+  _globals['_ABORTREQUEST']._serialized_start=1822
+  _globals['_ABORTREQUEST']._serialized_end=1856
+  _globals['_ABORTRESPONSE']._serialized_start=1858
+  _globals['_ABORTRESPONSE']._serialized_end=1888
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1890
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1911
+  _globals['_MODELINFO']._serialized_start=1914
+  _globals['_MODELINFO']._serialized_end=2282
+  _globals['_TOKENIZEREQUEST']._serialized_start=2284
+  _globals['_TOKENIZEREQUEST']._serialized_end=2411
+  _globals['_TOKENIZERESPONSE']._serialized_start=2413
+  _globals['_TOKENIZERESPONSE']._serialized_end=2488
+  _globals['_DETOKENIZEREQUEST']._serialized_start=2490
+  _globals['_DETOKENIZEREQUEST']._serialized_end=2586
+  _globals['_DETOKENIZERESPONSE']._serialized_start=2588
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2622
+  _globals['_GENERATION']._serialized_start=2625
+  _globals['_GENERATION']._serialized_end=3012
 # @@protoc_insertion_point(module_scope)
