@@ -19,13 +19,14 @@ from controlplane.admission import Overloaded
 from controlplane.chat_template import ChatTemplate
 from controlplane.engine import Engine, EngineRequest, EngineUnavailable, RequestHandle
 from controlplane.observer import RequestObs
+from controlplane.server_load import server_load
 from controlplane.tracing import CHAT_OPERATION, request_attributes
 from controlplane.output import RequestDelta
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc
 from controlplane.validation import (
     InvalidRequest, Limits, ValidatedRequest, validate_abort, validate_detokenize, validate_generate,
-    validate_model_info, validate_tokenize,
+    validate_empty, validate_model_info, validate_tokenize,
 )
 from shared.messages import PROTOCOL_VERSION, TokenLogprobs
 
@@ -322,6 +323,27 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return pb.DetokenizeResponse(text=await asyncio.to_thread(tokenizer.decode, ids, skip))
+
+    async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.Load:
+        validate_empty(request)
+        if self.engine.scheduler is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "engine not ready")
+        load = server_load(self.engine.scheduler)
+        return pb.Load(num_requests_running=load.running, num_requests_waiting=load.waiting,
+                       num_waiting_tokens=load.waiting_tokens, num_kv_blocks=load.kv_blocks,
+                       num_kv_blocks_used=load.kv_blocks_used, num_kv_blocks_cached=load.kv_blocks_cached,
+                       kv_cache_usage=load.kv_cache_usage)
+
+    async def ResetPrefixCache(self, request: pb.ResetPrefixCacheRequest,
+                               context: grpc.aio.ServicerContext) -> pb.ResetPrefixCacheResponse:
+        validate_empty(request)
+        try:
+            return pb.ResetPrefixCacheResponse(blocks_dropped=self.engine.reset_prefix_cache())
+        except EngineUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        raise AssertionError("context.abort returned")  # it raises
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext

@@ -259,6 +259,15 @@ class Engine:
         if self.queue_limits is not None and self.scheduler is not None:
             self.queue_limits.check(self.scheduler.waiting, num_prompt_tokens, count)
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (between steps: the event loop runs one thing at a time); the
+        blocks dropped. ValueError when prefix caching is off, EngineUnavailable before the data plane."""
+        if self.scheduler is None:
+            raise EngineUnavailable("engine not ready")
+        dropped = self.scheduler.reset_prefix_cache()
+        log.info("prefix cache reset: %d blocks dropped", dropped)
+        return dropped
+
     @property
     def num_live_requests(self) -> int:
         return len(self._handles)

@@ -50,6 +50,7 @@ class PrefixCachingAllocator:
         self._key: dict[int, Key] = {}  # cached block -> its key
         self._entry: dict[int, int] = {}  # cached block -> its entry id
         self._next_entry = 1
+        self._floor = 1  # entry ids below this were forgotten by `reset`
         self.evictions = 0  # cached blocks taken for new KV
         self.epoch = 0  # moves whenever the index changes: a `match` made at the same epoch still holds
 
@@ -181,7 +182,10 @@ class PrefixCachingAllocator:
         """Register a sequence's blocks `start..end-1` (full, their KV computed) under the prefix its
         first `start` blocks end in (entry id `parent`); returns the entry id the last one ends in.
         A block whose prefix is cached already (under another block) stays uncached, and the chain
-        goes on from the cached one. A block may be registered once."""
+        goes on from the cached one. A block may be registered once. Under a prefix `reset` forgot
+        nothing is registered (nothing could find it): the forgotten entry id is returned."""
+        if 0 < parent < self._floor:
+            return parent
         stride, index, key_of, entry, refs = 4 * self.block_size, self._index, self._key, self._entry, self._refs
         next_entry = self._next_entry
         for i in range(start, end):
@@ -201,6 +205,21 @@ class PrefixCachingAllocator:
                 parent = entry[found]
         self._next_entry = next_entry
         return parent
+
+    def reset(self) -> int:
+        """Forget every cached prefix (vLLM's reset_prefix_cache, SGLang's flush_cache); returns how
+        many blocks left the index. Idle blocks go back to the free list; held ones stay with their
+        sequences, findable no more, and what those sequences complete later under the forgotten
+        prefixes is not registered. KV itself is untouched: blocks are only ids here."""
+        dropped = len(self._key)
+        self._free.extend(self._idle)
+        self._idle.clear()
+        self._index.clear()
+        self._key.clear()
+        self._entry.clear()
+        self._floor = self._next_entry
+        self.epoch += 1
+        return dropped
 
     def _evict(self) -> int:
         block, _ = self._idle.popitem(last=False)

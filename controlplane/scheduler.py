@@ -126,6 +126,13 @@ class Scheduler(StepOutcomes):
             return None
         return step.forecast.mixed_ms()
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix; returns the blocks dropped from the index. ValueError when
+        prefix caching is off."""
+        if self.cache is None:
+            raise ValueError("prefix caching is off on this server (started with --no-enable-prefix-caching)")
+        return self.cache.reset()
+
     def finish(self, seq_id: int, reason: FinishReason, stop_reason: str | None = None) -> Sequence | None:
         """End a sequence now (stop, abort, error): free its blocks, tell the worker next step."""
         seq = self.seqs.pop(seq_id, None)

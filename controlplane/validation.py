@@ -280,3 +280,8 @@ def validate_abort(request: pb.AbortRequest) -> str:
 def validate_model_info(request: pb.GetModelInfoRequest) -> None:
     """GetModelInfoRequest has no fields; unknown fields sent by newer clients are ignored by protobuf."""
     del request
+
+
+def validate_empty(request: pb.GetLoadRequest | pb.ResetPrefixCacheRequest) -> None:
+    """Requests without fields; unknown fields sent by newer clients are ignored by protobuf."""
+    del request

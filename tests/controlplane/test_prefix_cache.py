@@ -29,6 +29,29 @@ def cache_seq(alloc: PrefixCachingAllocator, seq_id: int, tokens: list[int]) -> 
     return blocks
 
 
+def test_reset_forgets_every_prefix_and_keeps_held_blocks_held() -> None:
+    alloc = PrefixCachingAllocator(12, SIZE)
+    tokens = list(range(100, 116))  # 4 full blocks
+    done = cache_seq(alloc, 0, tokens)
+    alloc.free(0, done)  # idle: cached, counted free
+    running = alloc.allocate(1, 4)
+    parent = register(alloc, running, list(range(500, 516)), 0, 2, 0)  # half its blocks computed so far
+    assert alloc.num_cached == 6 and alloc.num_free == 8
+    epoch = alloc.epoch
+    assert alloc.reset() == 6
+    assert alloc.num_cached == 0 and alloc.num_free == 8 and alloc.epoch > epoch
+    assert match(alloc, tokens, 4) == ([], 0)
+    alloc.check_invariants({1: running})
+    # the running sequence completes its next blocks under the forgotten prefix: not registered
+    assert register(alloc, running, list(range(500, 516)), 2, 4, parent) == parent
+    assert alloc.num_cached == 0 and match(alloc, list(range(500, 516)), 4) == ([], 0)
+    alloc.free(1, running)
+    assert alloc.num_free == 12  # nothing idle: every block is back on the free list
+    alloc.check_invariants({})
+    again = cache_seq(alloc, 2, tokens)  # the cache fills again from scratch
+    assert match(alloc, tokens, 4)[0] == again and alloc.reset() == 4
+
+
 def test_a_registered_prefix_is_found_block_by_block() -> None:
     alloc = PrefixCachingAllocator(16, SIZE)
     tokens = list(range(100, 114))  # 3 full blocks and 2 tokens
@@ -128,8 +151,8 @@ def test_misuse_is_refused() -> None:
         alloc.check_invariants()
 
 
-OPS = st.lists(st.tuples(st.sampled_from(["admit", "free"]), st.integers(0, 3), st.integers(1, 14)),
-               max_size=60)
+OPS = st.lists(st.tuples(st.sampled_from(["admit", "admit", "free", "free", "reset"]), st.integers(0, 3),
+                         st.integers(1, 14)), max_size=60)
 
 
 @settings(max_examples=150, deadline=None)
@@ -147,6 +170,9 @@ def test_random_walk_never_matches_a_block_holding_other_tokens(ops: list[tuple[
             if live:
                 seq_id = sorted(live)[family % len(live)]
                 alloc.free(seq_id, live.pop(seq_id))
+        elif op == "reset":
+            alloc.reset()
+            assert alloc.num_cached == 0
         else:
             tokens = [family * 1000 + (i if i < 6 else family + i) for i in range(length)]
             found, parent = match(alloc, tokens, (length - 1) // SIZE)

@@ -235,3 +235,35 @@ class DetokenizeResponse(_message.Message):
     TEXT_FIELD_NUMBER: _ClassVar[int]
     text: str
     def __init__(self, text: _Optional[str] = ...) -> None: ...
+
+class GetLoadRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Load(_message.Message):
+    __slots__ = ("num_requests_running", "num_requests_waiting", "num_waiting_tokens", "num_kv_blocks", "num_kv_blocks_used", "num_kv_blocks_cached", "kv_cache_usage")
+    NUM_REQUESTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    NUM_REQUESTS_WAITING_FIELD_NUMBER: _ClassVar[int]
+    NUM_WAITING_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_BLOCKS_CACHED_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
+    num_requests_running: int
+    num_requests_waiting: int
+    num_waiting_tokens: int
+    num_kv_blocks: int
+    num_kv_blocks_used: int
+    num_kv_blocks_cached: int
+    kv_cache_usage: float
+    def __init__(self, num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., num_waiting_tokens: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., num_kv_blocks_used: _Optional[int] = ..., num_kv_blocks_cached: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ...) -> None: ...
+
+class ResetPrefixCacheRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ResetPrefixCacheResponse(_message.Message):
+    __slots__ = ("blocks_dropped",)
+    BLOCKS_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    blocks_dropped: int
+    def __init__(self, blocks_dropped: _Optional[int] = ...) -> None: ...

@@ -29,7 +29,8 @@ class GenerationStub:
     """Status codes: INVALID_ARGUMENT (a field is wrong; the message names it), ALREADY_EXISTS (request_id
     already running), RESOURCE_EXHAUSTED (queue limits, or a message over 16 MiB), DEADLINE_EXCEEDED
     (the call's deadline passed: the request was aborted), UNAVAILABLE (the data plane is down or the
-    server is shutting down: retry), UNAUTHENTICATED (the server wants `authorization: Bearer <token>`).
+    server is shutting down: retry), UNAUTHENTICATED (the server wants `authorization: Bearer <token>`),
+    FAILED_PRECONDITION (ResetPrefixCache on a server without prefix caching).
     """
 
     def __init__(self, channel):
@@ -63,13 +64,24 @@ class GenerationStub:
                 request_serializer=controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.DetokenizeRequest.SerializeToString,
                 response_deserializer=controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.DetokenizeResponse.FromString,
                 _registered_method=True)
+        self.GetLoad = channel.unary_unary(
+                '/duetserve.v1.Generation/GetLoad',
+                request_serializer=controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.GetLoadRequest.SerializeToString,
+                response_deserializer=controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.Load.FromString,
+                _registered_method=True)
+        self.ResetPrefixCache = channel.unary_unary(
+                '/duetserve.v1.Generation/ResetPrefixCache',
+                request_serializer=controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.ResetPrefixCacheRequest.SerializeToString,
+                response_deserializer=controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.ResetPrefixCacheResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
     """Status codes: INVALID_ARGUMENT (a field is wrong; the message names it), ALREADY_EXISTS (request_id
     already running), RESOURCE_EXHAUSTED (queue limits, or a message over 16 MiB), DEADLINE_EXCEEDED
     (the call's deadline passed: the request was aborted), UNAVAILABLE (the data plane is down or the
-    server is shutting down: retry), UNAUTHENTICATED (the server wants `authorization: Bearer <token>`).
+    server is shutting down: retry), UNAUTHENTICATED (the server wants `authorization: Bearer <token>`),
+    FAILED_PRECONDITION (ResetPrefixCache on a server without prefix caching).
     """
 
     def Generate(self, request, context):
@@ -108,6 +120,22 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLoad(self, request, context):
+        """What the engine holds now: requests running and queued, KV blocks used and cached (for routers
+        and load balancers; SGLang's get_load).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetPrefixCache(self, request, context):
+        """Forgets every cached prefix (vLLM's reset_prefix_cache, SGLang's flush_cache): later prompts
+        are computed whole until the cache fills again. FAILED_PRECONDITION when prefix caching is off.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -136,6 +164,16 @@ def add_GenerationServicer_to_server(servicer, server):
                     request_deserializer=controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.DetokenizeRequest.FromString,
                     response_serializer=controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.DetokenizeResponse.SerializeToString,
             ),
+            'GetLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLoad,
+                    request_deserializer=controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.GetLoadRequest.FromString,
+                    response_serializer=controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.Load.SerializeToString,
+            ),
+            'ResetPrefixCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetPrefixCache,
+                    request_deserializer=controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.ResetPrefixCacheRequest.FromString,
+                    response_serializer=controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.ResetPrefixCacheResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'duetserve.v1.Generation', rpc_method_handlers)
@@ -148,7 +186,8 @@ class Generation:
     """Status codes: INVALID_ARGUMENT (a field is wrong; the message names it), ALREADY_EXISTS (request_id
     already running), RESOURCE_EXHAUSTED (queue limits, or a message over 16 MiB), DEADLINE_EXCEEDED
     (the call's deadline passed: the request was aborted), UNAVAILABLE (the data plane is down or the
-    server is shutting down: retry), UNAUTHENTICATED (the server wants `authorization: Bearer <token>`).
+    server is shutting down: retry), UNAUTHENTICATED (the server wants `authorization: Bearer <token>`),
+    FAILED_PRECONDITION (ResetPrefixCache on a server without prefix caching).
     """
 
     @staticmethod
@@ -276,6 +315,60 @@ class Generation:
             '/duetserve.v1.Generation/Detokenize',
             controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.DetokenizeRequest.SerializeToString,
             controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.DetokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duetserve.v1.Generation/GetLoad',
+            controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.GetLoadRequest.SerializeToString,
+            controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.Load.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetPrefixCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duetserve.v1.Generation/ResetPrefixCache',
+            controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.ResetPrefixCacheRequest.SerializeToString,
+            controlplane_dot_protogen_dot_duetserve_dot_v1_dot_generation__pb2.ResetPrefixCacheResponse.FromString,
             options,
             channel_credentials,
             insecure,
