@@ -207,6 +207,8 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
                    help="random dataset: tokens of one shared prefix before each prompt's random part (vLLM's "
                         "flag; exercises the prefix cache)")
     p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--reset-prefix-cache", action="store_true",
+                   help="empty the server's prefix cache before the run (ResetPrefixCache; SGLang's --flush-cache)")
     p.add_argument("--goodput", nargs="+", default=None, help="SLOs, e.g. ttft:2000 tpot:50")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result-file", type=Path, default=None, help="write the metrics and per-request arrays (JSON)")
@@ -233,6 +235,8 @@ async def bench(args: argparse.Namespace, workload: list[TraceRequest] | None = 
     async with grpc.aio.insecure_channel(args.address) as channel:
         stub = pb_grpc.GenerationStub(channel)
         info = await stub.GetModelInfo(pb.GetModelInfoRequest())
+        dropped = (await stub.ResetPrefixCache(pb.ResetPrefixCacheRequest())).blocks_dropped \
+            if args.reset_prefix_cache else None
         prefix = args.random_prefix_len if args.dataset == "random" else 0
         records, duration = await run_load(stub, workload, send_times, vocab_size=info.vocab_size,
                                            max_model_len=info.max_model_len, seed=args.seed,
@@ -241,6 +245,7 @@ async def bench(args: argparse.Namespace, workload: list[TraceRequest] | None = 
     arrays = per_request(records)
     result = {"model_id": info.model, "policy": info.policy, "request_rate": args.request_rate,
               "burstiness": args.burstiness, "arrival": args.arrival, "num_prompts": len(workload),
+              "prefix_cache_blocks_dropped": dropped,  # before the run, with --reset-prefix-cache
               **compute_metrics(arrays, duration, goodput), **arrays}
     if args.result_file:
         args.result_file.write_text(json.dumps(result) + "\n")

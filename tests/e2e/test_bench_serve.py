@@ -92,10 +92,14 @@ async def test_a_shared_random_prefix_is_served_from_the_prefix_cache() -> None:
                 "--request-rate", "20", "--no-progress", "--random-input-len", "50", "--random-output-len", "4",
                 "--random-prefix-len", "256"]
         result = await bench(parse(argv))
+        warm = await bench(parse(argv))  # the same prompts again: the first one hits too
+        cold = await bench(parse([*argv, "--reset-prefix-cache"]))  # emptied first: the first one misses
     finally:
         await plane.stop()
         stop_process(child)
         shutil.rmtree(workdir, ignore_errors=True)
+    assert warm["cached_lens"][0] >= 256 and warm["prefix_cache_blocks_dropped"] is None
+    assert cold["cached_lens"][0] == 0 and cold["prefix_cache_blocks_dropped"] >= 16
     assert result["completed"] == 12 and all(n >= 256 + 50 for n in result["input_lens"])
     hits = result["cached_lens"]
     assert hits[0] == 0 and sum(h == 256 for h in hits) >= 8  # 16 blocks of 16 tokens, once the first is cached
