@@ -180,7 +180,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await self._abort(context, obs, grpc.StatusCode.UNAVAILABLE, why)
         assert self.engine.tokenizer is not None
         try:
-            valid = validate_generate(request, self.engine.tokenizer, self._limits(), self.chat_template)
+            args = (request, self.engine.tokenizer, self._limits(), self.chat_template)
+            if request.WhichOneof("prompt") in ("text", "chat"):  # encoding a long text takes a while
+                valid = await asyncio.to_thread(validate_generate, *args)
+            else:
+                valid = validate_generate(*args)
         except InvalidRequest as exc:
             await self._abort(context, obs, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         obs.set(request_attributes(valid.request_id, valid.sampling, valid.stop.max_tokens, valid.stop.stop_strings,
@@ -306,11 +310,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         tokenizer = self.engine.tokenizer
         if tokenizer is None or self.engine.worker is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "engine not ready")
-        try:
+        def encode() -> list[int]:  # off the event loop: a long text or chat takes a while
             text, special = validate_tokenize(request, self.chat_template)
+            return tokenizer.encode(text, special)
+
+        try:
+            ids = await asyncio.to_thread(encode)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        ids = await asyncio.to_thread(tokenizer.encode, text, special)  # a long text takes a while
         return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=self.engine.max_model_len)
 
     async def Detokenize(self, request: pb.DetokenizeRequest,

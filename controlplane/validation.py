@@ -106,11 +106,11 @@ def _prompt_ids(request: pb.GenerateRequest, tokenizer: TextTokenizer, limits: L
         ids = tokenizer.encode(chat_text(request.chat, chat), add_special_tokens=False)
     else:
         ids = list(request.token_ids.ids)
-        for i, token in enumerate(ids):
-            if token >= limits.vocab_size:
-                raise InvalidRequest(
-                    f"token_ids[{i}] = {token} is not a token of this model (vocab_size {limits.vocab_size})"
-                )
+        if ids and max(ids) >= limits.vocab_size:  # one C pass; the loop only names the first bad id
+            i, token = next((i, t) for i, t in enumerate(ids) if t >= limits.vocab_size)
+            raise InvalidRequest(
+                f"token_ids[{i}] = {token} is not a token of this model (vocab_size {limits.vocab_size})"
+            )
     if not ids:
         raise InvalidRequest("prompt: no tokens to process")
     if request.HasField("truncate_prompt_tokens"):

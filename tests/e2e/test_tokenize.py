@@ -69,3 +69,25 @@ def test_generate_cli_sends_the_text_options() -> None:
     assert request.HasField("skip_special_tokens") and not request.skip_special_tokens
     assert request.include_stop_str_in_output
     assert request_from_args(build_parser().parse_args(["generate", "hi"])).skip_special_tokens
+
+
+async def test_prompts_are_encoded_off_the_event_loop(checkpoints, monkeypatch) -> None:  # noqa: ANN001
+    """The event loop runs the step loop and every stream: a long text must not be encoded on it."""
+    import threading
+
+    from controlplane.tokenizer import HFTokenizer
+
+    threads: list[threading.Thread] = []
+    encode = HFTokenizer.encode
+
+    def spy(self, text: str, add_special_tokens: bool = True) -> list[int]:  # noqa: ANN001
+        threads.append(threading.current_thread())
+        return encode(self, text, add_special_tokens)
+
+    monkeypatch.setattr(HFTokenizer, "encode", spy)
+    async with serve(str(checkpoints["qwen3"]), chat_template="{{ messages[0]['content'] }}") as served:
+        await generate(served.stub, text=TEXT, max_tokens=1)
+        await generate(served.stub, chat={"messages": [{"role": "user", "content": TEXT}]}, max_tokens=1)
+        await served.stub.Tokenize(pb.TokenizeRequest(text=TEXT))
+    loop_thread = threading.current_thread()
+    assert len(threads) == 3 and all(t is not loop_thread for t in threads)
