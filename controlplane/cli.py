@@ -64,6 +64,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template", default=None, metavar="FILE_OR_TEXT",
                    help="Jinja chat template for chat requests (a file, or the template itself); default: the "
                         "checkpoint's chat_template.jinja or tokenizer_config.json, ChatML for presets")
+    p.add_argument("--stream-interval", type=int, default=1, metavar="N",
+                   help="tokens a streamed message waits for (SGLang's flag; the first token goes at once, "
+                        "a stream that falls behind gets what piled up in one message either way; default 1)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     add_trace_flags(p)
     add_metrics_flags(p)
@@ -210,7 +213,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataplaneConfig, Server
         host=args.host, port=args.port, dataplane_endpoint=endpoint,
         handshake_timeout_s=args.handshake_timeout, step_timeout_s=args.step_timeout,
         max_model_len=args.max_model_len, scheduler=scheduler, telemetry=telemetry,
-        chat_template=args.chat_template, **robustness_from_args(args),
+        chat_template=args.chat_template, stream_interval=args.stream_interval, **robustness_from_args(args),
     )
     return dataplane, server
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from controlplane.admission import QueueLimits
 from controlplane.dataplane_client import DataplaneClient, DataplaneUnavailable
 from controlplane.observer import EngineObserver, RequestObs
-from controlplane.output import OutputProcessor, RequestDelta
+from controlplane.output import DeltaCollector, OutputProcessor, RequestDelta
 from controlplane.prefix_cache import make_allocator
 from controlplane.scheduler import Scheduler
 from controlplane.sequence import FinishReason, Sequence, StopParams
@@ -57,13 +57,14 @@ class EngineRequest:
 class RequestHandle:
     """A live request's output stream; iterate it for RequestDeltas, the last one has finish_reason."""
 
-    def __init__(self, request_id: str, seq_id: int, processor: OutputProcessor, obs: RequestObs) -> None:
+    def __init__(self, request_id: str, seq_id: int, processor: OutputProcessor, obs: RequestObs,
+                 stream_interval: int = 1) -> None:
         self.request_id = request_id
         self.seq_id = seq_id
         self.sent_prompt_logprobs = False  # the first message with tokens carries them
         self.processor = processor
         self.obs = obs
-        self.queue: asyncio.Queue[RequestDelta] = asyncio.Queue()
+        self.queue = DeltaCollector(stream_interval)  # what piles up while the stream sends merges into one
         self.finished = False
 
     async def __aiter__(self) -> AsyncIterator[RequestDelta]:
@@ -95,8 +96,10 @@ class Engine:
         observer: EngineObserver | None = None,
         queue_limits: QueueLimits | None = None,
         slo_clock: Callable[[], float] | None = None,
+        stream_interval: int = 1,
     ) -> None:
         self.client = client
+        self.stream_interval = stream_interval  # tokens a stream's message waits for (the first goes at once)
         # the clock the scheduler's SLO bookkeeping runs on (default time.monotonic); every scheduler
         # this engine builds (each data-plane handshake) gets it
         self._slo_clock = slo_clock
@@ -229,7 +232,7 @@ class Engine:
         processor = OutputProcessor(self.tokenizer.stream(request.skip_special_tokens), request.stop.stop_strings,
                                     request.stop.include_stop_str_in_output)
         obs = request.obs or RequestObs(arrival=seq.arrival_time)
-        handle = RequestHandle(request.request_id, seq.seq_id, processor, obs)
+        handle = RequestHandle(request.request_id, seq.seq_id, processor, obs, self.stream_interval)
         self._handles[request.request_id] = handle
         self.observer.request_added(handle.obs, request.request_id, seq.seq_id)
         self.scheduler.add(seq)

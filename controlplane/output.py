@@ -3,10 +3,12 @@
 One `OutputProcessor` per request. It detokenises incrementally, finds stop strings in the text
 (which ends the request), and holds back the tail that could still become a stop string. It makes
 no scheduling decision: a stop string is reported to the caller, who finishes the sequence.
+`DeltaCollector` holds what a request's stream has not taken yet, merging what piles up.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from controlplane.tokenizer import TokenStream
@@ -69,3 +71,59 @@ class OutputProcessor:
         delta = self.text[self._sent : end]
         self._sent = end
         return delta
+
+
+def merge_deltas(first: RequestDelta, then: RequestDelta) -> RequestDelta:
+    """One delta with both's output, as if produced at once: tokens, text and logprobs joined, the
+    prompt logprobs of whichever has them, the end (finish, usage, error) of the later one."""
+    merged = RequestDelta(first.token_ids + then.token_ids, first.text + then.text,
+                          None if first.logprobs is None and then.logprobs is None
+                          else (first.logprobs or []) + (then.logprobs or []))
+    merged.prompt_logprobs = first.prompt_logprobs if first.prompt_logprobs is not None else then.prompt_logprobs
+    merged.prompt_token_ids = first.prompt_token_ids if first.prompt_token_ids is not None else then.prompt_token_ids
+    end = then if then.finish_reason is not None else first
+    merged.finish_reason, merged.stop_reason, merged.error = end.finish_reason, end.stop_reason, end.error
+    merged.prompt_tokens, merged.completion_tokens, merged.cached_tokens = (
+        end.prompt_tokens, end.completion_tokens, end.cached_tokens)
+    merged.retryable = end.retryable
+    return merged
+
+
+class DeltaCollector:
+    """A request's output not yet taken by its stream. Deltas put while the stream is busy (sending
+    the previous message) merge into one, as vLLM's RequestOutputCollector does: a stream slower than
+    the engine gets fewer, larger messages instead of a growing backlog of one-token messages.
+
+    With `interval` > 1 (SGLang's --stream-interval) the stream is woken only once that many tokens
+    are pending, or the output ended; the first delta always goes at once (time to first token)."""
+
+    def __init__(self, interval: int = 1) -> None:
+        if interval < 1:
+            raise ValueError(f"stream interval must be >= 1, got {interval}")
+        self.interval = interval
+        self._pending: RequestDelta | None = None
+        self._ready = asyncio.Event()
+        self._taken = 0  # deltas the stream has taken
+        self.merges = 0  # deltas folded into a pending one
+
+    def put_nowait(self, delta: RequestDelta) -> None:
+        if self._pending is None:
+            self._pending = delta
+        else:
+            self._pending = merge_deltas(self._pending, delta)
+            self.merges += 1
+        pending = self._pending
+        if (self.interval == 1 or not self._taken or pending.finish_reason is not None
+                or len(pending.token_ids) >= self.interval):
+            self._ready.set()
+
+    async def get(self) -> RequestDelta:
+        await self._ready.wait()
+        delta, self._pending = self._pending, None
+        self._ready.clear()
+        self._taken += 1
+        assert delta is not None
+        return delta
+
+    def qsize(self) -> int:
+        return 0 if self._pending is None else 1

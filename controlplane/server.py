@@ -59,6 +59,7 @@ class ControlPlane:
             observer=self.observer,
             queue_limits=QueueLimits(config.max_queued_requests, config.max_queued_tokens),
             slo_clock=slo_clock,
+            stream_interval=config.stream_interval,
         )
         self.health = HealthServicer()
         self._server: grpc.aio.Server | None = None

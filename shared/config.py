@@ -194,6 +194,7 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     tls: TlsConfig | None = None
     auth_token: str | None = None  # every RPC but health must carry `authorization: Bearer <token>`
     chat_template: str | None = None  # a file or the template text; default: the model's own
+    stream_interval: int = 1  # tokens a streamed message waits for (SGLang's --stream-interval); the first goes at once
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -205,5 +206,7 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("max_queued_requests must be >= 1")
         if self.max_queued_tokens < 1:
             raise ValueError("max_queued_tokens must be >= 1")
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         if self.shutdown_grace_s < 0 or self.step_timeout_s <= 0 or self.handshake_timeout_s <= 0:
             raise ValueError("shutdown_grace_s must be >= 0; step and handshake timeouts > 0")

@@ -1,9 +1,13 @@
-"""Incremental detokenisation, stop strings across token boundaries, and hold-back of their prefixes."""
+"""Incremental detokenisation, stop strings across token boundaries, hold-back of their prefixes, and
+the collector that merges the deltas a busy stream has not taken yet."""
 
 from __future__ import annotations
 
-from controlplane.output import OutputProcessor
+import asyncio
+
+from controlplane.output import DeltaCollector, OutputProcessor, RequestDelta, merge_deltas
 from controlplane.tokenizer import ByteTokenizer
+from shared.messages import TokenLogprobs
 
 
 def feed(text: str, stops: tuple[str, ...], chunk: int = 1) -> tuple[str, str | None, list[str]]:
@@ -49,3 +53,60 @@ def test_byte_tokenizer_special_ids_render_empty() -> None:
     tok = ByteTokenizer(bos_token_id=256)
     assert tok.encode("hi") == [256, 104, 105]
     assert tok.decode([256, 104, 105, 300]) == "hi"
+
+
+def _lp(token: int) -> TokenLogprobs:
+    return TokenLogprobs(logprob=-float(token), top_token_ids=[token], top_logprobs=[-float(token)])
+
+
+def test_merged_deltas_read_as_one() -> None:
+    first = RequestDelta([1, 2], "ab", [_lp(1), _lp(2)])
+    first.prompt_logprobs, first.prompt_token_ids = [_lp(9)], [8, 9]
+    final = RequestDelta([3], "c", [_lp(3)], finish_reason="stop", stop_reason="x", prompt_tokens=2,
+                         completion_tokens=3, cached_tokens=1)
+    merged = merge_deltas(first, final)
+    assert (merged.token_ids, merged.text) == ([1, 2, 3], "abc")
+    assert merged.logprobs == [_lp(1), _lp(2), _lp(3)] and merged.prompt_logprobs == [_lp(9)]
+    assert (merged.finish_reason, merged.stop_reason, merged.prompt_tokens, merged.completion_tokens,
+            merged.cached_tokens) == ("stop", "x", 2, 3, 1)
+    assert first.token_ids == [1, 2] and first.finish_reason is None  # the inputs are left as they were
+    plain = merge_deltas(RequestDelta([1], "a"), RequestDelta([2], "b"))
+    assert plain.logprobs is None and plain.finish_reason is None
+    error = merge_deltas(RequestDelta([1], "a"), RequestDelta([], "", error="lost", finish_reason="error",
+                                                              retryable=True))
+    assert (error.token_ids, error.finish_reason, error.error, error.retryable) == ([1], "error", "lost", True)
+
+
+async def test_the_collector_merges_what_its_stream_has_not_taken() -> None:
+    collector = DeltaCollector()
+    waiter = asyncio.create_task(collector.get())
+    await asyncio.sleep(0)
+    assert not waiter.done()  # nothing put yet
+    collector.put_nowait(RequestDelta([1], "a"))
+    assert (await waiter).token_ids == [1] and collector.qsize() == 0
+    for token in (2, 3, 4):  # the stream is busy: three deltas pile up
+        collector.put_nowait(RequestDelta([token], chr(ord("a") + token - 1)))
+    assert collector.qsize() == 1 and collector.merges == 2
+    got = await collector.get()
+    assert (got.token_ids, got.text) == ([2, 3, 4], "bcd")
+
+
+async def test_a_stream_interval_holds_messages_until_enough_tokens() -> None:
+    collector = DeltaCollector(interval=3)
+    collector.put_nowait(RequestDelta([1], "a"))
+    assert (await asyncio.wait_for(collector.get(), 1)).token_ids == [1]  # the first goes at once
+    collector.put_nowait(RequestDelta([2], "b"))
+    collector.put_nowait(RequestDelta([3], "c"))
+    waiter = asyncio.create_task(collector.get())
+    await asyncio.sleep(0.01)
+    assert not waiter.done()  # two tokens pending, three needed
+    collector.put_nowait(RequestDelta([4], "d"))
+    assert (await asyncio.wait_for(waiter, 1)).token_ids == [2, 3, 4]
+    collector.put_nowait(RequestDelta([5], "e", finish_reason="length"))
+    assert (await asyncio.wait_for(collector.get(), 1)).finish_reason == "length"  # the end goes at once
+    try:
+        DeltaCollector(interval=0)
+    except ValueError as exc:
+        assert "must be >= 1" in str(exc)
+    else:
+        raise AssertionError("interval 0 accepted")

@@ -1,0 +1,123 @@
+"""How many output tokens a second the control plane streams through gRPC, and its CPU per token,
+when the GPU is not the limit: the simulated data plane (`dataplane.sim_worker`, a named GPU's
+roofline: `--time-scale 1` runs its predicted step times, smaller is faster) serves Qwen3-8B shapes,
+and `duetserve bench serve` (another process) keeps `--concurrency` streams open, all at once.
+
+Each point starts a control plane from a checkout (`--roots`: this one by default; an older one, e.g.
+a `git worktree` of an earlier commit, measures what a change bought) and reads that process's own
+CPU time (utime + stime, not the data plane's or the client's). Prints a table and writes
+benchmarks/results/stream-throughput-cpu.json.
+
+    python benchmarks/stream_throughput.py [--roots .,/tmp/old] [--concurrency 64,256]
+        [--stream-intervals 1,4] [--time-scale 1.0] [--num-prompts 512] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SERVER = """
+import asyncio, sys, tempfile
+from controlplane.launcher import spawn_sim_dataplane, stop_process
+from controlplane.server import ControlPlane
+from shared.config import SchedulerConfig, ServerConfig
+port, scale, gpu, interval = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+async def main():
+    workdir = tempfile.mkdtemp(prefix="st-")
+    endpoint = f"ipc://{workdir}/dp.sock"
+    child = spawn_sim_dataplane(endpoint, model="qwen3-8b", gpu=gpu, time_scale=scale)
+    extra = {"stream_interval": interval} if interval != 1 else {}
+    plane = ControlPlane(ServerConfig(port=port, dataplane_endpoint=endpoint, handshake_timeout_s=60,
+                                      scheduler=SchedulerConfig(policy="aggregated"), **extra), "qwen3-8b")
+    await plane.start()
+    print("ready", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await plane.stop()
+        stop_process(child)
+asyncio.run(main())
+"""
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def _commit(root: Path) -> str:
+    """The checkout's commit, `+` when it has uncommitted changes."""
+    out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return (out.stdout.strip() or "unknown") + ("+" if dirty else "")
+
+
+def run_point(root: Path, port: int, concurrency: int, interval: int, args: argparse.Namespace) -> dict[str, object]:
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(port), str(args.time_scale), args.gpu, str(interval)],
+                              cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert server.stdout is not None
+        if server.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the control plane of {root} did not start")
+        with tempfile.NamedTemporaryFile(suffix=".json") as result:
+            cpu0 = _cpu_s(server.pid)
+            subprocess.run([sys.executable, "-m", "controlplane.cli", "bench", "serve", "--address",
+                            f"127.0.0.1:{port}", "--dataset", "random", "--num-prompts", str(args.num_prompts),
+                            "--random-input-len", "64", "--random-output-len", str(args.output_len),
+                            "--max-concurrency", str(concurrency), "--no-progress", "--result-file", result.name],
+                           cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+            cpu = _cpu_s(server.pid) - cpu0
+            bench = json.loads(Path(result.name).read_text())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    tokens = bench["total_output_tokens"]
+    return {"root": str(root), "commit": _commit(root), "concurrency": concurrency, "stream_interval": interval,
+            "output_tok_s": bench["output_throughput"], "mean_tpot_ms": bench["mean_tpot_ms"],
+            "mean_ttft_ms": bench["mean_ttft_ms"], "completed": bench["completed"], "failed": bench["failed"],
+            "server_cpu_s": cpu, "server_cpu_us_per_token": cpu / tokens * 1e6 if tokens else None,
+            "duration_s": bench["duration"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--roots", default=str(ROOT), help="comma-separated checkouts whose control plane serves")
+    parser.add_argument("--concurrency", default="64,256")
+    parser.add_argument("--stream-intervals", default="1", help="comma-separated; > 1 only for roots that have it")
+    parser.add_argument("--time-scale", type=float, default=1.0)
+    parser.add_argument("--gpu", default="h200", help="the simulated GPU")
+    parser.add_argument("--num-prompts", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--port", type=int, default=50161)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stream-throughput-cpu.json")
+    args = parser.parse_args()
+    rows = []
+    for root in (Path(r).resolve() for r in args.roots.split(",")):
+        for concurrency in (int(c) for c in args.concurrency.split(",")):
+            for interval in (int(i) for i in args.stream_intervals.split(",")):
+                row = run_point(root, args.port + len(rows), concurrency, interval, args)
+                rows.append(row)
+                print(f"{row['commit']:>9}  streams {concurrency:>4}  interval {interval}  "
+                      f"{row['output_tok_s']:>8.0f} output tok/s  TPOT {row['mean_tpot_ms']:6.1f} ms  "
+                      f"server CPU {row['server_cpu_us_per_token']:5.1f} us/token", flush=True)
+    result = {"machine": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
+              "time_scale": args.time_scale, "gpu": args.gpu, "num_prompts": args.num_prompts,
+              "output_len": args.output_len, "when": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
