@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -91,6 +92,18 @@ def run_point(root: Path, port: int, concurrency: int, interval: int, args: argp
             "duration_s": bench["duration"]}
 
 
+def _summary(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """The median of each point's rounds."""
+    groups: dict[tuple, list[dict[str, object]]] = {}
+    for row in rows:
+        groups.setdefault((row["commit"], row["concurrency"], row["stream_interval"]), []).append(row)
+    return [{"commit": c, "concurrency": n, "stream_interval": i, "rounds": len(g),
+             "median_output_tok_s": statistics.median(float(r["output_tok_s"]) for r in g),  # type: ignore[arg-type]
+             "median_server_cpu_us_per_token": statistics.median(float(r["server_cpu_us_per_token"])  # type: ignore[arg-type]
+                                                                 for r in g)}
+            for (c, n, i), g in groups.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--roots", default=str(ROOT), help="comma-separated checkouts whose control plane serves")
@@ -100,21 +113,27 @@ def main() -> None:
     parser.add_argument("--gpu", default="h200", help="the simulated GPU")
     parser.add_argument("--num-prompts", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=1, help="rounds over every point (the roots alternate)")
     parser.add_argument("--port", type=int, default=50161)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stream-throughput-cpu.json")
     args = parser.parse_args()
-    rows = []
-    for root in (Path(r).resolve() for r in args.roots.split(",")):
-        for concurrency in (int(c) for c in args.concurrency.split(",")):
-            for interval in (int(i) for i in args.stream_intervals.split(",")):
-                row = run_point(root, args.port + len(rows), concurrency, interval, args)
-                rows.append(row)
-                print(f"{row['commit']:>9}  streams {concurrency:>4}  interval {interval}  "
-                      f"{row['output_tok_s']:>8.0f} output tok/s  TPOT {row['mean_tpot_ms']:6.1f} ms  "
-                      f"server CPU {row['server_cpu_us_per_token']:5.1f} us/token", flush=True)
+    rows: list[dict[str, object]] = []
+    points = [(Path(r).resolve(), int(c), int(i)) for _ in range(args.repeat) for c in args.concurrency.split(",")
+              for i in args.stream_intervals.split(",") for r in args.roots.split(",")]
+    for n, (root, concurrency, interval) in enumerate(points):
+        try:
+            row = run_point(root, args.port + n, concurrency, interval, args)
+        except RuntimeError as exc:  # e.g. an older checkout without --stream-interval
+            print(f"skipped: {exc} (streams {concurrency}, interval {interval})")
+            continue
+        rows.append(row)
+        print(f"{row['commit']:>9}  streams {concurrency:>4}  interval {interval}  "
+              f"{row['output_tok_s']:>8.0f} output tok/s  TPOT {row['mean_tpot_ms']:6.1f} ms  "
+              f"server CPU {row['server_cpu_us_per_token']:5.1f} us/token", flush=True)
     result = {"machine": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
               "time_scale": args.time_scale, "gpu": args.gpu, "num_prompts": args.num_prompts,
-              "output_len": args.output_len, "when": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
+              "output_len": args.output_len, "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "summary": _summary(rows), "rows": rows}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
 
