@@ -202,3 +202,27 @@ def test_priority_benchmark_runs_on_the_simulated_plane(tmp_path: Path) -> None:
     for row in (fcfs, prio):
         assert row["urgent"]["completed"] + row["others"]["completed"] == 20
         assert row["urgent"]["requests"] == fcfs["urgent"]["requests"] > 0  # the same seeded classes
+
+
+def test_stream_throughput_benchmark_counts_every_token(tmp_path: Path) -> None:
+    out = tmp_path / "stream.json"
+    proc = subprocess.run([sys.executable, "benchmarks/stream_throughput.py", "--concurrency", "4",
+                           "--stream-intervals", "1,3", "--num-prompts", "8", "--output-len", "6",
+                           "--time-scale", "0.01", "--port", "50931", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [r["stream_interval"] for r in report["rows"]] == [1, 3]
+    for row in report["rows"]:
+        assert row["completed"] == 8 and row["failed"] == 0 and row["server_cpu_s"] > 0
+    assert [s["rounds"] for s in report["summary"]] == [1, 1]
+
+
+def test_tokenize_stall_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "stall.json"
+    proc = subprocess.run([sys.executable, "benchmarks/tokenize_stall.py", "--chars", "3000", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert len(report["loop_level"]) == 3 and all(r["worst_loop_gap_ms"] > 0 for r in report["loop_level"])
+    assert report["end_to_end"]["long_prompt_status"] == "INVALID_ARGUMENT"  # 3000 characters > max_model_len 512
