@@ -67,6 +67,81 @@ def slowed(gpu_model: SimGpu, eager_scale: float, partition_scale: float, isolat
     gpu_model._ms = ms  # type: ignore[method-assign]
 
 
+class _Replay:
+    """The discrete-event loop: arrivals, and each planned step's progress and result at the simulated
+    GPU's times; a step is planned `host_ms` after the scheduler could plan it, in order on one stream."""
+
+    def __init__(self, sched: Scheduler, gpu_model: SimGpu, records: list[RequestRecord], host_ms: float) -> None:
+        self.sched, self.gpu_model, self.records, self.host_ms = sched, gpu_model, records, host_ms
+        self.vocab = gpu_model.ready.model.vocab_size
+        self.events: list[tuple[float, int, object]] = []  # (time s, order, payload)
+        self.order = 0
+        self.now = 0.0
+        self.gpu_free = 0.0
+        sched.slo_clock = lambda: self.now
+        for i, record in enumerate(records):
+            self.push(record.sent, ("arrive", i))
+
+    def push(self, t: float, payload: object) -> None:
+        heapq.heappush(self.events, (t, self.order, payload))
+        self.order += 1
+
+    def apply(self, updates: list[SeqUpdate]) -> None:
+        for u in updates:
+            rec = self.records[u.seq.seq_id]
+            if u.new_token_ids:
+                rec.chunks.append((self.now, len(u.new_token_ids)))
+                rec.completion_tokens += len(u.new_token_ids)
+            if u.finished:
+                rec.finish_reason = "length"
+                rec.cached_tokens = u.seq.num_cached_tokens
+
+    def arrive(self, i: int) -> None:
+        """Request i's sequence, with a prompt of its own: no two requests share a first block, so the
+        prefix cache never hits, as with the random prompts of a GPU sweep."""
+        rec, vocab = self.records[i], self.vocab
+        self.sched.add(Sequence(seq_id=i, request_id=str(i),
+                                prompt_token_ids=[16 + (i * 7919 + j) % (vocab - 16) for j in range(rec.prompt_tokens)],
+                                sampling=SamplingParams(temperature=0.0),
+                                stop=StopParams(max_tokens=rec.max_tokens, ignore_eos=True), arrival_time=self.now))
+
+    def plan(self) -> None:
+        """Plan steps while there is room in flight and work to do; their messages become events."""
+        sched = self.sched
+        while len(sched.inflight) < sched.max_inflight and sched.has_work():
+            plan = sched.schedule()
+            if plan is None:
+                return
+            self.gpu_free, messages = self.gpu_model.run_at(plan, max(self.now + self.host_ms / 1e3, self.gpu_free),
+                                                            1e-3)
+            for due, message in messages:
+                self.push(due, ("progress" if isinstance(message, StepProgress) else "result", message))
+
+    def run(self) -> None:
+        while self.events:
+            self.now, _, payload = heapq.heappop(self.events)
+            kind, value = payload  # type: ignore[misc]
+            if kind == "arrive":
+                self.arrive(value)
+            elif kind == "progress":
+                self.apply(self.sched.progress(value))
+            else:
+                self.apply(self.sched.update(value))
+            self.plan()
+
+
+def _sim_gpu(gpu: str, execution: str, decode_partition_sms: list[int] | None, piecewise_graphs: bool,
+             piecewise_host_ms: float | None, scales: tuple[float, float, float]) -> SimGpu:
+    ready = sim_ready("qwen3-8b", gpu, execution=execution, decode_partition_sms=decode_partition_sms,
+                      piecewise_graphs=piecewise_graphs)
+    gpu_model = SimGpu(ready, time_scale=0.0)
+    if piecewise_host_ms is not None:
+        gpu_model.roofline.piecewise_floor_ms = piecewise_host_ms
+    if scales != (1.0, 1.0, 1.0):
+        slowed(gpu_model, *scales)
+    return gpu_model
+
+
 def simulate(trace: Path, rate: float, num_requests: int, config: SchedulerConfig, *, gpu: str = "h200",
              execution: str = "flashinfer", host_ms: float = 1.0, decode_partition_sms: list[int] | None = None,
              scales: tuple[float, float, float] = (1.0, 1.0, 1.0), piecewise_graphs: bool = True,
@@ -78,71 +153,16 @@ def simulate(trace: Path, rate: float, num_requests: int, config: SchedulerConfi
     floor `piecewise_host_ms` replaces the declared one (a what-if)."""
     workload = load_trace(trace, limit=num_requests)
     send = arrivals(workload, "trace", rate, 1.0, 0)
-    ready = sim_ready("qwen3-8b", gpu, execution=execution, decode_partition_sms=decode_partition_sms,
-                      piecewise_graphs=piecewise_graphs)
-    gpu_model = SimGpu(ready, time_scale=0.0)
-    if piecewise_host_ms is not None:
-        gpu_model.roofline.piecewise_floor_ms = piecewise_host_ms
-    if scales != (1.0, 1.0, 1.0):
-        slowed(gpu_model, *scales)
+    gpu_model = _sim_gpu(gpu, execution, decode_partition_sms, piecewise_graphs, piecewise_host_ms, scales)
+    ready = gpu_model.ready
     allocator = make_allocator(ready.num_kv_blocks, ready.block_size, config.enable_prefix_caching)
-    sched = Scheduler(config, allocator, ready.max_model_len,
-                      frozenset(ready.model.eos_token_ids), ready)
-    now = 0.0
-    sched.slo_clock = lambda: now
-    records: list[RequestRecord] = []
-    by_seq: dict[int, RequestRecord] = {}
-    events: list[tuple[float, int, object]] = []  # (time s, order, payload)
-    order = 0
-
-    def push(t: float, payload: object) -> None:
-        nonlocal order
-        heapq.heappush(events, (t, order, payload))
-        order += 1
-
+    sched = Scheduler(config, allocator, ready.max_model_len, frozenset(ready.model.eos_token_ids), ready)
+    records = []
     for i, (req, at) in enumerate(zip(workload, send)):
         max_tokens = max(1, min(req.output_tokens, ready.max_model_len - 1))
         prompt = max(1, min(req.prompt_tokens, ready.max_model_len - max_tokens))
-        record = RequestRecord(i, prompt, max_tokens, sent=at)
-        records.append(record)
-        push(at, ("arrive", i))
-    gpu_free = 0.0
-    vocab = ready.model.vocab_size
-
-    def apply(updates: list[SeqUpdate]) -> None:
-        for u in updates:
-            rec = by_seq[u.seq.seq_id]
-            if u.new_token_ids:
-                rec.chunks.append((now, len(u.new_token_ids)))
-                rec.completion_tokens += len(u.new_token_ids)
-            if u.finished:
-                rec.finish_reason = "length"
-                rec.cached_tokens = u.seq.num_cached_tokens
-
-    while events:
-        now, _, payload = heapq.heappop(events)
-        kind, value = payload  # type: ignore[misc]
-        if kind == "arrive":
-            rec = records[value]
-            # a prompt of its own: no two requests share a first block, so the prefix cache never hits, as
-            # with the random prompts of a GPU sweep
-            seq = Sequence(seq_id=value, request_id=str(value),
-                           prompt_token_ids=[16 + (value * 7919 + j) % (vocab - 16) for j in range(rec.prompt_tokens)],
-                           sampling=SamplingParams(temperature=0.0),
-                           stop=StopParams(max_tokens=rec.max_tokens, ignore_eos=True), arrival_time=now)
-            by_seq[value] = rec
-            sched.add(seq)
-        elif kind == "progress":
-            apply(sched.progress(value))
-        else:
-            apply(sched.update(value))
-        while len(sched.inflight) < sched.max_inflight and sched.has_work():
-            plan = sched.schedule()
-            if plan is None:
-                break
-            gpu_free, messages = gpu_model.run_at(plan, max(now + host_ms / 1e3, gpu_free), 1e-3)
-            for due, message in messages:
-                push(due, ("progress" if isinstance(message, StepProgress) else "result", message))
+        records.append(RequestRecord(i, prompt, max_tokens, sent=at))
+    _Replay(sched, gpu_model, records, host_ms).run()
     duration = max((r.chunks[-1][0] for r in records if r.chunks), default=0.0) - min(send)
     arrays = per_request(records)
     goodput = Goodput(ttft_ms=config.ttft_slo_ms, tpot_ms=config.tbt_slo_ms)

@@ -124,34 +124,21 @@ def gpu_key(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
 
 
-def measure(args: argparse.Namespace) -> dict[str, object]:
-    config = DataplaneConfig(model=args.model, device=args.device, dtype=args.dtype, num_kv_blocks=args.kv_blocks,
-                             block_size=16, attention_backend=args.attention_backend, seed=args.seed,
-                             calibration_cache_dir=args.calibration_cache_dir, max_num_batched_tokens=8192,
-                             decode_partition_sms=tuple(int(x) for x in args.decode_sizes.split(","))
-                             if args.partitions else None)
-    loaded = load_worker(config)
-    runner, ready = loaded.runner, loaded.ready
-    provider = load_partition_provider(args.partition_provider) if args.partition_provider else None
-    if args.partitions and runner.multiplexer is not None:  # the worker's own green-context streams
-        streams = runner.multiplexer.partitions.streams_by_size()
-        provider = lambda sms: torch.cuda.stream(streams[sms])  # noqa: E731
-    full = ready.device.sm_count or 1
-    sm_counts = [int(s) for s in args.sm_counts.split(",")] if args.sm_counts else [full]
-    if provider is None and sm_counts != [full]:
-        raise SystemExit("--sm-counts other than the whole device need --partition-provider")
+def _profile(args: argparse.Namespace, runner, ready, sm_counts: list[int], provider):  # noqa: ANN001, ANN202
+    """The hardware profile the predictor runs on: the worker's, or one calibrated per SM count."""
     profile = ready.profile
     if provider is not None:
         profile = calibrate(runner.device, runner.kv_caches[0].dtype, args.calibration_cache_dir,
                             sm_counts=sm_counts, partition=provider)
     assert profile is not None
-    execution = execution_profile_for(ready.device.name, ready.attention_backend)
-    graphs_on = ready.attention_backend == "flashinfer"
-    predictor = Predictor(ready.model, profile, execution, decode_graphs=graphs_on,
-                          piecewise_max_tokens=ready.piecewise_max_tokens)
-    decode_parts = set(ready.partition_sm_counts) if runner.multiplexer is not None else set()
+    return profile
+
+
+def _samples(args: argparse.Namespace, runner, predictor: Predictor, provider, sm_counts: list[int],  # noqa: ANN001
+             full: int, decode_parts: set[int]) -> list[dict[str, object]]:
+    """Every shape of the grid on every SM count, measured and predicted raw."""
     shapes = grid(args.quick, runner.num_blocks * runner.block_size)
-    samples = []
+    samples: list[dict[str, object]] = []
     graphs, pieces = runner.graphs, runner.pieces
     for sms in sm_counts:
         runner.pieces = pieces if sms == full else None  # serving runs a partition's prefill eagerly
@@ -178,6 +165,11 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
                   f" chunks {chunks!s:<22} measured {measured:8.3f} ms  roofline {raw:8.3f} ms"
                   f"{'  graph' if graph else ''}", flush=True)
     runner.graphs = graphs
+    return samples
+
+
+def _report(args: argparse.Namespace, ready, predictor: Predictor, profile, execution,  # noqa: ANN001
+            samples: list[dict[str, object]], sm_counts: list[int]) -> dict[str, object]:
     report = score_online(predictor, samples, args.seed)
     kinds = by_kind(samples)
     n_serving, mape_serving = serving_mape(samples)
@@ -203,6 +195,31 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
         "model_shape": as_json(predictor.shape), "execution_profile": as_json(execution),
         "reps": args.reps, "grid": args.grid, "samples": samples,
     }
+
+
+def measure(args: argparse.Namespace) -> dict[str, object]:
+    config = DataplaneConfig(model=args.model, device=args.device, dtype=args.dtype, num_kv_blocks=args.kv_blocks,
+                             block_size=16, attention_backend=args.attention_backend, seed=args.seed,
+                             calibration_cache_dir=args.calibration_cache_dir, max_num_batched_tokens=8192,
+                             decode_partition_sms=tuple(int(x) for x in args.decode_sizes.split(","))
+                             if args.partitions else None)
+    loaded = load_worker(config)
+    runner, ready = loaded.runner, loaded.ready
+    provider = load_partition_provider(args.partition_provider) if args.partition_provider else None
+    if args.partitions and runner.multiplexer is not None:  # the worker's own green-context streams
+        streams = runner.multiplexer.partitions.streams_by_size()
+        provider = lambda sms: torch.cuda.stream(streams[sms])  # noqa: E731
+    full = ready.device.sm_count or 1
+    sm_counts = [int(s) for s in args.sm_counts.split(",")] if args.sm_counts else [full]
+    if provider is None and sm_counts != [full]:
+        raise SystemExit("--sm-counts other than the whole device need --partition-provider")
+    profile = _profile(args, runner, ready, sm_counts, provider)
+    execution = execution_profile_for(ready.device.name, ready.attention_backend)
+    predictor = Predictor(ready.model, profile, execution, decode_graphs=ready.attention_backend == "flashinfer",
+                          piecewise_max_tokens=ready.piecewise_max_tokens)
+    decode_parts = set(ready.partition_sm_counts) if runner.multiplexer is not None else set()
+    samples = _samples(args, runner, predictor, provider, sm_counts, full, decode_parts)
+    return _report(args, ready, predictor, profile, execution, samples, sm_counts)
 
 
 def as_json(obj: object) -> dict[str, object]:
