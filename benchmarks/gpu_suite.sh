@@ -20,7 +20,8 @@
 # profile-eager (host launch and device time of eager prefill and mixed steps) prefix-cache (a shared
 # 2k-token system prompt served offline with prefix caching off and on) serving-prefix (the same
 # through duetserve serve and bench serve --random-prefix-len, 200 requests at 8 req/s, cache off and on) priority
-# (an urgent fifth of 300 requests over a queue, fcfs then --scheduling-policy priority). GPU name for file names: GPU=h200 (default).
+# (an urgent fifth of 300 requests over a queue, fcfs then --scheduling-policy priority) stream (256 streams
+# through duetserve serve on the real data plane, --stream-interval 1 then 4: output tok/s, control-plane CPU a token). GPU name for file names: GPU=h200 (default).
 # Every other stage runs the data plane's defaults, piecewise graphs included.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +60,8 @@ for stage in "$@"; do
                   done ;;
     engine) run engine 400 python3 benchmarks/engine.py --peer-requests 64 --peer-output-len 128 --out "$OUT" ;;
     prefix-cache) run prefix-cache 300 python3 benchmarks/prefix_cache.py --out "$OUT" ;;
+    stream) run stream 560 python3 benchmarks/stream_throughput.py --gpu cuda --concurrency 256 \
+              --stream-intervals 1,4 --out "$OUT/stream-throughput-$GPU.json" ;;
     priority) run priority 400 python3 benchmarks/priority.py $LAUNCH --gpu "$GPU$TAG" --out "$OUT" ;;
     serving-prefix) run serving-prefix 560 python3 benchmarks/serving_prefix.py $LAUNCH --gpu "$GPU$TAG" \
                       --out "$OUT" ;;

@@ -1,7 +1,8 @@
-"""How many output tokens a second the control plane streams through gRPC, and its CPU per token,
-when the GPU is not the limit: the simulated data plane (`dataplane.sim_worker`, a named GPU's
-roofline: `--time-scale 1` runs its predicted step times, smaller is faster) serves Qwen3-8B shapes,
-and `duetserve bench serve` (another process) keeps `--concurrency` streams open, all at once.
+"""How many output tokens a second the control plane streams through gRPC, and its CPU per token:
+the simulated data plane (`dataplane.sim_worker`, a named GPU's roofline: `--time-scale 1` runs its
+predicted step times, smaller is faster; no GPU limit at small scales) or, with `--gpu cuda`, the
+real one on that device serves `--model` (Qwen3-8B shapes by default), and `duetserve bench serve` (another
+process) keeps `--concurrency` streams open, all at once.
 
 Each point starts a control plane from a checkout (`--roots`: this one by default; an older one, e.g.
 a `git worktree` of an earlier commit, measures what a change bought) and reads that process's own
@@ -29,17 +30,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SERVER = """
 import asyncio, sys, tempfile
-from controlplane.launcher import spawn_sim_dataplane, stop_process
+from controlplane.launcher import spawn_dataplane, spawn_sim_dataplane, stop_process
 from controlplane.server import ControlPlane
-from shared.config import SchedulerConfig, ServerConfig
-port, scale, gpu, interval = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+from shared.config import DataplaneConfig, SchedulerConfig, ServerConfig
+port, scale, gpu, interval, model = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
 async def main():
     workdir = tempfile.mkdtemp(prefix="st-")
     endpoint = f"ipc://{workdir}/dp.sock"
-    child = spawn_sim_dataplane(endpoint, model="qwen3-8b", gpu=gpu, time_scale=scale)
+    if gpu in ("cuda", "cpu"):  # the real data plane on that device, its defaults
+        child = spawn_dataplane(DataplaneConfig(model=model, endpoint=endpoint, device=gpu), "WARNING")
+    else:
+        child = spawn_sim_dataplane(endpoint, model=model, gpu=gpu, time_scale=scale)
     extra = {"stream_interval": interval} if interval != 1 else {}
-    plane = ControlPlane(ServerConfig(port=port, dataplane_endpoint=endpoint, handshake_timeout_s=60,
-                                      scheduler=SchedulerConfig(policy="aggregated"), **extra), "qwen3-8b")
+    plane = ControlPlane(ServerConfig(port=port, dataplane_endpoint=endpoint, handshake_timeout_s=600,
+                                      scheduler=SchedulerConfig(policy="aggregated"), **extra), model)
     await plane.start()
     print("ready", flush=True)
     try:
@@ -65,7 +69,8 @@ def _commit(root: Path) -> str:
 
 
 def run_point(root: Path, port: int, concurrency: int, interval: int, args: argparse.Namespace) -> dict[str, object]:
-    server = subprocess.Popen([sys.executable, "-c", SERVER, str(port), str(args.time_scale), args.gpu, str(interval)],
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(port), str(args.time_scale), args.gpu, str(interval),
+                               args.model],
                               cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
     try:
@@ -110,13 +115,19 @@ def main() -> None:
     parser.add_argument("--concurrency", default="64,256")
     parser.add_argument("--stream-intervals", default="1", help="comma-separated; > 1 only for roots that have it")
     parser.add_argument("--time-scale", type=float, default=1.0)
-    parser.add_argument("--gpu", default="h200", help="the simulated GPU")
+    parser.add_argument("--gpu", default="h200",
+                        help="the simulated GPU, or cuda / cpu: the real data plane on that device (--time-scale "
+                             "is then ignored)")
+    parser.add_argument("--model", default="qwen3-8b", help="preset (random weights) or checkpoint folder")
     parser.add_argument("--num-prompts", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=1, help="rounds over every point (the roots alternate)")
     parser.add_argument("--port", type=int, default=50161)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stream-throughput-cpu.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default benchmarks/results/stream-throughput-cpu.json (simulated) or -cuda.json")
     args = parser.parse_args()
+    kind = {"cuda": "cuda", "cpu": "cpu-real"}.get(args.gpu, "cpu")
+    args.out = args.out or ROOT / "benchmarks" / "results" / f"stream-throughput-{kind}.json"
     rows: list[dict[str, object]] = []
     points = [(Path(r).resolve(), int(c), int(i)) for _ in range(args.repeat) for c in args.concurrency.split(",")
               for i in args.stream_intervals.split(",") for r in args.roots.split(",")]
@@ -131,7 +142,7 @@ def main() -> None:
               f"{row['output_tok_s']:>8.0f} output tok/s  TPOT {row['mean_tpot_ms']:6.1f} ms  "
               f"server CPU {row['server_cpu_us_per_token']:5.1f} us/token", flush=True)
     result = {"machine": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-              "time_scale": args.time_scale, "gpu": args.gpu, "num_prompts": args.num_prompts,
+              "time_scale": args.time_scale, "gpu": args.gpu, "model": args.model, "num_prompts": args.num_prompts,
               "output_len": args.output_len, "when": time.strftime("%Y-%m-%d %H:%M:%S"),
               "summary": _summary(rows), "rows": rows}
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -216,6 +216,13 @@ def test_stream_throughput_benchmark_counts_every_token(tmp_path: Path) -> None:
     for row in report["rows"]:
         assert row["completed"] == 8 and row["failed"] == 0 and row["server_cpu_s"] > 0
     assert [s["rounds"] for s in report["summary"]] == [1, 1]
+    real = tmp_path / "real.json"  # the real data plane (on the CPU here; --gpu cuda on a GPU)
+    proc = subprocess.run([sys.executable, "benchmarks/stream_throughput.py", "--gpu", "cpu", "--model", "tiny",
+                           "--concurrency", "4", "--num-prompts", "4", "--output-len", "4", "--port", "50941",
+                           "--out", str(real)], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(real.read_text())["rows"]
+    assert row["completed"] == 4 and row["failed"] == 0
 
 
 def test_tokenize_stall_benchmark_runs(tmp_path: Path) -> None:
