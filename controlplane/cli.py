@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_flags(sub.add_parser("generate", help="stream one completion from a running server"))
     sub.add_parser("dataplane", help="run only the data plane (flags: python -m dataplane --help)",
                    add_help=False)
+    from controlplane.chat_cli import add_chat_flags
+
+    add_chat_flags(sub.add_parser("chat", help="a conversation with a running server (the model's chat template)"))
     health = sub.add_parser("health", help="exit 0 if a server's gRPC health service reports SERVING")
     health.add_argument("--address", default="127.0.0.1:50051", help="server address host:port")
     health.add_argument("--service", default="", help="service name to check (default: the whole server)")
@@ -261,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         from controlplane.client import run_generate
 
         return run_generate(args)
+    if args.command == "chat":
+        from controlplane.chat_cli import run_chat
+
+        return run_chat(args)
     if args.command == "health":
         from controlplane.client import run_health
 

@@ -12,6 +12,7 @@ import sys
 
 import grpc
 from google.protobuf.json_format import ParseDict
+from google.protobuf.struct_pb2 import Struct
 
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc
@@ -64,21 +65,28 @@ def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
     return request
 
 
+def chat_kwargs(text: str | None) -> Struct | None:
+    """--chat-template-kwargs: a JSON object as a Struct (None when not given)."""
+    if not text:
+        return None
+    try:
+        kwargs = json.loads(text)
+        if not isinstance(kwargs, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        raise SystemExit(f"--chat-template-kwargs takes a JSON object, got {text!r}: {exc}") from None
+    return ParseDict(kwargs, Struct())
+
+
 def chat_from_args(args: argparse.Namespace) -> pb.ChatPrompt:
     """--system (optional) and the prompt as chat messages, with --chat-template-kwargs."""
     chat = pb.ChatPrompt()
     if args.system is not None:
         chat.messages.add(role="system", content=args.system)
     chat.messages.add(role="user", content=args.prompt)
-    if args.chat_template_kwargs:
-        try:
-            kwargs = json.loads(args.chat_template_kwargs)
-            if not isinstance(kwargs, dict):
-                raise ValueError("not an object")
-        except ValueError as exc:
-            raise SystemExit(f"--chat-template-kwargs takes a JSON object, got {args.chat_template_kwargs!r}: "
-                             f"{exc}") from None
-        ParseDict(kwargs, chat.chat_template_kwargs)
+    kwargs = chat_kwargs(args.chat_template_kwargs)
+    if kwargs is not None:
+        chat.chat_template_kwargs.CopyFrom(kwargs)
     return chat
 
 

@@ -92,3 +92,38 @@ def test_serve_refuses_a_broken_template(capsys: pytest.CaptureFixture[str]) -> 
         main(["serve", "--chat-template", "{% for m in messages %}"])
     assert exit_.value.code == 2
     assert "chat template --chat-template: line 1" in capsys.readouterr().err
+
+
+async def _chat_cli(port: int, stdin: str, *flags: str) -> tuple[int, str, str]:
+    import asyncio
+    import os
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "controlplane.cli", "chat", "--address", f"127.0.0.1:{port}", "--temperature", "0",
+        "--max-tokens", "5", *flags, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_the_chat_cli_keeps_the_conversation() -> None:
+    import re
+
+    async with serve("tiny") as served:
+        code, out, err = await _chat_cli(served.plane.port, "Say hello.\n\nAnd again.\nexit\nnever sent\n",
+                                         "--system", "You are terse.")
+        assert code == 0, err
+        usage = [tuple(map(int, m)) for m in re.findall(r"prompt_tokens=(\d+) completion_tokens=(\d+)", err)]
+        assert len(usage) == 2  # the blank line is skipped, nothing after "exit" is sent
+        first = ("<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nSay hello.<|im_end|>\n"
+                 "<|im_start|>assistant\n")
+        assert usage[0] == (len(first.encode()), 5)
+        quick_code, reply, quick_err = await _chat_cli(served.plane.port, "", "--quick", "Say hello.",
+                                                       "--system", "You are terse.")
+        assert quick_code == 0 and "prompt_tokens=" in quick_err
+        assert out.startswith(reply)  # greedy: the conversation's first reply is the quick one
+        # the second request holds the first exchange, the reply's text as the assistant's message
+        second = first + reply + "<|im_end|>\n<|im_start|>user\nAnd again.<|im_end|>\n<|im_start|>assistant\n"
+        assert usage[1][0] == len(second.encode())
