@@ -55,9 +55,22 @@ class ChatMessage:
     role: str
     content: str
     name: str | None = None
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
 
-    def as_dict(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content} | ({"name": self.name} if self.name else {})
+    def as_dict(self) -> dict[str, Any]:
+        """As a template sees it: the optional fields only when set (templates test `is defined`)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.name:
+            message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [dict(call) for call in self.tool_calls]
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        if self.reasoning_content:
+            message["reasoning_content"] = self.reasoning_content
+        return message
 
 
 def _raise_exception(message: str) -> None:
@@ -95,9 +108,11 @@ class ChatTemplate:
         self.special_tokens = dict(special_tokens or {})
 
     def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-               continue_final_message: bool = False, kwargs: dict[str, Any] | None = None) -> str:
+               continue_final_message: bool = False, kwargs: dict[str, Any] | None = None,
+               tools: list[dict[str, Any]] | None = None) -> str:
         """The prompt text. `continue_final_message` leaves the last message open for the model to go
-        on (the text after its content is cut), so it excludes `add_generation_prompt`."""
+        on (the text after its content is cut), so it excludes `add_generation_prompt`; `tools` is
+        the template's `tools` (None: no tools)."""
         if not messages:
             raise ChatTemplateError("chat.messages: at least one message is needed")
         if continue_final_message and add_generation_prompt:
@@ -108,7 +123,7 @@ class ChatTemplate:
         if clash:
             raise ChatTemplateError(f"chat.chat_template_kwargs: {', '.join(clash)} may not be set there")
         variables = {**self.special_tokens, **extra, "messages": [m.as_dict() for m in messages],
-                     "add_generation_prompt": add_generation_prompt, "tools": None, "documents": None}
+                     "add_generation_prompt": add_generation_prompt, "tools": tools or None, "documents": None}
         try:
             text = self._template.render(variables)
         except ChatTemplateError:

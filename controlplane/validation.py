@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.struct_pb2 import Struct
 
 from controlplane.chat_template import ChatMessage, ChatTemplate, ChatTemplateError
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
@@ -30,6 +31,7 @@ MAX_LOGIT_BIAS = 1024  # entries of logit_bias
 MAX_LOGIT_BIAS_VALUE = 100.0  # |bias|, as OpenAI's API
 MAX_CHAT_MESSAGES = 1024
 MAX_ROLE_LEN = 64
+MAX_CHAT_TOOLS = 128
 
 
 class InvalidRequest(ValueError):
@@ -71,6 +73,11 @@ def _integral(value: object) -> object:
     return value
 
 
+def _as_dict(struct: Struct) -> dict[str, Any]:
+    """A Struct as the JSON object it was sent as (whole numbers as ints)."""
+    return {k: _integral(v) for k, v in MessageToDict(struct).items()}
+
+
 def chat_text(chat: pb.ChatPrompt, template: ChatTemplate | None) -> str:
     """The prompt text of chat messages, by the model's template; every problem an InvalidRequest."""
     if template is None:
@@ -82,13 +89,16 @@ def chat_text(chat: pb.ChatPrompt, template: ChatTemplate | None) -> str:
     for i, message in enumerate(chat.messages):
         if not message.role or len(message.role) > MAX_ROLE_LEN or not message.role.isprintable():
             raise InvalidRequest(f"chat.messages[{i}].role: required, printable, at most {MAX_ROLE_LEN} characters")
-        messages.append(ChatMessage(message.role, message.content, message.name or None))
-    kwargs: dict[str, Any] = {}
-    if chat.HasField("chat_template_kwargs"):
-        kwargs = {k: _integral(v) for k, v in MessageToDict(chat.chat_template_kwargs).items()}
+        messages.append(ChatMessage(message.role, message.content, message.name or None,
+                                    tuple(_as_dict(call) for call in message.tool_calls),
+                                    message.tool_call_id or None, message.reasoning_content or None))
+    if len(chat.tools) > MAX_CHAT_TOOLS:
+        raise InvalidRequest(f"chat.tools: at most {MAX_CHAT_TOOLS} tools, got {len(chat.tools)}")
+    kwargs = _as_dict(chat.chat_template_kwargs) if chat.HasField("chat_template_kwargs") else {}
     generation_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
     try:
-        return template.render(messages, generation_prompt, chat.continue_final_message, kwargs)
+        return template.render(messages, generation_prompt, chat.continue_final_message, kwargs,
+                               [_as_dict(tool) for tool in chat.tools])
     except ChatTemplateError as exc:
         raise InvalidRequest(str(exc)) from exc
 

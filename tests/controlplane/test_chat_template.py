@@ -130,3 +130,28 @@ def test_where_the_template_comes_from(tmp_path: Path) -> None:
     (folder / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not readable JSON"):
         load_chat_template(str(folder))
+
+
+TOOLS_TEMPLATE = """{%- if tools %}<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools>{% endif %}
+{%- for m in messages %}
+<{{ m.role }}>{% if m.reasoning_content is defined %}<think>{{ m.reasoning_content }}</think>{% endif %}{{ m.content }}
+{%- if m.tool_calls is defined %}{% for c in m.tool_calls %}<call>{{ c.function.name }}({{ c.function.arguments | tojson }})</call>{% endfor %}{% endif %}
+{%- if m.tool_call_id is defined %} [answers {{ m.tool_call_id }}]{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<assistant>{% endif %}"""
+WEATHER = {"type": "function", "function": {"name": "weather", "description": "Weather of a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def test_tools_and_tool_calls_render_as_transformers_renders_them() -> None:
+    call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo", "days": 2}}}
+    messages = [ChatMessage("user", "Weather in Oslo?"),
+                ChatMessage("assistant", "", tool_calls=(call,), reasoning_content="I should call weather."),
+                ChatMessage("tool", "-3 C", tool_call_id="call-1")]
+    ours = ChatTemplate(TOOLS_TEMPLATE, "tools").render(messages, tools=[WEATHER])
+    reference = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()), chat_template=TOOLS_TEMPLATE)
+    want = reference.apply_chat_template([m.as_dict() for m in messages], tools=[WEATHER], tokenize=False,
+                                         add_generation_prompt=True)
+    assert ours == want
+    assert '<call>weather({"city": "Oslo", "days": 2})</call>' in ours and "[answers call-1]" in ours
+    assert ChatTemplate(TOOLS_TEMPLATE, "tools").render(messages[:1]) == "<user>Weather in Oslo?<assistant>"

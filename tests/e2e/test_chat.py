@@ -57,6 +57,19 @@ async def test_kwargs_reach_the_template() -> None:
                                            "chat_template_kwargs": {"suffix": "!", "n": 3}})
         got = await served.stub.Tokenize(request)
         assert bytes(got.token_ids).decode() == "hi!6"  # JSON's 3 is an int, as vLLM's templates see it
+    tools = "{% for t in tools %}{{ t.function.name }}:{{ t.function.parameters | tojson }};{% endfor %}" \
+            "{% for m in messages %}{% for c in m.tool_calls %}{{ c.function.arguments.n + 1 }}{% endfor %}" \
+            "{{ m.tool_call_id }}{% endfor %}"
+    async with serve("tiny", chat_template=tools) as served:
+        tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+        call = {"type": "function", "function": {"name": "f", "arguments": {"n": 41}}}
+        got = await served.stub.Tokenize(pb.TokenizeRequest(chat={
+            "messages": [{"role": "assistant", "tool_calls": [call]}, {"role": "tool", "tool_call_id": "c7"}],
+            "tools": [tool]}))
+        assert bytes(got.token_ids).decode() == 'f:{"type": "object"};42c7'
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await served.stub.Tokenize(pb.TokenizeRequest(chat={"messages": [{"role": "u"}], "tools": [tool] * 129}))
+        assert "chat.tools: at most 128 tools, got 129" in (err.value.details() or "")
 
 
 async def test_a_model_without_a_template_refuses_chat(checkpoints) -> None:  # noqa: ANN001
