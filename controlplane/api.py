@@ -17,6 +17,7 @@ import msgspec
 
 from controlplane.admission import Overloaded
 from controlplane.chat_template import ChatTemplate
+from controlplane.generation_defaults import SamplingDefaults
 from controlplane.engine import Engine, EngineRequest, EngineUnavailable, RequestHandle
 from controlplane.observer import RequestObs
 from controlplane.server_load import server_load
@@ -144,11 +145,13 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, engine: Engine, model_name: str, policy: str, chat_template: ChatTemplate | None = None) -> None:
+    def __init__(self, engine: Engine, model_name: str, policy: str, chat_template: ChatTemplate | None = None,
+                 sampling_defaults: SamplingDefaults = SamplingDefaults()) -> None:
         self.engine = engine
         self.model_name = model_name
         self.policy = policy
         self.chat_template = chat_template  # None: the model has none, chat prompts are refused
+        self.sampling_defaults = sampling_defaults  # what unset sampling fields mean (the model's config)
         self._fanouts: dict[str, _Fanout] = {}  # request id of n > 1 completions -> their engine requests
 
     def _limits(self) -> Limits:
@@ -180,7 +183,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await self._abort(context, obs, grpc.StatusCode.UNAVAILABLE, why)
         assert self.engine.tokenizer is not None
         try:
-            args = (request, self.engine.tokenizer, self._limits(), self.chat_template)
+            args = (request, self.engine.tokenizer, self._limits(), self.chat_template, self.sampling_defaults)
             if request.WhichOneof("prompt") in ("text", "chat"):  # encoding a long text takes a while
                 valid = await asyncio.to_thread(validate_generate, *args)
             else:
@@ -376,4 +379,5 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             piecewise_max_tokens=worker.piecewise_max_tokens,
             scheduling_policy=self.engine.scheduler_config.scheduling_policy,
             supports_chat=self.chat_template is not None,
+            sampling_defaults=self.sampling_defaults.overridden(),
         )

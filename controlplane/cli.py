@@ -64,6 +64,10 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template", default=None, metavar="FILE_OR_TEXT",
                    help="Jinja chat template for chat requests (a file, or the template itself); default: the "
                         "checkpoint's chat_template.jinja or tokenizer_config.json, ChatML for presets")
+    p.add_argument("--generation-config", default="auto", metavar="auto|none|FOLDER",
+                   help="sampling defaults for fields a request leaves unset (temperature, top_p, top_k, min_p, "
+                        "repetition_penalty): auto, the model folder's generation_config.json as vLLM does; none: "
+                        "the neutral ones; or a folder holding a generation_config.json")
     p.add_argument("--stream-interval", type=int, default=1, metavar="N",
                    help="tokens a streamed message waits for (SGLang's flag; the first token goes at once, "
                         "a stream that falls behind gets what piled up in one message either way; default 1)")
@@ -140,9 +144,9 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
                    help='with --chat: extra template variables, e.g. \'{"enable_thinking": false}\'')
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=None, help="default: the model's (generation_config.json), else 1")
+    p.add_argument("--top-k", type=int, default=None, help="0 or -1: off; default: the model's, else off")
+    p.add_argument("--min-p", type=float, default=None, help="default: the model's, else 0 (off)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
@@ -216,7 +220,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataplaneConfig, Server
         host=args.host, port=args.port, dataplane_endpoint=endpoint,
         handshake_timeout_s=args.handshake_timeout, step_timeout_s=args.step_timeout,
         max_model_len=args.max_model_len, scheduler=scheduler, telemetry=telemetry,
-        chat_template=args.chat_template, stream_interval=args.stream_interval, **robustness_from_args(args),
+        chat_template=args.chat_template, stream_interval=args.stream_interval,
+        generation_config=args.generation_config, **robustness_from_args(args),
     )
     return dataplane, server
 
@@ -302,8 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         configs_from_args(args)  # every flag error before anything starts
         from controlplane.chat_template import load_chat_template
+        from controlplane.generation_defaults import load_sampling_defaults
 
         load_chat_template(args.model, args.chat_template)
+        load_sampling_defaults(args.model, args.generation_config)
     except (OSError, ValueError) as exc:
         build_parser().error(str(exc))
     return _run(_serve(args))

@@ -30,7 +30,7 @@ def open_channel(args: argparse.Namespace) -> grpc.Channel:
 
 def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
     request = pb.GenerateRequest(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, min_p=args.min_p,
+        max_tokens=args.max_tokens, temperature=args.temperature,
         stop=args.stop, ignore_eos=args.ignore_eos, n=args.n, priority=args.priority,
         skip_special_tokens=args.skip_special_tokens, include_stop_str_in_output=args.include_stop_str_in_output,
     )
@@ -56,6 +56,10 @@ def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
         request.text = args.prompt
     if args.top_p is not None:
         request.top_p = args.top_p
+    if args.top_k is not None:
+        request.top_k = args.top_k
+    if args.min_p is not None:
+        request.min_p = args.min_p
     if args.seed is not None:
         request.seed = args.seed
     if args.prompt_logprobs is not None:

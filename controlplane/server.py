@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from controlplane.api import GenerationServicer
 from controlplane.chat_template import load_chat_template
+from controlplane.generation_defaults import load_sampling_defaults
 from controlplane.admission import QueueLimits
 from controlplane.dataplane_client import DataplaneClient
 from controlplane.engine import Engine
@@ -47,6 +48,7 @@ class ControlPlane:
         self.config = config
         self.model = model
         self.chat_template = load_chat_template(model, config.chat_template)  # a bad template fails here
+        self.sampling_defaults = load_sampling_defaults(model, config.generation_config)
         self.metrics = ServingMetrics(config.telemetry, model)
         provider = make_tracer_provider(config.telemetry, CONTROLPLANE_SERVICE)
         self.observer = EngineObserver(provider, self.metrics, model)
@@ -98,7 +100,8 @@ class ControlPlane:
             ]
         )
         pb_grpc.add_GenerationServicer_to_server(
-            GenerationServicer(self.engine, self.model, self.config.scheduler.policy, self.chat_template), server
+            GenerationServicer(self.engine, self.model, self.config.scheduler.policy, self.chat_template,
+                               self.sampling_defaults), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
@@ -122,12 +125,13 @@ class ControlPlane:
         ready = await self.engine.start(self.config.handshake_timeout_s)
         log.info(
             "data plane ready: %s on %s, %d KV blocks x %d tokens, max_model_len %d, %s, prefix caching %s, "
-            "%s scheduling, chat template: %s",
+            "%s scheduling, chat template: %s, sampling defaults: %s",
             ready.model.name, ready.device.name, ready.num_kv_blocks, ready.block_size, self.engine.max_model_len,
             f"piecewise graphs up to {ready.piecewise_max_tokens} tokens" if ready.piecewise_max_tokens
             else "prefill and mixed steps eager",
             "on" if self.config.scheduler.enable_prefix_caching else "off", self.config.scheduler.scheduling_policy,
             self.chat_template.origin if self.chat_template else "none",
+            self.sampling_defaults.overridden() or "neutral",
         )
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

@@ -15,6 +15,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.struct_pb2 import Struct
 
 from controlplane.chat_template import ChatMessage, ChatTemplate, ChatTemplateError
+from controlplane.generation_defaults import SamplingDefaults
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from controlplane.sequence import StopParams
 from controlplane.tokenizer import TextTokenizer
@@ -158,19 +159,23 @@ def _token_rules(request: pb.GenerateRequest,
     return tuple(bias), tuple(allowed)
 
 
-def _sampling(request: pb.GenerateRequest, limits: Limits) -> SamplingParams:
-    temperature = _finite("temperature", request.temperature) if request.HasField("temperature") else 1.0
+def _sampling(request: pb.GenerateRequest, limits: Limits, defaults: SamplingDefaults) -> SamplingParams:
+    """Unset temperature, top_p, top_k, min_p and repetition_penalty take `defaults` (the model's)."""
+    temperature = _finite("temperature", request.temperature) if request.HasField("temperature") \
+        else defaults.temperature
     if temperature < 0:
         raise InvalidRequest(f"temperature must be >= 0, got {temperature}")
-    top_p = _finite("top_p", request.top_p) if request.HasField("top_p") else 1.0
+    top_p = _finite("top_p", request.top_p) if request.HasField("top_p") else defaults.top_p
     if not 0.0 < top_p <= 1.0:
         raise InvalidRequest(f"top_p must be in (0, 1], got {top_p}")
-    if request.top_k < -1:
-        raise InvalidRequest(f"top_k must be -1, 0 (off) or positive, got {request.top_k}")
-    min_p = _finite("min_p", request.min_p)
+    top_k = request.top_k if request.HasField("top_k") else defaults.top_k
+    if top_k < -1:
+        raise InvalidRequest(f"top_k must be -1, 0 (off) or positive, got {top_k}")
+    min_p = _finite("min_p", request.min_p) if request.HasField("min_p") else defaults.min_p
     if not 0.0 <= min_p <= 1.0:
         raise InvalidRequest(f"min_p must be in [0, 1], got {min_p}")
-    rep = _finite("repetition_penalty", request.repetition_penalty) if request.HasField("repetition_penalty") else 1.0
+    rep = _finite("repetition_penalty", request.repetition_penalty) if request.HasField("repetition_penalty") \
+        else defaults.repetition_penalty
     if rep <= 0:
         raise InvalidRequest(f"repetition_penalty must be > 0, got {rep}")
     for name in ("presence_penalty", "frequency_penalty"):
@@ -187,7 +192,7 @@ def _sampling(request: pb.GenerateRequest, limits: Limits) -> SamplingParams:
     return SamplingParams(
         temperature=temperature,
         top_p=top_p,
-        top_k=max(request.top_k, 0),
+        top_k=max(top_k, 0),
         min_p=min_p,
         seed=request.seed if request.HasField("seed") else None,
         repetition_penalty=rep,
@@ -239,12 +244,14 @@ def _check_request_id(request_id: str) -> None:
 
 
 def validate_generate(
-    request: pb.GenerateRequest, tokenizer: TextTokenizer, limits: Limits, chat: ChatTemplate | None = None
+    request: pb.GenerateRequest, tokenizer: TextTokenizer, limits: Limits, chat: ChatTemplate | None = None,
+    defaults: SamplingDefaults = SamplingDefaults(),
 ) -> ValidatedRequest:
-    """`chat` is the model's chat template (None: it has none), for a request with chat messages."""
+    """`chat` is the model's chat template (None: it has none), for a request with chat messages;
+    `defaults` what unset sampling fields mean (the model's generation config)."""
     _check_request_id(request.request_id)
     request_id = request.request_id or uuid.uuid4().hex
-    sampling = _sampling(request, limits)
+    sampling = _sampling(request, limits, defaults)
     prompt = _prompt_ids(request, tokenizer, limits, chat)
     stop = _stop(request, len(prompt), limits)
     n = request.n or 1

@@ -175,7 +175,14 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "architecture", "vocab_size", "max_model_len", "eos_token_ids", "block_size", "num_kv_blocks", "device", "dtype", "attention_backend", "policy", "supports_multiplexing", "protocol_version", "piecewise_max_tokens", "scheduling_policy", "supports_chat")
+    __slots__ = ("model", "architecture", "vocab_size", "max_model_len", "eos_token_ids", "block_size", "num_kv_blocks", "device", "dtype", "attention_backend", "policy", "supports_multiplexing", "protocol_version", "piecewise_max_tokens", "scheduling_policy", "supports_chat", "sampling_defaults")
+    class SamplingDefaultsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +199,7 @@ class ModelInfo(_message.Message):
     PIECEWISE_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SCHEDULING_POLICY_FIELD_NUMBER: _ClassVar[int]
     SUPPORTS_CHAT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     vocab_size: int
@@ -208,7 +216,8 @@ class ModelInfo(_message.Message):
     piecewise_max_tokens: int
     scheduling_policy: str
     supports_chat: bool
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., attention_backend: _Optional[str] = ..., policy: _Optional[str] = ..., supports_multiplexing: _Optional[bool] = ..., protocol_version: _Optional[int] = ..., piecewise_max_tokens: _Optional[int] = ..., scheduling_policy: _Optional[str] = ..., supports_chat: _Optional[bool] = ...) -> None: ...
+    sampling_defaults: _containers.ScalarMap[str, float]
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., attention_backend: _Optional[str] = ..., policy: _Optional[str] = ..., supports_multiplexing: _Optional[bool] = ..., protocol_version: _Optional[int] = ..., piecewise_max_tokens: _Optional[int] = ..., scheduling_policy: _Optional[str] = ..., supports_chat: _Optional[bool] = ..., sampling_defaults: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("text", "add_special_tokens", "chat")
