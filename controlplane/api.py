@@ -204,7 +204,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             return
         handle = await self._add(context, obs, EngineRequest(valid.request_id, valid.prompt_token_ids,
                                                              valid.sampling, valid.stop, obs, valid.priority,
-                                                             valid.skip_special_tokens))
+                                                             valid.skip_special_tokens, valid.detokenize))
         try:
             async for delta in handle.until(deadline):
                 await self._end_if_failed(context, obs, delta, "request failed")
@@ -294,7 +294,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 fanout.spans.append(self.engine.observer.start_request(context.invocation_metadata()))
             fanout.stream(await self._add(context, obs, EngineRequest(
                 fanout.ids[i], valid.prompt_token_ids, sampling, valid.stop, fanout.spans[-1] if i else obs,
-                valid.priority, valid.skip_special_tokens)), deadline)
+                valid.priority, valid.skip_special_tokens, valid.detokenize)), deadline)
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         try:

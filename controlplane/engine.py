@@ -28,7 +28,7 @@ from controlplane.prefix_cache import make_allocator
 from controlplane.scheduler import Scheduler
 from controlplane.sequence import FinishReason, Sequence, StopParams
 from controlplane.step_records import SeqUpdate
-from controlplane.tokenizer import TextTokenizer
+from controlplane.tokenizer import NO_TEXT, TextTokenizer
 from shared.config import SchedulerConfig
 from shared.messages import SamplingParams, StepPlan, WorkerReady
 
@@ -52,6 +52,7 @@ class EngineRequest:
     obs: RequestObs | None = None  # the servicer's span and timestamps; None: metrics only
     priority: int = 0  # lower is admitted first under scheduling_policy="priority"
     skip_special_tokens: bool = True  # leave special tokens out of the streamed text
+    detokenize: bool = True  # False: stream token ids only (no text, so no stop strings)
 
 
 class RequestHandle:
@@ -229,8 +230,8 @@ class Engine:
             arrival_time=time.monotonic(),
             priority=request.priority,
         )
-        processor = OutputProcessor(self.tokenizer.stream(request.skip_special_tokens), request.stop.stop_strings,
-                                    request.stop.include_stop_str_in_output)
+        stream = self.tokenizer.stream(request.skip_special_tokens) if request.detokenize else NO_TEXT
+        processor = OutputProcessor(stream, request.stop.stop_strings, request.stop.include_stop_str_in_output)
         obs = request.obs or RequestObs(arrival=seq.arrival_time)
         handle = RequestHandle(request.request_id, seq.seq_id, processor, obs, self.stream_interval)
         self._handles[request.request_id] = handle

@@ -32,6 +32,16 @@ class TextTokenizer(Protocol):
     def stream(self, skip_special_tokens: bool = True) -> TokenStream: ...
 
 
+class _NoText:
+    """A stream for requests that asked for token ids only: every token completes no text."""
+
+    def step(self, token_id: int) -> str:
+        return ""
+
+
+NO_TEXT: TokenStream = _NoText()
+
+
 class _HFStream:
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool) -> None:
         self._tokenizer = tokenizer

@@ -55,6 +55,7 @@ class ValidatedRequest:
     n: int = 1  # completions to sample
     priority: int = 0  # lower is admitted first, under the priority scheduling policy
     skip_special_tokens: bool = True
+    detokenize: bool = True  # False: token ids only, no text
 
 
 def _finite(name: str, value: float) -> float:
@@ -261,7 +262,11 @@ def validate_generate(
         raise InvalidRequest(f"priority: {request.priority} needs a server started with --scheduling-policy "
                              "priority (this one admits requests first come, first served)")
     skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
-    return ValidatedRequest(request_id, prompt, sampling, stop, n, request.priority, skip)
+    detokenize = request.detokenize if request.HasField("detokenize") else True
+    if not detokenize and request.stop:
+        raise InvalidRequest("stop: stop strings are matched in the text, which detokenize=false turns off "
+                             "(use stop_token_ids)")
+    return ValidatedRequest(request_id, prompt, sampling, stop, n, request.priority, skip, detokenize)
 
 
 def validate_tokenize(request: pb.TokenizeRequest, chat: ChatTemplate | None = None) -> tuple[str, bool]:

@@ -50,6 +50,7 @@ BAD_REQUESTS: list[tuple[dict[str, object], str]] = [
     ({**OK, "truncate_prompt_tokens": 0}, "truncate_prompt_tokens must be in [1, 63]"),
     ({**OK, "truncate_prompt_tokens": 64}, "truncate_prompt_tokens must be in [1, 63] (below max_model_len 64)"),
     ({**OK, "prompt_logprobs": 21}, "prompt_logprobs must be at most 20"),
+    ({**OK, "detokenize": False, "stop": ["x"]}, "stop: stop strings are matched in the text, which detokenize=false"),
     ({"chat": {}}, "chat.messages: at least one message is needed"),
     ({"chat": {"messages": [{"content": "hi"}]}}, "chat.messages[0].role: required"),
     ({"chat": {"messages": [{"role": "user", "content": "hi"}, {"role": "a\tb"}]}}, "chat.messages[1].role"),

@@ -91,3 +91,14 @@ async def test_prompts_are_encoded_off_the_event_loop(checkpoints, monkeypatch) 
         await served.stub.Tokenize(pb.TokenizeRequest(text=TEXT))
     loop_thread = threading.current_thread()
     assert len(threads) == 3 and all(t is not loop_thread for t in threads)
+
+
+async def test_detokenize_false_streams_token_ids_only(checkpoints) -> None:  # noqa: ANN001
+    ask = {"token_ids": {"ids": [5, 6, 7, 8]}, "max_tokens": 12, "ignore_eos": True, "temperature": 0.0}
+    async with serve(str(checkpoints["qwen3"])) as served:
+        text = await generate(served.stub, **ask)
+        ids = await generate(served.stub, **ask, detokenize=False)
+        many = await generate(served.stub, **ask, detokenize=False, n=2)
+    assert ids.token_ids == text.token_ids and text.text and ids.text == ""
+    assert ids.final is not None and ids.final.completion_tokens == len(text.token_ids)
+    assert many.text == "" and len(many.token_ids) == 2 * len(text.token_ids)  # n > 1 too
