@@ -208,8 +208,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             async for delta in handle.until(deadline):
                 await self._end_if_failed(context, obs, delta, "request failed")
-                async for message in _responses(valid.request_id, delta):
-                    yield message
+                if delta.prompt_logprobs:
+                    async for message in _responses(valid.request_id, delta):
+                        yield message
+                else:  # the common case, without an async generator of its own (one a token)
+                    yield _response(valid.request_id, delta)
         except TimeoutError:
             self.engine.abort(valid.request_id)  # frees its blocks before the next step
             await self._abort(context, obs, grpc.StatusCode.DEADLINE_EXCEEDED,
