@@ -72,6 +72,8 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="tokens a streamed message waits for (SGLang's flag; the first token goes at once, "
                         "a stream that falls behind gets what piled up in one message either way; default 1)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument("--enable-log-requests", action="store_true",
+                   help="log one line per finished request: id, finish reason, tokens, queue / TTFT / e2e ms")
     add_trace_flags(p)
     add_metrics_flags(p)
     add_robustness_flags(p)
@@ -221,7 +223,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataplaneConfig, Server
         handshake_timeout_s=args.handshake_timeout, step_timeout_s=args.step_timeout,
         max_model_len=args.max_model_len, scheduler=scheduler, telemetry=telemetry,
         chat_template=args.chat_template, stream_interval=args.stream_interval,
-        generation_config=args.generation_config, **robustness_from_args(args),
+        generation_config=args.generation_config, log_requests=args.enable_log_requests,
+        **robustness_from_args(args),
     )
     return dataplane, server
 

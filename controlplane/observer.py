@@ -16,6 +16,7 @@ the metrics are no-ops.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -30,6 +31,9 @@ from controlplane.metrics import ServingMetrics
 from controlplane.sequence import Sequence
 from shared.messages import StepPlan, StepResult
 from shared.telemetry import inject, seq_key, traceparent
+
+
+log = logging.getLogger(__name__)
 
 
 class SchedulerView(Protocol):
@@ -98,9 +102,23 @@ def _end_chunks(step: _Step) -> None:
             obs.chunk_span = None
 
 
+def _log_request(obs: RequestObs, reason: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int,
+                 error: str | None, now: float) -> None:
+    """The access-log line of a finished request: its id, how it ended, its tokens and latencies."""
+    def ms(start: float | None, end: float | None) -> str:
+        return "-" if start is None or end is None else f"{(end - start) * 1e3:.1f}"
+
+    log.info("request %s finished %s: prompt %d tokens (%d cached), completion %d, queue %s ms, TTFT %s ms, "
+             "e2e %s ms%s", obs.request_id or "?", reason, prompt_tokens, cached_tokens, completion_tokens,
+             ms(obs.arrival, obs.first_scheduled), ms(obs.arrival, obs.first_token), ms(obs.arrival, now),
+             f", error: {error}" if error else "")
+
+
 class EngineObserver:
-    def __init__(self, provider: TracerProvider | None, metrics: ServingMetrics | None, model: str) -> None:
+    def __init__(self, provider: TracerProvider | None, metrics: ServingMetrics | None, model: str,
+                 log_requests: bool = False) -> None:
         self.provider = provider
+        self.log_requests = log_requests  # one INFO line per finished request (vLLM's --enable-log-requests)
         self.tracer = provider.get_tracer("duetserve.controlplane") if provider else None
         self._metrics_owned = metrics
         self.metrics = metrics if metrics is not None and metrics.enabled else None
@@ -150,6 +168,8 @@ class EngineObserver:
         obs.finish_reason = reason
         self._by_seq.pop(obs.seq_id, None)
         now = time.monotonic()
+        if self.log_requests:
+            _log_request(obs, reason, prompt_tokens, completion_tokens, cached_tokens, error, now)
         if self.metrics:
             labels = self.metrics.labels
             self.metrics.e2e.record(now - obs.arrival, labels)
@@ -204,7 +224,7 @@ class EngineObserver:
         self._gauges(scheduler, plan)
         predicted = getattr(scheduler, "last_predicted_ms", None)
         step = self._steps[plan.step_id] = _Step(None, [], predicted, scheduler.num_preemptions)
-        if self.metrics is not None or self.tracer is not None:
+        if self.metrics is not None or self.tracer is not None or self.log_requests:
             step.num_tokens = self._admitted(plan, started_ns)
         if self.tracer is None:
             return plan

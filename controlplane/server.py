@@ -51,7 +51,7 @@ class ControlPlane:
         self.sampling_defaults = load_sampling_defaults(model, config.generation_config)
         self.metrics = ServingMetrics(config.telemetry, model)
         provider = make_tracer_provider(config.telemetry, CONTROLPLANE_SERVICE)
-        self.observer = EngineObserver(provider, self.metrics, model)
+        self.observer = EngineObserver(provider, self.metrics, model, log_requests=config.log_requests)
         self.engine = Engine(
             DataplaneClient(config.dataplane_endpoint),
             self._tokenizer_for,

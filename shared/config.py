@@ -196,6 +196,7 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     chat_template: str | None = None  # a file or the template text; default: the model's own
     stream_interval: int = 1  # tokens a streamed message waits for (SGLang's --stream-interval); the first goes at once
     generation_config: str = "auto"  # sampling defaults: auto (the model's generation_config.json), none, a folder
+    log_requests: bool = False  # an INFO line per finished request (id, tokens, latencies)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
