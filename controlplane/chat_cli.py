@@ -57,7 +57,7 @@ def _reply(stub: pb_grpc.GenerationStub, args: argparse.Namespace, history: list
         text.append(response.text)
         if response.finish_reason:
             print(f"\n[finish_reason={response.finish_reason} prompt_tokens={response.prompt_tokens} "
-                  f"completion_tokens={response.completion_tokens}]", file=err)
+                  f"completion_tokens={response.completion_tokens} cached_tokens={response.cached_tokens}]", file=err)
     return "".join(text)
 
 

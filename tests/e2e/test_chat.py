@@ -140,3 +140,5 @@ async def test_the_chat_cli_keeps_the_conversation() -> None:
         # the second request holds the first exchange, the reply's text as the assistant's message
         second = first + reply + "<|im_end|>\n<|im_start|>user\nAnd again.<|im_end|>\n<|im_start|>assistant\n"
         assert usage[1][0] == len(second.encode())
+        cached = [int(c) for c in re.findall(r"cached_tokens=(\d+)", err)]
+        assert cached[0] == 0 and cached[1] >= 16 * (len(first.encode()) // 16)  # the first turn's blocks
