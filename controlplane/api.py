@@ -136,6 +136,12 @@ def _response(request_id: str, delta: RequestDelta, index: int = 0) -> pb.Genera
     return message
 
 
+def _failed_after_output(delta: RequestDelta) -> bool:
+    """A failure that the stream took together with output made before it (merged while the stream
+    was busy): that output is still the client's."""
+    return delta.finish_reason == "error" and bool(delta.token_ids or delta.text)
+
+
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     """The call's deadline on the event loop's clock, or None when the client set none."""
     remaining = context.time_remaining()
@@ -153,6 +159,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.chat_template = chat_template  # None: the model has none, chat prompts are refused
         self.sampling_defaults = sampling_defaults  # what unset sampling fields mean (the model's config)
         self._fanouts: dict[str, _Fanout] = {}  # request id of n > 1 completions -> their engine requests
+        self._validating: dict[str, bool] = {}  # ids whose prompt a worker thread encodes -> an Abort came
 
     def _limits(self) -> Limits:
         assert self.engine.worker is not None
@@ -181,15 +188,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         if not self.engine.healthy:
             why = self.engine.failure or ("server shutting down" if self.engine.draining else "engine not ready")
             await self._abort(context, obs, grpc.StatusCode.UNAVAILABLE, why)
-        assert self.engine.tokenizer is not None
-        try:
-            args = (request, self.engine.tokenizer, self._limits(), self.chat_template, self.sampling_defaults)
-            if request.WhichOneof("prompt") in ("text", "chat"):  # encoding a long text takes a while
-                valid = await asyncio.to_thread(validate_generate, *args)
-            else:
-                valid = validate_generate(*args)
-        except InvalidRequest as exc:
-            await self._abort(context, obs, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        valid = await self._validate(request, context, obs)
+        if valid is None:  # aborted while its prompt was encoded
+            yield pb.GenerateResponse(request_id=request.request_id, finish_reason="abort")
+            return
         obs.set(request_attributes(valid.request_id, valid.sampling, valid.stop.max_tokens, valid.stop.stop_strings,
                                    valid.priority))
         if request.WhichOneof("prompt") == "chat":
@@ -207,6 +209,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                                                              valid.skip_special_tokens, valid.detokenize))
         try:
             async for delta in handle.until(deadline):
+                if _failed_after_output(delta):  # what it made before failing goes out first
+                    yield _response(valid.request_id, RequestDelta(delta.token_ids, delta.text, delta.logprobs))
                 await self._end_if_failed(context, obs, delta, "request failed")
                 if delta.prompt_logprobs:
                     async for message in _responses(valid.request_id, delta):
@@ -220,6 +224,35 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         finally:
             if not handle.finished:  # the client went away or the call was cancelled
                 self.engine.abort(valid.request_id)
+
+    async def _validate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
+                        obs: RequestObs) -> ValidatedRequest | None:
+        """The request checked and its prompt encoded (a text or chat prompt on a worker thread: a
+        long one takes a while, and the event loop runs every stream). None: an Abort of its id came
+        meanwhile. A data plane that came back meanwhile with other limits gets it checked again."""
+        assert self.engine.tokenizer is not None
+        rid, slow = request.request_id, request.WhichOneof("prompt") in ("text", "chat")
+        if rid and (rid in self._validating or rid in self._fanouts):
+            await self._abort(context, obs, grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already running")
+        try:
+            while True:
+                limits = self._limits()
+                args = (request, self.engine.tokenizer, limits, self.chat_template, self.sampling_defaults)
+                if not slow:
+                    return validate_generate(*args)
+                if rid:
+                    self._validating[rid] = False
+                try:
+                    valid = await asyncio.to_thread(validate_generate, *args)
+                finally:
+                    aborted = self._validating.pop(rid, False) if rid else False
+                if aborted:
+                    return None
+                if self.engine.worker is None or self._limits() == limits:
+                    return valid
+        except InvalidRequest as exc:
+            await self._abort(context, obs, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        raise AssertionError("context.abort returned")  # it raises
 
     async def _add(self, context: grpc.aio.ServicerContext, obs: RequestObs, request: EngineRequest) -> RequestHandle:
         """The engine's handle of `request`, or the call ended with the status its refusal maps to."""
@@ -269,6 +302,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     await self._abort(context, obs, grpc.StatusCode.DEADLINE_EXCEEDED,
                                       "deadline exceeded: the request was aborted")
                     return
+                if _failed_after_output(delta):  # what it made before failing goes out first
+                    yield _response(rid, RequestDelta(delta.token_ids, delta.text, delta.logprobs), index)
                 await self._end_if_failed(context, obs, delta, f"completion {index} failed")
                 if len(fanout.handles) < len(fanout.ids):
                     if fanout.aborted or delta.finish_reason == "abort":  # aborted before the rest began
@@ -304,6 +339,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             request_id = validate_abort(request)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if request_id in self._validating:  # its prompt is being encoded: it ends there
+            self._validating[request_id] = True
+            return pb.AbortResponse(found=True)
         fanout = self._fanouts.get(request_id)
         if fanout is None:
             return pb.AbortResponse(found=self.engine.abort(request_id))

@@ -73,8 +73,9 @@ def random_workload(n: int, input_len: int, output_len: int, range_ratio: float,
 
 async def _one(stub: pb_grpc.GenerationStub, record: RequestRecord, prompt: list[int], t0: float,
                progress: object | None) -> None:
-    request = pb.GenerateRequest(max_tokens=record.max_tokens, temperature=0.0, ignore_eos=True,
-                                 priority=record.priority)
+    # greedy and unpenalised, whatever defaults the model's generation config sets
+    request = pb.GenerateRequest(max_tokens=record.max_tokens, temperature=0.0, repetition_penalty=1.0,
+                                 ignore_eos=True, priority=record.priority)
     request.token_ids.ids.extend(prompt)
     record.sent = time.monotonic() - t0
     try:

@@ -92,7 +92,9 @@ def merge_deltas(first: RequestDelta, then: RequestDelta) -> RequestDelta:
 class DeltaCollector:
     """A request's output not yet taken by its stream. Deltas put while the stream is busy (sending
     the previous message) merge into one, as vLLM's RequestOutputCollector does: a stream slower than
-    the engine gets fewer, larger messages instead of a growing backlog of one-token messages.
+    the engine gets fewer, larger messages instead of a growing backlog of one-token messages. A merge
+    costs what the new delta holds, not the backlog: the pending lists are the collector's own
+    (copied once) and grow in place, its text is kept in pieces and joined when taken.
 
     With `interval` > 1 (SGLang's --stream-interval) the stream is woken only once that many tokens
     are pending, or the output ended; the first delta always goes at once (time to first token)."""
@@ -102,17 +104,34 @@ class DeltaCollector:
             raise ValueError(f"stream interval must be >= 1, got {interval}")
         self.interval = interval
         self._pending: RequestDelta | None = None
+        self._texts: list[str] = []  # the pending text, in pieces, once a merge happened
         self._ready = asyncio.Event()
         self._taken = 0  # deltas the stream has taken
         self.merges = 0  # deltas folded into a pending one
 
     def put_nowait(self, delta: RequestDelta) -> None:
-        if self._pending is None:
-            self._pending = delta
-        else:
-            self._pending = merge_deltas(self._pending, delta)
-            self.merges += 1
         pending = self._pending
+        if pending is None:
+            self._pending = pending = delta
+        else:
+            if not self._texts:  # the first merge: own the lists (the first's may be the engine's)
+                pending = self._pending = merge_deltas(pending, RequestDelta([], ""))
+                self._texts.append(pending.text)
+            pending.token_ids.extend(delta.token_ids)
+            self._texts.append(delta.text)
+            if delta.logprobs is not None:
+                if pending.logprobs is None:
+                    pending.logprobs = []
+                pending.logprobs.extend(delta.logprobs)
+            if pending.prompt_logprobs is None and delta.prompt_logprobs is not None:
+                pending.prompt_logprobs, pending.prompt_token_ids = delta.prompt_logprobs, delta.prompt_token_ids
+            if delta.finish_reason is not None:
+                pending.finish_reason, pending.stop_reason, pending.error = (
+                    delta.finish_reason, delta.stop_reason, delta.error)
+                pending.prompt_tokens, pending.completion_tokens, pending.cached_tokens = (
+                    delta.prompt_tokens, delta.completion_tokens, delta.cached_tokens)
+                pending.retryable = delta.retryable
+            self.merges += 1
         if (self.interval == 1 or not self._taken or pending.finish_reason is not None
                 or len(pending.token_ids) >= self.interval):
             self._ready.set()
@@ -123,6 +142,9 @@ class DeltaCollector:
         self._ready.clear()
         self._taken += 1
         assert delta is not None
+        if self._texts:
+            delta.text = "".join(self._texts)
+            self._texts = []
         return delta
 
     def qsize(self) -> int:

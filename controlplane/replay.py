@@ -89,7 +89,9 @@ def make_prompt(rng: random.Random, length: int, vocab_size: int) -> list[int]:
 
 
 async def _one(stub: pb_grpc.GenerationStub, record: RequestRecord, prompt: list[int], t0: float) -> None:
-    request = pb.GenerateRequest(max_tokens=record.max_tokens, temperature=0.0, ignore_eos=True)
+    # greedy and unpenalised, whatever defaults the model's generation config sets
+    request = pb.GenerateRequest(max_tokens=record.max_tokens, temperature=0.0, repetition_penalty=1.0,
+                                 ignore_eos=True)
     request.token_ids.ids.extend(prompt)
     record.sent = time.monotonic() - t0
     try:

@@ -49,6 +49,10 @@ class ControlPlane:
         self.model = model
         self.chat_template = load_chat_template(model, config.chat_template)  # a bad template fails here
         self.sampling_defaults = load_sampling_defaults(model, config.generation_config)
+        if self.sampling_defaults.overridden():
+            log.warning("requests that leave them unset get the model's sampling defaults %s (from %s; "
+                        "--generation-config none keeps the neutral ones)", self.sampling_defaults.overridden(),
+                        self.sampling_defaults.source)
         self.metrics = ServingMetrics(config.telemetry, model)
         provider = make_tracer_provider(config.telemetry, CONTROLPLANE_SERVICE)
         self.observer = EngineObserver(provider, self.metrics, model, log_requests=config.log_requests)

@@ -75,9 +75,13 @@ def _integral(value: object) -> object:
     return value
 
 
-def _as_dict(struct: Struct) -> dict[str, Any]:
-    """A Struct as the JSON object it was sent as (whole numbers as ints)."""
-    return {k: _integral(v) for k, v in MessageToDict(struct).items()}
+def _as_dict(struct: Struct, field: str) -> dict[str, Any]:
+    """A Struct as the JSON object it was sent as (whole numbers as ints); NaN or infinity, which
+    JSON cannot hold, is an InvalidRequest naming `field`."""
+    try:
+        return {k: _integral(v) for k, v in MessageToDict(struct).items()}
+    except ValueError as exc:
+        raise InvalidRequest(f"{field}: not a JSON value ({exc})") from exc
 
 
 def chat_text(chat: pb.ChatPrompt, template: ChatTemplate | None) -> str:
@@ -92,15 +96,17 @@ def chat_text(chat: pb.ChatPrompt, template: ChatTemplate | None) -> str:
         if not message.role or len(message.role) > MAX_ROLE_LEN or not message.role.isprintable():
             raise InvalidRequest(f"chat.messages[{i}].role: required, printable, at most {MAX_ROLE_LEN} characters")
         messages.append(ChatMessage(message.role, message.content, message.name or None,
-                                    tuple(_as_dict(call) for call in message.tool_calls),
+                                    tuple(_as_dict(call, f"chat.messages[{i}].tool_calls[{j}]")
+                                          for j, call in enumerate(message.tool_calls)),
                                     message.tool_call_id or None, message.reasoning_content or None))
     if len(chat.tools) > MAX_CHAT_TOOLS:
         raise InvalidRequest(f"chat.tools: at most {MAX_CHAT_TOOLS} tools, got {len(chat.tools)}")
-    kwargs = _as_dict(chat.chat_template_kwargs) if chat.HasField("chat_template_kwargs") else {}
+    kwargs = _as_dict(chat.chat_template_kwargs, "chat.chat_template_kwargs") \
+        if chat.HasField("chat_template_kwargs") else {}
+    tools = [_as_dict(tool, f"chat.tools[{i}]") for i, tool in enumerate(chat.tools)]
     generation_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
     try:
-        return template.render(messages, generation_prompt, chat.continue_final_message, kwargs,
-                               [_as_dict(tool) for tool in chat.tools])
+        return template.render(messages, generation_prompt, chat.continue_final_message, kwargs, tools)
     except ChatTemplateError as exc:
         raise InvalidRequest(str(exc)) from exc
 

@@ -1,6 +1,8 @@
-"""The servicer's fan-out of a request for n completions, against a fake engine whose timing the
-test controls: an Abort that lands while completion 0's first message is queued but not yet read
-(or after completion 0 already ended) ends the request, and completions 1..n-1 never start."""
+"""The servicer against a fake engine whose timing the test controls. Fan-out of a request for n
+completions: an Abort that lands while completion 0's first message is queued but not yet read (or
+after completion 0 already ended) ends the request, and completions 1..n-1 never start. An Abort
+while a prompt is encoded on a worker thread ends it there; output merged with a failure still
+reaches the client before the error status."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from controlplane.observer import EngineObserver
 from controlplane.output import RequestDelta
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from controlplane.sequence import StopParams
+from controlplane.tokenizer import ByteTokenizer
 from controlplane.validation import ValidatedRequest
 from shared.messages import SamplingParams
 
@@ -50,6 +53,9 @@ class FakeEngine:
 class Context:
     def invocation_metadata(self) -> tuple:
         return ()
+
+    def time_remaining(self) -> None:
+        return None  # no deadline
 
     async def abort(self, code: object, message: str) -> None:
         raise RuntimeError(f"{code}: {message}")
@@ -95,3 +101,80 @@ def test_an_abort_after_completion_0_ended_still_stops_the_rest() -> None:
     found, engine, messages = run(RequestDelta([7], "x", finish_reason="length"))
     assert found and engine.added == ["r\x1f0"] and not engine.handles
     assert sorted(m for m in messages if m[2]) == [(0, [7], "length"), (1, [], "abort"), (2, [], "abort")]
+
+
+class BlockingTokenizer:
+    """Bytes as ids, whose encode waits until the test lets it go (a long prompt on a worker thread)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        self.entered.set()
+        assert self.release.wait(10)
+        return list(text.encode())
+
+
+def _servicer(tokenizer: object = None) -> tuple[GenerationServicer, FakeEngine]:
+    engine = FakeEngine()
+    engine.healthy, engine.tokenizer, engine.max_model_len = True, tokenizer, 1000  # type: ignore[attr-defined]
+    engine.worker = SimpleNamespace(block_size=4, model=SimpleNamespace(vocab_size=260))
+    engine.scheduler_config = SimpleNamespace(enable_prefix_caching=True, scheduling_policy="fcfs")
+    return GenerationServicer(engine, "m", "aggregated"), engine  # type: ignore[arg-type]
+
+
+def test_an_abort_while_the_prompt_is_encoded_ends_the_request_there() -> None:
+    async def main() -> tuple[list[str], bool, bool, FakeEngine]:
+        tokenizer = BlockingTokenizer()
+        servicer, engine = _servicer(tokenizer)
+        request = pb.GenerateRequest(request_id="slow", text="a long prompt", max_tokens=4)
+        obs = engine.observer.start_request(())
+        reasons: list[str] = []
+
+        async def consume() -> None:
+            async for m in servicer._generate(request, Context(), obs):  # type: ignore[arg-type]
+                reasons.append(m.finish_reason)
+
+        task = asyncio.create_task(consume())
+        while not tokenizer.entered.is_set():
+            await asyncio.sleep(0.005)
+        try:  # the same id again while the first is encoded: already running
+            async for _ in servicer._generate(request, Context(), obs):  # type: ignore[arg-type]
+                pass
+            duplicate = False
+        except RuntimeError as exc:
+            duplicate = "ALREADY_EXISTS" in str(exc)
+        found = (await servicer.Abort(pb.AbortRequest(request_id="slow"), Context())).found
+        tokenizer.release.set()
+        await asyncio.wait_for(task, 5)
+        return reasons, found, duplicate, engine
+
+    reasons, found, duplicate, engine = asyncio.run(main())
+    assert found and duplicate and reasons == ["abort"] and engine.added == []  # never reached the engine
+
+
+def test_output_merged_with_a_failure_still_reaches_the_client() -> None:
+    async def main() -> tuple[list[list[int]], str]:
+        servicer, engine = _servicer(ByteTokenizer())
+        request = pb.GenerateRequest(request_id="r", token_ids=pb.TokenIds(ids=[5, 6]), max_tokens=8)
+        obs = engine.observer.start_request(())
+        got: list[list[int]] = []
+        agen = servicer._generate(request, Context(), obs)  # type: ignore[arg-type]
+        first = asyncio.create_task(agen.__anext__())
+        while "r" not in engine.handles and not first.done():
+            await asyncio.sleep(0.005)
+        handle = engine.handles["r"]
+        handle.queue.put_nowait(RequestDelta([7], "x"))  # the stream is busy: these two merge
+        handle.queue.put_nowait(RequestDelta([], "", finish_reason="error", error="data plane lost", retryable=True))
+        got.append(list((await first).token_ids))
+        try:
+            await agen.__anext__()
+            status = "none"
+        except RuntimeError as exc:
+            status = str(exc)
+        return got, status
+
+    got, status = asyncio.run(main())
+    assert got == [[7]] and "UNAVAILABLE" in status and "data plane lost" in status

@@ -89,6 +89,16 @@ async def test_the_collector_merges_what_its_stream_has_not_taken() -> None:
     assert collector.qsize() == 1 and collector.merges == 2
     got = await collector.get()
     assert (got.token_ids, got.text) == ([2, 3, 4], "bcd")
+    engine_list = [5]  # a delta's list may be the engine's own: merging must not write to it
+    first = RequestDelta(engine_list, "e", [_lp(5)])
+    collector.put_nowait(first)
+    for token in range(6, 2006):  # a long backlog: it grows in place
+        collector.put_nowait(RequestDelta([token], "f", [_lp(token)]))
+    collector.put_nowait(RequestDelta([], "!", finish_reason="length", completion_tokens=2001))
+    got = await collector.get()
+    assert got.token_ids == list(range(5, 2006)) and got.text == "e" + "f" * 2000 + "!"
+    assert got.logprobs == [_lp(t) for t in range(5, 2006)] and got.finish_reason == "length"
+    assert got.completion_tokens == 2001 and engine_list == [5] and first.logprobs == [_lp(5)]
 
 
 async def test_a_stream_interval_holds_messages_until_enough_tokens() -> None:

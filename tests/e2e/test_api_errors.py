@@ -60,6 +60,11 @@ BAD_REQUESTS: list[tuple[dict[str, object], str]] = [
     ({"chat": {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"messages": 1}}},
      "chat.chat_template_kwargs: messages may not be set there"),
     ({"chat": {"messages": [{"role": "user", "content": "x" * 80}]}}, "at most 63 prompt tokens"),
+    ({"chat": {"messages": [{"role": "user"}], "chat_template_kwargs": {"x": float("nan")}}},
+     "chat.chat_template_kwargs: not a JSON value"),
+    ({"chat": {"messages": [{"role": "user"}], "tools": [{"f": float("inf")}]}}, "chat.tools[0]: not a JSON value"),
+    ({"chat": {"messages": [{"role": "assistant", "tool_calls": [{"a": {"b": [float("-inf")]}}]}]}},
+     "chat.messages[0].tool_calls[0]: not a JSON value"),
 ]
 
 
