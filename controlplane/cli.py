@@ -182,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     from controlplane.chat_cli import add_chat_flags
 
     add_chat_flags(sub.add_parser("chat", help="a conversation with a running server (the model's chat template)"))
+    for name, what in (("load", "print a server's load (GetLoad) as JSON"),
+                       ("reset-prefix-cache", "empty a server's prefix cache (ResetPrefixCache)")):
+        admin = sub.add_parser(name, help=what)
+        admin.add_argument("--address", default="127.0.0.1:50051", help="server address host:port")
+        admin.add_argument("--timeout", type=float, default=10.0, help="seconds")
+        add_client_security_flags(admin)
     health = sub.add_parser("health", help="exit 0 if a server's gRPC health service reports SERVING")
     health.add_argument("--address", default="127.0.0.1:50051", help="server address host:port")
     health.add_argument("--service", default="", help="service name to check (default: the whole server)")
@@ -276,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         from controlplane.chat_cli import run_chat
 
         return run_chat(args)
+    if args.command in ("load", "reset-prefix-cache"):
+        from controlplane.client import run_admin
+
+        return run_admin(args)
     if args.command == "health":
         from controlplane.client import run_health
 

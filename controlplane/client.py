@@ -135,6 +135,27 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_admin(args: argparse.Namespace) -> int:
+    """`duetserve load` (GetLoad, printed as JSON) and `duetserve reset-prefix-cache`."""
+    from google.protobuf.json_format import MessageToDict
+
+    with open_channel(args) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        try:
+            if args.command == "load":
+                reply = stub.GetLoad(pb.GetLoadRequest(), timeout=args.timeout, metadata=auth_metadata(args.auth_token))
+                print(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True,
+                                               preserving_proto_field_name=True), indent=1))
+            else:
+                reply = stub.ResetPrefixCache(pb.ResetPrefixCacheRequest(), timeout=args.timeout,
+                                              metadata=auth_metadata(args.auth_token))
+                print(f"{args.address}: prefix cache reset, {reply.blocks_dropped} blocks dropped")
+        except grpc.RpcError as exc:
+            print(f"{args.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def run_health(args: argparse.Namespace) -> int:
     """`duetserve health`: exit 0 when the server's gRPC health service says SERVING."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc

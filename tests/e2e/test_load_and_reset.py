@@ -77,3 +77,30 @@ async def test_reset_without_prefix_caching_is_failed_precondition() -> None:
         assert "prefix caching is off" in (err.value.details() or "")
         load = await served.stub.GetLoad(pb.GetLoadRequest())
         assert load.num_kv_blocks_cached == 0 and load.num_kv_blocks == 512
+
+
+async def _cli(*argv: str) -> tuple[int, str, str]:
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "controlplane.cli", *argv,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_the_load_and_reset_commands() -> None:
+    import json
+
+    async with serve("tiny", num_kv_blocks=64) as served:
+        await generate(served.stub, token_ids=PROMPT, max_tokens=2, temperature=0.0)
+        address = f"127.0.0.1:{served.plane.port}"
+        code, out, _ = await _cli("load", "--address", address)
+        load = json.loads(out)
+        assert code == 0 and load["num_kv_blocks"] == 64 and load["num_requests_running"] == 0
+        assert load["num_kv_blocks_cached"] >= 2
+        code, out, _ = await _cli("reset-prefix-cache", "--address", address)
+        assert code == 0 and f"{load['num_kv_blocks_cached']} blocks dropped" in out
+    async with serve("tiny", enable_prefix_caching=False) as served:
+        code, _, err = await _cli("reset-prefix-cache", "--address", f"127.0.0.1:{served.plane.port}")
+        assert code == 1 and "FAILED_PRECONDITION" in err
