@@ -234,6 +234,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         rid, slow = request.request_id, request.WhichOneof("prompt") in ("text", "chat")
         if rid and (rid in self._validating or rid in self._fanouts):
             await self._abort(context, obs, grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already running")
+        if slow:  # a full queue refuses before the encode, not after (its CPU is the loop's too)
+            try:
+                self.engine.check_room(0, 1)
+            except Overloaded as exc:
+                await self._abort(context, obs, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         try:
             while True:
                 limits = self._limits()

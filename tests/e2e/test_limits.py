@@ -65,6 +65,13 @@ async def test_queue_limits_refuse_at_once() -> None:
             await generate(served.stub, token_ids={"ids": [5, 6]}, max_tokens=2)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_queued_requests 2" in (err.value.details() or "")
+        encoded = []
+        encode = served.plane.engine.tokenizer.encode
+        served.plane.engine.tokenizer.encode = lambda *a, **k: encoded.append(a) or encode(*a, **k)  # type: ignore
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # a text prompt is refused before it is encoded
+            await generate(served.stub, text="a text prompt", max_tokens=2)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not encoded
+        served.plane.engine.tokenizer.encode = encode  # type: ignore[method-assign]
         calls.pop().cancel()
         await wait_for(lambda: served.scheduler.num_waiting == 1)
         with pytest.raises(grpc.aio.AioRpcError) as err:  # one queued + 2 completions > 2 requests: none starts
