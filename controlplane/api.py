@@ -26,7 +26,7 @@ from controlplane.output import RequestDelta
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc
 from controlplane.validation import (
-    InvalidRequest, Limits, ValidatedRequest, validate_abort, validate_detokenize, validate_generate,
+    InvalidRequest, Limits, ValidatedRequest, check_fields, validate_abort, validate_detokenize, validate_generate,
     validate_empty, validate_model_info, validate_tokenize,
 )
 from shared.messages import PROTOCOL_VERSION, TokenLogprobs
@@ -234,9 +234,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         rid, slow = request.request_id, request.WhichOneof("prompt") in ("text", "chat")
         if rid and (rid in self._validating or rid in self._fanouts):
             await self._abort(context, obs, grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already running")
-        if slow:  # a full queue refuses before the encode, not after (its CPU is the loop's too)
+        if slow:  # the cheap checks, then a full queue refuses before the encode, not after it
             try:
+                check_fields(request, self._limits(), self.sampling_defaults)
                 self.engine.check_room(0, 1)
+            except InvalidRequest as exc:
+                await self._abort(context, obs, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except Overloaded as exc:
                 await self._abort(context, obs, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         try:

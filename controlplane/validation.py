@@ -250,6 +250,28 @@ def _check_request_id(request_id: str) -> None:
         raise InvalidRequest("request_id: only printable characters are allowed")
 
 
+def _check_options(request: pb.GenerateRequest, limits: Limits) -> None:
+    n = request.n or 1
+    if n > MAX_N:
+        raise InvalidRequest(f"n must be at most {MAX_N} completions, got {n}")
+    if request.priority and not limits.priority_scheduling:
+        raise InvalidRequest(f"priority: {request.priority} needs a server started with --scheduling-policy "
+                             "priority (this one admits requests first come, first served)")
+    if request.HasField("detokenize") and not request.detokenize and request.stop:
+        raise InvalidRequest("stop: stop strings are matched in the text, which detokenize=false turns off "
+                             "(use stop_token_ids)")
+
+
+def check_fields(request: pb.GenerateRequest, limits: Limits,
+                 defaults: SamplingDefaults = SamplingDefaults()) -> None:
+    """Every check but the prompt's (no encoding): cheap, so a bad request hears so before anything
+    costly, even from a server too busy to take it."""
+    _check_request_id(request.request_id)
+    _sampling(request, limits, defaults)
+    _stop(request, 0, limits)
+    _check_options(request, limits)
+
+
 def validate_generate(
     request: pb.GenerateRequest, tokenizer: TextTokenizer, limits: Limits, chat: ChatTemplate | None = None,
     defaults: SamplingDefaults = SamplingDefaults(),
@@ -261,18 +283,10 @@ def validate_generate(
     sampling = _sampling(request, limits, defaults)
     prompt = _prompt_ids(request, tokenizer, limits, chat)
     stop = _stop(request, len(prompt), limits)
-    n = request.n or 1
-    if n > MAX_N:
-        raise InvalidRequest(f"n must be at most {MAX_N} completions, got {n}")
-    if request.priority and not limits.priority_scheduling:
-        raise InvalidRequest(f"priority: {request.priority} needs a server started with --scheduling-policy "
-                             "priority (this one admits requests first come, first served)")
+    _check_options(request, limits)
     skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
     detokenize = request.detokenize if request.HasField("detokenize") else True
-    if not detokenize and request.stop:
-        raise InvalidRequest("stop: stop strings are matched in the text, which detokenize=false turns off "
-                             "(use stop_token_ids)")
-    return ValidatedRequest(request_id, prompt, sampling, stop, n, request.priority, skip, detokenize)
+    return ValidatedRequest(request_id, prompt, sampling, stop, request.n or 1, request.priority, skip, detokenize)
 
 
 def validate_tokenize(request: pb.TokenizeRequest, chat: ChatTemplate | None = None) -> tuple[str, bool]:
