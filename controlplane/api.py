@@ -136,10 +136,12 @@ def _response(request_id: str, delta: RequestDelta, index: int = 0) -> pb.Genera
     return message
 
 
-def _failed_after_output(delta: RequestDelta) -> bool:
-    """A failure that the stream took together with output made before it (merged while the stream
-    was busy): that output is still the client's."""
-    return delta.finish_reason == "error" and bool(delta.token_ids or delta.text)
+def _output_before_failure(request_id: str, delta: RequestDelta, index: int = 0) -> pb.GenerateResponse | None:
+    """A failure the stream took together with output made before it (merged while the stream was
+    busy): that output, still the client's, as a message of its own; None for any other delta."""
+    if delta.finish_reason != "error" or not (delta.token_ids or delta.text):
+        return None
+    return _response(request_id, RequestDelta(delta.token_ids, delta.text, delta.logprobs), index)
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -209,8 +211,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                                                              valid.skip_special_tokens, valid.detokenize))
         try:
             async for delta in handle.until(deadline):
-                if _failed_after_output(delta):  # what it made before failing goes out first
-                    yield _response(valid.request_id, RequestDelta(delta.token_ids, delta.text, delta.logprobs))
+                if (before := _output_before_failure(valid.request_id, delta)) is not None:
+                    yield before
                 await self._end_if_failed(context, obs, delta, "request failed")
                 if delta.prompt_logprobs:
                     async for message in _responses(valid.request_id, delta):
@@ -310,8 +312,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     await self._abort(context, obs, grpc.StatusCode.DEADLINE_EXCEEDED,
                                       "deadline exceeded: the request was aborted")
                     return
-                if _failed_after_output(delta):  # what it made before failing goes out first
-                    yield _response(rid, RequestDelta(delta.token_ids, delta.text, delta.logprobs), index)
+                if (before := _output_before_failure(rid, delta, index)) is not None:
+                    yield before
                 await self._end_if_failed(context, obs, delta, f"completion {index} failed")
                 if len(fanout.handles) < len(fanout.ids):
                     if fanout.aborted or delta.finish_reason == "abort":  # aborted before the rest began

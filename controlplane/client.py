@@ -82,16 +82,19 @@ def chat_kwargs(text: str | None) -> Struct | None:
     return ParseDict(kwargs, Struct())
 
 
-def chat_from_args(args: argparse.Namespace) -> pb.ChatPrompt:
-    """--system (optional) and the prompt as chat messages, with --chat-template-kwargs."""
-    chat = pb.ChatPrompt()
-    if args.system is not None:
-        chat.messages.add(role="system", content=args.system)
-    chat.messages.add(role="user", content=args.prompt)
-    kwargs = chat_kwargs(args.chat_template_kwargs)
+def chat_prompt(messages: list[tuple[str, str]], kwargs_json: str | None) -> pb.ChatPrompt:
+    """(role, content) messages and --chat-template-kwargs as a ChatPrompt."""
+    chat = pb.ChatPrompt(messages=[pb.ChatMessage(role=role, content=content) for role, content in messages])
+    kwargs = chat_kwargs(kwargs_json)
     if kwargs is not None:
         chat.chat_template_kwargs.CopyFrom(kwargs)
     return chat
+
+
+def chat_from_args(args: argparse.Namespace) -> pb.ChatPrompt:
+    """--system (optional) and the prompt as chat messages, with --chat-template-kwargs."""
+    system = [("system", args.system)] if args.system is not None else []
+    return chat_prompt([*system, ("user", args.prompt)], args.chat_template_kwargs)
 
 
 def prompt_score(entries: list[pb.TokenLogprob]) -> str:

@@ -9,6 +9,7 @@ no scheduling decision: a stop string is reported to the caller, who finishes th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass, field
 
 from controlplane.tokenizer import TokenStream
@@ -73,19 +74,35 @@ class OutputProcessor:
         return delta
 
 
+def _own_copy(delta: RequestDelta) -> RequestDelta:
+    """The delta with lists of its own (a delta's may be the engine's), to grow in place."""
+    return dataclasses.replace(delta, token_ids=list(delta.token_ids),
+                               logprobs=None if delta.logprobs is None else list(delta.logprobs))
+
+
+def _absorb(into: RequestDelta, then: RequestDelta) -> None:
+    """`then`'s output after `into`'s, in place (the text excepted: callers join it): tokens and
+    logprobs appended, the prompt logprobs of whichever has them, the end (finish, usage, error) of
+    `then` when it ended."""
+    into.token_ids.extend(then.token_ids)
+    if then.logprobs is not None:
+        if into.logprobs is None:
+            into.logprobs = []
+        into.logprobs.extend(then.logprobs)
+    if into.prompt_logprobs is None:
+        into.prompt_logprobs, into.prompt_token_ids = then.prompt_logprobs, then.prompt_token_ids
+    if then.finish_reason is not None:
+        into.finish_reason, into.stop_reason, into.error = then.finish_reason, then.stop_reason, then.error
+        into.prompt_tokens, into.completion_tokens, into.cached_tokens = (
+            then.prompt_tokens, then.completion_tokens, then.cached_tokens)
+        into.retryable = then.retryable
+
+
 def merge_deltas(first: RequestDelta, then: RequestDelta) -> RequestDelta:
-    """One delta with both's output, as if produced at once: tokens, text and logprobs joined, the
-    prompt logprobs of whichever has them, the end (finish, usage, error) of the later one."""
-    merged = RequestDelta(first.token_ids + then.token_ids, first.text + then.text,
-                          None if first.logprobs is None and then.logprobs is None
-                          else (first.logprobs or []) + (then.logprobs or []))
-    merged.prompt_logprobs = first.prompt_logprobs if first.prompt_logprobs is not None else then.prompt_logprobs
-    merged.prompt_token_ids = first.prompt_token_ids if first.prompt_token_ids is not None else then.prompt_token_ids
-    end = then if then.finish_reason is not None else first
-    merged.finish_reason, merged.stop_reason, merged.error = end.finish_reason, end.stop_reason, end.error
-    merged.prompt_tokens, merged.completion_tokens, merged.cached_tokens = (
-        end.prompt_tokens, end.completion_tokens, end.cached_tokens)
-    merged.retryable = end.retryable
+    """One delta with both's output, as if produced at once; neither input changes."""
+    merged = _own_copy(first)
+    _absorb(merged, then)
+    merged.text = first.text + then.text
     return merged
 
 
@@ -114,23 +131,11 @@ class DeltaCollector:
         if pending is None:
             self._pending = pending = delta
         else:
-            if not self._texts:  # the first merge: own the lists (the first's may be the engine's)
-                pending = self._pending = merge_deltas(pending, RequestDelta([], ""))
+            if not self._texts:  # the first merge: lists of its own, its text in pieces from now on
+                pending = self._pending = _own_copy(pending)
                 self._texts.append(pending.text)
-            pending.token_ids.extend(delta.token_ids)
+            _absorb(pending, delta)
             self._texts.append(delta.text)
-            if delta.logprobs is not None:
-                if pending.logprobs is None:
-                    pending.logprobs = []
-                pending.logprobs.extend(delta.logprobs)
-            if pending.prompt_logprobs is None and delta.prompt_logprobs is not None:
-                pending.prompt_logprobs, pending.prompt_token_ids = delta.prompt_logprobs, delta.prompt_token_ids
-            if delta.finish_reason is not None:
-                pending.finish_reason, pending.stop_reason, pending.error = (
-                    delta.finish_reason, delta.stop_reason, delta.error)
-                pending.prompt_tokens, pending.completion_tokens, pending.cached_tokens = (
-                    delta.prompt_tokens, delta.completion_tokens, delta.cached_tokens)
-                pending.retryable = delta.retryable
             self.merges += 1
         if (self.interval == 1 or not self._taken or pending.finish_reason is not None
                 or len(pending.token_ids) >= self.interval):

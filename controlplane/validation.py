@@ -64,6 +64,13 @@ def _finite(name: str, value: float) -> float:
     return value
 
 
+def _check_ids(ids: list[int], limits: Limits) -> None:
+    """Every id below the vocabulary size: one C pass; the loop only names the first bad one."""
+    if ids and max(ids) >= limits.vocab_size:
+        i, token = next((i, t) for i, t in enumerate(ids) if t >= limits.vocab_size)
+        raise InvalidRequest(f"token_ids[{i}] = {token} is not a token of this model (vocab_size {limits.vocab_size})")
+
+
 def _integral(value: object) -> object:
     """A Struct's numbers are all doubles; whole ones become ints, as JSON parsed by Python gives them."""
     if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
@@ -124,11 +131,7 @@ def _prompt_ids(request: pb.GenerateRequest, tokenizer: TextTokenizer, limits: L
         ids = tokenizer.encode(chat_text(request.chat, chat), add_special_tokens=False)
     else:
         ids = list(request.token_ids.ids)
-        if ids and max(ids) >= limits.vocab_size:  # one C pass; the loop only names the first bad id
-            i, token = next((i, t) for i, t in enumerate(ids) if t >= limits.vocab_size)
-            raise InvalidRequest(
-                f"token_ids[{i}] = {token} is not a token of this model (vocab_size {limits.vocab_size})"
-            )
+        _check_ids(ids, limits)
     if not ids:
         raise InvalidRequest("prompt: no tokens to process")
     if request.HasField("truncate_prompt_tokens"):
@@ -304,10 +307,7 @@ def validate_tokenize(request: pb.TokenizeRequest, chat: ChatTemplate | None = N
 def validate_detokenize(request: pb.DetokenizeRequest, limits: Limits) -> tuple[list[int], bool]:
     """The ids (each below the vocabulary size) and whether to skip special tokens (default yes)."""
     ids = list(request.token_ids)
-    for i, token in enumerate(ids):
-        if token >= limits.vocab_size:
-            raise InvalidRequest(f"token_ids[{i}] = {token} is not a token of this model "
-                                 f"(vocabulary size {limits.vocab_size})")
+    _check_ids(ids, limits)
     return ids, request.skip_special_tokens if request.HasField("skip_special_tokens") else True
 
 
