@@ -270,6 +270,13 @@ def gpu_slug(device: torch.device) -> str:
     return (match.group(1) if match else re.sub(r"\W+", "-", name)).lower()
 
 
+def _variant(args: argparse.Namespace) -> str:
+    """The results file's suffix for settings other than the data plane's defaults."""
+    default = DataplaneConfig()
+    page = "" if args.block_size == default.block_size else f"-page{args.block_size}"
+    return page + ("" if args.decode_gemm_rows == default.decode_gemm_rows else f"-fold{args.decode_gemm_rows}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen3-8b")
@@ -288,6 +295,9 @@ def main() -> None:
     p.add_argument("--unsplit-kv-min-batch", type=int, default=None,
                    help="decode graphs of at least this batch read KV unsplit (default: the data plane's "
                         "flashinfer_backend.UNSPLIT_KV_MIN_BATCH, 32; 100000 keeps flashinfer's split everywhere)")
+    p.add_argument("--decode-gemm-rows", type=int, default=DataplaneConfig().decode_gemm_rows,
+                   help="decode passes of at most this many rows fold norms, SwiGLU and residual adds into their "
+                        "projections (0: never; files of another value than the default get -fold<N>)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -300,7 +310,7 @@ def main() -> None:
     worker = load_worker(DataplaneConfig(model=args.model, device=args.device, max_num_batched_tokens=budget,
                                          max_num_seqs=max_seqs, num_kv_blocks=2048 if quick else None,
                                          blas_library=args.blas_library, block_size=args.block_size,
-                                         piecewise_graphs=args.piecewise_graphs and not args.decode_only))
+                                         decode_gemm_rows=args.decode_gemm_rows, piecewise_graphs=args.piecewise_graphs and not args.decode_only))
     built_pieces = worker.runner.pieces is not None  # what the worker built (none on a CPU), not what was asked
     print(f"{args.model} on {worker.ready.device.name}: {worker.ready.num_kv_blocks} KV blocks", flush=True)
     ceilings = measure_ceilings(device, quick)
@@ -311,12 +321,13 @@ def main() -> None:
     if args.decode_only:
         args.out.mkdir(parents=True, exist_ok=True)
         split = "" if args.unsplit_kv_min_batch is None else f"-unsplit{args.unsplit_kv_min_batch}"
-        page = "" if args.block_size == DataplaneConfig().block_size else f"-page{args.block_size}"
+        page = _variant(args)
         path = args.out / f"engine-decode-{gpu_slug(device)}-{args.blas_library}{split}{page}.json"
         from dataplane.attention.flashinfer_backend import UNSPLIT_KV_MIN_BATCH
 
         path.write_text(json.dumps({"blas_library": args.blas_library, "unsplit_kv_min_batch": UNSPLIT_KV_MIN_BATCH,
-                                    "block_size": args.block_size, "ceilings": ceilings, "decode": decode},
+                                    "block_size": args.block_size, "decode_gemm_rows": args.decode_gemm_rows,
+                                    "ceilings": ceilings, "decode": decode},
                                    indent=1) + "\n")
         print(f"wrote {path}")
         return
@@ -345,11 +356,11 @@ def main() -> None:
               if device.type == "cuda" else platform.processor(), "torch": torch.__version__,
               "blas_library": args.blas_library, "unsplit_kv_min_batch": UNSPLIT_KV_MIN_BATCH,
               "piecewise_graphs": built_pieces, "block_size": args.block_size,
+              "decode_gemm_rows": args.decode_gemm_rows,
               "ceilings": ceilings, "decode": decode, "prefill": prefill, "offline": off, "peer": peer_result}
     args.out.mkdir(parents=True, exist_ok=True)
     pieces = "-piecewise" if report["piecewise_graphs"] else ""
-    page = "" if args.block_size == DataplaneConfig().block_size else f"-page{args.block_size}"
-    path = args.out / f"engine-{summary['gpu']}{pieces}{page}.json"
+    path = args.out / f"engine-{summary['gpu']}{pieces}{_variant(args)}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
     print(f"wrote {path}")

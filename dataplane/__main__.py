@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run prefill and mixed passes of up to 1024 tokens as CUDA graphs around attention "
                         "(--no-piecewise-graphs: launch them eagerly)")
     p.add_argument("--no-fused-kernels", action="store_true", help="use the reference (unfused) model path on CUDA")
+    p.add_argument("--decode-gemm-rows", type=int, default=d.decode_gemm_rows,
+                   help="passes of at most this many tokens (decode graphs) fold the norms, SwiGLU and the residual "
+                        "adds into their projections (0: never; at most 64)")
     p.add_argument("--blas-library", choices=BLAS_LIBRARIES, default=d.blas_library,
                    help="library for torch's GEMMs on CUDA (default: torch's choice)")
     p.add_argument("--no-multiplexing", action="store_true", help="build no green-context SM partitions")
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             max_model_len=args.max_model_len, attention_backend=args.attention_backend, seed=args.seed,
             max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
             cuda_graphs=not args.no_cuda_graphs, piecewise_graphs=args.piecewise_graphs,
-            fused_kernels=not args.no_fused_kernels,
+            fused_kernels=not args.no_fused_kernels, decode_gemm_rows=args.decode_gemm_rows,
             multiplexing=not args.no_multiplexing, blas_library=args.blas_library,
             partition_kernels=args.partition_kernels,
             decode_partition_sms=tuple(int(x) for x in args.decode_partition_sms.split(","))

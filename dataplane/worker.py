@@ -114,7 +114,7 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
     if device.type == "cuda" and config.fused_kernels and dtype != torch.float32:
         from dataplane.models.fused import enable_fused_path
 
-        enable_fused_path(model, device)
+        enable_fused_path(model, device, config.decode_gemm_rows)
     shape = AttentionShape(cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, dtype)
     backend = make_backend(config.attention_backend, device, shape)
     piecewise = config.piecewise_graphs and piecewise_possible(model, device, backend.name, config.cuda_graphs)

@@ -51,6 +51,7 @@ DUET_SLOS: tuple[str, ...] = ("tbt", "tpot")
 
 BLAS_LIBRARIES: tuple[str, ...] = ("default", "cublas", "cublaslt")
 PARTITION_KERNELS: tuple[str, ...] = ("device", "partition", "gemm")  # DataplaneConfig.partition_kernels
+MAX_DECODE_GEMM_ROWS = 64  # dataplane/kernels/decode_gemm.py's MAX_ROWS
 
 
 class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -74,6 +75,9 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
     # (dataplane/piecewise.py), where they can be built (CUDA graphs, flashinfer, the fused path)
     piecewise_graphs: bool = True
     fused_kernels: bool = True  # flashinfer norm/rope and fused projections on CUDA (bf16/fp16)
+    # passes of at most this many tokens (decode graphs) fold the norms, SwiGLU and the residual adds
+    # into their projections (dataplane/kernels/decode_gemm.py; 0: never, at most 64)
+    decode_gemm_rows: int = 0
     blas_library: str = "default"  # default | cublas | cublaslt: the library torch's GEMMs use on CUDA
     multiplexing: bool = True  # build green-context SM partitions on CUDA
     decode_partition_sms: tuple[int, ...] | None = None  # decode sizes to build; None: every allowed split
@@ -96,6 +100,8 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError("max_model_len must be >= 1")
+        if not 0 <= self.decode_gemm_rows <= MAX_DECODE_GEMM_ROWS:
+            raise ValueError(f"decode_gemm_rows must be in [0, {MAX_DECODE_GEMM_ROWS}], got {self.decode_gemm_rows}")
         if self.blas_library not in BLAS_LIBRARIES:
             raise ValueError(f"blas_library must be one of {', '.join(BLAS_LIBRARIES)}, got {self.blas_library!r}")
         if self.partition_kernels not in PARTITION_KERNELS:

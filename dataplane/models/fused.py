@@ -1,7 +1,9 @@
 """The CUDA fast path of the dense model: fused QKV and gate/up projections, flashinfer's fused
 RMSNorm and add+RMSNorm, and (with Triton) one kernel for q/k-norm + RoPE + the KV-cache write and one
 for SwiGLU's activation: about 9 kernels a layer instead of ~50. Without Triton, flashinfer's
-in-place RoPE and torch ops stand in.
+in-place RoPE and torch ops stand in. Passes of at most `decode_gemm_rows` tokens (decode graphs)
+may instead fold the norms, the activation and the residual adds into the projections
+(`dataplane/kernels/decode_gemm.py`): 7 kernels a layer where no split-K is needed.
 
 `enable_fused_path(model)` rewires a loaded model in place; the reference path in `dense` stays the
 definition the fast path is tested against. flashinfer is imported here only, on CUDA only. This
@@ -19,6 +21,8 @@ from dataplane.models.dense import DenseForCausalLM, DecoderLayer, rope_inv_freq
 
 
 class FusedKernels:
+    decode_gemms: DecodeGemms | None = None  # the folded projections of short passes (enable_decode_gemms)
+
     def __init__(self, model: DenseForCausalLM, device: torch.device) -> None:
         import flashinfer  # lazy: CUDA only
 
@@ -78,20 +82,63 @@ def fuse_projections(model: DenseForCausalLM) -> None:
         del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
 
 
-def enable_fused_path(model: DenseForCausalLM, device: torch.device) -> None:
-    """Fuse the projections and switch forward to fused kernels."""
+def enable_fused_path(model: DenseForCausalLM, device: torch.device, decode_gemm_rows: int = 0) -> None:
+    """Fuse the projections and switch forward to fused kernels (passes of at most
+    `decode_gemm_rows` tokens through the folded decode GEMMs, where their shapes allow)."""
     fuse_projections(model)
     torch.cuda.empty_cache()
     model.fused = FusedKernels(model, device)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    enable_decode_gemms(model, decode_gemm_rows, sms)
+
+
+class DecodeGemms:
+    """The folded projections' configs per row count (`decode_gemm.config_for`), for passes of at
+    most `max_rows` tokens. A row count with no config for one of the four projections keeps the
+    unfolded path."""
+
+    def __init__(self, model: DenseForCausalLM, max_rows: int, sms: int) -> None:
+        from dataplane.kernels import decode_gemm
+
+        self.kernels = decode_gemm
+        self.max_rows = min(max_rows, decode_gemm.MAX_ROWS)
+        attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+        self._shapes = [tuple(lin.weight.shape) for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj)]
+        self._shapes.append(tuple(mlp.down_proj.weight.shape))
+        self._sms = sms
+        self._configs: dict[int, tuple | None] = {}
+
+    def configs(self, rows: int) -> tuple | None:
+        """(qkv, o, gate_up, down) configs for a pass of `rows` tokens, or None: the unfolded path."""
+        if rows not in self._configs:
+            cfgs = tuple(self.kernels.config_for(n, k, rows, self._sms) for n, k in self._shapes)
+            self._configs[rows] = cfgs if rows <= self.max_rows and all(c is not None for c in cfgs) else None
+        return self._configs[rows]
+
+
+def enable_decode_gemms(model: DenseForCausalLM, max_rows: int, sms: int) -> None:
+    """Fold norms, activation and residual adds into the projections of passes of at most `max_rows`
+    tokens (0: never). Needs the fused path with Triton and projections without bias."""
+    kernels: FusedKernels = model.fused
+    attn = model.model.layers[0].self_attn
+    if max_rows <= 0 or kernels.triton is None or attn.qkv_proj.bias is not None or attn.o_proj.bias is not None:
+        kernels.decode_gemms = None
+        return
+    kernels.decode_gemms = DecodeGemms(model, max_rows, sms)
 
 
 def project_q(layer: DecoderLayer, h: Tensor, positions: Tensor, kernels: FusedKernels, kv_cache: Tensor,
               blocks: Tensor, offsets: Tensor, out: Tensor | None = None) -> Tensor:
     """The fused QKV projection, then one Triton kernel: q/k-norm, RoPE, this step's K/V into the cache
     at (blocks, offsets). Returns q [T, hq, d] (in `out` when given). Needs `kernels.triton`."""
+    return _rope_cache(layer, layer.self_attn.qkv_proj(h), positions, kernels, kv_cache, blocks, offsets, out)
+
+
+def _rope_cache(layer: DecoderLayer, qkv: Tensor, positions: Tensor, kernels: FusedKernels, kv_cache: Tensor,
+                blocks: Tensor, offsets: Tensor, out: Tensor | None = None) -> Tensor:
     attn = layer.self_attn
     norm = attn.q_norm is not None and attn.k_norm is not None
-    return kernels.triton[0](attn.qkv_proj(h), positions, kernels.cos_sin, attn.q_norm.weight if norm else None,
+    return kernels.triton[0](qkv, positions, kernels.cos_sin, attn.q_norm.weight if norm else None,
                              attn.k_norm.weight if norm else None, attn.q_norm.eps if norm else 0.0, kv_cache,
                              blocks, offsets, attn.num_q_heads, attn.num_kv_heads, out=out)
 
@@ -137,6 +184,11 @@ def fused_forward(model: DenseForCausalLM, input_ids: Tensor, positions: Tensor,
                   kv_caches: list[Tensor]) -> Tensor:
     """Same function as DenseForCausalLM's reference forward, with fused kernels and residual stream."""
     kernels: FusedKernels = model.fused
+    folded = kernels.decode_gemms
+    if folded is not None and attention.kv_slots() is not None:
+        configs = folded.configs(input_ids.shape[0])
+        if configs is not None:
+            return _folded_forward(model, input_ids, positions, attention, kv_caches, configs)
     layers = model.model.layers
     residual = model.model.embed_tokens(input_ids)
     first = layers[0].input_layernorm
@@ -148,3 +200,27 @@ def fused_forward(model: DenseForCausalLM, input_ids: Tensor, positions: Tensor,
     norm = model.model.norm
     h, _ = kernels.add_rms_norm(h, residual, norm.weight, norm.eps)
     return h
+
+
+def _folded_forward(model: DenseForCausalLM, input_ids: Tensor, positions: Tensor, attention: AttentionBackend,
+                    kv_caches: list[Tensor], configs: tuple) -> Tensor:
+    """fused_forward for a few rows with the folded decode GEMMs: per layer the input norm inside the
+    QKV projection, the residual add inside the O projection, the post-attention norm inside gate/up,
+    SwiGLU and the residual add inside down; the final norm stays a kernel of its own."""
+    kernels: FusedKernels = model.fused
+    gemm = kernels.decode_gemms.kernels  # type: ignore[union-attr]
+    qkv_cfg, o_cfg, gate_up_cfg, down_cfg = configs
+    residual = model.model.embed_tokens(input_ids)
+    t = residual.shape[0]
+    slots = attention.kv_slots()
+    assert slots is not None
+    for layer, kv_cache in zip(model.model.layers, kv_caches, strict=True):
+        attn, mlp = layer.self_attn, layer.mlp
+        pre, post = layer.input_layernorm, layer.post_attention_layernorm
+        qkv = gemm.norm_gemm(residual, pre.weight, pre.eps, attn.qkv_proj.weight, qkv_cfg)
+        o = attention.attend(attn.layer_idx, _rope_cache(layer, qkv, positions, kernels, kv_cache, *slots), kv_cache)
+        gemm.gemm_residual(o.reshape(t, attn.num_q_heads * attn.head_dim), attn.o_proj.weight, residual, o_cfg)
+        gate_up = gemm.norm_gemm(residual, post.weight, post.eps, mlp.gate_up_proj.weight, gate_up_cfg)
+        gemm.act_gemm_residual(gate_up, mlp.down_proj.weight, residual, down_cfg)
+    norm = model.model.norm
+    return kernels.rms_norm(residual, norm.weight, norm.eps)

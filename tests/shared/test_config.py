@@ -39,12 +39,21 @@ def test_the_launcher_hands_every_dataplane_option_on() -> None:
     from dataplane.__main__ import build_parser
 
     config = DataplaneConfig(piecewise_graphs=False, partition_kernels="partition", blas_library="cublaslt",
-                             cuda_graphs=False, decode_partition_sms=(16, 32))
+                             cuda_graphs=False, decode_partition_sms=(16, 32), decode_gemm_rows=13)
     args = build_parser().parse_args(dataplane_args(config))
     assert not args.piecewise_graphs and args.partition_kernels == "partition" and args.blas_library == "cublaslt"
+    assert args.decode_gemm_rows == 13
     assert args.no_cuda_graphs and args.decode_partition_sms == "16,32"
     plain = build_parser().parse_args(dataplane_args(DataplaneConfig()))
     assert plain.piecewise_graphs and plain.partition_kernels == "device" and plain.blas_library == "default"
+    assert plain.decode_gemm_rows == DataplaneConfig().decode_gemm_rows
+
+
+def test_decode_gemm_rows_is_checked() -> None:
+    assert DataplaneConfig(decode_gemm_rows=64).decode_gemm_rows == 64
+    for bad in (-1, 65):
+        with pytest.raises(ValueError, match=r"decode_gemm_rows must be in \[0, 64\]"):
+            DataplaneConfig(decode_gemm_rows=bad)
 
 
 def test_serve_takes_piecewise_graphs() -> None:
