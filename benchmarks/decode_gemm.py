@@ -116,8 +116,8 @@ def tune(layers: list[dict], cfg_model, m: int, sms: int, bw: float, device: tor
         x = torch.randn(m, width, dtype=torch.bfloat16, device=device)
         residual = torch.randn(m, n, dtype=torch.bfloat16, device=device)
         table = dg.config_for(n, k, m, sms)
-        grid = {dg.GemmConfig(bn, bk, s, 4, st) for bn, bk, s, st in
-                itertools.product((32, 64), (128, 256), (1, 2, 4), (3, 4))} | {table}
+        grid = {dg.GemmConfig(bn, bk, s) for bn, bk, s in itertools.product((16, 32, 64), (128, 256), (1, 2, 4))}
+        grid.add(table)
         timed = []
         for c in sorted(grid):
             if not c.fits(n, k) or n // c.block_n * c.split_k < sms // 2:
