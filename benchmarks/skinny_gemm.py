@@ -27,7 +27,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,22 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.engine import gpu_slug  # noqa: E402
 from benchmarks.gemm_lib import copy_bandwidth, graph_ms, shapes  # noqa: E402
+from dataplane.kernels.decode_gemm import GemmConfig  # noqa: E402  (the data plane's tile config)
 from dataplane.models.presets import PRESETS  # noqa: E402
-
-
-class GemmConfig(NamedTuple):
-    """One launch shape: output columns per program, K per loop step, programs along K, and
-    Triton's warps and pipeline stages."""
-
-    block_n: int
-    block_k: int
-    split_k: int = 1
-    num_warps: int = 4
-    num_stages: int = 4
-
-    def fits(self, n: int, k: int) -> bool:
-        """Whether this config tiles an (N, K) weight exactly (no masks along N or K)."""
-        return n % self.block_n == 0 and k % (self.block_k * self.split_k) == 0
 
 
 @triton.jit
