@@ -8,7 +8,8 @@
 # experimental: open questions, e.g. partition-sized kernels) profile profile-decode (kernel tables of
 # replayed decode graphs at 1k context, attention by page size) gemm-lib (decode
 # GEMMs by BLAS library) skinny-gemm (tune the Triton decode GEMM against cuBLAS)
-# decode-attention (flashinfer's graph decode kernel options) decode-ab (the engine's decode grid under cuBLASLt, then cuBLAS)
+# decode-attention (flashinfer's graph decode kernel options) decode-gemm (the folded decode GEMMs against
+# cuBLAS and the small kernels: a layer's projections, a config search, the decode grid with and without) decode-ab (the engine's decode grid under cuBLASLt, then cuBLAS)
 # decode-pages (the decode grid with KV pages of 16 and 32 tokens; PAGES="16 64" for others) engine multiplex
 # multiplex-lt multiplex-sized multiplex-gemm (the multiplex benchmark under cuBLASLt with kernels sized for the device,
 # then the partition, then the partition's GEMMs only, FA3 prefill kept)
@@ -55,6 +56,10 @@ for stage in "$@"; do
     decode-ab) for lib in cublaslt cublas; do  # the decode grid under each BLAS library, same machine
                  run decode-$lib 300 python3 benchmarks/engine.py --decode-only --blas-library $lib --out "$OUT"
                done ;;
+    decode-gemm) run decode-gemm 300 python3 benchmarks/decode_gemm.py --tune-rows 16,64 --out "$OUT"
+                 for rows in 64 0; do  # the decode grid with the folded decode GEMMs, then without
+                   run decode-fold$rows 150 python3 benchmarks/engine.py --decode-only --decode-gemm-rows $rows --out "$OUT"
+                 done ;;
     decode-pages) for bs in ${PAGES:-16 32}; do  # the decode grid by KV page size, same machine (2 fit a call)
                     run decode-page$bs 280 python3 benchmarks/engine.py --decode-only --block-size $bs --out "$OUT"
                   done ;;
