@@ -99,10 +99,13 @@ def blocks_per_seq(ctx: int, steps: int, bs: int) -> int:
     return -(-(ctx + steps + 4) // bs)
 
 
-def decode_point(worker, batch: int, ctx: int, steps: int, device: torch.device) -> dict[str, float]:  # noqa: ANN001
+def decode_point(worker, batch: int, ctx: int, steps: int, device: torch.device,  # noqa: ANN001
+                 repeats: int = 1) -> dict[str, float]:
     """B sequences at context `ctx`, each with its own KV pages (so every step reads all of them).
 
-    The pages hold whatever the cache held (timing does not depend on the values)."""
+    The pipelined run of `steps` steps is timed `repeats` times, each from the same context; the step
+    time is the median (the runs are kept in `step_ms_runs`). The pages hold whatever the cache held
+    (timing does not depend on the values)."""
     runner, bs = worker.runner, worker.ready.block_size
     per_seq = blocks_per_seq(ctx, steps, bs)
     vocab = worker.ready.model.vocab_size
@@ -116,19 +119,27 @@ def decode_point(worker, batch: int, ctx: int, steps: int, device: torch.device)
     plans = [StepPlan(step_id=s, scheduled=[ScheduledSeq(seq_id=i, num_tokens=1) for i in range(batch)])
              for s in range(steps + 3)]
     run_steps(runner, plans[:3])
-    with Timer(device) as t:
-        run_steps(runner, plans[3:], depth=2)
-    for seq in runner.seqs.values():  # again from the same context, one step at a time
-        seq.token_ids, seq.num_computed = seq.token_ids[: ctx + 1], ctx
+
+    def rewind() -> None:  # back to the same context for the next timed run
+        for seq in runner.seqs.values():
+            seq.token_ids, seq.num_computed = seq.token_ids[: ctx + 1], ctx
+
+    runs = []
+    for _ in range(repeats):
+        rewind()
+        with Timer(device) as t:
+            run_steps(runner, plans[3:], depth=2)
+        runs.append(t.seconds * 1000 / steps)
+    rewind()  # one step at a time
     with Timer(device) as sync:
         run_steps(runner, plans[3:], depth=1)
     runner.clear()
-    return {"batch": batch, "context": ctx, "step_ms": t.seconds * 1000 / steps,
+    return {"batch": batch, "context": ctx, "step_ms": sorted(runs)[len(runs) // 2], "step_ms_runs": runs,
             "sync_step_ms": sync.seconds * 1000 / steps}
 
 
 def decode_grid(worker, batches: list[int], contexts: list[int], steps: int, device: torch.device,  # noqa: ANN001
-                ceilings: dict[str, float]) -> list[dict[str, float]]:
+                ceilings: dict[str, float], repeats: int = 1) -> list[dict[str, float]]:
     model_bytes = weight_bytes(worker.runner.model)
     cfg = worker.runner.config
     dtype = next(worker.runner.model.parameters()).dtype
@@ -140,12 +151,13 @@ def decode_grid(worker, batches: list[int], contexts: list[int], steps: int, dev
                 rows.append({"batch": batch, "context": ctx, "skipped": "KV cache too small on this GPU"})
                 print(f"decode B={batch:4d} ctx={ctx:5d}: skipped, {batch * ctx} tokens of KV do not fit")
                 continue
-            point = decode_point(worker, batch, ctx, steps, device)
+            point = decode_point(worker, batch, ctx, steps, device, repeats)
             kv_read = batch * (ctx + steps / 2) * kv_per_token
             point["floor_ms"] = (model_bytes + kv_read) / ceilings["copy_bytes_per_s"] * 1000
             point["ratio"] = point["step_ms"] / point["floor_ms"]
             rows.append(point)
-            print(f"decode B={batch:4d} ctx={ctx:5d}: {point['step_ms']:7.2f} ms/step "
+            spread = f" [{min(point['step_ms_runs']):.2f}-{max(point['step_ms_runs']):.2f}]" if repeats > 1 else ""
+            print(f"decode B={batch:4d} ctx={ctx:5d}: {point['step_ms']:7.2f} ms/step{spread} "
                   f"(one at a time {point['sync_step_ms']:.2f}), floor {point['floor_ms']:.2f} ms, "
                   f"x{point['ratio']:.2f}", flush=True)
     return rows
@@ -295,6 +307,8 @@ def main() -> None:
     p.add_argument("--unsplit-kv-min-batch", type=int, default=None,
                    help="decode graphs of at least this batch read KV unsplit (default: the data plane's "
                         "flashinfer_backend.UNSPLIT_KV_MIN_BATCH, 32; 100000 keeps flashinfer's split everywhere)")
+    p.add_argument("--decode-repeats", type=int, default=5,
+                   help="timed runs of each decode point (the median is reported; one lease moved B=64 by 8%%)")
     p.add_argument("--decode-gemm-rows", type=int, default=DataplaneConfig().decode_gemm_rows,
                    help="decode passes of at most this many rows fold norms, SwiGLU and residual adds into their "
                         "projections (0: never; files of another value than the default get -fold<N>)")
@@ -317,7 +331,8 @@ def main() -> None:
     print(f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s (read+write), "
           f"GEMM {ceilings['gemm_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
     batches, contexts = ([1, 4], [64]) if quick else ([1, 16, 64, 256], [1024, 4096])
-    decode = decode_grid(worker, batches, contexts, 4 if quick else 16, device, ceilings)
+    decode = decode_grid(worker, batches, contexts, 4 if quick else 16, device, ceilings,
+                         args.decode_repeats)
     if args.decode_only:
         args.out.mkdir(parents=True, exist_ok=True)
         split = "" if args.unsplit_kv_min_batch is None else f"-unsplit{args.unsplit_kv_min_batch}"

@@ -164,6 +164,19 @@ def test_piecewise_passes_wait_on_a_shorter_host_launch_only_where_the_data_plan
     assert pieces._ms(small, None) == pytest.approx(9.0)
 
 
+def test_engine_decode_grid_runs_on_cpu_and_reports_the_median_run(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "benchmarks/engine.py", "--model", "tiny", "--device", "cpu", "--quick",
+                           "--decode-only", "--decode-repeats", "3", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "engine-decode-cpu-default.json").read_text())
+    assert report["decode_gemm_rows"] == 0 and [r["batch"] for r in report["decode"]] == [1, 4]
+    for row in report["decode"]:
+        runs = row["step_ms_runs"]
+        assert len(runs) == 3 and row["step_ms"] == sorted(runs)[1]
+        assert row["ratio"] == pytest.approx(row["step_ms"] / row["floor_ms"])
+
+
 def test_prefix_cache_benchmark_runs_on_cpu(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "benchmarks/prefix_cache.py", "--model", "tiny", "--device", "cpu",
                            "--quick", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=240)
