@@ -117,7 +117,8 @@ def tune(layers: list[dict], cfg_model, m: int, sms: int, bw: float, device: tor
         residual = torch.randn(m, n, dtype=torch.bfloat16, device=device)
         table = dg.config_for(n, k, m, sms)
         grid = {dg.GemmConfig(bn, bk, s) for bn, bk, s in itertools.product((16, 32, 64), (128, 256), (1, 2, 4))}
-        grid.add(table)
+        if table is not None:
+            grid.add(table)
         timed = []
         for c in sorted(grid):
             if not c.fits(n, k) or n // c.block_n * c.split_k < sms // 2:
@@ -128,12 +129,16 @@ def tune(layers: list[dict], cfg_model, m: int, sms: int, bw: float, device: tor
                 print(f"  {name} M={m} {c}: {type(e).__name__}", flush=True)
                 continue
             timed.append((us * 1e3 / len(layers), c))
+        if not timed:
+            print(f"tune {name:8s} M={m:<3d}: no config ran", flush=True)
+            continue
         best_us, best = min(timed)
-        table_us = next(us for us, c in timed if c == table)
+        table_us = next((us for us, c in timed if c == table), float("nan"))
         floor_us = n * k * 2 / bw * 1e6
-        rows.append({"gemm": name, "m": m, "floor_us": floor_us, "table": table._asdict(), "table_us": table_us,
+        rows.append({"gemm": name, "m": m, "floor_us": floor_us, "table": table._asdict() if table else None,
+                     "table_us": table_us,
                      "best": best._asdict(), "best_us": best_us, "configs_tried": len(timed)})
-        print(f"tune {name:8s} M={m:<3d} floor {floor_us:6.1f} us  table {table_us:6.1f} {tuple(table)}  "
+        print(f"tune {name:8s} M={m:<3d} floor {floor_us:6.1f} us  table {table_us:6.1f} {tuple(table or ())}  "
               f"best {best_us:6.1f} {tuple(best)}", flush=True)
     return rows
 

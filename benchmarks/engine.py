@@ -15,6 +15,7 @@ import json
 import math
 import platform
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -134,7 +135,7 @@ def decode_point(worker, batch: int, ctx: int, steps: int, device: torch.device,
     with Timer(device) as sync:
         run_steps(runner, plans[3:], depth=1)
     runner.clear()
-    return {"batch": batch, "context": ctx, "step_ms": sorted(runs)[len(runs) // 2], "step_ms_runs": runs,
+    return {"batch": batch, "context": ctx, "step_ms": statistics.median(runs), "step_ms_runs": runs,
             "sync_step_ms": sync.seconds * 1000 / steps}
 
 
@@ -314,6 +315,8 @@ def main() -> None:
                         "projections (0: never; files of another value than the default get -fold<N>)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
+    if args.decode_repeats < 1:
+        p.error("--decode-repeats must be at least 1")
     device = torch.device(args.device)
     quick = args.quick
     if args.unsplit_kv_min_batch is not None:  # an A/B of the decode attention's KV split, before any capture

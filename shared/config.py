@@ -76,8 +76,9 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
     piecewise_graphs: bool = True
     fused_kernels: bool = True  # flashinfer norm/rope and fused projections on CUDA (bf16/fp16)
     # passes of at most this many tokens (decode graphs) fold the norms, SwiGLU and the residual adds
-    # into their projections (dataplane/kernels/decode_gemm.py; 0: never, at most 64). Off: slower on
-    # an H100 with Triton 3.6's GEMMs (208 against 155 us a layer at 16 rows)
+    # into their projections (dataplane/kernels/decode_gemm.py; 0: never, at most 64; bf16 only). Off:
+    # slower on an H100 with Triton 3.6's GEMMs (a layer's projections at 16 rows: 208 us, ~182 with
+    # the tuned table, against 155 unfolded)
     decode_gemm_rows: int = 0
     blas_library: str = "default"  # default | cublas | cublaslt: the library torch's GEMMs use on CUDA
     multiplexing: bool = True  # build green-context SM partitions on CUDA

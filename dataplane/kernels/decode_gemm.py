@@ -18,11 +18,14 @@ summed by a second kernel, in a fixed order (deterministic, no atomics), which a
 norm's row scale or the residual add. Configs (tile width, K step, split) come from `config_for`.
 
 Measured on an H100 (results/decode-gemm-h100.json, engine-decode-h100-default-fold64.json): correct
-(relative error 3e-3 against the unfolded layer, bf16) but slower. A layer's projections at M = 16
-take 208 us folded against 155 us unfolded (floor 127): Triton's GEMM with a norm or SwiGLU prologue
-reaches 57-60% of the copy rate on QKV and down, where cuBLAS and the small kernels together reach
-82%. So `decode_gemm_rows` stays 0 (off); the folding pays only with a GEMM core that keeps its
-weight stream at cuBLAS's rate while the prologue runs.
+(relative error 3e-3 against the unfolded layer, bf16) but slower. With the configs of an earlier
+table (from an H200 search of a plain GEMM) a layer's projections at M = 16 took 208 us folded against
+155 us unfolded (floor 127); the fastest config of the H100 search for each projection, the table
+below, adds up to ~182 us, still slower (not yet timed as a layer). Triton's GEMM with a norm or
+SwiGLU prologue reaches 57-60% of the copy rate on QKV and down, where cuBLAS and the small kernels
+together reach 82%. So `decode_gemm_rows` stays 0 (off); the folding pays only with a GEMM core that
+keeps its weight stream at cuBLAS's rate while the prologue runs. Not for float16 (see
+`models.fused.enable_decode_gemms`).
 
 It must not change the maths beyond the rounding of bf16 operands, and must not synchronise the
 host: every launch is graph-capturable. Triton is imported here only (CUDA, or its interpreter).

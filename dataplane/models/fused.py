@@ -3,7 +3,8 @@ RMSNorm and add+RMSNorm, and (with Triton) one kernel for q/k-norm + RoPE + the 
 for SwiGLU's activation: about 9 kernels a layer instead of ~50. Without Triton, flashinfer's
 in-place RoPE and torch ops stand in. Passes of at most `decode_gemm_rows` tokens (decode graphs)
 may instead fold the norms, the activation and the residual adds into the projections
-(`dataplane/kernels/decode_gemm.py`): 7 kernels a layer where no split-K is needed.
+(`dataplane/kernels/decode_gemm.py`): 6 kernels a layer plus a reduce per projection whose K is split,
+where the unfolded path runs 9 plus cuBLAS's split-K reduces. Slower on an H100: off by default.
 
 `enable_fused_path(model)` rewires a loaded model in place; the reference path in `dense` stays the
 definition the fast path is tested against. flashinfer is imported here only, on CUDA only. This
@@ -12,12 +13,16 @@ module must not change what the model computes beyond bf16 rounding.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dataplane.attention.base import AttentionBackend
 from dataplane.models.dense import DenseForCausalLM, DecoderLayer, rope_inv_freq
+
+log = logging.getLogger(__name__)
 
 
 class FusedKernels:
@@ -118,10 +123,16 @@ class DecodeGemms:
 
 def enable_decode_gemms(model: DenseForCausalLM, max_rows: int, sms: int) -> None:
     """Fold norms, activation and residual adds into the projections of passes of at most `max_rows`
-    tokens (0: never). Needs the fused path with Triton and projections without bias."""
+    tokens (0: never). Needs the fused path with Triton, projections without bias, and bf16 or float32
+    weights: the folded norm rounds x * g before it scales the row, which can pass float16's range
+    where the unfolded norm stays within it."""
     kernels: FusedKernels = model.fused
     attn = model.model.layers[0].self_attn
-    if max_rows <= 0 or kernels.triton is None or attn.qkv_proj.bias is not None or attn.o_proj.bias is not None:
+    unsupported = attn.qkv_proj.bias is not None or attn.o_proj.bias is not None
+    if max_rows <= 0 or kernels.triton is None or unsupported or attn.qkv_proj.weight.dtype == torch.float16:
+        if max_rows > 0:
+            log.warning("decode_gemm_rows=%d: the folded decode GEMMs need Triton, projections without bias "
+                        "and bf16 weights; decode keeps the unfolded path", max_rows)
         kernels.decode_gemms = None
         return
     kernels.decode_gemms = DecodeGemms(model, max_rows, sms)
