@@ -327,7 +327,8 @@ def main() -> None:
     worker = load_worker(DataplaneConfig(model=args.model, device=args.device, max_num_batched_tokens=budget,
                                          max_num_seqs=max_seqs, num_kv_blocks=2048 if quick else None,
                                          blas_library=args.blas_library, block_size=args.block_size,
-                                         decode_gemm_rows=args.decode_gemm_rows, piecewise_graphs=args.piecewise_graphs and not args.decode_only))
+                                         decode_gemm_rows=args.decode_gemm_rows,
+                                         piecewise_graphs=args.piecewise_graphs and not args.decode_only))
     built_pieces = worker.runner.pieces is not None  # what the worker built (none on a CPU), not what was asked
     print(f"{args.model} on {worker.ready.device.name}: {worker.ready.num_kv_blocks} KV blocks", flush=True)
     ceilings = measure_ceilings(device, quick)
@@ -339,8 +340,7 @@ def main() -> None:
     if args.decode_only:
         args.out.mkdir(parents=True, exist_ok=True)
         split = "" if args.unsplit_kv_min_batch is None else f"-unsplit{args.unsplit_kv_min_batch}"
-        page = _variant(args)
-        path = args.out / f"engine-decode-{gpu_slug(device)}-{args.blas_library}{split}{page}.json"
+        path = args.out / f"engine-decode-{gpu_slug(device)}-{args.blas_library}{split}{_variant(args)}.json"
         from dataplane.attention.flashinfer_backend import UNSPLIT_KV_MIN_BATCH
 
         path.write_text(json.dumps({"blas_library": args.blas_library, "unsplit_kv_min_batch": UNSPLIT_KV_MIN_BATCH,

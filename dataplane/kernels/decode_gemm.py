@@ -176,11 +176,15 @@ def config_for(n: int, k: int, m: int, sms: int) -> GemmConfig | None:
     return _generic(n, k, m, sms)
 
 
+# Triton reads TRITON_INTERPRET once, when it is imported (above): so does this module
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _dot_f32(dtype: torch.dtype) -> bool:
     """Whether the dot runs on float32 operands: for float32 weights, and in Triton's CPU interpreter,
     whose tl.dot multiplies bf16 operands' raw bits (seen with Triton 3.9); products of bf16 values are
     exact in float32, so only the accumulation order differs from a GPU's."""
-    return dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+    return dtype == torch.float32 or _INTERPRETED
 
 
 def _block_m(m: int) -> int:
@@ -198,11 +202,9 @@ def _launch(x: Tensor, w: Tensor, k: int, cfg: GemmConfig, *, prologue: int, g: 
     if residual is not None and (residual.shape != (m, n) or not residual.is_contiguous()):
         raise ValueError(f"decode_gemm: residual {tuple(residual.shape)} is not a contiguous [{m}, {n}] tensor")
     split = cfg.split_k
-    if split == 1:
-        out = residual if residual is not None else torch.empty(m, n, dtype=w.dtype, device=x.device)
-        part, ss = out, out
-    else:
-        out = residual if residual is not None else torch.empty(m, n, dtype=w.dtype, device=x.device)
+    out = residual if residual is not None else torch.empty(m, n, dtype=w.dtype, device=x.device)
+    part, ss = out, out  # unsplit: the kernel writes `out` (or `residual`) itself
+    if split > 1:
         part = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
         ss = torch.empty(split, m, dtype=torch.float32, device=x.device) if prologue == NORM else part
     _decode_gemm_kernel[(n // cfg.block_n, split)](

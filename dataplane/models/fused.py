@@ -196,10 +196,10 @@ def fused_forward(model: DenseForCausalLM, input_ids: Tensor, positions: Tensor,
     """Same function as DenseForCausalLM's reference forward, with fused kernels and residual stream."""
     kernels: FusedKernels = model.fused
     folded = kernels.decode_gemms
-    if folded is not None and attention.kv_slots() is not None:
-        configs = folded.configs(input_ids.shape[0])
-        if configs is not None:
-            return _folded_forward(model, input_ids, positions, attention, kv_caches, configs)
+    slots = attention.kv_slots() if folded is not None else None
+    configs = folded.configs(input_ids.shape[0]) if slots is not None else None  # type: ignore[union-attr]
+    if configs is not None:
+        return _folded_forward(model, input_ids, positions, attention, kv_caches, configs, slots)
     layers = model.model.layers
     residual = model.model.embed_tokens(input_ids)
     first = layers[0].input_layernorm
@@ -214,7 +214,7 @@ def fused_forward(model: DenseForCausalLM, input_ids: Tensor, positions: Tensor,
 
 
 def _folded_forward(model: DenseForCausalLM, input_ids: Tensor, positions: Tensor, attention: AttentionBackend,
-                    kv_caches: list[Tensor], configs: tuple) -> Tensor:
+                    kv_caches: list[Tensor], configs: tuple, slots: tuple[Tensor, Tensor]) -> Tensor:
     """fused_forward for a few rows with the folded decode GEMMs: per layer the input norm inside the
     QKV projection, the residual add inside the O projection, the post-attention norm inside gate/up,
     SwiGLU and the residual add inside down; the final norm stays a kernel of its own."""
@@ -223,8 +223,6 @@ def _folded_forward(model: DenseForCausalLM, input_ids: Tensor, positions: Tenso
     qkv_cfg, o_cfg, gate_up_cfg, down_cfg = configs
     residual = model.model.embed_tokens(input_ids)
     t = residual.shape[0]
-    slots = attention.kv_slots()
-    assert slots is not None
     for layer, kv_cache in zip(model.model.layers, kv_caches, strict=True):
         attn, mlp = layer.self_attn, layer.mlp
         pre, post = layer.input_layernorm, layer.post_attention_layernorm
