@@ -11,6 +11,7 @@ run. Prints a table and writes benchmarks/results/engine-<gpu>.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import platform
@@ -85,12 +86,16 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total if tied else total - emb.numel() * emb.element_size()
 
 
-def run_steps(runner, plans: list[StepPlan], depth: int = 1) -> list:  # noqa: ANN001
+def run_steps(runner, plans: list[StepPlan], depth: int = 1, host: list[float] | None = None) -> list:  # noqa: ANN001
     """Run plans with up to `depth` launched before the oldest is collected (2 = async scheduling:
-    step i+1's host work overlaps step i on the GPU, as the server runs them)."""
+    step i+1's host work overlaps step i on the GPU, as the server runs them). `host`, when given,
+    gets the seconds each `launch` took on the host."""
     pending, results = [], []
     for plan in plans:
+        t0 = time.perf_counter()
         pending.append(runner.launch(plan))
+        if host is not None:
+            host.append(time.perf_counter() - t0)
         if len(pending) >= depth:
             results.append(pending.pop(0).wait())
     return results + [p.wait() for p in pending]
@@ -125,18 +130,19 @@ def decode_point(worker, batch: int, ctx: int, steps: int, device: torch.device,
         for seq in runner.seqs.values():
             seq.token_ids, seq.num_computed = seq.token_ids[: ctx + 1], ctx
 
-    runs = []
+    runs: list[float] = []
+    host: list[float] = []
     for _ in range(repeats):
         rewind()
         with Timer(device) as t:
-            run_steps(runner, plans[3:], depth=2)
+            run_steps(runner, plans[3:], depth=2, host=host)
         runs.append(t.seconds * 1000 / steps)
     rewind()  # one step at a time
     with Timer(device) as sync:
         run_steps(runner, plans[3:], depth=1)
     runner.clear()
     return {"batch": batch, "context": ctx, "step_ms": statistics.median(runs), "step_ms_runs": runs,
-            "sync_step_ms": sync.seconds * 1000 / steps}
+            "sync_step_ms": sync.seconds * 1000 / steps, "host_launch_ms": statistics.median(host) * 1000}
 
 
 def decode_grid(worker, batches: list[int], contexts: list[int], steps: int, device: torch.device,  # noqa: ANN001
@@ -159,7 +165,8 @@ def decode_grid(worker, batches: list[int], contexts: list[int], steps: int, dev
             rows.append(point)
             spread = f" [{min(point['step_ms_runs']):.2f}-{max(point['step_ms_runs']):.2f}]" if repeats > 1 else ""
             print(f"decode B={batch:4d} ctx={ctx:5d}: {point['step_ms']:7.2f} ms/step{spread} "
-                  f"(one at a time {point['sync_step_ms']:.2f}), floor {point['floor_ms']:.2f} ms, "
+                  f"(one at a time {point['sync_step_ms']:.2f}, host launch {point['host_launch_ms']:.2f}), "
+                  f"floor {point['floor_ms']:.2f} ms, "
                   f"x{point['ratio']:.2f}", flush=True)
     return rows
 
@@ -284,10 +291,16 @@ def gpu_slug(device: torch.device) -> str:
 
 
 def _variant(args: argparse.Namespace) -> str:
-    """The results file's suffix for settings other than the data plane's defaults."""
+    """The results file's suffix for settings other than the data plane's defaults (decode-only runs:
+    also pieces built, or the heap frozen)."""
     default = DataplaneConfig()
     page = "" if args.block_size == default.block_size else f"-page{args.block_size}"
-    return page + ("" if args.decode_gemm_rows == default.decode_gemm_rows else f"-fold{args.decode_gemm_rows}")
+    extra = ("-pieces" if args.decode_only and args.piecewise_graphs else "") + ("-gcfreeze" if args.gc_freeze else "")
+    return page + ("" if args.decode_gemm_rows == default.decode_gemm_rows else f"-fold{args.decode_gemm_rows}") + extra
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
 
 
 def main() -> None:
@@ -302,9 +315,14 @@ def main() -> None:
     p.add_argument("--decode-only", action="store_true", help="the decode grid only (an A/B of kernels)")
     p.add_argument("--block-size", type=int, default=DataplaneConfig().block_size,
                    help="KV page size in tokens (an A/B of decode attention; decode-only files get -page<N>)")
-    p.add_argument("--piecewise-graphs", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--piecewise-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="prefill passes of up to 1024 tokens as piecewise CUDA graphs, as served (results file "
-                        "engine-<gpu>-piecewise; --no-piecewise-graphs: eager, engine-<gpu>)")
+                        "engine-<gpu>-piecewise; --no-piecewise-graphs: eager, engine-<gpu>); default on, "
+                        "off with --decode-only (which builds them only when asked: file -pieces)")
+    p.add_argument("--decode-batches", type=_ints, default=None, help="decode grid batches (default 1,16,64,256)")
+    p.add_argument("--decode-contexts", type=_ints, default=None, help="decode grid contexts (default 1024,4096)")
+    p.add_argument("--gc-freeze", action="store_true",
+                   help="gc.freeze() the loaded worker's heap before timing (an A/B of host pauses; file -gcfreeze)")
     p.add_argument("--unsplit-kv-min-batch", type=int, default=None,
                    help="decode graphs of at least this batch read KV unsplit (default: the data plane's "
                         "flashinfer_backend.UNSPLIT_KV_MIN_BATCH, 32; 100000 keeps flashinfer's split everywhere)")
@@ -317,6 +335,8 @@ def main() -> None:
     args = p.parse_args()
     if args.decode_repeats < 1:
         p.error("--decode-repeats must be at least 1")
+    if args.piecewise_graphs is None:
+        args.piecewise_graphs = not args.decode_only
     device = torch.device(args.device)
     quick = args.quick
     if args.unsplit_kv_min_batch is not None:  # an A/B of the decode attention's KV split, before any capture
@@ -328,13 +348,17 @@ def main() -> None:
                                          max_num_seqs=max_seqs, num_kv_blocks=2048 if quick else None,
                                          blas_library=args.blas_library, block_size=args.block_size,
                                          decode_gemm_rows=args.decode_gemm_rows,
-                                         piecewise_graphs=args.piecewise_graphs and not args.decode_only))
+                                         piecewise_graphs=args.piecewise_graphs))
+    if args.gc_freeze:
+        gc.collect()
+        gc.freeze()
     built_pieces = worker.runner.pieces is not None  # what the worker built (none on a CPU), not what was asked
     print(f"{args.model} on {worker.ready.device.name}: {worker.ready.num_kv_blocks} KV blocks", flush=True)
     ceilings = measure_ceilings(device, quick)
     print(f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s (read+write), "
           f"GEMM {ceilings['gemm_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
     batches, contexts = ([1, 4], [64]) if quick else ([1, 16, 64, 256], [1024, 4096])
+    batches, contexts = args.decode_batches or batches, args.decode_contexts or contexts
     decode = decode_grid(worker, batches, contexts, 4 if quick else 16, device, ceilings,
                          args.decode_repeats)
     if args.decode_only:
@@ -345,6 +369,7 @@ def main() -> None:
 
         path.write_text(json.dumps({"blas_library": args.blas_library, "unsplit_kv_min_batch": UNSPLIT_KV_MIN_BATCH,
                                     "block_size": args.block_size, "decode_gemm_rows": args.decode_gemm_rows,
+                                    "piecewise_graphs": built_pieces, "gc_freeze": args.gc_freeze,
                                     "ceilings": ceilings, "decode": decode},
                                    indent=1) + "\n")
         print(f"wrote {path}")
@@ -374,7 +399,7 @@ def main() -> None:
               if device.type == "cuda" else platform.processor(), "torch": torch.__version__,
               "blas_library": args.blas_library, "unsplit_kv_min_batch": UNSPLIT_KV_MIN_BATCH,
               "piecewise_graphs": built_pieces, "block_size": args.block_size,
-              "decode_gemm_rows": args.decode_gemm_rows,
+              "decode_gemm_rows": args.decode_gemm_rows, "gc_freeze": args.gc_freeze,
               "ceilings": ceilings, "decode": decode, "prefill": prefill, "offline": off, "peer": peer_result}
     args.out.mkdir(parents=True, exist_ok=True)
     pieces = "-piecewise" if report["piecewise_graphs"] else ""

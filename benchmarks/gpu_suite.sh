@@ -7,10 +7,11 @@
 # Needs .whl/ filled by benchmarks/device_prep.sh (carry [".whl"]). Stages: tests experiments (GPU tests marked
 # experimental: open questions, e.g. partition-sized kernels) profile profile-decode (kernel tables of
 # replayed decode graphs at 1k context, attention by page size) gemm-lib (decode
-# GEMMs by BLAS library) skinny-gemm (tune the Triton decode GEMM against cuBLAS)
+# GEMMs by BLAS library; GEMM_LIBS, GEMM_ROWS) skinny-gemm (tune the Triton decode GEMM against cuBLAS)
 # decode-attention (flashinfer's graph decode kernel options) decode-gemm (the folded decode GEMMs against
 # cuBLAS and the small kernels: a layer's projections, a config search, the decode grid with and without) decode-ab (the engine's decode grid under cuBLASLt, then cuBLAS)
-# decode-pages (the decode grid with KV pages of 16 and 32 tokens; PAGES="16 64" for others) engine multiplex
+# decode-pages (the decode grid with KV pages of 16 and 32 tokens; PAGES="16 64" for others) decode-pieces (decode
+# at 1k without the piecewise prefill graphs, with them, with them and a frozen heap; PAGE=32) engine multiplex
 # multiplex-lt multiplex-sized multiplex-gemm (the multiplex benchmark under cuBLASLt with kernels sized for the device,
 # then the partition, then the partition's GEMMs only, FA3 prefill kept)
 # predictor (the shapes serving runs) predictor-all (every shape on every SM count) serving-code
@@ -49,7 +50,8 @@ for stage in "$@"; do
     profile-eager) run profile-eager 300 python3 benchmarks/profile_step.py --no-piecewise-graphs --out "$OUT" ;;
     profile-decode) for b in 16 64; do run profile-decode-$b 200 python3 benchmarks/profile_decode.py --graphs \
                       --batch $b --context 1024 --page-sizes 16,32,64; done ;;
-    gemm-lib) run gemm-lib 200 python3 benchmarks/gemm_lib.py --out "$OUT" ;;
+    gemm-lib) run gemm-lib 300 python3 benchmarks/gemm_lib.py --libraries ${GEMM_LIBS:-cublas,cublaslt} \
+                --batches ${GEMM_ROWS:-1,16,64,256} --out "$OUT" ;;
     skinny-gemm) run skinny-gemm 420 python3 benchmarks/skinny_gemm.py --out "$OUT" --stages ${GEMM_STAGES:-4} \
                    --warps ${GEMM_WARPS:-4} --rows ${GEMM_ROWS:-1,16,32,64,128} ;;
     decode-attention) run decode-attention 300 python3 benchmarks/decode_attention.py --out "$OUT" ;;
@@ -63,6 +65,10 @@ for stage in "$@"; do
     decode-pages) for bs in ${PAGES:-16 32}; do  # the decode grid by KV page size, same machine (2 fit a call)
                     run decode-page$bs 280 python3 benchmarks/engine.py --decode-only --block-size $bs --out "$OUT"
                   done ;;
+    decode-pieces) DP="--decode-only --decode-batches 1,16,64 --decode-contexts 1024 --block-size ${PAGE:-16} --out $OUT"
+                   run decode-nopieces 150 python3 benchmarks/engine.py $DP  # the decode points three ways, same machine
+                   run decode-pieces 200 python3 benchmarks/engine.py $DP --piecewise-graphs
+                   run decode-pieces-gc 200 python3 benchmarks/engine.py $DP --piecewise-graphs --gc-freeze ;;
     engine) run engine 400 python3 benchmarks/engine.py --peer-requests 64 --peer-output-len 128 --out "$OUT" ;;
     prefix-cache) run prefix-cache 300 python3 benchmarks/prefix_cache.py --out "$OUT" ;;
     stream) run stream 560 python3 benchmarks/stream_throughput.py --gpu cuda --concurrency 256 \
