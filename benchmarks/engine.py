@@ -296,6 +296,7 @@ def _variant(args: argparse.Namespace) -> str:
     default = DataplaneConfig()
     page = "" if args.block_size == default.block_size else f"-page{args.block_size}"
     extra = ("-pieces" if args.decode_only and args.piecewise_graphs else "") + ("-gcfreeze" if args.gc_freeze else "")
+    extra += "" if args.tensor_core_min_batch is None else f"-tc{args.tensor_core_min_batch}"
     return page + ("" if args.decode_gemm_rows == default.decode_gemm_rows else f"-fold{args.decode_gemm_rows}") + extra
 
 
@@ -326,6 +327,10 @@ def main() -> None:
     p.add_argument("--unsplit-kv-min-batch", type=int, default=None,
                    help="decode graphs of at least this batch read KV unsplit (default: the data plane's "
                         "flashinfer_backend.UNSPLIT_KV_MIN_BATCH, 32; 100000 keeps flashinfer's split everywhere)")
+    p.add_argument("--tensor-core-min-batch", type=int, default=None,
+                   help="decode graphs of at least this batch use flashinfer's tensor-core decode, smaller ones its "
+                        "CUDA-core kernel (default: flashinfer_backend.TENSOR_CORE_MIN_BATCH, 0; decode-only "
+                        "files of another value get -tc<N>)")
     p.add_argument("--decode-repeats", type=int, default=5,
                    help="timed runs of each decode point (the median is reported; one lease moved B=64 by 8%%)")
     p.add_argument("--decode-gemm-rows", type=int, default=DataplaneConfig().decode_gemm_rows,
@@ -343,6 +348,10 @@ def main() -> None:
         import dataplane.attention.flashinfer_backend as fib
 
         fib.UNSPLIT_KV_MIN_BATCH = args.unsplit_kv_min_batch
+    if args.tensor_core_min_batch is not None:  # an A/B of the decode kernel of small buckets, before any capture
+        import dataplane.attention.flashinfer_backend as fib
+
+        fib.TENSOR_CORE_MIN_BATCH = args.tensor_core_min_batch
     budget, max_seqs = (512, 16) if quick else (8192, 256)
     worker = load_worker(DataplaneConfig(model=args.model, device=args.device, max_num_batched_tokens=budget,
                                          max_num_seqs=max_seqs, num_kv_blocks=2048 if quick else None,
@@ -365,9 +374,10 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         split = "" if args.unsplit_kv_min_batch is None else f"-unsplit{args.unsplit_kv_min_batch}"
         path = args.out / f"engine-decode-{gpu_slug(device)}-{args.blas_library}{split}{_variant(args)}.json"
-        from dataplane.attention.flashinfer_backend import UNSPLIT_KV_MIN_BATCH
+        from dataplane.attention.flashinfer_backend import TENSOR_CORE_MIN_BATCH, UNSPLIT_KV_MIN_BATCH
 
         path.write_text(json.dumps({"blas_library": args.blas_library, "unsplit_kv_min_batch": UNSPLIT_KV_MIN_BATCH,
+                                    "tensor_core_min_batch": TENSOR_CORE_MIN_BATCH,
                                     "block_size": args.block_size, "decode_gemm_rows": args.decode_gemm_rows,
                                     "piecewise_graphs": built_pieces, "gc_freeze": args.gc_freeze,
                                     "ceilings": ceilings, "decode": decode},
@@ -393,11 +403,12 @@ def main() -> None:
         "offline_output_tok_s": off["output_tok_s"],
         "peer_output_tok_s": peer_result["output_tok_s"] if peer_result else math.nan,
     }
-    from dataplane.attention.flashinfer_backend import UNSPLIT_KV_MIN_BATCH
+    from dataplane.attention.flashinfer_backend import TENSOR_CORE_MIN_BATCH, UNSPLIT_KV_MIN_BATCH
 
     report = {"summary": summary, "model": args.model, "device": torch.cuda.get_device_name(device)
               if device.type == "cuda" else platform.processor(), "torch": torch.__version__,
               "blas_library": args.blas_library, "unsplit_kv_min_batch": UNSPLIT_KV_MIN_BATCH,
+              "tensor_core_min_batch": TENSOR_CORE_MIN_BATCH,
               "piecewise_graphs": built_pieces, "block_size": args.block_size,
               "decode_gemm_rows": args.decode_gemm_rows, "gc_freeze": args.gc_freeze,
               "ceilings": ceilings, "decode": decode, "prefill": prefill, "offline": off, "peer": peer_result}

@@ -11,7 +11,8 @@
 # decode-attention (flashinfer's graph decode kernel options) decode-gemm (the folded decode GEMMs against
 # cuBLAS and the small kernels: a layer's projections, a config search, the decode grid with and without) decode-ab (the engine's decode grid under cuBLASLt, then cuBLAS)
 # decode-pages (the decode grid with KV pages of 16 and 32 tokens; PAGES="16 64" for others) decode-pieces (decode
-# at 1k without the piecewise prefill graphs, with them, with them and a frozen heap; PAGE=32) engine multiplex
+# at 1k without the piecewise prefill graphs, with them, with them and a frozen heap; PAGE=32) decode-tc (decode
+# buckets under 32 on flashinfer's CUDA-core kernel) engine multiplex
 # multiplex-lt multiplex-sized multiplex-gemm (the multiplex benchmark under cuBLASLt with kernels sized for the device,
 # then the partition, then the partition's GEMMs only, FA3 prefill kept)
 # predictor (the shapes serving runs) predictor-all (every shape on every SM count) serving-code
@@ -69,6 +70,8 @@ for stage in "$@"; do
                    run decode-nopieces 150 python3 benchmarks/engine.py $DP  # the decode points three ways, same machine
                    run decode-pieces 200 python3 benchmarks/engine.py $DP --piecewise-graphs
                    run decode-pieces-gc 200 python3 benchmarks/engine.py $DP --piecewise-graphs --gc-freeze ;;
+    decode-tc) run decode-tc 200 python3 benchmarks/engine.py --decode-only --decode-batches 1,16,64 \
+                 --decode-contexts 1024,4096 --block-size ${PAGE:-16} --tensor-core-min-batch 32 --out "$OUT" ;;
     engine) run engine 400 python3 benchmarks/engine.py --peer-requests 64 --peer-output-len 128 --out "$OUT" ;;
     prefix-cache) run prefix-cache 300 python3 benchmarks/prefix_cache.py --out "$OUT" ;;
     stream) run stream 560 python3 benchmarks/stream_throughput.py --gpu cuda --concurrency 256 \

@@ -190,14 +190,21 @@ class FlashInferAttention(AttentionBackend):
 # flashinfer JIT build running past the test's time limit, which the split-KV run hit as well.
 UNSPLIT_KV_MIN_BATCH: int | None = 32
 
+# Decode graphs of at least this batch use flashinfer's tensor-core decode (its prefill kernel with a
+# one-row query tile per KV head group); smaller buckets its CUDA-core decode kernel. 0: tensor cores
+# for every bucket. Kernel tables of replayed decode steps (`benchmarks/profile_decode.py`) put the
+# CUDA-core kernel 2 us a layer ahead at B=16 and 1k context on an H100 and 10 us behind at B=64.
+TENSOR_CORE_MIN_BATCH: int = 0
+
 
 class GraphDecodeAttention(AttentionBackend):
     """Decode attention for one CUDA-graph batch bucket: fixed device buffers, re-planned per replay.
 
     `begin_step` only plans (host work plus an async copy into the wrapper's fixed buffers) and
     sets the slot tensors the captured graph reads; call it outside capture before each replay.
-    Whether KV is split across programs is fixed per bucket (`UNSPLIT_KV_MIN_BATCH`), so every plan
-    of a bucket launches the kernels its graph captured.
+    Whether KV is split across programs (`UNSPLIT_KV_MIN_BATCH`) and which kernel reads it
+    (`TENSOR_CORE_MIN_BATCH`) are fixed per bucket, so every plan of a bucket launches the kernels its
+    graph captured.
     """
 
     name = "flashinfer-graph"
@@ -209,8 +216,9 @@ class GraphDecodeAttention(AttentionBackend):
         self.shape = shape
         self.batch_size = batch_size
         i32 = dict(dtype=torch.int32, device=device)
+        self.tensor_cores = batch_size >= TENSOR_CORE_MIN_BATCH
         self._wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+            workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.tensor_cores,
             paged_kv_indptr_buffer=torch.zeros(batch_size + 1, **i32),
             paged_kv_indices_buffer=torch.zeros(max_pages, **i32),
             paged_kv_last_page_len_buffer=torch.ones(batch_size, **i32),
