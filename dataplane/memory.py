@@ -38,16 +38,34 @@ class MemoryPlan:
                 f"{self.num_kv_blocks * self.kv_block_bytes / gib:.2f} GiB in {self.num_kv_blocks} blocks")
 
 
+def profile_batch(num_tokens: int, max_seq_len: int, block_size: int) -> AttentionBatch:
+    """The prefill the memory plan profiles: `num_tokens` new tokens in as few sequences as the model's
+    positions allow (each at most `max_seq_len` tokens: no position past the RoPE table), each on
+    pages of its own, numbered from 0."""
+    if num_tokens < 1 or max_seq_len < 1:
+        raise ValueError(f"profile_batch: {num_tokens} tokens in sequences of at most {max_seq_len}")
+    full, rest = divmod(num_tokens, max_seq_len)
+    lens = [max_seq_len] * full + ([rest] if rest else [])
+    tables, first = [], 0
+    for n in lens:
+        pages = -(-n // block_size)
+        tables.append(list(range(first, first + pages)))
+        first += pages
+    return AttentionBatch(lens, [0] * len(lens), tables, block_size)
+
+
 @torch.inference_mode()
 def profile_activations(model: DenseForCausalLM, cfg: ModelConfig, backend: AttentionBackend, *, num_tokens: int,
                         num_logit_rows: int, block_size: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Peak bytes above the weights for one prefill of `num_tokens` plus logits for `num_logit_rows`."""
-    blocks = -(-num_tokens // block_size)
+    """Peak bytes above the weights for one prefill of `num_tokens` plus logits for `num_logit_rows`.
+    A budget past the model's context is profiled as several sequences: one sequence of it would read
+    positions past the RoPE table (an illegal address on a GPU, surfacing as pages moved it)."""
+    batch = profile_batch(num_tokens, cfg.max_position_embeddings, block_size)
+    blocks = sum(len(t) for t in batch.block_tables)
     scratch_kv = allocate_kv_cache(cfg, blocks, block_size, dtype, device)
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    batch = AttentionBatch([num_tokens], [0], [list(range(blocks))], block_size)
     ids = torch.randint(0, cfg.vocab_size, (num_tokens,), device=device)
     backend.begin_step(batch, device, batch.slot_mapping(device))
     hidden = model(ids, batch.positions(device), backend, scratch_kv)

@@ -1,8 +1,12 @@
 """GPU tests (marker `gpu`): flashinfer vs torch attention, graph replay vs eager, greedy tokens vs the
-CPU path, and a hot loop with no host synchronisation. Skipped without CUDA."""
+CPU path, and a hot loop with no host synchronisation. Skipped without CUDA.
+
+DUETSERVE_TEST_BLOCK_SIZE (default: the data plane's) sets the KV page size of every worker and of the
+random attention batches, so the suite can vouch for another page size before it becomes the default."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -19,7 +23,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-BS = 16
+BS = int(os.environ.get("DUETSERVE_TEST_BLOCK_SIZE", DataplaneConfig().block_size))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -72,6 +76,7 @@ def _worker(tmp_model: str, **overrides: object):  # noqa: ANN202
     overrides.setdefault("multiplexing", False)  # partitions (and their calibration) only where a test needs them
     overrides.setdefault("max_num_seqs", 32)
     overrides.setdefault("max_num_batched_tokens", 1024)
+    overrides.setdefault("block_size", BS)
     config = DataplaneConfig(model=tmp_model, device="cuda", num_kv_blocks=512, **overrides)  # type: ignore[arg-type]
     return load_worker(config)
 
@@ -157,7 +162,7 @@ def test_greedy_tokens_equal_the_cpu_path(gpu_checkpoint: Path) -> None:
     prompts = _prompts(4, 512, seed=2)
     gpu = greedy_run(_worker(str(gpu_checkpoint), dtype="float32", attention_backend="torch",
                              cuda_graphs=False).runner, prompts, 16)
-    cpu_worker = load_worker(DataplaneConfig(model=str(gpu_checkpoint), device="cpu", num_kv_blocks=512))
+    cpu_worker = load_worker(DataplaneConfig(model=str(gpu_checkpoint), device="cpu", num_kv_blocks=512, block_size=BS))
     assert greedy_run(cpu_worker.runner, prompts, 16) == gpu
     bf16 = greedy_run(_worker(str(gpu_checkpoint)).runner, prompts, 16)
     # bf16 rounding may flip a near-tie, after which a sequence diverges: require the first tokens to
@@ -419,7 +424,8 @@ def test_prompt_logprobs_on_the_gpu_match_the_cpu_path(gpu_checkpoint: Path) -> 
     """Chunked prefill through flashinfer and piecewise graphs (bf16), without a host sync, gives the
     prompt logprobs of the float32 CPU path to bf16 accuracy."""
     prompt = _prompts(1, 512, seed=8)[0] * 3  # 3x a prompt of 5-60 tokens
-    cpu = load_worker(DataplaneConfig(model=str(gpu_checkpoint), device="cpu", num_kv_blocks=64)).runner
+    cpu = load_worker(DataplaneConfig(model=str(gpu_checkpoint), device="cpu", num_kv_blocks=64,
+                                     block_size=BS)).runner
     want = _prompt_logprobs_run(cpu, prompt, chunk=len(prompt), sync_debug=False)
     got = _prompt_logprobs_run(_worker(str(gpu_checkpoint)).runner, prompt, chunk=16, sync_debug=True)
     assert len(got) == len(want) == len(prompt) - 1
