@@ -263,8 +263,12 @@ class Scheduler(StepOutcomes):
         return batch, decoders
 
     def _reserve_lookahead(self, draft: StepDraft, decoders: list[Sequence], decision: ModeDecision) -> ModeDecision:
-        """Give every decode item blocks for `k` tokens; lower `k` until the free blocks suffice."""
-        k, size = decision.decode_steps, self.allocator.block_size
+        """Give every decode item blocks for `k` tokens; lower `k` until the free blocks suffice.
+
+        `k` never takes a decoder past the model's context: its look-ahead passes compute positions
+        `num_computed_tokens .. + k - 1`, and a position past `max_model_len` has no RoPE row."""
+        size = self.allocator.block_size
+        k = max(1, min([decision.decode_steps] + [self.max_model_len - s.num_computed_tokens for s in decoders]))
         while k > 1:
             need = [max(-(-(s.num_computed_tokens + k) // size) - len(s.block_ids), 0) for s in decoders]
             if sum(need) <= self.allocator.num_free:

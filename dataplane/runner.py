@@ -190,7 +190,8 @@ class ModelRunner:
             if entry.seq_id in failed:
                 continue
             try:
-                state = check_scheduled(self.seqs, entry, plan.decode_steps, self.block_size, self.num_blocks)
+                state = check_scheduled(self.seqs, entry, plan.decode_steps, self.block_size, self.num_blocks,
+                                        self.config.max_position_embeddings)
                 items.append(_Item(state, entry.num_tokens))
             except SeqError as exc:
                 self.drop(entry.seq_id)

@@ -69,9 +69,11 @@ def new_state(new: NewRequest, vocab_size: int, num_blocks: int) -> SeqState:
 
 
 def check_scheduled(
-    seqs: dict[int, SeqState], entry: ScheduledSeq, decode_steps: int, block_size: int, num_blocks: int
+    seqs: dict[int, SeqState], entry: ScheduledSeq, decode_steps: int, block_size: int, num_blocks: int,
+    max_positions: int | None = None,
 ) -> SeqState:
-    """Apply the entry's new blocks and check the step fits; returns the sequence's state."""
+    """Apply the entry's new blocks and check the step fits; returns the sequence's state.
+    `max_positions`: the model's positions (its RoPE table); no token of the step may sit past them."""
     state = seqs.get(entry.seq_id)
     if state is None:
         raise SeqError(f"seq {entry.seq_id}: unknown to the data plane")
@@ -88,4 +90,7 @@ def check_scheduled(
     lookahead = decode_steps - 1 if state.is_decode(entry.num_tokens) else 0
     if end + lookahead > len(state.block_table) * block_size:
         raise SeqError(f"seq {entry.seq_id}: {len(state.block_table)} blocks cannot hold {end + lookahead} tokens")
+    if max_positions is not None and end + lookahead > max_positions:
+        raise SeqError(f"seq {entry.seq_id}: a step to position {end + lookahead - 1} passes the model's "
+                       f"{max_positions} positions")
     return state

@@ -302,6 +302,27 @@ def test_trimmed_candidate_fits_the_budget_and_keeps_nearly_all_it_can(num_decod
         assert c == c0 and samples == (q == q0)
 
 
+def test_lookahead_never_takes_a_decoder_past_the_model_context() -> None:
+    """k is cut so that the decoder nearest the context's end computes its last position inside it
+    (the data plane has no RoPE row past it); a lowered k keeps the step's prediction."""
+    from controlplane.policies import ModeDecision
+    from controlplane.step_draft import StepDraft
+
+    sched, gpu = make("static", num_blocks=64, block_size=4)
+    sched.max_model_len = 12
+    a, b = make_seq(0, 3, 10), make_seq(1, 7, 10)
+    sched.add(a)
+    sched.add(b)
+    step(sched, gpu)  # both prefilled: 3 and 7 tokens computed
+    assert (a.num_computed_tokens, b.num_computed_tokens) == (3, 7)
+    out = sched._reserve_lookahead(StepDraft(budget=8), [a, b], ModeDecision("multiplexed", 100, 32, 8, 30.0))
+    assert out.decode_steps == 12 - 7 and out.predicted_ms == 30.0  # b's passes: positions 7..11
+    assert len(b.block_ids) * 4 >= 12 and len(a.block_ids) * 4 >= 3 + out.decode_steps
+    sched.max_model_len = 8  # b one token from the end: a single pass
+    out = sched._reserve_lookahead(StepDraft(budget=8), [a, b], ModeDecision("multiplexed", 100, 32, 8, 30.0))
+    assert out.decode_steps == 1
+
+
 def test_duet_reviewer_regressions() -> None:
     """Three holes a review found: a lowered look-ahead lost the step's prediction; with no split and
     not even the smallest trimmed step in budget, duet ran the whole batch; a term seen only tiny

@@ -64,3 +64,25 @@ def test_a_chunk_cannot_reach_tokens_still_on_the_device() -> None:
     bad = StepPlan(step_id=1, scheduled=[ScheduledSeq(seq_id=0, num_tokens=2)])
     result = runner.launch(bad).wait()
     assert result.failures and "not sampled yet" in result.failures[0].message
+
+
+def test_a_step_past_the_model_positions_fails_that_sequence_only() -> None:
+    """Look-ahead passes that would run past the model's RoPE table fail the sequence with a message
+    (on a GPU the read past the table is an illegal address that ends every request); others run."""
+    runner = load_worker(DataplaneConfig(model="tiny", device="cpu", num_kv_blocks=1100, block_size=4)).runner
+    limit = runner.config.max_position_embeddings
+    near = [3 + i % 200 for i in range(limit - 2)]  # limit - 2 tokens, all but the last cached (prefix reuse)
+    start = StepPlan(step_id=0, new_requests=[
+        NewRequest(seq_id=0, token_ids=near, num_prompt_tokens=len(near), num_computed_tokens=len(near) - 1,
+                   block_ids=list(range(-(-limit // 4) + 1)), sampling=SamplingParams(temperature=0.0)),
+        NewRequest(seq_id=1, token_ids=[5, 6, 7], num_prompt_tokens=3, block_ids=[1050, 1051],
+                   sampling=SamplingParams(temperature=0.0)),
+    ], scheduled=[ScheduledSeq(seq_id=0, num_tokens=1), ScheduledSeq(seq_id=1, num_tokens=3)])
+    first = runner.execute(start)
+    assert not first.failures, first.failures  # positions up to limit - 3
+    ahead = StepPlan(step_id=1, scheduled=[ScheduledSeq(seq_id=0, num_tokens=1), ScheduledSeq(seq_id=1, num_tokens=1)],
+                     decode_steps=4)  # seq 0 would reach position limit + 1
+    result = runner.execute(ahead)
+    assert [f.seq_id for f in result.failures] == [0]
+    assert f"passes the model's {limit} positions" in result.failures[0].message
+    assert [o.seq_id for o in result.outputs] == [1] and len(result.outputs[0].token_ids) == 4
