@@ -75,7 +75,8 @@ for stage in "$@"; do
                    run decode-pieces-gc 200 python3 benchmarks/engine.py $DP --piecewise-graphs --gc-freeze ;;
     decode-tc) run decode-tc 200 python3 benchmarks/engine.py --decode-only --decode-batches 1,16,64 \
                  --decode-contexts 1024,4096 --block-size ${PAGE:-16} --tensor-core-min-batch 32 --out "$OUT" ;;
-    engine) run engine 400 python3 benchmarks/engine.py --peer-requests 64 --peer-output-len 128 --out "$OUT" ;;
+    engine) run engine 400 python3 benchmarks/engine.py --peer-requests 64 --peer-output-len 128 ${PAGE:+--block-size $PAGE} \
+              --out "$OUT" ;;  # PAGE: KV page size (default: the data plane's)
     prefix-cache) run prefix-cache 300 python3 benchmarks/prefix_cache.py --out "$OUT" ;;
     stream) run stream 560 python3 benchmarks/stream_throughput.py --gpu cuda --concurrency 256 \
               --stream-intervals 1,4 --out "$OUT/stream-throughput-$GPU.json" ;;
