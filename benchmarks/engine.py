@@ -290,13 +290,14 @@ def gpu_slug(device: torch.device) -> str:
     return (match.group(1) if match else re.sub(r"\W+", "-", name)).lower()
 
 
-def _variant(args: argparse.Namespace) -> str:
+def _variant(args: argparse.Namespace, built_pieces: bool) -> str:
     """The results file's suffix for settings other than the data plane's defaults (decode-only runs:
-    also pieces built, or the heap frozen)."""
+    also piecewise graphs built, or the heap frozen)."""
     default = DataplaneConfig()
     page = "" if args.block_size == default.block_size else f"-page{args.block_size}"
-    extra = ("-pieces" if args.decode_only and args.piecewise_graphs else "") + ("-gcfreeze" if args.gc_freeze else "")
-    extra += "" if args.tensor_core_min_batch is None else f"-tc{args.tensor_core_min_batch}"
+    extra = ("-pieces" if args.decode_only and built_pieces else "") + ("-gcfreeze" if args.gc_freeze else "")
+    tc = args.tensor_core_min_batch
+    extra += "" if tc is None or tc == args.tensor_core_default else f"-tc{tc}"
     return page + ("" if args.decode_gemm_rows == default.decode_gemm_rows else f"-fold{args.decode_gemm_rows}") + extra
 
 
@@ -344,13 +345,12 @@ def main() -> None:
         args.piecewise_graphs = not args.decode_only
     device = torch.device(args.device)
     quick = args.quick
-    if args.unsplit_kv_min_batch is not None:  # an A/B of the decode attention's KV split, before any capture
-        import dataplane.attention.flashinfer_backend as fib
+    import dataplane.attention.flashinfer_backend as fib  # A/Bs of the decode kernels, set before any capture
 
+    if args.unsplit_kv_min_batch is not None:  # the decode attention's KV split
         fib.UNSPLIT_KV_MIN_BATCH = args.unsplit_kv_min_batch
-    if args.tensor_core_min_batch is not None:  # an A/B of the decode kernel of small buckets, before any capture
-        import dataplane.attention.flashinfer_backend as fib
-
+    args.tensor_core_default = fib.TENSOR_CORE_MIN_BATCH
+    if args.tensor_core_min_batch is not None:  # the decode kernel of small buckets
         fib.TENSOR_CORE_MIN_BATCH = args.tensor_core_min_batch
     budget, max_seqs = (512, 16) if quick else (8192, 256)
     worker = load_worker(DataplaneConfig(model=args.model, device=args.device, max_num_batched_tokens=budget,
@@ -373,7 +373,7 @@ def main() -> None:
     if args.decode_only:
         args.out.mkdir(parents=True, exist_ok=True)
         split = "" if args.unsplit_kv_min_batch is None else f"-unsplit{args.unsplit_kv_min_batch}"
-        path = args.out / f"engine-decode-{gpu_slug(device)}-{args.blas_library}{split}{_variant(args)}.json"
+        path = args.out / f"engine-decode-{gpu_slug(device)}-{args.blas_library}{split}{_variant(args, built_pieces)}.json"
         from dataplane.attention.flashinfer_backend import TENSOR_CORE_MIN_BATCH, UNSPLIT_KV_MIN_BATCH
 
         path.write_text(json.dumps({"blas_library": args.blas_library, "unsplit_kv_min_batch": UNSPLIT_KV_MIN_BATCH,
@@ -414,7 +414,7 @@ def main() -> None:
               "ceilings": ceilings, "decode": decode, "prefill": prefill, "offline": off, "peer": peer_result}
     args.out.mkdir(parents=True, exist_ok=True)
     pieces = "-piecewise" if report["piecewise_graphs"] else ""
-    path = args.out / f"engine-{summary['gpu']}{pieces}{_variant(args)}.json"
+    path = args.out / f"engine-{summary['gpu']}{pieces}{_variant(args, built_pieces)}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
     print(f"wrote {path}")

@@ -12,8 +12,8 @@
 # decode-attention (flashinfer's graph decode kernel options) decode-gemm (the folded decode GEMMs against
 # cuBLAS and the small kernels: a layer's projections, a config search, the decode grid with and without) decode-ab (the engine's decode grid under cuBLASLt, then cuBLAS)
 # decode-pages (the decode grid with KV pages of 16 and 32 tokens; PAGES="16 64" for others) decode-pieces (decode
-# at 1k without the piecewise prefill graphs, with them, with them and a frozen heap; PAGE=32) decode-tc (decode
-# buckets under 32 on flashinfer's CUDA-core kernel) engine multiplex
+# at 1k without the piecewise prefill graphs, with them, with them and a frozen heap) decode-tc (decode
+# buckets under 32 on flashinfer's CUDA-core kernel; both with KV pages of PAGE tokens, 16 unless set) engine multiplex
 # multiplex-lt multiplex-sized multiplex-gemm (the multiplex benchmark under cuBLASLt with kernels sized for the device,
 # then the partition, then the partition's GEMMs only, FA3 prefill kept)
 # predictor (the shapes serving runs) predictor-all (every shape on every SM count) serving-code

@@ -266,7 +266,8 @@ class Scheduler(StepOutcomes):
         """Give every decode item blocks for `k` tokens; lower `k` until the free blocks suffice.
 
         `k` never takes a decoder past the model's context: its look-ahead passes compute positions
-        `num_computed_tokens .. + k - 1`, and a position past `max_model_len` has no RoPE row."""
+        `num_computed_tokens .. + k - 1`, and `max_model_len` is at most the model's positions (a
+        position past those has no RoPE row, and the data plane fails the sequence)."""
         size = self.allocator.block_size
         k = max(1, min([decision.decode_steps] + [self.max_model_len - s.num_computed_tokens for s in decoders]))
         while k > 1:

@@ -197,7 +197,7 @@ UNSPLIT_KV_MIN_BATCH: int | None = 32
 # decode grid with 32 (`engine.py --tensor-core-min-batch 32`) ran B=16 at 1k 2.7% faster on an H100,
 # but B=64, whose kernel it does not change, 1.3% faster too in the same call. It stays 0: eager
 # decode rows use the tensor-core kernel, and with 32 (and KV pages of 32) a graph replay parted from
-# the eager run at its 18th greedy token on one of five sequences, where
+# the eager run at the 18th greedy token of its fourth sequence (the first difference pytest shows), where
 # test_graph_replay_equals_eager wants the same tokens (benchmarks/results/gpu-tests-h100-page32.md).
 # That test reads no position past the model's, so the memory plan's out-of-bounds RoPE read fixed
 # since is not the cause; bf16 rounding of another kernel is the likely one, not yet shown.

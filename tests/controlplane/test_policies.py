@@ -318,9 +318,9 @@ def test_lookahead_never_takes_a_decoder_past_the_model_context() -> None:
     out = sched._reserve_lookahead(StepDraft(budget=8), [a, b], ModeDecision("multiplexed", 100, 32, 8, 30.0))
     assert out.decode_steps == 12 - 7 and out.predicted_ms == 30.0  # b's passes: positions 7..11
     assert len(b.block_ids) * 4 >= 12 and len(a.block_ids) * 4 >= 3 + out.decode_steps
-    sched.max_model_len = 8  # b one token from the end: a single pass
+    sched.max_model_len = 9  # b holds 8 tokens: its token (position 7) and one look-ahead pass (8)
     out = sched._reserve_lookahead(StepDraft(budget=8), [a, b], ModeDecision("multiplexed", 100, 32, 8, 30.0))
-    assert out.decode_steps == 1
+    assert out.decode_steps == 2
 
 
 def test_duet_reviewer_regressions() -> None:

@@ -361,8 +361,9 @@ def test_a_cached_prefix_gives_the_tokens_of_the_whole_prompt(gpu_checkpoint: Pa
     computes only the rest) samples what computing its whole prompt samples: flashinfer reading
     shared pages, piecewise graphs with context, no host sync."""
     runner = _worker(str(gpu_checkpoint)).runner
-    prefix = (_prompts(1, 512, seed=11)[0] * 8)[:40]
-    prompt = prefix[:32] + [7, 8, 9, 10, 11]  # two whole blocks of 16 shared, then its own tokens
+    shared = 2 * BS  # two whole blocks shared, then its own tokens
+    prefix = (_prompts(1, 512, seed=11)[0] * (shared + 8))[:shared + 8]
+    prompt = prefix[:shared] + [7, 8, 9, 10, 11]
 
     def new(seq_id: int, tokens: list[int], blocks: list[int], cached: int = 0) -> NewRequest:
         return NewRequest(seq_id=seq_id, token_ids=tokens, num_prompt_tokens=len(tokens), block_ids=blocks,
@@ -372,8 +373,9 @@ def test_a_cached_prefix_gives_the_tokens_of_the_whole_prompt(gpu_checkpoint: Pa
         return StepPlan(step_id=step_id, scheduled=[ScheduledSeq(seq_id=i, num_tokens=n) for i, n in items],
                         **fields)  # type: ignore[arg-type]
 
-    plans = [step(0, (0, 40), (2, 37), new_requests=[new(0, prefix, [0, 1, 2]), new(2, prompt, [20, 21, 22])]),
-             step(1, (1, 5), (2, 1), new_requests=[new(1, prompt, [0, 1, 10], cached=32)], finished_seq_ids=[0])]
+    plans = [step(0, (0, len(prefix)), (2, len(prompt)),
+                  new_requests=[new(0, prefix, [0, 1, 2]), new(2, prompt, [20, 21, 22])]),
+             step(1, (1, 5), (2, 1), new_requests=[new(1, prompt, [0, 1, 10], cached=shared)], finished_seq_ids=[0])]
     plans += [step(s, (1, 1), (2, 1)) for s in range(2, 10)]
     out: dict[int, list[int]] = {0: [], 1: [], 2: []}
     torch.cuda.synchronize()

@@ -86,3 +86,17 @@ def test_a_step_past_the_model_positions_fails_that_sequence_only() -> None:
     assert [f.seq_id for f in result.failures] == [0]
     assert f"passes the model's {limit} positions" in result.failures[0].message
     assert [o.seq_id for o in result.outputs] == [1] and len(result.outputs[0].token_ids) == 4
+
+
+def test_a_step_to_the_last_position_runs() -> None:
+    """The boundary: a decode and one look-ahead pass ending at position limit - 1 compute both tokens."""
+    runner = load_worker(DataplaneConfig(model="tiny", device="cpu", num_kv_blocks=1100, block_size=4)).runner
+    limit = runner.config.max_position_embeddings
+    near = [3 + i % 200 for i in range(limit - 2)]
+    runner.execute(StepPlan(step_id=0, new_requests=[
+        NewRequest(seq_id=0, token_ids=near, num_prompt_tokens=len(near), num_computed_tokens=len(near) - 1,
+                   block_ids=list(range(-(-limit // 4) + 1)), sampling=SamplingParams(temperature=0.0))],
+        scheduled=[ScheduledSeq(seq_id=0, num_tokens=1)]))
+    result = runner.execute(StepPlan(step_id=1, scheduled=[ScheduledSeq(seq_id=0, num_tokens=1)], decode_steps=2))
+    assert not result.failures, result.failures  # positions limit - 2 and limit - 1
+    assert len(result.outputs[0].token_ids) == 2
