@@ -13,7 +13,9 @@
 # cuBLAS and the small kernels: a layer's projections, a config search, the decode grid with and without) decode-ab (the engine's decode grid under cuBLASLt, then cuBLAS)
 # decode-pages (the decode grid with KV pages of 16 and 32 tokens; PAGES="16 64" for others) decode-pieces (decode
 # at 1k without the piecewise prefill graphs, with them, with them and a frozen heap) decode-tc (decode
-# buckets under 32 on flashinfer's CUDA-core kernel; both with KV pages of PAGE tokens, 16 unless set) engine multiplex
+# buckets under 32 on flashinfer's CUDA-core kernel) decode-ws (decode at 1k with cuBLAS's workspace, then with none:
+# no split-K reduce kernels; results of the second under $OUT/ws0; all three with KV pages of PAGE tokens, 16
+# unless set) engine multiplex
 # multiplex-lt multiplex-sized multiplex-gemm (the multiplex benchmark under cuBLASLt with kernels sized for the device,
 # then the partition, then the partition's GEMMs only, FA3 prefill kept)
 # predictor (the shapes serving runs) predictor-all (every shape on every SM count) serving-code
@@ -73,6 +75,10 @@ for stage in "$@"; do
                    run decode-nopieces 150 python3 benchmarks/engine.py $DP  # the decode points three ways, same machine
                    run decode-pieces 200 python3 benchmarks/engine.py $DP --piecewise-graphs
                    run decode-pieces-gc 200 python3 benchmarks/engine.py $DP --piecewise-graphs --gc-freeze ;;
+    decode-ws) DW="--decode-only --decode-batches 1,16,64 --decode-contexts 1024 --block-size ${PAGE:-16} --out $OUT"
+               run decode-ws-default 200 python3 benchmarks/engine.py $DW  # cuBLAS with its workspace, then none
+               mkdir -p "$OUT/ws0" && CUBLAS_WORKSPACE_CONFIG=:0:0 run decode-ws0 200 python3 benchmarks/engine.py \
+                 ${DW/--out $OUT/--out $OUT/ws0} ;;
     decode-tc) run decode-tc 200 python3 benchmarks/engine.py --decode-only --decode-batches 1,16,64 \
                  --decode-contexts 1024,4096 --block-size ${PAGE:-16} --tensor-core-min-batch 32 --out "$OUT" ;;
     engine) run engine 400 python3 benchmarks/engine.py --peer-requests 64 --peer-output-len 128 ${PAGE:+--block-size $PAGE} \
