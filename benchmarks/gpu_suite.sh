@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_suite.sh multiplex predictor
 #   bash benchmarks/gpu_suite.sh serving-code          # a serving stage fills most of one call
 # Needs .whl/ filled by benchmarks/device_prep.sh (carry [".whl"]). Stages: tests tests-pages (the GPU tests with
-# KV pages of PAGE tokens, 32 unless set) experiments (GPU tests marked
+# KV pages of PAGE tokens, 32 unless set, and the CUDA-core decode kernel below TC rows, 0 unless set) experiments (GPU tests marked
 # experimental: open questions, e.g. partition-sized kernels) profile profile-decode (kernel tables of
 # replayed decode graphs at 1k context, attention by page size) gemm-lib (decode
 # GEMMs by BLAS library; GEMM_LIBS, GEMM_ROWS) skinny-gemm (tune the Triton decode GEMM against cuBLAS)
@@ -47,7 +47,8 @@ for stage in "$@"; do
   case $stage in
     tests) run tests 580 python3 -m pytest -m "gpu and not experimental" tests/dataplane -q -x -p no:cacheprovider
            save_fi_cache "$OUT" ;;
-    tests-pages) DUETSERVE_TEST_BLOCK_SIZE=${PAGE:-32} run tests-page${PAGE:-32} 580 python3 -m pytest \
+    tests-pages) DUETSERVE_TEST_BLOCK_SIZE=${PAGE:-32} DUETSERVE_TEST_TENSOR_CORE_MIN_BATCH=${TC:-0} \
+                 run tests-page${PAGE:-32}-tc${TC:-0} 580 python3 -m pytest \
                    -m "gpu and not experimental" tests/dataplane -q -p no:cacheprovider ;;  # another KV page size
     experiments) run experiments 560 python3 -u -m pytest -m experimental tests/dataplane -v -p no:cacheprovider \
                    --timeout 320  # the partition-sized test took 201 s with its FA2 kernels built

@@ -1,7 +1,8 @@
 """Paged attention on CUDA with flashinfer: FA3 batch prefill for prefill steps, the tensor-core
-batch decode kernel for decode-only steps, both in one mixed step (the decode kernel for its leading
-decode rows, FA3 for the chunks after them: FA3 gives each one-token query a whole 128-row tile),
-and fixed-buffer decode wrappers for CUDA graphs. Plans are made from host (CPU) index tensors once per step, so planning never waits on
+batch decode kernel for decode-only steps (its CUDA-core kernel below `TENSOR_CORE_MIN_BATCH` rows),
+both in one mixed step (the decode kernel for its leading decode rows, FA3 for the chunks after them:
+FA3 gives each one-token query a whole 128-row tile), and fixed-buffer decode wrappers for CUDA
+graphs. Plans are made from host (CPU) index tensors once per step, so planning never waits on
 the GPU. flashinfer is imported here only, and this module is imported only on CUDA.
 
 It must not decide batching, and must not synchronise the host with the device.
@@ -97,6 +98,7 @@ class FlashInferAttention(AttentionBackend):
             self._workspace, "NHD", backend=_prefill_backend(device)
         )
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD", use_tensor_cores=True)
+        self._decode_cuda_cores: object | None = None  # decode-only steps below TENSOR_CORE_MIN_BATCH, built on use
         self._prefill_partition: object | None = None  # FA2, built on first use by `on_partition`
         self._step_prefill = self._prefill  # the prefill wrapper this step planned
         self._wrapper: object | None = None
@@ -105,9 +107,9 @@ class FlashInferAttention(AttentionBackend):
         self._offsets: Tensor | None = None
         self.scale = 1.0 / math.sqrt(shape.head_dim)
 
-    def _plan_decode(self, plan: HostPlan, block_size: int) -> None:
+    def _plan_decode(self, plan: HostPlan, block_size: int, wrapper: object | None = None) -> None:
         s = self.shape
-        self._decode.plan(
+        (wrapper or self._decode).plan(  # type: ignore[attr-defined]
             plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, s.num_q_heads, s.num_kv_heads,
             s.head_dim, block_size, q_data_type=s.dtype, kv_data_type=s.dtype, non_blocking=True,
         )
@@ -119,6 +121,14 @@ class FlashInferAttention(AttentionBackend):
             s.num_kv_heads, s.head_dim, block_size, causal=True, q_data_type=s.dtype,
             kv_data_type=s.dtype, non_blocking=True,
         )
+
+    def _cuda_core_decode(self) -> object:
+        if self._decode_cuda_cores is None:
+            import flashinfer
+
+            self._decode_cuda_cores = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self._workspace, "NHD", use_tensor_cores=False)
+        return self._decode_cuda_cores
 
     @contextmanager
     def on_partition(self) -> Iterator[None]:
@@ -144,9 +154,10 @@ class FlashInferAttention(AttentionBackend):
         self._blocks = slot_mapping // batch.block_size
         self._offsets = slot_mapping % batch.block_size
         self._split = 0
-        if batch.is_decode_only:
-            self._plan_decode(host_plan(batch), batch.block_size)
-            self._wrapper = self._decode
+        if batch.is_decode_only:  # the kernel a decode graph of this batch would run (TENSOR_CORE_MIN_BATCH)
+            wrapper = self._decode if batch.num_seqs >= TENSOR_CORE_MIN_BATCH else self._cuda_core_decode()
+            self._plan_decode(host_plan(batch), batch.block_size, wrapper)
+            self._wrapper = wrapper
             return
         self._step_prefill = self._prefill
         lead = leading_decodes(batch)
@@ -195,12 +206,13 @@ UNSPLIT_KV_MIN_BATCH: int | None = 32
 # for every bucket. Kernel tables of replayed decode steps (`benchmarks/profile_decode.py`) put the
 # CUDA-core kernel 2 us a layer ahead at B=16 and 1k context on an H100 and 10 us behind at B=64; the
 # decode grid with 32 (`engine.py --tensor-core-min-batch 32`) ran B=16 at 1k 2.7% faster on an H100,
-# but B=64, whose kernel it does not change, 1.3% faster too in the same call. It stays 0: eager
-# decode rows use the tensor-core kernel, and with 32 (and KV pages of 32) a graph replay parted from
-# the eager run at the 18th greedy token of its fourth sequence (the first difference pytest shows), where
-# test_graph_replay_equals_eager wants the same tokens (benchmarks/results/gpu-tests-h100-page32.md).
-# That test reads no position past the model's, so the memory plan's out-of-bounds RoPE read fixed
-# since is not the cause; bf16 rounding of another kernel is the likely one, not yet shown.
+# but B=64, whose kernel it does not change, 1.3% faster too in the same call. Eager decode-only steps
+# follow the same threshold (`FlashInferAttention`), so a graph and the eager step it stands for run
+# one kernel; decode rows of a mixed step keep the tensor-core kernel. It stays 0 until the GPU suite
+# passes with it (`TC=32 gpu_suite.sh tests-pages`): with 32 (and KV pages of 32), before eager steps
+# followed it, a graph replay parted from the eager run at the 18th greedy token of its fourth
+# sequence (the first difference pytest shows; benchmarks/results/gpu-tests-h100-page32.md), likely
+# the two kernels' bf16 rounding.
 TENSOR_CORE_MIN_BATCH: int = 0
 
 
