@@ -290,15 +290,16 @@ def gpu_slug(device: torch.device) -> str:
     return (match.group(1) if match else re.sub(r"\W+", "-", name)).lower()
 
 
-def _variant(args: argparse.Namespace, built_pieces: bool) -> str:
+def _variant(args: argparse.Namespace, built_pieces: bool, tensor_core_default: int) -> str:
     """The results file's suffix for settings other than the data plane's defaults (decode-only runs:
     also piecewise graphs built, or the heap frozen)."""
     default = DataplaneConfig()
     page = "" if args.block_size == default.block_size else f"-page{args.block_size}"
+    fold = "" if args.decode_gemm_rows == default.decode_gemm_rows else f"-fold{args.decode_gemm_rows}"
     extra = ("-pieces" if args.decode_only and built_pieces else "") + ("-gcfreeze" if args.gc_freeze else "")
     tc = args.tensor_core_min_batch
-    extra += "" if tc is None or tc == args.tensor_core_default else f"-tc{tc}"
-    return page + ("" if args.decode_gemm_rows == default.decode_gemm_rows else f"-fold{args.decode_gemm_rows}") + extra
+    extra += "" if tc is None or tc == tensor_core_default else f"-tc{tc}"
+    return page + fold + extra
 
 
 def _ints(text: str) -> list[int]:
@@ -349,7 +350,7 @@ def main() -> None:
 
     if args.unsplit_kv_min_batch is not None:  # the decode attention's KV split
         fib.UNSPLIT_KV_MIN_BATCH = args.unsplit_kv_min_batch
-    args.tensor_core_default = fib.TENSOR_CORE_MIN_BATCH
+    tensor_core_default = fib.TENSOR_CORE_MIN_BATCH
     if args.tensor_core_min_batch is not None:  # the decode kernel of small buckets
         fib.TENSOR_CORE_MIN_BATCH = args.tensor_core_min_batch
     budget, max_seqs = (512, 16) if quick else (8192, 256)
@@ -373,11 +374,11 @@ def main() -> None:
     if args.decode_only:
         args.out.mkdir(parents=True, exist_ok=True)
         split = "" if args.unsplit_kv_min_batch is None else f"-unsplit{args.unsplit_kv_min_batch}"
-        path = args.out / f"engine-decode-{gpu_slug(device)}-{args.blas_library}{split}{_variant(args, built_pieces)}.json"
-        from dataplane.attention.flashinfer_backend import TENSOR_CORE_MIN_BATCH, UNSPLIT_KV_MIN_BATCH
-
-        path.write_text(json.dumps({"blas_library": args.blas_library, "unsplit_kv_min_batch": UNSPLIT_KV_MIN_BATCH,
-                                    "tensor_core_min_batch": TENSOR_CORE_MIN_BATCH,
+        variant = _variant(args, built_pieces, tensor_core_default)
+        path = args.out / f"engine-decode-{gpu_slug(device)}-{args.blas_library}{split}{variant}.json"
+        path.write_text(json.dumps({"blas_library": args.blas_library,
+                                    "unsplit_kv_min_batch": fib.UNSPLIT_KV_MIN_BATCH,
+                                    "tensor_core_min_batch": fib.TENSOR_CORE_MIN_BATCH,
                                     "block_size": args.block_size, "decode_gemm_rows": args.decode_gemm_rows,
                                     "piecewise_graphs": built_pieces, "gc_freeze": args.gc_freeze,
                                     "ceilings": ceilings, "decode": decode},
@@ -403,18 +404,17 @@ def main() -> None:
         "offline_output_tok_s": off["output_tok_s"],
         "peer_output_tok_s": peer_result["output_tok_s"] if peer_result else math.nan,
     }
-    from dataplane.attention.flashinfer_backend import TENSOR_CORE_MIN_BATCH, UNSPLIT_KV_MIN_BATCH
-
     report = {"summary": summary, "model": args.model, "device": torch.cuda.get_device_name(device)
               if device.type == "cuda" else platform.processor(), "torch": torch.__version__,
-              "blas_library": args.blas_library, "unsplit_kv_min_batch": UNSPLIT_KV_MIN_BATCH,
-              "tensor_core_min_batch": TENSOR_CORE_MIN_BATCH,
+              "blas_library": args.blas_library, "unsplit_kv_min_batch": fib.UNSPLIT_KV_MIN_BATCH,
+              "tensor_core_min_batch": fib.TENSOR_CORE_MIN_BATCH,
               "piecewise_graphs": built_pieces, "block_size": args.block_size,
               "decode_gemm_rows": args.decode_gemm_rows, "gc_freeze": args.gc_freeze,
               "ceilings": ceilings, "decode": decode, "prefill": prefill, "offline": off, "peer": peer_result}
     args.out.mkdir(parents=True, exist_ok=True)
     pieces = "-piecewise" if report["piecewise_graphs"] else ""
-    path = args.out / f"engine-{summary['gpu']}{pieces}{_variant(args, built_pieces)}.json"
+    variant = _variant(args, built_pieces, tensor_core_default)
+    path = args.out / f"engine-{summary['gpu']}{pieces}{variant}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
     print(f"wrote {path}")

@@ -76,10 +76,9 @@ for stage in "$@"; do
                    run decode-nopieces 150 python3 benchmarks/engine.py $DP  # the decode points three ways, same machine
                    run decode-pieces 200 python3 benchmarks/engine.py $DP --piecewise-graphs
                    run decode-pieces-gc 200 python3 benchmarks/engine.py $DP --piecewise-graphs --gc-freeze ;;
-    decode-ws) DW="--decode-only --decode-batches 1,16,64 --decode-contexts 1024 --block-size ${PAGE:-16} --out $OUT"
-               run decode-ws-default 200 python3 benchmarks/engine.py $DW  # cuBLAS with its workspace, then none
-               mkdir -p "$OUT/ws0" && CUBLAS_WORKSPACE_CONFIG=:0:0 run decode-ws0 200 python3 benchmarks/engine.py \
-                 ${DW/--out $OUT/--out $OUT/ws0} ;;
+    decode-ws) DW="--decode-only --decode-batches 1,16,64 --decode-contexts 1024 --block-size ${PAGE:-16}"
+               run decode-ws-default 200 python3 benchmarks/engine.py $DW --out "$OUT"  # cuBLAS's workspace, then none
+               CUBLAS_WORKSPACE_CONFIG=:0:0 run decode-ws0 200 python3 benchmarks/engine.py $DW --out "$OUT/ws0" ;;
     decode-tc) run decode-tc 200 python3 benchmarks/engine.py --decode-only --decode-batches 1,16,64 \
                  --decode-contexts 1024,4096 --block-size ${PAGE:-16} --tensor-core-min-batch 32 --out "$OUT" ;;
     engine) run engine 400 python3 benchmarks/engine.py --peer-requests 64 --peer-output-len 128 ${PAGE:+--block-size $PAGE} \

@@ -167,7 +167,8 @@ def test_greedy_tokens_equal_the_cpu_path(gpu_checkpoint: Path) -> None:
     prompts = _prompts(4, 512, seed=2)
     gpu = greedy_run(_worker(str(gpu_checkpoint), dtype="float32", attention_backend="torch",
                              cuda_graphs=False).runner, prompts, 16)
-    cpu_worker = load_worker(DataplaneConfig(model=str(gpu_checkpoint), device="cpu", num_kv_blocks=512, block_size=BS))
+    cpu_worker = load_worker(DataplaneConfig(model=str(gpu_checkpoint), device="cpu", num_kv_blocks=512,
+                                             block_size=BS))
     assert greedy_run(cpu_worker.runner, prompts, 16) == gpu
     bf16 = greedy_run(_worker(str(gpu_checkpoint)).runner, prompts, 16)
     # bf16 rounding may flip a near-tie, after which a sequence diverges: require the first tokens to

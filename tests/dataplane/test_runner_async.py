@@ -66,20 +66,26 @@ def test_a_chunk_cannot_reach_tokens_still_on_the_device() -> None:
     assert result.failures and "not sampled yet" in result.failures[0].message
 
 
+def _one_token_from_the_end(runner, extra: list[NewRequest], scheduled: list[ScheduledSeq]) -> int:  # noqa: ANN001
+    """Admit seq 0 with limit - 2 prompt tokens, all but the last cached (prefix reuse), and compute that
+    one (position limit - 3) in one step with `extra`; returns the model's positions (limit)."""
+    limit = runner.config.max_position_embeddings
+    near = [3 + i % 200 for i in range(limit - 2)]
+    first = runner.execute(StepPlan(step_id=0, new_requests=[
+        NewRequest(seq_id=0, token_ids=near, num_prompt_tokens=len(near), num_computed_tokens=len(near) - 1,
+                   block_ids=list(range(-(-limit // 4) + 1)), sampling=SamplingParams(temperature=0.0)), *extra],
+        scheduled=[ScheduledSeq(seq_id=0, num_tokens=1), *scheduled]))
+    assert not first.failures, first.failures
+    return limit
+
+
 def test_a_step_past_the_model_positions_fails_that_sequence_only() -> None:
     """Look-ahead passes that would run past the model's RoPE table fail the sequence with a message
     (on a GPU the read past the table is an illegal address that ends every request); others run."""
     runner = load_worker(DataplaneConfig(model="tiny", device="cpu", num_kv_blocks=1100, block_size=4)).runner
-    limit = runner.config.max_position_embeddings
-    near = [3 + i % 200 for i in range(limit - 2)]  # limit - 2 tokens, all but the last cached (prefix reuse)
-    start = StepPlan(step_id=0, new_requests=[
-        NewRequest(seq_id=0, token_ids=near, num_prompt_tokens=len(near), num_computed_tokens=len(near) - 1,
-                   block_ids=list(range(-(-limit // 4) + 1)), sampling=SamplingParams(temperature=0.0)),
-        NewRequest(seq_id=1, token_ids=[5, 6, 7], num_prompt_tokens=3, block_ids=[1050, 1051],
-                   sampling=SamplingParams(temperature=0.0)),
-    ], scheduled=[ScheduledSeq(seq_id=0, num_tokens=1), ScheduledSeq(seq_id=1, num_tokens=3)])
-    first = runner.execute(start)
-    assert not first.failures, first.failures  # positions up to limit - 3
+    other = NewRequest(seq_id=1, token_ids=[5, 6, 7], num_prompt_tokens=3, block_ids=[1050, 1051],
+                       sampling=SamplingParams(temperature=0.0))
+    limit = _one_token_from_the_end(runner, [other], [ScheduledSeq(seq_id=1, num_tokens=3)])
     ahead = StepPlan(step_id=1, scheduled=[ScheduledSeq(seq_id=0, num_tokens=1), ScheduledSeq(seq_id=1, num_tokens=1)],
                      decode_steps=4)  # seq 0 would reach position limit + 1
     result = runner.execute(ahead)
@@ -91,12 +97,7 @@ def test_a_step_past_the_model_positions_fails_that_sequence_only() -> None:
 def test_a_step_to_the_last_position_runs() -> None:
     """The boundary: a decode and one look-ahead pass ending at position limit - 1 compute both tokens."""
     runner = load_worker(DataplaneConfig(model="tiny", device="cpu", num_kv_blocks=1100, block_size=4)).runner
-    limit = runner.config.max_position_embeddings
-    near = [3 + i % 200 for i in range(limit - 2)]
-    runner.execute(StepPlan(step_id=0, new_requests=[
-        NewRequest(seq_id=0, token_ids=near, num_prompt_tokens=len(near), num_computed_tokens=len(near) - 1,
-                   block_ids=list(range(-(-limit // 4) + 1)), sampling=SamplingParams(temperature=0.0))],
-        scheduled=[ScheduledSeq(seq_id=0, num_tokens=1)]))
+    _one_token_from_the_end(runner, [], [])
     result = runner.execute(StepPlan(step_id=1, scheduled=[ScheduledSeq(seq_id=0, num_tokens=1)], decode_steps=2))
     assert not result.failures, result.failures  # positions limit - 2 and limit - 1
     assert len(result.outputs[0].token_ids) == 2
