@@ -290,15 +290,15 @@ def gpu_slug(device: torch.device) -> str:
     return (match.group(1) if match else re.sub(r"\W+", "-", name)).lower()
 
 
-def _variant(args: argparse.Namespace, built_pieces: bool, tensor_core_default: int) -> str:
+def _variant(args: argparse.Namespace, built_pieces: bool, cuda_core_default: int) -> str:
     """The results file's suffix for settings other than the data plane's defaults (decode-only runs:
     also piecewise graphs built, or the heap frozen)."""
     default = DataplaneConfig()
     page = "" if args.block_size == default.block_size else f"-page{args.block_size}"
     fold = "" if args.decode_gemm_rows == default.decode_gemm_rows else f"-fold{args.decode_gemm_rows}"
     extra = ("-pieces" if args.decode_only and built_pieces else "") + ("-gcfreeze" if args.gc_freeze else "")
-    tc = args.tensor_core_min_batch
-    extra += "" if tc is None or tc == tensor_core_default else f"-tc{tc}"
+    cc = args.cuda_core_max_batch
+    extra += "" if cc is None or cc == cuda_core_default else f"-cc{cc}"
     return page + fold + extra
 
 
@@ -329,10 +329,10 @@ def main() -> None:
     p.add_argument("--unsplit-kv-min-batch", type=int, default=None,
                    help="decode graphs of at least this batch read KV unsplit (default: the data plane's "
                         "flashinfer_backend.UNSPLIT_KV_MIN_BATCH, 32; 100000 keeps flashinfer's split everywhere)")
-    p.add_argument("--tensor-core-min-batch", type=int, default=None,
-                   help="decode graphs of at least this batch use flashinfer's tensor-core decode, smaller ones its "
-                        "CUDA-core kernel (default: flashinfer_backend.TENSOR_CORE_MIN_BATCH, 0; decode-only "
-                        "files of another value get -tc<N>)")
+    p.add_argument("--cuda-core-max-batch", type=int, default=None,
+                   help="decode batches (graph buckets) of at most this many rows use flashinfer's CUDA-core decode, "
+                        "larger ones its tensor-core kernel; keep it a bucket size (default: flashinfer_backend."
+                        "CUDA_CORE_MAX_BATCH, 24; 0: tensor cores everywhere; files of another value get -cc<N>)")
     p.add_argument("--decode-repeats", type=int, default=5,
                    help="timed runs of each decode point (the median is reported; one lease moved B=64 by 8%%)")
     p.add_argument("--decode-gemm-rows", type=int, default=DataplaneConfig().decode_gemm_rows,
@@ -350,9 +350,9 @@ def main() -> None:
 
     if args.unsplit_kv_min_batch is not None:  # the decode attention's KV split
         fib.UNSPLIT_KV_MIN_BATCH = args.unsplit_kv_min_batch
-    tensor_core_default = fib.TENSOR_CORE_MIN_BATCH
-    if args.tensor_core_min_batch is not None:  # the decode kernel of small buckets
-        fib.TENSOR_CORE_MIN_BATCH = args.tensor_core_min_batch
+    cuda_core_default = fib.CUDA_CORE_MAX_BATCH
+    if args.cuda_core_max_batch is not None:  # the decode kernel of small buckets
+        fib.CUDA_CORE_MAX_BATCH = args.cuda_core_max_batch
     budget, max_seqs = (512, 16) if quick else (8192, 256)
     worker = load_worker(DataplaneConfig(model=args.model, device=args.device, max_num_batched_tokens=budget,
                                          max_num_seqs=max_seqs, num_kv_blocks=2048 if quick else None,
@@ -374,11 +374,11 @@ def main() -> None:
     if args.decode_only:
         args.out.mkdir(parents=True, exist_ok=True)
         split = "" if args.unsplit_kv_min_batch is None else f"-unsplit{args.unsplit_kv_min_batch}"
-        variant = _variant(args, built_pieces, tensor_core_default)
+        variant = _variant(args, built_pieces, cuda_core_default)
         path = args.out / f"engine-decode-{gpu_slug(device)}-{args.blas_library}{split}{variant}.json"
         path.write_text(json.dumps({"blas_library": args.blas_library,
                                     "unsplit_kv_min_batch": fib.UNSPLIT_KV_MIN_BATCH,
-                                    "tensor_core_min_batch": fib.TENSOR_CORE_MIN_BATCH,
+                                    "cuda_core_max_batch": fib.CUDA_CORE_MAX_BATCH,
                                     "block_size": args.block_size, "decode_gemm_rows": args.decode_gemm_rows,
                                     "piecewise_graphs": built_pieces, "gc_freeze": args.gc_freeze,
                                     "ceilings": ceilings, "decode": decode},
@@ -407,13 +407,13 @@ def main() -> None:
     report = {"summary": summary, "model": args.model, "device": torch.cuda.get_device_name(device)
               if device.type == "cuda" else platform.processor(), "torch": torch.__version__,
               "blas_library": args.blas_library, "unsplit_kv_min_batch": fib.UNSPLIT_KV_MIN_BATCH,
-              "tensor_core_min_batch": fib.TENSOR_CORE_MIN_BATCH,
+              "cuda_core_max_batch": fib.CUDA_CORE_MAX_BATCH,
               "piecewise_graphs": built_pieces, "block_size": args.block_size,
               "decode_gemm_rows": args.decode_gemm_rows, "gc_freeze": args.gc_freeze,
               "ceilings": ceilings, "decode": decode, "prefill": prefill, "offline": off, "peer": peer_result}
     args.out.mkdir(parents=True, exist_ok=True)
     pieces = "-piecewise" if report["piecewise_graphs"] else ""
-    variant = _variant(args, built_pieces, tensor_core_default)
+    variant = _variant(args, built_pieces, cuda_core_default)
     path = args.out / f"engine-{summary['gpu']}{pieces}{variant}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(summary, indent=1))

@@ -33,7 +33,8 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, "
                                                   "bfloat16 or float16")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (power of two)")
+    p.add_argument("--block-size", type=int, default=DataplaneConfig().block_size,
+                   help="tokens per KV block (power of two; default %(default)s)")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks; default: sized from memory")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.90,
                    help="fraction of GPU memory the data plane may use (weights + activations + KV)")

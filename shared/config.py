@@ -61,7 +61,7 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
     endpoint: str = "ipc:///tmp/duetserve-dataplane.sock"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    block_size: int = 16
+    block_size: int = 32  # tokens per KV page; 32 ran decode ~2% faster than 16 on an H100 (README)
     num_kv_blocks: int | None = None  # None: sized from memory
     gpu_memory_utilization: float = 0.90
     cpu_kv_cache_bytes: int = 256 << 20

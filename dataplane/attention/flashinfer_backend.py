@@ -1,5 +1,5 @@
 """Paged attention on CUDA with flashinfer: FA3 batch prefill for prefill steps, the tensor-core
-batch decode kernel for decode-only steps (its CUDA-core kernel below `TENSOR_CORE_MIN_BATCH` rows),
+batch decode kernel for decode-only steps (its CUDA-core kernel up to `CUDA_CORE_MAX_BATCH` rows),
 both in one mixed step (the decode kernel for its leading decode rows, FA3 for the chunks after them:
 FA3 gives each one-token query a whole 128-row tile), and fixed-buffer decode wrappers for CUDA
 graphs. Plans are made from host (CPU) index tensors once per step, so planning never waits on
@@ -98,7 +98,7 @@ class FlashInferAttention(AttentionBackend):
             self._workspace, "NHD", backend=_prefill_backend(device)
         )
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD", use_tensor_cores=True)
-        self._decode_cuda_cores: object | None = None  # decode-only steps below TENSOR_CORE_MIN_BATCH, built on use
+        self._decode_cuda_cores: object | None = None  # decode-only steps up to CUDA_CORE_MAX_BATCH, built on use
         self._prefill_partition: object | None = None  # FA2, built on first use by `on_partition`
         self._step_prefill = self._prefill  # the prefill wrapper this step planned
         self._wrapper: object | None = None
@@ -154,8 +154,8 @@ class FlashInferAttention(AttentionBackend):
         self._blocks = slot_mapping // batch.block_size
         self._offsets = slot_mapping % batch.block_size
         self._split = 0
-        if batch.is_decode_only:  # the kernel a decode graph of this batch would run (TENSOR_CORE_MIN_BATCH)
-            wrapper = self._decode if batch.num_seqs >= TENSOR_CORE_MIN_BATCH else self._cuda_core_decode()
+        if batch.is_decode_only:  # the kernel a decode graph of this batch would run (CUDA_CORE_MAX_BATCH)
+            wrapper = self._cuda_core_decode() if uses_cuda_cores(batch.num_seqs) else self._decode
             self._plan_decode(host_plan(batch), batch.block_size, wrapper)
             self._wrapper = wrapper
             return
@@ -201,19 +201,23 @@ class FlashInferAttention(AttentionBackend):
 # flashinfer JIT build running past the test's time limit, which the split-KV run hit as well.
 UNSPLIT_KV_MIN_BATCH: int | None = 32
 
-# Decode graphs of at least this batch use flashinfer's tensor-core decode (its prefill kernel with a
-# one-row query tile per KV head group); smaller buckets its CUDA-core decode kernel. 0: tensor cores
-# for every bucket. Kernel tables of replayed decode steps (`benchmarks/profile_decode.py`) put the
+# Decode batches of at most this many rows (a graph's bucket, or an eager decode-only step's batch) use
+# flashinfer's CUDA-core decode kernel, larger ones its tensor-core decode (its prefill kernel with a
+# one-row query tile per KV head group); 0: tensor cores everywhere. Keep it a graph bucket size
+# (`graphs.default_buckets`): then every batch a bucket pads stands on the same side as the bucket, so a
+# graph and the eager step it stands for run one kernel (tests/dataplane/test_graphs_cpu.py checks the
+# default buckets). Kernel tables of replayed decode steps (`benchmarks/profile_decode.py`) put the
 # CUDA-core kernel 2 us a layer ahead at B=16 and 1k context on an H100 and 10 us behind at B=64; the
-# decode grid with 32 (`engine.py --tensor-core-min-batch 32`) ran B=16 at 1k 2.7% faster on an H100,
-# but B=64, whose kernel it does not change, 1.3% faster too in the same call. Eager decode-only steps
-# follow the same threshold (`FlashInferAttention`), so a graph and the eager step it stands for run
-# one kernel; decode rows of a mixed step keep the tensor-core kernel. It stays 0 until the GPU suite
-# passes with it (`TC=32 gpu_suite.sh tests-pages`): with 32 (and KV pages of 32), before eager steps
-# followed it, a graph replay parted from the eager run at the 18th greedy token of its fourth
-# sequence (the first difference pytest shows; benchmarks/results/gpu-tests-h100-page32.md), likely
-# the two kernels' bf16 rounding.
-TENSOR_CORE_MIN_BATCH: int = 0
+# decode grid with buckets up to 24 on it (`engine.py --cuda-core-max-batch 24`) ran B=16 at 1k 2.7%
+# faster on an H100, B=1 2.6%, and B=64, whose kernel it does not change, 1.3% faster too in the same
+# call (results/engine-decode-h100-default-page32-tc32-lease5*.json, run with the earlier equivalent
+# "tensor cores from 32"). Decode rows of a mixed step keep the tensor-core kernel.
+CUDA_CORE_MAX_BATCH: int = 24
+
+
+def uses_cuda_cores(batch_size: int) -> bool:
+    """Whether a decode-only batch (or graph bucket) of this many rows runs the CUDA-core kernel."""
+    return batch_size <= CUDA_CORE_MAX_BATCH
 
 
 class GraphDecodeAttention(AttentionBackend):
@@ -222,7 +226,7 @@ class GraphDecodeAttention(AttentionBackend):
     `begin_step` only plans (host work plus an async copy into the wrapper's fixed buffers) and
     sets the slot tensors the captured graph reads; call it outside capture before each replay.
     Whether KV is split across programs (`UNSPLIT_KV_MIN_BATCH`) and which kernel reads it
-    (`TENSOR_CORE_MIN_BATCH`) are fixed per bucket, so every plan of a bucket launches the kernels its
+    (`CUDA_CORE_MAX_BATCH`) are fixed per bucket, so every plan of a bucket launches the kernels its
     graph captured.
     """
 
@@ -235,7 +239,7 @@ class GraphDecodeAttention(AttentionBackend):
         self.shape = shape
         self.batch_size = batch_size
         i32 = dict(dtype=torch.int32, device=device)
-        self.tensor_cores = batch_size >= TENSOR_CORE_MIN_BATCH
+        self.tensor_cores = not uses_cuda_cores(batch_size)
         self._wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.tensor_cores,
             paged_kv_indptr_buffer=torch.zeros(batch_size + 1, **i32),

@@ -179,18 +179,18 @@ def test_engine_decode_grid_runs_on_cpu_and_reports_the_median_run(tmp_path: Pat
 
 
 def test_engine_decode_grid_takes_its_points_and_names_its_variants(tmp_path: Path) -> None:
-    """--decode-batches/--decode-contexts pick the grid; a frozen heap and another tensor-core threshold
+    """--decode-batches/--decode-contexts pick the grid; a frozen heap and another CUDA-core decode limit
     are named in the file and the report; pieces asked for but not built (none on a CPU) are not."""
     proc = subprocess.run([sys.executable, "benchmarks/engine.py", "--model", "tiny", "--device", "cpu", "--quick",
                            "--decode-only", "--decode-repeats", "1", "--decode-batches", "2", "--decode-contexts",
-                           "32,48", "--gc-freeze", "--piecewise-graphs", "--tensor-core-min-batch", "8",
+                           "32,48", "--gc-freeze", "--piecewise-graphs", "--cuda-core-max-batch", "8",
                            "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert [p.name for p in tmp_path.iterdir()] == ["engine-decode-cpu-default-gcfreeze-tc8.json"]
-    report = json.loads((tmp_path / "engine-decode-cpu-default-gcfreeze-tc8.json").read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ["engine-decode-cpu-default-gcfreeze-cc8.json"]
+    report = json.loads((tmp_path / "engine-decode-cpu-default-gcfreeze-cc8.json").read_text())
     assert [(r["batch"], r["context"]) for r in report["decode"]] == [(2, 32), (2, 48)]
     assert report["gc_freeze"] is True and report["piecewise_graphs"] is False
-    assert report["tensor_core_min_batch"] == 8
+    assert report["cuda_core_max_batch"] == 8
 
 
 def test_prefix_cache_benchmark_runs_on_cpu(tmp_path: Path) -> None:

@@ -2,8 +2,8 @@
 CPU path, and a hot loop with no host synchronisation. Skipped without CUDA.
 
 DUETSERVE_TEST_BLOCK_SIZE (default: the data plane's) sets the KV page size of every worker and of the
-random attention batches, and DUETSERVE_TEST_TENSOR_CORE_MIN_BATCH flashinfer_backend's threshold of the
-tensor-core decode kernel, so the suite can vouch for another setting before it becomes the default."""
+random attention batches, and DUETSERVE_TEST_CUDA_CORE_MAX_BATCH flashinfer_backend's largest decode batch
+on the CUDA-core kernel, so the suite can vouch for another setting before it becomes the default."""
 
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ pytestmark = [
 ]
 
 BS = int(os.environ.get("DUETSERVE_TEST_BLOCK_SIZE", DataplaneConfig().block_size))
-if "DUETSERVE_TEST_TENSOR_CORE_MIN_BATCH" in os.environ:  # before any worker builds its wrappers or graphs
+if os.environ.get("DUETSERVE_TEST_CUDA_CORE_MAX_BATCH"):  # before any worker builds its wrappers or graphs
     import dataplane.attention.flashinfer_backend as _fib
 
-    _fib.TENSOR_CORE_MIN_BATCH = int(os.environ["DUETSERVE_TEST_TENSOR_CORE_MIN_BATCH"])
+    _fib.CUDA_CORE_MAX_BATCH = int(os.environ["DUETSERVE_TEST_CUDA_CORE_MAX_BATCH"])
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -135,3 +135,18 @@ def test_flashinfer_host_plan_of_a_slice_equals_the_plan_of_that_sub_batch() -> 
             assert torch.equal(getattr(got, name), getattr(want, name)), (start, stop, name)
     assert host_plan(batch, 3).qo_indptr.tolist() == [0, 37, 38, 43]
     assert leading_decodes(AttentionBatch([4, 1], [0, 3], tables[:2], 16)) == 0
+
+
+@pytest.mark.parametrize("max_batch", [1, 8, 20, 24, 28, 32, 64, 256, 512])
+def test_a_decode_graph_and_the_eager_steps_it_stands_for_pick_one_kernel(max_batch: int) -> None:
+    """Every batch a graph bucket pads runs the bucket's decode kernel when run eagerly (no flashinfer needed)."""
+    from dataplane.attention import flashinfer_backend as fib
+    from dataplane.graphs import default_buckets
+
+    buckets = default_buckets(max_batch)
+    assert fib.CUDA_CORE_MAX_BATCH == 0 or fib.CUDA_CORE_MAX_BATCH in default_buckets(512)
+    for n in range(1, max_batch + 1):
+        bucket = min(b for b in buckets if b >= n)
+        assert fib.uses_cuda_cores(n) == fib.uses_cuda_cores(bucket), (n, bucket)
+    assert fib.uses_cuda_cores(1) == (fib.CUDA_CORE_MAX_BATCH > 0)
+    assert not fib.uses_cuda_cores(fib.CUDA_CORE_MAX_BATCH + 1)
