@@ -14,6 +14,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -379,6 +380,8 @@ def main() -> None:
         path.write_text(json.dumps({"blas_library": args.blas_library,
                                     "unsplit_kv_min_batch": fib.UNSPLIT_KV_MIN_BATCH,
                                     "cuda_core_max_batch": fib.CUDA_CORE_MAX_BATCH,
+              "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+                                    "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
                                     "block_size": args.block_size, "decode_gemm_rows": args.decode_gemm_rows,
                                     "piecewise_graphs": built_pieces, "gc_freeze": args.gc_freeze,
                                     "ceilings": ceilings, "decode": decode},
@@ -408,6 +411,7 @@ def main() -> None:
               if device.type == "cuda" else platform.processor(), "torch": torch.__version__,
               "blas_library": args.blas_library, "unsplit_kv_min_batch": fib.UNSPLIT_KV_MIN_BATCH,
               "cuda_core_max_batch": fib.CUDA_CORE_MAX_BATCH,
+              "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
               "piecewise_graphs": built_pieces, "block_size": args.block_size,
               "decode_gemm_rows": args.decode_gemm_rows, "gc_freeze": args.gc_freeze,
               "ceilings": ceilings, "decode": decode, "prefill": prefill, "offline": off, "peer": peer_result}

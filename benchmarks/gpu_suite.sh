@@ -5,15 +5,15 @@
 #   bash benchmarks/gpu_suite.sh multiplex predictor
 #   bash benchmarks/gpu_suite.sh serving-code          # a serving stage fills most of one call
 # Needs .whl/ filled by benchmarks/device_prep.sh (carry [".whl"]). Stages: tests tests-pages (the GPU tests with
-# KV pages of PAGE tokens, 32 unless set, and the CUDA-core decode kernel up to CC rows, the default unless set) experiments (GPU tests marked
+# KV pages of PAGE tokens, 32 unless set, and the CUDA-core decode kernel up to CUDA_CORES rows, the default unless set) experiments (GPU tests marked
 # experimental: open questions, e.g. partition-sized kernels) profile profile-decode (kernel tables of
 # replayed decode graphs at 1k context, attention by page size) gemm-lib (decode
 # GEMMs by BLAS library; GEMM_LIBS, GEMM_ROWS) skinny-gemm (tune the Triton decode GEMM against cuBLAS)
 # decode-attention (flashinfer's graph decode kernel options) decode-gemm (the folded decode GEMMs against
 # cuBLAS and the small kernels: a layer's projections, a config search, the decode grid with and without) decode-ab (the engine's decode grid under cuBLASLt, then cuBLAS)
 # decode-pages (the decode grid with KV pages of 16 and 32 tokens; PAGES="16 64" for others) decode-pieces (decode
-# at 1k without the piecewise prefill graphs, with them, with them and a frozen heap) decode-cc (the decode
-# grid with buckets up to CC rows on flashinfer's CUDA-core kernel, 0 unless set: tensor cores everywhere) decode-ws (decode at 1k with cuBLAS's workspace, then with none:
+# at 1k without the piecewise prefill graphs, with them, with them and a frozen heap) decode-split (B=16 and 24 with flashinfer's KV split, then
+# unsplit from 16) decode-cc (the decode grid with buckets up to CUDA_CORES rows on flashinfer's CUDA-core kernel, 0 unless set: tensor cores everywhere) decode-ws (decode at 1k with cuBLAS's workspace, then with none:
 # no split-K reduce kernels; results of the second under $OUT/ws0; all three with KV pages of PAGE tokens, the default
 # unless set) engine multiplex
 # multiplex-lt multiplex-sized multiplex-gemm (the multiplex benchmark under cuBLASLt with kernels sized for the device,
@@ -47,8 +47,8 @@ for stage in "$@"; do
   case $stage in
     tests) run tests 580 python3 -m pytest -m "gpu and not experimental" tests/dataplane -q -x -p no:cacheprovider
            save_fi_cache "$OUT" ;;
-    tests-pages) DUETSERVE_TEST_BLOCK_SIZE=${PAGE:-32} DUETSERVE_TEST_CUDA_CORE_MAX_BATCH=${CC:-} \
-                 run tests-page${PAGE:-32}${CC:+-cc$CC} 580 python3 -m pytest \
+    tests-pages) DUETSERVE_TEST_BLOCK_SIZE=${PAGE:-32} DUETSERVE_TEST_CUDA_CORE_MAX_BATCH=${CUDA_CORES:-} \
+                 run tests-page${PAGE:-32}${CUDA_CORES:+-cc$CUDA_CORES} 580 python3 -m pytest \
                    -m "gpu and not experimental" tests/dataplane -q -p no:cacheprovider
                  save_fi_cache "$OUT" ;;  # another KV page size; the cache keeps the CUDA-core decode kernels
     experiments) run experiments 560 python3 -u -m pytest -m experimental tests/dataplane -v -p no:cacheprovider \
@@ -80,10 +80,13 @@ for stage in "$@"; do
     decode-ws) DW="--decode-only --decode-batches 1,16,64 --decode-contexts 1024 ${PAGE:+--block-size $PAGE}"
                run decode-ws-default 200 python3 benchmarks/engine.py $DW --out "$OUT"  # cuBLAS's workspace, then none
                CUBLAS_WORKSPACE_CONFIG=:0:0 run decode-ws0 200 python3 benchmarks/engine.py $DW --out "$OUT/ws0" ;;
+    decode-split) DS="--decode-only --decode-batches 16,24 --decode-contexts 1024,4096 ${PAGE:+--block-size $PAGE}"
+                  run decode-split-default 200 python3 benchmarks/engine.py $DS --out "$OUT"  # KV split from 32 down
+                  run decode-unsplit16 200 python3 benchmarks/engine.py $DS --unsplit-kv-min-batch 16 --out "$OUT" ;;
     decode-cc) run decode-cc 200 python3 benchmarks/engine.py --decode-only --decode-batches 1,16,64 \
-                 --decode-contexts 1024,4096 ${PAGE:+--block-size $PAGE} --cuda-core-max-batch ${CC:-0} --out "$OUT" ;;
+                 --decode-contexts 1024,4096 ${PAGE:+--block-size $PAGE} --cuda-core-max-batch ${CUDA_CORES:-0} --out "$OUT" ;;
     engine) run engine 400 python3 benchmarks/engine.py --peer-requests 64 --peer-output-len 128 ${PAGE:+--block-size $PAGE} \
-              ${CC:+--cuda-core-max-batch $CC} --out "$OUT" ;;  # PAGE, CC: KV page size, CUDA-core rows (default: the data plane's)
+              ${CUDA_CORES:+--cuda-core-max-batch $CUDA_CORES} --out "$OUT" ;;  # PAGE, CUDA_CORES: KV page size, CUDA-core rows (default: the data plane's)
     prefix-cache) run prefix-cache 300 python3 benchmarks/prefix_cache.py --out "$OUT" ;;
     stream) run stream 560 python3 benchmarks/stream_throughput.py --gpu cuda --concurrency 256 \
               --stream-intervals 1,4 --out "$OUT/stream-throughput-$GPU.json" ;;
