@@ -380,7 +380,6 @@ def main() -> None:
         path.write_text(json.dumps({"blas_library": args.blas_library,
                                     "unsplit_kv_min_batch": fib.UNSPLIT_KV_MIN_BATCH,
                                     "cuda_core_max_batch": fib.CUDA_CORE_MAX_BATCH,
-              "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
                                     "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
                                     "block_size": args.block_size, "decode_gemm_rows": args.decode_gemm_rows,
                                     "piecewise_graphs": built_pieces, "gc_freeze": args.gc_freeze,
