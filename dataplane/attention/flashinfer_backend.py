@@ -205,13 +205,14 @@ UNSPLIT_KV_MIN_BATCH: int | None = 32
 # flashinfer's CUDA-core decode kernel, larger ones its tensor-core decode (its prefill kernel with a
 # one-row query tile per KV head group); 0: tensor cores everywhere. Keep it a graph bucket size
 # (`graphs.default_buckets`): then every batch a bucket pads stands on the same side as the bucket, so a
-# graph and the eager step it stands for run one kernel (tests/dataplane/test_graphs_cpu.py checks the
-# default buckets). Kernel tables of replayed decode steps (`benchmarks/profile_decode.py`) put the
-# CUDA-core kernel 2 us a layer ahead at B=16 and 1k context on an H100 and 10 us behind at B=64; the
-# decode grid with buckets up to 24 on it (`engine.py --cuda-core-max-batch 24`) ran B=16 at 1k 2.7%
-# faster on an H100, B=1 2.6%, and B=64, whose kernel it does not change, 1.3% faster too in the same
-# call (results/engine-decode-h100-default-page32-tc32-lease5*.json, run with the earlier equivalent
-# "tensor cores from 32"). Decode rows of a mixed step keep the tensor-core kernel.
+# graph and the eager step it stands for run one kernel (tests/dataplane/test_paged_attention.py checks
+# the default buckets; the GPU suite's graph-replay tests passed with it on an H100, 855a70e). Kernel
+# tables of replayed decode steps (`benchmarks/profile_decode.py`) put the CUDA-core kernel 2 us a
+# layer ahead at B=16 and 1k context on an H100 and 10 us behind at B=64; the decode grid with buckets
+# up to 24 on it ran B=16 at 1k 2.7% faster on an H100, B=1 2.6%, and B=64, whose kernel it does not
+# change, 1.3% faster too in the same call (results/engine-decode-h100-default-page32-tc32-lease5*.json,
+# run with the earlier equivalent "tensor cores from 32"). Decode rows of a mixed step keep the
+# tensor-core kernel. `engine.py --cuda-core-max-batch N` runs the decode grid with another limit.
 CUDA_CORE_MAX_BATCH: int = 24
 
 
