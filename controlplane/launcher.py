@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 
-from shared.config import DataplaneConfig
+from shared.config import DEFAULT_BLOCK_SIZE, DataplaneConfig
 from shared.telemetry_flags import trace_args
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> int:
     return proc.wait()
 
 
-def spawn_sim_dataplane(endpoint: str, *, model: str, gpu: str, time_scale: float, block_size: int = 16,
+def spawn_sim_dataplane(endpoint: str, *, model: str, gpu: str, time_scale: float, block_size: int = DEFAULT_BLOCK_SIZE,
                         num_kv_blocks: int | None = None, max_model_len: int | None = None,
                         log_level: str = "WARNING", execution: str = "roofline",
                         decode_partition_sms: str | None = None, piecewise_graphs: bool = True,

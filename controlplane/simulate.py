@@ -24,7 +24,7 @@ from controlplane.launcher import spawn_sim_dataplane, stop_process
 from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc
 from controlplane.replay import RequestRecord, TraceRequest, load_trace, replay, summarise
 from controlplane.server import ControlPlane
-from shared.config import SchedulerConfig, ServerConfig
+from shared.config import DEFAULT_BLOCK_SIZE, SchedulerConfig, ServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class SimulationSpec:
     rate_scale: float = 1.0
     num_requests: int | None = None
     time_scale: float = 1.0
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
     num_kv_blocks: int | None = None
     max_model_len: int | None = None
     seed: int = 0
@@ -144,7 +144,7 @@ def add_simulate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-scale", type=float, default=1.0,
                    help="wall seconds per simulated second (<1 runs faster than real time; keep steps well "
                         "above the control plane's own ~1 ms per step)")
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     p.add_argument("--num-kv-blocks", type=int, default=None, help="default: what the GPU's memory holds")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)

@@ -30,6 +30,7 @@ from dataplane.models.config import ModelConfig, load_model_config
 from dataplane.models.presets import PRESETS
 from dataplane.serve_loop import serve_plans
 from dataplane.sim import SimRunner
+from shared.config import DEFAULT_BLOCK_SIZE
 from shared.messages import (
     PROTOCOL_VERSION, DeviceDescription, HardwareProfile, Hello, ModelDescription, SeqOutput, Shutdown, StepPlan,
     StepProgress, StepResult, StepTimings, ToControl, WorkerFatal, WorkerReady, fold_progress,
@@ -80,7 +81,7 @@ def kv_blocks_for(cfg: ModelConfig, gpu: GpuSpec, block_size: int, utilization: 
     return blocks
 
 
-def sim_ready(model: str, gpu: str = "h100", *, block_size: int = 16, num_kv_blocks: int | None = None,
+def sim_ready(model: str, gpu: str = "h100", *, block_size: int = DEFAULT_BLOCK_SIZE, num_kv_blocks: int | None = None,
               gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
               profile: HardwareProfile | None = None, execution: str = "roofline",
               decode_partition_sms: list[int] | None = None, piecewise_graphs: bool = True) -> WorkerReady:
@@ -271,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--piecewise-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="with --execution flashinfer: prefill and mixed passes of up to 1024 tokens launch as "
                         "piecewise graphs, as the real data plane's do by default")
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     p.add_argument("--num-kv-blocks", type=int, default=None, help="default: what the GPU's memory holds")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-model-len", type=int, default=None)

@@ -52,6 +52,9 @@ DUET_SLOS: tuple[str, ...] = ("tbt", "tpot")
 BLAS_LIBRARIES: tuple[str, ...] = ("default", "cublas", "cublaslt")
 PARTITION_KERNELS: tuple[str, ...] = ("device", "partition", "gemm")  # DataplaneConfig.partition_kernels
 MAX_DECODE_GEMM_ROWS = 64  # dataplane/kernels/decode_gemm.py's MAX_ROWS
+# tokens per KV page of the data plane and of the simulated one: 32 ran decode ~2% faster than 16 on an H100
+# (README's H100 section) and passed the GPU suite there
+DEFAULT_BLOCK_SIZE = 32
 
 
 class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -61,7 +64,7 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
     endpoint: str = "ipc:///tmp/duetserve-dataplane.sock"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    block_size: int = 32  # tokens per KV page; 32 ran decode ~2% faster than 16 on an H100 (README)
+    block_size: int = DEFAULT_BLOCK_SIZE
     num_kv_blocks: int | None = None  # None: sized from memory
     gpu_memory_utilization: float = 0.90
     cpu_kv_cache_bytes: int = 256 << 20
