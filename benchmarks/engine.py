@@ -87,19 +87,38 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total if tied else total - emb.numel() * emb.element_size()
 
 
-def run_steps(runner, plans: list[StepPlan], depth: int = 1, host: list[float] | None = None) -> list:  # noqa: ANN001
+def run_steps(runner, plans: list[StepPlan], depth: int = 1, host: list[float] | None = None,  # noqa: ANN001
+              launched: list | None = None) -> list:
     """Run plans with up to `depth` launched before the oldest is collected (2 = async scheduling:
     step i+1's host work overlaps step i on the GPU, as the server runs them). `host`, when given,
-    gets the seconds each `launch` took on the host."""
+    gets the seconds each `launch` took on the host; `launched` the runner's pending steps (their CUDA
+    events time each step on the device)."""
     pending, results = [], []
     for plan in plans:
         t0 = time.perf_counter()
         pending.append(runner.launch(plan))
         if host is not None:
             host.append(time.perf_counter() - t0)
+        if launched is not None:
+            launched.append(pending[-1])
         if len(pending) >= depth:
             results.append(pending.pop(0).wait())
     return results + [p.wait() for p in pending]
+
+
+def device_timeline(launched: list) -> dict[str, float] | None:  # noqa: ANN001 (the runner's PendingStep)
+    """From the CUDA events each launched step recorded at its start and end (read after the run has
+    drained): the median step's device span, the mean idle gap between one step's end and the next
+    one's start (0 when the GPU never waits on the host), and the steady-state period (first step's
+    end to last step's end over the steps between: the pipeline's fill left out). None without events
+    (CPU) or with fewer than two steps."""
+    if len(launched) < 2 or any(p.start_event is None or p.done is None for p in launched):
+        return None
+    spans = [p.start_event.elapsed_time(p.done) for p in launched]
+    gaps = [a.done.elapsed_time(b.start_event) for a, b in zip(launched, launched[1:])]
+    period = launched[0].done.elapsed_time(launched[-1].done) / (len(launched) - 1)
+    return {"gpu_span_ms": statistics.median(spans), "gpu_gap_ms": statistics.fmean(gaps),
+            "steady_step_ms": period}
 
 
 def blocks_per_seq(ctx: int, steps: int, bs: int) -> int:
@@ -133,17 +152,25 @@ def decode_point(worker, batch: int, ctx: int, steps: int, device: torch.device,
 
     runs: list[float] = []
     host: list[float] = []
+    timelines: list[dict[str, float]] = []
     for _ in range(repeats):
         rewind()
+        launched: list = []
         with Timer(device) as t:
-            run_steps(runner, plans[3:], depth=2, host=host)
+            run_steps(runner, plans[3:], depth=2, host=host, launched=launched)
         runs.append(t.seconds * 1000 / steps)
+        timeline = device_timeline(launched)  # after the Timer drained the device: every event has run
+        if timeline is not None:
+            timelines.append(timeline)
     rewind()  # one step at a time
     with Timer(device) as sync:
         run_steps(runner, plans[3:], depth=1)
     runner.clear()
-    return {"batch": batch, "context": ctx, "step_ms": statistics.median(runs), "step_ms_runs": runs,
-            "sync_step_ms": sync.seconds * 1000 / steps, "host_launch_ms": statistics.median(host) * 1000}
+    point = {"batch": batch, "context": ctx, "step_ms": statistics.median(runs), "step_ms_runs": runs,
+             "sync_step_ms": sync.seconds * 1000 / steps, "host_launch_ms": statistics.median(host) * 1000}
+    for key in ("gpu_span_ms", "gpu_gap_ms", "steady_step_ms"):  # the median run's device timeline (CUDA only)
+        point[key] = statistics.median(t[key] for t in timelines) if timelines else None
+    return point
 
 
 def decode_grid(worker, batches: list[int], contexts: list[int], steps: int, device: torch.device,  # noqa: ANN001
@@ -165,10 +192,12 @@ def decode_grid(worker, batches: list[int], contexts: list[int], steps: int, dev
             point["ratio"] = point["step_ms"] / point["floor_ms"]
             rows.append(point)
             spread = f" [{min(point['step_ms_runs']):.2f}-{max(point['step_ms_runs']):.2f}]" if repeats > 1 else ""
+            device_line = "" if point["gpu_span_ms"] is None else (
+                f", on the GPU {point['gpu_span_ms']:.2f} a step + {point['gpu_gap_ms']:.3f} idle, "
+                f"steady {point['steady_step_ms']:.2f}")
             print(f"decode B={batch:4d} ctx={ctx:5d}: {point['step_ms']:7.2f} ms/step{spread} "
-                  f"(one at a time {point['sync_step_ms']:.2f}, host launch {point['host_launch_ms']:.2f}), "
-                  f"floor {point['floor_ms']:.2f} ms, "
-                  f"x{point['ratio']:.2f}", flush=True)
+                  f"(one at a time {point['sync_step_ms']:.2f}, host launch {point['host_launch_ms']:.2f}"
+                  f"{device_line}), floor {point['floor_ms']:.2f} ms, x{point['ratio']:.2f}", flush=True)
     return rows
 
 

@@ -176,6 +176,35 @@ def test_engine_decode_grid_runs_on_cpu_and_reports_the_median_run(tmp_path: Pat
         assert len(runs) == 3 and row["step_ms"] == sorted(runs)[1]
         assert row["ratio"] == pytest.approx(row["step_ms"] / row["floor_ms"])
         assert 0 < row["host_launch_ms"]
+        assert row["gpu_span_ms"] is None and row["steady_step_ms"] is None  # no CUDA events on a CPU
+
+
+class _Event:
+    """A stand-in for torch.cuda.Event: a time stamp in ms, elapsed_time as CUDA's (later minus earlier)."""
+
+    def __init__(self, ms: float) -> None:
+        self.ms = ms
+
+    def elapsed_time(self, end: "_Event") -> float:
+        return end.ms - self.ms
+
+
+class _Launched:
+    def __init__(self, start: float | None, done: float | None) -> None:
+        self.start_event = None if start is None else _Event(start)
+        self.done = None if done is None else _Event(done)
+
+
+def test_engine_device_timeline_splits_step_time_into_device_span_idle_gap_and_steady_period() -> None:
+    from benchmarks.engine import device_timeline
+
+    # three steps: 7 ms each on the GPU; the second started 0.5 ms after the first ended (host-bound), the
+    # third at once; the first started 1 ms in (the pipeline's fill)
+    launched = [_Launched(1.0, 8.0), _Launched(8.5, 15.5), _Launched(15.5, 22.5)]
+    timeline = device_timeline(launched)
+    assert timeline == pytest.approx({"gpu_span_ms": 7.0, "gpu_gap_ms": 0.25, "steady_step_ms": 7.25})
+    assert device_timeline(launched[:1]) is None
+    assert device_timeline([_Launched(None, None), _Launched(None, None)]) is None
 
 
 def test_engine_decode_grid_takes_its_points_and_names_its_variants(tmp_path: Path) -> None:
