@@ -168,7 +168,7 @@ def decode_point(worker, batch: int, ctx: int, steps: int, device: torch.device,
     runner.clear()
     point = {"batch": batch, "context": ctx, "step_ms": statistics.median(runs), "step_ms_runs": runs,
              "sync_step_ms": sync.seconds * 1000 / steps, "host_launch_ms": statistics.median(host) * 1000}
-    for key in ("gpu_span_ms", "gpu_gap_ms", "steady_step_ms"):  # the median run's device timeline (CUDA only)
+    for key in ("gpu_span_ms", "gpu_gap_ms", "steady_step_ms"):  # each the median over the runs (CUDA only)
         point[key] = statistics.median(t[key] for t in timelines) if timelines else None
     return point
 
@@ -401,19 +401,17 @@ def main() -> None:
     batches, contexts = args.decode_batches or batches, args.decode_contexts or contexts
     decode = decode_grid(worker, batches, contexts, 4 if quick else 16, device, ceilings,
                          args.decode_repeats)
+    settings = {"blas_library": args.blas_library, "unsplit_kv_min_batch": fib.UNSPLIT_KV_MIN_BATCH,
+                "cuda_core_max_batch": fib.CUDA_CORE_MAX_BATCH,
+                "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+                "piecewise_graphs": built_pieces, "block_size": args.block_size,
+                "decode_gemm_rows": args.decode_gemm_rows, "gc_freeze": args.gc_freeze}  # both reports'
+    variant = _variant(args, built_pieces, cuda_core_default)
     if args.decode_only:
         args.out.mkdir(parents=True, exist_ok=True)
         split = "" if args.unsplit_kv_min_batch is None else f"-unsplit{args.unsplit_kv_min_batch}"
-        variant = _variant(args, built_pieces, cuda_core_default)
         path = args.out / f"engine-decode-{gpu_slug(device)}-{args.blas_library}{split}{variant}.json"
-        path.write_text(json.dumps({"blas_library": args.blas_library,
-                                    "unsplit_kv_min_batch": fib.UNSPLIT_KV_MIN_BATCH,
-                                    "cuda_core_max_batch": fib.CUDA_CORE_MAX_BATCH,
-                                    "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
-                                    "block_size": args.block_size, "decode_gemm_rows": args.decode_gemm_rows,
-                                    "piecewise_graphs": built_pieces, "gc_freeze": args.gc_freeze,
-                                    "ceilings": ceilings, "decode": decode},
-                                   indent=1) + "\n")
+        path.write_text(json.dumps({**settings, "ceilings": ceilings, "decode": decode}, indent=1) + "\n")
         print(f"wrote {path}")
         return
     prefill = prefill_grid(worker, [64, 256] if quick else [128, 512, 2048, 8192], device, ceilings)
@@ -437,15 +435,10 @@ def main() -> None:
     }
     report = {"summary": summary, "model": args.model, "device": torch.cuda.get_device_name(device)
               if device.type == "cuda" else platform.processor(), "torch": torch.__version__,
-              "blas_library": args.blas_library, "unsplit_kv_min_batch": fib.UNSPLIT_KV_MIN_BATCH,
-              "cuda_core_max_batch": fib.CUDA_CORE_MAX_BATCH,
-              "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
-              "piecewise_graphs": built_pieces, "block_size": args.block_size,
-              "decode_gemm_rows": args.decode_gemm_rows, "gc_freeze": args.gc_freeze,
-              "ceilings": ceilings, "decode": decode, "prefill": prefill, "offline": off, "peer": peer_result}
+              **settings, "ceilings": ceilings, "decode": decode, "prefill": prefill, "offline": off,
+              "peer": peer_result}
     args.out.mkdir(parents=True, exist_ok=True)
-    pieces = "-piecewise" if report["piecewise_graphs"] else ""
-    variant = _variant(args, built_pieces, cuda_core_default)
+    pieces = "-piecewise" if built_pieces else ""
     path = args.out / f"engine-{summary['gpu']}{pieces}{variant}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(summary, indent=1))

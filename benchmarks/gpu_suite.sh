@@ -4,18 +4,19 @@
 #   bash benchmarks/gpu_suite.sh tests engine          # first call: also saves the flashinfer JIT cache
 #   bash benchmarks/gpu_suite.sh multiplex predictor
 #   bash benchmarks/gpu_suite.sh serving-code          # a serving stage fills most of one call
-# Needs .whl/ filled by benchmarks/device_prep.sh (carry [".whl"]). Stages: tests tests-pages (the GPU tests with
-# KV pages of PAGE tokens, 32 unless set, and the CUDA-core decode kernel up to CUDA_CORES rows, the default unless set) experiments (GPU tests marked
-# experimental: open questions, e.g. partition-sized kernels) profile profile-decode (kernel tables of
-# replayed decode graphs at 1k context, attention by page size) gemm-lib (decode
+# Needs .whl/ filled by benchmarks/device_prep.sh (carry [".whl"]). Stages: tests tests-pages (the GPU tests with KV
+# pages of PAGE tokens, 32 unless set, and the CUDA-core decode kernel up to CUDA_CORES rows, the default unless
+# set) experiments (GPU tests marked experimental: open questions, e.g. partition-sized kernels) profile
+# profile-decode (kernel tables of replayed decode graphs at 1k context, attention by page size) gemm-lib (decode
 # GEMMs by BLAS library; GEMM_LIBS, GEMM_ROWS) skinny-gemm (tune the Triton decode GEMM against cuBLAS)
-# decode-attention (flashinfer's graph decode kernel options) decode-gemm (the folded decode GEMMs against
-# cuBLAS and the small kernels: a layer's projections, a config search, the decode grid with and without) decode-ab (the engine's decode grid under cuBLASLt, then cuBLAS)
-# decode-pages (the decode grid with KV pages of 16 and 32 tokens; PAGES="16 64" for others) decode-pieces (decode
-# at 1k without the piecewise prefill graphs, with them, with them and a frozen heap) decode-split (B=16 and 24 with flashinfer's KV split, then
-# unsplit from 16) decode-cc (the decode grid with buckets up to CUDA_CORES rows on flashinfer's CUDA-core kernel, 0 unless set: tensor cores everywhere) decode-ws (decode at 1k with cuBLAS's workspace, then with none:
-# no split-K reduce kernels; results of the second under $OUT/ws0; all three with KV pages of PAGE tokens, the default
-# unless set) engine multiplex
+# decode-attention (flashinfer's graph decode kernel options) decode-gemm (the folded decode GEMMs against cuBLAS
+# and the small kernels: a layer's projections, a config search, the decode grid with and without) decode-ab (the
+# engine's decode grid under cuBLASLt, then cuBLAS) decode-pages (the decode grid with KV pages of 16 and 32 tokens;
+# PAGES="16 64" for others) decode-pieces (decode at 1k without the piecewise prefill graphs, with them, with them
+# and a frozen heap) decode-split (B=16 and 24 with flashinfer's KV split, then unsplit from 16) decode-cc (the
+# decode grid with buckets up to CUDA_CORES rows on flashinfer's CUDA-core kernel, 0 unless set: tensor cores
+# everywhere) decode-ws (decode at 1k with cuBLAS's workspace, then with none: no split-K reduce kernels; results of
+# the second under $OUT/ws0; all three with KV pages of PAGE tokens, the default unless set) engine multiplex
 # multiplex-lt multiplex-sized multiplex-gemm (the multiplex benchmark under cuBLASLt with kernels sized for the device,
 # then the partition, then the partition's GEMMs only, FA3 prefill kept)
 # predictor (the shapes serving runs) predictor-all (every shape on every SM count) serving-code

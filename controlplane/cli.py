@@ -17,7 +17,9 @@ import sys
 import tempfile
 
 from controlplane.robust_flags import add_client_security_flags, add_robustness_flags, robustness_from_args
-from shared.config import DUET_SLOS, POLICIES, SCHEDULING_POLICIES, DataplaneConfig, SchedulerConfig, ServerConfig
+from shared.config import (
+    DEFAULT_BLOCK_SIZE, DUET_SLOS, POLICIES, SCHEDULING_POLICIES, DataplaneConfig, SchedulerConfig, ServerConfig,
+)
 from shared.telemetry_flags import add_metrics_flags, add_trace_flags, telemetry_from_args
 
 log = logging.getLogger("duetserve")
@@ -33,7 +35,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, "
                                                   "bfloat16 or float16")
-    p.add_argument("--block-size", type=int, default=DataplaneConfig().block_size,
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
                    help="tokens per KV block (power of two; default %(default)s)")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks; default: sized from memory")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.90,

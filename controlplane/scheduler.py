@@ -269,8 +269,7 @@ class Scheduler(StepOutcomes):
         `num_computed_tokens .. + k - 1`, and `max_model_len` is at most the model's positions (a
         position past those has no RoPE row, and the data plane fails the sequence)."""
         size = self.allocator.block_size
-        k = max(1, min((self.max_model_len - s.num_computed_tokens for s in decoders), default=decision.decode_steps))
-        k = min(k, decision.decode_steps)
+        k = max(1, min([decision.decode_steps, *(self.max_model_len - s.num_computed_tokens for s in decoders)]))
         while k > 1:
             need = [max(-(-(s.num_computed_tokens + k) // size) - len(s.block_ids), 0) for s in decoders]
             if sum(need) <= self.allocator.num_free:
