@@ -329,6 +329,8 @@ def _variant(args: argparse.Namespace, built_pieces: bool, cuda_core_default: in
     extra = ("-pieces" if args.decode_only and built_pieces else "") + ("-gcfreeze" if args.gc_freeze else "")
     cc = args.cuda_core_max_batch
     extra += "" if cc is None or cc == cuda_core_default else f"-cc{cc}"
+    if args.decode_blas_library != default.decode_blas_library:
+        extra += f"-dblas{args.decode_blas_library}"
     return page + fold + extra
 
 
@@ -345,6 +347,9 @@ def main() -> None:
     p.add_argument("--peer-requests", type=int, default=0, help="transformers peer requests (0: skip)")
     p.add_argument("--peer-output-len", type=int, default=256)
     p.add_argument("--blas-library", default="default", help="default | cublas | cublaslt")
+    p.add_argument("--decode-blas-library", default=DataplaneConfig().decode_blas_library,
+                   help="library the decode graphs' GEMMs are captured with (default | cublas | cublaslt; "
+                        "cuBLASLt's workspace from CUBLASLT_WORKSPACE_SIZE; files of another value get -dblas<lib>)")
     p.add_argument("--decode-only", action="store_true", help="the decode grid only (an A/B of kernels)")
     p.add_argument("--block-size", type=int, default=DataplaneConfig().block_size,
                    help="KV page size in tokens (an A/B of decode attention; decode-only files get -page<N>)")
@@ -387,6 +392,7 @@ def main() -> None:
     worker = load_worker(DataplaneConfig(model=args.model, device=args.device, max_num_batched_tokens=budget,
                                          max_num_seqs=max_seqs, num_kv_blocks=2048 if quick else None,
                                          blas_library=args.blas_library, block_size=args.block_size,
+                                         decode_blas_library=args.decode_blas_library,
                                          decode_gemm_rows=args.decode_gemm_rows,
                                          piecewise_graphs=args.piecewise_graphs))
     if args.gc_freeze:
@@ -404,6 +410,8 @@ def main() -> None:
     settings = {"blas_library": args.blas_library, "unsplit_kv_min_batch": fib.UNSPLIT_KV_MIN_BATCH,
                 "cuda_core_max_batch": fib.CUDA_CORE_MAX_BATCH,
                 "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+                "decode_blas_library": args.decode_blas_library,
+                "cublaslt_workspace_size": os.environ.get("CUBLASLT_WORKSPACE_SIZE"),
                 "piecewise_graphs": built_pieces, "block_size": args.block_size,
                 "decode_gemm_rows": args.decode_gemm_rows, "gc_freeze": args.gc_freeze}  # both reports'
     variant = _variant(args, built_pieces, cuda_core_default)

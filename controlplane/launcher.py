@@ -41,6 +41,8 @@ def dataplane_args(config: DataplaneConfig) -> list[str]:
         args += ["--partition-kernels", config.partition_kernels]
     if config.blas_library != "default":
         args += ["--blas-library", config.blas_library]
+    if config.decode_blas_library != "default":
+        args += ["--decode-blas-library", config.decode_blas_library]
     if config.decode_gemm_rows != DataplaneConfig().decode_gemm_rows:
         args += ["--decode-gemm-rows", str(config.decode_gemm_rows)]
     if not config.multiplexing:

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "adds into their projections (0: never; at most 64)")
     p.add_argument("--blas-library", choices=BLAS_LIBRARIES, default=d.blas_library,
                    help="library for torch's GEMMs on CUDA (default: torch's choice)")
+    p.add_argument("--decode-blas-library", choices=BLAS_LIBRARIES, default=d.decode_blas_library,
+                   help="library the decode graphs' GEMMs are captured with (default: --blas-library's); cuBLASLt "
+                        "takes its workspace size from CUBLASLT_WORKSPACE_SIZE (KiB), apart from cuBLAS's")
     p.add_argument("--no-multiplexing", action="store_true", help="build no green-context SM partitions")
     p.add_argument("--decode-partition-sms", default=None,
                    help="comma-separated decode partition sizes to build (default: every allowed split)")
@@ -73,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             cuda_graphs=not args.no_cuda_graphs, piecewise_graphs=args.piecewise_graphs,
             fused_kernels=not args.no_fused_kernels, decode_gemm_rows=args.decode_gemm_rows,
             multiplexing=not args.no_multiplexing, blas_library=args.blas_library,
+            decode_blas_library=args.decode_blas_library,
             partition_kernels=args.partition_kernels,
             decode_partition_sms=tuple(int(x) for x in args.decode_partition_sms.split(","))
             if args.decode_partition_sms else None,

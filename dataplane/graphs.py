@@ -11,8 +11,10 @@ This module must not decide batching and must not synchronise the host in `run`.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -22,6 +24,21 @@ from dataplane.attention.flashinfer_backend import WORKSPACE_BYTES, GraphDecodeA
 from dataplane.models.dense import DenseForCausalLM
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def preferred_blas(library: str) -> Iterator[None]:
+    """torch's GEMMs on `library` (cublas | cublaslt) inside, the library before restored after;
+    "default" changes nothing. Process-wide while inside: use around warm-up and capture only."""
+    if library == "default":
+        yield
+        return
+    before = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(library)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(before)
 
 
 def default_buckets(max_batch: int) -> list[int]:
@@ -54,6 +71,7 @@ class DecodeGraphs:
         scratch_block: int,
         buckets: list[int],
         max_graphs: int = 512,
+        blas_library: str = "default",
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -63,6 +81,7 @@ class DecodeGraphs:
         self.max_batch = self.buckets[-1]
         self.device = device
         self.max_graphs = max_graphs
+        self.blas_library = blas_library  # the library the graphs' GEMMs are captured with
         n = self.max_batch
         long = dict(dtype=torch.long, device=device)
         self.input_ids = torch.zeros(n, **long)
@@ -119,7 +138,7 @@ class DecodeGraphs:
         dummy = self._padded(AttentionBatch([], [], [], self.block_size), size)
         current = torch.cuda.current_stream(self.device)
         stream.wait_stream(current)
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), preferred_blas(self.blas_library):
             # warm-up and capture write K/V of padding rows only: aim every row at the scratch block
             self.blocks[:size].fill_(self.scratch_block)
             self.offsets[:size].zero_()

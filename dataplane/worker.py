@@ -163,7 +163,7 @@ def capture_decode_graphs(config: DataplaneConfig, model: torch.nn.Module, kv_ca
     graphs = DecodeGraphs(
         model, kv_caches, shape, device, block_size=config.block_size,
         max_pages_per_seq=-(-max_len // config.block_size), scratch_block=num_blocks,
-        buckets=default_buckets(config.max_num_seqs),
+        buckets=default_buckets(config.max_num_seqs), blas_library=config.decode_blas_library,
     )
     graphs.capture()
     return graphs
@@ -195,6 +195,8 @@ def build_pieces(model: torch.nn.Module, kv_caches: list[torch.Tensor], device: 
 def calibration_setup(config: DataplaneConfig) -> str:
     """The kernel choices a calibration depends on, for its cache key ("" for the defaults)."""
     parts = [f"blas-{config.blas_library}"] if config.blas_library != "default" else []
+    if config.decode_blas_library != "default":
+        parts.append(f"decode-blas-{config.decode_blas_library}")
     if config.multiplexing and config.partition_kernels != "device":
         parts.append(f"kernels-{config.partition_kernels}")
     return "-".join(parts)

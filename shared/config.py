@@ -84,6 +84,10 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
     # the tuned table, against 155 unfolded)
     decode_gemm_rows: int = 0
     blas_library: str = "default"  # default | cublas | cublaslt: the library torch's GEMMs use on CUDA
+    # the library the decode graphs' GEMMs are captured with (default: blas_library's). cuBLASLt sizes its
+    # workspace from CUBLASLT_WORKSPACE_SIZE (KiB, read once), apart from cuBLAS's, so decode can run
+    # without split-K while prefill keeps cuBLAS's workspace
+    decode_blas_library: str = "default"
     multiplexing: bool = True  # build green-context SM partitions on CUDA
     decode_partition_sms: tuple[int, ...] | None = None  # decode sizes to build; None: every allowed split
     # device: kernels on a partition size themselves for the whole GPU; partition: for their partition
@@ -107,8 +111,9 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("max_model_len must be >= 1")
         if not 0 <= self.decode_gemm_rows <= MAX_DECODE_GEMM_ROWS:
             raise ValueError(f"decode_gemm_rows must be in [0, {MAX_DECODE_GEMM_ROWS}], got {self.decode_gemm_rows}")
-        if self.blas_library not in BLAS_LIBRARIES:
-            raise ValueError(f"blas_library must be one of {', '.join(BLAS_LIBRARIES)}, got {self.blas_library!r}")
+        for name in ("blas_library", "decode_blas_library"):
+            if getattr(self, name) not in BLAS_LIBRARIES:
+                raise ValueError(f"{name} must be one of {', '.join(BLAS_LIBRARIES)}, got {getattr(self, name)!r}")
         if self.partition_kernels not in PARTITION_KERNELS:
             raise ValueError(f"partition_kernels must be one of {', '.join(PARTITION_KERNELS)}, "
                              f"got {self.partition_kernels!r}")

@@ -208,18 +208,32 @@ def test_engine_device_timeline_splits_step_time_into_device_span_idle_gap_and_s
 
 
 def test_engine_decode_grid_takes_its_points_and_names_its_variants(tmp_path: Path) -> None:
-    """--decode-batches/--decode-contexts pick the grid; a frozen heap and another CUDA-core decode limit
-    are named in the file and the report; pieces asked for but not built (none on a CPU) are not."""
+    """--decode-batches/--decode-contexts pick the grid; a frozen heap, another CUDA-core decode limit and
+    another decode-graph BLAS library are named in the file and the report; pieces asked for but not built
+    (none on a CPU) are not."""
     proc = subprocess.run([sys.executable, "benchmarks/engine.py", "--model", "tiny", "--device", "cpu", "--quick",
                            "--decode-only", "--decode-repeats", "1", "--decode-batches", "2", "--decode-contexts",
                            "32,48", "--gc-freeze", "--piecewise-graphs", "--cuda-core-max-batch", "8",
-                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=240)
+                           "--decode-blas-library", "cublas", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert [p.name for p in tmp_path.iterdir()] == ["engine-decode-cpu-default-gcfreeze-cc8.json"]
-    report = json.loads((tmp_path / "engine-decode-cpu-default-gcfreeze-cc8.json").read_text())
+    name = "engine-decode-cpu-default-gcfreeze-cc8-dblascublas.json"
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    report = json.loads((tmp_path / name).read_text())
     assert [(r["batch"], r["context"]) for r in report["decode"]] == [(2, 32), (2, 48)]
     assert report["gc_freeze"] is True and report["piecewise_graphs"] is False
     assert report["cuda_core_max_batch"] == 8 and "cublas_workspace_config" in report
+    assert report["decode_blas_library"] == "cublas" and "cublaslt_workspace_size" in report
+
+
+def test_decode_attention_benchmark_spreads_contexts_around_the_asked_one() -> None:
+    from benchmarks.decode_attention import context_lengths
+
+    assert context_lengths(4, 1024, 0.0) == [1024] * 4
+    lens = context_lengths(64, 1024, 0.5)
+    assert lens == context_lengths(64, 1024, 0.5)  # seeded: every variant times the same batch
+    assert all(512 <= n <= 1536 for n in lens) and len(set(lens)) > 32
+    assert 900 < sum(lens) / len(lens) < 1150
 
 
 def test_prefix_cache_benchmark_runs_on_cpu(tmp_path: Path) -> None:

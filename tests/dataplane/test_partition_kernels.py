@@ -65,6 +65,7 @@ def test_the_calibration_cache_key_names_the_kernel_setup() -> None:
     sized = DataplaneConfig(blas_library="cublaslt", partition_kernels="partition")
     assert calibration_setup(sized) == "blas-cublaslt-kernels-partition"
     assert calibration_setup(DataplaneConfig(partition_kernels="partition", multiplexing=False)) == ""
+    assert calibration_setup(DataplaneConfig(decode_blas_library="cublaslt")) == "decode-blas-cublaslt"
 
 
 @pytest.mark.parametrize("sized", [False, True])

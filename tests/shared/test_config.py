@@ -16,8 +16,11 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_blas_library_is_checked() -> None:
     for name in BLAS_LIBRARIES:
         assert DataplaneConfig(blas_library=name).blas_library == name
+        assert DataplaneConfig(decode_blas_library=name).decode_blas_library == name
     with pytest.raises(ValueError, match="blas_library must be one of default, cublas, cublaslt"):
         DataplaneConfig(blas_library="mkl")
+    with pytest.raises(ValueError, match="decode_blas_library must be one of default, cublas, cublaslt, got 'mkl'"):
+        DataplaneConfig(decode_blas_library="mkl")
 
 
 def test_dataplane_cli_refuses_an_unknown_blas_library() -> None:
@@ -39,13 +42,16 @@ def test_the_launcher_hands_every_dataplane_option_on() -> None:
     from dataplane.__main__ import build_parser
 
     config = DataplaneConfig(piecewise_graphs=False, partition_kernels="partition", blas_library="cublaslt",
-                             cuda_graphs=False, decode_partition_sms=(16, 32), decode_gemm_rows=13)
+                             cuda_graphs=False, decode_partition_sms=(16, 32), decode_gemm_rows=13,
+                             decode_blas_library="cublas")
     args = build_parser().parse_args(dataplane_args(config))
     assert not args.piecewise_graphs and args.partition_kernels == "partition" and args.blas_library == "cublaslt"
+    assert args.decode_blas_library == "cublas"
     assert args.decode_gemm_rows == 13
     assert args.no_cuda_graphs and args.decode_partition_sms == "16,32"
     plain = build_parser().parse_args(dataplane_args(DataplaneConfig()))
     assert plain.piecewise_graphs and plain.partition_kernels == "device" and plain.blas_library == "default"
+    assert plain.decode_blas_library == "default"
     assert plain.decode_gemm_rows == DataplaneConfig().decode_gemm_rows
 
 
