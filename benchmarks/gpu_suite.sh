@@ -5,8 +5,8 @@
 #   bash benchmarks/gpu_suite.sh multiplex predictor
 #   bash benchmarks/gpu_suite.sh serving-code          # a serving stage fills most of one call
 # Needs .whl/ filled by benchmarks/device_prep.sh (carry [".whl"]). Stages: tests tests-pages (the GPU tests with KV
-# pages of PAGE tokens, 32 unless set, and the CUDA-core decode kernel up to CUDA_CORES rows, the default unless
-# set) experiments (GPU tests marked experimental: open questions, e.g. partition-sized kernels) profile
+# pages of PAGE tokens, 32 unless set, the CUDA-core decode kernel up to CUDA_CORES rows and decode graphs reading
+# KV unsplit from UNSPLIT rows, the defaults unless set) experiments (GPU tests marked experimental: open questions, e.g. partition-sized kernels) profile
 # profile-decode (kernel tables of replayed decode graphs at 1k context, attention by page size) gemm-lib (decode
 # GEMMs by BLAS library; GEMM_LIBS, GEMM_ROWS) skinny-gemm (tune the Triton decode GEMM against cuBLAS)
 # decode-attention (flashinfer's graph decode kernel options) decode-gemm (the folded decode GEMMs against cuBLAS
@@ -16,7 +16,9 @@
 # and a frozen heap) decode-split (B=16 and 24 with flashinfer's KV split, then unsplit from 16) decode-cc (the
 # decode grid with buckets up to CUDA_CORES rows on flashinfer's CUDA-core kernel, 0 unless set: tensor cores
 # everywhere) decode-ws (decode at 1k with cuBLAS's workspace, then with none: no split-K reduce kernels; results of
-# the second under $OUT/ws0; all three with KV pages of PAGE tokens, the default unless set) engine multiplex
+# the second under $OUT/ws0; all three with KV pages of PAGE tokens, the default unless set) decode-kernels (decode
+# attention at mixed lengths by kernel, then the decode grid at the defaults, with tensor cores and KV unsplit from 16,
+# with that and the decode graphs' GEMMs on cuBLASLt without workspace, and with the latter alone) engine multiplex
 # multiplex-lt multiplex-sized multiplex-gemm (the multiplex benchmark under cuBLASLt with kernels sized for the device,
 # then the partition, then the partition's GEMMs only, FA3 prefill kept)
 # predictor (the shapes serving runs) predictor-all (every shape on every SM count) serving-code
@@ -49,7 +51,8 @@ for stage in "$@"; do
     tests) run tests 580 python3 -m pytest -m "gpu and not experimental" tests/dataplane -q -x -p no:cacheprovider
            save_fi_cache "$OUT" ;;
     tests-pages) DUETSERVE_TEST_BLOCK_SIZE=${PAGE:-32} DUETSERVE_TEST_CUDA_CORE_MAX_BATCH=${CUDA_CORES:-} \
-                 run tests-page${PAGE:-32}${CUDA_CORES:+-cc$CUDA_CORES} 580 python3 -m pytest \
+                 DUETSERVE_TEST_UNSPLIT_KV_MIN_BATCH=${UNSPLIT:-} \
+                 run tests-page${PAGE:-32}${CUDA_CORES:+-cc$CUDA_CORES}${UNSPLIT:+-unsplit$UNSPLIT} 580 python3 -m pytest \
                    -m "gpu and not experimental" tests/dataplane -q -p no:cacheprovider
                  save_fi_cache "$OUT" ;;  # another KV page size; the cache keeps the CUDA-core decode kernels
     experiments) run experiments 560 python3 -u -m pytest -m experimental tests/dataplane -v -p no:cacheprovider \
@@ -86,6 +89,15 @@ for stage in "$@"; do
                   run decode-unsplit16 200 python3 benchmarks/engine.py $DS --unsplit-kv-min-batch 16 --out "$OUT" ;;
     decode-cc) run decode-cc 200 python3 benchmarks/engine.py --decode-only --decode-batches 1,16,64 \
                  --decode-contexts 1024,4096 ${PAGE:+--block-size $PAGE} --cuda-core-max-batch ${CUDA_CORES:-0} --out "$OUT" ;;
+    decode-kernels) DK="--decode-only --decode-batches 16,24,64 --decode-contexts 1024,4096 --out $OUT"
+                    TC="--cuda-core-max-batch 0 --unsplit-kv-min-batch 16"  # tensor cores, KV unsplit from 16
+                    run decode-attention-spread 60 python3 benchmarks/decode_attention.py --batches 16,24,64 \
+                      --contexts 1024,4096 --length-spread 0.75 --variants cuda-cores,tc,tc-nosplit --out "$OUT"
+                    run decode-k-default 150 python3 benchmarks/engine.py $DK
+                    run decode-k-tc 150 python3 benchmarks/engine.py $DK $TC
+                    CUBLASLT_WORKSPACE_SIZE=1 run decode-k-lt-tc 150 python3 benchmarks/engine.py $DK $TC \
+                      --decode-blas-library cublaslt  # decode GEMMs on cuBLASLt without workspace: no split-K
+                    CUBLASLT_WORKSPACE_SIZE=1 run decode-k-lt 150 python3 benchmarks/engine.py $DK --decode-blas-library cublaslt ;;
     engine) run engine 400 python3 benchmarks/engine.py --peer-requests 64 --peer-output-len 128 ${PAGE:+--block-size $PAGE} \
               ${CUDA_CORES:+--cuda-core-max-batch $CUDA_CORES} --out "$OUT" ;;  # PAGE, CUDA_CORES: KV page size, CUDA-core rows (default: the data plane's)
     prefix-cache) run prefix-cache 300 python3 benchmarks/prefix_cache.py --out "$OUT" ;;

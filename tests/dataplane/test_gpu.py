@@ -2,8 +2,9 @@
 CPU path, and a hot loop with no host synchronisation. Skipped without CUDA.
 
 DUETSERVE_TEST_BLOCK_SIZE (default: the data plane's) sets the KV page size of every worker and of the
-random attention batches, and DUETSERVE_TEST_CUDA_CORE_MAX_BATCH flashinfer_backend's largest decode batch
-on the CUDA-core kernel, so the suite can vouch for another setting before it becomes the default."""
+random attention batches, DUETSERVE_TEST_CUDA_CORE_MAX_BATCH flashinfer_backend's largest decode batch
+on the CUDA-core kernel and DUETSERVE_TEST_UNSPLIT_KV_MIN_BATCH its smallest decode graph that reads KV
+unsplit, so the suite can vouch for another setting before it becomes the default."""
 
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ if os.environ.get("DUETSERVE_TEST_CUDA_CORE_MAX_BATCH"):  # before any worker bu
     import dataplane.attention.flashinfer_backend as _fib
 
     _fib.CUDA_CORE_MAX_BATCH = int(os.environ["DUETSERVE_TEST_CUDA_CORE_MAX_BATCH"])
+if os.environ.get("DUETSERVE_TEST_UNSPLIT_KV_MIN_BATCH"):
+    import dataplane.attention.flashinfer_backend as _fib
+
+    _fib.UNSPLIT_KV_MIN_BATCH = int(os.environ["DUETSERVE_TEST_UNSPLIT_KV_MIN_BATCH"])
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -150,13 +155,15 @@ def test_graph_replay_equals_eager(gpu_checkpoint: Path) -> None:
     assert greedy_run(graphed, prompts, 24) == greedy_run(eager, prompts, 24)
 
 
-def test_graph_replay_equals_eager_on_a_large_mixed_bucket(gpu_checkpoint: Path) -> None:
-    """40 requests of 5-60 prompt tokens: a bucket of 40, past `UNSPLIT_KV_MIN_BATCH`, so its graph
-    reads KV unsplit and is re-planned for new lengths every step."""
+@pytest.mark.parametrize("n", [20, 40])
+def test_graph_replay_equals_eager_on_a_large_mixed_bucket(gpu_checkpoint: Path, n: int) -> None:
+    """n requests of 5-60 prompt tokens: buckets of 24 and 40 with the decode kernel and KV split the
+    defaults give them (40: past `UNSPLIT_KV_MIN_BATCH`, so its graph reads KV unsplit), each graph
+    re-planned for new lengths every step."""
     import dataplane.attention.flashinfer_backend as fib
 
-    assert fib.UNSPLIT_KV_MIN_BATCH is not None and fib.UNSPLIT_KV_MIN_BATCH <= 40
-    prompts = _prompts(40, 512, seed=1)
+    assert n < 40 or (fib.UNSPLIT_KV_MIN_BATCH is not None and fib.UNSPLIT_KV_MIN_BATCH <= 40)
+    prompts = _prompts(n, 512, seed=1)
     sizes = {"max_num_seqs": 48, "max_num_batched_tokens": 4096}  # every prompt prefills in one step
     graphed = _worker(str(gpu_checkpoint), **sizes).runner
     eager = _worker(str(gpu_checkpoint), cuda_graphs=False, **sizes).runner
