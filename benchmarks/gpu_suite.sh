@@ -18,7 +18,7 @@
 # everywhere) decode-ws (decode at 1k with cuBLAS's workspace, then with none: no split-K reduce kernels; results of
 # the second under $OUT/ws0; all three with KV pages of PAGE tokens, the default unless set) decode-kernels (decode
 # attention at mixed lengths by kernel, then the decode grid at the defaults, with tensor cores and KV unsplit from 16,
-# with that and the decode graphs' GEMMs on cuBLASLt without workspace, and with the latter alone) engine multiplex
+# and with that and the decode graphs' GEMMs on cuBLASLt without workspace) decode-kernels-lt (the latter alone) engine multiplex
 # multiplex-lt multiplex-sized multiplex-gemm (the multiplex benchmark under cuBLASLt with kernels sized for the device,
 # then the partition, then the partition's GEMMs only, FA3 prefill kept)
 # predictor (the shapes serving runs) predictor-all (every shape on every SM count) serving-code
@@ -96,8 +96,9 @@ for stage in "$@"; do
                     run decode-k-default 150 python3 benchmarks/engine.py $DK
                     run decode-k-tc 150 python3 benchmarks/engine.py $DK $TC
                     CUBLASLT_WORKSPACE_SIZE=1 run decode-k-lt-tc 150 python3 benchmarks/engine.py $DK $TC \
-                      --decode-blas-library cublaslt  # decode GEMMs on cuBLASLt without workspace: no split-K
-                    CUBLASLT_WORKSPACE_SIZE=1 run decode-k-lt 150 python3 benchmarks/engine.py $DK --decode-blas-library cublaslt ;;
+                      --decode-blas-library cublaslt ;;  # decode GEMMs on cuBLASLt without workspace: no split-K
+    decode-kernels-lt) CUBLASLT_WORKSPACE_SIZE=1 run decode-k-lt 150 python3 benchmarks/engine.py --decode-only \
+                         --decode-batches 16,24,64 --decode-contexts 1024,4096 --decode-blas-library cublaslt --out "$OUT" ;;
     engine) run engine 400 python3 benchmarks/engine.py --peer-requests 64 --peer-output-len 128 ${PAGE:+--block-size $PAGE} \
               ${CUDA_CORES:+--cuda-core-max-batch $CUDA_CORES} --out "$OUT" ;;  # PAGE, CUDA_CORES: KV page size, CUDA-core rows (default: the data plane's)
     prefix-cache) run prefix-cache 300 python3 benchmarks/prefix_cache.py --out "$OUT" ;;
