@@ -33,7 +33,7 @@ from controlplane.sequence import Sequence, StopParams  # noqa: E402
 from dataplane.kv_cache import kv_bytes_per_block  # noqa: E402
 from dataplane.seq_state import SeqState  # noqa: E402
 from dataplane.worker import load_worker  # noqa: E402
-from shared.config import DataplaneConfig, SchedulerConfig  # noqa: E402
+from shared.config import BLAS_LIBRARIES, DataplaneConfig, SchedulerConfig  # noqa: E402
 from shared.messages import SamplingParams, ScheduledSeq, StepPlan  # noqa: E402
 
 
@@ -346,10 +346,10 @@ def main() -> None:
     p.add_argument("--offline-requests", type=int, default=256)
     p.add_argument("--peer-requests", type=int, default=0, help="transformers peer requests (0: skip)")
     p.add_argument("--peer-output-len", type=int, default=256)
-    p.add_argument("--blas-library", default="default", help="default | cublas | cublaslt")
-    p.add_argument("--decode-blas-library", default=DataplaneConfig().decode_blas_library,
-                   help="library the decode graphs' GEMMs are captured with (default | cublas | cublaslt; "
-                        "cuBLASLt's workspace from CUBLASLT_WORKSPACE_SIZE; files of another value get -dblas<lib>)")
+    p.add_argument("--blas-library", default="default", choices=BLAS_LIBRARIES)
+    p.add_argument("--decode-blas-library", default=DataplaneConfig().decode_blas_library, choices=BLAS_LIBRARIES,
+                   help="library the decode graphs' GEMMs are captured with (cuBLASLt's workspace from "
+                        "CUBLASLT_WORKSPACE_SIZE; files of another value get -dblas<lib>)")
     p.add_argument("--decode-only", action="store_true", help="the decode grid only (an A/B of kernels)")
     p.add_argument("--block-size", type=int, default=DataplaneConfig().block_size,
                    help="KV page size in tokens (an A/B of decode attention; decode-only files get -page<N>)")
