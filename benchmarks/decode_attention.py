@@ -44,6 +44,11 @@ VARIANTS: dict[str, dict[str, object]] = {
 }
 
 
+def column(name: str, layout: str) -> str:
+    """A variant's column in the table and the JSON rows: its name, with the layout unless NHD."""
+    return name if layout == "NHD" else f"{name}-{layout}"
+
+
 def context_lengths(batch: int, ctx: int, spread: float, seed: int = 0) -> list[int]:
     """Each sequence's context: all `ctx`, or drawn uniformly from ctx * [1 - spread, 1 + spread] (seeded)
     when `spread` > 0 -- a serving batch's mixed lengths, where one long sequence can hold up an unsplit
@@ -98,7 +103,7 @@ def main() -> None:
     layouts = args.layouts.split(",")
     if unknown := [n for n in names if n not in VARIANTS] + [lay for lay in layouts if lay not in LAYOUTS]:
         p.error(f"unknown variant or layout: {', '.join(unknown)}")
-    cols = [f"{n}-{lay}" if lay != "NHD" else n for lay in layouts for n in names]
+    cols = [column(n, lay) for lay in layouts for n in names]
     device = torch.device("cuda")
     bw = copy_bandwidth(device)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
@@ -110,7 +115,7 @@ def main() -> None:
             row: dict[str, object] = {"batch": batch, "context": ctx, "max_context": max(lens), "floor_ms": floor_ms}
             for layout in layouts:
                 for name in names:
-                    col = f"{name}-{layout}" if layout != "NHD" else name
+                    col = column(name, layout)
                     try:
                         row[f"{col}_ms"] = time_variant(lens, VARIANTS[name], device, args.page_size, layout)
                     except Exception as e:  # noqa: BLE001 - an option this flashinfer build rejects

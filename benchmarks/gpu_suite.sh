@@ -39,6 +39,7 @@ OUT=${OUT:-/tmp/out}; GPU=${GPU:-h200}; mkdir -p "$OUT"
 # serving stages launch prefill and mixed passes as piecewise graphs (the default; results named
 # <gpu>-piecewise) or, with EAGER=1, eagerly (results named <gpu>, like the sweeps from before the pieces)
 if [ "${EAGER:-0}" != 0 ]; then LAUNCH=--no-piecewise-graphs; TAG=""; else LAUNCH=""; TAG=-piecewise; fi
+DK="--decode-only --decode-batches 16,24,64 --decode-contexts 1024,4096 --out $OUT"  # decode-kernels' grid
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
 run() {  # run NAME LIMIT_S CMD...: one stage, its log under $OUT, a line with its exit status
   local name=$1 limit=$2; shift 2
@@ -89,16 +90,15 @@ for stage in "$@"; do
                   run decode-unsplit16 200 python3 benchmarks/engine.py $DS --unsplit-kv-min-batch 16 --out "$OUT" ;;
     decode-cc) run decode-cc 200 python3 benchmarks/engine.py --decode-only --decode-batches 1,16,64 \
                  --decode-contexts 1024,4096 ${PAGE:+--block-size $PAGE} --cuda-core-max-batch ${CUDA_CORES:-0} --out "$OUT" ;;
-    decode-kernels) DK="--decode-only --decode-batches 16,24,64 --decode-contexts 1024,4096 --out $OUT"
-                    TC="--cuda-core-max-batch 0 --unsplit-kv-min-batch 16"  # tensor cores, KV unsplit from 16
+    decode-kernels) TC="--cuda-core-max-batch 0 --unsplit-kv-min-batch 16"  # tensor cores, KV unsplit from 16
                     run decode-attention-spread 60 python3 benchmarks/decode_attention.py --batches 16,24,64 \
                       --contexts 1024,4096 --length-spread 0.75 --variants cuda-cores,tc,tc-nosplit --out "$OUT"
                     run decode-k-default 150 python3 benchmarks/engine.py $DK
                     run decode-k-tc 150 python3 benchmarks/engine.py $DK $TC
                     CUBLASLT_WORKSPACE_SIZE=1 run decode-k-lt-tc 150 python3 benchmarks/engine.py $DK $TC \
                       --decode-blas-library cublaslt ;;  # decode GEMMs on cuBLASLt without workspace: no split-K
-    decode-kernels-lt) CUBLASLT_WORKSPACE_SIZE=1 run decode-k-lt 150 python3 benchmarks/engine.py --decode-only \
-                         --decode-batches 16,24,64 --decode-contexts 1024,4096 --decode-blas-library cublaslt --out "$OUT" ;;
+    decode-kernels-lt) CUBLASLT_WORKSPACE_SIZE=1 run decode-k-lt 150 python3 benchmarks/engine.py $DK \
+                         --decode-blas-library cublaslt ;;
     engine) run engine 400 python3 benchmarks/engine.py --peer-requests 64 --peer-output-len 128 ${PAGE:+--block-size $PAGE} \
               ${CUDA_CORES:+--cuda-core-max-batch $CUDA_CORES} --out "$OUT" ;;  # PAGE, CUDA_CORES: KV page size, CUDA-core rows (default: the data plane's)
     prefix-cache) run prefix-cache 300 python3 benchmarks/prefix_cache.py --out "$OUT" ;;

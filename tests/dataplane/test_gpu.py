@@ -26,14 +26,11 @@ pytestmark = [
 ]
 
 BS = int(os.environ.get("DUETSERVE_TEST_BLOCK_SIZE", DataplaneConfig().block_size))
-if os.environ.get("DUETSERVE_TEST_CUDA_CORE_MAX_BATCH"):  # before any worker builds its wrappers or graphs
-    import dataplane.attention.flashinfer_backend as _fib
+for _name in ("CUDA_CORE_MAX_BATCH", "UNSPLIT_KV_MIN_BATCH"):  # before any worker builds its wrappers or graphs
+    if os.environ.get(f"DUETSERVE_TEST_{_name}"):
+        import dataplane.attention.flashinfer_backend as _fib
 
-    _fib.CUDA_CORE_MAX_BATCH = int(os.environ["DUETSERVE_TEST_CUDA_CORE_MAX_BATCH"])
-if os.environ.get("DUETSERVE_TEST_UNSPLIT_KV_MIN_BATCH"):
-    import dataplane.attention.flashinfer_backend as _fib
-
-    _fib.UNSPLIT_KV_MIN_BATCH = int(os.environ["DUETSERVE_TEST_UNSPLIT_KV_MIN_BATCH"])
+        setattr(_fib, _name, int(os.environ[f"DUETSERVE_TEST_{_name}"]))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
