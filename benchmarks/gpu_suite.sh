@@ -91,9 +91,9 @@ for stage in "$@"; do
     decode-cc) run decode-cc 200 python3 benchmarks/engine.py --decode-only --decode-batches 1,16,64 \
                  --decode-contexts 1024,4096 ${PAGE:+--block-size $PAGE} --cuda-core-max-batch ${CUDA_CORES:-0} --out "$OUT" ;;
     decode-kernels) TC="--cuda-core-max-batch 0 --unsplit-kv-min-batch 16"  # tensor cores, KV unsplit from 16
-                    run decode-attention-spread 60 python3 benchmarks/decode_attention.py --batches 16,24,64 \
+                    run decode-attention-spread 240 python3 benchmarks/decode_attention.py --batches 16,24,64 \
                       --contexts 1024,4096 --length-spread 0.75 --variants cuda-cores,tc,tc-nosplit --out "$OUT"
-                    run decode-k-default 150 python3 benchmarks/engine.py $DK
+                    run decode-k-default 300 python3 benchmarks/engine.py $DK  # limits leave room for a cold JIT cache
                     run decode-k-tc 150 python3 benchmarks/engine.py $DK $TC
                     CUBLASLT_WORKSPACE_SIZE=1 run decode-k-lt-tc 150 python3 benchmarks/engine.py $DK $TC \
                       --decode-blas-library cublaslt ;;  # decode GEMMs on cuBLASLt without workspace: no split-K
