@@ -412,6 +412,7 @@ def main() -> None:
                 "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
                 "decode_blas_library": args.decode_blas_library,
                 "cublaslt_workspace_size": os.environ.get("CUBLASLT_WORKSPACE_SIZE"),
+                "cublaslt_unified_workspace": os.environ.get("TORCH_CUBLASLT_UNIFIED_WORKSPACE"),
                 "piecewise_graphs": built_pieces, "block_size": args.block_size,
                 "decode_gemm_rows": args.decode_gemm_rows, "gc_freeze": args.gc_freeze}  # both reports'
     variant = _variant(args, built_pieces, cuda_core_default)

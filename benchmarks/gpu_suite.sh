@@ -95,9 +95,10 @@ for stage in "$@"; do
                       --contexts 1024,4096 --length-spread 0.75 --variants cuda-cores,tc,tc-nosplit --out "$OUT"
                     run decode-k-default 300 python3 benchmarks/engine.py $DK  # limits leave room for a cold JIT cache
                     run decode-k-tc 150 python3 benchmarks/engine.py $DK $TC
-                    CUBLASLT_WORKSPACE_SIZE=1 run decode-k-lt-tc 150 python3 benchmarks/engine.py $DK $TC \
-                      --decode-blas-library cublaslt ;;  # decode GEMMs on cuBLASLt without workspace: no split-K
-    decode-kernels-lt) CUBLASLT_WORKSPACE_SIZE=1 run decode-k-lt 150 python3 benchmarks/engine.py $DK \
+                    TORCH_CUBLASLT_UNIFIED_WORKSPACE=0 CUBLASLT_WORKSPACE_SIZE=1 run decode-k-lt-tc 150 python3 benchmarks/engine.py $DK $TC \
+                      --decode-blas-library cublaslt ;;  # decode GEMMs on cuBLASLt without workspace (no split-K): torch
+                      # 2.11 gives cuBLASLt cuBLAS's workspace unless TORCH_CUBLASLT_UNIFIED_WORKSPACE=0
+    decode-kernels-lt) TORCH_CUBLASLT_UNIFIED_WORKSPACE=0 CUBLASLT_WORKSPACE_SIZE=1 run decode-k-lt 150 python3 benchmarks/engine.py $DK \
                          --decode-blas-library cublaslt ;;
     engine) run engine 400 python3 benchmarks/engine.py --peer-requests 64 --peer-output-len 128 ${PAGE:+--block-size $PAGE} \
               ${CUDA_CORES:+--cuda-core-max-batch $CUDA_CORES} --out "$OUT" ;;  # PAGE, CUDA_CORES: KV page size, CUDA-core rows (default: the data plane's)
