@@ -112,7 +112,9 @@ def main() -> None:
         for batch in (int(b) for b in args.batches.split(",")):
             lens = context_lengths(batch, ctx, args.length_spread)
             floor_ms = sum(lens) * HKV * D * 2 * 2 / bw * 1e3
-            row: dict[str, object] = {"batch": batch, "context": ctx, "max_context": max(lens), "floor_ms": floor_ms}
+            skew = max(lens) * len(lens) / sum(lens)  # longest over mean: flashinfer_backend.is_balanced's measure
+            row: dict[str, object] = {"batch": batch, "context": ctx, "max_context": max(lens), "skew": skew,
+                                      "floor_ms": floor_ms}
             for layout in layouts:
                 for name in names:
                     col = column(name, layout)
@@ -124,7 +126,7 @@ def main() -> None:
             rows.append(row)
             cells = "  ".join(f"{n} {row[f'{n}_ms'] * 1e3:6.1f}" if row[f"{n}_ms"] is not None else f"{n} -"
                               for n in cols)
-            print(f"B={batch:<4d} ctx={ctx:<5d} floor {floor_ms * 1e3:6.1f} us  {cells}", flush=True)
+            print(f"B={batch:<4d} ctx={ctx:<5d} skew {skew:.2f} floor {floor_ms * 1e3:6.1f} us  {cells}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     page = "" if args.page_size == 16 else f"-page{args.page_size}"  # pages of 16: the first runs' file name
     spread = f"-spread{args.length_spread:g}" if args.length_spread > 0 else ""

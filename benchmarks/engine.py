@@ -186,7 +186,11 @@ def decode_grid(worker, batches: list[int], contexts: list[int], steps: int, dev
                 rows.append({"batch": batch, "context": ctx, "skipped": "KV cache too small on this GPU"})
                 print(f"decode B={batch:4d} ctx={ctx:5d}: skipped, {batch * ctx} tokens of KV do not fit")
                 continue
+            graphs = worker.runner.graphs
+            twins_before = graphs.unsplit_twin_replays if graphs is not None else 0
             point = decode_point(worker, batch, ctx, steps, device, repeats)
+            # how many of the point's replays ran a bucket's unsplit twin (equal lengths: balanced)
+            point["unsplit_twin_replays"] = (graphs.unsplit_twin_replays if graphs is not None else 0) - twins_before
             kv_read = batch * (ctx + steps / 2) * kv_per_token
             point["floor_ms"] = (model_bytes + kv_read) / ceilings["copy_bytes_per_s"] * 1000
             point["ratio"] = point["step_ms"] / point["floor_ms"]
@@ -197,7 +201,8 @@ def decode_grid(worker, batches: list[int], contexts: list[int], steps: int, dev
                 f"steady {point['steady_step_ms']:.2f}")
             print(f"decode B={batch:4d} ctx={ctx:5d}: {point['step_ms']:7.2f} ms/step{spread} "
                   f"(one at a time {point['sync_step_ms']:.2f}, host launch {point['host_launch_ms']:.2f}"
-                  f"{device_line}), floor {point['floor_ms']:.2f} ms, x{point['ratio']:.2f}", flush=True)
+                  f"{device_line}), floor {point['floor_ms']:.2f} ms, x{point['ratio']:.2f}"
+                  f"{', unsplit twin' if point['unsplit_twin_replays'] else ''}", flush=True)
     return rows
 
 
@@ -329,6 +334,7 @@ def _variant(args: argparse.Namespace, built_pieces: bool, cuda_core_default: in
     extra = ("-pieces" if args.decode_only and built_pieces else "") + ("-gcfreeze" if args.gc_freeze else "")
     cc = args.cuda_core_max_batch
     extra += "" if cc is None or cc == cuda_core_default else f"-cc{cc}"
+    extra += "" if args.balanced_max_skew is None else f"-skew{args.balanced_max_skew:g}"
     if args.decode_blas_library != default.decode_blas_library:
         extra += f"-dblas{args.decode_blas_library}"
     return page + fold + extra
@@ -367,7 +373,11 @@ def main() -> None:
     p.add_argument("--cuda-core-max-batch", type=int, default=None,
                    help="decode batches (graph buckets) of at most this many rows use flashinfer's CUDA-core decode, "
                         "larger ones its tensor-core kernel; keep it a bucket size (default: flashinfer_backend."
-                        "CUDA_CORE_MAX_BATCH, 24; 0: tensor cores everywhere; files of another value get -cc<N>)")
+                        "CUDA_CORE_MAX_BATCH, 8; 0: tensor cores everywhere; files of another value get -cc<N>)")
+    p.add_argument("--balanced-max-skew", type=float, default=None,
+                   help="whole-GPU decode buckets that split KV on tensor cores replay an unsplit twin for batches "
+                        "whose longest KV is at most this many times the mean (default: flashinfer_backend."
+                        "BALANCED_MAX_SKEW, 1.1; 0: no twins; files of another value get -skew<X>)")
     p.add_argument("--decode-repeats", type=int, default=5,
                    help="timed runs of each decode point (the median is reported; one lease moved B=64 by 8%%)")
     p.add_argument("--decode-gemm-rows", type=int, default=DataplaneConfig().decode_gemm_rows,
@@ -386,6 +396,11 @@ def main() -> None:
     if args.unsplit_kv_min_batch is not None:  # the decode attention's KV split
         fib.UNSPLIT_KV_MIN_BATCH = args.unsplit_kv_min_batch
     cuda_core_default = fib.CUDA_CORE_MAX_BATCH
+    if args.balanced_max_skew is not None:  # unsplit twins of the small tensor-core buckets
+        if args.balanced_max_skew == fib.BALANCED_MAX_SKEW:
+            args.balanced_max_skew = None  # the default: no file suffix
+        else:
+            fib.BALANCED_MAX_SKEW = args.balanced_max_skew or None
     if args.cuda_core_max_batch is not None:  # the decode kernel of small buckets
         fib.CUDA_CORE_MAX_BATCH = args.cuda_core_max_batch
     budget, max_seqs = (512, 16) if quick else (8192, 256)
@@ -408,7 +423,7 @@ def main() -> None:
     decode = decode_grid(worker, batches, contexts, 4 if quick else 16, device, ceilings,
                          args.decode_repeats)
     settings = {"blas_library": args.blas_library, "unsplit_kv_min_batch": fib.UNSPLIT_KV_MIN_BATCH,
-                "cuda_core_max_batch": fib.CUDA_CORE_MAX_BATCH,
+                "cuda_core_max_batch": fib.CUDA_CORE_MAX_BATCH, "balanced_max_skew": fib.BALANCED_MAX_SKEW,
                 "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
                 "decode_blas_library": args.decode_blas_library,
                 "cublaslt_workspace_size": os.environ.get("CUBLASLT_WORKSPACE_SIZE"),

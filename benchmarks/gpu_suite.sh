@@ -18,7 +18,8 @@
 # everywhere) decode-ws (decode at 1k with cuBLAS's workspace, then with none: no split-K reduce kernels; results of
 # the second under $OUT/ws0; all three with KV pages of PAGE tokens, the default unless set) decode-kernels (decode
 # attention at mixed lengths by kernel, then the decode grid at the defaults, with tensor cores and KV unsplit from 16,
-# and with that and the decode graphs' GEMMs on cuBLASLt without workspace) decode-kernels-lt (the latter alone) engine multiplex
+# and with that and the decode graphs' GEMMs on cuBLASLt without workspace) decode-kernels-lt (the latter alone) decode-skew
+# (decode attention at B=16 and 24, KV split or not, lengths spread by each of SPREADS) engine multiplex
 # multiplex-lt multiplex-sized multiplex-gemm (the multiplex benchmark under cuBLASLt with kernels sized for the device,
 # then the partition, then the partition's GEMMs only, FA3 prefill kept)
 # predictor (the shapes serving runs) predictor-all (every shape on every SM count) serving-code
@@ -98,6 +99,10 @@ for stage in "$@"; do
                     TORCH_CUBLASLT_UNIFIED_WORKSPACE=0 CUBLASLT_WORKSPACE_SIZE=1 run decode-k-lt-tc 150 python3 benchmarks/engine.py $DK $TC \
                       --decode-blas-library cublaslt ;;  # decode GEMMs on cuBLASLt without workspace (no split-K): torch
                       # 2.11 gives cuBLASLt cuBLAS's workspace unless TORCH_CUBLASLT_UNIFIED_WORKSPACE=0
+    decode-skew) for s in ${SPREADS:-0.05 0.1 0.2 0.3}; do  # where an unsplit twin stops paying (BALANCED_MAX_SKEW)
+                   run decode-attention-spread$s 120 python3 benchmarks/decode_attention.py --batches 16,24 \
+                     --contexts 1024,4096 --length-spread $s --variants tc,tc-nosplit --out "$OUT"
+                 done ;;
     decode-kernels-lt) TORCH_CUBLASLT_UNIFIED_WORKSPACE=0 CUBLASLT_WORKSPACE_SIZE=1 run decode-k-lt 150 python3 benchmarks/engine.py $DK \
                          --decode-blas-library cublaslt ;;
     engine) run engine 400 python3 benchmarks/engine.py --peer-requests 64 --peer-output-len 128 ${PAGE:+--block-size $PAGE} \

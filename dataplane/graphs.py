@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from dataplane.attention.base import AttentionBatch, AttentionShape
+from dataplane.attention import flashinfer_backend as fib
 from dataplane.attention.flashinfer_backend import WORKSPACE_BYTES, GraphDecodeAttention
 from dataplane.models.dense import DenseForCausalLM
 
@@ -48,7 +49,7 @@ def default_buckets(max_batch: int) -> list[int]:
     return out
 
 
-GraphKey = tuple[object, int, int]  # (stream key, bucket, look-ahead step)
+GraphKey = tuple[object, int, int, bool]  # (stream key, bucket, look-ahead step, KV split)
 
 
 class DecodeGraphs:
@@ -56,7 +57,9 @@ class DecodeGraphs:
 
     Stream key "full" is the whole GPU; a partition's key is its decode SM count. Look-ahead step j
     has its own flashinfer wrapper (its own plan buffers), so k steps can be planned back to back
-    while the GPU is still behind. Graphs are captured on demand (bounded by `max_graphs`).
+    while the GPU is still behind. A whole-GPU bucket that splits KV may have an unsplit twin
+    (`flashinfer_backend.has_unsplit_twin`), captured beside it and replayed for balanced batches.
+    Graphs are captured on demand (bounded by `max_graphs`).
     """
 
     def __init__(
@@ -91,12 +94,13 @@ class DecodeGraphs:
         self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self._shape = shape
         self._max_pages_per_seq = max_pages_per_seq
-        self._wrappers: dict[tuple[int, int], GraphDecodeAttention] = {}
+        self._wrappers: dict[tuple[int, int, bool], GraphDecodeAttention] = {}
         self._graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
-        self._warm: set[tuple[object, int]] = set()  # (stream key, bucket) with a graph captured
+        self._warm: set[tuple[object, int, bool]] = set()  # (stream key, bucket, KV split) captured once
         self._pool = torch.cuda.graph_pool_handle()
         self._side_stream = torch.cuda.Stream(device)
         self.capture_seconds = 0.0
+        self.unsplit_twin_replays = 0  # replays of a bucket's unsplit twin (balanced batches)
 
     @property
     def num_graphs(self) -> int:
@@ -115,26 +119,46 @@ class DecodeGraphs:
             block_size=batch.block_size,
         )
 
-    def _wrapper(self, size: int, step: int) -> GraphDecodeAttention:
-        key = (size, step)
+    def _wrapper(self, size: int, step: int, split: bool) -> GraphDecodeAttention:
+        key = (size, step, split)
         if key not in self._wrappers:
             self._wrappers[key] = GraphDecodeAttention(
                 self._shape, self.device, size, size * self._max_pages_per_seq, self._workspace,
-                self.blocks[:size], self.offsets[:size],
+                self.blocks[:size], self.offsets[:size], split_kv=split,
             )
         return self._wrappers[key]
 
+    @staticmethod
+    def variants(stream_key: object, size: int) -> tuple[bool, ...]:
+        """The KV-split settings a bucket's graphs are captured with: its default, then an unsplit twin
+        on the whole GPU where `has_unsplit_twin` says so (a partition's fewer SMs keep the split)."""
+        default = fib.splits_kv(size)
+        return (default, False) if stream_key == "full" and fib.has_unsplit_twin(size) else (default,)
+
+    @classmethod
+    def split_for(cls, stream_key: object, size: int, kv_lens: list[int]) -> bool:
+        """The KV split of the graph a batch with these KV lengths (padding rows left out) replays: the
+        unsplit twin when there is one and the batch is balanced (`flashinfer_backend.is_balanced`)."""
+        splits = cls.variants(stream_key, size)
+        return splits[-1] if len(splits) > 1 and fib.is_balanced(kv_lens) else splits[0]
+
     @torch.inference_mode()
     def ensure(self, stream_key: object, stream: torch.cuda.Stream | None, size: int, step: int = 0) -> None:
-        """Capture graph (stream_key, size, step) on `stream` unless it exists. Not during other capture."""
-        key = (stream_key, size, step)
+        """Capture graph (stream_key, size, step) and its twin on `stream` unless they exist. Not during
+        other capture."""
+        for split in self.variants(stream_key, size):
+            self._capture(stream_key, stream, size, step, split)
+
+    def _capture(self, stream_key: object, stream: torch.cuda.Stream | None, size: int, step: int,
+                 split: bool) -> None:
+        key = (stream_key, size, step, split)
         if key in self._graphs:
             return
         if len(self._graphs) >= self.max_graphs:
             raise RuntimeError(f"decode graph budget of {self.max_graphs} exhausted")
         start = time.perf_counter()
         stream = stream or self._side_stream
-        backend = self._wrapper(size, step)
+        backend = self._wrapper(size, step, split)
         dummy = self._padded(AttentionBatch([], [], [], self.block_size), size)
         current = torch.cuda.current_stream(self.device)
         stream.wait_stream(current)
@@ -145,14 +169,14 @@ class DecodeGraphs:
             backend.begin_step(dummy, self.device)
             # warm up kernels and cuBLAS on this stream (and its SMs) for this batch size, once: a
             # further look-ahead step's graph runs the same kernels, only its plan buffers differ
-            for _ in range(0 if (stream_key, size) in self._warm else 2):
+            for _ in range(0 if (stream_key, size, split) in self._warm else 2):
                 self.model(self.input_ids[:size], self.positions[:size], backend, self.kv_caches)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool, stream=stream):
                 out = self.model(self.input_ids[:size], self.positions[:size], backend, self.kv_caches)
         current.wait_stream(stream)
         self._graphs[key] = (graph, out)
-        self._warm.add((stream_key, size))
+        self._warm.add((stream_key, size, split))
         self.capture_seconds += time.perf_counter() - start
 
     def capture(self, stream_key: object = "full", stream: torch.cuda.Stream | None = None,
@@ -174,7 +198,9 @@ class DecodeGraphs:
         size = self.bucket_for(b)
         if size is None or not batch.is_decode_only:
             raise ValueError(f"no decode graph for a batch of {b}")
-        graph, out = self._graphs[(stream_key, size, step)]
+        split = self.split_for(stream_key, size, batch.seq_lens)
+        self.unsplit_twin_replays += split != self.variants(stream_key, size)[0]
+        graph, out = self._graphs[(stream_key, size, step, split)]
         self.input_ids[:b].copy_(input_ids)
         self.positions[:b].copy_(positions)
         self.blocks[:b].copy_(slots // self.block_size)
@@ -184,6 +210,6 @@ class DecodeGraphs:
             self.positions[b:size].zero_()
             self.blocks[b:size].fill_(self.scratch_block)
             self.offsets[b:size].zero_()
-        self._wrapper(size, step).begin_step(self._padded(batch, size), self.device)
+        self._wrapper(size, step, split).begin_step(self._padded(batch, size), self.device)
         graph.replay()
         return out[:b]

@@ -11,7 +11,7 @@ It must not decide batching, and must not synchronise the host with the device.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -206,14 +206,13 @@ UNSPLIT_KV_MIN_BATCH: int | None = 32
 # one-row query tile per KV head group); 0: tensor cores everywhere. Keep it a graph bucket size
 # (`graphs.default_buckets`): then every batch a bucket pads stands on the same side as the bucket, so a
 # graph and the eager step it stands for run one kernel (tests/dataplane/test_paged_attention.py checks
-# the default buckets; the GPU suite's graph-replay tests passed with it on an H100, 855a70e). Kernel
-# tables of replayed decode steps (`benchmarks/profile_decode.py`) put the CUDA-core kernel 2 us a
-# layer ahead at B=16 and 1k context on an H100 and 10 us behind at B=64; the decode grid with buckets
-# up to 24 on it ran B=16 at 1k 2.7% faster on an H100, B=1 2.6%, and B=64, whose kernel it does not
-# change, 1.3% faster too in the same call (results/engine-decode-h100-default-page32-tc32-lease5*.json,
-# run with the earlier equivalent "tensor cores from 32"). Decode rows of a mixed step keep the
-# tensor-core kernel. `engine.py --cuda-core-max-batch N` runs the decode grid with another limit.
-CUDA_CORE_MAX_BATCH: int = 24
+# the default buckets). On an H100 at pages of 32 (results/decode-attention-h100-page32*.json, us a
+# layer, CUDA cores / tensor cores, KV split): equal lengths B=16 1k 32.8 / 32.1, B=24 46.8 / 44.7; lengths
+# spread +-75% B=16 1k 33.3 / 33.9, 4k 115.8 / 107.8, B=24 1k 46.7 / 45.2, 4k 153.4 / 137.1. So tensor
+# cores from 16 rows (earlier, at pages of 16, the CUDA-core kernel led at B=16 and the limit was 24).
+# Decode rows of a mixed step keep the tensor-core kernel. `engine.py --cuda-core-max-batch N` runs the
+# decode grid with another limit.
+CUDA_CORE_MAX_BATCH: int = 8
 
 
 def uses_cuda_cores(batch_size: int) -> bool:
@@ -221,20 +220,50 @@ def uses_cuda_cores(batch_size: int) -> bool:
     return batch_size <= CUDA_CORE_MAX_BATCH
 
 
+# A whole-GPU decode graph bucket that splits KV (below `UNSPLIT_KV_MIN_BATCH`) on the tensor-core
+# kernel also gets an unsplit twin, replayed when the batch is balanced: its longest KV at most this
+# many times the mean (None: no twins). Unsplit, each (request, KV head) is one program, so the step
+# lasts as long as the longest request's; split, the work is spread evenly and then merged. On an
+# H100 at pages of 32 (`benchmarks/decode_attention.py`, results/decode-attention-h100-page32*.json):
+# equal lengths, unsplit is 6% faster at B=16 and 9% at B=24 (1k context), 3% at B=16 at 4k; lengths
+# spread +-75% (longest ~1.7x the mean), it is 9% slower at B=16 1k and 13% at 4k. Serving batches
+# are rarely balanced and keep the split; equal-length batches (offline jobs, benchmarks) get the
+# faster kernel. Decode-only steps at B=16, 1k context, equal lengths: 7.48 -> 7.23 ms with tensor
+# cores and unsplit KV (results/engine-decode-h100-default-unsplit16-cc0-lease8.json).
+BALANCED_MAX_SKEW: float | None = 1.1
+
+
+def splits_kv(batch_size: int) -> bool:
+    """Whether a decode graph of this bucket splits KV across programs (`UNSPLIT_KV_MIN_BATCH`)."""
+    return UNSPLIT_KV_MIN_BATCH is None or batch_size < UNSPLIT_KV_MIN_BATCH
+
+
+def has_unsplit_twin(batch_size: int) -> bool:
+    """Whether a whole-GPU decode graph bucket of this size also gets an unsplit twin (`BALANCED_MAX_SKEW`)."""
+    return (BALANCED_MAX_SKEW is not None and UNSPLIT_KV_MIN_BATCH is not None
+            and splits_kv(batch_size) and not uses_cuda_cores(batch_size))
+
+
+def is_balanced(kv_lens: Sequence[int]) -> bool:
+    """Whether the longest of these KV lengths is at most `BALANCED_MAX_SKEW` times their mean."""
+    return (BALANCED_MAX_SKEW is not None and len(kv_lens) > 0
+            and max(kv_lens) * len(kv_lens) <= BALANCED_MAX_SKEW * sum(kv_lens))
+
+
 class GraphDecodeAttention(AttentionBackend):
     """Decode attention for one CUDA-graph batch bucket: fixed device buffers, re-planned per replay.
 
     `begin_step` only plans (host work plus an async copy into the wrapper's fixed buffers) and
     sets the slot tensors the captured graph reads; call it outside capture before each replay.
-    Whether KV is split across programs (`UNSPLIT_KV_MIN_BATCH`) and which kernel reads it
-    (`CUDA_CORE_MAX_BATCH`) are fixed per bucket, so every plan of a bucket launches the kernels its
-    graph captured.
+    Whether KV is split across programs (`UNSPLIT_KV_MIN_BATCH`, or `split_kv` for a bucket's unsplit
+    twin) and which kernel reads it (`CUDA_CORE_MAX_BATCH`) are fixed per wrapper, so every plan of a
+    wrapper launches the kernels its graph captured.
     """
 
     name = "flashinfer-graph"
 
     def __init__(self, shape: AttentionShape, device: torch.device, batch_size: int, max_pages: int,
-                 workspace: Tensor, blocks: Tensor, offsets: Tensor) -> None:
+                 workspace: Tensor, blocks: Tensor, offsets: Tensor, split_kv: bool | None = None) -> None:
         import flashinfer
 
         self.shape = shape
@@ -249,7 +278,7 @@ class GraphDecodeAttention(AttentionBackend):
         )
         self._blocks = blocks  # views into the graph runner's static slot buffers
         self._offsets = offsets
-        self.split_kv = UNSPLIT_KV_MIN_BATCH is None or batch_size < UNSPLIT_KV_MIN_BATCH
+        self.split_kv = splits_kv(batch_size) if split_kv is None else split_kv  # None: the bucket's default
 
     def begin_step(self, batch: AttentionBatch, device: torch.device, slot_mapping: Tensor | None = None) -> None:
         if batch.num_seqs != self.batch_size or not batch.is_decode_only:

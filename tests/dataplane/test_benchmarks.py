@@ -208,21 +208,23 @@ def test_engine_device_timeline_splits_step_time_into_device_span_idle_gap_and_s
 
 
 def test_engine_decode_grid_takes_its_points_and_names_its_variants(tmp_path: Path) -> None:
-    """--decode-batches/--decode-contexts pick the grid; a frozen heap, another CUDA-core decode limit and
-    another decode-graph BLAS library are named in the file and the report; pieces asked for but not built
+    """--decode-batches/--decode-contexts pick the grid; a frozen heap, another CUDA-core decode limit, another
+    balance limit for unsplit twins and another decode-graph BLAS library are named in the file and the report; pieces asked for but not built
     (none on a CPU) are not."""
     proc = subprocess.run([sys.executable, "benchmarks/engine.py", "--model", "tiny", "--device", "cpu", "--quick",
                            "--decode-only", "--decode-repeats", "1", "--decode-batches", "2", "--decode-contexts",
-                           "32,48", "--gc-freeze", "--piecewise-graphs", "--cuda-core-max-batch", "8",
-                           "--decode-blas-library", "cublas", "--out", str(tmp_path)],
+                           "32,48", "--gc-freeze", "--piecewise-graphs", "--cuda-core-max-batch", "16",
+                           "--decode-blas-library", "cublas", "--balanced-max-skew", "1.2", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    name = "engine-decode-cpu-default-gcfreeze-cc8-dblascublas.json"
+    name = "engine-decode-cpu-default-gcfreeze-cc16-skew1.2-dblascublas.json"
     assert [p.name for p in tmp_path.iterdir()] == [name]
     report = json.loads((tmp_path / name).read_text())
     assert [(r["batch"], r["context"]) for r in report["decode"]] == [(2, 32), (2, 48)]
     assert report["gc_freeze"] is True and report["piecewise_graphs"] is False
-    assert report["cuda_core_max_batch"] == 8 and "cublas_workspace_config" in report
+    assert report["cuda_core_max_batch"] == 16 and "cublas_workspace_config" in report
+    assert report["balanced_max_skew"] == 1.2
+    assert [r["unsplit_twin_replays"] for r in report["decode"]] == [0, 0]  # no decode graphs on a CPU
     assert report["decode_blas_library"] == "cublas" and "cublaslt_workspace_size" in report
 
 

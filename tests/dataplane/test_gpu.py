@@ -165,6 +165,26 @@ def test_graph_replay_equals_eager_on_a_large_mixed_bucket(gpu_checkpoint: Path,
     graphed = _worker(str(gpu_checkpoint), **sizes).runner
     eager = _worker(str(gpu_checkpoint), cuda_graphs=False, **sizes).runner
     assert greedy_run(graphed, prompts, 24) == greedy_run(eager, prompts, 24)
+    assert graphed.graphs is not None and graphed.graphs.unsplit_twin_replays == 0  # lengths 5-60: skewed
+
+
+@pytest.mark.parametrize("n", [16, 22])
+def test_a_balanced_batch_replays_the_unsplit_twin_equal_to_eager(gpu_checkpoint: Path, n: int) -> None:
+    """n prompts of one length (22: bucket 24 with two padding rows): every decode step is balanced, so
+    the bucket's unsplit twin replays (flashinfer_backend.BALANCED_MAX_SKEW), and its tokens equal eager's."""
+    import dataplane.attention.flashinfer_backend as fib
+
+    bucket = 16 if n == 16 else 24
+    if not fib.has_unsplit_twin(bucket):
+        pytest.skip(f"bucket {bucket} has no unsplit twin with these settings")
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 512, (40,), generator=g).tolist() for _ in range(n)]
+    sizes = {"max_num_seqs": 32, "max_num_batched_tokens": 4096}
+    graphed = _worker(str(gpu_checkpoint), **sizes).runner
+    eager = _worker(str(gpu_checkpoint), cuda_graphs=False, **sizes).runner
+    got = greedy_run(graphed, prompts, 24)
+    assert graphed.graphs is not None and graphed.graphs.unsplit_twin_replays >= 20  # 23 decode steps
+    assert got == greedy_run(eager, prompts, 24)
 
 
 def test_greedy_tokens_equal_the_cpu_path(gpu_checkpoint: Path) -> None:
