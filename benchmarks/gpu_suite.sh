@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_suite.sh serving-code          # a serving stage fills most of one call
 # Needs .whl/ filled by benchmarks/device_prep.sh (carry [".whl"]). Stages: tests tests-pages (the GPU tests with KV
 # pages of PAGE tokens, 32 unless set, the CUDA-core decode kernel up to CUDA_CORES rows and decode graphs reading
-# KV unsplit from UNSPLIT rows, the defaults unless set) experiments (GPU tests marked experimental: open questions, e.g. partition-sized kernels) profile
+# KV unsplit from UNSPLIT rows, the defaults unless set; -v, so a log cut off by its time limit shows how far it got) experiments (GPU tests marked experimental: open questions, e.g. partition-sized kernels) profile
 # profile-decode (kernel tables of replayed decode graphs at 1k context, attention by page size) gemm-lib (decode
 # GEMMs by BLAS library; GEMM_LIBS, GEMM_ROWS) skinny-gemm (tune the Triton decode GEMM against cuBLAS)
 # decode-attention (flashinfer's graph decode kernel options) decode-gemm (the folded decode GEMMs against cuBLAS
@@ -50,12 +50,12 @@ run() {  # run NAME LIMIT_S CMD...: one stage, its log under $OUT, a line with i
 }
 for stage in "$@"; do
   case $stage in
-    tests) run tests 580 python3 -m pytest -m "gpu and not experimental" tests/dataplane -q -x -p no:cacheprovider
+    tests) run tests 580 python3 -u -m pytest -m "gpu and not experimental" tests/dataplane -v -x -p no:cacheprovider
            save_fi_cache "$OUT" ;;
     tests-pages) DUETSERVE_TEST_BLOCK_SIZE=${PAGE:-32} DUETSERVE_TEST_CUDA_CORE_MAX_BATCH=${CUDA_CORES:-} \
                  DUETSERVE_TEST_UNSPLIT_KV_MIN_BATCH=${UNSPLIT:-} \
-                 run tests-page${PAGE:-32}${CUDA_CORES:+-cc$CUDA_CORES}${UNSPLIT:+-unsplit$UNSPLIT} 580 python3 -m pytest \
-                   -m "gpu and not experimental" tests/dataplane -q -p no:cacheprovider
+                 run tests-page${PAGE:-32}${CUDA_CORES:+-cc$CUDA_CORES}${UNSPLIT:+-unsplit$UNSPLIT} 580 python3 -u -m pytest \
+                   -m "gpu and not experimental" tests/dataplane -v -p no:cacheprovider
                  save_fi_cache "$OUT" ;;  # another KV page size; the cache keeps the CUDA-core decode kernels
     experiments) run experiments 560 python3 -u -m pytest -m experimental tests/dataplane -v -p no:cacheprovider \
                    --timeout 320  # the partition-sized test took 201 s with its FA2 kernels built
