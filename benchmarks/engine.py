@@ -173,6 +173,12 @@ def decode_point(worker, batch: int, ctx: int, steps: int, device: torch.device,
     return point
 
 
+def twin_replays(worker) -> int:  # noqa: ANN001
+    """Replays of a decode bucket's unsplit twin so far (0 without decode graphs)."""
+    graphs = worker.runner.graphs
+    return graphs.unsplit_twin_replays if graphs is not None else 0
+
+
 def decode_grid(worker, batches: list[int], contexts: list[int], steps: int, device: torch.device,  # noqa: ANN001
                 ceilings: dict[str, float], repeats: int = 1) -> list[dict[str, float]]:
     model_bytes = weight_bytes(worker.runner.model)
@@ -186,11 +192,10 @@ def decode_grid(worker, batches: list[int], contexts: list[int], steps: int, dev
                 rows.append({"batch": batch, "context": ctx, "skipped": "KV cache too small on this GPU"})
                 print(f"decode B={batch:4d} ctx={ctx:5d}: skipped, {batch * ctx} tokens of KV do not fit")
                 continue
-            graphs = worker.runner.graphs
-            twins_before = graphs.unsplit_twin_replays if graphs is not None else 0
+            twins_before = twin_replays(worker)
             point = decode_point(worker, batch, ctx, steps, device, repeats)
             # how many of the point's replays ran a bucket's unsplit twin (equal lengths: balanced)
-            point["unsplit_twin_replays"] = (graphs.unsplit_twin_replays if graphs is not None else 0) - twins_before
+            point["unsplit_twin_replays"] = twin_replays(worker) - twins_before
             kv_read = batch * (ctx + steps / 2) * kv_per_token
             point["floor_ms"] = (model_bytes + kv_read) / ceilings["copy_bytes_per_s"] * 1000
             point["ratio"] = point["step_ms"] / point["floor_ms"]
@@ -354,8 +359,9 @@ def main() -> None:
     p.add_argument("--peer-output-len", type=int, default=256)
     p.add_argument("--blas-library", default="default", choices=BLAS_LIBRARIES)
     p.add_argument("--decode-blas-library", default=DataplaneConfig().decode_blas_library, choices=BLAS_LIBRARIES,
-                   help="library the decode graphs' GEMMs are captured with (cuBLASLt's workspace from "
-                        "CUBLASLT_WORKSPACE_SIZE; files of another value get -dblas<lib>)")
+                   help="library the decode graphs' GEMMs are captured with (cuBLASLt's own workspace: "
+                        "TORCH_CUBLASLT_UNIFIED_WORKSPACE=0 CUBLASLT_WORKSPACE_SIZE=<KiB>; files of another value "
+                        "get -dblas<lib>)")
     p.add_argument("--decode-only", action="store_true", help="the decode grid only (an A/B of kernels)")
     p.add_argument("--block-size", type=int, default=DataplaneConfig().block_size,
                    help="KV page size in tokens (an A/B of decode attention; decode-only files get -page<N>)")

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="library for torch's GEMMs on CUDA (default: torch's choice)")
     p.add_argument("--decode-blas-library", choices=BLAS_LIBRARIES, default=d.decode_blas_library,
                    help="library the decode graphs' GEMMs are captured with (default: --blas-library's); cuBLASLt "
-                        "takes its workspace size from CUBLASLT_WORKSPACE_SIZE (KiB), apart from cuBLAS's")
+                        "shares cuBLAS's workspace unless TORCH_CUBLASLT_UNIFIED_WORKSPACE=0, then sizes it from "
+                        "CUBLASLT_WORKSPACE_SIZE (KiB)")
     p.add_argument("--no-multiplexing", action="store_true", help="build no green-context SM partitions")
     p.add_argument("--decode-partition-sms", default=None,
                    help="comma-separated decode partition sizes to build (default: every allowed split)")

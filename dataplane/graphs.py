@@ -199,7 +199,7 @@ class DecodeGraphs:
         if size is None or not batch.is_decode_only:
             raise ValueError(f"no decode graph for a batch of {b}")
         split = self.split_for(stream_key, size, batch.seq_lens)
-        self.unsplit_twin_replays += split != self.variants(stream_key, size)[0]
+        self.unsplit_twin_replays += split != fib.splits_kv(size)  # the bucket's default: variants()[0]
         graph, out = self._graphs[(stream_key, size, step, split)]
         self.input_ids[:b].copy_(input_ids)
         self.positions[:b].copy_(positions)

@@ -84,9 +84,10 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
     # the tuned table, against 155 unfolded)
     decode_gemm_rows: int = 0
     blas_library: str = "default"  # default | cublas | cublaslt: the library torch's GEMMs use on CUDA
-    # the library the decode graphs' GEMMs are captured with (default: blas_library's). cuBLASLt sizes its
-    # workspace from CUBLASLT_WORKSPACE_SIZE (KiB, read once), apart from cuBLAS's, so decode can run
-    # without split-K while prefill keeps cuBLAS's workspace
+    # the library the decode graphs' GEMMs are captured with (default: blas_library's). Meant to run decode
+    # without split-K while prefill keeps cuBLAS's workspace; torch 2.11 gives cuBLASLt cuBLAS's workspace
+    # unless TORCH_CUBLASLT_UNIFIED_WORKSPACE=0 (then CUBLASLT_WORKSPACE_SIZE, KiB, read once), and on an
+    # H100 that setting gained nothing (README, lease 8), so it stays off
     decode_blas_library: str = "default"
     multiplexing: bool = True  # build green-context SM partitions on CUDA
     decode_partition_sms: tuple[int, ...] | None = None  # decode sizes to build; None: every allowed split
