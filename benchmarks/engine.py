@@ -342,6 +342,8 @@ def _variant(args: argparse.Namespace, built_pieces: bool, cuda_core_default: in
     extra += "" if args.balanced_max_skew is None else f"-skew{args.balanced_max_skew:g}"
     if args.decode_blas_library != default.decode_blas_library:
         extra += f"-dblas{args.decode_blas_library}"
+    if args.decode_l2_prefetch_kib != default.decode_l2_prefetch_kib:
+        extra += f"-pf{args.decode_l2_prefetch_kib}"
     return page + fold + extra
 
 
@@ -389,6 +391,9 @@ def main() -> None:
     p.add_argument("--decode-gemm-rows", type=int, default=DataplaneConfig().decode_gemm_rows,
                    help="decode passes of at most this many rows fold norms, SwiGLU and residual adds into their "
                         "projections (0: never; files of another value than the default get -fold<N>)")
+    p.add_argument("--decode-l2-prefetch-kib", type=int, default=DataplaneConfig().decode_l2_prefetch_kib,
+                   help="whole-GPU decode graphs prefetch each projection's first this-many KiB into L2 while the "
+                        "small kernel before it runs (0: never; files of another value than the default get -pf<N>)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
     if args.decode_repeats < 1:
@@ -415,6 +420,7 @@ def main() -> None:
                                          blas_library=args.blas_library, block_size=args.block_size,
                                          decode_blas_library=args.decode_blas_library,
                                          decode_gemm_rows=args.decode_gemm_rows,
+                                         decode_l2_prefetch_kib=args.decode_l2_prefetch_kib,
                                          piecewise_graphs=args.piecewise_graphs))
     if args.gc_freeze:
         gc.collect()
@@ -435,7 +441,8 @@ def main() -> None:
                 "cublaslt_workspace_size": os.environ.get("CUBLASLT_WORKSPACE_SIZE"),
                 "cublaslt_unified_workspace": os.environ.get("TORCH_CUBLASLT_UNIFIED_WORKSPACE"),
                 "piecewise_graphs": built_pieces, "block_size": args.block_size,
-                "decode_gemm_rows": args.decode_gemm_rows, "gc_freeze": args.gc_freeze}  # both reports'
+                "decode_gemm_rows": args.decode_gemm_rows, "gc_freeze": args.gc_freeze,
+                "decode_l2_prefetch_kib": args.decode_l2_prefetch_kib}  # both reports'
     variant = _variant(args, built_pieces, cuda_core_default)
     if args.decode_only:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,9 @@
 # the second under $OUT/ws0; all three with KV pages of PAGE tokens, the default unless set) decode-kernels (decode
 # attention at mixed lengths by kernel, then the decode grid at the defaults, with tensor cores and KV unsplit from 16,
 # and with that and the decode graphs' GEMMs on cuBLASLt without workspace) decode-kernels-lt (the latter alone) decode-skew
-# (decode attention at B=16 and 24, KV split or not, lengths spread by each of SPREADS) engine multiplex
+# (decode attention at B=16 and 24, KV split or not, lengths spread by each of SPREADS) l2-prefetch (a decode GEMM
+# after its first weights were prefetched into L2 during a small kernel) decode-prefetch (the decode grid with the
+# decode graphs prefetching each projection's first PF_KIB KiB into L2, "0 8192" unless set) engine multiplex
 # multiplex-lt multiplex-sized multiplex-gemm (the multiplex benchmark under cuBLASLt with kernels sized for the device,
 # then the partition, then the partition's GEMMs only, FA3 prefill kept)
 # predictor (the shapes serving runs) predictor-all (every shape on every SM count) serving-code
@@ -32,6 +34,7 @@
 # through duetserve serve and bench serve --random-prefix-len, 200 requests at 8 req/s, cache off and on) priority
 # (an urgent fifth of 300 requests over a queue, fcfs then --scheduling-policy priority) stream (256 streams
 # through duetserve serve on the real data plane, --stream-interval 1 then 4: output tok/s, control-plane CPU a token). GPU name for file names: GPU=h200 (default).
+# TEST_LIMIT: seconds the test stages may run (580 unless set; less leaves the call time to save the JIT cache).
 # Every other stage runs the data plane's defaults, piecewise graphs included.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,11 +53,11 @@ run() {  # run NAME LIMIT_S CMD...: one stage, its log under $OUT, a line with i
 }
 for stage in "$@"; do
   case $stage in
-    tests) run tests 580 python3 -u -m pytest -m "gpu and not experimental" tests/dataplane -v -x -p no:cacheprovider
+    tests) run tests ${TEST_LIMIT:-580} python3 -u -m pytest -m "gpu and not experimental" tests/dataplane -v -x -p no:cacheprovider
            save_fi_cache "$OUT" ;;
     tests-pages) DUETSERVE_TEST_BLOCK_SIZE=${PAGE:-32} DUETSERVE_TEST_CUDA_CORE_MAX_BATCH=${CUDA_CORES:-} \
                  DUETSERVE_TEST_UNSPLIT_KV_MIN_BATCH=${UNSPLIT:-} \
-                 run tests-page${PAGE:-32}${CUDA_CORES:+-cc$CUDA_CORES}${UNSPLIT:+-unsplit$UNSPLIT} 580 python3 -u -m pytest \
+                 run tests-page${PAGE:-32}${CUDA_CORES:+-cc$CUDA_CORES}${UNSPLIT:+-unsplit$UNSPLIT} ${TEST_LIMIT:-580} python3 -u -m pytest \
                    -m "gpu and not experimental" tests/dataplane -v -p no:cacheprovider
                  save_fi_cache "$OUT" ;;  # another KV page size; the cache keeps the CUDA-core decode kernels
     experiments) run experiments 560 python3 -u -m pytest -m experimental tests/dataplane -v -p no:cacheprovider \
@@ -99,6 +102,11 @@ for stage in "$@"; do
                     TORCH_CUBLASLT_UNIFIED_WORKSPACE=0 CUBLASLT_WORKSPACE_SIZE=1 run decode-k-lt-tc 150 python3 benchmarks/engine.py $DK $TC \
                       --decode-blas-library cublaslt ;;  # decode GEMMs on cuBLASLt without workspace (no split-K): torch
                       # 2.11 gives cuBLASLt cuBLAS's workspace unless TORCH_CUBLASLT_UNIFIED_WORKSPACE=0
+    l2-prefetch) run l2-prefetch 200 python3 benchmarks/l2_prefetch.py --out "$OUT" ;;
+    decode-prefetch) for kib in ${PF_KIB:-0 8192}; do  # the decode grid with each L2 prefetch size (KiB)
+                       run decode-pf$kib 240 python3 benchmarks/engine.py $DK --decode-l2-prefetch-kib $kib \
+                         ${CUDA_CORES:+--cuda-core-max-batch $CUDA_CORES}
+                     done ;;
     decode-skew) for s in ${SPREADS:-0.05 0.1 0.2 0.3}; do  # where an unsplit twin stops paying (BALANCED_MAX_SKEW)
                    run decode-attention-spread$s 120 python3 benchmarks/decode_attention.py --batches 16,24 \
                      --contexts 1024,4096 --length-spread $s --variants tc,tc-nosplit --out "$OUT"

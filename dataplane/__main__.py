@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="library the decode graphs' GEMMs are captured with (default: --blas-library's); cuBLASLt "
                         "shares cuBLAS's workspace unless TORCH_CUBLASLT_UNIFIED_WORKSPACE=0, then sizes it from "
                         "CUBLASLT_WORKSPACE_SIZE (KiB)")
+    p.add_argument("--decode-l2-prefetch-kib", type=int, default=d.decode_l2_prefetch_kib,
+                   help="whole-GPU decode graphs prefetch each projection's first this-many KiB of weights into L2 "
+                        "while the small kernel before it runs (0: never; an experiment)")
     p.add_argument("--no-multiplexing", action="store_true", help="build no green-context SM partitions")
     p.add_argument("--decode-partition-sms", default=None,
                    help="comma-separated decode partition sizes to build (default: every allowed split)")
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             cuda_graphs=not args.no_cuda_graphs, piecewise_graphs=args.piecewise_graphs,
             fused_kernels=not args.no_fused_kernels, decode_gemm_rows=args.decode_gemm_rows,
             multiplexing=not args.no_multiplexing, blas_library=args.blas_library,
-            decode_blas_library=args.decode_blas_library,
+            decode_blas_library=args.decode_blas_library, decode_l2_prefetch_kib=args.decode_l2_prefetch_kib,
             partition_kernels=args.partition_kernels,
             decode_partition_sms=tuple(int(x) for x in args.decode_partition_sms.split(","))
             if args.decode_partition_sms else None,

@@ -22,6 +22,7 @@ from torch import Tensor
 from dataplane.attention.base import AttentionBatch, AttentionShape
 from dataplane.attention import flashinfer_backend as fib
 from dataplane.attention.flashinfer_backend import WORKSPACE_BYTES, GraphDecodeAttention
+from dataplane.kernels.l2_prefetch import L2Prefetch
 from dataplane.models.dense import DenseForCausalLM
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class DecodeGraphs:
         buckets: list[int],
         max_graphs: int = 512,
         blas_library: str = "default",
+        l2_prefetch_bytes: int = 0,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -101,6 +103,20 @@ class DecodeGraphs:
         self._side_stream = torch.cuda.Stream(device)
         self.capture_seconds = 0.0
         self.unsplit_twin_replays = 0  # replays of a bucket's unsplit twin (balanced batches)
+        self.l2_prefetch = self._prefetcher(l2_prefetch_bytes)
+
+    def _prefetcher(self, nbytes: int) -> L2Prefetch | None:
+        """The whole-GPU graphs' L2 prefetch of each projection's first `nbytes` (0: none). Needs the
+        fused path with Triton; a partition's graphs never prefetch (its side stream would leave the
+        partition's SMs)."""
+        if nbytes <= 0:
+            return None
+        fused = getattr(self.model, "fused", None)
+        if fused is None or fused.triton is None:
+            log.warning("l2 prefetch of %d bytes needs the fused path with Triton; decode graphs run without it",
+                        nbytes)
+            return None
+        return L2Prefetch(self.device, nbytes)
 
     @property
     def num_graphs(self) -> int:
@@ -169,15 +185,28 @@ class DecodeGraphs:
             backend.begin_step(dummy, self.device)
             # warm up kernels and cuBLAS on this stream (and its SMs) for this batch size, once: a
             # further look-ahead step's graph runs the same kernels, only its plan buffers differ
-            for _ in range(0 if (stream_key, size, split) in self._warm else 2):
-                self.model(self.input_ids[:size], self.positions[:size], backend, self.kv_caches)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, stream=stream):
-                out = self.model(self.input_ids[:size], self.positions[:size], backend, self.kv_caches)
+            with self._prefetching(stream_key):
+                for _ in range(0 if (stream_key, size, split) in self._warm else 2):
+                    self.model(self.input_ids[:size], self.positions[:size], backend, self.kv_caches)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+                    out = self.model(self.input_ids[:size], self.positions[:size], backend, self.kv_caches)
         current.wait_stream(stream)
         self._graphs[key] = (graph, out)
         self._warm.add((stream_key, size, split))
         self.capture_seconds += time.perf_counter() - start
+
+    @contextlib.contextmanager
+    def _prefetching(self, stream_key: object) -> Iterator[None]:
+        """The fused path prefetches weights into L2 while a whole-GPU graph is captured (when asked)."""
+        if self.l2_prefetch is None or stream_key != "full":
+            yield
+            return
+        self.model.fused.prefetch = self.l2_prefetch
+        try:
+            yield
+        finally:
+            self.model.fused.prefetch = None
 
     def capture(self, stream_key: object = "full", stream: torch.cuda.Stream | None = None,
                 steps: int = 1) -> None:

@@ -164,6 +164,7 @@ def capture_decode_graphs(config: DataplaneConfig, model: torch.nn.Module, kv_ca
         model, kv_caches, shape, device, block_size=config.block_size,
         max_pages_per_seq=-(-max_len // config.block_size), scratch_block=num_blocks,
         buckets=default_buckets(config.max_num_seqs), blas_library=config.decode_blas_library,
+        l2_prefetch_bytes=config.decode_l2_prefetch_kib << 10,
     )
     graphs.capture()
     return graphs
@@ -197,6 +198,8 @@ def calibration_setup(config: DataplaneConfig) -> str:
     parts = [f"blas-{config.blas_library}"] if config.blas_library != "default" else []
     if config.decode_blas_library != "default":
         parts.append(f"decode-blas-{config.decode_blas_library}")
+    if config.decode_l2_prefetch_kib:
+        parts.append(f"l2-prefetch-{config.decode_l2_prefetch_kib}")
     if config.multiplexing and config.partition_kernels != "device":
         parts.append(f"kernels-{config.partition_kernels}")
     return "-".join(parts)

@@ -89,6 +89,10 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
     # unless TORCH_CUBLASLT_UNIFIED_WORKSPACE=0 (then CUBLASLT_WORKSPACE_SIZE, KiB, read once), and on an
     # H100 that setting gained nothing (README, lease 8), so it stays off
     decode_blas_library: str = "default"
+    # whole-GPU decode graphs prefetch each projection's first this-many KiB of weights into L2 on a side
+    # stream while the small kernel before it runs (dataplane/kernels/l2_prefetch.py; 0: never). An
+    # experiment, off by default (benchmarks/l2_prefetch.py)
+    decode_l2_prefetch_kib: int = 0
     multiplexing: bool = True  # build green-context SM partitions on CUDA
     decode_partition_sms: tuple[int, ...] | None = None  # decode sizes to build; None: every allowed split
     # device: kernels on a partition size themselves for the whole GPU; partition: for their partition
@@ -112,6 +116,8 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("max_model_len must be >= 1")
         if not 0 <= self.decode_gemm_rows <= MAX_DECODE_GEMM_ROWS:
             raise ValueError(f"decode_gemm_rows must be in [0, {MAX_DECODE_GEMM_ROWS}], got {self.decode_gemm_rows}")
+        if self.decode_l2_prefetch_kib < 0:
+            raise ValueError(f"decode_l2_prefetch_kib must be >= 0, got {self.decode_l2_prefetch_kib}")
         for name in ("blas_library", "decode_blas_library"):
             if getattr(self, name) not in BLAS_LIBRARIES:
                 raise ValueError(f"{name} must be one of {', '.join(BLAS_LIBRARIES)}, got {getattr(self, name)!r}")

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dataplane.attention.base import AttentionBackend
+from dataplane.kernels.l2_prefetch import L2Prefetch, prefetching
 from dataplane.models.dense import DenseForCausalLM, DecoderLayer, rope_inv_freq
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 
 class FusedKernels:
     decode_gemms: DecodeGemms | None = None  # the folded projections of short passes (enable_decode_gemms)
+    # set only while a whole-GPU decode graph is captured (`DecodeGraphs`): each small kernel before a
+    # projection runs beside a prefetch of that projection's first weights into L2
+    prefetch: L2Prefetch | None = None
 
     def __init__(self, model: DenseForCausalLM, device: torch.device) -> None:
         import flashinfer  # lazy: CUDA only
@@ -160,7 +164,8 @@ def after_attention(layer: DecoderLayer, o: Tensor, residual: Tensor, kernels: F
     attn = layer.self_attn
     h = attn.o_proj(o.reshape(o.shape[0], attn.num_q_heads * attn.head_dim))
     post = layer.post_attention_layernorm
-    h, _ = kernels.add_rms_norm(h, residual, post.weight, post.eps)
+    with prefetching(kernels.prefetch, layer.mlp.gate_up_proj.weight):
+        h, _ = kernels.add_rms_norm(h, residual, post.weight, post.eps)
     return _mlp(layer, h, kernels)
 
 
@@ -185,10 +190,13 @@ def _attention(layer: DecoderLayer, h: Tensor, positions: Tensor, kernels: Fused
 
 def _mlp(layer: DecoderLayer, h: Tensor, kernels: FusedKernels) -> Tensor:
     gate_up = layer.mlp.gate_up_proj(h)
-    if kernels.triton is not None:
-        return layer.mlp.down_proj(kernels.triton[1](gate_up))
-    gate, up = gate_up.chunk(2, dim=-1)
-    return layer.mlp.down_proj(F.silu(gate) * up)
+    with prefetching(kernels.prefetch, layer.mlp.down_proj.weight):
+        if kernels.triton is not None:
+            act = kernels.triton[1](gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+    return layer.mlp.down_proj(act)
 
 
 def fused_forward(model: DenseForCausalLM, input_ids: Tensor, positions: Tensor, attention: AttentionBackend,
@@ -203,10 +211,13 @@ def fused_forward(model: DenseForCausalLM, input_ids: Tensor, positions: Tensor,
     layers = model.model.layers
     residual = model.model.embed_tokens(input_ids)
     first = layers[0].input_layernorm
-    h = kernels.rms_norm(residual, first.weight, first.eps)
+    with prefetching(kernels.prefetch, layers[0].self_attn.qkv_proj.weight):
+        h = kernels.rms_norm(residual, first.weight, first.eps)
     for i, (layer, kv_cache) in enumerate(zip(layers, kv_caches, strict=True)):
         if i > 0:
-            h, residual = kernels.add_rms_norm(h, residual, layer.input_layernorm.weight, layer.input_layernorm.eps)
+            norm = layer.input_layernorm
+            with prefetching(kernels.prefetch, layer.self_attn.qkv_proj.weight):
+                h, residual = kernels.add_rms_norm(h, residual, norm.weight, norm.eps)
         h = after_attention(layer, _attention(layer, h, positions, kernels, attention, kv_cache), residual, kernels)
     norm = model.model.norm
     h, _ = kernels.add_rms_norm(h, residual, norm.weight, norm.eps)

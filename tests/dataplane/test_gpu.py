@@ -188,6 +188,16 @@ def test_a_balanced_batch_replays_the_unsplit_twin_equal_to_eager(gpu_checkpoint
     assert got == greedy_run(eager, prompts, 24)
 
 
+def test_decode_graphs_with_l2_prefetch_equal_eager(gpu_checkpoint: Path) -> None:
+    """Whole-GPU decode graphs captured with the L2 prefetch's side stream (forked and joined around the
+    small kernels) replay with no host sync and give eager's greedy tokens."""
+    prompts = _prompts(6, 512, seed=8)
+    graphed = _worker(str(gpu_checkpoint), decode_l2_prefetch_kib=256).runner
+    assert graphed.graphs is not None and graphed.graphs.l2_prefetch is not None
+    got = greedy_run(graphed, prompts, 16, sync_debug=True, depth=2)
+    assert got == greedy_run(_worker(str(gpu_checkpoint), cuda_graphs=False).runner, prompts, 16)
+
+
 def test_greedy_tokens_equal_the_cpu_path(gpu_checkpoint: Path) -> None:
     prompts = _prompts(4, 512, seed=2)
     gpu = greedy_run(_worker(str(gpu_checkpoint), dtype="float32", attention_backend="torch",

@@ -66,6 +66,7 @@ def test_the_calibration_cache_key_names_the_kernel_setup() -> None:
     assert calibration_setup(sized) == "blas-cublaslt-kernels-partition"
     assert calibration_setup(DataplaneConfig(partition_kernels="partition", multiplexing=False)) == ""
     assert calibration_setup(DataplaneConfig(decode_blas_library="cublaslt")) == "decode-blas-cublaslt"
+    assert calibration_setup(DataplaneConfig(decode_l2_prefetch_kib=8192)) == "l2-prefetch-8192"
 
 
 @pytest.mark.parametrize("sized", [False, True])

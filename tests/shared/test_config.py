@@ -43,8 +43,9 @@ def test_the_launcher_hands_every_dataplane_option_on() -> None:
 
     config = DataplaneConfig(piecewise_graphs=False, partition_kernels="partition", blas_library="cublaslt",
                              cuda_graphs=False, decode_partition_sms=(16, 32), decode_gemm_rows=13,
-                             decode_blas_library="cublas")
+                             decode_blas_library="cublas", decode_l2_prefetch_kib=4096)
     args = build_parser().parse_args(dataplane_args(config))
+    assert args.decode_l2_prefetch_kib == 4096
     assert not args.piecewise_graphs and args.partition_kernels == "partition" and args.blas_library == "cublaslt"
     assert args.decode_blas_library == "cublas"
     assert args.decode_gemm_rows == 13
@@ -53,6 +54,7 @@ def test_the_launcher_hands_every_dataplane_option_on() -> None:
     assert plain.piecewise_graphs and plain.partition_kernels == "device" and plain.blas_library == "default"
     assert plain.decode_blas_library == "default"
     assert plain.decode_gemm_rows == DataplaneConfig().decode_gemm_rows
+    assert plain.decode_l2_prefetch_kib == 0
 
 
 def test_decode_gemm_rows_is_checked() -> None:

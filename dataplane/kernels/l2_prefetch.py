@@ -1,0 +1,90 @@
+"""Pull the start of a decode GEMM's weights into L2 while a small kernel runs before it.
+
+In a decode step at a few rows the projections read their weights near the copy rate, but between them
+latency-bound kernels (add+RMSNorm, SwiGLU) leave HBM idle for microseconds. `L2Prefetch.fork(w)` starts
+a kernel on a side stream that asks L2 for the first `nbytes` of `w` (PTX `prefetch.global.L2::evict_last`
+per 128-byte line); `join()` makes the main stream wait for it before the GEMM, so the prefetch never
+shares the SMs with the GEMM. Inside a CUDA graph the fork and join are edges of the graph.
+
+CUDA only (inline PTX); it must not change what is computed: it reads the weights and writes nothing but
+a never-taken store that keeps the compiler from dropping the reads. `benchmarks/l2_prefetch.py` measures
+what it buys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+LINE = 128  # bytes one prefetch asks for
+BLOCK = 128  # lines a program takes at a time
+
+
+def _kernel():  # noqa: ANN202 (a Triton JIT function; Triton imported on CUDA only)
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def prefetch_l2_kernel(ptr, n_lines, sink, LINE: tl.constexpr, BLOCK: tl.constexpr):
+        pid, nprog = tl.program_id(0), tl.num_programs(0)
+        base = ptr.to(tl.pointer_type(tl.int8))
+        acc = tl.zeros([BLOCK], dtype=tl.int32)
+        for start in range(pid * BLOCK, n_lines, nprog * BLOCK):
+            lines = start + tl.arange(0, BLOCK)
+            addr = base + tl.where(lines < n_lines, lines, 0).to(tl.int64) * LINE
+            acc += tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l",
+                                             [addr], dtype=tl.int32, is_pure=False, pack=1)
+        total = tl.sum(acc, axis=0)
+        tl.store(sink + pid, total, mask=total != 0)  # the asm writes 0: never taken, keeps the asm
+
+    return prefetch_l2_kernel
+
+
+class L2Prefetch:
+    """A side stream that prefetches the first `nbytes` of a weight into L2 (`fork`) until `join`."""
+
+    def __init__(self, device: torch.device, nbytes: int, programs: int | None = None) -> None:
+        if nbytes <= 0:
+            raise ValueError(f"L2Prefetch needs a positive byte count, got {nbytes}")
+        self.device = device
+        self.nbytes = nbytes
+        self.programs = programs or torch.cuda.get_device_properties(device).multi_processor_count
+        self.stream = torch.cuda.Stream(device)
+        self._sink = torch.zeros(self.programs, dtype=torch.int32, device=device)
+        self._kernel = _kernel()
+        self._open = False
+
+    def lines(self, weight: Tensor) -> int:
+        """128-byte lines a fork asks for: the first `nbytes` of the weight, at most all of it."""
+        return min(self.nbytes, weight.numel() * weight.element_size()) // LINE
+
+    def fork(self, weight: Tensor) -> None:
+        if self._open:
+            raise RuntimeError("L2Prefetch.fork: the last fork was not joined")
+        n = self.lines(weight)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            grid = (min(self.programs, -(-n // BLOCK)),)
+            self._kernel[grid](weight, n, self._sink, LINE=LINE, BLOCK=BLOCK, num_warps=4)
+        self._open = True
+
+    def join(self) -> None:
+        if self._open:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            self._open = False
+
+
+@contextmanager
+def prefetching(prefetch: L2Prefetch | None, weight: Tensor) -> Iterator[None]:
+    """Run the body (a small kernel) while `weight`'s first bytes are prefetched; no-op without one."""
+    if prefetch is None:
+        yield
+        return
+    prefetch.fork(weight)
+    try:
+        yield
+    finally:
+        prefetch.join()
