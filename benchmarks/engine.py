@@ -330,16 +330,16 @@ def gpu_slug(device: torch.device) -> str:
     return (match.group(1) if match else re.sub(r"\W+", "-", name)).lower()
 
 
-def _variant(args: argparse.Namespace, built_pieces: bool, cuda_core_default: int) -> str:
+def _variant(args: argparse.Namespace, built_pieces: bool, kernel_defaults: dict[str, float]) -> str:
     """The results file's suffix for settings other than the data plane's defaults (decode-only runs:
     also piecewise graphs built, or the heap frozen)."""
     default = DataplaneConfig()
     page = "" if args.block_size == default.block_size else f"-page{args.block_size}"
     fold = "" if args.decode_gemm_rows == default.decode_gemm_rows else f"-fold{args.decode_gemm_rows}"
     extra = ("-pieces" if args.decode_only and built_pieces else "") + ("-gcfreeze" if args.gc_freeze else "")
-    cc = args.cuda_core_max_batch
-    extra += "" if cc is None or cc == cuda_core_default else f"-cc{cc}"
-    extra += "" if args.balanced_max_skew is None else f"-skew{args.balanced_max_skew:g}"
+    for name, tag in (("cuda_core_max_batch", "cc"), ("balanced_max_skew", "skew")):  # set and not the default
+        value = getattr(args, name)
+        extra += "" if value is None or value == kernel_defaults[name] else f"-{tag}{value:g}"
     if args.decode_blas_library != default.decode_blas_library:
         extra += f"-dblas{args.decode_blas_library}"
     if args.decode_l2_prefetch_kib != default.decode_l2_prefetch_kib:
@@ -406,12 +406,9 @@ def main() -> None:
 
     if args.unsplit_kv_min_batch is not None:  # the decode attention's KV split
         fib.UNSPLIT_KV_MIN_BATCH = args.unsplit_kv_min_batch
-    cuda_core_default = fib.CUDA_CORE_MAX_BATCH
-    if args.balanced_max_skew is not None:  # unsplit twins of the small tensor-core buckets
-        if args.balanced_max_skew == fib.BALANCED_MAX_SKEW:
-            args.balanced_max_skew = None  # the default: no file suffix
-        else:
-            fib.BALANCED_MAX_SKEW = args.balanced_max_skew or None
+    kernel_defaults = {"cuda_core_max_batch": fib.CUDA_CORE_MAX_BATCH, "balanced_max_skew": fib.BALANCED_MAX_SKEW}
+    if args.balanced_max_skew is not None:  # unsplit twins of the small tensor-core buckets (0: none)
+        fib.BALANCED_MAX_SKEW = args.balanced_max_skew or None
     if args.cuda_core_max_batch is not None:  # the decode kernel of small buckets
         fib.CUDA_CORE_MAX_BATCH = args.cuda_core_max_batch
     budget, max_seqs = (512, 16) if quick else (8192, 256)
@@ -443,7 +440,7 @@ def main() -> None:
                 "piecewise_graphs": built_pieces, "block_size": args.block_size,
                 "decode_gemm_rows": args.decode_gemm_rows, "gc_freeze": args.gc_freeze,
                 "decode_l2_prefetch_kib": args.decode_l2_prefetch_kib}  # both reports'
-    variant = _variant(args, built_pieces, cuda_core_default)
+    variant = _variant(args, built_pieces, kernel_defaults)
     if args.decode_only:
         args.out.mkdir(parents=True, exist_ok=True)
         split = "" if args.unsplit_kv_min_batch is None else f"-unsplit{args.unsplit_kv_min_batch}"
