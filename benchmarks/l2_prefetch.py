@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"l2-prefetch-{gpu_slug(result['gpu'])}.json"
+    path = args.out / f"l2-prefetch-{gpu_slug(torch.device('cuda'))}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
     return 0

@@ -91,7 +91,8 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
     decode_blas_library: str = "default"
     # whole-GPU decode graphs prefetch each projection's first this-many KiB of weights into L2 on a side
     # stream while the small kernel before it runs (dataplane/kernels/l2_prefetch.py; 0: never). An
-    # experiment, off by default (benchmarks/l2_prefetch.py)
+    # experiment, off by default: ~1 us a projection at best on an H100, not yet told apart from a lease's
+    # drift in the decode grid (README, lease 10; benchmarks/l2_prefetch.py)
     decode_l2_prefetch_kib: int = 0
     multiplexing: bool = True  # build green-context SM partitions on CUDA
     decode_partition_sms: tuple[int, ...] | None = None  # decode sizes to build; None: every allowed split
