@@ -392,8 +392,9 @@ def main() -> None:
                    help="decode passes of at most this many rows fold norms, SwiGLU and residual adds into their "
                         "projections (0: never; files of another value than the default get -fold<N>)")
     p.add_argument("--decode-l2-prefetch-kib", type=int, default=DataplaneConfig().decode_l2_prefetch_kib,
-                   help="whole-GPU decode graphs prefetch each projection's first this-many KiB into L2 while the "
-                        "small kernel before it runs (0: never; files of another value than the default get -pf<N>)")
+                   help="whole-GPU decode graphs prefetch the first this-many KiB of QKV, gate/up and down into L2 "
+                        "while the small kernel before each runs (0: never; files of another value than the default "
+                        "get -pf<N>)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
     if args.decode_repeats < 1:

@@ -21,8 +21,8 @@
 # and with that and the decode graphs' GEMMs on cuBLASLt without workspace) decode-kernels-lt (the latter alone) decode-skew
 # (decode attention at B=16 and 24, KV split or not, lengths spread by each of SPREADS) l2-prefetch (a decode GEMM
 # after its first weights were prefetched into L2 during a small kernel) decode-prefetch (the decode grid with the
-# decode graphs prefetching each projection's first PF_KIB KiB into L2, "0 8192 0 8192" unless set: alternated, as one ordered pair
-# could not tell the prefetch from the drift) engine multiplex
+# decode graphs prefetching the first PF_KIB KiB of QKV, gate/up and down into L2, "0 8192 0 8192" unless set: alternated,
+# as one ordered pair could not tell the prefetch from the drift; ~30 s a run with a warm JIT cache, 140 s at most) engine multiplex
 # multiplex-lt multiplex-sized multiplex-gemm (the multiplex benchmark under cuBLASLt with kernels sized for the device,
 # then the partition, then the partition's GEMMs only, FA3 prefill kept)
 # predictor (the shapes serving runs) predictor-all (every shape on every SM count) serving-code
@@ -106,7 +106,7 @@ for stage in "$@"; do
     l2-prefetch) run l2-prefetch 200 python3 benchmarks/l2_prefetch.py --out "$OUT" ;;
     decode-prefetch) i=0; for kib in ${PF_KIB:-0 8192 0 8192}; do  # the decode grid by L2 prefetch size (KiB)
                        i=$((i + 1)); mkdir -p "$OUT/pf$i"  # run i's file under $OUT/pf<i> (the last --out wins)
-                       run decode-pf$kib-$i 240 python3 benchmarks/engine.py $DK --out "$OUT/pf$i" \
+                       run decode-pf$kib-$i 140 python3 benchmarks/engine.py $DK --out "$OUT/pf$i" \
                          --decode-l2-prefetch-kib $kib ${CUDA_CORES:+--cuda-core-max-batch $CUDA_CORES}
                      done ;;
     decode-skew) for s in ${SPREADS:-0.05 0.1 0.2 0.3}; do  # where an unsplit twin stops paying (BALANCED_MAX_SKEW)

@@ -4,14 +4,16 @@ A decode step at B=16 reads its weights at ~95% of the copy rate inside the GEMM
 small latency-bound kernels (add+RMSNorm ~2.9 us, SwiGLU ~1.7 us, split-K reduces ~2 us) leave HBM idle
 for ~12 us a layer (`decode-profile-h100.md`). This asks, on one GPU, before any data-plane change:
 
-1. how long a kernel takes to prefetch X MB into L2 three ways: `prefetch.global.L2::evict_last` per
+1. how long a kernel takes to prefetch X MiB into L2 three ways: `prefetch.global.L2::evict_last` per
    128-byte line (`pf`), `cp.async.bulk.prefetch.L2` per 4 KiB chunk (`bulk`, sm90), or loading the lines
    (`load`) -- near-zero time for the first two would mean the hardware takes them fire-and-forget;
 2. for a projection's shape at 16 rows (QKV 6144x4096, gate/up 24576x4096, down 4096x12288), each of
    `LAYERS` layers with its own weights (so L2 never holds the next one's): the small kernel then the
-   GEMM (`base`); the same with the first X MB of the GEMM's weights prefetched on a side stream while
+   GEMM (`base`); the same with the first X MiB of the GEMM's weights prefetched on a side stream while
    the small kernel runs, joined before the GEMM (`side`); prefetched first on the same stream (`serial`);
-   and the GEMM alone, and right after itself (`warm`: the L2-resident bound), all in CUDA graphs.
+   and the GEMM alone, and right after itself (`warm`; these weights do not fit the usable L2, so it is
+   no faster), all in CUDA graphs. The small kernel is torch's RMSNorm (~4.4 us on an H100), longer than
+   the data plane's add+RMSNorm (~2.9 us) and SwiGLU (~1.7 us): the gains here are upper bounds.
 
 Prints a table and writes `<out>/l2-prefetch-<gpu>.json`. GPU only (the prefetch is inline PTX).
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -76,6 +79,8 @@ def _kernels():  # noqa: ANN202 (Triton's JIT functions; imported on the GPU onl
 
 
 class Prefetcher:
+    """Launches the prefetch kernel in one of MODES over a weight's first bytes (a grid of `programs`)."""
+
     def __init__(self, device: torch.device, programs: int) -> None:
         self.kernel = _kernels()
         self.sink = torch.zeros(4096, dtype=torch.int32, device=device)
@@ -93,7 +98,7 @@ class Prefetcher:
         self.kernel[grid](weight, n_units, self.sink, UNIT=unit, BLOCK=block, MODE=m, num_warps=4)
 
 
-def graph_us(body, device: torch.device, per: int) -> float:  # noqa: ANN001
+def graph_us(body: Callable[[], object], device: torch.device, per: int) -> float:
     """us per unit of work: `body()` (which does `per` units) captured once, replayed REPS times."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))

@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "shares cuBLAS's workspace unless TORCH_CUBLASLT_UNIFIED_WORKSPACE=0, then sizes it from "
                         "CUBLASLT_WORKSPACE_SIZE (KiB)")
     p.add_argument("--decode-l2-prefetch-kib", type=int, default=d.decode_l2_prefetch_kib,
-                   help="whole-GPU decode graphs prefetch each projection's first this-many KiB of weights into L2 "
-                        "while the small kernel before it runs (0: never; an experiment)")
+                   help="whole-GPU decode graphs prefetch the first this-many KiB of the QKV, gate/up and down "
+                        "weights into L2 while the small kernel before each runs (0: never; an experiment)")
     p.add_argument("--no-multiplexing", action="store_true", help="build no green-context SM partitions")
     p.add_argument("--decode-partition-sms", default=None,
                    help="comma-separated decode partition sizes to build (default: every allowed split)")

@@ -116,6 +116,9 @@ class DecodeGraphs:
             log.warning("l2 prefetch of %d bytes needs the fused path with Triton; decode graphs run without it",
                         nbytes)
             return None
+        if fused.decode_gemms is not None:
+            log.warning("passes of at most %d rows run the folded decode GEMMs, which do not prefetch into L2",
+                        fused.decode_gemms.max_rows)
         return L2Prefetch(self.device, nbytes)
 
     @property

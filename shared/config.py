@@ -89,8 +89,8 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
     # unless TORCH_CUBLASLT_UNIFIED_WORKSPACE=0 (then CUBLASLT_WORKSPACE_SIZE, KiB, read once), and on an
     # H100 that setting gained nothing (README, lease 8), so it stays off
     decode_blas_library: str = "default"
-    # whole-GPU decode graphs prefetch each projection's first this-many KiB of weights into L2 on a side
-    # stream while the small kernel before it runs (dataplane/kernels/l2_prefetch.py; 0: never). An
+    # whole-GPU decode graphs prefetch the first this-many KiB of the QKV, gate/up and down weights into L2
+    # on a side stream while the small kernel before each runs (dataplane/kernels/l2_prefetch.py; 0: never). An
     # experiment, off by default: ~1 us a projection at best on an H100, not yet told apart from a lease's
     # drift in the decode grid (README, lease 10; benchmarks/l2_prefetch.py)
     decode_l2_prefetch_kib: int = 0

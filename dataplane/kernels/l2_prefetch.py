@@ -1,7 +1,9 @@
 """Pull the start of a decode GEMM's weights into L2 while a small kernel runs before it.
 
 In a decode step at a few rows the projections read their weights near the copy rate, but between them
-latency-bound kernels (add+RMSNorm, SwiGLU) leave HBM idle for microseconds. `L2Prefetch.fork(w)` starts
+latency-bound kernels (add+RMSNorm, SwiGLU) leave HBM idle for microseconds. The fused path forks around
+the kernel before QKV, gate/up and down (not O, whose weights the attention's KV read would evict, nor the
+folded decode GEMMs' passes). `L2Prefetch.fork(w)` starts
 a kernel on a side stream that asks L2 for the first `nbytes` of `w` (PTX `prefetch.global.L2::evict_last`
 per 128-byte line); `join()` makes the main stream wait for it before the GEMM, so the prefetch never
 shares the SMs with the GEMM. Inside a CUDA graph the fork and join are edges of the graph.
@@ -57,22 +59,28 @@ class L2Prefetch:
         self._sink = torch.zeros(self.programs, dtype=torch.int32, device=device)
         self._kernel = _kernel()
         self._open = False
+        self.forks = 0  # prefetch kernels launched (captured graphs hold them; replays do not count)
 
     def lines(self, weight: Tensor) -> int:
         """128-byte lines a fork asks for: the first `nbytes` of the weight, at most all of it."""
         return min(self.nbytes, weight.numel() * weight.element_size()) // LINE
 
     def fork(self, weight: Tensor) -> None:
+        """The side stream waits for the current one, then prefetches `weight`'s first bytes."""
         if self._open:
             raise RuntimeError("L2Prefetch.fork: the last fork was not joined")
         n = self.lines(weight)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._open = True  # from here on `join` must run, even if the launch below raises
+        if n == 0:  # a weight smaller than a line: nothing to ask for
+            return
         with torch.cuda.stream(self.stream):
             grid = (min(self.programs, -(-n // BLOCK)),)
             self._kernel[grid](weight, n, self._sink, LINE=LINE, BLOCK=BLOCK, num_warps=4)
-        self._open = True
+        self.forks += 1
 
     def join(self) -> None:
+        """The current stream waits for the side stream (no-op without an open fork)."""
         if self._open:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
             self._open = False
@@ -84,8 +92,8 @@ def prefetching(prefetch: L2Prefetch | None, weight: Tensor) -> Iterator[None]:
     if prefetch is None:
         yield
         return
-    prefetch.fork(weight)
     try:
+        prefetch.fork(weight)
         yield
     finally:
         prefetch.join()

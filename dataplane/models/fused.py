@@ -5,6 +5,9 @@ in-place RoPE and torch ops stand in. Passes of at most `decode_gemm_rows` token
 may instead fold the norms, the activation and the residual adds into the projections
 (`dataplane/kernels/decode_gemm.py`): 6 kernels a layer plus a reduce per projection whose K is split,
 where the unfolded path runs 9 plus cuBLAS's split-K reduces. Slower on an H100: off by default.
+While `FusedKernels.prefetch` is set (whole-GPU decode graph capture with `decode_l2_prefetch_kib`), the
+unfolded path forks an L2 prefetch of the next projection's weights around three small kernels a layer
+(`dataplane/kernels/l2_prefetch.py`): timing only.
 
 `enable_fused_path(model)` rewires a loaded model in place; the reference path in `dense` stays the
 definition the fast path is tested against. flashinfer is imported here only, on CUDA only. This
@@ -28,8 +31,9 @@ log = logging.getLogger(__name__)
 
 class FusedKernels:
     decode_gemms: DecodeGemms | None = None  # the folded projections of short passes (enable_decode_gemms)
-    # set only while a whole-GPU decode graph is captured (`DecodeGraphs`): each small kernel before a
-    # projection runs beside a prefetch of that projection's first weights into L2
+    # set only while a whole-GPU decode graph is captured (`DecodeGraphs`): the norm before QKV, the norm
+    # before gate/up and SwiGLU before down run beside a prefetch of that projection's first weights into
+    # L2 (timing only; the folded decode GEMMs' passes do not prefetch)
     prefetch: L2Prefetch | None = None
 
     def __init__(self, model: DenseForCausalLM, device: torch.device) -> None:

@@ -209,12 +209,13 @@ def test_engine_device_timeline_splits_step_time_into_device_span_idle_gap_and_s
 
 def test_engine_decode_grid_takes_its_points_and_names_its_variants(tmp_path: Path) -> None:
     """--decode-batches/--decode-contexts pick the grid; a frozen heap, another CUDA-core decode limit, another
-    balance limit for unsplit twins, another decode-graph BLAS library and an L2 prefetch are named in the file and the report; pieces asked for but not built
-    (none on a CPU) are not."""
+    balance limit for unsplit twins, another decode-graph BLAS library and an L2 prefetch are named in the file
+    and the report; pieces asked for but not built (none on a CPU) are not."""
     proc = subprocess.run([sys.executable, "benchmarks/engine.py", "--model", "tiny", "--device", "cpu", "--quick",
                            "--decode-only", "--decode-repeats", "1", "--decode-batches", "2", "--decode-contexts",
                            "32,48", "--gc-freeze", "--piecewise-graphs", "--cuda-core-max-batch", "16",
-                           "--decode-blas-library", "cublas", "--balanced-max-skew", "1.2", "--decode-l2-prefetch-kib", "64",
+                           "--decode-blas-library", "cublas", "--balanced-max-skew", "1.2",
+                           "--decode-l2-prefetch-kib", "64",
                            "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -194,6 +194,9 @@ def test_decode_graphs_with_l2_prefetch_equal_eager(gpu_checkpoint: Path) -> Non
     prompts = _prompts(6, 512, seed=8)
     graphed = _worker(str(gpu_checkpoint), decode_l2_prefetch_kib=256).runner
     assert graphed.graphs is not None and graphed.graphs.l2_prefetch is not None
+    # three forks a layer in each captured graph (warm-ups too), and none left handed to the fused path
+    assert graphed.graphs.l2_prefetch.forks >= 3 * graphed.model.cfg.num_layers * graphed.graphs.num_graphs
+    assert graphed.model.fused.prefetch is None
     got = greedy_run(graphed, prompts, 16, sync_debug=True, depth=2)
     assert got == greedy_run(_worker(str(gpu_checkpoint), cuda_graphs=False).runner, prompts, 16)
 

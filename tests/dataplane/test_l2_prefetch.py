@@ -7,6 +7,7 @@ GPU suite's `l2-prefetch` and `decode-prefetch` stages measure it."""
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
+from dataplane.graphs import DecodeGraphs  # noqa: E402
 from dataplane.kernels.l2_prefetch import L2Prefetch, prefetching  # noqa: E402
+from dataplane.models.dense import DenseForCausalLM  # noqa: E402
 from shared.config import DataplaneConfig  # noqa: E402
 from tests.dataplane.test_piecewise import DEVICE, _batch, _caches, _step, model  # noqa: E402, F401
 
@@ -23,7 +26,7 @@ from tests.dataplane.test_piecewise import DEVICE, _batch, _caches, _step, model
 class RecordingPrefetch:
     """Stands in for L2Prefetch: records which weight each fork asked for, and that forks are joined."""
 
-    def __init__(self, model) -> None:  # noqa: ANN001
+    def __init__(self, model: DenseForCausalLM) -> None:
         self.names = {p.data_ptr(): n for n, p in model.named_parameters()}
         self.forks: list[str] = []
         self.open = False
@@ -34,10 +37,10 @@ class RecordingPrefetch:
         self.forks.append(self.names[weight.data_ptr()])
         self.open = True
 
-    def join(self) -> None:
-        assert self.open, "a join without a fork"
-        self.open = False
-        self.joins += 1
+    def join(self) -> None:  # like L2Prefetch.join: a no-op without an open fork
+        if self.open:
+            self.open = False
+            self.joins += 1
 
 
 def test_the_fused_forward_prefetches_each_projection_around_the_kernel_before_it(model) -> None:  # noqa: ANN001, F811
@@ -66,6 +69,25 @@ def test_a_fork_is_joined_when_the_kernel_between_raises(model) -> None:  # noqa
     assert recorder.joins == 1 and not recorder.open
     with prefetching(None, weight):  # no prefetcher: the body only
         pass
+
+
+def test_only_whole_gpu_graphs_are_captured_with_the_prefetch(model) -> None:  # noqa: ANN001, F811
+    """DecodeGraphs hands the fused path its prefetcher while a "full" graph is captured, never for a
+    partition's (an SM count), and takes it back afterwards, also when the capture raises."""
+    recorder = RecordingPrefetch(model)
+    graphs = SimpleNamespace(l2_prefetch=recorder, model=model)  # what _prefetching reads of a DecodeGraphs
+    with DecodeGraphs._prefetching(graphs, "full"):  # type: ignore[arg-type]
+        assert model.fused.prefetch is recorder
+    assert model.fused.prefetch is None
+    with DecodeGraphs._prefetching(graphs, 64):  # type: ignore[arg-type]
+        assert model.fused.prefetch is None
+    failing = DecodeGraphs._prefetching(graphs, "full")  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="capture"), failing:
+        raise RuntimeError("capture failed")
+    assert model.fused.prefetch is None
+    graphs.l2_prefetch = None  # none configured: nothing handed over
+    with DecodeGraphs._prefetching(graphs, "full"):  # type: ignore[arg-type]
+        assert model.fused.prefetch is None
 
 
 def test_prefetch_sizes_are_checked() -> None:
