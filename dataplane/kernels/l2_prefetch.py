@@ -49,12 +49,12 @@ def _kernel():  # noqa: ANN202 (a Triton JIT function; Triton imported on CUDA o
 class L2Prefetch:
     """A side stream that prefetches the first `nbytes` of a weight into L2 (`fork`) until `join`."""
 
-    def __init__(self, device: torch.device, nbytes: int, programs: int | None = None) -> None:
+    def __init__(self, device: torch.device, nbytes: int) -> None:
         if nbytes <= 0:
             raise ValueError(f"L2Prefetch needs a positive byte count, got {nbytes}")
         self.device = device
         self.nbytes = nbytes
-        self.programs = programs or torch.cuda.get_device_properties(device).multi_processor_count
+        self.programs = torch.cuda.get_device_properties(device).multi_processor_count  # one program an SM
         self.stream = torch.cuda.Stream(device)
         self._sink = torch.zeros(self.programs, dtype=torch.int32, device=device)
         self._kernel = _kernel()
