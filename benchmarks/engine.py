@@ -336,6 +336,8 @@ def _variant(args: argparse.Namespace, built_pieces: bool, kernel_defaults: dict
     default = DataplaneConfig()
     page = "" if args.block_size == default.block_size else f"-page{args.block_size}"
     fold = "" if args.decode_gemm_rows == default.decode_gemm_rows else f"-fold{args.decode_gemm_rows}"
+    if args.epilogue_norm_rows != default.epilogue_norm_rows:
+        fold += f"-epi{args.epilogue_norm_rows}"
     extra = ("-pieces" if args.decode_only and built_pieces else "") + ("-gcfreeze" if args.gc_freeze else "")
     for name, tag in (("cuda_core_max_batch", "cc"), ("balanced_max_skew", "skew")):  # set and not the default
         value = getattr(args, name)
@@ -391,6 +393,10 @@ def main() -> None:
     p.add_argument("--decode-gemm-rows", type=int, default=DataplaneConfig().decode_gemm_rows,
                    help="decode passes of at most this many rows fold norms, SwiGLU and residual adds into their "
                         "projections (0: never; files of another value than the default get -fold<N>)")
+    p.add_argument("--epilogue-norm-rows", type=int, default=DataplaneConfig().epilogue_norm_rows,
+                   help="passes of at most this many rows run the layers' norms inside the kernels after QKV and "
+                        "gate/up and the residual adds inside O and down (0: never; files of another value than "
+                        "the default get -epi<N>)")
     p.add_argument("--decode-l2-prefetch-kib", type=int, default=DataplaneConfig().decode_l2_prefetch_kib,
                    help="whole-GPU decode graphs prefetch the first this-many KiB of QKV, gate/up and down into L2 "
                         "while the small kernel before each runs (0: never; files of another value than the default "
@@ -418,6 +424,7 @@ def main() -> None:
                                          blas_library=args.blas_library, block_size=args.block_size,
                                          decode_blas_library=args.decode_blas_library,
                                          decode_gemm_rows=args.decode_gemm_rows,
+                                         epilogue_norm_rows=args.epilogue_norm_rows,
                                          decode_l2_prefetch_kib=args.decode_l2_prefetch_kib,
                                          piecewise_graphs=args.piecewise_graphs))
     if args.gc_freeze:
@@ -439,7 +446,8 @@ def main() -> None:
                 "cublaslt_workspace_size": os.environ.get("CUBLASLT_WORKSPACE_SIZE"),
                 "cublaslt_unified_workspace": os.environ.get("TORCH_CUBLASLT_UNIFIED_WORKSPACE"),
                 "piecewise_graphs": built_pieces, "block_size": args.block_size,
-                "decode_gemm_rows": args.decode_gemm_rows, "gc_freeze": args.gc_freeze,
+                "decode_gemm_rows": args.decode_gemm_rows, "epilogue_norm_rows": args.epilogue_norm_rows,
+                "gc_freeze": args.gc_freeze,
                 "decode_l2_prefetch_kib": args.decode_l2_prefetch_kib}  # both reports'
     variant = _variant(args, built_pieces, kernel_defaults)
     if args.decode_only:

@@ -22,7 +22,9 @@
 # (decode attention at B=16 and 24, KV split or not, lengths spread by each of SPREADS) l2-prefetch (a decode GEMM
 # after its first weights were prefetched into L2 during a small kernel) decode-prefetch (the decode grid with the
 # decode graphs prefetching the first PF_KIB KiB of QKV, gate/up and down into L2, "0 8192 0 8192" unless set: alternated,
-# as one ordered pair could not tell the prefetch from the drift; ~30 s a run with a warm JIT cache, 140 s at most) engine multiplex
+# as one ordered pair could not tell the prefetch from the drift; ~30 s a run with a warm JIT cache, 140 s at most)
+# decode-epi (the decode grid with epilogue_norm_rows of each of EPI_ROWS, "0 256 0 256" unless set, alternated likewise)
+# tests-epi (the GPU tests of the norms in the projections' epilogues, graph replay and the host-sync check) engine multiplex
 # multiplex-lt multiplex-sized multiplex-gemm (the multiplex benchmark under cuBLASLt with kernels sized for the device,
 # then the partition, then the partition's GEMMs only, FA3 prefill kept)
 # predictor (the shapes serving runs) predictor-all (every shape on every SM count) serving-code
@@ -109,6 +111,13 @@ for stage in "$@"; do
                        run decode-pf$kib-$i 140 python3 benchmarks/engine.py $DK --out "$OUT/pf$i" \
                          --decode-l2-prefetch-kib $kib ${CUDA_CORES:+--cuda-core-max-batch $CUDA_CORES}
                      done ;;
+    decode-epi) i=0; for rows in ${EPI_ROWS:-0 256 0 256}; do  # the decode grid by epilogue_norm_rows, alternated
+                  i=$((i + 1)); mkdir -p "$OUT/epi$i"  # run i's file under $OUT/epi<i>
+                  run decode-epi$rows-$i 140 python3 benchmarks/engine.py $DK --out "$OUT/epi$i" \
+                    --epilogue-norm-rows $rows ${CUDA_CORES:+--cuda-core-max-batch $CUDA_CORES}
+                done ;;
+    tests-epi) run tests-epi ${TEST_LIMIT:-300} python3 -u -m pytest -m gpu tests/dataplane/test_gpu.py -v -p no:cacheprovider \
+                 -k "epilogue or fused_path_matches or hot_loop or graph_replay_equals" ;;  # the norms-in-epilogues tests
     decode-skew) for s in ${SPREADS:-0.05 0.1 0.2 0.3}; do  # where an unsplit twin stops paying (BALANCED_MAX_SKEW)
                    run decode-attention-spread$s 120 python3 benchmarks/decode_attention.py --batches 16,24 \
                      --contexts 1024,4096 --length-spread $s --variants tc,tc-nosplit --out "$OUT"
@@ -116,7 +125,8 @@ for stage in "$@"; do
     decode-kernels-lt) TORCH_CUBLASLT_UNIFIED_WORKSPACE=0 CUBLASLT_WORKSPACE_SIZE=1 run decode-k-lt 150 python3 benchmarks/engine.py $DK \
                          --decode-blas-library cublaslt ;;
     engine) run engine 400 python3 benchmarks/engine.py --peer-requests 64 --peer-output-len 128 ${PAGE:+--block-size $PAGE} \
-              ${CUDA_CORES:+--cuda-core-max-batch $CUDA_CORES} --out "$OUT" ;;  # PAGE, CUDA_CORES: KV page size, CUDA-core rows (default: the data plane's)
+              ${CUDA_CORES:+--cuda-core-max-batch $CUDA_CORES} ${EPI:+--epilogue-norm-rows $EPI} --out "$OUT" ;;  # PAGE, CUDA_CORES,
+              # EPI: KV page size, CUDA-core rows, epilogue_norm_rows (default: the data plane's)
     prefix-cache) run prefix-cache 300 python3 benchmarks/prefix_cache.py --out "$OUT" ;;
     stream) run stream 560 python3 benchmarks/stream_throughput.py --gpu cuda --concurrency 256 \
               --stream-intervals 1,4 --out "$OUT/stream-throughput-$GPU.json" ;;

@@ -45,6 +45,8 @@ def dataplane_args(config: DataplaneConfig) -> list[str]:
         args += ["--decode-blas-library", config.decode_blas_library]
     if config.decode_l2_prefetch_kib:
         args += ["--decode-l2-prefetch-kib", str(config.decode_l2_prefetch_kib)]
+    if config.epilogue_norm_rows != DataplaneConfig().epilogue_norm_rows:
+        args += ["--epilogue-norm-rows", str(config.epilogue_norm_rows)]
     if config.decode_gemm_rows != DataplaneConfig().decode_gemm_rows:
         args += ["--decode-gemm-rows", str(config.decode_gemm_rows)]
     if not config.multiplexing:

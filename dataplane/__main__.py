@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-gemm-rows", type=int, default=d.decode_gemm_rows,
                    help="passes of at most this many tokens (decode graphs) fold the norms, SwiGLU and the residual "
                         "adds into their projections (0: never; at most 64)")
+    p.add_argument("--epilogue-norm-rows", type=int, default=d.epilogue_norm_rows,
+                   help="passes of at most this many tokens (decode graphs) run the layers' norms inside the kernels "
+                        "after QKV and gate/up and the residual adds inside the O and down GEMMs (0: never)")
     p.add_argument("--blas-library", choices=BLAS_LIBRARIES, default=d.blas_library,
                    help="library for torch's GEMMs on CUDA (default: torch's choice)")
     p.add_argument("--decode-blas-library", choices=BLAS_LIBRARIES, default=d.decode_blas_library,
@@ -79,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
             cuda_graphs=not args.no_cuda_graphs, piecewise_graphs=args.piecewise_graphs,
             fused_kernels=not args.no_fused_kernels, decode_gemm_rows=args.decode_gemm_rows,
+            epilogue_norm_rows=args.epilogue_norm_rows,
             multiplexing=not args.no_multiplexing, blas_library=args.blas_library,
             decode_blas_library=args.decode_blas_library, decode_l2_prefetch_kib=args.decode_l2_prefetch_kib,
             partition_kernels=args.partition_kernels,

@@ -28,7 +28,7 @@ from torch import Tensor
 from dataplane.attention.base import AttentionBackend
 from dataplane.models.config import ModelConfig
 from dataplane.models.dense import DenseForCausalLM
-from dataplane.models.fused import after_attention, project_q
+from dataplane.models.fused import after_attention, layer_norm_weight, project_q
 from shared.profiles import MAX_PIECEWISE_TOKENS  # above it a pass's GPU time hides its launches
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class PiecewiseGraphs:
         if i == 0:
             residual.copy_(model.model.embed_tokens(self.input_ids[:size]))
             first = layers[0].input_layernorm
-            h = kernels.rms_norm(residual, first.weight, first.eps)
+            h = kernels.rms_norm(residual, layer_norm_weight(kernels, first), first.eps)
         else:
             h = after_attention(layers[i - 1], self.o[:size], residual, kernels)
             if i == self.num_layers:
@@ -125,7 +125,7 @@ class PiecewiseGraphs:
                 self.out[:size].copy_(h)
                 return
             norm = layers[i].input_layernorm
-            h, _ = kernels.add_rms_norm(h, residual, norm.weight, norm.eps)
+            h, _ = kernels.add_rms_norm(h, residual, layer_norm_weight(kernels, norm), norm.eps)
         project_q(layers[i], h, self.positions[:size], kernels, self.kv_caches[i], self.blocks[:size],
                   self.offsets[:size], out=self.q[:size])
 

@@ -114,7 +114,7 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
     if device.type == "cuda" and config.fused_kernels and dtype != torch.float32:
         from dataplane.models.fused import enable_fused_path
 
-        enable_fused_path(model, device, config.decode_gemm_rows)
+        enable_fused_path(model, device, config.decode_gemm_rows, config.epilogue_norm_rows)
     shape = AttentionShape(cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, dtype)
     backend = make_backend(config.attention_backend, device, shape)
     piecewise = config.piecewise_graphs and piecewise_possible(model, device, backend.name, config.cuda_graphs)
@@ -198,6 +198,8 @@ def calibration_setup(config: DataplaneConfig) -> str:
     parts = [f"blas-{config.blas_library}"] if config.blas_library != "default" else []
     if config.decode_blas_library != "default":
         parts.append(f"decode-blas-{config.decode_blas_library}")
+    if config.epilogue_norm_rows:
+        parts.append(f"epilogue-norms-{config.epilogue_norm_rows}")
     if config.decode_l2_prefetch_kib:
         parts.append(f"l2-prefetch-{config.decode_l2_prefetch_kib}")
     if config.multiplexing and config.partition_kernels != "device":

@@ -83,6 +83,12 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
     # slower on an H100 with Triton 3.6's GEMMs (a layer's projections at 16 rows: 208 us, ~182 with
     # the tuned table, against 155 unfolded)
     decode_gemm_rows: int = 0
+    # passes of at most this many tokens (decode graphs) run each layer's input and post-attention norms
+    # inside the kernels after the projections (the norm weights folded into QKV and gate/up at load, each
+    # row's scale applied by the RoPE/KV-write and SwiGLU kernels) and its residual adds inside the O and
+    # down GEMMs: 7 kernels a layer instead of 9 (dataplane/models/fused.py; 0: never; bf16 only, not with
+    # decode_gemm_rows)
+    epilogue_norm_rows: int = 0
     blas_library: str = "default"  # default | cublas | cublaslt: the library torch's GEMMs use on CUDA
     # the library the decode graphs' GEMMs are captured with (default: blas_library's). Meant to run decode
     # without split-K while prefill keeps cuBLAS's workspace; torch 2.11 gives cuBLASLt cuBLAS's workspace
@@ -117,6 +123,10 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("max_model_len must be >= 1")
         if not 0 <= self.decode_gemm_rows <= MAX_DECODE_GEMM_ROWS:
             raise ValueError(f"decode_gemm_rows must be in [0, {MAX_DECODE_GEMM_ROWS}], got {self.decode_gemm_rows}")
+        if self.epilogue_norm_rows < 0:
+            raise ValueError(f"epilogue_norm_rows must be >= 0, got {self.epilogue_norm_rows}")
+        if self.epilogue_norm_rows and self.decode_gemm_rows:
+            raise ValueError("epilogue_norm_rows and decode_gemm_rows both fold the norms: set at most one")
         if self.decode_l2_prefetch_kib < 0:
             raise ValueError(f"decode_l2_prefetch_kib must be >= 0, got {self.decode_l2_prefetch_kib}")
         for name in ("blas_library", "decode_blas_library"):

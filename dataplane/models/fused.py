@@ -5,6 +5,12 @@ in-place RoPE and torch ops stand in. Passes of at most `decode_gemm_rows` token
 may instead fold the norms, the activation and the residual adds into the projections
 (`dataplane/kernels/decode_gemm.py`): 6 kernels a layer plus a reduce per projection whose K is split,
 where the unfolded path runs 9 plus cuBLAS's split-K reduces. Slower on an H100: off by default.
+With `epilogue_norm_rows` the input and post-attention norms' weights are folded into the QKV and
+gate/up projections' columns at load (`enable_epilogue_norms`); passes of at most that many tokens then
+run no norm kernel in a layer: the projections read the residual itself, the q/k-norm + RoPE + KV-write
+kernel and SwiGLU's kernel apply each row's norm scale, and the O and down projections add into the
+residual inside cuBLAS (beta=1): 7 kernels a layer instead of 9. Longer passes keep their norm kernels,
+scaling by ones.
 While `FusedKernels.prefetch` is set (whole-GPU decode graph capture with `decode_l2_prefetch_kib`), the
 unfolded path forks an L2 prefetch of the next projection's weights around three small kernels a layer
 (`dataplane/kernels/l2_prefetch.py`): timing only.
@@ -24,7 +30,7 @@ from torch import Tensor, nn
 
 from dataplane.attention.base import AttentionBackend
 from dataplane.kernels.l2_prefetch import L2Prefetch, prefetching
-from dataplane.models.dense import DenseForCausalLM, DecoderLayer, rope_inv_freq
+from dataplane.models.dense import DenseForCausalLM, DecoderLayer, RMSNorm, rope_inv_freq
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +41,11 @@ class FusedKernels:
     # before gate/up and SwiGLU before down run beside a prefetch of that projection's first weights into
     # L2 (timing only; the folded decode GEMMs' passes do not prefetch)
     prefetch: L2Prefetch | None = None
+    # set by `enable_epilogue_norms`: the input and post-attention norms' weights live in the QKV and gate/up
+    # projections' columns, so the fused path's norm kernels for them scale by these ones; passes of at most
+    # `epilogue_norm_rows` tokens run those norms inside the kernels after the projections instead
+    unit_norm: Tensor | None = None
+    epilogue_norm_rows: int = 0
 
     def __init__(self, model: DenseForCausalLM, device: torch.device) -> None:
         import flashinfer  # lazy: CUDA only
@@ -95,14 +106,50 @@ def fuse_projections(model: DenseForCausalLM) -> None:
         del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
 
 
-def enable_fused_path(model: DenseForCausalLM, device: torch.device, decode_gemm_rows: int = 0) -> None:
+def enable_fused_path(model: DenseForCausalLM, device: torch.device, decode_gemm_rows: int = 0,
+                      epilogue_norm_rows: int = 0) -> None:
     """Fuse the projections and switch forward to fused kernels (passes of at most
-    `decode_gemm_rows` tokens through the folded decode GEMMs, where their shapes allow)."""
+    `decode_gemm_rows` tokens through the folded decode GEMMs, where their shapes allow; passes of at
+    most `epilogue_norm_rows` tokens with their norms in the kernels after the projections)."""
     fuse_projections(model)
     torch.cuda.empty_cache()
     model.fused = FusedKernels(model, device)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     enable_decode_gemms(model, decode_gemm_rows, sms)
+    enable_epilogue_norms(model, epilogue_norm_rows)
+
+
+def enable_epilogue_norms(model: DenseForCausalLM, max_rows: int) -> None:
+    """Fold each layer's input and post-attention norm weights into its QKV and gate/up projections (in
+    place: the model's reference forward no longer computes the same function) and let passes of at most
+    `max_rows` tokens run those norms in the kernels after the projections (0: neither). Needs the fused
+    path with Triton, projections without bias (a bias is added after the norm's scale), bf16 or float32
+    weights (the projection of the un-normalised residual can pass float16's range where the normalised
+    one stays within it) and the folded decode GEMMs off (they fold the norms their own way)."""
+    kernels: FusedKernels = model.fused
+    if max_rows <= 0:
+        return
+    if kernels.unit_norm is not None:
+        raise RuntimeError("the norm weights are already folded into the projections")
+    layers = model.model.layers
+    attn, mlp = layers[0].self_attn, layers[0].mlp
+    biased = any(lin.bias is not None for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+    if kernels.triton is None or biased or attn.qkv_proj.weight.dtype == torch.float16 or kernels.decode_gemms is not None:
+        log.warning("epilogue_norm_rows=%d: the norms in the projections' epilogues need Triton, projections "
+                    "without bias, bf16 or float32 weights and the folded decode GEMMs off; the norms stay "
+                    "kernels of their own", max_rows)
+        return
+    for layer in layers:
+        layer.self_attn.qkv_proj.weight.mul_(layer.input_layernorm.weight)
+        layer.mlp.gate_up_proj.weight.mul_(layer.post_attention_layernorm.weight)
+    kernels.unit_norm = torch.ones_like(layers[0].input_layernorm.weight)
+    kernels.epilogue_norm_rows = max_rows
+
+
+def layer_norm_weight(kernels: FusedKernels, norm: RMSNorm) -> Tensor:
+    """The weight a layer's input or post-attention norm kernel scales by: ones once the norm weights
+    are folded into the projections (`enable_epilogue_norms`)."""
+    return norm.weight if kernels.unit_norm is None else kernels.unit_norm
 
 
 class DecodeGemms:
@@ -147,19 +194,20 @@ def enable_decode_gemms(model: DenseForCausalLM, max_rows: int, sms: int) -> Non
 
 
 def project_q(layer: DecoderLayer, h: Tensor, positions: Tensor, kernels: FusedKernels, kv_cache: Tensor,
-              blocks: Tensor, offsets: Tensor, out: Tensor | None = None) -> Tensor:
+              blocks: Tensor, offsets: Tensor, out: Tensor | None = None) -> Tensor:  # h: normalised
     """The fused QKV projection, then one Triton kernel: q/k-norm, RoPE, this step's K/V into the cache
     at (blocks, offsets). Returns q [T, hq, d] (in `out` when given). Needs `kernels.triton`."""
     return _rope_cache(layer, layer.self_attn.qkv_proj(h), positions, kernels, kv_cache, blocks, offsets, out)
 
 
 def _rope_cache(layer: DecoderLayer, qkv: Tensor, positions: Tensor, kernels: FusedKernels, kv_cache: Tensor,
-                blocks: Tensor, offsets: Tensor, out: Tensor | None = None) -> Tensor:
+                blocks: Tensor, offsets: Tensor, out: Tensor | None = None,
+                row_scale: tuple[Tensor, float] | None = None) -> Tensor:
     attn = layer.self_attn
     norm = attn.q_norm is not None and attn.k_norm is not None
     return kernels.triton[0](qkv, positions, kernels.cos_sin, attn.q_norm.weight if norm else None,
                              attn.k_norm.weight if norm else None, attn.q_norm.eps if norm else 0.0, kv_cache,
-                             blocks, offsets, attn.num_q_heads, attn.num_kv_heads, out=out)
+                             blocks, offsets, attn.num_q_heads, attn.num_kv_heads, out=out, row_scale=row_scale)
 
 
 def after_attention(layer: DecoderLayer, o: Tensor, residual: Tensor, kernels: FusedKernels) -> Tensor:
@@ -169,7 +217,7 @@ def after_attention(layer: DecoderLayer, o: Tensor, residual: Tensor, kernels: F
     h = attn.o_proj(o.reshape(o.shape[0], attn.num_q_heads * attn.head_dim))
     post = layer.post_attention_layernorm
     with prefetching(kernels.prefetch, layer.mlp.gate_up_proj.weight):
-        h, _ = kernels.add_rms_norm(h, residual, post.weight, post.eps)
+        h, _ = kernels.add_rms_norm(h, residual, layer_norm_weight(kernels, post), post.eps)
     return _mlp(layer, h, kernels)
 
 
@@ -212,20 +260,51 @@ def fused_forward(model: DenseForCausalLM, input_ids: Tensor, positions: Tensor,
     configs = folded.configs(input_ids.shape[0]) if slots is not None else None  # type: ignore[union-attr]
     if configs is not None:
         return _folded_forward(model, input_ids, positions, attention, kv_caches, configs, slots)
+    if kernels.unit_norm is not None and input_ids.shape[0] <= kernels.epilogue_norm_rows:
+        slots = attention.kv_slots()
+        if slots is not None:
+            return _epilogue_forward(model, input_ids, positions, attention, kv_caches, slots)
     layers = model.model.layers
     residual = model.model.embed_tokens(input_ids)
     first = layers[0].input_layernorm
     with prefetching(kernels.prefetch, layers[0].self_attn.qkv_proj.weight):
-        h = kernels.rms_norm(residual, first.weight, first.eps)
+        h = kernels.rms_norm(residual, layer_norm_weight(kernels, first), first.eps)
     for i, (layer, kv_cache) in enumerate(zip(layers, kv_caches, strict=True)):
         if i > 0:
             norm = layer.input_layernorm
             with prefetching(kernels.prefetch, layer.self_attn.qkv_proj.weight):
-                h, residual = kernels.add_rms_norm(h, residual, norm.weight, norm.eps)
+                h, residual = kernels.add_rms_norm(h, residual, layer_norm_weight(kernels, norm), norm.eps)
         h = after_attention(layer, _attention(layer, h, positions, kernels, attention, kv_cache), residual, kernels)
     norm = model.model.norm
     h, _ = kernels.add_rms_norm(h, residual, norm.weight, norm.eps)
     return h
+
+
+def _epilogue_forward(model: DenseForCausalLM, input_ids: Tensor, positions: Tensor, attention: AttentionBackend,
+                      kv_caches: list[Tensor], slots: tuple[Tensor, Tensor]) -> Tensor:
+    """fused_forward with the layers' norms in the kernels after their projections (the weights folded by
+    `enable_epilogue_norms`): per layer QKV projects the residual itself and the q/k-norm + RoPE + KV-write
+    kernel scales by each row's input-norm scale; the O projection adds into the residual (cuBLAS beta=1);
+    gate/up projects the residual and SwiGLU's kernel scales by the post-attention norm's; down adds into
+    the residual. The final norm stays a kernel of its own. Whole-GPU decode graphs prefetch only before
+    down here (the QKV and gate/up projections have no small kernel before them to hide a prefetch)."""
+    kernels: FusedKernels = model.fused
+    act_and_mul = kernels.triton[1]
+    residual = model.model.embed_tokens(input_ids)
+    t = residual.shape[0]
+    for layer, kv_cache in zip(model.model.layers, kv_caches, strict=True):
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = attn.qkv_proj(residual)
+        q = _rope_cache(layer, qkv, positions, kernels, kv_cache, *slots,
+                        row_scale=(residual, layer.input_layernorm.eps))
+        o = attention.attend(attn.layer_idx, q, kv_cache)
+        residual.addmm_(o.reshape(t, attn.num_q_heads * attn.head_dim), attn.o_proj.weight.t())
+        gate_up = mlp.gate_up_proj(residual)
+        with prefetching(kernels.prefetch, mlp.down_proj.weight):
+            act = act_and_mul(gate_up, row_scale=(residual, layer.post_attention_layernorm.eps))
+        residual.addmm_(act, mlp.down_proj.weight.t())
+    norm = model.model.norm
+    return kernels.rms_norm(residual, norm.weight, norm.eps)
 
 
 def _folded_forward(model: DenseForCausalLM, input_ids: Tensor, positions: Tensor, attention: AttentionBackend,

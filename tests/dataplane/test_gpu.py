@@ -255,8 +255,28 @@ def test_folded_decode_gemms_keep_the_tokens_and_never_sync(gpu_checkpoint: Path
     assert agree > 0.6, f"folded decode GEMMs agree with the unfolded path on only {agree:.0%} of greedy tokens"
 
 
-def test_fused_path_matches_reference(gpu_checkpoint: Path) -> None:
-    """flashinfer norm/rope + fused projections compute the reference model's function (bf16)."""
+def test_epilogue_norm_decode_graphs_equal_eager_and_never_sync(gpu_checkpoint: Path) -> None:
+    """Decode graphs with the layers' norms in the kernels after their projections (`epilogue_norm_rows`)
+    replay with no host sync and give the eager passes' greedy tokens (the same kernels outside graphs);
+    against the default path (norm kernels) most tokens agree: the folded weights and the row scale round
+    in other places, which flips near-ties (the prefill pieces keep their norm kernels, scaling by ones)."""
+    prompts = _prompts(12, 512, seed=9)
+    graphed = _worker(str(gpu_checkpoint), epilogue_norm_rows=32).runner
+    assert graphed.graphs is not None and graphed.model.fused.unit_norm is not None
+    greedy_run(graphed, prompts, 2)  # warm up the Triton kernels outside the check
+    graphed.seqs.clear()
+    got = greedy_run(graphed, prompts, 16, sync_debug=True, depth=2)
+    assert got == greedy_run(_worker(str(gpu_checkpoint), epilogue_norm_rows=32, cuda_graphs=False).runner,
+                             prompts, 16)
+    default = greedy_run(_worker(str(gpu_checkpoint)).runner, prompts, 16)
+    agree = sum(a == b for x, y in zip(got, default) for a, b in zip(x, y)) / sum(map(len, default))
+    assert agree > 0.6, f"epilogue norms agree with the norm kernels on only {agree:.0%} of greedy tokens"
+
+
+@pytest.mark.parametrize("epilogue_rows", [0, 64])
+def test_fused_path_matches_reference(gpu_checkpoint: Path, epilogue_rows: int) -> None:
+    """flashinfer norm/rope + fused projections compute the reference model's function (bf16); also with
+    the norms in the projections' epilogues (the batch's 48 tokens are within 64 rows)."""
     from dataplane.attention.flashinfer_backend import FlashInferAttention
     from dataplane.kv_cache import allocate_kv_cache
     from dataplane.models.fused import enable_fused_path
@@ -265,7 +285,8 @@ def test_fused_path_matches_reference(gpu_checkpoint: Path) -> None:
     dev = torch.device("cuda")
     ref, cfg = load_model(str(gpu_checkpoint), dtype=torch.bfloat16, device=dev)
     fused, _ = load_model(str(gpu_checkpoint), dtype=torch.bfloat16, device=dev)
-    enable_fused_path(fused, dev)
+    enable_fused_path(fused, dev, epilogue_norm_rows=epilogue_rows)
+    assert (fused.fused.unit_norm is not None) == (epilogue_rows > 0)
     batch = random_batch([40, 1, 7], [0, 30, 12], 64, torch.Generator().manual_seed(4))
     ids = torch.randint(0, cfg.vocab_size, (batch.num_tokens,), device=dev)
     shape = AttentionShape(cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, torch.bfloat16)

@@ -110,3 +110,54 @@ def test_silu_and_mul_matches_torch(dtype: torch.dtype, tol: float) -> None:
     assert float((out.float() - ref.float()).norm() / ref.float().norm()) < tol
     with pytest.raises(ValueError):
         silu_and_mul(x[:, :-1])
+
+
+def _row_scale(residual: torch.Tensor, eps: float) -> torch.Tensor:
+    """Each row's RMSNorm scale, [T, 1] float32."""
+    return torch.rsqrt(residual.float().pow(2).mean(-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+@pytest.mark.parametrize("hidden", [48, 1500])  # one chunk; two chunks of 1024, the second masked
+def test_qk_rope_cache_with_a_row_scale_is_the_kernel_on_the_scaled_projection(qk_norm: bool, hidden: int) -> None:
+    """Given the residual rows, q, k and v are those of the projection times each row's norm scale:
+    the input norm folded away (float32, so only summation order differs)."""
+    cfg = PRESETS["tiny"]
+    gen = torch.Generator().manual_seed(8)
+    t, d, bs, num_blocks = 6, cfg.head_dim, 4, 5
+    qkv = torch.randn(t, cfg.q_size + 2 * cfg.kv_size, generator=gen).to(DEVICE)
+    residual = (torch.randn(t, hidden, generator=gen) * torch.linspace(0.1, 30, t)[:, None]).to(DEVICE)
+    positions = torch.randint(0, 200, (t,), generator=gen).to(DEVICE)
+    slots = torch.randperm(num_blocks * bs, generator=gen)[:t].to(DEVICE)
+    blocks, offsets = slots // bs, slots % bs
+    weights = [torch.rand(d, generator=gen).to(DEVICE) + 0.5 for _ in range(2)] if qk_norm else [None, None]
+    caches = [torch.zeros(num_blocks, 2, bs, cfg.num_kv_heads, d, device=DEVICE) for _ in range(2)]
+    cos_sin = cos_sin_cache(cfg)
+    args = (positions, cos_sin, *weights, 1e-6)
+    want = qk_rope_cache(qkv * _row_scale(residual, 1e-5), *args, caches[0], blocks, offsets, cfg.num_q_heads,
+                         cfg.num_kv_heads)
+    got = qk_rope_cache(qkv, *args, caches[1], blocks, offsets, cfg.num_q_heads, cfg.num_kv_heads,
+                        row_scale=(residual, 1e-5))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[1], caches[0], rtol=1e-5, atol=1e-5)
+    assert caches[1][blocks, 1, offsets].abs().sum() > 0  # the values were written, scaled
+    with pytest.raises(ValueError, match="row scale"):
+        qk_rope_cache(qkv, *args, caches[1], blocks, offsets, cfg.num_q_heads, cfg.num_kv_heads,
+                      row_scale=(residual[:-1], 1e-5))
+
+
+# bf16: Triton's CPU interpreter rounds the scaled gate and up toward zero where torch rounds to nearest
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_silu_and_mul_with_a_row_scale_is_the_kernel_on_the_scaled_projection(dtype: torch.dtype,
+                                                                             tol: float) -> None:
+    gen = torch.Generator().manual_seed(9)
+    x = (torch.randn(7, 2 * 1500, generator=gen) * 3).to(DEVICE, dtype)
+    residual = (torch.randn(7, 1100, generator=gen) * torch.linspace(0.2, 40, 7)[:, None]).to(DEVICE, dtype)
+    scaled = (x.float() * _row_scale(residual, 1e-6)).to(dtype)
+    ref = (F.silu(scaled[:, :1500]) * scaled[:, 1500:]).float()  # rounded as the kernel rounds
+    out = silu_and_mul(x, row_scale=(residual, 1e-6))
+    assert out.shape == (7, 1500)
+    assert float((out.float() - ref).norm() / ref.norm()) < tol
+    assert float((silu_and_mul(x).float() - ref).norm() / ref.norm()) > 0.1  # the scale matters here
+    with pytest.raises(ValueError, match="row scale"):
+        silu_and_mul(x, row_scale=(residual.t(), 1e-6))
