@@ -24,7 +24,8 @@
 # decode graphs prefetching the first PF_KIB KiB of QKV, gate/up and down into L2, "0 8192 0 8192" unless set: alternated,
 # as one ordered pair could not tell the prefetch from the drift; ~30 s a run with a warm JIT cache, 140 s at most)
 # decode-epi (the decode grid with epilogue_norm_rows of each of EPI_ROWS, "0 256 0 256" unless set, alternated likewise)
-# tests-epi (the GPU tests of the norms in the projections' epilogues, graph replay and the host-sync check) engine multiplex
+# tests-epi (the GPU tests of the norms in the projections' epilogues: against the reference, graph replay against
+# eager under the host-sync check) engine multiplex
 # multiplex-lt multiplex-sized multiplex-gemm (the multiplex benchmark under cuBLASLt with kernels sized for the device,
 # then the partition, then the partition's GEMMs only, FA3 prefill kept)
 # predictor (the shapes serving runs) predictor-all (every shape on every SM count) serving-code
@@ -117,7 +118,7 @@ for stage in "$@"; do
                     --epilogue-norm-rows $rows ${CUDA_CORES:+--cuda-core-max-batch $CUDA_CORES}
                 done ;;
     tests-epi) run tests-epi ${TEST_LIMIT:-300} python3 -u -m pytest -m gpu tests/dataplane/test_gpu.py -v -p no:cacheprovider \
-                 -k "epilogue or fused_path_matches or hot_loop or graph_replay_equals" ;;  # the norms-in-epilogues tests
+                 -k "epilogue or fused_path_matches" ;;  # the norms-in-epilogues tests (experimental) and the default's
     decode-skew) for s in ${SPREADS:-0.05 0.1 0.2 0.3}; do  # where an unsplit twin stops paying (BALANCED_MAX_SKEW)
                    run decode-attention-spread$s 120 python3 benchmarks/decode_attention.py --batches 16,24 \
                      --contexts 1024,4096 --length-spread $s --variants tc,tc-nosplit --out "$OUT"

@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passes of at most this many tokens (decode graphs) fold the norms, SwiGLU and the residual "
                         "adds into their projections (0: never; at most 64)")
     p.add_argument("--epilogue-norm-rows", type=int, default=d.epilogue_norm_rows,
-                   help="passes of at most this many tokens (decode graphs) run the layers' norms inside the kernels "
-                        "after QKV and gate/up and the residual adds inside the O and down GEMMs (0: never)")
+                   help="passes of at most this many tokens (decode steps; not the prefill pieces) run the layers' "
+                        "norms inside the kernels after QKV and gate/up and the residual adds inside the O and down "
+                        "GEMMs (0: never)")
     p.add_argument("--blas-library", choices=BLAS_LIBRARIES, default=d.blas_library,
                    help="library for torch's GEMMs on CUDA (default: torch's choice)")
     p.add_argument("--decode-blas-library", choices=BLAS_LIBRARIES, default=d.decode_blas_library,

@@ -119,6 +119,10 @@ class DecodeGraphs:
         if fused.decode_gemms is not None:
             log.warning("passes of at most %d rows run the folded decode GEMMs, which do not prefetch into L2",
                         fused.decode_gemms.max_rows)
+        if fused.unit_norm is not None:
+            log.warning("passes of at most %d rows run their norms in the projections' epilogues: with no small "
+                        "kernel before QKV and gate/up, only down's weights are prefetched into L2",
+                        fused.epilogue_norm_rows)
         return L2Prefetch(self.device, nbytes)
 
     @property

@@ -46,6 +46,8 @@ def _qk_rope_cache_kernel(
     k_dst = cache_ptr + ((block * 2) * BLOCK_SIZE + offset) * (HKV * D)
     v_dst = cache_ptr + ((block * 2 + 1) * BLOCK_SIZE + offset) * (HKV * D)
 
+    if ROW_SCALE:  # the row's norm scale first, before q, k and v are live
+        r = row_rsqrt(res_ptr + t * res_stride, res_eps, HIDDEN, RES_BLOCK)
     hq = tl.arange(0, HQ_P2)[:, None]
     mq = hq < HQ
     q1 = tl.load(row + hq * D + j[None, :], mask=mq, other=0.0).to(tl.float32)
@@ -58,7 +60,6 @@ def _qk_rope_cache_kernel(
     v = tl.load(row + (HQ + HKV + hk) * D + d, mask=mk, other=0.0)
     if ROW_SCALE:
         # the projection of the normalised row, rounded to the activation dtype as the projection's output is
-        r = row_rsqrt(res_ptr + t * res_stride, res_eps, HIDDEN, RES_BLOCK)
         act = q_out_ptr.dtype.element_ty
         q1 = (q1 * r).to(act).to(tl.float32)
         q2 = (q2 * r).to(act).to(tl.float32)

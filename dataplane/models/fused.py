@@ -13,7 +13,8 @@ residual inside cuBLAS (beta=1): 7 kernels a layer instead of 9. Longer passes k
 scaling by ones.
 While `FusedKernels.prefetch` is set (whole-GPU decode graph capture with `decode_l2_prefetch_kib`), the
 unfolded path forks an L2 prefetch of the next projection's weights around three small kernels a layer
-(`dataplane/kernels/l2_prefetch.py`): timing only.
+(`dataplane/kernels/l2_prefetch.py`; one, before down, on passes with their norms in the epilogues below):
+timing only.
 
 `enable_fused_path(model)` rewires a loaded model in place; the reference path in `dense` stays the
 definition the fast path is tested against. flashinfer is imported here only, on CUDA only. This
@@ -39,7 +40,8 @@ class FusedKernels:
     decode_gemms: DecodeGemms | None = None  # the folded projections of short passes (enable_decode_gemms)
     # set only while a whole-GPU decode graph is captured (`DecodeGraphs`): the norm before QKV, the norm
     # before gate/up and SwiGLU before down run beside a prefetch of that projection's first weights into
-    # L2 (timing only; the folded decode GEMMs' passes do not prefetch)
+    # L2 (timing only; the folded decode GEMMs' passes do not prefetch, passes with their norms in the
+    # epilogues prefetch before down only)
     prefetch: L2Prefetch | None = None
     # set by `enable_epilogue_norms`: the input and post-attention norms' weights live in the QKV and gate/up
     # projections' columns, so the fused path's norm kernels for them scale by these ones; passes of at most
@@ -132,8 +134,9 @@ def enable_epilogue_norms(model: DenseForCausalLM, max_rows: int) -> None:
     if kernels.unit_norm is not None:
         raise RuntimeError("the norm weights are already folded into the projections")
     layers = model.model.layers
-    attn, mlp = layers[0].self_attn, layers[0].mlp
-    biased = any(lin.bias is not None for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+    biased = any(lin.bias is not None for layer in layers for lin in (
+        layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj))
+    attn = layers[0].self_attn
     if kernels.triton is None or biased or attn.qkv_proj.weight.dtype == torch.float16 or kernels.decode_gemms is not None:
         log.warning("epilogue_norm_rows=%d: the norms in the projections' epilogues need Triton, projections "
                     "without bias, bf16 or float32 weights and the folded decode GEMMs off; the norms stay "
@@ -182,6 +185,9 @@ def enable_decode_gemms(model: DenseForCausalLM, max_rows: int, sms: int) -> Non
     weights: the folded norm rounds x * g before it scales the row, which can pass float16's range
     where the unfolded norm stays within it."""
     kernels: FusedKernels = model.fused
+    if max_rows > 0 and kernels.unit_norm is not None:
+        raise RuntimeError("the norm weights are folded into the projections (epilogue_norm_rows); the folded "
+                           "decode GEMMs would apply them twice")
     attn = model.model.layers[0].self_attn
     unsupported = attn.qkv_proj.bias is not None or attn.o_proj.bias is not None
     if max_rows <= 0 or kernels.triton is None or unsupported or attn.qkv_proj.weight.dtype == torch.float16:

@@ -101,11 +101,18 @@ def test_the_fold_is_refused_where_it_would_change_the_function_and_done_once() 
         assert torch.equal(model.model.layers[0].self_attn.qkv_proj.weight, weight) != folded
     with pytest.raises(RuntimeError, match="already folded"):
         enable_epilogue_norms(model, 16)
-    biased = _model()
-    attn = biased.model.layers[0].self_attn
-    attn.qkv_proj.bias = torch.nn.Parameter(torch.zeros(attn.qkv_proj.weight.shape[0], device=DEVICE))
-    enable_epilogue_norms(biased, 16)
-    assert biased.fused.unit_norm is None
+    with pytest.raises(RuntimeError, match="apply them twice"):  # the folded decode GEMMs fold g themselves
+        enable_decode_gemms(model, 64, 132)
+    for name in ("qkv_proj", "down_proj"):  # a bias comes after the norm's scale; addmm_ would drop O's and down's
+        biased = _model()
+        lin = getattr(biased.model.layers[-1].self_attn if name == "qkv_proj" else biased.model.layers[-1].mlp, name)
+        lin.bias = torch.nn.Parameter(torch.zeros(lin.weight.shape[0], device=DEVICE))
+        enable_epilogue_norms(biased, 16)
+        assert biased.fused.unit_norm is None
+    no_triton = _model()
+    no_triton.fused.triton = None
+    enable_epilogue_norms(no_triton, 16)
+    assert no_triton.fused.unit_norm is None
     gemms = _model()
     enable_decode_gemms(gemms, 64, 132)
     enable_epilogue_norms(gemms, 16)  # the folded decode GEMMs fold the norms their own way

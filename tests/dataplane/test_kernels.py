@@ -141,9 +141,10 @@ def test_qk_rope_cache_with_a_row_scale_is_the_kernel_on_the_scaled_projection(q
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(caches[1], caches[0], rtol=1e-5, atol=1e-5)
     assert caches[1][blocks, 1, offsets].abs().sum() > 0  # the values were written, scaled
-    with pytest.raises(ValueError, match="row scale"):
-        qk_rope_cache(qkv, *args, caches[1], blocks, offsets, cfg.num_q_heads, cfg.num_kv_heads,
-                      row_scale=(residual[:-1], 1e-5))
+    for bad in (residual[:-1], residual[:, ::2]):  # a row short; columns not contiguous
+        with pytest.raises(ValueError, match="row scale"):
+            qk_rope_cache(qkv, *args, caches[1], blocks, offsets, cfg.num_q_heads, cfg.num_kv_heads,
+                          row_scale=(bad, 1e-5))
 
 
 # bf16: Triton's CPU interpreter rounds the scaled gate and up toward zero where torch rounds to nearest
@@ -159,5 +160,6 @@ def test_silu_and_mul_with_a_row_scale_is_the_kernel_on_the_scaled_projection(dt
     assert out.shape == (7, 1500)
     assert float((out.float() - ref).norm() / ref.norm()) < tol
     assert float((silu_and_mul(x).float() - ref).norm() / ref.norm()) > 0.1  # the scale matters here
-    with pytest.raises(ValueError, match="row scale"):
-        silu_and_mul(x, row_scale=(residual.t(), 1e-6))
+    for bad in (residual[:-1], residual[:, ::2]):  # a row short; columns not contiguous
+        with pytest.raises(ValueError, match="row scale"):
+            silu_and_mul(x, row_scale=(bad, 1e-6))
