@@ -16,6 +16,9 @@ from torch import Tensor
 from dataplane.kernels.row_scale import row_block, row_rsqrt
 
 BLOCK = 1024
+# with a row scale each program reads its row's residual: past this many rows a program takes 4x the
+# columns, so a step of 256 rows re-reads 3 residual rows a token from L2 (Qwen3-8B), not 12
+SCALED_WIDE_ROWS = 64
 
 
 @triton.jit
@@ -53,8 +56,9 @@ def silu_and_mul(x: Tensor, row_scale: tuple[Tensor, float] | None = None) -> Te
         residual, eps, hidden = x, 0.0, 1
     inter = width // 2
     out = torch.empty(t, inter, dtype=x.dtype, device=x.device)
+    block = 4 * BLOCK if row_scale is not None and t > SCALED_WIDE_ROWS else BLOCK
     if t:
-        _silu_and_mul_kernel[(t, triton.cdiv(inter, BLOCK))](
-            x, out, x.stride(0), inter, residual, residual.stride(0), eps, BLOCK=BLOCK,
+        _silu_and_mul_kernel[(t, triton.cdiv(inter, block))](
+            x, out, x.stride(0), inter, residual, residual.stride(0), eps, BLOCK=block,
             ROW_SCALE=row_scale is not None, HIDDEN=hidden, RES_BLOCK=row_block(hidden))
     return out

@@ -149,8 +149,13 @@ def test_qk_rope_cache_with_a_row_scale_is_the_kernel_on_the_scaled_projection(q
 
 # bf16: Triton's CPU interpreter rounds the scaled gate and up toward zero where torch rounds to nearest
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
-def test_silu_and_mul_with_a_row_scale_is_the_kernel_on_the_scaled_projection(dtype: torch.dtype,
-                                                                             tol: float) -> None:
+@pytest.mark.parametrize("wide", [False, True])  # more rows than SCALED_WIDE_ROWS: programs 4x as wide
+def test_silu_and_mul_with_a_row_scale_is_the_kernel_on_the_scaled_projection(dtype: torch.dtype, tol: float,
+                                                                             wide: bool,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataplane.kernels import activation
+
+    monkeypatch.setattr(activation, "SCALED_WIDE_ROWS", 3 if wide else 64)
     gen = torch.Generator().manual_seed(9)
     x = (torch.randn(7, 2 * 1500, generator=gen) * 3).to(DEVICE, dtype)
     residual = (torch.randn(7, 1100, generator=gen) * torch.linspace(0.2, 40, 7)[:, None]).to(DEVICE, dtype)
