@@ -24,7 +24,7 @@
 # decode graphs prefetching the first PF_KIB KiB of QKV, gate/up and down into L2, "0 8192 0 8192" unless set: alternated,
 # as one ordered pair could not tell the prefetch from the drift; ~30 s a run with a warm JIT cache, 140 s at most)
 # decode-epi (the decode grid with epilogue_norm_rows of each of EPI_ROWS, "0 256 0 256" unless set, alternated likewise)
-# tests-epi (the GPU tests of the norms in the projections' epilogues: against the reference, graph replay against
+# profile-epi (kernel tables of B=16 1k decode graphs with epilogue_norm_rows 0, then 256) tests-epi (the GPU tests of the norms in the projections' epilogues: against the reference, graph replay against
 # eager under the host-sync check) engine multiplex
 # multiplex-lt multiplex-sized multiplex-gemm (the multiplex benchmark under cuBLASLt with kernels sized for the device,
 # then the partition, then the partition's GEMMs only, FA3 prefill kept)
@@ -117,6 +117,10 @@ for stage in "$@"; do
                   run decode-epi$rows-$i 140 python3 benchmarks/engine.py $DK --out "$OUT/epi$i" \
                     --epilogue-norm-rows $rows ${CUDA_CORES:+--cuda-core-max-batch $CUDA_CORES}
                 done ;;
+    profile-epi) for rows in 0 256; do  # kernel tables of replayed decode graphs at B=16 1k, norms as kernels, then in epilogues
+                   run profile-epi$rows 150 python3 benchmarks/profile_decode.py --graphs --batch 16 --context 1024 \
+                     --page-sizes "" --epilogue-norm-rows $rows
+                 done ;;
     tests-epi) run tests-epi ${TEST_LIMIT:-300} python3 -u -m pytest -m gpu tests/dataplane/test_gpu.py -v -p no:cacheprovider \
                  -k "epilogue or fused_path_matches" ;;  # the norms-in-epilogues tests (experimental) and the default's
     decode-skew) for s in ${SPREADS:-0.05 0.1 0.2 0.3}; do  # where an unsplit twin stops paying (BALANCED_MAX_SKEW)

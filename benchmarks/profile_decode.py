@@ -52,13 +52,17 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--graphs", action="store_true", help="profile replayed CUDA graphs instead of eager steps")
-    p.add_argument("--page-sizes", default="16", help="KV page sizes for the attention-only timing")
+    p.add_argument("--page-sizes", default="16", help="KV page sizes for the attention-only timing (\"\": none)")
+    p.add_argument("--epilogue-norm-rows", type=int, default=DataplaneConfig().epilogue_norm_rows,
+                   help="the data plane's epilogue_norm_rows (norms in the kernels after the projections)")
     args = p.parse_args()
-    for bs in (int(x) for x in args.page_sizes.split(",")):
+    for bs in (int(x) for x in args.page_sizes.split(",") if x):
         for tc in (True, False):
             attention_only(args.batch, args.context, tc, bs)
     worker = load_worker(DataplaneConfig(model="qwen3-8b", device="cuda", max_num_batched_tokens=2048,
-                                         max_num_seqs=args.batch, cuda_graphs=args.graphs, multiplexing=False))
+                                         max_num_seqs=args.batch, cuda_graphs=args.graphs, multiplexing=False,
+                                         epilogue_norm_rows=args.epilogue_norm_rows))
+    print(f"epilogue_norm_rows={args.epilogue_norm_rows}", flush=True)
     b = Bench(worker, args.batch, args.context, 512)
     for _ in range(3):
         b.step(decode=True, prefill=False)
