@@ -112,7 +112,8 @@ for stage in "$@"; do
                        run decode-pf$kib-$i 140 python3 benchmarks/engine.py $DK --out "$OUT/pf$i" \
                          --decode-l2-prefetch-kib $kib ${CUDA_CORES:+--cuda-core-max-batch $CUDA_CORES}
                      done ;;
-    decode-epi) i=0; for rows in ${EPI_ROWS:-0 256 0 256}; do  # the decode grid by epilogue_norm_rows, alternated
+    decode-epi) i=0; for rows in ${EPI_ROWS:-0 256 0 256}; do  # the decode grid by epilogue_norm_rows, alternated (the first run
+                  # of a fresh machine took 140 s: give it another before the pairs)
                   i=$((i + 1)); mkdir -p "$OUT/epi$i"  # run i's file under $OUT/epi<i>
                   run decode-epi$rows-$i 140 python3 benchmarks/engine.py $DK --out "$OUT/epi$i" \
                     --epilogue-norm-rows $rows ${CUDA_CORES:+--cuda-core-max-batch $CUDA_CORES}
@@ -122,7 +123,7 @@ for stage in "$@"; do
                      --page-sizes "" --epilogue-norm-rows $rows
                  done ;;
     tests-epi) run tests-epi ${TEST_LIMIT:-300} python3 -u -m pytest -m gpu tests/dataplane/test_gpu.py -v -p no:cacheprovider \
-                 -k "epilogue or fused_path_matches" ;;  # the norms-in-epilogues tests (experimental) and the default's
+                 -k "epilogue or fused_path_matches" ;;  # the norms-in-epilogues tests
     decode-skew) for s in ${SPREADS:-0.05 0.1 0.2 0.3}; do  # where an unsplit twin stops paying (BALANCED_MAX_SKEW)
                    run decode-attention-spread$s 120 python3 benchmarks/decode_attention.py --batches 16,24 \
                      --contexts 1024,4096 --length-spread $s --variants tc,tc-nosplit --out "$OUT"

@@ -198,8 +198,6 @@ def calibration_setup(config: DataplaneConfig) -> str:
     parts = [f"blas-{config.blas_library}"] if config.blas_library != "default" else []
     if config.decode_blas_library != "default":
         parts.append(f"decode-blas-{config.decode_blas_library}")
-    if config.epilogue_norm_rows:
-        parts.append(f"epilogue-norms-{config.epilogue_norm_rows}")
     if config.decode_l2_prefetch_kib:
         parts.append(f"l2-prefetch-{config.decode_l2_prefetch_kib}")
     if config.multiplexing and config.partition_kernels != "device":

@@ -10,7 +10,7 @@ gate/up projections' columns at load (`enable_epilogue_norms`); passes of at mos
 run no norm kernel in a layer: the projections read the residual itself, the q/k-norm + RoPE + KV-write
 kernel and SwiGLU's kernel apply each row's norm scale, and the O and down projections add into the
 residual inside cuBLAS (beta=1): 7 kernels a layer instead of 9. Longer passes keep their norm kernels,
-scaling by ones.
+scaling by ones. On by default (256 rows: every decode step), 0.9-2% faster a decode step on an H100.
 While `FusedKernels.prefetch` is set (whole-GPU decode graph capture with `decode_l2_prefetch_kib`), the
 unfolded path forks an L2 prefetch of the next projection's weights around three small kernels a layer
 (`dataplane/kernels/l2_prefetch.py`; one, before down, on passes with their norms in the epilogues below):
@@ -131,16 +131,18 @@ def enable_epilogue_norms(model: DenseForCausalLM, max_rows: int) -> None:
     kernels: FusedKernels = model.fused
     if max_rows <= 0:
         return
+    if kernels.decode_gemms is not None:  # they fold the norms their own way
+        log.info("epilogue_norm_rows=%d: the folded decode GEMMs (decode_gemm_rows) take precedence", max_rows)
+        return
     if kernels.unit_norm is not None:
         raise RuntimeError("the norm weights are already folded into the projections")
     layers = model.model.layers
     biased = any(lin.bias is not None for layer in layers for lin in (
         layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj))
     attn = layers[0].self_attn
-    if kernels.triton is None or biased or attn.qkv_proj.weight.dtype == torch.float16 or kernels.decode_gemms is not None:
+    if kernels.triton is None or biased or attn.qkv_proj.weight.dtype == torch.float16:
         log.warning("epilogue_norm_rows=%d: the norms in the projections' epilogues need Triton, projections "
-                    "without bias, bf16 or float32 weights and the folded decode GEMMs off; the norms stay "
-                    "kernels of their own", max_rows)
+                    "without bias and bf16 or float32 weights; the norms stay kernels of their own", max_rows)
         return
     for layer in layers:
         layer.self_attn.qkv_proj.weight.mul_(layer.input_layernorm.weight)

@@ -216,11 +216,11 @@ def test_engine_decode_grid_takes_its_points_and_names_its_variants(tmp_path: Pa
                            "--decode-only", "--decode-repeats", "1", "--decode-batches", "2", "--decode-contexts",
                            "32,48", "--gc-freeze", "--piecewise-graphs", "--cuda-core-max-batch", "16",
                            "--decode-blas-library", "cublas", "--balanced-max-skew", "1.2",
-                           "--decode-l2-prefetch-kib", "64", "--epilogue-norm-rows", "256",
+                           "--decode-l2-prefetch-kib", "64", "--epilogue-norm-rows", "64",
                            "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    name = "engine-decode-cpu-default-epi256-gcfreeze-cc16-skew1.2-dblascublas-pf64.json"
+    name = "engine-decode-cpu-default-epi64-gcfreeze-cc16-skew1.2-dblascublas-pf64.json"
     assert [p.name for p in tmp_path.iterdir()] == [name]
     report = json.loads((tmp_path / name).read_text())
     assert [(r["batch"], r["context"]) for r in report["decode"]] == [(2, 32), (2, 48)]
@@ -230,7 +230,7 @@ def test_engine_decode_grid_takes_its_points_and_names_its_variants(tmp_path: Pa
     assert [r["unsplit_twin_replays"] for r in report["decode"]] == [0, 0]  # no decode graphs on a CPU
     assert report["decode_blas_library"] == "cublas" and "cublaslt_workspace_size" in report
     assert report["decode_l2_prefetch_kib"] == 64  # no decode graphs on a CPU, so nothing prefetched
-    assert report["epilogue_norm_rows"] == 256  # no fused path on a CPU, so nothing folded
+    assert report["epilogue_norm_rows"] == 64  # no fused path on a CPU, so nothing folded
 
 
 def test_decode_attention_benchmark_spreads_contexts_around_the_asked_one() -> None:
