@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dataplane.kernels.row_scale import row_block, row_rsqrt
+from dataplane.kernels.row_scale import row_rsqrt, row_scale_args
 
 BLOCK = 1024
 # with a row scale each program reads its row's residual: past this many rows a program takes 4x the
@@ -46,19 +46,12 @@ def silu_and_mul(x: Tensor, row_scale: tuple[Tensor, float] | None = None) -> Te
     t, width = x.shape
     if width % 2 or x.stride(1) != 1:
         raise ValueError(f"silu_and_mul: expected [T, 2I] with unit column stride, got {tuple(x.shape)}")
-    if row_scale is not None:
-        residual, eps = row_scale
-        if residual.dim() != 2 or residual.shape[0] != t or residual.stride(1) != 1:
-            raise ValueError(f"silu_and_mul: the row scale's residual {tuple(residual.shape)} is not [{t}, hidden] "
-                             "with unit column stride")
-        hidden = residual.shape[1]
-    else:
-        residual, eps, hidden = x, 0.0, 1
+    residual, eps, hidden, res_block = row_scale_args(row_scale, t, x, "silu_and_mul")
     inter = width // 2
     out = torch.empty(t, inter, dtype=x.dtype, device=x.device)
     block = 4 * BLOCK if row_scale is not None and t > SCALED_WIDE_ROWS else BLOCK
     if t:
         _silu_and_mul_kernel[(t, triton.cdiv(inter, block))](
             x, out, x.stride(0), inter, residual, residual.stride(0), eps, BLOCK=block,
-            ROW_SCALE=row_scale is not None, HIDDEN=hidden, RES_BLOCK=row_block(hidden))
+            ROW_SCALE=row_scale is not None, HIDDEN=hidden, RES_BLOCK=res_block)
     return out

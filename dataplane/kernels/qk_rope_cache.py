@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dataplane.kernels.row_scale import row_block, row_rsqrt
+from dataplane.kernels.row_scale import row_rsqrt, row_scale_args
 
 
 @triton.jit
@@ -115,14 +115,7 @@ def qk_rope_cache(qkv: Tensor, positions: Tensor, cos_sin: Tensor, q_norm: Tenso
                          f"[{t}, {num_q_heads}, {d}] {qkv.dtype} tensor")
     else:
         q = out
-    if row_scale is not None:
-        residual, res_eps = row_scale
-        if residual.dim() != 2 or residual.shape[0] != t or residual.stride(1) != 1:
-            raise ValueError(f"qk_rope_cache: the row scale's residual {tuple(residual.shape)} is not [{t}, hidden] "
-                             "with unit column stride")
-        hidden = residual.shape[1]
-    else:
-        residual, res_eps, hidden = qkv, 0.0, 1
+    residual, res_eps, hidden, res_block = row_scale_args(row_scale, t, qkv, "qk_rope_cache")
     if t == 0:
         return q
     norm = q_norm is not None and k_norm is not None
@@ -131,6 +124,6 @@ def qk_rope_cache(qkv: Tensor, positions: Tensor, cos_sin: Tensor, q_norm: Tenso
         blocks, offsets, eps, residual, residual.stride(0), res_eps, HQ=num_q_heads, HKV=num_kv_heads,
         HQ_P2=triton.next_power_of_2(num_q_heads), HKV_P2=triton.next_power_of_2(num_kv_heads), D=d,
         BLOCK_SIZE=block_size, QK_NORM=norm, ROW_SCALE=row_scale is not None, HIDDEN=hidden,
-        RES_BLOCK=row_block(hidden),
+        RES_BLOCK=res_block,
     )
     return q

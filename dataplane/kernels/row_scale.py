@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from torch import Tensor
 
 
 @triton.jit
@@ -26,3 +27,16 @@ def row_rsqrt(row_ptr, eps, HIDDEN: tl.constexpr, BLOCK: tl.constexpr):
 def row_block(hidden: int) -> int:
     """The chunk `row_rsqrt` reads a row in: the row itself up to 1024 columns."""
     return min(1024, triton.next_power_of_2(hidden))
+
+
+def row_scale_args(row_scale: tuple[Tensor, float] | None, rows: int, unused: Tensor,
+                   kernel: str) -> tuple[Tensor, float, int, int]:
+    """A kernel's (residual, eps, HIDDEN, RES_BLOCK) arguments for `row_scale` (residual [rows, hidden], eps),
+    checked; without one, `unused` stands in for the pointer the kernel then never reads."""
+    if row_scale is None:
+        return unused, 0.0, 1, 1
+    residual, eps = row_scale
+    if residual.dim() != 2 or residual.shape[0] != rows or residual.stride(1) != 1:
+        raise ValueError(f"{kernel}: the row scale's residual {tuple(residual.shape)} is not [{rows}, hidden] "
+                         "with unit column stride")
+    return residual, eps, residual.shape[1], row_block(residual.shape[1])
