@@ -5,8 +5,8 @@
 #   bash benchmarks/gpu_suite.sh multiplex predictor
 #   bash benchmarks/gpu_suite.sh serving-code          # a serving stage fills most of one call
 # Needs .whl/ filled by benchmarks/device_prep.sh (carry [".whl"]). Stages: tests tests-pages (the GPU tests with KV
-# pages of PAGE tokens, 32 unless set, the CUDA-core decode kernel up to CUDA_CORES rows and decode graphs reading
-# KV unsplit from UNSPLIT rows, the defaults unless set; -v, so a log cut off by its time limit shows how far it got) experiments (GPU tests marked experimental: open questions, e.g. partition-sized kernels) profile
+# pages of PAGE tokens, 32 unless set, the CUDA-core decode kernel up to CUDA_CORES rows, decode graphs reading
+# KV unsplit from UNSPLIT rows and epilogue_norm_rows EPI, the defaults unless set; -v, so a log cut off by its time limit shows how far it got) experiments (GPU tests marked experimental: open questions, e.g. partition-sized kernels) profile
 # profile-decode (kernel tables of replayed decode graphs at 1k context, attention by page size) gemm-lib (decode
 # GEMMs by BLAS library; GEMM_LIBS, GEMM_ROWS) skinny-gemm (tune the Triton decode GEMM against cuBLAS)
 # decode-attention (flashinfer's graph decode kernel options) decode-gemm (the folded decode GEMMs against cuBLAS
@@ -24,7 +24,8 @@
 # decode graphs prefetching the first PF_KIB KiB of QKV, gate/up and down into L2, "0 8192 0 8192" unless set: alternated,
 # as one ordered pair could not tell the prefetch from the drift; ~30 s a run with a warm JIT cache, 140 s at most)
 # decode-epi (the decode grid with epilogue_norm_rows of each of EPI_ROWS, "0 256 0 256" unless set, alternated likewise)
-# profile-epi (kernel tables of B=16 1k decode graphs with epilogue_norm_rows 0, then 256) tests-epi (the GPU tests of the norms in the projections' epilogues: against the reference, graph replay against
+# profile-epi (kernel tables of B=16 1k decode graphs with epilogue_norm_rows 0, then 256)
+# tests-epi (the GPU tests of the norms in the projections' epilogues: against the reference, graph replay against
 # eager under the host-sync check) engine multiplex
 # multiplex-lt multiplex-sized multiplex-gemm (the multiplex benchmark under cuBLASLt with kernels sized for the device,
 # then the partition, then the partition's GEMMs only, FA3 prefill kept)
@@ -60,8 +61,8 @@ for stage in "$@"; do
     tests) run tests ${TEST_LIMIT:-580} python3 -u -m pytest -m "gpu and not experimental" tests/dataplane -v -x -p no:cacheprovider
            save_fi_cache "$OUT" ;;
     tests-pages) DUETSERVE_TEST_BLOCK_SIZE=${PAGE:-32} DUETSERVE_TEST_CUDA_CORE_MAX_BATCH=${CUDA_CORES:-} \
-                 DUETSERVE_TEST_UNSPLIT_KV_MIN_BATCH=${UNSPLIT:-} \
-                 run tests-page${PAGE:-32}${CUDA_CORES:+-cc$CUDA_CORES}${UNSPLIT:+-unsplit$UNSPLIT} ${TEST_LIMIT:-580} python3 -u -m pytest \
+                 DUETSERVE_TEST_UNSPLIT_KV_MIN_BATCH=${UNSPLIT:-} DUETSERVE_TEST_EPILOGUE_NORM_ROWS=${EPI:-} \
+                 run tests-page${PAGE:-32}${CUDA_CORES:+-cc$CUDA_CORES}${UNSPLIT:+-unsplit$UNSPLIT}${EPI:+-epi$EPI} ${TEST_LIMIT:-580} python3 -u -m pytest \
                    -m "gpu and not experimental" tests/dataplane -v -p no:cacheprovider
                  save_fi_cache "$OUT" ;;  # another KV page size; the cache keeps the CUDA-core decode kernels
     experiments) run experiments 560 python3 -u -m pytest -m experimental tests/dataplane -v -p no:cacheprovider \
@@ -113,7 +114,7 @@ for stage in "$@"; do
                          --decode-l2-prefetch-kib $kib ${CUDA_CORES:+--cuda-core-max-batch $CUDA_CORES}
                      done ;;
     decode-epi) i=0; for rows in ${EPI_ROWS:-0 256 0 256}; do  # the decode grid by epilogue_norm_rows, alternated (the first run
-                  # of a fresh machine took 140 s: give it another before the pairs)
+                  # of a fresh machine took 140 s and drifted: EPI_ROWS="0 0 256 0 256" spends one on the warm-up)
                   i=$((i + 1)); mkdir -p "$OUT/epi$i"  # run i's file under $OUT/epi<i>
                   run decode-epi$rows-$i 140 python3 benchmarks/engine.py $DK --out "$OUT/epi$i" \
                     --epilogue-norm-rows $rows ${CUDA_CORES:+--cuda-core-max-batch $CUDA_CORES}

@@ -28,7 +28,14 @@ from torch import Tensor
 from dataplane.attention.base import AttentionBackend
 from dataplane.models.config import ModelConfig
 from dataplane.models.dense import DenseForCausalLM
-from dataplane.models.fused import after_attention, layer_norm_weight, project_q
+from dataplane.models.fused import (
+    after_attention,
+    epilogue_after_attention,
+    epilogue_norms_for,
+    epilogue_project_q,
+    layer_norm_weight,
+    project_q,
+)
 from shared.profiles import MAX_PIECEWISE_TOKENS  # above it a pass's GPU time hides its launches
 
 log = logging.getLogger(__name__)
@@ -113,6 +120,9 @@ class PiecewiseGraphs:
         kernels = model.fused
         layers = model.model.layers
         residual = self.residual[:size]
+        if epilogue_norms_for(kernels, size):  # as an eager pass of this many tokens runs them
+            self._epilogue_piece(i, size)
+            return
         if i == 0:
             residual.copy_(model.model.embed_tokens(self.input_ids[:size]))
             first = layers[0].input_layernorm
@@ -128,6 +138,23 @@ class PiecewiseGraphs:
             h, _ = kernels.add_rms_norm(h, residual, layer_norm_weight(kernels, norm), norm.eps)
         project_q(layers[i], h, self.positions[:size], kernels, self.kv_caches[i], self.blocks[:size],
                   self.offsets[:size], out=self.q[:size])
+
+    def _epilogue_piece(self, i: int, size: int) -> None:
+        """Piece i with the layers' norms in the projections' epilogues (`fused._epilogue_forward`'s stretch)."""
+        model = self.model
+        kernels = model.fused
+        layers = model.model.layers
+        residual = self.residual[:size]
+        if i == 0:
+            residual.copy_(model.model.embed_tokens(self.input_ids[:size]))
+        else:
+            epilogue_after_attention(layers[i - 1], self.o[:size], residual, kernels)
+            if i == self.num_layers:
+                norm = model.model.norm
+                self.out[:size].copy_(kernels.rms_norm(residual, norm.weight, norm.eps))
+                return
+        epilogue_project_q(layers[i], residual, self.positions[:size], kernels, self.kv_caches[i], self.blocks[:size],
+                           self.offsets[:size], out=self.q[:size])
 
     def _pad(self, start: int, size: int) -> None:
         """Rows start..size-1 are padding: token 0 at position 0, K/V into the scratch block."""

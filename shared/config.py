@@ -89,9 +89,10 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
     # by the RoPE/KV-write and SwiGLU kernels) and its residual adds inside the O and down GEMMs: 7 kernels a
     # layer instead of 9, before split-K reduces (dataplane/models/fused.py; 0: never; the bf16 fused path
     # with Triton; decode_gemm_rows > 0 takes precedence; with decode_l2_prefetch_kib only down's weights
-    # are prefetched). On an H100 every decode point 0.9-2% faster a step (README, lease 11); 256 covers
-    # every decode batch up to max_num_seqs' default
-    epilogue_norm_rows: int = 256
+    # are prefetched). On an H100 every decode point 0.9-2% faster a step (README, lease 11); 256 would cover
+    # every decode batch up to max_num_seqs' default. Off until the whole GPU suite passes with it
+    # (EPI=256 bash benchmarks/gpu_suite.sh tests-pages), as every other default was vouched for
+    epilogue_norm_rows: int = 0
     blas_library: str = "default"  # default | cublas | cublaslt: the library torch's GEMMs use on CUDA
     # the library the decode graphs' GEMMs are captured with (default: blas_library's). Meant to run decode
     # without split-K while prefill keeps cuBLAS's workspace; torch 2.11 gives cuBLASLt cuBLAS's workspace

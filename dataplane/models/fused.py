@@ -10,7 +10,9 @@ gate/up projections' columns at load (`enable_epilogue_norms`); passes of at mos
 run no norm kernel in a layer: the projections read the residual itself, the q/k-norm + RoPE + KV-write
 kernel and SwiGLU's kernel apply each row's norm scale, and the O and down projections add into the
 residual inside cuBLAS (beta=1): 7 kernels a layer instead of 9. Longer passes keep their norm kernels,
-scaling by ones. On by default (256 rows: every decode step), 0.9-2% faster a decode step on an H100.
+scaling by ones, and so do the prefill pieces of more tokens (a piece of at most that many runs them as
+an eager pass of as many tokens does). 0.9-2% faster a decode step on an H100; off by default until the
+whole GPU suite has passed with it.
 While `FusedKernels.prefetch` is set (whole-GPU decode graph capture with `decode_l2_prefetch_kib`), the
 unfolded path forks an L2 prefetch of the next projection's weights around three small kernels a layer
 (`dataplane/kernels/l2_prefetch.py`; one, before down, on passes with their norms in the epilogues below):
@@ -268,7 +270,7 @@ def fused_forward(model: DenseForCausalLM, input_ids: Tensor, positions: Tensor,
     configs = folded.configs(input_ids.shape[0]) if slots is not None else None  # type: ignore[union-attr]
     if configs is not None:
         return _folded_forward(model, input_ids, positions, attention, kv_caches, configs, slots)
-    if kernels.unit_norm is not None and input_ids.shape[0] <= kernels.epilogue_norm_rows:
+    if epilogue_norms_for(kernels, input_ids.shape[0]):
         slots = attention.kv_slots()
         if slots is not None:
             return _epilogue_forward(model, input_ids, positions, attention, kv_caches, slots)
@@ -297,22 +299,36 @@ def _epilogue_forward(model: DenseForCausalLM, input_ids: Tensor, positions: Ten
     the residual. The final norm stays a kernel of its own. Whole-GPU decode graphs prefetch only before
     down here (the QKV and gate/up projections have no small kernel before them to hide a prefetch)."""
     kernels: FusedKernels = model.fused
-    act_and_mul = kernels.triton[1]
     residual = model.model.embed_tokens(input_ids)
-    t = residual.shape[0]
     for layer, kv_cache in zip(model.model.layers, kv_caches, strict=True):
-        attn, mlp = layer.self_attn, layer.mlp
-        qkv = attn.qkv_proj(residual)
-        q = _rope_cache(layer, qkv, positions, kernels, kv_cache, *slots,
-                        row_scale=(residual, layer.input_layernorm.eps))
-        o = attention.attend(attn.layer_idx, q, kv_cache)
-        residual.addmm_(o.reshape(t, attn.num_q_heads * attn.head_dim), attn.o_proj.weight.t())
-        gate_up = mlp.gate_up_proj(residual)
-        with prefetching(kernels.prefetch, mlp.down_proj.weight):
-            act = act_and_mul(gate_up, row_scale=(residual, layer.post_attention_layernorm.eps))
-        residual.addmm_(act, mlp.down_proj.weight.t())
+        q = epilogue_project_q(layer, residual, positions, kernels, kv_cache, *slots)
+        epilogue_after_attention(layer, attention.attend(layer.self_attn.layer_idx, q, kv_cache), residual, kernels)
     norm = model.model.norm
     return kernels.rms_norm(residual, norm.weight, norm.eps)
+
+
+def epilogue_norms_for(kernels: FusedKernels, num_tokens: int) -> bool:
+    """Whether a pass of `num_tokens` (padded, when a graph's) runs its norms in the projections' epilogues."""
+    return kernels.unit_norm is not None and num_tokens <= kernels.epilogue_norm_rows
+
+
+def epilogue_project_q(layer: DecoderLayer, residual: Tensor, positions: Tensor, kernels: FusedKernels,
+                       kv_cache: Tensor, blocks: Tensor, offsets: Tensor, out: Tensor | None = None) -> Tensor:
+    """project_q from the un-normalised residual: the input norm's row scale applied by the RoPE kernel."""
+    qkv = layer.self_attn.qkv_proj(residual)
+    return _rope_cache(layer, qkv, positions, kernels, kv_cache, blocks, offsets, out,
+                       row_scale=(residual, layer.input_layernorm.eps))
+
+
+def epilogue_after_attention(layer: DecoderLayer, o: Tensor, residual: Tensor, kernels: FusedKernels) -> None:
+    """after_attention with the norms in the epilogues: O and down add into `residual` in place (cuBLAS
+    beta=1), SwiGLU's kernel applies the post-attention norm's row scale. The layer's output is `residual`."""
+    attn, mlp = layer.self_attn, layer.mlp
+    residual.addmm_(o.reshape(o.shape[0], attn.num_q_heads * attn.head_dim), attn.o_proj.weight.t())
+    gate_up = mlp.gate_up_proj(residual)
+    with prefetching(kernels.prefetch, mlp.down_proj.weight):
+        act = kernels.triton[1](gate_up, row_scale=(residual, layer.post_attention_layernorm.eps))
+    residual.addmm_(act, mlp.down_proj.weight.t())
 
 
 def _folded_forward(model: DenseForCausalLM, input_ids: Tensor, positions: Tensor, attention: AttentionBackend,

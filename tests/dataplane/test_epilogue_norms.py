@@ -75,9 +75,12 @@ def test_short_passes_run_no_layer_norm_kernel_and_compute_the_fused_forward() -
         assert folded.fused.norms == (1 if batch.num_tokens <= 8 else 2 * layers + 1)
 
 
-def test_the_pieces_of_a_folded_model_compute_the_fused_forward() -> None:
+@pytest.mark.parametrize("rows", [4, 16])
+def test_the_pieces_of_a_folded_model_compute_the_fused_forward(rows: int) -> None:
+    """Pieces padded to 16 tokens: past `rows` with norm kernels scaling by ones, within it with the norms
+    in the epilogues, as an eager pass of that many tokens runs them (graphs and eager passes agree)."""
     plain, folded = _model(), _model()
-    enable_epilogue_norms(folded, 4)
+    enable_epilogue_norms(folded, rows)
     want_caches, got_caches = _caches(plain, 2), _caches(folded, 2)
     pieces = PiecewiseGraphs(folded, got_caches, DEVICE, block_size=BS, scratch_block=BLOCKS, buckets=[16],
                              use_graphs=False)
@@ -85,7 +88,9 @@ def test_the_pieces_of_a_folded_model_compute_the_fused_forward() -> None:
     for step, (queries, contexts) in enumerate(STEPS):
         batch = _batch(queries, contexts)
         want = _step(plain, batch, want_caches, None, seed=step)
+        folded.fused.norms = 0
         got = _step(folded, batch, got_caches, pieces, seed=step)
+        assert folded.fused.norms == (1 if rows >= 16 else 2 * folded.cfg.num_layers + 1)
         torch.testing.assert_close(got[:batch.num_tokens], want, rtol=1e-4, atol=1e-4)
         for ref, new in zip(want_caches, got_caches, strict=True):
             torch.testing.assert_close(new[:BLOCKS], ref[:BLOCKS], rtol=1e-5, atol=1e-5)

@@ -4,7 +4,8 @@ CPU path, and a hot loop with no host synchronisation. Skipped without CUDA.
 DUETSERVE_TEST_BLOCK_SIZE (default: the data plane's) sets the KV page size of every worker and of the
 random attention batches, DUETSERVE_TEST_CUDA_CORE_MAX_BATCH flashinfer_backend's largest decode batch
 on the CUDA-core kernel and DUETSERVE_TEST_UNSPLIT_KV_MIN_BATCH its smallest decode graph that reads KV
-unsplit, so the suite can vouch for another setting before it becomes the default."""
+unsplit, and DUETSERVE_TEST_EPILOGUE_NORM_ROWS the workers' `epilogue_norm_rows` where a test does not set
+it, so the suite can vouch for another setting before it becomes the default."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ pytestmark = [
 ]
 
 BS = int(os.environ.get("DUETSERVE_TEST_BLOCK_SIZE", DataplaneConfig().block_size))
+EPILOGUE_ROWS = int(os.environ.get("DUETSERVE_TEST_EPILOGUE_NORM_ROWS") or DataplaneConfig().epilogue_norm_rows)
 for _name in ("CUDA_CORE_MAX_BATCH", "UNSPLIT_KV_MIN_BATCH"):  # before any worker builds its wrappers or graphs
     if os.environ.get(f"DUETSERVE_TEST_{_name}"):
         import dataplane.attention.flashinfer_backend as _fib
@@ -84,6 +86,7 @@ def _worker(tmp_model: str, **overrides: object):  # noqa: ANN202
     overrides.setdefault("max_num_seqs", 32)
     overrides.setdefault("max_num_batched_tokens", 1024)
     overrides.setdefault("block_size", BS)
+    overrides.setdefault("epilogue_norm_rows", EPILOGUE_ROWS)
     config = DataplaneConfig(model=tmp_model, device="cuda", num_kv_blocks=512, **overrides)  # type: ignore[arg-type]
     return load_worker(config)
 
@@ -271,8 +274,8 @@ def test_folded_decode_gemms_keep_the_tokens_and_never_sync(gpu_checkpoint: Path
 
 
 def test_epilogue_norm_decode_graphs_equal_eager_and_never_sync(gpu_checkpoint_norms: Path) -> None:
-    """Decode graphs with the layers' norms in the kernels after their projections (`epilogue_norm_rows`, the
-    default) replay with no host sync and give the eager passes' greedy tokens (the same kernels outside
+    """Decode graphs with the layers' norms in the kernels after their projections (`epilogue_norm_rows`)
+    replay with no host sync and give the eager passes' greedy tokens (the same kernels outside
     graphs); against norm kernels (`epilogue_norm_rows=0`) most tokens agree: the folded weights and the row scale round
     in other places, which flips near-ties (the prefill pieces keep their norm kernels, scaling by ones).
     Norm weights other than ones, so the fold changes the weights."""

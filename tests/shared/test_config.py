@@ -56,7 +56,7 @@ def test_the_launcher_hands_every_dataplane_option_on() -> None:
     assert plain.decode_gemm_rows == DataplaneConfig().decode_gemm_rows
     assert plain.decode_l2_prefetch_kib == 0
     assert plain.epilogue_norm_rows == DataplaneConfig().epilogue_norm_rows
-    assert build_parser().parse_args(dataplane_args(DataplaneConfig(epilogue_norm_rows=0))).epilogue_norm_rows == 0
+    assert build_parser().parse_args(dataplane_args(DataplaneConfig(epilogue_norm_rows=64))).epilogue_norm_rows == 64
 
 
 def test_decode_gemm_rows_is_checked() -> None:
@@ -70,7 +70,8 @@ def test_epilogue_norm_rows_is_checked() -> None:
     assert DataplaneConfig(epilogue_norm_rows=256).epilogue_norm_rows == 256
     with pytest.raises(ValueError, match="epilogue_norm_rows must be >= 0"):
         DataplaneConfig(epilogue_norm_rows=-1)
-    assert DataplaneConfig(decode_gemm_rows=16).epilogue_norm_rows == 256  # the folded GEMMs take precedence
+    both = DataplaneConfig(decode_gemm_rows=16, epilogue_norm_rows=256)  # the folded GEMMs take precedence at load
+    assert both.epilogue_norm_rows == 256 and both.decode_gemm_rows == 16
 
 
 def test_serve_takes_piecewise_graphs() -> None:
