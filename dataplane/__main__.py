@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passes of at most this many tokens (decode graphs) fold the norms, SwiGLU and the residual "
                         "adds into their projections (0: never; at most 64)")
     p.add_argument("--epilogue-norm-rows", type=int, default=d.epilogue_norm_rows,
-                   help="passes of at most this many tokens (decode steps; not the prefill pieces) run the layers' "
+                   help="passes of at most this many tokens (decode steps and as short prefills) run the layers' "
                         "norms inside the kernels after QKV and gate/up and the residual adds inside the O and down "
                         "GEMMs (0: never)")
     p.add_argument("--blas-library", choices=BLAS_LIBRARIES, default=d.blas_library,

@@ -83,8 +83,8 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
     # slower on an H100 with Triton 3.6's GEMMs (a layer's projections at 16 rows: 208 us, ~182 with
     # the tuned table, against 155 unfolded)
     decode_gemm_rows: int = 0
-    # passes of at most this many tokens (decode steps, and any eager pass that short, e.g. a partition's
-    # prefill; not the prefill pieces) run each layer's input and post-attention norms inside the kernels
+    # passes of at most this many tokens (decode steps, prefill pieces padded to at most that many, any
+    # eager pass that short) run each layer's input and post-attention norms inside the kernels
     # after the projections (the norm weights folded into QKV and gate/up at load, each row's scale applied
     # by the RoPE/KV-write and SwiGLU kernels) and its residual adds inside the O and down GEMMs: 7 kernels a
     # layer instead of 9, before split-K reduces (dataplane/models/fused.py; 0: never; the bf16 fused path

@@ -1,7 +1,8 @@
 """The layers' norms in the kernels after their projections (`epilogue_norm_rows`), on a CPU: with the
 norm weights folded into QKV and gate/up, passes of at most that many tokens run no norm kernel but the
 final one and compute what the fused forward computed before the fold (hidden states and KV cache);
-longer passes and the piecewise prefill pieces keep their norm kernels, scaling by ones. The Triton
+longer passes keep their norm kernels, scaling by ones, and prefill pieces do as an eager pass of their
+padded size does. The Triton
 kernels run in Triton's CPU interpreter; flashinfer's norms are the torch stand-ins of test_piecewise."""
 
 from __future__ import annotations

@@ -277,7 +277,7 @@ def test_epilogue_norm_decode_graphs_equal_eager_and_never_sync(gpu_checkpoint_n
     """Decode graphs with the layers' norms in the kernels after their projections (`epilogue_norm_rows`)
     replay with no host sync and give the eager passes' greedy tokens (the same kernels outside
     graphs); against norm kernels (`epilogue_norm_rows=0`) most tokens agree: the folded weights and the row scale round
-    in other places, which flips near-ties (the prefill pieces keep their norm kernels, scaling by ones).
+    in other places, which flips near-ties (the prefills, of more than 32 tokens, keep their norm kernels).
     Norm weights other than ones, so the fold changes the weights."""
     gpu_checkpoint = gpu_checkpoint_norms
     prompts = _prompts(12, 512, seed=9)
