@@ -15,7 +15,7 @@ an eager pass of as many tokens does). 0.9-2% faster a decode step on an H100; o
 whole GPU suite has passed with it.
 While `FusedKernels.prefetch` is set (whole-GPU decode graph capture with `decode_l2_prefetch_kib`), the
 unfolded path forks an L2 prefetch of the next projection's weights around three small kernels a layer
-(`dataplane/kernels/l2_prefetch.py`; one, before down, on passes with their norms in the epilogues below):
+(`dataplane/kernels/l2_prefetch.py`; one, before down, on passes with their norms in the epilogues):
 timing only.
 
 `enable_fused_path(model)` rewires a loaded model in place; the reference path in `dense` stays the
