@@ -273,20 +273,23 @@ def test_folded_decode_gemms_keep_the_tokens_and_never_sync(gpu_checkpoint: Path
     assert agree > 0.6, f"folded decode GEMMs agree with the unfolded path on only {agree:.0%} of greedy tokens"
 
 
-def test_epilogue_norm_decode_graphs_equal_eager_and_never_sync(gpu_checkpoint_norms: Path) -> None:
+@pytest.mark.parametrize("rows", [32, 1024])
+def test_epilogue_norm_decode_graphs_equal_eager_and_never_sync(gpu_checkpoint_norms: Path, rows: int) -> None:
     """Decode graphs with the layers' norms in the kernels after their projections (`epilogue_norm_rows`)
     replay with no host sync and give the eager passes' greedy tokens (the same kernels outside
     graphs); against norm kernels (`epilogue_norm_rows=0`) most tokens agree: the folded weights and the row scale round
-    in other places, which flips near-ties (the prefills, of more than 32 tokens, keep their norm kernels).
+    in other places, which flips near-ties. The prefill of the 12 prompts (376 tokens, one step) keeps its norm
+    kernels at 32 rows and runs in the epilogues at 1024, in the prefill pieces and the eager pass alike.
     Norm weights other than ones, so the fold changes the weights."""
     gpu_checkpoint = gpu_checkpoint_norms
     prompts = _prompts(12, 512, seed=9)
-    graphed = _worker(str(gpu_checkpoint), epilogue_norm_rows=32).runner
+    graphed = _worker(str(gpu_checkpoint), epilogue_norm_rows=rows).runner
     assert graphed.graphs is not None and graphed.model.fused.unit_norm is not None
+    assert graphed.pieces is not None  # the prefill replays the pieces, against the eager worker's pass
     greedy_run(graphed, prompts, 2)  # warm up the Triton kernels outside the check
     graphed.seqs.clear()
     got = greedy_run(graphed, prompts, 16, sync_debug=True, depth=2)
-    assert got == greedy_run(_worker(str(gpu_checkpoint), epilogue_norm_rows=32, cuda_graphs=False).runner,
+    assert got == greedy_run(_worker(str(gpu_checkpoint), epilogue_norm_rows=rows, cuda_graphs=False).runner,
                              prompts, 16)
     default = greedy_run(_worker(str(gpu_checkpoint), epilogue_norm_rows=0).runner, prompts, 16)
     agree = sum(a == b for x, y in zip(got, default) for a, b in zip(x, y)) / sum(map(len, default))
