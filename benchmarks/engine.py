@@ -344,6 +344,9 @@ def _variant(args: argparse.Namespace, built_pieces: bool, kernel_defaults: dict
         extra += "" if value is None or value == kernel_defaults[name] else f"-{tag}{value:g}"
     if args.decode_blas_library != default.decode_blas_library:
         extra += f"-dblas{args.decode_blas_library}"
+    if args.cublas_workspace_config is not None:  # ":0:0" -> -ws0, ":4096:8" -> -ws4096-8
+        extra += "-ws" + ("0" if args.cublas_workspace_config == ":0:0"
+                          else args.cublas_workspace_config.strip(":").replace(":", "-"))
     if args.decode_l2_prefetch_kib != default.decode_l2_prefetch_kib:
         extra += f"-pf{args.decode_l2_prefetch_kib}"
     return page + fold + extra
@@ -393,6 +396,9 @@ def main() -> None:
     p.add_argument("--decode-gemm-rows", type=int, default=DataplaneConfig().decode_gemm_rows,
                    help="decode passes of at most this many rows fold norms, SwiGLU and residual adds into their "
                         "projections (0: never; files of another value than the default get -fold<N>)")
+    p.add_argument("--cublas-workspace-config", default=None,
+                   help="CUBLAS_WORKSPACE_CONFIG for the run, set before its first GEMM (':0:0': no workspace, no "
+                        "split-K; files get -ws0, other values -ws<SIZE>-<COUNT>)")
     p.add_argument("--epilogue-norm-rows", type=int, default=DataplaneConfig().epilogue_norm_rows,
                    help="passes of at most this many rows run the layers' norms inside the kernels after QKV and "
                         "gate/up and the residual adds inside O and down (0: never; files of another value than "
@@ -422,6 +428,7 @@ def main() -> None:
     worker = load_worker(DataplaneConfig(model=args.model, device=args.device, max_num_batched_tokens=budget,
                                          max_num_seqs=max_seqs, num_kv_blocks=2048 if quick else None,
                                          blas_library=args.blas_library, block_size=args.block_size,
+                                         cublas_workspace_config=args.cublas_workspace_config,
                                          decode_blas_library=args.decode_blas_library,
                                          decode_gemm_rows=args.decode_gemm_rows,
                                          epilogue_norm_rows=args.epilogue_norm_rows,

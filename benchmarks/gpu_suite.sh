@@ -132,8 +132,9 @@ for stage in "$@"; do
     decode-kernels-lt) TORCH_CUBLASLT_UNIFIED_WORKSPACE=0 CUBLASLT_WORKSPACE_SIZE=1 run decode-k-lt 150 python3 benchmarks/engine.py $DK \
                          --decode-blas-library cublaslt ;;
     engine) run engine 400 python3 benchmarks/engine.py --peer-requests 64 --peer-output-len 128 ${PAGE:+--block-size $PAGE} \
-              ${CUDA_CORES:+--cuda-core-max-batch $CUDA_CORES} ${EPI:+--epilogue-norm-rows $EPI} --out "$OUT" ;;  # PAGE, CUDA_CORES,
-              # EPI: KV page size, CUDA-core rows, epilogue_norm_rows (default: the data plane's)
+              ${CUDA_CORES:+--cuda-core-max-batch $CUDA_CORES} ${EPI:+--epilogue-norm-rows $EPI} ${WS:+--cublas-workspace-config $WS} --out "$OUT" ;;  # PAGE,
+              # CUDA_CORES, EPI, WS: KV page size, CUDA-core rows, epilogue_norm_rows, cuBLAS workspace (":0:0": none;
+              # default: the data plane's)
     prefix-cache) run prefix-cache 300 python3 benchmarks/prefix_cache.py --out "$OUT" ;;
     stream) run stream 560 python3 benchmarks/stream_throughput.py --gpu cuda --concurrency 256 \
               --stream-intervals 1,4 --out "$OUT/stream-throughput-$GPU.json" ;;

@@ -41,6 +41,8 @@ def dataplane_args(config: DataplaneConfig) -> list[str]:
         args += ["--partition-kernels", config.partition_kernels]
     if config.blas_library != "default":
         args += ["--blas-library", config.blas_library]
+    if config.cublas_workspace_config is not None:
+        args += ["--cublas-workspace-config", config.cublas_workspace_config]
     if config.decode_blas_library != "default":
         args += ["--decode-blas-library", config.decode_blas_library]
     if config.decode_l2_prefetch_kib:

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passes of at most this many tokens (decode steps and as short prefills) run the layers' "
                         "norms inside the kernels after QKV and gate/up and the residual adds inside the O and down "
                         "GEMMs (0: never)")
+    p.add_argument("--cublas-workspace-config", default=d.cublas_workspace_config,
+                   help="CUBLAS_WORKSPACE_CONFIG for this process, set before its first GEMM (':0:0': no workspace, "
+                        "so no split-K; default: the environment's)")
     p.add_argument("--blas-library", choices=BLAS_LIBRARIES, default=d.blas_library,
                    help="library for torch's GEMMs on CUDA (default: torch's choice)")
     p.add_argument("--decode-blas-library", choices=BLAS_LIBRARIES, default=d.decode_blas_library,
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
             cuda_graphs=not args.no_cuda_graphs, piecewise_graphs=args.piecewise_graphs,
             fused_kernels=not args.no_fused_kernels, decode_gemm_rows=args.decode_gemm_rows,
-            epilogue_norm_rows=args.epilogue_norm_rows,
+            epilogue_norm_rows=args.epilogue_norm_rows, cublas_workspace_config=args.cublas_workspace_config,
             multiplexing=not args.no_multiplexing, blas_library=args.blas_library,
             decode_blas_library=args.decode_blas_library, decode_l2_prefetch_kib=args.decode_l2_prefetch_kib,
             partition_kernels=args.partition_kernels,

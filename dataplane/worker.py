@@ -8,6 +8,7 @@ It executes what the control plane decided and decides nothing itself.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from collections import deque
@@ -104,7 +105,20 @@ class LoadedWorker:
     ready: WorkerReady
 
 
+def apply_cublas_workspace(config: DataplaneConfig) -> None:
+    """Set CUBLAS_WORKSPACE_CONFIG for this process when the config names one (before any GEMM: torch reads
+    it once a process)."""
+    value = config.cublas_workspace_config
+    if value is None or os.environ.get("CUBLAS_WORKSPACE_CONFIG") == value:
+        return
+    if "CUBLAS_WORKSPACE_CONFIG" in os.environ:
+        log.warning("cublas_workspace_config %s replaces CUBLAS_WORKSPACE_CONFIG=%s from the environment", value,
+                    os.environ["CUBLAS_WORKSPACE_CONFIG"])
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = value
+
+
 def load_worker(config: DataplaneConfig) -> LoadedWorker:
+    apply_cublas_workspace(config)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     torch.manual_seed(config.seed)
@@ -196,6 +210,8 @@ def build_pieces(model: torch.nn.Module, kv_caches: list[torch.Tensor], device: 
 def calibration_setup(config: DataplaneConfig) -> str:
     """The kernel choices a calibration depends on, for its cache key ("" for the defaults)."""
     parts = [f"blas-{config.blas_library}"] if config.blas_library != "default" else []
+    if config.cublas_workspace_config is not None:  # split-K or not changes the GEMM rates measured
+        parts.append("ws" + config.cublas_workspace_config.replace(":", "-"))
     if config.decode_blas_library != "default":
         parts.append(f"decode-blas-{config.decode_blas_library}")
     if config.decode_l2_prefetch_kib:

@@ -210,17 +210,17 @@ def test_engine_device_timeline_splits_step_time_into_device_span_idle_gap_and_s
 def test_engine_decode_grid_takes_its_points_and_names_its_variants(tmp_path: Path) -> None:
     """--decode-batches/--decode-contexts pick the grid; a frozen heap, another CUDA-core decode limit, another
     balance limit for unsplit twins, another decode-graph BLAS library, an L2 prefetch and norms in the
-    projections' epilogues are named in the file
+    projections' epilogues and a cuBLAS workspace setting are named in the file
     and the report; pieces asked for but not built (none on a CPU) are not."""
     proc = subprocess.run([sys.executable, "benchmarks/engine.py", "--model", "tiny", "--device", "cpu", "--quick",
                            "--decode-only", "--decode-repeats", "1", "--decode-batches", "2", "--decode-contexts",
                            "32,48", "--gc-freeze", "--piecewise-graphs", "--cuda-core-max-batch", "16",
                            "--decode-blas-library", "cublas", "--balanced-max-skew", "1.2",
-                           "--decode-l2-prefetch-kib", "64", "--epilogue-norm-rows", "64",
+                           "--decode-l2-prefetch-kib", "64", "--epilogue-norm-rows", "64", "--cublas-workspace-config", ":0:0",
                            "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    name = "engine-decode-cpu-default-epi64-gcfreeze-cc16-skew1.2-dblascublas-pf64.json"
+    name = "engine-decode-cpu-default-epi64-gcfreeze-cc16-skew1.2-dblascublas-ws0-pf64.json"
     assert [p.name for p in tmp_path.iterdir()] == [name]
     report = json.loads((tmp_path / name).read_text())
     assert [(r["batch"], r["context"]) for r in report["decode"]] == [(2, 32), (2, 48)]
@@ -231,6 +231,7 @@ def test_engine_decode_grid_takes_its_points_and_names_its_variants(tmp_path: Pa
     assert report["decode_blas_library"] == "cublas" and "cublaslt_workspace_size" in report
     assert report["decode_l2_prefetch_kib"] == 64  # no decode graphs on a CPU, so nothing prefetched
     assert report["epilogue_norm_rows"] == 64  # no fused path on a CPU, so nothing folded
+    assert report["cublas_workspace_config"] == ":0:0"  # set for the run's process by the worker
 
 
 def test_decode_attention_benchmark_spreads_contexts_around_the_asked_one() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,34 @@ def test_decode_gemm_rows_is_checked() -> None:
     for bad in (-1, 65):
         with pytest.raises(ValueError, match=r"decode_gemm_rows must be in \[0, 64\]"):
             DataplaneConfig(decode_gemm_rows=bad)
+
+
+def test_cublas_workspace_config_is_checked_and_handed_on() -> None:
+    from controlplane.launcher import dataplane_args
+    from dataplane.__main__ import build_parser
+
+    for good in (":0:0", ":4096:8", ":4096:2:16:8"):
+        assert DataplaneConfig(cublas_workspace_config=good).cublas_workspace_config == good
+    for bad in ("", "0:0", ":0", ":a:1", ":0:0 "):
+        with pytest.raises(ValueError, match="cublas_workspace_config must be"):
+            DataplaneConfig(cublas_workspace_config=bad)
+    args = build_parser().parse_args(dataplane_args(DataplaneConfig(cublas_workspace_config=":0:0")))
+    assert args.cublas_workspace_config == ":0:0"
+    assert build_parser().parse_args(dataplane_args(DataplaneConfig())).cublas_workspace_config is None
+
+
+def test_the_worker_sets_the_cublas_workspace_for_its_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataplane.worker import apply_cublas_workspace, calibration_setup
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    apply_cublas_workspace(DataplaneConfig())
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ  # none named: the environment's (cuBLAS's default)
+    apply_cublas_workspace(DataplaneConfig(cublas_workspace_config=":0:0"))
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":0:0"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    apply_cublas_workspace(DataplaneConfig(cublas_workspace_config=":0:0"))  # the config wins, with a warning
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":0:0"
+    assert calibration_setup(DataplaneConfig(cublas_workspace_config=":0:0")) == "ws-0-0"  # GEMM rates change
 
 
 def test_epilogue_norm_rows_is_checked() -> None:
