@@ -210,8 +210,9 @@ def build_pieces(model: torch.nn.Module, kv_caches: list[torch.Tensor], device: 
 def calibration_setup(config: DataplaneConfig) -> str:
     """The kernel choices a calibration depends on, for its cache key ("" for the defaults)."""
     parts = [f"blas-{config.blas_library}"] if config.blas_library != "default" else []
-    if config.cublas_workspace_config is not None:  # split-K or not changes the GEMM rates measured
-        parts.append("ws" + config.cublas_workspace_config.replace(":", "-"))
+    workspace = config.cublas_workspace_config or os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if workspace:  # split-K or not changes the GEMM rates measured (the config's, else the environment's)
+        parts.append("ws" + workspace.replace(":", "-"))
     if config.decode_blas_library != "default":
         parts.append(f"decode-blas-{config.decode_blas_library}")
     if config.decode_l2_prefetch_kib:

@@ -52,7 +52,7 @@ DUET_SLOS: tuple[str, ...] = ("tbt", "tpot")
 
 
 BLAS_LIBRARIES: tuple[str, ...] = ("default", "cublas", "cublaslt")
-CUBLAS_WORKSPACE_RE = re.compile(r"(:\d+:\d+)+")  # CUBLAS_WORKSPACE_CONFIG's form
+CUBLAS_WORKSPACE_RE = re.compile(r"(:[0-9]+:[0-9]+)+")  # CUBLAS_WORKSPACE_CONFIG's form (ASCII digits, as torch parses)
 PARTITION_KERNELS: tuple[str, ...] = ("device", "partition", "gemm")  # DataplaneConfig.partition_kernels
 MAX_DECODE_GEMM_ROWS = 64  # dataplane/kernels/decode_gemm.py's MAX_ROWS
 # tokens per KV page of the data plane and of the simulated one: 32 ran decode ~2% faster than 16 on an H100

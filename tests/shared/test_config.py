@@ -73,7 +73,7 @@ def test_cublas_workspace_config_is_checked_and_handed_on() -> None:
 
     for good in (":0:0", ":4096:8", ":4096:2:16:8"):
         assert DataplaneConfig(cublas_workspace_config=good).cublas_workspace_config == good
-    for bad in ("", "0:0", ":0", ":a:1", ":0:0 "):
+    for bad in ("", "0:0", ":0", ":a:1", ":0:0 ", ":\u0660:\u0660"):  # the last: Arabic-Indic digits
         with pytest.raises(ValueError, match="cublas_workspace_config must be"):
             DataplaneConfig(cublas_workspace_config=bad)
     args = build_parser().parse_args(dataplane_args(DataplaneConfig(cublas_workspace_config=":0:0")))
@@ -84,7 +84,8 @@ def test_cublas_workspace_config_is_checked_and_handed_on() -> None:
 def test_the_worker_sets_the_cublas_workspace_for_its_process(monkeypatch: pytest.MonkeyPatch) -> None:
     from dataplane.worker import apply_cublas_workspace, calibration_setup
 
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":1:1")  # records the original value, restored after the test
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
     apply_cublas_workspace(DataplaneConfig())
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ  # none named: the environment's (cuBLAS's default)
     apply_cublas_workspace(DataplaneConfig(cublas_workspace_config=":0:0"))
@@ -93,6 +94,8 @@ def test_the_worker_sets_the_cublas_workspace_for_its_process(monkeypatch: pytes
     apply_cublas_workspace(DataplaneConfig(cublas_workspace_config=":0:0"))  # the config wins, with a warning
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":0:0"
     assert calibration_setup(DataplaneConfig(cublas_workspace_config=":0:0")) == "ws-0-0"  # GEMM rates change
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    assert calibration_setup(DataplaneConfig()) == "ws-4096-8"  # the environment's when the config names none
 
 
 def test_epilogue_norm_rows_is_checked() -> None:
