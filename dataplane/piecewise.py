@@ -118,11 +118,11 @@ class PiecewiseGraphs:
         """Piece i on the first `size` rows of the static buffers."""
         model = self.model
         kernels = model.fused
-        layers = model.model.layers
-        residual = self.residual[:size]
         if epilogue_norms_for(kernels, size):  # as an eager pass of this many tokens runs them
             self._epilogue_piece(i, size)
             return
+        layers = model.model.layers
+        residual = self.residual[:size]
         if i == 0:
             residual.copy_(model.model.embed_tokens(self.input_ids[:size]))
             first = layers[0].input_layernorm
