@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.engine import gpu_slug  # noqa: E402
+from benchmarks.harness import gpu_slug  # noqa: E402
 from benchmarks.gemm_lib import copy_bandwidth, graph_ms  # noqa: E402
 from shared.config import DEFAULT_BLOCK_SIZE  # noqa: E402
 

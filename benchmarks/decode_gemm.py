@@ -29,7 +29,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.engine import gpu_slug  # noqa: E402
+from benchmarks.harness import gpu_slug  # noqa: E402
 from benchmarks.gemm_lib import copy_bandwidth, graph_ms, shapes  # noqa: E402
 from dataplane.kernels import decode_gemm as dg  # noqa: E402
 from dataplane.kernels.activation import silu_and_mul  # noqa: E402

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -32,29 +31,10 @@ from controlplane.scheduler import Scheduler  # noqa: E402
 from controlplane.sequence import Sequence, StopParams  # noqa: E402
 from dataplane.kv_cache import kv_bytes_per_block  # noqa: E402
 from dataplane.seq_state import SeqState  # noqa: E402
+from benchmarks.harness import Timer, drive, gpu_slug  # noqa: E402
 from dataplane.worker import load_worker  # noqa: E402
 from shared.config import BLAS_LIBRARIES, CUBLAS_WORKSPACE_RE, DataplaneConfig, SchedulerConfig  # noqa: E402
 from shared.messages import SamplingParams, ScheduledSeq, StepPlan  # noqa: E402
-
-
-class Timer:
-    """Wall time around device work, with the device drained at both ends."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def __enter__(self) -> Timer:
-        self._sync()
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._sync()
-        self.seconds = time.perf_counter() - self.start
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
 
 def measure_ceilings(device: torch.device, quick: bool) -> dict[str, float]:
@@ -248,29 +228,6 @@ def prefill_grid(worker, chunks: list[int], device: torch.device, ceilings: dict
     return rows
 
 
-def drive(sched: Scheduler, runner, on_plan=None, on_updates=None) -> int:  # noqa: ANN001
-    """The engine's loop in one process until the scheduler has no work: up to `max_inflight` plans
-    out (async scheduling), results applied in order. `on_plan(plan)` sees each plan as it is sent,
-    `on_updates(updates)` what each result did. Returns the steps run."""
-    steps = 0
-    inflight: list = []
-    while sched.has_work() or inflight:
-        while len(inflight) < sched.max_inflight:
-            plan = sched.schedule()
-            if plan is None:
-                break
-            if on_plan is not None:
-                on_plan(plan)
-            inflight.append(runner.launch(plan))
-        if not inflight:
-            raise RuntimeError("the scheduler has work but planned nothing")
-        updates = sched.update(inflight.pop(0).wait())
-        if on_updates is not None:
-            on_updates(updates)
-        steps += 1
-    return steps
-
-
 def offline(worker, requests: int, in_len: int, out_len: int, budget: int, max_seqs: int) -> dict:  # noqa: ANN001
     """The real scheduler driving the real runner in one process (no sockets)."""
     ready, runner = worker.ready, worker.runner
@@ -320,14 +277,6 @@ def peer(model_name: str, requests: int, in_len: int, out_len: int, device: torc
     print(f"peer (transformers) {requests} x ({in_len}, {out_len}): {t.seconds:.1f} s, "
           f"{result['output_tok_s']:.0f} output tok/s", flush=True)
     return result
-
-
-def gpu_slug(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    name = torch.cuda.get_device_name(device)
-    match = re.search(r"(H100|H200|A100|L40S|B200)", name)
-    return (match.group(1) if match else re.sub(r"\W+", "-", name)).lower()
 
 
 def _variant(args: argparse.Namespace, built_pieces: bool, kernel_defaults: dict[str, float]) -> str:

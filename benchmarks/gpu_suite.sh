@@ -123,7 +123,7 @@ for stage in "$@"; do
                    run profile-epi$rows 150 python3 benchmarks/profile_decode.py --graphs --batch 16 --context 1024 \
                      --page-sizes "" --epilogue-norm-rows $rows
                  done ;;
-    tests-epi) run tests-epi ${TEST_LIMIT:-300} python3 -u -m pytest -m gpu tests/dataplane/test_gpu.py -v -p no:cacheprovider \
+    tests-epi) run tests-epi ${TEST_LIMIT:-300} python3 -u -m pytest -m gpu tests/dataplane/test_gpu.py tests/dataplane/test_gpu_kernel_options.py -v -p no:cacheprovider \
                  -k "epilogue or fused_path_matches" ;;  # the norms-in-epilogues tests
     decode-skew) for s in ${SPREADS:-0.05 0.1 0.2 0.3}; do  # where an unsplit twin stops paying (BALANCED_MAX_SKEW)
                    run decode-attention-spread$s 120 python3 benchmarks/decode_attention.py --batches 16,24 \

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.engine import gpu_slug  # noqa: E402
+from benchmarks.harness import gpu_slug  # noqa: E402
 from benchmarks.gemm_lib import copy_bandwidth  # noqa: E402
 
 LAYERS = 24

@@ -19,7 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.engine import gpu_slug  # noqa: E402
+from benchmarks.harness import gpu_slug  # noqa: E402
 from dataplane.seq_state import SeqState  # noqa: E402
 from dataplane.worker import load_worker  # noqa: E402
 from shared.config import BLAS_LIBRARIES, PARTITION_KERNELS, DataplaneConfig  # noqa: E402

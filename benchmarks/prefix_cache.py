@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.engine import Timer, drive, gpu_slug  # noqa: E402
+from benchmarks.harness import Timer, drive, gpu_slug  # noqa: E402
 from controlplane.prefix_cache import make_allocator  # noqa: E402
 from controlplane.scheduler import Scheduler  # noqa: E402
 from controlplane.sequence import Sequence, StopParams  # noqa: E402

@@ -37,7 +37,7 @@ from torch import Tensor
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.engine import gpu_slug  # noqa: E402
+from benchmarks.harness import gpu_slug  # noqa: E402
 from benchmarks.gemm_lib import copy_bandwidth, graph_ms, shapes  # noqa: E402
 from dataplane.kernels.decode_gemm import GemmConfig  # noqa: E402  (the data plane's tile config)
 from dataplane.models.presets import PRESETS  # noqa: E402

@@ -1,52 +1,27 @@
 """GPU tests (marker `gpu`): flashinfer vs torch attention, graph replay vs eager, greedy tokens vs the
-CPU path, and a hot loop with no host synchronisation. Skipped without CUDA.
-
-DUETSERVE_TEST_BLOCK_SIZE (default: the data plane's) sets the KV page size of every worker and of the
-random attention batches, DUETSERVE_TEST_CUDA_CORE_MAX_BATCH flashinfer_backend's largest decode batch
-on the CUDA-core kernel and DUETSERVE_TEST_UNSPLIT_KV_MIN_BATCH its smallest decode graph that reads KV
-unsplit, and DUETSERVE_TEST_EPILOGUE_NORM_ROWS the workers' `epilogue_norm_rows` where a test does not set
-it, so the suite can vouch for another setting before it becomes the default."""
+CPU path, and a hot loop with no host synchronisation. Skipped without CUDA. The decode-kernel options
+(unsplit twins, L2 prefetch, folded GEMMs, norms in epilogues) are tested in test_gpu_kernel_options.py;
+the shared workers, prompts and driver, and the environment settings that vouch for another default, are
+in gpu_support.py."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from dataplane.attention.base import AttentionBatch, AttentionShape
+from dataplane.attention.base import AttentionShape
 from dataplane.attention.torch_paged import TorchPagedAttention
 from dataplane.worker import load_worker
 from shared.config import DataplaneConfig
 from shared.messages import NewRequest, SamplingParams, ScheduledSeq, StepPlan
+from tests.dataplane.gpu_support import BS, gpu_worker, greedy_run, random_batch, random_prompts, rel_err
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-
-BS = int(os.environ.get("DUETSERVE_TEST_BLOCK_SIZE", DataplaneConfig().block_size))
-EPILOGUE_ROWS = int(os.environ.get("DUETSERVE_TEST_EPILOGUE_NORM_ROWS") or DataplaneConfig().epilogue_norm_rows)
-for _name in ("CUDA_CORE_MAX_BATCH", "UNSPLIT_KV_MIN_BATCH"):  # before any worker builds its wrappers or graphs
-    if os.environ.get(f"DUETSERVE_TEST_{_name}"):
-        import dataplane.attention.flashinfer_backend as _fib
-
-        setattr(_fib, _name, int(os.environ[f"DUETSERVE_TEST_{_name}"]))
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
-
-
-def random_batch(query_lens: list[int], context_lens: list[int], num_blocks: int, gen: torch.Generator) -> AttentionBatch:
-    perm = torch.randperm(num_blocks, generator=gen).tolist()
-    tables, used = [], 0
-    for q, c in zip(query_lens, context_lens):
-        n = -(-(q + c) // BS)
-        tables.append(perm[used : used + n])
-        used += n
-    return AttentionBatch(query_lens, context_lens, tables, BS)
 
 
 @pytest.mark.parametrize("kind", ["mixed", "decode", "split"])
@@ -81,91 +56,10 @@ def test_flashinfer_matches_torch_attention(kind: str) -> None:
     assert rel_err(cache, ref_cache) < 1e-2  # both wrote this step's keys and values to the same slots
 
 
-def _worker(tmp_model: str, **overrides: object):  # noqa: ANN202
-    overrides.setdefault("multiplexing", False)  # partitions (and their calibration) only where a test needs them
-    overrides.setdefault("max_num_seqs", 32)
-    overrides.setdefault("max_num_batched_tokens", 1024)
-    overrides.setdefault("block_size", BS)
-    overrides.setdefault("epilogue_norm_rows", EPILOGUE_ROWS)
-    config = DataplaneConfig(model=tmp_model, device="cuda", num_kv_blocks=512, **overrides)  # type: ignore[arg-type]
-    return load_worker(config)
-
-
-def _prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (int(torch.randint(5, 60, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
-
-
-def greedy_run(runner, prompts: list[list[int]], new_tokens: int, sync_debug: bool = False,  # noqa: ANN001
-               depth: int = 1) -> list[list[int]]:
-    """Drive a runner like the control plane does: prefill each prompt whole, then decode all together.
-
-    `depth` 2 launches step i+1 before collecting step i (async scheduling: inputs fed on the device)."""
-    blocks_per_seq = -(-(max(map(len, prompts)) + new_tokens) // BS)
-    news = [NewRequest(seq_id=i, token_ids=p, num_prompt_tokens=len(p),
-                       block_ids=list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)),
-                       sampling=SamplingParams(temperature=0.0)) for i, p in enumerate(prompts)]
-    out: list[list[int]] = [[] for _ in prompts]
-    plans = [StepPlan(step_id=0, new_requests=news,
-                      scheduled=[ScheduledSeq(seq_id=i, num_tokens=len(p)) for i, p in enumerate(prompts)])]
-    plans += [StepPlan(step_id=s, scheduled=[ScheduledSeq(seq_id=i, num_tokens=1) for i in range(len(prompts))])
-              for s in range(1, new_tokens)]
-    if sync_debug:
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-    try:
-        def collect(pending) -> None:  # noqa: ANN001
-            while not pending.ready():
-                pass
-            for o in pending.result().outputs:
-                out[o.seq_id].extend(o.token_ids)
-
-        launched = []
-        for plan in plans:
-            launched.append(runner.launch(plan))
-            if len(launched) >= depth:
-                collect(launched.pop(0))
-        for pending in launched:
-            collect(pending)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    return out
-
-
-def _save_qwen3(folder: Path, norms: bool = False) -> Path:
-    """A small Qwen3 checkpoint with flashinfer-friendly head_dim 128; `norms`: RMSNorm weights drawn
-    around 1 (a fresh model's are all ones, which a fold of them into the projections would not change)."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    cfg = Qwen3Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=128, max_position_embeddings=2048,
-                      initializer_range=0.1, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(cfg)
-    if norms:
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    param.copy_(1 + 0.3 * torch.randn(param.shape))
-    model.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def gpu_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _save_qwen3(tmp_path_factory.mktemp("gpu-ckpt"))
-
-
-@pytest.fixture(scope="module")
-def gpu_checkpoint_norms(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _save_qwen3(tmp_path_factory.mktemp("gpu-ckpt-norms"), norms=True)
-
-
 def test_graph_replay_equals_eager(gpu_checkpoint: Path) -> None:
-    prompts = _prompts(5, 512, seed=1)
-    graphed = _worker(str(gpu_checkpoint)).runner
-    eager = _worker(str(gpu_checkpoint), cuda_graphs=False).runner
+    prompts = random_prompts(5, 512, seed=1)
+    graphed = gpu_worker(str(gpu_checkpoint)).runner
+    eager = gpu_worker(str(gpu_checkpoint), cuda_graphs=False).runner
     assert graphed.graphs is not None and eager.graphs is None
     assert greedy_run(graphed, prompts, 24) == greedy_run(eager, prompts, 24)
 
@@ -178,55 +72,22 @@ def test_graph_replay_equals_eager_on_a_large_mixed_bucket(gpu_checkpoint: Path,
     import dataplane.attention.flashinfer_backend as fib
 
     assert n < 40 or (fib.UNSPLIT_KV_MIN_BATCH is not None and fib.UNSPLIT_KV_MIN_BATCH <= 40)
-    prompts = _prompts(n, 512, seed=1)
+    prompts = random_prompts(n, 512, seed=1)
     sizes = {"max_num_seqs": 48, "max_num_batched_tokens": 4096}  # every prompt prefills in one step
-    graphed = _worker(str(gpu_checkpoint), **sizes).runner
-    eager = _worker(str(gpu_checkpoint), cuda_graphs=False, **sizes).runner
+    graphed = gpu_worker(str(gpu_checkpoint), **sizes).runner
+    eager = gpu_worker(str(gpu_checkpoint), cuda_graphs=False, **sizes).runner
     assert greedy_run(graphed, prompts, 24) == greedy_run(eager, prompts, 24)
     assert graphed.graphs is not None and graphed.graphs.unsplit_twin_replays == 0  # lengths 5-60: skewed
 
 
-@pytest.mark.parametrize("n", [16, 22])
-def test_a_balanced_batch_replays_the_unsplit_twin_equal_to_eager(gpu_checkpoint: Path, n: int) -> None:
-    """n prompts of one length (22: bucket 24 with two padding rows): every decode step is balanced, so
-    the bucket's unsplit twin replays (flashinfer_backend.BALANCED_MAX_SKEW), and its tokens equal eager's."""
-    import dataplane.attention.flashinfer_backend as fib
-
-    bucket = 16 if n == 16 else 24
-    if not fib.has_unsplit_twin(bucket):
-        pytest.skip(f"bucket {bucket} has no unsplit twin with these settings "
-                    "(DUETSERVE_TEST_CUDA_CORE_MAX_BATCH=8 gives buckets 16 and 24 theirs)")
-    g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(3, 512, (40,), generator=g).tolist() for _ in range(n)]
-    sizes = {"max_num_seqs": 32, "max_num_batched_tokens": 4096}
-    graphed = _worker(str(gpu_checkpoint), **sizes).runner
-    eager = _worker(str(gpu_checkpoint), cuda_graphs=False, **sizes).runner
-    got = greedy_run(graphed, prompts, 24)
-    assert graphed.graphs is not None and graphed.graphs.unsplit_twin_replays >= 20  # 23 decode steps
-    assert got == greedy_run(eager, prompts, 24)
-
-
-def test_decode_graphs_with_l2_prefetch_equal_eager(gpu_checkpoint: Path) -> None:
-    """Whole-GPU decode graphs captured with the L2 prefetch's side stream (forked and joined around the
-    small kernels) replay with no host sync and give eager's greedy tokens."""
-    prompts = _prompts(6, 512, seed=8)
-    graphed = _worker(str(gpu_checkpoint), decode_l2_prefetch_kib=256, epilogue_norm_rows=0).runner  # norm kernels
-    assert graphed.graphs is not None and graphed.graphs.l2_prefetch is not None
-    # three forks a layer in each captured graph (warm-ups too), and none left handed to the fused path
-    assert graphed.graphs.l2_prefetch.forks >= 3 * graphed.model.cfg.num_layers * graphed.graphs.num_graphs
-    assert graphed.model.fused.prefetch is None
-    got = greedy_run(graphed, prompts, 16, sync_debug=True, depth=2)
-    assert got == greedy_run(_worker(str(gpu_checkpoint), cuda_graphs=False).runner, prompts, 16)
-
-
 def test_greedy_tokens_equal_the_cpu_path(gpu_checkpoint: Path) -> None:
-    prompts = _prompts(4, 512, seed=2)
-    gpu = greedy_run(_worker(str(gpu_checkpoint), dtype="float32", attention_backend="torch",
+    prompts = random_prompts(4, 512, seed=2)
+    gpu = greedy_run(gpu_worker(str(gpu_checkpoint), dtype="float32", attention_backend="torch",
                              cuda_graphs=False).runner, prompts, 16)
     cpu_worker = load_worker(DataplaneConfig(model=str(gpu_checkpoint), device="cpu", num_kv_blocks=512,
                                              block_size=BS))
     assert greedy_run(cpu_worker.runner, prompts, 16) == gpu
-    bf16 = greedy_run(_worker(str(gpu_checkpoint)).runner, prompts, 16)
+    bf16 = greedy_run(gpu_worker(str(gpu_checkpoint)).runner, prompts, 16)
     # bf16 rounding may flip a near-tie, after which a sequence diverges: require the first tokens to
     # agree, and most of the rest (measured: 88% of all tokens on this model).
     assert [t[:2] for t in bf16] == [t[:2] for t in gpu]
@@ -237,8 +98,8 @@ def test_greedy_tokens_equal_the_cpu_path(gpu_checkpoint: Path) -> None:
 def test_async_launches_equal_one_at_a_time(gpu_checkpoint: Path) -> None:
     """Step i+1 launched before step i is collected: decode inputs come from the device, graphs replay,
     nothing syncs, and the tokens equal the one-at-a-time run's."""
-    prompts = _prompts(6, 512, seed=4)
-    runner = _worker(str(gpu_checkpoint)).runner
+    prompts = random_prompts(6, 512, seed=4)
+    runner = gpu_worker(str(gpu_checkpoint)).runner
     expected = greedy_run(runner, prompts, 16)
     runner.clear()
     assert greedy_run(runner, prompts, 16, sync_debug=True, depth=2) == expected
@@ -246,54 +107,12 @@ def test_async_launches_equal_one_at_a_time(gpu_checkpoint: Path) -> None:
 
 
 def test_hot_loop_has_no_host_sync(gpu_checkpoint: Path) -> None:
-    runner = _worker(str(gpu_checkpoint)).runner
-    prompts = _prompts(6, 512, seed=3)
+    runner = gpu_worker(str(gpu_checkpoint)).runner
+    prompts = random_prompts(6, 512, seed=3)
     greedy_run(runner, prompts, 4)  # warm up allocators and kernels outside the check
     runner.seqs.clear()
     tokens = greedy_run(runner, prompts, 12, sync_debug=True)
     assert all(len(t) == 12 for t in tokens)
-
-
-@pytest.mark.experimental
-def test_folded_decode_gemms_keep_the_tokens_and_never_sync(gpu_checkpoint: Path) -> None:
-    """Decode graphs with the norms, SwiGLU and residual adds folded into their projections
-    (`decode_gemm_rows`, off by default: slower on an H100) against the unfolded graphs: async launches
-    under sync-debug "error"; every first token equal (it comes from the prefill, which is not folded)
-    and most of the rest (two bf16 roundings of one function part at near-ties: on an H100 one of 12
-    sequences parted at its second token)."""
-    prompts = _prompts(12, 512, seed=6)
-    unfolded = greedy_run(_worker(str(gpu_checkpoint), decode_gemm_rows=0).runner, prompts, 16)
-    runner = _worker(str(gpu_checkpoint), decode_gemm_rows=64).runner
-    assert runner.model.fused.decode_gemms is not None and runner.model.fused.decode_gemms.configs(12)
-    greedy_run(runner, prompts, 2)  # warm up the Triton kernels outside the check
-    runner.seqs.clear()
-    folded = greedy_run(runner, prompts, 16, sync_debug=True, depth=2)
-    assert [t[:1] for t in folded] == [t[:1] for t in unfolded]
-    agree = sum(a == b for x, y in zip(folded, unfolded) for a, b in zip(x, y)) / sum(map(len, unfolded))
-    assert agree > 0.6, f"folded decode GEMMs agree with the unfolded path on only {agree:.0%} of greedy tokens"
-
-
-@pytest.mark.parametrize("rows", [32, 1024])
-def test_epilogue_norm_decode_graphs_equal_eager_and_never_sync(gpu_checkpoint_norms: Path, rows: int) -> None:
-    """Decode graphs with the layers' norms in the kernels after their projections (`epilogue_norm_rows`)
-    replay with no host sync and give the eager passes' greedy tokens (the same kernels outside
-    graphs); against norm kernels (`epilogue_norm_rows=0`) most tokens agree: the folded weights and the row scale round
-    in other places, which flips near-ties. The prefill of the 12 prompts (376 tokens, one step) keeps its norm
-    kernels at 32 rows and runs in the epilogues at 1024, in the prefill pieces and the eager pass alike.
-    Norm weights other than ones, so the fold changes the weights."""
-    gpu_checkpoint = gpu_checkpoint_norms
-    prompts = _prompts(12, 512, seed=9)
-    graphed = _worker(str(gpu_checkpoint), epilogue_norm_rows=rows).runner
-    assert graphed.graphs is not None and graphed.model.fused.unit_norm is not None
-    assert graphed.pieces is not None  # the prefill replays the pieces, against the eager worker's pass
-    greedy_run(graphed, prompts, 2)  # warm up the Triton kernels outside the check
-    graphed.seqs.clear()
-    got = greedy_run(graphed, prompts, 16, sync_debug=True, depth=2)
-    assert got == greedy_run(_worker(str(gpu_checkpoint), epilogue_norm_rows=rows, cuda_graphs=False).runner,
-                             prompts, 16)
-    default = greedy_run(_worker(str(gpu_checkpoint), epilogue_norm_rows=0).runner, prompts, 16)
-    agree = sum(a == b for x, y in zip(got, default) for a, b in zip(x, y)) / sum(map(len, default))
-    assert agree > 0.6, f"epilogue norms agree with the norm kernels on only {agree:.0%} of greedy tokens"
 
 
 @pytest.mark.parametrize("epilogue_rows", [0, 64])
@@ -364,15 +183,15 @@ def _schedule(runner, prompts_a, prompts_b, k: int, decode_sms: int, sync_debug:
 
 
 def test_multiplexed_schedule_equals_aggregated(gpu_checkpoint: Path) -> None:
-    loaded = _worker(str(gpu_checkpoint), multiplexing=True, decode_partition_sms=(8, 16, 120))
+    loaded = gpu_worker(str(gpu_checkpoint), multiplexing=True, decode_partition_sms=(8, 16, 120))
     assert loaded.ready.supports_multiplexing
     assert loaded.ready.partition_sm_counts == [8, 16, 120]
     parts = loaded.runner.multiplexer.partitions.partitions
     assert [(p.actual_prefill_sms, p.actual_decode_sms) for p in parts.values()] == [(124, 8), (116, 16), (12, 120)]
     assert loaded.ready.profile is not None and {8, 16, 116, 124} <= set(loaded.ready.profile.sm_counts)
-    a, b = _prompts(5, 512, seed=6), _prompts(2, 512, seed=7)
-    reference = _schedule(_worker(str(gpu_checkpoint)).runner, a, b, k=1, decode_sms=0, sync_debug=False)
-    lookahead = _schedule(_worker(str(gpu_checkpoint)).runner, a, b, k=4, decode_sms=0, sync_debug=False)
+    a, b = random_prompts(5, 512, seed=6), random_prompts(2, 512, seed=7)
+    reference = _schedule(gpu_worker(str(gpu_checkpoint)).runner, a, b, k=1, decode_sms=0, sync_debug=False)
+    lookahead = _schedule(gpu_worker(str(gpu_checkpoint)).runner, a, b, k=4, decode_sms=0, sync_debug=False)
     _schedule(loaded.runner, a, b, k=4, decode_sms=16, sync_debug=False)  # captures the partition's graphs
     loaded.runner.seqs.clear()
     multiplexed = _schedule(loaded.runner, a, b, k=4, decode_sms=16, sync_debug=True)
@@ -389,12 +208,12 @@ def test_partition_sized_kernels_keep_the_multiplexed_tokens(gpu_checkpoint: Pat
     model, hence experimental ("partition" passed on the H200 at 5a47025)."""
     blas = torch.backends.cuda.preferred_blas_library()  # the worker sets it process-wide
     try:
-        sized = _worker(str(gpu_checkpoint), multiplexing=True, decode_partition_sms=(16,),
+        sized = gpu_worker(str(gpu_checkpoint), multiplexing=True, decode_partition_sms=(16,),
                         partition_kernels=mode, blas_library="cublaslt")
         assert sized.runner.multiplexer.partition_kernels
         assert sized.runner.multiplexer.fa2_prefill == (mode == "partition")
-        a, b = _prompts(5, 512, seed=6), _prompts(2, 512, seed=7)
-        reference = _schedule(_worker(str(gpu_checkpoint)).runner, a, b, k=1, decode_sms=0, sync_debug=False)
+        a, b = random_prompts(5, 512, seed=6), random_prompts(2, 512, seed=7)
+        reference = _schedule(gpu_worker(str(gpu_checkpoint)).runner, a, b, k=1, decode_sms=0, sync_debug=False)
         _schedule(sized.runner, a, b, k=4, decode_sms=16, sync_debug=False)  # captures the partition's graphs
         sized.runner.seqs.clear()
         assert _schedule(sized.runner, a, b, k=4, decode_sms=16, sync_debug=True) == reference
@@ -407,18 +226,18 @@ def test_piecewise_graphs_keep_the_tokens(gpu_checkpoint: Path) -> None:
     """Prefill and mixed passes replayed as piecewise graphs around eager attention (the default) give
     the eager passes' greedy tokens, with no host sync."""
     sizes = {"max_num_seqs": 48}
-    pieces = _worker(str(gpu_checkpoint), **sizes).runner
+    pieces = gpu_worker(str(gpu_checkpoint), **sizes).runner
     assert pieces.pieces is not None and pieces.pieces.num_graphs > 0
-    eager = _worker(str(gpu_checkpoint), piecewise_graphs=False, **sizes).runner
+    eager = gpu_worker(str(gpu_checkpoint), piecewise_graphs=False, **sizes).runner
     assert eager.pieces is None
-    prompts = _prompts(6, 512, seed=8)
+    prompts = random_prompts(6, 512, seed=8)
     want = greedy_run(eager, prompts, 12)
     assert greedy_run(pieces, prompts, 12, sync_debug=True) == want
     pieces.clear()
     assert greedy_run(pieces, prompts, 12, depth=2) == want  # async: step i+1 launched before i is collected
     pieces.clear()
     eager.clear()
-    a, b = _prompts(5, 512, seed=6), _prompts(2, 512, seed=7)  # a mixed step: A decodes while B prefills
+    a, b = random_prompts(5, 512, seed=6), random_prompts(2, 512, seed=7)  # a mixed step: A decodes while B prefills
     assert (_schedule(pieces, a, b, k=1, decode_sms=0, sync_debug=True)
             == _schedule(eager, a, b, k=1, decode_sms=0, sync_debug=False))
     pieces.clear()
@@ -428,7 +247,7 @@ def test_piecewise_graphs_keep_the_tokens(gpu_checkpoint: Path) -> None:
 
 
 def _many_decodes_and_a_prefill(runner, decodes: int = 36) -> dict[int, list[int]]:  # noqa: ANN001
-    prompts = [*_prompts(decodes, 512, seed=9), *_prompts(1, 512, seed=10)]
+    prompts = [*random_prompts(decodes, 512, seed=9), *random_prompts(1, 512, seed=10)]
     news = [NewRequest(seq_id=i, token_ids=p, num_prompt_tokens=len(p), block_ids=list(range(i * 8, (i + 1) * 8)),
                        sampling=SamplingParams(temperature=0.0)) for i, p in enumerate(prompts)]
     last = decodes  # the prompt that prefills beside the decodes
@@ -450,9 +269,9 @@ def test_a_cached_prefix_gives_the_tokens_of_the_whole_prompt(gpu_checkpoint: Pa
     """A request admitted with a prefix-cache hit (its first blocks hold another request's KV; it
     computes only the rest) samples what computing its whole prompt samples: flashinfer reading
     shared pages, piecewise graphs with context, no host sync."""
-    runner = _worker(str(gpu_checkpoint)).runner
+    runner = gpu_worker(str(gpu_checkpoint)).runner
     shared = 2 * BS  # two whole blocks shared, then its own tokens
-    prefix = (_prompts(1, 512, seed=11)[0] * (shared + 8))[:shared + 8]
+    prefix = (random_prompts(1, 512, seed=11)[0] * (shared + 8))[:shared + 8]
     prompt = prefix[:shared] + [7, 8, 9, 10, 11]
 
     def new(seq_id: int, tokens: list[int], blocks: list[int], cached: int = 0) -> NewRequest:
@@ -515,10 +334,10 @@ def _prompt_logprobs_run(runner, prompt: list[int], chunk: int, sync_debug: bool
 def test_prompt_logprobs_on_the_gpu_match_the_cpu_path(gpu_checkpoint: Path) -> None:
     """Chunked prefill through flashinfer and piecewise graphs (bf16), without a host sync, gives the
     prompt logprobs of the float32 CPU path to bf16 accuracy."""
-    prompt = _prompts(1, 512, seed=8)[0] * 3  # 3x a prompt of 5-60 tokens
+    prompt = random_prompts(1, 512, seed=8)[0] * 3  # 3x a prompt of 5-60 tokens
     cpu = load_worker(DataplaneConfig(model=str(gpu_checkpoint), device="cpu", num_kv_blocks=64,
                                      block_size=BS)).runner
     want = _prompt_logprobs_run(cpu, prompt, chunk=len(prompt), sync_debug=False)
-    got = _prompt_logprobs_run(_worker(str(gpu_checkpoint)).runner, prompt, chunk=16, sync_debug=True)
+    got = _prompt_logprobs_run(gpu_worker(str(gpu_checkpoint)).runner, prompt, chunk=16, sync_debug=True)
     assert len(got) == len(want) == len(prompt) - 1
     assert max(abs(a - b) for a, b in zip(got, want)) < 0.1
