@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness import gpu_slug  # noqa: E402
+from controlplane.optimizer import best_k  # noqa: E402
 from dataplane.seq_state import SeqState  # noqa: E402
 from dataplane.worker import load_worker  # noqa: E402
 from shared.config import BLAS_LIBRARIES, PARTITION_KERNELS, DataplaneConfig  # noqa: E402
@@ -82,8 +83,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--prefill", type=int, default=8192)
-    p.add_argument("--splits", default="16,24,32,48,64")
-    p.add_argument("--ks", default="1,2,4,8")
+    p.add_argument("--splits", default="8,16,24,32,48,64", help="decode partition sizes (SMs)")
+    p.add_argument("--ks", default="1,2,4,8,opt",
+                   help="look-aheads; opt: the control plane's pick (optimizer.best_k) from the split's measured "
+                        "prefill-alone and decode-step times, the k whose decode steps fill the prefill")
+    p.add_argument("--max-k", type=int, default=32, help="largest k opt may pick")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--tbt-slo-ms", type=float, default=50.0, help="TBT bound of the fair comparison")
     p.add_argument("--partition-kernels", choices=PARTITION_KERNELS, default="device",
@@ -93,7 +97,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
     splits = [int(x) for x in args.splits.split(",")]
-    ks = [int(x) for x in args.ks.split(",")]
+    ks = [x if x == "opt" else int(x) for x in args.ks.split(",")]
     worker = load_worker(DataplaneConfig(model=args.model, device="cuda", max_num_batched_tokens=args.prefill + args.batch,
                                          max_num_seqs=args.batch, decode_partition_sms=tuple(splits),
                                          partition_kernels=args.partition_kernels, blas_library=args.blas_library))
@@ -119,7 +123,9 @@ def main() -> None:
         # the prefill alone on its partition: how prefill time scales with SMs, apart from contention
         _, t_pre = b.median(args.reps, decode=False, prefill=True, mode="multiplexed", decode_sms=d)
         print(f"split {d}d: prefill alone on the rest {t_pre.prefill_ms:6.1f} ms", flush=True)
-        for k in ks:
+        _, t_one = b.median(args.reps, decode=True, prefill=False, mode="multiplexed", decode_sms=d)
+        k_opt, _ = best_k(t_pre.prefill_ms, t_one.decode_ms, P, [float(k * B) for k in range(args.max_k + 1)])
+        for k in dict.fromkeys(k_opt if k == "opt" else k for k in ks):  # in order, each once
             _, t_alone = b.median(args.reps, decode=True, prefill=False, mode="multiplexed", decode_sms=d, k=k)
             wall, t = b.median(args.reps, decode=True, prefill=True, mode="multiplexed", decode_sms=d, k=k)
             row = {"decode_sms": d, "prefill_sms": worker.runner.multiplexer.partitions.get(d).actual_prefill_sms,
@@ -127,7 +133,7 @@ def main() -> None:
                    # decoders get k tokens per step, delivered when the step ends: TPOT = step / k
                    "decode_ms": t.decode_ms, "tbt_ms": t.total_ms / k, "decode_step_ms": t.decode_ms / k,
                    "tbt_alone_ms": t_alone.decode_ms / k, "prefill_alone_on_partition_ms": t_pre.prefill_ms,
-                   "isolation_ratio": t.decode_ms / max(t_alone.decode_ms, 1e-6),
+                   "isolation_ratio": t.decode_ms / max(t_alone.decode_ms, 1e-6), "optimizer_k": k == k_opt,
                    "tok_s": (k * B + P) / t.total_ms * 1000}
             multiplexed.append(row)
             print(f"split {row['prefill_sms']}p/{d}d k={k}: step {t.total_ms:6.1f} ms, prefill {t.prefill_ms:6.1f}, "
