@@ -4,7 +4,7 @@
 # reflection, a grpcio/protobuf as new as the generated code needs, tqdm) and copies the full Azure
 # traces to .whl/traces (../shared does not travel). Then each device call carries [".whl"] and
 # starts with `. benchmarks/gpu_env.sh`; serving runs take `--trace-dir .whl/traces`.
-# After the first call that built flashinfer's kernels, copy its $OUT/fi-cache.tgz to .whl/.
+# After the first call that built flashinfer's kernels, copy its $OUT/fi-cache.tgz and $OUT/triton-cache.tgz to .whl/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # unpinned: the newest of each, like the opentelemetry-sdk and -api that device-wheels fetches
