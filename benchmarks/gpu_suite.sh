@@ -65,7 +65,7 @@ for stage in "$@"; do
     tests-pages) DUETSERVE_TEST_BLOCK_SIZE=${PAGE:-32} DUETSERVE_TEST_CUDA_CORE_MAX_BATCH=${CUDA_CORES:-} \
                  DUETSERVE_TEST_UNSPLIT_KV_MIN_BATCH=${UNSPLIT:-} DUETSERVE_TEST_EPILOGUE_NORM_ROWS=${EPI:-} \
                  run tests-page${PAGE:-32}${CUDA_CORES:+-cc$CUDA_CORES}${UNSPLIT:+-unsplit$UNSPLIT}${EPI:+-epi$EPI} ${TEST_LIMIT:-580} python3 -u -m pytest \
-                   -m "gpu and not experimental" tests/dataplane -v -p no:cacheprovider
+                   -m "gpu and not experimental" tests/dataplane -v -p no:cacheprovider --durations 12
                  save_fi_cache "$OUT" ;;  # another KV page size; the cache keeps the CUDA-core decode kernels
     experiments) run experiments 560 python3 -u -m pytest -m experimental tests/dataplane -v -p no:cacheprovider \
                    --timeout 320  # the partition-sized test took 201 s with its FA2 kernels built
