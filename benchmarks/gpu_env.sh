@@ -9,8 +9,8 @@ mkdir -p "$FLASHINFER_WORKSPACE_BASE" "$TRITON_CACHE_DIR"
 if [ -f .whl/fi-cache.tgz ]; then tar xzf .whl/fi-cache.tgz -C "$FLASHINFER_WORKSPACE_BASE"; fi
 if [ -f .whl/triton-cache.tgz ]; then tar xzf .whl/triton-cache.tgz -C "$TRITON_CACHE_DIR"; fi
 # save_fi_cache DIR: write the (possibly grown) caches back for the next machine (copy both files to .whl/;
-# a call carries at most 64 MiB, so check `du -sh .whl` first)
+# a call carries at most 64 MiB, the tracked tree included: check `du -sh .whl .` first)
 save_fi_cache() {
-  (cd "$FLASHINFER_WORKSPACE_BASE" && tar czf "$1/fi-cache.tgz" .cache)
-  (cd "$TRITON_CACHE_DIR" && tar czf "$1/triton-cache.tgz" .)
+  tar czf "$1/fi-cache.tgz" -C "$FLASHINFER_WORKSPACE_BASE" .cache
+  tar czf "$1/triton-cache.tgz" -C "$TRITON_CACHE_DIR" .
 }

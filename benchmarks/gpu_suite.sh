@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU session's runs in one place, for the device tool (one call runs the stages named, each
 # under its own time limit, everything written to $OUT). From the repo root on the GPU machine:
-#   bash benchmarks/gpu_suite.sh tests engine          # first call: also saves the flashinfer JIT cache
+#   bash benchmarks/gpu_suite.sh tests engine          # first call: also saves the flashinfer and Triton caches
 #   bash benchmarks/gpu_suite.sh multiplex predictor
 #   bash benchmarks/gpu_suite.sh serving-code          # a serving stage fills most of one call
 # Needs .whl/ filled by benchmarks/device_prep.sh (carry [".whl"]). Stages: tests tests-pages (the GPU tests with KV
@@ -27,8 +27,8 @@
 # profile-epi (kernel tables of B=16 1k decode graphs with epilogue_norm_rows 0, then 256)
 # tests-epi (the GPU tests of the norms in the projections' epilogues: against the reference, graph replay against
 # eager under the host-sync check) engine multiplex
-# multiplex-wide (the multiplex benchmark with 256 decoders at 512 context, where a decode SM emits more tokens than
-# a prefill SM, so a split can gain; results named -b256-ctx512-p8192)
+# multiplex-wide (the multiplex benchmark with 256 decoders at 512 context: the KV bytes of 64 at 2k, four times the
+# tokens a step, so a decode SM may out-emit a prefill SM and a split gain; results named -b256-ctx512-p8192)
 # multiplex-lt multiplex-sized multiplex-gemm (the multiplex benchmark under cuBLASLt with kernels sized for the device,
 # then the partition, then the partition's GEMMs only, FA3 prefill kept)
 # predictor (the shapes serving runs) predictor-all (every shape on every SM count) serving-code
@@ -146,7 +146,7 @@ for stage in "$@"; do
     engine-eager) run engine-eager 400 python3 benchmarks/engine.py --no-piecewise-graphs --out "$OUT" ;;
     multiplex) run multiplex 400 python3 benchmarks/multiplex.py --out "$OUT" ;;
     multiplex-wide) run multiplex-wide 500 python3 benchmarks/multiplex.py --batch 256 --context 512 --splits 8,16,24,32 \
-                      --out "$OUT" ;;  # a wide, short decode batch: more decode tokens an SM than prefill's
+                      --out "$OUT" ;;  # a wide, short decode batch: 4x the tokens a step of 64 at 2k
     multiplex-lt) run multiplex-lt 400 python3 benchmarks/multiplex.py --blas-library cublaslt --out "$OUT" ;;
     multiplex-sized) run multiplex-sized 400 python3 benchmarks/multiplex.py --blas-library cublaslt \
                        --partition-kernels partition --out "$OUT"

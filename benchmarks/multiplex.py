@@ -23,7 +23,7 @@ from benchmarks.harness import gpu_slug  # noqa: E402
 from controlplane.optimizer import best_k  # noqa: E402
 from dataplane.seq_state import SeqState  # noqa: E402
 from dataplane.worker import load_worker  # noqa: E402
-from shared.config import BLAS_LIBRARIES, PARTITION_KERNELS, DataplaneConfig  # noqa: E402
+from shared.config import BLAS_LIBRARIES, PARTITION_KERNELS, DataplaneConfig, SchedulerConfig  # noqa: E402
 from shared.messages import SamplingParams, ScheduledSeq, StepPlan  # noqa: E402
 
 
@@ -75,6 +75,7 @@ class Bench:
         return wall, result.timings
 
     def median(self, reps: int, **kw):  # noqa: ANN003, ANN201
+        self.reset_decoders()  # every measurement from the same context (look-aheads move it k a step)
         self.step(**kw)  # warm-up (and graph capture)
         runs = [self.step(**kw) for _ in range(reps)]
         runs.sort(key=lambda r: r[0])
@@ -96,9 +97,11 @@ def main() -> None:
     p.add_argument("--prefill", type=int, default=8192)
     p.add_argument("--splits", default="8,16,24,32,48,64", help="decode partition sizes (SMs)")
     p.add_argument("--ks", default="1,2,4,8,opt",
-                   help="look-aheads; opt: the control plane's pick (optimizer.best_k) from the split's measured "
-                        "prefill-alone and decode-step times, the k whose decode steps fill the prefill")
-    p.add_argument("--max-k", type=int, default=32, help="largest k opt may pick")
+                   help="look-aheads; opt: the optimizer's tokens-per-ms pick (optimizer.best_k, without the duet "
+                        "policy's TBT floor) from the split's prefill alone on its partition and one decode step "
+                        "alone on its own: the k whose decode steps would fill the prefill with perfect isolation")
+    p.add_argument("--max-k", type=int, default=SchedulerConfig().max_lookahead,
+                   help="largest k opt may pick (default: the duet policy's max_lookahead)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--tbt-slo-ms", type=float, default=50.0, help="TBT bound of the fair comparison")
     p.add_argument("--partition-kernels", choices=PARTITION_KERNELS, default="device",
@@ -109,6 +112,8 @@ def main() -> None:
     args = p.parse_args()
     splits = [int(x) for x in args.splits.split(",")]
     ks = [x if x == "opt" else int(x) for x in args.ks.split(",")]
+    if args.max_k < 1:
+        p.error("--max-k must be at least 1")
     worker = load_worker(DataplaneConfig(model=args.model, device="cuda", max_num_batched_tokens=args.prefill + args.batch,
                                          max_num_seqs=args.batch, decode_partition_sms=tuple(splits),
                                          partition_kernels=args.partition_kernels, blas_library=args.blas_library))
@@ -134,8 +139,10 @@ def main() -> None:
         # the prefill alone on its partition: how prefill time scales with SMs, apart from contention
         _, t_pre = b.median(args.reps, decode=False, prefill=True, mode="multiplexed", decode_sms=d)
         print(f"split {d}d: prefill alone on the rest {t_pre.prefill_ms:6.1f} ms", flush=True)
-        _, t_one = b.median(args.reps, decode=True, prefill=False, mode="multiplexed", decode_sms=d)
-        k_opt, _ = best_k(t_pre.prefill_ms, t_one.decode_ms, P, [float(k * B) for k in range(args.max_k + 1)])
+        k_opt = None
+        if "opt" in ks:
+            _, t_one = b.median(args.reps, decode=True, prefill=False, mode="multiplexed", decode_sms=d)
+            k_opt, _ = best_k(t_pre.prefill_ms, t_one.decode_ms, P, [float(k * B) for k in range(args.max_k + 1)])
         for k in dict.fromkeys(k_opt if k == "opt" else k for k in ks):  # in order, each once
             _, t_alone = b.median(args.reps, decode=True, prefill=False, mode="multiplexed", decode_sms=d, k=k)
             wall, t = b.median(args.reps, decode=True, prefill=True, mode="multiplexed", decode_sms=d, k=k)
