@@ -120,9 +120,10 @@ def main() -> None:
     print(f"{args.model}: {worker.ready.num_kv_blocks} KV blocks, decode partitions {worker.ready.partition_sm_counts}", flush=True)
     b = Bench(worker, args.batch, args.context, args.prefill)
     B, P = args.batch, args.prefill
-    alone, _ = b.median(args.reps, decode=True, prefill=False)
-    prefill_alone, _ = b.median(args.reps, decode=False, prefill=True)
-    mixed, _ = b.median(args.reps, decode=True, prefill=True)
+    # every time below is the step's own on the device (CUDA events), as the multiplexed rows' are
+    alone = b.median(args.reps, decode=True, prefill=False)[1].total_ms
+    prefill_alone = b.median(args.reps, decode=False, prefill=True)[1].total_ms
+    mixed = b.median(args.reps, decode=True, prefill=True)[1].total_ms
     rows = {"decode_alone_ms": alone, "prefill_alone_ms": prefill_alone,
             "aggregated": {"step_ms": mixed, "tbt_ms": mixed, "tok_s": (B + P) / mixed * 1000},
             "time_sliced": {"tbt_ms": prefill_alone + alone, "tok_s": (B + P) / (prefill_alone + alone) * 1000}}
@@ -130,7 +131,7 @@ def main() -> None:
           f"({rows['aggregated']['tok_s']:.0f} tok/s) | time-sliced TBT {prefill_alone + alone:.1f} ms", flush=True)
     chunked = []  # aggregated mixed steps with smaller prefill chunks: the TBT-bounded baseline
     for chunk in (512, 1024, 2048, 4096):
-        t, _ = b.median(args.reps, decode=True, prefill=True, chunk=chunk)
+        t = b.median(args.reps, decode=True, prefill=True, chunk=chunk)[1].total_ms
         chunked.append({"chunk": chunk, "tbt_ms": t, "tok_s": (B + chunk) / t * 1000})
         print(f"aggregated chunk {chunk:5d}: TBT {t:6.1f} ms, {(B + chunk) / t * 1000:6.0f} tok/s", flush=True)
     rows["aggregated_chunked"] = chunked
