@@ -5,9 +5,8 @@ What is discovered at run time (KV capacity, model shapes, device) travels as a 
 
 from __future__ import annotations
 
-from typing import Literal
-
 import re
+from typing import Literal
 
 import msgspec
 
