@@ -137,6 +137,7 @@ for stage in "$@"; do
               ${CUDA_CORES:+--cuda-core-max-batch $CUDA_CORES} ${EPI:+--epilogue-norm-rows $EPI} ${WS:+--cublas-workspace-config $WS} --out "$OUT" ;;  # PAGE,
               # CUDA_CORES, EPI, WS: KV page size, CUDA-core rows, epilogue_norm_rows, cuBLAS workspace (":0:0": none;
               # default: the data plane's)
+    logprob-error) run logprob-error 300 python3 benchmarks/prompt_logprob_error.py --out "$OUT" ;;  # each path's prompt logprobs vs fp32 CPU
     prefix-cache) run prefix-cache 300 python3 benchmarks/prefix_cache.py --out "$OUT" ;;
     stream) run stream 560 python3 benchmarks/stream_throughput.py --gpu cuda --concurrency 256 \
               --stream-intervals 1,4 --out "$OUT/stream-throughput-$GPU.json" ;;

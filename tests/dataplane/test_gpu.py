@@ -333,11 +333,22 @@ def _prompt_logprobs_run(runner, prompt: list[int], chunk: int, sync_debug: bool
 
 def test_prompt_logprobs_on_the_gpu_match_the_cpu_path(gpu_checkpoint: Path) -> None:
     """Chunked prefill through flashinfer and piecewise graphs (bf16), without a host sync, gives the
-    prompt logprobs of the float32 CPU path to bf16 accuracy."""
+    prompt logprobs of the float32 CPU path to bf16 accuracy: its error no more than twice (max) and 1.5x
+    (mean) the CPU path's own error in bf16. On an H100 (lease of 2026-12-07, 143 tokens of logprobs
+    around -6 to -12) every path's mean error was 0.018-0.025 and its max 0.067-0.111 (the CPU in bf16:
+    0.082, 0.091 with norms drawn around 1), so a fixed 0.1 on the max failed by chance; a wrong norm
+    scale or mask gives errors of order 1."""
     prompt = random_prompts(1, 512, seed=8)[0] * 3  # 3x a prompt of 5-60 tokens
-    cpu = load_worker(DataplaneConfig(model=str(gpu_checkpoint), device="cpu", num_kv_blocks=64,
-                                     block_size=BS)).runner
-    want = _prompt_logprobs_run(cpu, prompt, chunk=len(prompt), sync_debug=False)
+
+    def cpu_run(dtype: str) -> list[float]:
+        cpu = load_worker(DataplaneConfig(model=str(gpu_checkpoint), device="cpu", num_kv_blocks=64,
+                                         block_size=BS, dtype=dtype)).runner
+        return _prompt_logprobs_run(cpu, prompt, chunk=len(prompt), sync_debug=False)
+
+    want, bf16 = cpu_run("float32"), cpu_run("bfloat16")
     got = _prompt_logprobs_run(gpu_worker(str(gpu_checkpoint)).runner, prompt, chunk=16, sync_debug=True)
-    assert len(got) == len(want) == len(prompt) - 1
-    assert max(abs(a - b) for a, b in zip(got, want)) < 0.1
+    assert len(got) == len(want) == len(bf16) == len(prompt) - 1
+    err = [abs(a - b) for a, b in zip(got, want)]
+    ref = [abs(a - b) for a, b in zip(bf16, want)]
+    assert max(err) <= 2 * max(ref), (max(err), max(ref))
+    assert sum(err) / len(err) <= 1.5 * sum(ref) / len(ref), (sum(err) / len(err), sum(ref) / len(ref))
