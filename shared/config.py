@@ -91,10 +91,10 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
     # by the RoPE/KV-write and SwiGLU kernels) and its residual adds inside the O and down GEMMs: 7 kernels a
     # layer instead of 9, before split-K reduces (dataplane/models/fused.py; 0: never; the bf16 fused path
     # with Triton; decode_gemm_rows > 0 takes precedence; with decode_l2_prefetch_kib only down's weights
-    # are prefetched). On an H100 every decode point 0.9-2% faster a step (README, lease 11); 256 would cover
-    # every decode batch up to max_num_seqs' default. Off until the whole GPU suite passes with it
-    # (EPI=256 bash benchmarks/gpu_suite.sh tests-pages), as every other default was vouched for
-    epilogue_norm_rows: int = 0
+    # are prefetched). On an H100 every decode point 0.9-2% faster a step (README, lease 11); 256 covers
+    # every decode batch up to max_num_seqs' default. The default since the whole GPU suite passed with it
+    # (H100, 2026-12-07, with CUDA_CORE_MAX_BATCH 8), as every other default was vouched for
+    epilogue_norm_rows: int = 256
     blas_library: str = "default"  # default | cublas | cublaslt: the library torch's GEMMs use on CUDA
     # CUBLAS_WORKSPACE_CONFIG for the data plane's process (":SIZE_KIB:COUNT" pairs), set before its first GEMM
     # (None: the environment's, else cuBLAS's default). ":0:0" gives cuBLAS no workspace, so no split-K and no

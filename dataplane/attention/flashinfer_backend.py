@@ -209,12 +209,12 @@ UNSPLIT_KV_MIN_BATCH: int | None = 32
 # the default buckets). On an H100 at pages of 32 (results/decode-attention-h100-page32*.json, us a
 # layer, CUDA cores / tensor cores, KV split): equal lengths B=16 1k 32.8 / 32.1, B=24 46.8 / 44.7; lengths
 # spread +-75% B=16 1k 33.3 / 33.9, 4k 115.8 / 107.8, B=24 1k 46.7 / 45.2, 4k 153.4 / 137.1: tensor
-# cores from 16 rows would win (8 here), which also gives buckets 16 and 24 their unsplit twins (below;
-# the full engine run with both: results/engine-h100-piecewise-cc8-twin-lease9.json). It stays 24, the
-# limit the GPU suite passed with (855a70e, H100), until the suite passes at 8
-# (`CUDA_CORES=8 bash benchmarks/gpu_suite.sh tests-pages`, twin test included). Decode rows of a mixed
-# step keep the tensor-core kernel. `engine.py --cuda-core-max-batch N` runs the decode grid with another limit.
-CUDA_CORE_MAX_BATCH: int = 24
+# cores from 16 rows win (8 here), which also gives buckets 16 and 24 their unsplit twins (below;
+# the full engine run with both: results/engine-h100-piecewise-cc8-twin-lease9.json). 8 is the default
+# since the whole GPU suite passed with it (H100, 2026-12-07; 24 before, vouched for at 855a70e), and the
+# engine run at the defaults gives B=16 1k 7.19 ms (results/engine-h100-piecewise.json). Decode rows of
+# a mixed step keep the tensor-core kernel. `engine.py --cuda-core-max-batch N` runs the decode grid with another limit.
+CUDA_CORE_MAX_BATCH: int = 8
 
 
 def uses_cuda_cores(batch_size: int) -> bool:
@@ -231,8 +231,8 @@ def uses_cuda_cores(batch_size: int) -> bool:
 # spread +-75% (longest ~1.7x the mean), it is 9% slower at B=16 1k and 13% at 4k. Serving batches
 # are rarely balanced and keep the split; equal-length batches (offline jobs, benchmarks) get the
 # faster kernel. Decode-only steps at B=16, 1k context, equal lengths: 7.48 -> 7.23 ms with tensor
-# cores and unsplit KV (results/engine-decode-h100-default-unsplit16-cc0-lease8.json). No twins while
-# buckets 16 and 24 stay on CUDA cores (`CUDA_CORE_MAX_BATCH`).
+# cores and unsplit KV (results/engine-decode-h100-default-unsplit16-cc0-lease8.json). Buckets on
+# CUDA cores (`CUDA_CORE_MAX_BATCH`: buckets 1 to 8) get no twins.
 BALANCED_MAX_SKEW: float | None = 1.1
 
 

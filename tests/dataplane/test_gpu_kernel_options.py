@@ -26,7 +26,7 @@ def test_a_balanced_batch_replays_the_unsplit_twin_equal_to_eager(gpu_checkpoint
     bucket = 16 if n == 16 else 24
     if not fib.has_unsplit_twin(bucket):
         pytest.skip(f"bucket {bucket} has no unsplit twin with these settings "
-                    "(DUETSERVE_TEST_CUDA_CORE_MAX_BATCH=8 gives buckets 16 and 24 theirs)")
+                    "(a bucket on CUDA cores, DUETSERVE_TEST_CUDA_CORE_MAX_BATCH >= bucket, has none)")
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 512, (40,), generator=g).tolist() for _ in range(n)]
     sizes = {"max_num_seqs": 32, "max_num_batched_tokens": 4096}
