@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import grpc
 import msgspec
 
-from controlplane.admission import Overloaded
+from controlplane.admission import BeyondLimits, Overloaded
 from controlplane.chat_template import ChatTemplate
 from controlplane.generation_defaults import SamplingDefaults
 from controlplane.engine import Engine, EngineRequest, EngineUnavailable, RequestHandle
@@ -234,13 +234,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         meanwhile. A data plane that came back meanwhile with other limits gets it checked again."""
         assert self.engine.tokenizer is not None
         rid, slow = request.request_id, request.WhichOneof("prompt") in ("text", "chat")
-        if rid and (rid in self._validating or rid in self._fanouts):
+        if rid and (rid in self._validating or rid in self._fanouts or self.engine.has_request(rid)):
             await self._abort(context, obs, grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already running")
         if slow:  # the cheap checks, then a full queue refuses before the encode, not after it
             try:
                 check_fields(request, self._limits(), self.sampling_defaults)
                 self.engine.check_room(0, 1)
-            except InvalidRequest as exc:
+            except (InvalidRequest, BeyondLimits) as exc:
                 await self._abort(context, obs, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except Overloaded as exc:
                 await self._abort(context, obs, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
@@ -270,6 +270,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             return self.engine.add_request(request)
         except EngineUnavailable as exc:
             await self._abort(context, obs, grpc.StatusCode.UNAVAILABLE, str(exc))
+        except BeyondLimits as exc:
+            await self._abort(context, obs, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Overloaded as exc:
             await self._abort(context, obs, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except ValueError as exc:
@@ -302,6 +304,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             try:
                 engine.check_room(len(valid.prompt_token_ids), valid.n)  # all n fit, or none starts
+            except BeyondLimits as exc:
+                await self._abort(context, obs, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except Overloaded as exc:
                 await self._abort(context, obs, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             await self._start(fanout, valid, context, obs, deadline, 1 if staggered else valid.n)

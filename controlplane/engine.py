@@ -231,7 +231,8 @@ class Engine:
             priority=request.priority,
         )
         stream = self.tokenizer.stream(request.skip_special_tokens) if request.detokenize else NO_TEXT
-        processor = OutputProcessor(stream, request.stop.stop_strings, request.stop.include_stop_str_in_output)
+        processor = OutputProcessor(stream, request.stop.stop_strings, request.stop.include_stop_str_in_output,
+                                    request.stop.min_tokens)
         obs = request.obs or RequestObs(arrival=seq.arrival_time)
         handle = RequestHandle(request.request_id, seq.seq_id, processor, obs, self.stream_interval)
         self._handles[request.request_id] = handle
@@ -259,7 +260,8 @@ class Engine:
         return request_id in self._handles
 
     def check_room(self, num_prompt_tokens: int, count: int) -> None:
-        """Raise Overloaded unless the queue has room for `count` requests of this prompt."""
+        """Raise Overloaded unless the queue has room for `count` requests of this prompt (BeyondLimits if
+        they exceed a limit on their own)."""
         if self.queue_limits is not None and self.scheduler is not None:
             self.queue_limits.check(self.scheduler.waiting, num_prompt_tokens, count)
 

@@ -40,9 +40,13 @@ class OutputProcessor:
     stream: TokenStream
     stop_strings: tuple[str, ...] = ()
     include_stop_str: bool = False  # keep the stop string that ended the text (vLLM's include_stop_str_in_output)
+    # stop strings count from the min_tokens-th output token on, as EOS and stop tokens do (and vLLM's): a
+    # string ending in the text of an earlier token is never matched
+    min_tokens: int = 0
     text: str = ""  # all text decoded so far (stop string excluded once found, unless included)
     _sent: int = 0  # characters of `text` already streamed
     _stop_found: str | None = field(default=None)
+    _num_tokens: int = 0  # output tokens added so far
 
     @property
     def _holdback(self) -> int:
@@ -53,11 +57,14 @@ class OutputProcessor:
         if self._stop_found is not None:
             return self._stop_found
         for token_id in token_ids:
+            self._num_tokens += 1
             piece = self.stream.step(token_id)
             if not piece:
                 continue
             start = max(0, len(self.text) - self._holdback)
             self.text += piece
+            if self._num_tokens < self.min_tokens:
+                continue
             for stop in self.stop_strings:
                 at = self.text.find(stop, start)
                 if at != -1:

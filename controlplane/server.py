@@ -26,8 +26,8 @@ from controlplane.engine import Engine
 from controlplane.metrics import ServingMetrics
 from controlplane.observer import EngineObserver
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
-from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc
 from controlplane.security import BearerTokenInterceptor, server_credentials
+from controlplane.service_registration import add_generation_service
 from controlplane.supervisor import Spawn, Supervisor
 from controlplane.tokenizer import load_tokenizer
 from shared.config import ServerConfig
@@ -103,7 +103,7 @@ class ControlPlane:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_GenerationServicer_to_server(
+        add_generation_service(
             GenerationServicer(self.engine, self.model, self.config.scheduler.policy, self.chat_template,
                                self.sampling_defaults), server
         )

@@ -120,3 +120,17 @@ async def test_a_stream_interval_holds_messages_until_enough_tokens() -> None:
         assert "must be >= 1" in str(exc)
     else:
         raise AssertionError("interval 0 accepted")
+
+
+def test_stop_strings_count_from_min_tokens_on() -> None:
+    """A stop string in the text of the first min_tokens tokens does not stop; one after them does,
+    and one that ends in the min_tokens-th token's text does (as EOS at that token would)."""
+    tok = ByteTokenizer()
+    ids = tok.encode("ab STOP cd STOP ef")  # a byte a token: the first STOP ends at token 7
+    for min_tokens, want_text in ((0, "ab "), (7, "ab "), (8, "ab STOP cd ")):
+        proc = OutputProcessor(tok.stream(), ("STOP",), min_tokens=min_tokens)
+        stop = None
+        for token in ids:
+            if (stop := proc.add_tokens([token])) is not None:
+                break
+        assert stop == "STOP" and proc.take_text(final=True) == want_text, min_tokens

@@ -101,6 +101,66 @@ async def test_duplicate_request_id_is_already_exists() -> None:
         first.cancel()
 
 
+async def test_a_duplicate_of_a_running_id_is_refused_before_its_prompt_is_encoded() -> None:
+    """A text prompt reusing a running request's id gets ALREADY_EXISTS before tokenization, so an
+    Abort of that id reaches the running request (it used to mark the duplicate, report found, and
+    leave the original running)."""
+    async with serve("tiny") as served:
+        first = served.stub.Generate(pb.GenerateRequest(request_id="dup", max_tokens=3000, ignore_eos=True,
+                                                        token_ids=pb.TokenIds(ids=[5, 6])))
+        await first.read()
+        encoded: list[object] = []
+        encode = served.plane.engine.tokenizer.encode
+        served.plane.engine.tokenizer.encode = lambda *a, **k: encoded.append(a) or encode(*a, **k)  # type: ignore
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await generate(served.stub, request_id="dup", text="a text prompt", max_tokens=2)
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS and not encoded
+        assert (await served.stub.Abort(pb.AbortRequest(request_id="dup"))).found
+        last = None
+        while (message := await first.read()) != grpc.aio.EOF:
+            last = message
+        assert last is not None and last.finish_reason == "abort"
+
+
+async def test_unparsable_request_bodies_are_invalid_argument() -> None:
+    """Bytes protobuf cannot parse (invalid UTF-8 in a string field, a corrupt wire format) get
+    INVALID_ARGUMENT naming the message type, on the streaming and the unary methods alike."""
+    async with serve("tiny") as served:
+        channel = served.channel
+        generate_raw = channel.unary_stream("/duetserve.v1.Generation/Generate", request_serializer=None,
+                                            response_deserializer=pb.GenerateResponse.FromString)
+        bad_utf8_text = bytes([0x12, 2, 0xFF, 0xFE])  # field 2 (text), 2 bytes that are not UTF-8
+        for body in (bad_utf8_text, b"\xff\xff\xff\xff"):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in generate_raw(body):
+                    pass
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "malformed GenerateRequest" in (err.value.details() or "")
+        for method, reply, name in (("Tokenize", pb.TokenizeResponse, "TokenizeRequest"),
+                                    ("Abort", pb.AbortResponse, "AbortRequest")):
+            call = channel.unary_unary(f"/duetserve.v1.Generation/{method}", request_serializer=None,
+                                       response_deserializer=reply.FromString)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call(bytes([0x0A, 2, 0xFF, 0xFE]))  # field 1, a string, not UTF-8
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"malformed {name}" in (err.value.details() or "")
+        assert len((await generate(served.stub, **OK)).token_ids) == 2
+
+
+async def test_stop_strings_wait_for_min_tokens() -> None:
+    """Before min_tokens, a stop string does not end the completion, as EOS and stop tokens do not."""
+    async with serve("tiny") as served:
+        prompt = {"token_ids": {"ids": [72, 101, 108]}, "temperature": 0.0, "ignore_eos": True}
+        free = await generate(served.stub, **prompt, max_tokens=40)
+        stop = free.text[2:4]  # text of the first few tokens (the tiny model's tokenizer: a byte each)
+        assert stop and free.text.find(stop) < 10
+        early = await generate(served.stub, **prompt, max_tokens=40, stop=[stop])
+        assert early.final is not None and early.final.finish_reason == "stop" and early.final.completion_tokens < 10
+        held = await generate(served.stub, **prompt, max_tokens=40, min_tokens=30, stop=[stop])
+        assert held.final is not None and held.final.completion_tokens >= 30
+        assert held.text.startswith(free.text[: free.text.find(stop) + len(stop)])
+
+
 async def test_model_info_health_and_reflection() -> None:
     async with serve("tiny", num_kv_blocks=100) as served:
         info = await served.stub.GetModelInfo(pb.GetModelInfoRequest())

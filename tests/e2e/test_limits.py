@@ -87,6 +87,13 @@ async def test_queue_limits_refuse_at_once() -> None:
         await wait_for(lambda: all_blocks_free(served))
         done = await generate(served.stub, token_ids={"ids": list(range(3, 53))}, max_tokens=2)
         assert done.final is not None and done.final.completion_tokens == 2
+        # on an empty queue, a request over a limit on its own can never be admitted: not "retry later"
+        for n, limit in ((3, "max_queued_requests 2"), (2, "max_queued_tokens 80")):  # 2 x 50 tokens > 80
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await generate(served.stub, token_ids={"ids": list(range(3, 53))}, max_tokens=2, n=n)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+            assert limit in (err.value.details() or "") and "ever queues" in (err.value.details() or "")
+        assert all_blocks_free(served)
 
 
 async def test_deadline_aborts_running_and_queued_requests() -> None:
