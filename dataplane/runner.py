@@ -22,7 +22,7 @@ from dataplane.multiplex import Multiplexer
 from dataplane.piecewise import PiecewiseGraphs
 from dataplane.models.config import ModelConfig
 from dataplane.models.dense import DenseForCausalLM
-from dataplane.sampler import LogprobTensors, Sampler, prompt_logprobs
+from dataplane.sampler import LogprobTensors, Sampler, has_penalties, prompt_logprobs
 from dataplane.seq_state import SeqError, SeqState, check_scheduled, new_state
 from dataplane.staging import Span, positions_and_slots
 from shared.messages import SeqFailure, SeqOutput, StepPlan, StepResult, StepTimings, TokenLogprobs
@@ -233,15 +233,22 @@ class ModelRunner:
 
     def lookahead(self, decoders: list[SeqState], first: _PassOutput, steps: int, pending: PendingStep,
                   stream_key: object) -> None:
-        """`steps` more decode passes; each feeds on the previous pass's tokens on the device."""
+        """`steps` more decode passes; each feeds on the previous pass's tokens on the device. With
+        penalties, each pass also counts the tokens the step's earlier passes sampled (still on the
+        device, not yet in the sequences' token lists)."""
         previous = first
+        penalised = any(has_penalties(s.sampling) for s in decoders)
+        sampled: torch.Tensor | None = None  # [decoders, passes so far] device ids, when penalised
         for step in range(1, steps + 1):
             if not decoders:
                 return
             rows = {s.seq_id: i for i, s in enumerate(previous.states)}
             index = torch.tensor([rows[s.seq_id] for s in decoders], dtype=torch.long)
             input_ids = previous.device_tokens[index.to(self.device, non_blocking=True)]
-            previous = self._forward_and_sample([_Item(s, 1) for s in decoders], stream_key, step, input_ids)
+            if penalised:
+                sampled = input_ids[:, None] if sampled is None else torch.cat([sampled, input_ids[:, None]], 1)
+            previous = self._forward_and_sample([_Item(s, 1) for s in decoders], stream_key, step, input_ids,
+                                                inflight_ids=sampled)
             pending.passes.append(previous)
 
     def _stage(self, items: list[_Item], with_tokens: bool) -> tuple[torch.Tensor, ...]:
@@ -287,8 +294,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _forward_and_sample(self, items: list[_Item], stream_key: object = "full", step: int = 0,
-                            input_ids: torch.Tensor | None = None, eager: bool = False) -> _PassOutput:
-        """One forward pass; `input_ids` (device) replaces the host tokens in look-ahead passes.
+                            input_ids: torch.Tensor | None = None, eager: bool = False,
+                            inflight_ids: torch.Tensor | None = None) -> _PassOutput:
+        """One forward pass; `input_ids` (device) replaces the host tokens in look-ahead passes, and
+        `inflight_ids` ([items, j], device) are the tokens the step's earlier passes sampled for them.
 
         `eager` keeps the pass off the decode graphs (a multiplexed step's prefill stream)."""
         batch = AttentionBatch(
@@ -321,7 +330,8 @@ class ModelRunner:
             if it.state.num_computed >= len(it.state.token_ids):
                 samplers.append(it.state)
         if samplers:
-            out = self._sample(self.model.compute_logits(hidden[sample_rows]), samplers, step)
+            out = self._sample(self.model.compute_logits(hidden[sample_rows]), samplers, step,
+                               inflight_ids if len(samplers) == len(items) else None)
         else:
             out = _PassOutput([], torch.empty(0, dtype=torch.long), None)
         if prompt:
@@ -347,16 +357,19 @@ class ModelRunner:
             row += it.num_tokens
         return out
 
-    def _sample(self, logits: torch.Tensor, states: list[SeqState], step: int = 0) -> _PassOutput:
-        """Sample on the device; `step` look-ahead passes count tokens the host has not seen yet."""
+    def _sample(self, logits: torch.Tensor, states: list[SeqState], step: int = 0,
+                inflight_ids: torch.Tensor | None = None) -> _PassOutput:
+        """Sample on the device; `step` look-ahead passes count tokens the host has not seen yet
+        (`inflight_ids`: theirs, one row per state, for the penalties)."""
         params = [s.sampling for s in states]
-        penalised = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params)
+        penalised = any(has_penalties(p) for p in params)
         prompt_ids = output_ids = None
         if penalised:  # host tensors: the sampler moves them with non-blocking copies
             prompt_ids = [torch.tensor(s.token_ids[: s.num_prompt_tokens]) for s in states]
             output_ids = [torch.tensor(s.token_ids[s.num_prompt_tokens :], dtype=torch.long) for s in states]
         counts = [s.num_generated for s in states]  # counts this step's earlier passes (in flight)
-        out = self.sampler.sample(logits, params, counts, prompt_ids, output_ids)
+        out = self.sampler.sample(logits, params, counts, prompt_ids, output_ids,
+                                  inflight_ids if penalised else None)
         tokens = out.token_ids
         for row, state in enumerate(states):
             state.num_inflight += 1

@@ -80,7 +80,7 @@ def row_seed(seed: int, generated_count: int) -> int:
     return _splitmix64(_splitmix64(seed & _MASK64) ^ (generated_count & _MASK64)) >> 1
 
 
-def _has_penalties(p: SamplingParams) -> bool:
+def has_penalties(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
@@ -192,27 +192,30 @@ class Sampler:
 
     def sample(self, logits: Tensor, params: list[SamplingParams], generated_counts: list[int],
                prompt_token_ids: list[Tensor] | None = None,
-               output_token_ids: list[Tensor] | None = None) -> SampleOutput:
-        """logits: [N, V] float32; one params and one generated count per row."""
+               output_token_ids: list[Tensor] | None = None,
+               inflight_output_ids: Tensor | None = None) -> SampleOutput:
+        """logits: [N, V] float32; one params and one generated count per row. `inflight_output_ids`:
+        [N, j] device ids of output tokens sampled by earlier passes of this step (look-ahead), not yet
+        in `output_token_ids`; the penalties count them too, on the device."""
         n = logits.shape[0]
         if len(params) != n or len(generated_counts) != n:
             raise ValueError(f"{n} logit rows but {len(params)} params, "
                              f"{len(generated_counts)} generated counts")
         raw = logits.float()
         greedy = [p.temperature < GREEDY_EPS for p in params]
-        if all(greedy) and not any(_has_penalties(p) or _has_token_rules(p) for p in params):
+        if all(greedy) and not any(has_penalties(p) or _has_token_rules(p) for p in params):
             tokens = raw.argmax(dim=-1)
         else:
-            processed = self._apply_penalties(raw, params, prompt_token_ids, output_token_ids)
+            processed = self._apply_penalties(raw, params, prompt_token_ids, output_token_ids, inflight_output_ids)
             processed = self.rules.apply(processed, params)
             tokens = self._choose(processed, params, greedy, generated_counts)
         return SampleOutput(token_ids=tokens, logprob_tensors=self._logprobs(raw, tokens, params))
 
     # ---------------------------------------------------------------- penalties
 
-    def _apply_penalties(self, logits: Tensor, params: list[SamplingParams],
-                         prompt_ids: list[Tensor] | None, output_ids: list[Tensor] | None) -> Tensor:
-        if not any(_has_penalties(p) for p in params):
+    def _apply_penalties(self, logits: Tensor, params: list[SamplingParams], prompt_ids: list[Tensor] | None,
+                         output_ids: list[Tensor] | None, inflight_ids: Tensor | None = None) -> Tensor:
+        if not any(has_penalties(p) for p in params):
             return logits
         use_rep = any(p.repetition_penalty != 1.0 for p in params)
         if output_ids is None or (prompt_ids is None and use_rep):
@@ -222,6 +225,11 @@ class Sampler:
         if len(output_ids) != n or (prompt_ids is not None and len(prompt_ids) != n):
             raise ValueError("prompt_token_ids and output_token_ids need one tensor per row")
         out_counts = _token_counts(output_ids, vocab, logits.device)
+        if inflight_ids is not None and inflight_ids.numel():
+            if inflight_ids.shape[0] != n:
+                raise ValueError(f"inflight_output_ids has {inflight_ids.shape[0]} rows for {n} logit rows")
+            ids = inflight_ids.to(logits.device).long()
+            out_counts.scatter_add_(1, ids, torch.ones(ids.shape, device=logits.device))
         if use_rep and prompt_ids is not None:
             seen = (_token_counts(prompt_ids, vocab, logits.device) + out_counts) > 0
             rep = _row_tensor([p.repetition_penalty for p in params], logits.device)

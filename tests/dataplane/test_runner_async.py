@@ -101,3 +101,29 @@ def test_a_step_to_the_last_position_runs() -> None:
     result = runner.execute(StepPlan(step_id=1, scheduled=[ScheduledSeq(seq_id=0, num_tokens=1)], decode_steps=2))
     assert not result.failures, result.failures  # positions limit - 2 and limit - 1
     assert len(result.outputs[0].token_ids) == 2
+
+
+@pytest.mark.parametrize("penalty", [{"frequency_penalty": 50.0, "presence_penalty": 50.0},
+                                     {"repetition_penalty": 1e6}])
+def test_lookahead_passes_penalise_the_tokens_of_the_passes_before(penalty: dict[str, float]) -> None:
+    """One step of 4 look-ahead decode passes gives the tokens of 4 single steps when penalties apply:
+    each pass counts the tokens the step's earlier passes sampled, still on the device. A penalised
+    seq beside an unpenalised one, so the rows' in-flight tokens must stay with their rows."""
+    config = DataplaneConfig(model="tiny", device="cpu", num_kv_blocks=32, block_size=4)
+    samplings = [SamplingParams(temperature=0.0, **penalty), SamplingParams(temperature=0.0)]
+    prompts = [[5, 9, 13, 17, 21], [30, 31, 32]]
+    news = [NewRequest(seq_id=i, token_ids=prompts[i], num_prompt_tokens=len(prompts[i]),
+                       block_ids=list(range(8 * i, 8 * i + 8)), sampling=samplings[i]) for i in range(2)]
+
+    def run(decode_steps: int) -> dict[int, list[int]]:
+        runner = load_worker(config).runner
+        results = [runner.execute(StepPlan(step_id=0, new_requests=news, scheduled=[
+            ScheduledSeq(seq_id=i, num_tokens=len(prompts[i])) for i in range(2)]))]
+        for step in range(1, 1 + 8 // decode_steps):
+            results.append(runner.execute(StepPlan(step_id=step, decode_steps=decode_steps, scheduled=[
+                ScheduledSeq(seq_id=i, num_tokens=1) for i in range(2)])))
+        return tokens_of(results)
+
+    one_at_a_time = run(1)
+    assert len(one_at_a_time[0]) == 9 and len(set(one_at_a_time[0])) == 9  # the penalty bites: no repeats
+    assert run(4) == one_at_a_time
