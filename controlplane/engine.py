@@ -30,7 +30,7 @@ from controlplane.sequence import FinishReason, Sequence, StopParams
 from controlplane.step_records import SeqUpdate
 from controlplane.tokenizer import NO_TEXT, TextTokenizer
 from shared.config import SchedulerConfig
-from shared.messages import SamplingParams, StepPlan, WorkerReady
+from shared.messages import SamplingParams, StepPlan, TokenLogprobs, WorkerReady
 
 log = logging.getLogger(__name__)
 
@@ -377,16 +377,19 @@ class Engine:
             if handle is None or handle.seq_id != seq.seq_id:
                 continue
             self.observer.tokens(handle.obs, len(update.new_token_ids))
-            stop = handle.processor.add_tokens(update.new_token_ids)
+            new_ids, new_logprobs = update.new_token_ids, update.new_logprobs
+            stop = handle.processor.add_tokens(new_ids)
+            if stop is not None:  # tokens after the one that completed the stop string are dropped
+                new_ids, new_logprobs = _cut_at_stop(seq, new_ids, new_logprobs, handle.processor.stop_kept)
             if stop is not None and not seq.is_finished:
                 self.scheduler.finish(seq.seq_id, FinishReason.STOP, stop)
             elif stop is not None and seq.finish_reason is FinishReason.LENGTH:
                 seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop
             finished = seq.is_finished
             delta = RequestDelta(
-                token_ids=update.new_token_ids,
+                token_ids=new_ids,
                 text=handle.processor.take_text(final=finished),
-                logprobs=update.new_logprobs,
+                logprobs=new_logprobs,
             )
             if seq.prompt_logprobs is not None and not handle.sent_prompt_logprobs and update.new_token_ids:
                 delta.prompt_logprobs, delta.prompt_token_ids = seq.prompt_logprobs, seq.prompt_token_ids
@@ -403,6 +406,23 @@ class Engine:
                 del self._handles[seq.request_id]
                 handle.finished = True
             handle.queue.put_nowait(delta)
+
+
+def _cut_at_stop(seq: Sequence, new_ids: list[int], new_logprobs: list[TokenLogprobs] | None,
+                 kept: int | None) -> tuple[list[int], list[TokenLogprobs] | None]:
+    """An update's tokens up to the one whose text completed a stop string (several come at once from a
+    look-ahead step), and the sequence's output cut the same way, as a stop token cuts it (`_append_tokens`),
+    so neither the stream nor the usage counts tokens past the stop."""
+    if kept is None or kept >= len(new_ids):
+        return new_ids, new_logprobs
+    dropped = len(new_ids) - kept
+    out = seq.output_token_ids
+    if len(out) >= len(new_ids) and out[len(out) - len(new_ids):] == new_ids:  # the update ends the output
+        with_logprobs = len(seq.output_logprobs) == len(out)
+        del out[len(out) - dropped:]
+        if with_logprobs:
+            del seq.output_logprobs[len(seq.output_logprobs) - dropped:]
+    return new_ids[:kept], new_logprobs[:kept] if new_logprobs is not None else None
 
 
 def _usage(seq: Sequence | None) -> tuple[int, int, int]:

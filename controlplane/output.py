@@ -47,6 +47,9 @@ class OutputProcessor:
     _sent: int = 0  # characters of `text` already streamed
     _stop_found: str | None = field(default=None)
     _num_tokens: int = 0  # output tokens added so far
+    # of the last add_tokens call's tokens, how many are kept once a stop string is found: up to and
+    # including the one whose text completed it (None: no stop string)
+    stop_kept: int | None = None
 
     @property
     def _holdback(self) -> int:
@@ -55,8 +58,9 @@ class OutputProcessor:
     def add_tokens(self, token_ids: list[int]) -> str | None:
         """Detokenise new tokens; returns the stop string that ended the text, if one appeared."""
         if self._stop_found is not None:
+            self.stop_kept = 0
             return self._stop_found
-        for token_id in token_ids:
+        for kept, token_id in enumerate(token_ids, 1):
             self._num_tokens += 1
             piece = self.stream.step(token_id)
             if not piece:
@@ -69,7 +73,7 @@ class OutputProcessor:
                 at = self.text.find(stop, start)
                 if at != -1:
                     self.text = self.text[: at + len(stop)] if self.include_stop_str else self.text[:at]
-                    self._stop_found = stop
+                    self._stop_found, self.stop_kept = stop, kept
                     return stop
         return None
 
