@@ -133,8 +133,9 @@ class StepOutcomes:
             if left <= 0 or seq is None or seq_id in inflight.stale:
                 continue
             seq.num_inflight -= left  # tokens the step owed and never sent
-            if seq_id not in answered and not seq.is_finished:
-                seq.error = f"the data plane returned no token for seq {seq_id} in step {result.step_id}"
+            if not seq.is_finished:  # its computed count ran ahead by them: it could never be scheduled again
+                got = f"{left} tokens fewer than its look-ahead owed" if seq_id in answered else "no token"
+                seq.error = f"the data plane returned {got} for seq {seq_id} in step {result.step_id}"
                 self.finish(seq_id, FinishReason.ERROR)
                 updates.append(SeqUpdate(seq, [], None, True))
         self._confirm(inflight)

@@ -180,6 +180,27 @@ def test_missing_token_is_an_error_not_a_hang() -> None:
     assert seq.finish_reason is FinishReason.ERROR and "no token" in (seq.error or "")
 
 
+def test_a_short_lookahead_answer_is_an_error_not_a_hang() -> None:
+    """A k=4 step answered with 2 tokens: the sequence's computed count ran ahead by the 2 never sent,
+    so it could never be scheduled again; it ends with an error and frees its blocks."""
+    from controlplane.policies import ModeDecision
+    from shared.messages import SeqOutput
+
+    sched, runner = make_scheduler(block_size=16)
+    seq = make_seq(0, 4, 50)
+    sched.add(seq)
+    step(sched, runner)  # the prompt, and the first token
+    sched.policy.decide = lambda batch, forecast: ModeDecision(decode_steps=4)  # type: ignore[method-assign]
+    plan = sched.schedule()
+    assert plan is not None and plan.decode_steps == 4
+    full = runner.execute(plan)
+    updates = sched.update(StepResult(step_id=plan.step_id, outputs=[
+        SeqOutput(seq_id=0, token_ids=full.outputs[0].token_ids[:2])]))
+    assert seq.finish_reason is FinishReason.ERROR and "2 tokens fewer" in (seq.error or "")
+    assert updates and updates[-1].finished
+    assert not sched.has_work() and sched.allocator.num_free == sched.allocator.num_blocks
+
+
 def test_lookahead_tokens_are_accepted_until_a_stop() -> None:
     sched, runner = make_scheduler(block_size=16)
     seq = make_seq(0, 4, 5)
