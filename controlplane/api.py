@@ -220,7 +220,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 else:  # the common case, without an async generator of its own (one a token)
                     yield _response(valid.request_id, delta)
         except TimeoutError:
-            self.engine.abort(valid.request_id)  # frees its blocks before the next step
+            if not handle.finished:  # else its id may already be another call's
+                self.engine.abort(valid.request_id)  # frees its blocks before the next step
             await self._abort(context, obs, grpc.StatusCode.DEADLINE_EXCEEDED,
                               "deadline exceeded: the request was aborted")
         finally:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.messages import NewRequest, SamplingParams, ScheduledSeq
+from shared.messages import NewRequest, SamplingParams, ScheduledSeq, StepPlan
 
 
 class SeqError(ValueError):
@@ -66,6 +66,22 @@ def new_state(new: NewRequest, vocab_size: int, num_blocks: int) -> SeqState:
         seq_id=new.seq_id, token_ids=list(new.token_ids), num_prompt_tokens=new.num_prompt_tokens,
         block_table=list(new.block_ids), sampling=new.sampling, num_computed=new.num_computed_tokens,
     )
+
+
+def plan_failures(plan: StepPlan) -> dict[int, str]:
+    """The scheduled sequences a plan-level rule fails, with why: a plan of fewer than one decode step
+    fails all of them, and a sequence listed twice fails (each entry would be checked against the same
+    state, then both run). The rest of the plan runs; these end as SeqFailures, never as a fatal error."""
+    if plan.decode_steps < 1:
+        return {e.seq_id: f"seq {e.seq_id}: the plan asks for {plan.decode_steps} decode steps (at least 1)"
+                for e in plan.scheduled}
+    seen: set[int] = set()
+    twice: dict[int, str] = {}
+    for entry in plan.scheduled:
+        if entry.seq_id in seen:
+            twice[entry.seq_id] = f"seq {entry.seq_id}: scheduled more than once in step {plan.step_id}"
+        seen.add(entry.seq_id)
+    return twice
 
 
 def check_scheduled(

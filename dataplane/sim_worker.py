@@ -202,7 +202,8 @@ class SimGpu:
             events.append((start + end * scale, StepProgress(step_id=plan.step_id, outputs=outs)))
             reported = j + 1
         rest = [_slice(o, reported, None) if o.seq_id in decode_ids else o for o in result.outputs]
-        final = msgspec.structs.replace(result, outputs=[o for o in rest if o.token_ids], timings=timings)
+        final = msgspec.structs.replace(result, outputs=[o for o in rest if o.token_ids or o.prompt_logprobs is not None],
+                                        timings=timings)
         return end_at, [*events, (end_at, final)]
 
     def execute(self, plan: StepPlan) -> StepResult:
@@ -214,8 +215,12 @@ class SimGpu:
 
 
 def _slice(output: SeqOutput, start: int, stop: int | None) -> SeqOutput:
+    """Tokens start..stop of `output`; the first slice carries its prompt logprobs, if any."""
     logprobs = output.logprobs[start:stop] if output.logprobs is not None else None
-    return SeqOutput(seq_id=output.seq_id, token_ids=output.token_ids[start:stop], logprobs=logprobs)
+    first = start == 0
+    return SeqOutput(seq_id=output.seq_id, token_ids=output.token_ids[start:stop], logprobs=logprobs,
+                     prompt_logprobs=output.prompt_logprobs if first else None,
+                     prompt_logprobs_start=output.prompt_logprobs_start if first else 0)
 
 
 class SimWorker:

@@ -247,13 +247,19 @@ ToControl = Union[WorkerReady, StepProgress, StepResult, WorkerFatal]
 
 def fold_progress(progress: list[StepProgress], result: StepResult) -> StepResult:
     """One StepResult holding a step's StepProgress tokens before the result's own, per sequence
-    (for a caller that takes a step whole)."""
+    (for a caller that takes a step whole); a sequence's prompt logprobs (one chunk a step) are kept."""
     merged: dict[int, tuple[list[int], list[TokenLogprobs] | None]] = {}
+    prompt: dict[int, SeqOutput] = {}  # the output that carried each sequence's prompt logprobs
     for output in [o for p in progress for o in p.outputs] + list(result.outputs):
         tokens, logprobs = merged.setdefault(output.seq_id, ([], [] if output.logprobs is not None else None))
         tokens.extend(output.token_ids)
         if logprobs is not None and output.logprobs is not None:
             logprobs.extend(output.logprobs)
-    outputs = [SeqOutput(seq_id=s, token_ids=t, logprobs=lp) for s, (t, lp) in merged.items()]
+        if output.prompt_logprobs is not None:
+            prompt.setdefault(output.seq_id, output)
+    outputs = [SeqOutput(seq_id=s, token_ids=t, logprobs=lp,
+                         prompt_logprobs=prompt[s].prompt_logprobs if s in prompt else None,
+                         prompt_logprobs_start=prompt[s].prompt_logprobs_start if s in prompt else 0)
+               for s, (t, lp) in merged.items()]
     return msgspec.structs.replace(result, outputs=outputs)
 
