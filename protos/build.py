@@ -2,7 +2,7 @@
 
     python protos/build.py
 
-The generated modules are committed; tests/controlplane/test_protogen.py fails when they are stale.
+The generated modules are committed; tests/controlplane/test_boundaries.py fails when they are stale.
 """
 
 from __future__ import annotations

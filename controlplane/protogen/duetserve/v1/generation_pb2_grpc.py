@@ -26,8 +26,9 @@ if _version_not_supported:
 
 
 class GenerationStub:
-    """Status codes: INVALID_ARGUMENT (a field is wrong; the message names it), ALREADY_EXISTS (request_id
-    already running), RESOURCE_EXHAUSTED (queue limits, or a message over 16 MiB), DEADLINE_EXCEEDED
+    """Status codes: INVALID_ARGUMENT (a field is wrong, the body does not parse, or the request alone
+    exceeds a queue limit; the message names which), ALREADY_EXISTS (request_id already running),
+    RESOURCE_EXHAUSTED (the queue is full: retry later; or a message over 16 MiB), DEADLINE_EXCEEDED
     (the call's deadline passed: the request was aborted), UNAVAILABLE (the data plane is down or the
     server is shutting down: retry), UNAUTHENTICATED (the server wants `authorization: Bearer <token>`),
     FAILED_PRECONDITION (ResetPrefixCache on a server without prefix caching).
@@ -77,8 +78,9 @@ class GenerationStub:
 
 
 class GenerationServicer:
-    """Status codes: INVALID_ARGUMENT (a field is wrong; the message names it), ALREADY_EXISTS (request_id
-    already running), RESOURCE_EXHAUSTED (queue limits, or a message over 16 MiB), DEADLINE_EXCEEDED
+    """Status codes: INVALID_ARGUMENT (a field is wrong, the body does not parse, or the request alone
+    exceeds a queue limit; the message names which), ALREADY_EXISTS (request_id already running),
+    RESOURCE_EXHAUSTED (the queue is full: retry later; or a message over 16 MiB), DEADLINE_EXCEEDED
     (the call's deadline passed: the request was aborted), UNAVAILABLE (the data plane is down or the
     server is shutting down: retry), UNAUTHENTICATED (the server wants `authorization: Bearer <token>`),
     FAILED_PRECONDITION (ResetPrefixCache on a server without prefix caching).
@@ -183,8 +185,9 @@ def add_GenerationServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Generation:
-    """Status codes: INVALID_ARGUMENT (a field is wrong; the message names it), ALREADY_EXISTS (request_id
-    already running), RESOURCE_EXHAUSTED (queue limits, or a message over 16 MiB), DEADLINE_EXCEEDED
+    """Status codes: INVALID_ARGUMENT (a field is wrong, the body does not parse, or the request alone
+    exceeds a queue limit; the message names which), ALREADY_EXISTS (request_id already running),
+    RESOURCE_EXHAUSTED (the queue is full: retry later; or a message over 16 MiB), DEADLINE_EXCEEDED
     (the call's deadline passed: the request was aborted), UNAVAILABLE (the data plane is down or the
     server is shutting down: retry), UNAUTHENTICATED (the server wants `authorization: Bearer <token>`),
     FAILED_PRECONDITION (ResetPrefixCache on a server without prefix caching).
