@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 import msgspec
@@ -97,6 +97,9 @@ def choice_id(request_id: str, index: int) -> str:
 
 
 PROMPT_LOGPROBS_PER_MESSAGE = 1024  # ~240 KB a message at 20 alternatives: far below any gRPC limit
+# a delta merged while a slow client did not read holds every token since: sent as messages of at most
+# this many tokens (~1 MB at 20 logprob alternatives; one message of ~72k such tokens passes 16 MiB)
+TOKENS_PER_MESSAGE = 4096
 
 
 def _prompt_messages(request_id: str, delta: RequestDelta, index: int) -> list[pb.GenerateResponse]:
@@ -116,7 +119,26 @@ async def _responses(request_id: str, delta: RequestDelta, index: int = 0) -> As
     if delta.prompt_logprobs:
         for message in await asyncio.to_thread(_prompt_messages, request_id, delta, index):
             yield message
-    yield _response(request_id, delta, index)
+    for message in _token_messages(request_id, delta, index):
+        yield message
+
+
+def _token_messages(request_id: str, delta: RequestDelta, index: int = 0) -> list[pb.GenerateResponse]:
+    """A delta's tokens as messages of at most TOKENS_PER_MESSAGE tokens: its text with the first, its
+    finish and usage with the last."""
+    n = len(delta.token_ids)
+    if n <= TOKENS_PER_MESSAGE:
+        return [_response(request_id, delta, index)]
+    out = []
+    for start in range(0, n, TOKENS_PER_MESSAGE):
+        end = min(start + TOKENS_PER_MESSAGE, n)
+        piece = RequestDelta(delta.token_ids[start:end], delta.text if start == 0 else "",
+                             delta.logprobs[start:end] if delta.logprobs is not None else None)
+        if end == n:
+            piece = replace(delta, token_ids=piece.token_ids, text=piece.text, logprobs=piece.logprobs,
+                                        prompt_logprobs=None, prompt_token_ids=None)
+        out.append(_response(request_id, piece, index))
+    return out
 
 
 def _response(request_id: str, delta: RequestDelta, index: int = 0) -> pb.GenerateResponse:
@@ -136,12 +158,12 @@ def _response(request_id: str, delta: RequestDelta, index: int = 0) -> pb.Genera
     return message
 
 
-def _output_before_failure(request_id: str, delta: RequestDelta, index: int = 0) -> pb.GenerateResponse | None:
+def _output_before_failure(request_id: str, delta: RequestDelta, index: int = 0) -> list[pb.GenerateResponse]:
     """A failure the stream took together with output made before it (merged while the stream was
-    busy): that output, still the client's, as a message of its own; None for any other delta."""
+    busy): that output, still the client's, as messages of its own; none for any other delta."""
     if delta.finish_reason != "error" or not (delta.token_ids or delta.text):
-        return None
-    return _response(request_id, RequestDelta(delta.token_ids, delta.text, delta.logprobs), index)
+        return []
+    return _token_messages(request_id, RequestDelta(delta.token_ids, delta.text, delta.logprobs), index)
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -211,10 +233,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                                                              valid.skip_special_tokens, valid.detokenize))
         try:
             async for delta in handle.until(deadline):
-                if (before := _output_before_failure(valid.request_id, delta)) is not None:
+                for before in _output_before_failure(valid.request_id, delta):
                     yield before
                 await self._end_if_failed(context, obs, delta, "request failed")
-                if delta.prompt_logprobs:
+                if delta.prompt_logprobs or len(delta.token_ids) > TOKENS_PER_MESSAGE:
                     async for message in _responses(valid.request_id, delta):
                         yield message
                 else:  # the common case, without an async generator of its own (one a token)
@@ -265,10 +287,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await self._abort(context, obs, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         raise AssertionError("context.abort returned")  # it raises
 
-    async def _add(self, context: grpc.aio.ServicerContext, obs: RequestObs, request: EngineRequest) -> RequestHandle:
-        """The engine's handle of `request`, or the call ended with the status its refusal maps to."""
+    async def _add(self, context: grpc.aio.ServicerContext, obs: RequestObs, request: EngineRequest,
+                   admitted: bool = False) -> RequestHandle:
+        """The engine's handle of `request`, or the call ended with the status its refusal maps to
+        (`admitted`: its queue room was checked already)."""
         try:
-            return self.engine.add_request(request)
+            return self.engine.add_request(request, admitted)
         except EngineUnavailable as exc:
             await self._abort(context, obs, grpc.StatusCode.UNAVAILABLE, str(exc))
         except BeyondLimits as exc:
@@ -317,7 +341,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     await self._abort(context, obs, grpc.StatusCode.DEADLINE_EXCEEDED,
                                       "deadline exceeded: the request was aborted")
                     return
-                if (before := _output_before_failure(rid, delta, index)) is not None:
+                for before in _output_before_failure(rid, delta, index):
                     yield before
                 await self._end_if_failed(context, obs, delta, f"completion {index} failed")
                 if len(fanout.handles) < len(fanout.ids):
@@ -345,9 +369,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 valid.sampling, seed=(seed + i) % 2**64)
             if i:
                 fanout.spans.append(self.engine.observer.start_request(context.invocation_metadata()))
-            fanout.stream(await self._add(context, obs, EngineRequest(
+            fanout.stream(await self._add(context, obs, EngineRequest(  # all n were admitted by check_room
                 fanout.ids[i], valid.prompt_token_ids, sampling, valid.stop, fanout.spans[-1] if i else obs,
-                valid.priority, valid.skip_special_tokens, valid.detokenize)), deadline)
+                valid.priority, valid.skip_special_tokens, valid.detokenize), admitted=True), deadline)
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         try:

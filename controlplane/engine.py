@@ -214,12 +214,14 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
 
-    def add_request(self, request: EngineRequest) -> RequestHandle:
+    def add_request(self, request: EngineRequest, admitted: bool = False) -> RequestHandle:
+        """Queue `request`; `admitted`: its queue room was already checked (`check_room`), as for the
+        later completions of an n > 1 request, so a queue that filled meanwhile does not refuse it."""
         if not self.healthy or self.scheduler is None or self.tokenizer is None:
             raise EngineUnavailable(self.failure or ("server shutting down" if self.draining else "engine not started"))
         if request.request_id in self._handles:
             raise ValueError(f"request_id {request.request_id!r} is already running")
-        if self.queue_limits is not None:
+        if self.queue_limits is not None and not admitted:
             self.queue_limits.check(self.scheduler.waiting, len(request.prompt_token_ids))
         seq = Sequence(
             seq_id=next(self._seq_ids),

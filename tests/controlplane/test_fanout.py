@@ -28,7 +28,7 @@ class FakeEngine:
         self.handles: dict[str, RequestHandle] = {}
         self.added: list[str] = []
 
-    def add_request(self, request: EngineRequest) -> RequestHandle:
+    def add_request(self, request: EngineRequest, admitted: bool = False) -> RequestHandle:
         processor = SimpleNamespace()  # the servicer never reads it
         handle = RequestHandle(request.request_id, len(self.added), processor, request.obs)  # type: ignore[arg-type]
         self.handles[request.request_id] = handle

@@ -133,3 +133,33 @@ async def test_completions_share_the_prompt_through_the_prefix_cache() -> None:
 
 async def _finals(call) -> dict[int, str]:  # noqa: ANN001
     return {r.index: r.finish_reason async for r in call if r.finish_reason}
+
+
+async def test_staggered_completions_join_though_the_queue_filled_meanwhile() -> None:
+    """n completions are admitted together (all fit, or none starts); the ones that join once completion
+    0's prompt is cached are not refused by a queue that other requests filled in between."""
+    from tests.e2e.test_limits import all_blocks_free, slow_steps, wait_for
+
+    shared = {"token_ids": {"ids": list(range(5, 25))}, "ignore_eos": True}  # a 16-token block and more
+    async with serve("tiny", max_num_seqs=1, max_queued_requests=2) as served:
+        slow_steps(served, 0.2)
+        run = served.stub.Generate(pb.GenerateRequest(request_id="run", **LONG))
+        await run.read()  # it holds the only sequence slot
+        many = served.stub.Generate(pb.GenerateRequest(request_id="many", n=2, max_tokens=3, temperature=1.0,
+                                                       **shared))
+        await wait_for(lambda: served.scheduler.num_waiting == 1)
+        w1 = served.stub.Generate(pb.GenerateRequest(request_id="w1", **LONG))
+        await wait_for(lambda: served.scheduler.num_waiting == 2)
+        run.cancel()
+        await wait_for(lambda: any(s.request_id.startswith("many") for s in served.scheduler.running))
+        w2 = served.stub.Generate(pb.GenerateRequest(request_id="w2", **LONG))  # the queue is full again
+        await wait_for(lambda: served.scheduler.num_waiting == 2)
+        await wait_for(lambda: served.plane.engine.has_request("many\x1f1"))  # joined behind w1 and w2
+        w1.cancel()
+        w2.cancel()
+        finals = {}
+        while (message := await many.read()) != grpc.aio.EOF:
+            if message.finish_reason:
+                finals[message.index] = (message.finish_reason, message.completion_tokens)
+        assert finals == {0: ("length", 3), 1: ("length", 3)}
+        await wait_for(lambda: all_blocks_free(served))
