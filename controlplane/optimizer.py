@@ -6,9 +6,13 @@ budget (the TBT SLO, or the longer step the running requests' TPOT can absorb, s
 otherwise it returns the split `(S_p, S_d)` and look-ahead `k` that maximise
 `(useful_decode_tokens(k) + T_prefill) / max(k * t_d(S_d), t_p(S_p))` subject to `t_d(S_d) <= TBT`
 (`useful_decode_tokens(k)` is `k * T_decode` capped by what each request can still emit). Beyond the
-paper, it first looks only at `k >= t_p / TBT`, where the step's time per decode token
-`max(k t_d, t_p) / k` also meets the SLO; only if no split allows that does it fall back to the
-paper's constraint alone. With no feasible split it keeps the batch aggregated. Hysteresis: the
+paper, it first looks only at `k >= t_p / TBT`, where the step's average time per decode token
+`max(k t_d, t_p) / k` also meets the SLO (an average, as TPOT is: the k tokens come `t_d` apart and
+then wait for the prefill, so the gap before the next step's first token is `t_p - (k-1) t_d`, which
+exceeds TBT when `max_lookahead` caps k); only if no split allows that does it fall back to the
+paper's constraint alone. No k passes the smallest k after which no request has tokens left to emit
+(the requests end within it; further passes would be wasted). With no feasible split it keeps the
+batch aggregated. Hysteresis: the
 previous split stays unless the best one beats it by more than `margin` (relative); `k` is
 re-chosen every step, it costs nothing to change.
 Pure functions; time functions are passed in, so this module knows nothing of models or devices.
@@ -66,6 +70,13 @@ def useful_decode_tokens(remaining: Sequence[int], max_k: int) -> list[float]:
     return useful
 
 
+def lookahead_used(useful: Sequence[float]) -> int:
+    """The smallest k whose look-ahead emits every token the requests can still use (`useful[k]` no
+    lower than at len(useful) - 1): passes beyond it produce nothing a request keeps."""
+    top = useful[-1]
+    return next(k for k in range(1, len(useful)) if useful[k] >= top)
+
+
 def best_k(prefill_ms: float, decode_ms: float, prefill_tokens: float, useful: Sequence[float],
            k_min: int = 1) -> tuple[int, float]:
     """The look-ahead k_min..len(useful)-1 with the highest tokens/ms (the smallest k on ties)."""
@@ -91,7 +102,9 @@ def optimize(
     times = [(s, decode_ms(s.decode_sms)) for s in splits]
     feasible = [(s, td, prefill_ms(s.prefill_sms)) for s, td in times if td <= tbt_ms]
     max_k = len(useful) - 1
-    strict = [(s, td, tp, k) for s, td, tp in feasible if (k := max(1, math.ceil(tp / tbt_ms - 1e-9))) <= max_k]
+    enough = lookahead_used(useful)
+    strict = [(s, td, tp, min(k, enough)) for s, td, tp in feasible
+              if (k := max(1, math.ceil(tp / tbt_ms - 1e-9))) <= max_k]
     candidates = strict or [(s, td, tp, 1) for s, td, tp in feasible]
     best: Choice | None = None
     kept: Choice | None = None

@@ -130,9 +130,13 @@ def profile_from_points(gpu: str, points: dict[int, tuple[float, float]], full_s
                            detail=measured)
 
 
-def cache_path(cache_dir: Path, gpu: str, sm_count: int, driver: str, setup: str = "") -> Path:
-    """`setup` names the kernel choices the measurement depends on ("" for the defaults)."""
-    slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"{gpu}-{sm_count}sm-{driver}{'-' + setup if setup else ''}").strip("-")
+def cache_path(cache_dir: Path, gpu: str, sm_count: int, driver: str, setup: str = "", dtype: str = "") -> Path:
+    """`setup` names the kernel choices the measurement depends on ("" for the defaults); `dtype` the
+    dtype the GEMM rate was measured in ("" for bfloat16, the serving default: a float32 run's rate is
+    another profile)."""
+    dtype = "" if dtype in ("", "bfloat16") else dtype
+    parts = [f"{gpu}-{sm_count}sm-{driver}", setup, dtype]
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", "-".join(p for p in parts if p)).strip("-")
     return cache_dir / f"profile-{slug}.json"
 
 
@@ -174,14 +178,14 @@ def cpu_profile() -> HardwareProfile:
 def calibrate(device: torch.device, dtype: torch.dtype, cache_dir: str | Path | None = None, *,
               sm_counts: list[int] | None = None, partition: PartitionProvider | None = None,
               setup: str = "") -> HardwareProfile:
-    """The device's profile: cached if this GPU, driver and kernel `setup` were measured before, else
-    measured now."""
+    """The device's profile: cached if this GPU, driver, kernel `setup` and `dtype` were measured before,
+    else measured now."""
     if device.type != "cuda":
         return cpu_profile()
     props = torch.cuda.get_device_properties(device)
     driver = _driver(device)
     path = cache_path(Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR, props.name, props.multi_processor_count,
-                      driver, setup)
+                      driver, setup, str(dtype).removeprefix("torch."))
     cached = load_cached(path)
     wanted = set(sm_counts or []) | {props.multi_processor_count}
     if cached is not None and (partition is None or (cached.source == "measured" and wanted <= set(cached.sm_counts))):

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controlplane.optimizer import Split, best_k, candidate_splits, decide, optimize, useful_decode_tokens
+from controlplane.optimizer import (Split, best_k, candidate_splits, decide, lookahead_used, optimize,
+                                    useful_decode_tokens)
 from shared.profiles import H100_DECLARED, partition_sizes
 from shared.roofline import curve_at
 
@@ -69,11 +70,21 @@ def test_decide_properties(dec: tuple, pre: tuple, mixed: float, tbt: float, rem
     if choice is None:
         return
     assert choice.decode_ms <= tbt and decode(choice.split.decode_sms) <= tbt  # never violates the SLO
-    assert 1 <= choice.k <= max_k
-    if any(prefill(s.prefill_sms) <= max_k * tbt for s in feasible):  # some split keeps time/token <= TBT
+    enough = lookahead_used(useful)  # passes past it emit nothing a request keeps
+    assert 1 <= choice.k <= enough <= max_k
+    if any(prefill(s.prefill_sms) <= enough * tbt for s in feasible):  # some split keeps time/token <= TBT
         assert choice.step_ms <= choice.k * tbt * (1 + 1e-9)
     best = optimize(feasible, prefill, decode, prefill_tokens, useful, tbt)
     assert best is not None
     assert choice.objective * (1 + margin) >= best.objective * (1 - 1e-9)  # hysteresis costs <= margin
     if prev is None:
         assert choice.objective == pytest.approx(best.objective)
+
+
+def test_no_lookahead_past_the_tokens_the_requests_can_still_emit() -> None:
+    """64 decoders with 2 tokens left each beside a long prefill: the strict tier would ask for
+    k = ceil(t_p / TBT) = 8, but passes past 2 emit nothing a request keeps, so k stops at 2."""
+    useful = useful_decode_tokens([2] * 64, 8)
+    assert lookahead_used(useful) == 2
+    choice = decide(600.0, 50.0, SPLITS, lambda sms: 400.0, lambda sms: 20.0, 6000, useful)
+    assert choice is not None and choice.k == 2

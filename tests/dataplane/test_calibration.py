@@ -63,6 +63,9 @@ def test_cache_round_trip_is_keyed_by_gpu_and_driver(tmp_path: Path) -> None:
     lt = cache_path(tmp_path, profile.gpu, 132, "driver1", "blas-cublaslt-kernels-partition")
     assert lt != path and "cublaslt-kernels-partition" in lt.name  # another kernel setup, another entry
     assert cache_path(tmp_path, profile.gpu, 132, "driver1", "") == path
+    assert cache_path(tmp_path, profile.gpu, 132, "driver1", dtype="bfloat16") == path  # the serving default
+    f32 = cache_path(tmp_path, profile.gpu, 132, "driver1", dtype="float32")  # another GEMM rate, another file
+    assert f32 != path and f32 != cache_path(tmp_path, profile.gpu, 132, "driver1", "", "float16")
     assert load_cached(tmp_path / "missing.json") is None
     (tmp_path / "bad.json").write_text("{not json")
     assert load_cached(tmp_path / "bad.json") is None
