@@ -192,22 +192,40 @@ def compute_metrics(arrays: dict[str, list], duration_s: float, goodput: Goodput
     return metrics
 
 
+def _checked(kind: type, name: str, low: float, inclusive: bool = True, high: float | None = None):  # noqa: ANN202
+    """An argparse type: `kind` parsed and kept within [low (or above it), high]; a clear error else."""
+    def parse(text: str) -> object:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if value != value or (value < low if inclusive else value <= low) or (high is not None and value > high):
+            bound = f">= {low}" if inclusive else f"> {low}"
+            raise argparse.ArgumentTypeError(f"{name} must be {bound}{f' and <= {high}' if high is not None else ''}, "
+                                             f"got {text}")
+        return value
+    return parse
+
+
 def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default="127.0.0.1:50051")
     p.add_argument("--dataset", default="trace", choices=["trace", "random"])
     p.add_argument("--trace", type=Path, default=None, help="Azure-style CSV (TIMESTAMP, ContextTokens, GeneratedTokens)")
-    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--num-prompts", type=_checked(int, "--num-prompts", 1), default=200)
     p.add_argument("--arrival", default="poisson", choices=["trace", "poisson", "gamma"],
                    help="trace: the trace's own gaps scaled to --request-rate; poisson; gamma (see --burstiness)")
-    p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
-    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 is Poisson, < 1 burstier")
-    p.add_argument("--random-input-len", type=int, default=1024)
-    p.add_argument("--random-output-len", type=int, default=128)
-    p.add_argument("--random-range-ratio", type=float, default=1.0)
-    p.add_argument("--random-prefix-len", type=int, default=0,
+    p.add_argument("--request-rate", type=_checked(float, "--request-rate", 0.0, inclusive=False),
+                   default=float("inf"), help="requests/s (inf: all at once)")
+    p.add_argument("--burstiness", type=_checked(float, "--burstiness", 0.0, inclusive=False), default=1.0,
+                   help="gamma shape: 1 is Poisson, < 1 burstier")
+    p.add_argument("--random-input-len", type=_checked(int, "--random-input-len", 1), default=1024)
+    p.add_argument("--random-output-len", type=_checked(int, "--random-output-len", 1), default=128)
+    p.add_argument("--random-range-ratio", type=_checked(float, "--random-range-ratio", 0.0, True, 1.0), default=1.0,
+                   help="random dataset: lengths drawn from [len x ratio, len] (0 <= ratio <= 1)")
+    p.add_argument("--random-prefix-len", type=_checked(int, "--random-prefix-len", 0), default=0,
                    help="random dataset: tokens of one shared prefix before each prompt's random part (vLLM's "
                         "flag; exercises the prefix cache)")
-    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--max-concurrency", type=_checked(int, "--max-concurrency", 1), default=None)
     p.add_argument("--reset-prefix-cache", action="store_true",
                    help="empty the server's prefix cache before the run (ResetPrefixCache; SGLang's --flush-cache)")
     p.add_argument("--goodput", nargs="+", default=None, help="SLOs, e.g. ttft:2000 tpot:50")
@@ -218,12 +236,10 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
 
 def workload_from_args(args: argparse.Namespace) -> list[TraceRequest]:
     if args.dataset == "random":
-        if args.random_prefix_len < 0:
-            raise SystemExit("--random-prefix-len must be >= 0")
         return random_workload(args.num_prompts, args.random_input_len, args.random_output_len,
                                args.random_range_ratio, args.seed, args.random_prefix_len)
     if args.trace is None:
-        raise SystemExit("--dataset trace needs --trace FILE")
+        raise SystemExit("duetserve bench serve: error: --dataset trace needs --trace FILE")
     return load_trace(args.trace, limit=args.num_prompts)
 
 

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import tempfile
+from pathlib import Path
 
 from controlplane.robust_flags import add_client_security_flags, add_robustness_flags, robustness_from_args
 from shared.config import (
@@ -267,10 +268,21 @@ async def _serve(args: argparse.Namespace) -> int:
                 log.error("start-up failed: %s", exc)
     finally:
         await plane.stop()  # drains for --shutdown-grace seconds, then stops the data plane
+        if not args.attach and not args.dataplane_endpoint:  # our own IPC socket: the data plane is gone
+            Path(dataplane_config.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
     return code
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `duetserve` command; Ctrl-C in a client command (generate, chat, bench) ends it quietly, 130."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "dataplane":
         os.execv(sys.executable, [sys.executable, "-m", "dataplane", *argv[1:]])

@@ -89,6 +89,9 @@ class ServingMetrics:
         self.sm_decode = m.create_gauge(PREFIX + "sm_split_decode", description="SMs given to decode (0: all)")
         self.predictor_error = m.create_gauge(PREFIX + "predictor_abs_pct_error",
                                               description="|predicted - measured| / measured step time, percent")
+        for counter in (self.prompt_tokens, self.generation_tokens, self.prefix_cache_queries,
+                        self.prefix_cache_hits, self.preemptions):
+            counter.add(0, self.labels)  # exported from the start at 0, as vLLM's are, not after their first event
         self._server: ThreadingHTTPServer | None = None
         self._address = (config.metrics_host, config.metrics_port)
         self.port = 0

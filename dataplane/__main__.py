@@ -100,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from dataplane.worker import run  # torch is imported only once the flags are valid
 
-    return run(config)
+    try:
+        return run(config)
+    except KeyboardInterrupt:  # Ctrl-C while loading (serving handles its signals): no traceback
+        return 130
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ are imported lazily inside `make_backend`, and only for CUDA devices.
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+
 import torch
 
 from dataplane.attention.base import AttentionBackend, AttentionBatch, AttentionShape
@@ -14,16 +17,23 @@ from dataplane.attention.torch_paged import TorchPagedAttention
 __all__ = ["AttentionBackend", "AttentionBatch", "TorchPagedAttention", "make_backend"]
 
 BACKENDS = ("auto", "torch", "flashinfer")
+log = logging.getLogger(__name__)
 
 
 def make_backend(name: str, device: torch.device | str, shape: AttentionShape | None = None) -> AttentionBackend:
     """Build the attention backend `name` ("auto" | "torch" | "flashinfer") for `device`.
 
-    "auto" is flashinfer on CUDA and torch on CPU. flashinfer needs the attention `shape`.
+    "auto" is flashinfer on CUDA and torch on CPU; on CUDA without flashinfer installed (an image built
+    without the `gpu` extra) it is torch, with a warning: slower attention and no CUDA graphs, rather than
+    a data plane that cannot start. flashinfer needs the attention `shape`.
     """
     device = torch.device(device)
     if name == "auto":
         name = "flashinfer" if device.type == "cuda" else "torch"
+        if name == "flashinfer" and importlib.util.find_spec("flashinfer") is None:
+            log.warning("flashinfer is not installed (pip install 'duetserve[gpu]'): attention runs on the torch "
+                        "backend, without CUDA graphs or SM partitions")
+            name = "torch"
     if name == "torch":
         return TorchPagedAttention()
     if name == "flashinfer":

@@ -76,3 +76,9 @@ def test_steps_are_counted_by_mode_with_their_time_and_tokens() -> None:
     assert 'duetserve:step_time_milliseconds_total{mode="multiplexed",model_name="m",phase="prefill"} 28.0' in text
     assert not [line for line in text.splitlines() if 'mode="aggregated"' in line and 'phase="prefill"' in line]
     observer.shutdown()
+
+
+def test_event_counters_are_exported_at_zero_before_their_first_event() -> None:
+    text = metrics().render_prometheus()
+    for name in ("num_preemptions", "prompt_tokens", "generation_tokens", "prefix_cache_queries", "prefix_cache_hits"):
+        assert f'duetserve:{name}_total{{model_name="m"}} 0' in text, name

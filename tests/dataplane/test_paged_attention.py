@@ -105,6 +105,17 @@ def test_batch_validation() -> None:
         AttentionBatch(query_lens=[0], context_lens=[0], block_tables=[[1]], block_size=4)
 
 
+def test_auto_backend_on_cuda_without_flashinfer_falls_back_to_torch(monkeypatch, caplog) -> None:  # noqa: ANN001
+    """A CUDA data plane whose image lacks flashinfer serves on the torch backend, and says so."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flashinfer" else real(name, *a))
+    with caplog.at_level("WARNING"):
+        assert make_backend("auto", "cuda").name == "torch"  # builds nothing on the device
+    assert "flashinfer is not installed" in caplog.text
+
+
 def test_make_backend() -> None:
     assert make_backend("torch", CPU).name == "torch"
     assert make_backend("auto", "cpu").name == "torch"
