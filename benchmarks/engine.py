@@ -335,7 +335,7 @@ def main() -> None:
     p.add_argument("--cuda-core-max-batch", type=int, default=None,
                    help="decode batches (graph buckets) of at most this many rows use flashinfer's CUDA-core decode, "
                         "larger ones its tensor-core kernel; keep it a bucket size (default: flashinfer_backend."
-                        "CUDA_CORE_MAX_BATCH, 24; 0: tensor cores everywhere; files of another value get -cc<N>)")
+                        "CUDA_CORE_MAX_BATCH, 8; 0: tensor cores everywhere; files of another value get -cc<N>)")
     p.add_argument("--balanced-max-skew", type=float, default=None,
                    help="whole-GPU decode buckets that split KV on tensor cores replay an unsplit twin for batches "
                         "whose longest KV is at most this many times the mean (default: flashinfer_backend."

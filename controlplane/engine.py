@@ -381,11 +381,14 @@ class Engine:
             self.observer.tokens(handle.obs, len(update.new_token_ids))
             new_ids, new_logprobs = update.new_token_ids, update.new_logprobs
             stop = handle.processor.add_tokens(new_ids)
+            cut = False
             if stop is not None:  # tokens after the one that completed the stop string are dropped
                 new_ids, new_logprobs = _cut_at_stop(seq, new_ids, new_logprobs, handle.processor.stop_kept)
+                cut = len(new_ids) < len(update.new_token_ids)
             if stop is not None and not seq.is_finished:
                 self.scheduler.finish(seq.seq_id, FinishReason.STOP, stop)
-            elif stop is not None and seq.finish_reason is FinishReason.LENGTH:
+            elif stop is not None and (cut or seq.finish_reason is FinishReason.LENGTH):
+                # the string came first: the token that finished the sequence (EOS, a stop token) is cut
                 seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop
             finished = seq.is_finished
             delta = RequestDelta(

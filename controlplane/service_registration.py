@@ -10,7 +10,6 @@ It must not validate fields: that is `controlplane.validation`'s.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -38,9 +37,10 @@ def _parser(message_type: Any) -> Callable[[bytes], Any]:
     return parse
 
 
-def _refusing(method: Callable[..., Any]) -> Callable[..., Any]:
-    """`method` behind a check that refuses an Unparsed request (an async generator stays one)."""
-    if inspect.isasyncgenfunction(method):
+def _refusing(method: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
+    """`method` behind a check that refuses an Unparsed request (`streaming`: the method's responses are
+    a stream, so the wrapper is an async generator too)."""
+    if streaming:
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             if isinstance(request, Unparsed):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
@@ -63,7 +63,7 @@ def add_generation_service(servicer: object, server: grpc.aio.Server) -> None:
             raise NotImplementedError(f"{method.name}: client-streaming methods are not registered here")
         make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
         handlers[method.name] = make(
-            _refusing(getattr(servicer, method.name)),
+            _refusing(getattr(servicer, method.name), method.server_streaming),
             request_deserializer=_parser(getattr(pb, method.input_type.name)),
             response_serializer=getattr(pb, method.output_type.name).SerializeToString,
         )

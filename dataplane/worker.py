@@ -7,6 +7,7 @@ It executes what the control plane decided and decides nothing itself.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import signal
@@ -126,9 +127,12 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
         torch.backends.cuda.preferred_blas_library(config.blas_library)  # process-wide, before any capture
     model, cfg = load_model(config.model, dtype=dtype, device=device, seed=config.seed)
     if device.type == "cuda" and config.fused_kernels and dtype != torch.float32:
-        from dataplane.models.fused import enable_fused_path
+        if importlib.util.find_spec("flashinfer") is None:  # its norm and RoPE kernels: an image without `gpu`
+            log.warning("the fused kernels need flashinfer (pip install 'duetserve[gpu]'): the model runs unfused")
+        else:
+            from dataplane.models.fused import enable_fused_path
 
-        enable_fused_path(model, device, config.decode_gemm_rows, config.epilogue_norm_rows)
+            enable_fused_path(model, device, config.decode_gemm_rows, config.epilogue_norm_rows)
     shape = AttentionShape(cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, dtype)
     backend = make_backend(config.attention_backend, device, shape)
     piecewise = config.piecewise_graphs and piecewise_possible(model, device, backend.name, config.cuda_graphs)

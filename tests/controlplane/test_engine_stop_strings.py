@@ -38,3 +38,25 @@ def test_tokens_after_a_stop_string_in_a_lookahead_update_are_dropped() -> None:
     assert merged.logprobs is not None and [-lp.logprob for lp in merged.logprobs] == [1.0, *map(float, b"Xb")]
     assert merged.text == "a" and merged.completion_tokens == 3
     assert not scheduler.seqs and scheduler.allocator.num_free == scheduler.allocator.num_blocks
+
+
+def test_a_stop_string_before_a_stop_token_in_one_update_is_the_stop_reason() -> None:
+    """The look-ahead update "X b <stop token>": the stop token finished the sequence when its tokens
+    were taken, but the string "Xb" came first, so the output ends at "b" and the reason is the string."""
+    config = SchedulerConfig(max_num_batched_tokens=32, async_scheduling=False)
+    engine = Engine(None, lambda ready: ByteTokenizer(), config)  # type: ignore[arg-type]
+    engine.tokenizer = ByteTokenizer()
+    engine.scheduler = scheduler = Scheduler(config, BlockAllocator(64, 16), 10_000, frozenset({2}))
+    handle = engine.add_request(EngineRequest("r", list(b"hello"), SamplingParams(temperature=0.0),
+                                              StopParams(max_tokens=50, stop_strings=("Xb",),
+                                                         stop_token_ids=frozenset({ord("c")}))))
+    plan = scheduler.schedule()
+    engine._emit(scheduler.update(StepResult(step_id=plan.step_id, outputs=[SeqOutput(seq_id=0, token_ids=[ord("a")])])))
+    scheduler.policy.decide = lambda batch, forecast: ModeDecision(decode_steps=4)  # type: ignore[method-assign]
+    plan = scheduler.schedule()
+    assert plan is not None and plan.decode_steps == 4
+    engine._emit(scheduler.update(StepResult(step_id=plan.step_id, outputs=[
+        SeqOutput(seq_id=0, token_ids=[ord(c) for c in "Xbcd"])])))
+    merged = asyncio.run(handle.queue.get())
+    assert merged.token_ids == list(b"aXb") and merged.completion_tokens == 3
+    assert merged.finish_reason == "stop" and merged.stop_reason == "Xb"

@@ -318,7 +318,7 @@ def test_tokenize_stall_benchmark_runs(tmp_path: Path) -> None:
 def test_multiplex_ideal_bound_waits_for_the_slower_phase_and_counts_both_phases_tokens() -> None:
     from benchmarks.multiplex import ideal_tok_s
 
-    # H100 figures (multiplex-h100.json, 116p/16d): prefill 301.6 ms beside the decode, 8 decode steps of 37.3 ms alone
+    # H100-like figures (116p/16d: a prefill of ~300 ms beside the decode, 8 decode steps of 37.3 ms alone)
     assert ideal_tok_s(8192, 8 * 64, 301.6, 8 * 37.3) == pytest.approx((8192 + 512) / 301.6 * 1000)
     assert ideal_tok_s(8192, 9 * 64, 301.6, 9 * 37.3) == pytest.approx((8192 + 576) / (9 * 37.3) * 1000)
     assert ideal_tok_s(8192, 0, 0.0, 0.0) > 0  # no division by zero on an empty measurement
