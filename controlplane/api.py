@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
 import grpc
@@ -195,9 +196,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         observer = self.engine.observer
         obs = observer.start_request(context.invocation_metadata())
-        try:
-            async for response in self._generate(request, context, obs):
-                yield response
+        try:  # aclosing: a cancelled call aborts the request (the inner finally) before its span ends
+            async with aclosing(self._generate(request, context, obs)) as responses:
+                async for response in responses:
+                    yield response
         finally:
             observer.close_request(obs)
 
@@ -225,8 +227,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await self._abort(context, obs, grpc.StatusCode.ALREADY_EXISTS,
                               f"request_id {valid.request_id!r} is already running")
         if valid.n > 1:
-            async for response in self._generate_many(valid, context, obs, deadline):
-                yield response
+            async with aclosing(self._generate_many(valid, context, obs, deadline)) as responses:
+                async for response in responses:
+                    yield response
             return
         handle = await self._add(context, obs, EngineRequest(valid.request_id, valid.prompt_token_ids,
                                                              valid.sampling, valid.stop, obs, valid.priority,
@@ -368,7 +371,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             sampling = valid.sampling if seed is None else msgspec.structs.replace(
                 valid.sampling, seed=(seed + i) % 2**64)
             if i:
-                fanout.spans.append(self.engine.observer.start_request(context.invocation_metadata()))
+                fanout.spans.append(self.engine.observer.start_completion(obs, i))
             fanout.stream(await self._add(context, obs, EngineRequest(  # all n were admitted by check_room
                 fanout.ids[i], valid.prompt_token_ids, sampling, valid.stop, fanout.spans[-1] if i else obs,
                 valid.priority, valid.skip_special_tokens, valid.detokenize), admitted=True), deadline)

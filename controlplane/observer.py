@@ -24,7 +24,7 @@ from typing import Protocol
 import msgspec
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.trace import Link, Span, Status, StatusCode
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
 from controlplane import tracing as tr
 from controlplane.metrics import ServingMetrics
@@ -138,6 +138,18 @@ class EngineObserver:
         if self.tracer is not None:
             parent = tr.incoming_context(metadata)  # type: ignore[arg-type]
             obs.span = tr.start_request_span(self.tracer, self.model, parent, time.time_ns())
+        return obs
+
+    def start_completion(self, parent: RequestObs, index: int) -> RequestObs:
+        """Completion `index` (> 0) of an n > 1 request: its span a child of the request's span (completion
+        0's), in the same trace, with the request's attributes and `duetserve.choice_index`."""
+        obs = RequestObs(arrival=time.monotonic())
+        if self.tracer is not None and parent.span is not None and parent.span.is_recording():
+            attributes = dict(getattr(parent.span, "attributes", None) or {})
+            attributes["duetserve.choice_index"] = index
+            obs.span = self.tracer.start_span(getattr(parent.span, "name", tr.REQUEST_SPAN),
+                                              context=trace.set_span_in_context(parent.span),
+                                              kind=SpanKind.INTERNAL, attributes=attributes)
         return obs
 
     def request_added(self, obs: RequestObs, request_id: str, seq_id: int) -> None:

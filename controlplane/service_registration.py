@@ -11,6 +11,7 @@ It must not validate fields: that is `controlplane.validation`'s.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -44,8 +45,9 @@ def _refusing(method: Callable[..., Any], streaming: bool) -> Callable[..., Any]
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             if isinstance(request, Unparsed):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-            async for response in method(request, context):
-                yield response
+            async with aclosing(method(request, context)) as responses:  # closed with the call, not later
+                async for response in responses:
+                    yield response
         return stream
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:

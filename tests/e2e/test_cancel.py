@@ -98,3 +98,34 @@ async def test_abort_rpc_ends_stream_and_frees_blocks() -> None:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await served.stub.Abort(pb.AbortRequest())
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("n", [1, 3])
+async def test_a_cancelled_stream_aborts_its_requests_before_their_spans_end(n: int) -> None:
+    """A client that stops reading, then cancels: each engine request is aborted (request_finished,
+    which writes the finish reason and usage onto the span) before the call's span is closed, not later
+    when asyncio finalises the servicer's inner generators."""
+    events: list[tuple[str, str | None]] = []
+    async with serve("tiny") as served:
+        observer = served.plane.engine.observer
+        close, finished = observer.close_request, observer.request_finished
+
+        def close_request(obs):  # noqa: ANN001, ANN202
+            events.append(("close", obs.request_id))
+            return close(obs)
+
+        def request_finished(obs, reason, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            events.append((f"finished {reason}", obs.request_id))
+            return finished(obs, reason, *args, **kwargs)
+
+        observer.close_request, observer.request_finished = close_request, request_finished  # type: ignore
+        call = served.stub.Generate(pb.GenerateRequest(request_id="stalled", n=n, **{
+            **LONG, "max_tokens": 30000, "temperature": 1.0}))
+        await call.read()
+        await asyncio.sleep(2.0)  # not reading: the server's writes wait on flow control
+        call.cancel()
+        await wait_idle(served)
+    finishes = [i for i, (what, _) in enumerate(events) if what == "finished abort"]
+    closes = [i for i, (what, _) in enumerate(events) if what == "close"]
+    assert len(finishes) == n and closes, events
+    assert max(finishes) < min(closes), events  # every abort recorded before the call's span ended

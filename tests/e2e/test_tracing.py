@@ -78,6 +78,7 @@ async def test_spans_reach_an_otlp_receiver() -> None:
             short = await _run(served.stub, "r-parent", "Hi", 3, metadata=(("traceparent", traceparent),))
             chat = await generate(served.stub, request_id="r-chat", max_tokens=2, ignore_eos=True,
                                   chat={"messages": [{"role": "user", "content": "Hi"}]})
+            many = await generate(served.stub, request_id="r-many", text="Hi", max_tokens=2, n=2, ignore_eos=True)
             try:
                 await _run(served.stub, "r-bad", "", 3)
             except grpc.aio.AioRpcError as exc:
@@ -111,6 +112,15 @@ async def test_spans_reach_an_otlp_receiver() -> None:
     assert answered <= {e.parent_id for e in executes}
     for chunk in (s for s in spans if s.name == "prefill_chunk"):
         assert len(chunk.links) == 1 and chunk.links[0][1] in steps
+
+    # n=2: completion 1's span is a child of the call's (completion 0's), in its trace, with its attributes
+    assert many.final is not None
+    server = _request_span(spans, "r-many")
+    (child,) = [s for s in spans if s.attributes.get("gen_ai.request.id") == "r-many" and s.kind == 1]
+    assert child.parent_id == server.span_id and child.trace_id == server.trace_id
+    assert child.attributes["duetserve.choice_index"] == 1 and child.name == server.name
+    assert child.attributes["gen_ai.response.finish_reasons"] == ["length"]
+    assert child.attributes["gen_ai.usage.output_tokens"] == 2
 
     bad = [s for s in spans if s.kind == 2 and s.attributes.get("gen_ai.request.id") is None]
     assert len(bad) == 1 and bad[0].status_code == 2  # the rejected call: an error span of its own
