@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 
+from controlplane.flag_types import checked
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc
 from controlplane.replay import RequestRecord, TraceRequest, load_trace, make_prompt
@@ -192,40 +193,25 @@ def compute_metrics(arrays: dict[str, list], duration_s: float, goodput: Goodput
     return metrics
 
 
-def _checked(kind: type, name: str, low: float, inclusive: bool = True, high: float | None = None):  # noqa: ANN202
-    """An argparse type: `kind` parsed and kept within [low (or above it), high]; a clear error else."""
-    def parse(text: str) -> object:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if value != value or (value < low if inclusive else value <= low) or (high is not None and value > high):
-            bound = f">= {low}" if inclusive else f"> {low}"
-            raise argparse.ArgumentTypeError(f"{name} must be {bound}{f' and <= {high}' if high is not None else ''}, "
-                                             f"got {text}")
-        return value
-    return parse
-
-
 def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default="127.0.0.1:50051")
     p.add_argument("--dataset", default="trace", choices=["trace", "random"])
     p.add_argument("--trace", type=Path, default=None, help="Azure-style CSV (TIMESTAMP, ContextTokens, GeneratedTokens)")
-    p.add_argument("--num-prompts", type=_checked(int, "--num-prompts", 1), default=200)
+    p.add_argument("--num-prompts", type=checked(int, "--num-prompts", 1), default=200)
     p.add_argument("--arrival", default="poisson", choices=["trace", "poisson", "gamma"],
                    help="trace: the trace's own gaps scaled to --request-rate; poisson; gamma (see --burstiness)")
-    p.add_argument("--request-rate", type=_checked(float, "--request-rate", 0.0, inclusive=False),
+    p.add_argument("--request-rate", type=checked(float, "--request-rate", 0.0, inclusive=False),
                    default=float("inf"), help="requests/s (inf: all at once)")
-    p.add_argument("--burstiness", type=_checked(float, "--burstiness", 0.0, inclusive=False), default=1.0,
+    p.add_argument("--burstiness", type=checked(float, "--burstiness", 0.0, inclusive=False), default=1.0,
                    help="gamma shape: 1 is Poisson, < 1 burstier")
-    p.add_argument("--random-input-len", type=_checked(int, "--random-input-len", 1), default=1024)
-    p.add_argument("--random-output-len", type=_checked(int, "--random-output-len", 1), default=128)
-    p.add_argument("--random-range-ratio", type=_checked(float, "--random-range-ratio", 0.0, True, 1.0), default=1.0,
+    p.add_argument("--random-input-len", type=checked(int, "--random-input-len", 1), default=1024)
+    p.add_argument("--random-output-len", type=checked(int, "--random-output-len", 1), default=128)
+    p.add_argument("--random-range-ratio", type=checked(float, "--random-range-ratio", 0.0, True, 1.0), default=1.0,
                    help="random dataset: lengths drawn from [len x ratio, len] (0 <= ratio <= 1)")
-    p.add_argument("--random-prefix-len", type=_checked(int, "--random-prefix-len", 0), default=0,
+    p.add_argument("--random-prefix-len", type=checked(int, "--random-prefix-len", 0), default=0,
                    help="random dataset: tokens of one shared prefix before each prompt's random part (vLLM's "
                         "flag; exercises the prefix cache)")
-    p.add_argument("--max-concurrency", type=_checked(int, "--max-concurrency", 1), default=None)
+    p.add_argument("--max-concurrency", type=checked(int, "--max-concurrency", 1), default=None)
     p.add_argument("--reset-prefix-cache", action="store_true",
                    help="empty the server's prefix cache before the run (ResetPrefixCache; SGLang's --flush-cache)")
     p.add_argument("--goodput", nargs="+", default=None, help="SLOs, e.g. ttft:2000 tpot:50")

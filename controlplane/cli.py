@@ -325,9 +325,18 @@ def _main(argv: list[str] | None = None) -> int:
         from controlplane.replay import load_trace
         from controlplane.simulate import run_simulate
 
-        try:  # the inputs first: a trace that cannot be read, a bad setting
+        try:  # the inputs first: a trace that cannot be read, a bad setting, a model that is not there
             scheduler = scheduler_config_from_args(args)
             trace = load_trace(args.trace, args.num_requests)
+            from controlplane.chat_template import load_chat_template
+            from controlplane.generation_defaults import load_sampling_defaults
+            from dataplane.models.presets import PRESETS  # names only: no torch
+
+            if args.model not in PRESETS and not Path(args.model).is_dir():
+                raise ValueError(f"--model {args.model!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
+                                 "nor a checkpoint folder")
+            load_chat_template(args.model, None)
+            load_sampling_defaults(args.model)
         except (OSError, ValueError) as exc:
             print(f"duetserve simulate: error: {exc}", file=sys.stderr)
             return 2

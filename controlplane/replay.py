@@ -44,6 +44,8 @@ TRACE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 def load_trace(path: str | Path, limit: int | None = None) -> list[TraceRequest]:
     """The trace's first `limit` requests, arrivals from 0; ValueError naming the file and line for a
     file that is not such a trace (a missing column, an unreadable time or count)."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"the number of requests to read must be >= 1, got {limit}")
     out: list[TraceRequest] = []
     with open(path, newline="") as f:
         reader = csv.DictReader(f)

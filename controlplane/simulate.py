@@ -20,11 +20,13 @@ from pathlib import Path
 
 import grpc
 
+from controlplane.flag_types import checked
 from controlplane.launcher import spawn_sim_dataplane, stop_process
 from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc
 from controlplane.replay import RequestRecord, TraceRequest, load_trace, replay, summarise
 from controlplane.server import ControlPlane
 from shared.config import DEFAULT_BLOCK_SIZE, SchedulerConfig, ServerConfig
+from shared.profiles import GPUS
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +60,16 @@ async def run_simulation(spec: SimulationSpec, trace: list[TraceRequest] | None 
     trace = trace if trace is not None else load_trace(spec.trace, spec.num_requests)
     workdir = tempfile.mkdtemp(prefix="ds-sim-")  # short: ipc paths are limited to ~100 bytes
     endpoint = f"ipc://{workdir}/dp.sock"
-    child = spawn_sim_dataplane(endpoint, model=spec.model, gpu=spec.gpu, time_scale=spec.time_scale,
-                                block_size=spec.block_size, num_kv_blocks=spec.num_kv_blocks,
-                                max_model_len=spec.max_model_len, execution=spec.execution,
-                                piecewise_graphs=spec.piecewise_graphs)
     scale = spec.time_scale
-    plane = ControlPlane(ServerConfig(port=0, dataplane_endpoint=endpoint, handshake_timeout_s=60.0,
-                                      step_timeout_s=600.0, scheduler=spec.scheduler), spec.model,
-                         slo_clock=lambda: time.monotonic() / scale)  # SLOs hold on the simulated timeline
-    channel = None
-    try:
+    child = plane = channel = None
+    try:  # from here on, every failure removes the workdir and stops what started
+        plane = ControlPlane(ServerConfig(port=0, dataplane_endpoint=endpoint, handshake_timeout_s=60.0,
+                                          step_timeout_s=600.0, scheduler=spec.scheduler), spec.model,
+                             slo_clock=lambda: time.monotonic() / scale)  # SLOs hold on the simulated timeline
+        child = spawn_sim_dataplane(endpoint, model=spec.model, gpu=spec.gpu, time_scale=spec.time_scale,
+                                    block_size=spec.block_size, num_kv_blocks=spec.num_kv_blocks,
+                                    max_model_len=spec.max_model_len, execution=spec.execution,
+                                    piecewise_graphs=spec.piecewise_graphs)
         await plane.start()
         engine = plane.engine
         assert engine.worker is not None and engine.scheduler is not None
@@ -81,8 +83,10 @@ async def run_simulation(spec: SimulationSpec, trace: list[TraceRequest] | None 
     finally:
         if channel is not None:
             await channel.close()
-        await plane.stop()
-        stop_process(child)
+        if plane is not None:
+            await plane.stop()
+        if child is not None:
+            stop_process(child)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -130,7 +134,7 @@ def format_report(report: dict[str, object]) -> str:
 
 def add_simulate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", required=True, help="Azure LLM trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens)")
-    p.add_argument("--gpu", default="h100", help="simulated GPU (declared profile): h100 or h200, default h100")
+    p.add_argument("--gpu", default="h100", choices=sorted(GPUS), help="simulated GPU (declared profile), default h100")
     p.add_argument("--execution", default="flashinfer", choices=("roofline", "flashinfer"),
                    help="time steps by the declared launch model of DuetServe's flashinfer data plane "
                         "(CUDA-graph decode, host-launch floor of eager steps; the default) or by the paper's "
@@ -139,14 +143,17 @@ def add_simulate_flags(p: argparse.ArgumentParser) -> None:
                    help="with --execution flashinfer: prefill and mixed passes of up to 1024 tokens launch as "
                         "piecewise graphs, as the real data plane's do by default")
     p.add_argument("--model", default="qwen3-8b", help="model shape: a preset name or checkpoint folder")
-    p.add_argument("--rate-scale", type=float, default=1.0, help="multiply the trace's request rate by this")
-    p.add_argument("--num-requests", type=int, default=None, help="replay only the first N requests")
-    p.add_argument("--time-scale", type=float, default=1.0,
+    p.add_argument("--rate-scale", type=checked(float, "--rate-scale", 0.0, inclusive=False), default=1.0,
+                   help="multiply the trace's request rate by this")
+    p.add_argument("--num-requests", type=checked(int, "--num-requests", 1), default=None,
+                   help="replay only the first N requests")
+    p.add_argument("--time-scale", type=checked(float, "--time-scale", 0.0, inclusive=False), default=1.0,
                    help="wall seconds per simulated second (<1 runs faster than real time; keep steps well "
                         "above the control plane's own ~1 ms per step)")
-    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
-    p.add_argument("--num-kv-blocks", type=int, default=None, help="default: what the GPU's memory holds")
-    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--block-size", type=checked(int, "--block-size", 1), default=DEFAULT_BLOCK_SIZE)
+    p.add_argument("--num-kv-blocks", type=checked(int, "--num-kv-blocks", 1), default=None,
+                   help="default: what the GPU's memory holds")
+    p.add_argument("--max-model-len", type=checked(int, "--max-model-len", 1), default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts' token ids")

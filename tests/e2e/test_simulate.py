@@ -72,3 +72,35 @@ async def test_model_info_says_which_steps_replay_piecewise_graphs(pieces: bool,
         stop_process(child)
         shutil.rmtree(workdir, ignore_errors=True)
     assert info.piecewise_max_tokens == want and info.attention_backend.startswith("flashinfer")
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--gpu", "a100"], "invalid choice: 'a100'"),
+    (["--time-scale", "0"], "--time-scale must be > 0.0"),
+    (["--rate-scale", "-1"], "--rate-scale must be > 0.0"),
+    (["--num-requests", "0"], "--num-requests must be >= 1"),
+    (["--model", "nosuch"], "neither a preset"),
+])
+def test_simulate_refuses_bad_inputs_at_once(flags: list[str], says: str) -> None:
+    """Each of these crashed mid-run with a traceback, waited out the 60 s handshake, or replayed
+    something else than asked; now it is a usage error naming the flag, before anything starts."""
+    proc = subprocess.run([sys.executable, "-m", "controlplane.cli", "simulate", "--trace", str(CODE_TRACE), *flags],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+async def test_a_simulation_that_cannot_start_leaves_no_workdir(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """A model folder whose generation_config.json is not JSON: the control plane refuses it, and the
+    run's temporary folder (and any data plane) goes with it."""
+    import tempfile
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "generation_config.json").write_text("{not json")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    spec = SimulationSpec(trace=str(CODE_TRACE), num_requests=2, model=str(model))
+    with pytest.raises(ValueError, match="generation_config"):
+        await run_simulation(spec)
+    assert list(scratch.iterdir()) == []
