@@ -87,9 +87,20 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+class _GenerationBlock(jinja2.ext.Extension):
+    """transformers' `{% generation %}...{% endgeneration %}`, which marks the assistant's part for
+    training masks: here it renders its body, as transformers does for a prompt."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> list[Any]:
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
+                                        extensions=[jinja2.ext.loopcontrols, _GenerationBlock])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -131,12 +142,15 @@ class ChatTemplate:
         except Exception as exc:  # template code: undefined calls, sandbox refusals, type errors, recursion
             raise ChatTemplateError(f"the chat template ({self.origin}) failed on these messages: {exc!r}") from exc
         if continue_final_message:
-            final = messages[-1].content.strip()
+            content = messages[-1].content
+            final = content.strip()
             cut = text.rfind(final)
             if not final or cut < 0:
                 raise ChatTemplateError("chat: continue_final_message needs a final message with text that the "
                                         "template keeps verbatim")
-            text = text[: cut + len(final)]
+            # as transformers: the message's trailing whitespace stays when the template kept it verbatim
+            kept = text[cut : cut + len(content.lstrip())] == content
+            text = text[: cut + (len(content.lstrip()) if kept else len(final))]
         return text
 
 

@@ -65,16 +65,19 @@ class OutputProcessor:
             piece = self.stream.step(token_id)
             if not piece:
                 continue
-            start = max(0, len(self.text) - self._holdback)
+            before = len(self.text)
             self.text += piece
             if self._num_tokens < self.min_tokens:
                 continue
-            for stop in self.stop_strings:
-                at = self.text.find(stop, start)
-                if at != -1:
-                    self.text = self.text[: at + len(stop)] if self.include_stop_str else self.text[:at]
-                    self._stop_found, self.stop_kept = stop, kept
-                    return stop
+            # each stop string only where it ends in the new piece (text before it was searched already, or
+            # came before min_tokens); of several, the one that starts first
+            found = [(at, stop) for stop in self.stop_strings
+                     if (at := self.text.find(stop, max(0, before - len(stop) + 1))) != -1]
+            if found:
+                at, stop = min(found, key=lambda hit: hit[0])
+                self.text = self.text[: at + len(stop)] if self.include_stop_str else self.text[:at]
+                self._stop_found, self.stop_kept = stop, kept
+                return stop
         return None
 
     def take_text(self, final: bool) -> str:

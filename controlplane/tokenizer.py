@@ -45,13 +45,23 @@ NO_TEXT: TokenStream = _NoText()
 class _HFStream:
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool) -> None:
         self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
 
     def step(self, token_id: int) -> str:
         try:
             chunk = self._stream.step(self._tokenizer, token_id)
-        except Exception:  # an id the tokenizer does not know (models pad their vocab)
-            return ""
+        except Exception as exc:
+            if not str(exc).startswith("Invalid prefix"):  # an id the tokenizer does not know (padded vocabs)
+                return ""
+            # a byte-fallback token changed text already streamed (a cut-off character after it): the
+            # failed token would stay in the decoder and fail every later step, so start a fresh decoder
+            # at this token, as vLLM's incremental detokenizer does
+            self._stream = DecodeStream(skip_special_tokens=self._skip)
+            try:
+                chunk = self._stream.step(self._tokenizer, token_id)
+            except Exception:
+                return ""
         return chunk or ""
 
 

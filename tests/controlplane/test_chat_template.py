@@ -58,6 +58,19 @@ def test_continue_final_message_matches_transformers(template: str) -> None:
     got = ours.render(messages, add_generation_prompt=False, continue_final_message=True)
     assert got == _reference(template, messages, add_generation_prompt=False, continue_final_message=True)
     assert got.endswith("The colour is")
+    spaced = [ChatMessage("user", "List two."), ChatMessage("assistant", "1. apples\n2. ")]  # trailing space kept
+    got = ours.render(spaced, add_generation_prompt=False, continue_final_message=True)
+    assert got == _reference(template, spaced, add_generation_prompt=False, continue_final_message=True)
+
+
+def test_the_generation_block_renders_its_body_as_transformers_does() -> None:
+    """transformers' `{% generation %}` tag (assistant masks for training) in a checkpoint's template."""
+    template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}<a>{{ m['content'] }}</a>"
+                "{% endgeneration %}{% else %}<u>{{ m['content'] }}</u>{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}<a>{% endif %}")
+    messages = [ChatMessage("user", "hi"), ChatMessage("assistant", "hello"), ChatMessage("user", "more")]
+    got = ChatTemplate(template, "test", {}).render(messages, True)
+    assert got == _reference(template, messages, add_generation_prompt=True) == "<u>hi</u><a>hello</a><u>more</u><a>"
 
 
 def test_the_presets_formats() -> None:

@@ -134,3 +134,14 @@ def test_stop_strings_count_from_min_tokens_on() -> None:
             if (stop := proc.add_tokens([token])) is not None:
                 break
         assert stop == "STOP" and proc.take_text(final=True) == want_text, min_tokens
+
+
+def test_a_short_stop_string_in_the_text_before_min_tokens_is_not_matched_later() -> None:
+    """Stop strings of different lengths: the text searched for each is only where it could end in the
+    new piece, so "\\n" from token 2 (before min_tokens 3) does not stop the text at token 3, where the
+    longest stop string's hold-back reaches back over it."""
+    tok = ByteTokenizer()
+    proc = OutputProcessor(tok.stream(), ("User:", "\n"), min_tokens=3)
+    stops = [proc.add_tokens([t]) for t in tok.encode("b\nbb\nb")]
+    assert stops[:4] == [None, None, None, None] and stops[4] == "\n"
+    assert proc.take_text(final=True) == "b\nbb"
