@@ -24,6 +24,7 @@ from shared.config import (
 from shared.telemetry_flags import add_metrics_flags, add_trace_flags, telemetry_from_args
 
 log = logging.getLogger("duetserve")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _add_serve_flags(p: argparse.ArgumentParser) -> None:
@@ -75,7 +76,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream-interval", type=int, default=1, metavar="N",
                    help="tokens a streamed message waits for (SGLang's flag; the first token goes at once, "
                         "a stream that falls behind gets what piled up in one message either way; default 1)")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS, help=", ".join(LOG_LEVELS))
     p.add_argument("--enable-log-requests", action="store_true",
                    help="log one line per finished request: id, finish reason, tokens, queue / TTFT / e2e ms")
     add_trace_flags(p)
@@ -214,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[DataplaneConfig, ServerConfig]:
+    if args.attach and not args.dataplane_endpoint:
+        raise ValueError("--attach needs --dataplane-endpoint: the data plane to attach to")
     endpoint = args.dataplane_endpoint or f"ipc://{tempfile.gettempdir()}/duetserve-{os.getpid()}.sock"
     telemetry = telemetry_from_args(args)
     dataplane = DataplaneConfig(

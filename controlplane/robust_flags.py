@@ -35,7 +35,7 @@ def add_robustness_flags(p: argparse.ArgumentParser) -> None:
     s.add_argument("--tls-cert", default=None, help="PEM certificate (chain): serve gRPC over TLS")
     s.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     s.add_argument("--tls-client-ca", default=None, help="PEM CA: require client certificates it signed (mTLS)")
-    s.add_argument("--auth-token", default=os.environ.get(AUTH_TOKEN_ENV),
+    s.add_argument("--auth-token", default=os.environ.get(AUTH_TOKEN_ENV) or None,  # an empty variable: unset
                    help=f"require 'authorization: Bearer TOKEN' on every RPC but health (default: ${AUTH_TOKEN_ENV}; "
                         "the variable keeps it out of the process list)")
 
@@ -53,7 +53,7 @@ def robustness_from_args(args: argparse.Namespace) -> dict[str, object]:
     return {
         "allow_remote_dataplane": args.allow_remote_dataplane,
         "tls": _tls(args),
-        "auth_token": args.auth_token or None,
+        "auth_token": args.auth_token,  # None: no token; "" or blanks are refused (they would turn auth off)
         "max_queued_requests": args.max_queued_requests,
         "max_queued_tokens": args.max_queued_tokens,
         "shutdown_grace_s": args.shutdown_grace,

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(partition: cuBLASLt SM target, FA2 prefill; gemm: the SM target only; an experiment)")
     p.add_argument("--calibration-cache-dir", default=None,
                    help="where measured hardware profiles are cached (default ~/.cache/duetserve)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", type=str.upper,
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
     p.add_argument("--health-file", default=None,
                    help="touch this file while serving (read by python -m dataplane.healthcheck)")
     p.add_argument("--allow-remote", action="store_true",

@@ -200,11 +200,11 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
-        if self.tbt_slo_ms <= 0 or self.ttft_slo_ms <= 0:
+        if not (self.tbt_slo_ms > 0 and self.ttft_slo_ms > 0):  # written so NaN fails too
             raise ValueError("SLOs must be > 0 ms")
         if self.static_decode_sms < 1 or self.static_lookahead < 1 or self.max_lookahead < 1:
             raise ValueError("static_decode_sms, static_lookahead and max_lookahead must be >= 1")
-        if self.hysteresis < 0:
+        if not self.hysteresis >= 0:
             raise ValueError("hysteresis must be >= 0")
         if self.duet_slo not in DUET_SLOS:
             raise ValueError(f"duet_slo must be one of {', '.join(DUET_SLOS)}, got {self.duet_slo!r}")
@@ -249,13 +249,14 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port out of range: {self.port}")
         check_endpoint(self.dataplane_endpoint, self.allow_remote_dataplane)
-        if self.auth_token is not None and not self.auth_token:
-            raise ValueError("auth_token must not be empty")
+        if self.auth_token is not None and not self.auth_token.strip():  # the server strips what clients send
+            raise ValueError("auth_token must not be empty or blank (omit it to serve without authentication)")
         if self.max_queued_requests < 1:
             raise ValueError("max_queued_requests must be >= 1")
         if self.max_queued_tokens < 1:
             raise ValueError("max_queued_tokens must be >= 1")
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
-        if self.shutdown_grace_s < 0 or self.step_timeout_s <= 0 or self.handshake_timeout_s <= 0:
-            raise ValueError("shutdown_grace_s must be >= 0; step and handshake timeouts > 0")
+        if not (self.shutdown_grace_s >= 0 and self.step_timeout_s > 0 and self.handshake_timeout_s > 0
+                and self.restart_backoff_s >= 0):  # written so NaN fails too
+            raise ValueError("shutdown_grace_s and restart_backoff_s must be >= 0; step and handshake timeouts > 0")

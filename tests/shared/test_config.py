@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import BLAS_LIBRARIES, PARTITION_KERNELS, DataplaneConfig
+from shared.config import BLAS_LIBRARIES, PARTITION_KERNELS, DataplaneConfig, SchedulerConfig, ServerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -113,3 +113,31 @@ def test_serve_takes_piecewise_graphs() -> None:
     assert not dataplane.piecewise_graphs
     dataplane, _ = configs_from_args(build_parser().parse_args(["serve"]))  # on by default, as vLLM's
     assert dataplane.piecewise_graphs
+
+
+@pytest.mark.parametrize("bad", [
+    {"step_timeout_s": float("nan")}, {"handshake_timeout_s": float("nan")}, {"shutdown_grace_s": float("nan")},
+    {"restart_backoff_s": -5.0}, {"restart_backoff_s": float("nan")}, {"auth_token": ""}, {"auth_token": "  "},
+])
+def test_server_config_refuses_nan_timeouts_negative_backoff_and_blank_tokens(bad: dict[str, object]) -> None:
+    """NaN passed `<= 0` checks and switched the timeout off; a blank token turned authentication off
+    (empty) or locked every client out (spaces: the server strips what clients send)."""
+    with pytest.raises(ValueError):
+        ServerConfig(**bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [{"tbt_slo_ms": float("nan")}, {"ttft_slo_ms": float("nan")},
+                                 {"hysteresis": float("nan")}])
+def test_scheduler_config_refuses_nan(bad: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        SchedulerConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_serve_refuses_attach_without_an_endpoint_and_unknown_log_levels() -> None:
+    from controlplane.cli import build_parser, configs_from_args
+
+    with pytest.raises(ValueError, match="--attach needs --dataplane-endpoint"):
+        configs_from_args(build_parser().parse_args(["serve", "--attach"]))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--log-level", "bogus"])
+    assert build_parser().parse_args(["serve", "--log-level", "debug"]).log_level == "DEBUG"
