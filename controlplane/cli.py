@@ -276,6 +276,14 @@ async def _serve(args: argparse.Namespace) -> int:
     return code
 
 
+def _check_model(model: str) -> None:
+    """A preset name or a checkpoint folder (checked before a data plane starts to load it)."""
+    from dataplane.models.presets import PRESETS  # names only: no torch
+
+    if model not in PRESETS and not Path(model).is_dir():
+        raise ValueError(f"--model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a checkpoint folder")
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `duetserve` command; Ctrl-C in a client command (generate, chat, bench) ends it quietly, 130."""
     try:
@@ -333,11 +341,7 @@ def _main(argv: list[str] | None = None) -> int:
             trace = load_trace(args.trace, args.num_requests)
             from controlplane.chat_template import load_chat_template
             from controlplane.generation_defaults import load_sampling_defaults
-            from dataplane.models.presets import PRESETS  # names only: no torch
-
-            if args.model not in PRESETS and not Path(args.model).is_dir():
-                raise ValueError(f"--model {args.model!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
-                                 "nor a checkpoint folder")
+            _check_model(args.model)
             load_chat_template(args.model, None)
             load_sampling_defaults(args.model)
         except (OSError, ValueError) as exc:
@@ -346,6 +350,7 @@ def _main(argv: list[str] | None = None) -> int:
         return _run(run_simulate(args, scheduler, trace))
     try:
         configs_from_args(args)  # every flag error before anything starts
+        _check_model(args.model)
         from controlplane.chat_template import load_chat_template
         from controlplane.generation_defaults import load_sampling_defaults
 

@@ -155,6 +155,9 @@ class Engine:
         if self._max_model_len_cap is not None:
             limits.append(self._max_model_len_cap)
         self.max_model_len = min(limits)
+        if self._max_model_len_cap is not None and self.max_model_len < self._max_model_len_cap:
+            log.warning("max_model_len %d asked for; serving %d (the model's positions: %d, the KV cache: %d tokens)",
+                        self._max_model_len_cap, self.max_model_len, ready.max_model_len, capacity_tokens)
         allocator = make_allocator(ready.num_kv_blocks, ready.block_size, self.scheduler_config.enable_prefix_caching)
         eos = frozenset(ready.model.eos_token_ids)
         self.scheduler = Scheduler(self.scheduler_config, allocator, self.max_model_len, eos, ready)

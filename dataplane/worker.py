@@ -145,6 +145,9 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
     kv_caches = allocate_kv_cache(cfg, num_blocks + 1, config.block_size, dtype, device)  # +1: graph padding
     max_len = cfg.max_position_embeddings
     if config.max_model_len is not None:
+        if config.max_model_len > max_len:
+            log.warning("max_model_len %d is past the model's %d positions: serving %d", config.max_model_len,
+                        max_len, max_len)
         max_len = min(max_len, config.max_model_len)
     graphs = None
     if device.type == "cuda" and backend.name == "flashinfer" and config.cuda_graphs:

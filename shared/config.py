@@ -59,6 +59,11 @@ MAX_DECODE_GEMM_ROWS = 64  # dataplane/kernels/decode_gemm.py's MAX_ROWS
 DEFAULT_BLOCK_SIZE = 32
 
 
+DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "torch", "flashinfer")  # dataplane.attention.BACKENDS
+
+
 class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
     """What the worker loads and how it sizes its KV cache."""
 
@@ -148,6 +153,18 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
         if self.partition_kernels not in PARTITION_KERNELS:
             raise ValueError(f"partition_kernels must be one of {', '.join(PARTITION_KERNELS)}, "
                              f"got {self.partition_kernels!r}")
+        # checked here, before the data plane imports torch, not as a handshake's traceback
+        if not DEVICE_RE.fullmatch(self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
+        if self.cpu_kv_cache_bytes < 1:
+            raise ValueError(f"cpu_kv_cache_bytes must be >= 1, got {self.cpu_kv_cache_bytes}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
 
 
 class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):

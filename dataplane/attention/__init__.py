@@ -13,10 +13,11 @@ import torch
 
 from dataplane.attention.base import AttentionBackend, AttentionBatch, AttentionShape
 from dataplane.attention.torch_paged import TorchPagedAttention
+from shared.config import ATTENTION_BACKENDS
 
 __all__ = ["AttentionBackend", "AttentionBatch", "TorchPagedAttention", "make_backend"]
 
-BACKENDS = ("auto", "torch", "flashinfer")
+BACKENDS = ATTENTION_BACKENDS
 log = logging.getLogger(__name__)
 
 

@@ -141,3 +141,21 @@ def test_serve_refuses_attach_without_an_endpoint_and_unknown_log_levels() -> No
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--log-level", "bogus"])
     assert build_parser().parse_args(["serve", "--log-level", "debug"]).log_level == "DEBUG"
+
+
+@pytest.mark.parametrize("bad", [{"device": "tpu"}, {"dtype": "float8"}, {"attention_backend": "bogus"},
+                                 {"cpu_kv_cache_bytes": 0}, {"max_num_seqs": 0}, {"max_num_batched_tokens": -7}])
+def test_dataplane_config_refuses_what_the_data_plane_would_only_find_after_importing_torch(
+        bad: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        DataplaneConfig(**bad)  # type: ignore[arg-type]
+    assert DataplaneConfig(device="cuda:1").device == "cuda:1"
+
+
+def test_serve_refuses_a_model_that_is_neither_a_preset_nor_a_folder(tmp_path: Path) -> None:
+    from controlplane.cli import _check_model
+
+    with pytest.raises(ValueError, match="neither a preset"):
+        _check_model("nosuchmodel")
+    _check_model("tiny")
+    _check_model(str(tmp_path))
