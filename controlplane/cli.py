@@ -20,6 +20,7 @@ from pathlib import Path
 from controlplane.robust_flags import add_client_security_flags, add_robustness_flags, robustness_from_args
 from shared.config import (
     DEFAULT_BLOCK_SIZE, DUET_SLOS, POLICIES, SCHEDULING_POLICIES, DataplaneConfig, SchedulerConfig, ServerConfig,
+    sm_counts,
 )
 from shared.telemetry_flags import add_metrics_flags, add_trace_flags, telemetry_from_args
 
@@ -54,7 +55,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--piecewise-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="run prefill and mixed steps of up to 1024 tokens as CUDA graphs around attention on "
                         "the GPU (--no-piecewise-graphs: launch them eagerly)")
-    p.add_argument("--decode-partition-sms", default=None,
+    p.add_argument("--decode-partition-sms", type=sm_counts, default=None,
                    help="comma-separated decode partition sizes to build (default: every split the GPU allows)")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and unseeded sampling")
     p.add_argument("--dataplane-endpoint", default=None,
@@ -226,8 +227,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataplaneConfig, Server
         max_model_len=args.max_model_len, attention_backend=args.attention_backend, seed=args.seed,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         cuda_graphs=not args.no_cuda_graphs, piecewise_graphs=args.piecewise_graphs,
-        decode_partition_sms=tuple(int(x) for x in args.decode_partition_sms.split(","))
-        if args.decode_partition_sms else None,
+        decode_partition_sms=args.decode_partition_sms,
         telemetry=telemetry, allow_remote=args.allow_remote_dataplane,
     )
     scheduler = scheduler_config_from_args(args)

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from dataplane.lifeline import die_with_parent
-from shared.config import BLAS_LIBRARIES, PARTITION_KERNELS, DataplaneConfig
+from shared.config import BLAS_LIBRARIES, PARTITION_KERNELS, DataplaneConfig, sm_counts
 from shared.telemetry_flags import add_trace_flags, telemetry_from_args
 
 
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="whole-GPU decode graphs prefetch the first this-many KiB of the QKV, gate/up and down "
                         "weights into L2 while the small kernel before each runs (0: never; an experiment)")
     p.add_argument("--no-multiplexing", action="store_true", help="build no green-context SM partitions")
-    p.add_argument("--decode-partition-sms", default=None,
+    p.add_argument("--decode-partition-sms", type=sm_counts, default=None,
                    help="comma-separated decode partition sizes to build (default: every allowed split)")
     p.add_argument("--partition-kernels", choices=PARTITION_KERNELS, default=d.partition_kernels,
                    help="size a multiplexed step's kernels for the whole GPU (device) or for their partition "
@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             multiplexing=not args.no_multiplexing, blas_library=args.blas_library,
             decode_blas_library=args.decode_blas_library, decode_l2_prefetch_kib=args.decode_l2_prefetch_kib,
             partition_kernels=args.partition_kernels,
-            decode_partition_sms=tuple(int(x) for x in args.decode_partition_sms.split(","))
-            if args.decode_partition_sms else None,
+            decode_partition_sms=args.decode_partition_sms,
             calibration_cache_dir=args.calibration_cache_dir,
             telemetry=telemetry_from_args(args), health_file=args.health_file, allow_remote=args.allow_remote,
         )

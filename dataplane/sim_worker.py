@@ -30,7 +30,7 @@ from dataplane.models.config import ModelConfig, load_model_config
 from dataplane.models.presets import PRESETS
 from dataplane.serve_loop import serve_plans
 from dataplane.sim import SimRunner
-from shared.config import DEFAULT_BLOCK_SIZE
+from shared.config import DEFAULT_BLOCK_SIZE, sm_counts
 from shared.messages import (
     PROTOCOL_VERSION, DeviceDescription, HardwareProfile, Hello, ModelDescription, SeqOutput, Shutdown, StepPlan,
     StepProgress, StepResult, StepTimings, ToControl, WorkerFatal, WorkerReady, fold_progress,
@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--execution", default="roofline", choices=EXECUTIONS,
                    help="time steps by the plain roofline, or by the declared launch model of the flashinfer "
                         "data plane (CUDA-graph decode, host-launch floor of eager steps)")
-    p.add_argument("--decode-partition-sms", default=None,
+    p.add_argument("--decode-partition-sms", type=sm_counts, default=None,
                    help="comma-separated decode partition sizes (default: every split the GPU allows)")
     p.add_argument("--piecewise-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="with --execution flashinfer: prefill and mixed passes of up to 1024 tokens launch as "
@@ -298,8 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     ready = sim_ready(args.model, args.gpu, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                       gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
                       profile=profile, execution=args.execution, piecewise_graphs=args.piecewise_graphs,
-                      decode_partition_sms=[int(x) for x in args.decode_partition_sms.split(",")]
-                      if args.decode_partition_sms else None)
+                      decode_partition_sms=list(args.decode_partition_sms) if args.decode_partition_sms else None)
     worker = SimWorker(args.endpoint, SimGpu(ready, args.time_scale))
     signal.signal(signal.SIGTERM, worker.request_stop)
     signal.signal(signal.SIGINT, worker.request_stop)

@@ -59,6 +59,14 @@ MAX_DECODE_GEMM_ROWS = 64  # dataplane/kernels/decode_gemm.py's MAX_ROWS
 DEFAULT_BLOCK_SIZE = 32
 
 
+def sm_counts(text: str) -> tuple[int, ...]:
+    """`--decode-partition-sms`'s value, "8,16,24": positive SM counts (argparse names the flag when this raises)."""
+    counts = tuple(int(x) for x in text.split(","))
+    if not counts or min(counts) < 1:
+        raise ValueError(text)
+    return counts
+
+
 DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "torch", "flashinfer")  # dataplane.attention.BACKENDS
@@ -265,6 +273,8 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port out of range: {self.port}")
+        if self.port and self.port == self.telemetry.metrics_port:
+            raise ValueError(f"the metrics port and the gRPC port are both {self.port}")
         check_endpoint(self.dataplane_endpoint, self.allow_remote_dataplane)
         if self.auth_token is not None and not self.auth_token.strip():  # the server strips what clients send
             raise ValueError("auth_token must not be empty or blank (omit it to serve without authentication)")

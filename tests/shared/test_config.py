@@ -50,7 +50,7 @@ def test_the_launcher_hands_every_dataplane_option_on() -> None:
     assert not args.piecewise_graphs and args.partition_kernels == "partition" and args.blas_library == "cublaslt"
     assert args.decode_blas_library == "cublas"
     assert args.decode_gemm_rows == 13
-    assert args.no_cuda_graphs and args.decode_partition_sms == "16,32"
+    assert args.no_cuda_graphs and args.decode_partition_sms == (16, 32)
     plain = build_parser().parse_args(dataplane_args(DataplaneConfig()))
     assert plain.piecewise_graphs and plain.partition_kernels == "device" and plain.blas_library == "default"
     assert plain.decode_blas_library == "default"
@@ -159,3 +159,16 @@ def test_serve_refuses_a_model_that_is_neither_a_preset_nor_a_folder(tmp_path: P
         _check_model("nosuchmodel")
     _check_model("tiny")
     _check_model(str(tmp_path))
+
+
+def test_partition_sizes_and_ports_are_checked_with_the_flag_named() -> None:
+    from controlplane.cli import build_parser
+    from shared.config import TelemetryConfig
+
+    assert build_parser().parse_args(["serve", "--decode-partition-sms", "8,16"]).decode_partition_sms == (8, 16)
+    for bad in ("8,x", "0,8", ""):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--decode-partition-sms", bad])
+    with pytest.raises(ValueError, match="both 50777"):
+        ServerConfig(port=50777, telemetry=TelemetryConfig(metrics_port=50777))
+    ServerConfig(port=0, telemetry=TelemetryConfig(metrics_port=0))  # both off / ephemeral
