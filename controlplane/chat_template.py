@@ -149,8 +149,9 @@ class ChatTemplate:
                 raise ChatTemplateError("chat: continue_final_message needs a final message with text that the "
                                         "template keeps verbatim")
             # as transformers: the message's trailing whitespace stays when the template kept it verbatim
-            kept = text[cut : cut + len(content.lstrip())] == content
-            text = text[: cut + (len(content.lstrip()) if kept else len(final))]
+            body = content.lstrip()
+            kept = text[cut : cut + len(body)] == body
+            text = text[: cut + (len(body) if kept else len(final))]
         return text
 
 

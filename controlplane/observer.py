@@ -34,6 +34,9 @@ from shared.telemetry import inject, seq_key, traceparent
 
 
 log = logging.getLogger(__name__)
+# the attributes a fan-out completion takes from the request span (not its outcome: finish, usage, latency)
+_REQUEST_ATTRIBUTE_PREFIXES = ("gen_ai.request.", "gen_ai.response.id", "gen_ai.operation.", "gen_ai.system",
+                               "gen_ai.provider.")
 
 
 class SchedulerView(Protocol):
@@ -145,7 +148,10 @@ class EngineObserver:
         0's), in the same trace, with the request's attributes and `duetserve.choice_index`."""
         obs = RequestObs(arrival=time.monotonic())
         if self.tracer is not None and parent.span is not None and parent.span.is_recording():
-            attributes = dict(getattr(parent.span, "attributes", None) or {})
+            attributes = {key: value for key, value in (getattr(parent.span, "attributes", None) or {}).items()
+                          if key.startswith(_REQUEST_ATTRIBUTE_PREFIXES)}  # not completion 0's outcome
+            if isinstance(seed := attributes.get("gen_ai.request.seed"), int):
+                attributes["gen_ai.request.seed"] = (seed + index) % 2**64  # completion i samples with seed + i
             attributes["duetserve.choice_index"] = index
             obs.span = self.tracer.start_span(getattr(parent.span, "name", tr.REQUEST_SPAN),
                                               context=trace.set_span_in_context(parent.span),

@@ -70,11 +70,12 @@ class OutputProcessor:
             if self._num_tokens < self.min_tokens:
                 continue
             # each stop string only where it ends in the new piece (text before it was searched already, or
-            # came before min_tokens); of several, the one that starts first
+            # came before min_tokens); of several, the one that ends first (then starts first), which is the
+            # one a token-by-token search finds, however the text is split into tokens
             found = [(at, stop) for stop in self.stop_strings
                      if (at := self.text.find(stop, max(0, before - len(stop) + 1))) != -1]
             if found:
-                at, stop = min(found, key=lambda hit: hit[0])
+                at, stop = min(found, key=lambda hit: (hit[0] + len(hit[1]), hit[0]))
                 self.text = self.text[: at + len(stop)] if self.include_stop_str else self.text[:at]
                 self._stop_found, self.stop_kept = stop, kept
                 return stop

@@ -134,7 +134,8 @@ def format_report(report: dict[str, object]) -> str:
 
 def add_simulate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", required=True, help="Azure LLM trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens)")
-    p.add_argument("--gpu", default="h100", choices=sorted(GPUS), help="simulated GPU (declared profile), default h100")
+    p.add_argument("--gpu", default="h100", type=str.lower, choices=sorted(GPUS),
+                   help="simulated GPU (declared profile), default h100")
     p.add_argument("--execution", default="flashinfer", choices=("roofline", "flashinfer"),
                    help="time steps by the declared launch model of DuetServe's flashinfer data plane "
                         "(CUDA-graph decode, host-launch floor of eager steps; the default) or by the paper's "
@@ -159,7 +160,7 @@ def add_simulate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts' token ids")
     p.add_argument("--json", default=None, help="also write the report as JSON to this file")
     p.add_argument("--log-level", default="WARNING", type=str.upper,
-                   choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
+                   choices=("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL"))
 
 
 async def run_simulate(args: argparse.Namespace, scheduler: SchedulerConfig,

@@ -56,7 +56,8 @@ class _HFStream:
                 return ""
             # a byte-fallback token changed text already streamed (a cut-off character after it): the
             # failed token would stay in the decoder and fail every later step, so start a fresh decoder
-            # at this token, as vLLM's incremental detokenizer does
+            # at this token, as vLLM's incremental detokenizer does (a fresh decoder strips the leading
+            # space of its first word, as vLLM's does: a space can be lost there, not the text after)
             self._stream = DecodeStream(skip_special_tokens=self._skip)
             try:
                 chunk = self._stream.step(self._tokenizer, token_id)

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-cache-dir", default=None,
                    help="where measured hardware profiles are cached (default ~/.cache/duetserve)")
     p.add_argument("--log-level", default="INFO", type=str.upper,
-                   choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
+                   choices=("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL"))
     p.add_argument("--health-file", default=None,
                    help="touch this file while serving (read by python -m dataplane.healthcheck)")
     p.add_argument("--allow-remote", action="store_true",

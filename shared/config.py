@@ -67,8 +67,8 @@ def sm_counts(text: str) -> tuple[int, ...]:
     return counts
 
 
-DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_RE = re.compile(r"auto|cpu(:\d+)?|cuda(:\d+)?")
+DTYPES = ("auto", "float32", "fp32", "float", "bfloat16", "bf16", "float16", "fp16", "half")  # the loader's names
 ATTENTION_BACKENDS = ("auto", "torch", "flashinfer")  # dataplane.attention.BACKENDS
 
 
@@ -163,7 +163,7 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
                              f"got {self.partition_kernels!r}")
         # checked here, before the data plane imports torch, not as a handshake's traceback
         if not DEVICE_RE.fullmatch(self.device):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+            raise ValueError(f"device must be auto, cpu or cuda (cuda:N), got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -273,7 +273,8 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port out of range: {self.port}")
-        if self.port and self.port == self.telemetry.metrics_port:
+        hosts = {self.host, self.telemetry.metrics_host}
+        if self.port and self.port == self.telemetry.metrics_port and (len(hosts) == 1 or hosts & {"0.0.0.0", "::"}):
             raise ValueError(f"the metrics port and the gRPC port are both {self.port}")
         check_endpoint(self.dataplane_endpoint, self.allow_remote_dataplane)
         if self.auth_token is not None and not self.auth_token.strip():  # the server strips what clients send

@@ -58,9 +58,10 @@ def test_continue_final_message_matches_transformers(template: str) -> None:
     got = ours.render(messages, add_generation_prompt=False, continue_final_message=True)
     assert got == _reference(template, messages, add_generation_prompt=False, continue_final_message=True)
     assert got.endswith("The colour is")
-    spaced = [ChatMessage("user", "List two."), ChatMessage("assistant", "1. apples\n2. ")]  # trailing space kept
-    got = ours.render(spaced, add_generation_prompt=False, continue_final_message=True)
-    assert got == _reference(template, spaced, add_generation_prompt=False, continue_final_message=True)
+    for content in ("1. apples\n2. ", " 1. apples\n2. "):  # trailing space kept, with a leading one too
+        spaced = [ChatMessage("user", "List two."), ChatMessage("assistant", content)]
+        got = ours.render(spaced, add_generation_prompt=False, continue_final_message=True)
+        assert got == _reference(template, spaced, add_generation_prompt=False, continue_final_message=True)
 
 
 def test_the_generation_block_renders_its_body_as_transformers_does() -> None:

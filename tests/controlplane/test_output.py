@@ -136,6 +136,12 @@ def test_stop_strings_count_from_min_tokens_on() -> None:
         assert stop == "STOP" and proc.take_text(final=True) == want_text, min_tokens
 
 
+def test_of_several_stop_strings_the_first_to_end_wins_however_the_text_is_split() -> None:
+    for chunk in (1, 2, 5):
+        text, stop, _ = feed("xabcy", ("abc", "b"), chunk=chunk)
+        assert (text, stop) == ("xa", "b"), chunk
+
+
 def test_a_short_stop_string_in_the_text_before_min_tokens_is_not_matched_later() -> None:
     """Stop strings of different lengths: the text searched for each is only where it could end in the
     new piece, so "\\n" from token 2 (before min_tokens 3) does not stop the text at token 3, where the

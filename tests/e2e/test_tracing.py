@@ -78,7 +78,8 @@ async def test_spans_reach_an_otlp_receiver() -> None:
             short = await _run(served.stub, "r-parent", "Hi", 3, metadata=(("traceparent", traceparent),))
             chat = await generate(served.stub, request_id="r-chat", max_tokens=2, ignore_eos=True,
                                   chat={"messages": [{"role": "user", "content": "Hi"}]})
-            many = await generate(served.stub, request_id="r-many", text="Hi", max_tokens=2, n=2, ignore_eos=True)
+            many = await generate(served.stub, request_id="r-many", text="Hi", max_tokens=2, n=2, ignore_eos=True,
+                                  seed=7, temperature=1.0)
             try:
                 await _run(served.stub, "r-bad", "", 3)
             except grpc.aio.AioRpcError as exc:
@@ -119,6 +120,7 @@ async def test_spans_reach_an_otlp_receiver() -> None:
     (child,) = [s for s in spans if s.attributes.get("gen_ai.request.id") == "r-many" and s.kind == 1]
     assert child.parent_id == server.span_id and child.trace_id == server.trace_id
     assert child.attributes["duetserve.choice_index"] == 1 and child.name == server.name
+    assert server.attributes["gen_ai.request.seed"] == 7 and child.attributes["gen_ai.request.seed"] == 8  # seed + i
     assert child.attributes["gen_ai.response.finish_reasons"] == ["length"]
     assert child.attributes["gen_ai.usage.output_tokens"] == 2
 

@@ -172,3 +172,15 @@ def test_partition_sizes_and_ports_are_checked_with_the_flag_named() -> None:
     with pytest.raises(ValueError, match="both 50777"):
         ServerConfig(port=50777, telemetry=TelemetryConfig(metrics_port=50777))
     ServerConfig(port=0, telemetry=TelemetryConfig(metrics_port=0))  # both off / ephemeral
+
+
+def test_the_checks_keep_what_the_loader_torch_and_logging_accept() -> None:
+    from controlplane.cli import build_parser
+    from shared.config import TelemetryConfig
+
+    for dtype in ("bf16", "fp16", "half", "fp32", "float"):
+        assert DataplaneConfig(dtype=dtype).dtype == dtype
+    assert DataplaneConfig(device="cpu:0").device == "cpu:0"
+    assert build_parser().parse_args(["serve", "--log-level", "warn"]).log_level == "WARN"
+    assert build_parser().parse_args(["simulate", "--trace", "t.csv", "--gpu", "H100"]).gpu == "h100"
+    ServerConfig(port=50777, host="127.0.0.1", telemetry=TelemetryConfig(metrics_port=50777, metrics_host="::1"))
