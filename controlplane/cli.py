@@ -349,8 +349,12 @@ def _main(argv: list[str] | None = None) -> int:
             return 2
         return _run(run_simulate(args, scheduler, trace))
     try:
-        configs_from_args(args)  # every flag error before anything starts
+        _, server_config = configs_from_args(args)  # every flag error before anything starts
         _check_model(args.model)
+        if server_config.tls is not None:
+            from controlplane.security import check_tls
+
+            check_tls(server_config.tls)
         from controlplane.chat_template import load_chat_template
         from controlplane.generation_defaults import load_sampling_defaults
 

@@ -155,6 +155,9 @@ class Engine:
         if self._max_model_len_cap is not None:
             limits.append(self._max_model_len_cap)
         self.max_model_len = min(limits)
+        if self.queue_limits is not None and self.queue_limits.max_tokens < self.max_model_len:
+            log.warning("max_queued_tokens %d is below max_model_len %d: longer prompts are refused",
+                        self.queue_limits.max_tokens, self.max_model_len)
         if self._max_model_len_cap is not None and self.max_model_len < self._max_model_len_cap:
             log.warning("max_model_len %d asked for; serving %d (the model's positions: %d, the KV cache: %d tokens)",
                         self._max_model_len_cap, self.max_model_len, ready.max_model_len, capacity_tokens)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -20,6 +21,21 @@ log = logging.getLogger(__name__)
 
 AUTH_TOKEN_ENV = "DUETSERVE_AUTH_TOKEN"
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+def check_tls(tls: TlsConfig) -> None:
+    """ValueError naming the file unless the key and certificate (and client CA) load as PEM: gRPC would
+    only report "Failed to bind" for an unreadable pair."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"TLS: cannot load the certificate {tls.cert_file} with the key {tls.key_file}: {exc}") from None
+    if tls.client_ca_file:
+        try:
+            context.load_verify_locations(tls.client_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"TLS: cannot load the client CA {tls.client_ca_file}: {exc}") from None
 
 
 def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:

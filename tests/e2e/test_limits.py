@@ -119,3 +119,10 @@ async def test_deadline_aborts_running_and_queued_requests() -> None:
         assert {"d-run", "d-queued"} <= set(aborted)  # the server aborted both, not only the client
         assert served.plane.engine.num_live_requests == 0
         served.scheduler.check_invariants()
+
+
+async def test_a_token_queue_limit_below_max_model_len_is_warned_about(caplog) -> None:  # noqa: ANN001
+    with caplog.at_level("WARNING", logger="controlplane.engine"):
+        async with serve("tiny", max_queued_tokens=10):
+            pass
+    assert "max_queued_tokens 10 is below max_model_len" in caplog.text

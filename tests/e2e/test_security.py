@@ -130,3 +130,21 @@ def test_tls_flags_come_in_pairs(flags: list[str]) -> None:
     out = subprocess.run([sys.executable, "-m", "controlplane.cli", "serve", *flags], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and "--tls-cert and --tls-key" in out.stderr
+
+
+def test_an_unloadable_certificate_is_named_before_serving(tmp_path: Path) -> None:
+    """gRPC reported an unreadable pair as "Failed to bind"; the pair is loaded first and the file named."""
+    from controlplane.security import check_tls
+
+    pki = make_pki(tmp_path)
+    cert, key = pki["server"]
+    check_tls(TlsConfig(cert_file=cert, key_file=key, client_ca_file=pki["ca"][0]))  # a good pair loads
+    garbled = tmp_path / "garbled.pem"
+    garbled.write_text("not a certificate")
+    with pytest.raises(ValueError, match="garbled.pem"):
+        check_tls(TlsConfig(cert_file=str(garbled), key_file=key))
+    with pytest.raises(ValueError, match="client CA"):
+        check_tls(TlsConfig(cert_file=cert, key_file=key, client_ca_file=str(garbled)))
+    out = subprocess.run([sys.executable, "-m", "controlplane.cli", "serve", "--tls-cert", str(garbled), "--tls-key", key],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "garbled.pem" in out.stderr and "Traceback" not in out.stderr, out.stderr
