@@ -20,12 +20,11 @@ from pathlib import Path
 from controlplane.robust_flags import add_client_security_flags, add_robustness_flags, robustness_from_args
 from shared.config import (
     DEFAULT_BLOCK_SIZE, DUET_SLOS, POLICIES, SCHEDULING_POLICIES, DataplaneConfig, SchedulerConfig, ServerConfig,
-    sm_counts,
+    LOG_LEVELS, sm_counts,
 )
 from shared.telemetry_flags import add_metrics_flags, add_trace_flags, telemetry_from_args
 
 log = logging.getLogger("duetserve")
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL")
 
 
 def _add_serve_flags(p: argparse.ArgumentParser) -> None:

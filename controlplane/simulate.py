@@ -25,7 +25,7 @@ from controlplane.launcher import spawn_sim_dataplane, stop_process
 from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc
 from controlplane.replay import RequestRecord, TraceRequest, load_trace, replay, summarise
 from controlplane.server import ControlPlane
-from shared.config import DEFAULT_BLOCK_SIZE, SchedulerConfig, ServerConfig
+from shared.config import DEFAULT_BLOCK_SIZE, LOG_LEVELS, SchedulerConfig, ServerConfig
 from shared.profiles import GPUS
 
 log = logging.getLogger(__name__)
@@ -159,8 +159,7 @@ def add_simulate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts' token ids")
     p.add_argument("--json", default=None, help="also write the report as JSON to this file")
-    p.add_argument("--log-level", default="WARNING", type=str.upper,
-                   choices=("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL"))
+    p.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS)
 
 
 async def run_simulate(args: argparse.Namespace, scheduler: SchedulerConfig,

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from dataplane.lifeline import die_with_parent
-from shared.config import BLAS_LIBRARIES, PARTITION_KERNELS, DataplaneConfig, sm_counts
+from shared.config import BLAS_LIBRARIES, LOG_LEVELS, PARTITION_KERNELS, DataplaneConfig, sm_counts
 from shared.telemetry_flags import add_trace_flags, telemetry_from_args
 
 
@@ -60,8 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(partition: cuBLASLt SM target, FA2 prefill; gemm: the SM target only; an experiment)")
     p.add_argument("--calibration-cache-dir", default=None,
                    help="where measured hardware profiles are cached (default ~/.cache/duetserve)")
-    p.add_argument("--log-level", default="INFO", type=str.upper,
-                   choices=("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL"))
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
     p.add_argument("--health-file", default=None,
                    help="touch this file while serving (read by python -m dataplane.healthcheck)")
     p.add_argument("--allow-remote", action="store_true",

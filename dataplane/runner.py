@@ -373,8 +373,7 @@ class ModelRunner:
             prompt_ids = [torch.tensor(s.token_ids[: s.num_prompt_tokens]) for s in states]
             output_ids = [torch.tensor(s.token_ids[s.num_prompt_tokens :], dtype=torch.long) for s in states]
         counts = [s.num_generated for s in states]  # counts this step's earlier passes (in flight)
-        out = self.sampler.sample(logits, params, counts, prompt_ids, output_ids,
-                                  inflight_ids if penalised else None)
+        out = self.sampler.sample(logits, params, counts, prompt_ids, output_ids, inflight_ids)
         tokens = out.token_ids
         for row, state in enumerate(states):
             state.num_inflight += 1

@@ -67,6 +67,12 @@ def sm_counts(text: str) -> tuple[int, ...]:
     return counts
 
 
+def _one_of(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL")  # --log-level, any case
 DEVICE_RE = re.compile(r"auto|cpu(:\d+)?|cuda(:\d+)?")
 DTYPES = ("auto", "float32", "fp32", "float", "bfloat16", "bf16", "float16", "fp16", "half")  # the loader's names
 ATTENTION_BACKENDS = ("auto", "torch", "flashinfer")  # dataplane.attention.BACKENDS
@@ -156,19 +162,13 @@ class DataplaneConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("cublas_workspace_config must be ':SIZE_KIB:COUNT' pairs, e.g. ':0:0' or ':4096:8', "
                              f"got {self.cublas_workspace_config!r}")
         for name in ("blas_library", "decode_blas_library"):
-            if getattr(self, name) not in BLAS_LIBRARIES:
-                raise ValueError(f"{name} must be one of {', '.join(BLAS_LIBRARIES)}, got {getattr(self, name)!r}")
-        if self.partition_kernels not in PARTITION_KERNELS:
-            raise ValueError(f"partition_kernels must be one of {', '.join(PARTITION_KERNELS)}, "
-                             f"got {self.partition_kernels!r}")
+            _one_of(name, getattr(self, name), BLAS_LIBRARIES)
+        _one_of("partition_kernels", self.partition_kernels, PARTITION_KERNELS)
         # checked here, before the data plane imports torch, not as a handshake's traceback
         if not DEVICE_RE.fullmatch(self.device):
             raise ValueError(f"device must be auto, cpu or cuda (cuda:N), got {self.device!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
-                             f"got {self.attention_backend!r}")
+        _one_of("dtype", self.dtype, DTYPES)
+        _one_of("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if self.cpu_kv_cache_bytes < 1:
             raise ValueError(f"cpu_kv_cache_bytes must be >= 1, got {self.cpu_kv_cache_bytes}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
@@ -216,11 +216,8 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
     scheduling_policy: SchedulingPolicy = "fcfs"
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        if self.scheduling_policy not in SCHEDULING_POLICIES:
-            raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
-                             f"got {self.scheduling_policy!r}")
+        _one_of("policy", self.policy, POLICIES)
+        _one_of("scheduling_policy", self.scheduling_policy, SCHEDULING_POLICIES)
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < 1:
@@ -231,8 +228,7 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("static_decode_sms, static_lookahead and max_lookahead must be >= 1")
         if not self.hysteresis >= 0:
             raise ValueError("hysteresis must be >= 0")
-        if self.duet_slo not in DUET_SLOS:
-            raise ValueError(f"duet_slo must be one of {', '.join(DUET_SLOS)}, got {self.duet_slo!r}")
+        _one_of("duet_slo", self.duet_slo, DUET_SLOS)
         if self.tpot_horizon < 1:
             raise ValueError("tpot_horizon must be >= 1")
 
