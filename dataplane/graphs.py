@@ -2,8 +2,9 @@
 
 Each graph reads fixed input buffers (token ids, positions, KV slots) and writes a fixed hidden
 state buffer; flashinfer's decode wrapper for that bucket is re-planned (host work plus an async
-copy) before every replay. Padding rows attend to one scratch KV block nobody owns. A graph keeps
-the SMs of the stream it was captured on, so capture on the stream the graph will serve.
+copy, staged through `plan_staging`'s pinned buffers) before every replay. Padding rows attend to
+one scratch KV block nobody owns. A graph keeps the SMs of the stream it was captured on, so capture
+on the stream the graph will serve.
 
 This module must not decide batching and must not synchronise the host in `run`.
 """
@@ -50,17 +51,19 @@ def default_buckets(max_batch: int) -> list[int]:
     return out
 
 
-GraphKey = tuple[object, int, int, bool]  # (stream key, bucket, look-ahead step, KV split)
+GraphKey = tuple[object, int, bool]  # (stream key, bucket, KV split)
 
 
 class DecodeGraphs:
-    """Decode graphs keyed by (stream key, bucket, look-ahead step), sharing static inputs and a pool.
+    """Decode graphs keyed by (stream key, bucket, KV split), sharing static inputs and a pool.
 
-    Stream key "full" is the whole GPU; a partition's key is its decode SM count. Look-ahead step j
-    has its own flashinfer wrapper (its own plan buffers), so k steps can be planned back to back
-    while the GPU is still behind. A whole-GPU bucket that splits KV may have an unsplit twin
+    Stream key "full" is the whole GPU; a partition's key is its decode SM count. Every look-ahead
+    pass of a step replays the same graph: each replay's plan is staged in a pinned buffer of its own
+    (`plan_staging`) and copied in stream order, so k passes (and the next step) can be planned while
+    the GPU is still behind. A whole-GPU bucket that splits KV may have an unsplit twin
     (`flashinfer_backend.has_unsplit_twin`), captured beside it and replayed for balanced batches.
-    Graphs are captured on demand (bounded by `max_graphs`).
+    The whole GPU's graphs are captured at start-up, a partition's on its first use (which waits for
+    the GPU once); past `max_graphs` none is captured and `ensure` says so (the caller runs eagerly).
     """
 
     def __init__(
@@ -96,9 +99,9 @@ class DecodeGraphs:
         self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self._shape = shape
         self._max_pages_per_seq = max_pages_per_seq
-        self._wrappers: dict[tuple[int, int, bool], GraphDecodeAttention] = {}
+        self._wrappers: dict[tuple[int, bool], GraphDecodeAttention] = {}  # (bucket, KV split)
         self._graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
-        self._warm: set[tuple[object, int, bool]] = set()  # (stream key, bucket, KV split) captured once
+        self.over_budget = 0  # captures refused because `max_graphs` graphs exist
         self._pool = torch.cuda.graph_pool_handle()
         self._side_stream = torch.cuda.Stream(device)
         self.capture_seconds = 0.0
@@ -142,8 +145,8 @@ class DecodeGraphs:
             block_size=batch.block_size,
         )
 
-    def _wrapper(self, size: int, step: int, split: bool) -> GraphDecodeAttention:
-        key = (size, step, split)
+    def _wrapper(self, size: int, split: bool) -> GraphDecodeAttention:
+        key = (size, split)
         if key not in self._wrappers:
             self._wrappers[key] = GraphDecodeAttention(
                 self._shape, self.device, size, size * self._max_pages_per_seq, self._workspace,
@@ -166,22 +169,25 @@ class DecodeGraphs:
         return splits[-1] if len(splits) > 1 and fib.is_balanced(kv_lens) else splits[0]
 
     @torch.inference_mode()
-    def ensure(self, stream_key: object, stream: torch.cuda.Stream | None, size: int, step: int = 0) -> None:
-        """Capture graph (stream_key, size, step) and its twin on `stream` unless they exist. Not during
-        other capture."""
-        for split in self.variants(stream_key, size):
-            self._capture(stream_key, stream, size, step, split)
+    def ensure(self, stream_key: object, stream: torch.cuda.Stream | None, size: int) -> bool:
+        """Capture graph (stream_key, size) and its twin on `stream` unless they exist; False when one
+        is missing and the graph budget is spent (replay nothing then: run the pass eagerly). Not
+        during other capture."""
+        missing = [s for s in self.variants(stream_key, size) if (stream_key, size, s) not in self._graphs]
+        if len(self._graphs) + len(missing) > self.max_graphs:
+            if self.over_budget == 0:
+                log.warning("decode graph budget of %d spent: batches of %d on %s run eagerly",
+                            self.max_graphs, size, stream_key)
+            self.over_budget += 1
+            return False
+        for split in missing:
+            self._capture(stream_key, stream, size, split)
+        return True
 
-    def _capture(self, stream_key: object, stream: torch.cuda.Stream | None, size: int, step: int,
-                 split: bool) -> None:
-        key = (stream_key, size, step, split)
-        if key in self._graphs:
-            return
-        if len(self._graphs) >= self.max_graphs:
-            raise RuntimeError(f"decode graph budget of {self.max_graphs} exhausted")
+    def _capture(self, stream_key: object, stream: torch.cuda.Stream | None, size: int, split: bool) -> None:
         start = time.perf_counter()
         stream = stream or self._side_stream
-        backend = self._wrapper(size, step, split)
+        backend = self._wrapper(size, split)
         dummy = self._padded(AttentionBatch([], [], [], self.block_size), size)
         current = torch.cuda.current_stream(self.device)
         stream.wait_stream(current)
@@ -190,17 +196,15 @@ class DecodeGraphs:
             self.blocks[:size].fill_(self.scratch_block)
             self.offsets[:size].zero_()
             backend.begin_step(dummy, self.device)
-            # warm up kernels and cuBLAS on this stream (and its SMs) for this batch size, once: a
-            # further look-ahead step's graph runs the same kernels, only its plan buffers differ
+            # warm up kernels and cuBLAS on this stream (and its SMs) for this batch size
             with self._prefetching(stream_key):
-                for _ in range(0 if (stream_key, size, split) in self._warm else 2):
+                for _ in range(2):
                     self.model(self.input_ids[:size], self.positions[:size], backend, self.kv_caches)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self._pool, stream=stream):
                     out = self.model(self.input_ids[:size], self.positions[:size], backend, self.kv_caches)
         current.wait_stream(stream)
-        self._graphs[key] = (graph, out)
-        self._warm.add((stream_key, size, split))
+        self._graphs[(stream_key, size, split)] = (graph, out)
         self.capture_seconds += time.perf_counter() - start
 
     @contextlib.contextmanager
@@ -215,28 +219,27 @@ class DecodeGraphs:
         finally:
             self.model.fused.prefetch = None
 
-    def capture(self, stream_key: object = "full", stream: torch.cuda.Stream | None = None,
-                steps: int = 1) -> None:
-        """Capture every bucket (largest first) for look-ahead steps 0..steps-1."""
+    def capture(self, stream_key: object = "full", stream: torch.cuda.Stream | None = None) -> None:
+        """Capture every bucket (largest first)."""
         before = self.capture_seconds
         for size in reversed(self.buckets):
-            for step in range(steps):
-                self.ensure(stream_key, stream, size, step)
+            self.ensure(stream_key, stream, size)
         log.info("captured decode graphs for %s in %.1f s (%d in all)", stream_key,
                  self.capture_seconds - before, len(self._graphs))
 
     def run(self, batch: AttentionBatch, input_ids: Tensor, positions: Tensor, slots: Tensor,
-            stream_key: object = "full", step: int = 0) -> Tensor:
+            stream_key: object = "full") -> Tensor:
         """Replay on the current stream (which must be the stream the graph was captured for).
 
-        Inputs are device tensors of length B; returns hidden states [B, hidden]."""
+        Inputs are device tensors of length B; returns hidden states [B, hidden], valid until the next
+        replay on this stream (read them on it before)."""
         b = batch.num_seqs
         size = self.bucket_for(b)
         if size is None or not batch.is_decode_only:
             raise ValueError(f"no decode graph for a batch of {b}")
         split = self.split_for(stream_key, size, batch.seq_lens)
         self.unsplit_twin_replays += split != fib.splits_kv(size)  # the bucket's default: variants()[0]
-        graph, out = self._graphs[(stream_key, size, step, split)]
+        graph, out = self._graphs[(stream_key, size, split)]
         self.input_ids[:b].copy_(input_ids)
         self.positions[:b].copy_(positions)
         self.blocks[:b].copy_(slots // self.block_size)
@@ -246,6 +249,6 @@ class DecodeGraphs:
             self.positions[b:size].zero_()
             self.blocks[b:size].fill_(self.scratch_block)
             self.offsets[b:size].zero_()
-        self._wrapper(size, step, split).begin_step(self._padded(batch, size), self.device)
+        self._wrapper(size, split).begin_step(self._padded(batch, size), self.device)
         graph.replay()
         return out[:b]

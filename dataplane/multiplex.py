@@ -56,15 +56,16 @@ class Multiplexer:
         prefill = [it for it in items if not it.state.is_decode(it.num_tokens)]
         graphs = runner.graphs
         bucket = graphs.bucket_for(len(decode)) if graphs is not None and decode else None
-        if decode and bucket is None:
-            log.warning("decode batch of %d has no graph; running the step aggregated", len(decode))
-            runner._run(items, plan.decode_steps, pending)
-            return
-        key = part.split.decode_sms
-        if graphs is not None and bucket is not None:
+        key = part.actual_decode_sms
+        if decode:
             with self.sized(part.actual_decode_sms):  # a capture keeps the GEMMs it chose
-                for step in range(plan.decode_steps):  # capture before any eager work is in flight
-                    graphs.ensure(key, part.decode_stream, bucket, step)
+                # capture before any eager work is in flight
+                captured = graphs is not None and bucket is not None and graphs.ensure(key, part.decode_stream, bucket)
+            if not captured:
+                log.warning("decode batch of %d has no graph on %d SMs; running the step aggregated",
+                            len(decode), key)
+                runner._run(items, plan.decode_steps, pending)
+                return
         start = torch.cuda.Event()
         start.record()
         phases = {}
@@ -91,7 +92,7 @@ class Multiplexer:
     def _sized_decode(self, runner: ModelRunner, decode: list[_Item], plan: StepPlan, pending: PendingStep,
                       part: Partition) -> None:
         with self.sized(part.actual_decode_sms):  # the eager lm_head and sampling of each pass
-            self._decode(runner, decode, plan, pending, part.split.decode_sms)
+            self._decode(runner, decode, plan, pending, part.actual_decode_sms)
 
     def _prefill(self, runner: ModelRunner, prefill: list[_Item], pending: PendingStep, part: Partition) -> None:
         attention = runner.backend.on_partition() if self.fa2_prefill else nullcontext()

@@ -41,7 +41,9 @@ class Partition:
 
 
 class PartitionSet:
-    """Every split on the menu, built at start-up (about 3 ms each)."""
+    """Every split on the menu, built at start-up (about 3 ms each), keyed by the decode SM count each
+    realised (what `describe` advertises and plans ask for); a split realising a size already built is
+    dropped. If building one fails, those built are destroyed before the error is raised."""
 
     def __init__(self, device: torch.device, splits: list[Split]) -> None:
         from cuda.bindings import driver as drv
@@ -53,11 +55,27 @@ class PartitionSet:
         self._dev = _ok(drv.cuDeviceGet(device.index or 0))
         start = time.perf_counter()
         self.partitions: dict[int, Partition] = {}
-        for split in splits:
-            part = self._build(split)
-            self.partitions[split.decode_sms] = part
+        self._build_all(splits)
         self.build_seconds = time.perf_counter() - start
         log.info("built %d green-context splits in %.0f ms", len(self.partitions), self.build_seconds * 1000)
+
+    def _build_all(self, splits: list[Split]) -> None:
+        try:
+            for split in splits:
+                self._add(self._build(split))
+        except BaseException:
+            for part in self.partitions.values():  # nothing ran on them yet
+                self._destroy(part)
+            self.partitions.clear()
+            raise
+
+    def _add(self, part: Partition) -> None:
+        if part.actual_decode_sms in self.partitions:
+            log.warning("split %s realises %d decode SMs, like one built before: dropped", part.split,
+                        part.actual_decode_sms)
+            self._destroy(part)
+            return
+        self.partitions[part.actual_decode_sms] = part
 
     def _green_stream(self, resource: object, priority: int) -> tuple[object, object, int]:
         drv = self._drv
@@ -71,7 +89,12 @@ class PartitionSet:
         full = _ok(drv.cuDeviceGetDevResource(self._dev, drv.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
         groups, _, rest = _ok(drv.cuDevSmResourceSplitByCount(1, full, 0, split.decode_sms))  # type: ignore[misc]
         dec_ctx, dec_stream, dec_sms = self._green_stream(groups[0], -1)  # decode gets the higher priority
-        pre_ctx, pre_stream, pre_sms = self._green_stream(rest, 0)
+        try:
+            pre_ctx, pre_stream, pre_sms = self._green_stream(rest, 0)
+        except BaseException:
+            drv.cuStreamDestroy(dec_stream)
+            drv.cuGreenCtxDestroy(dec_ctx)
+            raise
         as_torch = lambda s: torch.cuda.ExternalStream(int(s), device=self.device)  # noqa: E731
         part = Partition(split, as_torch(dec_stream), as_torch(pre_stream), dec_sms, pre_sms,
                          [(dec_ctx, dec_stream), (pre_ctx, pre_stream)])
@@ -97,10 +120,13 @@ class PartitionSet:
         """(prefill SMs, decode SMs) actually realised for each split, for WorkerReady."""
         return [(p.actual_prefill_sms, p.actual_decode_sms) for p in self.partitions.values()]
 
+    def _destroy(self, part: Partition) -> None:
+        for ctx, stream in part._raw:
+            self._drv.cuStreamDestroy(stream)
+            self._drv.cuGreenCtxDestroy(ctx)
+
     def close(self) -> None:
         torch.cuda.synchronize(self.device)
         for part in self.partitions.values():
-            for ctx, stream in part._raw:
-                self._drv.cuStreamDestroy(stream)
-                self._drv.cuGreenCtxDestroy(ctx)
+            self._destroy(part)
         self.partitions.clear()

@@ -313,15 +313,12 @@ class ModelRunner:
         )
         staged_ids, positions, slots, sample_rows = self._stage(items, with_tokens=input_ids is None)
         input_ids = staged_ids if input_ids is None else input_ids
-        if not eager and self.graphs is not None and batch.is_decode_only and self.graphs.bucket_for(batch.num_seqs):
-            self.graphs.ensure(stream_key, None if stream_key == "full" else torch.cuda.current_stream(),
-                               self.graphs.bucket_for(batch.num_seqs), step)
-            hidden = self.graphs.run(batch, input_ids, positions, slots, stream_key, step)
+        graphs = None if eager else self.graphs
+        bucket = graphs.bucket_for(batch.num_seqs) if graphs is not None and batch.is_decode_only else None
+        stream = None if stream_key == "full" else torch.cuda.current_stream()
+        if graphs is not None and bucket is not None and graphs.ensure(stream_key, stream, bucket):
+            hidden = graphs.run(batch, input_ids, positions, slots, stream_key)
         else:
-            if step > 0 and self.backend.name == "flashinfer":
-                # flashinfer stages each plan in one pinned buffer: re-planning before the GPU has
-                # copied the previous plan would corrupt it. Graphs avoid this; eager waits here.
-                torch.cuda.current_stream(self.device).synchronize()
             self.backend.begin_step(batch, self.device, slots)
             if (self.pieces is not None and stream_key == "full" and not eager
                     and 1 <= batch.num_tokens <= self.pieces.max_tokens):

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from dataplane.attention.base import AttentionBackend, AttentionBatch, AttentionShape
+from dataplane.attention.plan_staging import shared_staging
 from shared.profiles import FLASHINFER_SPLIT_MIN_DECODES
 
 WORKSPACE_BYTES = 128 << 20
@@ -92,7 +93,7 @@ class FlashInferAttention(AttentionBackend):
         self.device = device
         self.split_min_decodes = split_min_decodes
         # one float workspace: the wrappers run one after the other on one stream; each keeps its
-        # own plan (int workspace and pinned staging buffer)
+        # own plan (int workspace), staged through `plan_staging`'s pinned buffers
         self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
             self._workspace, "NHD", backend=_prefill_backend(device)
@@ -109,15 +110,15 @@ class FlashInferAttention(AttentionBackend):
 
     def _plan_decode(self, plan: HostPlan, block_size: int, wrapper: object | None = None) -> None:
         s = self.shape
-        (wrapper or self._decode).plan(  # type: ignore[attr-defined]
-            plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, s.num_q_heads, s.num_kv_heads,
-            s.head_dim, block_size, q_data_type=s.dtype, kv_data_type=s.dtype, non_blocking=True,
+        shared_staging().plan(
+            wrapper or self._decode, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, s.num_q_heads,
+            s.num_kv_heads, s.head_dim, block_size, q_data_type=s.dtype, kv_data_type=s.dtype, non_blocking=True,
         )
 
     def _plan_prefill(self, plan: HostPlan, block_size: int) -> None:
         s = self.shape
-        self._prefill.plan(
-            plan.qo_indptr, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, s.num_q_heads,
+        shared_staging().plan(
+            self._prefill, plan.qo_indptr, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, s.num_q_heads,
             s.num_kv_heads, s.head_dim, block_size, causal=True, q_data_type=s.dtype,
             kv_data_type=s.dtype, non_blocking=True,
         )
@@ -291,8 +292,8 @@ class GraphDecodeAttention(AttentionBackend):
         # flashinfer copies host-side page indices into its graph buffer with a blocking copy; hand it
         # a device tensor (moved by an async copy) so planning never waits on the GPU.
         indices = plan.kv_indices.to(device, non_blocking=True)
-        self._wrapper.plan(
-            plan.kv_indptr, indices, plan.kv_last_page_len, s.num_q_heads, s.num_kv_heads, s.head_dim,
+        shared_staging().plan(
+            self._wrapper, plan.kv_indptr, indices, plan.kv_last_page_len, s.num_q_heads, s.num_kv_heads, s.head_dim,
             batch.block_size, q_data_type=s.dtype, kv_data_type=s.dtype, non_blocking=True,
             disable_split_kv=not self.split_kv,
         )
