@@ -8,6 +8,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+import msgspec
+
 from shared.messages import SamplingParams, ScheduledSeq, TokenLogprobs
 
 
@@ -100,6 +102,9 @@ class Sequence:
         self._token_cap = min(self._max_total, max_model_len)
         stop = self.stop
         self._stop_token_ids = stop.stop_token_ids if stop.ignore_eos else stop.stop_token_ids | eos_token_ids
+        if stop.min_tokens > 0 and self._stop_token_ids:  # the sampler keeps them out until min_tokens
+            self.sampling = msgspec.structs.replace(self.sampling, min_tokens=stop.min_tokens,
+                                                    stop_token_ids=tuple(sorted(self._stop_token_ids)))
 
     def forget_blocks(self) -> None:
         """It holds no KV blocks any more (the caller freed them): nothing computed, nothing shared."""

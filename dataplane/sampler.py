@@ -1,8 +1,9 @@
 """Turn a batch of next-token logits into tokens (and logprobs), one `SamplingParams` per row.
 
-Pipeline per row: penalties (repetition over prompt+output, presence/frequency over output),
-then the token rules (only `allowed_token_ids` stay possible, `logit_bias` is added),
-then greedy argmax if temperature is 0, else temperature, top-k, top-p, min-p and an
+Pipeline per row, in vLLM's order: the token rules (only `allowed_token_ids` stay possible,
+`logit_bias` is added), then penalties (repetition over prompt+output, presence/frequency over
+output), then the stop tokens are masked while fewer than `min_tokens` are generated, then greedy
+argmax if temperature is 0, else temperature, min-p, top-k (ties with the k-th kept), top-p and an
 exponential race (argmax(p / Exp(1) noise)). A seeded row draws its noise from a generator seeded
 by (seed, generated-token index), so it samples the same token alone or in any batch.
 Logprobs are those of the raw logits (before any processing).
@@ -178,6 +179,16 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
+def _mask_stop_tokens(logits: Tensor, rows: list[tuple[int, tuple[int, ...]]]) -> Tensor:
+    """`logits` (out of place: the raw logits stay for logprobs) with each row's ids set to -inf."""
+    vocab = logits.shape[1]
+    pairs = [(i, t) for i, ids in rows for t in ids if 0 <= t < vocab]
+    if not pairs:
+        return logits
+    index = _to_device([x for pair in pairs for x in pair], torch.long, logits.device).view(-1, 2)
+    return logits.index_put((index[:, 0], index[:, 1]), torch.tensor(float("-inf"), device=logits.device))
+
+
 def _row_tensor(values: list[float], device: torch.device) -> Tensor:
     return _to_device(values, torch.float32, device)[:, None]
 
@@ -203,11 +214,15 @@ class Sampler:
                              f"{len(generated_counts)} generated counts")
         raw = logits.float()
         greedy = [p.temperature < GREEDY_EPS for p in params]
-        if all(greedy) and not any(has_penalties(p) or _has_token_rules(p) for p in params):
+        blocked = [i for i, (p, g) in enumerate(zip(params, generated_counts)) if p.stop_token_ids and g < p.min_tokens]
+        if all(greedy) and not blocked and not any(has_penalties(p) or _has_token_rules(p) for p in params):
             tokens = raw.argmax(dim=-1)
         else:
-            processed = self._apply_penalties(raw, params, prompt_token_ids, output_token_ids, inflight_output_ids)
-            processed = self.rules.apply(processed, params)
+            processed = self.rules.apply(raw, params)
+            processed = self._apply_penalties(processed, params, prompt_token_ids, output_token_ids,
+                                              inflight_output_ids)
+            if blocked:
+                processed = _mask_stop_tokens(processed, [(i, params[i].stop_token_ids) for i in blocked])
             tokens = self._choose(processed, params, greedy, generated_counts)
         return SampleOutput(token_ids=tokens, logprob_tensors=self._logprobs(raw, tokens, params))
 
@@ -257,9 +272,15 @@ class Sampler:
 
     @staticmethod
     def _filter(logits: Tensor, params: list[SamplingParams]) -> Tensor:
-        """Top-k, then top-p, then min-p; removed entries become -inf. The max always survives."""
+        """Min-p, then top-k (every token tied with the k-th stays), then top-p, as vLLM's V1 sampler;
+        removed entries become -inf. The max always survives."""
         n, vocab = logits.shape
         device = logits.device
+        if any(p.min_p > 0.0 for p in params):
+            probs = torch.softmax(logits, dim=-1)
+            min_p = _row_tensor([p.min_p for p in params], device)
+            threshold = min_p * probs.max(dim=-1, keepdim=True).values
+            logits = logits.masked_fill(probs < threshold, float("-inf"))
         use_k = any(0 < p.top_k < vocab for p in params)
         use_p = any(p.top_p < 1.0 for p in params)
         if use_k or use_p:
@@ -267,8 +288,8 @@ class Sampler:
             ranks = torch.arange(vocab, device=device)[None, :]
             remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
             if use_k:
-                ks = _to_device([p.top_k if p.top_k > 0 else vocab for p in params], torch.long, device)
-                remove |= ranks >= ks[:, None]
+                ks = _to_device([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], torch.long, device)
+                remove |= sorted_logits < sorted_logits.gather(1, ks[:, None] - 1)  # below the k-th
             if use_p:
                 probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
                 before = probs.cumsum(dim=-1) - probs  # mass strictly ahead of each token
@@ -276,11 +297,6 @@ class Sampler:
                 remove |= (before >= top_p) & (ranks > 0)
             sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
             logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
-        if any(p.min_p > 0.0 for p in params):
-            probs = torch.softmax(logits, dim=-1)
-            min_p = _row_tensor([p.min_p for p in params], device)
-            threshold = min_p * probs.max(dim=-1, keepdim=True).values
-            logits = logits.masked_fill(probs < threshold, float("-inf"))
         return logits
 
     def _exponential_noise(self, shape: torch.Size, params: list[SamplingParams], greedy: list[bool],

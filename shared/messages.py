@@ -11,7 +11,7 @@ from typing import Literal, Union
 
 import msgspec
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 
 Mode = Literal["aggregated", "multiplexed"]
 
@@ -34,6 +34,10 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     allowed_token_ids: tuple[int, ...] = ()
     # None: none; n: the logprob of every prompt token after the first, plus the top n alternatives
     prompt_logprobs: int | None = None
+    # while fewer than `min_tokens` tokens are generated, `stop_token_ids` (the request's stop tokens
+    # and the model's EOS unless ignored) may not be sampled, as in vLLM
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
 
 
 # ---------------------------------------------------------------- control plane -> data plane

@@ -287,3 +287,44 @@ def test_the_data_plane_refuses_a_request_whose_rules_leave_the_vocabulary() -> 
                                   scheduled=[ScheduledSeq(seq_id=0, num_tokens=2), ScheduledSeq(seq_id=1, num_tokens=2)]))
     assert [f.seq_id for f in result.failures] == [0] and "allowed_token_ids" in result.failures[0].message
     assert [(o.seq_id, o.token_ids) for o in result.outputs] == [(1, [7])]
+
+
+def test_min_tokens_keep_the_stop_tokens_out_until_reached() -> None:
+    logits = torch.zeros(4, V)
+    logits[:, 7] = 50.0  # the stop token is everyone's argmax
+    logits[:, 9] = 10.0
+    held = SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=(7,), logprobs=0)
+    params = [held, held, SamplingParams(temperature=0.8, min_tokens=3, stop_token_ids=(7, 12), seed=1),
+              SamplingParams(temperature=0.0)]
+    out = Sampler().sample(logits, params, [0, 3, 2, 0])
+    assert out.token_ids.tolist() == [9, 7, out.token_ids[2].item(), 7]  # row 1 has 3 generated: free
+    assert out.token_ids[2].item() not in (7, 12)
+    lp = out.logprobs[0]
+    assert lp is not None and lp.logprob == pytest.approx(float(torch.log_softmax(logits[0], -1)[9]))
+
+
+def test_stop_ids_outside_the_logits_are_ignored() -> None:
+    logits = _logits(1, seed=5)
+    top = int(logits[0].argmax())
+    params = [SamplingParams(temperature=0.0, min_tokens=1, stop_token_ids=(top, V + 3))]
+    assert int(_sample(logits, params)[0]) == int(logits[0].topk(2).indices[1])
+
+
+def test_logit_bias_comes_before_the_repetition_penalty() -> None:
+    logits = torch.tensor([[-1.0, 2.5, 0.0, 0.0]])
+    p = SamplingParams(temperature=0.0, repetition_penalty=2.0, logit_bias=((0, 5.0),))
+    out = Sampler().sample(logits, [p], [0], [torch.tensor([0])], [torch.tensor([], dtype=torch.long)])
+    assert int(out.token_ids[0]) == 1  # (-1 + 5) / 2 = 2 < 2.5; penalised first it would be 3
+
+
+def test_min_p_comes_before_top_p() -> None:
+    logits = torch.tensor([0.5, 0.3, 0.1, 0.1]).log().expand(200, 4).contiguous()
+    params = [SamplingParams(top_p=0.6, min_p=0.3, seed=i) for i in range(200)]
+    # min-p leaves {0: 0.625, 1: 0.375}; top-p 0.6 of that is token 0 alone
+    assert set(_sample(logits, params).tolist()) == {0}
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth() -> None:
+    logits = torch.tensor([3.0, 1.0, 1.0, 1.0, -5.0]).expand(300, 5).contiguous()
+    out = _sample(logits, [SamplingParams(temperature=100.0, top_k=2, seed=i) for i in range(300)])
+    assert set(out.tolist()) == {0, 1, 2, 3}

@@ -161,6 +161,22 @@ async def test_stop_strings_wait_for_min_tokens() -> None:
         assert held.text.startswith(free.text[: free.text.find(stop) + len(stop)])
 
 
+async def test_min_tokens_keep_eos_and_stop_tokens_from_being_sampled() -> None:
+    """As in vLLM: before min_tokens tokens, EOS and the stop tokens are masked in the sampler, so
+    they are neither generated nor counted (a later stop check alone would keep the EOS and go on)."""
+    async with serve("tiny") as served:
+        prompt = {"token_ids": {"ids": [72, 101, 108]}, "temperature": 0.0, "max_tokens": 8}
+        eos_first = await generate(served.stub, **prompt, logit_bias={257: 100.0})
+        assert list(eos_first.token_ids) == [257]
+        held = await generate(served.stub, **prompt, min_tokens=4, logit_bias={257: 100.0})
+        assert 257 not in held.token_ids[:4] and list(held.token_ids[4:]) == [257]
+        assert held.final is not None and held.final.finish_reason == "stop" and held.final.completion_tokens == 5
+        free = await generate(served.stub, **prompt, ignore_eos=True)
+        first = free.token_ids[0]
+        kept = await generate(served.stub, **prompt, ignore_eos=True, min_tokens=3, stop_token_ids=[first])
+        assert kept.token_ids[0] != first and len(kept.token_ids) >= 3
+
+
 async def test_model_info_health_and_reflection() -> None:
     async with serve("tiny", num_kv_blocks=100) as served:
         info = await served.stub.GetModelInfo(pb.GetModelInfoRequest())
