@@ -168,8 +168,10 @@ def run_point(args: argparse.Namespace, port: int, metrics: int, trace: Path, ra
             "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "median_itl_ms", "p99_itl_ms",
             "mean_e2el_ms", "p99_e2el_ms"]
     row = {k: result[k] for k in keep}
-    row.update(rate=rate, ttfts=result["ttfts"], tpots=[(lat - t) / (o - 1) for lat, t, o in
-                                                         zip(result["latencies"], result["ttfts"], result["output_lens"]) if o > 1],
+    done = [i for i, (e, o) in enumerate(zip(result["errors"], result["output_lens"])) if not e and o > 0]
+    row.update(rate=rate, ttfts=[result["ttfts"][i] for i in done],  # completed requests only (failed: no TTFT)
+               tpots=[(result["latencies"][i] - result["ttfts"][i]) / (result["output_lens"][i] - 1)
+                      for i in done if result["output_lens"][i] > 1],
                sm_split=split, steps=steps)
     print(f"  rate {rate:5.1f}: goodput {row['request_goodput']:.2f} req/s, attainment {row['slo_attainment']:.0%}, "
           f"TTFT p99 {row['p99_ttft_ms']:.0f} ms, TPOT p99 {row['p99_tpot_ms']:.1f} ms, ITL p99 {row['p99_itl_ms']:.1f} ms",
@@ -183,11 +185,13 @@ def run_point(args: argparse.Namespace, port: int, metrics: int, trace: Path, ra
 
 
 def summarise(results: dict) -> dict:
-    """Per trace: at the lowest rate where the best baseline's SLO attainment drops below 90%.
+    """Per trace: at the lowest rate where the best baseline's SLO attainment drops below 90%
+    (`knee_found`; false: no swept rate got there, and the row is the highest rate swept).
 
     Beside the goodputs, each policy's attainment there and `goodput_ratio_ceiling`: duet's request
     throughput over the baseline's goodput, the ratio duet would reach with every request inside its
-    SLOs (goodput never exceeds the rate requests complete at, about the same for every policy)."""
+    SLOs (goodput never exceeds the rate requests complete at, about the same for every policy; null
+    when the baseline's goodput is 0)."""
     out = {}
     for trace, by_policy in results.items():
         if "duet" not in by_policy:
@@ -203,16 +207,17 @@ def summarise(results: dict) -> dict:
         def at(policy: str, rate: float) -> dict:
             return next(r for r in by_policy[policy] if r["rate"] == rate)
 
-        chosen = next((rate for rate in rates if max(at(p, rate)["slo_attainment"] for p in base) < 0.9), rates[-1])
+        knee = next((rate for rate in rates if max(at(p, rate)["slo_attainment"] for p in base) < 0.9), None)
+        chosen = rates[-1] if knee is None else knee
         best = max(base, key=lambda p: at(p, chosen)["request_goodput"])
         duet, baseline = at("duet", chosen), at(best, chosen)
         out[f"azure_{trace}"] = {
             "duet_goodput": duet["request_goodput"], "best_baseline_goodput": baseline["request_goodput"],
-            "best_baseline": best, "rate": chosen, "duet_p99_tbt_ms": duet["p99_itl_ms"],
+            "best_baseline": best, "rate": chosen, "knee_found": knee is not None, "duet_p99_tbt_ms": duet["p99_itl_ms"],
             "baseline_p99_tbt_ms": baseline["p99_itl_ms"],
             "duet_slo_attainment": duet["slo_attainment"], "baseline_slo_attainment": baseline["slo_attainment"],
             "goodput_ratio_ceiling": duet["request_throughput"] / baseline["request_goodput"]
-            if baseline["request_goodput"] else float("inf"),
+            if baseline["request_goodput"] else None,
         }
         for other in ("static", "duet-tbt"):
             row = next((r for r in by_policy.get(other, []) if r["rate"] == chosen), None)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 
 from controlplane.flag_types import checked
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
@@ -25,6 +26,7 @@ from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc
 from controlplane.replay import RequestRecord, TraceRequest, load_trace, make_prompt
 
 PERCENTILES = (50, 90, 99)
+REQUEST_TIMEOUT_S = 6 * 3600.0  # a stream longer than this fails (vLLM's benchmark client: 6 h as well)
 
 
 @dataclass(frozen=True)
@@ -47,13 +49,19 @@ class Goodput:
 
 
 def arrivals(workload: list[TraceRequest], mode: str, rate: float | None, burstiness: float, seed: int) -> list[float]:
-    """Send times (s): the trace's own gaps scaled to `rate`, or Poisson/gamma gaps at `rate`."""
+    """Send times (s): the trace's own gaps scaled to `rate`, or Poisson/gamma gaps at `rate`
+    (gamma: shape `burstiness`, mean 1/rate, as vLLM's; Poisson is shape 1)."""
     if rate is None or rate == float("inf"):
         return [0.0] * len(workload)
     if mode == "trace":
         span = workload[-1].arrival_s - workload[0].arrival_s
+        if span <= 0 and len(workload) > 1:
+            raise ValueError("--arrival trace needs arrival times that differ (a trace's timestamps; the random "
+                             "dataset has none): use --arrival poisson or gamma")
         own_rate = (len(workload) - 1) / span if span > 0 else rate
         return [r.arrival_s * own_rate / rate for r in workload]
+    if mode == "poisson" and burstiness != 1.0:
+        raise ValueError(f"--burstiness {burstiness:g} needs --arrival gamma (poisson is burstiness 1)")
     rng = random.Random(seed)
     shape = burstiness  # gamma with shape k and mean 1/rate; k = 1 is Poisson
     t, out = 0.0, []
@@ -72,15 +80,19 @@ def random_workload(n: int, input_len: int, output_len: int, range_ratio: float,
             for _ in range(n)]
 
 
-async def _one(stub: pb_grpc.GenerationStub, record: RequestRecord, prompt: list[int], t0: float,
-               progress: object | None) -> None:
+def _request(record: RequestRecord, prompt: list[int]) -> pb.GenerateRequest:
     # greedy and unpenalised, whatever defaults the model's generation config sets
     request = pb.GenerateRequest(max_tokens=record.max_tokens, temperature=0.0, repetition_penalty=1.0,
                                  ignore_eos=True, priority=record.priority)
     request.token_ids.ids.extend(prompt)
+    return request
+
+
+async def _one(stub: pb_grpc.GenerationStub, record: RequestRecord, request: pb.GenerateRequest, t0: float,
+               progress: object | None, timeout_s: float) -> None:
     record.sent = time.monotonic() - t0
     try:
-        async for response in stub.Generate(request):
+        async for response in stub.Generate(request, timeout=timeout_s):
             if response.token_ids:
                 record.chunks.append((time.monotonic() - t0, len(response.token_ids)))
             if response.finish_reason:
@@ -96,38 +108,42 @@ async def _one(stub: pb_grpc.GenerationStub, record: RequestRecord, prompt: list
 async def run_load(stub: pb_grpc.GenerationStub, workload: list[TraceRequest], send_times: list[float], *,
                    vocab_size: int, max_model_len: int, seed: int = 0, show_progress: bool = True,
                    max_concurrency: int | None = None, prefix_len: int = 0,
-                   priorities: list[int] | None = None) -> tuple[list[RequestRecord], float]:
+                   priorities: list[int] | None = None,
+                   timeout_s: float = REQUEST_TIMEOUT_S) -> tuple[list[RequestRecord], float]:
     """Send each request at its time (open loop); returns the records and the wall duration. Each
     prompt starts with the same `prefix_len` random tokens (as far as its length allows); request i
-    carries `priorities[i]` when given (a server under --scheduling-policy priority)."""
+    carries `priorities[i]` when given (a server under --scheduling-policy priority). Every request
+    is built before the clock starts (as vLLM's client does), and a stream past `timeout_s` fails."""
     rng = random.Random(seed)
     shared = make_prompt(random.Random(seed + 1), prefix_len, vocab_size)
+    records, requests = [], []
+    for i, req in enumerate(workload):
+        max_tokens = max(1, min(req.output_tokens, max_model_len - 1))
+        record = RequestRecord(i, max(1, min(req.prompt_tokens, max_model_len - max_tokens)), max_tokens,
+                               priority=priorities[i] if priorities else 0)
+        records.append(record)
+        head = shared[: record.prompt_tokens]
+        requests.append(_request(record, head + make_prompt(rng, record.prompt_tokens - len(head), vocab_size)))
     progress = None
     if show_progress:
         from tqdm import tqdm
 
         progress = tqdm(total=len(workload), unit="req", desc="requests")
     gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    tasks = []
     t0 = time.monotonic()
-    records, tasks = [], []
 
-    async def send(record: RequestRecord, prompt: list[int]) -> None:
+    async def send(record: RequestRecord, request: pb.GenerateRequest) -> None:
         if gate is None:
-            return await _one(stub, record, prompt, t0, progress)
+            return await _one(stub, record, request, t0, progress, timeout_s)
         async with gate:
-            await _one(stub, record, prompt, t0, progress)
+            await _one(stub, record, request, t0, progress, timeout_s)
 
-    for i, (req, at) in enumerate(zip(workload, send_times)):
-        max_tokens = max(1, min(req.output_tokens, max_model_len - 1))
-        record = RequestRecord(i, max(1, min(req.prompt_tokens, max_model_len - max_tokens)), max_tokens,
-                               priority=priorities[i] if priorities else 0)
-        records.append(record)
-        head = shared[: record.prompt_tokens]
-        prompt = head + make_prompt(rng, record.prompt_tokens - len(head), vocab_size)
+    for record, request, at in zip(records, requests, send_times):
         delay = at - (time.monotonic() - t0)
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(send(record, prompt)))
+        tasks.append(asyncio.create_task(send(record, request)))
     await asyncio.gather(*tasks)
     if progress is not None:
         progress.close()  # type: ignore[attr-defined]
@@ -135,13 +151,13 @@ async def run_load(stub: pb_grpc.GenerationStub, workload: list[TraceRequest], s
 
 
 def _stats(name: str, values_ms: list[float]) -> dict[str, float]:
+    """Mean, median, standard deviation and percentiles as vLLM computes them (numpy's, linear)."""
     if not values_ms:
         values_ms = [0.0]
-    ordered = sorted(values_ms)
-    out = {f"mean_{name}_ms": statistics.fmean(ordered), f"median_{name}_ms": statistics.median(ordered),
-           f"std_{name}_ms": statistics.pstdev(ordered)}
-    for p in PERCENTILES:
-        out[f"p{p}_{name}_ms"] = ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+    out = {f"mean_{name}_ms": statistics.fmean(values_ms), f"median_{name}_ms": statistics.median(values_ms),
+           f"std_{name}_ms": statistics.pstdev(values_ms)}
+    for p, value in zip(PERCENTILES, np.percentile(values_ms, PERCENTILES)):
+        out[f"p{p}_{name}_ms"] = float(value)
     return out
 
 
@@ -152,10 +168,8 @@ def per_request(records: list[RequestRecord]) -> dict[str, list]:
         ok = bool(r.chunks) and not r.error
         ttfts.append(r.chunks[0][0] - r.sent if ok else 0.0)
         latencies.append(r.chunks[-1][0] - r.sent if ok else 0.0)
-        gaps = []
-        for (prev, _), (now, k) in zip(r.chunks, r.chunks[1:]):
-            gaps.extend([(now - prev) / k] * k)  # a message of k tokens: k gaps of equal share
-        itls.append(gaps)
+        # one gap per streamed message after the first, whatever tokens it carries (as vLLM's client)
+        itls.append([now - prev for (prev, _), (now, _) in zip(r.chunks, r.chunks[1:])])
     return {"input_lens": [r.prompt_tokens for r in records], "output_lens": [r.completion_tokens for r in records],
             "ttfts": ttfts, "itls": itls, "latencies": latencies, "start_times": [r.sent for r in records],
             "errors": [r.error for r in records], "cached_lens": [r.cached_tokens for r in records]}
@@ -215,6 +229,9 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reset-prefix-cache", action="store_true",
                    help="empty the server's prefix cache before the run (ResetPrefixCache; SGLang's --flush-cache)")
     p.add_argument("--goodput", nargs="+", default=None, help="SLOs, e.g. ttft:2000 tpot:50")
+    p.add_argument("--request-timeout", type=checked(float, "--request-timeout", 0.0, inclusive=False),
+                   default=REQUEST_TIMEOUT_S, help="seconds a request may stream before it counts as failed "
+                                                   "(DEADLINE_EXCEEDED; default 6 h, as vLLM's client)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result-file", type=Path, default=None, help="write the metrics and per-request arrays (JSON)")
     p.add_argument("--no-progress", action="store_true")
@@ -229,12 +246,17 @@ def workload_from_args(args: argparse.Namespace) -> list[TraceRequest]:
     return load_trace(args.trace, limit=args.num_prompts)
 
 
+def send_times_from_args(args: argparse.Namespace, workload: list[TraceRequest]) -> list[float]:
+    """Each request's send time (s) under the flags; ValueError for flags that do not go together."""
+    rate = None if args.request_rate == float("inf") else args.request_rate
+    return arrivals(workload, args.arrival, rate, args.burstiness, args.seed)
+
+
 async def bench(args: argparse.Namespace, workload: list[TraceRequest] | None = None) -> dict[str, object]:
     """`workload`: the requests already read from the flags (None: read them here)."""
     goodput = Goodput.parse(args.goodput)
     workload = workload if workload is not None else workload_from_args(args)
-    rate = None if args.request_rate == float("inf") else args.request_rate
-    send_times = arrivals(workload, args.arrival, rate, args.burstiness, args.seed)
+    send_times = send_times_from_args(args, workload)
     async with grpc.aio.insecure_channel(args.address) as channel:
         stub = pb_grpc.GenerationStub(channel)
         info = await stub.GetModelInfo(pb.GetModelInfoRequest())
@@ -244,7 +266,7 @@ async def bench(args: argparse.Namespace, workload: list[TraceRequest] | None = 
         records, duration = await run_load(stub, workload, send_times, vocab_size=info.vocab_size,
                                            max_model_len=info.max_model_len, seed=args.seed,
                                            show_progress=not args.no_progress, max_concurrency=args.max_concurrency,
-                                           prefix_len=prefix)
+                                           prefix_len=prefix, timeout_s=args.request_timeout)
     arrays = per_request(records)
     result = {"model_id": info.model, "policy": info.policy, "request_rate": args.request_rate,
               "burstiness": args.burstiness, "arrival": args.arrival, "num_prompts": len(workload),

@@ -316,11 +316,12 @@ def _main(argv: list[str] | None = None) -> int:
 
         return run_health(args)
     if args.command == "bench":
-        from controlplane.bench_serve import Goodput, bench, format_result, workload_from_args
+        from controlplane.bench_serve import Goodput, bench, format_result, send_times_from_args, workload_from_args
 
-        try:  # the inputs first: a trace that cannot be read, a bad --goodput
+        try:  # the inputs first: a trace that cannot be read, a bad --goodput, arrival flags that clash
             Goodput.parse(args.goodput)
             workload = workload_from_args(args)
+            send_times_from_args(args, workload)
         except (OSError, ValueError) as exc:
             print(f"duetserve bench serve: error: {exc}", file=sys.stderr)
             return 2

@@ -86,11 +86,28 @@ def test_merging_serving_sweeps_recomputes_the_summary(tmp_path: Path) -> None:
     assert set(merged["results"]["code"]) == {"duet", "aggregated"}
     # the best baseline first drops below 90% attainment at 8 req/s: the summary is taken there
     assert merged["summary"]["azure_code"] == {"duet_goodput": 3.0, "best_baseline_goodput": 1.0,
-                                               "best_baseline": "aggregated", "rate": 8.0,
+                                               "best_baseline": "aggregated", "rate": 8.0, "knee_found": True,
                                                "duet_p99_tbt_ms": 80.0, "baseline_p99_tbt_ms": 80.0,
                                                "duet_slo_attainment": 0.6, "baseline_slo_attainment": 0.25,
                                                # duet's 5 req/s completed, all inside the SLOs, over 1.0
                                                "goodput_ratio_ceiling": 5.0}
+
+
+def test_a_sweep_that_never_reached_the_knee_says_so() -> None:
+    """No swept rate took the best baseline below 90%: the highest rate is reported, marked, and a
+    baseline goodput of 0 gives no ratio ceiling (JSON has no infinity)."""
+    from benchmarks.serving import summarise
+
+    def row(rate: float, goodput: float, attainment: float) -> dict:
+        return {"rate": rate, "request_goodput": goodput, "slo_attainment": attainment, "p99_itl_ms": 1.0,
+                "request_throughput": 2.0}
+
+    summary = summarise({"code": {"duet": [row(4, 2.0, 1.0), row(8, 2.0, 1.0)],
+                                  "aggregated": [row(4, 2.0, 0.99), row(8, 2.0, 0.95)]}})["azure_code"]
+    assert summary["rate"] == 8 and summary["knee_found"] is False
+    zero = summarise({"code": {"duet": [row(4, 2.0, 1.0)], "aggregated": [row(4, 0.0, 0.0)]}})["azure_code"]
+    assert zero["knee_found"] is True and zero["goodput_ratio_ceiling"] is None
+    json.dumps(zero, allow_nan=False)
 
 
 def test_merging_keeps_rates_swept_in_separate_calls(tmp_path: Path) -> None:

@@ -4,15 +4,20 @@ aggregate metric recomputed here from the per-request arrays."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import shutil
 import statistics
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
-from controlplane.bench_serve import Goodput, add_bench_flags, arrivals, bench, random_workload
+from controlplane import bench_serve
+from controlplane.bench_serve import Goodput, add_bench_flags, arrivals, bench, per_request, random_workload
 from controlplane.launcher import spawn_sim_dataplane, stop_process
+from controlplane.replay import RequestRecord
 from controlplane.server import ControlPlane
 from shared.config import SchedulerConfig, ServerConfig
 
@@ -49,11 +54,13 @@ async def test_bench_accounts_for_every_request_and_metrics_recompute(dataset: s
     n = 30
     assert result["completed"] + result["failed"] == n and result["failed"] == 0
     assert len(result["ttfts"]) == len(result["latencies"]) == len(result["itls"]) == n
-    assert result["output_lens"] == [len(g) + 1 for g in result["itls"]]  # every token's gap counted
+    # a gap per streamed message after the first (as vLLM's client): at most one per token after the first
+    assert all(1 <= len(g) + 1 <= o for g, o in zip(result["itls"], result["output_lens"]))
     assert result["total_output_tokens"] == sum(result["output_lens"])
     ttft = [t * 1e3 for t in result["ttfts"]]
     assert result["mean_ttft_ms"] == pytest.approx(statistics.fmean(ttft))
     assert result["median_ttft_ms"] == pytest.approx(statistics.median(ttft))
+    assert result["p99_ttft_ms"] == pytest.approx(float(np.percentile(ttft, 99)))
     tpot = [(lat - t) * 1e3 / (o - 1) for lat, t, o in zip(result["latencies"], result["ttfts"], result["output_lens"])
             if o > 1]
     assert result["mean_tpot_ms"] == pytest.approx(statistics.fmean(tpot))
@@ -77,6 +84,59 @@ def test_arrival_processes() -> None:
     assert arrivals(work, "poisson", None, 1.0, 0) == [0.0] * len(work)
     with pytest.raises(ValueError):
         Goodput.parse(["latency:5"])
+    with pytest.raises(ValueError, match="needs --arrival gamma"):
+        arrivals(work, "poisson", 10.0, 0.25, seed=2)  # poisson is burstiness 1, not a silent gamma
+    with pytest.raises(ValueError, match="arrival times that differ"):
+        arrivals(work, "trace", 10.0, 1.0, seed=2)  # random lengths carry no timestamps
+
+
+def test_percentiles_are_numpys_as_in_vllm() -> None:
+    from controlplane.bench_serve import _stats
+
+    stats = _stats("ttft", [float(v) for v in range(1, 11)])
+    assert stats["p50_ttft_ms"] == stats["median_ttft_ms"] == 5.5
+    assert stats["p90_ttft_ms"] == pytest.approx(9.1) and stats["p99_ttft_ms"] == pytest.approx(9.91)
+    few = _stats("ttft", [1.0] * 58 + [2.0, 10.0])
+    assert few["p99_ttft_ms"] == pytest.approx(float(np.percentile([1.0] * 58 + [2.0, 10.0], 99)))
+
+
+def test_inter_token_latency_is_one_gap_per_message() -> None:
+    record = RequestRecord(0, 10, 6, sent=0.5, chunks=[(1.0, 1), (1.1, 1), (1.5, 4)], completion_tokens=6)
+    arrays = per_request([record])
+    assert arrays["itls"] == [[pytest.approx(0.1), pytest.approx(0.4)]]  # a 400 ms stall stays one gap
+    assert arrays["ttfts"] == [0.5] and arrays["latencies"] == [1.0]
+
+
+class _FakeStub:
+    """Records, at each call, how many prompts had been built, and the timeout it was given."""
+
+    def __init__(self, built: list[int]) -> None:
+        self.built = built
+        self.calls: list[tuple[int, float | None]] = []
+
+    def Generate(self, request: object, timeout: float | None = None):  # noqa: N802, ANN201 - the stub's name
+        self.calls.append((len(self.built), timeout))
+
+        async def stream():  # noqa: ANN202
+            yield SimpleNamespace(token_ids=[1], finish_reason="length", completion_tokens=1, cached_tokens=0)
+
+        return stream()
+
+
+async def test_every_prompt_is_built_before_the_clock_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[int] = []
+
+    def prompt(rng: object, length: int, vocab: int) -> list[int]:
+        built.append(length)
+        return [20] * length
+
+    monkeypatch.setattr(bench_serve, "make_prompt", prompt)
+    stub = _FakeStub(built)
+    work = random_workload(5, 100, 4, 1.0, seed=0)
+    records, _ = await bench_serve.run_load(stub, work, [0.0, 0.0, 0.01, 0.02, 0.03], vocab_size=100,  # type: ignore[arg-type]
+                                            max_model_len=1000, show_progress=False, timeout_s=7.0)
+    assert [n for n, _ in stub.calls] == [len(built)] * 5 and len(built) == 6  # the shared prefix, then 5
+    assert {t for _, t in stub.calls} == {7.0} and all(r.completion_tokens == 1 for r in records)
 
 
 async def test_a_shared_random_prefix_is_served_from_the_prefix_cache() -> None:
@@ -104,3 +164,29 @@ async def test_a_shared_random_prefix_is_served_from_the_prefix_cache() -> None:
     hits = result["cached_lens"]
     assert hits[0] == 0 and sum(h == 256 for h in hits) >= 8  # 16 blocks of 16 tokens, once the first is cached
     assert result["total_cached_tokens"] == sum(hits)
+
+
+async def test_requests_past_the_timeout_count_as_failed_and_free_their_kv() -> None:
+    """--request-timeout: a stream still running at its deadline fails (DEADLINE_EXCEEDED), is counted
+    as failed, and the server drops it (no KV block held after)."""
+    workdir = tempfile.mkdtemp(prefix="ds-b-")
+    endpoint = f"ipc://{workdir}/dp.sock"
+    child = spawn_sim_dataplane(endpoint, model="qwen3-8b", gpu="h100", time_scale=1.0)
+    plane = ControlPlane(ServerConfig(port=0, dataplane_endpoint=endpoint, handshake_timeout_s=60.0), "qwen3-8b")
+    try:
+        await plane.start()
+        argv = ["--address", f"127.0.0.1:{plane.port}", "--dataset", "random", "--num-prompts", "4",
+                "--no-progress", "--random-input-len", "64", "--random-output-len", "2000", "--request-timeout", "0.5"]
+        result = await bench(parse(argv))
+        for _ in range(100):  # the aborts reach the scheduler after the client gave up
+            if plane.engine.scheduler is not None and plane.engine.scheduler.allocator.num_used == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert plane.engine.scheduler is not None and plane.engine.scheduler.allocator.num_used == 0
+    finally:
+        await plane.stop()
+        stop_process(child)
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert result["completed"] == 0 and result["failed"] == 4
+    assert all(e.startswith("DEADLINE_EXCEEDED") for e in result["errors"])
+    assert result["duration"] < 5.0
