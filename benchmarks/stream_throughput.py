@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 SERVER = """
-import asyncio, sys, tempfile
+import asyncio, signal, sys, tempfile
 from controlplane.launcher import spawn_dataplane, spawn_sim_dataplane, stop_process
 from controlplane.server import ControlPlane
 from shared.config import DataplaneConfig, SchedulerConfig, ServerConfig
@@ -45,9 +45,11 @@ async def main():
     plane = ControlPlane(ServerConfig(port=port, dataplane_endpoint=endpoint, handshake_timeout_s=600,
                                       scheduler=SchedulerConfig(policy="aggregated"), **extra), model)
     await plane.start()
-    print("ready", flush=True)
+    stop = asyncio.Event()  # SIGTERM ends the server the way Ctrl-C would: its data plane stopped too
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print("ready", plane.port, flush=True)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
     finally:
         await plane.stop()
         stop_process(child)
@@ -75,8 +77,10 @@ def run_point(root: Path, port: int, concurrency: int, interval: int, args: argp
                               stderr=subprocess.DEVNULL, text=True)
     try:
         assert server.stdout is not None
-        if server.stdout.readline().strip() != "ready":
+        ready = server.stdout.readline().split()
+        if len(ready) != 2 or ready[0] != "ready":
             raise RuntimeError(f"the control plane of {root} did not start")
+        port = int(ready[1])  # the port it bound (0 asks for a free one)
         with tempfile.NamedTemporaryFile(suffix=".json") as result:
             cpu0 = _cpu_s(server.pid)
             subprocess.run([sys.executable, "-m", "controlplane.cli", "bench", "serve", "--address",
@@ -122,7 +126,7 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=1, help="rounds over every point (the roots alternate)")
-    parser.add_argument("--port", type=int, default=50161)
+    parser.add_argument("--port", type=int, default=0, help="the control plane's gRPC port (0: a free one)")
     parser.add_argument("--out", type=Path, default=None,
                         help="default benchmarks/results/stream-throughput-cpu.json (simulated) or -cuda.json")
     args = parser.parse_args()

@@ -305,7 +305,7 @@ def test_stream_throughput_benchmark_counts_every_token(tmp_path: Path) -> None:
     out = tmp_path / "stream.json"
     proc = subprocess.run([sys.executable, "benchmarks/stream_throughput.py", "--concurrency", "4",
                            "--stream-intervals", "1,3", "--num-prompts", "8", "--output-len", "6",
-                           "--time-scale", "0.01", "--port", "50931", "--out", str(out)],
+                           "--time-scale", "0.01", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -315,8 +315,7 @@ def test_stream_throughput_benchmark_counts_every_token(tmp_path: Path) -> None:
     assert [s["rounds"] for s in report["summary"]] == [1, 1]
     real = tmp_path / "real.json"  # the real data plane (on the CPU here; --gpu cuda on a GPU)
     proc = subprocess.run([sys.executable, "benchmarks/stream_throughput.py", "--gpu", "cpu", "--model", "tiny",
-                           "--concurrency", "4", "--num-prompts", "4", "--output-len", "4", "--port", "50941",
-                           "--out", str(real)], cwd=ROOT, capture_output=True, text=True, timeout=240)
+                           "--concurrency", "4", "--num-prompts", "4", "--output-len", "4", "--out", str(real)], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = json.loads(real.read_text())["rows"]
     assert row["completed"] == 4 and row["failed"] == 0
