@@ -191,7 +191,7 @@ def summarise(results: dict) -> dict:
     Beside the goodputs, each policy's attainment there and `goodput_ratio_ceiling`: duet's request
     throughput over the baseline's goodput, the ratio duet would reach with every request inside its
     SLOs (goodput never exceeds the rate requests complete at, about the same for every policy; null
-    when the baseline's goodput is 0)."""
+    when the baseline's goodput is 0). The p99 TBT is vLLM's p99 ITL: one gap per streamed message."""
     out = {}
     for trace, by_policy in results.items():
         if "duet" not in by_policy:

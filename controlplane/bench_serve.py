@@ -50,7 +50,8 @@ class Goodput:
 
 def arrivals(workload: list[TraceRequest], mode: str, rate: float | None, burstiness: float, seed: int) -> list[float]:
     """Send times (s): the trace's own gaps scaled to `rate`, or Poisson/gamma gaps at `rate`
-    (gamma: shape `burstiness`, mean 1/rate, as vLLM's; Poisson is shape 1)."""
+    (gamma: shape `burstiness`, mean 1/rate, as vLLM's; Poisson is shape 1, and a burstiness other than 1
+    makes poisson gamma, as in vLLM, where the flag alone sets the shape)."""
     if rate is None or rate == float("inf"):
         return [0.0] * len(workload)
     if mode == "trace":
@@ -60,8 +61,6 @@ def arrivals(workload: list[TraceRequest], mode: str, rate: float | None, bursti
                              "dataset has none): use --arrival poisson or gamma")
         own_rate = (len(workload) - 1) / span if span > 0 else rate
         return [r.arrival_s * own_rate / rate for r in workload]
-    if mode == "poisson" and burstiness != 1.0:
-        raise ValueError(f"--burstiness {burstiness:g} needs --arrival gamma (poisson is burstiness 1)")
     rng = random.Random(seed)
     shape = burstiness  # gamma with shape k and mean 1/rate; k = 1 is Poisson
     t, out = 0.0, []
@@ -217,7 +216,7 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-rate", type=checked(float, "--request-rate", 0.0, inclusive=False),
                    default=float("inf"), help="requests/s (inf: all at once)")
     p.add_argument("--burstiness", type=checked(float, "--burstiness", 0.0, inclusive=False), default=1.0,
-                   help="gamma shape: 1 is Poisson, < 1 burstier")
+                   help="gamma shape: 1 is Poisson, < 1 burstier (with --arrival poisson too, as vLLM's flag)")
     p.add_argument("--random-input-len", type=checked(int, "--random-input-len", 1), default=1024)
     p.add_argument("--random-output-len", type=checked(int, "--random-output-len", 1), default=128)
     p.add_argument("--random-range-ratio", type=checked(float, "--random-range-ratio", 0.0, True, 1.0), default=1.0,
@@ -246,6 +245,11 @@ def workload_from_args(args: argparse.Namespace) -> list[TraceRequest]:
     return load_trace(args.trace, limit=args.num_prompts)
 
 
+def arrival_name(mode: str, burstiness: float) -> str:
+    """What the arrivals were: poisson with a burstiness other than 1 is gamma."""
+    return "gamma" if mode == "poisson" and burstiness != 1.0 else mode
+
+
 def send_times_from_args(args: argparse.Namespace, workload: list[TraceRequest]) -> list[float]:
     """Each request's send time (s) under the flags; ValueError for flags that do not go together."""
     rate = None if args.request_rate == float("inf") else args.request_rate
@@ -269,7 +273,7 @@ async def bench(args: argparse.Namespace, workload: list[TraceRequest] | None = 
                                            prefix_len=prefix, timeout_s=args.request_timeout)
     arrays = per_request(records)
     result = {"model_id": info.model, "policy": info.policy, "request_rate": args.request_rate,
-              "burstiness": args.burstiness, "arrival": args.arrival, "num_prompts": len(workload),
+              "burstiness": args.burstiness, "arrival": arrival_name(args.arrival, args.burstiness), "num_prompts": len(workload),
               "prefix_cache_blocks_dropped": dropped,  # before the run, with --reset-prefix-cache
               **compute_metrics(arrays, duration, goodput), **arrays}
     if args.result_file:

@@ -186,7 +186,7 @@ def _mask_stop_tokens(logits: Tensor, rows: list[tuple[int, tuple[int, ...]]]) -
     if not pairs:
         return logits
     index = _to_device([x for pair in pairs for x in pair], torch.long, logits.device).view(-1, 2)
-    return logits.index_put((index[:, 0], index[:, 1]), torch.tensor(float("-inf"), device=logits.device))
+    return logits.index_put((index[:, 0], index[:, 1]), logits.new_full((), float("-inf")))  # no host copy
 
 
 def _row_tensor(values: list[float], device: torch.device) -> Tensor:
