@@ -213,7 +213,8 @@ def summarise(results: dict) -> dict:
         duet, baseline = at("duet", chosen), at(best, chosen)
         out[f"azure_{trace}"] = {
             "duet_goodput": duet["request_goodput"], "best_baseline_goodput": baseline["request_goodput"],
-            "best_baseline": best, "rate": chosen, "knee_found": knee is not None, "duet_p99_tbt_ms": duet["p99_itl_ms"],
+            "best_baseline": best, "rate": chosen, "knee_found": knee is not None,
+            "duet_p99_tbt_ms": duet["p99_itl_ms"],
             "baseline_p99_tbt_ms": baseline["p99_itl_ms"],
             "duet_slo_attainment": duet["slo_attainment"], "baseline_slo_attainment": baseline["slo_attainment"],
             "goodput_ratio_ceiling": duet["request_throughput"] / baseline["request_goodput"]

@@ -132,8 +132,8 @@ async def test_every_prompt_is_built_before_the_clock_starts(monkeypatch: pytest
     monkeypatch.setattr(bench_serve, "make_prompt", prompt)
     stub = _FakeStub(built)
     work = random_workload(5, 100, 4, 1.0, seed=0)
-    records, _ = await bench_serve.run_load(stub, work, [0.0, 0.0, 0.01, 0.02, 0.03], vocab_size=100,  # type: ignore[arg-type]
-                                            max_model_len=1000, show_progress=False, timeout_s=7.0)
+    records, _ = await bench_serve.run_load(stub, work, [0.0, 0.0, 0.01, 0.02, 0.03],  # type: ignore[arg-type]
+                                            vocab_size=100, max_model_len=1000, show_progress=False, timeout_s=7.0)
     assert [n for n, _ in stub.calls] == [len(built)] * 5 and len(built) == 6  # the shared prefix, then 5
     assert {t for _, t in stub.calls} == {7.0} and all(r.completion_tokens == 1 for r in records)
 
