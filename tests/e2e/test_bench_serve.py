@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import shutil
 import statistics
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,15 +33,26 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-@pytest.mark.parametrize("dataset", ["trace", "random"])
-async def test_bench_accounts_for_every_request_and_metrics_recompute(dataset: str, tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def sim_server(time_scale: float, **scheduler: object) -> AsyncIterator[ControlPlane]:
+    """A control plane over a simulated H100 data plane (Qwen3-8B shapes); both stopped after."""
     workdir = tempfile.mkdtemp(prefix="ds-b-")
     endpoint = f"ipc://{workdir}/dp.sock"
-    child = spawn_sim_dataplane(endpoint, model="qwen3-8b", gpu="h100", time_scale=0.05)
+    child = spawn_sim_dataplane(endpoint, model="qwen3-8b", gpu="h100", time_scale=time_scale)
     plane = ControlPlane(ServerConfig(port=0, dataplane_endpoint=endpoint, handshake_timeout_s=60.0,
-                                      scheduler=SchedulerConfig(policy="duet")), "qwen3-8b")
+                                      scheduler=SchedulerConfig(**scheduler)), "qwen3-8b")  # type: ignore[arg-type]
     try:
         await plane.start()
+        yield plane
+    finally:
+        await plane.stop()
+        stop_process(child)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("dataset", ["trace", "random"])
+async def test_bench_accounts_for_every_request_and_metrics_recompute(dataset: str, tmp_path: Path) -> None:
+    async with sim_server(0.05, policy="duet") as plane:
         argv = ["--address", f"127.0.0.1:{plane.port}", "--dataset", dataset, "--num-prompts", "30",
                 "--request-rate", "40", "--goodput", "ttft:2000", "tpot:50", "--no-progress",
                 "--random-input-len", "300", "--random-output-len", "20", "--random-range-ratio", "0.5"]
@@ -47,10 +60,6 @@ async def test_bench_accounts_for_every_request_and_metrics_recompute(dataset: s
             argv += ["--trace", str(CODE_TRACE), "--arrival", "trace"]
         result = await bench(parse(argv))
         assert plane.engine.scheduler is not None and plane.engine.scheduler.allocator.num_used == 0
-    finally:
-        await plane.stop()
-        stop_process(child)
-        shutil.rmtree(workdir, ignore_errors=True)
     n = 30
     assert result["completed"] + result["failed"] == n and result["failed"] == 0
     assert len(result["ttfts"]) == len(result["latencies"]) == len(result["itls"]) == n
@@ -141,22 +150,13 @@ async def test_every_prompt_is_built_before_the_clock_starts(monkeypatch: pytest
 async def test_a_shared_random_prefix_is_served_from_the_prefix_cache() -> None:
     """--random-prefix-len (vLLM's flag): every prompt starts with the same tokens, and the server
     reports the prompt tokens its prefix cache served; requests after the first ones hit it."""
-    workdir = tempfile.mkdtemp(prefix="ds-b-")
-    endpoint = f"ipc://{workdir}/dp.sock"
-    child = spawn_sim_dataplane(endpoint, model="qwen3-8b", gpu="h100", time_scale=0.05)
-    plane = ControlPlane(ServerConfig(port=0, dataplane_endpoint=endpoint, handshake_timeout_s=60.0), "qwen3-8b")
-    try:
-        await plane.start()
+    async with sim_server(0.05) as plane:
         argv = ["--address", f"127.0.0.1:{plane.port}", "--dataset", "random", "--num-prompts", "12",
                 "--request-rate", "20", "--no-progress", "--random-input-len", "50", "--random-output-len", "4",
                 "--random-prefix-len", "256"]
         result = await bench(parse(argv))
         warm = await bench(parse(argv))  # the same prompts again: the first one hits too
         cold = await bench(parse([*argv, "--reset-prefix-cache"]))  # emptied first: the first one misses
-    finally:
-        await plane.stop()
-        stop_process(child)
-        shutil.rmtree(workdir, ignore_errors=True)
     assert warm["cached_lens"][0] >= 256 and warm["prefix_cache_blocks_dropped"] is None
     assert cold["cached_lens"][0] == 0 and cold["prefix_cache_blocks_dropped"] >= 16
     assert result["completed"] == 12 and all(n >= 256 + 50 for n in result["input_lens"])
@@ -168,12 +168,7 @@ async def test_a_shared_random_prefix_is_served_from_the_prefix_cache() -> None:
 async def test_requests_past_the_timeout_count_as_failed_and_free_their_kv() -> None:
     """--request-timeout: a stream still running at its deadline fails (DEADLINE_EXCEEDED), is counted
     as failed, and the server drops it (no KV block held after)."""
-    workdir = tempfile.mkdtemp(prefix="ds-b-")
-    endpoint = f"ipc://{workdir}/dp.sock"
-    child = spawn_sim_dataplane(endpoint, model="qwen3-8b", gpu="h100", time_scale=1.0)
-    plane = ControlPlane(ServerConfig(port=0, dataplane_endpoint=endpoint, handshake_timeout_s=60.0), "qwen3-8b")
-    try:
-        await plane.start()
+    async with sim_server(1.0) as plane:
         argv = ["--address", f"127.0.0.1:{plane.port}", "--dataset", "random", "--num-prompts", "4",
                 "--no-progress", "--random-input-len", "64", "--random-output-len", "2000", "--request-timeout", "0.5"]
         result = await bench(parse(argv))
@@ -182,10 +177,6 @@ async def test_requests_past_the_timeout_count_as_failed_and_free_their_kv() -> 
                 break
             await asyncio.sleep(0.05)
         assert plane.engine.scheduler is not None and plane.engine.scheduler.allocator.num_used == 0
-    finally:
-        await plane.stop()
-        stop_process(child)
-        shutil.rmtree(workdir, ignore_errors=True)
     assert result["completed"] == 0 and result["failed"] == 4
     assert all(e.startswith("DEADLINE_EXCEEDED") for e in result["errors"])
     assert result["duration"] < 5.0
