@@ -182,6 +182,7 @@ def main() -> None:
     report = {"summary": summary, "model": args.model, "partition_kernels": args.partition_kernels,
               "blas_library": args.blas_library, "batch": B, "context": args.context, "prefill_tokens": P,
               "baselines": rows, "multiplexed": multiplexed, "under_tbt_slo": under_slo, "graphs": worker.runner.graphs.num_graphs,
+              "graph_capture_mib": worker.runner.graphs.capture_bytes / 2**20,
               "piecewise_max_tokens": worker.ready.piecewise_max_tokens}  # the aggregated chunks up to it replay pieces
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "" if (args.partition_kernels, args.blas_library) == ("device", "default") else \

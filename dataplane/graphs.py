@@ -105,6 +105,7 @@ class DecodeGraphs:
         self._pool = torch.cuda.graph_pool_handle()
         self._side_stream = torch.cuda.Stream(device)
         self.capture_seconds = 0.0
+        self.capture_bytes = 0  # device memory the captures reserved (graphs, their outputs, new wrappers)
         self.unsplit_twin_replays = 0  # replays of a bucket's unsplit twin (balanced batches)
         self.l2_prefetch = self._prefetcher(l2_prefetch_bytes)
 
@@ -186,6 +187,7 @@ class DecodeGraphs:
 
     def _capture(self, stream_key: object, stream: torch.cuda.Stream | None, size: int, split: bool) -> None:
         start = time.perf_counter()
+        reserved = torch.cuda.memory_reserved(self.device)  # the allocator's count: no device sync
         stream = stream or self._side_stream
         backend = self._wrapper(size, split)
         dummy = self._padded(AttentionBatch([], [], [], self.block_size), size)
@@ -206,6 +208,10 @@ class DecodeGraphs:
         current.wait_stream(stream)
         self._graphs[(stream_key, size, split)] = (graph, out)
         self.capture_seconds += time.perf_counter() - start
+        self.capture_bytes += max(0, torch.cuda.memory_reserved(self.device) - reserved)
+        if stream_key != "full":  # a partition's graphs are captured while serving: say what they cost
+            log.info("captured the decode graph of %d rows on %s SMs: %d graphs, %.0f MiB reserved by captures",
+                     size, stream_key, len(self._graphs), self.capture_bytes / 2**20)
 
     @contextlib.contextmanager
     def _prefetching(self, stream_key: object) -> Iterator[None]:
@@ -224,8 +230,8 @@ class DecodeGraphs:
         before = self.capture_seconds
         for size in reversed(self.buckets):
             self.ensure(stream_key, stream, size)
-        log.info("captured decode graphs for %s in %.1f s (%d in all)", stream_key,
-                 self.capture_seconds - before, len(self._graphs))
+        log.info("captured decode graphs for %s in %.1f s (%d in all, %.0f MiB reserved by captures)", stream_key,
+                 self.capture_seconds - before, len(self._graphs), self.capture_bytes / 2**20)
 
     def run(self, batch: AttentionBatch, input_ids: Tensor, positions: Tensor, slots: Tensor,
             stream_key: object = "full") -> Tensor:
