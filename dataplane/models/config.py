@@ -114,7 +114,13 @@ def _parse_rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     if scaling is None:
         return theta, None
     scaling.pop("rope_theta", None)
-    rope_type = scaling.pop("type", None) or scaling.get("rope_type") or "default"
+    nested = sorted(k for k, v in scaling.items() if isinstance(v, dict))
+    if nested:  # per layer type ({"full_attention": {...}, ...}): no single RoPE to build
+        raise ValueError(f"unsupported rope parameters per layer type: {nested}")
+    legacy_type, rope_type = scaling.pop("type", None), scaling.get("rope_type")
+    if legacy_type and rope_type and legacy_type != rope_type:
+        raise ValueError(f"rope scaling names two types, type={legacy_type!r} and rope_type={rope_type!r}")
+    rope_type = rope_type or legacy_type or "default"
     scaling["rope_type"] = rope_type
     if rope_type == "default":
         return theta, None
@@ -173,7 +179,10 @@ def load_model_config(folder: str | Path) -> ModelConfig:
     theta, scaling = _parse_rope(raw)
     hidden = int(raw["hidden_size"])
     num_q_heads = int(raw["num_attention_heads"])
-    head_dim = raw.get("head_dim") or hidden // num_q_heads
+    # transformers' defaults where config.json leaves these out: Qwen3Config's head_dim 128 and 32768
+    # positions, LlamaConfig's hidden / heads and 2048
+    head_dim = raw.get("head_dim") or (128 if model_type == "qwen3" else hidden // num_q_heads)
+    default_positions = 32768 if model_type == "qwen3" else 2048
     bos = raw.get("bos_token_id")
     return ModelConfig(
         name=folder.resolve().name,
@@ -188,7 +197,7 @@ def load_model_config(folder: str | Path) -> ModelConfig:
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rope_scaling=scaling,
-        max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+        max_position_embeddings=int(raw.get("max_position_embeddings", default_positions)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         attention_bias=bool(raw.get("attention_bias", False)),
         qk_norm=model_type == "qwen3",

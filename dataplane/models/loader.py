@@ -9,6 +9,8 @@ batch limits): it returns the model and its config, nothing else.
 from __future__ import annotations
 
 import json
+import logging
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -18,6 +20,8 @@ from torch import nn
 from dataplane.models.config import ModelConfig, load_model_config
 from dataplane.models.dense import DenseForCausalLM
 from dataplane.models.presets import PRESETS
+
+log = logging.getLogger(__name__)
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -107,12 +111,14 @@ def checkpoint_files(folder: Path) -> list[Path]:
 def load_checkpoint_weights(net: DenseForCausalLM, folder: Path) -> None:
     """Copy every tensor of the checkpoint into `net` (casting dtype); strict about names/shapes."""
     params = dict(net.named_parameters(remove_duplicate=False))
+    files = checkpoint_files(folder)
+    skip = _skipped_keys(files, net.cfg.tie_word_embeddings)
     seen: set[str] = set()
     unexpected: list[str] = []
-    for path in checkpoint_files(folder):
+    for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in f.keys():
-                if key.endswith(_IGNORED_SUFFIXES):
+                if key.endswith(_IGNORED_SUFFIXES) or key in skip:
                     continue
                 if key not in params:
                     unexpected.append(key)
@@ -128,6 +134,24 @@ def load_checkpoint_weights(net: DenseForCausalLM, folder: Path) -> None:
         raise ValueError(f"checkpoint {folder} does not match the model: "
                          f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
                          f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+
+
+def _skipped_keys(files: list[Path], tied: bool) -> set[str]:
+    """Checkpoint tensors not to load. A tensor stored in two files is an error (which one would win
+    depended on file order). With tied embeddings and both tensors stored, `lm_head.weight` is left
+    out and the embedding serves both, as vLLM does."""
+    counts: Counter[str] = Counter()
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            counts.update(f.keys())
+    twice = sorted(k for k, n in counts.items() if n > 1)
+    if twice:
+        raise ValueError(f"checkpoint tensors stored in more than one file: {twice[:10]}")
+    if tied and "lm_head.weight" in counts and "model.embed_tokens.weight" in counts:
+        log.warning("the config ties the embeddings: the checkpoint's lm_head.weight is ignored and "
+                    "model.embed_tokens.weight serves both (as in vLLM)")
+        return {"lm_head.weight"}
+    return set()
 
 
 def _copy_param(param: torch.Tensor, value: torch.Tensor, key: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,40 @@ def test_tied_checkpoint_shares_storage(tmp_path: Path) -> None:
     model, cfg = load_model(str(folder), dtype=torch.float32, device=CPU)
     assert cfg.tie_word_embeddings
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("lm_head_last", [False, True])
+def test_a_tied_checkpoints_own_lm_head_is_ignored_as_in_vllm(tmp_path: Path, lm_head_last: bool) -> None:
+    """Tied config, both tensors stored and different: the embedding serves both whatever the file
+    order (a later shard's lm_head.weight used to overwrite the embedding)."""
+    folder = write_tiny_checkpoint(tmp_path / "l", "llama", tied=True)
+    tensors = load_file(folder / "model.safetensors")
+    embed = tensors["model.embed_tokens.weight"]
+    lm_head = torch.randn_like(embed)
+    (folder / "model.safetensors").unlink()
+    first, second = ({k: v for k, v in tensors.items() if k != "lm_head.weight"}, {"lm_head.weight": lm_head})
+    if not lm_head_last:
+        first, second = second, first
+    weight_map = {}
+    for i, part in enumerate((first, second), 1):
+        name = f"model-0000{i}-of-00002.safetensors"
+        save_file(part, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    model, _ = load_model(str(folder), dtype=torch.float32, device=CPU)
+    assert torch.equal(model.model.embed_tokens.weight, embed) and torch.equal(model.lm_head.weight, embed)
+
+
+def test_a_tensor_stored_in_two_shards_is_refused(tmp_path: Path) -> None:
+    folder = write_tiny_checkpoint(tmp_path / "q", "qwen3", shards=2)
+    shards = sorted(folder.glob("model-*.safetensors"))
+    first = load_file(shards[0])
+    second = load_file(shards[1])
+    key = next(iter(first))
+    second[key] = first[key]
+    save_file(second, shards[1], metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="more than one file"):
+        load_model(str(folder), dtype=torch.float32, device=CPU)
 
 
 def test_unknown_model_name() -> None:

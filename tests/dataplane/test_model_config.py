@@ -37,6 +37,14 @@ LEGACY_LLAMA = {
 }
 
 
+PRESETS_RAW_QWEN3 = {  # Qwen3-8B's config.json, less what the test leaves out
+    "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288,
+    "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+    "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960, "hidden_act": "silu",
+    "tie_word_embeddings": False, "eos_token_id": 151645,
+}
+
+
 def test_legacy_llama_config_matches_preset(tmp_path: Path) -> None:
     cfg = load_model_config(_write_config(tmp_path / "llama-3.1-8b", LEGACY_LLAMA))
     preset = PRESETS["llama-3.1-8b"]
@@ -77,6 +85,32 @@ def test_unsupported_configs_raise_value_error(tmp_path: Path, edit: dict, messa
     raw = {**LEGACY_LLAMA, **edit}
     with pytest.raises(ValueError, match=message):
         load_model_config(_write_config(tmp_path / "m", raw))
+
+
+@pytest.mark.parametrize(("scaling", "message"), [
+    ({"type": "linear", "rope_type": "llama3", "factor": 8.0}, "names two types"),
+    ({"full_attention": {"rope_type": "default", "rope_theta": 1e6}}, "per layer type"),
+])
+def test_ambiguous_rope_parameters_are_refused(tmp_path: Path, scaling: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_model_config(_write_config(tmp_path / "m", {**LEGACY_LLAMA, "rope_scaling": scaling}))
+
+
+def test_rope_type_and_legacy_type_that_agree_are_read(tmp_path: Path) -> None:
+    scaling = {"type": "linear", "rope_type": "linear", "factor": 2.0}
+    cfg = load_model_config(_write_config(tmp_path / "m", {**LEGACY_LLAMA, "rope_scaling": scaling}))
+    assert cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+
+
+def test_left_out_fields_take_transformers_defaults(tmp_path: Path) -> None:
+    """Qwen3Config's head_dim is 128 and its positions 32768; LlamaConfig's hidden / heads and 2048."""
+    qwen = {k: v for k, v in PRESETS_RAW_QWEN3.items() if k not in ("head_dim", "max_position_embeddings")}
+    qwen["hidden_size"] = 2048  # hidden / heads would be 64 (Qwen3-1.7B's shape, whose head_dim is 128)
+    cfg = load_model_config(_write_config(tmp_path / "q", qwen))
+    assert (cfg.head_dim, cfg.max_position_embeddings) == (128, 32768)
+    llama = {k: v for k, v in LEGACY_LLAMA.items() if k not in ("max_position_embeddings", "rope_scaling")}
+    cfg = load_model_config(_write_config(tmp_path / "l", llama))
+    assert (cfg.head_dim, cfg.max_position_embeddings) == (128, 2048)
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
