@@ -319,6 +319,7 @@ class Engine:
                         inflight.append(plan)
                         continue
                 if not inflight:
+                    self.observer.idle(scheduler)
                     self._wakeup.clear()
                     await self.client.wait(self._wakeup)
                     continue

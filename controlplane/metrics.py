@@ -24,10 +24,9 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
     Sum,
 )
-from opentelemetry.sdk.resources import Resource
 
 from shared.config import TelemetryConfig
-from shared.telemetry import CONTROLPLANE_SERVICE, otlp_endpoint_url
+from shared.telemetry import CONTROLPLANE_SERVICE, otlp_endpoint_url, service_resource
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ class ServingMetrics:
             endpoint = otlp_endpoint_url(config.otlp_endpoint) if config.otlp_endpoint else None
             readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=endpoint)))
         self.provider = MeterProvider(
-            metric_readers=readers, resource=Resource.create({"service.name": CONTROLPLANE_SERVICE})
+            metric_readers=readers, resource=service_resource(CONTROLPLANE_SERVICE)
         )
         self.enabled = bool(readers)
         m = self.provider.get_meter("duetserve.controlplane")

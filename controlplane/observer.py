@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import msgspec
@@ -71,6 +71,9 @@ class RequestObs:
     num_decode_steps: int = 0
     finish_reason: str | None = None
     error: str | None = None  # why the call failed, as the client saw it
+    completion_tokens: int = 0  # its output tokens, once finished
+    # completions 1..n-1 of an n > 1 request (on completion 0's record): the call's span sums them up
+    children: list[RequestObs] = field(default_factory=list)
 
     def set(self, attributes: dict[str, object]) -> None:
         if self.span is not None:
@@ -88,7 +91,6 @@ class _Step:
     span: Span | None
     chunks: list[tuple[RequestObs, Span]]  # the prefill-chunk spans this step opened
     predicted_ms: float | None
-    preemptions_before: int
     num_tokens: int = 0  # tokens the plan schedules (counted only with metrics on)
 
 
@@ -128,6 +130,9 @@ class EngineObserver:
         self.model = model
         self._by_seq: dict[int, RequestObs] = {}
         self._steps: dict[int, _Step] = {}  # step id -> its record, while in flight
+        # the scheduler whose preemption count the metric has caught up with, and how far
+        self._preempt_scheduler: object | None = None
+        self._preempt_seen = 0
 
     @classmethod
     def disabled(cls) -> EngineObserver:
@@ -145,8 +150,10 @@ class EngineObserver:
 
     def start_completion(self, parent: RequestObs, index: int) -> RequestObs:
         """Completion `index` (> 0) of an n > 1 request: its span a child of the request's span (completion
-        0's), in the same trace, with the request's attributes and `duetserve.choice_index`."""
-        obs = RequestObs(arrival=time.monotonic())
+        0's), in the same trace, with the request's attributes and `duetserve.choice_index`. Its clock
+        starts at the call's arrival, as a vLLM child request's does."""
+        obs = RequestObs(arrival=parent.arrival)
+        parent.children.append(obs)
         if self.tracer is not None and parent.span is not None and parent.span.is_recording():
             attributes = {key: value for key, value in (getattr(parent.span, "attributes", None) or {}).items()
                           if key.startswith(_REQUEST_ATTRIBUTE_PREFIXES)}  # not completion 0's outcome
@@ -184,6 +191,7 @@ class EngineObserver:
         if obs.finish_reason is not None:
             return
         obs.finish_reason = reason
+        obs.completion_tokens = completion_tokens
         self._by_seq.pop(obs.seq_id, None)
         now = time.monotonic()
         if self.log_requests:
@@ -192,10 +200,11 @@ class EngineObserver:
             labels = self.metrics.labels
             self.metrics.e2e.record(now - obs.arrival, labels)
             self.metrics.request_success.add(1, {**labels, "finished_reason": reason})
-            self.metrics.prompt_tokens.add(prompt_tokens, labels)
             self.metrics.generation_tokens.add(completion_tokens, labels)
-            self.metrics.prefix_cache_queries.add(prompt_tokens, labels)
-            self.metrics.prefix_cache_hits.add(cached_tokens, labels)
+            if obs.first_scheduled is not None:  # admitted: its prompt was looked up and prefilled
+                self.metrics.prompt_tokens.add(prompt_tokens, labels)
+                self.metrics.prefix_cache_queries.add(prompt_tokens, labels)
+                self.metrics.prefix_cache_hits.add(cached_tokens, labels)
         if obs.span is None:
             return
         obs.set(tr.usage_attributes(reason, prompt_tokens, completion_tokens, cached_tokens))
@@ -233,6 +242,11 @@ class EngineObserver:
                 _end(span)
         elif error:
             obs.span.set_status(Status(StatusCode.ERROR, error))
+        if obs.children:  # the call's span is the whole response's: every choice's reason and tokens
+            done = [obs, *obs.children]
+            tokens = sum(o.completion_tokens for o in done)
+            obs.set({"gen_ai.response.finish_reasons": [o.finish_reason or "none" for o in done],
+                     "gen_ai.usage.output_tokens": tokens, "gen_ai.usage.completion_tokens": tokens})
         obs.span.end()
 
     # ------------------------------------------------------------------ steps
@@ -240,8 +254,9 @@ class EngineObserver:
     def step_planned(self, plan: StepPlan, scheduler: SchedulerView, started_ns: int) -> StepPlan:
         """Record the step's decision; with tracing on, return the plan carrying trace context."""
         self._gauges(scheduler, plan)
+        self._count_preemptions(scheduler)  # those schedule() made to fit this plan
         predicted = getattr(scheduler, "last_predicted_ms", None)
-        step = self._steps[plan.step_id] = _Step(None, [], predicted, scheduler.num_preemptions)
+        step = self._steps[plan.step_id] = _Step(None, [], predicted)
         if self.metrics is not None or self.tracer is not None or self.log_requests:
             step.num_tokens = self._admitted(plan, started_ns)
         if self.tracer is None:
@@ -303,10 +318,8 @@ class EngineObserver:
         self._gauges(scheduler, plan)
         if step is None:
             return
+        self._count_preemptions(scheduler)
         if self.metrics:
-            preempted = scheduler.num_preemptions - step.preemptions_before
-            if preempted > 0:
-                self.metrics.preemptions.add(preempted, self.metrics.labels)
             if step.predicted_ms is not None and result.timings.total_ms > 0:
                 err = abs(step.predicted_ms - result.timings.total_ms) / result.timings.total_ms * 100.0
                 self.metrics.set_predictor_error(err)
@@ -314,7 +327,31 @@ class EngineObserver:
         _end_chunks(step)
         if step.span is not None:
             step.span.set_attributes(tr.step_result_attributes(result, step.predicted_ms))
+            if result.failures:
+                step.span.set_status(Status(StatusCode.ERROR, f"{len(result.failures)} sequences failed: "
+                                                              f"{result.failures[0].message}"))
             step.span.end()
+
+    def _count_preemptions(self, scheduler: SchedulerView) -> None:
+        """Add the preemptions the scheduler made since last counted (a new scheduler counts from 0)."""
+        if self.metrics is None:
+            return
+        if scheduler is not self._preempt_scheduler:
+            self._preempt_scheduler, self._preempt_seen = scheduler, 0
+        total = scheduler.num_preemptions
+        if total > self._preempt_seen:
+            self.metrics.preemptions.add(total - self._preempt_seen, self.metrics.labels)
+            self._preempt_seen = total
+
+    def idle(self, scheduler: SchedulerView) -> None:
+        """No step in flight and none to plan: the gauges say so (requests aborted while queued)."""
+        if self.metrics is None:
+            return
+        m, labels = self.metrics, self.metrics.labels
+        m.running.set(scheduler.num_running, labels)
+        m.waiting.set(scheduler.num_waiting, labels)
+        self._kv_usage(scheduler)
+        self._count_preemptions(scheduler)
 
     def _step_metrics(self, plan: StepPlan, result: StepResult, num_tokens: int) -> None:
         m = self.metrics
@@ -336,6 +373,10 @@ class EngineObserver:
             if step.span is not None:
                 step.span.set_status(Status(StatusCode.ERROR, reason))
                 step.span.end()
+        if self.metrics is not None:  # every request ends with the data plane: nothing runs, waits or holds KV
+            m, labels = self.metrics, self.metrics.labels
+            for gauge in (m.running, m.waiting, m.kv_usage, m.sm_prefill, m.sm_decode):
+                gauge.set(0, labels)
 
     def _gauges(self, scheduler: SchedulerView, plan: StepPlan) -> None:
         if self.metrics is None:
@@ -343,11 +384,15 @@ class EngineObserver:
         m, labels = self.metrics, self.metrics.labels
         m.running.set(scheduler.num_running, labels)
         m.waiting.set(scheduler.num_waiting, labels)
-        allocator = getattr(scheduler, "allocator", None)
-        if allocator is not None and allocator.num_blocks:
-            m.kv_usage.set(1.0 - allocator.num_free / allocator.num_blocks, labels)
+        self._kv_usage(scheduler)
         m.sm_prefill.set(plan.prefill_sms, labels)
         m.sm_decode.set(plan.decode_sms, labels)
+
+    def _kv_usage(self, scheduler: SchedulerView) -> None:
+        assert self.metrics is not None
+        allocator = getattr(scheduler, "allocator", None)
+        if allocator is not None and allocator.num_blocks:
+            self.metrics.kv_usage.set(1.0 - allocator.num_free / allocator.num_blocks, self.metrics.labels)
 
     def shutdown(self) -> None:
         """Flush batched spans and stop the exporters (called once at server stop)."""

@@ -12,7 +12,7 @@ import logging
 import time
 
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.trace import Link, Span, SpanKind, Tracer
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 
 from shared.config import TelemetryConfig
 from shared.messages import StepPlan, StepResult
@@ -58,6 +58,9 @@ class DataplaneTracing:
         span = self._tracer.start_span("dataplane.execute", context=extract(plan.trace_context),
                                        kind=SpanKind.INTERNAL, start_time=start_ns,
                                        attributes=_step_attributes(plan, result))
+        if result.failures:
+            span.set_status(Status(StatusCode.ERROR, f"{len(result.failures)} sequences failed: "
+                                                     f"{result.failures[0].message}"))
         end = time.time_ns()
         span.end(end_time=end)
         self._seq_spans(plan, result, span, start_ns, end)
@@ -87,6 +90,8 @@ class DataplaneTracing:
                 "dataplane.seq", context=extract_traceparent(parent), links=link, start_time=start,
                 attributes=attributes,
             )
+            if seq_id in failed:
+                span.set_status(Status(StatusCode.ERROR, failed[seq_id]))
             span.end(end_time=end)
 
     def shutdown(self) -> None:

@@ -151,12 +151,22 @@ def make_span_exporter(config: TelemetryConfig) -> SpanExporter | None:
     return OTLPSpanExporter(endpoint=endpoint)
 
 
+def service_resource(service_name: str) -> Resource:
+    """The resource of one plane's telemetry: `service.name` is the plane's unless the operator set one
+    (OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES, which the OTel SDK says win); `duetserve.plane`
+    names the plane either way."""
+    name = str(Resource.create({}).attributes.get("service.name", ""))  # what the environment says
+    if not name or name.startswith("unknown_service"):
+        name = service_name
+    return Resource.create({"service.name": name, "duetserve.plane": service_name})
+
+
 def make_tracer_provider(config: TelemetryConfig, service_name: str) -> TracerProvider | None:
     """A private (not global) provider batching spans to the configured exporter; None when off."""
     exporter = make_span_exporter(config)
     if exporter is None:
         return None
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    provider = TracerProvider(resource=service_resource(service_name))
     provider.add_span_processor(BatchSpanProcessor(exporter))
     log.info("tracing: %s exporter, service %s", config.exporter, service_name)
     return provider

@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controlplane.launcher import spawn_dataplane, stop_process
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
+from shared.config import TelemetryConfig
 from tests.e2e.conftest import Served, generate, serve
 from tests.e2e.test_limits import LONG, slow_steps, wait_for
 
@@ -71,6 +72,28 @@ async def test_kill_9_mid_stream_then_supervisor_restarts() -> None:
         assert await health_status(served) == NOT_SERVING
         await serves_again(served)
         assert supervisor.restarts == 1 and served.plane.engine.num_reconnects == 1
+
+
+async def test_gauges_are_zero_while_the_data_plane_is_down() -> None:
+    """Every request ended with the data plane: running, waiting and KV use read 0, not the last step's."""
+    from tests.e2e.test_metrics import free_port, scrape, value  # that module imports this one
+
+    port = free_port()
+    async with serve("tiny", supervised=True, max_num_seqs=2, telemetry=TelemetryConfig(metrics_port=port)) as served:
+        slow_steps(served)
+        supervisor = served.plane.supervisor
+        assert supervisor is not None and supervisor.child is not None
+        calls = [served.stub.Generate(pb.GenerateRequest(request_id=f"g{i}", **LONG)) for i in range(3)]
+        await wait_for(lambda: served.scheduler.num_running == 2 and served.scheduler.num_waiting == 1)
+        await wait_for(lambda: all(s.output_token_ids for s in served.scheduler.running))
+        busy = await asyncio.to_thread(scrape, port)
+        os.kill(supervisor.child.pid, signal.SIGKILL)
+        await asyncio.gather(*(end_of(call) for call in calls))
+        await wait_health(served, NOT_SERVING, 10)
+        down = await asyncio.to_thread(scrape, port)
+    assert value(busy, "duetserve:num_requests_running") == 2 and value(busy, "duetserve:num_requests_waiting") == 1
+    for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
+        assert value(down, f"duetserve:{gauge}") == 0, gauge
 
 
 async def test_kill_9_while_idle_is_noticed() -> None:

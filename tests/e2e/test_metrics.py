@@ -7,8 +7,11 @@ import re
 import socket
 import urllib.request
 
+from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from shared.config import TelemetryConfig
 from tests.e2e.conftest import generate, serve
+from tests.e2e.test_faults import end_of
+from tests.e2e.test_limits import LONG, slow_steps, wait_for
 
 _LINE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="[^"]*",?)*\})? [-+0-9.eInf]+$')
 
@@ -82,3 +85,62 @@ async def test_prefix_cache_counters_count_the_reused_prompt_tokens() -> None:
     assert out.final is not None and out.final.cached_tokens == 32
     assert value(after, "duetserve:prefix_cache_queries_total") == 80
     assert value(after, "duetserve:prefix_cache_hits_total") == 32
+
+
+async def test_preemptions_are_counted_without_async_scheduling() -> None:
+    """The scheduler preempts while planning a step: the counter catches them then, not only when an
+    earlier step happens to be in flight."""
+    port = free_port()
+    async with serve("tiny", telemetry=TelemetryConfig(metrics_port=port), num_kv_blocks=8,
+                     async_scheduling=False) as served:
+        outs = await asyncio.gather(*(generate(served.stub, token_ids={"ids": list(range(3 + i, 23 + i))},
+                                               max_tokens=60, ignore_eos=True, temperature=0.0) for i in range(4)))
+        assert all(o.final is not None and o.final.completion_tokens == 60 for o in outs)
+        preempted = served.scheduler.num_preemptions
+        samples = await asyncio.to_thread(scrape, port)
+    assert preempted > 0 and value(samples, "duetserve:num_preemptions_total") == preempted
+
+
+async def test_prompt_tokens_count_only_requests_that_were_admitted() -> None:
+    """Requests aborted while queued never had their prompt looked up or prefilled."""
+    port = free_port()
+    async with serve("tiny", max_num_seqs=1, telemetry=TelemetryConfig(metrics_port=port)) as served:
+        slow_steps(served)
+        running = served.stub.Generate(pb.GenerateRequest(request_id="run", **LONG))
+        await running.read()
+        queued = [served.stub.Generate(pb.GenerateRequest(request_id=f"q{i}", **LONG)) for i in range(3)]
+        await wait_for(lambda: served.scheduler.num_waiting == 3)
+        for i in range(3):
+            await served.stub.Abort(pb.AbortRequest(request_id=f"q{i}"))
+        await asyncio.gather(*(end_of(c) for c in queued))
+        await wait_for(lambda: served.scheduler.num_waiting == 0)
+        await asyncio.sleep(0.2)  # a few steps of "run": each refreshes the gauges
+        busy = await asyncio.to_thread(scrape, port)
+        await served.stub.Abort(pb.AbortRequest(request_id="run"))
+        await end_of(running)
+        await wait_for(lambda: not served.scheduler.seqs)
+        await asyncio.sleep(0.2)
+        samples = await asyncio.to_thread(scrape, port)
+    prompt = len(LONG["token_ids"]["ids"])
+    assert value(samples, "duetserve:prompt_tokens_total") == prompt
+    assert value(samples, "duetserve:prefix_cache_queries_total") == prompt
+    assert value(busy, "duetserve:num_requests_waiting") == 0
+    assert value(samples, "duetserve:num_requests_running") == 0  # refreshed when the step loop went idle
+    assert value(samples, "duetserve:kv_cache_usage_perc") == 0
+
+
+async def test_the_later_completions_of_n_count_from_the_calls_arrival() -> None:
+    """With n > 1, completion i's TTFT and latency are measured from when the call arrived (as vLLM's
+    child requests), not from when it joined after completion 0's prompt."""
+    port = free_port()
+    async with serve("tiny", telemetry=TelemetryConfig(metrics_port=port)) as served:
+        slow_steps(served, 0.2)
+        start = asyncio.get_running_loop().time()
+        first: dict[int, float] = {}
+        async for response in served.stub.Generate(pb.GenerateRequest(
+                token_ids={"ids": list(range(3, 43))}, n=2, max_tokens=3, ignore_eos=True, temperature=1.0)):
+            if response.token_ids and response.index not in first:
+                first[response.index] = asyncio.get_running_loop().time() - start
+        samples = await asyncio.to_thread(scrape, port)
+    assert value(samples, "duetserve:time_to_first_token_seconds_count") == 2
+    assert value(samples, "duetserve:time_to_first_token_seconds_sum") >= 0.9 * sum(first.values())

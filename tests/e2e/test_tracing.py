@@ -123,6 +123,9 @@ async def test_spans_reach_an_otlp_receiver() -> None:
     assert server.attributes["gen_ai.request.seed"] == 7 and child.attributes["gen_ai.request.seed"] == 8  # seed + i
     assert child.attributes["gen_ai.response.finish_reasons"] == ["length"]
     assert child.attributes["gen_ai.usage.output_tokens"] == 2
+    # the call's span is the whole response's, as the GenAI conventions say: one reason per choice
+    assert server.attributes["gen_ai.response.finish_reasons"] == ["length", "length"]
+    assert server.attributes["gen_ai.usage.output_tokens"] == 4
 
     bad = [s for s in spans if s.kind == 2 and s.attributes.get("gen_ai.request.id") is None]
     assert len(bad) == 1 and bad[0].status_code == 2  # the rejected call: an error span of its own
