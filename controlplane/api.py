@@ -189,7 +189,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     def _limits(self) -> Limits:
         assert self.engine.worker is not None
         return Limits(vocab_size=self.engine.worker.model.vocab_size, max_model_len=self.engine.max_model_len,
-                      priority_scheduling=self.engine.scheduler_config.scheduling_policy == "priority")
+                      priority_scheduling=self.engine.scheduler_config.scheduling_policy == "priority",
+                      eos_token_ids=frozenset(self.engine.worker.model.eos_token_ids))
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -215,8 +216,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             why = self.engine.failure or ("server shutting down" if self.engine.draining else "engine not ready")
             await self._abort(context, obs, grpc.StatusCode.UNAVAILABLE, why)
         valid = await self._validate(request, context, obs)
-        if valid is None:  # aborted while its prompt was encoded
-            yield pb.GenerateResponse(request_id=request.request_id, finish_reason="abort")
+        if valid is None:  # aborted while its prompt was encoded: every completion ends with a message
+            for index in range(max(request.n, 1)):
+                yield pb.GenerateResponse(request_id=request.request_id, finish_reason="abort", index=index)
             return
         obs.set(request_attributes(valid.request_id, valid.sampling, valid.stop.max_tokens, valid.stop.stop_strings,
                                    valid.priority))

@@ -44,6 +44,7 @@ class Limits:
     vocab_size: int
     max_model_len: int
     priority_scheduling: bool = False  # whether a request may set a priority (--scheduling-policy priority)
+    eos_token_ids: frozenset[int] = frozenset()  # the model's: stop tokens unless ignore_eos
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ def _token_rules(request: pb.GenerateRequest,
         value = _finite(f"logit_bias[{token}]", value)
         if abs(value) > MAX_LOGIT_BIAS_VALUE:
             raise InvalidRequest(f"logit_bias[{token}] must be in [-{MAX_LOGIT_BIAS_VALUE:g}, "
-                                 f"{MAX_LOGIT_BIAS_VALUE:g}], got {value:.7g}")  # a float32 on the wire
+                                 f"{MAX_LOGIT_BIAS_VALUE:g}], got {value:.9g}")  # a float32: 9 digits tell it apart
         bias.append((token, value))
     allowed = sorted(set(request.allowed_token_ids))
     if allowed and allowed[-1] >= limits.vocab_size:
@@ -219,9 +220,13 @@ def _stop(request: pb.GenerateRequest, num_prompt: int, limits: Limits) -> StopP
     max_tokens = request.max_tokens if request.HasField("max_tokens") else DEFAULT_MAX_TOKENS
     if max_tokens < 1:
         raise InvalidRequest(f"max_tokens must be >= 1, got {max_tokens}")
-    max_tokens = min(max_tokens, limits.max_model_len - num_prompt)
-    if request.min_tokens > max_tokens:
+    room = limits.max_model_len - num_prompt
+    if request.min_tokens > min(max_tokens, room):
+        if request.min_tokens <= max_tokens:  # the prompt leaves less room than max_tokens asks for
+            raise InvalidRequest(f"min_tokens ({request.min_tokens}) exceeds the {room} tokens a prompt of "
+                                 f"{num_prompt} leaves under max_model_len {limits.max_model_len}")
         raise InvalidRequest(f"min_tokens ({request.min_tokens}) exceeds max_tokens ({max_tokens})")
+    max_tokens = min(max_tokens, room)
     if len(request.stop) > MAX_STOP_STRINGS:
         raise InvalidRequest(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(request.stop)}")
     for i, stop in enumerate(request.stop):
@@ -260,6 +265,11 @@ def _check_options(request: pb.GenerateRequest, limits: Limits) -> None:
     if request.priority and not limits.priority_scheduling:
         raise InvalidRequest(f"priority: {request.priority} needs a server started with --scheduling-policy "
                              "priority (this one admits requests first come, first served)")
+    if request.min_tokens and request.allowed_token_ids:
+        stoppers = set(request.stop_token_ids) | (set() if request.ignore_eos else set(limits.eos_token_ids))
+        if set(request.allowed_token_ids) <= stoppers:
+            raise InvalidRequest(f"min_tokens: every token allowed_token_ids allows is a stop token (EOS or "
+                                 f"stop_token_ids), so none may be sampled before {request.min_tokens} tokens")
     if request.HasField("detokenize") and not request.detokenize and request.stop:
         raise InvalidRequest("stop: stop strings are matched in the text, which detokenize=false turns off "
                              "(use stop_token_ids)")

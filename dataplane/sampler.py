@@ -24,6 +24,7 @@ from torch import Tensor
 from shared.messages import SamplingParams, TokenLogprobs
 
 GREEDY_EPS = 1e-5  # temperatures below this are greedy
+MAX_LOGIT = 1e30  # processed logits are capped here: finite after dividing by any temperature >= GREEDY_EPS
 _MASK64 = (1 << 64) - 1
 
 
@@ -223,6 +224,10 @@ class Sampler:
                                               inflight_output_ids)
             if blocked:
                 processed = _mask_stop_tokens(processed, [(i, params[i].stop_token_ids) for i in blocked])
+            # a penalty can overflow a logit (a tiny repetition_penalty divides by ~0): +inf would make
+            # the softmax NaN and the race pick id 0, which the rules may not allow. Capped at 1e30 (still
+            # finite after any temperature's division); NaN is never sampled
+            processed = torch.nan_to_num(processed, nan=float("-inf")).clamp_max(MAX_LOGIT)
             tokens = self._choose(processed, params, greedy, generated_counts)
         return SampleOutput(token_ids=tokens, logprob_tensors=self._logprobs(raw, tokens, params))
 

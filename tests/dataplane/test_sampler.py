@@ -330,3 +330,16 @@ def test_top_k_keeps_every_token_tied_with_the_kth() -> None:
     logits = torch.tensor([3.0, 1.0, 1.0, 1.0, -5.0]).expand(300, 5).contiguous()
     out = _sample(logits, [SamplingParams(temperature=100.0, top_k=2, seed=i) for i in range(300)])
     assert set(out.tolist()) == {0, 1, 2, 3}
+
+
+def test_an_overflowing_penalty_never_samples_a_token_the_rules_forbid() -> None:
+    """repetition_penalty 1e-40 divides a positive logit to +inf: the softmax would be NaN and the race
+    would pick id 0. The row is capped, so the allowed token (or the seen one, greedy) still wins."""
+    logits = _logits(3, seed=9).abs() + 0.5  # positive: divided by the penalty
+    seen = [torch.tensor([4]), torch.tensor([4]), torch.tensor([4])]
+    outs = [torch.tensor([], dtype=torch.long)] * 3
+    params = [SamplingParams(temperature=0.0, repetition_penalty=1e-40, allowed_token_ids=(4,)),
+              SamplingParams(temperature=0.7, repetition_penalty=1e-40, allowed_token_ids=(4,), seed=1),
+              SamplingParams(temperature=0.7, repetition_penalty=1e-40, seed=2)]
+    tokens = Sampler().sample(logits, params, [0, 0, 0], seen, outs).token_ids.tolist()
+    assert tokens == [4, 4, 4]  # row 3: the seen token's logit overflowed to the cap, far above the rest

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -76,6 +77,29 @@ async def test_abort_cancel_and_deadline_end_every_completion() -> None:
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         await wait_idle(served)
         assert not served.scheduler.seqs and all_free(served) and served.plane.engine.num_live_requests == 0
+
+
+async def test_an_abort_while_the_prompt_is_encoded_ends_every_completion() -> None:
+    """Aborted before its text is encoded, an n=3 request still ends each completion with a message."""
+    async with serve("tiny") as served:
+        tokenizer = served.plane.engine.tokenizer
+        encode, started = tokenizer.encode, asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def slow(*args: object, **kwargs: object) -> list[int]:
+            loop.call_soon_threadsafe(started.set)
+            time.sleep(0.5)  # encoding runs in a worker thread: the Abort arrives meanwhile
+            return encode(*args, **kwargs)
+
+        tokenizer.encode = slow  # type: ignore[method-assign]
+        call = served.stub.Generate(pb.GenerateRequest(request_id="enc", text="hello", n=3, max_tokens=4))
+        await started.wait()
+        assert (await served.stub.Abort(pb.AbortRequest(request_id="enc"))).found
+        finals = {}
+        async for response in call:
+            if response.finish_reason:
+                finals[response.index] = response.finish_reason
+        assert finals == {0: "abort", 1: "abort", 2: "abort"}
 
 
 async def test_bad_n_and_reused_ids_are_refused() -> None:
