@@ -120,7 +120,7 @@ class BlockingTokenizer:
 def _servicer(tokenizer: object = None) -> tuple[GenerationServicer, FakeEngine]:
     engine = FakeEngine()
     engine.healthy, engine.tokenizer, engine.max_model_len = True, tokenizer, 1000  # type: ignore[attr-defined]
-    engine.worker = SimpleNamespace(block_size=4, model=SimpleNamespace(vocab_size=260))
+    engine.worker = SimpleNamespace(block_size=4, model=SimpleNamespace(vocab_size=260, eos_token_ids=[257]))
     engine.scheduler_config = SimpleNamespace(enable_prefix_caching=True, scheduling_policy="fcfs")
     return GenerationServicer(engine, "m", "aggregated"), engine  # type: ignore[arg-type]
 
