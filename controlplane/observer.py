@@ -345,12 +345,7 @@ class EngineObserver:
 
     def idle(self, scheduler: SchedulerView) -> None:
         """No step in flight and none to plan: the gauges say so (requests aborted while queued)."""
-        if self.metrics is None:
-            return
-        m, labels = self.metrics, self.metrics.labels
-        m.running.set(scheduler.num_running, labels)
-        m.waiting.set(scheduler.num_waiting, labels)
-        self._kv_usage(scheduler)
+        self._gauges(scheduler, None)
         self._count_preemptions(scheduler)
 
     def _step_metrics(self, plan: StepPlan, result: StepResult, num_tokens: int) -> None:
@@ -378,21 +373,19 @@ class EngineObserver:
             for gauge in (m.running, m.waiting, m.kv_usage, m.sm_prefill, m.sm_decode):
                 gauge.set(0, labels)
 
-    def _gauges(self, scheduler: SchedulerView, plan: StepPlan) -> None:
+    def _gauges(self, scheduler: SchedulerView, plan: StepPlan | None) -> None:
+        """Running, waiting and KV use now; the SM split of `plan` (None: keep the last step's)."""
         if self.metrics is None:
             return
         m, labels = self.metrics, self.metrics.labels
         m.running.set(scheduler.num_running, labels)
         m.waiting.set(scheduler.num_waiting, labels)
-        self._kv_usage(scheduler)
-        m.sm_prefill.set(plan.prefill_sms, labels)
-        m.sm_decode.set(plan.decode_sms, labels)
-
-    def _kv_usage(self, scheduler: SchedulerView) -> None:
-        assert self.metrics is not None
         allocator = getattr(scheduler, "allocator", None)
         if allocator is not None and allocator.num_blocks:
-            self.metrics.kv_usage.set(1.0 - allocator.num_free / allocator.num_blocks, self.metrics.labels)
+            m.kv_usage.set(1.0 - allocator.num_free / allocator.num_blocks, labels)
+        if plan is not None:
+            m.sm_prefill.set(plan.prefill_sms, labels)
+            m.sm_decode.set(plan.decode_sms, labels)
 
     def shutdown(self) -> None:
         """Flush batched spans and stop the exporters (called once at server stop)."""

@@ -55,15 +55,21 @@ async def serves_again(served: Served) -> None:
     served.scheduler.check_invariants()
 
 
+async def two_running_one_queued(served: Served, prefix: str) -> list[grpc.aio.UnaryStreamCall]:
+    """Three long calls on a server with max_num_seqs=2: two decoding, the third queued."""
+    slow_steps(served)
+    assert served.plane.supervisor is not None and served.plane.supervisor.child is not None
+    calls = [served.stub.Generate(pb.GenerateRequest(request_id=f"{prefix}{i}", **LONG)) for i in range(3)]
+    await wait_for(lambda: served.scheduler.num_running == 2 and served.scheduler.num_waiting == 1)
+    await wait_for(lambda: all(s.output_token_ids for s in served.scheduler.running))
+    return calls
+
+
 async def test_kill_9_mid_stream_then_supervisor_restarts() -> None:
     async with serve("tiny", supervised=True, max_num_seqs=2) as served:
-        slow_steps(served)
+        calls = await two_running_one_queued(served, "k")  # all three fail
         supervisor = served.plane.supervisor
         assert supervisor is not None and supervisor.child is not None
-        calls = [served.stub.Generate(pb.GenerateRequest(request_id=f"k{i}", **LONG)) for i in range(3)]
-        # two run (max_num_seqs=2), the third is queued: all three fail
-        await wait_for(lambda: served.scheduler.num_running == 2 and served.scheduler.num_waiting == 1)
-        await wait_for(lambda: all(s.output_token_ids for s in served.scheduler.running))
         killed_at = time.monotonic()
         os.kill(supervisor.child.pid, signal.SIGKILL)
         ends = await asyncio.gather(*(end_of(call) for call in calls))
@@ -80,12 +86,9 @@ async def test_gauges_are_zero_while_the_data_plane_is_down() -> None:
 
     port = free_port()
     async with serve("tiny", supervised=True, max_num_seqs=2, telemetry=TelemetryConfig(metrics_port=port)) as served:
-        slow_steps(served)
+        calls = await two_running_one_queued(served, "g")
         supervisor = served.plane.supervisor
         assert supervisor is not None and supervisor.child is not None
-        calls = [served.stub.Generate(pb.GenerateRequest(request_id=f"g{i}", **LONG)) for i in range(3)]
-        await wait_for(lambda: served.scheduler.num_running == 2 and served.scheduler.num_waiting == 1)
-        await wait_for(lambda: all(s.output_token_ids for s in served.scheduler.running))
         busy = await asyncio.to_thread(scrape, port)
         os.kill(supervisor.child.pid, signal.SIGKILL)
         await asyncio.gather(*(end_of(call) for call in calls))
