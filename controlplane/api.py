@@ -133,12 +133,10 @@ def _token_messages(request_id: str, delta: RequestDelta, index: int = 0) -> lis
     out = []
     for start in range(0, n, TOKENS_PER_MESSAGE):
         end = min(start + TOKENS_PER_MESSAGE, n)
-        piece = RequestDelta(delta.token_ids[start:end], delta.text if start == 0 else "",
-                             delta.logprobs[start:end] if delta.logprobs is not None else None)
-        if end == n:
-            piece = replace(delta, token_ids=piece.token_ids, text=piece.text, logprobs=piece.logprobs,
-                                        prompt_logprobs=None, prompt_token_ids=None)
-        out.append(_response(request_id, piece, index))
+        tokens = dict(token_ids=delta.token_ids[start:end], text=delta.text if start == 0 else "",
+                      logprobs=delta.logprobs[start:end] if delta.logprobs is not None else None)
+        last = replace(delta, **tokens, prompt_logprobs=None, prompt_token_ids=None) if end == n else None
+        out.append(_response(request_id, last or RequestDelta(**tokens), index))
     return out
 
 

@@ -256,11 +256,13 @@ def send_times_from_args(args: argparse.Namespace, workload: list[TraceRequest])
     return arrivals(workload, args.arrival, rate, args.burstiness, args.seed)
 
 
-async def bench(args: argparse.Namespace, workload: list[TraceRequest] | None = None) -> dict[str, object]:
-    """`workload`: the requests already read from the flags (None: read them here)."""
+async def bench(args: argparse.Namespace, workload: list[TraceRequest] | None = None,
+                send_times: list[float] | None = None) -> dict[str, object]:
+    """`workload` and `send_times`: the requests and their times already drawn from the flags (None:
+    draw them here)."""
     goodput = Goodput.parse(args.goodput)
     workload = workload if workload is not None else workload_from_args(args)
-    send_times = send_times_from_args(args, workload)
+    send_times = send_times if send_times is not None else send_times_from_args(args, workload)
     async with grpc.aio.insecure_channel(args.address) as channel:
         stub = pb_grpc.GenerationStub(channel)
         info = await stub.GetModelInfo(pb.GetModelInfoRequest())
@@ -273,7 +275,8 @@ async def bench(args: argparse.Namespace, workload: list[TraceRequest] | None = 
                                            prefix_len=prefix, timeout_s=args.request_timeout)
     arrays = per_request(records)
     result = {"model_id": info.model, "policy": info.policy, "request_rate": args.request_rate,
-              "burstiness": args.burstiness, "arrival": arrival_name(args.arrival, args.burstiness), "num_prompts": len(workload),
+              "burstiness": args.burstiness, "arrival": arrival_name(args.arrival, args.burstiness),
+              "num_prompts": len(workload),
               "prefix_cache_blocks_dropped": dropped,  # before the run, with --reset-prefix-cache
               **compute_metrics(arrays, duration, goodput), **arrays}
     if args.result_file:

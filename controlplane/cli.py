@@ -280,7 +280,8 @@ def _check_model(model: str) -> None:
     from dataplane.models.presets import PRESETS  # names only: no torch
 
     if model not in PRESETS and not Path(model).is_dir():
-        raise ValueError(f"--model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a checkpoint folder")
+        raise ValueError(f"--model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
+                         "nor a checkpoint folder")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,11 +322,11 @@ def _main(argv: list[str] | None = None) -> int:
         try:  # the inputs first: a trace that cannot be read, a bad --goodput, arrival flags that clash
             Goodput.parse(args.goodput)
             workload = workload_from_args(args)
-            send_times_from_args(args, workload)
+            send_times = send_times_from_args(args, workload)
         except (OSError, ValueError) as exc:
             print(f"duetserve bench serve: error: {exc}", file=sys.stderr)
             return 2
-        print(format_result(_run(bench(args, workload))))
+        print(format_result(_run(bench(args, workload, send_times))))
         return 0
     if args.command == "traces":
         from controlplane.traces import run_traces

@@ -30,7 +30,8 @@ def check_tls(tls: TlsConfig) -> None:
     try:
         context.load_cert_chain(tls.cert_file, tls.key_file)
     except (OSError, ssl.SSLError) as exc:
-        raise ValueError(f"TLS: cannot load the certificate {tls.cert_file} with the key {tls.key_file}: {exc}") from None
+        raise ValueError(f"TLS: cannot load the certificate {tls.cert_file} with the key {tls.key_file}: "
+                         f"{exc}") from None
     if tls.client_ca_file:
         try:
             context.load_verify_locations(tls.client_ca_file)

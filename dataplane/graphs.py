@@ -172,8 +172,9 @@ class DecodeGraphs:
     @torch.inference_mode()
     def ensure(self, stream_key: object, stream: torch.cuda.Stream | None, size: int) -> bool:
         """Capture graph (stream_key, size) and its twin on `stream` unless they exist; False when one
-        is missing and the graph budget is spent (replay nothing then: run the pass eagerly). Not
-        during other capture."""
+        is missing and the graph budget is spent (replay nothing then: run the pass eagerly). `stream`
+        None: a side stream for the whole GPU, the current stream for a partition. Not during other
+        capture."""
         missing = [s for s in self.variants(stream_key, size) if (stream_key, size, s) not in self._graphs]
         if len(self._graphs) + len(missing) > self.max_graphs:
             if self.over_budget == 0:
@@ -188,7 +189,8 @@ class DecodeGraphs:
     def _capture(self, stream_key: object, stream: torch.cuda.Stream | None, size: int, split: bool) -> None:
         start = time.perf_counter()
         reserved = torch.cuda.memory_reserved(self.device)  # the allocator's count: no device sync
-        stream = stream or self._side_stream
+        if stream is None:
+            stream = self._side_stream if stream_key == "full" else torch.cuda.current_stream(self.device)
         backend = self._wrapper(size, split)
         dummy = self._padded(AttentionBatch([], [], [], self.block_size), size)
         current = torch.cuda.current_stream(self.device)

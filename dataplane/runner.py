@@ -315,8 +315,7 @@ class ModelRunner:
         input_ids = staged_ids if input_ids is None else input_ids
         graphs = None if eager else self.graphs
         bucket = graphs.bucket_for(batch.num_seqs) if graphs is not None and batch.is_decode_only else None
-        stream = None if stream_key == "full" else torch.cuda.current_stream()
-        if graphs is not None and bucket is not None and graphs.ensure(stream_key, stream, bucket):
+        if graphs is not None and bucket is not None and graphs.ensure(stream_key, None, bucket):
             hidden = graphs.run(batch, input_ids, positions, slots, stream_key)
         else:
             self.backend.begin_step(batch, self.device, slots)

@@ -24,7 +24,7 @@ from torch import Tensor
 from shared.messages import SamplingParams, TokenLogprobs
 
 GREEDY_EPS = 1e-5  # temperatures below this are greedy
-MAX_LOGIT = 1e30  # processed logits are capped here: finite after dividing by any temperature >= GREEDY_EPS
+MAX_LOGIT = 1e30  # a penalised logit's cap: finite after dividing by any temperature >= GREEDY_EPS
 _MASK64 = (1 << 64) - 1
 
 
@@ -215,7 +215,8 @@ class Sampler:
                              f"{len(generated_counts)} generated counts")
         raw = logits.float()
         greedy = [p.temperature < GREEDY_EPS for p in params]
-        blocked = [i for i, (p, g) in enumerate(zip(params, generated_counts)) if p.stop_token_ids and g < p.min_tokens]
+        blocked = [i for i, (p, g) in enumerate(zip(params, generated_counts))
+                   if p.stop_token_ids and g < p.min_tokens]  # stop tokens held back until min_tokens
         if all(greedy) and not blocked and not any(has_penalties(p) or _has_token_rules(p) for p in params):
             tokens = raw.argmax(dim=-1)
         else:
@@ -224,10 +225,6 @@ class Sampler:
                                               inflight_output_ids)
             if blocked:
                 processed = _mask_stop_tokens(processed, [(i, params[i].stop_token_ids) for i in blocked])
-            # a penalty can overflow a logit (a tiny repetition_penalty divides by ~0): +inf would make
-            # the softmax NaN and the race pick id 0, which the rules may not allow. Capped at 1e30 (still
-            # finite after any temperature's division); NaN is never sampled
-            processed = torch.nan_to_num(processed, nan=float("-inf")).clamp_max(MAX_LOGIT)
             tokens = self._choose(processed, params, greedy, generated_counts)
         return SampleOutput(token_ids=tokens, logprob_tensors=self._logprobs(raw, tokens, params))
 
@@ -253,7 +250,9 @@ class Sampler:
         if use_rep and prompt_ids is not None:
             seen = (_token_counts(prompt_ids, vocab, logits.device) + out_counts) > 0
             rep = _row_tensor([p.repetition_penalty for p in params], logits.device)
-            penalised = torch.where(logits > 0, logits / rep, logits * rep)
+            # a tiny penalty divides a logit past float32 (+inf: a NaN softmax, and the race would pick id 0
+            # whatever the rules allow): capped, still finite after any temperature's division
+            penalised = torch.where(logits > 0, (logits / rep).clamp_max(MAX_LOGIT), logits * rep)
             logits = torch.where(seen, penalised, logits)
         freq = _row_tensor([p.frequency_penalty for p in params], logits.device)
         pres = _row_tensor([p.presence_penalty for p in params], logits.device)

@@ -52,7 +52,8 @@ class PlanStaging:
             self._busy.append((event, buffer))
 
     def _take(self, nbytes: int) -> torch.Tensor:
-        self._reclaim()
+        if not self._free.get(nbytes):  # poll the copies only when no buffer is known free
+            self._reclaim()
         free = self._free.get(nbytes)
         if free:
             return free.pop()
