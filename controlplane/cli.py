@@ -156,7 +156,15 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=None, help="default: the model's, else 0 (off)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stop-token-ids", default=None, help="comma-separated token ids that end the completion")
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--min-tokens", type=int, default=0,
+                   help="before this many tokens, EOS and --stop-token-ids are not sampled and stop strings do not stop")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="> 0; default: the model's, else 1 (off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2]")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2]")
+    p.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="print each new token's logprob at the end, with its N top alternatives (N <= 20)")
     p.add_argument("--n", type=int, default=1, help="completions to sample (parallel sampling; printed at the end "
                                                     "when more than one)")
     p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",

@@ -33,7 +33,12 @@ def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
         max_tokens=args.max_tokens, temperature=args.temperature,
         stop=args.stop, ignore_eos=args.ignore_eos, n=args.n, priority=args.priority,
         skip_special_tokens=args.skip_special_tokens, include_stop_str_in_output=args.include_stop_str_in_output,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
     )
+    if args.min_tokens < 0:
+        raise SystemExit(f"--min-tokens must be >= 0, got {args.min_tokens}")
+    request.min_tokens = args.min_tokens
+    request.stop_token_ids.extend(_token_ids("--stop-token-ids", args.stop_token_ids))
     for item in args.logit_bias:
         token, sep, bias = item.partition("=")
         try:
@@ -42,14 +47,9 @@ def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
             request.logit_bias[int(token)] = float(bias)
         except ValueError:
             raise SystemExit(f"--logit-bias takes ID=BIAS (a token id >= 0 and a number), got {item!r}") from None
-    if args.allowed_token_ids:
-        try:
-            request.allowed_token_ids.extend(int(t) for t in args.allowed_token_ids.split(","))
-        except ValueError:
-            raise SystemExit(f"--allowed-token-ids takes comma-separated token ids, got {args.allowed_token_ids!r}") \
-                from None
+    request.allowed_token_ids.extend(_token_ids("--allowed-token-ids", args.allowed_token_ids))
     if args.token_ids:
-        request.token_ids.ids.extend(int(t) for t in args.token_ids.split(","))
+        request.token_ids.ids.extend(_token_ids("--token-ids", args.token_ids))
     elif args.chat:
         request.chat.CopyFrom(chat_from_args(args))
     else:
@@ -62,11 +62,30 @@ def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
         request.min_p = args.min_p
     if args.seed is not None:
         request.seed = args.seed
+    if args.repetition_penalty is not None:
+        request.repetition_penalty = args.repetition_penalty
+    if args.logprobs is not None:
+        if args.logprobs < 0:
+            raise SystemExit(f"--logprobs must be >= 0, got {args.logprobs}")
+        request.logprobs = args.logprobs
     if args.prompt_logprobs is not None:
         request.prompt_logprobs = args.prompt_logprobs
     if args.truncate_prompt_tokens is not None:
         request.truncate_prompt_tokens = args.truncate_prompt_tokens
     return request
+
+
+def _token_ids(flag: str, text: str | None) -> list[int]:
+    """A comma-separated list of token ids (>= 0) from a flag; [] when not given."""
+    if not text:
+        return []
+    try:
+        ids = [int(t) for t in text.split(",")]
+        if any(i < 0 for i in ids):
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"{flag} takes comma-separated token ids (integers >= 0), got {text!r}") from None
+    return ids
 
 
 def chat_kwargs(text: str | None) -> Struct | None:
@@ -105,17 +124,28 @@ def prompt_score(entries: list[pb.TokenLogprob]) -> str:
     return f"[prompt_logprobs: {len(entries)} tokens, sum {total:.4f}, perplexity {math.exp(-total / len(entries)):.4f}]"
 
 
+def token_logprob_lines(entries: list[pb.TokenLogprob]) -> list[str]:
+    """One line a generated token: its id and logprob, then its top alternatives (id:logprob)."""
+    lines = []
+    for i, entry in enumerate(entries):
+        top = " ".join(f"{t.token_id}:{t.logprob:.4f}" for t in entry.top)
+        lines.append(f"  {i:4d} id {entry.token_id:>7d} logprob {entry.logprob:9.4f}" + (f"  top {top}" if top else ""))
+    return lines
+
+
 def run_generate(args: argparse.Namespace) -> int:
     """Stream one completion as it comes; with --n > 1, print each completion when all are done."""
     texts: dict[int, str] = {}
     finals: dict[int, pb.GenerateResponse] = {}
     scores: dict[int, str] = {}
+    logprobs: dict[int, list[pb.TokenLogprob]] = {}
     with open_channel(args) as channel:
         stub = pb_grpc.GenerationStub(channel)
         try:
             for response in stub.Generate(request_from_args(args), timeout=args.timeout,
                                           metadata=auth_metadata(args.auth_token)):
                 texts[response.index] = texts.get(response.index, "") + response.text
+                logprobs.setdefault(response.index, []).extend(response.logprobs)
                 if response.prompt_logprobs:
                     scores[response.index] = prompt_score(list(response.prompt_logprobs))
                 if args.n <= 1:
@@ -130,9 +160,12 @@ def run_generate(args: argparse.Namespace) -> int:
         last = finals[index]
         if args.n > 1:
             print(f"--- completion {index}\n{texts[index]}")
-        usage = (f"[finish_reason={last.finish_reason} prompt_tokens={last.prompt_tokens} "
+        stop = f" stop_reason={last.stop_reason!r}" if last.stop_reason else ""
+        usage = (f"[finish_reason={last.finish_reason}{stop} prompt_tokens={last.prompt_tokens} "
                  f"completion_tokens={last.completion_tokens} cached_tokens={last.cached_tokens}]")
         print(usage if args.n > 1 else "\n" + usage, file=sys.stderr)
+        if args.logprobs is not None:
+            print("\n".join(["[logprobs]", *token_logprob_lines(logprobs.get(index, []))]), file=sys.stderr)
         if args.prompt_logprobs is not None:
             print(scores.get(index, prompt_score([])), file=sys.stderr)
     return 0

@@ -4,6 +4,13 @@ sampled completion can hold -- each against the same request without the rule.""
 
 from __future__ import annotations
 
+import asyncio
+import re
+
+import pytest
+
+from controlplane.cli import build_parser
+from controlplane.client import request_from_args, run_generate
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from tests.e2e.conftest import generate, serve
 
@@ -27,3 +34,38 @@ async def test_logit_bias_and_allowed_token_ids_steer_the_tokens() -> None:
         many = [m async for m in served.stub.Generate(pb.GenerateRequest(**PROMPT, temperature=1.0, n=3,
                                                                           allowed_token_ids=[7, 8]))]
         assert sum(len(m.token_ids) for m in many) == 30 and {t for m in many for t in m.token_ids} <= {7, 8}
+
+
+def test_generate_cli_sends_the_stopping_penalty_and_logprob_flags() -> None:
+    args = build_parser().parse_args(["generate", "hi", "--min-tokens", "3", "--stop-token-ids", "7,9",
+                                      "--repetition-penalty", "1.2", "--presence-penalty", "0.5",
+                                      "--frequency-penalty", "-0.25", "--logprobs", "2"])
+    request = request_from_args(args)
+    assert (request.min_tokens, list(request.stop_token_ids)) == (3, [7, 9])
+    assert request.repetition_penalty == pytest.approx(1.2) and request.presence_penalty == 0.5
+    assert request.frequency_penalty == -0.25 and request.logprobs == 2
+    plain = request_from_args(build_parser().parse_args(["generate", "hi"]))
+    assert not plain.HasField("repetition_penalty") and not plain.HasField("logprobs") and plain.min_tokens == 0
+    for flags, says in ((["--stop-token-ids", "1,-2"], "--stop-token-ids takes"), (["--min-tokens", "-1"], ">= 0"),
+                        (["--logprobs", "-1"], ">= 0"), (["--token-ids", "4,x"], "--token-ids takes")):
+        with pytest.raises(SystemExit, match=says):
+            request_from_args(build_parser().parse_args(["generate", "hi", *flags]))
+
+
+async def test_generate_cli_stops_on_a_stop_token_and_prints_logprobs(capsys: pytest.CaptureFixture[str]) -> None:
+    async with serve("tiny") as served:
+        plain = await generate(served.stub, **PROMPT, temperature=0.0)
+        first, second = plain.token_ids[:2]
+        ids = ",".join(map(str, PROMPT["token_ids"]["ids"]))  # type: ignore[index]
+        cli = ["generate", "--address", f"127.0.0.1:{served.plane.port}", "--token-ids", ids, "--max-tokens", "10"]
+        args = build_parser().parse_args([*cli, "--stop-token-ids", str(second), "--logprobs", "2"])
+        assert await asyncio.to_thread(run_generate, args) == 0
+        err = capsys.readouterr().err
+        assert f"finish_reason=stop stop_reason='{second}'" in err and "completion_tokens=2" in err
+        rows = err.split("[logprobs]\n", 1)[1].splitlines()
+        assert [int(r.split()[2]) for r in rows] == [first, second] and all(r.count(":") == 2 for r in rows)
+        # before --min-tokens the stop token is not sampled, so the completion runs on past it
+        args = build_parser().parse_args([*cli, "--stop-token-ids", str(first), "--min-tokens", "4"])
+        assert await asyncio.to_thread(run_generate, args) == 0
+        err = capsys.readouterr().err
+        assert int(re.search(r"completion_tokens=(\d+)", err).group(1)) >= 4  # type: ignore[union-attr]
