@@ -159,7 +159,8 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-token-ids", default=None, help="comma-separated token ids that end the completion")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--min-tokens", type=int, default=0,
-                   help="before this many tokens, EOS and --stop-token-ids are not sampled and stop strings do not stop")
+                   help="before this many tokens, EOS and --stop-token-ids are not sampled and stop strings "
+                        "do not stop")
     p.add_argument("--repetition-penalty", type=float, default=None, help="> 0; default: the model's, else 1 (off)")
     p.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2]")
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2]")
