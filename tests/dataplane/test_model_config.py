@@ -162,3 +162,12 @@ def test_kv_cache_layout_and_size() -> None:
     total = sum(c.numel() * c.element_size() for c in caches)
     assert total == 10 * kv_bytes_per_block(tiny, 16, torch.float32)
     assert make_backend("auto", "cpu").name == "torch"
+
+
+def test_the_config_dtype_names_are_the_loaders() -> None:
+    """shared.config.DTYPES (checked at start-up, where torch is not imported) names exactly what the loader takes."""
+    from dataplane.models.loader import _DTYPES, resolve_dtype
+    from shared.config import DTYPES
+
+    assert set(DTYPES) == {"auto", *_DTYPES}
+    assert all(isinstance(resolve_dtype(name, "cpu"), torch.dtype) for name in DTYPES)
