@@ -124,6 +124,7 @@ class Engine:
         self.num_reconnects = 0
         self._handshake_timeout_s = 300.0
         self._reconnecting = False
+        self._limits_warned: tuple[int, int, int] | None = None  # the limits last warned about
         # Hooks for the server and the supervisor; each is called on the event loop, must not block.
         self.on_serving: Callable[[bool], None] = lambda serving: None
         self.on_lost: Callable[[str], None] = lambda reason: None
@@ -155,12 +156,16 @@ class Engine:
         if self._max_model_len_cap is not None:
             limits.append(self._max_model_len_cap)
         self.max_model_len = min(limits)
-        if self.queue_limits is not None and self.queue_limits.max_tokens < self.max_model_len:
-            log.warning("max_queued_tokens %d is below max_model_len %d: longer prompts are refused",
-                        self.queue_limits.max_tokens, self.max_model_len)
-        if self._max_model_len_cap is not None and self.max_model_len < self._max_model_len_cap:
-            log.warning("max_model_len %d asked for; serving %d (the model's positions: %d, the KV cache: %d tokens)",
-                        self._max_model_len_cap, self.max_model_len, ready.max_model_len, capacity_tokens)
+        limits_seen = (self.max_model_len, ready.max_model_len, capacity_tokens)
+        if limits_seen != self._limits_warned:  # once, not again on every reconnect to the same data plane
+            self._limits_warned = limits_seen
+            if self.queue_limits is not None and self.queue_limits.max_tokens < self.max_model_len:
+                log.warning("max_queued_tokens %d is below max_model_len %d: longer prompts are refused",
+                            self.queue_limits.max_tokens, self.max_model_len)
+            if self._max_model_len_cap is not None and self.max_model_len < self._max_model_len_cap:
+                log.warning("max_model_len %d asked for; serving %d (the model's positions: %d, the KV cache: "
+                            "%d tokens)", self._max_model_len_cap, self.max_model_len, ready.max_model_len,
+                            capacity_tokens)
         allocator = make_allocator(ready.num_kv_blocks, ready.block_size, self.scheduler_config.enable_prefix_caching)
         eos = frozenset(ready.model.eos_token_ids)
         self.scheduler = Scheduler(self.scheduler_config, allocator, self.max_model_len, eos, ready)

@@ -121,8 +121,10 @@ async def test_deadline_aborts_running_and_queued_requests() -> None:
         served.scheduler.check_invariants()
 
 
-async def test_a_token_queue_limit_below_max_model_len_is_warned_about(caplog) -> None:  # noqa: ANN001
+async def test_a_token_queue_limit_below_max_model_len_is_warned_about_once(caplog) -> None:  # noqa: ANN001
     with caplog.at_level("WARNING", logger="controlplane.engine"):
-        async with serve("tiny", max_queued_tokens=10):
-            pass
-    assert "max_queued_tokens 10 is below max_model_len" in caplog.text
+        async with serve("tiny", max_queued_tokens=10) as served:
+            engine = served.plane.engine
+            assert engine.worker is not None
+            engine._install(engine.worker)  # what a reconnect to the same data plane does
+    assert caplog.text.count("max_queued_tokens 10 is below max_model_len") == 1
