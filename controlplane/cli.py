@@ -371,7 +371,8 @@ def _main(argv: list[str] | None = None) -> int:
         load_chat_template(args.model, args.chat_template)
         load_sampling_defaults(args.model, args.generation_config)
     except (OSError, ValueError) as exc:
-        build_parser().error(str(exc))
+        print(f"duetserve serve: error: {exc}", file=sys.stderr)
+        return 2
     return _run(_serve(args))
 
 

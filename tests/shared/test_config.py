@@ -184,3 +184,16 @@ def test_the_checks_keep_what_the_loader_torch_and_logging_accept() -> None:
     assert build_parser().parse_args(["serve", "--log-level", "warn"]).log_level == "WARN"
     assert build_parser().parse_args(["simulate", "--trace", "t.csv", "--gpu", "H100"]).gpu == "h100"
     ServerConfig(port=50777, host="127.0.0.1", telemetry=TelemetryConfig(metrics_port=50777, metrics_host="::1"))
+
+
+@pytest.mark.parametrize("flags, says", [(["--num-kv-blocks", "0"], "num_kv_blocks must be >= 1, got 0"),
+                                         (["--dtype", "bogus"], "dtype must be one of"),
+                                         (["--model", "nosuchmodel"], "neither a preset")])
+def test_a_bad_serve_setting_is_one_error_line_naming_the_subcommand(flags: list[str], says: str,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from controlplane.cli import main
+
+    assert main(["serve", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("duetserve serve: error: ") and says in err and "usage:" not in err
+    assert len(err.strip().splitlines()) == 1
