@@ -392,7 +392,10 @@ class Engine:
                 continue
             self.observer.tokens(handle.obs, len(update.new_token_ids))
             new_ids, new_logprobs = update.new_token_ids, update.new_logprobs
-            stop = handle.processor.add_tokens(new_ids)
+            # a sequence that finished on STOP before its text was read here ended on its last token (EOS or
+            # a stop token id); a stop string is found only below
+            token_stop = seq.finish_reason is FinishReason.STOP and bool(new_ids)
+            stop = handle.processor.add_tokens(new_ids, token_stop)
             cut = False
             if stop is not None:  # tokens after the one that completed the stop string are dropped
                 new_ids, new_logprobs = _cut_at_stop(seq, new_ids, new_logprobs, handle.processor.stop_kept)

@@ -40,8 +40,9 @@ class OutputProcessor:
     stream: TokenStream
     stop_strings: tuple[str, ...] = ()
     include_stop_str: bool = False  # keep the stop string that ended the text (vLLM's include_stop_str_in_output)
-    # stop strings count from the min_tokens-th output token on, as EOS and stop tokens do (and vLLM's): a
-    # string ending in the text of an earlier token is never matched
+    # stop strings count only once more than min_tokens tokens were made, as EOS and stop tokens (masked
+    # in the sampler until then) and as vLLM's: a string ending in the text of the first min_tokens tokens
+    # is never matched
     min_tokens: int = 0
     text: str = ""  # all text decoded so far (stop string excluded once found, unless included)
     _sent: int = 0  # characters of `text` already streamed
@@ -53,21 +54,30 @@ class OutputProcessor:
 
     @property
     def _holdback(self) -> int:
+        """Characters kept back while they may begin a stop string that is cut from the text (none when
+        the stop string stays in it: what was sent is never taken back)."""
+        if self.include_stop_str:
+            return 0
         return max((len(s) for s in self.stop_strings), default=1) - 1
 
-    def add_tokens(self, token_ids: list[int]) -> str | None:
-        """Detokenise new tokens; returns the stop string that ended the text, if one appeared."""
+    def add_tokens(self, token_ids: list[int], stop_token_ended: bool = False) -> str | None:
+        """Detokenise new tokens; returns the stop string that ended the text, if one appeared.
+        `stop_token_ended`: the last token ended the sequence (EOS or a stop token id); its text is left
+        out unless stop strings are kept in the output, as vLLM's detokenizer does."""
         if self._stop_found is not None:
             self.stop_kept = 0
             return self._stop_found
+        silent = len(token_ids) if stop_token_ended and not self.include_stop_str else 0
         for kept, token_id in enumerate(token_ids, 1):
             self._num_tokens += 1
+            if kept == silent:
+                break
             piece = self.stream.step(token_id)
             if not piece:
                 continue
             before = len(self.text)
             self.text += piece
-            if self._num_tokens < self.min_tokens:
+            if self._num_tokens <= self.min_tokens:
                 continue
             # each stop string only where it ends in the new piece (text before it was searched already, or
             # came before min_tokens); of several, the one that ends first (then starts first), which is the

@@ -122,12 +122,13 @@ async def test_a_stream_interval_holds_messages_until_enough_tokens() -> None:
         raise AssertionError("interval 0 accepted")
 
 
-def test_stop_strings_count_from_min_tokens_on() -> None:
-    """A stop string in the text of the first min_tokens tokens does not stop; one after them does,
-    and one that ends in the min_tokens-th token's text does (as EOS at that token would)."""
+def test_stop_strings_count_only_after_min_tokens() -> None:
+    """A stop string ending in the text of the first min_tokens tokens does not stop, the min_tokens-th
+    included (EOS cannot be that token either: the sampler masks it); one ending after them does (vLLM's
+    `num_output_tokens() > min_tokens`)."""
     tok = ByteTokenizer()
     ids = tok.encode("ab STOP cd STOP ef")  # a byte a token: the first STOP ends at token 7
-    for min_tokens, want_text in ((0, "ab "), (7, "ab "), (8, "ab STOP cd ")):
+    for min_tokens, want_text in ((0, "ab "), (6, "ab "), (7, "ab STOP cd ")):
         proc = OutputProcessor(tok.stream(), ("STOP",), min_tokens=min_tokens)
         stop = None
         for token in ids:
@@ -151,3 +152,28 @@ def test_a_short_stop_string_in_the_text_before_min_tokens_is_not_matched_later(
     stops = [proc.add_tokens([t]) for t in tok.encode("b\nbb\nb")]
     assert stops[:4] == [None, None, None, None] and stops[4] == "\n"
     assert proc.take_text(final=True) == "b\nbb"
+
+
+def test_text_is_not_held_back_when_the_stop_string_stays_in_the_output() -> None:
+    """With include_stop_str nothing streamed is ever taken back, so no prefix is held (vLLM's stop buffer 0)."""
+    tok = ByteTokenizer()
+    for include, want in ((True, ["a", "b", "S", "T", "O", "P"]), (False, ["", "", "", "a", "b", ""])):
+        proc = OutputProcessor(tok.stream(), ("STOP",), include_stop_str=include)
+        pieces = []
+        for token in tok.encode("abSTOP"):
+            stop = proc.add_tokens([token])
+            pieces.append(proc.take_text(final=stop is not None))
+        assert stop == "STOP" and pieces[:-1] == want[:-1], include
+        assert "".join(pieces) == ("abSTOP" if include else "ab"), include
+
+
+def test_the_token_that_ended_the_sequence_adds_no_text_unless_stop_strings_are_kept() -> None:
+    """EOS or a stop token id ends the sequence: its text is left out (it still counts as a token), as
+    vLLM's detokenizer leaves it out unless include_stop_str_in_output; nor is it searched for stop strings."""
+    tok = ByteTokenizer()
+    for include, want in ((False, "abc"), (True, "abcX")):
+        proc = OutputProcessor(tok.stream(), ("cX",), include_stop_str=include)
+        assert proc.add_tokens(tok.encode("abc")) is None
+        stop = proc.add_tokens(tok.encode("X"), stop_token_ended=True)
+        assert proc.take_text(final=True) == ("abc" if not include else "abcX")
+        assert stop == (None if not include else "cX") and proc.text == want, include

@@ -69,3 +69,22 @@ async def test_generate_cli_stops_on_a_stop_token_and_prints_logprobs(capsys: py
         assert await asyncio.to_thread(run_generate, args) == 0
         err = capsys.readouterr().err
         assert int(re.search(r"completion_tokens=(\d+)", err).group(1)) >= 4  # type: ignore[union-attr]
+
+
+async def test_the_stop_token_that_ends_a_completion_is_not_in_its_text() -> None:
+    """As vLLM: a stop token id (or EOS) ending the completion counts as a token but adds no text, unless
+    include_stop_str_in_output; a stop token before min_tokens is not sampled at all."""
+    async with serve("tiny") as served:
+        plain = await generate(served.stub, **PROMPT, temperature=0.0)
+        first = plain.token_ids[0]
+        forced = {**PROMPT, "temperature": 0.0, "logit_bias": {65: 100.0}, "stop_token_ids": [65]}  # 65 is "A"
+        cut = await generate(served.stub, **forced)
+        assert cut.token_ids == [65] and cut.text == "" and cut.final is not None
+        assert (cut.final.finish_reason, cut.final.stop_reason, cut.final.completion_tokens) == ("stop", "65", 1)
+        kept = await generate(served.stub, **forced, include_stop_str_in_output=True)
+        assert kept.token_ids == [65] and kept.text == "A"
+        second = plain.token_ids[1]
+        assume = second != first  # else the stop would come at the first token
+        later = await generate(served.stub, **{**PROMPT, "temperature": 0.0, "stop_token_ids": [second]})
+        one = await generate(served.stub, **{**PROMPT, "temperature": 0.0, "max_tokens": 1})
+        assert assume and later.token_ids == plain.token_ids[:2] and later.text == one.text
