@@ -42,6 +42,7 @@ def _logprobs_pb(token_ids: list[int], logprobs: list[TokenLogprobs] | None) -> 
         pb.TokenLogprob(
             token_id=token,
             logprob=lp.logprob,
+            rank=lp.rank,
             top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in zip(lp.top_token_ids, lp.top_logprobs)],
         )
         for token, lp in zip(token_ids, logprobs)
@@ -419,8 +420,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.Load:
         validate_empty(request)
-        if self.engine.scheduler is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "engine not ready")
+        if self.engine.scheduler is None or self.engine.failure is not None:  # no data plane: no load to report
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.engine.failure or "engine not ready")
         load = server_load(self.engine.scheduler)
         return pb.Load(num_requests_running=load.running, num_requests_waiting=load.waiting,
                        num_waiting_tokens=load.waiting_tokens, num_kv_blocks=load.kv_blocks,

@@ -165,7 +165,7 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2]")
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2]")
     p.add_argument("--logprobs", type=int, default=None, metavar="N",
-                   help="print each new token's logprob at the end, with its N top alternatives (N <= 20)")
+                   help="print each new token's logprob and rank at the end, with its N top alternatives (N <= 20)")
     p.add_argument("--n", type=int, default=1, help="completions to sample (parallel sampling; printed at the end "
                                                     "when more than one)")
     p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
@@ -261,8 +261,15 @@ async def _serve(args: argparse.Namespace) -> int:
     plane = ControlPlane(server_config, args.model, spawn=spawn)  # a spawned data plane is supervised
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:  # the first drains for --shutdown-grace; a second ends the drain now
+        if stop.is_set():
+            log.warning("second signal: ending the requests still running now")
+            plane.engine.cut_drain()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     code = 0
     try:
         starting = asyncio.create_task(plane.start())

@@ -129,7 +129,8 @@ def token_logprob_lines(entries: list[pb.TokenLogprob]) -> list[str]:
     lines = []
     for i, entry in enumerate(entries):
         top = " ".join(f"{t.token_id}:{t.logprob:.4f}" for t in entry.top)
-        lines.append(f"  {i:4d} id {entry.token_id:>7d} logprob {entry.logprob:9.4f}" + (f"  top {top}" if top else ""))
+        lines.append(f"  {i:4d} id {entry.token_id:>7d} logprob {entry.logprob:9.4f} rank {entry.rank:>6d}"
+                     + (f"  top {top}" if top else ""))
     return lines
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -21,15 +22,16 @@ from zmq.utils.monitor import parse_monitor_message
 from shared.codec import ProtocolError, decode_to_control, encode
 from shared.endpoints import MAX_FRAME_BYTES
 from shared.messages import (
-    PROTOCOL_VERSION, Hello, Shutdown, StepPlan, StepProgress, StepResult, ToControl, WorkerFatal, WorkerReady,
-    fold_progress,
+    PROTOCOL_VERSION, Hello, Ping, Pong, Shutdown, StepPlan, StepProgress, StepResult, ToControl, WorkerFatal,
+    WorkerReady, fold_progress,
 )
 
 log = logging.getLogger(__name__)
 
 POLL_SLICE_S = 0.2  # how often a wait checks for a peer declared lost from outside (the supervisor)
-HELLO_RESEND_S = 1.0  # while connected and unanswered, Hello again: the peer may have answered into a
-# connection it had not yet seen close (a DEALER round-robins its replies); Hello is idempotent
+PING_INTERVAL_S = 1.0  # while idle, Ping this often
+PING_TIMEOUT_S = 10.0  # while idle, a data plane that answered no Ping for this long is hung
+HELLO_RESEND_S = 1.0  # while connected and unanswered (or refused for now), Hello again; Hello is idempotent
 SEND_HWM = 64  # messages queued for the worker; we never have more than a few in flight
 
 
@@ -42,18 +44,24 @@ class DataplaneTimeout(DataplaneUnavailable):
 
 
 class DataplaneClient:
-    def __init__(self, endpoint: str, context: zmq.asyncio.Context | None = None) -> None:
+    def __init__(self, endpoint: str, context: zmq.asyncio.Context | None = None,
+                 ping_timeout_s: float = PING_TIMEOUT_S) -> None:
         self.endpoint = endpoint
         self._own_context = context is None
         self._context = context or zmq.asyncio.Context()
         self._socket: zmq.asyncio.Socket | None = None
         self._monitor: zmq.asyncio.Socket | None = None
         self._lost: str | None = None
+        self.ping_timeout_s = ping_timeout_s
+        self._pinged = 0.0  # when the last Ping went out while idle
+        self._heard = 0.0  # when the data plane was last heard from
 
     # ------------------------------------------------------------------ connection
 
     def connect(self) -> None:
         sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, os.urandom(8))  # kept across this socket's reconnects (the data plane's
+        # ROUTER hands the place over); a fresh socket is a new peer
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, SEND_HWM)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
@@ -121,6 +129,11 @@ class DataplaneClient:
                 if self._connected:  # not queued behind a connection still to come: say it again
                     await self._send(hello)
                 continue
+            if isinstance(reply, WorkerFatal) and reply.retryable and remaining > HELLO_RESEND_S:
+                log.warning("the data plane refused the handshake for now (%s); trying again", reply.reason)
+                await asyncio.sleep(HELLO_RESEND_S)
+                await self._send(hello)
+                continue
             if isinstance(reply, WorkerFatal):
                 raise DataplaneUnavailable(f"data plane refused the handshake: {reply.reason}")
             if isinstance(reply, WorkerReady):
@@ -170,7 +183,7 @@ class DataplaneClient:
         if self._socket is not None:
             await self._send(Shutdown(reason="control plane shutting down"))
 
-    async def _send(self, message: Hello | StepPlan | Shutdown) -> None:
+    async def _send(self, message: Hello | StepPlan | Shutdown | Ping) -> None:
         self._check_lost()
         assert self._socket is not None
         try:
@@ -179,7 +192,8 @@ class DataplaneClient:
             raise DataplaneUnavailable("the data plane is not taking messages (send queue full)") from exc
 
     async def receive(self, timeout_s: float) -> ToControl:
-        """The next well-formed message; malformed frames are logged and skipped."""
+        """The next well-formed message; malformed frames are logged and skipped, and so are Pongs
+        (they only say the data plane is there)."""
         self._check_lost()
         assert self._socket is not None and self._monitor is not None
         poller = zmq.asyncio.Poller()
@@ -194,23 +208,57 @@ class DataplaneClient:
             if ready.get(self._socket):
                 frame = await self._socket.recv()
                 try:
-                    return decode_to_control(frame)
+                    message = decode_to_control(frame)
                 except ProtocolError as exc:
                     log.error("dropping malformed frame from the data plane: %s", exc)
                     continue
+                self._heard = time.monotonic()
+                if not isinstance(message, Pong):
+                    return message
+                continue
             await self._drain_monitor()
 
     async def wait(self, event: asyncio.Event) -> None:
-        """Wait for `event` (new work) while watching the connection; raises if the peer is lost."""
+        """Wait for `event` (new work) while watching the connection; raises if the peer is lost, or
+        hung: no step runs meanwhile, so a data plane that answers no Ping for `ping_timeout_s` is."""
         self._check_lost()
-        assert self._monitor is not None
+        assert self._monitor is not None and self._socket is not None
         waiter = asyncio.ensure_future(event.wait())
+        self._heard = max(self._heard, time.monotonic())  # the last step's answer, or the handshake's
         try:
             while not waiter.done():
+                await self._ping_if_due()
                 poll = asyncio.ensure_future(self._monitor.poll(POLL_SLICE_S * 1000))
                 done, _ = await asyncio.wait({waiter, poll}, return_when=asyncio.FIRST_COMPLETED)
                 if poll not in done:
                     poll.cancel()
                 await self._drain_monitor()
+                await self._drain_pongs()
         finally:
             waiter.cancel()
+
+    async def _ping_if_due(self) -> None:
+        now = time.monotonic()
+        if now - self._heard > self.ping_timeout_s:
+            self.mark_lost(f"the data plane answered no ping for {self.ping_timeout_s:g} s: hung")
+            self._check_lost()
+        if now - self._pinged >= PING_INTERVAL_S:
+            self._pinged = now
+            await self._send(Ping())
+
+    async def _drain_pongs(self) -> None:
+        """Read what came while idle: Pongs (and anything else, which nothing waits for: logged, dropped)."""
+        assert self._socket is not None
+        while await self._socket.poll(0):
+            frame = await self._socket.recv()
+            try:
+                message = decode_to_control(frame)
+            except ProtocolError as exc:
+                log.error("dropping malformed frame from the data plane: %s", exc)
+                continue
+            self._heard = time.monotonic()
+            if isinstance(message, WorkerFatal):
+                self.mark_lost(f"data plane failed: {message.reason}")
+                self._check_lost()
+            elif not isinstance(message, Pong):
+                log.warning("dropping an unexpected %s while idle", type(message).__name__)

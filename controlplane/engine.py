@@ -20,6 +20,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import msgspec
+
 from controlplane.admission import QueueLimits
 from controlplane.dataplane_client import DataplaneClient, DataplaneUnavailable
 from controlplane.observer import EngineObserver, RequestObs
@@ -98,6 +100,7 @@ class Engine:
         queue_limits: QueueLimits | None = None,
         slo_clock: Callable[[], float] | None = None,
         stream_interval: int = 1,
+        owns_dataplane: bool = True,
     ) -> None:
         self.client = client
         self.stream_interval = stream_interval  # tokens a stream's message waits for (the first goes at once)
@@ -124,7 +127,11 @@ class Engine:
         self.num_reconnects = 0
         self._handshake_timeout_s = 300.0
         self._reconnecting = False
+        # stop() tells the data plane to exit only when this control plane started it: an attached one
+        # (--attach) is someone else's, and the next control plane attaches to it
+        self.owns_dataplane = owns_dataplane
         self._limits_warned: tuple[int, int, int] | None = None  # the limits last warned about
+        self._drain_cut = False
         # Hooks for the server and the supervisor; each is called on the event loop, must not block.
         self.on_serving: Callable[[bool], None] = lambda serving: None
         self.on_lost: Callable[[str], None] = lambda reason: None
@@ -142,11 +149,22 @@ class Engine:
 
     def _install(self, ready: WorkerReady) -> None:
         """Size the scheduler and KV blocks from a WorkerReady (at start and after every reconnect)."""
-        budget = self.scheduler_config.max_num_batched_tokens
+        if self.worker is not None and ready.model != self.worker.model:
+            # the tokenizer, chat template and limits were made for the first one
+            was, now = msgspec.structs.asdict(self.worker.model), msgspec.structs.asdict(ready.model)
+            differ = ", ".join(f"{k} {was[k]!r} -> {now[k]!r}" for k in was if was[k] != now[k])
+            raise EngineUnavailable(f"the data plane came back with another model ({differ}); restart the "
+                                    f"control plane to serve it")
+        budget, seqs = self.scheduler_config.max_num_batched_tokens, self.scheduler_config.max_num_seqs
         if ready.max_num_batched_tokens and budget > ready.max_num_batched_tokens:
             raise EngineUnavailable(
                 f"max_num_batched_tokens {budget} exceeds what the data plane's memory plan fits "
                 f"({ready.max_num_batched_tokens}); start both with the same value"
+            )
+        if ready.max_num_seqs and seqs > ready.max_num_seqs:
+            raise EngineUnavailable(
+                f"max_num_seqs {seqs} exceeds what the data plane's memory plan and decode graphs are sized for "
+                f"({ready.max_num_seqs}); start both with the same value"
             )
         self.worker = ready
         if self.tokenizer is None:
@@ -181,7 +199,8 @@ class Engine:
         self.on_serving(False)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(grace_s, 0.0)
-        while self._handles and loop.time() < deadline and self.failure is None:
+        self._drain_cut = False
+        while self._handles and loop.time() < deadline and self.failure is None and not self._drain_cut:
             await asyncio.sleep(min(0.02, max(deadline - loop.time(), 0.0)))
         if self._handles:
             log.warning("shutting down: ending %d requests that did not finish within %.1f s",
@@ -189,8 +208,13 @@ class Engine:
         self._fail_all(f"server shutting down: the request did not finish within the {grace_s:g} s grace period",
                        keep_failure=True)
 
+    def cut_drain(self) -> None:
+        """End a drain now (an operator's second Ctrl-C): the requests still running end UNAVAILABLE."""
+        self._drain_cut = True
+
     async def stop(self) -> None:
-        """Abort every live request, stop the loop and tell the worker to exit."""
+        """Abort every live request, stop the loop and tell the worker to exit (one we started and
+        shook hands with: never an attached one, nor one that refused us)."""
         self.draining = True
         if self.scheduler is not None:
             predictor = self.scheduler.predictor
@@ -206,7 +230,7 @@ class Engine:
                 pass
             self._task = None
         linger_ms = 0
-        if self.failure is None:
+        if self.failure is None and self.owns_dataplane and self.worker is not None:
             try:
                 await self.client.shutdown()
                 linger_ms = 500  # let the Shutdown frame leave before the socket closes
@@ -243,7 +267,8 @@ class Engine:
             arrival_time=time.monotonic(),
             priority=request.priority,
         )
-        stream = self.tokenizer.stream(request.skip_special_tokens) if request.detokenize else NO_TEXT
+        stream = (self.tokenizer.stream(request.skip_special_tokens, request.prompt_token_ids) if request.detokenize
+                  else NO_TEXT)
         processor = OutputProcessor(stream, request.stop.stop_strings, request.stop.include_stop_str_in_output,
                                     request.stop.min_tokens)
         obs = request.obs or RequestObs(arrival=seq.arrival_time)

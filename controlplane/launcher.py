@@ -1,8 +1,9 @@
 """Starts the data plane as a child process and makes sure it never outlives the control plane.
 
 The child runs `python -m dataplane` with flags built from DataplaneConfig (`duetserve simulate`
-starts the simulated one, `python -m dataplane.sim_worker`); given `--parent-pid` it asks Linux for
-SIGTERM when this process dies (PR_SET_PDEATHSIG) itself. No Python code runs between fork and exec
+starts the simulated one, `python -m dataplane.sim_worker`) in a session of its own; given
+`--parent-pid` it asks Linux for SIGTERM when this process dies (PR_SET_PDEATHSIG) itself. No Python code
+runs between fork and exec
 (no preexec_fn): with gRPC threads in this process a forked child could hang there.
 No policy here, no torch import.
 """
@@ -72,7 +73,9 @@ def spawn_dataplane(config: DataplaneConfig, log_level: str = "INFO") -> subproc
     cmd = [sys.executable, "-m", "dataplane", *dataplane_args(config), "--log-level", log_level,
            "--parent-pid", str(os.getpid())]
     log.info("starting data plane: %s", " ".join(cmd))
-    return subprocess.Popen(cmd)  # noqa: S603 - our own interpreter and module
+    # a session of its own: Ctrl-C (or a signal to serve's process group) is for serve, which drains its
+    # requests and then stops the data plane; were the child in the group, it would die mid-drain
+    return subprocess.Popen(cmd, start_new_session=True)  # noqa: S603 - our own interpreter and module
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> int:
@@ -105,4 +108,4 @@ def spawn_sim_dataplane(endpoint: str, *, model: str, gpu: str, time_scale: floa
     if not piecewise_graphs:
         cmd.append("--no-piecewise-graphs")
     log.info("starting simulated data plane: %s", " ".join(cmd))
-    return subprocess.Popen(cmd)  # noqa: S603 - our own interpreter and module
+    return subprocess.Popen(cmd, start_new_session=True)  # noqa: S603 - as spawn_dataplane's

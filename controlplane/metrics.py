@@ -132,7 +132,10 @@ class ServingMetrics:
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002
                 log.debug("metrics: " + format, *args)
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self._server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True).start()

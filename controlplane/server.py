@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 
 import grpc
@@ -40,6 +41,15 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 MAX_MESSAGE_BYTES = 16 << 20
 
 
+def why_not_bindable(host: str, port: int) -> str:
+    """What the OS says to listening on host:port (e.g. "Address already in use")."""
+    try:
+        with socket.create_server((host, port)):
+            return "gRPC could not listen there"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
 class ControlPlane:
     """`spawn`, when given, starts a data-plane process; the supervisor restarts it when it dies."""
 
@@ -66,6 +76,7 @@ class ControlPlane:
             queue_limits=QueueLimits(config.max_queued_requests, config.max_queued_tokens),
             slo_clock=slo_clock,
             stream_interval=config.stream_interval,
+            owns_dataplane=spawn is not None,
         )
         self.health = HealthServicer()
         self._server: grpc.aio.Server | None = None
@@ -111,14 +122,19 @@ class ControlPlane:
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
         address = f"{self.config.host}:{self.config.port}"
-        if self.config.tls is not None:
-            self.port = server.add_secure_port(address, server_credentials(self.config.tls))
-        else:
-            self.port = server.add_insecure_port(address)
-            if self.config.auth_token and self.config.host not in ("127.0.0.1", "localhost", "::1"):
-                log.warning("the bearer token travels in clear text: serve with --tls-cert/--tls-key")
+        try:
+            if self.config.tls is not None:
+                self.port = server.add_secure_port(address, server_credentials(self.config.tls))
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError:  # grpc says only "Failed to bind": the socket layer says why
+            self.port = 0
         if self.port == 0:
-            raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
+            why = why_not_bindable(self.config.host, self.config.port)
+            raise RuntimeError(f"cannot serve gRPC on {address}: {why}")
+        if self.config.tls is None and self.config.auth_token and self.config.host not in ("127.0.0.1", "localhost",
+                                                                                           "::1"):
+            log.warning("the bearer token travels in clear text: serve with --tls-cert/--tls-key")
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()

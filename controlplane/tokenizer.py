@@ -9,6 +9,7 @@ render as nothing. Neither loads anything from a hub. Whole prompts are encoded 
 from __future__ import annotations
 
 import codecs
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -29,7 +30,14 @@ class TextTokenizer(Protocol):
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
-    def stream(self, skip_special_tokens: bool = True) -> TokenStream: ...
+    def stream(self, skip_special_tokens: bool = True, prompt_ids: Sequence[int] = ()) -> TokenStream: ...
+
+
+# A stream is primed with the prompt's last tokens, so the first generated word decodes as it follows the
+# prompt (a SentencePiece decoder strips the leading space of the first word it sees): as vLLM, the
+# shortest suffix of at least 4 and at most 23 tokens whose text has no broken character, else the whole
+# prompt when it is that short, else its last 4.
+_PRIME_MIN, _PRIME_MAX = 4, 24
 
 
 class _NoText:
@@ -43,10 +51,16 @@ NO_TEXT: TokenStream = _NoText()
 
 
 class _HFStream:
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool) -> None:
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool, prompt_ids: Sequence[int]) -> None:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        for token_id in _prime_ids(tokenizer, prompt_ids, skip_special_tokens):  # their text is the prompt's
+            try:
+                self._stream.step(tokenizer, token_id)
+            except Exception:  # a prompt id the decoder cannot take: start unprimed
+                self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+                break
 
     def step(self, token_id: int) -> str:
         try:
@@ -84,8 +98,19 @@ class HFTokenizer:
         """Through the batch call too, for the same reason."""
         return self._tokenizer.decode_batch([token_ids], skip_special_tokens=skip_special_tokens)[0]
 
-    def stream(self, skip_special_tokens: bool = True) -> TokenStream:
-        return _HFStream(self._tokenizer, skip_special_tokens)
+    def stream(self, skip_special_tokens: bool = True, prompt_ids: Sequence[int] = ()) -> TokenStream:
+        return _HFStream(self._tokenizer, skip_special_tokens, prompt_ids)
+
+
+def _prime_ids(tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool) -> Sequence[int]:
+    """The prompt suffix a stream is primed with (see _PRIME_MIN)."""
+    if len(prompt_ids) <= _PRIME_MIN:
+        return prompt_ids
+    for n in range(_PRIME_MIN, min(len(prompt_ids) + 1, _PRIME_MAX)):
+        suffix = list(prompt_ids[-n:])
+        if "\ufffd" not in tokenizer.decode(suffix, skip_special_tokens=skip_special_tokens):
+            return suffix
+    return list(prompt_ids[-_PRIME_MIN:])
 
 
 class _ByteStream:
@@ -113,7 +138,8 @@ class ByteTokenizer:
         """Special ids (256 and up) have no text here, whether skipped or not."""
         return bytes(t for t in token_ids if 0 <= t < 256).decode("utf-8", errors="replace")
 
-    def stream(self, skip_special_tokens: bool = True) -> TokenStream:
+    def stream(self, skip_special_tokens: bool = True, prompt_ids: Sequence[int] = ()) -> TokenStream:
+        """Bytes need no priming: a byte's text does not depend on what came before a whole character."""
         return _ByteStream()
 
 

@@ -217,10 +217,13 @@ def _sampling(request: pb.GenerateRequest, limits: Limits, defaults: SamplingDef
 
 
 def _stop(request: pb.GenerateRequest, num_prompt: int, limits: Limits) -> StopParams:
-    max_tokens = request.max_tokens if request.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+    room = limits.max_model_len - num_prompt
+    if request.HasField("max_tokens"):
+        max_tokens = request.max_tokens
+    else:  # as vLLM: its completions API defaults to 16, its chat API to all the room the prompt leaves
+        max_tokens = room if request.WhichOneof("prompt") == "chat" else DEFAULT_MAX_TOKENS
     if max_tokens < 1:
         raise InvalidRequest(f"max_tokens must be >= 1, got {max_tokens}")
-    room = limits.max_model_len - num_prompt
     if request.min_tokens > min(max_tokens, room):
         if request.min_tokens <= max_tokens:  # the prompt leaves less room than max_tokens asks for
             raise InvalidRequest(f"min_tokens ({request.min_tokens}) exceeds the {room} tokens a prompt of "

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
+from dataplane.health import clear_stale
 from dataplane.lifeline import die_with_parent
 from shared.config import BLAS_LIBRARIES, LOG_LEVELS, PARTITION_KERNELS, DataplaneConfig, sm_counts
+from shared.endpoints import check_bindable
 from shared.telemetry_flags import add_trace_flags, telemetry_from_args
 
 
@@ -76,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.parent_pid is not None:
         die_with_parent(args.parent_pid)
+        # Ctrl-C is for the control plane that spawned us: it drains its requests, then sends Shutdown
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s dataplane: %(message)s")
     try:
         config = DataplaneConfig(
@@ -97,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"python -m dataplane: error: {exc}", file=sys.stderr)
         return 2
+    try:
+        check_bindable(config.endpoint)  # now, not after a model load of minutes
+    except ValueError as exc:
+        print(f"python -m dataplane: error: {exc}", file=sys.stderr)
+        return 1
+    clear_stale(config.health_file)  # before the load: a previous process's heartbeat would read as ours
     from dataplane.worker import run  # torch is imported only once the flags are valid
 
     try:

@@ -1,9 +1,10 @@
 """A liveness heartbeat for the data plane: the serve loop touches a file, a checker reads its age.
 
-The data plane's only socket is the control plane's DEALER pair, and a second peer on it would
-receive replies meant for the control plane (DEALER round-robins), so health is not probed over
-ZeroMQ. The file exists only once the model is loaded and the socket bound, and stays fresh while
-the loop turns. This module must not import torch and decides nothing.
+The data plane's only socket serves one control plane at a time (a second peer's Hello is refused), so
+health is not probed over ZeroMQ. The file exists only once the model is loaded and the socket bound,
+and stays fresh while the loop turns: a process starting removes one a previous process left (a
+container restarted with the same /tmp), so a loading data plane never reads as alive. This module must
+not import torch and decides nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ class Heartbeat:
     def close(self) -> None:
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+
+
+def clear_stale(path: str | None) -> None:
+    """At process start: a heartbeat file there is a previous process's."""
+    if path:
+        Path(path).unlink(missing_ok=True)
 
 
 def check(path: str, max_age_s: float) -> tuple[bool, str]:

@@ -37,6 +37,7 @@ class LogprobTensors:
     chosen: Tensor  # [W]
     top_vals: Tensor | None  # [W, n]
     top_ids: Tensor | None
+    ranks: Tensor | None = None  # [W]: tokens with a logprob >= the chosen one's (vLLM's rank)
 
     def to_host_async(self) -> LogprobTensors:
         """Start device-to-host copies; read the result only after the stream has passed this point."""
@@ -44,15 +45,17 @@ class LogprobTensors:
             return None if t is None else t.to("cpu", non_blocking=True)
 
         return LogprobTensors(self.rows, self.top_ns, host(self.chosen), host(self.top_vals),  # type: ignore[arg-type]
-                              host(self.top_ids))
+                              host(self.top_ids), host(self.ranks))
 
     def materialise(self, num_rows: int) -> list[TokenLogprobs | None]:
         out: list[TokenLogprobs | None] = [None] * num_rows
         chosen = self.chosen.tolist()
         vals = self.top_vals.tolist() if self.top_vals is not None else [[] for _ in self.rows]
         ids = self.top_ids.tolist() if self.top_ids is not None else [[] for _ in self.rows]
+        ranks = self.ranks.tolist() if self.ranks is not None else [0] * len(self.rows)
         for j, (i, n) in enumerate(zip(self.rows, self.top_ns)):
-            out[i] = TokenLogprobs(logprob=chosen[j], top_token_ids=ids[j][:n], top_logprobs=vals[j][:n])
+            out[i] = TokenLogprobs(logprob=chosen[j], top_token_ids=ids[j][:n], top_logprobs=vals[j][:n],
+                                   rank=ranks[j])
         return out
 
 
@@ -100,17 +103,24 @@ def prompt_logprobs(compute_logits: Callable[[Tensor], Tensor], hidden: Tensor, 
     chunk never holds all its logits at once. No host sync."""
     n = hidden.shape[0]
     wanted = _to_device(targets, torch.long, hidden.device)
-    chosen, vals, ids = [], [], []
+    chosen, vals, ids, ranks = [], [], [], []
     for i in range(0, n, PROMPT_LOGPROB_ROWS):
         logp = torch.log_softmax(compute_logits(hidden[i : i + PROMPT_LOGPROB_ROWS]).float(), dim=-1)
         chosen.append(logp.gather(1, wanted[i : i + PROMPT_LOGPROB_ROWS, None]).squeeze(1))
+        ranks.append(_ranks(logp, chosen[-1]))
         if top_n > 0:
             v, ix = logp.topk(min(top_n, logp.shape[1]), dim=-1)
             vals.append(v)
             ids.append(ix)
         del logp  # before the next slice's logits: one slice of them alive at a time
     return LogprobTensors(list(range(n)), [top_n] * n, torch.cat(chosen),
-                          torch.cat(vals) if vals else None, torch.cat(ids) if ids else None)
+                          torch.cat(vals) if vals else None, torch.cat(ids) if ids else None, torch.cat(ranks))
+
+
+def _ranks(logp: Tensor, chosen: Tensor) -> Tensor:
+    """Each row's rank of its chosen token: the tokens whose logprob is at least the chosen one's (1: the
+    most likely; ties share the larger rank), as vLLM counts it. On the device, no sync."""
+    return (logp >= chosen[:, None]).sum(dim=-1)
 
 
 class TokenRules:
@@ -330,4 +340,5 @@ class Sampler:
         vals = ids = None
         if top_n > 0:
             vals, ids = logp.topk(top_n, dim=-1)
-        return LogprobTensors(wanted, [params[i].logprobs or 0 for i in wanted], chosen, vals, ids)
+        return LogprobTensors(wanted, [params[i].logprobs or 0 for i in wanted], chosen, vals, ids,
+                              _ranks(logp, chosen))

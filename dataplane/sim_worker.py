@@ -1,6 +1,6 @@
 """`python -m dataplane.sim_worker`: a simulated GPU data plane that speaks the real protocol.
 
-It binds the same DEALER endpoint as `dataplane.worker`, answers Hello with a WorkerReady for a
+It binds the same ROUTER endpoint as `dataplane.worker`, answers Hello with a WorkerReady for a
 named model shape on a named GPU (declared HardwareProfile, partition sizes, KV capacity from the
 GPU's memory), and answers each StepPlan after the time the shared roofline gives for it (scaled
 by `--time-scale`), with SimRunner's deterministic tokens and `simulated` timings. `--execution
@@ -224,7 +224,7 @@ def _slice(output: SeqOutput, start: int, stop: int | None) -> SeqOutput:
 
 
 class SimWorker:
-    """Serves one control plane at a time on a bound DEALER socket (like dataplane.worker.Worker)."""
+    """Serves one control plane at a time on a bound ROUTER socket (like dataplane.worker.Worker)."""
 
     def __init__(self, endpoint: str, gpu: SimGpu) -> None:
         self.endpoint = endpoint
@@ -301,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
                       decode_partition_sms=list(args.decode_partition_sms) if args.decode_partition_sms else None)
     worker = SimWorker(args.endpoint, SimGpu(ready, args.time_scale))
     signal.signal(signal.SIGTERM, worker.request_stop)
-    signal.signal(signal.SIGINT, worker.request_stop)
+    # a spawned one leaves Ctrl-C to its control plane, as the real data plane does
+    signal.signal(signal.SIGINT, signal.SIG_IGN if args.parent_pid is not None else worker.request_stop)
     return worker.serve()
 
 

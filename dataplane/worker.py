@@ -35,6 +35,7 @@ from dataplane.serve_loop import serve_plans
 from dataplane.tracing import DataplaneTracing
 from shared.codec import encode
 from shared.config import DataplaneConfig
+from shared.endpoints import release_ipc
 from shared.messages import (
     PROTOCOL_VERSION,
     DeviceDescription,
@@ -168,6 +169,7 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
         attention_backend=backend.name, supports_multiplexing=multiplexer is not None,
         partition_sm_counts=[decode for _, decode in splits],
         max_num_batched_tokens=config.max_num_batched_tokens if device.type == "cuda" else 0,
+        max_num_seqs=config.max_num_seqs if device.type == "cuda" else 0,
         profile=calibrate(device, dtype, config.calibration_cache_dir, setup=calibration_setup(config),
                           **partition_calibration(multiplexer)),
         piecewise_max_tokens=pieces.max_tokens if pieces is not None else 0,
@@ -270,7 +272,7 @@ def build_multiplexer(config: DataplaneConfig, device: torch.device) -> tuple[ob
 
 
 class Worker:
-    """Serves one control plane at a time on a bound DEALER socket."""
+    """Serves one control plane at a time on a bound ROUTER socket (see serve_loop)."""
 
     def __init__(
         self, config: DataplaneConfig, loaded: LoadedWorker, tracing: DataplaneTracing | None = None
@@ -340,13 +342,19 @@ class Worker:
 def run(config: DataplaneConfig) -> int:
     try:
         loaded = load_worker(config)
-    except Exception as exc:
+    except (OSError, ValueError) as exc:  # a missing or bad checkpoint, a setting the device refuses: one line
+        log.error("data plane failed to start: %s", exc)
+        log.debug("start-up failure", exc_info=True)
+        _report_fatal(config.endpoint, f"start-up failed: {exc!r}")
+        return 1
+    except Exception as exc:  # anything else is a bug or the device's: the traceback says where
         log.exception("data plane failed to start")
         _report_fatal(config.endpoint, f"start-up failed: {exc!r}")
         return 1
     worker = Worker(config, loaded, DataplaneTracing.from_config(config.telemetry))
-    signal.signal(signal.SIGTERM, worker.request_stop)
-    signal.signal(signal.SIGINT, worker.request_stop)
+    signal.signal(signal.SIGTERM, worker.request_stop)  # also what the parent's death sends (--parent-pid)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored by a spawned one (see __main__)
+        signal.signal(signal.SIGINT, worker.request_stop)
     try:
         return worker.serve()
     finally:
@@ -368,3 +376,4 @@ def _report_fatal(endpoint: str, reason: str) -> None:
     finally:
         sock.close()
         context.term()
+        release_ipc(endpoint)

@@ -222,6 +222,9 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.max_num_batched_tokens < self.max_num_seqs:  # as vLLM: else decoders beyond the budget starve
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                             f"({self.max_num_seqs}): every running sequence needs a token of the step budget")
         if not (self.tbt_slo_ms > 0 and self.ttft_slo_ms > 0):  # written so NaN fails too
             raise ValueError("SLOs must be > 0 ms")
         if self.static_decode_sms < 1 or self.static_lookahead < 1 or self.max_lookahead < 1:

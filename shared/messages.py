@@ -11,7 +11,7 @@ from typing import Literal, Union
 
 import msgspec
 
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 
 Mode = Literal["aggregated", "multiplexed"]
 
@@ -106,7 +106,14 @@ class Shutdown(msgspec.Struct, frozen=True, kw_only=True, tag="shutdown"):
     reason: str = ""
 
 
-ToWorker = Union[Hello, StepPlan, Shutdown]
+class Ping(msgspec.Struct, frozen=True, kw_only=True, tag="ping"):
+    """Are you there? Sent while the control plane is idle; the data plane's loop answers Pong between
+    steps (a hung data plane does not)."""
+
+    nonce: int = 0
+
+
+ToWorker = Union[Hello, StepPlan, Shutdown, Ping]
 
 
 # ---------------------------------------------------------------- data plane -> control plane
@@ -175,6 +182,9 @@ class WorkerReady(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
     attention_backend: str
     supports_multiplexing: bool = False
     max_num_batched_tokens: int = 0  # the largest step the worker's memory plan fits; 0: no limit
+    # the most sequences a step may sample for: the memory plan's logit rows and the decode graphs' buckets
+    # are sized for it; 0: no limit
+    max_num_seqs: int = 0
     partition_sm_counts: list[int] = []
     profile: HardwareProfile | None = None
     # prefill and mixed passes of up to this many tokens on the whole device replay piecewise CUDA
@@ -186,6 +196,7 @@ class TokenLogprobs(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     logprob: float
     top_token_ids: list[int] = []
     top_logprobs: list[float] = []
+    rank: int = 0  # tokens at least as likely, itself included (1: the most likely), as vLLM's; 0: not known
 
 
 class SeqOutput(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
@@ -241,12 +252,21 @@ class StepResult(msgspec.Struct, frozen=True, kw_only=True, tag="result"):
 
 
 class WorkerFatal(msgspec.Struct, frozen=True, kw_only=True, tag="fatal"):
-    """A process-scoped failure (the worker exits after sending it), or a refused Hello (it keeps serving)."""
+    """A process-scoped failure (the worker exits after sending it), or a refused Hello (it keeps serving).
+    `retryable`: a Hello refused for now (another control plane is attached), worth saying again."""
 
     reason: str
+    retryable: bool = False
 
 
-ToControl = Union[WorkerReady, StepProgress, StepResult, WorkerFatal]
+class Pong(msgspec.Struct, frozen=True, kw_only=True, tag="pong"):
+    """The answer to a Ping (its nonce); also sent unasked to the attached control plane, which ignores
+    it, to learn whether that connection is still open."""
+
+    nonce: int = 0
+
+
+ToControl = Union[WorkerReady, StepProgress, StepResult, WorkerFatal, Pong]
 
 
 def fold_progress(progress: list[StepProgress], result: StepResult) -> StepResult:

@@ -53,6 +53,10 @@ def test_services_are_wired_for_gpu_cpu_and_tracing() -> None:
     jaeger = services["jaeger"]
     assert jaeger["image"].startswith("jaegertracing/all-in-one") and jaeger["environment"]["COLLECTOR_OTLP_ENABLED"]
     assert {"4317:4317", "16686:16686"} <= set(jaeger["ports"])
+    grace = build_parser().parse_args(["serve"]).shutdown_grace
+    for name, service in services.items():
+        if name != "jaeger":  # Docker's SIGKILL comes after the drain, and PID 1 forwards the SIGTERM
+            assert service["init"] is True and int(service["stop_grace_period"].rstrip("s")) > grace, name
     env = services["controlplane"]["environment"]
     assert env["OTEL_TRACES_EXPORTER"] == "otlp" and env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
 

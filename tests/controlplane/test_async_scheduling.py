@@ -46,7 +46,8 @@ def run(seqs: list[Sequence], *, async_scheduling: bool, num_blocks: int = 64, b
 
     With `progress_seed`, each result arrives in two parts (a StepProgress, then the StepResult);
     `lookahead` > 1 runs decode-only steps with that many look-ahead passes."""
-    config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, async_scheduling=async_scheduling)
+    config = SchedulerConfig(max_num_seqs=min(max_seqs, budget), max_num_batched_tokens=budget,
+                             async_scheduling=async_scheduling)
     sched = Scheduler(config, BlockAllocator(num_blocks, block_size), 10_000, frozenset({EOS}))
     if lookahead > 1:
         sched.policy = LookaheadPolicy(lookahead)  # type: ignore[assignment]
@@ -124,7 +125,7 @@ def test_a_stop_inside_a_step_planned_ahead_drops_the_extra_token() -> None:
 def test_penalised_sequences_wait_for_their_tokens() -> None:
     seqs = [dataclasses.replace(make_seq(0, 4, 8), sampling=SamplingParams(temperature=0.0, repetition_penalty=1.2)),
             make_seq(1, 4, 8)]
-    config = SchedulerConfig(max_num_batched_tokens=32)
+    config = SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=32)
     sched = Scheduler(config, BlockAllocator(32, 4), 10_000, frozenset({EOS}))
     runner = SimRunner(32, 4, VOCAB)
     for seq in seqs:
@@ -208,7 +209,8 @@ def test_tokens_reported_before_the_step_ends_change_nothing(lengths: list[tuple
 
 
 def test_progress_for_a_step_that_is_not_the_oldest_is_refused() -> None:
-    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=32), BlockAllocator(32, 4), 10_000, frozenset({EOS}))
+    sched = Scheduler(SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=32), BlockAllocator(32, 4), 10_000,
+                      frozenset({EOS}))
     sched.add(make_seq(0, 4, 8))
     first = sched.schedule()
     assert first is not None

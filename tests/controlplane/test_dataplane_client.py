@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from controlplane.dataplane_client import DataplaneClient, DataplaneTimeout, DataplaneUnavailable
 from shared.codec import ProtocolError, decode_to_control, encode
 from shared.messages import (
-    PROTOCOL_VERSION, DeviceDescription, ModelDescription, SeqOutput, StepPlan, StepProgress, StepResult, WorkerFatal,
-    WorkerReady,
+    PROTOCOL_VERSION, DeviceDescription, ModelDescription, Pong, SeqOutput, StepPlan, StepProgress, StepResult,
+    WorkerFatal, WorkerReady,
 )
 
 leaves = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=16)
@@ -212,3 +212,43 @@ def test_progress_goes_to_the_callback_or_into_the_result() -> None:
         await serving
 
     with_peer(body)
+
+
+def test_an_idle_client_pings_and_finds_a_hung_data_plane() -> None:
+    """While idle the client Pings every second: a data plane that answers stays attached; one that stops
+    answering (hung, its connection still open) is lost after ping_timeout_s; a refusal for now
+    (another control plane attached) makes the handshake say Hello again."""
+    async def body(client: DataplaneClient, peer: zmq.asyncio.Socket) -> None:
+        client.ping_timeout_s = 1.5
+
+        async def answer(pings: list[int], until: float) -> None:
+            while time.monotonic() < until:
+                if await peer.poll(50):
+                    message = msgspec.msgpack.decode(await peer.recv())
+                    if message.get("type") == "ping":
+                        pings.append(message.get("nonce", 0))
+                        await peer.send(encode(Pong(nonce=message.get("nonce", 0))))
+
+        await peer.send(encode(ready()))
+        assert isinstance(await client.receive(10), WorkerReady)
+        never, pings = asyncio.Event(), []  # type: ignore[var-annotated]
+        answering = asyncio.create_task(answer(pings, time.monotonic() + 3.0))
+        waiting = asyncio.create_task(client.wait(never))
+        await answering  # 3 s answered: still attached
+        assert len(pings) >= 2 and not waiting.done()
+        with pytest.raises(DataplaneUnavailable, match="answered no ping for 1.5 s"):  # now silent
+            await asyncio.wait_for(waiting, 3.0)
+
+    async def refused_then_ready(client: DataplaneClient, peer: zmq.asyncio.Socket) -> None:
+        async def worker() -> None:
+            await peer.recv()
+            await peer.send(encode(WorkerFatal(reason="another control plane is attached", retryable=True)))
+            await peer.recv()  # said again
+            await peer.send(encode(ready()))
+
+        serving = asyncio.create_task(worker())
+        assert isinstance(await client.handshake(10), WorkerReady)
+        await serving
+
+    with_peer(body)
+    with_peer(refused_then_ready)

@@ -16,7 +16,7 @@ from shared.messages import SamplingParams, SeqOutput, StepResult, TokenLogprobs
 
 
 def test_tokens_after_a_stop_string_in_a_lookahead_update_are_dropped() -> None:
-    config = SchedulerConfig(max_num_batched_tokens=32, async_scheduling=False)
+    config = SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=32, async_scheduling=False)
     engine = Engine(None, lambda ready: ByteTokenizer(), config)  # type: ignore[arg-type]
     engine.tokenizer = ByteTokenizer()
     engine.scheduler = scheduler = Scheduler(config, BlockAllocator(64, 16), 10_000, frozenset({2}))
@@ -43,7 +43,7 @@ def test_tokens_after_a_stop_string_in_a_lookahead_update_are_dropped() -> None:
 def test_a_stop_string_before_a_stop_token_in_one_update_is_the_stop_reason() -> None:
     """The look-ahead update "X b <stop token>": the stop token finished the sequence when its tokens
     were taken, but the string "Xb" came first, so the output ends at "b" and the reason is the string."""
-    config = SchedulerConfig(max_num_batched_tokens=32, async_scheduling=False)
+    config = SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=32, async_scheduling=False)
     engine = Engine(None, lambda ready: ByteTokenizer(), config)  # type: ignore[arg-type]
     engine.tokenizer = ByteTokenizer()
     engine.scheduler = scheduler = Scheduler(config, BlockAllocator(64, 16), 10_000, frozenset({2}))

@@ -21,7 +21,8 @@ from tests.controlplane.test_scheduler import VOCAB, EOS, drain, expected_tokens
 def make(policy: str, *, num_blocks: int = 4096, block_size: int = 16, budget: int = 2048, max_seqs: int = 256,
          tbt: float = 30.0, worker: WorkerReady | None = None, **extra: object) -> tuple[Scheduler, SimGpu]:
     """A scheduler for a simulated H100 worker; its runner reports roofline times instantly."""
-    config = SchedulerConfig(policy=policy, max_num_seqs=max_seqs, max_num_batched_tokens=budget,  # type: ignore[arg-type]
+    config = SchedulerConfig(policy=policy, max_num_seqs=min(max_seqs, budget),  # type: ignore[arg-type]
+                             max_num_batched_tokens=budget,
                              tbt_slo_ms=tbt, **extra)  # type: ignore[arg-type]
     worker = worker or sim_ready("qwen3-8b", "h100", block_size=block_size, num_kv_blocks=num_blocks)
     sched = Scheduler(config, BlockAllocator(num_blocks, block_size), 100_000, frozenset({EOS}), worker)

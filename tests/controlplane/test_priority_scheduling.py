@@ -28,7 +28,8 @@ def prio_seq(seq_id: int, priority: int, prompt_len: int = 8, max_tokens: int = 
 
 def prio_scheduler(num_blocks: int = 64, block_size: int = 4, budget: int = 32, max_seqs: int = 16,
                    caching: bool = False) -> tuple[Scheduler, SimRunner]:
-    config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, scheduling_policy="priority",
+    config = SchedulerConfig(max_num_seqs=min(max_seqs, budget), max_num_batched_tokens=budget,
+                             scheduling_policy="priority",
                              enable_prefix_caching=caching)
     allocator = (PrefixCachingAllocator if caching else BlockAllocator)(num_blocks, block_size)
     sched = Scheduler(config, allocator, 10_000, frozenset({EOS}))

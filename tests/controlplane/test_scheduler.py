@@ -30,7 +30,7 @@ def make_seq(seq_id: int, prompt_len: int, max_tokens: int) -> Sequence:
 
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, budget: int = 32, max_seqs: int = 16,
                    max_model_len: int = 10_000) -> tuple[Scheduler, SimRunner]:
-    config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget)
+    config = SchedulerConfig(max_num_seqs=min(max_seqs, budget), max_num_batched_tokens=budget)
     sched = Scheduler(config, BlockAllocator(num_blocks, block_size), max_model_len, frozenset({EOS}))
     return sched, SimRunner(num_blocks, block_size, VOCAB)
 

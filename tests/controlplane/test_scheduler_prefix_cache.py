@@ -31,7 +31,8 @@ def seq_with(seq_id: int, prompt: list[int], max_tokens: int = 3) -> Sequence:
 
 def make(num_blocks: int = 64, budget: int = 32, cache: bool = True, async_scheduling: bool = True,
          max_seqs: int = 16) -> tuple[Scheduler, SimRunner]:
-    config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, async_scheduling=async_scheduling)
+    config = SchedulerConfig(max_num_seqs=min(max_seqs, budget), max_num_batched_tokens=budget,
+                             async_scheduling=async_scheduling)
     alloc = (PrefixCachingAllocator if cache else BlockAllocator)(num_blocks, SIZE)
     return Scheduler(config, alloc, 10_000, frozenset({EOS})), SimRunner(num_blocks, SIZE, VOCAB, check_kv=True)
 
@@ -256,7 +257,7 @@ def test_prompt_logprobs_arrive_once_across_a_recompute_and_skip_the_cache() -> 
     from shared.messages import SamplingParams, SeqOutput, StepResult, StepTimings, TokenLogprobs
     from tests.controlplane.test_scheduler import EOS, make_seq
 
-    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=4), PrefixCachingAllocator(32, 4), 1000,
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=4), PrefixCachingAllocator(32, 4), 1000,
                       frozenset({EOS}))
     donor = make_seq(0, 12, 1)
     sched.add(donor)

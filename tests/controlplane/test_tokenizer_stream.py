@@ -40,3 +40,20 @@ def test_the_stream_recovers_from_an_invalid_prefix_and_stop_strings_still_match
     assert streamed.startswith("Hi") and streamed.endswith("the quick fox"), streamed
     processor = OutputProcessor(tok.stream(), ("quick",))
     assert processor.add_tokens(ids) == "quick"
+
+
+def test_a_stream_primed_with_the_prompt_keeps_the_first_words_leading_space(tmp_path: Path) -> None:
+    """A SentencePiece decoder strips the first word's leading space. Primed with the prompt's last tokens
+    (as vLLM's detokenizer), the completion's first word keeps it, so prompt + completion reads as the
+    whole sequence decodes, and a stop string that starts with a space matches at the first word."""
+    tok = byte_fallback_tokenizer(tmp_path)
+    prompt, output = ids_of(tok, "Hi there"), ids_of(tok, " the fox")
+    unprimed = "".join(tok.stream().step(i) for i in output)
+    primed_stream = tok.stream(prompt_ids=prompt)
+    primed = "".join(primed_stream.step(i) for i in output)
+    assert primed == " the fox" and not unprimed.startswith(" ")
+    assert "Hi there" + primed == tok.decode(prompt + output)
+    short = tok.stream(prompt_ids=ids_of(tok, "H"))  # a prompt shorter than the suffix tried: all of it
+    assert "".join(short.step(i) for i in output) == " the fox"
+    processor = OutputProcessor(tok.stream(prompt_ids=prompt), (" the",))
+    assert processor.add_tokens(output) == " the" and processor.stop_kept == 4 and processor.take_text(True) == ""

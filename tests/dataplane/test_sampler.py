@@ -159,6 +159,12 @@ def test_logprobs_match_log_softmax() -> None:
         if top is not None:
             assert lp.top_token_ids == top.indices.tolist()
             assert lp.top_logprobs == pytest.approx(top.values.tolist(), abs=1e-5)
+        assert lp.rank == int((ref[i] >= ref[i, out.token_ids[i]]).sum())  # vLLM's rank
+    assert out.logprobs[0] is not None and out.logprobs[0].rank == 1  # greedy: the most likely
+    forced = Sampler().sample(logits[:1], [SamplingParams(temperature=0.0, logprobs=1, logit_bias=[(7, 100.0)])], [0])
+    lp = forced.logprobs[0]
+    assert lp is not None and forced.token_ids.tolist() == [7]
+    assert lp.rank == int((ref[0] >= ref[0, 7]).sum()) and lp.rank > 1  # the rank under the raw logits
 
 
 def test_mismatched_lengths_raise() -> None:

@@ -61,7 +61,7 @@ async def serve(
     num_kv_blocks: int | None = 512,
     block_size: int = 16,
     max_num_batched_tokens: int = 2048,
-    max_num_seqs: int = 256,
+    max_num_seqs: int | None = None,  # None: 256, or the token budget when that is smaller (vLLM's rule)
     max_model_len: int | None = None,
     telemetry: TelemetryConfig = TelemetryConfig(),
     policy: str = "aggregated",
@@ -83,7 +83,8 @@ async def serve(
     child = None if supervised else spawn()
     config = ServerConfig(
         port=0, dataplane_endpoint=endpoint, handshake_timeout_s=120.0, step_timeout_s=step_timeout_s,
-        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs or min(256, max_num_batched_tokens),
+                                  max_num_batched_tokens=max_num_batched_tokens,
                                   policy=policy, async_scheduling=async_scheduling,  # type: ignore[arg-type]
                                   enable_prefix_caching=enable_prefix_caching,
                                   scheduling_policy=scheduling_policy),  # type: ignore[arg-type]

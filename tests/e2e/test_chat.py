@@ -140,3 +140,13 @@ async def test_the_chat_cli_keeps_the_conversation() -> None:
         assert usage[1][0] == len(second.encode())
         cached = [int(c) for c in re.findall(r"cached_tokens=(\d+)", err)]
         assert cached[0] == 0 and cached[1] >= 16 * (len(first.encode()) // 16)  # the first turn's blocks
+
+
+async def test_an_unset_max_tokens_is_16_for_text_and_the_room_left_for_chat() -> None:
+    """As vLLM's completions API (16) and chat API (max_model_len minus the prompt)."""
+    async with serve("tiny", max_model_len=160) as served:
+        chat = await generate(served.stub, chat={"messages": MESSAGES}, temperature=0.0, ignore_eos=True)
+        assert chat.final is not None and chat.final.finish_reason == "length"
+        assert chat.final.completion_tokens == 160 - chat.final.prompt_tokens > 16
+        text = await generate(served.stub, text="hello", temperature=0.0, ignore_eos=True)
+        assert text.final is not None and text.final.completion_tokens == 16

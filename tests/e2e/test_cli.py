@@ -115,3 +115,78 @@ def test_scheduler_flags_reach_the_config() -> None:
     paper = scheduler_config_from_args(build_parser().parse_args(["serve", "--policy", "duet", "--duet-slo", "tbt",
                                                                   "--no-duet-trim", "--tpot-horizon", "8"]))
     assert (paper.duet_slo, paper.tpot_horizon, paper.duet_trim) == ("tbt", 8, False)
+
+
+def test_ctrl_c_to_serves_process_group_drains_before_the_data_plane_stops() -> None:
+    """Ctrl-C reaches the terminal's whole process group: the data plane serve spawned is in a session of
+    its own, so a running completion finishes in the grace period instead of losing its data plane."""
+    server = subprocess.Popen([*CLI, "serve", "--port", "0", "--log-level", "WARNING", "--shutdown-grace", "30"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert server.stdout is not None
+        match = re.search(r"serving tiny on 127\.0\.0\.1:(\d+)", server.stdout.readline())
+        assert match
+        address = f"127.0.0.1:{match.group(1)}"
+        client = subprocess.Popen([*CLI, "generate", "Hi", "--address", address, "--max-tokens", "400",
+                                   "--ignore-eos"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        assert client.stdout is not None
+        client.stdout.read(1)  # the completion is streaming
+        os.killpg(server.pid, signal.SIGINT)  # what Ctrl-C in serve's terminal does
+        _, err = client.communicate(timeout=60)
+        assert client.returncode == 0 and "completion_tokens=400" in err, err
+        assert server.wait(30) == 0
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def test_a_data_plane_that_cannot_load_its_model_says_why_in_one_line(tmp_path: Path) -> None:
+    """One error line, no traceback; and the heartbeat file a previous process left is gone at once, so a
+    health check never reads a data plane that is (re)loading as alive."""
+    health = tmp_path / "health"
+    health.write_text("123 0\n")  # a previous process's heartbeat
+    done = subprocess.run([sys.executable, "-m", "dataplane", "--model", str(tmp_path), "--device", "cpu",
+                           "--endpoint", f"ipc://{tmp_path}/dp.sock", "--health-file", str(health)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().endswith(f"data plane failed to start: no config.json in {tmp_path}")
+    assert not health.exists()
+
+
+def test_a_second_signal_ends_the_drain_at_once() -> None:
+    server = subprocess.Popen([*CLI, "serve", "--port", "0", "--log-level", "WARNING", "--shutdown-grace", "120"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert server.stdout is not None
+        match = re.search(r"serving tiny on 127\.0\.0\.1:(\d+)", server.stdout.readline())
+        assert match
+        client = subprocess.Popen([*CLI, "generate", "Hi", "--address", f"127.0.0.1:{match.group(1)}",
+                                   "--max-tokens", "4000", "--ignore-eos"], cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        assert client.stdout is not None
+        client.stdout.read(1)
+        server.send_signal(signal.SIGTERM)  # drains: the completion could run on for 120 s
+        time.sleep(0.5)
+        stopped_at = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0 and time.monotonic() - stopped_at < 15
+        _, err = client.communicate(timeout=30)
+        assert client.returncode == 1 and "UNAVAILABLE" in err and "grace period" in err, err
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port"])
+def test_a_port_in_use_is_named_with_the_reason(flag: str) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        flags = ["--port", "0", "--metrics-port", str(port)] if flag == "--metrics-port" else ["--port", str(port)]
+        done = subprocess.run([*CLI, "serve", *flags, "--log-level", "WARNING"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+    what = "metrics" if flag == "--metrics-port" else "gRPC"
+    assert done.returncode == 1, done.stderr
+    assert f"cannot serve {what} on 127.0.0.1:{port}: Address already in use" in done.stderr, done.stderr

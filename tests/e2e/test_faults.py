@@ -108,7 +108,11 @@ async def test_kill_9_while_idle_is_noticed() -> None:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await generate(served.stub, token_ids={"ids": [5]}, max_tokens=1)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # no load to report, not the last step's
+            await served.stub.GetLoad(pb.GetLoadRequest())
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "data plane" in (err.value.details() or "")
         await serves_again(served)
+        assert (await served.stub.GetLoad(pb.GetLoadRequest())).num_kv_blocks > 0
 
 
 async def test_the_slo_clock_survives_a_restart() -> None:

@@ -7,8 +7,10 @@ import asyncio
 import time
 
 import grpc
+import msgspec
 import pytest
 
+from controlplane.engine import EngineUnavailable
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from controlplane.server import MAX_MESSAGE_BYTES
 from tests.e2e.conftest import Served, generate, serve
@@ -128,3 +130,29 @@ async def test_a_token_queue_limit_below_max_model_len_is_warned_about_once(capl
             assert engine.worker is not None
             engine._install(engine.worker)  # what a reconnect to the same data plane does
     assert caplog.text.count("max_queued_tokens 10 is below max_model_len") == 1
+
+
+async def test_a_step_limit_above_the_data_planes_is_refused() -> None:
+    """An attached data plane started with a smaller max_num_seqs or token budget than the control plane's
+    would be asked for steps its memory plan and decode graphs were not sized for: the handshake refuses."""
+    async with serve("tiny", max_num_seqs=8, max_num_batched_tokens=64) as served:
+        engine = served.plane.engine
+        assert engine.worker is not None
+        for field, value, says in (("max_num_seqs", 4, "max_num_seqs 8 exceeds"),
+                                   ("max_num_batched_tokens", 32, "max_num_batched_tokens 64 exceeds")):
+            with pytest.raises(EngineUnavailable, match=says):
+                engine._install(msgspec.structs.replace(engine.worker, **{field: value}))
+        engine._install(msgspec.structs.replace(engine.worker, max_num_seqs=8, max_num_batched_tokens=64))
+
+
+async def test_a_data_plane_that_comes_back_with_another_model_is_refused() -> None:
+    """The tokenizer, chat template and limits were made for the first model: a reconnect to a data plane
+    serving another one is refused (the engine keeps retrying, not serving) instead of mixing the two."""
+    async with serve("tiny") as served:
+        engine = served.plane.engine
+        assert engine.worker is not None
+        model = engine.worker.model
+        other = msgspec.structs.replace(model, name="other", vocab_size=model.vocab_size + 1)
+        with pytest.raises(EngineUnavailable, match=r"another model \(name 'tiny' -> 'other', vocab_size"):
+            engine._install(msgspec.structs.replace(engine.worker, model=other))
+        engine._install(engine.worker)  # the same model again: fine

@@ -51,8 +51,8 @@ def run_in_process(folder: Path, policy: str, multiplex: bool) -> tuple[list[lis
     if multiplex:  # pretend the worker can split SMs; the CPU runner runs look-ahead steps sequentially
         ready = msgspec.structs.replace(ready, supports_multiplexing=True, partition_sm_counts=[8, 16],
                                         device=msgspec.structs.replace(ready.device, sm_count=32))
-    config = SchedulerConfig(policy=policy, max_num_batched_tokens=24, static_decode_sms=8,  # type: ignore[arg-type]
-                             static_lookahead=5)
+    config = SchedulerConfig(policy=policy, max_num_seqs=24, max_num_batched_tokens=24,  # type: ignore[arg-type]
+                             static_decode_sms=8, static_lookahead=5)
     sched = Scheduler(config, BlockAllocator(ready.num_kv_blocks, ready.block_size), 4096, frozenset(), ready)
     seqs = [Sequence(seq_id=i, request_id=str(i), prompt_token_ids=p, sampling=SamplingParams(temperature=0.0),
                      stop=StopParams(max_tokens=out, ignore_eos=True), arrival_time=0.0)

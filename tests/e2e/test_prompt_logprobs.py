@@ -33,6 +33,8 @@ def check(entries: list[pb.TokenLogprob], prompt: list[int], ref: torch.Tensor, 
     assert [e.token_id for e in entries] == prompt[1:]
     for i, entry in enumerate(entries):
         assert entry.logprob == pytest.approx(float(ref[i, prompt[i + 1]]), abs=2e-4), i
+        chosen = float(ref[i, prompt[i + 1]])  # vLLM's rank: tokens at least as likely (near-ties either way)
+        assert int((ref[i] > chosen + 1e-3).sum()) < entry.rank <= int((ref[i] >= chosen - 1e-3).sum()), i
         assert len(entry.top) == top
         if top:
             want = ref[i].topk(top)

@@ -64,6 +64,7 @@ async def test_generate_cli_stops_on_a_stop_token_and_prints_logprobs(capsys: py
         assert f"finish_reason=stop stop_reason='{second}'" in err and "completion_tokens=2" in err
         rows = err.split("[logprobs]\n", 1)[1].splitlines()
         assert [int(r.split()[2]) for r in rows] == [first, second] and all(r.count(":") == 2 for r in rows)
+        assert [r.split()[5:7] for r in rows] == [["rank", "1"], ["rank", "1"]]  # greedy: the most likely
         # before --min-tokens the stop token is not sampled, so the completion runs on past it
         args = build_parser().parse_args([*cli, "--stop-token-ids", str(first), "--min-tokens", "4"])
         assert await asyncio.to_thread(run_generate, args) == 0

@@ -188,7 +188,8 @@ def test_the_checks_keep_what_the_loader_torch_and_logging_accept() -> None:
 
 @pytest.mark.parametrize("flags, says", [(["--num-kv-blocks", "0"], "num_kv_blocks must be >= 1, got 0"),
                                          (["--dtype", "bogus"], "dtype must be one of"),
-                                         (["--model", "nosuchmodel"], "neither a preset")])
+                                         (["--model", "nosuchmodel"], "neither a preset"),
+                                         (["--max-num-batched-tokens", "64"], "(64) must be >= max_num_seqs (256)")])
 def test_a_bad_serve_setting_is_one_error_line_naming_the_subcommand(flags: list[str], says: str,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     from controlplane.cli import main

@@ -116,7 +116,8 @@ class GenerationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Detokenize(self, request, context):
-        """Token ids back to text, as Generate streams it.
+        """Token ids back to text (the tokenizer's decode). Generate's text is the same but for the first word
+        of a completion: it is decoded after the prompt, so a SentencePiece tokenizer keeps its leading space.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,93 @@
+"""The data plane's receive loop (`serve_plans`) on its own, in a thread, with a trivial dispatcher: one
+control plane at a time (a second Hello is refused, retryably, while the first's connection is open, and
+takes over once it closes), messages from a peer that is not attached are dropped, Pings are answered."""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from collections.abc import Iterator
+
+import pytest
+import zmq
+
+from dataplane.serve_loop import serve_plans
+from shared.codec import decode_to_control, encode
+from shared.messages import PROTOCOL_VERSION, Hello, Ping, Pong, StepPlan, StepResult, ToControl, ToWorker
+from shared.messages import WorkerFatal, WorkerReady
+from tests.controlplane.test_dataplane_client import ready
+
+HELLO = encode(Hello(protocol_version=PROTOCOL_VERSION))
+
+
+class Peer:
+    """A control plane's socket as DataplaneClient makes it (a DEALER)."""
+
+    def __init__(self, context: zmq.Context, endpoint: str) -> None:
+        self.sock = context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def next(self, timeout_s: float = 10.0, skip_probes: bool = True) -> ToControl:
+        """The next message, the owner's unasked Pongs (nonce 0) skipped."""
+        while True:
+            assert self.sock.poll(timeout_s * 1000), "no answer from the loop"
+            message = decode_to_control(self.sock.recv())
+            if not (skip_probes and isinstance(message, Pong) and message.nonce == 0):
+                return message
+
+    def ask(self, frame: bytes) -> ToControl:
+        self.sock.send(frame)
+        return self.next()
+
+    def silent(self, wait_s: float = 0.3) -> bool:
+        return not self.sock.poll(wait_s * 1000)
+
+
+@pytest.fixture
+def loop() -> Iterator[tuple[zmq.Context, str, list[ToWorker]]]:
+    endpoint = f"ipc://{tempfile.mkdtemp(prefix='dsl-')}/s"
+    seen: list[ToWorker] = []
+    running = threading.Event()
+    running.set()
+
+    def dispatch(message: ToWorker) -> ToControl | None:
+        seen.append(message)
+        if isinstance(message, Hello):
+            return ready()
+        if isinstance(message, StepPlan):
+            return StepResult(step_id=message.step_id)
+        return None
+
+    thread = threading.Thread(target=serve_plans, args=(endpoint, dispatch, running.is_set), daemon=True)
+    thread.start()
+    context = zmq.Context()
+    try:
+        yield context, endpoint, seen
+    finally:
+        running.clear()
+        thread.join(10)
+        context.destroy(linger=0)
+    assert not thread.is_alive()
+
+
+def test_one_control_plane_at_a_time(loop) -> None:  # noqa: ANN001
+    context, endpoint, seen = loop
+    first, second = Peer(context, endpoint), Peer(context, endpoint)
+    assert isinstance(first.ask(HELLO), WorkerReady)
+    refused = second.ask(HELLO)
+    assert isinstance(refused, WorkerFatal) and refused.retryable and "another control plane" in refused.reason
+    second.sock.send(encode(StepPlan(step_id=9)))  # not attached: dropped, not run
+    assert second.silent()
+    assert isinstance(first.ask(encode(StepPlan(step_id=3))), StepResult)
+    assert [type(m).__name__ for m in seen] == ["Hello", "StepPlan"]  # only the owner's reached the worker
+    pong = first.ask(encode(Ping(nonce=7)))
+    assert isinstance(pong, Pong) and pong.nonce == 7
+    first.sock.close(linger=0)  # the owner leaves: the next Hello takes over
+    for _ in range(50):
+        reply = second.ask(HELLO)
+        if isinstance(reply, WorkerReady):
+            break
+        assert isinstance(reply, WorkerFatal) and reply.retryable  # its close not yet seen
+    assert isinstance(reply, WorkerReady)
+    assert isinstance(second.ask(encode(StepPlan(step_id=4))), StepResult)
