@@ -206,17 +206,21 @@ class DataplaneClient:
                 raise DataplaneTimeout(f"no answer from the data plane within {timeout_s:.1f} s")
             ready = dict(await poller.poll(min(remaining, POLL_SLICE_S) * 1000))
             if ready.get(self._socket):
-                frame = await self._socket.recv()
-                try:
-                    message = decode_to_control(frame)
-                except ProtocolError as exc:
-                    log.error("dropping malformed frame from the data plane: %s", exc)
-                    continue
-                self._heard = time.monotonic()
-                if not isinstance(message, Pong):
+                message = self._decode(await self._socket.recv())
+                if message is not None and not isinstance(message, Pong):
                     return message
                 continue
             await self._drain_monitor()
+
+    def _decode(self, frame: bytes) -> ToControl | None:
+        """A frame from the data plane (which was heard from), or None: malformed, logged and dropped."""
+        try:
+            message = decode_to_control(frame)
+        except ProtocolError as exc:
+            log.error("dropping malformed frame from the data plane: %s", exc)
+            return None
+        self._heard = time.monotonic()
+        return message
 
     async def wait(self, event: asyncio.Event) -> None:
         """Wait for `event` (new work) while watching the connection; raises if the peer is lost, or
@@ -250,15 +254,9 @@ class DataplaneClient:
         """Read what came while idle: Pongs (and anything else, which nothing waits for: logged, dropped)."""
         assert self._socket is not None
         while await self._socket.poll(0):
-            frame = await self._socket.recv()
-            try:
-                message = decode_to_control(frame)
-            except ProtocolError as exc:
-                log.error("dropping malformed frame from the data plane: %s", exc)
-                continue
-            self._heard = time.monotonic()
+            message = self._decode(await self._socket.recv())
             if isinstance(message, WorkerFatal):
                 self.mark_lost(f"data plane failed: {message.reason}")
                 self._check_lost()
-            elif not isinstance(message, Pong):
+            elif message is not None and not isinstance(message, Pong):
                 log.warning("dropping an unexpected %s while idle", type(message).__name__)

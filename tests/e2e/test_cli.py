@@ -117,21 +117,34 @@ def test_scheduler_flags_reach_the_config() -> None:
     assert (paper.duet_slo, paper.tpot_horizon, paper.duet_trim) == ("tbt", 8, False)
 
 
+def _serve_tiny(*flags: str) -> tuple[subprocess.Popen[str], str]:
+    """`duetserve serve` in a session of its own, and its address once it serves."""
+    server = subprocess.Popen([*CLI, "serve", "--port", "0", "--log-level", "WARNING", *flags], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert server.stdout is not None
+    match = re.search(r"serving tiny on 127\.0\.0\.1:(\d+)", server.stdout.readline())
+    if not match:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        raise AssertionError("serve did not start")
+    return server, f"127.0.0.1:{match.group(1)}"
+
+
+def _streaming(address: str, max_tokens: int) -> subprocess.Popen[str]:
+    """`duetserve generate` of `max_tokens`, once its first text has come."""
+    client = subprocess.Popen([*CLI, "generate", "Hi", "--address", address, "--max-tokens", str(max_tokens),
+                               "--ignore-eos"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert client.stdout is not None
+    client.stdout.read(1)
+    return client
+
+
 def test_ctrl_c_to_serves_process_group_drains_before_the_data_plane_stops() -> None:
     """Ctrl-C reaches the terminal's whole process group: the data plane serve spawned is in a session of
     its own, so a running completion finishes in the grace period instead of losing its data plane."""
-    server = subprocess.Popen([*CLI, "serve", "--port", "0", "--log-level", "WARNING", "--shutdown-grace", "30"],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    server, address = _serve_tiny("--shutdown-grace", "30")
     try:
-        assert server.stdout is not None
-        match = re.search(r"serving tiny on 127\.0\.0\.1:(\d+)", server.stdout.readline())
-        assert match
-        address = f"127.0.0.1:{match.group(1)}"
-        client = subprocess.Popen([*CLI, "generate", "Hi", "--address", address, "--max-tokens", "400",
-                                   "--ignore-eos"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True)
-        assert client.stdout is not None
-        client.stdout.read(1)  # the completion is streaming
+        client = _streaming(address, 400)
         os.killpg(server.pid, signal.SIGINT)  # what Ctrl-C in serve's terminal does
         _, err = client.communicate(timeout=60)
         assert client.returncode == 0 and "completion_tokens=400" in err, err
@@ -156,17 +169,9 @@ def test_a_data_plane_that_cannot_load_its_model_says_why_in_one_line(tmp_path: 
 
 
 def test_a_second_signal_ends_the_drain_at_once() -> None:
-    server = subprocess.Popen([*CLI, "serve", "--port", "0", "--log-level", "WARNING", "--shutdown-grace", "120"],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    server, address = _serve_tiny("--shutdown-grace", "120")
     try:
-        assert server.stdout is not None
-        match = re.search(r"serving tiny on 127\.0\.0\.1:(\d+)", server.stdout.readline())
-        assert match
-        client = subprocess.Popen([*CLI, "generate", "Hi", "--address", f"127.0.0.1:{match.group(1)}",
-                                   "--max-tokens", "4000", "--ignore-eos"], cwd=ROOT, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
-        assert client.stdout is not None
-        client.stdout.read(1)
+        client = _streaming(address, 4000)
         server.send_signal(signal.SIGTERM)  # drains: the completion could run on for 120 s
         time.sleep(0.5)
         stopped_at = time.monotonic()
