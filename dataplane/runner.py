@@ -23,7 +23,7 @@ from dataplane.piecewise import PiecewiseGraphs
 from dataplane.models.config import ModelConfig
 from dataplane.models.dense import DenseForCausalLM
 from dataplane.sampler import LogprobTensors, Sampler, has_penalties, prompt_logprobs
-from dataplane.seq_state import SeqError, SeqState, check_scheduled, new_state, plan_failures
+from dataplane.seq_state import SeqError, SeqState, check_scheduled, fail_by_plan, new_state
 from dataplane.staging import Span, positions_and_slots
 from shared.messages import SeqFailure, SeqOutput, StepPlan, StepResult, StepTimings, TokenLogprobs
 
@@ -184,12 +184,7 @@ class ModelRunner:
                     self._prompt_seqs.add(new.seq_id)
             except SeqError as exc:
                 pending.failures.append(SeqFailure(seq_id=new.seq_id, message=str(exc)))
-        failed = {f.seq_id for f in pending.failures}
-        for seq_id, message in plan_failures(plan).items():
-            if seq_id not in failed:
-                self.drop(seq_id)
-                pending.failures.append(SeqFailure(seq_id=seq_id, message=message))
-                failed.add(seq_id)
+        failed = fail_by_plan(plan, pending.failures, self.drop)
         items: list[_Item] = []
         for entry in plan.scheduled:
             if entry.seq_id in failed:

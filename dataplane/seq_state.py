@@ -6,9 +6,10 @@ module holds no tensors and decides nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from shared.messages import NewRequest, SamplingParams, ScheduledSeq, StepPlan
+from shared.messages import NewRequest, SamplingParams, ScheduledSeq, SeqFailure, StepPlan
 
 
 class SeqError(ValueError):
@@ -82,6 +83,18 @@ def plan_failures(plan: StepPlan) -> dict[int, str]:
             twice[entry.seq_id] = f"seq {entry.seq_id}: scheduled more than once in step {plan.step_id}"
         seen.add(entry.seq_id)
     return twice
+
+
+def fail_by_plan(plan: StepPlan, failures: list[SeqFailure], drop: Callable[[int], None]) -> set[int]:
+    """Add `plan_failures` to `failures` (a sequence already failed once is not again), dropping each
+    sequence's state with `drop`; returns every failed sequence id."""
+    failed = {f.seq_id for f in failures}
+    for seq_id, message in plan_failures(plan).items():
+        if seq_id not in failed:
+            drop(seq_id)
+            failures.append(SeqFailure(seq_id=seq_id, message=message))
+            failed.add(seq_id)
+    return failed
 
 
 def check_scheduled(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from dataplane.seq_state import plan_failures
+from dataplane.seq_state import fail_by_plan
 from shared.messages import NewRequest, ScheduledSeq, SeqFailure, SeqOutput, StepPlan, StepResult, StepTimings
 
 
@@ -53,12 +53,7 @@ class SimRunner:
             if problem:
                 failures.append(SeqFailure(seq_id=new.seq_id, message=problem))
         outputs: list[SeqOutput] = []
-        failed = {f.seq_id for f in failures}
-        for seq_id, message in plan_failures(plan).items():
-            if seq_id not in failed:
-                self._drop(seq_id)
-                failures.append(SeqFailure(seq_id=seq_id, message=message))
-                failed.add(seq_id)
+        failed = fail_by_plan(plan, failures, self._drop)
         for entry in plan.scheduled:
             if entry.seq_id in failed:
                 continue
