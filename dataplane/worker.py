@@ -26,8 +26,9 @@ from dataplane.calibration import calibrate
 from dataplane.health import Heartbeat
 from dataplane.kv_cache import allocate_kv_cache
 from dataplane.memory import MemoryPlan, plan_cpu_memory, plan_gpu_memory, profile_activations
-from dataplane.models.config import ModelConfig
+from dataplane.models.config import ModelConfig, load_model_config
 from dataplane.models.loader import load_model, resolve_dtype
+from dataplane.models.presets import PRESETS
 from dataplane.piecewise import PiecewiseGraphs, default_token_buckets, piecewise_possible, piecewise_reserve_bytes
 from dataplane.runner import ModelRunner, PendingStep
 from dataplane.sampler import Sampler
@@ -119,7 +120,19 @@ def apply_cublas_workspace(config: DataplaneConfig) -> None:
     os.environ["CUBLAS_WORKSPACE_CONFIG"] = value
 
 
+def check_max_model_len(config: DataplaneConfig) -> None:
+    """Before the weights load: refuse a max_model_len past the model's positions, as vLLM does (its
+    RoPE table ends there: tokens past it would be computed with no position)."""
+    if config.max_model_len is None:
+        return
+    cfg = PRESETS[config.model] if config.model in PRESETS else load_model_config(config.model)
+    if config.max_model_len > cfg.max_position_embeddings:
+        raise ValueError(f"max_model_len {config.max_model_len} is past the model's {cfg.max_position_embeddings} "
+                         f"positions (max_position_embeddings); ask for at most that")
+
+
 def load_worker(config: DataplaneConfig) -> LoadedWorker:
+    check_max_model_len(config)
     apply_cublas_workspace(config)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
@@ -144,12 +157,9 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
     log.info("memory plan: %s", memory.describe() if device.type == "cuda" else f"{memory.num_kv_blocks} KV blocks")
     num_blocks = memory.num_kv_blocks
     kv_caches = allocate_kv_cache(cfg, num_blocks + 1, config.block_size, dtype, device)  # +1: graph padding
-    max_len = cfg.max_position_embeddings
+    max_len = cfg.max_position_embeddings  # max_model_len, when given, is at most this (check_max_model_len)
     if config.max_model_len is not None:
-        if config.max_model_len > max_len:
-            log.warning("max_model_len %d is past the model's %d positions: serving %d", config.max_model_len,
-                        max_len, max_len)
-        max_len = min(max_len, config.max_model_len)
+        max_len = config.max_model_len
     graphs = None
     if device.type == "cuda" and backend.name == "flashinfer" and config.cuda_graphs:
         graphs = capture_decode_graphs(config, model, kv_caches, shape, device, num_blocks, max_len)

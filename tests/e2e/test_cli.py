@@ -195,3 +195,12 @@ def test_a_port_in_use_is_named_with_the_reason(flag: str) -> None:
     what = "metrics" if flag == "--metrics-port" else "gRPC"
     assert done.returncode == 1, done.stderr
     assert f"cannot serve {what} on 127.0.0.1:{port}: Address already in use" in done.stderr, done.stderr
+
+
+def test_a_max_model_len_past_the_models_positions_is_refused_before_loading(tmp_path: Path) -> None:
+    """As vLLM: not clamped with a warning, refused (before the weights load)."""
+    done = subprocess.run([sys.executable, "-m", "dataplane", "--model", "tiny", "--device", "cpu",
+                           "--max-model-len", "100000", "--endpoint", f"ipc://{tmp_path}/dp.sock"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "max_model_len 100000 is past the model's 4096 positions" in done.stderr
