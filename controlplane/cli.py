@@ -255,6 +255,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
     from controlplane.launcher import spawn_dataplane
     from controlplane.server import ControlPlane
+    from shared.endpoints import release_ipc
 
     dataplane_config, server_config = configs_from_args(args)
     spawn = None if args.attach else partial(spawn_dataplane, dataplane_config, args.log_level)
@@ -287,7 +288,7 @@ async def _serve(args: argparse.Namespace) -> int:
     finally:
         await plane.stop()  # drains for --shutdown-grace seconds, then stops the data plane
         if not args.attach and not args.dataplane_endpoint:  # our own IPC socket: the data plane is gone
-            Path(dataplane_config.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
+            release_ipc(dataplane_config.endpoint)  # its files, were it killed before it removed them
     return code
 
 

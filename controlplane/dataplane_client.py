@@ -53,6 +53,9 @@ class DataplaneClient:
         self._monitor: zmq.asyncio.Socket | None = None
         self._lost: str | None = None
         self.ping_timeout_s = ping_timeout_s
+        # one routing id for every socket of this client: a reconnect is the same peer to the data plane's
+        # ROUTER (ROUTER_HANDOVER), not a second control plane refused while the old pipe closes
+        self._routing_id = os.urandom(8)
         self._pinged = 0.0  # when the last Ping went out while idle
         self._heard = 0.0  # when the data plane was last heard from
 
@@ -60,8 +63,7 @@ class DataplaneClient:
 
     def connect(self) -> None:
         sock = self._context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.ROUTING_ID, os.urandom(8))  # kept across this socket's reconnects (the data plane's
-        # ROUTER hands the place over); a fresh socket is a new peer
+        sock.setsockopt(zmq.ROUTING_ID, self._routing_id)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, SEND_HWM)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
@@ -70,6 +72,10 @@ class DataplaneClient:
         self._socket = sock
         self._lost = None
         self._connected = False
+
+    def disconnect(self) -> None:
+        """Close the socket (the data plane sees its owner leave); `reset()` connects again."""
+        self._close_sockets(linger_ms=0)
 
     def reset(self) -> None:
         """A fresh socket: frames queued for (or from) the previous worker are discarded."""
@@ -224,11 +230,11 @@ class DataplaneClient:
 
     async def wait(self, event: asyncio.Event) -> None:
         """Wait for `event` (new work) while watching the connection; raises if the peer is lost, or
-        hung: no step runs meanwhile, so a data plane that answers no Ping for `ping_timeout_s` is."""
+        hung: no step runs meanwhile, so a data plane not heard from (no Pong, no result, no handshake
+        answer) for `ping_timeout_s` is."""
         self._check_lost()
         assert self._monitor is not None and self._socket is not None
         waiter = asyncio.ensure_future(event.wait())
-        self._heard = max(self._heard, time.monotonic())  # the last step's answer, or the handshake's
         try:
             while not waiter.done():
                 await self._ping_if_due()

@@ -131,7 +131,7 @@ class Engine:
         # (--attach) is someone else's, and the next control plane attaches to it
         self.owns_dataplane = owns_dataplane
         self._limits_warned: tuple[int, int, int] | None = None  # the limits last warned about
-        self._drain_cut = False
+        self._drain_cut = False  # set once, never cleared: a cut that comes before the drain starts counts
         # Hooks for the server and the supervisor; each is called on the event loop, must not block.
         self.on_serving: Callable[[bool], None] = lambda serving: None
         self.on_lost: Callable[[str], None] = lambda reason: None
@@ -199,7 +199,6 @@ class Engine:
         self.on_serving(False)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(grace_s, 0.0)
-        self._drain_cut = False
         while self._handles and loop.time() < deadline and self.failure is None and not self._drain_cut:
             await asyncio.sleep(min(0.02, max(deadline - loop.time(), 0.0)))
         if self._handles:
@@ -386,6 +385,7 @@ class Engine:
                     self._install(ready)
                 except (DataplaneUnavailable, EngineUnavailable) as exc:
                     log.warning("data plane not back yet (%s); retrying in %.1f s", exc, delay)
+                    self.client.disconnect()  # a data plane we refused is not held meanwhile (one owner at a time)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, longest)
                     continue

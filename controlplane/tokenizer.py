@@ -35,8 +35,9 @@ class TextTokenizer(Protocol):
 
 # A stream is primed with the prompt's last tokens, so the first generated word decodes as it follows the
 # prompt (a SentencePiece decoder strips the leading space of the first word it sees): as vLLM, the
-# shortest suffix of at least 4 and at most 23 tokens whose text has no broken character, else the whole
-# prompt when it is that short, else its last 4.
+# shortest suffix of at least 4 and at most 23 tokens whose text has no broken character, or the whole
+# prompt when it is that short. When every such suffix has one, vLLM primes with the whole prompt; this
+# takes its last 4 (a long prompt would cost a decode step a token).
 _PRIME_MIN, _PRIME_MAX = 4, 24
 
 

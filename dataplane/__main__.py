@@ -10,7 +10,7 @@ import sys
 from dataplane.health import clear_stale
 from dataplane.lifeline import die_with_parent
 from shared.config import BLAS_LIBRARIES, LOG_LEVELS, PARTITION_KERNELS, DataplaneConfig, sm_counts
-from shared.endpoints import check_bindable
+from shared.endpoints import claim_endpoint
 from shared.telemetry_flags import add_trace_flags, telemetry_from_args
 
 
@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_ENDPOINT_CLAIM: int | None = None  # the ipc:// path's lock, held while the process lives
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.parent_pid is not None:
@@ -103,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m dataplane: error: {exc}", file=sys.stderr)
         return 2
     try:
-        check_bindable(config.endpoint)  # now, not after a model load of minutes
+        global _ENDPOINT_CLAIM
+        _ENDPOINT_CLAIM = claim_endpoint(config.endpoint)  # now, not after a model load of minutes; held till exit
     except ValueError as exc:
         print(f"python -m dataplane: error: {exc}", file=sys.stderr)
         return 1

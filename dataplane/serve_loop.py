@@ -10,9 +10,11 @@ uses it too.
 
 One control plane at a time: the peer whose Hello was accepted owns the data plane, and only its
 messages are served and only it gets replies. Another peer's Hello is refused (retryable) while the
-owner's connection is open, which an unasked Pong to the owner tells (ROUTER_MANDATORY: a send to a
-peer whose connection closed fails at once); once it has closed, the new peer takes over. Pings are
-answered here, between steps, so a control plane can tell an idle data plane from a hung one.
+owner is there: its connection open, which an unasked Pong to it tells (ROUTER_MANDATORY: a send to a
+peer whose connection closed fails at once; ZMTP heartbeats close the connection of a peer whose
+process stopped or whose host is gone), and heard from lately (an idle owner Pings every second; a
+silent one with no step running is hung). Otherwise the new peer takes over. Pings are answered here,
+between steps, so a control plane can tell an idle data plane from a hung one.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from shared.messages import Hello, Ping, Pong, Shutdown, ToControl, ToWorker, Wo
 log = logging.getLogger(__name__)
 
 POLL_S = 50e-6  # while steps run and no plan waits: how often to look for finished ones
+HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS = 1000, 5000  # ZMTP: a peer that answers none for 5 s is disconnected
+OWNER_SILENT_S = 30.0  # with no step running, an owner not heard from for this long (it Pings every second) is hung
 
 
 def serve_plans(endpoint: str, dispatch: Callable[[ToWorker], ToControl | None], running: Callable[[], bool],
@@ -41,8 +45,11 @@ def serve_plans(endpoint: str, dispatch: Callable[[ToWorker], ToControl | None],
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a departed peer raises instead of vanishing
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a control plane's socket reconnecting (same routing id) keeps its place
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)  # a larger frame drops that peer, not this process
     owner: bytes | None = None
+    owner_quiet_since = 0.0  # the later of: the owner's last message, the last moment a step ran
 
     def send_to(peer: bytes, reply: ToControl) -> bool:
         """False when `peer` cannot be reached (its connection closed, or its queue is full)."""
@@ -57,16 +64,19 @@ def serve_plans(endpoint: str, dispatch: Callable[[ToWorker], ToControl | None],
             log.warning("no control plane connected; dropped a %s", type(reply).__name__)
 
     def hello_from(peer: bytes, message: Hello) -> ToControl | None:
-        nonlocal owner
-        if owner is not None and peer != owner and send_to(owner, Pong()):
+        nonlocal owner, owner_quiet_since
+        quiet_s = time.monotonic() - owner_quiet_since
+        if owner is not None and peer != owner and quiet_s < OWNER_SILENT_S and send_to(owner, Pong()):
             log.warning("refused a second control plane: one is attached")
             return WorkerFatal(reason="another control plane is attached to this data plane; it serves one at "
                                       "a time", retryable=True)
         reply = dispatch(message)
         if isinstance(reply, WorkerReady):
             if owner is not None and owner != peer:
-                log.info("the attached control plane's connection closed; a new one takes over")
+                log.info("the attached control plane is gone (connection closed, or silent %.0f s); a new one "
+                         "takes over", quiet_s)
             owner = peer
+            owner_quiet_since = time.monotonic()
         return reply
 
     try:
@@ -80,6 +90,8 @@ def serve_plans(endpoint: str, dispatch: Callable[[ToWorker], ToControl | None],
         while running():
             on_tick()
             pending = busy()
+            if pending:
+                owner_quiet_since = time.monotonic()
             if not sock.poll(0 if pending else 100):
                 replies = collect()
                 for reply in replies:
@@ -107,6 +119,7 @@ def serve_plans(endpoint: str, dispatch: Callable[[ToWorker], ToControl | None],
             if peer != owner:
                 log.warning("dropping a %s from a control plane that is not attached", type(message).__name__)
                 continue
+            owner_quiet_since = time.monotonic()
             if isinstance(message, Ping):
                 send(Pong(nonce=message.nonce))
                 continue

@@ -7,6 +7,7 @@ permissions) or TCP on a loopback address; binding or connecting elsewhere needs
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import os
 import socket
@@ -65,43 +66,59 @@ def _ipc_path(endpoint: str) -> str | None:
     return None
 
 
-def check_bindable(endpoint: str) -> None:
+def claim_endpoint(endpoint: str) -> int | None:
     """Before a data plane loads its model: raise ValueError, naming why, for an endpoint it could not
-    bind. An ipc:// file a live process listens on is refused (libzmq would silently take the path over);
-    one a dead process left is removed. A tcp:// port in use is refused."""
+    serve on. An ipc:// path is claimed for the life of the process by a lock on `<path>.lock` (the
+    returned descriptor: keep it open): libzmq binds over a socket file another process serves on, so
+    without it two data planes could share a path, the first left unreachable. A socket file there with
+    no live claim is a dead process's and is removed. A tcp:// port in use is refused (hosts given as
+    interface names and wildcard ports are left to libzmq)."""
     path = _ipc_path(endpoint)
     if path is not None:
         folder = os.path.dirname(path) or "."
         if not os.path.isdir(folder):
             raise ValueError(f"cannot bind {endpoint}: the folder {folder} does not exist")
-        if not os.path.exists(path):
-            return
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            raise ValueError(f"cannot bind {endpoint}: another data plane serves there") from None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:  # a process that takes no lock
             try:
                 probe.connect(path)
-            except (ConnectionRefusedError, FileNotFoundError):  # nobody listens: a dead process's file
-                os.unlink(path)
-                return
-            except OSError as exc:
-                raise ValueError(f"cannot bind {endpoint}: {exc.strerror or exc}") from None
-        raise ValueError(f"cannot bind {endpoint}: another process (a data plane?) listens there")
+            except OSError:  # no file, or nobody listening: a dead process's
+                pass
+            else:
+                os.close(lock)
+                raise ValueError(f"cannot bind {endpoint}: another process listens there")
+        release_ipc(endpoint, lock_too=False)
+        return lock
     if endpoint.startswith("tcp://"):
-        host, port = _tcp_host(endpoint), int(endpoint.rpartition(":")[2])
+        host, port = _tcp_host(endpoint), endpoint.rpartition(":")[2]
         host = "0.0.0.0" if host == "*" else host
         try:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            socket.inet_pton(family, host)
+            port_number = int(port)
+        except (OSError, ValueError):  # an interface or host name, a wildcard port: libzmq decides
+            return None
+        try:
             with socket.socket(family, socket.SOCK_STREAM) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as libzmq binds
-                probe.bind((host, port))
+                probe.bind((host, port_number))
         except OSError as exc:
             raise ValueError(f"cannot bind {endpoint}: {exc.strerror or exc}") from None
+    return None
 
 
-def release_ipc(endpoint: str) -> None:
-    """After a bound ipc:// socket closed: remove its file (libzmq leaves it behind)."""
+def release_ipc(endpoint: str, lock_too: bool = True) -> None:
+    """After a bound ipc:// socket closed: remove its file, which libzmq leaves behind (and the claim's
+    lock file: only the process holding the claim calls this)."""
     path = _ipc_path(endpoint)
     if path is not None:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        for leftover in (path, path + ".lock") if lock_too else (path,):
+            try:
+                os.unlink(leftover)
+            except FileNotFoundError:
+                pass

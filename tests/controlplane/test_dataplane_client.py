@@ -250,5 +250,19 @@ def test_an_idle_client_pings_and_finds_a_hung_data_plane() -> None:
         assert isinstance(await client.handshake(10), WorkerReady)
         await serving
 
+    async def woken_often(client: DataplaneClient, peer: zmq.asyncio.Socket) -> None:
+        """Entering wait() again (the engine woken with nothing to send) does not restart the clock."""
+        client.ping_timeout_s = 1.0
+        await peer.send(encode(ready()))
+        assert isinstance(await client.receive(10), WorkerReady)
+        started = time.monotonic()
+        with pytest.raises(DataplaneUnavailable, match="answered no ping"):
+            while time.monotonic() - started < 5.0:
+                woken = asyncio.Event()
+                asyncio.get_running_loop().call_later(0.3, woken.set)
+                await client.wait(woken)
+        assert time.monotonic() - started < 2.0
+
     with_peer(body)
     with_peer(refused_then_ready)
+    with_peer(woken_often)

@@ -4,8 +4,11 @@ takes over once it closes), messages from a peer that is not attached are droppe
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -18,6 +21,24 @@ from shared.messages import WorkerFatal, WorkerReady
 from tests.controlplane.test_dataplane_client import ready
 
 HELLO = encode(Hello(protocol_version=PROTOCOL_VERSION))
+
+
+@contextlib.contextmanager
+def patch_refusals() -> Iterator[list[str]]:
+    """The data plane's "refused a second control plane" log lines while the block runs."""
+    seen: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "refused a second control plane" in record.getMessage():
+                seen.append(record.getMessage())
+
+    handler, logger = Catch(), logging.getLogger("dataplane.serve_loop")
+    logger.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
 
 
 class Peer:
@@ -41,7 +62,12 @@ class Peer:
         return self.next()
 
     def silent(self, wait_s: float = 0.3) -> bool:
-        return not self.sock.poll(wait_s * 1000)
+        """Nothing but the owner probes (unasked Pongs) comes within `wait_s`."""
+        while self.sock.poll(wait_s * 1000):
+            message = decode_to_control(self.sock.recv())
+            if not (isinstance(message, Pong) and message.nonce == 0):
+                return False
+        return True
 
 
 @pytest.fixture
@@ -91,3 +117,57 @@ def test_one_control_plane_at_a_time(loop) -> None:  # noqa: ANN001
         assert isinstance(reply, WorkerFatal) and reply.retryable  # its close not yet seen
     assert isinstance(reply, WorkerReady)
     assert isinstance(second.ask(encode(StepPlan(step_id=4))), StepResult)
+
+
+def test_a_silent_owner_with_an_open_connection_is_taken_over(loop, monkeypatch) -> None:  # noqa: ANN001
+    """A hung control plane (its process alive, its connection open) would lock the data plane forever: an
+    owner heard nothing from for OWNER_SILENT_S with no step running is taken over."""
+    import dataplane.serve_loop as serve_loop
+
+    monkeypatch.setattr(serve_loop, "OWNER_SILENT_S", 1.0)
+    context, endpoint, _ = loop
+    owner, other = Peer(context, endpoint), Peer(context, endpoint)
+    assert isinstance(owner.ask(HELLO), WorkerReady)
+    refused = other.ask(HELLO)
+    assert isinstance(refused, WorkerFatal) and refused.retryable
+    time.sleep(1.2)  # the owner says nothing: hung
+    assert isinstance(other.ask(HELLO), WorkerReady)
+    owner.sock.send(encode(StepPlan(step_id=1)))  # the old owner's plans are dropped now
+    assert owner.silent()
+
+
+def test_a_client_reconnecting_is_the_same_peer() -> None:
+    """DataplaneClient keeps one routing id across reset(): its new socket takes the old one's place at
+    once (ROUTER_HANDOVER), never refused as "another control plane" while the old pipe closes."""
+    import asyncio
+
+    from controlplane.dataplane_client import DataplaneClient
+
+    endpoint = f"ipc://{tempfile.mkdtemp(prefix='dsl-')}/s"
+    running = threading.Event()
+    running.set()
+    thread = threading.Thread(target=serve_plans, args=(endpoint, lambda m: ready() if isinstance(m, Hello) else None,
+                                                        running.is_set), daemon=True)
+    thread.start()
+
+    async def main() -> None:
+        client = DataplaneClient(endpoint)
+        client.connect()
+        try:
+            ids = set()
+            for _ in range(20):
+                assert isinstance(await client.handshake(10), WorkerReady)
+                assert client._socket is not None
+                ids.add(client._socket.getsockopt(zmq.ROUTING_ID))
+                client.reset()
+            assert len(ids) == 1
+        finally:
+            client.close()
+
+    try:
+        with patch_refusals() as refusals:
+            asyncio.run(main())
+        assert refusals == []
+    finally:
+        running.clear()
+        thread.join(10)

@@ -156,3 +156,33 @@ async def test_a_data_plane_that_comes_back_with_another_model_is_refused() -> N
         with pytest.raises(EngineUnavailable, match=r"another model \(name 'tiny' -> 'other', vocab_size"):
             engine._install(msgspec.structs.replace(engine.worker, model=other))
         engine._install(engine.worker)  # the same model again: fine
+
+
+async def test_a_refused_data_plane_is_not_held_while_the_engine_backs_off() -> None:
+    """One control plane a data plane: after refusing a data plane (another model), the engine closes its
+    socket before waiting to retry, so the control plane meant for that model can attach meanwhile."""
+    async with serve("tiny") as served:
+        engine = served.plane.engine
+        assert engine.worker is not None
+        other = msgspec.structs.replace(engine.worker, model=msgspec.structs.replace(engine.worker.model, name="x"))
+        calls: list[str] = []
+
+        class Client:
+            def reset(self) -> None:
+                calls.append("connect")
+
+            async def handshake(self, timeout_s: float) -> object:
+                calls.append("hello")
+                return other
+
+            def disconnect(self) -> None:
+                calls.append("close")
+
+        real, engine.client = engine.client, Client()  # type: ignore[assignment]
+        try:
+            retrying = asyncio.create_task(engine._reconnect())
+            await asyncio.sleep(0.5)  # a few back-offs (0.1 s, doubling)
+            retrying.cancel()
+            assert len(calls) >= 6 and calls == ["connect", "hello", "close"] * (len(calls) // 3)
+        finally:
+            engine.client = real

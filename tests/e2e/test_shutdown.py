@@ -50,3 +50,19 @@ async def test_graceful_shutdown_drains_then_ends_the_rest() -> None:
         served.scheduler.check_invariants()
         assert served.scheduler.allocator.num_free == served.scheduler.allocator.num_blocks
         assert not Path(f"/proc/{pid}").exists(), "the data plane outlived the control plane"
+
+
+async def test_a_drain_cut_before_it_starts_does_not_wait() -> None:
+    """Two quick Ctrl-Cs: the second's cut may come before stop() reaches the drain; it still counts."""
+    async with serve("tiny") as served:
+        slow_steps(served)
+        long_call = served.stub.Generate(pb.GenerateRequest(request_id="long", **LONG))
+        await long_call.read()
+        served.plane.engine.cut_drain()
+        started = time.monotonic()
+        await asyncio.wait_for(served.plane.stop(60.0), 30)
+        assert time.monotonic() - started < 10.0
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            while await long_call.read() != grpc.aio.EOF:
+                pass
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE

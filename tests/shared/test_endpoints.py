@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
 import pytest
 
 from shared.config import DataplaneConfig, ServerConfig
-from shared.endpoints import check_bindable, check_endpoint, is_local, release_ipc
+from shared.endpoints import check_endpoint, claim_endpoint, is_local, release_ipc
 
 LOCAL = ["ipc:///tmp/x.sock", "ipc://@abstract", "inproc://x", "tcp://127.0.0.1:5555", "tcp://127.1.2.3:1",
          "tcp://localhost:5555", "tcp://[::1]:5555"]
@@ -42,25 +43,27 @@ def test_configs_check_their_endpoints() -> None:
             check_endpoint(bad, allow_remote=True)
 
 
-def test_check_bindable_refuses_live_endpoints_and_clears_stale_socket_files(tmp_path: Path) -> None:
+def test_an_endpoint_is_claimed_once_and_stale_socket_files_are_cleared(tmp_path: Path) -> None:
     path = tmp_path / "dp.sock"
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(path))
     stale.close()  # the file stays, nobody listens: a dead data plane's
-    check_bindable(f"ipc://{path}")
-    assert not path.exists()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
+    claim = claim_endpoint(f"ipc://{path}")
+    assert claim is not None and not path.exists()
+    with pytest.raises(ValueError, match="another data plane serves there"):  # libzmq would bind over it
+        claim_endpoint(f"ipc://{path}")
+    release_ipc(f"ipc://{path}")
+    os.close(claim)  # the process exits
+    assert not Path(f"{path}.lock").exists()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:  # a listener that takes no lock
         live.bind(str(path))
         live.listen()
-        with pytest.raises(ValueError, match="another process .* listens there"):
-            check_bindable(f"ipc://{path}")
+        with pytest.raises(ValueError, match="another process listens there"):
+            claim_endpoint(f"ipc://{path}")
     with pytest.raises(ValueError, match="the folder .* does not exist"):
-        check_bindable(f"ipc://{tmp_path}/nowhere/dp.sock")
+        claim_endpoint(f"ipc://{tmp_path}/nowhere/dp.sock")
     with socket.create_server(("127.0.0.1", 0)) as taken:
         with pytest.raises(ValueError, match="Address already in use"):
-            check_bindable(f"tcp://127.0.0.1:{taken.getsockname()[1]}")
-    check_bindable("tcp://127.0.0.1:0")
-    assert path.exists()  # the live one's file, left after it closed
-    release_ipc(f"ipc://{path}")
-    release_ipc(f"ipc://{path}")  # already gone: fine
-    assert not path.exists()
+            claim_endpoint(f"tcp://127.0.0.1:{taken.getsockname()[1]}")
+    assert claim_endpoint("tcp://127.0.0.1:0") is None
+    assert claim_endpoint("tcp://lo:5555") is None and claim_endpoint("tcp://127.0.0.1:*") is None  # libzmq's to say
