@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 POLL_SLICE_S = 0.2  # how often a wait checks for a peer declared lost from outside (the supervisor)
 PING_INTERVAL_S = 1.0  # while idle, Ping this often
 PING_TIMEOUT_S = 10.0  # while idle, a data plane that answered no Ping for this long is hung
+REFUSED_RETRY_MAX_S = 10.0  # a Hello refused for now (another control plane attached) is said again after
+# 1 s, doubling to this: a control plane left waiting does not knock every second for ever
+HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS = 1000, 5000  # ZMTP: a data plane stopped or cut off mid-step is
+# seen in 5 s (its connection dropped), not after the step timeout
 HELLO_RESEND_S = 1.0  # while connected and unanswered (or refused for now), Hello again; Hello is idempotent
 SEND_HWM = 64  # messages queued for the worker; we never have more than a few in flight
 
@@ -56,6 +60,7 @@ class DataplaneClient:
         # one routing id for every socket of this client: a reconnect is the same peer to the data plane's
         # ROUTER (ROUTER_HANDOVER), not a second control plane refused while the old pipe closes
         self._routing_id = os.urandom(8)
+        self._refusals = 0  # Hellos refused for now in a row (reset by a WorkerReady)
         self._pinged = 0.0  # when the last Ping went out while idle
         self._heard = 0.0  # when the data plane was last heard from
 
@@ -64,6 +69,8 @@ class DataplaneClient:
     def connect(self) -> None:
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.ROUTING_ID, self._routing_id)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, SEND_HWM)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
@@ -136,13 +143,18 @@ class DataplaneClient:
                     await self._send(hello)
                 continue
             if isinstance(reply, WorkerFatal) and reply.retryable and remaining > HELLO_RESEND_S:
-                log.warning("the data plane refused the handshake for now (%s); trying again", reply.reason)
-                await asyncio.sleep(HELLO_RESEND_S)
+                pause = min(HELLO_RESEND_S * 2 ** self._refusals, REFUSED_RETRY_MAX_S)
+                (log.warning if self._refusals == 0 else log.debug)(
+                    "the data plane refused the handshake for now (%s); saying Hello again every %.0f s or less",
+                    reply.reason, REFUSED_RETRY_MAX_S)
+                self._refusals += 1
+                await asyncio.sleep(min(pause, remaining - HELLO_RESEND_S))
                 await self._send(hello)
                 continue
             if isinstance(reply, WorkerFatal):
                 raise DataplaneUnavailable(f"data plane refused the handshake: {reply.reason}")
             if isinstance(reply, WorkerReady):
+                self._refusals = 0
                 break
             log.warning("dropping a stale %s while waiting for WorkerReady", type(reply).__name__)
         if reply.protocol_version != PROTOCOL_VERSION:

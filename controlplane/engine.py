@@ -136,6 +136,8 @@ class Engine:
         self.on_serving: Callable[[bool], None] = lambda serving: None
         self.on_lost: Callable[[str], None] = lambda reason: None
         self.on_ready: Callable[[WorkerReady], None] = lambda ready: None
+        # the pid of the data plane this control plane started (None: it started none, or none runs)
+        self.dataplane_pid: Callable[[], int | None] = lambda: None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -149,6 +151,11 @@ class Engine:
 
     def _install(self, ready: WorkerReady) -> None:
         """Size the scheduler and KV blocks from a WorkerReady (at start and after every reconnect)."""
+        ours = self.dataplane_pid()
+        if ours is not None and ready.pid and ready.pid != ours:
+            raise EngineUnavailable(f"another data plane (pid {ready.pid}) serves {self.client.endpoint}, not the one "
+                                    f"this serve started (pid {ours}): use another --dataplane-endpoint, or --attach "
+                                    f"to that one")
         if self.worker is not None and ready.model != self.worker.model:
             # the tokenizer, chat template and limits were made for the first one
             was, now = msgspec.structs.asdict(self.worker.model), msgspec.structs.asdict(ready.model)

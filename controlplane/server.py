@@ -87,6 +87,7 @@ class ControlPlane:
                                          backoff_s=config.restart_backoff_s)
             self.engine.on_lost = self.supervisor.dataplane_lost
             self.engine.on_ready = self.supervisor.worker_ready
+            self.engine.dataplane_pid = self.supervisor.child_pid
         self.engine.on_serving = self._set_serving
         self._health_tasks: set[asyncio.Task[None]] = set()
         self._stopped = False

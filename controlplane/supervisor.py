@@ -49,6 +49,10 @@ class Supervisor:
         self.child = self._spawn()
         self._task = asyncio.create_task(self._watch(), name="dataplane-supervisor")
 
+    def child_pid(self) -> int | None:
+        """The pid of the child last started (None: none yet), running or not: only it may answer."""
+        return self.child.pid if self.child is not None else None
+
     def worker_ready(self, *_: object) -> None:
         """A handshake succeeded: arm restarts and reset the backoff."""
         self._armed = True

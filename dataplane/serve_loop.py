@@ -50,6 +50,7 @@ def serve_plans(endpoint: str, dispatch: Callable[[ToWorker], ToControl | None],
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)  # a larger frame drops that peer, not this process
     owner: bytes | None = None
     owner_quiet_since = 0.0  # the later of: the owner's last message, the last moment a step ran
+    refused: set[bytes] = set()  # peers told another control plane is attached (logged once each)
 
     def send_to(peer: bytes, reply: ToControl) -> bool:
         """False when `peer` cannot be reached (its connection closed, or its queue is full)."""
@@ -67,15 +68,17 @@ def serve_plans(endpoint: str, dispatch: Callable[[ToWorker], ToControl | None],
         nonlocal owner, owner_quiet_since
         quiet_s = time.monotonic() - owner_quiet_since
         if owner is not None and peer != owner and quiet_s < OWNER_SILENT_S and send_to(owner, Pong()):
-            log.warning("refused a second control plane: one is attached")
+            (log.debug if peer in refused else log.warning)("refused a second control plane: one is attached")
+            refused.add(peer)
             return WorkerFatal(reason="another control plane is attached to this data plane; it serves one at "
                                       "a time", retryable=True)
         reply = dispatch(message)
         if isinstance(reply, WorkerReady):
             if owner is not None and owner != peer:
-                log.info("the attached control plane is gone (connection closed, or silent %.0f s); a new one "
-                         "takes over", quiet_s)
+                log.info("the attached control plane is gone (its connection closed, or it was silent); a new one "
+                         "takes over")
             owner = peer
+            refused.discard(peer)
             owner_quiet_since = time.monotonic()
         return reply
 
@@ -116,8 +119,9 @@ def serve_plans(endpoint: str, dispatch: Callable[[ToWorker], ToControl | None],
                 if reply is not None:
                     send_to(peer, reply)
                 continue  # a refused Hello: keep serving
-            if peer != owner:
-                log.warning("dropping a %s from a control plane that is not attached", type(message).__name__)
+            if peer != owner:  # a Ping queued before a takeover is routine; anything else is worth a warning
+                (log.debug if isinstance(message, Ping) else log.warning)(
+                    "dropping a %s from a control plane that is not attached", type(message).__name__)
                 continue
             owner_quiet_since = time.monotonic()
             if isinstance(message, Ping):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -31,6 +32,7 @@ from dataplane.models.presets import PRESETS
 from dataplane.serve_loop import serve_plans
 from dataplane.sim import SimRunner
 from shared.config import DEFAULT_BLOCK_SIZE, sm_counts
+from shared.endpoints import claim_endpoint
 from shared.messages import (
     PROTOCOL_VERSION, DeviceDescription, HardwareProfile, Hello, ModelDescription, SeqOutput, Shutdown, StepPlan,
     StepProgress, StepResult, StepTimings, ToControl, WorkerFatal, WorkerReady, fold_progress,
@@ -248,7 +250,7 @@ class SimWorker:
                                           f"control plane speaks {message.protocol_version}")
             self._pending.clear()
             self.gpu = SimGpu(self.gpu.ready, self.gpu.time_scale)  # a new control plane starts from scratch
-            return self.gpu.ready
+            return msgspec.structs.replace(self.gpu.ready, pid=os.getpid())
         try:
             self._pending.extend(self.gpu.launch(message))
         except Exception as exc:  # noqa: BLE001 - the error boundary of the process
@@ -291,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.parent_pid is not None:
         die_with_parent(args.parent_pid)
+    try:
+        claim = claim_endpoint(args.endpoint)  # as the real data plane: held while the process lives
+    except ValueError as exc:
+        print(f"python -m dataplane.sim_worker: error: {exc}", file=sys.stderr)
+        return 1
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s sim-dataplane: %(message)s")
     profile = None
     if args.profile:
@@ -303,7 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, worker.request_stop)
     # a spawned one leaves Ctrl-C to its control plane, as the real data plane does
     signal.signal(signal.SIGINT, signal.SIG_IGN if args.parent_pid is not None else worker.request_stop)
-    return worker.serve()
+    try:
+        return worker.serve()
+    finally:
+        if claim is not None:
+            os.close(claim)
 
 
 if __name__ == "__main__":

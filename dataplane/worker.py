@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import msgspec
 import torch
 import zmq
 
@@ -314,7 +315,7 @@ class Worker:
                 )
             self._pending.clear()  # results for a departed control plane are dropped
             self.loaded.runner.clear()  # a new control plane starts from scratch
-            return self.loaded.ready
+            return msgspec.structs.replace(self.loaded.ready, pid=os.getpid())
         if isinstance(message, StepPlan):
             start = time.time_ns()
             try:

@@ -190,6 +190,9 @@ class WorkerReady(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
     # prefill and mixed passes of up to this many tokens on the whole device replay piecewise CUDA
     # graphs (a shorter host launch); 0: every such pass launches eagerly
     piecewise_max_tokens: int = 0
+    # the answering process: a control plane that spawned its data plane checks it talks to that one,
+    # not to another data plane already serving the endpoint; 0: not said
+    pid: int = 0
 
 
 class TokenLogprobs(msgspec.Struct, frozen=True, kw_only=True, array_like=True):

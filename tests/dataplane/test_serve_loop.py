@@ -34,11 +34,14 @@ def patch_refusals() -> Iterator[list[str]]:
                 seen.append(record.getMessage())
 
     handler, logger = Catch(), logging.getLogger("dataplane.serve_loop")
+    level = logger.level
     logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
     try:
         yield seen
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 class Peer:
@@ -171,3 +174,28 @@ def test_a_client_reconnecting_is_the_same_peer() -> None:
     finally:
         running.clear()
         thread.join(10)
+
+
+def test_a_refused_client_backs_off(loop) -> None:  # noqa: ANN001
+    """A control plane refused while another is attached says Hello again after 1 s, doubling (up to 10 s),
+    not every second for as long as it waits."""
+    import asyncio
+
+    from controlplane.dataplane_client import DataplaneClient, DataplaneUnavailable
+
+    context, endpoint, _ = loop
+    owner = Peer(context, endpoint)
+    assert isinstance(owner.ask(HELLO), WorkerReady)
+
+    async def main() -> None:
+        client = DataplaneClient(endpoint)
+        client.connect()
+        try:
+            with pytest.raises(DataplaneUnavailable):
+                await client.handshake(8.0)
+        finally:
+            client.close()
+
+    with patch_refusals() as refusals:
+        asyncio.run(main())
+    assert 3 <= len(refusals) <= 4  # at 0, 1, 3 and 7 s; every second would be 8

@@ -204,3 +204,30 @@ def test_a_max_model_len_past_the_models_positions_is_refused_before_loading(tmp
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert "max_model_len 100000 is past the model's 4096 positions" in done.stderr
+
+
+def test_serve_refuses_a_data_plane_it_did_not_start(tmp_path: Path) -> None:
+    """serve (not --attach) on an endpoint another data plane already serves: its own child cannot bind,
+    and the one that answers is not its child (WorkerReady.pid), so start-up fails, saying so, instead of
+    serving through it, restarting its child in a loop and finally sending it Shutdown."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"tcp://127.0.0.1:{port}"
+    health = tmp_path / "health"
+    other = subprocess.Popen([*CLI, "dataplane", "--endpoint", endpoint, "--device", "cpu", "--log-level", "WARNING",
+                              "--health-file", str(health)], cwd=ROOT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not health.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        done = subprocess.run([*CLI, "serve", "--port", "0", "--dataplane-endpoint", endpoint], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1, done.stderr
+        assert f"another data plane (pid {other.pid}) serves {endpoint}" in done.stderr, done.stderr
+        time.sleep(0.5)
+        assert other.poll() is None  # not told to shut down
+    finally:
+        if other.poll() is None:
+            os.killpg(other.pid, signal.SIGKILL)
+            other.wait()
