@@ -266,3 +266,35 @@ def test_an_idle_client_pings_and_finds_a_hung_data_plane() -> None:
     with_peer(body)
     with_peer(refused_then_ready)
     with_peer(woken_often)
+
+
+def test_a_data_plane_stopped_mid_step_is_lost_in_seconds(tmp_path) -> None:  # noqa: ANN001
+    """ZMTP heartbeats: a data plane whose process stops (or whose host is cut off) while a step runs is
+    seen when its connection times out (5 s), not when the step timeout (here 60 s) passes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    endpoint = f"ipc://{tmp_path}/dp.sock"
+    worker = subprocess.Popen([sys.executable, "-m", "dataplane.sim_worker", "--endpoint", endpoint, "--model", "tiny",
+                               "--time-scale", "0", "--log-level", "WARNING"])
+
+    async def main() -> None:
+        client = DataplaneClient(endpoint)
+        client.connect()
+        try:
+            assert isinstance(await client.handshake(60), WorkerReady)
+            os.kill(worker.pid, signal.SIGSTOP)
+            started = time.monotonic()
+            with pytest.raises(DataplaneUnavailable, match="connection dropped"):
+                await client.run_step(StepPlan(step_id=1), timeout_s=60)
+            assert time.monotonic() - started < 15
+        finally:
+            client.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        worker.kill()
+        worker.wait()
