@@ -244,7 +244,7 @@ def test_token_rules_on_the_gpu_match_the_cpu_without_a_host_sync() -> None:
     logits = _logits(7, seed=21)
     params = [SamplingParams(temperature=0.0, logit_bias=((7, 100.0), (8, -3.0))),
               SamplingParams(temperature=0.0, allowed_token_ids=(1, 2, 30)),
-              SamplingParams(temperature=0.0),
+              SamplingParams(temperature=0.0, logprobs=3),  # logprobs and their ranks, also without a sync
               SamplingParams(temperature=0.0, allowed_token_ids=(11,), logit_bias=((11, -5.0),)),
               SamplingParams(temperature=0.9, allowed_token_ids=(5, 6), seed=4),
               SamplingParams(temperature=0.0, logit_bias=((int(logits[5].argmax()), -100.0),)),
@@ -254,10 +254,13 @@ def test_token_rules_on_the_gpu_match_the_cpu_without_a_host_sync() -> None:
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        got = Sampler(device="cuda").sample(device_logits, params, [0] * 7).token_ids
+        sampled = Sampler(device="cuda").sample(device_logits, params, [0] * 7)
+        got = sampled.token_ids
     finally:
         torch.cuda.set_sync_debug_mode("default")
     got_host = got.cpu()
+    lp = sampled.logprobs[2]
+    assert lp is not None and lp.rank == 1 and len(lp.top_token_ids) == 3  # greedy: the most likely
     assert got_host[[0, 1, 2, 3, 5, 6]].tolist() == want[[0, 1, 2, 3, 5, 6]].tolist()
     assert int(want[6]) != int(logits[6].argmax())  # the stop token was masked
     assert int(got_host[4]) in (5, 6)
