@@ -100,7 +100,6 @@ class Engine:
         queue_limits: QueueLimits | None = None,
         slo_clock: Callable[[], float] | None = None,
         stream_interval: int = 1,
-        owns_dataplane: bool = True,
     ) -> None:
         self.client = client
         self.stream_interval = stream_interval  # tokens a stream's message waits for (the first goes at once)
@@ -127,16 +126,14 @@ class Engine:
         self.num_reconnects = 0
         self._handshake_timeout_s = 300.0
         self._reconnecting = False
-        # stop() tells the data plane to exit only when this control plane started it: an attached one
-        # (--attach) is someone else's, and the next control plane attaches to it
-        self.owns_dataplane = owns_dataplane
         self._limits_warned: tuple[int, int, int] | None = None  # the limits last warned about
         self._drain_cut = False  # set once, never cleared: a cut that comes before the drain starts counts
         # Hooks for the server and the supervisor; each is called on the event loop, must not block.
         self.on_serving: Callable[[bool], None] = lambda serving: None
         self.on_lost: Callable[[str], None] = lambda reason: None
         self.on_ready: Callable[[WorkerReady], None] = lambda ready: None
-        # the pid of the data plane this control plane started (None: it started none, or none runs)
+        # the pid of the data plane this control plane started (None: it started none). Only that one may
+        # answer, and only it is told to exit at stop(): an attached one (--attach) is someone else's
         self.dataplane_pid: Callable[[], int | None] = lambda: None
 
     # ------------------------------------------------------------------ lifecycle
@@ -236,7 +233,7 @@ class Engine:
                 pass
             self._task = None
         linger_ms = 0
-        if self.failure is None and self.owns_dataplane and self.worker is not None:
+        if self.failure is None and self.dataplane_pid() is not None and self.worker is not None:
             try:
                 await self.client.shutdown()
                 linger_ms = 500  # let the Shutdown frame leave before the socket closes

@@ -2,9 +2,9 @@
 
 The child runs `python -m dataplane` with flags built from DataplaneConfig (`duetserve simulate`
 starts the simulated one, `python -m dataplane.sim_worker`) in a session of its own; given
-`--parent-pid` it asks Linux for SIGTERM when this process dies (PR_SET_PDEATHSIG) itself. No Python code
-runs between fork and exec
-(no preexec_fn): with gRPC threads in this process a forked child could hang there.
+`--parent-pid` it asks Linux for SIGTERM when this process dies (PR_SET_PDEATHSIG) itself. No Python
+code runs between fork and exec (no preexec_fn): with gRPC threads in this process a forked child could
+hang there.
 No policy here, no torch import.
 """
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import Callable
 
 import grpc
@@ -32,6 +31,7 @@ from controlplane.service_registration import add_generation_service
 from controlplane.supervisor import Spawn, Supervisor
 from controlplane.tokenizer import load_tokenizer
 from shared.config import ServerConfig
+from shared.endpoints import tcp_bind_error
 from shared.messages import WorkerReady
 from shared.telemetry import CONTROLPLANE_SERVICE, make_tracer_provider
 
@@ -39,15 +39,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 MAX_MESSAGE_BYTES = 16 << 20
-
-
-def why_not_bindable(host: str, port: int) -> str:
-    """What the OS says to listening on host:port (e.g. "Address already in use")."""
-    try:
-        with socket.create_server((host, port)):
-            return "gRPC could not listen there"
-    except OSError as exc:
-        return exc.strerror or str(exc)
 
 
 class ControlPlane:
@@ -76,7 +67,6 @@ class ControlPlane:
             queue_limits=QueueLimits(config.max_queued_requests, config.max_queued_tokens),
             slo_clock=slo_clock,
             stream_interval=config.stream_interval,
-            owns_dataplane=spawn is not None,
         )
         self.health = HealthServicer()
         self._server: grpc.aio.Server | None = None
@@ -131,7 +121,7 @@ class ControlPlane:
         except RuntimeError:  # grpc says only "Failed to bind": the socket layer says why
             self.port = 0
         if self.port == 0:
-            why = why_not_bindable(self.config.host, self.config.port)
+            why = tcp_bind_error(self.config.host, self.config.port) or "gRPC could not listen there"
             raise RuntimeError(f"cannot serve gRPC on {address}: {why}")
         if self.config.tls is None and self.config.auth_token and self.config.host not in ("127.0.0.1", "localhost",
                                                                                            "::1"):

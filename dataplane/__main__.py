@@ -75,9 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_ENDPOINT_CLAIM: int | None = None  # the ipc:// path's lock, held while the process lives
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.parent_pid is not None:
@@ -105,9 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"python -m dataplane: error: {exc}", file=sys.stderr)
         return 2
-    try:
-        global _ENDPOINT_CLAIM
-        _ENDPOINT_CLAIM = claim_endpoint(config.endpoint)  # now, not after a model load of minutes; held till exit
+    try:  # now, not after a model load of minutes; the claim's descriptor stays open until the process exits
+        claim_endpoint(config.endpoint)
     except ValueError as exc:
         print(f"python -m dataplane: error: {exc}", file=sys.stderr)
         return 1

@@ -230,7 +230,7 @@ class SimWorker:
 
     def __init__(self, endpoint: str, gpu: SimGpu) -> None:
         self.endpoint = endpoint
-        self.gpu = gpu
+        self.gpu = SimGpu(msgspec.structs.replace(gpu.ready, pid=os.getpid()), gpu.time_scale)
         self._running = True
         self._pending: deque[tuple[float, ToControl]] = deque()  # (due, progress or result), in order
 
@@ -250,7 +250,7 @@ class SimWorker:
                                           f"control plane speaks {message.protocol_version}")
             self._pending.clear()
             self.gpu = SimGpu(self.gpu.ready, self.gpu.time_scale)  # a new control plane starts from scratch
-            return msgspec.structs.replace(self.gpu.ready, pid=os.getpid())
+            return self.gpu.ready
         try:
             self._pending.extend(self.gpu.launch(message))
         except Exception as exc:  # noqa: BLE001 - the error boundary of the process
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.parent_pid is not None:
         die_with_parent(args.parent_pid)
     try:
-        claim = claim_endpoint(args.endpoint)  # as the real data plane: held while the process lives
+        claim_endpoint(args.endpoint)  # as the real data plane: its descriptor stays open until the process exits
     except ValueError as exc:
         print(f"python -m dataplane.sim_worker: error: {exc}", file=sys.stderr)
         return 1
@@ -310,11 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, worker.request_stop)
     # a spawned one leaves Ctrl-C to its control plane, as the real data plane does
     signal.signal(signal.SIGINT, signal.SIG_IGN if args.parent_pid is not None else worker.request_stop)
-    try:
-        return worker.serve()
-    finally:
-        if claim is not None:
-            os.close(claim)
+    return worker.serve()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import msgspec
 import torch
 import zmq
 
@@ -158,9 +157,8 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
     log.info("memory plan: %s", memory.describe() if device.type == "cuda" else f"{memory.num_kv_blocks} KV blocks")
     num_blocks = memory.num_kv_blocks
     kv_caches = allocate_kv_cache(cfg, num_blocks + 1, config.block_size, dtype, device)  # +1: graph padding
-    max_len = cfg.max_position_embeddings  # max_model_len, when given, is at most this (check_max_model_len)
-    if config.max_model_len is not None:
-        max_len = config.max_model_len
+    # max_model_len, when given, is at most the model's positions (check_max_model_len)
+    max_len = config.max_model_len if config.max_model_len is not None else cfg.max_position_embeddings
     graphs = None
     if device.type == "cuda" and backend.name == "flashinfer" and config.cuda_graphs:
         graphs = capture_decode_graphs(config, model, kv_caches, shape, device, num_blocks, max_len)
@@ -184,6 +182,7 @@ def load_worker(config: DataplaneConfig) -> LoadedWorker:
         profile=calibrate(device, dtype, config.calibration_cache_dir, setup=calibration_setup(config),
                           **partition_calibration(multiplexer)),
         piecewise_max_tokens=pieces.max_tokens if pieces is not None else 0,
+        pid=os.getpid(),
     )
     return LoadedWorker(runner, ready)
 
@@ -315,7 +314,7 @@ class Worker:
                 )
             self._pending.clear()  # results for a departed control plane are dropped
             self.loaded.runner.clear()  # a new control plane starts from scratch
-            return msgspec.structs.replace(self.loaded.ready, pid=os.getpid())
+            return self.loaded.ready
         if isinstance(message, StepPlan):
             start = time.time_ns()
             try:
@@ -353,13 +352,12 @@ class Worker:
 def run(config: DataplaneConfig) -> int:
     try:
         loaded = load_worker(config)
-    except (OSError, ValueError) as exc:  # a missing or bad checkpoint, a setting the device refuses: one line
-        log.error("data plane failed to start: %s", exc)
-        log.debug("start-up failure", exc_info=True)
-        _report_fatal(config.endpoint, f"start-up failed: {exc!r}")
-        return 1
-    except Exception as exc:  # anything else is a bug or the device's: the traceback says where
-        log.exception("data plane failed to start")
+    except Exception as exc:
+        if isinstance(exc, (OSError, ValueError)):  # a missing or bad checkpoint, a refused setting: one line
+            log.error("data plane failed to start: %s", exc)
+            log.debug("start-up failure", exc_info=True)
+        else:  # a bug, or the device's: the traceback says where
+            log.exception("data plane failed to start")
         _report_fatal(config.endpoint, f"start-up failed: {exc!r}")
         return 1
     worker = Worker(config, loaded, DataplaneTracing.from_config(config.telemetry))

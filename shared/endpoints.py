@@ -55,8 +55,9 @@ def check_endpoint(endpoint: str, allow_remote: bool) -> None:
 
 def restrict_ipc(endpoint: str) -> None:
     """Make a bound ipc:// socket file owner-only (other local users cannot connect)."""
-    if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
-        os.chmod(endpoint[len("ipc://"):], 0o600)
+    path = _ipc_path(endpoint)
+    if path is not None:
+        os.chmod(path, 0o600)
 
 
 def _ipc_path(endpoint: str) -> str | None:
@@ -98,18 +99,23 @@ def claim_endpoint(endpoint: str) -> int | None:
         host, port = _tcp_host(endpoint), endpoint.rpartition(":")[2]
         host = "0.0.0.0" if host == "*" else host
         try:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            socket.inet_pton(family, host)
+            socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
             port_number = int(port)
         except (OSError, ValueError):  # an interface or host name, a wildcard port: libzmq decides
             return None
-        try:
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as libzmq binds
-                probe.bind((host, port_number))
-        except OSError as exc:
-            raise ValueError(f"cannot bind {endpoint}: {exc.strerror or exc}") from None
+        why = tcp_bind_error(host, port_number)
+        if why is not None:
+            raise ValueError(f"cannot bind {endpoint}: {why}")
     return None
+
+
+def tcp_bind_error(host: str, port: int) -> str | None:
+    """What the OS says to listening on host:port (e.g. "Address already in use"); None: it could."""
+    try:
+        with socket.create_server((host, port)):  # SO_REUSEADDR on POSIX, as libzmq and gRPC bind
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
 
 
 def release_ipc(endpoint: str, lock_too: bool = True) -> None:
