@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import grpc
 import msgspec
@@ -24,29 +24,16 @@ from controlplane.observer import RequestObs
 from controlplane.server_load import server_load
 from controlplane.tracing import CHAT_OPERATION, request_attributes
 from controlplane.output import RequestDelta
+from controlplane.responses import ResponseMessages
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc
 from controlplane.validation import (
     InvalidRequest, Limits, ValidatedRequest, check_fields, validate_abort, validate_detokenize, validate_generate,
     validate_empty, validate_model_info, validate_tokenize,
 )
-from shared.messages import PROTOCOL_VERSION, TokenLogprobs
+from shared.messages import PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
-
-
-def _logprobs_pb(token_ids: list[int], logprobs: list[TokenLogprobs] | None) -> list[pb.TokenLogprob]:
-    if not logprobs:
-        return []
-    return [
-        pb.TokenLogprob(
-            token_id=token,
-            logprob=lp.logprob,
-            rank=lp.rank,
-            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in zip(lp.top_token_ids, lp.top_logprobs)],
-        )
-        for token, lp in zip(token_ids, logprobs)
-    ]
 
 
 @dataclass
@@ -98,74 +85,6 @@ def choice_id(request_id: str, index: int) -> str:
     return f"{request_id}\x1f{index}"
 
 
-PROMPT_LOGPROBS_PER_MESSAGE = 1024  # ~240 KB a message at 20 alternatives: far below any gRPC limit
-# a delta merged while a slow client did not read holds every token since: sent as messages of at most
-# this many tokens (~1 MB at 20 logprob alternatives; one message of ~72k such tokens passes 16 MiB)
-TOKENS_PER_MESSAGE = 4096
-
-
-def _prompt_messages(request_id: str, delta: RequestDelta, index: int) -> list[pb.GenerateResponse]:
-    """A delta's prompt logprobs as messages of their own, at most PROMPT_LOGPROBS_PER_MESSAGE entries
-    each (a long prompt's would pass gRPC's message limits in one); they come before its tokens."""
-    assert delta.prompt_logprobs is not None and delta.prompt_token_ids is not None
-    targets, entries = delta.prompt_token_ids[1:], delta.prompt_logprobs
-    return [pb.GenerateResponse(request_id=request_id, index=index,
-                                prompt_logprobs=_logprobs_pb(targets[i : i + PROMPT_LOGPROBS_PER_MESSAGE],
-                                                             entries[i : i + PROMPT_LOGPROBS_PER_MESSAGE]))
-            for i in range(0, len(entries), PROMPT_LOGPROBS_PER_MESSAGE)]
-
-
-async def _responses(request_id: str, delta: RequestDelta, index: int = 0) -> AsyncIterator[pb.GenerateResponse]:
-    """The messages of one delta: its prompt logprobs first, when it carries them (built off the event
-    loop: thousands of entries take a while), then its tokens."""
-    if delta.prompt_logprobs:
-        for message in await asyncio.to_thread(_prompt_messages, request_id, delta, index):
-            yield message
-    for message in _token_messages(request_id, delta, index):
-        yield message
-
-
-def _token_messages(request_id: str, delta: RequestDelta, index: int = 0) -> list[pb.GenerateResponse]:
-    """A delta's tokens as messages of at most TOKENS_PER_MESSAGE tokens: its text with the first, its
-    finish and usage with the last."""
-    n = len(delta.token_ids)
-    if n <= TOKENS_PER_MESSAGE:
-        return [_response(request_id, delta, index)]
-    out = []
-    for start in range(0, n, TOKENS_PER_MESSAGE):
-        end = min(start + TOKENS_PER_MESSAGE, n)
-        tokens = dict(token_ids=delta.token_ids[start:end], text=delta.text if start == 0 else "",
-                      logprobs=delta.logprobs[start:end] if delta.logprobs is not None else None)
-        last = replace(delta, **tokens, prompt_logprobs=None, prompt_token_ids=None) if end == n else None
-        out.append(_response(request_id, last or RequestDelta(**tokens), index))
-    return out
-
-
-def _response(request_id: str, delta: RequestDelta, index: int = 0) -> pb.GenerateResponse:
-    message = pb.GenerateResponse(
-        request_id=request_id,
-        token_ids=delta.token_ids,
-        text=delta.text,
-        logprobs=_logprobs_pb(delta.token_ids, delta.logprobs),
-        index=index,
-    )
-    if delta.finish_reason is not None:
-        message.finish_reason = delta.finish_reason
-        message.prompt_tokens = delta.prompt_tokens
-        message.completion_tokens = delta.completion_tokens
-        message.cached_tokens = delta.cached_tokens
-        message.stop_reason = delta.stop_reason or ""
-    return message
-
-
-def _output_before_failure(request_id: str, delta: RequestDelta, index: int = 0) -> list[pb.GenerateResponse]:
-    """A failure the stream took together with output made before it (merged while the stream was
-    busy): that output, still the client's, as messages of its own; none for any other delta."""
-    if delta.finish_reason != "error" or not (delta.token_ids or delta.text):
-        return []
-    return _token_messages(request_id, RequestDelta(delta.token_ids, delta.text, delta.logprobs), index)
-
-
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     """The call's deadline on the event loop's clock, or None when the client set none."""
     remaining = context.time_remaining()
@@ -184,6 +103,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.sampling_defaults = sampling_defaults  # what unset sampling fields mean (the model's config)
         self._fanouts: dict[str, _Fanout] = {}  # request id of n > 1 completions -> their engine requests
         self._validating: dict[str, bool] = {}  # ids whose prompt a worker thread encodes -> an Abort came
+        self.messages = ResponseMessages(self._token_text)
+
+    def _token_text(self, token_id: int) -> str:
+        """A logprob's token text: the tokenizer's, once the engine has one (it has before any request)."""
+        return self.engine.tokenizer.token_text(token_id) if self.engine.tokenizer is not None else ""
 
     def _limits(self) -> Limits:
         assert self.engine.worker is not None
@@ -237,14 +161,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                                                              valid.skip_special_tokens, valid.detokenize))
         try:
             async for delta in handle.until(deadline):
-                for before in _output_before_failure(valid.request_id, delta):
+                for before in self.messages.output_before_failure(valid.request_id, delta):
                     yield before
                 await self._end_if_failed(context, obs, delta, "request failed")
-                if delta.prompt_logprobs or len(delta.token_ids) > TOKENS_PER_MESSAGE:
-                    async for message in _responses(valid.request_id, delta):
+                if self.messages.fits_one(delta):  # the common case, without an async generator (one a token)
+                    yield self.messages.response(valid.request_id, delta)
+                else:
+                    async for message in self.messages.responses(valid.request_id, delta):
                         yield message
-                else:  # the common case, without an async generator of its own (one a token)
-                    yield _response(valid.request_id, delta)
         except TimeoutError:
             if not handle.finished:  # else its id may already be another call's
                 self.engine.abort(valid.request_id)  # frees its blocks before the next step
@@ -345,18 +269,18 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     await self._abort(context, obs, grpc.StatusCode.DEADLINE_EXCEEDED,
                                       "deadline exceeded: the request was aborted")
                     return
-                for before in _output_before_failure(rid, delta, index):
+                for before in self.messages.output_before_failure(rid, delta, index):
                     yield before
                 await self._end_if_failed(context, obs, delta, f"completion {index} failed")
                 if len(fanout.handles) < len(fanout.ids):
                     if fanout.aborted or delta.finish_reason == "abort":  # aborted before the rest began
                         for i in fanout.forgo_unstarted():
-                            yield _response(rid, RequestDelta([], "", finish_reason="abort",
+                            yield self.messages.response(rid, RequestDelta([], "", finish_reason="abort",
                                                               prompt_tokens=len(valid.prompt_token_ids)), i)
                             left -= 1
                     else:  # completion 0's prompt is computed: the rest join now
                         await self._start(fanout, valid, context, obs, deadline, len(fanout.ids))
-                async for message in _responses(rid, delta, index):
+                async for message in self.messages.responses(rid, delta, index):
                     yield message
                 if delta.finish_reason is not None:
                     left -= 1

@@ -165,7 +165,8 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2]")
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2]")
     p.add_argument("--logprobs", type=int, default=None, metavar="N",
-                   help="print each new token's logprob and rank at the end, with its N top alternatives (N <= 20)")
+                   help="print each new token's logprob, rank and text at the end, with its N top "
+                        "alternatives (N <= 20)")
     p.add_argument("--n", type=int, default=1, help="completions to sample (parallel sampling; printed at the end "
                                                     "when more than one)")
     p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",

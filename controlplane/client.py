@@ -125,12 +125,13 @@ def prompt_score(entries: list[pb.TokenLogprob]) -> str:
 
 
 def token_logprob_lines(entries: list[pb.TokenLogprob]) -> list[str]:
-    """One line a generated token: its id and logprob, then its top alternatives (id:logprob)."""
+    """One line a generated token: its id, logprob, rank and text (quoted), then its top alternatives
+    (id text logprob, separated by |)."""
     lines = []
     for i, entry in enumerate(entries):
-        top = " ".join(f"{t.token_id}:{t.logprob:.4f}" for t in entry.top)
-        lines.append(f"  {i:4d} id {entry.token_id:>7d} logprob {entry.logprob:9.4f} rank {entry.rank:>6d}"
-                     + (f"  top {top}" if top else ""))
+        top = " | ".join(f"{t.token_id} {t.text!r} {t.logprob:.4f}" for t in entry.top)
+        lines.append(f"  {i:4d} id {entry.token_id:>7d} logprob {entry.logprob:9.4f} rank {entry.rank:>6d} "
+                     f"{entry.text!r}" + (f"  top {top}" if top else ""))
     return lines
 
 

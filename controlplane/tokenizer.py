@@ -9,6 +9,7 @@ render as nothing. Neither loads anything from a hub. Whole prompts are encoded 
 from __future__ import annotations
 
 import codecs
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -31,6 +32,11 @@ class TextTokenizer(Protocol):
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
     def stream(self, skip_special_tokens: bool = True, prompt_ids: Sequence[int] = ()) -> TokenStream: ...
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text decoded alone, special tokens included, as vLLM's `decoded_token` of a logprob
+        (a lone byte of a longer character reads U+FFFD)."""
+        ...
 
 
 # A stream is primed with the prompt's last tokens, so the first generated word decodes as it follows the
@@ -85,6 +91,10 @@ class HFTokenizer:
     def __init__(self, path: Path) -> None:
         self.name = str(path)
         self._tokenizer = Tokenizer.from_file(str(path))
+        self._space_marker = _space_marker(self._tokenizer)
+        # token id -> its text alone: at most one entry per id the model emits (~10 MB for 150k ids);
+        # filled from the event loop and from worker threads alike (an entry is set whole, under the GIL)
+        self._token_texts: dict[int, str] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -101,6 +111,46 @@ class HFTokenizer:
 
     def stream(self, skip_special_tokens: bool = True, prompt_ids: Sequence[int] = ()) -> TokenStream:
         return _HFStream(self._tokenizer, skip_special_tokens, prompt_ids)
+
+    def token_text(self, token_id: int) -> str:
+        """Decoded alone; a SentencePiece decoder strips a lone word's leading space, which is put back
+        from the vocabulary's piece (its leading markers), as vLLM does. An id past the tokenizer's
+        vocabulary (a padded embedding) reads ''."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._tokenizer.decode_batch([[token_id]], skip_special_tokens=False)[0]
+            piece = self._tokenizer.id_to_token(token_id)
+            if self._space_marker and piece:
+                markers = len(piece) - len(piece.lstrip(self._space_marker))
+                missing = markers - (len(text) - len(text.lstrip(" ")))
+                text = " " * missing + text if missing > 0 else text
+            self._token_texts[token_id] = text
+        return text
+
+
+def _space_marker(tokenizer: Tokenizer) -> str | None:
+    """The character a SentencePiece-style decoder turns into a space ('▁': a Metaspace decoder, or a
+    Replace of it), whose decoding of a lone word drops that space; None for any other decoder."""
+    if tokenizer.decoder is None:
+        return None
+    found: list[str] = []
+
+    def visit(node: object) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "Metaspace":
+                found.append(node.get("replacement", "\u2581"))
+            elif node.get("type") == "Replace" and node.get("content") == " ":
+                pattern = node.get("pattern", {})
+                if isinstance(pattern, dict) and len(pattern.get("String", "")) == 1:
+                    found.append(pattern["String"])
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit(json.loads(tokenizer.decoder.__getstate__()))
+    return found[0] if found else None
 
 
 def _prime_ids(tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool) -> Sequence[int]:
@@ -142,6 +192,10 @@ class ByteTokenizer:
     def stream(self, skip_special_tokens: bool = True, prompt_ids: Sequence[int] = ()) -> TokenStream:
         """Bytes need no priming: a byte's text does not depend on what came before a whole character."""
         return _ByteStream()
+
+    def token_text(self, token_id: int) -> str:
+        """A byte's character (U+FFFD for a byte of a longer one); a special id has no text."""
+        return self.decode([token_id])
 
 
 def load_tokenizer(model: str, bos_token_id: int | None) -> TextTokenizer:

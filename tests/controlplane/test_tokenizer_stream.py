@@ -10,7 +10,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models
 
 from controlplane.output import OutputProcessor
-from controlplane.tokenizer import HFTokenizer
+from controlplane.tokenizer import ByteTokenizer, HFTokenizer
+from tests.factories import write_tokenizer
 
 
 def byte_fallback_tokenizer(folder: Path) -> HFTokenizer:
@@ -57,3 +58,33 @@ def test_a_stream_primed_with_the_prompt_keeps_the_first_words_leading_space(tmp
     assert "".join(short.step(i) for i in output) == " the fox"
     processor = OutputProcessor(tok.stream(prompt_ids=prompt), (" the",))
     assert processor.add_tokens(output) == " the" and processor.stop_kept == 4 and processor.take_text(True) == ""
+
+
+def test_a_tokens_text_alone_is_its_decoding_with_a_dropped_leading_space_put_back(tmp_path: Path) -> None:
+    """token_text (a logprob's text, as vLLM's decoded_token): special tokens render, a byte of a longer
+    character reads U+FFFD, an id past the vocabulary reads '', and the leading space a SentencePiece
+    decoder strips from a lone word is put back, for a Replace+Strip decoder and a Metaspace one."""
+    tok = byte_fallback_tokenizer(tmp_path)
+    assert tok._tokenizer.decode([tok._tokenizer.token_to_id("▁")]) == ""  # the space a lone word loses
+    assert [tok.token_text(i) for i in ids_of(tok, " the")] == [" ", "t", "h", "e"]
+    assert tok.token_text(tok._tokenizer.token_to_id("<0xE6>")) == "\ufffd"
+    assert tok.token_text(tok._tokenizer.token_to_id("<unk>")) == "<unk>" and tok.token_text(10**6) == ""
+    words = {"<unk>": 0, "▁the": 1, "fox": 2, "▁▁x": 3}
+    meta = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
+    meta.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    meta.save(str(tmp_path / "meta.json"))
+    sp = HFTokenizer(tmp_path / "meta.json")
+    assert sp._tokenizer.decode([1]) == "the"
+    assert [sp.token_text(i) for i in (1, 2, 3)] == [" the", "fox", "  x"]
+
+
+def test_token_text_of_byte_level_bpe_and_byte_tokenizers(tmp_path: Path) -> None:
+    """A byte-level BPE decoder keeps a token's spaces: its text alone is plain decode, special tokens
+    included; the byte fallback tokenizer's is the byte's character, and a special id has none."""
+    tok = HFTokenizer(write_tokenizer(tmp_path, 512))
+    ids = tok.encode("Hello world, the fox") + [0, 1, 2]
+    assert [tok.token_text(i) for i in ids] == [tok.decode([i], skip_special_tokens=False) for i in ids]
+    assert " world" in [tok.token_text(i) for i in ids] and tok.token_text(1) == "<s>"
+    assert tok._space_marker is None
+    byte = ByteTokenizer(bos_token_id=256)
+    assert [byte.token_text(i) for i in (65, 0xE6, 256)] == ["A", "\ufffd", ""]

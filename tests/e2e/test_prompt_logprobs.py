@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from tests.dataplane.checkpoints import load_hf_model
@@ -29,8 +30,16 @@ async def first_messages(served: Served, **fields: object) -> dict[int, list[pb.
     return messages
 
 
-def check(entries: list[pb.TokenLogprob], prompt: list[int], ref: torch.Tensor, top: int) -> None:
+def check(entries: list[pb.TokenLogprob], prompt: list[int], ref: torch.Tensor, top: int,
+          folder: Path | None = None) -> None:
     assert [e.token_id for e in entries] == prompt[1:]
+    if folder is not None:  # each token's text, as `tokenizers` decodes it alone (byte-level BPE: no space lost)
+        oracle = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        texts = [(e.text, [(t.text, t.token_id) for t in e.top]) for e in entries]
+        assert texts == [(oracle.decode([e.token_id], skip_special_tokens=False),
+                          [(oracle.decode([t.token_id], skip_special_tokens=False), t.token_id) for t in e.top])
+                         for e in entries]
+        assert any(e.text for e in entries)
     for i, entry in enumerate(entries):
         assert entry.logprob == pytest.approx(float(ref[i, prompt[i + 1]]), abs=2e-4), i
         chosen = float(ref[i, prompt[i + 1]])  # vLLM's rank: tokens at least as likely (near-ties either way)
@@ -52,7 +61,7 @@ async def test_prompt_logprobs_match_transformers(budget: int, checkpoints: dict
         got = await first_messages(served, token_ids={"ids": prompt}, max_tokens=4, temperature=0.0,
                                    ignore_eos=True, prompt_logprobs=3)
         first, *rest = got[0]
-        check(list(first.prompt_logprobs), prompt, ref, top=3)
+        check(list(first.prompt_logprobs), prompt, ref, top=3, folder=folder)
         assert not first.token_ids and rest[0].token_ids  # their own message, before the tokens
         assert all(not m.prompt_logprobs for m in rest)
         chosen_only = await first_messages(served, token_ids={"ids": prompt}, max_tokens=1, prompt_logprobs=0)
@@ -98,9 +107,9 @@ async def test_cli_scores_the_prompt(checkpoints: dict[str, Path]) -> None:
 
 async def test_a_long_prompts_logprobs_are_split_over_messages(checkpoints: dict[str, Path],
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    import controlplane.api
+    import controlplane.responses
 
-    monkeypatch.setattr(controlplane.api, "PROMPT_LOGPROBS_PER_MESSAGE", 10)  # the servicer runs in-process
+    monkeypatch.setattr(controlplane.responses, "PROMPT_LOGPROBS_PER_MESSAGE", 10)  # the servicer runs in-process
     folder = checkpoints["qwen3"]
     prompt = torch.randint(3, 300, (37,), generator=torch.Generator().manual_seed(5)).tolist()
     ref = hf_prompt_logprobs(load_hf_model(folder), prompt)

@@ -12,6 +12,7 @@ import pytest
 from controlplane.cli import build_parser
 from controlplane.client import request_from_args, run_generate
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
+from controlplane.tokenizer import ByteTokenizer
 from tests.e2e.conftest import generate, serve
 
 PROMPT = {"token_ids": {"ids": [5, 9, 13, 17, 21, 25]}, "ignore_eos": True, "max_tokens": 10}
@@ -63,8 +64,11 @@ async def test_generate_cli_stops_on_a_stop_token_and_prints_logprobs(capsys: py
         err = capsys.readouterr().err
         assert f"finish_reason=stop stop_reason='{second}'" in err and "completion_tokens=2" in err
         rows = err.split("[logprobs]\n", 1)[1].splitlines()
-        assert [int(r.split()[2]) for r in rows] == [first, second] and all(r.count(":") == 2 for r in rows)
+        assert [int(r.split()[2]) for r in rows] == [first, second]
         assert [r.split()[5:7] for r in rows] == [["rank", "1"], ["rank", "1"]]  # greedy: the most likely
+        texts = [repr(ByteTokenizer().token_text(t)) for t in (first, second)]  # the tiny model's tokenizer
+        assert [r.split("  top ")[0].endswith(" " + text) for r, text in zip(rows, texts)] == [True, True], rows
+        assert [r.split("  top ")[1].count(" | ") for r in rows] == [1, 1]  # two alternatives each
         # before --min-tokens the stop token is not sampled, so the completion runs on past it
         args = build_parser().parse_args([*cli, "--stop-token-ids", str(first), "--min-tokens", "4"])
         assert await asyncio.to_thread(run_generate, args) == 0
