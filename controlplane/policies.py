@@ -320,8 +320,11 @@ def make_policy(config: SchedulerConfig, ready: WorkerReady | None) -> Policy:
     """The configured policy for this worker; multiplexing policies fall back to aggregated steps
     (and say so) where the worker cannot split its SMs or sent no profile to predict with."""
     can_split = bool(ready and ready.supports_multiplexing and ready.partition_sm_counts and ready.device.sm_count)
-    if config.policy in ("static", "duet") and not can_split:
-        log.warning("policy %s: the data plane cannot multiplex; every step runs aggregated", config.policy)
+    if config.policy == "static" and not can_split:
+        log.warning("policy static: the data plane cannot multiplex; every step runs aggregated")
+    elif config.policy == "duet" and not can_split:  # the default: adaptive, so no split is no fault
+        log.info("policy duet: the data plane cannot split its SMs; every step runs aggregated, its prompt "
+                 "chunks %s", "cut to the step budget when it would break it" if config.duet_trim else "whole")
     if config.policy == "prefill-first":
         return PrefillFirstPolicy()
     if config.policy == "static":

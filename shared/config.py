@@ -189,7 +189,7 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
     `duetserve simulate`.
     """
 
-    policy: Policy = "aggregated"
+    policy: Policy = "duet"
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill)
     tbt_slo_ms: float = 50.0  # time between tokens
