@@ -203,13 +203,18 @@ class Engine:
         self.on_serving(False)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(grace_s, 0.0)
+        if self._handles and not self._drain_cut:
+            log.info("shutting down: waiting up to %g s for %d running requests (a second signal ends them now)",
+                     grace_s, len(self._handles))
         while self._handles and loop.time() < deadline and self.failure is None and not self._drain_cut:
             await asyncio.sleep(min(0.02, max(deadline - loop.time(), 0.0)))
+        if self._drain_cut:
+            why = "the server was stopped before the request finished"
+        else:
+            why = f"the request did not finish within the {grace_s:g} s grace period"
         if self._handles:
-            log.warning("shutting down: ending %d requests that did not finish within %.1f s",
-                        len(self._handles), grace_s)
-        self._fail_all(f"server shutting down: the request did not finish within the {grace_s:g} s grace period",
-                       keep_failure=True)
+            log.warning("shutting down: ending %d requests: %s", len(self._handles), why.replace("the request", "they"))
+        self._fail_all(f"server shutting down: {why}", keep_failure=True)
 
     def cut_drain(self) -> None:
         """End a drain now (an operator's second Ctrl-C): the requests still running end UNAVAILABLE."""

@@ -9,7 +9,9 @@ policy of its own.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 from collections.abc import Callable
 
 import grpc
@@ -113,6 +115,9 @@ class ControlPlane:
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
         address = f"{self.config.host}:{self.config.port}"
+        if self.config.port and (why := tcp_bind_error(self.config.host, self.config.port) or "").startswith(
+                os.strerror(errno.EADDRINUSE)):
+            raise RuntimeError(f"cannot serve gRPC on {address}: {why}")  # before gRPC logs a line of its own
         try:
             if self.config.tls is not None:
                 self.port = server.add_secure_port(address, server_credentials(self.config.tls))
