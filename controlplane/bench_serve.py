@@ -49,18 +49,20 @@ class Goodput:
 
 
 def arrivals(workload: list[TraceRequest], mode: str, rate: float | None, burstiness: float, seed: int) -> list[float]:
-    """Send times (s): the trace's own gaps scaled to `rate`, or Poisson/gamma gaps at `rate`
-    (gamma: shape `burstiness`, mean 1/rate, as vLLM's; Poisson is shape 1, and a burstiness other than 1
-    makes poisson gamma, as in vLLM, where the flag alone sets the shape)."""
-    if rate is None or rate == float("inf"):
-        return [0.0] * len(workload)
+    """Send times (s): the trace's own gaps, scaled to `rate` when there is one, or Poisson/gamma gaps at
+    `rate`, all at once without one (gamma: shape `burstiness`, mean 1/rate, as vLLM's; Poisson is shape 1,
+    and a burstiness other than 1 makes poisson gamma, as in vLLM, where the flag alone sets the shape)."""
+    rate = None if rate == float("inf") else rate
     if mode == "trace":
         span = workload[-1].arrival_s - workload[0].arrival_s
         if span <= 0 and len(workload) > 1:
             raise ValueError("--arrival trace needs arrival times that differ (a trace's timestamps; the random "
                              "dataset has none): use --arrival poisson or gamma")
-        own_rate = (len(workload) - 1) / span if span > 0 else rate
-        return [r.arrival_s * own_rate / rate for r in workload]
+        start = workload[0].arrival_s
+        scale = 1.0 if rate is None or span <= 0 else (len(workload) - 1) / span / rate
+        return [(r.arrival_s - start) * scale for r in workload]
+    if rate is None:
+        return [0.0] * len(workload)
     rng = random.Random(seed)
     shape = burstiness  # gamma with shape k and mean 1/rate; k = 1 is Poisson
     t, out = 0.0, []
@@ -212,7 +214,8 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", type=Path, default=None, help="Azure-style CSV (TIMESTAMP, ContextTokens, GeneratedTokens)")
     p.add_argument("--num-prompts", type=checked(int, "--num-prompts", 1), default=200)
     p.add_argument("--arrival", default="poisson", choices=["trace", "poisson", "gamma"],
-                   help="trace: the trace's own gaps scaled to --request-rate; poisson; gamma (see --burstiness)")
+                   help="trace: the trace's own gaps, scaled to --request-rate when it is set; poisson; gamma "
+                        "(see --burstiness)")
     p.add_argument("--request-rate", type=checked(float, "--request-rate", 0.0, inclusive=False),
                    default=float("inf"), help="requests/s (inf: all at once)")
     p.add_argument("--burstiness", type=checked(float, "--burstiness", 0.0, inclusive=False), default=1.0,

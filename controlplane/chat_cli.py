@@ -26,7 +26,7 @@ def add_chat_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default="127.0.0.1:50051", help="server address host:port")
     p.add_argument("--system", default=None, help="a system message that opens the conversation")
     p.add_argument("--quick", default=None, metavar="MESSAGE", help="send one message, print the reply, exit")
-    p.add_argument("--max-tokens", type=int, default=256, help="most tokens a reply may have")
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens a reply may have (default 256)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat-template-kwargs", default=None, metavar="JSON",

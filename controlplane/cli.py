@@ -141,7 +141,7 @@ def scheduler_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
 
 
 def _add_generate_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", nargs="?", default="Hello, DuetServe!", help="prompt text")
+    p.add_argument("prompt", nargs="?", default=None, help="prompt text (not with --token-ids)")
     p.add_argument("--address", default="127.0.0.1:50051", help="server address host:port")
     p.add_argument("--token-ids", default=None, help="comma-separated prompt token ids instead of text")
     p.add_argument("--chat", action="store_true",
@@ -149,7 +149,7 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="with --chat: a system message before the prompt")
     p.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
                    help='with --chat: extra template variables, e.g. \'{"enable_thinking": false}\'')
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64, help="most new tokens (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-p", type=float, default=None, help="default: the model's (generation_config.json), else 1")
     p.add_argument("--top-k", type=int, default=None, help="0 or -1: off; default: the model's, else off")
@@ -318,14 +318,15 @@ def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command is None:
         args = build_parser().parse_args(["serve", *argv])
-    if args.command == "generate":
-        from controlplane.client import run_generate
-
-        return run_generate(args)
-    if args.command == "chat":
+    if args.command in ("generate", "chat"):
         from controlplane.chat_cli import run_chat
+        from controlplane.client import UsageError, run_generate
 
-        return run_chat(args)
+        try:
+            return run_generate(args) if args.command == "generate" else run_chat(args)
+        except UsageError as exc:
+            print(f"duetserve {args.command}: error: {exc}", file=sys.stderr)
+            return 2
     if args.command in ("load", "reset-prefix-cache"):
         from controlplane.client import run_admin
 

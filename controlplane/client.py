@@ -28,7 +28,12 @@ def open_channel(args: argparse.Namespace) -> grpc.Channel:
     return grpc.secure_channel(args.address, credentials, options=options)
 
 
+class UsageError(ValueError):
+    """A client flag's value that cannot be sent (the command says so in one line and exits 2)."""
+
+
 def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
+    """The GenerateRequest of `duetserve generate`'s flags; UsageError for a value it cannot send."""
     request = pb.GenerateRequest(
         max_tokens=args.max_tokens, temperature=args.temperature,
         stop=args.stop, ignore_eos=args.ignore_eos, n=args.n, priority=args.priority,
@@ -36,7 +41,7 @@ def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
     )
     if args.min_tokens < 0:
-        raise SystemExit(f"--min-tokens must be >= 0, got {args.min_tokens}")
+        raise UsageError(f"--min-tokens must be >= 0, got {args.min_tokens}")
     request.min_tokens = args.min_tokens
     request.stop_token_ids.extend(_token_ids("--stop-token-ids", args.stop_token_ids))
     for item in args.logit_bias:
@@ -46,10 +51,12 @@ def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
                 raise ValueError
             request.logit_bias[int(token)] = float(bias)
         except ValueError:
-            raise SystemExit(f"--logit-bias takes ID=BIAS (a token id >= 0 and a number), got {item!r}") from None
+            raise UsageError(f"--logit-bias takes ID=BIAS (a token id >= 0 and a number), got {item!r}") from None
     request.allowed_token_ids.extend(_token_ids("--allowed-token-ids", args.allowed_token_ids))
     if args.token_ids:
         request.token_ids.ids.extend(_token_ids("--token-ids", args.token_ids))
+    elif args.prompt is None:
+        raise UsageError("a prompt is needed: PROMPT (text, or with --chat a user message) or --token-ids")
     elif args.chat:
         request.chat.CopyFrom(chat_from_args(args))
     else:
@@ -66,7 +73,7 @@ def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
         request.repetition_penalty = args.repetition_penalty
     if args.logprobs is not None:
         if args.logprobs < 0:
-            raise SystemExit(f"--logprobs must be >= 0, got {args.logprobs}")
+            raise UsageError(f"--logprobs must be >= 0, got {args.logprobs}")
         request.logprobs = args.logprobs
     if args.prompt_logprobs is not None:
         request.prompt_logprobs = args.prompt_logprobs
@@ -84,7 +91,7 @@ def _token_ids(flag: str, text: str | None) -> list[int]:
         if any(i < 0 for i in ids):
             raise ValueError
     except ValueError:
-        raise SystemExit(f"{flag} takes comma-separated token ids (integers >= 0), got {text!r}") from None
+        raise UsageError(f"{flag} takes comma-separated token ids (integers >= 0), got {text!r}") from None
     return ids
 
 
@@ -97,7 +104,7 @@ def chat_kwargs(text: str | None) -> Struct | None:
         if not isinstance(kwargs, dict):
             raise ValueError("not an object")
     except ValueError as exc:
-        raise SystemExit(f"--chat-template-kwargs takes a JSON object, got {text!r}: {exc}") from None
+        raise UsageError(f"--chat-template-kwargs takes a JSON object, got {text!r}: {exc}") from None
     return ParseDict(kwargs, Struct())
 
 
@@ -174,16 +181,15 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_admin(args: argparse.Namespace) -> int:
-    """`duetserve load` (GetLoad, printed as JSON) and `duetserve reset-prefix-cache`."""
-    from google.protobuf.json_format import MessageToDict
-
+    """`duetserve load` (GetLoad, printed as JSON with every field a number: protobuf's JSON mapping would
+    print the 64-bit num_waiting_tokens as a string) and `duetserve reset-prefix-cache`."""
     with open_channel(args) as channel:
         stub = pb_grpc.GenerationStub(channel)
         try:
             if args.command == "load":
                 reply = stub.GetLoad(pb.GetLoadRequest(), timeout=args.timeout, metadata=auth_metadata(args.auth_token))
-                print(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True,
-                                               preserving_proto_field_name=True), indent=1))
+                print(json.dumps({field.name: getattr(reply, field.name) for field in reply.DESCRIPTOR.fields},
+                                 indent=1))
             else:
                 reply = stub.ResetPrefixCache(pb.ResetPrefixCacheRequest(), timeout=args.timeout,
                                               metadata=auth_metadata(args.auth_token))

@@ -107,6 +107,12 @@ def _end_chunks(step: _Step) -> None:
             obs.chunk_span = None
 
 
+def _shown_id(engine_id: str) -> str:
+    """A request's id as a log shows it: completion i of an n > 1 request (engine id `<id>\\x1f<i>`, see
+    api.choice_id) as `<id>#<i>`, not with an invisible separator."""
+    return engine_id.replace("\x1f", "#") if engine_id else "?"
+
+
 def _log_request(obs: RequestObs, reason: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int,
                  error: str | None, now: float) -> None:
     """The access-log line of a finished request: its id, how it ended, its tokens and latencies."""
@@ -114,7 +120,7 @@ def _log_request(obs: RequestObs, reason: str, prompt_tokens: int, completion_to
         return "-" if start is None or end is None else f"{(end - start) * 1e3:.1f}"
 
     log.info("request %s finished %s: prompt %d tokens (%d cached), completion %d, queue %s ms, TTFT %s ms, "
-             "e2e %s ms%s", obs.request_id or "?", reason, prompt_tokens, cached_tokens, completion_tokens,
+             "e2e %s ms%s", _shown_id(obs.request_id), reason, prompt_tokens, cached_tokens, completion_tokens,
              ms(obs.arrival, obs.first_scheduled), ms(obs.arrival, obs.first_token), ms(obs.arrival, now),
              f", error: {error}" if error else "")
 

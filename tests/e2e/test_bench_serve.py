@@ -19,7 +19,7 @@ import pytest
 from controlplane import bench_serve
 from controlplane.bench_serve import Goodput, add_bench_flags, arrivals, bench, per_request, random_workload
 from controlplane.launcher import spawn_sim_dataplane, stop_process
-from controlplane.replay import RequestRecord
+from controlplane.replay import RequestRecord, TraceRequest
 from controlplane.server import ControlPlane
 from shared.config import SchedulerConfig, ServerConfig
 
@@ -94,8 +94,12 @@ def test_arrival_processes() -> None:
     with pytest.raises(ValueError):
         Goodput.parse(["latency:5"])
     assert arrivals(work, "poisson", 10.0, 0.25, seed=2) == bursty  # the flag alone sets the shape, as vLLM's
-    with pytest.raises(ValueError, match="arrival times that differ"):
-        arrivals(work, "trace", 10.0, 1.0, seed=2)  # random lengths carry no timestamps
+    for rate in (10.0, None, float("inf")):  # random lengths carry no timestamps, with a rate or without
+        with pytest.raises(ValueError, match="arrival times that differ"):
+            arrivals(work, "trace", rate, 1.0, seed=2)
+    timed = [TraceRequest(t, 10, 5) for t in (0.0, 0.5, 2.0)]
+    assert arrivals(timed, "trace", None, 1.0, 0) == [0.0, 0.5, 2.0]  # no rate: the trace's own times
+    assert arrivals(timed, "trace", 2.0, 1.0, 0) == pytest.approx([0.0, 0.25, 1.0])  # its 1 req/s made 2
 
 
 def test_percentiles_are_numpys_as_in_vllm() -> None:

@@ -8,7 +8,7 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from controlplane.cli import build_parser, main
-from controlplane.client import request_from_args
+from controlplane.client import UsageError, request_from_args
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from tests.e2e.conftest import generate, serve
 
@@ -95,7 +95,7 @@ def test_generate_cli_sends_chat() -> None:
     assert request.WhichOneof("prompt") == "chat"
     assert [(m.role, m.content) for m in request.chat.messages] == [(m["role"], m["content"]) for m in MESSAGES]
     assert request.chat.chat_template_kwargs["enable_thinking"] is False
-    with pytest.raises(SystemExit, match="takes a JSON object"):
+    with pytest.raises(UsageError, match="takes a JSON object"):
         request_from_args(build_parser().parse_args(["generate", "x", "--chat", "--chat-template-kwargs", "[1]"]))
     assert request_from_args(build_parser().parse_args(["generate", "x"])).WhichOneof("prompt") == "text"
 

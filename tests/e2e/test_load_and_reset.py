@@ -99,6 +99,8 @@ async def test_the_load_and_reset_commands() -> None:
         load = json.loads(out)
         assert code == 0 and load["num_kv_blocks"] == 64 and load["num_requests_running"] == 0
         assert load["num_kv_blocks_cached"] >= 2
+        assert all(isinstance(value, (int, float)) for value in load.values()), load  # no 64-bit int as a string
+        assert set(load) == {field.name for field in pb.Load.DESCRIPTOR.fields}
         code, out, _ = await _cli("reset-prefix-cache", "--address", address)
         assert code == 0 and f"{load['num_kv_blocks_cached']} blocks dropped" in out
     async with serve("tiny", enable_prefix_caching=False) as served:

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from controlplane.cli import build_parser
-from controlplane.client import request_from_args
+from controlplane.client import UsageError, request_from_args
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from tests.e2e.conftest import Served, generate, serve
 from tests.e2e.test_cancel import LONG, wait_idle
@@ -76,9 +76,9 @@ def test_generate_cli_sends_the_priority_and_token_rules() -> None:
     assert request.priority == -2
     assert dict(request.logit_bias) == {5: -100.0, 7: 2.5} and list(request.allowed_token_ids) == [5, 7, 9]
     for bad in ("5", "x=1", "5=abc", "-3=1"):
-        with pytest.raises(SystemExit, match="ID=BIAS"):
+        with pytest.raises(UsageError, match="ID=BIAS"):
             request_from_args(build_parser().parse_args(["generate", "hi", f"--logit-bias={bad}"]))
-    with pytest.raises(SystemExit, match="comma-separated token ids"):
+    with pytest.raises(UsageError, match="comma-separated token ids"):
         request_from_args(build_parser().parse_args(["generate", "hi", "--allowed-token-ids", "1,x"]))
     serve_args = build_parser().parse_args(["serve", "--scheduling-policy", "priority"])
     assert serve_args.scheduling_policy == "priority"

@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from controlplane.cli import build_parser
-from controlplane.client import request_from_args, run_generate
+from controlplane.cli import build_parser, main
+from controlplane.client import UsageError, request_from_args, run_generate
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from controlplane.tokenizer import ByteTokenizer
 from tests.e2e.conftest import generate, serve
@@ -49,8 +49,17 @@ def test_generate_cli_sends_the_stopping_penalty_and_logprob_flags() -> None:
     assert not plain.HasField("repetition_penalty") and not plain.HasField("logprobs") and plain.min_tokens == 0
     for flags, says in ((["--stop-token-ids", "1,-2"], "--stop-token-ids takes"), (["--min-tokens", "-1"], ">= 0"),
                         (["--logprobs", "-1"], ">= 0"), (["--token-ids", "4,x"], "--token-ids takes")):
-        with pytest.raises(SystemExit, match=says):
+        with pytest.raises(UsageError, match=says):
             request_from_args(build_parser().parse_args(["generate", "hi", *flags]))
+
+
+def test_a_bad_generate_flag_or_no_prompt_is_one_error_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """Checked before any call (no server here): one `duetserve generate: error:` line, as argparse's."""
+    for argv, says in ((["generate", "--max-tokens", "2"], "a prompt is needed"),
+                       (["generate", "hi", "--logit-bias", "x"], "--logit-bias takes ID=BIAS")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"duetserve generate: error: {says}") and err.count("\n") == 1, err
 
 
 async def test_generate_cli_stops_on_a_stop_token_and_prints_logprobs(capsys: pytest.CaptureFixture[str]) -> None:
