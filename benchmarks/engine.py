@@ -232,7 +232,7 @@ def offline(worker, requests: int, in_len: int, out_len: int, budget: int, max_s
     """The real scheduler driving the real runner in one process (no sockets)."""
     ready, runner = worker.ready, worker.runner
     runner.clear()
-    config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget)
+    config = SchedulerConfig(policy="aggregated", max_num_seqs=max_seqs, max_num_batched_tokens=budget)  # as before
     allocator = make_allocator(ready.num_kv_blocks, ready.block_size, config.enable_prefix_caching)
     sched = Scheduler(config, allocator, ready.max_model_len, frozenset())
     g = torch.Generator().manual_seed(0)

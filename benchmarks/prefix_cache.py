@@ -54,7 +54,8 @@ def serve_offline(worker, prompts: list[list[int]], out_len: int, budget: int, m
     """All prompts at once through the scheduler and the runner, up to two steps in flight."""
     ready, runner = worker.ready, worker.runner
     runner.clear()
-    config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, enable_prefix_caching=caching)
+    config = SchedulerConfig(policy="aggregated", max_num_seqs=max_seqs, max_num_batched_tokens=budget,
+                             enable_prefix_caching=caching)  # the aggregated engine, as the figures before
     sched = Scheduler(config, make_allocator(ready.num_kv_blocks, ready.block_size, caching),
                       ready.max_model_len, frozenset())
     seqs = [Sequence(seq_id=i, request_id=str(i), prompt_token_ids=p, sampling=SamplingParams(temperature=0.0),
