@@ -322,9 +322,14 @@ def make_policy(config: SchedulerConfig, ready: WorkerReady | None) -> Policy:
     can_split = bool(ready and ready.supports_multiplexing and ready.partition_sm_counts and ready.device.sm_count)
     if config.policy == "static" and not can_split:
         log.warning("policy static: the data plane cannot multiplex; every step runs aggregated")
-    elif config.policy == "duet" and not can_split:  # the default: adaptive, so no split is no fault
-        log.info("policy duet: the data plane cannot split its SMs; every step runs aggregated, its prompt "
-                 "chunks %s", "cut to the step budget when it would break it" if config.duet_trim else "whole")
+    if config.policy == "duet" and ready is not None and ready.device.kind == "cpu":
+        # the default, so no fault: plain aggregated steps, chunks never trimmed either (a CPU's steps all
+        # break a GPU's SLO, and trimming would cut every prompt chunk to MIN_TRIMMED_PREFILL tokens)
+        log.info("policy duet: a CPU data plane; every step runs aggregated")
+        return AggregatedPolicy()
+    if config.policy == "duet" and not can_split:
+        log.warning("policy duet: the data plane cannot split its SMs; every step runs aggregated, its prompt "
+                    "chunks %s", "cut to the step budget when it would break it" if config.duet_trim else "whole")
     if config.policy == "prefill-first":
         return PrefillFirstPolicy()
     if config.policy == "static":

@@ -14,7 +14,7 @@ from controlplane.scheduler import Scheduler
 from dataplane.sim import SimRunner
 from dataplane.sim_worker import SimGpu, sim_ready
 from shared.config import SchedulerConfig
-from shared.messages import WorkerReady
+from shared.messages import DeviceDescription, WorkerReady
 from tests.controlplane.test_scheduler import VOCAB, EOS, drain, expected_tokens, make_seq, run_random_workload, step
 
 
@@ -113,6 +113,22 @@ def test_multiplexing_policies_stay_aggregated_on_a_worker_that_cannot_split() -
             sched.add(make_seq(i, 300, 6))
         while sched.has_work():
             assert step(sched, runner)[0].mode == "aggregated"
+
+
+def test_duet_on_a_cpu_data_plane_keeps_whole_chunks() -> None:
+    """Duet (the default) on a CPU data plane is plain aggregated: a step that breaks the budget, as
+    every CPU step does, keeps its prompt chunk whole (trimming cut each one to MIN_TRIMMED_PREFILL, so
+    a 4000-token prompt took 16 steps instead of 2). A GPU that cannot split still trims (below)."""
+    cpu = msgspec.structs.replace(sim_ready("qwen3-8b", num_kv_blocks=4096), supports_multiplexing=False,
+                                  partition_sm_counts=[], device=DeviceDescription(kind="cpu", name="cpu"))
+    sched, runner = make("duet", worker=cpu, tbt=0.001)  # no step can fit this budget
+    for i in range(4):
+        sched.add(make_seq(i, 50, 200))
+    for _ in range(3):
+        step(sched, runner)
+    sched.add(make_seq(99, 4000, 4))
+    chunks = [sum(s.num_tokens for s in step(sched, runner)[0].scheduled if s.num_tokens > 1) for _ in range(3)]
+    assert chunks == [2044, 1956, 0], chunks
 
 
 def test_sim_gpu_times_plans_by_the_roofline() -> None:
