@@ -217,7 +217,8 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
                    help="trace: the trace's own gaps, scaled to --request-rate when it is set; poisson; gamma "
                         "(see --burstiness)")
     p.add_argument("--request-rate", type=checked(float, "--request-rate", 0.0, inclusive=False),
-                   default=float("inf"), help="requests/s (inf: all at once)")
+                   default=float("inf"), help="requests/s (inf, the default: all at once; with --arrival trace, "
+                                              "the trace's own times)")
     p.add_argument("--burstiness", type=checked(float, "--burstiness", 0.0, inclusive=False), default=1.0,
                    help="gamma shape: 1 is Poisson, < 1 burstier (with --arrival poisson too, as vLLM's flag)")
     p.add_argument("--random-input-len", type=checked(int, "--random-input-len", 1), default=1024)
@@ -277,7 +278,8 @@ async def bench(args: argparse.Namespace, workload: list[TraceRequest] | None = 
                                            show_progress=not args.no_progress, max_concurrency=args.max_concurrency,
                                            prefix_len=prefix, timeout_s=args.request_timeout)
     arrays = per_request(records)
-    result = {"model_id": info.model, "policy": info.policy, "request_rate": args.request_rate,
+    rate = args.request_rate if args.request_rate < float("inf") else "inf"  # as vLLM's (strict JSON has no inf)
+    result = {"model_id": info.model, "policy": info.policy, "request_rate": rate,
               "burstiness": args.burstiness, "arrival": arrival_name(args.arrival, args.burstiness),
               "num_prompts": len(workload),
               "prefix_cache_blocks_dropped": dropped,  # before the run, with --reset-prefix-cache

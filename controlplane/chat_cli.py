@@ -13,7 +13,7 @@ from typing import TextIO
 
 import grpc
 
-from controlplane.client import chat_prompt, open_channel
+from controlplane.client import chat_prompt, open_channel, put_fields
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc
 from controlplane.robust_flags import add_client_security_flags
@@ -36,10 +36,8 @@ def add_chat_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _request(args: argparse.Namespace, history: list[tuple[str, str]]) -> pb.GenerateRequest:
-    request = pb.GenerateRequest(chat=chat_prompt(history, args.chat_template_kwargs), max_tokens=args.max_tokens,
-                                 temperature=args.temperature)
-    if args.seed is not None:
-        request.seed = args.seed
+    request = pb.GenerateRequest(chat=chat_prompt(history, args.chat_template_kwargs))
+    put_fields(request, {"--max-tokens": args.max_tokens, "--temperature": args.temperature, "--seed": args.seed})
     return request
 
 

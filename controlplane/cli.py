@@ -318,23 +318,16 @@ def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command is None:
         args = build_parser().parse_args(["serve", *argv])
-    if args.command in ("generate", "chat"):
+    if args.command in ("generate", "chat", "load", "reset-prefix-cache", "health"):
         from controlplane.chat_cli import run_chat
-        from controlplane.client import UsageError, run_generate
+        from controlplane.client import UsageError, run_admin, run_generate, run_health
 
+        run = {"generate": run_generate, "chat": run_chat, "health": run_health}.get(args.command, run_admin)
         try:
-            return run_generate(args) if args.command == "generate" else run_chat(args)
+            return run(args)
         except UsageError as exc:
             print(f"duetserve {args.command}: error: {exc}", file=sys.stderr)
             return 2
-    if args.command in ("load", "reset-prefix-cache"):
-        from controlplane.client import run_admin
-
-        return run_admin(args)
-    if args.command == "health":
-        from controlplane.client import run_health
-
-        return run_health(args)
     if args.command == "bench":
         from controlplane.bench_serve import Goodput, bench, format_result, send_times_from_args, workload_from_args
 

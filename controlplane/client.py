@@ -24,7 +24,10 @@ def open_channel(args: argparse.Namespace) -> grpc.Channel:
     if not (args.tls or args.tls_ca or args.tls_cert):
         return grpc.insecure_channel(args.address)
     options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
-    credentials = client_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    try:
+        credentials = client_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    except OSError as exc:
+        raise UsageError(f"cannot read a TLS file: {exc.strerror or exc}: {exc.filename}") from None
     return grpc.secure_channel(args.address, credentials, options=options)
 
 
@@ -34,20 +37,21 @@ class UsageError(ValueError):
 
 def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
     """The GenerateRequest of `duetserve generate`'s flags; UsageError for a value it cannot send."""
-    request = pb.GenerateRequest(
-        max_tokens=args.max_tokens, temperature=args.temperature,
-        stop=args.stop, ignore_eos=args.ignore_eos, n=args.n, priority=args.priority,
-        skip_special_tokens=args.skip_special_tokens, include_stop_str_in_output=args.include_stop_str_in_output,
-        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-    )
-    if args.min_tokens < 0:
-        raise UsageError(f"--min-tokens must be >= 0, got {args.min_tokens}")
-    request.min_tokens = args.min_tokens
+    request = pb.GenerateRequest(stop=args.stop, ignore_eos=args.ignore_eos,
+                                 skip_special_tokens=args.skip_special_tokens,
+                                 include_stop_str_in_output=args.include_stop_str_in_output)
+    put_fields(request, {"--max-tokens": args.max_tokens, "--temperature": args.temperature, "--n": args.n,
+                         "--priority": args.priority, "--presence-penalty": args.presence_penalty,
+                         "--frequency-penalty": args.frequency_penalty, "--min-tokens": args.min_tokens,
+                         "--top-p": args.top_p, "--top-k": args.top_k, "--min-p": args.min_p, "--seed": args.seed,
+                         "--repetition-penalty": args.repetition_penalty, "--logprobs": args.logprobs,
+                         "--prompt-logprobs": args.prompt_logprobs,
+                         "--truncate-prompt-tokens": args.truncate_prompt_tokens})
     request.stop_token_ids.extend(_token_ids("--stop-token-ids", args.stop_token_ids))
     for item in args.logit_bias:
         token, sep, bias = item.partition("=")
         try:
-            if not sep or int(token) < 0:
+            if not sep or not 0 <= int(token) <= _MAX_ID:
                 raise ValueError
             request.logit_bias[int(token)] = float(bias)
         except ValueError:
@@ -55,31 +59,32 @@ def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
     request.allowed_token_ids.extend(_token_ids("--allowed-token-ids", args.allowed_token_ids))
     if args.token_ids:
         request.token_ids.ids.extend(_token_ids("--token-ids", args.token_ids))
+        if args.prompt is not None:
+            raise UsageError("give either PROMPT or --token-ids, not both")
     elif args.prompt is None:
         raise UsageError("a prompt is needed: PROMPT (text, or with --chat a user message) or --token-ids")
     elif args.chat:
         request.chat.CopyFrom(chat_from_args(args))
     else:
         request.text = args.prompt
-    if args.top_p is not None:
-        request.top_p = args.top_p
-    if args.top_k is not None:
-        request.top_k = args.top_k
-    if args.min_p is not None:
-        request.min_p = args.min_p
-    if args.seed is not None:
-        request.seed = args.seed
-    if args.repetition_penalty is not None:
-        request.repetition_penalty = args.repetition_penalty
-    if args.logprobs is not None:
-        if args.logprobs < 0:
-            raise UsageError(f"--logprobs must be >= 0, got {args.logprobs}")
-        request.logprobs = args.logprobs
-    if args.prompt_logprobs is not None:
-        request.prompt_logprobs = args.prompt_logprobs
-    if args.truncate_prompt_tokens is not None:
-        request.truncate_prompt_tokens = args.truncate_prompt_tokens
     return request
+
+
+_MAX_ID = 2**32 - 1  # token ids travel as uint32
+
+
+def put_fields(request: pb.GenerateRequest, values: dict[str, object]) -> None:
+    """Set each flag's request field (the flag's name in snake case), leaving those not given (None)
+    unset; UsageError, naming the flag, for a value the field cannot hold (a negative count, an integer
+    past its 32 or 64 bits). The server checks what the values mean."""
+    for flag, value in values.items():
+        if value is None:
+            continue
+        try:
+            setattr(request, flag.removeprefix("--").replace("-", "_"), value)
+        except (ValueError, TypeError):
+            kind = "an unsigned integer" if isinstance(value, int) and value < 0 else "a smaller value"
+            raise UsageError(f"{flag} {value!r} cannot be sent: it takes {kind}") from None
 
 
 def _token_ids(flag: str, text: str | None) -> list[int]:
@@ -88,10 +93,11 @@ def _token_ids(flag: str, text: str | None) -> list[int]:
         return []
     try:
         ids = [int(t) for t in text.split(",")]
-        if any(i < 0 for i in ids):
+        if any(not 0 <= i <= _MAX_ID for i in ids):
             raise ValueError
     except ValueError:
-        raise UsageError(f"{flag} takes comma-separated token ids (integers >= 0), got {text!r}") from None
+        raise UsageError(f"{flag} takes comma-separated token ids (integers from 0 to 2**32 - 1), "
+                         f"got {text!r}") from None
     return ids
 
 

@@ -113,9 +113,10 @@ class HFTokenizer:
         return _HFStream(self._tokenizer, skip_special_tokens, prompt_ids)
 
     def token_text(self, token_id: int) -> str:
-        """Decoded alone; a SentencePiece decoder strips a lone word's leading space, which is put back
-        from the vocabulary's piece (its leading markers), as vLLM does. An id past the tokenizer's
-        vocabulary (a padded embedding) reads ''."""
+        """Decoded alone; a SentencePiece-style decoder strips a lone word's leading space, which is put
+        back from the vocabulary's piece (its leading markers). vLLM does so when the pre-tokenizer is a
+        Metaspace; this goes by the decoder, so a Llama-2 style Replace+Strip one keeps it too. An id
+        past the tokenizer's vocabulary (a padded embedding) reads ''."""
         text = self._token_texts.get(token_id)
         if text is None:
             text = self._tokenizer.decode_batch([[token_id]], skip_special_tokens=False)[0]

@@ -61,6 +61,7 @@ async def test_bench_accounts_for_every_request_and_metrics_recompute(dataset: s
         result = await bench(parse(argv))
         assert plane.engine.scheduler is not None and plane.engine.scheduler.allocator.num_used == 0
     n = 30
+    assert result["request_rate"] == 40.0
     assert result["completed"] + result["failed"] == n and result["failed"] == 0
     assert len(result["ttfts"]) == len(result["latencies"]) == len(result["itls"]) == n
     # a gap per streamed message after the first (as vLLM's client): at most one per token after the first
@@ -176,6 +177,7 @@ async def test_requests_past_the_timeout_count_as_failed_and_free_their_kv() -> 
         argv = ["--address", f"127.0.0.1:{plane.port}", "--dataset", "random", "--num-prompts", "4",
                 "--no-progress", "--random-input-len", "64", "--random-output-len", "2000", "--request-timeout", "0.5"]
         result = await bench(parse(argv))
+        assert result["request_rate"] == "inf"  # no rate: all at once, written as vLLM writes it (strict JSON)
         for _ in range(100):  # the aborts reach the scheduler after the client gave up
             if plane.engine.scheduler is not None and plane.engine.scheduler.allocator.num_used == 0:
                 break

@@ -47,19 +47,26 @@ def test_generate_cli_sends_the_stopping_penalty_and_logprob_flags() -> None:
     assert request.frequency_penalty == -0.25 and request.logprobs == 2
     plain = request_from_args(build_parser().parse_args(["generate", "hi"]))
     assert not plain.HasField("repetition_penalty") and not plain.HasField("logprobs") and plain.min_tokens == 0
-    for flags, says in ((["--stop-token-ids", "1,-2"], "--stop-token-ids takes"), (["--min-tokens", "-1"], ">= 0"),
-                        (["--logprobs", "-1"], ">= 0"), (["--token-ids", "4,x"], "--token-ids takes")):
+    for flags, says in ((["--stop-token-ids", "1,-2"], "--stop-token-ids takes"), (["--min-tokens", "-1"], "unsigned"),
+                        (["--logprobs", "-1"], "unsigned"), (["--token-ids", "4,x"], "--token-ids takes")):
         with pytest.raises(UsageError, match=says):
-            request_from_args(build_parser().parse_args(["generate", "hi", *flags]))
+            request_from_args(build_parser().parse_args(["generate", *([] if "--token-ids" in flags else ["hi"]),
+                                                         *flags]))
 
 
 def test_a_bad_generate_flag_or_no_prompt_is_one_error_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     """Checked before any call (no server here): one `duetserve generate: error:` line, as argparse's."""
     for argv, says in ((["generate", "--max-tokens", "2"], "a prompt is needed"),
-                       (["generate", "hi", "--logit-bias", "x"], "--logit-bias takes ID=BIAS")):
-        assert main(argv) == 2
+                       (["generate", "hi", "--logit-bias", "x"], "--logit-bias takes ID=BIAS"),
+                       (["generate", "hi", "--token-ids", "1,2"], "give either PROMPT or --token-ids"),
+                       (["generate", "--token-ids", str(2**32)], "--token-ids takes"),
+                       (["generate", "hi", "--seed", "-1"], "--seed -1 cannot be sent"),  # protobuf's range
+                       (["generate", "hi", "--max-tokens", str(2**31)], "--max-tokens 2147483648 cannot be sent"),
+                       (["chat", "--quick", "hi", "--seed", "-5"], "--seed -5 cannot be sent"),
+                       (["health", "--tls-ca", "/nonexistent/ca.pem"], "cannot read a TLS file")):
+        assert main(argv) == 2, argv
         err = capsys.readouterr().err
-        assert err.startswith(f"duetserve generate: error: {says}") and err.count("\n") == 1, err
+        assert err.startswith(f"duetserve {argv[0]}: error: {says}") and err.count("\n") == 1, err
 
 
 async def test_generate_cli_stops_on_a_stop_token_and_prints_logprobs(capsys: pytest.CaptureFixture[str]) -> None:
