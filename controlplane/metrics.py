@@ -25,6 +25,7 @@ from opentelemetry.sdk.metrics.export import (
     Sum,
 )
 
+from controlplane.sequence import FinishReason
 from shared.config import TelemetryConfig
 from shared.telemetry import CONTROLPLANE_SERVICE, otlp_endpoint_url, service_resource
 
@@ -67,8 +68,8 @@ class ServingMetrics:
                                explicit_bucket_boundaries_advisory=_E2E_S)
         self.prompt_tokens = m.create_counter(PREFIX + "prompt_tokens", description="Prefilled prompt tokens")
         self.generation_tokens = m.create_counter(PREFIX + "generation_tokens", description="Generated tokens")
-        # vLLM's prefix_cache_queries / prefix_cache_hits: prompt tokens of finished requests, and how
-        # many of them their admission found in the prefix cache
+        # vLLM's prefix_cache_queries / prefix_cache_hits: prompt tokens of requests once prefilled (at
+        # their first token), and how many of them their admission found in the prefix cache
         self.prefix_cache_queries = m.create_counter(PREFIX + "prefix_cache_queries",
                                                      description="Prompt tokens looked up in the prefix cache")
         self.prefix_cache_hits = m.create_counter(PREFIX + "prefix_cache_hits",
@@ -88,9 +89,16 @@ class ServingMetrics:
         self.sm_decode = m.create_gauge(PREFIX + "sm_split_decode", description="SMs given to decode (0: all)")
         self.predictor_error = m.create_gauge(PREFIX + "predictor_abs_pct_error",
                                               description="|predicted - measured| / measured step time, percent")
+        # every series is exported from the start, at 0, as vLLM's are, not after its first event (a rate
+        # or increase() would miss that event, and an absent() alert would fire): counters here, and
+        # each finish reason's; histograms with no point yet are rendered empty (render_prometheus)
         for counter in (self.prompt_tokens, self.generation_tokens, self.prefix_cache_queries,
                         self.prefix_cache_hits, self.preemptions):
-            counter.add(0, self.labels)  # exported from the start at 0, as vLLM's are, not after their first event
+            counter.add(0, self.labels)
+        for reason in FinishReason:
+            self.request_success.add(0, {**self.labels, "finished_reason": reason.value})
+        self._histograms = {h.name: (h.description, bounds) for h, bounds in (
+            (self.ttft, _LATENCY_S), (self.itl, _ITL_S), (self.e2e, _E2E_S), (self.queue_time, _E2E_S))}
         self._server: ThreadingHTTPServer | None = None
         self._address = (config.metrics_host, config.metrics_port)
         self.port = 0
@@ -108,7 +116,10 @@ class ServingMetrics:
         if data is None:
             return ""
         metrics = [m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics]
-        return "".join(render_metric(m) for m in metrics)
+        seen = {m.name for m in metrics}
+        empty = [render_empty_histogram(name, description, bounds, self.labels)
+                 for name, (description, bounds) in self._histograms.items() if name not in seen]
+        return "".join(render_metric(m) for m in metrics) + "".join(empty)
 
     def serve(self) -> None:
         """Start the Prometheus endpoint (if configured) on a daemon thread."""
@@ -172,6 +183,16 @@ def _num(value: float) -> str:
     if math.isinf(value):
         return "+Inf" if value > 0 else "-Inf"
     return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def render_empty_histogram(otel_name: str, description: str, bounds: Iterable[float],
+                           labels: dict[str, str]) -> str:
+    """A histogram no value was recorded in yet: every bucket, the sum and the count at 0."""
+    name, attrs = prometheus_name(otel_name), sorted(labels.items())
+    lines = [f"# HELP {name} {description}", f"# TYPE {name} histogram"]
+    lines += [f"{name}_bucket{_labels(attrs, ('le', _num(float(b))))} 0" for b in [*bounds, math.inf]]
+    lines += [f"{name}_sum{_labels(attrs)} 0.0", f"{name}_count{_labels(attrs)} 0"]
+    return "".join(line + "\n" for line in lines)
 
 
 def render_metric(metric: Metric) -> str:

@@ -179,16 +179,27 @@ class EngineObserver:
             ctx = trace.set_span_in_context(obs.span)
             obs.queue_span = self.tracer.start_span(tr.QUEUE_SPAN, context=ctx)
 
-    def tokens(self, obs: RequestObs, count: int) -> None:
+    def tokens(self, obs: RequestObs, count: int, prompt_tokens: int, cached_tokens: int) -> None:
+        """`count` new tokens of a request reached the engine (before a stop string cuts any, as vLLM
+        counts generated tokens). The token counters move here, as the tokens come, not when the request
+        ends (a dashboard's rate would read 0 while long completions stream); the first token also
+        counts the prompt as prefilled and its prefix-cache lookup (`cached_tokens` of `prompt_tokens`)."""
         if count <= 0:
             return
         now = time.monotonic()
+        metrics = self.metrics
         if obs.first_token is None:
             obs.first_token = now
-            if self.metrics:
-                self.metrics.ttft.record(now - obs.arrival, self.metrics.labels)
-        elif self.metrics and obs.last_token is not None:
-            self.metrics.itl.record(now - obs.last_token, self.metrics.labels)
+            if metrics:
+                labels = metrics.labels
+                metrics.ttft.record(now - obs.arrival, labels)
+                metrics.prompt_tokens.add(prompt_tokens, labels)
+                metrics.prefix_cache_queries.add(prompt_tokens, labels)
+                metrics.prefix_cache_hits.add(cached_tokens, labels)
+        elif metrics and obs.last_token is not None:
+            metrics.itl.record(now - obs.last_token, metrics.labels)
+        if metrics:
+            metrics.generation_tokens.add(count, metrics.labels)
         obs.last_token = now
 
     def request_finished(self, obs: RequestObs, reason: str, prompt_tokens: int, completion_tokens: int,
@@ -206,11 +217,6 @@ class EngineObserver:
             labels = self.metrics.labels
             self.metrics.e2e.record(now - obs.arrival, labels)
             self.metrics.request_success.add(1, {**labels, "finished_reason": reason})
-            self.metrics.generation_tokens.add(completion_tokens, labels)
-            if obs.first_scheduled is not None:  # admitted: its prompt was looked up and prefilled
-                self.metrics.prompt_tokens.add(prompt_tokens, labels)
-                self.metrics.prefix_cache_queries.add(prompt_tokens, labels)
-                self.metrics.prefix_cache_hits.add(cached_tokens, labels)
         if obs.span is None:
             return
         obs.set(tr.usage_attributes(reason, prompt_tokens, completion_tokens, cached_tokens))

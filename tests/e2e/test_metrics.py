@@ -75,6 +75,36 @@ async def test_prometheus_histograms_move() -> None:
     assert 'duetserve:predictor_abs_pct_error{model_name="tiny"}' in after
 
 
+async def test_every_series_is_there_from_the_start_and_token_counters_move_while_streaming() -> None:
+    """A fresh server exports every histogram (empty) and each finish reason's counter (0), as vLLM's;
+    the token counters move as tokens stream, not when the request ends (a dashboard's rate of
+    generation_tokens_total read 0 for as long as a long completion ran)."""
+    port = free_port()
+    async with serve("tiny", telemetry=TelemetryConfig(metrics_port=port)) as served:
+        fresh = await asyncio.to_thread(scrape, port)
+        slow_steps(served)
+        call = served.stub.Generate(pb.GenerateRequest(request_id="long", **LONG))
+        streamed = 0
+        while streamed < 20:
+            streamed += len((await call.read()).token_ids)
+        mid = await asyncio.to_thread(scrape, port)
+        await served.stub.Abort(pb.AbortRequest(request_id="long"))
+        await end_of(call)
+    tiny = '{model_name="tiny"}'
+    for reason in ("stop", "length", "abort", "error"):
+        assert fresh[f'duetserve:request_success_total{{finished_reason="{reason}",model_name="tiny"}}'] == 0
+    for hist in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
+                 "request_queue_time_seconds"):
+        assert fresh[f"duetserve:{hist}_count{tiny}"] == 0 and fresh[f"duetserve:{hist}_sum{tiny}"] == 0
+        assert fresh[f'duetserve:{hist}_bucket{{model_name="tiny",le="+Inf"}}'] == 0
+    assert fresh[f"duetserve:generation_tokens_total{tiny}"] == fresh[f"duetserve:prompt_tokens_total{tiny}"] == 0
+    assert value(mid, "duetserve:generation_tokens_total") >= streamed  # the request is still running
+    assert value(mid, "duetserve:prompt_tokens_total") == len(LONG["token_ids"]["ids"])  # type: ignore[index]
+    assert value(mid, "duetserve:prefix_cache_queries_total") == len(LONG["token_ids"]["ids"])  # type: ignore[index]
+    assert value(mid, "duetserve:e2e_request_latency_seconds_count") == 0
+    assert value(mid, "duetserve:time_to_first_token_seconds_count") == 1
+
+
 async def test_prefix_cache_counters_count_the_reused_prompt_tokens() -> None:
     port = free_port()
     prompt = list(range(20, 60))  # 40 tokens: 2 full blocks of 16 are reused by the second request
