@@ -120,6 +120,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         observer = self.engine.observer
         obs = observer.start_request(context.invocation_metadata())
+        if request.request_id:  # before validation: a refused request's span is found by its id too
+            obs.set({"gen_ai.request.id": request.request_id[:256]})
         try:  # aclosing: a cancelled call aborts the request (the inner finally) before its span ends
             async with aclosing(self._generate(request, context, obs)) as responses:
                 async for response in responses:
@@ -129,7 +131,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def _abort(self, context: grpc.aio.ServicerContext, obs: RequestObs, code: grpc.StatusCode,
                      message: str) -> None:
-        obs.error = f"{code.name}: {message}"
+        obs.error, obs.error_type = f"{code.name}: {message}", code.name
         await context.abort(code, message)
 
     async def _generate(

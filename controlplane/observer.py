@@ -71,6 +71,7 @@ class RequestObs:
     num_decode_steps: int = 0
     finish_reason: str | None = None
     error: str | None = None  # why the call failed, as the client saw it
+    error_type: str | None = None  # its gRPC status code's name (the span's `error.type`)
     completion_tokens: int = 0  # its output tokens, once finished
     # completions 1..n-1 of an n > 1 request (on completion 0's record): the call's span sums them up
     children: list[RequestObs] = field(default_factory=list)
@@ -250,10 +251,13 @@ class EngineObserver:
         error = obs.error
         if obs.finish_reason is None:  # never reached the engine's end: rejected, cancelled, or failed
             obs.span.set_status(Status(StatusCode.ERROR, error or "the call ended before the request finished"))
+            # OTel's error.type: the status code the call ended with; none: the client went away
+            obs.span.set_attribute("error.type", obs.error_type or "CANCELLED")
             for span in (obs.queue_span, obs.chunk_span, obs.decode_span):
                 _end(span)
         elif error:
             obs.span.set_status(Status(StatusCode.ERROR, error))
+            obs.span.set_attribute("error.type", obs.error_type or "_OTHER")
         if obs.children:  # the call's span is the whole response's: every choice's reason and tokens
             done = [obs, *obs.children]
             tokens = sum(o.completion_tokens for o in done)
@@ -278,7 +282,11 @@ class EngineObserver:
                                            start_time=started_ns, attributes=attrs)
         step.span = step_span
         context = inject(trace.set_span_in_context(step_span))
-        link = [Link(step_span.get_span_context())]
+        # an unsampled step is never exported: no request's span links to it, and when no request of
+        # the step is sampled either the plan carries no context (the data plane makes no spans for it)
+        sampled = step_span.get_span_context().trace_flags.sampled
+        link = [Link(step_span.get_span_context())] if sampled else []
+        traced = False
         for entry in plan.scheduled:
             obs = self._by_seq.get(entry.seq_id)
             seq = scheduler.seqs.get(entry.seq_id)
@@ -287,6 +295,9 @@ class EngineObserver:
             phase_span = self._phase_span(obs, seq, entry.num_tokens, link, started_ns, step, plan.decode_steps)
             if phase_span is not None:
                 context[seq_key(entry.seq_id)] = traceparent(phase_span.get_span_context())
+                traced = True
+        if not (sampled or traced):
+            return plan
         return msgspec.structs.replace(plan, trace_context=context)
 
     def _admitted(self, plan: StepPlan, started_ns: int) -> int:
@@ -403,6 +414,7 @@ class EngineObserver:
         """Flush batched spans and stop the exporters (called once at server stop)."""
         steps, self._steps = self._steps, {}
         for step in steps.values():  # the engine stopped with these steps in flight
+            _end_chunks(step)  # a request's older chunk, in an earlier step, is no longer on its record
             if step.span is not None:
                 step.span.set_status(Status(StatusCode.ERROR, "no result: the engine stopped or lost the data plane"))
                 step.span.end()

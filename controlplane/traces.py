@@ -15,8 +15,11 @@ import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from controlplane.flag_types import checked
+
 REQUEST_ID = "gen_ai.request.id"
 CONTROLPLANE = "duetserve-controlplane"
+PLANE = "duetserve.plane"  # resource attribute naming the plane, whatever service.name the operator set
 
 
 @dataclass
@@ -30,6 +33,11 @@ class SpanRecord:
     end_ns: int
     attributes: dict[str, object] = field(default_factory=dict)
     links: list[tuple[str, str]] = field(default_factory=list)
+    plane: str = ""  # the resource's duetserve.plane ('' when the exporter did not say)
+
+    @property
+    def of_controlplane(self) -> bool:
+        return self.plane == CONTROLPLANE if self.plane else self.service == CONTROLPLANE
 
     @property
     def duration_ms(self) -> float:
@@ -69,14 +77,15 @@ def _attrs(items: Iterable[dict]) -> dict[str, object]:
 def parse_otlp_json(body: dict) -> Iterator[SpanRecord]:
     """Spans of one OTLP/JSON ExportTraceServiceRequest (`{"resourceSpans": [...]}`)."""
     for rs in body.get("resourceSpans", []):
-        service = str(_attrs(rs.get("resource", {}).get("attributes", [])).get("service.name", ""))
+        resource = _attrs(rs.get("resource", {}).get("attributes", []))
+        service, plane = str(resource.get("service.name", "")), str(resource.get(PLANE, ""))
         for ss in rs.get("scopeSpans", []):
             for s in ss.get("spans", []):
                 yield SpanRecord(
                     trace_id=_hex(s["traceId"]), span_id=_hex(s["spanId"]), parent_id=_hex(s.get("parentSpanId", "")),
                     name=s.get("name", ""), service=service, start_ns=int(s.get("startTimeUnixNano", 0)),
                     end_ns=int(s.get("endTimeUnixNano", 0)), attributes=_attrs(s.get("attributes", [])),
-                    links=[(_hex(lk["traceId"]), _hex(lk["spanId"])) for lk in s.get("links", [])],
+                    links=[(_hex(lk["traceId"]), _hex(lk["spanId"])) for lk in s.get("links", [])], plane=plane,
                 )
 
 
@@ -107,23 +116,39 @@ def parse_jaeger(body: dict) -> Iterator[SpanRecord]:
                 else:
                     links.append((ref["traceID"], ref["spanID"]))
             start = int(s.get("startTime", 0)) * 1000
+            process = processes.get(s.get("processID"), {})
+            process_tags = {t["key"]: t.get("value") for t in process.get("tags") or []}
             yield SpanRecord(
                 trace_id=s["traceID"].rjust(32, "0"), span_id=s["spanID"], parent_id=parent,
-                name=s.get("operationName", ""),
-                service=processes.get(s.get("processID"), {}).get("serviceName", ""),
+                name=s.get("operationName", ""), service=process.get("serviceName", ""),
                 start_ns=start, end_ns=start + int(s.get("duration", 0)) * 1000,
-                attributes={t["key"]: t.get("value") for t in s.get("tags") or []}, links=links,
+                attributes={t["key"]: _jaeger_value(t.get("value")) for t in s.get("tags") or []}, links=links,
+                plane=str(process_tags.get(PLANE, "")),
             )
 
 
-def fetch_jaeger(url: str, trace_id: str | None, request_id: str | None, timeout_s: float = 10.0) -> list[SpanRecord]:
+def _jaeger_value(value: object) -> object:
+    """A Jaeger tag's value; Jaeger stores an OTLP array attribute as its JSON text, decoded back here."""
+    if isinstance(value, str) and value.startswith("[") and value.endswith("]"):
+        try:
+            decoded = json.loads(value)
+        except ValueError:
+            return value
+        return decoded if isinstance(decoded, list) else value
+    return value
+
+
+def fetch_jaeger(url: str, trace_id: str | None, request_id: str | None, timeout_s: float = 10.0,
+                 service: str = CONTROLPLANE, limit: int = 20) -> list[SpanRecord]:
+    """Spans from Jaeger: one trace, the trace of a request id, or the latest `limit` requests' traces
+    (only their request spans are matched, `span.kind` server: each engine step is a trace of its own,
+    and would otherwise fill the limit)."""
     base = url.rstrip("/")
     if trace_id:
         query = f"{base}/api/traces/{trace_id}"
     else:
-        params = {"service": CONTROLPLANE, "limit": "20"}
-        if request_id:
-            params["tags"] = json.dumps({REQUEST_ID: request_id})
+        tags = {REQUEST_ID: request_id} if request_id else {"span.kind": "server"}
+        params = {"service": service, "limit": str(limit), "tags": json.dumps(tags)}
         query = f"{base}/api/traces?{urllib.parse.urlencode(params)}"
     with urllib.request.urlopen(query, timeout=timeout_s) as response:  # noqa: S310 - the user's URL
         return list(parse_jaeger(json.load(response)))
@@ -133,8 +158,7 @@ def fetch_jaeger(url: str, trace_id: str | None, request_id: str | None, timeout
 
 
 def request_spans(spans: list[SpanRecord]) -> list[SpanRecord]:
-    return sorted((s for s in spans if REQUEST_ID in s.attributes and s.service == CONTROLPLANE),
-                  key=lambda s: s.start_ns)
+    return sorted((s for s in spans if REQUEST_ID in s.attributes and s.of_controlplane), key=lambda s: s.start_ns)
 
 
 def select_trace(spans: list[SpanRecord], trace_id: str | None, request_id: str | None) -> list[SpanRecord]:
@@ -213,6 +237,9 @@ def add_traces_flags(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--file", help="OTLP JSON-lines file (the server's --otel-exporter file output)")
     source.add_argument("--jaeger", help="Jaeger query base URL, e.g. http://localhost:16686")
+    p.add_argument("--service", default=CONTROLPLANE,
+                   help=f"with --jaeger: the control plane's service name (OTEL_SERVICE_NAME; default {CONTROLPLANE})")
+    p.add_argument("--limit", type=checked(int, "--limit", 1), default=20, help="with --jaeger and no request named: requests to list")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--request-id", help="show the trace of this request (gen_ai.request.id)")
     which.add_argument("--trace-id", help="show this trace")
@@ -223,7 +250,7 @@ def run_traces(args: argparse.Namespace) -> int:
         if args.file:
             spans = read_otlp_file(args.file)
         else:
-            spans = fetch_jaeger(args.jaeger, args.trace_id, args.request_id)
+            spans = fetch_jaeger(args.jaeger, args.trace_id, args.request_id, service=args.service, limit=args.limit)
     except OSError as exc:
         print(f"duetserve traces: {exc}", file=sys.stderr)
         return 1

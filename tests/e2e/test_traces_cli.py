@@ -44,7 +44,7 @@ async def test_file_exporter_and_timeline_tree(tmp_path: Path, capsys: pytest.Ca
     assert main(["traces", "--file", str(spans), "--request-id", "nope"]) == 1
 
 
-def _jaeger_trace() -> dict:
+def _jaeger_trace(service: str = "duetserve-controlplane") -> dict:
     def span(sid: str, name: str, parent: str | None, start: int, dur: int, pid: str, tags: list) -> dict:
         refs = [{"refType": "CHILD_OF", "traceID": "abc123", "spanID": parent}] if parent else []
         return {"traceID": "abc123", "spanID": sid, "operationName": name, "references": refs,
@@ -52,7 +52,8 @@ def _jaeger_trace() -> dict:
 
     rid = [{"key": "gen_ai.request.id", "type": "string", "value": "req-7"},
            {"key": "gen_ai.response.finish_reasons", "type": "string", "value": "[\"stop\"]"}]
-    return {"data": [{"traceID": "abc123", "processes": {"p1": {"serviceName": "duetserve-controlplane"},
+    plane = [{"key": "duetserve.plane", "type": "string", "value": "duetserve-controlplane"}]
+    return {"data": [{"traceID": "abc123", "processes": {"p1": {"serviceName": service, "tags": plane},
                                                          "p2": {"serviceName": "duetserve-dataplane"}},
                       "spans": [span("01", "text_completion tiny", None, 1_000, 9_000, "p1", rid),
                                 span("02", "prefill_chunk", "01", 2_000, 3_000, "p1", []),
@@ -61,13 +62,13 @@ def _jaeger_trace() -> dict:
 
 
 @contextmanager
-def fake_jaeger() -> Iterator[tuple[str, list[str]]]:
+def fake_jaeger(service: str = "duetserve-controlplane") -> Iterator[tuple[str, list[str]]]:
     seen: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
             seen.append(self.path)
-            body = json.dumps(_jaeger_trace()).encode()
+            body = json.dumps(_jaeger_trace(service)).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
@@ -100,3 +101,19 @@ def test_jaeger_query_api(capsys: pytest.CaptureFixture[str]) -> None:
     assert first[2].startswith("├── prefill_chunk [controlplane]") and "+    1.000 ms" in first[2]
     assert first[3].startswith("│   └── dataplane.seq [dataplane]")
     assert first[4].startswith("└── decode [controlplane]")
+    assert "finish=stop " in first[1] + " "  # Jaeger keeps an array attribute as its JSON text: decoded
+
+
+def test_jaeger_listing_finds_requests_under_any_service_name(capsys: pytest.CaptureFixture[str]) -> None:
+    """With no request named, only request spans are queried (each engine step is a trace of its own and
+    filled the limit); a control plane run under OTEL_SERVICE_NAME is queried by --service and its
+    spans known by the resource's duetserve.plane; finish reasons read as words, not characters."""
+    with fake_jaeger("llm-prod") as (url, seen):
+        assert main(["traces", "--jaeger", url, "--service", "llm-prod", "--limit", "5"]) == 0
+        assert main(["traces", "--jaeger", url, "--service", "llm-prod", "--request-id", "req-7"]) == 0
+    params = urllib.parse.parse_qs(seen[0].split("?")[1])
+    assert params["service"] == ["llm-prod"] and params["limit"] == ["5"]
+    assert json.loads(params["tags"][0]) == {"span.kind": "server"}
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split() == ["req-7", "abc123".rjust(32, "0"), "9.000", "stop"]
+    assert out[3].startswith("llm-prod text_completion tiny") or "text_completion tiny [llm-prod]" in out[3]

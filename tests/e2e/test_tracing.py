@@ -127,5 +127,6 @@ async def test_spans_reach_an_otlp_receiver() -> None:
     assert server.attributes["gen_ai.response.finish_reasons"] == ["length", "length"]
     assert server.attributes["gen_ai.usage.output_tokens"] == 4
 
-    bad = [s for s in spans if s.kind == 2 and s.attributes.get("gen_ai.request.id") is None]
-    assert len(bad) == 1 and bad[0].status_code == 2  # the rejected call: an error span of its own
+    bad = _request_span(spans, "r-bad")  # the rejected call: an error span of its own, found by its id
+    assert bad.status_code == 2 and bad.attributes["error.type"] == "INVALID_ARGUMENT"  # OTel's error.type
+    assert all("error.type" not in s.attributes for s in spans if s is not bad)
