@@ -32,6 +32,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="preset name (tiny, qwen3-0.6b, qwen3-8b, llama-3.1-8b; random weights) or a "
                         "Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json). "
                         "Default: tiny")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model's name in GetModelInfo, the metrics' model_name label and the spans (vLLM's "
+                        "flag; default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="address the gRPC server binds (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default 50051)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
@@ -246,6 +249,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataplaneConfig, Server
         max_model_len=args.max_model_len, scheduler=scheduler, telemetry=telemetry,
         chat_template=args.chat_template, stream_interval=args.stream_interval,
         generation_config=args.generation_config, log_requests=args.enable_log_requests,
+        served_model_name=args.served_model_name,
         **robustness_from_args(args),
     )
     return dataplane, server

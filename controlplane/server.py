@@ -56,9 +56,10 @@ class ControlPlane:
             log.warning("requests that leave them unset get the model's sampling defaults %s (from %s; "
                         "--generation-config none keeps the neutral ones)", self.sampling_defaults.overridden(),
                         self.sampling_defaults.source)
-        self.metrics = ServingMetrics(config.telemetry, model)
+        self.served_name = config.served_model_name or model  # what clients, metrics and spans call it
+        self.metrics = ServingMetrics(config.telemetry, self.served_name)
         provider = make_tracer_provider(config.telemetry, CONTROLPLANE_SERVICE)
-        self.observer = EngineObserver(provider, self.metrics, model, log_requests=config.log_requests)
+        self.observer = EngineObserver(provider, self.metrics, self.served_name, log_requests=config.log_requests)
         self.engine = Engine(
             DataplaneClient(config.dataplane_endpoint),
             self._tokenizer_for,
@@ -108,7 +109,7 @@ class ControlPlane:
             ]
         )
         add_generation_service(
-            GenerationServicer(self.engine, self.model, self.config.scheduler.policy, self.chat_template,
+            GenerationServicer(self.engine, self.served_name, self.config.scheduler.policy, self.chat_template,
                                self.sampling_defaults), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

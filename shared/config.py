@@ -268,10 +268,14 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     stream_interval: int = 1  # tokens a streamed message waits for (SGLang's --stream-interval); the first goes at once
     generation_config: str = "auto"  # sampling defaults: auto (the model's generation_config.json), none, a folder
     log_requests: bool = False  # an INFO line per finished request (id, tokens, latencies)
+    served_model_name: str | None = None  # the model's name to clients, metrics and spans (None: the model)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port out of range: {self.port}")
+        name = self.served_model_name
+        if name is not None and (not name.strip() or len(name) > 256 or not name.isprintable()):
+            raise ValueError(f"served_model_name must be 1 to 256 printable characters, got {name!r}")
         hosts = {self.host, self.telemetry.metrics_host}
         if self.port and self.port == self.telemetry.metrics_port and (len(hosts) == 1 or hosts & {"0.0.0.0", "::"}):
             raise ValueError(f"the metrics port and the gRPC port are both {self.port}")

@@ -174,3 +174,17 @@ async def test_the_later_completions_of_n_count_from_the_calls_arrival() -> None
         samples = await asyncio.to_thread(scrape, port)
     assert value(samples, "duetserve:time_to_first_token_seconds_count") == 2
     assert value(samples, "duetserve:time_to_first_token_seconds_sum") >= 0.9 * sum(first.values())
+
+
+async def test_served_model_name_names_the_model_to_clients_metrics_and_spans() -> None:
+    """vLLM's --served-model-name: GetModelInfo, the model_name label and the span name say it, not the
+    folder or preset the weights came from."""
+    port = free_port()
+    async with serve("tiny", telemetry=TelemetryConfig(metrics_port=port), served_model_name="team/llm") as served:
+        info = await served.stub.GetModelInfo(pb.GetModelInfoRequest())
+        await generate(served.stub, text="Hi", max_tokens=2, ignore_eos=True)
+        samples = await asyncio.to_thread(scrape, port)
+        span_model = served.plane.observer.model
+    assert info.model == "team/llm" and span_model == "team/llm"
+    labelled = [key for key in samples if "model_name=" in key]
+    assert labelled and all('model_name="team/llm"' in key for key in labelled)

@@ -198,3 +198,12 @@ def test_a_bad_serve_setting_is_one_error_line_naming_the_subcommand(flags: list
     err = capsys.readouterr().err
     assert err.startswith("duetserve serve: error: ") and says in err and "usage:" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_served_model_name_is_printable_and_not_empty() -> None:
+    from shared.config import ServerConfig
+
+    assert ServerConfig(served_model_name="org/model-8b").served_model_name == "org/model-8b"
+    for bad in ("", "  ", "a\nb", "x" * 257):
+        with pytest.raises(ValueError, match="served_model_name"):
+            ServerConfig(served_model_name=bad)
