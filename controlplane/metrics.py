@@ -38,6 +38,7 @@ _ITL_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0
           10.0, 20.0, 40.0, 80.0)
 _E2E_S = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
           120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+_TOKENS = tuple(float(m * 10**e) for e in range(7) for m in (1, 2, 5))  # 1, 2, 5, 10, ... 5M (vLLM's 1-2-5)
 
 
 class ServingMetrics:
@@ -66,6 +67,25 @@ class ServingMetrics:
                         explicit_bucket_boundaries_advisory=_E2E_S)
         self.queue_time = hist(PREFIX + "request_queue_time_seconds", unit="s", description="Time waiting",
                                explicit_bucket_boundaries_advisory=_E2E_S)
+        # per finished request, as vLLM's: its phases' times (prefill: first scheduled to first token;
+        # decode: first token to the end; inference: both), time per output token, and its token counts
+        self.prefill_time = hist(PREFIX + "request_prefill_time_seconds", unit="s",
+                                 description="Time from first scheduled to first token",
+                                 explicit_bucket_boundaries_advisory=_E2E_S)
+        self.decode_time = hist(PREFIX + "request_decode_time_seconds", unit="s",
+                                description="Time from first token to the last",
+                                explicit_bucket_boundaries_advisory=_E2E_S)
+        self.inference_time = hist(PREFIX + "request_inference_time_seconds", unit="s",
+                                   description="Time from first scheduled to the last token",
+                                   explicit_bucket_boundaries_advisory=_E2E_S)
+        self.tpot = hist(PREFIX + "request_time_per_output_token_seconds", unit="s",
+                         description="Decode time over the output tokens after the first",
+                         explicit_bucket_boundaries_advisory=_ITL_S)
+        self.request_prompt_tokens = hist(PREFIX + "request_prompt_tokens", description="Prompt tokens of a request",
+                                          explicit_bucket_boundaries_advisory=_TOKENS)
+        self.request_generation_tokens = hist(PREFIX + "request_generation_tokens",
+                                              description="Output tokens of a request",
+                                              explicit_bucket_boundaries_advisory=_TOKENS)
         self.prompt_tokens = m.create_counter(PREFIX + "prompt_tokens", description="Prefilled prompt tokens")
         self.generation_tokens = m.create_counter(PREFIX + "generation_tokens", description="Generated tokens")
         # vLLM's prefix_cache_queries / prefix_cache_hits: prompt tokens of requests once prefilled (at
@@ -98,7 +118,9 @@ class ServingMetrics:
         for reason in FinishReason:
             self.request_success.add(0, {**self.labels, "finished_reason": reason.value})
         self._histograms = {h.name: (h.description, bounds) for h, bounds in (
-            (self.ttft, _LATENCY_S), (self.itl, _ITL_S), (self.e2e, _E2E_S), (self.queue_time, _E2E_S))}
+            (self.ttft, _LATENCY_S), (self.itl, _ITL_S), (self.e2e, _E2E_S), (self.queue_time, _E2E_S),
+            (self.prefill_time, _E2E_S), (self.decode_time, _E2E_S), (self.inference_time, _E2E_S),
+            (self.tpot, _ITL_S), (self.request_prompt_tokens, _TOKENS), (self.request_generation_tokens, _TOKENS))}
         self._server: ThreadingHTTPServer | None = None
         self._address = (config.metrics_host, config.metrics_port)
         self.port = 0

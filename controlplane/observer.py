@@ -218,6 +218,7 @@ class EngineObserver:
             labels = self.metrics.labels
             self.metrics.e2e.record(now - obs.arrival, labels)
             self.metrics.request_success.add(1, {**labels, "finished_reason": reason})
+            self._phase_times(obs, prompt_tokens, completion_tokens, now)
         if obs.span is None:
             return
         obs.set(tr.usage_attributes(reason, prompt_tokens, completion_tokens, cached_tokens))
@@ -228,6 +229,23 @@ class EngineObserver:
             obs.decode_span.set_attribute("duetserve.decode.steps", obs.num_decode_steps)
         for span in (obs.queue_span, obs.chunk_span, obs.decode_span):
             _end(span)
+
+    def _phase_times(self, obs: RequestObs, prompt_tokens: int, completion_tokens: int, now: float) -> None:
+        """A finished request's per-request histograms (vLLM's): its phases, TPOT, token counts."""
+        m = self.metrics
+        assert m is not None
+        labels = m.labels
+        m.request_prompt_tokens.record(prompt_tokens, labels)
+        m.request_generation_tokens.record(completion_tokens, labels)
+        if obs.first_scheduled is None:  # never scheduled: no phase ran
+            return
+        m.inference_time.record(now - obs.first_scheduled, labels)
+        if obs.first_token is None:
+            return
+        m.prefill_time.record(obs.first_token - obs.first_scheduled, labels)
+        m.decode_time.record(now - obs.first_token, labels)
+        if completion_tokens > 1:
+            m.tpot.record((now - obs.first_token) / (completion_tokens - 1), labels)
 
     @staticmethod
     def _latencies(obs: RequestObs, now: float) -> dict[str, object]:

@@ -61,6 +61,18 @@ async def test_prometheus_histograms_move() -> None:
         assert value(after, f"{name}_sum") > 0
         assert value(after, f"{name}_bucket", le="+Inf") == 3
     assert value(after, "duetserve:inter_token_latency_seconds_count") >= 3  # >= one gap per request
+    for hist in ("request_prefill_time_seconds", "request_decode_time_seconds", "request_inference_time_seconds",
+                 "request_time_per_output_token_seconds", "request_prompt_tokens", "request_generation_tokens"):
+        name = f"duetserve:{hist}"  # vLLM's per-request histograms: one point per finished request
+        assert f'{name}_count{{model_name="tiny"}}' in before and value(before, f"{name}_count") == 0, hist
+        assert value(after, f"{name}_count") == 3, hist
+    assert value(after, "duetserve:request_generation_tokens_sum") == 15
+    assert value(after, "duetserve:request_generation_tokens_bucket", le="5.0") == 3
+    assert value(after, "duetserve:request_prompt_tokens_sum") == sum(o.final.prompt_tokens for o in outs)
+    inference = value(after, "duetserve:request_inference_time_seconds_sum")
+    parts = value(after, "duetserve:request_prefill_time_seconds_sum") + value(
+        after, "duetserve:request_decode_time_seconds_sum")
+    assert abs(inference - parts) < 1e-6 and 0 < parts <= value(after, "duetserve:e2e_request_latency_seconds_sum")
     assert value(after, "duetserve:generation_tokens_total") == 15
     assert value(after, "duetserve:prompt_tokens_total") == sum(o.final.prompt_tokens for o in outs)
     # prefix caching: every prompt token is looked up; "Hello <i>" prompts are shorter than a block
