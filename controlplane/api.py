@@ -67,15 +67,18 @@ class _Fanout:
         del self.ids[len(self.handles):]
         return unstarted
 
-    def close(self, engine: Engine) -> None:
+    def close(self, engine: Engine, call: RequestObs) -> None:
         """Stop forwarding, abort every completion still running (the client went away, the call was
-        cancelled, or one failed) and close the completions' spans."""
+        cancelled, or one failed) and close the completions' spans (one the call's failure ended says
+        so, with its status code)."""
         for task in self.pumps:
             task.cancel()
         for engine_id, handle in zip(self.ids, self.handles):
             if not handle.finished:
                 engine.abort(engine_id)
         for span in self.spans:
+            if span.finish_reason is None and span.error is None:
+                span.error, span.error_type = call.error, call.error_type
             engine.observer.close_request(span)
 
 
@@ -142,6 +145,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await self._abort(context, obs, grpc.StatusCode.UNAVAILABLE, why)
         valid = await self._validate(request, context, obs)
         if valid is None:  # aborted while its prompt was encoded: every completion ends with a message
+            obs.finish_reason = "abort"  # the call ends OK, as an abort after admission does
+            obs.set({"gen_ai.response.finish_reasons": ["abort"] * max(request.n, 1)})
             for index in range(max(request.n, 1)):
                 yield pb.GenerateResponse(request_id=request.request_id, finish_reason="abort", index=index)
             return
@@ -287,7 +292,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 if delta.finish_reason is not None:
                     left -= 1
         finally:
-            fanout.close(engine)
+            fanout.close(engine, obs)
             del self._fanouts[rid]
 
     async def _start(self, fanout: _Fanout, valid: ValidatedRequest, context: grpc.aio.ServicerContext,

@@ -424,7 +424,7 @@ class Engine:
             handle = self._handles.get(seq.request_id)
             if handle is None or handle.seq_id != seq.seq_id:
                 continue
-            self.observer.tokens(handle.obs, len(update.new_token_ids), seq.num_prompt_tokens, seq.num_cached_tokens)
+            self.observer.tokens(handle.obs, len(update.new_token_ids), seq.num_prompt_tokens)
             new_ids, new_logprobs = update.new_token_ids, update.new_logprobs
             # a sequence that finished on STOP before its text was read here ended on its last token (EOS or
             # a stop token id); a stop string is found only below

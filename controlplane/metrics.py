@@ -88,8 +88,8 @@ class ServingMetrics:
                                               explicit_bucket_boundaries_advisory=_TOKENS)
         self.prompt_tokens = m.create_counter(PREFIX + "prompt_tokens", description="Prefilled prompt tokens")
         self.generation_tokens = m.create_counter(PREFIX + "generation_tokens", description="Generated tokens")
-        # vLLM's prefix_cache_queries / prefix_cache_hits: prompt tokens of requests once prefilled (at
-        # their first token), and how many of them their admission found in the prefix cache
+        # vLLM's prefix_cache_queries / prefix_cache_hits: prompt tokens of requests when admitted (their
+        # prefix-cache lookup), and how many of them the lookup found in the cache
         self.prefix_cache_queries = m.create_counter(PREFIX + "prefix_cache_queries",
                                                      description="Prompt tokens looked up in the prefix cache")
         self.prefix_cache_hits = m.create_counter(PREFIX + "prefix_cache_hits",

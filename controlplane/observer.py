@@ -180,11 +180,11 @@ class EngineObserver:
             ctx = trace.set_span_in_context(obs.span)
             obs.queue_span = self.tracer.start_span(tr.QUEUE_SPAN, context=ctx)
 
-    def tokens(self, obs: RequestObs, count: int, prompt_tokens: int, cached_tokens: int) -> None:
+    def tokens(self, obs: RequestObs, count: int, prompt_tokens: int) -> None:
         """`count` new tokens of a request reached the engine (before a stop string cuts any, as vLLM
         counts generated tokens). The token counters move here, as the tokens come, not when the request
         ends (a dashboard's rate would read 0 while long completions stream); the first token also
-        counts the prompt as prefilled and its prefix-cache lookup (`cached_tokens` of `prompt_tokens`)."""
+        counts the prompt as prefilled. (Its prefix-cache lookup is counted at admission, `_admitted`.)"""
         if count <= 0:
             return
         now = time.monotonic()
@@ -195,8 +195,6 @@ class EngineObserver:
                 labels = metrics.labels
                 metrics.ttft.record(now - obs.arrival, labels)
                 metrics.prompt_tokens.add(prompt_tokens, labels)
-                metrics.prefix_cache_queries.add(prompt_tokens, labels)
-                metrics.prefix_cache_hits.add(cached_tokens, labels)
         elif metrics and obs.last_token is not None:
             metrics.itl.record(now - obs.last_token, metrics.labels)
         if metrics:
@@ -292,7 +290,7 @@ class EngineObserver:
         predicted = getattr(scheduler, "last_predicted_ms", None)
         step = self._steps[plan.step_id] = _Step(None, [], predicted)
         if self.metrics is not None or self.tracer is not None or self.log_requests:
-            step.num_tokens = self._admitted(plan, started_ns)
+            step.num_tokens = self._admitted(plan, started_ns, scheduler)
         if self.tracer is None:
             return plan
         attrs = tr.step_plan_attributes(plan, scheduler.num_running, scheduler.num_waiting, predicted)
@@ -318,8 +316,9 @@ class EngineObserver:
             return plan
         return msgspec.structs.replace(plan, trace_context=context)
 
-    def _admitted(self, plan: StepPlan, started_ns: int) -> int:
-        """End the queue phase of requests scheduled for the first time; returns the plan's tokens."""
+    def _admitted(self, plan: StepPlan, started_ns: int, scheduler: SchedulerView) -> int:
+        """End the queue phase of requests scheduled for the first time, and count their prompts'
+        prefix-cache lookup (as vLLM, when the cache was looked up); returns the plan's tokens."""
         now = time.monotonic()
         num_tokens = 0
         for entry in plan.scheduled:
@@ -330,7 +329,12 @@ class EngineObserver:
             obs.first_scheduled = now
             _end(obs.queue_span, started_ns)
             if self.metrics is not None:
-                self.metrics.queue_time.record(now - obs.arrival, self.metrics.labels)
+                labels = self.metrics.labels
+                self.metrics.queue_time.record(now - obs.arrival, labels)
+                seq = scheduler.seqs.get(entry.seq_id)
+                if seq is not None:
+                    self.metrics.prefix_cache_queries.add(seq.num_prompt_tokens, labels)
+                    self.metrics.prefix_cache_hits.add(seq.num_cached_tokens, labels)
         return num_tokens
 
     def _phase_span(self, obs: RequestObs, seq: Sequence, num_tokens: int, link: list[Link],

@@ -122,14 +122,19 @@ def parse_jaeger(body: dict) -> Iterator[SpanRecord]:
                 trace_id=s["traceID"].rjust(32, "0"), span_id=s["spanID"], parent_id=parent,
                 name=s.get("operationName", ""), service=process.get("serviceName", ""),
                 start_ns=start, end_ns=start + int(s.get("duration", 0)) * 1000,
-                attributes={t["key"]: _jaeger_value(t.get("value")) for t in s.get("tags") or []}, links=links,
+                attributes={t["key"]: _jaeger_value(t["key"], t.get("value")) for t in s.get("tags") or []},
+                links=links,
                 plane=str(process_tags.get(PLANE, "")),
             )
 
 
-def _jaeger_value(value: object) -> object:
-    """A Jaeger tag's value; Jaeger stores an OTLP array attribute as its JSON text, decoded back here."""
-    if isinstance(value, str) and value.startswith("[") and value.endswith("]"):
+_ARRAY_ATTRIBUTES = {"gen_ai.response.finish_reasons", "gen_ai.request.stop_sequences"}
+
+
+def _jaeger_value(key: str, value: object) -> object:
+    """A Jaeger tag's value; Jaeger stores an OTLP array attribute as its JSON text, decoded back here for
+    the attributes that are arrays (a request id may itself look like one)."""
+    if key in _ARRAY_ATTRIBUTES and isinstance(value, str) and value.startswith("["):
         try:
             decoded = json.loads(value)
         except ValueError:
@@ -144,14 +149,19 @@ def fetch_jaeger(url: str, trace_id: str | None, request_id: str | None, timeout
     (only their request spans are matched, `span.kind` server: each engine step is a trace of its own,
     and would otherwise fill the limit)."""
     base = url.rstrip("/")
+
+    def get(query: str) -> list[SpanRecord]:
+        with urllib.request.urlopen(query, timeout=timeout_s) as response:  # noqa: S310 - the user's URL
+            return list(parse_jaeger(json.load(response)))
+
     if trace_id:
-        query = f"{base}/api/traces/{trace_id}"
-    else:
-        tags = {REQUEST_ID: request_id} if request_id else {"span.kind": "server"}
-        params = {"service": service, "limit": str(limit), "tags": json.dumps(tags)}
-        query = f"{base}/api/traces?{urllib.parse.urlencode(params)}"
-    with urllib.request.urlopen(query, timeout=timeout_s) as response:  # noqa: S310 - the user's URL
-        return list(parse_jaeger(json.load(response)))
+        return get(f"{base}/api/traces/{trace_id}")
+    tags = {REQUEST_ID: request_id} if request_id else {"span.kind": "server"}
+    params = {"service": service, "limit": str(limit), "tags": json.dumps(tags)}
+    spans = get(f"{base}/api/traces?{urllib.parse.urlencode(params)}")
+    if not spans and not request_id:  # a Jaeger whose tag filter cannot see the span kind: unfiltered
+        spans = get(f"{base}/api/traces?{urllib.parse.urlencode({'service': service, 'limit': str(limit)})}")
+    return spans
 
 
 # ---------------------------------------------------------------- selection and printing
@@ -166,7 +176,9 @@ def select_trace(spans: list[SpanRecord], trace_id: str | None, request_id: str 
         roots = [s for s in request_spans(spans) if s.attributes[REQUEST_ID] == request_id]
         if not roots:
             return []
-        trace_id = roots[-1].trace_id
+        # the latest call served under that id: a refused retry of it (ALREADY_EXISTS) has its id too
+        served = [s for s in roots if "error.type" not in s.attributes] or roots
+        trace_id = served[-1].trace_id
     want = (trace_id or "").lower().rjust(32, "0")
     return [s for s in spans if s.trace_id == want]
 
@@ -239,7 +251,8 @@ def add_traces_flags(p: argparse.ArgumentParser) -> None:
     source.add_argument("--jaeger", help="Jaeger query base URL, e.g. http://localhost:16686")
     p.add_argument("--service", default=CONTROLPLANE,
                    help=f"with --jaeger: the control plane's service name (OTEL_SERVICE_NAME; default {CONTROLPLANE})")
-    p.add_argument("--limit", type=checked(int, "--limit", 1), default=20, help="with --jaeger and no request named: requests to list")
+    p.add_argument("--limit", type=checked(int, "--limit", 1), default=20,
+                   help="with --jaeger and no request named: requests to list")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--request-id", help="show the trace of this request (gen_ai.request.id)")
     which.add_argument("--trace-id", help="show this trace")

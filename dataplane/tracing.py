@@ -70,7 +70,7 @@ class DataplaneTracing:
         wanted = seq_contexts(plan.trace_context)
         if not wanted:
             return
-        link = [Link(step.get_span_context())]
+        link = [Link(step.get_span_context())] if step.get_span_context().trace_flags.sampled else []  # exported
         tokens = {s.seq_id: s.num_tokens for s in plan.scheduled}
         new = {r.seq_id for r in plan.new_requests}
         sampled = {o.seq_id: len(o.token_ids) for o in result.outputs}

@@ -92,6 +92,9 @@ async def test_an_abort_while_the_prompt_is_encoded_ends_every_completion() -> N
             return encode(*args, **kwargs)
 
         tokenizer.encode = slow  # type: ignore[method-assign]
+        observer, closed = served.plane.engine.observer, []
+        close = observer.close_request
+        observer.close_request = lambda obs: closed.append((obs.finish_reason, obs.error)) or close(obs)  # type: ignore
         call = served.stub.Generate(pb.GenerateRequest(request_id="enc", text="hello", n=3, max_tokens=4))
         await started.wait()
         assert (await served.stub.Abort(pb.AbortRequest(request_id="enc"))).found
@@ -100,6 +103,7 @@ async def test_an_abort_while_the_prompt_is_encoded_ends_every_completion() -> N
             if response.finish_reason:
                 finals[response.index] = response.finish_reason
         assert finals == {0: "abort", 1: "abort", 2: "abort"}
+    assert closed == [("abort", None)]  # the call's span ends as an abort (status OK), not a cancelled call
 
 
 async def test_bad_n_and_reused_ids_are_refused() -> None:

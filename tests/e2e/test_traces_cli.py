@@ -62,13 +62,15 @@ def _jaeger_trace(service: str = "duetserve-controlplane") -> dict:
 
 
 @contextmanager
-def fake_jaeger(service: str = "duetserve-controlplane") -> Iterator[tuple[str, list[str]]]:
+def fake_jaeger(service: str = "duetserve-controlplane", kind_filter: bool = True) -> Iterator[tuple[str, list[str]]]:
+    """`kind_filter` False: a Jaeger whose tag filter cannot see the span kind (it answers no trace)."""
     seen: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
             seen.append(self.path)
-            body = json.dumps(_jaeger_trace(service)).encode()
+            blind = not kind_filter and "span.kind" in urllib.parse.unquote(self.path)
+            body = json.dumps({"data": []} if blind else _jaeger_trace(service)).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
@@ -117,3 +119,25 @@ def test_jaeger_listing_finds_requests_under_any_service_name(capsys: pytest.Cap
     out = capsys.readouterr().out.splitlines()
     assert out[1].split() == ["req-7", "abc123".rjust(32, "0"), "9.000", "stop"]
     assert out[3].startswith("llm-prod text_completion tiny") or "text_completion tiny [llm-prod]" in out[3]
+
+
+def test_a_jaeger_that_cannot_filter_by_kind_is_asked_again_unfiltered(capsys: pytest.CaptureFixture[str]) -> None:
+    with fake_jaeger(kind_filter=False) as (url, seen):
+        assert main(["traces", "--jaeger", url]) == 0
+    assert len(seen) == 2 and "tags" not in urllib.parse.parse_qs(seen[1].split("?")[1])
+    assert "req-7" in capsys.readouterr().out
+
+
+def test_a_request_ids_trace_is_the_served_calls_not_a_refused_retrys() -> None:
+    """A retry refused with ALREADY_EXISTS has the same request id (and error.type); the id names the
+    served call. A request id that looks like a JSON array stays a string."""
+    from controlplane.traces import SpanRecord, _jaeger_value, select_trace
+
+    def root(trace: str, start: int, **attrs: object) -> SpanRecord:
+        return SpanRecord(trace, "s" + trace, "", "text_completion m", "duetserve-controlplane", start, start + 5,
+                          {"gen_ai.request.id": "r", **attrs})
+
+    served, refused = root("1" * 32, 0), root("2" * 32, 10, **{"error.type": "ALREADY_EXISTS"})
+    assert select_trace([served, refused], None, "r") == [served]
+    assert _jaeger_value("gen_ai.request.id", "[1,2]") == "[1,2]"
+    assert _jaeger_value("gen_ai.response.finish_reasons", '["stop","length"]') == ["stop", "length"]
