@@ -21,6 +21,16 @@ def _view(seqs: dict[int, object]) -> SimpleNamespace:
                            last_predicted_ms=None)
 
 
+def _traced() -> tuple[EngineObserver, InMemorySpanExporter]:
+    """An observer exporting every span to memory, with request "r" (seq 4) added."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    observer = EngineObserver(provider, None, "m")
+    observer.request_added(observer.start_request(), "r", 4)
+    return observer, exporter
+
+
 def test_an_unsampled_step_of_unsampled_requests_sends_no_context() -> None:
     """Nothing of it is exported, so the data plane is not asked to make spans for it."""
     observer = EngineObserver(TracerProvider(sampler=ALWAYS_OFF), None, "m")
@@ -32,12 +42,7 @@ def test_an_unsampled_step_of_unsampled_requests_sends_no_context() -> None:
 
 
 def test_a_sampled_request_in_a_step_still_gets_its_data_plane_spans() -> None:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    observer = EngineObserver(provider, None, "m")
-    obs = observer.start_request()
-    observer.request_added(obs, "r", 4)
+    observer, _ = _traced()
     seq = SimpleNamespace(num_outputs=0, num_computed_tokens=8)
     plan = observer.step_planned(StepPlan(step_id=1, scheduled=[ScheduledSeq(seq_id=4, num_tokens=8)]),
                                  _view({4: seq}), time.time_ns())
@@ -47,12 +52,7 @@ def test_a_sampled_request_in_a_step_still_gets_its_data_plane_spans() -> None:
 def test_shutdown_ends_the_chunk_spans_of_every_step_in_flight() -> None:
     """A request with chunks in two pipelined steps keeps only the newer one on its record; stopping
     the server must end both (the older one leaked, and its data-plane child pointed at nothing)."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    observer = EngineObserver(provider, None, "m")
-    obs = observer.start_request()
-    observer.request_added(obs, "r", 4)
+    observer, exporter = _traced()
     for step_id, computed in ((1, 8), (2, 16)):  # two chunks of 8, both steps in flight
         seq = SimpleNamespace(num_outputs=0, num_computed_tokens=computed)
         observer.step_planned(StepPlan(step_id=step_id, scheduled=[ScheduledSeq(seq_id=4, num_tokens=8)]),
