@@ -168,7 +168,10 @@ def fetch_jaeger(url: str, trace_id: str | None, request_id: str | None, timeout
 
 
 def request_spans(spans: list[SpanRecord]) -> list[SpanRecord]:
-    return sorted((s for s in spans if REQUEST_ID in s.attributes and s.of_controlplane), key=lambda s: s.start_ns)
+    """The calls' spans (one per Generate call: an n > 1 call's later completions, `duetserve.choice_index`,
+    are spans inside its trace, not requests of their own)."""
+    return sorted((s for s in spans if REQUEST_ID in s.attributes and s.of_controlplane
+                   and "duetserve.choice_index" not in s.attributes), key=lambda s: s.start_ns)
 
 
 def select_trace(spans: list[SpanRecord], trace_id: str | None, request_id: str | None) -> list[SpanRecord]:

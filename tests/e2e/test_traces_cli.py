@@ -23,6 +23,7 @@ async def test_file_exporter_and_timeline_tree(tmp_path: Path, capsys: pytest.Ca
                                                                                   file=str(spans))) as served:
         for rid in ("first", "second"):
             await generate(served.stub, request_id=rid, text="Hello, traces!", max_tokens=3, ignore_eos=True)
+        await generate(served.stub, request_id="pair", text="Hi", max_tokens=2, n=2, ignore_eos=True)
     lines = spans.read_text().splitlines()
     services = {a["value"]["stringValue"] for line in lines for rs in json.loads(line)["resourceSpans"]
                 for a in rs["resource"]["attributes"] if a["key"] == "service.name"}
@@ -31,6 +32,8 @@ async def test_file_exporter_and_timeline_tree(tmp_path: Path, capsys: pytest.Ca
     assert main(["traces", "--file", str(spans)]) == 0
     listing = capsys.readouterr().out
     assert "first" in listing and "second" in listing and "length" in listing
+    pair = [line for line in listing.splitlines() if line.startswith("pair ")]
+    assert len(pair) == 1 and pair[0].endswith("length,length"), listing  # one call, both completions
 
     assert main(["traces", "--file", str(spans), "--request-id", "second"]) == 0
     tree = capsys.readouterr().out.splitlines()
