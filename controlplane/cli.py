@@ -260,9 +260,12 @@ async def _serve(args: argparse.Namespace) -> int:
 
     from controlplane.launcher import spawn_dataplane
     from controlplane.server import ControlPlane
-    from shared.endpoints import release_ipc
+    from shared.endpoints import release_ipc, sweep_stale_ipc
 
     dataplane_config, server_config = configs_from_args(args)
+    if not args.dataplane_endpoint:  # the default endpoint's folder: what killed servers left there
+        for path in sweep_stale_ipc(tempfile.gettempdir()):
+            log.info("removed %s, left by a server that was killed", path)
     spawn = None if args.attach else partial(spawn_dataplane, dataplane_config, args.log_level)
     plane = ControlPlane(server_config, args.model, spawn=spawn)  # a spawned data plane is supervised
     stop = asyncio.Event()

@@ -128,3 +128,49 @@ def release_ipc(endpoint: str, lock_too: bool = True) -> None:
                 os.unlink(leftover)
             except FileNotFoundError:
                 pass
+
+
+def sweep_stale_ipc(folder: str, prefix: str = "duetserve-") -> list[str]:
+    """Remove the ipc socket and lock files of `serve` processes that died without cleaning up (SIGKILL)
+    from `folder`: `<prefix><pid>.sock` and its `.lock`, when that pid is gone, no process holds the
+    lock and nobody listens on the socket. Returns the socket paths removed. Never touches this
+    process's files nor those of a pid that is alive (another user's included)."""
+    pids = {name[len(prefix):].split(".", 1)[0] for name in os.listdir(folder)
+            if name.startswith(prefix) and name.endswith((".sock", ".sock.lock"))}
+    removed = []
+    for text in sorted(pids):
+        if not text.isdigit() or int(text) == os.getpid() or _alive(int(text)):
+            continue
+        path = os.path.join(folder, f"{prefix}{text}.sock")
+        try:
+            lock: int | None = os.open(path + ".lock", os.O_RDWR)
+        except OSError:  # no lock file (or not ours to open)
+            lock = None
+        try:
+            if lock is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: a live claim, leave it
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(path)
+                except OSError:  # no file, or nobody listening
+                    pass
+                else:
+                    continue
+            release_ipc(f"ipc://{path}")
+            removed.append(path)
+        except OSError:  # the lock is held, or a file is not ours to remove
+            continue
+        finally:
+            if lock is not None:
+                os.close(lock)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

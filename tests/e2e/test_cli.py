@@ -233,3 +233,20 @@ def test_serve_refuses_a_data_plane_it_did_not_start(tmp_path: Path) -> None:
         if other.poll() is None:
             os.killpg(other.pid, signal.SIGKILL)
             other.wait()
+
+
+def test_serve_sweeps_the_ipc_files_a_killed_server_left() -> None:
+    """A SIGKILLed `serve` leaves its default socket and lock in the temp folder; the next one removes them."""
+    import tempfile
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = Path(tempfile.gettempdir()) / f"duetserve-{dead.pid}.sock"
+    left.write_text("")
+    Path(f"{left}.lock").write_text("")
+    server, _ = _serve_tiny()
+    try:
+        assert not left.exists() and not Path(f"{left}.lock").exists()
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        server.wait(30)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from shared.config import DataplaneConfig, ServerConfig
-from shared.endpoints import check_endpoint, claim_endpoint, is_local, release_ipc
+from shared.endpoints import check_endpoint, claim_endpoint, is_local, release_ipc, sweep_stale_ipc
 
 LOCAL = ["ipc:///tmp/x.sock", "ipc://@abstract", "inproc://x", "tcp://127.0.0.1:5555", "tcp://127.1.2.3:1",
          "tcp://localhost:5555", "tcp://[::1]:5555"]
@@ -67,3 +70,46 @@ def test_an_endpoint_is_claimed_once_and_stale_socket_files_are_cleared(tmp_path
             claim_endpoint(f"tcp://127.0.0.1:{taken.getsockname()[1]}")
     assert claim_endpoint("tcp://127.0.0.1:0") is None
     assert claim_endpoint("tcp://lo:5555") is None and claim_endpoint("tcp://127.0.0.1:*") is None  # libzmq's to say
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_the_ipc_files_of_killed_servers_are_swept_and_nothing_live_is(tmp_path: Path) -> None:
+    """`serve` sweeps its default folder: a SIGKILLed server's `duetserve-<pid>.sock` and `.lock` stay
+    behind (nothing ran to remove them). Kept: this process's files, a live pid's, a lock still held,
+    a socket someone listens on."""
+    def files(pid: int, lock: bool = True) -> Path:
+        sock = tmp_path / f"duetserve-{pid}.sock"
+        sock.write_text("")
+        if lock:
+            (tmp_path / f"duetserve-{pid}.sock.lock").write_text("")
+        return sock
+
+    dead, dead_lock_only, held, listening = (_dead_pid() for _ in range(4))
+    gone = files(dead)
+    (tmp_path / f"duetserve-{dead_lock_only}.sock.lock").write_text("")
+    ours = files(os.getpid())
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        alive = files(live.pid)
+        locked = files(held)
+        fd = os.open(f"{locked}.lock", os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        served = tmp_path / f"duetserve-{listening}.sock"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+            server.bind(str(served))
+            server.listen()
+            removed = sweep_stale_ipc(str(tmp_path))
+        os.close(fd)
+    finally:
+        live.kill()
+        live.wait()
+    assert sorted(removed) == sorted([str(gone), str(tmp_path / f"duetserve-{dead_lock_only}.sock")])
+    assert not gone.exists() and not Path(f"{gone}.lock").exists()
+    assert not (tmp_path / f"duetserve-{dead_lock_only}.sock.lock").exists()
+    assert ours.exists() and alive.exists() and locked.exists() and Path(f"{locked}.lock").exists()
+    assert served.exists()
