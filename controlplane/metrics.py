@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from opentelemetry.metrics import Histogram as HistogramInstrument
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     Gauge,
@@ -58,34 +59,29 @@ class ServingMetrics:
         )
         self.enabled = bool(readers)
         m = self.provider.get_meter("duetserve.controlplane")
-        hist = m.create_histogram
-        self.ttft = hist(PREFIX + "time_to_first_token_seconds", unit="s", description="Time to first token",
-                         explicit_bucket_boundaries_advisory=_LATENCY_S)
-        self.itl = hist(PREFIX + "inter_token_latency_seconds", unit="s", description="Gap between two outputs",
-                        explicit_bucket_boundaries_advisory=_ITL_S)
-        self.e2e = hist(PREFIX + "e2e_request_latency_seconds", unit="s", description="Request latency",
-                        explicit_bucket_boundaries_advisory=_E2E_S)
-        self.queue_time = hist(PREFIX + "request_queue_time_seconds", unit="s", description="Time waiting",
-                               explicit_bucket_boundaries_advisory=_E2E_S)
+        # histogram name -> (description, bounds): rendered empty until its first point (render_prometheus)
+        self._histograms: dict[str, tuple[str, tuple[float, ...]]] = {}
+
+        def hist(name: str, description: str, bounds: tuple[float, ...], unit: str = "s") -> HistogramInstrument:
+            self._histograms[PREFIX + name] = (description, bounds)
+            return m.create_histogram(PREFIX + name, unit=unit, description=description,
+                                      explicit_bucket_boundaries_advisory=bounds)
+
+        self.ttft = hist("time_to_first_token_seconds", "Time to first token", _LATENCY_S)
+        self.itl = hist("inter_token_latency_seconds", "Gap between two outputs", _ITL_S)
+        self.e2e = hist("e2e_request_latency_seconds", "Request latency", _E2E_S)
+        self.queue_time = hist("request_queue_time_seconds", "Time waiting", _E2E_S)
         # per finished request, as vLLM's: its phases' times (prefill: first scheduled to first token;
         # decode: first token to the end; inference: both), time per output token, and its token counts
-        self.prefill_time = hist(PREFIX + "request_prefill_time_seconds", unit="s",
-                                 description="Time from first scheduled to first token",
-                                 explicit_bucket_boundaries_advisory=_E2E_S)
-        self.decode_time = hist(PREFIX + "request_decode_time_seconds", unit="s",
-                                description="Time from first token to the last",
-                                explicit_bucket_boundaries_advisory=_E2E_S)
-        self.inference_time = hist(PREFIX + "request_inference_time_seconds", unit="s",
-                                   description="Time from first scheduled to the last token",
-                                   explicit_bucket_boundaries_advisory=_E2E_S)
-        self.tpot = hist(PREFIX + "request_time_per_output_token_seconds", unit="s",
-                         description="Decode time over the output tokens after the first",
-                         explicit_bucket_boundaries_advisory=_ITL_S)
-        self.request_prompt_tokens = hist(PREFIX + "request_prompt_tokens", description="Prompt tokens of a request",
-                                          explicit_bucket_boundaries_advisory=_TOKENS)
-        self.request_generation_tokens = hist(PREFIX + "request_generation_tokens",
-                                              description="Output tokens of a request",
-                                              explicit_bucket_boundaries_advisory=_TOKENS)
+        self.prefill_time = hist("request_prefill_time_seconds", "Time from first scheduled to first token", _E2E_S)
+        self.decode_time = hist("request_decode_time_seconds", "Time from first token to the last", _E2E_S)
+        self.inference_time = hist("request_inference_time_seconds", "Time from first scheduled to the last token",
+                                   _E2E_S)
+        self.tpot = hist("request_time_per_output_token_seconds", "Decode time over the output tokens after the first",
+                         _ITL_S)
+        self.request_prompt_tokens = hist("request_prompt_tokens", "Prompt tokens of a request", _TOKENS, unit="")
+        self.request_generation_tokens = hist("request_generation_tokens", "Output tokens of a request", _TOKENS,
+                                              unit="")
         self.prompt_tokens = m.create_counter(PREFIX + "prompt_tokens", description="Prefilled prompt tokens")
         self.generation_tokens = m.create_counter(PREFIX + "generation_tokens", description="Generated tokens")
         # vLLM's prefix_cache_queries / prefix_cache_hits: prompt tokens of requests when admitted (their
@@ -117,10 +113,6 @@ class ServingMetrics:
             counter.add(0, self.labels)
         for reason in FinishReason:
             self.request_success.add(0, {**self.labels, "finished_reason": reason.value})
-        self._histograms = {h.name: (h.description, bounds) for h, bounds in (
-            (self.ttft, _LATENCY_S), (self.itl, _ITL_S), (self.e2e, _E2E_S), (self.queue_time, _E2E_S),
-            (self.prefill_time, _E2E_S), (self.decode_time, _E2E_S), (self.inference_time, _E2E_S),
-            (self.tpot, _ITL_S), (self.request_prompt_tokens, _TOKENS), (self.request_generation_tokens, _TOKENS))}
         self._server: ThreadingHTTPServer | None = None
         self._address = (config.metrics_host, config.metrics_port)
         self.port = 0
@@ -207,13 +199,22 @@ def _num(value: float) -> str:
     return repr(float(value)) if isinstance(value, float) else str(value)
 
 
-def render_empty_histogram(otel_name: str, description: str, bounds: Iterable[float],
+def _histogram_lines(name: str, attrs: list[tuple[str, object]], bounds: Iterable[float], counts: Iterable[int],
+                     total: float, count: int) -> list[str]:
+    """One histogram point's lines: cumulative buckets (the last +Inf), the sum and the count."""
+    lines, cumulative = [], 0
+    for bound, n in zip([*bounds, math.inf], counts):
+        cumulative += n
+        lines.append(f"{name}_bucket{_labels(attrs, ('le', _num(float(bound))))} {cumulative}")
+    return lines + [f"{name}_sum{_labels(attrs)} {_num(total)}", f"{name}_count{_labels(attrs)} {count}"]
+
+
+def render_empty_histogram(otel_name: str, description: str, bounds: tuple[float, ...],
                            labels: dict[str, str]) -> str:
     """A histogram no value was recorded in yet: every bucket, the sum and the count at 0."""
-    name, attrs = prometheus_name(otel_name), sorted(labels.items())
-    lines = [f"# HELP {name} {description}", f"# TYPE {name} histogram"]
-    lines += [f"{name}_bucket{_labels(attrs, ('le', _num(float(b))))} 0" for b in [*bounds, math.inf]]
-    lines += [f"{name}_sum{_labels(attrs)} 0.0", f"{name}_count{_labels(attrs)} 0"]
+    name = prometheus_name(otel_name)
+    lines = [f"# HELP {name} {description}", f"# TYPE {name} histogram",
+             *_histogram_lines(name, sorted(labels.items()), bounds, [0] * (len(bounds) + 1), 0.0, 0)]
     return "".join(line + "\n" for line in lines)
 
 
@@ -224,13 +225,8 @@ def render_metric(metric: Metric) -> str:
     if isinstance(data, Histogram):
         lines += [f"# HELP {name} {metric.description}", f"# TYPE {name} histogram"]
         for p in data.data_points:
-            attrs = sorted(p.attributes.items())
-            cumulative = 0
-            for bound, count in zip([*p.explicit_bounds, math.inf], p.bucket_counts):
-                cumulative += count
-                lines.append(f"{name}_bucket{_labels(attrs, ('le', _num(float(bound))))} {cumulative}")
-            lines.append(f"{name}_sum{_labels(attrs)} {_num(p.sum)}")
-            lines.append(f"{name}_count{_labels(attrs)} {p.count}")
+            lines += _histogram_lines(name, sorted(p.attributes.items()), p.explicit_bounds, p.bucket_counts,
+                                      p.sum, p.count)
     elif isinstance(data, Sum) and data.is_monotonic:
         if not name.endswith("_total"):
             name += "_total"

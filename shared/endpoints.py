@@ -85,15 +85,10 @@ def claim_endpoint(endpoint: str) -> int | None:
         except BlockingIOError:
             os.close(lock)
             raise ValueError(f"cannot bind {endpoint}: another data plane serves there") from None
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:  # a process that takes no lock
-            try:
-                probe.connect(path)
-            except OSError:  # no file, or nobody listening: a dead process's
-                pass
-            else:
-                os.close(lock)
-                raise ValueError(f"cannot bind {endpoint}: another process listens there")
-        release_ipc(endpoint, lock_too=False)
+        if _listened_on(path):  # a process that takes no lock
+            os.close(lock)
+            raise ValueError(f"cannot bind {endpoint}: another process listens there")
+        release_ipc(endpoint, lock_too=False)  # a dead process's file, if any
         return lock
     if endpoint.startswith("tcp://"):
         host, port = _tcp_host(endpoint), endpoint.rpartition(":")[2]
@@ -149,13 +144,8 @@ def sweep_stale_ipc(folder: str, prefix: str = "duetserve-") -> list[str]:
         try:
             if lock is not None:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: a live claim, leave it
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                try:
-                    probe.connect(path)
-                except OSError:  # no file, or nobody listening
-                    pass
-                else:
-                    continue
+            if _listened_on(path):
+                continue
             release_ipc(f"ipc://{path}")
             removed.append(path)
         except OSError:  # the lock is held, or a file is not ours to remove
@@ -164,6 +154,16 @@ def sweep_stale_ipc(folder: str, prefix: str = "duetserve-") -> list[str]:
             if lock is not None:
                 os.close(lock)
     return removed
+
+
+def _listened_on(path: str) -> bool:
+    """Whether a process listens on the unix socket at `path` (False: no file, or a dead process's)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+        return True
 
 
 def _alive(pid: int) -> bool:
