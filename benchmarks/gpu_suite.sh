@@ -41,6 +41,8 @@
 # through duetserve serve and bench serve --random-prefix-len, 200 requests at 8 req/s, cache off and on) priority
 # (an urgent fifth of 300 requests over a queue, fcfs then --scheduling-policy priority) stream (256 streams
 # through duetserve serve on the real data plane, --stream-interval 1 then 4: output tok/s, control-plane CPU a token). GPU name for file names: GPU=h200 (default).
+# planning (planning a step never waits for the GPU, and the plan-race test with the plan pool bypassed, which must
+# fail) startup (seconds from `serve --model ${MODEL:-qwen3-8b}` to its ready line)
 # TEST_LIMIT: seconds the test stages may run (580 unless set; less leaves the call time to save the JIT cache).
 # Every other stage runs the data plane's defaults, piecewise graphs included.
 set -uo pipefail
@@ -67,6 +69,20 @@ for stage in "$@"; do
                  run tests-page${PAGE:-32}${CUDA_CORES:+-cc$CUDA_CORES}${UNSPLIT:+-unsplit$UNSPLIT}${EPI:+-epi$EPI} ${TEST_LIMIT:-580} python3 -u -m pytest \
                    -m "gpu and not experimental" tests/dataplane -v -p no:cacheprovider --durations 12
                  save_fi_cache "$OUT" ;;  # another KV page size; the cache keeps the CUDA-core decode kernels
+    planning) run planning 300 python3 -u -m pytest -m gpu tests/dataplane/test_gpu_planning.py -v -p no:cacheprovider
+              # the plan-race test again with the plan pool bypassed (each plan on the wrapper's own pinned
+              # buffer): it must fail there, or it cannot tell the pool from no pool
+              run planning-nopool 120 python3 -u -c "import sys, pytest, dataplane.attention.plan_staging as ps
+ps.PlanStaging.plan = lambda self, wrapper, *a, **k: wrapper.plan(*a, **k)
+sys.exit(pytest.main(['-m', 'gpu', '-v', '-p', 'no:cacheprovider',
+  'tests/dataplane/test_gpu_planning.py::test_replanning_while_the_gpu_is_behind_keeps_each_plan']))" ;;
+    startup) t0=$SECONDS  # seconds from start to serve's ready line, then Ctrl-C (the JIT-cache restore's effect)
+             python3 -u -m controlplane.cli serve --model ${MODEL:-qwen3-8b} > "$OUT/startup.log" 2>&1 &
+             pid=$!
+             until grep -q "serving duetserve" "$OUT/startup.log" || ! kill -0 $pid 2>/dev/null \
+                   || [ $((SECONDS - t0)) -gt 400 ]; do sleep 1; done
+             echo "stage startup: ready line after $((SECONDS - t0)) s" | tee -a "$OUT/startup.log"
+             kill -INT $pid; wait $pid; echo "serve exit $?"; grep -v Warning "$OUT/startup.log" | tail -15 ;;
     experiments) run experiments 560 python3 -u -m pytest -m experimental tests/dataplane -v -p no:cacheprovider \
                    --timeout 320  # the partition-sized test took 201 s with its FA2 kernels built
                  save_fi_cache "$OUT" ;;  # FA2 prefill modules for partitions
