@@ -266,14 +266,15 @@ class EngineObserver:
             return
         error = obs.error
         if obs.finish_reason is None:  # never reached the engine's end: rejected, cancelled, or failed
-            obs.span.set_status(Status(StatusCode.ERROR, error or "the call ended before the request finished"))
-            # OTel's error.type: the status code the call ended with; none: the client went away
-            obs.span.set_attribute("error.type", obs.error_type or "CANCELLED")
+            # the status code the call ended with; none: the client went away
+            tr.end_call_status(obs.span, obs.error_type or "CANCELLED",
+                               error or "the call ended before the request finished")
             for span in (obs.queue_span, obs.chunk_span, obs.decode_span):
                 _end(span)
         elif error:
-            obs.span.set_status(Status(StatusCode.ERROR, error))
-            obs.span.set_attribute("error.type", obs.error_type or "_OTHER")
+            tr.end_call_status(obs.span, obs.error_type or "_OTHER", error)
+        elif obs.span.kind == SpanKind.SERVER:
+            tr.end_call_status(obs.span, "OK", None)
         if obs.children:  # the call's span is the whole response's: every choice's reason and tokens
             done = [obs, *obs.children]
             tokens = sum(o.completion_tokens for o in done)

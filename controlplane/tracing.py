@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, Tracer
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from shared.messages import SamplingParams, StepPlan, StepResult
 from shared.telemetry import extract
@@ -23,6 +23,17 @@ QUEUE_SPAN = "queue"
 PREFILL_SPAN = "prefill_chunk"
 DECODE_SPAN = "decode"
 STEP_SPAN = "scheduler.step"
+
+# OpenTelemetry's RPC conventions: a server span's status is ERROR only for the codes that say the
+# server failed; a client's mistake (INVALID_ARGUMENT, ALREADY_EXISTS, ...), a refusal under load
+# (RESOURCE_EXHAUSTED) or the client going away (CANCELLED) leaves it unset. `_OTHER`: a failure with
+# no gRPC code (the engine's own).
+SERVER_FAULT_CODES = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE",
+                                "DATA_LOSS", "_OTHER"})
+_GRPC_CODE_NUMBERS = {"OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4,
+                      "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8,
+                      "FAILED_PRECONDITION": 9, "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12,
+                      "INTERNAL": 13, "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16}
 
 
 def incoming_context(metadata: Iterable[tuple[str, str | bytes]] | None) -> Context | None:
@@ -42,6 +53,20 @@ def start_request_span(tracer: Tracer, model: str, parent: Context | None, start
             "gen_ai.request.model": model,
         },
     )
+
+
+def end_call_status(span: Span, code: str, message: str | None) -> None:
+    """Record how a call ended on its server span: `error.type` and `rpc.grpc.status_code` for a failed
+    call, the status ERROR (with the message) only for a server fault (`SERVER_FAULT_CODES`); a client
+    error's message goes to `duetserve.error.message`, as an unset status carries no description."""
+    if code != "OK":
+        span.set_attribute("error.type", code)
+    if code in _GRPC_CODE_NUMBERS:
+        span.set_attribute("rpc.grpc.status_code", _GRPC_CODE_NUMBERS[code])
+    if code in SERVER_FAULT_CODES:
+        span.set_status(Status(StatusCode.ERROR, message))
+    elif message:
+        span.set_attribute("duetserve.error.message", message)
 
 
 def request_attributes(request_id: str, sampling: SamplingParams, max_tokens: int,

@@ -60,3 +60,43 @@ def test_shutdown_ends_the_chunk_spans_of_every_step_in_flight() -> None:
     observer.shutdown()
     chunks = [s for s in exporter.get_finished_spans() if s.name == "prefill_chunk"]
     assert sorted(s.attributes["duetserve.chunk.index"] for s in chunks) == [0, 1]
+
+
+def _closed_call(error_type: str | None, error: str | None, finished: str | None = None):  # noqa: ANN202
+    observer, exporter = _traced()
+    obs = observer.start_request()
+    if finished is not None:
+        observer.request_finished(obs, finished, 3, 2)
+    obs.error, obs.error_type = error, error_type
+    observer.close_request(obs)
+    (span,) = [s for s in exporter.get_finished_spans() if s.kind.name == "SERVER"]
+    return span
+
+
+def test_a_client_error_leaves_the_call_span_status_unset() -> None:
+    """OTel's RPC conventions: a server span is an error only when the server failed; a bad argument,
+    a duplicate id, a refusal under load or a client that went away leaves its status unset, with the
+    code and message kept as attributes."""
+    from opentelemetry.trace import StatusCode
+
+    for code in ("INVALID_ARGUMENT", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED"):
+        span = _closed_call(code, f"{code}: no")
+        assert span.status.status_code == StatusCode.UNSET, code
+        assert span.attributes["error.type"] == code
+        assert span.attributes["duetserve.error.message"] == f"{code}: no"
+    assert _closed_call(None, None).attributes["error.type"] == "CANCELLED"  # the client went away
+    assert _closed_call(None, None).status.status_code == StatusCode.UNSET
+    assert _closed_call("INVALID_ARGUMENT", "x").attributes["rpc.grpc.status_code"] == 3
+
+
+def test_a_server_fault_makes_the_call_span_an_error() -> None:
+    from opentelemetry.trace import StatusCode
+
+    for code, number in (("UNAVAILABLE", 14), ("INTERNAL", 13), ("DEADLINE_EXCEEDED", 4)):
+        span = _closed_call(code, f"{code}: data plane gone")
+        assert span.status.status_code == StatusCode.ERROR and span.status.description == f"{code}: data plane gone"
+        assert span.attributes["error.type"] == code and span.attributes["rpc.grpc.status_code"] == number
+        assert "duetserve.error.message" not in span.attributes
+    ok = _closed_call(None, None, finished="length")
+    assert ok.status.status_code == StatusCode.UNSET and ok.attributes["rpc.grpc.status_code"] == 0
+    assert "error.type" not in ok.attributes

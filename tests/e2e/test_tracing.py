@@ -128,5 +128,7 @@ async def test_spans_reach_an_otlp_receiver() -> None:
     assert server.attributes["gen_ai.usage.output_tokens"] == 4
 
     bad = _request_span(spans, "r-bad")  # the rejected call: an error span of its own, found by its id
-    assert bad.status_code == 2 and bad.attributes["error.type"] == "INVALID_ARGUMENT"  # OTel's error.type
+    # OTel's error.type; a client's error leaves the server span's status unset (the RPC conventions)
+    assert bad.status_code == 0 and bad.attributes["error.type"] == "INVALID_ARGUMENT"
+    assert bad.attributes["rpc.grpc.status_code"] == 3 and "INVALID_ARGUMENT" in bad.attributes["duetserve.error.message"]
     assert all("error.type" not in s.attributes for s in spans if s is not bad)
