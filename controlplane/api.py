@@ -158,6 +158,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         if valid.request_id in self._fanouts or (valid.n > 1 and self.engine.has_request(valid.request_id)):
             await self._abort(context, obs, grpc.StatusCode.ALREADY_EXISTS,
                               f"request_id {valid.request_id!r} is already running")
+        self.engine.observer.request_accepted(obs, valid.n, valid.stop.max_tokens)
         if valid.n > 1:
             async with aclosing(self._generate_many(valid, context, obs, deadline)) as responses:
                 async for response in responses:

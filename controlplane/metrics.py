@@ -39,6 +39,9 @@ _ITL_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0
           10.0, 20.0, 40.0, 80.0)
 _E2E_S = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
           120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+_N = (1.0, 2.0, 5.0, 10.0, 20.0)  # vLLM's request_params_n buckets
+# the codes a Generate call is refused with (their request_refused series are exported from the start)
+REFUSAL_CODES = ("INVALID_ARGUMENT", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED")
 _TOKENS = tuple(float(m * 10**e) for e in range(7) for m in (1, 2, 5))  # 1, 2, 5, 10, ... 5M (vLLM's 1-2-5)
 
 
@@ -82,6 +85,10 @@ class ServingMetrics:
         self.request_prompt_tokens = hist("request_prompt_tokens", "Prompt tokens of a request", _TOKENS, unit="")
         self.request_generation_tokens = hist("request_generation_tokens", "Output tokens of a request", _TOKENS,
                                               unit="")
+        # vLLM's request parameters: n per call (when it is accepted), max_tokens per finished completion
+        self.request_params_n = hist("request_params_n", "Completions a call asked for (n)", _N, unit="")
+        self.request_params_max_tokens = hist("request_params_max_tokens", "max_tokens of a finished request",
+                                              _TOKENS, unit="")
         self.prompt_tokens = m.create_counter(PREFIX + "prompt_tokens", description="Prefilled prompt tokens")
         self.generation_tokens = m.create_counter(PREFIX + "generation_tokens", description="Generated tokens")
         # vLLM's prefix_cache_queries / prefix_cache_hits: prompt tokens of requests when admitted (their
@@ -92,6 +99,11 @@ class ServingMetrics:
                                                   description="Prompt tokens found in the prefix cache")
         self.request_success = m.create_counter(PREFIX + "request_success", description="Finished requests")
         self.preemptions = m.create_counter(PREFIX + "num_preemptions", description="Preempted sequences")
+        # Generate calls that ended with an error before the engine finished them, by gRPC code: a bad
+        # argument, a duplicate id, a refusal under load, a server not ready (a client that went away is
+        # not counted; a request the engine took and failed is request_success{finished_reason="error"})
+        self.request_refused = m.create_counter(PREFIX + "request_refused",
+                                                description="Generate calls refused before the engine finished them")
         # engine steps by mode (aggregated | multiplexed): how many, their measured time (phase total;
         # a multiplexed step also prefill and decode, its look-ahead passes together), tokens scheduled
         self.steps = m.create_counter(PREFIX + "steps", description="Engine steps finished")
@@ -113,6 +125,8 @@ class ServingMetrics:
             counter.add(0, self.labels)
         for reason in FinishReason:
             self.request_success.add(0, {**self.labels, "finished_reason": reason.value})
+        for code in REFUSAL_CODES:
+            self.request_refused.add(0, {**self.labels, "code": code})
         self._server: ThreadingHTTPServer | None = None
         self._address = (config.metrics_host, config.metrics_port)
         self.port = 0

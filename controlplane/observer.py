@@ -73,6 +73,8 @@ class RequestObs:
     error: str | None = None  # why the call failed, as the client saw it
     error_type: str | None = None  # its gRPC status code's name (the span's `error.type`)
     completion_tokens: int = 0  # its output tokens, once finished
+    max_tokens: int | None = None  # its max_tokens, once the call was accepted
+    is_call: bool = True  # a gRPC call's own record (False: completion i > 0 of an n > 1 call)
     # completions 1..n-1 of an n > 1 request (on completion 0's record): the call's span sums them up
     children: list[RequestObs] = field(default_factory=list)
 
@@ -159,7 +161,7 @@ class EngineObserver:
         """Completion `index` (> 0) of an n > 1 request: its span a child of the request's span (completion
         0's), in the same trace, with the request's attributes and `duetserve.choice_index`. Its clock
         starts at the call's arrival, as a vLLM child request's does."""
-        obs = RequestObs(arrival=parent.arrival)
+        obs = RequestObs(arrival=parent.arrival, max_tokens=parent.max_tokens, is_call=False)
         parent.children.append(obs)
         if self.tracer is not None and parent.span is not None and parent.span.is_recording():
             attributes = {key: value for key, value in (getattr(parent.span, "attributes", None) or {}).items()
@@ -171,6 +173,13 @@ class EngineObserver:
                                               context=trace.set_span_in_context(parent.span),
                                               kind=SpanKind.INTERNAL, attributes=attributes)
         return obs
+
+    def request_accepted(self, obs: RequestObs, n: int, max_tokens: int) -> None:
+        """The call passed validation and its id is free: its n is recorded (once per call, as vLLM's
+        request_params_n), its max_tokens kept for each completion's end (request_params_max_tokens)."""
+        obs.max_tokens = max_tokens
+        if self.metrics:
+            self.metrics.request_params_n.record(n, self.metrics.labels)
 
     def request_added(self, obs: RequestObs, request_id: str, seq_id: int) -> None:
         obs.request_id, obs.seq_id = request_id, seq_id
@@ -235,6 +244,8 @@ class EngineObserver:
         labels = m.labels
         m.request_prompt_tokens.record(prompt_tokens, labels)
         m.request_generation_tokens.record(completion_tokens, labels)
+        if obs.max_tokens is not None:
+            m.request_params_max_tokens.record(obs.max_tokens, labels)
         if obs.first_scheduled is None:  # never scheduled: no phase ran
             return
         m.inference_time.record(now - obs.first_scheduled, labels)
@@ -261,7 +272,11 @@ class EngineObserver:
         return out
 
     def close_request(self, obs: RequestObs) -> None:
-        """Called last by the servicer (also on rejection or cancellation): ends the request span."""
+        """Called last by the servicer (also on rejection or cancellation): counts a refused call and ends
+        the request span."""
+        if (self.metrics and obs.is_call and obs.finish_reason is None and obs.error_type
+                and obs.error_type != "CANCELLED"):
+            self.metrics.request_refused.add(1, {**self.metrics.labels, "code": obs.error_type})
         if obs.span is None or not obs.span.is_recording():
             return
         error = obs.error

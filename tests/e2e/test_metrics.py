@@ -67,6 +67,9 @@ async def test_prometheus_histograms_move() -> None:
         assert f'{name}_count{{model_name="tiny"}}' in before and value(before, f"{name}_count") == 0, hist
         assert value(after, f"{name}_count") == 3, hist
     assert value(after, "duetserve:request_generation_tokens_sum") == 15
+    assert value(after, "duetserve:request_params_max_tokens_sum") == 15  # max_tokens 5, three times
+    assert value(after, "duetserve:request_params_n_count") == 3
+    assert value(after, "duetserve:request_params_n_bucket", le="1.0") == 3
     assert value(after, "duetserve:request_generation_tokens_bucket", le="5.0") == 3
     assert value(after, "duetserve:request_prompt_tokens_sum") == sum(o.final.prompt_tokens for o in outs)
     inference = value(after, "duetserve:request_inference_time_seconds_sum")
@@ -105,6 +108,10 @@ async def test_every_series_is_there_from_the_start_and_token_counters_move_whil
     tiny = '{model_name="tiny"}'
     for reason in ("stop", "length", "abort", "error"):
         assert fresh[f'duetserve:request_success_total{{finished_reason="{reason}",model_name="tiny"}}'] == 0
+    for code in ("INVALID_ARGUMENT", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED"):
+        assert fresh[f'duetserve:request_refused_total{{code="{code}",model_name="tiny"}}'] == 0
+    for hist in ("request_params_n", "request_params_max_tokens"):
+        assert fresh[f"duetserve:{hist}_count{tiny}"] == 0
     for hist in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
                  "request_queue_time_seconds"):
         assert fresh[f"duetserve:{hist}_count{tiny}"] == 0 and fresh[f"duetserve:{hist}_sum{tiny}"] == 0
@@ -200,3 +207,42 @@ async def test_served_model_name_names_the_model_to_clients_metrics_and_spans() 
     assert info.model == "team/llm" and span_model == "team/llm"
     labelled = [key for key in samples if "model_name=" in key]
     assert labelled and all('model_name="team/llm"' in key for key in labelled)
+
+
+async def test_refused_calls_are_counted_by_code_and_n_once_per_call() -> None:
+    """A call refused for a bad argument or a duplicate id counts in request_refused_total by its code (not
+    as a finished request); a cancelled one does not; an n=3 call records n once and max_tokens for each
+    of its completions."""
+    import grpc
+
+    port = free_port()
+    async with serve("tiny", telemetry=TelemetryConfig(metrics_port=port)) as served:
+        for fields in ({"text": "hi", "max_tokens": 4, "temperature": -1.0}, {"text": ""}):
+            try:
+                await generate(served.stub, **fields)
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+            else:
+                raise AssertionError(f"{fields} was accepted")
+        slow_steps(served)
+        call = served.stub.Generate(pb.GenerateRequest(request_id="dup", **LONG))
+        await call.read()
+        try:
+            await generate(served.stub, request_id="dup", text="again", max_tokens=2)
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.ALREADY_EXISTS
+        else:
+            raise AssertionError("a duplicate id was accepted")
+        call.cancel()
+        await generate(served.stub, text="three", n=3, max_tokens=3, ignore_eos=True)
+        await wait_for(lambda: value(scrape(port), "duetserve:request_success_total", finished_reason="abort") == 1)
+        after = await asyncio.to_thread(scrape, port)
+    assert value(after, "duetserve:request_refused_total", code="INVALID_ARGUMENT") == 2
+    assert value(after, "duetserve:request_refused_total", code="ALREADY_EXISTS") == 1
+    assert sum(v for k, v in after.items() if k.startswith("duetserve:request_refused_total")) == 3
+    assert value(after, "duetserve:request_success_total", finished_reason="error") == 0
+    assert value(after, "duetserve:request_params_n_count") == 2  # the cancelled call and the n=3 one
+    assert value(after, "duetserve:request_params_n_bucket", le="2.0") == 1
+    # every finished completion: the cancelled one (3000) and the n=3 call's three (3 each)
+    assert value(after, "duetserve:request_params_max_tokens_count") == 4
+    assert value(after, "duetserve:request_params_max_tokens_sum") == 3009
