@@ -28,7 +28,7 @@ from opentelemetry.sdk.metrics.export import (
 
 from controlplane.sequence import FinishReason
 from shared.config import TelemetryConfig
-from shared.telemetry import CONTROLPLANE_SERVICE, otlp_endpoint_url, service_resource
+from shared.telemetry import CONTROLPLANE_SERVICE, SHUTDOWN_EXPORT_TIMEOUT_S, otlp_endpoint_url, service_resource
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,8 @@ class ServingMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
-        self.provider.shutdown()
+        # the last OTLP export gets the time spans get (an unreachable collector held the stop ~7 s)
+        self.provider.shutdown(timeout_millis=SHUTDOWN_EXPORT_TIMEOUT_S * 1000)
 
 
 # ---------------------------------------------------------------- Prometheus text format

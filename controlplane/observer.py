@@ -17,6 +17,7 @@ the metrics are no-ops.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -456,9 +457,13 @@ class EngineObserver:
             if step.span is not None:
                 step.span.set_status(Status(StatusCode.ERROR, "no result: the engine stopped or lost the data plane"))
                 step.span.end()
-        if self.provider is not None:
-            self.provider.shutdown()
-            self.provider = None
-        if self._metrics_owned is not None:
-            self._metrics_owned.shutdown()
-            self._metrics_owned = None
+        # spans and metrics flush side by side: each waits at most SHUTDOWN_EXPORT_TIMEOUT_S for its exporter
+        stops = [owner.shutdown for owner in (self.provider, self._metrics_owned) if owner is not None]
+        self.provider = self._metrics_owned = None
+        threads = [threading.Thread(target=stop, name="telemetry-stop") for stop in stops[1:]]
+        for thread in threads:
+            thread.start()
+        for stop in stops[:1]:
+            stop()
+        for thread in threads:
+            thread.join()

@@ -161,12 +161,61 @@ def service_resource(service_name: str) -> Resource:
     return Resource.create({"service.name": name, "duetserve.plane": service_name})
 
 
+# How long a plane's stop waits for its last spans to be exported. An unreachable collector held each
+# plane ~7 s (the OTLP exporter retries for OTEL_EXPORTER_OTLP_TIMEOUT, 10 s), one after the other.
+SHUTDOWN_EXPORT_TIMEOUT_S = 2.0
+
+
+class _OnceStoppedExporter(SpanExporter):
+    """Delegates to an exporter; `shutdown` reaches it once, so a stop that cut its retries short can
+    be followed by the batch processor's own shutdown."""
+
+    def __init__(self, inner: SpanExporter) -> None:
+        self.inner = inner
+        self._stopped = False
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return self.inner.export(spans)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
+class BoundedTracerProvider(TracerProvider):
+    """A TracerProvider whose `shutdown` waits at most `export_timeout_s` for the spans still batched to
+    be exported, then stops the exporter (its retries end) and drops them with a warning."""
+
+    def __init__(self, exporter: SpanExporter, export_timeout_s: float = SHUTDOWN_EXPORT_TIMEOUT_S,
+                 **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self._exporter = _OnceStoppedExporter(exporter)
+        self._export_timeout_s = export_timeout_s
+        self.add_span_processor(BatchSpanProcessor(self._exporter))
+
+    def shutdown(self) -> None:
+        stopping = threading.Thread(target=super().shutdown, name="otel-shutdown", daemon=True)
+        stopping.start()
+        stopping.join(self._export_timeout_s)
+        if stopping.is_alive():
+            log.warning("tracing: the last spans were not exported within %.0f s (is the collector reachable?); "
+                        "dropped", self._export_timeout_s)
+            self._exporter.shutdown()
+            stopping.join(self._export_timeout_s)
+
+
 def make_tracer_provider(config: TelemetryConfig, service_name: str) -> TracerProvider | None:
     """A private (not global) provider batching spans to the configured exporter; None when off."""
     exporter = make_span_exporter(config)
     if exporter is None:
         return None
-    provider = TracerProvider(resource=service_resource(service_name))
-    provider.add_span_processor(BatchSpanProcessor(exporter))
+    provider = BoundedTracerProvider(exporter, resource=service_resource(service_name))
     log.info("tracing: %s exporter, service %s", config.exporter, service_name)
     return provider
