@@ -69,7 +69,14 @@ for stage in "$@"; do
                  run tests-page${PAGE:-32}${CUDA_CORES:+-cc$CUDA_CORES}${UNSPLIT:+-unsplit$UNSPLIT}${EPI:+-epi$EPI} ${TEST_LIMIT:-580} python3 -u -m pytest \
                    -m "gpu and not experimental" tests/dataplane -v -p no:cacheprovider --durations 12
                  save_fi_cache "$OUT" ;;  # another KV page size; the cache keeps the CUDA-core decode kernels
-    planning) run planning 300 python3 -u -m pytest -m gpu tests/dataplane/test_gpu_planning.py -v -p no:cacheprovider
+    planning) run h2d-probe 60 python3 -u -c "import time, torch
+x = torch.arange(4096, dtype=torch.int32)
+for name, src in (('pageable', x), ('pinned', x.pin_memory())) * 2:
+    torch.cuda.synchronize(); torch.cuda._sleep(int(3e8)); behind = torch.cuda.Event(); behind.record()
+    t = time.perf_counter(); src.to('cuda', non_blocking=True); dt = time.perf_counter() - t
+    print(f'{name} 16 KiB .to(cuda, non_blocking=True) with ~0.2 s of GPU work queued: {dt * 1e3:.2f} ms,',
+          'returned first' if not behind.query() else 'waited for the GPU'); torch.cuda.synchronize()"
+              run planning 300 python3 -u -m pytest -m gpu tests/dataplane/test_gpu_planning.py -v -p no:cacheprovider
               # the plan-race test again with the plan pool bypassed (each plan on the wrapper's own pinned
               # buffer): it must fail there, or it cannot tell the pool from no pool
               run planning-nopool 120 python3 -u -c "import sys, pytest, dataplane.attention.plan_staging as ps
