@@ -129,6 +129,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             async with aclosing(self._generate(request, context, obs)) as responses:
                 async for response in responses:
                     yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # a bug: gRPC ends the call UNKNOWN, a server fault (not the client gone)
+            obs.error, obs.error_type = f"UNKNOWN: {type(exc).__name__}: {exc}", "UNKNOWN"
+            raise
         finally:
             observer.close_request(obs)
 
@@ -158,7 +163,6 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         if valid.request_id in self._fanouts or (valid.n > 1 and self.engine.has_request(valid.request_id)):
             await self._abort(context, obs, grpc.StatusCode.ALREADY_EXISTS,
                               f"request_id {valid.request_id!r} is already running")
-        self.engine.observer.request_accepted(obs, valid.n, valid.stop.max_tokens)
         if valid.n > 1:
             async with aclosing(self._generate_many(valid, context, obs, deadline)) as responses:
                 async for response in responses:
@@ -167,6 +171,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         handle = await self._add(context, obs, EngineRequest(valid.request_id, valid.prompt_token_ids,
                                                              valid.sampling, valid.stop, obs, valid.priority,
                                                              valid.skip_special_tokens, valid.detokenize))
+        self.engine.observer.request_accepted(obs, 1, valid.stop.max_tokens)
         try:
             async for delta in handle.until(deadline):
                 for before in self.messages.output_before_failure(valid.request_id, delta):
@@ -269,6 +274,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 await self._abort(context, obs, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except Overloaded as exc:
                 await self._abort(context, obs, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            engine.observer.request_accepted(obs, valid.n, valid.stop.max_tokens)
             await self._start(fanout, valid, context, obs, deadline, 1 if staggered else valid.n)
             left = valid.n  # completions still to end
             while left:

@@ -40,8 +40,9 @@ _ITL_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0
 _E2E_S = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
           120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 _N = (1.0, 2.0, 5.0, 10.0, 20.0)  # vLLM's request_params_n buckets
-# the codes a Generate call is refused with (their request_refused series are exported from the start)
-REFUSAL_CODES = ("INVALID_ARGUMENT", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED")
+# the codes a Generate call is refused with (their request_refused series are exported from the start); a
+# deadline that passes once the engine has the request ends it as an abort (request_success{abort})
+REFUSAL_CODES = ("INVALID_ARGUMENT", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "UNAVAILABLE")
 _TOKENS = tuple(float(m * 10**e) for e in range(7) for m in (1, 2, 5))  # 1, 2, 5, 10, ... 5M (vLLM's 1-2-5)
 
 
@@ -99,7 +100,7 @@ class ServingMetrics:
                                                   description="Prompt tokens found in the prefix cache")
         self.request_success = m.create_counter(PREFIX + "request_success", description="Finished requests")
         self.preemptions = m.create_counter(PREFIX + "num_preemptions", description="Preempted sequences")
-        # Generate calls that ended with an error before the engine finished them, by gRPC code: a bad
+        # Generate calls that ended with an error before the engine took them, by gRPC code: a bad
         # argument, a duplicate id, a refusal under load, a server not ready (a client that went away is
         # not counted; a request the engine took and failed is request_success{finished_reason="error"})
         self.request_refused = m.create_counter(PREFIX + "request_refused",

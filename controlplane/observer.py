@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -28,7 +29,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
 from controlplane import tracing as tr
-from controlplane.metrics import ServingMetrics
+from controlplane.metrics import REFUSAL_CODES, ServingMetrics
 from controlplane.sequence import Sequence
 from shared.messages import StepPlan, StepResult
 from shared.telemetry import inject, seq_key, traceparent
@@ -96,6 +97,16 @@ class _Step:
     chunks: list[tuple[RequestObs, Span]]  # the prefill-chunk spans this step opened
     predicted_ms: float | None
     num_tokens: int = 0  # tokens the plan schedules (counted only with metrics on)
+
+
+def _logged(stop: Callable[[], object]) -> Callable[[], None]:
+    """`stop` for a thread: an exception is logged (a thread's would only be printed)."""
+    def run() -> None:
+        try:
+            stop()
+        except Exception:
+            log.exception("telemetry: stopping an exporter failed")
+    return run
 
 
 def _end(span: Span | None, end_ns: int | None = None) -> None:
@@ -176,8 +187,9 @@ class EngineObserver:
         return obs
 
     def request_accepted(self, obs: RequestObs, n: int, max_tokens: int) -> None:
-        """The call passed validation and its id is free: its n is recorded (once per call, as vLLM's
-        request_params_n), its max_tokens kept for each completion's end (request_params_max_tokens)."""
+        """The engine took the call (all n of it): its n is recorded (once per call, as vLLM's
+        request_params_n), its max_tokens (the effective one: clamped to the room the prompt leaves) kept
+        for each completion's end (request_params_max_tokens)."""
         obs.max_tokens = max_tokens
         if self.metrics:
             self.metrics.request_params_n.record(n, self.metrics.labels)
@@ -275,8 +287,7 @@ class EngineObserver:
     def close_request(self, obs: RequestObs) -> None:
         """Called last by the servicer (also on rejection or cancellation): counts a refused call and ends
         the request span."""
-        if (self.metrics and obs.is_call and obs.finish_reason is None and obs.error_type
-                and obs.error_type != "CANCELLED"):
+        if self.metrics and obs.is_call and obs.finish_reason is None and obs.error_type in REFUSAL_CODES:
             self.metrics.request_refused.add(1, {**self.metrics.labels, "code": obs.error_type})
         if obs.span is None or not obs.span.is_recording():
             return
@@ -284,13 +295,13 @@ class EngineObserver:
         if obs.finish_reason is None:  # never reached the engine's end: rejected, cancelled, or failed
             # the status code the call ended with; none: the client went away
             tr.end_call_status(obs.span, obs.error_type or "CANCELLED",
-                               error or "the call ended before the request finished")
+                               error or "the call ended before the request finished", obs.is_call)
             for span in (obs.queue_span, obs.chunk_span, obs.decode_span):
                 _end(span)
         elif error:
-            tr.end_call_status(obs.span, obs.error_type or "_OTHER", error)
-        elif obs.span.kind == SpanKind.SERVER:
-            tr.end_call_status(obs.span, "OK", None)
+            tr.end_call_status(obs.span, obs.error_type or "_OTHER", error, obs.is_call)
+        elif obs.is_call:
+            tr.end_call_status(obs.span, "OK", None, rpc=True)
         if obs.children:  # the call's span is the whole response's: every choice's reason and tokens
             done = [obs, *obs.children]
             tokens = sum(o.completion_tokens for o in done)
@@ -460,7 +471,7 @@ class EngineObserver:
         # spans and metrics flush side by side: each waits at most SHUTDOWN_EXPORT_TIMEOUT_S for its exporter
         stops = [owner.shutdown for owner in (self.provider, self._metrics_owned) if owner is not None]
         self.provider = self._metrics_owned = None
-        threads = [threading.Thread(target=stop, name="telemetry-stop") for stop in stops[1:]]
+        threads = [threading.Thread(target=_logged(stop), name="telemetry-stop") for stop in stops[1:]]
         for thread in threads:
             thread.start()
         for stop in stops[:1]:

@@ -55,13 +55,14 @@ def start_request_span(tracer: Tracer, model: str, parent: Context | None, start
     )
 
 
-def end_call_status(span: Span, code: str, message: str | None) -> None:
-    """Record how a call ended on its server span: `error.type` and `rpc.grpc.status_code` for a failed
-    call, the status ERROR (with the message) only for a server fault (`SERVER_FAULT_CODES`); a client
-    error's message goes to `duetserve.error.message`, as an unset status carries no description."""
+def end_call_status(span: Span, code: str, message: str | None, rpc: bool) -> None:
+    """Record how a call (`rpc`: its server span; else a completion of it) ended: `error.type` for a
+    failed one, the status ERROR (with the message) only for a server fault (`SERVER_FAULT_CODES`); a
+    client error's message goes to `duetserve.error.message`, as an unset status carries no description.
+    The call's own span also gets `rpc.grpc.status_code`."""
     if code != "OK":
         span.set_attribute("error.type", code)
-    if code in _GRPC_CODE_NUMBERS:
+    if rpc and code in _GRPC_CODE_NUMBERS:
         span.set_attribute("rpc.grpc.status_code", _GRPC_CODE_NUMBERS[code])
     if code in SERVER_FAULT_CODES:
         span.set_status(Status(StatusCode.ERROR, message))

@@ -34,6 +34,7 @@ class ReceivedSpan:
     attributes: dict[str, object]
     links: list[tuple[str, str]]
     status_code: int
+    status_message: str = ""
 
 
 @dataclass
@@ -53,7 +54,7 @@ class Receiver(ts_grpc.TraceServiceServicer):
                         start_ns=s.start_time_unix_nano, end_ns=s.end_time_unix_nano,
                         attributes={a.key: _value(a.value) for a in s.attributes},
                         links=[(link.trace_id.hex(), link.span_id.hex()) for link in s.links],
-                        status_code=s.status.code,
+                        status_code=s.status.code, status_message=s.status.message,
                     ))
         with self.lock:
             self.spans.extend(got)

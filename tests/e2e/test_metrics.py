@@ -108,7 +108,7 @@ async def test_every_series_is_there_from_the_start_and_token_counters_move_whil
     tiny = '{model_name="tiny"}'
     for reason in ("stop", "length", "abort", "error"):
         assert fresh[f'duetserve:request_success_total{{finished_reason="{reason}",model_name="tiny"}}'] == 0
-    for code in ("INVALID_ARGUMENT", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED"):
+    for code in ("INVALID_ARGUMENT", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "UNAVAILABLE"):
         assert fresh[f'duetserve:request_refused_total{{code="{code}",model_name="tiny"}}'] == 0
     for hist in ("request_params_n", "request_params_max_tokens"):
         assert fresh[f"duetserve:{hist}_count{tiny}"] == 0
@@ -246,3 +246,29 @@ async def test_refused_calls_are_counted_by_code_and_n_once_per_call() -> None:
     # every finished completion: the cancelled one (3000) and the n=3 call's three (3 each)
     assert value(after, "duetserve:request_params_max_tokens_count") == 4
     assert value(after, "duetserve:request_params_max_tokens_sum") == 3009
+
+
+async def test_calls_the_engine_refuses_after_validation_do_not_count_as_accepted() -> None:
+    """A call refused at admission (a full queue) counts in request_refused_total, not in
+    request_params_n, whether one completion or all n of it were refused."""
+    import grpc
+
+    port = free_port()
+    async with serve("tiny", max_num_seqs=1, max_queued_requests=2,
+                     telemetry=TelemetryConfig(metrics_port=port)) as served:
+        slow_steps(served)
+        calls = [served.stub.Generate(pb.GenerateRequest(request_id=f"r{i}", **LONG)) for i in range(3)]
+        await calls[0].read()
+        await wait_for(lambda: served.scheduler.num_waiting == 2)
+        for n in (1, 2):
+            try:
+                await generate(served.stub, token_ids={"ids": [5, 6]}, max_tokens=2, n=n)
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            else:
+                raise AssertionError("a full queue took the call")
+        after = await asyncio.to_thread(scrape, port)
+        for call in calls:
+            call.cancel()
+    assert value(after, "duetserve:request_refused_total", code="RESOURCE_EXHAUSTED") == 2
+    assert value(after, "duetserve:request_params_n_count") == 3  # the three running or queued calls only

@@ -84,6 +84,17 @@ async def test_spans_reach_an_otlp_receiver() -> None:
                 await _run(served.stub, "r-bad", "", 3)
             except grpc.aio.AioRpcError as exc:
                 assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+            add = served.plane.engine.add_request
+
+            def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - a bug in the server
+                raise RuntimeError("a bug")
+
+            served.plane.engine.add_request = broken  # type: ignore[method-assign]
+            try:
+                await _run(served.stub, "r-bug", "Hi", 3)
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNKNOWN
+            served.plane.engine.add_request = add  # type: ignore[method-assign]
         assert long.completion_tokens == 4 and short.completion_tokens == 3 and chat.final is not None
         # leaving `serve` stopped both planes, and each flushed its batch on the way out
         spans = receiver.receiver.wait_for(lambda got: any(s.name == "dataplane.execute" for s in got))
@@ -131,4 +142,8 @@ async def test_spans_reach_an_otlp_receiver() -> None:
     # OTel's error.type; a client's error leaves the server span's status unset (the RPC conventions)
     assert bad.status_code == 0 and bad.attributes["error.type"] == "INVALID_ARGUMENT"
     assert bad.attributes["rpc.grpc.status_code"] == 3 and "INVALID_ARGUMENT" in bad.attributes["duetserve.error.message"]
-    assert all("error.type" not in s.attributes for s in spans if s is not bad)
+    bug = _request_span(spans, "r-bug")  # a server's bug: gRPC ends the call UNKNOWN, a server fault
+    assert bug.status_code == 2 and bug.attributes["error.type"] == "UNKNOWN" and "a bug" in bug.status_message
+    assert bug.attributes["rpc.grpc.status_code"] == 2
+    assert all("error.type" not in s.attributes for s in spans if s not in (bad, bug))
+    assert server.attributes["rpc.grpc.status_code"] == 0 and "rpc.grpc.status_code" not in child.attributes
