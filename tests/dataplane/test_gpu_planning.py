@@ -6,6 +6,7 @@ Skipped without CUDA."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +26,19 @@ pytestmark = [
 BEHIND_CYCLES = int(3e8)  # torch.cuda._sleep: ~0.15-0.2 s of GPU time queued ahead of the host
 
 
+def wait_for_gpu(timeout_s: float = 60.0) -> None:
+    """Wait for the work queued so far by polling an event, failing past `timeout_s`: a kernel that
+    runs with another step's plan may never end (measured: with the plan pool bypassed, the plan-race
+    test hung in `torch.cuda.synchronize`, which no test timeout interrupts)."""
+    done = torch.cuda.Event()
+    done.record()
+    deadline = time.monotonic() + timeout_s
+    while not done.query():
+        if time.monotonic() > deadline:
+            pytest.fail(f"the GPU did not finish within {timeout_s:.0f} s: a kernel ran with a plan not its own")
+        time.sleep(0.001)
+
+
 def returns_while_behind(fn: Callable[[], object]) -> bool:
     """Run `fn` with ~0.15 s of GPU work queued ahead of it; whether it returned before the GPU got
     through that work (False: something in it waited for the GPU)."""
@@ -34,7 +48,7 @@ def returns_while_behind(fn: Callable[[], object]) -> bool:
     behind.record()
     fn()
     returned_first = not behind.query()
-    torch.cuda.synchronize()
+    wait_for_gpu()
     return returned_first
 
 
@@ -70,7 +84,8 @@ def test_replanning_while_the_gpu_is_behind_keeps_each_plan() -> None:
     order. Plan a step while the GPU is behind, then plan another before the GPU reached the first
     copy (look-ahead passes, async scheduling): the first step must still attend over its own batch.
     The test checks that the second plan was made while the GPU was still behind; without that window
-    it could not fail."""
+    it could not fail. With the plan pool bypassed (gpu_suite.sh planning-nopool) the first step's
+    kernel, run with the second plan, never ended (H100, 2026-12-07): `wait_for_gpu` fails it."""
     from dataplane.attention.flashinfer_backend import FlashInferAttention
 
     dev, dtype = torch.device("cuda"), torch.bfloat16
