@@ -11,7 +11,7 @@ if [ -f .whl/fi-cache.tgz ]; then tar xzf .whl/fi-cache.tgz -C "$FLASHINFER_WORK
 # (tar kept whole-second mtimes, .ninja_deps has nanoseconds), so every process rebuilt them (~200 s,
 # measured on an H100, 2026-12-07). flashinfer loads a module from its AOT folder without building, so
 # each cached module of this flashinfer version and arch is put there (FLASHINFER_AOT_DIR/<name>/<name>.so).
-# Not yet run on a GPU.
+# Measured on an H100 the next lease: `serve --model qwen3-8b` ready in 23 s (231 s before), the GPU tests 22 s.
 fi_version=$(ls .whl/flashinfer_python-*.whl 2>/dev/null | sed -E 's/.*flashinfer_python-([^-]+)-.*/\1/')
 fi_ops="$FLASHINFER_WORKSPACE_BASE/.cache/flashinfer/$fi_version/${FLASHINFER_CUDA_ARCH_LIST//./}/cached_ops"
 if [ -n "$fi_version" ] && [ -d "$fi_ops" ] && [ -d /tmp/site/flashinfer/data ]; then
