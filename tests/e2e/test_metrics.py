@@ -257,8 +257,9 @@ async def test_calls_the_engine_refuses_after_validation_do_not_count_as_accepte
     async with serve("tiny", max_num_seqs=1, max_queued_requests=2,
                      telemetry=TelemetryConfig(metrics_port=port)) as served:
         slow_steps(served)
-        calls = [served.stub.Generate(pb.GenerateRequest(request_id=f"r{i}", **LONG)) for i in range(3)]
-        await calls[0].read()
+        calls = [served.stub.Generate(pb.GenerateRequest(request_id="r0", **LONG))]
+        await calls[0].read()  # running: it holds the only sequence slot (the others queue behind it)
+        calls += [served.stub.Generate(pb.GenerateRequest(request_id=f"r{i}", **LONG)) for i in (1, 2)]
         await wait_for(lambda: served.scheduler.num_waiting == 2)
         for n in (1, 2):
             try:
