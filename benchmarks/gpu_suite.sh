@@ -76,7 +76,7 @@ for name, src in (('pageable', x), ('pinned', x.pin_memory())) * 2:
     t = time.perf_counter(); src.to('cuda', non_blocking=True); dt = time.perf_counter() - t
     print(f'{name} 16 KiB .to(cuda, non_blocking=True) with ~0.2 s of GPU work queued: {dt * 1e3:.2f} ms,',
           'returned first' if not behind.query() else 'waited for the GPU'); torch.cuda.synchronize()"
-              run planning 300 python3 -u -m pytest -m gpu tests/dataplane/test_gpu_planning.py -v -p no:cacheprovider
+              run planning 300 python3 -u -m pytest -m gpu tests/dataplane/test_gpu_planning.py -v -x -p no:cacheprovider
               # the plan-race test again with the plan pool bypassed (each plan on the wrapper's own pinned
               # buffer): it must fail there, or it cannot tell the pool from no pool
               run planning-nopool 120 python3 -u -c "import sys, pytest, dataplane.attention.plan_staging as ps

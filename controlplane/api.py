@@ -274,7 +274,6 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 await self._abort(context, obs, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except Overloaded as exc:
                 await self._abort(context, obs, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-            engine.observer.request_accepted(obs, valid.n, valid.stop.max_tokens)
             await self._start(fanout, valid, context, obs, deadline, 1 if staggered else valid.n)
             left = valid.n  # completions still to end
             while left:
@@ -314,6 +313,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             fanout.stream(await self._add(context, obs, EngineRequest(  # all n were admitted by check_room
                 fanout.ids[i], valid.prompt_token_ids, sampling, valid.stop, fanout.spans[-1] if i else obs,
                 valid.priority, valid.skip_special_tokens, valid.detokenize), admitted=True), deadline)
+            if i == 0:  # the engine took the call (before completions 1.. copy its max_tokens)
+                self.engine.observer.request_accepted(obs, valid.n, valid.stop.max_tokens)
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         try:

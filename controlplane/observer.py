@@ -100,7 +100,8 @@ class _Step:
 
 
 def _logged(stop: Callable[[], object]) -> Callable[[], None]:
-    """`stop` for a thread: an exception is logged (a thread's would only be printed)."""
+    """`stop`, its exception logged: one exporter failing to stop does not keep the other from stopping
+    (and a thread's exception would only be printed)."""
     def run() -> None:
         try:
             stop()
@@ -469,9 +470,9 @@ class EngineObserver:
                 step.span.set_status(Status(StatusCode.ERROR, "no result: the engine stopped or lost the data plane"))
                 step.span.end()
         # spans and metrics flush side by side: each waits at most SHUTDOWN_EXPORT_TIMEOUT_S for its exporter
-        stops = [owner.shutdown for owner in (self.provider, self._metrics_owned) if owner is not None]
+        stops = [_logged(owner.shutdown) for owner in (self.provider, self._metrics_owned) if owner is not None]
         self.provider = self._metrics_owned = None
-        threads = [threading.Thread(target=_logged(stop), name="telemetry-stop") for stop in stops[1:]]
+        threads = [threading.Thread(target=stop, name="telemetry-stop") for stop in stops[1:]]
         for thread in threads:
             thread.start()
         for stop in stops[:1]:

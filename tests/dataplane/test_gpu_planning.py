@@ -28,8 +28,9 @@ BEHIND_CYCLES = int(3e8)  # torch.cuda._sleep: ~0.15-0.2 s of GPU time queued ah
 
 def wait_for_gpu(timeout_s: float = 60.0) -> None:
     """Wait for the work queued so far by polling an event, failing past `timeout_s`: a kernel that
-    runs with another step's plan may never end (measured: with the plan pool bypassed, the plan-race
-    test hung in `torch.cuda.synchronize`, which no test timeout interrupts)."""
+    runs with another step's plan may never end (with the plan pool bypassed, the plan-race test never
+    finished, and no test timeout interrupts a blocking `torch.cuda.synchronize`). The runaway kernel
+    stays queued, so a later GPU test in the same process would wait on it too: run with `-x`."""
     done = torch.cuda.Event()
     done.record()
     deadline = time.monotonic() + timeout_s

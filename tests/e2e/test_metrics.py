@@ -249,9 +249,12 @@ async def test_refused_calls_are_counted_by_code_and_n_once_per_call() -> None:
 
 
 async def test_calls_the_engine_refuses_after_validation_do_not_count_as_accepted() -> None:
-    """A call refused at admission (a full queue) counts in request_refused_total, not in
-    request_params_n, whether one completion or all n of it were refused."""
+    """A call refused at admission (a full queue, or a data plane lost after validation) counts in
+    request_refused_total, not in request_params_n, whether one completion or all n of it were refused."""
     import grpc
+
+    from controlplane.engine import EngineUnavailable
+    from tests.e2e.test_limits import all_blocks_free
 
     port = free_port()
     async with serve("tiny", max_num_seqs=1, max_queued_requests=2,
@@ -268,8 +271,24 @@ async def test_calls_the_engine_refuses_after_validation_do_not_count_as_accepte
                 assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             else:
                 raise AssertionError("a full queue took the call")
-        after = await asyncio.to_thread(scrape, port)
         for call in calls:
             call.cancel()
+        await wait_for(lambda: all_blocks_free(served))
+        add = served.plane.engine.add_request
+
+        def gone(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the data plane lost after validation
+            raise EngineUnavailable("the data plane is gone")
+
+        served.plane.engine.add_request = gone  # type: ignore[method-assign]
+        for n in (1, 2):
+            try:
+                await generate(served.stub, token_ids={"ids": [5, 6]}, max_tokens=2, n=n)
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE
+            else:
+                raise AssertionError("a lost data plane took the call")
+        served.plane.engine.add_request = add  # type: ignore[method-assign]
+        after = await asyncio.to_thread(scrape, port)
     assert value(after, "duetserve:request_refused_total", code="RESOURCE_EXHAUSTED") == 2
+    assert value(after, "duetserve:request_refused_total", code="UNAVAILABLE") == 2
     assert value(after, "duetserve:request_params_n_count") == 3  # the three running or queued calls only
