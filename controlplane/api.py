@@ -131,6 +131,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     yield response
         except grpc.aio.AbortError:
             raise
+        except (asyncio.CancelledError, GeneratorExit):  # the client cancelled or went away
+            if obs.error is None:  # its request was aborted (finish reason abort); the call ends CANCELLED
+                obs.error, obs.error_type = "CANCELLED: the client cancelled the call", "CANCELLED"
+            raise
         except Exception as exc:  # a bug: gRPC ends the call UNKNOWN, a server fault (not the client gone)
             obs.error, obs.error_type = f"UNKNOWN: {type(exc).__name__}: {exc}", "UNKNOWN"
             raise

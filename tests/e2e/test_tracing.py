@@ -147,3 +147,36 @@ async def test_spans_reach_an_otlp_receiver() -> None:
     assert bug.attributes["rpc.grpc.status_code"] == 2
     assert all("error.type" not in s.attributes for s in spans if s not in (bad, bug))
     assert server.attributes["rpc.grpc.status_code"] == 0 and "rpc.grpc.status_code" not in child.attributes
+
+
+async def test_a_call_the_client_cancels_ends_as_cancelled() -> None:
+    """The client cancels an n=2 call when completion 0 has finished and completion 1 still runs, and an
+    n=1 call mid-stream: each call's span says CANCELLED (they read OK, status code 0, as their requests
+    had ended as aborts, or completion 0 had finished); the requests were aborted."""
+    from tests.e2e.test_limits import slow_steps
+
+    with OtlpReceiver() as receiver:
+        telemetry = TelemetryConfig(exporter="otlp", otlp_endpoint=receiver.endpoint)
+        async with serve("tiny", telemetry=telemetry) as served:
+            slow_steps(served, 0.05)
+            # a prompt past one block: completion 0 runs alone and completion 1 joins after its first message,
+            # which (max_tokens 1) is also its last
+            call = served.stub.Generate(pb.GenerateRequest(request_id="r-half", token_ids={"ids": list(range(3, 40))},
+                                                           max_tokens=1, n=2, ignore_eos=True))
+            first = await call.read()
+            assert first.finish_reason == "length" and first.index == 0
+            call.cancel()
+            cut = served.stub.Generate(pb.GenerateRequest(request_id="r-cut", token_ids={"ids": [5, 6]},
+                                                          max_tokens=500, ignore_eos=True))
+            await cut.read()
+            cut.cancel()  # an n=1 call cancelled mid-stream: its request is aborted
+        spans = receiver.receiver.wait_for(lambda got: {"r-half", "r-cut"} <= {
+            s.attributes.get("gen_ai.request.id") for s in got if s.kind == 2})
+    server = _request_span(spans, "r-half")
+    (child,) = [s for s in spans if s.attributes.get("gen_ai.request.id") == "r-half" and s.kind == 1]
+    assert server.attributes["error.type"] == "CANCELLED" and server.attributes["rpc.grpc.status_code"] == 1
+    assert server.status_code == 0  # a client's cancel: unset, as OTel's RPC conventions say
+    assert child.attributes["gen_ai.response.finish_reasons"] == ["abort"]
+    cut = _request_span(spans, "r-cut")
+    assert cut.attributes["error.type"] == "CANCELLED" and cut.attributes["rpc.grpc.status_code"] == 1
+    assert cut.attributes["gen_ai.response.finish_reasons"] == ["abort"] and cut.status_code == 0
