@@ -190,8 +190,9 @@ class _OnceStoppedExporter(SpanExporter):
 
 
 class BoundedTracerProvider(TracerProvider):
-    """A TracerProvider whose `shutdown` waits at most `export_timeout_s` for the spans still batched to
-    be exported, then stops the exporter (its retries end) and drops them with a warning."""
+    """A TracerProvider whose `shutdown` waits `export_timeout_s` for the spans still batched to be
+    exported, then stops the exporter (its retries end) and drops them with a warning; it returns within
+    half a second more."""
 
     def __init__(self, exporter: SpanExporter, export_timeout_s: float = SHUTDOWN_EXPORT_TIMEOUT_S,
                  **kwargs: object) -> None:
