@@ -179,8 +179,11 @@ def select_trace(spans: list[SpanRecord], trace_id: str | None, request_id: str 
         roots = [s for s in request_spans(spans) if s.attributes[REQUEST_ID] == request_id]
         if not roots:
             return []
-        # the latest call served under that id: a refused retry of it (ALREADY_EXISTS) has its id too
-        served = [s for s in roots if "error.type" not in s.attributes] or roots
+        # the latest call the engine took under that id (its span has the sequence id; a call cancelled
+        # later has an error.type too): a refused retry of it (ALREADY_EXISTS) has its id as well. Spans
+        # without the sequence id: the latest call that did not fail.
+        served = ([s for s in roots if "duetserve.seq_id" in s.attributes]
+                  or [s for s in roots if "error.type" not in s.attributes] or roots)
         trace_id = served[-1].trace_id
     want = (trace_id or "").lower().rjust(32, "0")
     return [s for s in spans if s.trace_id == want]

@@ -133,7 +133,7 @@ def test_a_jaeger_that_cannot_filter_by_kind_is_asked_again_unfiltered(capsys: p
 
 def test_a_request_ids_trace_is_the_served_calls_not_a_refused_retrys() -> None:
     """A retry refused with ALREADY_EXISTS has the same request id (and error.type); the id names the
-    served call. A request id that looks like a JSON array stays a string."""
+    served call, even one cancelled later. A request id that looks like a JSON array stays a string."""
     from controlplane.traces import SpanRecord, _jaeger_value, select_trace
 
     def root(trace: str, start: int, **attrs: object) -> SpanRecord:
@@ -142,5 +142,8 @@ def test_a_request_ids_trace_is_the_served_calls_not_a_refused_retrys() -> None:
 
     served, refused = root("1" * 32, 0), root("2" * 32, 10, **{"error.type": "ALREADY_EXISTS"})
     assert select_trace([served, refused], None, "r") == [served]
+    # the served call was cancelled later (error.type CANCELLED): its sequence id still names it
+    cancelled = root("3" * 32, 0, **{"error.type": "CANCELLED", "duetserve.seq_id": 4})
+    assert select_trace([cancelled, refused], None, "r") == [cancelled]
     assert _jaeger_value("gen_ai.request.id", "[1,2]") == "[1,2]"
     assert _jaeger_value("gen_ai.response.finish_reasons", '["stop","length"]') == ["stop", "length"]
