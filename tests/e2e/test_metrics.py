@@ -7,6 +7,9 @@ import re
 import socket
 import urllib.request
 
+import grpc
+import pytest
+
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from shared.config import TelemetryConfig
 from tests.e2e.conftest import generate, serve
@@ -84,7 +87,7 @@ async def test_prometheus_histograms_move() -> None:
     assert value(after, "duetserve:request_success_total", finished_reason="length") == 3
     assert value(after, "duetserve:num_requests_running") == 0
     assert value(after, "duetserve:num_requests_waiting") == 0
-    assert f'duetserve:kv_cache_usage_perc{{model_name="tiny"}}' in after
+    assert 'duetserve:kv_cache_usage_perc{model_name="tiny"}' in after
     assert value(after, "duetserve:sm_split_prefill") == value(after, "duetserve:sm_split_decode") == 0
     # the scheduler's prediction of each step, scored against the measured step (the CPU sends a profile)
     assert 'duetserve:predictor_abs_pct_error{model_name="tiny"}' in after
@@ -213,8 +216,6 @@ async def test_refused_calls_are_counted_by_code_and_n_once_per_call() -> None:
     """A call refused for a bad argument or a duplicate id counts in request_refused_total by its code (not
     as a finished request); a cancelled one does not; an n=3 call records n once and max_tokens for each
     of its completions."""
-    import grpc
-
     port = free_port()
     async with serve("tiny", telemetry=TelemetryConfig(metrics_port=port)) as served:
         for fields in ({"text": "hi", "max_tokens": 4, "temperature": -1.0}, {"text": ""}):
@@ -248,6 +249,14 @@ async def test_refused_calls_are_counted_by_code_and_n_once_per_call() -> None:
     assert value(after, "duetserve:request_params_max_tokens_sum") == 3009
 
 
+async def refused_both_ways(served, code) -> None:  # noqa: ANN001
+    """An n=1 and an n=2 call are both refused with `code`."""
+    for n in (1, 2):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await generate(served.stub, token_ids={"ids": [5, 6]}, max_tokens=2, n=n)
+        assert err.value.code() == code, n
+
+
 async def test_calls_the_engine_refuses_after_validation_do_not_count_as_accepted() -> None:
     """A call refused at admission (a full queue, or a data plane lost after validation) counts in
     request_refused_total, not in request_params_n, whether one completion or all n of it were refused."""
@@ -264,13 +273,7 @@ async def test_calls_the_engine_refuses_after_validation_do_not_count_as_accepte
         await calls[0].read()  # running: it holds the only sequence slot (the others queue behind it)
         calls += [served.stub.Generate(pb.GenerateRequest(request_id=f"r{i}", **LONG)) for i in (1, 2)]
         await wait_for(lambda: served.scheduler.num_waiting == 2)
-        for n in (1, 2):
-            try:
-                await generate(served.stub, token_ids={"ids": [5, 6]}, max_tokens=2, n=n)
-            except grpc.aio.AioRpcError as exc:
-                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            else:
-                raise AssertionError("a full queue took the call")
+        await refused_both_ways(served, grpc.StatusCode.RESOURCE_EXHAUSTED)  # a full queue
         for call in calls:
             call.cancel()
         await wait_for(lambda: all_blocks_free(served))
@@ -280,13 +283,7 @@ async def test_calls_the_engine_refuses_after_validation_do_not_count_as_accepte
             raise EngineUnavailable("the data plane is gone")
 
         served.plane.engine.add_request = gone  # type: ignore[method-assign]
-        for n in (1, 2):
-            try:
-                await generate(served.stub, token_ids={"ids": [5, 6]}, max_tokens=2, n=n)
-            except grpc.aio.AioRpcError as exc:
-                assert exc.code() == grpc.StatusCode.UNAVAILABLE
-            else:
-                raise AssertionError("a lost data plane took the call")
+        await refused_both_ways(served, grpc.StatusCode.UNAVAILABLE)
         served.plane.engine.add_request = add  # type: ignore[method-assign]
         after = await asyncio.to_thread(scrape, port)
     assert value(after, "duetserve:request_refused_total", code="RESOURCE_EXHAUSTED") == 2
