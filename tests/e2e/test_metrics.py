@@ -260,8 +260,6 @@ async def refused_both_ways(served, code) -> None:  # noqa: ANN001
 async def test_calls_the_engine_refuses_after_validation_do_not_count_as_accepted() -> None:
     """A call refused at admission (a full queue, or a data plane lost after validation) counts in
     request_refused_total, not in request_params_n, whether one completion or all n of it were refused."""
-    import grpc
-
     from controlplane.engine import EngineUnavailable
     from tests.e2e.test_limits import all_blocks_free
 
