@@ -104,7 +104,7 @@ class ServingMetrics:
         # argument, a duplicate id, a refusal under load, a server not ready (a client that went away is
         # not counted; a request the engine took and failed is request_success{finished_reason="error"})
         self.request_refused = m.create_counter(PREFIX + "request_refused",
-                                                description="Generate calls refused before the engine finished them")
+                                                description="Generate calls refused before the engine took them")
         # engine steps by mode (aggregated | multiplexed): how many, their measured time (phase total;
         # a multiplexed step also prefill and decode, its look-ahead passes together), tokens scheduled
         self.steps = m.create_counter(PREFIX + "steps", description="Engine steps finished")

@@ -472,10 +472,8 @@ class EngineObserver:
         # spans and metrics flush side by side: each waits at most SHUTDOWN_EXPORT_TIMEOUT_S for its exporter
         stops = [_logged(owner.shutdown) for owner in (self.provider, self._metrics_owned) if owner is not None]
         self.provider = self._metrics_owned = None
-        threads = [threading.Thread(target=stop, name="telemetry-stop") for stop in stops[1:]]
+        threads = [threading.Thread(target=stop, name="telemetry-stop") for stop in stops]
         for thread in threads:
             thread.start()
-        for stop in stops[:1]:
-            stop()
         for thread in threads:
             thread.join()

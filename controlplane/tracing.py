@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import grpc
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
@@ -30,10 +31,7 @@ STEP_SPAN = "scheduler.step"
 # no gRPC code (the engine's own).
 SERVER_FAULT_CODES = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE",
                                 "DATA_LOSS", "_OTHER"})
-_GRPC_CODE_NUMBERS = {"OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4,
-                      "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8,
-                      "FAILED_PRECONDITION": 9, "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12,
-                      "INTERNAL": 13, "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16}
+
 
 
 def incoming_context(metadata: Iterable[tuple[str, str | bytes]] | None) -> Context | None:
@@ -62,8 +60,8 @@ def end_call_status(span: Span, code: str, message: str | None, rpc: bool) -> No
     The call's own span also gets `rpc.grpc.status_code`."""
     if code != "OK":
         span.set_attribute("error.type", code)
-    if rpc and code in _GRPC_CODE_NUMBERS:
-        span.set_attribute("rpc.grpc.status_code", _GRPC_CODE_NUMBERS[code])
+    if rpc and code in grpc.StatusCode.__members__:
+        span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[code].value[0])
     if code in SERVER_FAULT_CODES:
         span.set_status(Status(StatusCode.ERROR, message))
     elif message:
