@@ -208,8 +208,8 @@ class Engine:
                      grace_s, len(self._handles))
         while self._handles and loop.time() < deadline and self.failure is None and not self._drain_cut:
             await asyncio.sleep(min(0.02, max(deadline - loop.time(), 0.0)))
-        why = "the server was stopped before the request finished" if self._drain_cut else \
-            f"the request did not finish within the {grace_s:g} s grace period"
+        why = ("the server was stopped before the request finished" if self._drain_cut
+               else f"the request did not finish within the {grace_s:g} s grace period")
         if self._handles:
             log.warning("shutting down: ending %d requests (%s)", len(self._handles), why)
         self._fail_all(f"server shutting down: {why}", keep_failure=True)

@@ -26,9 +26,8 @@ from dataplane.calibration import calibrate
 from dataplane.health import Heartbeat
 from dataplane.kv_cache import allocate_kv_cache
 from dataplane.memory import MemoryPlan, plan_cpu_memory, plan_gpu_memory, profile_activations
-from dataplane.models.config import ModelConfig, load_model_config
-from dataplane.models.loader import load_model, resolve_dtype
-from dataplane.models.presets import PRESETS
+from dataplane.models.config import ModelConfig
+from dataplane.models.loader import load_model, model_config, resolve_dtype
 from dataplane.piecewise import PiecewiseGraphs, default_token_buckets, piecewise_possible, piecewise_reserve_bytes
 from dataplane.runner import ModelRunner, PendingStep
 from dataplane.sampler import Sampler
@@ -120,26 +119,26 @@ def apply_cublas_workspace(config: DataplaneConfig) -> None:
     os.environ["CUBLAS_WORKSPACE_CONFIG"] = value
 
 
-def check_max_model_len(config: DataplaneConfig) -> None:
-    """Before the weights load: refuse a max_model_len past the model's positions, as vLLM does (its
-    RoPE table ends there: tokens past it would be computed with no position)."""
+def check_max_model_len(config: DataplaneConfig, cfg: ModelConfig) -> None:
+    """Before the weights load: refuse a max_model_len past the model's positions (`cfg`, the model's
+    config), as vLLM does (its RoPE table ends there: tokens past it would be computed with no position)."""
     if config.max_model_len is None:
         return
-    cfg = PRESETS[config.model] if config.model in PRESETS else load_model_config(config.model)
     if config.max_model_len > cfg.max_position_embeddings:
         raise ValueError(f"max_model_len {config.max_model_len} is past the model's {cfg.max_position_embeddings} "
                          f"positions (max_position_embeddings); ask for at most that")
 
 
 def load_worker(config: DataplaneConfig) -> LoadedWorker:
-    check_max_model_len(config)
+    model_cfg = model_config(config.model)  # read once: the length check and the model's build share it
+    check_max_model_len(config, model_cfg)
     apply_cublas_workspace(config)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     torch.manual_seed(config.seed)
     if device.type == "cuda" and config.blas_library != "default":
         torch.backends.cuda.preferred_blas_library(config.blas_library)  # process-wide, before any capture
-    model, cfg = load_model(config.model, dtype=dtype, device=device, seed=config.seed)
+    model, cfg = load_model(config.model, dtype=dtype, device=device, seed=config.seed, cfg=model_cfg)
     if device.type == "cuda" and config.fused_kernels and dtype != torch.float32:
         if importlib.util.find_spec("flashinfer") is None:  # its norm and RoPE kernels: an image without `gpu`
             log.warning("the fused kernels need flashinfer (pip install 'duetserve[gpu]'): the model runs unfused")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -43,21 +44,27 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16") from None
 
 
-def load_model(model: str, *, dtype: torch.dtype, device: torch.device,
-               seed: int = 0) -> tuple[DenseForCausalLM, ModelConfig]:
-    """Load a preset name (random weights) or a checkpoint folder; returns (model in eval mode, cfg)."""
-    device = torch.device(device)
+def model_config(model: str) -> ModelConfig:
+    """The config of a preset name or a checkpoint folder (its config.json, read once per call)."""
     if model in PRESETS:
-        cfg = PRESETS[model]
-        net = _materialise(cfg, dtype, device)
+        return PRESETS[model]
+    if Path(model).is_dir():
+        return load_model_config(model)
+    raise ValueError(f"model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
+                     "nor a checkpoint folder")
+
+
+def load_model(model: str, *, dtype: torch.dtype, device: torch.device, seed: int = 0,
+               cfg: ModelConfig | None = None) -> tuple[DenseForCausalLM, ModelConfig]:
+    """Load a preset name (random weights) or a checkpoint folder; returns (model in eval mode, cfg).
+    `cfg`, when given, is `model_config(model)` already read (the config is not read again)."""
+    device = torch.device(device)
+    cfg = model_config(model) if cfg is None else cfg
+    net = _materialise(cfg, dtype, device)
+    if model in PRESETS:
         init_random_weights(net, seed)
-    elif Path(model).is_dir():
-        cfg = load_model_config(model)
-        net = _materialise(cfg, dtype, device)
-        load_checkpoint_weights(net, Path(model))
     else:
-        raise ValueError(f"model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
-                         "nor a checkpoint folder")
+        load_checkpoint_weights(net, Path(model))
     net.eval()
     net.requires_grad_(False)
     return net, cfg
@@ -109,14 +116,16 @@ def checkpoint_files(folder: Path) -> list[Path]:
 
 @torch.no_grad()
 def load_checkpoint_weights(net: DenseForCausalLM, folder: Path) -> None:
-    """Copy every tensor of the checkpoint into `net` (casting dtype); strict about names/shapes."""
+    """Copy every tensor of the checkpoint into `net` (casting dtype); strict about names/shapes.
+    Each safetensors file is opened once: its keys are read first (to find what not to load), then its tensors."""
     params = dict(net.named_parameters(remove_duplicate=False))
-    files = checkpoint_files(folder)
-    skip = _skipped_keys(files, net.cfg.tie_word_embeddings)
     seen: set[str] = set()
     unexpected: list[str] = []
-    for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+    with ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+                   for path in checkpoint_files(folder)]
+        skip = _skipped_keys([list(f.keys()) for f in handles], net.cfg.tie_word_embeddings)
+        for f in handles:
             for key in f.keys():
                 if key.endswith(_IGNORED_SUFFIXES) or key in skip:
                     continue
@@ -136,14 +145,13 @@ def load_checkpoint_weights(net: DenseForCausalLM, folder: Path) -> None:
                          f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
 
 
-def _skipped_keys(files: list[Path], tied: bool) -> set[str]:
-    """Checkpoint tensors not to load. A tensor stored in two files is an error (which one would win
-    depended on file order). With tied embeddings and both tensors stored, `lm_head.weight` is left
-    out and the embedding serves both, as vLLM does."""
+def _skipped_keys(keys_by_file: list[list[str]], tied: bool) -> set[str]:
+    """Checkpoint tensors not to load, from each file's keys. A tensor stored in two files is an error
+    (which one would win depended on file order). With tied embeddings and both tensors stored,
+    `lm_head.weight` is left out and the embedding serves both, as vLLM does."""
     counts: Counter[str] = Counter()
-    for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            counts.update(f.keys())
+    for keys in keys_by_file:
+        counts.update(keys)
     twice = sorted(k for k, n in counts.items() if n > 1)
     if twice:
         raise ValueError(f"checkpoint tensors stored in more than one file: {twice[:10]}")

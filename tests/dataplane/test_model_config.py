@@ -171,3 +171,23 @@ def test_the_config_dtype_names_are_the_loaders() -> None:
 
     assert set(DTYPES) == {"auto", *_DTYPES}
     assert all(isinstance(resolve_dtype(name, "cpu"), torch.dtype) for name in DTYPES)
+
+
+def test_a_worker_reads_its_checkpoints_config_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The max_model_len check and the model's build share one read of config.json (it was read twice),
+    and a max_model_len past the model's positions is still refused before the weights load."""
+    import dataplane.models.config as config_module
+    from dataplane.worker import load_worker
+    from shared.config import DataplaneConfig
+
+    folder = write_tiny_checkpoint(tmp_path / "q", "qwen3")
+    positions = load_model_config(folder).max_position_embeddings
+    reads: list[str] = []
+    real = config_module._read_json
+    monkeypatch.setattr(config_module, "_read_json", lambda path: reads.append(Path(path).name) or real(path))
+    loaded = load_worker(DataplaneConfig(model=str(folder), device="cpu", num_kv_blocks=16, block_size=4,
+                                         max_model_len=positions))
+    assert reads.count("config.json") == 1 and loaded.ready.max_model_len == positions
+    with pytest.raises(ValueError, match=f"past the model's {positions} positions"):
+        load_worker(DataplaneConfig(model=str(folder), device="cpu", num_kv_blocks=16, block_size=4,
+                                    max_model_len=positions + 1))
