@@ -34,6 +34,7 @@ from controlplane.validation import (
 from shared.messages import PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
+CLIENT_CANCELLED = "CANCELLED: the client cancelled the call"  # its error (and its running completions')
 
 
 @dataclass
@@ -67,17 +68,24 @@ class _Fanout:
         del self.ids[len(self.handles):]
         return unstarted
 
-    def close(self, engine: Engine, call: RequestObs) -> None:
+    def close(self, engine: Engine, call: RequestObs, cancelled: bool = False) -> None:
         """Stop forwarding, abort every completion still running (the client went away, the call was
-        cancelled, or one failed) and close the completions' spans (one the call's failure ended says
-        so, with its status code)."""
+        cancelled, or one failed) and close the completions' spans. A completion aborted here ends as an
+        abort that says why, as the call's span does: the call's error and status code when the call
+        failed, CANCELLED when the client cancelled it (`cancelled`)."""
         for task in self.pumps:
             task.cancel()
         for engine_id, handle in zip(self.ids, self.handles):
             if not handle.finished:
+                obs = handle.obs
+                if obs is not call and obs.error is None:  # completion 0's record is the call's own
+                    if call.error is not None:
+                        obs.error, obs.error_type = call.error, call.error_type
+                    elif cancelled:
+                        obs.error, obs.error_type = CLIENT_CANCELLED, "CANCELLED"
                 engine.abort(engine_id)
         for span in self.spans:
-            if span.finish_reason is None and span.error is None:
+            if span.finish_reason is None and span.error is None:  # one the engine never took
                 span.error, span.error_type = call.error, call.error_type
             engine.observer.close_request(span)
 
@@ -133,7 +141,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             raise
         except (asyncio.CancelledError, GeneratorExit):  # the client cancelled or went away
             if obs.error is None:  # its request was aborted (finish reason abort); the call ends CANCELLED
-                obs.error, obs.error_type = "CANCELLED: the client cancelled the call", "CANCELLED"
+                obs.error, obs.error_type = CLIENT_CANCELLED, "CANCELLED"
             raise
         except Exception as exc:  # a bug: gRPC ends the call UNKNOWN, a server fault (not the client gone)
             obs.error, obs.error_type = f"UNKNOWN: {type(exc).__name__}: {exc}", "UNKNOWN"
@@ -175,7 +183,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         handle = await self._add(context, obs, EngineRequest(valid.request_id, valid.prompt_token_ids,
                                                              valid.sampling, valid.stop, obs, valid.priority,
                                                              valid.skip_special_tokens, valid.detokenize))
-        self.engine.observer.request_accepted(obs, 1, valid.stop.max_tokens)
+        self.engine.observer.request_accepted(obs, 1, valid.requested_max_tokens)
         try:
             async for delta in handle.until(deadline):
                 for before in self.messages.output_before_failure(valid.request_id, delta):
@@ -271,6 +279,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         staggered = (engine.scheduler_config.enable_prefix_caching and valid.sampling.prompt_logprobs is None
                      and (len(valid.prompt_token_ids) - 1) // engine.worker.block_size >= 1)
         self._fanouts[rid] = fanout
+        cancelled = False  # the client cancelled the call or went away (the call's span ends CANCELLED)
         try:
             try:
                 engine.check_room(len(valid.prompt_token_ids), valid.n)  # all n fit, or none starts
@@ -301,8 +310,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     yield message
                 if delta.finish_reason is not None:
                     left -= 1
+        except (asyncio.CancelledError, GeneratorExit):  # the client cancelled or went away: Generate says so too
+            cancelled = True
+            raise
         finally:
-            fanout.close(engine, obs)
+            fanout.close(engine, obs, cancelled)
             del self._fanouts[rid]
 
     async def _start(self, fanout: _Fanout, valid: ValidatedRequest, context: grpc.aio.ServicerContext,
@@ -317,8 +329,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             fanout.stream(await self._add(context, obs, EngineRequest(  # all n were admitted by check_room
                 fanout.ids[i], valid.prompt_token_ids, sampling, valid.stop, fanout.spans[-1] if i else obs,
                 valid.priority, valid.skip_special_tokens, valid.detokenize), admitted=True), deadline)
-            if i == 0:  # the engine took the call (before completions 1.. copy its max_tokens)
-                self.engine.observer.request_accepted(obs, valid.n, valid.stop.max_tokens)
+            if i == 0:  # the engine took the call (before completions 1.. copy its requested max_tokens)
+                self.engine.observer.request_accepted(obs, valid.n, valid.requested_max_tokens)
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         try:

@@ -40,6 +40,7 @@ class FakeEngine:
         if handle is None or handle.finished:
             return False
         handle.finished = True
+        self.observer.request_finished(handle.obs, "abort", 0, 0)  # as the engine's: the record ends at once
         handle.queue.put_nowait(RequestDelta([], "", finish_reason="abort"))
         return True
 
@@ -178,3 +179,44 @@ def test_output_merged_with_a_failure_still_reaches_the_client() -> None:
 
     got, status = asyncio.run(main())
     assert got == [[7]] and "UNAVAILABLE" in status and "data plane lost" in status
+
+
+def _end_an_n2_call(how: str) -> tuple[object, object]:
+    """An n=2 call whose two completions both run, ended by `how`: completion 0 failing ("error") or the
+    client cancelling ("cancel"). Returns the call's record and completion 1's."""
+    async def main() -> tuple[object, object]:
+        engine = FakeEngine()
+        engine.scheduler_config.enable_prefix_caching = False  # both completions start together
+        servicer = GenerationServicer(engine, "m", "aggregated")  # type: ignore[arg-type]
+        valid = ValidatedRequest("r", list(range(10)), SamplingParams(temperature=0.0), StopParams(max_tokens=100), n=2)
+        obs = engine.observer.start_request(())
+
+        async def consume() -> None:
+            async for _ in servicer._generate_many(valid, Context(), obs, None):  # type: ignore[arg-type]
+                pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.01)
+        zero, one = engine.handles["r\x1f0"], engine.handles["r\x1f1"]
+        if how == "error":
+            zero.finished = True
+            del engine.handles["r\x1f0"]
+            zero.queue.put_nowait(RequestDelta([], "", finish_reason="error", error="the step failed"))
+        else:
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert one.finished and not engine.handles and not servicer._fanouts  # completion 1 was aborted
+        return obs, one.obs
+
+    return asyncio.run(main())
+
+
+def test_a_completion_a_failed_call_ended_carries_the_calls_error() -> None:
+    call, one = _end_an_n2_call("error")
+    assert call.error == "INTERNAL: the step failed"
+    assert (one.error, one.error_type) == (call.error, "INTERNAL")
+
+
+def test_a_completion_a_cancelled_call_ended_says_cancelled() -> None:
+    call, one = _end_an_n2_call("cancel")
+    assert one.error_type == "CANCELLED" and "cancelled" in one.error

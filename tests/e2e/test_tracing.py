@@ -152,7 +152,8 @@ async def test_spans_reach_an_otlp_receiver() -> None:
 async def test_a_call_the_client_cancels_ends_as_cancelled() -> None:
     """The client cancels an n=2 call when completion 0 has finished and completion 1 still runs, and an
     n=1 call mid-stream: each call's span says CANCELLED (they read OK, status code 0, as their requests
-    had ended as aborts, or completion 0 had finished); the requests were aborted."""
+    had ended as aborts, or completion 0 had finished); the requests were aborted, and the completion the
+    cancel aborted says so too (error.type CANCELLED, its status unset: not a server fault)."""
     from tests.e2e.test_limits import slow_steps
 
     with OtlpReceiver() as receiver:
@@ -177,6 +178,8 @@ async def test_a_call_the_client_cancels_ends_as_cancelled() -> None:
     assert server.attributes["error.type"] == "CANCELLED" and server.attributes["rpc.grpc.status_code"] == 1
     assert server.status_code == 0  # a client's cancel: unset, as OTel's RPC conventions say
     assert child.attributes["gen_ai.response.finish_reasons"] == ["abort"]
+    assert child.attributes["error.type"] == "CANCELLED" and child.status_code == 0
+    assert "rpc.grpc.status_code" not in child.attributes  # a completion's span is not the call's
     cut = _request_span(spans, "r-cut")
     assert cut.attributes["error.type"] == "CANCELLED" and cut.attributes["rpc.grpc.status_code"] == 1
     assert cut.attributes["gen_ai.response.finish_reasons"] == ["abort"] and cut.status_code == 0
