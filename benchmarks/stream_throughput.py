@@ -70,16 +70,28 @@ def _commit(root: Path) -> str:
     return (out.stdout.strip() or "unknown") + ("+" if dirty else "")
 
 
+def server_env(root: Path, environ: dict[str, str]) -> dict[str, str]:
+    """The control plane's environment: `root`'s code first on the path, then what the path held (where the
+    dependencies may be: on the GPU machine they are installed under a folder PYTHONPATH names)."""
+    inherited = [entry for entry in environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    return {**environ, "PYTHONPATH": os.pathsep.join([str(root), *inherited])}
+
+
 def run_point(root: Path, port: int, concurrency: int, interval: int, args: argparse.Namespace) -> dict[str, object]:
+    errors = tempfile.TemporaryFile(mode="w+")  # the server's stderr: its last lines say why it did not start
     server = subprocess.Popen([sys.executable, "-c", SERVER, str(port), str(args.time_scale), args.gpu, str(interval),
                                args.model],
-                              cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
+                              cwd=root, env=server_env(root, dict(os.environ)), stdout=subprocess.PIPE,
+                              stderr=errors, text=True)
     try:
         assert server.stdout is not None
         ready = server.stdout.readline().split()
         if len(ready) != 2 or ready[0] != "ready":
-            raise RuntimeError(f"the control plane of {root} did not start")
+            server.kill()
+            server.wait(timeout=30)
+            errors.seek(0)
+            tail = " | ".join(errors.read().strip().splitlines()[-3:])
+            raise RuntimeError(f"the control plane of {root} did not start ({tail or 'no error output'})")
         port = int(ready[1])  # the port it bound (0 asks for a free one)
         with tempfile.NamedTemporaryFile(suffix=".json") as result:
             cpu0 = _cpu_s(server.pid)
@@ -93,6 +105,7 @@ def run_point(root: Path, port: int, concurrency: int, interval: int, args: argp
     finally:
         server.terminate()
         server.wait(timeout=30)
+        errors.close()
     tokens = bench["total_output_tokens"]
     return {"root": str(root), "commit": _commit(root), "concurrency": concurrency, "stream_interval": interval,
             "output_tok_s": bench["output_throughput"], "mean_tpot_ms": bench["mean_tpot_ms"],

@@ -321,6 +321,18 @@ def test_stream_throughput_benchmark_counts_every_token(tmp_path: Path) -> None:
     assert row["completed"] == 4 and row["failed"] == 0
 
 
+def test_stream_throughput_keeps_the_inherited_python_path() -> None:
+    """The benchmark's control plane keeps the PYTHONPATH it inherits, behind the checkout it measures: on
+    the GPU machine the dependencies are there, and replacing it stopped every point from starting."""
+    import os
+
+    from benchmarks.stream_throughput import server_env
+
+    env = server_env(Path("/checkout"), {"PYTHONPATH": f"/tmp/site{os.pathsep}/repo", "HOME": "/root"})
+    assert env["PYTHONPATH"].split(os.pathsep) == ["/checkout", "/tmp/site", "/repo"] and env["HOME"] == "/root"
+    assert server_env(Path("/checkout"), {})["PYTHONPATH"] == "/checkout"
+
+
 def test_tokenize_stall_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "stall.json"
     proc = subprocess.run([sys.executable, "benchmarks/tokenize_stall.py", "--chars", "3000", "--out", str(out)],
