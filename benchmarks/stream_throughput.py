@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,35 +78,50 @@ def server_env(root: Path, environ: dict[str, str]) -> dict[str, str]:
     return {**environ, "PYTHONPATH": os.pathsep.join([str(root), *inherited])}
 
 
-def run_point(root: Path, port: int, concurrency: int, interval: int, args: argparse.Namespace) -> dict[str, object]:
-    errors = tempfile.TemporaryFile(mode="w+")  # the server's stderr: its last lines say why it did not start
-    server = subprocess.Popen([sys.executable, "-c", SERVER, str(port), str(args.time_scale), args.gpu, str(interval),
-                               args.model],
-                              cwd=root, env=server_env(root, dict(os.environ)), stdout=subprocess.PIPE,
-                              stderr=errors, text=True)
+def _stop(server: subprocess.Popen) -> None:
+    """SIGTERM (the server stops its data plane too), SIGKILL if it is still there after 30 s."""
+    server.terminate()
     try:
-        assert server.stdout is not None
-        ready = server.stdout.readline().split()
-        if len(ready) != 2 or ready[0] != "ready":
-            server.kill()
-            server.wait(timeout=30)
-            errors.seek(0)
-            tail = " | ".join(errors.read().strip().splitlines()[-3:])
-            raise RuntimeError(f"the control plane of {root} did not start ({tail or 'no error output'})")
-        port = int(ready[1])  # the port it bound (0 asks for a free one)
-        with tempfile.NamedTemporaryFile(suffix=".json") as result:
-            cpu0 = _cpu_s(server.pid)
-            subprocess.run([sys.executable, "-m", "controlplane.cli", "bench", "serve", "--address",
-                            f"127.0.0.1:{port}", "--dataset", "random", "--num-prompts", str(args.num_prompts),
-                            "--random-input-len", "64", "--random-output-len", str(args.output_len),
-                            "--max-concurrency", str(concurrency), "--no-progress", "--result-file", result.name],
-                           cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-            cpu = _cpu_s(server.pid) - cpu0
-            bench = json.loads(Path(result.name).read_text())
-    finally:
-        server.terminate()
         server.wait(timeout=30)
-        errors.close()
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def _tail(errors: IO[str]) -> str:
+    errors.seek(0)
+    return " | ".join(errors.read().strip().splitlines()[-3:]) or "no error output"
+
+
+def run_point(root: Path, port: int, concurrency: int, interval: int, args: argparse.Namespace) -> dict[str, object]:
+    # the server's stderr, on disk (a pipe nobody reads could fill): its last lines say why it failed
+    with tempfile.TemporaryFile(mode="w+", errors="replace") as errors:
+        server = subprocess.Popen([sys.executable, "-c", SERVER, str(port), str(args.time_scale), args.gpu,
+                                   str(interval), args.model],
+                                  cwd=root, env=server_env(root, dict(os.environ)), stdout=subprocess.PIPE,
+                                  stderr=errors, text=True)
+        try:
+            assert server.stdout is not None
+            ready = server.stdout.readline().split()
+            if len(ready) != 2 or ready[0] != "ready":
+                _stop(server)
+                raise RuntimeError(f"the control plane of {root} did not start ({_tail(errors)})")
+            port = int(ready[1])  # the port it bound (0 asks for a free one)
+            with tempfile.NamedTemporaryFile(suffix=".json") as result:
+                cpu0 = _cpu_s(server.pid)
+                bench_run = subprocess.run(
+                    [sys.executable, "-m", "controlplane.cli", "bench", "serve", "--address", f"127.0.0.1:{port}",
+                     "--dataset", "random", "--num-prompts", str(args.num_prompts), "--random-input-len", "64",
+                     "--random-output-len", str(args.output_len), "--max-concurrency", str(concurrency),
+                     "--no-progress", "--result-file", result.name],
+                    cwd=ROOT, stdout=subprocess.DEVNULL)
+                cpu = _cpu_s(server.pid) - cpu0
+                if bench_run.returncode != 0:
+                    raise RuntimeError(f"bench serve against the control plane of {root} exited "
+                                       f"{bench_run.returncode} (the server's stderr: {_tail(errors)})")
+                bench = json.loads(Path(result.name).read_text())
+        finally:
+            _stop(server)
     tokens = bench["total_output_tokens"]
     return {"root": str(root), "commit": _commit(root), "concurrency": concurrency, "stream_interval": interval,
             "output_tok_s": bench["output_throughput"], "mean_tpot_ms": bench["mean_tpot_ms"],

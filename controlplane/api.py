@@ -68,26 +68,36 @@ class _Fanout:
         del self.ids[len(self.handles):]
         return unstarted
 
-    def close(self, engine: Engine, call: RequestObs, cancelled: bool = False) -> None:
+    def close(self, engine: Engine, call: RequestObs) -> None:
         """Stop forwarding, abort every completion still running (the client went away, the call was
         cancelled, or one failed) and close the completions' spans. A completion aborted here ends as an
-        abort that says why, as the call's span does: the call's error and status code when the call
-        failed, CANCELLED when the client cancelled it (`cancelled`)."""
+        abort that says why, as the call's span does: the call's error and status code (CANCELLED when the
+        client cancelled it)."""
         for task in self.pumps:
             task.cancel()
         for engine_id, handle in zip(self.ids, self.handles):
             if not handle.finished:
                 obs = handle.obs
                 if obs is not call and obs.error is None:  # completion 0's record is the call's own
-                    if call.error is not None:
-                        obs.error, obs.error_type = call.error, call.error_type
-                    elif cancelled:
-                        obs.error, obs.error_type = CLIENT_CANCELLED, "CANCELLED"
+                    obs.error, obs.error_type = call.error, call.error_type
                 engine.abort(engine_id)
         for span in self.spans:
             if span.finish_reason is None and span.error is None:  # one the engine never took
                 span.error, span.error_type = call.error, call.error_type
             engine.observer.close_request(span)
+
+
+def note_call_error(obs: RequestObs, exc: BaseException) -> None:
+    """Record on the call's record why the exception `exc` ends it, as gRPC will end the call, unless a
+    reason is recorded already (`_abort` records its status before it raises): the client cancelling or
+    going away ends it CANCELLED (its request was aborted, finish reason abort); any other exception is a
+    bug, which gRPC ends UNKNOWN (a server fault, not the client gone)."""
+    if obs.error is not None or isinstance(exc, grpc.aio.AbortError):
+        return
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        obs.error, obs.error_type = CLIENT_CANCELLED, "CANCELLED"
+    elif isinstance(exc, Exception):
+        obs.error, obs.error_type = f"UNKNOWN: {type(exc).__name__}: {exc}", "UNKNOWN"
 
 
 def choice_id(request_id: str, index: int) -> str:
@@ -137,14 +147,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             async with aclosing(self._generate(request, context, obs)) as responses:
                 async for response in responses:
                     yield response
-        except grpc.aio.AbortError:
-            raise
-        except (asyncio.CancelledError, GeneratorExit):  # the client cancelled or went away
-            if obs.error is None:  # its request was aborted (finish reason abort); the call ends CANCELLED
-                obs.error, obs.error_type = CLIENT_CANCELLED, "CANCELLED"
-            raise
-        except Exception as exc:  # a bug: gRPC ends the call UNKNOWN, a server fault (not the client gone)
-            obs.error, obs.error_type = f"UNKNOWN: {type(exc).__name__}: {exc}", "UNKNOWN"
+        except BaseException as exc:
+            note_call_error(obs, exc)
             raise
         finally:
             observer.close_request(obs)
@@ -183,7 +187,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         handle = await self._add(context, obs, EngineRequest(valid.request_id, valid.prompt_token_ids,
                                                              valid.sampling, valid.stop, obs, valid.priority,
                                                              valid.skip_special_tokens, valid.detokenize))
-        self.engine.observer.request_accepted(obs, 1, valid.requested_max_tokens)
+        self.engine.observer.request_accepted(obs, 1, valid.stop.max_tokens)
         try:
             async for delta in handle.until(deadline):
                 for before in self.messages.output_before_failure(valid.request_id, delta):
@@ -279,7 +283,6 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         staggered = (engine.scheduler_config.enable_prefix_caching and valid.sampling.prompt_logprobs is None
                      and (len(valid.prompt_token_ids) - 1) // engine.worker.block_size >= 1)
         self._fanouts[rid] = fanout
-        cancelled = False  # the client cancelled the call or went away (the call's span ends CANCELLED)
         try:
             try:
                 engine.check_room(len(valid.prompt_token_ids), valid.n)  # all n fit, or none starts
@@ -310,11 +313,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     yield message
                 if delta.finish_reason is not None:
                     left -= 1
-        except (asyncio.CancelledError, GeneratorExit):  # the client cancelled or went away: Generate says so too
-            cancelled = True
+        except BaseException as exc:  # before the completions close, which end saying what ended the call
+            note_call_error(obs, exc)
             raise
         finally:
-            fanout.close(engine, obs, cancelled)
+            fanout.close(engine, obs)
             del self._fanouts[rid]
 
     async def _start(self, fanout: _Fanout, valid: ValidatedRequest, context: grpc.aio.ServicerContext,
@@ -329,8 +332,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             fanout.stream(await self._add(context, obs, EngineRequest(  # all n were admitted by check_room
                 fanout.ids[i], valid.prompt_token_ids, sampling, valid.stop, fanout.spans[-1] if i else obs,
                 valid.priority, valid.skip_special_tokens, valid.detokenize), admitted=True), deadline)
-            if i == 0:  # the engine took the call (before completions 1.. copy its requested max_tokens)
-                self.engine.observer.request_accepted(obs, valid.n, valid.requested_max_tokens)
+            if i == 0:  # the engine took the call (before completions 1.. copy its max_tokens)
+                self.engine.observer.request_accepted(obs, valid.n, valid.stop.max_tokens)
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         try:

@@ -86,12 +86,9 @@ class ServingMetrics:
         self.request_prompt_tokens = hist("request_prompt_tokens", "Prompt tokens of a request", _TOKENS, unit="")
         self.request_generation_tokens = hist("request_generation_tokens", "Output tokens of a request", _TOKENS,
                                               unit="")
-        # vLLM's request parameters: n per call (when it is accepted), and per finished completion the
-        # max_tokens its call asked for (as the client set it, not clamped to the room the prompt leaves;
-        # none when unset)
+        # vLLM's request parameters: n per call (when it is accepted), max_tokens per finished completion
         self.request_params_n = hist("request_params_n", "Completions a call asked for (n)", _N, unit="")
-        self.request_params_max_tokens = hist("request_params_max_tokens",
-                                              "max_tokens a finished request asked for (when it set it)",
+        self.request_params_max_tokens = hist("request_params_max_tokens", "max_tokens of a finished request",
                                               _TOKENS, unit="")
         self.prompt_tokens = m.create_counter(PREFIX + "prompt_tokens", description="Prefilled prompt tokens")
         self.generation_tokens = m.create_counter(PREFIX + "generation_tokens", description="Generated tokens")

@@ -75,7 +75,7 @@ class RequestObs:
     error: str | None = None  # why the call failed, as the client saw it
     error_type: str | None = None  # its gRPC status code's name (the span's `error.type`)
     completion_tokens: int = 0  # its output tokens, once finished
-    requested_max_tokens: int | None = None  # max_tokens as the client set it, once the call was accepted
+    max_tokens: int | None = None  # its max_tokens, once the call was accepted
     is_call: bool = True  # a gRPC call's own record (False: completion i > 0 of an n > 1 call)
     # completions 1..n-1 of an n > 1 request (on completion 0's record): the call's span sums them up
     children: list[RequestObs] = field(default_factory=list)
@@ -174,7 +174,7 @@ class EngineObserver:
         """Completion `index` (> 0) of an n > 1 request: its span a child of the request's span (completion
         0's), in the same trace, with the request's attributes and `duetserve.choice_index`. Its clock
         starts at the call's arrival, as a vLLM child request's does."""
-        obs = RequestObs(arrival=parent.arrival, requested_max_tokens=parent.requested_max_tokens, is_call=False)
+        obs = RequestObs(arrival=parent.arrival, max_tokens=parent.max_tokens, is_call=False)
         parent.children.append(obs)
         if self.tracer is not None and parent.span is not None and parent.span.is_recording():
             attributes = {key: value for key, value in (getattr(parent.span, "attributes", None) or {}).items()
@@ -187,12 +187,11 @@ class EngineObserver:
                                               kind=SpanKind.INTERNAL, attributes=attributes)
         return obs
 
-    def request_accepted(self, obs: RequestObs, n: int, requested_max_tokens: int | None) -> None:
+    def request_accepted(self, obs: RequestObs, n: int, max_tokens: int) -> None:
         """The engine took the call (all n of it): its n is recorded (once per call, as vLLM's
-        request_params_n), its max_tokens as the client set it (not the default of an unset one, nor
-        clamped to the room the prompt leaves; None: unset) kept for each completion's end
-        (request_params_max_tokens, as vLLM: only when the client set it)."""
-        obs.requested_max_tokens = requested_max_tokens
+        request_params_n), its max_tokens (the effective one: clamped to the room the prompt leaves) kept
+        for each completion's end (request_params_max_tokens)."""
+        obs.max_tokens = max_tokens
         if self.metrics:
             self.metrics.request_params_n.record(n, self.metrics.labels)
 
@@ -259,8 +258,8 @@ class EngineObserver:
         labels = m.labels
         m.request_prompt_tokens.record(prompt_tokens, labels)
         m.request_generation_tokens.record(completion_tokens, labels)
-        if obs.requested_max_tokens is not None:  # the client set it
-            m.request_params_max_tokens.record(obs.requested_max_tokens, labels)
+        if obs.max_tokens is not None:
+            m.request_params_max_tokens.record(obs.max_tokens, labels)
         if obs.first_scheduled is None:  # never scheduled: no phase ran
             return
         m.inference_time.record(now - obs.first_scheduled, labels)

@@ -57,7 +57,6 @@ class ValidatedRequest:
     priority: int = 0  # lower is admitted first, under the priority scheduling policy
     skip_special_tokens: bool = True
     detokenize: bool = True  # False: token ids only, no text
-    requested_max_tokens: int | None = None  # max_tokens as the client set it (None: unset); stop's is clamped
 
 
 def _finite(name: str, value: float) -> float:
@@ -303,9 +302,7 @@ def validate_generate(
     _check_options(request, limits)
     skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
     detokenize = request.detokenize if request.HasField("detokenize") else True
-    requested = request.max_tokens if request.HasField("max_tokens") else None
-    return ValidatedRequest(request_id, prompt, sampling, stop, request.n or 1, request.priority, skip, detokenize,
-                            requested)
+    return ValidatedRequest(request_id, prompt, sampling, stop, request.n or 1, request.priority, skip, detokenize)
 
 
 def validate_tokenize(request: pb.TokenizeRequest, chat: ChatTemplate | None = None) -> tuple[str, bool]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -116,16 +115,16 @@ def checkpoint_files(folder: Path) -> list[Path]:
 
 @torch.no_grad()
 def load_checkpoint_weights(net: DenseForCausalLM, folder: Path) -> None:
-    """Copy every tensor of the checkpoint into `net` (casting dtype); strict about names/shapes.
-    Each safetensors file is opened once: its keys are read first (to find what not to load), then its tensors."""
+    """Copy every tensor of the checkpoint into `net` (casting dtype); strict about names/shapes. The
+    shards are loaded one at a time, each closed when done (all open at once would keep every shard's
+    pages mapped for the whole load); their keys are read first, from the headers (`_skipped_keys`)."""
     params = dict(net.named_parameters(remove_duplicate=False))
+    files = checkpoint_files(folder)
+    skip = _skipped_keys(files, net.cfg.tie_word_embeddings)
     seen: set[str] = set()
     unexpected: list[str] = []
-    with ExitStack() as stack:
-        handles = [stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-                   for path in checkpoint_files(folder)]
-        skip = _skipped_keys([list(f.keys()) for f in handles], net.cfg.tie_word_embeddings)
-        for f in handles:
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in f.keys():
                 if key.endswith(_IGNORED_SUFFIXES) or key in skip:
                     continue
@@ -145,13 +144,14 @@ def load_checkpoint_weights(net: DenseForCausalLM, folder: Path) -> None:
                          f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
 
 
-def _skipped_keys(keys_by_file: list[list[str]], tied: bool) -> set[str]:
-    """Checkpoint tensors not to load, from each file's keys. A tensor stored in two files is an error
-    (which one would win depended on file order). With tied embeddings and both tensors stored,
-    `lm_head.weight` is left out and the embedding serves both, as vLLM does."""
+def _skipped_keys(files: list[Path], tied: bool) -> set[str]:
+    """Checkpoint tensors not to load. A tensor stored in two files is an error (which one would win
+    depended on file order). With tied embeddings and both tensors stored, `lm_head.weight` is left
+    out and the embedding serves both, as vLLM does."""
     counts: Counter[str] = Counter()
-    for keys in keys_by_file:
-        counts.update(keys)
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            counts.update(f.keys())
     twice = sorted(k for k, n in counts.items() if n > 1)
     if twice:
         raise ValueError(f"checkpoint tensors stored in more than one file: {twice[:10]}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
+import pytest
+
 from controlplane.api import GenerationServicer
 from controlplane.engine import EngineRequest, RequestHandle
 from controlplane.observer import EngineObserver
@@ -181,19 +183,37 @@ def test_output_merged_with_a_failure_still_reaches_the_client() -> None:
     assert got == [[7]] and "UNAVAILABLE" in status and "data plane lost" in status
 
 
-def _end_an_n2_call(how: str) -> tuple[object, object]:
-    """An n=2 call whose two completions both run, ended by `how`: completion 0 failing ("error") or the
-    client cancelling ("cancel"). Returns the call's record and completion 1's."""
+def _end_an_n2_call(how: str) -> tuple[object, object, object]:
+    """An n=2 call whose two completions both run, ended by `how`: completion 0 failing ("error"), the
+    client cancelling ("cancel") or going away after a message ("gone": the stream is closed at its
+    yield), or a bug in the servicer ("bug"). Returns the call's record, completion 1's, and completion
+    1's exported span (the observer traces to memory)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+
     async def main() -> tuple[object, object]:
         engine = FakeEngine()
+        engine.observer = EngineObserver(provider, None, "m")
         engine.scheduler_config.enable_prefix_caching = False  # both completions start together
         servicer = GenerationServicer(engine, "m", "aggregated")  # type: ignore[arg-type]
         valid = ValidatedRequest("r", list(range(10)), SamplingParams(temperature=0.0), StopParams(max_tokens=100), n=2)
         obs = engine.observer.start_request(())
+        if how == "bug":
+            def broken(*args: object) -> object:
+                raise ValueError("a servicer bug")
+
+            servicer.messages.responses = broken  # type: ignore[method-assign]
+        stream = servicer._generate_many(valid, Context(), obs, None)  # type: ignore[arg-type]
 
         async def consume() -> None:
-            async for _ in servicer._generate_many(valid, Context(), obs, None):  # type: ignore[arg-type]
-                pass
+            async for _ in stream:
+                if how == "gone":
+                    return  # the client went away after the first message: the stream is closed below
 
         task = asyncio.create_task(consume())
         await asyncio.sleep(0.01)
@@ -202,21 +222,48 @@ def _end_an_n2_call(how: str) -> tuple[object, object]:
             zero.finished = True
             del engine.handles["r\x1f0"]
             zero.queue.put_nowait(RequestDelta([], "", finish_reason="error", error="the step failed"))
-        else:
+        elif how == "cancel":
             task.cancel()
+        else:  # a first message: "gone" returns after it, "bug" fails on it
+            zero.queue.put_nowait(RequestDelta([7], "x"))
         await asyncio.gather(task, return_exceptions=True)
-        assert one.finished and not engine.handles and not servicer._fanouts  # completion 1 was aborted
+        await stream.aclose()  # what gRPC does with the stream of a client gone
+        assert one.finished and not servicer._fanouts  # completion 1 was aborted
+        assert zero.finished or how == "error"  # completion 0 too (the call's record: its span is the call's)
+        engine.observer.close_request(obs)
         return obs, one.obs
 
-    return asyncio.run(main())
+    call, one = asyncio.run(main())
+    (span,) = [s for s in exporter.get_finished_spans() if s.attributes.get("duetserve.choice_index") == 1]
+    return call, one, span
 
 
 def test_a_completion_a_failed_call_ended_carries_the_calls_error() -> None:
-    call, one = _end_an_n2_call("error")
+    """A server fault: the completion's span is ERROR with the call's message, as the call's span is."""
+    from opentelemetry.trace import StatusCode
+
+    call, one, span = _end_an_n2_call("error")
     assert call.error == "INTERNAL: the step failed"
-    assert (one.error, one.error_type) == (call.error, "INTERNAL")
+    assert (one.error, one.error_type) == (call.error, "INTERNAL") and one.finish_reason == "abort"
+    assert span.attributes["error.type"] == "INTERNAL" and span.status.status_code == StatusCode.ERROR
+    assert span.status.description == call.error
 
 
-def test_a_completion_a_cancelled_call_ended_says_cancelled() -> None:
-    call, one = _end_an_n2_call("cancel")
-    assert one.error_type == "CANCELLED" and "cancelled" in one.error
+def test_a_completion_a_servicer_bug_ended_says_unknown() -> None:
+    from opentelemetry.trace import StatusCode
+
+    call, one, span = _end_an_n2_call("bug")
+    assert call.error_type == "UNKNOWN" and "ValueError: a servicer bug" in call.error
+    assert (one.error, one.error_type) == (call.error, "UNKNOWN")
+    assert span.attributes["error.type"] == "UNKNOWN" and span.status.status_code == StatusCode.ERROR
+
+
+@pytest.mark.parametrize("how", ["cancel", "gone"])
+def test_a_completion_a_cancelled_call_ended_says_cancelled(how: str) -> None:
+    """The client cancelled, or went away after a message: not a server fault, so the status stays unset."""
+    from opentelemetry.trace import StatusCode
+
+    call, one, span = _end_an_n2_call(how)
+    assert call.error_type == one.error_type == "CANCELLED" and one.error == call.error
+    assert span.attributes["error.type"] == "CANCELLED" and span.status.status_code == StatusCode.UNSET
+    assert "rpc.grpc.status_code" not in span.attributes  # a completion's span is not the call's

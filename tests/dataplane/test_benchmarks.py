@@ -333,6 +333,20 @@ def test_stream_throughput_keeps_the_inherited_python_path() -> None:
     assert server_env(Path("/checkout"), {})["PYTHONPATH"] == "/checkout"
 
 
+def test_stream_throughput_says_why_a_control_plane_did_not_start(tmp_path: Path) -> None:
+    """A checkout whose control plane cannot start is skipped with the last lines of its stderr."""
+    broken = tmp_path / "broken" / "controlplane"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise ImportError("a broken checkout")\n')
+    out = tmp_path / "stream.json"
+    proc = subprocess.run([sys.executable, "benchmarks/stream_throughput.py", "--roots", str(broken.parent),
+                           "--concurrency", "2", "--num-prompts", "2", "--output-len", "2", "--time-scale", "0.01",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "did not start" in proc.stdout and "ImportError: a broken checkout" in proc.stdout
+    assert json.loads(out.read_text())["rows"] == []
+
+
 def test_tokenize_stall_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "stall.json"
     proc = subprocess.run([sys.executable, "benchmarks/tokenize_stall.py", "--chars", "3000", "--out", str(out)],

@@ -145,24 +145,6 @@ def test_a_tensor_stored_in_two_shards_is_refused(tmp_path: Path) -> None:
         load_model(str(folder), dtype=torch.float32, device=CPU)
 
 
-def test_each_shard_is_opened_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The loader reads a shard's keys and its tensors through one handle (it opened every file twice)."""
-    import dataplane.models.loader as loader
-
-    folder = write_tiny_checkpoint(tmp_path / "q", "qwen3", shards=2)
-    opened: list[str] = []
-    real_open = loader.safe_open
-
-    def counting_open(path: str, **kwargs: object) -> object:
-        opened.append(Path(path).name)
-        return real_open(path, **kwargs)
-
-    monkeypatch.setattr(loader, "safe_open", counting_open)
-    load_model(str(folder), dtype=torch.float32, device=CPU)
-    shards = sorted(p.name for p in folder.glob("model-*.safetensors"))
-    assert len(shards) >= 2 and sorted(opened) == shards
-
-
 def test_unknown_model_name() -> None:
     with pytest.raises(ValueError, match="neither a preset"):
         load_model("no-such-model", dtype=torch.float32, device=CPU)

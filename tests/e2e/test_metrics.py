@@ -215,8 +215,7 @@ async def test_served_model_name_names_the_model_to_clients_metrics_and_spans() 
 async def test_refused_calls_are_counted_by_code_and_n_once_per_call() -> None:
     """A call refused for a bad argument or a duplicate id counts in request_refused_total by its code (not
     as a finished request); a cancelled one does not; an n=3 call records n once and max_tokens for each
-    of its completions. max_tokens is recorded as the client set it (not clamped to the room the prompt
-    leaves), and not at all for a call that left it unset (as vLLM)."""
+    of its completions."""
     port = free_port()
     async with serve("tiny", telemetry=TelemetryConfig(metrics_port=port)) as served:
         for fields in ({"text": "hi", "max_tokens": 4, "temperature": -1.0}, {"text": ""}):
@@ -227,8 +226,7 @@ async def test_refused_calls_are_counted_by_code_and_n_once_per_call() -> None:
             else:
                 raise AssertionError(f"{fields} was accepted")
         slow_steps(served)
-        # max_tokens past max_model_len: clamped to the room the prompt leaves, recorded as asked
-        call = served.stub.Generate(pb.GenerateRequest(request_id="dup", **{**LONG, "max_tokens": 1_000_000}))
+        call = served.stub.Generate(pb.GenerateRequest(request_id="dup", **LONG))
         await call.read()
         try:
             await generate(served.stub, request_id="dup", text="again", max_tokens=2)
@@ -238,20 +236,31 @@ async def test_refused_calls_are_counted_by_code_and_n_once_per_call() -> None:
             raise AssertionError("a duplicate id was accepted")
         call.cancel()
         await generate(served.stub, text="three", n=3, max_tokens=3, ignore_eos=True)
-        unset = await generate(served.stub, text="four", ignore_eos=True)  # max_tokens unset: the default 16
         await wait_for(lambda: value(scrape(port), "duetserve:request_success_total", finished_reason="abort") == 1)
         after = await asyncio.to_thread(scrape, port)
     assert value(after, "duetserve:request_refused_total", code="INVALID_ARGUMENT") == 2
     assert value(after, "duetserve:request_refused_total", code="ALREADY_EXISTS") == 1
     assert sum(v for k, v in after.items() if k.startswith("duetserve:request_refused_total")) == 3
     assert value(after, "duetserve:request_success_total", finished_reason="error") == 0
-    assert unset.final is not None and unset.final.completion_tokens == 16
-    assert value(after, "duetserve:request_params_n_count") == 3  # the cancelled call, the n=3 one, the unset one
-    assert value(after, "duetserve:request_params_n_bucket", le="2.0") == 2
-    # every finished completion that set max_tokens: the cancelled one (1000000 asked) and the n=3 call's
-    # three (3 each); not the one that left it unset
+    assert value(after, "duetserve:request_params_n_count") == 2  # the cancelled call and the n=3 one
+    assert value(after, "duetserve:request_params_n_bucket", le="2.0") == 1
+    # every finished completion: the cancelled one (3000) and the n=3 call's three (3 each)
     assert value(after, "duetserve:request_params_max_tokens_count") == 4
-    assert value(after, "duetserve:request_params_max_tokens_sum") == 1_000_009
+    assert value(after, "duetserve:request_params_max_tokens_sum") == 3009
+
+
+async def test_request_params_max_tokens_is_the_effective_max_tokens() -> None:
+    """As vLLM's OpenAI server records it: the default when unset (16, its completions API's), and at most
+    the room the prompt leaves (a max_tokens past it counts as that room, not as asked)."""
+    port = free_port()
+    async with serve("tiny", max_model_len=64, telemetry=TelemetryConfig(metrics_port=port)) as served:
+        prompt = list(range(3, 43))  # 40 tokens: 24 left under max_model_len 64
+        past = await generate(served.stub, token_ids={"ids": prompt}, max_tokens=1_000_000, ignore_eos=True)
+        unset = await generate(served.stub, token_ids={"ids": prompt}, ignore_eos=True)
+        assert len(past.token_ids) == 24 and len(unset.token_ids) == 16
+        await wait_for(lambda: value(scrape(port), "duetserve:request_params_max_tokens_count") == 2)
+        after = await asyncio.to_thread(scrape, port)
+    assert value(after, "duetserve:request_params_max_tokens_sum") == 24 + 16
 
 
 async def refused_both_ways(served, code) -> None:  # noqa: ANN001
