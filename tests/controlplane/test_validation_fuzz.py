@@ -1,0 +1,117 @@
+"""Generate's request checks against arbitrary requests (hypothesis): every request is either refused
+with an `InvalidRequest` (the gRPC API's INVALID_ARGUMENT, with a message) or turned into engine terms
+the engine can run; no other exception escapes, and the cheap pre-check (`check_fields`, run before the
+prompt is encoded) never refuses a request the full check accepts."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
+from controlplane.tokenizer import ByteTokenizer
+from controlplane.validation import (
+    MAX_LOGIT_BIAS_VALUE,
+    MAX_LOGPROBS,
+    MAX_N,
+    InvalidRequest,
+    Limits,
+    ValidatedRequest,
+    check_fields,
+    validate_generate,
+)
+
+VOCAB = 260
+LIMITS = Limits(vocab_size=VOCAB, max_model_len=64, eos_token_ids=frozenset({257}))
+TOKENIZER = ByteTokenizer()
+
+# edge values first: hypothesis shrinks toward them, and they are where checks go wrong
+floats = st.one_of(st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.0, -2.0, 0.5, 1e-30, 100.0, 101.0]),
+                   st.floats(width=32))  # NaN and infinities included
+int32 = st.one_of(st.sampled_from([0, 1, -1, 2**31 - 1, -(2**31)]), st.integers(-(2**31), 2**31 - 1))
+uint32 = st.one_of(st.sampled_from([0, 1, VOCAB - 1, VOCAB, 2**32 - 1]), st.integers(0, 2**32 - 1))
+text = st.text(st.characters(exclude_categories=("Cs",)), max_size=80)  # protobuf strings are valid UTF-8
+
+
+def mostly(valid: st.SearchStrategy, anything: st.SearchStrategy) -> st.SearchStrategy:
+    """A value in range four times in five, else any value of the type: a request with a dozen fields
+    set is then often accepted whole, so the checks on accepted requests get exercised too."""
+    return st.integers(0, 4).flatmap(lambda pick: anything if pick == 4 else valid)
+
+
+token_id = mostly(st.integers(0, VOCAB - 1), uint32)
+OPTIONAL = {
+    "request_id": mostly(st.from_regex(r"[A-Za-z0-9_.-]{1,24}", fullmatch=True), text),
+    "max_tokens": mostly(st.integers(1, 80), int32),
+    "temperature": mostly(st.floats(0, 2), floats),
+    "top_p": mostly(st.floats(0.01, 1), floats),
+    "top_k": mostly(st.integers(-1, 50), int32),
+    "min_p": mostly(st.floats(0, 1), floats),
+    "seed": st.integers(0, 2**64 - 1),
+    "stop": st.lists(mostly(st.text("abc ", min_size=1, max_size=5), text), max_size=3),
+    "stop_token_ids": st.lists(token_id, max_size=3),
+    "ignore_eos": st.booleans(),
+    "repetition_penalty": mostly(st.floats(0.5, 2), floats),
+    "presence_penalty": mostly(st.floats(-2, 2), floats),
+    "frequency_penalty": mostly(st.floats(-2, 2), floats),
+    "logprobs": mostly(st.integers(0, MAX_LOGPROBS), uint32),
+    "min_tokens": mostly(st.integers(0, 70), uint32),
+    "n": mostly(st.integers(0, MAX_N), uint32),
+    "priority": mostly(st.just(0), int32),  # this server schedules fcfs: any other priority is refused
+    "logit_bias": st.dictionaries(token_id, mostly(st.floats(-100, 100), floats), max_size=3),
+    "allowed_token_ids": st.lists(token_id, max_size=3),
+    "skip_special_tokens": st.booleans(),
+    "include_stop_str_in_output": st.booleans(),
+    "prompt_logprobs": mostly(st.integers(0, MAX_LOGPROBS), uint32),
+    "truncate_prompt_tokens": mostly(st.integers(1, 70), uint32),
+    "detokenize": st.booleans(),
+}
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> pb.GenerateRequest:
+    fields: dict[str, object] = {}
+    prompt = draw(mostly(st.sampled_from(["text", "token_ids"]), st.sampled_from(["chat", "none"])))
+    if prompt == "text":
+        fields["text"] = draw(mostly(st.text("hello wrld", min_size=1, max_size=70), text))
+    elif prompt == "token_ids":
+        fields["token_ids"] = {"ids": draw(mostly(st.lists(token_id, min_size=1, max_size=40),
+                                                  st.lists(token_id, max_size=70)))}
+    elif prompt == "chat":  # this model has no chat template: always refused, never a crash
+        fields["chat"] = {"messages": [{"role": draw(st.sampled_from(["user", "system", ""])), "content": draw(text)}]}
+    for name, strategy in OPTIONAL.items():
+        if draw(st.booleans()):
+            fields[name] = draw(strategy)
+    return pb.GenerateRequest(**fields)
+
+
+def _check_accepted(valid: ValidatedRequest, request: pb.GenerateRequest) -> None:
+    prompt = valid.prompt_token_ids
+    assert 1 <= len(prompt) < LIMITS.max_model_len and all(0 <= t < VOCAB for t in prompt)
+    assert 1 <= valid.stop.max_tokens <= LIMITS.max_model_len - len(prompt)  # room for every token it may make
+    assert valid.stop.min_tokens <= valid.stop.max_tokens
+    assert all(t < VOCAB for t in valid.stop.stop_token_ids) and all(valid.stop.stop_strings)
+    s = valid.sampling
+    assert math.isfinite(s.temperature) and s.temperature >= 0
+    assert 0 < s.top_p <= 1 and 0 <= s.min_p <= 1 and s.top_k >= 0
+    assert math.isfinite(s.repetition_penalty) and s.repetition_penalty > 0
+    assert -2 <= s.presence_penalty <= 2 and -2 <= s.frequency_penalty <= 2
+    assert all(t < VOCAB and abs(b) <= MAX_LOGIT_BIAS_VALUE for t, b in s.logit_bias)
+    assert all(t < VOCAB for t in s.allowed_token_ids)
+    assert s.logprobs is None or s.logprobs <= MAX_LOGPROBS
+    assert s.prompt_logprobs is None or s.prompt_logprobs <= MAX_LOGPROBS
+    assert 1 <= valid.n <= MAX_N and valid.request_id and valid.request_id.isprintable()
+    check_fields(request, LIMITS)  # the pre-check must not refuse what the full check accepts (raises here)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests())
+def test_every_request_is_accepted_whole_or_refused_with_a_message(request: pb.GenerateRequest) -> None:
+    try:
+        valid = validate_generate(request, TOKENIZER, LIMITS)
+    except InvalidRequest as exc:
+        assert str(exc)  # the message the client gets
+        return
+    _check_accepted(valid, request)
