@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import math
 
+from google.protobuf.struct_pb2 import Struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from controlplane.chat_template import load_chat_template
 
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from controlplane.tokenizer import ByteTokenizer
@@ -26,6 +29,7 @@ from controlplane.validation import (
 VOCAB = 260
 LIMITS = Limits(vocab_size=VOCAB, max_model_len=64, eos_token_ids=frozenset({257}))
 TOKENIZER = ByteTokenizer()
+CHATML = load_chat_template("tiny")
 
 # edge values first: hypothesis shrinks toward them, and they are where checks go wrong
 floats = st.one_of(st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.0, -2.0, 0.5, 1e-30, 100.0, 101.0]),
@@ -115,3 +119,53 @@ def test_every_request_is_accepted_whole_or_refused_with_a_message(request: pb.G
         assert str(exc)  # the message the client gets
         return
     _check_accepted(valid, request)
+
+
+json_leaf = st.one_of(st.none(), st.booleans(), floats, st.text(max_size=8))
+json_value = st.recursive(json_leaf, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                               st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+                          max_leaves=6)
+json_object = st.dictionaries(mostly(st.sampled_from(["name", "arguments", "type", "enable_thinking"]),
+                                     st.text(max_size=12)), json_value, max_size=3)
+
+
+def _struct(value: dict) -> Struct:
+    struct = Struct()
+    struct.update(value)
+    return struct
+
+
+@st.composite
+def chats(draw: st.DrawFn) -> pb.GenerateRequest:
+    messages = []
+    for _ in range(draw(mostly(st.integers(1, 4), st.integers(0, 6)))):
+        message = pb.ChatMessage(role=draw(mostly(st.sampled_from(["system", "user", "assistant", "tool"]), text)),
+                                 content=draw(text))
+        if draw(st.booleans()):
+            message.name = draw(text)
+        for call in draw(st.lists(json_object, max_size=2)):
+            message.tool_calls.append(_struct(call))
+        messages.append(message)
+    chat = pb.ChatPrompt(messages=messages, continue_final_message=draw(st.booleans()))
+    if draw(st.booleans()):
+        chat.add_generation_prompt = draw(st.booleans())
+    if draw(st.booleans()):
+        chat.chat_template_kwargs.CopyFrom(_struct(draw(json_object)))
+    for tool in draw(st.lists(json_object, max_size=2)):
+        chat.tools.append(_struct(tool))
+    return pb.GenerateRequest(chat=chat, max_tokens=draw(mostly(st.integers(1, 8), int32)))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chats())
+def test_every_chat_is_rendered_whole_or_refused_with_a_message(request: pb.GenerateRequest) -> None:
+    """Chat messages through the ChatML template of the presets: tool calls, tools and template kwargs
+    as arbitrary JSON (NaN included, which JSON cannot hold), empty or odd roles, continue_final_message."""
+    limits = Limits(vocab_size=VOCAB, max_model_len=4096)
+    try:
+        valid = validate_generate(request, TOKENIZER, limits, CHATML)
+    except InvalidRequest as exc:
+        assert str(exc)
+        return
+    assert 1 <= len(valid.prompt_token_ids) < limits.max_model_len
+    assert 1 <= valid.stop.max_tokens <= limits.max_model_len - len(valid.prompt_token_ids)
