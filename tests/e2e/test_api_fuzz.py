@@ -2,7 +2,7 @@
 call ends as the request checks say it must, INVALID_ARGUMENT with a message when they refuse it, else
 every completion it asked for with a finish reason and no more tokens than it allowed; afterwards no
 request is left running and every KV block is free. The requests are hypothesis's (derandomized: the same
-ones every run), sent eight at a time."""
+ones every run), chat ones included, sent eight at a time."""
 
 from __future__ import annotations
 
@@ -10,23 +10,24 @@ import asyncio
 
 import grpc
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from controlplane.validation import MAX_REQUEST_ID_LEN, InvalidRequest, Limits, validate_generate
-from tests.controlplane.test_validation_fuzz import requests
+from tests.controlplane.test_validation_fuzz import chats, requests
 from tests.e2e.conftest import Served, serve
 from tests.e2e.test_limits import all_blocks_free, wait_for
 
-COUNT, AT_ONCE = 300, 8
+COUNT, CHATS, AT_ONCE = 300, 100, 8
 
 
-def _sample(count: int) -> list[pb.GenerateRequest]:
+def _sample(count: int, strategy: st.SearchStrategy = requests()) -> list[pb.GenerateRequest]:
     """`count` requests drawn by hypothesis, the same each run."""
     drawn: list[pb.GenerateRequest] = []
 
     @settings(max_examples=count, deadline=None, database=None, derandomize=True, phases=[Phase.generate],
               suppress_health_check=list(HealthCheck))
-    @given(requests())
+    @given(strategy)
     def collect(request: pb.GenerateRequest) -> None:
         drawn.append(request)
 
@@ -84,8 +85,8 @@ def _unique_ids(drawn: list[pb.GenerateRequest]) -> list[pb.GenerateRequest]:
 
 
 async def test_arbitrary_requests_end_as_the_checks_say_and_leak_nothing() -> None:
-    drawn = _unique_ids(_sample(COUNT))
-    async with serve("tiny", max_model_len=64) as served:
+    drawn = _unique_ids(_sample(COUNT) + _sample(CHATS, chats()))  # chats: the preset's ChatML template
+    async with serve("tiny", max_model_len=128) as served:
         for start in range(0, len(drawn), AT_ONCE):
             await asyncio.gather(*(_call(served, request) for request in drawn[start:start + AT_ONCE]))
         await wait_for(lambda: all_blocks_free(served))
@@ -99,9 +100,11 @@ def _verdict_free(request: pb.GenerateRequest) -> bool:
     """Whether the request is refused by checks that need no server (a quick count of the mix sent)."""
     from controlplane.tokenizer import ByteTokenizer
 
-    limits = Limits(vocab_size=260, max_model_len=64, eos_token_ids=frozenset({257}))
+    from controlplane.chat_template import load_chat_template
+
+    limits = Limits(vocab_size=260, max_model_len=128, eos_token_ids=frozenset({257}))
     try:
-        validate_generate(request, ByteTokenizer(), limits)
+        validate_generate(request, ByteTokenizer(), limits, load_chat_template("tiny"))
     except InvalidRequest:
         return True
     return False
