@@ -108,3 +108,45 @@ def _verdict_free(request: pb.GenerateRequest) -> bool:
     except InvalidRequest:
         return True
     return False
+
+
+@st.composite
+def token_calls(draw: st.DrawFn) -> pb.TokenizeRequest | pb.DetokenizeRequest | pb.AbortRequest:
+    """A Tokenize (text, chat or both), Detokenize or Abort request with arbitrary fields."""
+    from tests.controlplane.test_validation_fuzz import OPTIONAL, text, token_id
+
+    kind = draw(st.sampled_from(["tokenize", "tokenize-chat", "detokenize", "abort"]))
+    if kind == "detokenize":
+        request = pb.DetokenizeRequest(token_ids=draw(st.lists(token_id, max_size=20)))
+        if draw(st.booleans()):
+            request.skip_special_tokens = draw(st.booleans())
+        return request
+    if kind == "abort":
+        return pb.AbortRequest(request_id=draw(st.one_of(st.just(""), OPTIONAL["request_id"])))
+    request = pb.TokenizeRequest(text=draw(st.one_of(st.just(""), text)) if kind == "tokenize" or
+                                 draw(st.booleans()) else "")
+    if kind == "tokenize-chat":
+        request.chat.CopyFrom(draw(chats()).chat)
+    if draw(st.booleans()):
+        request.add_special_tokens = draw(st.booleans())
+    return request
+
+
+async def test_arbitrary_tokenize_detokenize_and_abort_calls_end_ok_or_invalid_argument() -> None:
+    """Each ends OK or INVALID_ARGUMENT with a message (never another code); a Tokenize answer holds ids of
+    the vocabulary and a Detokenize of ids the model has gives text back."""
+    drawn = _sample(200, token_calls())
+    async with serve("tiny", max_model_len=128) as served:
+        for request in drawn:
+            call = {pb.TokenizeRequest: served.stub.Tokenize, pb.DetokenizeRequest: served.stub.Detokenize,
+                    pb.AbortRequest: served.stub.Abort}[type(request)]
+            try:
+                reply = await call(request, timeout=30)
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT and exc.details(), (exc.code(), request)
+                continue
+            if isinstance(request, pb.TokenizeRequest):
+                assert reply.count == len(reply.token_ids) and all(t < 260 for t in reply.token_ids)
+            elif isinstance(request, pb.AbortRequest):
+                assert not reply.found  # nothing runs
+        assert served.plane.engine.num_live_requests == 0
