@@ -1,11 +1,15 @@
-"""Generate's request checks against arbitrary requests (hypothesis): every request is either refused
-with an `InvalidRequest` (the gRPC API's INVALID_ARGUMENT, with a message) or turned into engine terms
-the engine can run; no other exception escapes, and the cheap pre-check (`check_fields`, run before the
-prompt is encoded) never refuses a request the full check accepts."""
+"""Generate's request checks against arbitrary requests (hypothesis, derandomized: the same requests each
+run of a given hypothesis version): every request is either refused with an `InvalidRequest` (the gRPC
+API's INVALID_ARGUMENT, with a message) or turned into engine terms the engine can run; no other exception
+escapes, and the cheap pre-check (`check_fields`, run before the prompt is encoded) never refuses a request
+the full check accepts. And a valid request with exactly one field out of range is refused, naming it."""
 
 from __future__ import annotations
 
 import math
+import re
+
+import pytest
 
 from google.protobuf.struct_pb2 import Struct
 from hypothesis import HealthCheck, given, settings
@@ -110,7 +114,7 @@ def _check_accepted(valid: ValidatedRequest, request: pb.GenerateRequest) -> Non
     check_fields(request, LIMITS)  # the pre-check must not refuse what the full check accepts (raises here)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(requests())
 def test_every_request_is_accepted_whole_or_refused_with_a_message(request: pb.GenerateRequest) -> None:
     try:
@@ -156,7 +160,7 @@ def chats(draw: st.DrawFn) -> pb.GenerateRequest:
     return pb.GenerateRequest(chat=chat, max_tokens=draw(mostly(st.integers(1, 8), int32)))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(chats())
 def test_every_chat_is_rendered_whole_or_refused_with_a_message(request: pb.GenerateRequest) -> None:
     """Chat messages through the ChatML template of the presets: tool calls, tools and template kwargs
@@ -169,3 +173,48 @@ def test_every_chat_is_rendered_whole_or_refused_with_a_message(request: pb.Gene
         return
     assert 1 <= len(valid.prompt_token_ids) < limits.max_model_len
     assert 1 <= valid.stop.max_tokens <= limits.max_model_len - len(valid.prompt_token_ids)
+
+
+VALID = {"request_id": "r-1", "text": "hello", "max_tokens": 8, "temperature": 0.7, "top_p": 0.9, "top_k": 5,
+         "min_p": 0.05, "repetition_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": -0.5,
+         "logprobs": 2, "prompt_logprobs": 1, "min_tokens": 2, "n": 2, "stop": ["\n"], "stop_token_ids": [3],
+         "logit_bias": {7: 5.0}, "allowed_token_ids": [1, 2, 3, 7], "truncate_prompt_tokens": 4}
+ONE_WRONG = [  # (field, value, what the message names)
+    ("request_id", "a\nb", "request_id"), ("request_id", "x" * 257, "request_id"),
+    ("text", "", "text"), ("token_ids", {"ids": [5, VOCAB]}, "token_ids[1]"), ("token_ids", {"ids": []}, "prompt"),
+    ("token_ids", {"ids": [5] * 64}, "prompt"),
+    ("max_tokens", 0, "max_tokens"), ("max_tokens", -3, "max_tokens"), ("min_tokens", 9, "min_tokens"),
+    ("temperature", -0.1, "temperature"), ("temperature", math.nan, "temperature"),
+    ("temperature", math.inf, "temperature"),
+    ("top_p", 0.0, "top_p"), ("top_p", 1.5, "top_p"), ("top_p", math.nan, "top_p"), ("top_k", -2, "top_k"),
+    ("min_p", -0.1, "min_p"), ("min_p", 1.5, "min_p"), ("min_p", math.nan, "min_p"),
+    ("repetition_penalty", 0.0, "repetition_penalty"), ("repetition_penalty", math.nan, "repetition_penalty"),
+    ("presence_penalty", 2.5, "presence_penalty"), ("frequency_penalty", -2.5, "frequency_penalty"),
+    ("presence_penalty", math.inf, "presence_penalty"),
+    ("logprobs", MAX_LOGPROBS + 1, "logprobs"), ("prompt_logprobs", MAX_LOGPROBS + 1, "prompt_logprobs"),
+    ("n", MAX_N + 1, "n must"), ("priority", 1, "priority"),
+    ("stop", [""], "stop[0]"), ("stop", ["x" * 257], "stop[0]"), ("stop", ["a"] * 33, "stop"),
+    ("stop_token_ids", [VOCAB], "stop_token_ids[0]"), ("stop_token_ids", [1] * 257, "stop_token_ids"),
+    ("logit_bias", {7: 101.0}, "logit_bias[7]"), ("logit_bias", {VOCAB: 1.0}, "logit_bias"),
+    ("logit_bias", {7: math.nan}, "logit_bias[7]"), ("allowed_token_ids", [VOCAB], "allowed_token_ids"),
+    ("truncate_prompt_tokens", 0, "truncate_prompt_tokens"), ("truncate_prompt_tokens", 64, "truncate_prompt_tokens"),
+]
+
+
+def test_the_valid_request_is_accepted() -> None:
+    """The baseline of the one-field cases below: every field set, all in range."""
+    valid = validate_generate(pb.GenerateRequest(**VALID), TOKENIZER, LIMITS)
+    assert valid.n == 2 and valid.stop.max_tokens == 8 and len(valid.prompt_token_ids) == 4
+
+
+@pytest.mark.parametrize(("field", "value", "named"), ONE_WRONG, ids=[f"{f}={str(v)[:12]}" for f, v, _ in ONE_WRONG])
+def test_one_field_out_of_range_is_refused_by_name(field: str, value: object, named: str) -> None:
+    # a token_ids prompt replaces the text, and is not truncated (a long one must be refused)
+    fields = {k: v for k, v in VALID.items() if field != "token_ids" or k not in ("text", "truncate_prompt_tokens")}
+    fields[field] = value
+    request = pb.GenerateRequest(**fields)
+    with pytest.raises(InvalidRequest, match=re.escape(named)):
+        validate_generate(request, TOKENIZER, LIMITS)
+    if field not in ("text", "token_ids", "truncate_prompt_tokens"):  # the pre-check sees no prompt
+        with pytest.raises(InvalidRequest, match=re.escape(named)):
+            check_fields(request, LIMITS)

@@ -2,7 +2,8 @@
 call ends as the request checks say it must, INVALID_ARGUMENT with a message when they refuse it, else
 every completion it asked for with a finish reason and no more tokens than it allowed; afterwards no
 request is left running and every KV block is free. The requests are hypothesis's (derandomized: the same
-ones every run), chat ones included, sent eight at a time."""
+ones every run of a given hypothesis version), chat ones included, sent eight at a time. Tokenize,
+Detokenize and Abort calls likewise."""
 
 from __future__ import annotations
 
@@ -13,7 +14,16 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
-from controlplane.validation import MAX_REQUEST_ID_LEN, InvalidRequest, Limits, validate_generate
+from controlplane.validation import (
+    MAX_REQUEST_ID_LEN,
+    InvalidRequest,
+    Limits,
+    ValidatedRequest,
+    validate_abort,
+    validate_detokenize,
+    validate_generate,
+    validate_tokenize,
+)
 from tests.controlplane.test_validation_fuzz import chats, requests
 from tests.e2e.conftest import Served, serve
 from tests.e2e.test_limits import all_blocks_free, wait_for
@@ -22,7 +32,7 @@ COUNT, CHATS, AT_ONCE = 300, 100, 8
 
 
 def _sample(count: int, strategy: st.SearchStrategy = requests()) -> list[pb.GenerateRequest]:
-    """`count` requests drawn by hypothesis, the same each run."""
+    """`count` requests drawn by hypothesis, derandomized: the same each run of a given hypothesis version."""
     drawn: list[pb.GenerateRequest] = []
 
     @settings(max_examples=count, deadline=None, database=None, derandomize=True, phases=[Phase.generate],
@@ -35,21 +45,26 @@ def _sample(count: int, strategy: st.SearchStrategy = requests()) -> list[pb.Gen
     return drawn
 
 
-def _verdict(served: Served, request: pb.GenerateRequest) -> str | None:
-    """The refusal the request checks give `request` on this server (None: accepted)."""
-    engine, plane = served.plane.engine, served.plane
+def _limits(served: Served) -> Limits:
+    engine = served.plane.engine
     assert engine.worker is not None
-    limits = Limits(vocab_size=engine.worker.model.vocab_size, max_model_len=engine.max_model_len,
-                    eos_token_ids=frozenset(engine.worker.model.eos_token_ids))
+    return Limits(vocab_size=engine.worker.model.vocab_size, max_model_len=engine.max_model_len,
+                  eos_token_ids=frozenset(engine.worker.model.eos_token_ids))
+
+
+def _verdict(served: Served, request: pb.GenerateRequest) -> ValidatedRequest | str:
+    """What the request checks make of `request` on this server: the request in engine terms, or the refusal."""
+    plane = served.plane
     try:
-        validate_generate(request, engine.tokenizer, limits, plane.chat_template, plane.sampling_defaults)
+        return validate_generate(request, plane.engine.tokenizer, _limits(served), plane.chat_template,
+                                 plane.sampling_defaults)
     except InvalidRequest as exc:
         return str(exc)
-    return None
 
 
-async def _call(served: Served, request: pb.GenerateRequest) -> None:
-    refusal = _verdict(served, request)
+async def _call(served: Served, request: pb.GenerateRequest) -> bool:
+    """One Generate call, checked against the request checks' verdict; whether it was refused."""
+    verdict = _verdict(served, request)
     finals: dict[int, pb.GenerateResponse] = {}
     tokens: dict[int, int] = {}
     try:
@@ -59,55 +74,39 @@ async def _call(served: Served, request: pb.GenerateRequest) -> None:
                 assert response.index not in finals, "a completion ended twice"
                 finals[response.index] = response
     except grpc.aio.AioRpcError as exc:
-        assert refusal is not None, f"an accepted request failed: {exc.code()} {exc.details()}"
-        # the message names a field the checks refuse (with several wrong, the server may name another:
-        # a request it encodes on a thread has the cheap checks run first)
+        assert isinstance(verdict, str), f"an accepted request failed: {exc.code()} {exc.details()}"
+        # with several fields wrong the server may name another than the checks' first (a request it
+        # encodes on a thread has the cheap checks run first): the code and a message are what must hold
         assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT and exc.details(), exc.details()
-        return
-    assert refusal is None, f"a request the checks refuse ({refusal}) was served"
-    n = request.n or 1
-    assert sorted(finals) == list(range(n))
+        return True
+    assert not isinstance(verdict, str), f"a request the checks refuse ({verdict}) was served"
+    assert sorted(finals) == list(range(verdict.n))
     for index, final in finals.items():
         assert final.finish_reason in ("stop", "length"), final.finish_reason
-        assert final.completion_tokens == tokens[index] >= 1
-        if request.HasField("max_tokens"):
-            assert tokens[index] <= request.max_tokens
+        assert 1 <= final.completion_tokens == tokens[index] <= verdict.stop.max_tokens  # the effective max_tokens
+    return False
 
 
 def _unique_ids(drawn: list[pb.GenerateRequest]) -> list[pb.GenerateRequest]:
     """A valid request_id is made unique (calls run side by side, and a running id is refused); an
-    invalid one is kept, to be refused."""
+    invalid one is kept, to be refused, and an unset one stays unset (the server makes one)."""
     for i, request in enumerate(drawn):
         rid = request.request_id
-        if len(rid) <= MAX_REQUEST_ID_LEN and rid.isprintable():
+        if rid and len(rid) <= MAX_REQUEST_ID_LEN and rid.isprintable():
             request.request_id = f"fuzz-{i}"
     return drawn
 
 
 async def test_arbitrary_requests_end_as_the_checks_say_and_leak_nothing() -> None:
     drawn = _unique_ids(_sample(COUNT) + _sample(CHATS, chats()))  # chats: the preset's ChatML template
+    refused = 0
     async with serve("tiny", max_model_len=128) as served:
         for start in range(0, len(drawn), AT_ONCE):
-            await asyncio.gather(*(_call(served, request) for request in drawn[start:start + AT_ONCE]))
+            refused += sum(await asyncio.gather(*(_call(served, r) for r in drawn[start:start + AT_ONCE])))
         await wait_for(lambda: all_blocks_free(served))
         assert served.plane.engine.num_live_requests == 0
         served.scheduler.check_invariants()
-    refused = sum(_verdict_free(r) for r in drawn)
-    assert 0 < refused < len(drawn)  # both kinds were sent
-
-
-def _verdict_free(request: pb.GenerateRequest) -> bool:
-    """Whether the request is refused by checks that need no server (a quick count of the mix sent)."""
-    from controlplane.tokenizer import ByteTokenizer
-
-    from controlplane.chat_template import load_chat_template
-
-    limits = Limits(vocab_size=260, max_model_len=128, eos_token_ids=frozenset({257}))
-    try:
-        validate_generate(request, ByteTokenizer(), limits, load_chat_template("tiny"))
-    except InvalidRequest:
-        return True
-    return False
+    assert len(drawn) // 10 < refused < len(drawn) * 9 // 10  # both kinds, each a fair share
 
 
 @st.composite
@@ -132,21 +131,37 @@ def token_calls(draw: st.DrawFn) -> pb.TokenizeRequest | pb.DetokenizeRequest | 
     return request
 
 
-async def test_arbitrary_tokenize_detokenize_and_abort_calls_end_ok_or_invalid_argument() -> None:
-    """Each ends OK or INVALID_ARGUMENT with a message (never another code); a Tokenize answer holds ids of
-    the vocabulary and a Detokenize of ids the model has gives text back."""
+async def test_arbitrary_tokenize_detokenize_and_abort_calls_end_as_the_checks_say() -> None:
+    """Each ends OK exactly when the request checks accept it (else INVALID_ARGUMENT with a message), and
+    its answer is the tokenizer's: the ids of the text (or of the chat as its template renders it), the
+    text of the ids; an Abort finds nothing (nothing runs)."""
     drawn = _sample(200, token_calls())
+    answered = 0
     async with serve("tiny", max_model_len=128) as served:
+        tokenizer, template = served.plane.engine.tokenizer, served.plane.chat_template
         for request in drawn:
-            call = {pb.TokenizeRequest: served.stub.Tokenize, pb.DetokenizeRequest: served.stub.Detokenize,
-                    pb.AbortRequest: served.stub.Abort}[type(request)]
+            call, check = {
+                pb.TokenizeRequest: (served.stub.Tokenize, lambda r: validate_tokenize(r, template)),
+                pb.DetokenizeRequest: (served.stub.Detokenize, lambda r: validate_detokenize(r, _limits(served))),
+                pb.AbortRequest: (served.stub.Abort, validate_abort),
+            }[type(request)]
+            try:
+                expected = check(request)
+            except InvalidRequest:
+                expected = None
             try:
                 reply = await call(request, timeout=30)
             except grpc.aio.AioRpcError as exc:
+                assert expected is None, f"{type(request).__name__} the checks accept failed: {exc.details()}"
                 assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT and exc.details(), (exc.code(), request)
                 continue
+            assert expected is not None, f"a {type(request).__name__} the checks refuse was answered"
+            answered += 1
             if isinstance(request, pb.TokenizeRequest):
-                assert reply.count == len(reply.token_ids) and all(t < 260 for t in reply.token_ids)
-            elif isinstance(request, pb.AbortRequest):
-                assert not reply.found  # nothing runs
+                assert list(reply.token_ids) == tokenizer.encode(*expected) and reply.count == len(reply.token_ids)
+            elif isinstance(request, pb.DetokenizeRequest):
+                assert reply.text == tokenizer.decode(*expected)
+            else:
+                assert not reply.found
         assert served.plane.engine.num_live_requests == 0
+    assert len(drawn) // 10 < answered < len(drawn) * 9 // 10
