@@ -151,14 +151,30 @@ async def run_load(stub: pb_grpc.GenerationStub, workload: list[TraceRequest], s
     return records, time.monotonic() - t0
 
 
-def _stats(name: str, values_ms: list[float]) -> dict[str, float]:
+def percentile_key(p: float, name: str) -> str:
+    """vLLM's key of a percentile: p99_ttft_ms, p99.9_ttft_ms."""
+    return f"p{int(p) if float(p).is_integer() else p}_{name}_ms"
+
+
+def parse_percentiles(text: str) -> tuple[float, ...]:
+    """`--metric-percentiles` ("50,90,99.9"): each in (0, 100], as vLLM takes them."""
+    try:
+        values = tuple(float(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--metric-percentiles takes numbers separated by commas, got {text!r}")
+    if not values or any(not 0 < v <= 100 for v in values):
+        raise argparse.ArgumentTypeError(f"--metric-percentiles: each must be in (0, 100], got {text!r}")
+    return values
+
+
+def _stats(name: str, values_ms: list[float], percentiles: tuple[float, ...] = PERCENTILES) -> dict[str, float]:
     """Mean, median, standard deviation and percentiles as vLLM computes them (numpy's, linear)."""
     if not values_ms:
         values_ms = [0.0]
     out = {f"mean_{name}_ms": statistics.fmean(values_ms), f"median_{name}_ms": statistics.median(values_ms),
            f"std_{name}_ms": statistics.pstdev(values_ms)}
-    for p, value in zip(PERCENTILES, np.percentile(values_ms, PERCENTILES)):
-        out[f"p{p}_{name}_ms"] = float(value)
+    for p, value in zip(percentiles, np.percentile(values_ms, percentiles)):
+        out[percentile_key(p, name)] = float(value)
     return out
 
 
@@ -176,7 +192,8 @@ def per_request(records: list[RequestRecord]) -> dict[str, list]:
             "errors": [r.error for r in records], "cached_lens": [r.cached_tokens for r in records]}
 
 
-def compute_metrics(arrays: dict[str, list], duration_s: float, goodput: Goodput | None) -> dict[str, object]:
+def compute_metrics(arrays: dict[str, list], duration_s: float, goodput: Goodput | None,
+                    percentiles: tuple[float, ...] = PERCENTILES) -> dict[str, object]:
     ok = [i for i, e in enumerate(arrays["errors"]) if not e and arrays["output_lens"][i] > 0]
     out_lens = [arrays["output_lens"][i] for i in ok]
     ttft = [arrays["ttfts"][i] * 1e3 for i in ok]
@@ -204,7 +221,7 @@ def compute_metrics(arrays: dict[str, list], duration_s: float, goodput: Goodput
         "slo_attainment": good / len(arrays["errors"]) if arrays["errors"] and goodput else None,
     }
     for name, values in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2el", e2el)):
-        metrics.update(_stats(name, values))
+        metrics.update(_stats(name, values, percentiles))
     return metrics
 
 
@@ -232,6 +249,9 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reset-prefix-cache", action="store_true",
                    help="empty the server's prefix cache before the run (ResetPrefixCache; SGLang's --flush-cache)")
     p.add_argument("--goodput", nargs="+", default=None, help="SLOs, e.g. ttft:2000 tpot:50")
+    p.add_argument("--metric-percentiles", type=parse_percentiles, default=PERCENTILES,
+                   help="percentiles of TTFT, TPOT, ITL and end-to-end latency to report, e.g. 50,90,99,99.9 "
+                        "(keys as vLLM's: p99.9_ttft_ms); default 50,90,99")
     p.add_argument("--request-timeout", type=checked(float, "--request-timeout", 0.0, inclusive=False),
                    default=REQUEST_TIMEOUT_S, help="seconds a request may stream before it counts as failed "
                                                    "(DEADLINE_EXCEEDED; default 6 h, as vLLM's client)")
@@ -283,15 +303,17 @@ async def bench(args: argparse.Namespace, workload: list[TraceRequest] | None = 
               "burstiness": args.burstiness, "arrival": arrival_name(args.arrival, args.burstiness),
               "num_prompts": len(workload),
               "prefix_cache_blocks_dropped": dropped,  # before the run, with --reset-prefix-cache
-              **compute_metrics(arrays, duration, goodput), **arrays}
+              **compute_metrics(arrays, duration, goodput, args.metric_percentiles), **arrays}
     if args.result_file:
         args.result_file.write_text(json.dumps(result) + "\n")
     return result
 
 
 def format_result(result: dict[str, object]) -> str:
+    """The run's counts and throughputs, then TTFT, TPOT and ITL: the mean and each percentile reported."""
     keys = ["completed", "failed", "duration", "request_throughput", "request_goodput", "output_throughput",
-            "total_cached_tokens",
-            "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "p99_itl_ms"]
+            "total_cached_tokens"]
+    for name in ("ttft", "tpot", "itl"):
+        keys += [f"mean_{name}_ms", *(k for k in result if k.startswith("p") and k.endswith(f"_{name}_ms"))]
     return "\n".join(f"{k:>22}: {result[k]:.2f}" if isinstance(result[k], float) else f"{k:>22}: {result[k]}"
                      for k in keys)

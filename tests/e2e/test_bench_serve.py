@@ -58,6 +58,8 @@ async def test_bench_accounts_for_every_request_and_metrics_recompute(dataset: s
                 "--random-input-len", "300", "--random-output-len", "20", "--random-range-ratio", "0.5"]
         if dataset == "trace":
             argv += ["--trace", str(CODE_TRACE), "--arrival", "trace"]
+        else:  # percentiles of one's own choosing, named as vLLM names them
+            argv += ["--metric-percentiles", "50,99,99.9"]
         result = await bench(parse(argv))
         assert plane.engine.scheduler is not None and plane.engine.scheduler.allocator.num_used == 0
     n = 30
@@ -71,6 +73,11 @@ async def test_bench_accounts_for_every_request_and_metrics_recompute(dataset: s
     assert result["mean_ttft_ms"] == pytest.approx(statistics.fmean(ttft))
     assert result["median_ttft_ms"] == pytest.approx(statistics.median(ttft))
     assert result["p99_ttft_ms"] == pytest.approx(float(np.percentile(ttft, 99)))
+    if dataset == "random":
+        assert result["p99.9_ttft_ms"] == pytest.approx(float(np.percentile(ttft, 99.9)))
+        assert "p90_ttft_ms" not in result and "p99.9_e2el_ms" in result
+    else:
+        assert result["p90_ttft_ms"] == pytest.approx(float(np.percentile(ttft, 90)))
     tpot = [(lat - t) * 1e3 / (o - 1) for lat, t, o in zip(result["latencies"], result["ttfts"], result["output_lens"])
             if o > 1]
     assert result["mean_tpot_ms"] == pytest.approx(statistics.fmean(tpot))
@@ -111,6 +118,23 @@ def test_percentiles_are_numpys_as_in_vllm() -> None:
     assert stats["p90_ttft_ms"] == pytest.approx(9.1) and stats["p99_ttft_ms"] == pytest.approx(9.91)
     few = _stats("ttft", [1.0] * 58 + [2.0, 10.0])
     assert few["p99_ttft_ms"] == pytest.approx(float(np.percentile([1.0] * 58 + [2.0, 10.0], 99)))
+
+
+def test_metric_percentiles_flag() -> None:
+    """vLLM's --metric-percentiles: numbers in (0, 100], keys p50_ttft_ms / p99.9_ttft_ms; the summary
+    printed lists those chosen."""
+    from controlplane.bench_serve import compute_metrics, format_result
+
+    assert parse(["--metric-percentiles", "50,99.9"]).metric_percentiles == (50.0, 99.9)
+    assert parse([]).metric_percentiles == (50, 90, 99)
+    for bad in ("0", "101", "50,x", ""):
+        with pytest.raises(SystemExit):
+            parse(["--metric-percentiles", bad])
+    arrays = per_request([RequestRecord(0, 10, 3, sent=0.0, chunks=[(0.1, 1), (0.2, 1), (0.3, 1)],
+                                        completion_tokens=3)])
+    metrics = compute_metrics(arrays, 1.0, None, (50.0, 99.9))
+    text = format_result({**metrics, "request_goodput": None})
+    assert "p99.9_ttft_ms" in text and "p50_itl_ms" in text and "p99_ttft_ms" not in text
 
 
 def test_inter_token_latency_is_one_gap_per_message() -> None:
