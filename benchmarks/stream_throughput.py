@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import IO
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from controlplane.launcher import stop_process  # noqa: E402
 
 SERVER = """
 import asyncio, signal, sys, tempfile
@@ -78,16 +80,6 @@ def server_env(root: Path, environ: dict[str, str]) -> dict[str, str]:
     return {**environ, "PYTHONPATH": os.pathsep.join([str(root), *inherited])}
 
 
-def _stop(server: subprocess.Popen) -> None:
-    """SIGTERM (the server stops its data plane too), SIGKILL if it is still there after 30 s."""
-    server.terminate()
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
-
-
 def _tail(errors: IO[str]) -> str:
     errors.seek(0)
     return " | ".join(errors.read().strip().splitlines()[-3:]) or "no error output"
@@ -104,7 +96,7 @@ def run_point(root: Path, port: int, concurrency: int, interval: int, args: argp
             assert server.stdout is not None
             ready = server.stdout.readline().split()
             if len(ready) != 2 or ready[0] != "ready":
-                _stop(server)
+                stop_process(server, 30.0, "the control plane")
                 raise RuntimeError(f"the control plane of {root} did not start ({_tail(errors)})")
             port = int(ready[1])  # the port it bound (0 asks for a free one)
             with tempfile.NamedTemporaryFile(suffix=".json") as result:
@@ -120,8 +112,8 @@ def run_point(root: Path, port: int, concurrency: int, interval: int, args: argp
                     raise RuntimeError(f"bench serve against the control plane of {root} exited "
                                        f"{bench_run.returncode} (the server's stderr: {_tail(errors)})")
                 bench = json.loads(Path(result.name).read_text())
-        finally:
-            _stop(server)
+        finally:  # SIGTERM: the server stops its data plane too
+            stop_process(server, 30.0, "the control plane")
     tokens = bench["total_output_tokens"]
     return {"root": str(root), "commit": _commit(root), "concurrency": concurrency, "stream_interval": interval,
             "output_tok_s": bench["output_throughput"], "mean_tpot_ms": bench["mean_tpot_ms"],

@@ -78,14 +78,14 @@ def spawn_dataplane(config: DataplaneConfig, log_level: str = "INFO") -> subproc
     return subprocess.Popen(cmd, start_new_session=True)  # noqa: S603 - our own interpreter and module
 
 
-def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> int:
-    """SIGTERM, then SIGKILL after `timeout_s`; returns the exit code."""
+def stop_process(proc: subprocess.Popen, timeout_s: float = 10.0, name: str = "data plane") -> int:
+    """SIGTERM, then SIGKILL after `timeout_s`; returns the exit code. `name`: what the log calls it."""
     if proc.poll() is None:
         proc.terminate()
         try:
             return proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            log.warning("data plane ignored SIGTERM for %.0f s; killing it", timeout_s)
+            log.warning("%s ignored SIGTERM for %.0f s; killing it", name, timeout_s)
             proc.kill()
     return proc.wait()
 

@@ -33,7 +33,6 @@ SERVER_FAULT_CODES = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED",
                                 "DATA_LOSS", "_OTHER"})
 
 
-
 def incoming_context(metadata: Iterable[tuple[str, str | bytes]] | None) -> Context | None:
     """The W3C trace context of a gRPC call's metadata (`traceparent`, `tracestate`), if any."""
     carrier = {k.lower(): v for k, v in metadata or () if isinstance(v, str) and k.lower() in ("traceparent",

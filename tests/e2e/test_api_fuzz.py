@@ -24,7 +24,7 @@ from controlplane.validation import (
     validate_generate,
     validate_tokenize,
 )
-from tests.controlplane.test_validation_fuzz import chats, requests
+from tests.controlplane.test_validation_fuzz import OPTIONAL, chats, requests, text, token_id
 from tests.e2e.conftest import Served, serve
 from tests.e2e.test_limits import all_blocks_free, wait_for
 
@@ -112,8 +112,6 @@ async def test_arbitrary_requests_end_as_the_checks_say_and_leak_nothing() -> No
 @st.composite
 def token_calls(draw: st.DrawFn) -> pb.TokenizeRequest | pb.DetokenizeRequest | pb.AbortRequest:
     """A Tokenize (text, chat or both), Detokenize or Abort request with arbitrary fields."""
-    from tests.controlplane.test_validation_fuzz import OPTIONAL, text, token_id
-
     kind = draw(st.sampled_from(["tokenize", "tokenize-chat", "detokenize", "abort"]))
     if kind == "detokenize":
         request = pb.DetokenizeRequest(token_ids=draw(st.lists(token_id, max_size=20)))
@@ -122,8 +120,8 @@ def token_calls(draw: st.DrawFn) -> pb.TokenizeRequest | pb.DetokenizeRequest | 
         return request
     if kind == "abort":
         return pb.AbortRequest(request_id=draw(st.one_of(st.just(""), OPTIONAL["request_id"])))
-    request = pb.TokenizeRequest(text=draw(st.one_of(st.just(""), text)) if kind == "tokenize" or
-                                 draw(st.booleans()) else "")
+    with_text = kind == "tokenize" or draw(st.booleans())  # a chat with text too is refused
+    request = pb.TokenizeRequest(text=draw(st.one_of(st.just(""), text)) if with_text else "")
     if kind == "tokenize-chat":
         request.chat.CopyFrom(draw(chats()).chat)
     if draw(st.booleans()):
