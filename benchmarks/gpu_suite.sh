@@ -42,7 +42,8 @@
 # (an urgent fifth of 300 requests over a queue, fcfs then --scheduling-policy priority) stream (256 streams
 # through duetserve serve on the real data plane, --stream-interval 1 then 4: output tok/s, control-plane CPU a token). GPU name for file names: GPU=h200 (default).
 # planning (planning a step never waits for the GPU, and the plan-race test with the plan pool bypassed, which must
-# fail) startup (seconds from `serve --model ${MODEL:-qwen3-8b}` to its ready line)
+# fail) structured (64 streams through duetserve serve: no grammar, a regex each, half and half, a JSON
+# schema each: output tok/s and TPOT) startup (seconds from `serve --model ${MODEL:-qwen3-8b}` to its ready line)
 # TEST_LIMIT: seconds the test stages may run (580 unless set; less leaves the call time to save the JIT cache).
 # Every other stage runs the data plane's defaults, piecewise graphs included.
 set -uo pipefail
@@ -84,6 +85,8 @@ ps.PlanStaging.plan = lambda self, wrapper, *a, **k: wrapper.plan(*a, **k)
 sys.exit(pytest.main(['-m', 'gpu', '-v', '-p', 'no:cacheprovider',
   'tests/dataplane/test_gpu_planning.py::test_replanning_while_the_gpu_is_behind_keeps_each_plan']))"
               echo "(planning-nopool is expected to FAIL: a pass there means the test cannot tell the pool from none)" ;;
+    structured) run structured 300 python3 -u benchmarks/structured_outputs.py --gpu cuda --model ${MODEL:-qwen3-8b} \
+                  --concurrency 64 --output-len 256 --prompt-len 512 --out "$OUT/structured-outputs-$GPU.json" ;;
     startup) : > "$OUT/startup.log"; t0=$SECONDS  # seconds from start to serve's ready line, then Ctrl-C
              timeout 600 python3 -u -m controlplane.cli serve --model ${MODEL:-qwen3-8b} >> "$OUT/startup.log" 2>&1 &
              pid=$!; ready=""

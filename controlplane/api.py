@@ -22,6 +22,7 @@ from controlplane.generation_defaults import SamplingDefaults
 from controlplane.engine import Engine, EngineRequest, EngineUnavailable, RequestHandle
 from controlplane.observer import RequestObs
 from controlplane.server_load import server_load
+from controlplane.structured_output import GrammarCompiler, GrammarUnavailable
 from controlplane.tracing import CHAT_OPERATION, request_attributes
 from controlplane.output import RequestDelta
 from controlplane.responses import ResponseMessages
@@ -124,6 +125,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.sampling_defaults = sampling_defaults  # what unset sampling fields mean (the model's config)
         self._fanouts: dict[str, _Fanout] = {}  # request id of n > 1 completions -> their engine requests
         self._validating: dict[str, bool] = {}  # ids whose prompt a worker thread encodes -> an Abort came
+        self._grammar_compiler: GrammarCompiler | None = None  # structured outputs, for the model served now
         self.messages = ResponseMessages(self._token_text)
 
     def _token_text(self, token_id: int) -> str:
@@ -186,7 +188,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             return
         handle = await self._add(context, obs, EngineRequest(valid.request_id, valid.prompt_token_ids,
                                                              valid.sampling, valid.stop, obs, valid.priority,
-                                                             valid.skip_special_tokens, valid.detokenize))
+                                                             valid.skip_special_tokens, valid.detokenize,
+                                                             valid.grammar))
         self.engine.observer.request_accepted(obs, 1, valid.stop.max_tokens)
         try:
             async for delta in handle.until(deadline):
@@ -213,7 +216,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         long one takes a while, and the event loop runs every stream). None: an Abort of its id came
         meanwhile. A data plane that came back meanwhile with other limits gets it checked again."""
         assert self.engine.tokenizer is not None
-        rid, slow = request.request_id, request.WhichOneof("prompt") in ("text", "chat")
+        # an encode, or a grammar's compile, takes a while
+        rid = request.request_id
+        slow = request.WhichOneof("prompt") in ("text", "chat") or request.HasField("structured_outputs")
         if rid and (rid in self._validating or rid in self._fanouts or self.engine.has_request(rid)):
             await self._abort(context, obs, grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already running")
         if slow:  # the cheap checks, then a full queue refuses before the encode, not after it
@@ -227,7 +232,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             while True:
                 limits = self._limits()
-                args = (request, self.engine.tokenizer, limits, self.chat_template, self.sampling_defaults)
+                args = (request, self.engine.tokenizer, limits, self.chat_template, self.sampling_defaults,
+                        self._grammars())
                 if not slow:
                     return validate_generate(*args)
                 if rid:
@@ -242,7 +248,19 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     return valid
         except InvalidRequest as exc:
             await self._abort(context, obs, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except GrammarUnavailable as exc:
+            await self._abort(context, obs, grpc.StatusCode.UNIMPLEMENTED, str(exc))
         raise AssertionError("context.abort returned")  # it raises
+
+    def _grammars(self) -> GrammarCompiler:
+        """The grammar compiler of the model served now (a new one when the data plane came back with
+        another vocabulary); building it costs nothing until a structured request compiles with it."""
+        assert self.engine.worker is not None and self.engine.tokenizer is not None
+        model = self.engine.worker.model
+        key = (self.engine.tokenizer, model.vocab_size, model.eos_token_ids)
+        if self._grammar_compiler is None or not self._grammar_compiler.matches(*key):
+            self._grammar_compiler = GrammarCompiler(*key)
+        return self._grammar_compiler
 
     async def _add(self, context: grpc.aio.ServicerContext, obs: RequestObs, request: EngineRequest,
                    admitted: bool = False) -> RequestHandle:
@@ -331,7 +349,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 fanout.spans.append(self.engine.observer.start_completion(obs, i))
             fanout.stream(await self._add(context, obs, EngineRequest(  # all n were admitted by check_room
                 fanout.ids[i], valid.prompt_token_ids, sampling, valid.stop, fanout.spans[-1] if i else obs,
-                valid.priority, valid.skip_special_tokens, valid.detokenize), admitted=True), deadline)
+                valid.priority, valid.skip_special_tokens, valid.detokenize, valid.grammar), admitted=True), deadline)
             if i == 0:  # the engine took the call (before completions 1.. copy its max_tokens)
                 self.engine.observer.request_accepted(obs, valid.n, valid.stop.max_tokens)
 

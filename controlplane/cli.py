@@ -177,6 +177,15 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allowed-token-ids", default=None, help="comma-separated token ids: only these may be sampled")
     p.add_argument("--skip-special-tokens", action=argparse.BooleanOptionalAction, default=True,
                    help="leave special tokens out of the text (default on)")
+    so = p.add_argument_group("structured outputs (one of them; as vLLM's structured_outputs)")
+    so.add_argument("--json-schema", default=None, metavar="FILE_OR_JSON", help="the text follows this JSON schema")
+    so.add_argument("--json-object", action="store_true", help="the text is a JSON object")
+    so.add_argument("--regex", default=None, help="the whole text matches this regular expression")
+    so.add_argument("--choice", action="append", default=[], help="the text is one of these (repeatable)")
+    so.add_argument("--grammar", default=None, metavar="FILE_OR_TEXT",
+                    help="the text follows this grammar (Lark or GBNF)")
+    so.add_argument("--disable-any-whitespace", action="store_true",
+                    help="with --json-schema or --json-object: no whitespace outside strings")
     p.add_argument("--include-stop-str-in-output", action="store_true",
                    help="keep the stop string that ended the completion in its text")
     p.add_argument("--prompt-logprobs", type=int, default=None, metavar="N",

@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 import grpc
 from google.protobuf.json_format import ParseDict
@@ -57,6 +58,9 @@ def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
         except ValueError:
             raise UsageError(f"--logit-bias takes ID=BIAS (a token id >= 0 and a number), got {item!r}") from None
     request.allowed_token_ids.extend(_token_ids("--allowed-token-ids", args.allowed_token_ids))
+    structured = structured_outputs_from_args(args)
+    if structured is not None:
+        request.structured_outputs.CopyFrom(structured)
     if args.token_ids:
         request.token_ids.ids.extend(_token_ids("--token-ids", args.token_ids))
         if args.prompt is not None:
@@ -71,6 +75,28 @@ def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
 
 
 _MAX_ID = 2**32 - 1  # token ids travel as uint32
+
+
+def _file_or_text(flag: str, value: str) -> str:
+    """A flag's value: the file it names if there is one, else the value itself."""
+    path = Path(value)
+    try:
+        return path.read_text() if len(value) < 4096 and path.is_file() else value
+    except OSError as exc:
+        raise UsageError(f"{flag}: cannot read {value!r} ({exc})") from None
+
+
+def structured_outputs_from_args(args: argparse.Namespace) -> pb.StructuredOutputs | None:
+    """The structured output `generate`'s flags ask for (None: none); the server checks there is one kind."""
+    so = pb.StructuredOutputs(choice=args.choice, json_object=args.json_object,
+                              disable_any_whitespace=args.disable_any_whitespace)
+    if args.json_schema is not None:
+        so.json = _file_or_text("--json-schema", args.json_schema)
+    if args.regex is not None:
+        so.regex = args.regex
+    if args.grammar is not None:
+        so.grammar = _file_or_text("--grammar", args.grammar)
+    return so if so.ListFields() else None
 
 
 def put_fields(request: pb.GenerateRequest, values: dict[str, object]) -> None:

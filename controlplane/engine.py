@@ -30,6 +30,7 @@ from controlplane.prefix_cache import make_allocator
 from controlplane.scheduler import Scheduler
 from controlplane.sequence import FinishReason, Sequence, StopParams
 from controlplane.step_records import SeqUpdate
+from controlplane.structured_output import CompiledGrammar
 from controlplane.tokenizer import NO_TEXT, TextTokenizer
 from shared.config import SchedulerConfig
 from shared.messages import SamplingParams, StepPlan, TokenLogprobs, WorkerReady
@@ -55,6 +56,7 @@ class EngineRequest:
     priority: int = 0  # lower is admitted first under scheduling_policy="priority"
     skip_special_tokens: bool = True  # leave special tokens out of the streamed text
     detokenize: bool = True  # False: stream token ids only (no text, so no stop strings)
+    grammar: CompiledGrammar | None = None  # structured outputs: the grammar every token must follow
 
 
 class RequestHandle:
@@ -272,6 +274,7 @@ class Engine:
             stop=request.stop,
             arrival_time=time.monotonic(),
             priority=request.priority,
+            grammar=request.grammar.new_matcher() if request.grammar is not None else None,
         )
         stream = (self.tokenizer.stream(request.skip_special_tokens, request.prompt_token_ids) if request.detokenize
                   else NO_TEXT)
@@ -425,8 +428,8 @@ class Engine:
             self.observer.tokens(handle.obs, len(update.new_token_ids), seq.num_prompt_tokens)
             new_ids, new_logprobs = update.new_token_ids, update.new_logprobs
             # a sequence that finished on STOP before its text was read here ended on its last token (EOS or
-            # a stop token id); a stop string is found only below
-            token_stop = seq.finish_reason is FinishReason.STOP and bool(new_ids)
+            # a stop token id) or on a complete structured output; a stop string is found only below
+            token_stop = bool(new_ids) and seq.stopped_on_token
             stop = handle.processor.add_tokens(new_ids, token_stop)
             cut = False
             if stop is not None:  # tokens after the one that completed the stop string are dropped

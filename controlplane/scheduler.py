@@ -21,7 +21,12 @@ With `async_scheduling` a second step may be planned while the first is in fligh
 that step will sample for counts that token as known-but-unseen (`Sequence.num_inflight`) and
 decodes it next (the data plane feeds it from the GPU). Stops are applied when results arrive, so
 a sequence may compute one token past its end, which is dropped. Sequences with penalties (which
-need every previous token on the host) and ones sure to end at length wait for their results.
+need every previous token on the host), ones with a structured output (each token's mask needs every
+token before it) and ones sure to end at length wait for their results.
+
+Structured outputs: a sequence with a grammar has the bitmask of the tokens it may sample next in the
+plan entry of each step that samples for it, a step with such a decode looks no step ahead, and no step
+is planned while one in flight samples for it (so it decodes every step, the steps one at a time).
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ class Scheduler(StepOutcomes):
         self.inflight: deque[InflightStep] = deque()
         self.max_inflight = 2 if config.async_scheduling else 1
         self._dropped_on_worker: list[int] = []
+        self._structured: set[int] = set()  # live sequences with a structured output (a grammar)
         self._next_step_id = 0
         self.num_preemptions = 0
         # SLO bookkeeping (first-token times, the steps in flight, the pace of decode tokens) runs on
@@ -100,6 +106,8 @@ class Scheduler(StepOutcomes):
         if seq.sampling.prompt_logprobs is not None and seq.prompt_logprobs is None:
             seq.prompt_logprobs = []
         self.seqs[seq.seq_id] = seq
+        if seq.grammar is not None:
+            self._structured.add(seq.seq_id)
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -138,6 +146,7 @@ class Scheduler(StepOutcomes):
         seq = self.seqs.pop(seq_id, None)
         if seq is None:
             return None
+        self._structured.discard(seq_id)
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
@@ -162,9 +171,14 @@ class Scheduler(StepOutcomes):
     # ------------------------------------------------------------------ building a step
 
     def schedule(self) -> StepPlan | None:
-        """The next step's plan, or None when there is nothing to run (and nothing to drop)."""
+        """The next step's plan, or None when there is nothing to run (and nothing to drop), or -- a
+        step in flight samples a structured output's token -- nothing to run before its result: that
+        sequence's next mask needs the token, and a step planned now would leave it out (it would decode
+        every other step), so the steps go one at a time while one is running."""
         if len(self.inflight) >= self.max_inflight:
             raise RuntimeError(f"schedule() called with {len(self.inflight)} steps in flight")
+        if self.inflight and self._structured and any(self.seqs[i].num_inflight for i in self._structured):
+            return None
         draft = StepDraft(budget=self.config.max_num_batched_tokens)
         if self.policy.composition == "prefill_first":
             self._compose_prefill_first(draft)
@@ -270,6 +284,8 @@ class Scheduler(StepOutcomes):
         position past those has no RoPE row, and the data plane fails the sequence)."""
         size = self.allocator.block_size
         k = max(1, min([decision.decode_steps, *(self.max_model_len - s.num_computed_tokens for s in decoders)]))
+        if any(s.grammar is not None for s in decoders):
+            k = 1  # a token mask covers one token: a structured output's next needs this one back first
         while k > 1:
             need = [max(-(-(s.num_computed_tokens + k) // size) - len(s.block_ids), 0) for s in decoders]
             if sum(need) <= self.allocator.num_free:
@@ -290,6 +306,8 @@ class Scheduler(StepOutcomes):
         p = seq.sampling
         if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
             return False  # penalties count every previous token on the host
+        if seq.grammar is not None:
+            return False  # its next token's mask follows from this one
         return seq.num_outputs < seq.stop.max_tokens and seq.num_tokens < self.max_model_len
 
     def _schedule_running(self, seq: Sequence, draft: StepDraft) -> None:
@@ -408,7 +426,9 @@ class Scheduler(StepOutcomes):
         if k != 1:
             expects.update(dict.fromkeys(islice(draft.tokens, len(noted)), k))
         for seq in noted:
-            if seq.on_worker and seq.seq_id not in new_blocks:
+            if seq.grammar is not None:
+                scheduled.append(self._masked(self._plan_entry(seq, 1, new_blocks, new_requests), seq))
+            elif seq.on_worker and seq.seq_id not in new_blocks:
                 scheduled.append(seq._one_token_entry)
             else:
                 scheduled.append(self._plan_entry(seq, 1, new_blocks, new_requests))
@@ -416,9 +436,11 @@ class Scheduler(StepOutcomes):
             seq.num_computed_tokens += k  # its token, and all but the last of the look-ahead passes'
         for seq_id, num_tokens in islice(draft.tokens.items(), len(noted), None):
             seq = seqs[seq_id]
-            scheduled.append(self._plan_entry(seq, num_tokens, new_blocks, new_requests))
+            entry = self._plan_entry(seq, num_tokens, new_blocks, new_requests)
             computed = seq.num_computed_tokens + num_tokens
-            if computed == seq._num_prompt + len(seq.output_token_ids) + seq.num_inflight:
+            samples = computed == seq._num_prompt + len(seq.output_token_ids) + seq.num_inflight
+            scheduled.append(self._masked(entry, seq) if samples and seq.grammar is not None else entry)
+            if samples:
                 # it samples (the step computes every known token): k tokens for a decode item
                 n = k if num_tokens == 1 else 1
                 expects[seq_id] = n
@@ -430,6 +452,12 @@ class Scheduler(StepOutcomes):
             if caching:
                 chunked.append((seq, computed))
         return expects, chunked
+
+    @staticmethod
+    def _masked(entry: ScheduledSeq, seq: Sequence) -> ScheduledSeq:
+        """`entry` with the bitmask of the tokens `seq`'s grammar allows next (it samples this step)."""
+        assert seq.grammar is not None and not seq.num_inflight, "a structured output's mask needs its tokens"
+        return msgspec.structs.replace(entry, token_mask=seq.grammar.mask())
 
     @staticmethod
     def _plan_entry(seq: Sequence, num_tokens: int, new_blocks: dict[int, list[int]],

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from shared.messages import SamplingParams, ScheduledSeq, TokenLogprobs
+
+if TYPE_CHECKING:
+    from controlplane.structured_output import TokenGrammar
 
 
 class SeqStatus(enum.Enum):
@@ -64,6 +68,9 @@ class Sequence:
     # with sampling.prompt_logprobs: the logprobs of prompt tokens 1, 2, ... received so far ([] at
     # first, set by the scheduler; None: not asked for)
     prompt_logprobs: list[TokenLogprobs] | None = None
+    # structured outputs: its grammar's matcher (the tokens it may sample next; fed each token that
+    # arrives). Such a sequence never runs ahead: each mask needs every token before it.
+    grammar: TokenGrammar | None = None
     # len(prompt_token_ids), which never changes: the scheduler reads these counts for every running
     # sequence on every step, so they are kept cheap
     _num_prompt: int = field(init=False, repr=False, default=0)
@@ -148,6 +155,13 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
+
+    @property
+    def stopped_on_token(self) -> bool:
+        """It stopped on its last token, an EOS or one of its stop token ids (which counts but adds no
+        text unless asked); not on a stop string or a complete structured output."""
+        out = self.output_token_ids
+        return self.finish_reason is FinishReason.STOP and bool(out) and out[-1] in self._stop_token_ids
 
 
 def check_token_stop(

@@ -74,8 +74,9 @@ class StepOutcomes:
             arrived += n
             seq.num_inflight -= n
             out = seq.output_token_ids
-            # no length stop within these tokens (prompt + outputs < its token cap), no stop token
-            if out and output.logprobs is None and seq._num_prompt + len(out) + k < seq._token_cap:
+            # no length stop within these tokens (prompt + outputs < its token cap), no stop token, no grammar
+            if out and output.logprobs is None and seq._num_prompt + len(out) + k < seq._token_cap \
+                    and seq.grammar is None:
                 if k == 1:  # a decode's one token (most outputs): no set or list method to call
                     token = token_ids[0]
                     if token not in seq._stop_token_ids:
@@ -163,16 +164,27 @@ class StepOutcomes:
         self, seq: Sequence, token_ids: list[int], logprobs: list[TokenLogprobs] | None
     ) -> SeqUpdate:
         """Append tokens one by one, stopping at the first that ends the sequence (`_accept` takes
-        the tokens that cannot stop it without coming here)."""
+        the tokens that cannot stop it without coming here). A structured output's grammar is fed each
+        token: one it refuses fails the sequence (the data plane ignored its mask), and one that
+        completes it ends the sequence as a stop (the grammar allows nothing more)."""
         out, eos, max_len = seq.output_token_ids, self.eos_token_ids, self.max_model_len
         if not out and token_ids:
             seq.first_token_at = self.slo_clock()
         accepted = len(token_ids)
+        grammar = seq.grammar
         for i, token_id in enumerate(token_ids):
             out.append(token_id)
             if logprobs is not None and i < len(logprobs):
                 seq.output_logprobs.append(logprobs[i])
+            refused = grammar.accept(token_id) if grammar is not None else None
+            if refused is not None:
+                seq.error = f"structured output: token {token_id} breaks the request's grammar ({refused})"
+                self.finish(seq.seq_id, FinishReason.ERROR)
+                accepted = i + 1
+                break
             stop = check_token_stop(seq, token_id, eos, max_len)
+            if grammar is not None and grammar.done and (stop is None or stop[0] is FinishReason.LENGTH):
+                stop = FinishReason.STOP, None  # complete: a stop, even on its last allowed token
             if stop is not None:
                 self.finish(seq.seq_id, stop[0], stop[1])
                 accepted = i + 1

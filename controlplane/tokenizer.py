@@ -100,6 +100,10 @@ class HFTokenizer:
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
+    def tokenizer_json(self) -> str:
+        """The tokenizer as its tokenizer.json text (what llguidance builds its vocabulary from)."""
+        return self._tokenizer.to_str()
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Through the batch call, which releases the GIL (`encode` holds it: a 1 MB prompt froze the
         event loop for 1.3 s), so a caller's worker thread leaves the loop free."""

@@ -6,6 +6,7 @@ an `InvalidRequest` whose message names the field.
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from controlplane.chat_template import ChatMessage, ChatTemplate, ChatTemplateEr
 from controlplane.generation_defaults import SamplingDefaults
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from controlplane.sequence import StopParams
+from controlplane.structured_output import CompiledGrammar, GrammarCompiler, GrammarError, GrammarSpec
 from controlplane.tokenizer import TextTokenizer
 from shared.messages import SamplingParams
 
@@ -33,6 +35,8 @@ MAX_LOGIT_BIAS_VALUE = 100.0  # |bias|, as OpenAI's API
 MAX_CHAT_MESSAGES = 1024
 MAX_ROLE_LEN = 64
 MAX_CHAT_TOOLS = 128
+MAX_GRAMMAR_CHARS = 1 << 20  # a structured output's schema, regex or grammar (or its choices together)
+MAX_CHOICES = 1024
 
 
 class InvalidRequest(ValueError):
@@ -57,6 +61,7 @@ class ValidatedRequest:
     priority: int = 0  # lower is admitted first, under the priority scheduling policy
     skip_special_tokens: bool = True
     detokenize: bool = True  # False: token ids only, no text
+    grammar: CompiledGrammar | None = None  # structured outputs: what every completion must follow
 
 
 def _finite(name: str, value: float) -> float:
@@ -254,6 +259,42 @@ def _stop(request: pb.GenerateRequest, num_prompt: int, limits: Limits) -> StopP
     )
 
 
+def _structured_outputs(request: pb.GenerateRequest) -> GrammarSpec | None:
+    """The request's structured output, its size checked (compiled by `GrammarCompiler.compile`)."""
+    if not request.HasField("structured_outputs"):
+        return None
+    so = request.structured_outputs
+    kinds = [kind for kind, given in (("json", so.HasField("json")), ("regex", so.HasField("regex")),
+                                      ("choice", bool(so.choice)), ("grammar", so.HasField("grammar")),
+                                      ("json_object", so.json_object)) if given]
+    if len(kinds) != 1:
+        raise InvalidRequest("structured_outputs: set exactly one of json, regex, choice, grammar and json_object"
+                             + (f", got {', '.join(kinds)}" if kinds else ""))
+    kind = kinds[0]
+    if kind == "choice":
+        if len(so.choice) > MAX_CHOICES:
+            raise InvalidRequest(f"structured_outputs.choice: at most {MAX_CHOICES} strings, got {len(so.choice)}")
+        text = json.dumps(list(so.choice))
+    else:
+        text = "" if kind == "json_object" else getattr(so, kind)
+    if len(text) > MAX_GRAMMAR_CHARS:
+        raise InvalidRequest(f"structured_outputs.{kind}: at most {MAX_GRAMMAR_CHARS} characters, got {len(text)}")
+    if kind in ("json", "grammar") and not text.strip():
+        raise InvalidRequest(f"structured_outputs.{kind} is empty")
+    return GrammarSpec(kind, text, so.disable_any_whitespace)  # type: ignore[arg-type]
+
+
+def compile_grammar(spec: GrammarSpec, grammars: GrammarCompiler | None) -> CompiledGrammar:
+    """The spec compiled for the model (slow for a large schema: on a worker thread); a grammar that does
+    not compile is an InvalidRequest naming it. GrammarUnavailable (a server without llguidance) passes."""
+    if grammars is None:
+        raise InvalidRequest("structured_outputs: this server does not take structured outputs")
+    try:
+        return grammars.compile(spec)
+    except GrammarError as exc:
+        raise InvalidRequest(f"structured_outputs.{exc}") from exc
+
+
 def _check_request_id(request_id: str) -> None:
     if len(request_id) > MAX_REQUEST_ID_LEN:
         raise InvalidRequest(f"request_id longer than {MAX_REQUEST_ID_LEN} characters")
@@ -286,23 +327,28 @@ def check_fields(request: pb.GenerateRequest, limits: Limits,
     _sampling(request, limits, defaults)
     _stop(request, 0, limits)
     _check_options(request, limits)
+    _structured_outputs(request)
 
 
 def validate_generate(
     request: pb.GenerateRequest, tokenizer: TextTokenizer, limits: Limits, chat: ChatTemplate | None = None,
-    defaults: SamplingDefaults = SamplingDefaults(),
+    defaults: SamplingDefaults = SamplingDefaults(), grammars: GrammarCompiler | None = None,
 ) -> ValidatedRequest:
     """`chat` is the model's chat template (None: it has none), for a request with chat messages;
-    `defaults` what unset sampling fields mean (the model's generation config)."""
+    `defaults` what unset sampling fields mean (the model's generation config); `grammars` compiles a
+    structured output (None: such a request is refused)."""
     _check_request_id(request.request_id)
     request_id = request.request_id or uuid.uuid4().hex
     sampling = _sampling(request, limits, defaults)
+    spec = _structured_outputs(request)
     prompt = _prompt_ids(request, tokenizer, limits, chat)
     stop = _stop(request, len(prompt), limits)
     _check_options(request, limits)
+    grammar = compile_grammar(spec, grammars) if spec is not None else None
     skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
     detokenize = request.detokenize if request.HasField("detokenize") else True
-    return ValidatedRequest(request_id, prompt, sampling, stop, request.n or 1, request.priority, skip, detokenize)
+    return ValidatedRequest(request_id, prompt, sampling, stop, request.n or 1, request.priority, skip, detokenize,
+                            grammar)
 
 
 def validate_tokenize(request: pb.TokenizeRequest, chat: ChatTemplate | None = None) -> tuple[str, bool]:

@@ -23,7 +23,7 @@ from dataplane.piecewise import PiecewiseGraphs
 from dataplane.models.config import ModelConfig
 from dataplane.models.dense import DenseForCausalLM
 from dataplane.sampler import LogprobTensors, Sampler, has_penalties, prompt_logprobs
-from dataplane.seq_state import SeqError, SeqState, check_scheduled, fail_by_plan, new_state
+from dataplane.seq_state import SeqError, SeqState, check_scheduled, check_token_mask, fail_by_plan, new_state
 from dataplane.staging import Span, positions_and_slots
 from shared.messages import SeqFailure, SeqOutput, StepPlan, StepResult, StepTimings, TokenLogprobs
 
@@ -192,6 +192,9 @@ class ModelRunner:
             try:
                 state = check_scheduled(self.seqs, entry, plan.decode_steps, self.block_size, self.num_blocks,
                                         self.config.max_position_embeddings)
+                check_token_mask(entry, state.num_computed + entry.num_tokens == state.num_known,
+                                 plan.decode_steps > 1 and state.is_decode(entry.num_tokens), self.config.vocab_size)
+                state.token_mask = entry.token_mask
                 items.append(_Item(state, entry.num_tokens))
             except SeqError as exc:
                 self.drop(entry.seq_id)
@@ -364,7 +367,8 @@ class ModelRunner:
             prompt_ids = [torch.tensor(s.token_ids[: s.num_prompt_tokens]) for s in states]
             output_ids = [torch.tensor(s.token_ids[s.num_prompt_tokens :], dtype=torch.long) for s in states]
         counts = [s.num_generated for s in states]  # counts this step's earlier passes (in flight)
-        out = self.sampler.sample(logits, params, counts, prompt_ids, output_ids, inflight_ids)
+        masks = [s.token_mask for s in states] if step == 0 and any(s.token_mask for s in states) else None
+        out = self.sampler.sample(logits, params, counts, prompt_ids, output_ids, inflight_ids, masks)
         tokens = out.token_ids
         for row, state in enumerate(states):
             state.num_inflight += 1

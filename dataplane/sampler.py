@@ -1,12 +1,14 @@
 """Turn a batch of next-token logits into tokens (and logprobs), one `SamplingParams` per row.
 
-Pipeline per row, in vLLM's order: the token rules (only `allowed_token_ids` stay possible,
+Pipeline per row, in vLLM's order: a structured-output token mask (applied to the logits themselves, as
+vLLM applies its grammar bitmask before the sampler: the logprobs are then those of the allowed tokens),
+the token rules (only `allowed_token_ids` stay possible,
 `logit_bias` is added), then penalties (repetition over prompt+output, presence/frequency over
 output), then the stop tokens are masked while fewer than `min_tokens` are generated, then greedy
 argmax if temperature is 0, else temperature, min-p, top-k (ties with the k-th kept), top-p and an
 exponential race (argmax(p / Exp(1) noise)). A seeded row draws its noise from a generator seeded
 by (seed, generated-token index), so it samples the same token alone or in any batch.
-Logprobs are those of the raw logits (before any processing).
+Logprobs are those of the raw logits (before any processing but the token mask).
 This module must not decide which rows to sample (the worker does) nor keep per-request state beyond
 a bounded cache of derived token-rule rows.
 """
@@ -200,6 +202,25 @@ def _mask_stop_tokens(logits: Tensor, rows: list[tuple[int, tuple[int, ...]]]) -
     return logits.index_put((index[:, 0], index[:, 1]), logits.new_full((), float("-inf")))  # no host copy
 
 
+def apply_token_masks(logits: Tensor, masks: list[bytes]) -> Tensor:
+    """`logits` (out of place) with every token a row's mask leaves out set to -inf; a row with an empty
+    mask is unchanged. A mask holds one bit per token id (bit t % 32 of little-endian word t // 32, the
+    words of llguidance's and xgrammar's bitmasks), unpacked on the device: one async copy, no host sync."""
+    rows = [i for i, m in enumerate(masks) if m]
+    if not rows:
+        return logits
+    n, vocab = len(rows), logits.shape[1]
+    words = np.frombuffer(b"".join(masks[i] for i in rows), dtype="<i4").reshape(n, -1)
+    if words.shape[1] * 32 < vocab:
+        raise ValueError(f"a token mask of {words.shape[1] * 32} bits for a vocabulary of {vocab}")
+    device = logits.device
+    packed = torch.from_numpy(words.copy()).to(device, non_blocking=True)
+    bits = (packed[:, :, None] >> torch.arange(32, dtype=torch.int32, device=device)) & 1
+    allowed = bits.reshape(n, -1)[:, :vocab].bool()
+    index = _to_device(rows, torch.long, device)
+    return logits.index_copy(0, index, logits.index_select(0, index).masked_fill(~allowed, float("-inf")))
+
+
 def _row_tensor(values: list[float], device: torch.device) -> Tensor:
     return _to_device(values, torch.float32, device)[:, None]
 
@@ -215,18 +236,24 @@ class Sampler:
     def sample(self, logits: Tensor, params: list[SamplingParams], generated_counts: list[int],
                prompt_token_ids: list[Tensor] | None = None,
                output_token_ids: list[Tensor] | None = None,
-               inflight_output_ids: Tensor | None = None) -> SampleOutput:
+               inflight_output_ids: Tensor | None = None, token_masks: list[bytes] | None = None) -> SampleOutput:
         """logits: [N, V] float32; one params and one generated count per row. `inflight_output_ids`:
         [N, j] device ids of output tokens sampled by earlier passes of this step (look-ahead), not yet
-        in `output_token_ids`; the penalties count them too, on the device."""
+        in `output_token_ids`; the penalties count them too, on the device. `token_masks`: one per row
+        (b"": none), the tokens a structured output allows (`apply_token_masks`); a masked row's grammar
+        decides when it may end, so `min_tokens` does not hold its stop tokens back."""
         n = logits.shape[0]
-        if len(params) != n or len(generated_counts) != n:
+        if len(params) != n or len(generated_counts) != n or (token_masks is not None and len(token_masks) != n):
             raise ValueError(f"{n} logit rows but {len(params)} params, "
-                             f"{len(generated_counts)} generated counts")
+                             f"{len(generated_counts)} generated counts"
+                             + (f", {len(token_masks)} token masks" if token_masks is not None else ""))
         raw = logits.float()
+        if token_masks is not None:
+            raw = apply_token_masks(raw, token_masks)
         greedy = [p.temperature < GREEDY_EPS for p in params]
         blocked = [i for i, (p, g) in enumerate(zip(params, generated_counts))
-                   if p.stop_token_ids and g < p.min_tokens]  # stop tokens held back until min_tokens
+                   if p.stop_token_ids and g < p.min_tokens  # stop tokens held back until min_tokens
+                   and not (token_masks is not None and token_masks[i])]
         if all(greedy) and not blocked and not any(has_penalties(p) or _has_token_rules(p) for p in params):
             tokens = raw.argmax(dim=-1)
         else:

@@ -25,6 +25,7 @@ class SeqState:
     sampling: SamplingParams
     num_computed: int = 0
     num_inflight: int = 0  # tokens sampled on the device whose step's result is not collected yet
+    token_mask: bytes = b""  # this step's structured-output mask for its sampled token (b"": none)
 
     @property
     def num_known(self) -> int:
@@ -123,3 +124,23 @@ def check_scheduled(
         raise SeqError(f"seq {entry.seq_id}: a step to position {end + lookahead - 1} passes the model's "
                        f"{max_positions} positions")
     return state
+
+
+def mask_bytes(vocab_size: int) -> int:
+    """The size of a token mask: one bit per vocabulary entry, in whole 32-bit words."""
+    return 4 * ((vocab_size + 31) // 32)
+
+
+def check_token_mask(entry: ScheduledSeq, samples: bool, looks_ahead: bool, vocab_size: int) -> None:
+    """An entry's token mask (checked before the step computes): the right size, on an item that samples
+    (`samples`), and one token's worth (not on a decode the plan runs look-ahead passes of)."""
+    mask = entry.token_mask
+    if not mask:
+        return
+    if len(mask) != mask_bytes(vocab_size):
+        raise SeqError(f"seq {entry.seq_id}: a token mask of {len(mask)} bytes; the vocabulary of {vocab_size} "
+                       f"needs {mask_bytes(vocab_size)}")
+    if not samples:
+        raise SeqError(f"seq {entry.seq_id}: a token mask on a chunk that samples no token")
+    if looks_ahead:
+        raise SeqError(f"seq {entry.seq_id}: a token mask covers one token, but the plan decodes ahead")

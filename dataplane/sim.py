@@ -10,7 +10,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from dataplane.seq_state import fail_by_plan
+import numpy as np
+
+from dataplane.seq_state import SeqError, check_token_mask, fail_by_plan
 from shared.messages import NewRequest, ScheduledSeq, SeqFailure, SeqOutput, StepPlan, StepResult, StepTimings
 
 
@@ -145,6 +147,10 @@ class SimRunner:
         if entry.num_tokens < 1 or end > len(seq.token_ids):
             return f"seq {entry.seq_id}: cannot compute {entry.num_tokens} tokens"
         decoding = entry.num_tokens == 1 and end == len(seq.token_ids)
+        try:
+            check_token_mask(entry, end == len(seq.token_ids), decoding and decode_steps > 1, self.vocab_size)
+        except SeqError as exc:
+            return str(exc)
         end += decode_steps - 1 if decoding else 0
         if end > len(seq.block_table) * self.block_size:
             return f"seq {entry.seq_id}: {len(seq.block_table)} blocks cannot hold {end} tokens"
@@ -164,6 +170,10 @@ class SimRunner:
                 self._write_kv(seq, 1)
                 seq.num_computed += 1
             token = sim_token(seq.prompt_key, len(seq.token_ids), self.vocab_size)
+            if entry.token_mask:  # structured output: the allowed token the simulated model's choice picks
+                allowed = np.flatnonzero(np.unpackbits(np.frombuffer(entry.token_mask, dtype=np.uint8),
+                                                       bitorder="little")[: self.vocab_size])
+                token = int(allowed[token % len(allowed)]) if len(allowed) else token
             seq.token_ids.append(token)
             tokens.append(token)
         return tokens

@@ -11,7 +11,7 @@ from typing import Literal, Union
 
 import msgspec
 
-PROTOCOL_VERSION = 8
+PROTOCOL_VERSION = 9
 
 Mode = Literal["aggregated", "multiplexed"]
 
@@ -71,12 +71,16 @@ class ScheduledSeq(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     """Work for one sequence in one step: compute its next `num_tokens` uncomputed tokens.
 
     The worker samples a token when the chunk reaches the end of the sequence's known tokens.
-    `new_block_ids` are appended to the sequence's block table before the step runs.
+    `new_block_ids` are appended to the sequence's block table before the step runs. `token_mask`
+    (structured outputs), when set, says which tokens that sample may take: bit `t % 32` of the
+    little-endian 32-bit word `t // 32` for token id `t`, ceil(vocab_size / 32) words; it covers one
+    token, so it is only sent on an item that samples, and never on a decode of a look-ahead plan.
     """
 
     seq_id: int
     num_tokens: int
     new_block_ids: list[int] = []
+    token_mask: bytes = b""
 
 
 class StepPlan(msgspec.Struct, frozen=True, kw_only=True, tag="plan"):

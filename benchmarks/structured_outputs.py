@@ -1,0 +1,160 @@
+"""What structured outputs cost: the same batch of streams through `duetserve serve` (the real data plane on
+`--gpu cuda` or `cpu`, `--model`, random weights) with no grammar, every stream under a regex of exactly
+`--output-len` characters (one token each: the presets' byte vocabulary), and half of each; then a JSON
+schema batch whose every output must parse and fit the schema. A structured stream waits for each token
+before its next mask (it never runs ahead of async scheduling), so in a mixed batch it decodes every other
+step: its TPOT is the figure to watch. Prints a table; writes benchmarks/results/structured-outputs-<dev>.json.
+
+    python benchmarks/structured_outputs.py [--gpu cuda] [--model qwen3-8b] [--concurrency 64]
+        [--output-len 256] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.stream_throughput import SERVER, _tail, server_env  # noqa: E402
+from controlplane.launcher import stop_process  # noqa: E402
+from controlplane.protogen.duetserve.v1 import generation_pb2 as pb  # noqa: E402
+from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["id", "name", "tags", "ok"],
+          "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99999},
+                         "name": {"type": "string", "maxLength": 24},
+                         "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 4},
+                         "ok": {"type": "boolean"}}}
+
+
+def fits_schema(text: str) -> bool:
+    """Whether `text` is a JSON value of SCHEMA (checked by hand: no jsonschema dependency)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return (isinstance(value, dict) and set(value) == {"id", "name", "tags", "ok"}
+            and isinstance(value["id"], int) and 0 <= value["id"] <= 99999
+            and isinstance(value["name"], str) and len(value["name"]) <= 24
+            and isinstance(value["tags"], list) and len(value["tags"]) <= 4
+            and all(t in ("a", "b", "c") for t in value["tags"]) and isinstance(value["ok"], bool))
+
+
+async def one(stub: pb_grpc.GenerationStub, request: pb.GenerateRequest) -> dict[str, object]:
+    start = time.perf_counter()
+    times: list[float] = []
+    text, tokens, reason = "", 0, ""
+    async for message in stub.Generate(request):
+        if message.token_ids:
+            times.append(time.perf_counter())
+        tokens += len(message.token_ids)
+        text += message.text
+        reason = message.finish_reason or reason
+    ttft = (times[0] - start) * 1e3 if times else float("nan")
+    tpot = (times[-1] - times[0]) * 1e3 / (tokens - 1) if tokens > 1 else float("nan")
+    return {"tokens": tokens, "text": text, "finish_reason": reason, "ttft_ms": ttft, "tpot_ms": tpot}
+
+
+def requests(kind: str, n: int, args: argparse.Namespace) -> list[tuple[str, pb.GenerateRequest]]:
+    """`kind`: free, regex, mixed (alternating) or json. Prompts are distinct random byte ids."""
+    out = []
+    for i in range(n):
+        ids = [32 + (i * 7919 + j * 104729) % 95 for j in range(args.prompt_len)]  # printable bytes
+        structured = kind in ("regex", "json") or (kind == "mixed" and i % 2 == 1)
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), max_tokens=args.output_len, ignore_eos=True,
+                                     temperature=0.0)
+        if kind == "json":  # ends when the object is complete; room for the longest one the schema allows
+            request.max_tokens = max(args.output_len, 160)
+            request.structured_outputs.CopyFrom(pb.StructuredOutputs(json=json.dumps(SCHEMA),
+                                                                     disable_any_whitespace=True))
+        elif structured:
+            request.structured_outputs.CopyFrom(pb.StructuredOutputs(regex=f"[a-z]{{{args.output_len}}}"))
+        out.append(("structured" if structured else "free", request))
+    return out
+
+
+async def run_batch(port: int, kind: str, args: argparse.Namespace) -> dict[str, object]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        batch = requests(kind, args.concurrency, args)
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(stub, request) for _, request in batch))
+        wall = time.perf_counter() - start
+    row: dict[str, object] = {"batch": kind, "streams": len(batch), "wall_s": wall,
+                              "output_tok_s": sum(int(r["tokens"]) for r in results) / wall}
+    for cls in ("free", "structured"):
+        mine = [r for (c, _), r in zip(batch, results) if c == cls]
+        if not mine:
+            continue
+        tpots = sorted(float(r["tpot_ms"]) for r in mine)
+        row[cls] = {"streams": len(mine), "tokens": sum(int(r["tokens"]) for r in mine),
+                    "mean_tpot_ms": statistics.fmean(tpots), "p99_tpot_ms": tpots[min(len(tpots) - 1,
+                                                                                   int(0.99 * len(tpots)))],
+                    "mean_ttft_ms": statistics.fmean(float(r["ttft_ms"]) for r in mine),
+                    "finish_reasons": sorted({str(r["finish_reason"]) for r in mine})}
+        if cls == "structured":
+            check = fits_schema if kind == "json" else re.compile(f"[a-z]{{{args.output_len}}}").fullmatch
+            row[cls]["valid"] = sum(bool(check(str(r["text"]))) for r in mine)  # type: ignore[index]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", default="cpu", choices=["cuda", "cpu"], help="the real data plane's device")
+    parser.add_argument("--model", default="tiny", help="a preset (random weights, byte vocabulary)")
+    parser.add_argument("--concurrency", type=int, default=16, help="streams in each batch, all at once")
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default benchmarks/results/structured-outputs-<gpu>.json")
+    args = parser.parse_args()
+    args.out = args.out or ROOT / "benchmarks" / "results" / f"structured-outputs-{args.gpu}.json"
+    rows: list[dict[str, object]] = []
+    with tempfile.TemporaryFile(mode="w+", errors="replace") as errors:
+        server = subprocess.Popen([sys.executable, "-c", SERVER, str(args.port), "1.0", args.gpu, "1", args.model],
+                                  cwd=ROOT, env=server_env(ROOT, dict(os.environ)), stdout=subprocess.PIPE,
+                                  stderr=errors, text=True)
+        try:
+            assert server.stdout is not None
+            ready = server.stdout.readline().split()
+            if len(ready) != 2 or ready[0] != "ready":
+                raise RuntimeError(f"the server did not start ({_tail(errors)})")
+            port = int(ready[1])
+            asyncio.run(run_batch(port, "free", args))  # warm-up: graphs, the grammar vocabulary
+            asyncio.run(run_batch(port, "regex", args))
+            for kind in ("free", "regex", "mixed", "json"):
+                row = asyncio.run(run_batch(port, kind, args))
+                rows.append(row)
+                parts = [f"{kind:>6}: {row['output_tok_s']:8.0f} output tok/s"]
+                for cls in ("free", "structured"):
+                    if cls in row:
+                        c = row[cls]  # type: ignore[index]
+                        valid = f", {c['valid']}/{c['streams']} valid" if "valid" in c else ""
+                        parts.append(f"{cls} TPOT {c['mean_tpot_ms']:.1f} ms (p99 {c['p99_tpot_ms']:.1f}){valid} "
+                                     f"{'/'.join(c['finish_reasons'])}")
+                print("  ".join(parts), flush=True)
+        finally:
+            stop_process(server, 30.0, "the control plane")
+    result = {"machine": platform.node(), "cpus": os.cpu_count(), "gpu": args.gpu, "model": args.model,
+              "concurrency": args.concurrency, "output_len": args.output_len, "prompt_len": args.prompt_len,
+              "when": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

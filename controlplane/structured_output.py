@@ -1,0 +1,181 @@
+"""Structured outputs (vLLM's `structured_outputs`): a JSON schema, any JSON object, a regex, a choice of
+strings or a grammar that every completion of a request must follow, compiled by llguidance.
+
+`GrammarCompiler.compile` checks a request's grammar against the model's vocabulary (on a worker thread:
+a large schema takes a while) and gives a `CompiledGrammar`; each completion gets its own `TokenGrammar`,
+a matcher the scheduler asks for the next token's bitmask (sent in the plan; the data plane applies it to
+the logits) and feeds each token that comes back. This module must not import torch or touch the socket;
+llguidance is imported on the first structured request, so a server that never gets one never loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from controlplane.tokenizer import ByteTokenizer, HFTokenizer, TextTokenizer
+
+GrammarKind = Literal["json", "json_object", "regex", "choice", "grammar"]
+MAX_ERROR_CHARS = 600  # of llguidance's message about a bad grammar, in the client's error
+
+
+class GrammarError(ValueError):
+    """The request's grammar does not compile; the message says why (a client error)."""
+
+
+class GrammarUnavailable(RuntimeError):
+    """This server cannot compile grammars (llguidance is not installed, or the vocabulary is unusable)."""
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What a request asked for: `text` is the JSON schema, the regex, the grammar (Lark or GBNF), or for
+    `choice` a JSON list of the strings; `disable_any_whitespace`: JSON without free whitespace."""
+
+    kind: GrammarKind
+    text: str = ""
+    disable_any_whitespace: bool = False
+
+
+class TokenGrammar:
+    """One completion's matcher: the tokens it allows next, and each token it is fed."""
+
+    __slots__ = ("_matcher", "_fill", "_bitmask")
+
+    def __init__(self, matcher: Any, fill: Any, vocab_size: int) -> None:
+        self._matcher = matcher
+        self._fill = fill  # llguidance.numpy.fill_next_token_bitmask
+        self._bitmask = np.zeros((1, (vocab_size + 31) // 32), dtype=np.int32)
+
+    def mask(self) -> bytes:
+        """The bitmask of the tokens allowed next: bit t % 32 of little-endian 32-bit word t // 32,
+        ceil(vocab_size / 32) words (the data plane's layout, `shared.messages.ScheduledSeq.token_mask`)."""
+        self._fill(self._matcher, self._bitmask, 0)
+        return self._bitmask.tobytes()
+
+    def accept(self, token_id: int) -> str | None:
+        """Feed a sampled token; None if the grammar allows it, else why not (the matcher is then broken)."""
+        if self._matcher.consume_token(token_id):
+            return None
+        return self._matcher.get_error().split("\n", 1)[0] or f"token {token_id} is not allowed here"
+
+    @property
+    def done(self) -> bool:
+        """The grammar is complete and allows no further token (but an end of sequence)."""
+        return self._matcher.is_stopped()
+
+
+class CompiledGrammar:
+    """A grammar checked against the vocabulary; `new_matcher` gives each completion its own state."""
+
+    def __init__(self, kind: GrammarKind, matcher: Any, fill: Any, vocab_size: int) -> None:
+        self.kind = kind
+        self._template = matcher  # never fed a token: a fresh copy is a fresh start
+        self._fill = fill
+        self._vocab_size = vocab_size
+
+    def new_matcher(self) -> TokenGrammar:
+        return TokenGrammar(self._template.deep_copy(), self._fill, self._vocab_size)
+
+
+def _grammar_text(llg: Any, spec: GrammarSpec) -> str:
+    """The llguidance grammar of a spec (JSON is parsed here, so a bad one is named as such)."""
+    json_options = {"whitespace_flexible": not spec.disable_any_whitespace}
+    if spec.kind == "json_object":
+        return llg.LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=json_options)
+    if spec.kind == "json":
+        try:
+            schema = json.loads(spec.text)
+        except json.JSONDecodeError as exc:
+            raise GrammarError(f"json: not a JSON schema ({exc})") from exc
+        if not isinstance(schema, (dict, bool)):
+            raise GrammarError("json: a JSON schema is an object (or true/false)")
+        try:
+            return llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=json_options)
+        except ValueError as exc:
+            raise GrammarError(f"json: {exc}") from exc
+    if spec.kind == "regex":
+        return llg.LLMatcher.grammar_from_regex(spec.text)
+    if spec.kind == "choice":
+        return llg.grammar_from("choice", spec.text)
+    try:
+        return llg.grammar_from("grammar", spec.text)  # Lark, or GBNF converted to Lark
+    except ValueError as exc:
+        raise GrammarError(f"grammar: {exc}") from exc
+
+
+class _ByteVocabulary:
+    """`ByteTokenizer`'s vocabulary as llguidance reads one: ids 0-255 are bytes, the rest special."""
+
+    def __init__(self, vocab_size: int, eos_token_id: int | None) -> None:
+        self.tokens = [bytes([i]) for i in range(256)] + [b"\xff<|special_%d|>" % i for i in range(256, vocab_size)]
+        self.special_token_ids = list(range(256, vocab_size))
+        self.eos_token_id = eos_token_id
+        self.bos_token_id = None
+
+    def __call__(self, text: bytes | str) -> list[int]:
+        return list(text if isinstance(text, bytes) else text.encode("utf-8"))
+
+
+class GrammarCompiler:
+    """Compiles requests' grammars for one model: its tokenizer, its logits' width (`vocab_size`, which
+    may exceed the tokenizer's: the ids past it are never allowed) and its end-of-sequence tokens (which
+    a complete grammar allows). The llguidance vocabulary is built on first use (about a second for a
+    150k-token vocabulary), once, behind a lock: callers are worker threads."""
+
+    def __init__(self, tokenizer: TextTokenizer, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_ids = list(eos_token_ids)
+        self._lock = threading.Lock()
+        self._llg: Any = None
+        self._vocabulary: Any = None
+
+    def matches(self, tokenizer: TextTokenizer, vocab_size: int, eos_token_ids: Sequence[int]) -> bool:
+        return (tokenizer is self.tokenizer and vocab_size == self.vocab_size
+                and list(eos_token_ids) == self.eos_token_ids)
+
+    def _load(self) -> tuple[Any, Any]:
+        with self._lock:
+            if self._vocabulary is None:
+                try:
+                    import llguidance
+                    import llguidance.numpy
+                except ImportError as exc:
+                    raise GrammarUnavailable("structured outputs need the llguidance package, which this "
+                                             "server lacks") from exc
+                eos: int | list[int] | None = self.eos_token_ids or None
+                try:
+                    if isinstance(self.tokenizer, HFTokenizer):
+                        source: Any = self.tokenizer.tokenizer_json()
+                    elif isinstance(self.tokenizer, ByteTokenizer):
+                        source = llguidance.TokenizerWrapper(
+                            _ByteVocabulary(self.vocab_size, self.eos_token_ids[0] if self.eos_token_ids else None))
+                    else:
+                        raise GrammarUnavailable(f"structured outputs: no grammar support for the "
+                                                 f"{type(self.tokenizer).__name__} tokenizer")
+                    self._vocabulary = llguidance.LLTokenizer(source, n_vocab=self.vocab_size, eos_token=eos)
+                except (ValueError, RuntimeError) as exc:
+                    if isinstance(exc, GrammarUnavailable):
+                        raise
+                    raise GrammarUnavailable(f"structured outputs: llguidance cannot read this model's "
+                                             f"vocabulary ({exc})") from exc
+                self._llg = llguidance
+            return self._llg, self._vocabulary
+
+    def compile(self, spec: GrammarSpec) -> CompiledGrammar:
+        """The spec's grammar, checked; GrammarError (naming the field) if it does not compile."""
+        llg, vocabulary = self._load()
+        text = _grammar_text(llg, spec)
+        error = llg.LLMatcher.validate_grammar(text, vocabulary)
+        if error:
+            raise GrammarError(f"{spec.kind}: {error.strip()[:MAX_ERROR_CHARS]}")
+        matcher = llg.LLMatcher(vocabulary, text, log_level=0)
+        if matcher.is_error():
+            raise GrammarError(f"{spec.kind}: {matcher.get_error().strip()[:MAX_ERROR_CHARS]}")
+        return CompiledGrammar(spec.kind, matcher, llg.numpy.fill_next_token_bitmask, self.vocab_size)
