@@ -1,9 +1,10 @@
 """What structured outputs cost: the same batch of streams through `duetserve serve` (the real data plane on
 `--gpu cuda` or `cpu`, `--model`, random weights) with no grammar, every stream under a regex of exactly
 `--output-len` characters (one token each: the presets' byte vocabulary), and half of each; then a JSON
-schema batch whose every output must parse and fit the schema. A structured stream waits for each token
-before its next mask (it never runs ahead of async scheduling), so in a mixed batch it decodes every other
-step: its TPOT is the figure to watch. Prints a table; writes benchmarks/results/structured-outputs-<dev>.json.
+schema batch whose every output must parse and fit the schema. A structured stream needs each token back
+before its next mask, so while one runs the steps go one at a time (async scheduling pauses): the free
+streams' TPOT beside structured ones, and the structured batch's, are the figures to watch. Prints a table;
+writes benchmarks/results/structured-outputs-<dev>.json.
 
     python benchmarks/structured_outputs.py [--gpu cuda] [--model qwen3-8b] [--concurrency 64]
         [--output-len 256] [--out PATH]

@@ -81,8 +81,14 @@ def _file_or_text(flag: str, value: str) -> str:
     """A flag's value: the file it names if there is one, else the value itself."""
     path = Path(value)
     try:
-        return path.read_text() if len(value) < 4096 and path.is_file() else value
-    except OSError as exc:
+        is_file = path.is_file()
+    except OSError:  # e.g. a long inline schema: no such file name
+        return value
+    if not is_file:
+        return value
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"{flag}: cannot read {value!r} ({exc})") from None
 
 

@@ -48,6 +48,7 @@ from controlplane.step_draft import StepDraft, batch_shape, trim_draft
 from controlplane.step_outcomes import StepOutcomes
 from controlplane.step_records import InflightStep
 from controlplane.step_stats import StepStats
+from controlplane.structured_output import next_token_masks
 from controlplane.waiting_queue import PriorityWaitingQueue, WaitingQueue, priority_key
 from shared.config import SchedulerConfig
 from shared.messages import (
@@ -418,6 +419,7 @@ class Scheduler(StepOutcomes):
         seqs, new_blocks = self.seqs, draft.new_blocks
         noted = draft.noted_decoders()
         chunked: list[tuple[Sequence, int]] = []  # what the result confirms (InflightStep.chunked)
+        masked: list[tuple[int, Sequence]] = []  # entries (their index) of structured outputs that sample
         caching = self.cache is not None
         # the tokens the step samples per scheduled sequence (0: none), from a copy of `tokens` (cheap:
         # the dict's table is cloned), whose first entries -- the noted decode items, each one token
@@ -427,7 +429,8 @@ class Scheduler(StepOutcomes):
             expects.update(dict.fromkeys(islice(draft.tokens, len(noted)), k))
         for seq in noted:
             if seq.grammar is not None:
-                scheduled.append(self._masked(self._plan_entry(seq, 1, new_blocks, new_requests), seq))
+                masked.append((len(scheduled), seq))
+                scheduled.append(self._plan_entry(seq, 1, new_blocks, new_requests))
             elif seq.on_worker and seq.seq_id not in new_blocks:
                 scheduled.append(seq._one_token_entry)
             else:
@@ -439,7 +442,9 @@ class Scheduler(StepOutcomes):
             entry = self._plan_entry(seq, num_tokens, new_blocks, new_requests)
             computed = seq.num_computed_tokens + num_tokens
             samples = computed == seq._num_prompt + len(seq.output_token_ids) + seq.num_inflight
-            scheduled.append(self._masked(entry, seq) if samples and seq.grammar is not None else entry)
+            if samples and seq.grammar is not None:
+                masked.append((len(scheduled), seq))
+            scheduled.append(entry)
             if samples:
                 # it samples (the step computes every known token): k tokens for a decode item
                 n = k if num_tokens == 1 else 1
@@ -451,13 +456,20 @@ class Scheduler(StepOutcomes):
             seq.num_computed_tokens = computed
             if caching:
                 chunked.append((seq, computed))
+        if masked:
+            self._add_masks(scheduled, masked)
         return expects, chunked
 
     @staticmethod
-    def _masked(entry: ScheduledSeq, seq: Sequence) -> ScheduledSeq:
-        """`entry` with the bitmask of the tokens `seq`'s grammar allows next (it samples this step)."""
-        assert seq.grammar is not None and not seq.num_inflight, "a structured output's mask needs its tokens"
-        return msgspec.structs.replace(entry, token_mask=seq.grammar.mask())
+    def _add_masks(scheduled: list[ScheduledSeq], masked: list[tuple[int, Sequence]]) -> None:
+        """Give the entries at these positions the bitmask of the tokens their sequence's grammar allows
+        next (each samples this step; its earlier tokens are all in), computed together (in parallel)."""
+        grammars = []
+        for _, seq in masked:
+            assert seq.grammar is not None and seq.num_inflight == 1, "a structured output's mask needs its tokens"
+            grammars.append(seq.grammar)
+        for (i, _), mask in zip(masked, next_token_masks(grammars)):
+            scheduled[i] = msgspec.structs.replace(scheduled[i], token_mask=mask)
 
     @staticmethod
     def _plan_entry(seq: Sequence, num_tokens: int, new_blocks: dict[int, list[int]],

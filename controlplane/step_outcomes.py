@@ -173,15 +173,15 @@ class StepOutcomes:
         accepted = len(token_ids)
         grammar = seq.grammar
         for i, token_id in enumerate(token_ids):
+            refused = grammar.accept(token_id) if grammar is not None else None
+            if refused is not None:  # not appended: the client never sees it
+                seq.error = f"structured output: token {token_id} breaks the request's grammar ({refused})"
+                self.finish(seq.seq_id, FinishReason.ERROR)
+                accepted = i
+                break
             out.append(token_id)
             if logprobs is not None and i < len(logprobs):
                 seq.output_logprobs.append(logprobs[i])
-            refused = grammar.accept(token_id) if grammar is not None else None
-            if refused is not None:
-                seq.error = f"structured output: token {token_id} breaks the request's grammar ({refused})"
-                self.finish(seq.seq_id, FinishReason.ERROR)
-                accepted = i + 1
-                break
             stop = check_token_stop(seq, token_id, eos, max_len)
             if grammar is not None and grammar.done and (stop is None or stop[0] is FinishReason.LENGTH):
                 stop = FinishReason.STOP, None  # complete: a stop, even on its last allowed token

@@ -42,21 +42,32 @@ class GrammarSpec:
     disable_any_whitespace: bool = False
 
 
+class _MaskFiller:
+    """Writes matchers' bitmasks for one vocabulary: llguidance's numpy helpers and an executor that
+    computes several at once on its own threads (without the GIL)."""
+
+    def __init__(self, llg: Any, vocab_size: int) -> None:
+        self.words = (vocab_size + 31) // 32
+        self.fill_one = llg.numpy.fill_next_token_bitmask
+        self.fill_many = llg.numpy.fill_next_token_bitmask_par
+        self.executor = llg.LLExecutor()
+
+
 class TokenGrammar:
     """One completion's matcher: the tokens it allows next, and each token it is fed."""
 
-    __slots__ = ("_matcher", "_fill", "_bitmask")
+    __slots__ = ("_matcher", "_filler")
 
-    def __init__(self, matcher: Any, fill: Any, vocab_size: int) -> None:
+    def __init__(self, matcher: Any, filler: _MaskFiller) -> None:
         self._matcher = matcher
-        self._fill = fill  # llguidance.numpy.fill_next_token_bitmask
-        self._bitmask = np.zeros((1, (vocab_size + 31) // 32), dtype=np.int32)
+        self._filler = filler
 
     def mask(self) -> bytes:
         """The bitmask of the tokens allowed next: bit t % 32 of little-endian 32-bit word t // 32,
         ceil(vocab_size / 32) words (the data plane's layout, `shared.messages.ScheduledSeq.token_mask`)."""
-        self._fill(self._matcher, self._bitmask, 0)
-        return self._bitmask.tobytes()
+        bitmask = np.zeros((1, self._filler.words), dtype=np.int32)
+        self._filler.fill_one(self._matcher, bitmask, 0)
+        return bitmask.tobytes()
 
     def accept(self, token_id: int) -> str | None:
         """Feed a sampled token; None if the grammar allows it, else why not (the matcher is then broken)."""
@@ -70,17 +81,26 @@ class TokenGrammar:
         return self._matcher.is_stopped()
 
 
+def next_token_masks(grammars: list[TokenGrammar]) -> list[bytes]:
+    """`TokenGrammar.mask` of each, computed together: in parallel when they share a vocabulary."""
+    filler = grammars[0]._filler if grammars else None
+    if len(grammars) < 2 or filler is None or any(g._filler is not filler for g in grammars):
+        return [g.mask() for g in grammars]
+    bitmask = np.zeros((len(grammars), filler.words), dtype=np.int32)
+    filler.fill_many(filler.executor, [(g._matcher, i) for i, g in enumerate(grammars)], bitmask)
+    return [row.tobytes() for row in bitmask]
+
+
 class CompiledGrammar:
     """A grammar checked against the vocabulary; `new_matcher` gives each completion its own state."""
 
-    def __init__(self, kind: GrammarKind, matcher: Any, fill: Any, vocab_size: int) -> None:
+    def __init__(self, kind: GrammarKind, matcher: Any, filler: _MaskFiller) -> None:
         self.kind = kind
         self._template = matcher  # never fed a token: a fresh copy is a fresh start
-        self._fill = fill
-        self._vocab_size = vocab_size
+        self._filler = filler
 
     def new_matcher(self) -> TokenGrammar:
-        return TokenGrammar(self._template.deep_copy(), self._fill, self._vocab_size)
+        return TokenGrammar(self._template.deep_copy(), self._filler)
 
 
 def _grammar_text(llg: Any, spec: GrammarSpec) -> str:
@@ -93,8 +113,14 @@ def _grammar_text(llg: Any, spec: GrammarSpec) -> str:
             schema = json.loads(spec.text)
         except json.JSONDecodeError as exc:
             raise GrammarError(f"json: not a JSON schema ({exc})") from exc
-        if not isinstance(schema, (dict, bool)):
-            raise GrammarError("json: a JSON schema is an object (or true/false)")
+        except RecursionError as exc:
+            raise GrammarError("json: the schema is nested too deeply") from exc
+        if schema is True:
+            schema = {}  # any JSON value
+        elif schema is False:
+            raise GrammarError("json: the schema false allows no value")
+        elif not isinstance(schema, dict):
+            raise GrammarError("json: a JSON schema is an object (or true)")
         try:
             return llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=json_options)
         except ValueError as exc:
@@ -135,6 +161,7 @@ class GrammarCompiler:
         self._lock = threading.Lock()
         self._llg: Any = None
         self._vocabulary: Any = None
+        self._filler: _MaskFiller | None = None
 
     def matches(self, tokenizer: TextTokenizer, vocab_size: int, eos_token_ids: Sequence[int]) -> bool:
         return (tokenizer is self.tokenizer and vocab_size == self.vocab_size
@@ -166,6 +193,7 @@ class GrammarCompiler:
                     raise GrammarUnavailable(f"structured outputs: llguidance cannot read this model's "
                                              f"vocabulary ({exc})") from exc
                 self._llg = llguidance
+                self._filler = _MaskFiller(llguidance, self.vocab_size)
             return self._llg, self._vocabulary
 
     def compile(self, spec: GrammarSpec) -> CompiledGrammar:
@@ -178,4 +206,5 @@ class GrammarCompiler:
         matcher = llg.LLMatcher(vocabulary, text, log_level=0)
         if matcher.is_error():
             raise GrammarError(f"{spec.kind}: {matcher.get_error().strip()[:MAX_ERROR_CHARS]}")
-        return CompiledGrammar(spec.kind, matcher, llg.numpy.fill_next_token_bitmask, self.vocab_size)
+        assert self._filler is not None
+        return CompiledGrammar(spec.kind, matcher, self._filler)

@@ -6,7 +6,6 @@ and a token the grammar refuses fails it alone."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import sys
@@ -19,17 +18,19 @@ import numpy as np
 import pytest
 
 from controlplane.kv_blocks import BlockAllocator
-from controlplane.policies import BatchShape, ModeDecision
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
 from controlplane.scheduler import Scheduler
 from controlplane.sequence import FinishReason, Sequence, StopParams
-from controlplane.structured_output import GrammarCompiler, GrammarError, GrammarSpec, GrammarUnavailable
+from controlplane.structured_output import (
+    GrammarCompiler, GrammarError, GrammarSpec, GrammarUnavailable, next_token_masks,
+)
 from controlplane.tokenizer import ByteTokenizer, HFTokenizer
 from controlplane.validation import InvalidRequest, Limits, check_fields, validate_generate
 from dataplane.seq_state import mask_bytes
 from dataplane.sim import SimRunner
 from shared.config import SchedulerConfig
 from shared.messages import SamplingParams, StepPlan, StepResult
+from tests.controlplane.test_async_scheduling import LookaheadPolicy
 from tests.factories import write_tokenizer
 
 VOCAB = 1000  # ids 0-255 bytes, the rest special (ByteTokenizer)
@@ -84,6 +85,11 @@ def tight_start(grammars: GrammarCompiler, schema: dict) -> bytes:
     return matcher.mask()
 
 
+def test_the_schema_true_allows_any_json_value(byte_grammars: GrammarCompiler) -> None:
+    grammar = byte_grammars.compile(GrammarSpec("json", "true", disable_any_whitespace=True)).new_matcher()
+    assert {ord(c) for c in '{["0-tfn'} <= set(allowed(grammar.mask()))
+
+
 def test_a_lark_or_gbnf_grammar(byte_grammars: GrammarCompiler) -> None:
     for text in ('start: "a"+ "b"', 'root ::= "a"+ "b"'):
         grammar = byte_grammars.compile(GrammarSpec("grammar", text)).new_matcher()
@@ -95,6 +101,9 @@ def test_a_lark_or_gbnf_grammar(byte_grammars: GrammarCompiler) -> None:
     (GrammarSpec("regex", "["), "regex: .*unclosed character class"),
     (GrammarSpec("json", "{"), "json: not a JSON schema"),
     (GrammarSpec("json", "[1]"), "json: a JSON schema is an object"),
+    (GrammarSpec("json", "false"), "json: the schema false allows no value"),
+    (GrammarSpec("json", '{"a":' * 5000 + "1" + "}" * 5000), "json: the schema is nested too deeply"),
+    (GrammarSpec("json", '{"properties":' * 400 + "{}" + "}" * 400), "json: .*recursion"),
     (GrammarSpec("json", '{"type": "nonsense"}'), "json: .*nonsense"),
     (GrammarSpec("grammar", "start: undefined_rule"), "grammar: .*undefined_rule"),
 ])
@@ -170,18 +179,6 @@ def test_validation_compiles_the_grammar_and_names_a_bad_one(byte_grammars: Gram
 
 
 # ---------------------------------------------------------------- the scheduler, against the simulated data plane
-
-
-@dataclasses.dataclass
-class LookaheadPolicy:
-    """Every step without chunks asks for `k` look-ahead passes."""
-
-    k: int
-    name: str = "lookahead"
-    composition: str = "decode_first"
-
-    def decide(self, batch: BatchShape, forecast: object) -> ModeDecision:
-        return ModeDecision("aggregated", 0, 0, self.k) if not batch.chunks else ModeDecision()
 
 
 class MaskBlindRunner(SimRunner):
@@ -265,6 +262,7 @@ def test_a_token_the_grammar_refuses_fails_that_sequence_alone(byte_grammars: Gr
     seqs = [seq(0, byte_grammars, GrammarSpec("regex", "[0-9]{5}")), seq(1, None, None, max_tokens=8)]
     drive(seqs, MaskBlindRunner(64, 4, VOCAB))
     assert seqs[0].finish_reason is FinishReason.ERROR and "breaks the request's grammar" in (seqs[0].error or "")
+    assert all(48 <= t <= 57 for t in seqs[0].output_token_ids)  # the refused token is not among its outputs
     assert seqs[1].finish_reason is FinishReason.LENGTH and len(seqs[1].output_token_ids) == 8
 
 
@@ -291,3 +289,12 @@ def test_a_structured_sequence_decodes_every_step_beside_free_ones(byte_grammars
         sched.update(runner.execute(plan))
     assert len(seqs[0].output_token_ids) == 20 and seqs[0].finish_reason is FinishReason.STOP
     assert plans == 20  # one step a token for both (the prefill step samples the first)
+
+
+def test_masks_computed_together_equal_each_alone(byte_grammars: GrammarCompiler) -> None:
+    specs = [GrammarSpec("regex", "[0-9]+"), GrammarSpec("choice", json.dumps(["ab", "cd"])), GrammarSpec("json_object")]
+    grammars = [byte_grammars.compile(spec).new_matcher() for spec in specs]
+    assert grammars[0].accept(ord("7")) is None and grammars[1].accept(ord("c")) is None
+    together = next_token_masks(grammars)
+    assert together == [g.mask() for g in grammars] and len({len(m) for m in together}) == 1
+    assert allowed(together[1]) == [ord("d")] and next_token_masks([]) == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import grpc
@@ -121,3 +122,17 @@ def test_generate_flags_build_the_structured_output(tmp_path: Path) -> None:
     assert not request_from_args(parse(["generate", "hi"])).HasField("structured_outputs")
     folder = request_from_args(parse(["generate", "hi", "--grammar", str(tmp_path)]))  # not a file: sent as text
     assert folder.structured_outputs.grammar == str(tmp_path)
+    inline = json.dumps({"type": "object", "description": "x" * 400})  # too long for a file name
+    assert request_from_args(parse(["generate", "hi", "--json-schema", inline])).structured_outputs.json == inline
+
+
+async def test_a_server_without_llguidance_says_so_and_serves_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with serve("tiny") as served:
+        monkeypatch.setitem(sys.modules, "llguidance", None)  # the import fails (the planes share this process)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await generate(served.stub, **PROMPT, structured_outputs=so(regex="a+"))
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "structured outputs need the llguidance package" in (err.value.details() or "")
+        plain = await generate(served.stub, **{**PROMPT, "max_tokens": 4})
+        assert plain.final.finish_reason == "length"
+        await no_leaks(served)
