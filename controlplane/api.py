@@ -22,7 +22,7 @@ from controlplane.generation_defaults import SamplingDefaults
 from controlplane.engine import Engine, EngineRequest, EngineUnavailable, RequestHandle
 from controlplane.observer import RequestObs
 from controlplane.server_load import server_load
-from controlplane.structured_output import GrammarCompiler, GrammarUnavailable
+from controlplane.structured_output import GrammarCompiler, GrammarUnavailable, grammars_available
 from controlplane.tracing import CHAT_OPERATION, request_attributes
 from controlplane.output import RequestDelta
 from controlplane.responses import ResponseMessages
@@ -174,7 +174,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 yield pb.GenerateResponse(request_id=request.request_id, finish_reason="abort", index=index)
             return
         obs.set(request_attributes(valid.request_id, valid.sampling, valid.stop.max_tokens, valid.stop.stop_strings,
-                                   valid.priority))
+                                   valid.priority, valid.grammar.kind if valid.grammar is not None else None))
         if request.WhichOneof("prompt") == "chat":
             obs.name_operation(CHAT_OPERATION, self.model_name)
         deadline = _deadline(context)
@@ -440,4 +440,5 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             scheduling_policy=self.engine.scheduler_config.scheduling_policy,
             supports_chat=self.chat_template is not None,
             sampling_defaults=self.sampling_defaults.overridden(),
+            supports_structured_outputs=grammars_available(),
         )

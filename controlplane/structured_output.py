@@ -10,6 +10,7 @@ llguidance is imported on the first structured request, so a server that never g
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import threading
 from collections.abc import Sequence
@@ -22,6 +23,11 @@ from controlplane.tokenizer import ByteTokenizer, HFTokenizer, TextTokenizer
 
 GrammarKind = Literal["json", "json_object", "regex", "choice", "grammar"]
 MAX_ERROR_CHARS = 600  # of llguidance's message about a bad grammar, in the client's error
+
+
+def grammars_available() -> bool:
+    """Whether this server can compile grammars (llguidance is installed; it is not imported here)."""
+    return importlib.util.find_spec("llguidance") is not None
 
 
 class GrammarError(ValueError):

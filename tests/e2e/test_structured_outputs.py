@@ -129,6 +129,7 @@ def test_generate_flags_build_the_structured_output(tmp_path: Path) -> None:
 async def test_a_server_without_llguidance_says_so_and_serves_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
     async with serve("tiny") as served:
         monkeypatch.setitem(sys.modules, "llguidance", None)  # the import fails (the planes share this process)
+        assert not (await served.stub.GetModelInfo(pb.GetModelInfoRequest())).supports_structured_outputs
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await generate(served.stub, **PROMPT, structured_outputs=so(regex="a+"))
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
@@ -136,3 +137,24 @@ async def test_a_server_without_llguidance_says_so_and_serves_the_rest(monkeypat
         plain = await generate(served.stub, **{**PROMPT, "max_tokens": 4})
         assert plain.final.finish_reason == "length"
         await no_leaks(served)
+
+
+async def test_model_info_and_the_request_span_say_so() -> None:
+    from shared.config import TelemetryConfig
+    from tests.otlp_receiver import OtlpReceiver
+
+    with OtlpReceiver() as receiver:
+        telemetry = TelemetryConfig(exporter="otlp", otlp_endpoint=receiver.endpoint)
+        async with serve("tiny", telemetry=telemetry) as served:
+            assert (await served.stub.GetModelInfo(pb.GetModelInfoRequest())).supports_structured_outputs
+            await generate(served.stub, **PROMPT, request_id="r-json", structured_outputs=so(json_object=True))
+            await generate(served.stub, **PROMPT, request_id="r-choice", structured_outputs=so(choice=["x"]))
+            await generate(served.stub, **{**PROMPT, "max_tokens": 2}, request_id="r-free")
+        spans = receiver.receiver.wait_for(lambda got: {"r-json", "r-choice", "r-free"} <= {
+            s.attributes.get("gen_ai.request.id") for s in got if s.kind == 2})
+    calls = {s.attributes["gen_ai.request.id"]: s.attributes for s in spans if s.kind == 2}
+    assert (calls["r-json"]["duetserve.request.structured_output"], calls["r-json"]["gen_ai.output.type"]) == (
+        "json_object", "json")
+    assert (calls["r-choice"]["duetserve.request.structured_output"], calls["r-choice"]["gen_ai.output.type"]) == (
+        "choice", "text")
+    assert "duetserve.request.structured_output" not in calls["r-free"] and "gen_ai.output.type" not in calls["r-free"]
