@@ -205,7 +205,8 @@ def _mask_stop_tokens(logits: Tensor, rows: list[tuple[int, tuple[int, ...]]]) -
 def apply_token_masks(logits: Tensor, masks: list[bytes]) -> Tensor:
     """`logits` (out of place) with every token a row's mask leaves out set to -inf; a row with an empty
     mask is unchanged. A mask holds one bit per token id (bit t % 32 of little-endian word t // 32, the
-    words of llguidance's and xgrammar's bitmasks), unpacked on the device: one async copy, no host sync."""
+    words of llguidance's and xgrammar's bitmasks), unpacked on the device: one async copy from pinned memory
+    (torch's host allocator keeps it until the copy is done), no host sync."""
     rows = [i for i, m in enumerate(masks) if m]
     if not rows:
         return logits
@@ -214,7 +215,12 @@ def apply_token_masks(logits: Tensor, masks: list[bytes]) -> Tensor:
     if words.shape[1] * 32 < vocab:
         raise ValueError(f"a token mask of {words.shape[1] * 32} bits for a vocabulary of {vocab}")
     device = logits.device
-    packed = torch.from_numpy(words.copy()).to(device, non_blocking=True)
+    if device.type == "cuda":  # pinned: a pageable copy this large (19 KB a row for Qwen3) may wait for the GPU
+        staged = torch.empty(words.shape, dtype=torch.int32, pin_memory=True)
+        staged.numpy()[:] = words
+        packed = staged.to(device, non_blocking=True)
+    else:
+        packed = torch.from_numpy(words.copy())
     bits = (packed[:, :, None] >> torch.arange(32, dtype=torch.int32, device=device)) & 1
     allowed = bits.reshape(n, -1)[:, :vocab].bool()
     index = _to_device(rows, torch.long, device)

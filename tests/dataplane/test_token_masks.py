@@ -217,3 +217,21 @@ def test_masked_decodes_on_the_gpu_keep_to_their_masks_without_a_host_sync(gpu_c
     for i in masked:
         assert all(token in allowed[step] for step, token in enumerate(out[i])), (i, out[i])
     assert any(token not in allowed[step] for i in set(range(6)) - masked for step, token in enumerate(out[i]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_masking_a_qwen3_sized_batch_does_not_wait_for_the_gpu() -> None:
+    """64 rows of Qwen3's vocabulary: 1.2 MB of masks go up while the GPU is behind (a pageable copy that
+    large may wait for the stream, which sync-debug mode does not flag), and mask as on the CPU."""
+    from tests.dataplane.test_gpu_planning import returns_while_behind
+
+    vocab, rows = 151936, 64
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(rows, vocab, generator=gen)
+    masks = [mask_of(torch.randint(0, vocab, (50,), generator=gen).tolist(), vocab) for _ in range(rows)]
+    device_logits = logits.cuda()
+    apply_token_masks(device_logits, masks)  # the first pinned block allocated
+    out: list[torch.Tensor] = []
+    assert returns_while_behind(lambda: out.append(apply_token_masks(device_logits, masks))), "the masks waited"
+    assert torch.equal(out[0].cpu(), apply_token_masks(logits, masks))
