@@ -307,8 +307,6 @@ class Scheduler(StepOutcomes):
         p = seq.sampling
         if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
             return False  # penalties count every previous token on the host
-        if seq.grammar is not None:
-            return False  # its next token's mask follows from this one
         return seq.num_outputs < seq.stop.max_tokens and seq.num_tokens < self.max_model_len
 
     def _schedule_running(self, seq: Sequence, draft: StepDraft) -> None:
