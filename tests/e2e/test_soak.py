@@ -87,12 +87,19 @@ class Tally:
 def random_request(rng: random.Random, kind: str, rid: str) -> pb.GenerateRequest:
     if kind == "invalid":
         return rng.choice([pb.GenerateRequest(), pb.GenerateRequest(text="hi", max_tokens=0),
-                           pb.GenerateRequest(token_ids=pb.TokenIds(ids=[9999]))])
+                           pb.GenerateRequest(token_ids=pb.TokenIds(ids=[9999])),
+                           # two kinds at once: refused by the cheap checks (a grammar that only its compile
+                           # refuses may meet a full queue first, RESOURCE_EXHAUSTED, as a prompt its encode would)
+                           pb.GenerateRequest(text="hi", structured_outputs=pb.StructuredOutputs(regex="(",
+                                                                                               json_object=True))])
     long = kind in ("cancel", "abort", "deadline")
     request = pb.GenerateRequest(
         request_id=rid, token_ids=pb.TokenIds(ids=[rng.randrange(3, 250) for _ in range(rng.randint(1, 120))]),
         max_tokens=rng.randint(100, 400) if long else rng.randint(1, 48), ignore_eos=rng.random() < 0.7,
         temperature=rng.choice([0.0, 0.8]), seed=rng.randrange(1 << 30))
+    if rng.random() < 0.2:  # a fifth follow a grammar: the steps go one at a time while one runs
+        request.structured_outputs.CopyFrom(rng.choice([pb.StructuredOutputs(regex="[a-z ]{1,300}"),
+                                                        pb.StructuredOutputs(json_object=True)]))
     return request
 
 
