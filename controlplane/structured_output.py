@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +22,8 @@ from typing import Any, Literal
 import numpy as np
 
 from controlplane.tokenizer import ByteTokenizer, HFTokenizer, TextTokenizer
+
+log = logging.getLogger(__name__)
 
 GrammarKind = Literal["json", "json_object", "regex", "choice", "grammar"]
 MAX_ERROR_CHARS = 600  # of llguidance's message about a bad grammar, in the client's error
@@ -49,14 +53,22 @@ class GrammarSpec:
 
 
 class _MaskFiller:
-    """Writes matchers' bitmasks for one vocabulary: llguidance's numpy helpers and an executor that
-    computes several at once on its own threads (without the GIL)."""
+    """Writes matchers' bitmasks for one vocabulary: llguidance's numpy helpers and, given two cores or
+    more, an executor that computes several at once on its own threads (without the GIL; at most 8, half
+    the cores). No executor (one core, or one that would not start): one mask at a time."""
 
     def __init__(self, llg: Any, vocab_size: int) -> None:
         self.words = (vocab_size + 31) // 32
         self.fill_one = llg.numpy.fill_next_token_bitmask
         self.fill_many = llg.numpy.fill_next_token_bitmask_par
-        self.executor = llg.LLExecutor()
+        threads = min(8, (os.cpu_count() or 1) // 2)
+        self.executor: Any = None
+        if threads > 1:
+            try:
+                self.executor = llg.LLExecutor(num_threads=threads)
+            except Exception as exc:  # e.g. a container's thread limit: masks one at a time instead
+                log.warning("structured outputs: llguidance's executor did not start (%s); masks are computed "
+                            "one at a time", exc)
 
 
 class TokenGrammar:
@@ -87,10 +99,15 @@ class TokenGrammar:
         return self._matcher.is_stopped()
 
 
+PARALLEL_MIN_MASKS = 4  # fewer are computed one at a time (a parallel call costs more than it saves)
+
+
 def next_token_masks(grammars: list[TokenGrammar]) -> list[bytes]:
-    """`TokenGrammar.mask` of each, computed together: in parallel when they share a vocabulary."""
+    """`TokenGrammar.mask` of each, computed together: in parallel on the executor's threads when there
+    are enough of them and they share a vocabulary."""
     filler = grammars[0]._filler if grammars else None
-    if len(grammars) < 2 or filler is None or any(g._filler is not filler for g in grammars):
+    if (len(grammars) < PARALLEL_MIN_MASKS or filler is None or filler.executor is None
+            or any(g._filler is not filler for g in grammars)):
         return [g.mask() for g in grammars]
     bitmask = np.zeros((len(grammars), filler.words), dtype=np.int32)
     filler.fill_many(filler.executor, [(g._matcher, i) for i, g in enumerate(grammars)], bitmask)
@@ -192,14 +209,14 @@ class GrammarCompiler:
                     else:
                         raise GrammarUnavailable(f"structured outputs: no grammar support for the "
                                                  f"{type(self.tokenizer).__name__} tokenizer")
-                    self._vocabulary = llguidance.LLTokenizer(source, n_vocab=self.vocab_size, eos_token=eos)
+                    vocabulary = llguidance.LLTokenizer(source, n_vocab=self.vocab_size, eos_token=eos)
                 except (ValueError, RuntimeError) as exc:
                     if isinstance(exc, GrammarUnavailable):
                         raise
                     raise GrammarUnavailable(f"structured outputs: llguidance cannot read this model's "
                                              f"vocabulary ({exc})") from exc
-                self._llg = llguidance
-                self._filler = _MaskFiller(llguidance, self.vocab_size)
+                self._filler = _MaskFiller(llguidance, self.vocab_size)  # before the vocabulary marks it loaded
+                self._llg, self._vocabulary = llguidance, vocabulary
             return self._llg, self._vocabulary
 
     def compile(self, spec: GrammarSpec) -> CompiledGrammar:

@@ -291,10 +291,29 @@ def test_a_structured_sequence_decodes_every_step_beside_free_ones(byte_grammars
     assert plans == 20  # one step a token for both (the prefill step samples the first)
 
 
-def test_masks_computed_together_equal_each_alone(byte_grammars: GrammarCompiler) -> None:
-    specs = [GrammarSpec("regex", "[0-9]+"), GrammarSpec("choice", json.dumps(["ab", "cd"])), GrammarSpec("json_object")]
-    grammars = [byte_grammars.compile(spec).new_matcher() for spec in specs]
+@pytest.mark.parametrize("cpus", [1, 2, 16])
+def test_masks_computed_together_equal_each_alone(cpus: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: cpus)
+    grammars_for = GrammarCompiler(ByteTokenizer(), VOCAB, [EOS])
+    specs = [GrammarSpec("regex", "[0-9]+"), GrammarSpec("choice", json.dumps(["ab", "cd"])),
+             GrammarSpec("json_object"), GrammarSpec("regex", "x{3}"), GrammarSpec("grammar", 'start: "q" "r"')]
+    grammars = [grammars_for.compile(spec).new_matcher() for spec in specs]
+    assert (grammars[0]._filler.executor is None) == (cpus < 4)  # two threads or more: half the cores
     assert grammars[0].accept(ord("7")) is None and grammars[1].accept(ord("c")) is None
     together = next_token_masks(grammars)
     assert together == [g.mask() for g in grammars] and len({len(m) for m in together}) == 1
     assert allowed(together[1]) == [ord("d")] and next_token_masks([]) == []
+
+
+def test_an_executor_that_will_not_start_leaves_masks_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    import llguidance
+
+    def refuse(*_: object, **__: object) -> None:
+        raise RuntimeError("no threads")
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr(llguidance, "LLExecutor", refuse)
+    grammars_for = GrammarCompiler(ByteTokenizer(), VOCAB, [EOS])
+    grammars = [grammars_for.compile(GrammarSpec("regex", "[ab]")).new_matcher() for _ in range(5)]
+    assert grammars[0]._filler.executor is None
+    assert [allowed(m) for m in next_token_masks(grammars)] == [[ord("a"), ord("b")]] * 5
