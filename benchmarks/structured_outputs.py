@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -33,6 +34,18 @@ from benchmarks.stream_throughput import SERVER, _tail, server_env  # noqa: E402
 from controlplane.launcher import stop_process  # noqa: E402
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb  # noqa: E402
 from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
+
+# stream_throughput's server, which also prints its scheduler's running totals on SIGUSR1 (steps, GPU busy
+# time, the host's time from a result to the next plan): the benchmark reads them after each batch
+anchor = "    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)\n"
+assert anchor in SERVER
+STATS_SERVER = "import json\n" + SERVER.replace(anchor, anchor + """
+    def report():
+        s = plane.engine.scheduler.stats
+        print("stats", json.dumps([sum(s.steps.values()), sum(s.busy_ms.values()), s.host_gap_s, s.host_gaps]),
+              flush=True)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, report)
+""")
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["id", "name", "tags", "ok"],
           "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99999},
@@ -112,6 +125,16 @@ async def run_batch(port: int, kind: str, args: argparse.Namespace) -> dict[str,
     return row
 
 
+def server_totals(server: subprocess.Popen) -> list[float]:
+    """The server's running totals (steps, GPU busy ms, result-to-plan seconds, gaps counted)."""
+    assert server.stdout is not None
+    server.send_signal(signal.SIGUSR1)
+    line = server.stdout.readline().split(maxsplit=1)
+    if len(line) != 2 or line[0] != "stats":
+        raise RuntimeError(f"the server answered {line!r} for its totals")
+    return [float(x) for x in json.loads(line[1])]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", default="cpu", choices=["cuda", "cpu"], help="the real data plane's device")
@@ -126,7 +149,8 @@ def main() -> None:
     args.out = args.out or ROOT / "benchmarks" / "results" / f"structured-outputs-{args.gpu}.json"
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryFile(mode="w+", errors="replace") as errors:
-        server = subprocess.Popen([sys.executable, "-c", SERVER, str(args.port), "1.0", args.gpu, "1", args.model],
+        server = subprocess.Popen([sys.executable, "-c", STATS_SERVER, str(args.port), "1.0", args.gpu, "1",
+                                   args.model],
                                   cwd=ROOT, env=server_env(ROOT, dict(os.environ)), stdout=subprocess.PIPE,
                                   stderr=errors, text=True)
         try:
@@ -137,10 +161,19 @@ def main() -> None:
             port = int(ready[1])
             asyncio.run(run_batch(port, "free", args))  # warm-up: graphs, the grammar vocabulary
             asyncio.run(run_batch(port, "regex", args))
+            before = server_totals(server)
             for kind in ("free", "regex", "mixed", "json"):
                 row = asyncio.run(run_batch(port, kind, args))
+                after = server_totals(server)
+                steps, busy, gap, gaps = (a - b for a, b in zip(after, before))
+                before = after
+                row["steps"] = steps
+                row["gpu_ms_per_step"] = busy / steps if steps else None  # the data plane's step time
+                row["control_plane_ms_per_step"] = 1e3 * gap / gaps if gaps else None  # result -> next plan
                 rows.append(row)
-                parts = [f"{kind:>6}: {row['output_tok_s']:8.0f} output tok/s"]
+                gpu_ms, host_ms = row["gpu_ms_per_step"] or 0.0, row["control_plane_ms_per_step"] or 0.0
+                parts = [f"{kind:>6}: {row['output_tok_s']:8.0f} output tok/s, {steps:.0f} steps, GPU {gpu_ms:.1f} ms, "
+                         f"result->plan {host_ms:.1f} ms"]
                 for cls in ("free", "structured"):
                     if cls in row:
                         c = row[cls]  # type: ignore[index]

@@ -343,8 +343,12 @@ class Engine:
         """Keep up to `scheduler.max_inflight` plans at the data plane; apply results in order.
 
         With two in flight, step i+1 is planned and sent while step i runs, so the control plane's
-        and the data plane's host work overlap the GPU's."""
+        and the data plane's host work overlap the GPU's. Between steps the API's tasks run (requests
+        added and aborted, streams written): after the next step is planned when a result left none in
+        flight (steps one at a time: no async scheduling, or a structured output waiting for its
+        token), so that they run while the GPU computes it rather than while it waits."""
         inflight: deque[StepPlan] = deque()
+        yield_after_plan = False
         try:
             while True:
                 scheduler = self.scheduler
@@ -357,6 +361,10 @@ class Engine:
                         await self.client.send_plan(plan)
                         inflight.append(plan)
                         continue
+                if yield_after_plan:
+                    yield_after_plan = False
+                    await asyncio.sleep(0)  # let API tasks add and abort requests, write the streams
+                    continue
                 if not inflight:
                     self.observer.idle(scheduler)
                     self._wakeup.clear()
@@ -369,7 +377,10 @@ class Engine:
                 self.num_steps += 1
                 self._emit(scheduler.update(result))
                 self.observer.step_done(plan, result, scheduler)
-                await asyncio.sleep(0)  # let API tasks add and abort requests between steps
+                if inflight:
+                    await asyncio.sleep(0)  # let API tasks add and abort requests between steps
+                else:  # the GPU is idle: plan the next step first
+                    yield_after_plan = True
         finally:
             if inflight and self.scheduler is not None:
                 self.scheduler.inflight.clear()  # their results will never be applied
