@@ -137,7 +137,9 @@ def server_totals(server: subprocess.Popen) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gpu", default="cpu", choices=["cuda", "cpu"], help="the real data plane's device")
+    parser.add_argument("--gpu", default="cpu",
+                        help="cuda or cpu: the real data plane on that device; else a GPU the simulated data plane "
+                             "plays (h100, h200: its roofline step times; it honours masks, its tokens a hash)")
     parser.add_argument("--model", default="tiny", help="a preset (random weights, byte vocabulary)")
     parser.add_argument("--concurrency", type=int, default=16, help="streams in each batch, all at once")
     parser.add_argument("--output-len", type=int, default=64)
