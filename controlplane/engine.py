@@ -344,9 +344,11 @@ class Engine:
 
         With two in flight, step i+1 is planned and sent while step i runs, so the control plane's
         and the data plane's host work overlap the GPU's. Between steps the API's tasks run (requests
-        added and aborted, streams written): after the next step is planned when a result left none in
-        flight (steps one at a time: no async scheduling, or a structured output waiting for its
-        token), so that they run while the GPU computes it rather than while it waits."""
+        added and aborted, streams written): when a result left no step in flight (steps one at a time:
+        no async scheduling, or a structured output waiting for its token), only after the next steps
+        (up to `max_inflight`) are planned and sent, so that they run while the GPU computes rather than
+        while it waits. An abort that becomes runnable just then may be in one more step (its KV blocks
+        are freed when it runs)."""
         inflight: deque[StepPlan] = deque()
         yield_after_plan = False
         try:
