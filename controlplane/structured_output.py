@@ -53,9 +53,9 @@ class GrammarSpec:
 
 
 class _MaskFiller:
-    """Writes matchers' bitmasks for one vocabulary: llguidance's numpy helpers and, given two cores or
-    more, an executor that computes several at once on its own threads (without the GIL; at most 8, half
-    the cores). No executor (one core, or one that would not start): one mask at a time."""
+    """Writes matchers' bitmasks for one vocabulary: llguidance's numpy helpers and, given four cores or
+    more, an executor that computes several at once on its own threads (without the GIL; half the cores,
+    at most 8). No executor (fewer cores, or one that would not start): one mask at a time."""
 
     def __init__(self, llg: Any, vocab_size: int) -> None:
         self.words = (vocab_size + 31) // 32
