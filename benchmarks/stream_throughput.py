@@ -85,20 +85,26 @@ def _tail(errors: IO[str]) -> str:
     return " | ".join(errors.read().strip().splitlines()[-3:]) or "no error output"
 
 
+def start_server(root: Path, code: str, argv: list[str], errors: IO[str]) -> tuple[subprocess.Popen, int]:
+    """A control plane from `root` running `code` (SERVER or a variant) with `argv`, and the port it bound (0
+    asks for a free one); its stderr goes to `errors`. One that does not start is stopped, and a
+    RuntimeError gives its stderr's last lines."""
+    server = subprocess.Popen([sys.executable, "-c", code, *argv], cwd=root, env=server_env(root, dict(os.environ)),
+                              stdout=subprocess.PIPE, stderr=errors, text=True)
+    assert server.stdout is not None
+    ready = server.stdout.readline().split()
+    if len(ready) != 2 or ready[0] != "ready":
+        stop_process(server, 30.0, "the control plane")
+        raise RuntimeError(f"the control plane of {root} did not start ({_tail(errors)})")
+    return server, int(ready[1])
+
+
 def run_point(root: Path, port: int, concurrency: int, interval: int, args: argparse.Namespace) -> dict[str, object]:
     # the server's stderr, on disk (a pipe nobody reads could fill): its last lines say why it failed
     with tempfile.TemporaryFile(mode="w+", errors="replace") as errors:
-        server = subprocess.Popen([sys.executable, "-c", SERVER, str(port), str(args.time_scale), args.gpu,
-                                   str(interval), args.model],
-                                  cwd=root, env=server_env(root, dict(os.environ)), stdout=subprocess.PIPE,
-                                  stderr=errors, text=True)
+        server, port = start_server(root, SERVER, [str(port), str(args.time_scale), args.gpu, str(interval),
+                                                   args.model], errors)
         try:
-            assert server.stdout is not None
-            ready = server.stdout.readline().split()
-            if len(ready) != 2 or ready[0] != "ready":
-                stop_process(server, 30.0, "the control plane")
-                raise RuntimeError(f"the control plane of {root} did not start ({_tail(errors)})")
-            port = int(ready[1])  # the port it bound (0 asks for a free one)
             with tempfile.NamedTemporaryFile(suffix=".json") as result:
                 cpu0 = _cpu_s(server.pid)
                 bench_run = subprocess.run(

@@ -30,7 +30,7 @@ import grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.stream_throughput import SERVER, _tail, server_env  # noqa: E402
+from benchmarks.stream_throughput import SERVER, start_server  # noqa: E402
 from controlplane.launcher import stop_process  # noqa: E402
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb  # noqa: E402
 from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
@@ -151,16 +151,8 @@ def main() -> None:
     args.out = args.out or ROOT / "benchmarks" / "results" / f"structured-outputs-{args.gpu}.json"
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryFile(mode="w+", errors="replace") as errors:
-        server = subprocess.Popen([sys.executable, "-c", STATS_SERVER, str(args.port), "1.0", args.gpu, "1",
-                                   args.model],
-                                  cwd=ROOT, env=server_env(ROOT, dict(os.environ)), stdout=subprocess.PIPE,
-                                  stderr=errors, text=True)
+        server, port = start_server(ROOT, STATS_SERVER, [str(args.port), "1.0", args.gpu, "1", args.model], errors)
         try:
-            assert server.stdout is not None
-            ready = server.stdout.readline().split()
-            if len(ready) != 2 or ready[0] != "ready":
-                raise RuntimeError(f"the server did not start ({_tail(errors)})")
-            port = int(ready[1])
             asyncio.run(run_batch(port, "free", args))  # warm-up: graphs, the grammar vocabulary
             asyncio.run(run_batch(port, "regex", args))
             before = server_totals(server)

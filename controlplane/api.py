@@ -232,8 +232,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             while True:
                 limits = self._limits()
-                args = (request, self.engine.tokenizer, limits, self.chat_template, self.sampling_defaults,
-                        self._grammars())
+                grammars = self._grammars() if request.HasField("structured_outputs") else None
+                args = (request, self.engine.tokenizer, limits, self.chat_template, self.sampling_defaults, grammars)
                 if not slow:
                     return validate_generate(*args)
                 if rid:

@@ -48,7 +48,7 @@ from controlplane.step_draft import StepDraft, batch_shape, trim_draft
 from controlplane.step_outcomes import StepOutcomes
 from controlplane.step_records import InflightStep
 from controlplane.step_stats import StepStats
-from controlplane.structured_output import next_token_masks
+from controlplane.structured_output import add_token_masks
 from controlplane.waiting_queue import PriorityWaitingQueue, WaitingQueue, priority_key
 from shared.config import SchedulerConfig
 from shared.messages import (
@@ -455,19 +455,8 @@ class Scheduler(StepOutcomes):
             if caching:
                 chunked.append((seq, computed))
         if masked:
-            self._add_masks(scheduled, masked)
+            add_token_masks(scheduled, masked)
         return expects, chunked
-
-    @staticmethod
-    def _add_masks(scheduled: list[ScheduledSeq], masked: list[tuple[int, Sequence]]) -> None:
-        """Give the entries at these positions the bitmask of the tokens their sequence's grammar allows
-        next (each samples this step; its earlier tokens are all in), computed together (in parallel)."""
-        grammars = []
-        for _, seq in masked:
-            assert seq.grammar is not None and seq.num_inflight == 1, "a structured output's mask needs its tokens"
-            grammars.append(seq.grammar)
-        for (i, _), mask in zip(masked, next_token_masks(grammars)):
-            scheduled[i] = msgspec.structs.replace(scheduled[i], token_mask=mask)
 
     @staticmethod
     def _plan_entry(seq: Sequence, num_tokens: int, new_blocks: dict[int, list[int]],

@@ -17,11 +17,16 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+import msgspec
 import numpy as np
 
 from controlplane.tokenizer import ByteTokenizer, HFTokenizer, TextTokenizer
+from shared.messages import ScheduledSeq
+
+if TYPE_CHECKING:
+    from controlplane import sequence
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +117,17 @@ def next_token_masks(grammars: list[TokenGrammar]) -> list[bytes]:
     bitmask = np.zeros((len(grammars), filler.words), dtype=np.int32)
     filler.fill_many(filler.executor, [(g._matcher, i) for i, g in enumerate(grammars)], bitmask)
     return [row.tobytes() for row in bitmask]
+
+
+def add_token_masks(scheduled: list[ScheduledSeq], masked: list[tuple[int, sequence.Sequence]]) -> None:
+    """Give the plan entries at these positions the bitmask of the tokens their sequence's grammar allows
+    next (each samples this step; its earlier tokens are all in), computed together (`next_token_masks`)."""
+    grammars = []
+    for _, seq in masked:
+        assert seq.grammar is not None and seq.num_inflight == 1, "a structured output's mask needs its tokens"
+        grammars.append(seq.grammar)
+    for (i, _), mask in zip(masked, next_token_masks(grammars)):
+        scheduled[i] = msgspec.structs.replace(scheduled[i], token_mask=mask)
 
 
 class CompiledGrammar:

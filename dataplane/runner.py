@@ -192,8 +192,10 @@ class ModelRunner:
             try:
                 state = check_scheduled(self.seqs, entry, plan.decode_steps, self.block_size, self.num_blocks,
                                         self.config.max_position_embeddings)
-                check_token_mask(entry, state.num_computed + entry.num_tokens == state.num_known,
-                                 plan.decode_steps > 1 and state.is_decode(entry.num_tokens), self.config.vocab_size)
+                if entry.token_mask:  # structured outputs only: most entries have none
+                    check_token_mask(entry, state.num_computed + entry.num_tokens == state.num_known,
+                                     plan.decode_steps > 1 and state.is_decode(entry.num_tokens),
+                                     self.config.vocab_size)
                 state.token_mask = entry.token_mask
                 items.append(_Item(state, entry.num_tokens))
             except SeqError as exc:

@@ -14,9 +14,10 @@ from shared.messages import NewRequest, SamplingParams, ScheduledSeq, StepPlan
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def make_runner(which: str):  # noqa: ANN201 - a ModelRunner or a SimRunner
+def make_runner(which: str, sim_vocab: int = 256):  # noqa: ANN201 - a ModelRunner or a SimRunner
+    """The tiny model's runner on the CPU (vocabulary 260), or the simulated one with `sim_vocab` ids."""
     if which == "sim":
-        return SimRunner(num_blocks=32, block_size=4, vocab_size=256)
+        return SimRunner(num_blocks=32, block_size=4, vocab_size=sim_vocab)
     return load_worker(DataplaneConfig(model="tiny", device="cpu", num_kv_blocks=32, block_size=4)).runner
 
 

@@ -12,10 +12,8 @@ import torch
 
 from dataplane.sampler import Sampler, apply_token_masks
 from dataplane.seq_state import mask_bytes
-from dataplane.sim import SimRunner
-from dataplane.worker import load_worker
-from shared.config import DataplaneConfig
 from shared.messages import NewRequest, SamplingParams, ScheduledSeq, StepPlan
+from tests.dataplane.test_plan_checks import make_runner
 
 V = 70  # not a multiple of 32: the last word's spare bits must not matter
 
@@ -92,9 +90,7 @@ def test_min_tokens_does_not_hold_back_a_stop_token_the_grammar_requires() -> No
 
 
 def _runner(which: str):  # noqa: ANN202 - a ModelRunner or a SimRunner
-    if which == "sim":
-        return SimRunner(num_blocks=32, block_size=4, vocab_size=260)
-    return load_worker(DataplaneConfig(model="tiny", device="cpu", num_kv_blocks=32, block_size=4)).runner
+    return make_runner(which, sim_vocab=260)  # the tiny model's vocabulary, so one mask size fits both
 
 
 def _new(seq_id: int, prompt: list[int], blocks: list[int]) -> NewRequest:
