@@ -121,6 +121,11 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
                    help="plan step i+1 while step i runs on the GPU (its sampled tokens stay on the device), "
                         "hiding both planes' host work; --no-async-scheduling plans one step at a time "
                         f"(default {'on' if d.async_scheduling else 'off'})")
+    p.add_argument("--defer-token-masks", action=argparse.BooleanOptionalAction, default=d.defer_token_masks,
+                   help="structured outputs with async scheduling: plan the next step while a structured "
+                        "output's token is in flight and send its token masks after it, so its forward runs "
+                        "while the grammars catch up and only its sampling waits; off: steps go one at a "
+                        f"time while one is in flight (default {'on' if d.defer_token_masks else 'off'})")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=d.enable_prefix_caching,
                    help="automatic prefix caching: full KV blocks outlive their requests and a prompt that "
@@ -139,7 +144,7 @@ def scheduler_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         static_lookahead=args.static_lookahead, max_lookahead=args.max_lookahead, hysteresis=args.hysteresis,
         duet_slo=args.duet_slo, tpot_horizon=args.tpot_horizon, duet_trim=args.duet_trim,
         async_scheduling=args.async_scheduling, enable_prefix_caching=args.enable_prefix_caching,
-        scheduling_policy=args.scheduling_policy,
+        scheduling_policy=args.scheduling_policy, defer_token_masks=args.defer_token_masks,
     )
 
 

@@ -22,8 +22,8 @@ from zmq.utils.monitor import parse_monitor_message
 from shared.codec import ProtocolError, decode_to_control, encode
 from shared.endpoints import MAX_FRAME_BYTES
 from shared.messages import (
-    PROTOCOL_VERSION, Hello, Ping, Pong, Shutdown, StepPlan, StepProgress, StepResult, ToControl, WorkerFatal,
-    WorkerReady, fold_progress,
+    PROTOCOL_VERSION, Hello, Ping, Pong, Shutdown, StepPlan, StepProgress, StepResult, ToControl, TokenMasks,
+    WorkerFatal, WorkerReady, fold_progress,
 )
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,10 @@ class DataplaneClient:
         """Queue a plan for the worker (it may still be running earlier ones)."""
         await self._send(plan)
 
+    async def send_masks(self, masks: TokenMasks) -> None:
+        """Send a step's token masks (it was planned with `masks_follow`; its sampling waits for them)."""
+        await self._send(masks)
+
     async def receive_result(self, step_id: int, timeout_s: float,
                              on_progress: Callable[[StepProgress], None] | None = None) -> StepResult:
         """The result of step `step_id` (results come back in the order plans were sent); its
@@ -201,7 +205,7 @@ class DataplaneClient:
         if self._socket is not None:
             await self._send(Shutdown(reason="control plane shutting down"))
 
-    async def _send(self, message: Hello | StepPlan | Shutdown | Ping) -> None:
+    async def _send(self, message: Hello | StepPlan | TokenMasks | Shutdown | Ping) -> None:
         self._check_lost()
         assert self._socket is not None
         try:

@@ -348,7 +348,8 @@ class Engine:
         no async scheduling, or a structured output waiting for its token), only after the next steps
         (up to `max_inflight`) are planned and sent, so that they run while the GPU computes rather than
         while it waits. An abort that becomes runnable just then may be in one more step (its KV blocks
-        are freed when it runs)."""
+        are freed when it runs). A step planned with `masks_follow` gets its token masks as soon as the
+        result before it is applied, ahead of the API's tasks and of the next plan."""
         inflight: deque[StepPlan] = deque()
         yield_after_plan = False
         try:
@@ -377,7 +378,11 @@ class Engine:
                     lambda progress: self._emit(scheduler.progress(progress)))  # tokens before the step ends
                 plan = inflight.popleft()
                 self.num_steps += 1
-                self._emit(scheduler.update(result))
+                updates = scheduler.update(result)
+                masks = scheduler.token_masks_due()
+                if masks is not None:  # the next step's sampling waits for them: before the streams are written
+                    await self.client.send_masks(masks)
+                self._emit(updates)
                 self.observer.step_done(plan, result, scheduler)
                 if inflight:
                     await asyncio.sleep(0)  # let API tasks add and abort requests between steps

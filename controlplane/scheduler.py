@@ -25,8 +25,10 @@ need every previous token on the host), ones with a structured output (each toke
 token before it) and ones sure to end at length wait for their results.
 
 Structured outputs: a sequence with a grammar has the bitmask of the tokens it may sample next in the
-plan entry of each step that samples for it, a step with such a decode looks no step ahead, and no step
-is planned while one in flight samples for it (so it decodes every step, the steps one at a time).
+plan entry of each step that samples for it, and a step with such a decode looks no step ahead. While a
+step in flight samples for one, either no step is planned (so it decodes every step, the steps one at a
+time), or with `defer_token_masks` the next step is planned at once, aggregated, with `masks_follow`:
+its masks (`token_masks_due`) go out when the token is back, before any later plan.
 """
 
 from __future__ import annotations
@@ -38,25 +40,18 @@ from collections.abc import Callable
 from dataclasses import replace
 from itertools import islice
 
-import msgspec
-
 from controlplane import prefix_sharing
 from controlplane.policies import AGGREGATED, BatchShape, ModeDecision, StepForecast, make_policy, make_predictor
 from controlplane.prefix_cache import Allocator, PrefixCachingAllocator
 from controlplane.sequence import FinishReason, SeqStatus, Sequence
-from controlplane.step_draft import StepDraft, batch_shape, trim_draft
+from controlplane.step_draft import StepDraft, batch_shape, plan_entry, trim_draft
 from controlplane.step_outcomes import StepOutcomes
 from controlplane.step_records import InflightStep
 from controlplane.step_stats import StepStats
-from controlplane.structured_output import add_token_masks
+from controlplane.structured_output import add_token_masks, deferred_token_masks
 from controlplane.waiting_queue import PriorityWaitingQueue, WaitingQueue, priority_key
 from shared.config import SchedulerConfig
-from shared.messages import (
-    NewRequest,
-    ScheduledSeq,
-    StepPlan,
-    WorkerReady,
-)
+from shared.messages import NewRequest, ScheduledSeq, StepPlan, TokenMasks, WorkerReady
 
 
 class Scheduler(StepOutcomes):
@@ -88,6 +83,7 @@ class Scheduler(StepOutcomes):
         self.seqs: dict[int, Sequence] = {}
         self.inflight: deque[InflightStep] = deque()
         self.max_inflight = 2 if config.async_scheduling else 1
+        self.defer_masks = config.defer_token_masks and self.max_inflight > 1
         self._dropped_on_worker: list[int] = []
         self._structured: set[int] = set()  # live sequences with a structured output (a grammar)
         self._next_step_id = 0
@@ -175,11 +171,17 @@ class Scheduler(StepOutcomes):
         """The next step's plan, or None when there is nothing to run (and nothing to drop), or -- a
         step in flight samples a structured output's token -- nothing to run before its result: that
         sequence's next mask needs the token, and a step planned now would leave it out (it would decode
-        every other step), so the steps go one at a time while one is running."""
+        every other step), so the steps go one at a time while one is running. With `defer_masks` that
+        step is planned (its masks follow), but none after it before its masks are out."""
         if len(self.inflight) >= self.max_inflight:
             raise RuntimeError(f"schedule() called with {len(self.inflight)} steps in flight")
-        if self.inflight and self._structured and any(self.seqs[i].num_inflight for i in self._structured):
-            return None
+        defer = False
+        if self.inflight and self._structured:
+            if any(step.masks_due is not None for step in self.inflight):
+                return None  # a plan must not overtake the masks of the one before it
+            defer = any(self.seqs[i].num_inflight for i in self._structured)
+            if defer and not self.defer_masks:
+                return None
         draft = StepDraft(budget=self.config.max_num_batched_tokens)
         if self.policy.composition == "prefill_first":
             self._compose_prefill_first(draft)
@@ -191,6 +193,8 @@ class Scheduler(StepOutcomes):
         batch, decoders = self._batch_shape(draft)
         forecast = StepForecast(self.predictor, batch) if self.predictor is not None else None
         decision = self.policy.decide(batch, forecast)
+        if defer and decision.mode != "aggregated":
+            decision = AGGREGATED  # the data plane defers the sampling of one aggregated pass only
         if decision.prefill_tokens is not None and decision.prefill_tokens < batch.prefill_tokens:
             self.stats.trimmed += 1
             trim_draft(draft, decision.prefill_tokens, self.seqs, self.allocator, self.running, self.waiting)
@@ -199,6 +203,17 @@ class Scheduler(StepOutcomes):
         if decision.decode_steps > 1:
             decision = self._reserve_lookahead(draft, decoders, decision)
         return self._build_plan(draft, decision, forecast)
+
+    def token_masks_due(self) -> TokenMasks | None:
+        """The masks of the oldest step in flight if it was planned with `masks_follow` and they are not
+        sent yet (the steps before it have answered, so its structured outputs' tokens are all in); the
+        caller sends them before the next plan."""
+        step = self.inflight[0] if self.inflight else None
+        if step is None or step.masks_due is None:
+            return None
+        masks = deferred_token_masks(step.plan.step_id, step.masks_due, self.seqs, step.stale)
+        step.masks_due = None
+        return masks
 
     def _compose_decode_first(self, draft: StepDraft) -> None:
         """Every decode in running order, then the running prefills' chunks, then waiting sequences.
@@ -388,7 +403,7 @@ class Scheduler(StepOutcomes):
         """The plan of `draft` under `decision`, recorded as the newest step in flight."""
         new_requests: list[NewRequest] = []
         scheduled: list[ScheduledSeq] = []
-        expects, chunked = self._plan_entries(draft, decision.decode_steps, new_requests, scheduled)
+        expects, chunked, masks_due = self._plan_entries(draft, decision.decode_steps, new_requests, scheduled)
         plan = StepPlan(
             step_id=self._next_step_id,
             mode=decision.mode,
@@ -398,22 +413,26 @@ class Scheduler(StepOutcomes):
             new_requests=new_requests,
             scheduled=scheduled,
             finished_seq_ids=self._dropped_on_worker,
+            masks_follow=masks_due is not None,
         )
         self._next_step_id += 1
         self._dropped_on_worker = []
         now = time.monotonic()
         self.inflight.append(InflightStep(plan, expects, self.slo_clock(), forecast, decision,
-                                          sum(expects.values()), sum(draft.tokens.values()), chunked=chunked))
+                                          sum(expects.values()), sum(draft.tokens.values()), chunked=chunked,
+                                          masks_due=masks_due))
         if self._result_at is not None:
             self.stats.host_gap_s += now - self._result_at
             self.stats.host_gaps += 1
         return plan
 
     def _plan_entries(self, draft: StepDraft, k: int, new_requests: list[NewRequest],
-                      scheduled: list[ScheduledSeq]) -> tuple[dict[int, int], list[tuple[Sequence, int]]]:
+                      scheduled: list[ScheduledSeq]
+                      ) -> tuple[dict[int, int], list[tuple[Sequence, int]], list[Sequence] | None]:
         """Append each drafted sequence's entry (and the new requests) and advance its computed and
-        in-flight counts. Returns the tokens the step samples per sequence and, with prefix caching,
-        the non-decode sequences with their computed end (`InflightStep.expects_token`, `.chunked`)."""
+        in-flight counts. Returns the tokens the step samples per sequence, with prefix caching the
+        non-decode sequences with their computed end (`InflightStep.expects_token`, `.chunked`), and
+        the structured outputs whose masks follow the plan (None: the entries carry theirs)."""
         seqs, new_blocks = self.seqs, draft.new_blocks
         noted = draft.noted_decoders()
         chunked: list[tuple[Sequence, int]] = []  # what the result confirms (InflightStep.chunked)
@@ -428,16 +447,16 @@ class Scheduler(StepOutcomes):
         for seq in noted:
             if seq.grammar is not None:
                 masked.append((len(scheduled), seq))
-                scheduled.append(self._plan_entry(seq, 1, new_blocks, new_requests))
+                scheduled.append(plan_entry(seq, 1, new_blocks, new_requests))
             elif seq.on_worker and seq.seq_id not in new_blocks:
                 scheduled.append(seq._one_token_entry)
             else:
-                scheduled.append(self._plan_entry(seq, 1, new_blocks, new_requests))
+                scheduled.append(plan_entry(seq, 1, new_blocks, new_requests))
             seq.num_inflight += k
             seq.num_computed_tokens += k  # its token, and all but the last of the look-ahead passes'
         for seq_id, num_tokens in islice(draft.tokens.items(), len(noted), None):
             seq = seqs[seq_id]
-            entry = self._plan_entry(seq, num_tokens, new_blocks, new_requests)
+            entry = plan_entry(seq, num_tokens, new_blocks, new_requests)
             computed = seq.num_computed_tokens + num_tokens
             samples = computed == seq._num_prompt + len(seq.output_token_ids) + seq.num_inflight
             if samples and seq.grammar is not None:
@@ -454,28 +473,12 @@ class Scheduler(StepOutcomes):
             seq.num_computed_tokens = computed
             if caching:
                 chunked.append((seq, computed))
-        if masked:
-            add_token_masks(scheduled, masked)
-        return expects, chunked
-
-    @staticmethod
-    def _plan_entry(seq: Sequence, num_tokens: int, new_blocks: dict[int, list[int]],
-                    new_requests: list[NewRequest]) -> ScheduledSeq:
-        """`seq`'s entry in the plan; a sequence the worker holds no state for is sent whole first."""
-        seq_id = seq.seq_id
-        if not seq.on_worker:
-            sampling = seq.sampling
-            if seq.prompt_logprobs is not None and not seq.needs_prompt_logprobs:  # a recompute: held already
-                sampling = msgspec.structs.replace(sampling, prompt_logprobs=None)
-            new_requests.append(NewRequest(seq_id=seq_id, token_ids=seq.all_token_ids(),
-                                           num_prompt_tokens=seq.num_prompt_tokens, block_ids=list(seq.block_ids),
-                                           sampling=sampling, num_computed_tokens=seq.num_computed_tokens))
-            seq.on_worker = True
-            return ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens)
-        blocks = new_blocks.get(seq_id)
-        if blocks is not None:
-            return ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens, new_block_ids=blocks)
-        return seq._one_token_entry if num_tokens == 1 else ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens)
+        if not masked:
+            return expects, chunked, None
+        if any(seq.num_inflight > 1 for _, seq in masked):  # a token still in flight: masks follow
+            return expects, chunked, [seq for _, seq in masked]
+        add_token_masks(scheduled, masked)
+        return expects, chunked, None
 
     def check_invariants(self) -> None:
         live = {s.seq_id: s.block_ids for s in self.seqs.values()}

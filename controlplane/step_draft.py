@@ -1,6 +1,6 @@
 """A step being composed: the tokens each scheduled sequence gets, the blocks given to it for them,
-the batch as policies see it, and how the draft is cut when a policy keeps fewer prompt tokens
-than were drafted.
+the batch as policies see it, each sequence's plan entry, and how the draft is cut when a policy
+keeps fewer prompt tokens than were drafted.
 
 The scheduler owns the draft and the queues; these functions only edit what they are handed. No
 policy, no I/O.
@@ -12,10 +12,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import islice
 
+import msgspec
+
 from controlplane.policies import BatchShape
 from controlplane.prefix_cache import Allocator
 from controlplane.sequence import SeqStatus, Sequence
 from controlplane.waiting_queue import WaitingQueue
+from shared.messages import NewRequest, ScheduledSeq
 
 
 @dataclass(slots=True)
@@ -127,3 +130,23 @@ def trim_draft(draft: StepDraft, cap: int, seqs: dict[int, Sequence], allocator:
         else:
             del draft.tokens[sid]
             draft.new_blocks.pop(sid, None)
+
+
+def plan_entry(seq: Sequence, num_tokens: int, new_blocks: dict[int, list[int]],
+               new_requests: list[NewRequest]) -> ScheduledSeq:
+    """`seq`'s entry in the plan (`num_tokens` of it, the blocks the draft gave it); a sequence the worker
+    holds no state for is sent whole first (appended to `new_requests`, and marked as held)."""
+    seq_id = seq.seq_id
+    if not seq.on_worker:
+        sampling = seq.sampling
+        if seq.prompt_logprobs is not None and not seq.needs_prompt_logprobs:  # a recompute: held already
+            sampling = msgspec.structs.replace(sampling, prompt_logprobs=None)
+        new_requests.append(NewRequest(seq_id=seq_id, token_ids=seq.all_token_ids(),
+                                       num_prompt_tokens=seq.num_prompt_tokens, block_ids=list(seq.block_ids),
+                                       sampling=sampling, num_computed_tokens=seq.num_computed_tokens))
+        seq.on_worker = True
+        return ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens)
+    blocks = new_blocks.get(seq_id)
+    if blocks is not None:
+        return ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens, new_block_ids=blocks)
+    return seq._one_token_entry if num_tokens == 1 else ScheduledSeq(seq_id=seq_id, num_tokens=num_tokens)

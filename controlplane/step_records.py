@@ -44,3 +44,6 @@ class InflightStep:
     # with prefix caching: each sequence the step computes other than as a noted decode (prompt
     # chunks, mostly), with its computed tokens once the step has run: what the result confirms
     chunked: list[tuple[Sequence, int]] = field(default_factory=list)
+    # a plan sent with `masks_follow`: the structured outputs it samples for, whose token masks are still
+    # to be sent (`Scheduler.token_masks_due`); None once sent, or for a plan that carries its masks
+    masks_due: list[Sequence] | None = None

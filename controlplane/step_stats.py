@@ -1,6 +1,6 @@
 """Counters of what the scheduler ran: steps and busy time per mode, splits, look-ahead, mode switches,
-steps with trimmed prompt chunks, and the control plane's own wall time between a result and the
-next plan.
+steps with trimmed prompt chunks, steps whose token masks followed their plan, and the control plane's
+own wall time between a result and the next plan.
 
 A bounded timeline of recent steps feeds `duetserve simulate`'s report. Bookkeeping only: no policy.
 """
@@ -35,6 +35,7 @@ class StepStats:
     lookahead: Counter[int] = field(default_factory=Counter)
     switches: int = 0
     trimmed: int = 0  # aggregated steps whose prompt chunks the policy cut to fit its step budget
+    masks_followed: int = 0  # steps planned with `masks_follow` (structured outputs, defer_token_masks)
     last_mode: str | None = None
     host_gap_s: float = 0.0  # wall time from a result to the next plan, over back-to-back steps
     host_gaps: int = 0
@@ -51,6 +52,7 @@ class StepStats:
         if self.last_mode is not None and mode != self.last_mode:
             self.switches += 1
         self.last_mode = mode
+        self.masks_followed += plan.masks_follow
         self.timeline.append(StepRecord(plan.step_id, mode, plan.prefill_sms, plan.decode_sms, plan.decode_steps,
                                         num_tokens, timings.total_ms))
 
@@ -60,6 +62,7 @@ class StepStats:
             "busy_ms": {k: round(v, 3) for k, v in self.busy_ms.items()},
             "mode_switches": self.switches,
             "trimmed_steps": self.trimmed,
+            "masks_follow_steps": self.masks_followed,
             "splits": {f"{p}+{d}": n for (p, d), n in self.splits.most_common()},
             "lookahead": {str(k): n for k, n in sorted(self.lookahead.items())},
             "control_plane_ms_per_step": 1e3 * self.host_gap_s / self.host_gaps if self.host_gaps else 0.0,

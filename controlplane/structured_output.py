@@ -23,7 +23,7 @@ import msgspec
 import numpy as np
 
 from controlplane.tokenizer import ByteTokenizer, HFTokenizer, TextTokenizer
-from shared.messages import ScheduledSeq
+from shared.messages import ScheduledSeq, SeqTokenMask, TokenMasks
 
 if TYPE_CHECKING:
     from controlplane import sequence
@@ -128,6 +128,18 @@ def add_token_masks(scheduled: list[ScheduledSeq], masked: list[tuple[int, seque
         grammars.append(seq.grammar)
     for (i, _), mask in zip(masked, next_token_masks(grammars)):
         scheduled[i] = msgspec.structs.replace(scheduled[i], token_mask=mask)
+
+
+def deferred_token_masks(step_id: int, seqs: list[sequence.Sequence], live: dict[int, sequence.Sequence],
+                         stale: set[int]) -> TokenMasks:
+    """The TokenMasks of a step planned with `masks_follow`, once the tokens before it are all in: the
+    mask of each of its structured outputs still live (`live`, not preempted since: `stale`), computed
+    together. One that ended since (stop, abort, error) is left out: its token is dropped on arrival."""
+    current = [s for s in seqs if live.get(s.seq_id) is s and s.seq_id not in stale and s.grammar is not None]
+    for seq in current:
+        assert seq.num_inflight == 1, "a structured output's mask needs its tokens"
+    masks = next_token_masks([s.grammar for s in current])  # type: ignore[misc]
+    return TokenMasks(step_id=step_id, masks=[SeqTokenMask(seq_id=s.seq_id, mask=m) for s, m in zip(current, masks)])
 
 
 class CompiledGrammar:

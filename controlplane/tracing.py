@@ -129,6 +129,8 @@ def step_plan_attributes(plan: StepPlan, num_running: int, num_waiting: int,
     }
     if predicted_ms is not None:
         attrs["duetserve.step.predicted_ms"] = predicted_ms
+    if plan.masks_follow:  # structured outputs: its token masks were sent after it (its sampling waited)
+        attrs["duetserve.step.masks_follow"] = True
     return attrs
 
 

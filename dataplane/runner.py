@@ -5,7 +5,9 @@ control plane's logical bookkeeping). It checks every plan item and reports requ
 problems as SeqFailures; it never decides what to schedule.
 
 On CUDA a step never blocks the host: inputs go up in one async copy, sampled tokens come back by
-an async copy into pinned memory, and `PendingStep.ready()` polls a CUDA event.
+an async copy into pinned memory, and `PendingStep.ready()` polls a CUDA event. A plan sent with
+`masks_follow` runs its forward pass at launch and keeps the logits; `apply_masks` samples them when
+the step's TokenMasks comes (the sampling queued behind the forward on the same stream).
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from dataplane.piecewise import PiecewiseGraphs
 from dataplane.models.config import ModelConfig
 from dataplane.models.dense import DenseForCausalLM
 from dataplane.sampler import LogprobTensors, Sampler, has_penalties, prompt_logprobs
-from dataplane.seq_state import SeqError, SeqState, check_scheduled, check_token_mask, fail_by_plan, new_state
+from dataplane.seq_state import (
+    SeqError, SeqState, check_masks_follow, check_scheduled, check_token_mask, fail_by_plan, mask_bytes, new_state,
+)
 from dataplane.staging import Span, positions_and_slots
-from shared.messages import SeqFailure, SeqOutput, StepPlan, StepResult, StepTimings, TokenLogprobs
+from shared.messages import SeqFailure, SeqOutput, StepPlan, StepResult, StepTimings, TokenLogprobs, TokenMasks
 
 
 POLL_INTERVAL_S = 50e-6
@@ -48,6 +52,7 @@ class _PassOutput:
     copied: torch.cuda.Event | None = None  # fires when this pass's host copies have landed (CUDA)
     # (sequence, prompt position of the first entry, logprobs) of chunks that asked for prompt logprobs
     prompt: list[tuple[SeqState, int, LogprobTensors]] = field(default_factory=list)
+    logits: torch.Tensor | None = None  # a pass whose sampling waits for its token masks: its rows' logits
 
 
 @dataclass
@@ -61,10 +66,16 @@ class PendingStep:
     done: torch.cuda.Event | None = None
     start_event: torch.cuda.Event | None = None
     phases: dict = field(default_factory=dict)  # "prefill"/"decode" -> PhaseEvents (multiplexed steps)
+    awaiting_masks: bool = False  # planned with `masks_follow`: sampling waits for `ModelRunner.apply_masks`
+    planned: frozenset[int] = frozenset()  # with `masks_follow`: the sequences the plan schedules
+    # with masks that followed (CUDA): the forward's end and the sampling's start, so the step's time
+    # leaves out the GPU's wait for the masks
+    forward_done: torch.cuda.Event | None = None
+    resumed: torch.cuda.Event | None = None
     _reported: int = 0  # leading passes already handed out by progress()
 
     def ready(self) -> bool:
-        return self.done is None or self.done.query()
+        return not self.awaiting_masks and (self.done is None or self.done.query())
 
     def wait(self, poll_s: float = POLL_INTERVAL_S) -> StepResult:
         """Poll the step's CUDA event (never a blocking device sync), then collect the result."""
@@ -119,6 +130,8 @@ class PendingStep:
         source = "host"
         if self.done is not None and self.start_event is not None:
             total_ms, source = self.start_event.elapsed_time(self.done), "cuda_events"
+            if self.forward_done is not None and self.resumed is not None:
+                total_ms = self.start_event.elapsed_time(self.forward_done) + self.resumed.elapsed_time(self.done)
         phase_ms = {name: ev.elapsed_ms() for name, ev in self.phases.items()}
         return StepResult(
             step_id=self.step_id,
@@ -165,15 +178,22 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ plan handling
 
-    def execute(self, plan: StepPlan) -> StepResult:
-        """Launch and wait (tests, CPU). The worker uses launch() and polls instead."""
+    def execute(self, plan: StepPlan, masks: TokenMasks | None = None) -> StepResult:
+        """Launch and wait (tests, CPU), with `masks` when the plan's masks follow (none: every row
+        unmasked). The worker uses launch() and polls instead."""
         pending = self.launch(plan)
+        if pending.awaiting_masks:
+            self.apply_masks(pending, masks or TokenMasks(step_id=plan.step_id))
         if pending.done is not None:
             pending.done.synchronize()
         return pending.result()
 
     def launch(self, plan: StepPlan) -> PendingStep:
-        pending = PendingStep(step_id=plan.step_id, started=time.perf_counter(), failures=[])
+        check_masks_follow(plan)
+        pending = PendingStep(step_id=plan.step_id, started=time.perf_counter(), failures=[],
+                              awaiting_masks=plan.masks_follow)
+        if plan.masks_follow:
+            pending.planned = frozenset(e.seq_id for e in plan.scheduled)
         for seq_id in plan.finished_seq_ids:
             self.drop(seq_id)
         for new in plan.new_requests:
@@ -207,11 +227,64 @@ class ModelRunner:
         if plan.mode == "multiplexed" and self.multiplexer is not None and items:
             self.multiplexer.run(self, items, plan, pending)
         else:
-            self._run(items, plan.decode_steps, pending)
+            self._run(items, plan.decode_steps, pending, defer=plan.masks_follow)
+        if self._cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            if plan.masks_follow:
+                pending.forward_done = event
+            else:
+                pending.done = event
+        return pending
+
+    @torch.inference_mode()
+    def apply_masks(self, pending: PendingStep, masks: TokenMasks) -> None:
+        """Sample the rows of a step launched with `masks_follow` under their token masks (a row not listed
+        keeps its plan entry's mask; with none it samples unmasked). A mask of the wrong size, or for a
+        sequence the step computes but samples no token for, fails that sequence alone; one for a sequence
+        not in the step is ignored."""
+        if not pending.awaiting_masks:
+            raise ValueError(f"step {pending.step_id} awaits no token masks")
+        by_seq = {m.seq_id: m.mask for m in masks.masks}
+        if self._cuda:
+            pending.resumed = torch.cuda.Event(enable_timing=True)
+            pending.resumed.record()
+        deferred = pending.passes[0] if pending.passes and pending.passes[0].logits is not None else None
+        if deferred is not None:
+            rows: list[int] = []
+            states: list[SeqState] = []
+            size = mask_bytes(self.config.vocab_size)
+            for row, state in enumerate(deferred.states):
+                mask = by_seq.pop(state.seq_id, state.token_mask)  # not listed: its entry's mask, if any
+                if mask and len(mask) != size:
+                    self._fail(pending, state.seq_id, f"a token mask of {len(mask)} bytes; the vocabulary of "
+                                                      f"{self.config.vocab_size} needs {size}")
+                    continue
+                state.token_mask = mask
+                rows.append(row)
+                states.append(state)
+            logits = deferred.logits
+            assert logits is not None
+            if len(rows) < len(deferred.states):
+                logits = logits[torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)]
+            out = self._sample(logits, states) if states else _PassOutput([], torch.empty(0, dtype=torch.long), None)
+            if deferred.prompt:
+                out.prompt = deferred.prompt
+                if self._cuda and out.copied is None:
+                    out.copied = torch.cuda.Event()
+                    out.copied.record()
+            pending.passes[0] = out
+        for seq_id in by_seq:  # every sequence this step samples for took its mask above
+            if seq_id in pending.planned and seq_id in self.seqs:
+                self._fail(pending, seq_id, "a token mask on a chunk that samples no token")
+        pending.awaiting_masks = False
         if self._cuda:
             pending.done = torch.cuda.Event(enable_timing=True)
             pending.done.record()
-        return pending
+
+    def _fail(self, pending: PendingStep, seq_id: int, problem: str) -> None:
+        self.drop(seq_id)
+        pending.failures.append(SeqFailure(seq_id=seq_id, message=f"seq {seq_id}: {problem}"))
 
     def drop(self, seq_id: int) -> None:
         """Forget a sequence (steps still running keep what they hold of it)."""
@@ -227,12 +300,13 @@ class ModelRunner:
     # ------------------------------------------------------------------ execution
 
     def _run(self, items: list[_Item], decode_steps: int, pending: PendingStep, stream_key: object = "full",
-             eager: bool = False) -> None:
-        """One pass over every item, then decode_steps-1 look-ahead passes over the decoders."""
+             eager: bool = False, defer: bool = False) -> None:
+        """One pass over every item, then decode_steps-1 look-ahead passes over the decoders; `defer`: the
+        pass keeps its logits for `apply_masks` (one pass only)."""
         if not items:
             return
         decoders = [it.state for it in items if it.state.is_decode(it.num_tokens)]
-        first = self._forward_and_sample(items, stream_key, eager=eager)
+        first = self._forward_and_sample(items, stream_key, eager=eager, defer=defer)
         pending.passes.append(first)
         self.lookahead(decoders, first, decode_steps - 1, pending, stream_key)
 
@@ -300,11 +374,12 @@ class ModelRunner:
     @torch.inference_mode()
     def _forward_and_sample(self, items: list[_Item], stream_key: object = "full", step: int = 0,
                             input_ids: torch.Tensor | None = None, eager: bool = False,
-                            inflight_ids: torch.Tensor | None = None) -> _PassOutput:
+                            inflight_ids: torch.Tensor | None = None, defer: bool = False) -> _PassOutput:
         """One forward pass; `input_ids` (device) replaces the host tokens in look-ahead passes, and
         `inflight_ids` ([items, j], device) are the tokens the step's earlier passes sampled for them.
 
-        `eager` keeps the pass off the decode graphs (a multiplexed step's prefill stream)."""
+        `eager` keeps the pass off the decode graphs (a multiplexed step's prefill stream); `defer` keeps
+        the sampling rows' logits in the output, unsampled (masks to follow)."""
         batch = AttentionBatch(
             query_lens=[it.num_tokens for it in items],
             context_lens=[it.state.num_computed for it in items],
@@ -330,7 +405,10 @@ class ModelRunner:
             it.state.num_computed += it.num_tokens
             if it.state.num_computed >= len(it.state.token_ids):
                 samplers.append(it.state)
-        if samplers:
+        if samplers and defer:
+            out = _PassOutput(samplers, torch.empty(0, dtype=torch.long), None,
+                              logits=self.model.compute_logits(hidden[sample_rows]))
+        elif samplers:
             out = self._sample(self.model.compute_logits(hidden[sample_rows]), samplers, step,
                                inflight_ids if len(samplers) == len(items) else None)
         else:

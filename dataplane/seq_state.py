@@ -144,3 +144,11 @@ def check_token_mask(entry: ScheduledSeq, samples: bool, looks_ahead: bool, voca
         raise SeqError(f"seq {entry.seq_id}: a token mask on a chunk that samples no token")
     if looks_ahead:
         raise SeqError(f"seq {entry.seq_id}: a token mask covers one token, but the plan decodes ahead")
+
+
+def check_masks_follow(plan: StepPlan) -> None:
+    """A plan whose token masks follow runs one aggregated pass (its sampling is held back, not a look-ahead
+    chain or a multiplexed pair of streams): ValueError otherwise (the control plane's bug: the step fails)."""
+    if plan.masks_follow and (plan.decode_steps != 1 or plan.mode != "aggregated"):
+        raise ValueError(f"step {plan.step_id}: a plan whose token masks follow runs one aggregated pass, "
+                         f"not {plan.mode} with {plan.decode_steps} decode steps")

@@ -10,10 +10,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import msgspec
 import numpy as np
 
 from dataplane.seq_state import SeqError, check_token_mask, fail_by_plan
-from shared.messages import NewRequest, ScheduledSeq, SeqFailure, SeqOutput, StepPlan, StepResult, StepTimings
+from shared.messages import (
+    NewRequest, ScheduledSeq, SeqFailure, SeqOutput, StepPlan, StepResult, StepTimings, TokenMasks,
+)
 
 
 def sim_token(prompt_key: int, position: int, vocab_size: int) -> int:
@@ -30,6 +33,15 @@ def _allowed_ids(mask: bytes, vocab_size: int) -> np.ndarray:
     bits = np.unpackbits(raw[nonzero], bitorder="little").reshape(-1, 8).astype(bool)
     ids = (nonzero[:, None] * 8 + np.arange(8))[bits]
     return ids[ids < vocab_size]
+
+
+def with_token_masks(plan: StepPlan, masks: TokenMasks) -> StepPlan:
+    """A plan sent with `masks_follow` as if its entries had carried `masks` (what the simulated data plane
+    runs once they come: the same checks as masks in the plan; one for a sequence not in it is ignored)."""
+    by_seq = {m.seq_id: m.mask for m in masks.masks}
+    scheduled = [msgspec.structs.replace(e, token_mask=by_seq[e.seq_id]) if e.seq_id in by_seq else e
+                 for e in plan.scheduled]
+    return msgspec.structs.replace(plan, scheduled=scheduled, masks_follow=False)
 
 
 @dataclass
@@ -56,6 +68,8 @@ class SimRunner:
         self.block_readers: dict[int, set[int]] = {}  # block -> sequences holding it as a cached prefix
 
     def execute(self, plan: StepPlan) -> StepResult:
+        if plan.masks_follow:
+            raise ValueError(f"step {plan.step_id}'s token masks follow: run with_token_masks(plan, masks)")
         start = time.perf_counter()
         for seq_id in plan.finished_seq_ids:
             self._drop(seq_id)

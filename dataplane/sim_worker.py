@@ -30,12 +30,13 @@ from dataplane.lifeline import die_with_parent
 from dataplane.models.config import ModelConfig, load_model_config
 from dataplane.models.presets import PRESETS
 from dataplane.serve_loop import serve_plans
-from dataplane.sim import SimRunner
+from dataplane.seq_state import check_masks_follow
+from dataplane.sim import SimRunner, with_token_masks
 from shared.config import DEFAULT_BLOCK_SIZE, sm_counts
 from shared.endpoints import claim_endpoint
 from shared.messages import (
     PROTOCOL_VERSION, DeviceDescription, HardwareProfile, Hello, ModelDescription, SeqOutput, Shutdown, StepPlan,
-    StepProgress, StepResult, StepTimings, ToControl, WorkerFatal, WorkerReady, fold_progress,
+    StepProgress, StepResult, StepTimings, ToControl, TokenMasks, WorkerFatal, WorkerReady, fold_progress,
 )
 from shared.profiles import (
     MAX_PIECEWISE_TOKENS, NEUTRAL_EXECUTION, ExecutionProfile, GpuSpec, execution_profile_for, gpu_spec,
@@ -185,7 +186,21 @@ class SimGpu:
         """Run the plan's bookkeeping now; returns (due, message) in order: a StepProgress for each
         decode pass that ends before the step does, then the StepResult with the rest, due when the
         simulated GPU gets through them (after the steps queued before, like a CUDA stream)."""
-        self._free_at, messages = self.run_at(plan, max(time.monotonic(), self._free_at), self.time_scale / 1e3)
+        self._free_at, messages = self.run_at(plan, self.start_at(), self.time_scale / 1e3)
+        return messages
+
+    def start_at(self) -> float:
+        """When a plan launched now starts on the simulated GPU (after the steps queued before it)."""
+        return max(time.monotonic(), self._free_at)
+
+    def launch_sampled(self, plan: StepPlan, start: float) -> list[tuple[float, ToControl]]:
+        """`launch` for a plan whose sampling waited for its token masks (`plan` carries them now): its
+        pass started at `start` and ends no sooner than now (the GPU waits for the masks)."""
+        end, messages = self.run_at(plan, start, self.time_scale / 1e3)
+        late = time.monotonic() - end
+        if late > 0:
+            end, messages = end + late, [(due + late, m) for due, m in messages]
+        self._free_at = end
         return messages
 
     def run_at(self, plan: StepPlan, start: float, scale: float) -> tuple[float, list[tuple[float, ToControl]]]:
@@ -233,15 +248,16 @@ class SimWorker:
         self.gpu = SimGpu(msgspec.structs.replace(gpu.ready, pid=os.getpid()), gpu.time_scale)
         self._running = True
         self._pending: deque[tuple[float, ToControl]] = deque()  # (due, progress or result), in order
+        self._awaiting: tuple[StepPlan, float] | None = None  # a plan whose masks follow, and when it started
 
     def request_stop(self, *_: object) -> None:
         self._running = False
 
     def serve(self) -> int:
         return serve_plans(self.endpoint, self._dispatch, lambda: self._running, name="simulated data plane",
-                           collect=self._collect, busy=lambda: bool(self._pending))
+                           collect=self._collect, busy=lambda: bool(self._pending) or self._awaiting is not None)
 
-    def _dispatch(self, message: Hello | StepPlan | Shutdown) -> ToControl | None:
+    def _dispatch(self, message: Hello | StepPlan | TokenMasks | Shutdown) -> ToControl | None:
         if isinstance(message, Shutdown):
             return None
         if isinstance(message, Hello):
@@ -249,9 +265,29 @@ class SimWorker:
                 return WorkerFatal(reason=f"protocol version mismatch: data plane speaks {PROTOCOL_VERSION}, "
                                           f"control plane speaks {message.protocol_version}")
             self._pending.clear()
+            self._awaiting = None
             self.gpu = SimGpu(self.gpu.ready, self.gpu.time_scale)  # a new control plane starts from scratch
             return self.gpu.ready
+        if isinstance(message, TokenMasks):
+            if self._awaiting is None or self._awaiting[0].step_id != message.step_id:
+                log.error("dropping token masks for step %d, which awaits none", message.step_id)
+                return None
+            plan, start = self._awaiting
+            self._awaiting = None
+            try:
+                self._pending.extend(self.gpu.launch_sampled(with_token_masks(plan, message), start))
+            except Exception as exc:  # noqa: BLE001 - the error boundary of the process
+                log.exception("step %d failed", plan.step_id)
+                return WorkerFatal(reason=f"step {plan.step_id} failed: {exc!r}")
+            return None
+        if self._awaiting is not None:
+            return WorkerFatal(reason=f"step {message.step_id}'s plan came before the token masks of step "
+                                      f"{self._awaiting[0].step_id}")
         try:
+            if message.masks_follow:
+                check_masks_follow(message)
+                self._awaiting = (message, self.gpu.start_at())
+                return None
             self._pending.extend(self.gpu.launch(message))
         except Exception as exc:  # noqa: BLE001 - the error boundary of the process
             log.exception("step %d failed", message.step_id)

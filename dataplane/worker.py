@@ -45,6 +45,7 @@ from shared.messages import (
     StepPlan,
     StepProgress,
     ToControl,
+    TokenMasks,
     WorkerFatal,
     WorkerReady,
 )
@@ -303,7 +304,7 @@ class Worker:
         finally:
             self.heartbeat.close()
 
-    def _dispatch(self, message: Hello | StepPlan | Shutdown) -> ToControl | None:
+    def _dispatch(self, message: Hello | StepPlan | TokenMasks | Shutdown) -> ToControl | None:
         if isinstance(message, Hello):
             if message.protocol_version != PROTOCOL_VERSION:
                 log.error("refusing control plane with protocol %d", message.protocol_version)
@@ -314,7 +315,14 @@ class Worker:
             self._pending.clear()  # results for a departed control plane are dropped
             self.loaded.runner.clear()  # a new control plane starts from scratch
             return self.loaded.ready
+        if isinstance(message, TokenMasks):
+            return self._masks(message)
         if isinstance(message, StepPlan):
+            if self._pending and self._pending[-1][1].awaiting_masks:  # its forward needs that step's tokens
+                reason = (f"step {message.step_id}'s plan came before the token masks of step "
+                          f"{self._pending[-1][0].step_id}")
+                log.error("%s", reason)
+                return WorkerFatal(reason=reason)
             start = time.time_ns()
             try:
                 self._pending.append((message, self.loaded.runner.launch(message), start))
@@ -323,6 +331,19 @@ class Worker:
                 return WorkerFatal(reason=f"step {message.step_id} failed: {exc!r}")
             return None
         log.info("shutdown requested: %s", message.reason)
+        return None
+
+    def _masks(self, message: TokenMasks) -> ToControl | None:
+        """Let the newest step, launched with `masks_follow`, sample under its masks."""
+        newest = self._pending[-1] if self._pending else None
+        if newest is None or newest[0].step_id != message.step_id or not newest[1].awaiting_masks:
+            log.error("dropping token masks for step %d, which awaits none", message.step_id)
+            return None
+        try:
+            self.loaded.runner.apply_masks(newest[1], message)
+        except Exception as exc:  # noqa: BLE001 - the error boundary of the process
+            log.exception("step %d failed", message.step_id)
+            return WorkerFatal(reason=f"step {message.step_id} failed: {exc!r}")
         return None
 
     def _collect(self) -> list[ToControl]:

@@ -206,6 +206,12 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
     # plan step i+1 while step i runs (its sampled tokens stay on the GPU): hides the control
     # plane's and the data plane's host work behind the GPU's
     async_scheduling: bool = True
+    # structured outputs under async scheduling: plan a step while the step before it still samples a
+    # structured output's token, and send that step's token masks once the token is back (its forward
+    # runs meanwhile; only its sampling waits, as vLLM overlaps grammar and forward). Off: while a
+    # structured output has a token in flight the steps go one at a time (H100, 64 streams under a
+    # regex: 17.1 ms TPOT off, 9.0 ms on, against 8.7 ms with no grammar)
+    defer_token_masks: bool = True
     # automatic prefix caching: full KV blocks outlive their requests, and a prompt that starts
     # with cached blocks skips computing them (as vLLM's --enable-prefix-caching, on by default)
     enable_prefix_caching: bool = True

@@ -11,7 +11,7 @@ from typing import Literal, Union
 
 import msgspec
 
-PROTOCOL_VERSION = 9
+PROTOCOL_VERSION = 10
 
 Mode = Literal["aggregated", "multiplexed"]
 
@@ -91,6 +91,11 @@ class StepPlan(msgspec.Struct, frozen=True, kw_only=True, tag="plan"):
     whose token is the last known one (it samples); in any mode it runs `decode_steps` steps, each
     feeding its sampled token to the next, so its block table must already hold
     `computed + decode_steps` tokens. Other items run once.
+
+    `masks_follow` (structured outputs): the step's token masks come in a TokenMasks message after
+    the plan (they need the tokens of the step before it, still running when the plan is sent); the
+    forward pass runs at once and only the sampling waits for them. Such a plan runs one aggregated
+    pass (`decode_steps` 1), and its TokenMasks comes before the next plan.
     """
 
     step_id: int
@@ -102,6 +107,24 @@ class StepPlan(msgspec.Struct, frozen=True, kw_only=True, tag="plan"):
     scheduled: list[ScheduledSeq] = []
     finished_seq_ids: list[int] = []
     trace_context: dict[str, str] = {}
+    masks_follow: bool = False
+
+
+class SeqTokenMask(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """One sequence's token mask (`ScheduledSeq.token_mask`'s layout)."""
+
+    seq_id: int
+    mask: bytes
+
+
+class TokenMasks(msgspec.Struct, frozen=True, kw_only=True, tag="masks"):
+    """The token masks of step `step_id`, planned with `masks_follow`: its sampling may start. A sequence
+    the step samples for that is not listed keeps the mask its plan entry carried, if any, else samples
+    unmasked (the control plane lists every structured output still live; a token it no longer wants is
+    dropped when it comes back). A listed mask is checked as one in the plan would be."""
+
+    step_id: int
+    masks: list[SeqTokenMask] = []
 
 
 class Shutdown(msgspec.Struct, frozen=True, kw_only=True, tag="shutdown"):
@@ -117,7 +140,7 @@ class Ping(msgspec.Struct, frozen=True, kw_only=True, tag="ping"):
     nonce: int = 0
 
 
-ToWorker = Union[Hello, StepPlan, Shutdown, Ping]
+ToWorker = Union[Hello, StepPlan, TokenMasks, Shutdown, Ping]
 
 
 # ---------------------------------------------------------------- data plane -> control plane

@@ -1,6 +1,8 @@
 """The engine's step loop and the API's tasks: when a result leaves no step in flight (steps one at a time),
 the next step is sent before the API's tasks run, so they write the streams while the GPU computes it;
 with a step still in flight they run first, as before; the loop goes idle when there is nothing to plan.
+A step in flight whose token masks follow gets them right after the result before it, ahead of the API's
+tasks and of the next plan.
 Stubs stand in for the scheduler, the data-plane client and the observer; the loop is the engine's own."""
 
 from __future__ import annotations
@@ -18,24 +20,37 @@ class StubScheduler:
     """Plans `steps` numbered steps; with `one_at_a_time_when_busy` none while one is in flight (as the
     scheduler does while a structured output's token is out)."""
 
-    def __init__(self, max_inflight: int, steps: int, one_at_a_time_when_busy: bool = False) -> None:
+    def __init__(self, max_inflight: int, steps: int, one_at_a_time_when_busy: bool = False,
+                 masks_follow: bool = False) -> None:
         self.max_inflight = max_inflight
         self.inflight: deque[int] = deque()
         self.left = steps
         self.busy_rule = one_at_a_time_when_busy
+        self.masks_follow = masks_follow  # every step planned with one in flight: its masks follow
+        self.masks_due: set[int] = set()
         self.next_id = 0
 
     def schedule(self) -> types.SimpleNamespace | None:
         if self.left <= 0 or (self.busy_rule and self.inflight):
             return None
+        if self.masks_due:
+            raise AssertionError("a plan before the masks of the step in flight")
         self.left -= 1
         self.next_id += 1
+        if self.masks_follow and self.inflight:
+            self.masks_due.add(self.next_id)
         self.inflight.append(self.next_id)
         return types.SimpleNamespace(step_id=self.next_id)
 
     def update(self, result: int) -> list:
         self.inflight.popleft()
         return []
+
+    def token_masks_due(self) -> types.SimpleNamespace | None:
+        if self.inflight and self.inflight[0] in self.masks_due:
+            self.masks_due.discard(self.inflight[0])
+            return types.SimpleNamespace(step_id=self.inflight[0])
+        return None
 
 
 class StubClient:
@@ -45,6 +60,9 @@ class StubClient:
 
     async def send_plan(self, plan: types.SimpleNamespace) -> None:
         self.log.append(("send", plan.step_id))
+
+    async def send_masks(self, masks: types.SimpleNamespace) -> None:
+        self.log.append(("masks", masks.step_id))
 
     async def receive_result(self, step_id: int, timeout: float, on_progress: object) -> int:
         await asyncio.sleep(0.001)  # the GPU's step: the API's tasks run meanwhile
@@ -113,3 +131,14 @@ def test_with_a_step_in_flight_the_api_runs_before_the_next_plan() -> None:
     gaps = after_each_result(log)
     assert len(gaps) == 12
     assert all(turns >= 1 for turns, _ in gaps[:-2])  # the next step is already at the data plane
+
+
+def test_masks_that_follow_go_out_right_after_the_result_before_them() -> None:
+    log = run_loop(StubScheduler(2, 12, masks_follow=True))
+    assert [e[1] for e in log if e[0] == "masks"] == list(range(2, 13))  # every step planned behind another
+    for i, entry in enumerate(log):
+        if entry[0] == "result" and entry[1] < 12:
+            assert log[i + 1] == ("masks", entry[1] + 1)  # before the API's tasks and the next plan
+    sends = {e[1]: i for i, e in enumerate(log) if e[0] == "send"}
+    masks = {e[1]: i for i, e in enumerate(log) if e[0] == "masks"}
+    assert all(masks[s] < sends[s + 1] for s in masks if s + 1 in sends)

@@ -27,7 +27,7 @@ from controlplane.structured_output import (
 from controlplane.tokenizer import ByteTokenizer, HFTokenizer
 from controlplane.validation import InvalidRequest, Limits, check_fields, validate_generate
 from dataplane.seq_state import mask_bytes
-from dataplane.sim import SimRunner
+from dataplane.sim import SimRunner, with_token_masks
 from shared.config import SchedulerConfig
 from shared.messages import SamplingParams, StepPlan, StepResult
 from tests.controlplane.test_async_scheduling import LookaheadPolicy
@@ -196,29 +196,43 @@ def seq(seq_id: int, grammars: GrammarCompiler | None, spec: GrammarSpec | None,
                     grammar=grammars.compile(spec).new_matcher() if grammars and spec else None)
 
 
-def drive(seqs: list[Sequence], runner: SimRunner, num_blocks: int = 64, lookahead: int = 4) -> dict[str, int]:
-    """Two plans in flight (async scheduling); counts the plans a structured sequence was in with look-ahead."""
-    sched = Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=64), BlockAllocator(num_blocks, 4),
-                      10_000, frozenset({EOS}))
-    sched.policy = LookaheadPolicy(lookahead)  # type: ignore[assignment]
+def drive(seqs: list[Sequence], runner: SimRunner, num_blocks: int = 64, lookahead: int = 4, defer: bool = False,
+          policy: object | None = None) -> dict[str, int]:
+    """Two plans in flight (async scheduling); counts the plans a structured sequence was in with look-ahead.
+    With `defer` (`defer_token_masks`) a plan whose masks follow runs once they are due, after the result
+    before it, as the engine sends them; counts those plans too."""
+    config = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=64, defer_token_masks=defer)
+    sched = Scheduler(config, BlockAllocator(num_blocks, 4), 10_000, frozenset({EOS}))
+    sched.policy = policy or LookaheadPolicy(lookahead)  # type: ignore[assignment]
     for s in seqs:
         sched.add(s)
     structured = {s.seq_id for s in seqs if s.grammar is not None}
-    inflight: deque[StepResult] = deque()
-    counts = {"steps": 0, "masked_ahead": 0, "lookahead_steps": 0}
-    while sched.has_work() or inflight:
-        while len(inflight) < sched.max_inflight:
+    sent: deque[StepPlan] = deque()
+    results: dict[int, StepResult] = {}
+    counts = {"steps": 0, "masked_ahead": 0, "lookahead_steps": 0, "masks_follow": 0}
+    while sched.has_work() or sent:
+        while len(sent) < sched.max_inflight:
             plan = sched.schedule()
             if plan is None:
                 break
             for entry in plan.scheduled:
-                assert bool(entry.token_mask) <= (entry.seq_id in structured)
+                assert bool(entry.token_mask) <= (entry.seq_id in structured and not plan.masks_follow)
                 if entry.seq_id in structured and entry.seq_id in sched.seqs:
-                    assert sched.seqs[entry.seq_id].num_inflight <= 1  # never scheduled past an unseen token
+                    # never scheduled past an unseen token, unless its mask follows the plan
+                    assert sched.seqs[entry.seq_id].num_inflight <= 1 + plan.masks_follow
             counts["masked_ahead"] += plan.decode_steps > 1 and any(e.token_mask for e in plan.scheduled)
             counts["lookahead_steps"] += plan.decode_steps > 1
-            inflight.append(runner.execute(plan))
-        sched.update(inflight.popleft())
+            counts["masks_follow"] += plan.masks_follow
+            assert not plan.masks_follow or (defer and plan.decode_steps == 1 and plan.mode == "aggregated")
+            sent.append(plan)
+            if not plan.masks_follow:
+                results[plan.step_id] = runner.execute(plan)
+        sched.update(results.pop(sent.popleft().step_id))
+        masks = sched.token_masks_due()
+        if masks is not None:
+            assert sent and sent[0].masks_follow and masks.step_id == sent[0].step_id
+            results[masks.step_id] = runner.execute(with_token_masks(sent[0], masks))
+        assert not sent or not sent[0].masks_follow or sent[0].step_id in results
         sched.check_invariants()
         counts["steps"] += 1
         assert counts["steps"] < 5000
@@ -268,10 +282,11 @@ def test_a_token_the_grammar_refuses_fails_that_sequence_alone(byte_grammars: Gr
 
 def test_a_structured_sequence_decodes_every_step_beside_free_ones(byte_grammars: GrammarCompiler) -> None:
     """With async scheduling a free sequence runs a step ahead; a structured one cannot (its next mask needs
-    its token), so while it runs the steps go one at a time and it gets a token each, as the free one does."""
+    its token), so without deferred masks (`defer_token_masks` off) the steps go one at a time while it
+    runs, and it gets a token each, as the free one does."""
     seqs = [seq(0, byte_grammars, GrammarSpec("regex", "[a-z]{20}")), seq(1, None, None, max_tokens=20)]
-    sched = Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=64), BlockAllocator(64, 4),
-                      10_000, frozenset({EOS}))
+    sched = Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=64, defer_token_masks=False),
+                      BlockAllocator(64, 4), 10_000, frozenset({EOS}))
     runner = SimRunner(64, 4, VOCAB)
     for s in seqs:
         sched.add(s)

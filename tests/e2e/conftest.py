@@ -70,6 +70,7 @@ async def serve(
     async_scheduling: bool = True,
     enable_prefix_caching: bool = True,
     scheduling_policy: str = "fcfs",
+    defer_token_masks: bool = True,
     slo_clock: Callable[[], float] | None = None,
     **server: object,
 ) -> AsyncIterator[Served]:
@@ -87,7 +88,8 @@ async def serve(
                                   max_num_batched_tokens=max_num_batched_tokens,
                                   policy=policy, async_scheduling=async_scheduling,  # type: ignore[arg-type]
                                   enable_prefix_caching=enable_prefix_caching,
-                                  scheduling_policy=scheduling_policy),  # type: ignore[arg-type]
+                                  scheduling_policy=scheduling_policy,  # type: ignore[arg-type]
+                                  defer_token_masks=defer_token_masks),
         telemetry=telemetry, **{"shutdown_grace_s": 2.0, "restart_backoff_s": 0.1, **server},  # type: ignore[arg-type]
     )
     plane = ControlPlane(config, model, spawn=spawn if supervised else None, slo_clock=slo_clock)

@@ -16,6 +16,7 @@ import pytest
 from controlplane.cli import build_parser
 from controlplane.client import request_from_args
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb
+from controlplane.tracing import STEP_SPAN
 from tests.e2e.conftest import Served, generate, serve
 
 PROMPT = {"token_ids": {"ids": [5, 9, 13, 17, 21, 25]}, "max_tokens": 64}
@@ -33,8 +34,9 @@ async def no_leaks(served: Served) -> None:
     assert load.num_requests_running == load.num_requests_waiting == load.num_kv_blocks_used == 0
 
 
-async def test_completions_follow_their_structured_outputs() -> None:
-    async with serve("tiny") as served:
+@pytest.mark.parametrize("defer", [False, True])
+async def test_completions_follow_their_structured_outputs(defer: bool) -> None:
+    async with serve("tiny", defer_token_masks=defer) as served:
         for temperature in (0.0, 1.2):
             sampling = {"temperature": temperature, "seed": 7}
             digits = await generate(served.stub, **PROMPT, **sampling, structured_outputs=so(regex=r"[0-9]{3}-[a-c]+"))
@@ -51,11 +53,14 @@ async def test_completions_follow_their_structured_outputs() -> None:
             lark = await generate(served.stub, **PROMPT, **sampling,
                                   structured_outputs=so(grammar='start: ("ab" | "c")~2'))
             assert lark.text in ("abab", "abc", "cab", "cc") and lark.final.finish_reason == "stop"
+        followed = served.scheduler.stats.masks_followed
+        assert followed > 20 if defer else followed == 0  # each token but a request's first, with deferral
         await no_leaks(served)
 
 
-async def test_every_completion_of_several_and_the_options_around_it() -> None:
-    async with serve("tiny") as served:
+@pytest.mark.parametrize("defer", [False, True])
+async def test_every_completion_of_several_and_the_options_around_it(defer: bool) -> None:
+    async with serve("tiny", defer_token_masks=defer) as served:
         request = pb.GenerateRequest(**PROMPT, temperature=1.0, seed=3, n=3, logprobs=1, min_tokens=4,
                                      ignore_eos=True, structured_outputs=so(choice=["yes", "no"]))
         texts, logprobs = ["", "", ""], [[], [], []]
@@ -158,3 +163,6 @@ async def test_model_info_and_the_request_span_say_so() -> None:
     assert (calls["r-choice"]["duetserve.request.structured_output"], calls["r-choice"]["gen_ai.output.type"]) == (
         "choice", "text")
     assert "duetserve.request.structured_output" not in calls["r-free"] and "gen_ai.output.type" not in calls["r-free"]
+    steps = [s.attributes for s in spans if s.name == STEP_SPAN]
+    assert sum(1 for a in steps if a.get("duetserve.step.masks_follow")) >= 5  # the structured outputs' later tokens
+    assert all(a.get("duetserve.step.masks_follow") in (None, True) for a in steps)

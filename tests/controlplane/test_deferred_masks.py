@@ -1,0 +1,172 @@
+"""Structured outputs with `defer_token_masks`: a step is planned while the step before it still samples a
+structured output's token, with `masks_follow`, and its masks are due once that result is applied. Against
+the simulated data plane: grammars are followed beside free sequences, through preemption, a mask-blind
+data plane and an abort between a plan and its masks; a structured output decodes every step while the
+steps overlap; a step whose masks follow is aggregated with no look-ahead whatever the policy asked."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from controlplane.kv_blocks import BlockAllocator
+from controlplane.policies import BatchShape, ModeDecision
+from controlplane.scheduler import Scheduler
+from controlplane.sequence import FinishReason
+from controlplane.structured_output import GrammarCompiler, GrammarSpec
+from controlplane.tokenizer import ByteTokenizer
+from dataplane.sim import SimRunner, with_token_masks
+from shared.config import SchedulerConfig
+from tests.controlplane.test_structured_output import EOS, VOCAB, MaskBlindRunner, allowed, drive, seq, text
+
+
+@pytest.fixture(scope="module")
+def byte_grammars() -> GrammarCompiler:
+    return GrammarCompiler(ByteTokenizer(), VOCAB, [EOS])
+
+
+def scheduler(defer: bool = True) -> Scheduler:
+    return Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=64, defer_token_masks=defer),
+                     BlockAllocator(64, 4), 10_000, frozenset({EOS}))
+
+
+def test_grammars_are_followed_with_masks_that_follow(byte_grammars: GrammarCompiler) -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "boolean"}, "b": {"enum": ["x", "yz"]}},
+              "required": ["a", "b"], "additionalProperties": False}
+    specs = [GrammarSpec("regex", "[a-z]{3}-[0-9]{4}"), GrammarSpec("choice", json.dumps(["alpha", "beta", "gamma"])),
+             GrammarSpec("json", json.dumps(schema), disable_any_whitespace=True), None, None]
+    seqs = [seq(i, byte_grammars, spec) for i, spec in enumerate(specs)]
+    counts = drive(seqs, SimRunner(64, 4, VOCAB), defer=True)
+    assert re.fullmatch(r"[a-z]{3}-[0-9]{4}", text(seqs[0]))
+    assert text(seqs[1]) in ("alpha", "beta", "gamma")
+    parsed = json.loads(text(seqs[2]))
+    assert set(parsed) == {"a", "b"} and isinstance(parsed["a"], bool) and parsed["b"] in ("x", "yz")
+    for s in seqs[:3]:
+        assert s.finish_reason is FinishReason.STOP and EOS not in s.output_token_ids
+    for s in seqs[3:]:
+        assert (s.finish_reason, len(s.output_token_ids)) == (FinishReason.LENGTH, 40) or (
+            s.finish_reason is FinishReason.STOP and s.output_token_ids[-1] == EOS)
+    assert counts["masks_follow"] >= 8 and counts["masked_ahead"] == 0 and counts["lookahead_steps"] > 0
+
+
+def test_the_same_outputs_with_masks_in_the_plan_or_following_it(byte_grammars: GrammarCompiler) -> None:
+    """The simulated model's token is a function of the position and the mask: the two ways must agree."""
+    def run(defer: bool) -> list[list[int]]:
+        seqs = [seq(i, byte_grammars, GrammarSpec("regex", "[a-z]{5,12}[0-9]{3}") if i % 2 == 0 else None)
+                for i in range(6)]
+        drive(seqs, SimRunner(64, 4, VOCAB), defer=defer, lookahead=1)
+        return [s.output_token_ids for s in seqs]
+
+    assert run(True) == run(False)
+
+
+def test_a_structured_sequence_survives_preemption_with_masks_that_follow(byte_grammars: GrammarCompiler) -> None:
+    seqs = [seq(i, byte_grammars, GrammarSpec("regex", "[a-f]{30}") if i % 2 else None, max_tokens=36)
+            for i in range(6)]
+    counts = drive(seqs, SimRunner(12, 4, VOCAB), num_blocks=12, lookahead=1, defer=True)
+    assert sum(s.num_preemptions for s in seqs) > 0 and counts["masks_follow"] > 0
+    for s in seqs[1::2]:
+        assert re.fullmatch(r"[a-f]{30}", text(s)) and s.finish_reason is FinishReason.STOP
+
+
+def test_a_refused_token_fails_its_sequence_alone_with_masks_that_follow(byte_grammars: GrammarCompiler) -> None:
+    seqs = [seq(0, byte_grammars, GrammarSpec("regex", "[0-9]{5}")), seq(1, None, None, max_tokens=8)]
+    drive(seqs, MaskBlindRunner(64, 4, VOCAB), defer=True)
+    assert seqs[0].finish_reason is FinishReason.ERROR and "breaks the request's grammar" in (seqs[0].error or "")
+    assert seqs[1].finish_reason is FinishReason.LENGTH and len(seqs[1].output_token_ids) == 8
+
+
+def test_a_structured_sequence_decodes_every_step_and_the_steps_overlap(byte_grammars: GrammarCompiler) -> None:
+    """The next step is planned while a structured output's token is in flight (its masks follow); no
+    plan overtakes masks still due; the sequence gets a token every step, as without deferral."""
+    seqs = [seq(0, byte_grammars, GrammarSpec("regex", "[a-z]{20}")), seq(1, None, None, max_tokens=20)]
+    sched, runner = scheduler(), SimRunner(64, 4, VOCAB)
+    for s in seqs:
+        sched.add(s)
+    first = sched.schedule()
+    assert first is not None and not first.masks_follow and first.scheduled[0].token_mask
+    result = runner.execute(first)
+    plans, overlapped = 1, 0
+    while sched.has_work():
+        plan = sched.schedule()  # planned while the step before it is in flight
+        if plan is None:
+            break
+        plans += 1
+        overlapped += plan.masks_follow
+        assert {e.seq_id for e in plan.scheduled} <= {0, 1} and not any(e.token_mask for e in plan.scheduled)
+        assert sched.token_masks_due() is None  # not before the result before it
+        sched.update(result)
+        masks = sched.token_masks_due()
+        assert masks is not None and masks.step_id == plan.step_id
+        if 0 in sched.seqs:
+            assert [m.seq_id for m in masks.masks] == [0]
+            assert set(allowed(masks.masks[0].mask)) == set(range(ord("a"), ord("z") + 1))
+        assert sched.token_masks_due() is None  # sent once
+        result = runner.execute(with_token_masks(plan, masks))
+    sched.update(result)
+    assert len(seqs[0].output_token_ids) == 20 and seqs[0].finish_reason is FinishReason.STOP
+    assert len(seqs[1].output_token_ids) == 20
+    # one step a token for both, each planned behind the one before; the last plan, made while the token
+    # that completed the grammar was in flight, computes one token past the end (dropped, as a free
+    # sequence's under async scheduling)
+    assert plans == 21 and overlapped == 20
+
+
+def test_no_plan_overtakes_masks_still_due(byte_grammars: GrammarCompiler) -> None:
+    sched, runner = scheduler(), SimRunner(64, 4, VOCAB)
+    sched.add(seq(0, byte_grammars, GrammarSpec("regex", "[a-z]{20}")))
+    first = sched.schedule()
+    second = sched.schedule()
+    assert first is not None and second is not None and second.masks_follow
+    sched.update(runner.execute(first))
+    assert sched.schedule() is None  # the masks of `second` are due first
+    masks = sched.token_masks_due()
+    assert masks is not None and sched.schedule() is not None
+
+
+def test_an_abort_between_a_plan_and_its_masks_leaves_the_sequence_out(byte_grammars: GrammarCompiler) -> None:
+    seqs = [seq(0, byte_grammars, GrammarSpec("regex", "[a-z]{20}")), seq(1, byte_grammars,
+                                                                            GrammarSpec("regex", "[0-9]{20}"))]
+    sched, runner = scheduler(), SimRunner(64, 4, VOCAB)
+    for s in seqs:
+        sched.add(s)
+    first = sched.schedule()
+    second = sched.schedule()
+    assert first is not None and second is not None and second.masks_follow
+    sched.finish(0, FinishReason.ABORT)
+    sched.update(runner.execute(first))
+    masks = sched.token_masks_due()
+    assert masks is not None and [m.seq_id for m in masks.masks] == [1]
+    sched.update(runner.execute(with_token_masks(second, masks)))  # seq 0's tokens come back: dropped
+    assert seqs[0].output_token_ids == [] and seqs[0].finish_reason is FinishReason.ABORT
+    while sched.has_work():  # one step at a time: with none in flight, a plan carries its masks
+        plan = sched.schedule()
+        assert plan is not None and not plan.masks_follow
+        sched.update(runner.execute(plan))
+    assert re.fullmatch(r"[0-9]{20}", text(seqs[1])) and sched.allocator.num_free == 64
+
+
+class MultiplexingPolicy:
+    """Multiplexed with four look-ahead steps whenever it can (what a split policy may ask for)."""
+
+    name = "multiplexing"
+    composition = "decode_first"
+
+    def decide(self, batch: BatchShape, forecast: object) -> ModeDecision:
+        return ModeDecision("multiplexed", 66, 66, 4)
+
+
+def test_a_step_whose_masks_follow_is_aggregated_whatever_the_policy_asks(byte_grammars: GrammarCompiler) -> None:
+    seqs = [seq(i, byte_grammars, GrammarSpec("regex", "[a-f]{12}") if i < 2 else None) for i in range(4)]
+    counts = drive(seqs, SimRunner(64, 4, VOCAB), defer=True, policy=MultiplexingPolicy())
+    assert counts["masks_follow"] > 0  # drive checks each is aggregated with one decode step
+    for s in seqs[:2]:
+        assert re.fullmatch(r"[a-f]{12}", text(s))
+
+
+def test_without_async_scheduling_nothing_is_deferred(byte_grammars: GrammarCompiler) -> None:
+    sched = Scheduler(SchedulerConfig(async_scheduling=False, defer_token_masks=True), BlockAllocator(64, 4),
+                      10_000, frozenset({EOS}))
+    assert not sched.defer_masks
