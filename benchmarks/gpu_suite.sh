@@ -86,7 +86,10 @@ sys.exit(pytest.main(['-m', 'gpu', '-v', '-p', 'no:cacheprovider',
   'tests/dataplane/test_gpu_planning.py::test_replanning_while_the_gpu_is_behind_keeps_each_plan']))"
               echo "(planning-nopool is expected to FAIL: a pass there means the test cannot tell the pool from none)" ;;
     structured) run structured 300 python3 -u benchmarks/structured_outputs.py --gpu cuda --model ${MODEL:-qwen3-8b} \
-                  --concurrency 64 --output-len 256 --prompt-len 512 --out "$OUT/structured-outputs-$GPU.json" ;;
+                  --concurrency 64 --output-len 256 --prompt-len 512 --out "$OUT/structured-outputs-$GPU.json"
+                run structured-one-at-a-time 300 python3 -u benchmarks/structured_outputs.py --gpu cuda \
+                  --no-defer-token-masks --model ${MODEL:-qwen3-8b} --concurrency 64 --output-len 256 \
+                  --prompt-len 512 --out "$OUT/structured-outputs-$GPU-one-at-a-time.json" ;;
     startup) : > "$OUT/startup.log"; t0=$SECONDS  # seconds from start to serve's ready line, then Ctrl-C
              timeout 600 python3 -u -m controlplane.cli serve --model ${MODEL:-qwen3-8b} >> "$OUT/startup.log" 2>&1 &
              pid=$!; ready=""

@@ -2,12 +2,14 @@
 `--gpu cuda` or `cpu`, `--model`, random weights) with no grammar, every stream under a regex of exactly
 `--output-len` characters (one token each: the presets' byte vocabulary), and half of each; then a JSON
 schema batch whose every output must parse and fit the schema. A structured stream needs each token back
-before its next mask, so while one runs the steps go one at a time (async scheduling pauses): the free
-streams' TPOT beside structured ones, and the structured batch's, are the figures to watch. Prints a table;
-writes benchmarks/results/structured-outputs-<dev>.json.
+before its next mask: the server plans the next step anyway and sends its masks after it (its forward runs
+while the grammars catch up; the default), or with `--no-defer-token-masks` runs the steps one at a time
+while one is in flight: the free streams' TPOT beside structured ones, and the structured batch's, are
+the figures to watch. Prints a table; writes
+benchmarks/results/structured-outputs-<dev>[-one-at-a-time].json.
 
     python benchmarks/structured_outputs.py [--gpu cuda] [--model qwen3-8b] [--concurrency 64]
-        [--output-len 256] [--out PATH]
+        [--output-len 256] [--no-defer-token-masks] [--out PATH]
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from benchmarks.stream_throughput import SERVER, start_server  # noqa: E402
 from controlplane.launcher import stop_process  # noqa: E402
 from controlplane.protogen.duetserve.v1 import generation_pb2 as pb  # noqa: E402
 from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
+from shared.config import SchedulerConfig  # noqa: E402
 
 # stream_throughput's server, which also prints its scheduler's running totals on SIGUSR1 (steps, GPU busy
 # time, the host's time from a result to the next plan): the benchmark reads them after each batch
@@ -42,10 +45,13 @@ assert anchor in SERVER
 STATS_SERVER = "import json\n" + SERVER.replace(anchor, anchor + """
     def report():
         s = plane.engine.scheduler.stats
-        print("stats", json.dumps([sum(s.steps.values()), sum(s.busy_ms.values()), s.host_gap_s, s.host_gaps]),
-              flush=True)
+        print("stats", json.dumps([sum(s.steps.values()), sum(s.busy_ms.values()), s.host_gap_s, s.host_gaps,
+                                   s.masks_followed]), flush=True)
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, report)
 """)
+scheduler = 'scheduler=SchedulerConfig(policy="aggregated")'  # and the deferral this run asks for (argv[6])
+assert scheduler in STATS_SERVER
+STATS_SERVER = STATS_SERVER.replace(scheduler, scheduler[:-1] + ', defer_token_masks=sys.argv[6] == "1")')
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["id", "name", "tags", "ok"],
           "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99999},
@@ -126,7 +132,8 @@ async def run_batch(port: int, kind: str, args: argparse.Namespace) -> dict[str,
 
 
 def server_totals(server: subprocess.Popen) -> list[float]:
-    """The server's running totals (steps, GPU busy ms, result-to-plan seconds, gaps counted)."""
+    """The server's running totals (steps, GPU busy ms, result-to-plan seconds, gaps counted, steps whose
+    masks followed their plan)."""
     assert server.stdout is not None
     server.send_signal(signal.SIGUSR1)
     line = server.stdout.readline().split(maxsplit=1)
@@ -145,13 +152,19 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--defer-token-masks", action=argparse.BooleanOptionalAction,
+                        default=SchedulerConfig().defer_token_masks,
+                        help="the server plans a step while a structured output's token is in flight, its masks "
+                             "sent after it (SchedulerConfig.defer_token_masks, the default); off: one at a time")
     parser.add_argument("--out", type=Path, default=None,
                         help="default benchmarks/results/structured-outputs-<gpu>.json")
     args = parser.parse_args()
-    args.out = args.out or ROOT / "benchmarks" / "results" / f"structured-outputs-{args.gpu}.json"
+    suffix = "" if args.defer_token_masks else "-one-at-a-time"
+    args.out = args.out or ROOT / "benchmarks" / "results" / f"structured-outputs-{args.gpu}{suffix}.json"
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryFile(mode="w+", errors="replace") as errors:
-        server, port = start_server(ROOT, STATS_SERVER, [str(args.port), "1.0", args.gpu, "1", args.model], errors)
+        server, port = start_server(ROOT, STATS_SERVER, [str(args.port), "1.0", args.gpu, "1", args.model,
+                                                         "1" if args.defer_token_masks else "0"], errors)
         try:
             asyncio.run(run_batch(port, "free", args))  # warm-up: graphs, the grammar vocabulary
             asyncio.run(run_batch(port, "regex", args))
@@ -159,15 +172,16 @@ def main() -> None:
             for kind in ("free", "regex", "mixed", "json"):
                 row = asyncio.run(run_batch(port, kind, args))
                 after = server_totals(server)
-                steps, busy, gap, gaps = (a - b for a, b in zip(after, before))
+                steps, busy, gap, gaps, followed = (a - b for a, b in zip(after, before))
                 before = after
                 row["steps"] = steps
+                row["masks_follow_steps"] = followed
                 row["gpu_ms_per_step"] = busy / steps if steps else None  # the data plane's step time
                 row["control_plane_ms_per_step"] = 1e3 * gap / gaps if gaps else None  # result -> next plan
                 rows.append(row)
                 gpu_ms, host_ms = row["gpu_ms_per_step"] or 0.0, row["control_plane_ms_per_step"] or 0.0
-                parts = [f"{kind:>6}: {row['output_tok_s']:8.0f} output tok/s, {steps:.0f} steps, GPU {gpu_ms:.1f} ms, "
-                         f"result->plan {host_ms:.1f} ms"]
+                parts = [f"{kind:>6}: {row['output_tok_s']:8.0f} output tok/s, {steps:.0f} steps "
+                         f"({followed:.0f} masks following), GPU {gpu_ms:.1f} ms, result->plan {host_ms:.1f} ms"]
                 for cls in ("free", "structured"):
                     if cls in row:
                         c = row[cls]  # type: ignore[index]
@@ -179,6 +193,7 @@ def main() -> None:
             stop_process(server, 30.0, "the control plane")
     result = {"machine": platform.node(), "cpus": os.cpu_count(), "gpu": args.gpu, "model": args.model,
               "concurrency": args.concurrency, "output_len": args.output_len, "prompt_len": args.prompt_len,
+              "defer_token_masks": args.defer_token_masks,
               "when": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
