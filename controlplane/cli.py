@@ -189,8 +189,13 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     so.add_argument("--choice", action="append", default=[], help="the text is one of these (repeatable)")
     so.add_argument("--grammar", default=None, metavar="FILE_OR_TEXT",
                     help="the text follows this grammar (Lark or GBNF)")
+    so.add_argument("--structural-tag", default=None, metavar="FILE_OR_JSON",
+                    help='free text whose tagged segments follow their schemas: {"structures": [{"begin": ..., '
+                         '"schema": {...}, "end": ...}], "triggers": [...]} (vLLM\'s structural_tag)')
     so.add_argument("--disable-any-whitespace", action="store_true",
                     help="with --json-schema or --json-object: no whitespace outside strings")
+    so.add_argument("--whitespace-pattern", default=None, metavar="REGEX",
+                    help="with --json-schema or --json-object: the whitespace allowed outside strings")
     p.add_argument("--include-stop-str-in-output", action="store_true",
                    help="keep the stop string that ended the completion in its text")
     p.add_argument("--prompt-logprobs", type=int, default=None, metavar="N",

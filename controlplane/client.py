@@ -102,6 +102,10 @@ def structured_outputs_from_args(args: argparse.Namespace) -> pb.StructuredOutpu
         so.regex = args.regex
     if args.grammar is not None:
         so.grammar = _file_or_text("--grammar", args.grammar)
+    if args.structural_tag is not None:
+        so.structural_tag = _file_or_text("--structural-tag", args.structural_tag)
+    if args.whitespace_pattern is not None:
+        so.whitespace_pattern = args.whitespace_pattern
     return so if so.ListFields() else None
 
 

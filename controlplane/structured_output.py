@@ -1,5 +1,6 @@
 """Structured outputs (vLLM's `structured_outputs`): a JSON schema, any JSON object, a regex, a choice of
-strings or a grammar that every completion of a request must follow, compiled by llguidance.
+strings, a grammar, or structural tags (free text whose tagged segments follow their schemas) that every
+completion of a request must follow, compiled by llguidance.
 
 `GrammarCompiler.compile` checks a request's grammar against the model's vocabulary (on a worker thread:
 a large schema takes a while) and gives a `CompiledGrammar`; each completion gets its own `TokenGrammar`,
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-GrammarKind = Literal["json", "json_object", "regex", "choice", "grammar"]
+GrammarKind = Literal["json", "json_object", "regex", "choice", "grammar", "structural_tag"]
 MAX_ERROR_CHARS = 600  # of llguidance's message about a bad grammar, in the client's error
 
 
@@ -49,12 +50,14 @@ class GrammarUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class GrammarSpec:
-    """What a request asked for: `text` is the JSON schema, the regex, the grammar (Lark or GBNF), or for
-    `choice` a JSON list of the strings; `disable_any_whitespace`: JSON without free whitespace."""
+    """What a request asked for: `text` is the JSON schema, the regex, the grammar (Lark or GBNF), the
+    structural tags (vLLM's JSON), or for `choice` a JSON list of the strings; `disable_any_whitespace`: JSON
+    without free whitespace; `whitespace_pattern`: the regex JSON's free whitespace matches instead."""
 
     kind: GrammarKind
     text: str = ""
     disable_any_whitespace: bool = False
+    whitespace_pattern: str | None = None
 
 
 class _MaskFiller:
@@ -156,7 +159,11 @@ class CompiledGrammar:
 
 def _grammar_text(llg: Any, spec: GrammarSpec) -> str:
     """The llguidance grammar of a spec (JSON is parsed here, so a bad one is named as such)."""
-    json_options = {"whitespace_flexible": not spec.disable_any_whitespace}
+    json_options: dict[str, Any] = {"whitespace_flexible": not spec.disable_any_whitespace}
+    if spec.whitespace_pattern is not None:
+        json_options["whitespace_pattern"] = spec.whitespace_pattern
+    if spec.kind == "structural_tag":
+        return _structural_tag_grammar(llg, spec.text)
     if spec.kind == "json_object":
         return llg.LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=json_options)
     if spec.kind == "json":
@@ -184,6 +191,38 @@ def _grammar_text(llg: Any, spec: GrammarSpec) -> str:
         return llg.grammar_from("grammar", spec.text)  # Lark, or GBNF converted to Lark
     except ValueError as exc:
         raise GrammarError(f"grammar: {exc}") from exc
+
+
+def _structural_tag_grammar(llg: Any, text: str) -> str:
+    """vLLM's structural tag (`{"structures": [{"begin", "schema", "end"}, ...], "triggers": [...]}`) as an
+    llguidance grammar: free text in which each trigger starts a structure whose begin starts with it."""
+    try:
+        spec = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise GrammarError(f"structural_tag: not JSON ({exc})") from exc
+    if not isinstance(spec, dict) or spec.get("type", "structural_tag") != "structural_tag":
+        raise GrammarError('structural_tag: an object {"structures": [...], "triggers": [...]}')
+    structures, triggers = spec.get("structures"), spec.get("triggers")
+    if not isinstance(triggers, list) or not triggers or not all(isinstance(t, str) and t for t in triggers):
+        raise GrammarError("structural_tag.triggers: a list of one or more non-empty strings")
+    if not isinstance(structures, list) or not structures:
+        raise GrammarError("structural_tag.structures: a list of one or more structures")
+    tags = []
+    for i, structure in enumerate(structures):
+        where = f"structural_tag.structures[{i}]"
+        if not isinstance(structure, dict) or not all(isinstance(structure.get(k), str) for k in ("begin", "end")):
+            raise GrammarError(f"{where}: an object with strings begin and end and a schema")
+        schema = structure.get("schema", True)
+        if schema is True:
+            schema = {}
+        if not isinstance(schema, dict):
+            raise GrammarError(f"{where}.schema: a JSON schema is an object (or true)")
+        begin = structure["begin"]
+        trigger = next((t for t in triggers if begin.startswith(t)), None)
+        if trigger is None:
+            raise GrammarError(f"{where}.begin {begin!r} starts with none of the triggers")
+        tags.append(llg.StructTag(trigger=trigger, begin=begin, grammar=schema, end=structure["end"]))
+    return llg.StructTag.to_grammar(tags)
 
 
 class _ByteVocabulary:
@@ -250,6 +289,11 @@ class GrammarCompiler:
     def compile(self, spec: GrammarSpec) -> CompiledGrammar:
         """The spec's grammar, checked; GrammarError (naming the field) if it does not compile."""
         llg, vocabulary = self._load()
+        if spec.whitespace_pattern is not None:  # named on its own (in the JSON grammar it would be the json's)
+            error = llg.LLMatcher.validate_grammar(llg.LLMatcher.grammar_from_regex(spec.whitespace_pattern),
+                                                   vocabulary)
+            if error:
+                raise GrammarError(f"whitespace_pattern: {error.strip()[:MAX_ERROR_CHARS]}")
         text = _grammar_text(llg, spec)
         error = llg.LLMatcher.validate_grammar(text, vocabulary)
         if error:

@@ -70,7 +70,8 @@ def end_call_status(span: Span, code: str, message: str | None, rpc: bool) -> No
 def request_attributes(request_id: str, sampling: SamplingParams, max_tokens: int,
                        stop: tuple[str, ...], priority: int = 0, structured: str | None = None) -> dict[str, object]:
     """The request's span attributes (GenAI names where there are some); `structured`: the kind of its
-    structured output (json, json_object, regex, choice, grammar), which also sets `gen_ai.output.type`."""
+    structured output (json, json_object, regex, choice, grammar, structural_tag), which also sets
+    `gen_ai.output.type`."""
     attrs: dict[str, object] = {
         "gen_ai.request.id": request_id,
         "gen_ai.response.id": request_id,

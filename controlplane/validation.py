@@ -266,11 +266,20 @@ def _structured_outputs(request: pb.GenerateRequest) -> GrammarSpec | None:
     so = request.structured_outputs
     kinds = [kind for kind, given in (("json", so.HasField("json")), ("regex", so.HasField("regex")),
                                       ("choice", bool(so.choice)), ("grammar", so.HasField("grammar")),
-                                      ("json_object", so.json_object)) if given]
+                                      ("json_object", so.json_object),
+                                      ("structural_tag", so.HasField("structural_tag"))) if given]
     if len(kinds) != 1:
-        raise InvalidRequest("structured_outputs: set exactly one of json, regex, choice, grammar and json_object"
-                             + (f", got {', '.join(kinds)}" if kinds else ""))
+        raise InvalidRequest("structured_outputs: set exactly one of json, regex, choice, grammar, json_object and "
+                             "structural_tag" + (f", got {', '.join(kinds)}" if kinds else ""))
     kind = kinds[0]
+    pattern = so.whitespace_pattern if so.HasField("whitespace_pattern") else None
+    if pattern is not None:
+        if kind not in ("json", "json_object"):
+            raise InvalidRequest(f"structured_outputs.whitespace_pattern: for json and json_object, not {kind}")
+        if so.disable_any_whitespace:
+            raise InvalidRequest("structured_outputs: set at most one of whitespace_pattern and disable_any_whitespace")
+        if len(pattern) > MAX_GRAMMAR_CHARS:
+            raise InvalidRequest(f"structured_outputs.whitespace_pattern: at most {MAX_GRAMMAR_CHARS} characters")
     if kind == "choice":
         if len(so.choice) > MAX_CHOICES:
             raise InvalidRequest(f"structured_outputs.choice: at most {MAX_CHOICES} strings, got {len(so.choice)}")
@@ -279,9 +288,9 @@ def _structured_outputs(request: pb.GenerateRequest) -> GrammarSpec | None:
         text = "" if kind == "json_object" else getattr(so, kind)
     if len(text) > MAX_GRAMMAR_CHARS:
         raise InvalidRequest(f"structured_outputs.{kind}: at most {MAX_GRAMMAR_CHARS} characters, got {len(text)}")
-    if kind in ("json", "grammar") and not text.strip():
+    if kind in ("json", "grammar", "structural_tag") and not text.strip():
         raise InvalidRequest(f"structured_outputs.{kind} is empty")
-    return GrammarSpec(kind, text, so.disable_any_whitespace)  # type: ignore[arg-type]
+    return GrammarSpec(kind, text, so.disable_any_whitespace, pattern)  # type: ignore[arg-type]
 
 
 def compile_grammar(spec: GrammarSpec, grammars: GrammarCompiler | None) -> CompiledGrammar:

@@ -90,6 +90,47 @@ def test_the_schema_true_allows_any_json_value(byte_grammars: GrammarCompiler) -
     assert {ord(c) for c in '{["0-tfn'} <= set(allowed(grammar.mask()))
 
 
+def test_a_structural_tag_leaves_text_free_until_a_trigger(byte_grammars: GrammarCompiler) -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+              "additionalProperties": False}
+    tag = {"type": "structural_tag", "triggers": ["<fn"],
+           "structures": [{"begin": "<fn=add>", "schema": schema, "end": "</fn>"}]}
+    m = byte_grammars.compile(GrammarSpec("structural_tag", json.dumps(tag))).new_matcher()
+    free = allowed(m.mask())
+    assert {ord("h"), ord("<"), ord(" "), EOS} <= set(free)
+    steps = [(b"hi <fn", [ord("=")]), (b"=add>", [ord("{")]), (b'{"a":12}', [ord("<")]), (b"</fn> ok", free)]
+    for text, then in steps:
+        for byte in text:
+            assert m.accept(byte) is None, (text, byte)
+        assert allowed(m.mask()) == then, text
+    for byte in b" <fx <f":  # "<f" is no trigger yet
+        assert m.accept(byte) is None
+    assert m.accept(ord("n")) is None and m.accept(ord("x")) is not None  # "<fn" is: "=add>" must follow
+
+
+@pytest.mark.parametrize("tag, says", [
+    ("[1]", 'structural_tag: an object {"structures"'),
+    ('{"structures": [], "triggers": ["<a"]}', "structural_tag.structures: a list of one or more"),
+    ('{"structures": [{"begin": "<a>", "end": ""}], "triggers": [""]}', "structural_tag.triggers: a list"),
+    ('{"structures": [{"begin": "<a>", "end": 3}], "triggers": ["<a"]}', r"structures\[0\]: an object with strings"),
+    ('{"structures": [{"begin": "<a>", "end": "", "schema": 3}], "triggers": ["<a"]}', "schema: a JSON schema is"),
+    ('{"structures": [{"begin": "<a>", "end": ""}], "triggers": ["<b"]}', "starts with none of the triggers"),
+])
+def test_a_bad_structural_tag_says_why(byte_grammars: GrammarCompiler, tag: str, says: str) -> None:
+    with pytest.raises(GrammarError, match=says):
+        byte_grammars.compile(GrammarSpec("structural_tag", tag))
+
+
+def test_a_whitespace_pattern_is_the_json_whitespace(byte_grammars: GrammarCompiler) -> None:
+    array = json.dumps({"type": "array", "items": {"type": "integer"}})
+    m = byte_grammars.compile(GrammarSpec("json", array, whitespace_pattern="[ ]?")).new_matcher()
+    assert m.accept(ord("[")) is None
+    assert allowed(m.mask()) == sorted(map(ord, " -0123456789]"))
+    assert m.accept(ord(" ")) is None and ord(" ") not in allowed(m.mask())  # one space at most
+    with pytest.raises(GrammarError, match="(?s)^whitespace_pattern: .*unclosed group"):
+        byte_grammars.compile(GrammarSpec("json_object", whitespace_pattern="("))
+
+
 def test_a_lark_or_gbnf_grammar(byte_grammars: GrammarCompiler) -> None:
     for text in ('start: "a"+ "b"', 'root ::= "a"+ "b"'):
         grammar = byte_grammars.compile(GrammarSpec("grammar", text)).new_matcher()
@@ -156,10 +197,15 @@ def request(**so: object) -> pb.GenerateRequest:
 
 
 @pytest.mark.parametrize("fields, says", [
-    ({}, "set exactly one of json, regex, choice, grammar and json_object$"),
+    ({}, "set exactly one of json, regex, choice, grammar, json_object and structural_tag$"),
     ({"regex": "a", "json_object": True}, "got regex, json_object"),
+    ({"structural_tag": "{}", "json": "{}"}, "got json, structural_tag"),
     ({"json": " "}, "json is empty"),
     ({"grammar": ""}, "grammar is empty"),
+    ({"structural_tag": ""}, "structural_tag is empty"),
+    ({"regex": "a+", "whitespace_pattern": " "}, "whitespace_pattern: for json and json_object, not regex"),
+    ({"json_object": True, "whitespace_pattern": " ", "disable_any_whitespace": True},
+     "at most one of whitespace_pattern and disable_any_whitespace"),
     ({"choice": ["x"] * 1025}, "at most 1024 strings"),
     ({"regex": "a" * (1 << 20 | 1)}, "at most 1048576 characters"),
 ])

@@ -84,8 +84,12 @@ async def test_every_completion_of_several_and_the_options_around_it(defer: bool
     ({"json": '{"type": "integer", "minimum": "x"}'}, "structured_outputs.json: "),
     ({"grammar": "start: missing"}, "structured_outputs.grammar: "),
     ({"regex": "a", "choice": ["a"]},
-     "set exactly one of json, regex, choice, grammar and json_object, got regex, choice"),
+     "set exactly one of json, regex, choice, grammar, json_object and structural_tag, got regex, choice"),
     ({"disable_any_whitespace": True}, "set exactly one"),
+    ({"structural_tag": "<fn>"}, "structured_outputs.structural_tag: not JSON"),
+    ({"structural_tag": json.dumps({"structures": [{"begin": "<f>", "schema": {}, "end": ""}], "triggers": ["<g"]})},
+     "structured_outputs.structural_tag.structures[0].begin '<f>' starts with none of the triggers"),
+    ({"json_object": True, "whitespace_pattern": "[ "}, "structured_outputs.whitespace_pattern: "),
 ])
 async def test_a_bad_structured_output_is_invalid_argument(fields: dict, says: str) -> None:
     async with serve("tiny") as served:
@@ -94,6 +98,29 @@ async def test_a_bad_structured_output_is_invalid_argument(fields: dict, says: s
                 await generate(served.stub, **prompt, structured_outputs=so(**fields))
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert says in (err.value.details() or "")
+        await no_leaks(served)
+
+
+TAG = {"structures": [{"begin": "x(", "schema": {"type": "integer", "minimum": 0, "maximum": 99}, "end": ")"}],
+       "triggers": ["x"]}
+
+
+async def test_structural_tags_and_a_whitespace_pattern() -> None:
+    async with serve("tiny") as served:
+        tagged = 0
+        for seed in range(6):
+            out = await generate(served.stub, **{**PROMPT, "max_tokens": 128}, temperature=1.0, seed=seed,
+                                 ignore_eos=True, structured_outputs=so(structural_tag=json.dumps(TAG)))
+            # every "x" the text reaches starts a tag: "x(", an integer in [0, 99], ")" -- the text may end inside one
+            for piece in out.text.split("x")[1:]:
+                done = re.match(r"\((\d+)\)", piece)
+                assert done and 0 <= int(done.group(1)) <= 99 or (
+                    len(out.token_ids) == 128 and re.fullmatch(r"(\(\d{0,2})?", piece)), (seed, piece)
+                tagged += bool(done)
+        assert tagged  # some text reached the trigger (else the test would check nothing)
+        spaced = await generate(served.stub, **{**PROMPT, "max_tokens": 200}, temperature=1.0, seed=1,
+                                structured_outputs=so(json=json.dumps(SCHEMA), whitespace_pattern="[ ]{0,2}"))
+        assert json.loads(spaced.text) and not re.search(r"[\n\r\t]", spaced.text.replace("\\n", ""))
         await no_leaks(served)
 
 
@@ -129,6 +156,12 @@ def test_generate_flags_build_the_structured_output(tmp_path: Path) -> None:
     assert folder.structured_outputs.grammar == str(tmp_path)
     inline = json.dumps({"type": "object", "description": "x" * 400})  # too long for a file name
     assert request_from_args(parse(["generate", "hi", "--json-schema", inline])).structured_outputs.json == inline
+    tag_file = tmp_path / "tag.json"
+    tag_file.write_text(json.dumps(TAG))
+    assert request_from_args(parse(["generate", "hi", "--structural-tag", str(tag_file)])).structured_outputs == so(
+        structural_tag=json.dumps(TAG))
+    spaced = request_from_args(parse(["generate", "hi", "--json-object", "--whitespace-pattern", "[ ]?"]))
+    assert spaced.structured_outputs == so(json_object=True, whitespace_pattern="[ ]?")
 
 
 async def test_a_server_without_llguidance_says_so_and_serves_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
