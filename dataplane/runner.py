@@ -24,9 +24,9 @@ from dataplane.multiplex import Multiplexer
 from dataplane.piecewise import PiecewiseGraphs
 from dataplane.models.config import ModelConfig
 from dataplane.models.dense import DenseForCausalLM
-from dataplane.sampler import LogprobTensors, Sampler, has_penalties, prompt_logprobs
+from dataplane.sampler import LogprobTensors, Sampler, has_penalties, prompt_logprobs, to_device
 from dataplane.seq_state import (
-    SeqError, SeqState, check_masks_follow, check_scheduled, check_token_mask, fail_by_plan, mask_bytes, new_state,
+    SeqError, SeqState, check_scheduled, check_token_mask, fail_by_plan, mask_bytes, new_state,
 )
 from dataplane.staging import Span, positions_and_slots
 from shared.messages import SeqFailure, SeqOutput, StepPlan, StepResult, StepTimings, TokenLogprobs, TokenMasks
@@ -189,7 +189,6 @@ class ModelRunner:
         return pending.result()
 
     def launch(self, plan: StepPlan) -> PendingStep:
-        check_masks_follow(plan)
         pending = PendingStep(step_id=plan.step_id, started=time.perf_counter(), failures=[],
                               awaiting_masks=plan.masks_follow)
         if plan.masks_follow:
@@ -240,12 +239,14 @@ class ModelRunner:
     @torch.inference_mode()
     def apply_masks(self, pending: PendingStep, masks: TokenMasks) -> None:
         """Sample the rows of a step launched with `masks_follow` under their token masks (a row not listed
-        keeps its plan entry's mask; with none it samples unmasked). A mask of the wrong size, or for a
-        sequence the step computes but samples no token for, fails that sequence alone; one for a sequence
-        not in the step is ignored."""
+        samples unmasked). A mask of the wrong size, or for a sequence the step computes but samples no
+        token for, fails that sequence alone, as in a plan entry; one for a sequence not in the step is
+        ignored. A sequence failed here gets no output (its prompt logprobs are dropped too)."""
         if not pending.awaiting_masks:
             raise ValueError(f"step {pending.step_id} awaits no token masks")
         by_seq = {m.seq_id: m.mask for m in masks.masks}
+        size = mask_bytes(self.config.vocab_size)
+        failed_before = len(pending.failures)
         if self._cuda:
             pending.resumed = torch.cuda.Event(enable_timing=True)
             pending.resumed.record()
@@ -253,9 +254,8 @@ class ModelRunner:
         if deferred is not None:
             rows: list[int] = []
             states: list[SeqState] = []
-            size = mask_bytes(self.config.vocab_size)
             for row, state in enumerate(deferred.states):
-                mask = by_seq.pop(state.seq_id, state.token_mask)  # not listed: its entry's mask, if any
+                mask = by_seq.pop(state.seq_id, b"")
                 if mask and len(mask) != size:
                     self._fail(pending, state.seq_id, f"a token mask of {len(mask)} bytes; the vocabulary of "
                                                       f"{self.config.vocab_size} needs {size}")
@@ -266,7 +266,7 @@ class ModelRunner:
             logits = deferred.logits
             assert logits is not None
             if len(rows) < len(deferred.states):
-                logits = logits[torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)]
+                logits = logits.index_select(0, to_device(rows, torch.long, self.device))
             out = self._sample(logits, states) if states else _PassOutput([], torch.empty(0, dtype=torch.long), None)
             if deferred.prompt:
                 out.prompt = deferred.prompt
@@ -274,9 +274,14 @@ class ModelRunner:
                     out.copied = torch.cuda.Event()
                     out.copied.record()
             pending.passes[0] = out
-        for seq_id in by_seq:  # every sequence this step samples for took its mask above
-            if seq_id in pending.planned and seq_id in self.seqs:
-                self._fail(pending, seq_id, "a token mask on a chunk that samples no token")
+        for seq_id, mask in by_seq.items():  # every sequence this step samples for took its mask above
+            if mask and seq_id in pending.planned and seq_id in self.seqs:
+                self._fail(pending, seq_id, f"a token mask of {len(mask)} bytes; the vocabulary of "
+                                            f"{self.config.vocab_size} needs {size}" if len(mask) != size
+                           else "a token mask on a chunk that samples no token")
+        failed = {f.seq_id for f in pending.failures[failed_before:]}
+        for p in pending.passes if failed else ():
+            p.prompt = [entry for entry in p.prompt if entry[0].seq_id not in failed]
         pending.awaiting_masks = False
         if self._cuda:
             pending.done = torch.cuda.Event(enable_timing=True)

@@ -104,7 +104,7 @@ def prompt_logprobs(compute_logits: Callable[[Tensor], Tensor], hidden: Tensor, 
     logits, plus each row's top `top_n`: computed `PROMPT_LOGPROB_ROWS` rows at a time so a long
     chunk never holds all its logits at once. No host sync."""
     n = hidden.shape[0]
-    wanted = _to_device(targets, torch.long, hidden.device)
+    wanted = to_device(targets, torch.long, hidden.device)
     chosen, vals, ids, ranks = [], [], [], []
     for i in range(0, n, PROMPT_LOGPROB_ROWS):
         logp = torch.log_softmax(compute_logits(hidden[i : i + PROMPT_LOGPROB_ROWS]).float(), dim=-1)
@@ -171,7 +171,7 @@ class TokenRules:
             return logits
         vocab, device = logits.shape[1], logits.device
         rows = torch.stack([self.row(params[i], vocab, device) for i in ruled])
-        return logits.index_add(0, _to_device(ruled, torch.long, device), rows)
+        return logits.index_add(0, to_device(ruled, torch.long, device), rows)
 
 
 def _token_counts(tokens: list[Tensor], vocab: int, device: torch.device) -> Tensor:
@@ -187,7 +187,7 @@ def _token_counts(tokens: list[Tensor], vocab: int, device: torch.device) -> Ten
     return counts[:, :vocab]
 
 
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A host list as a device tensor without a blocking copy (the host side is staged by CUDA)."""
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
@@ -198,7 +198,7 @@ def _mask_stop_tokens(logits: Tensor, rows: list[tuple[int, tuple[int, ...]]]) -
     pairs = [(i, t) for i, ids in rows for t in ids if 0 <= t < vocab]
     if not pairs:
         return logits
-    index = _to_device([x for pair in pairs for x in pair], torch.long, logits.device).view(-1, 2)
+    index = to_device([x for pair in pairs for x in pair], torch.long, logits.device).view(-1, 2)
     return logits.index_put((index[:, 0], index[:, 1]), logits.new_full((), float("-inf")))  # no host copy
 
 
@@ -223,12 +223,12 @@ def apply_token_masks(logits: Tensor, masks: list[bytes]) -> Tensor:
         packed = torch.from_numpy(words.copy())
     bits = (packed[:, :, None] >> torch.arange(32, dtype=torch.int32, device=device)) & 1
     allowed = bits.reshape(n, -1)[:, :vocab].bool()
-    index = _to_device(rows, torch.long, device)
+    index = to_device(rows, torch.long, device)
     return logits.index_copy(0, index, logits.index_select(0, index).masked_fill(~allowed, float("-inf")))
 
 
 def _row_tensor(values: list[float], device: torch.device) -> Tensor:
-    return _to_device(values, torch.float32, device)[:, None]
+    return to_device(values, torch.float32, device)[:, None]
 
 
 class Sampler:
@@ -314,7 +314,7 @@ class Sampler:
         probs = torch.softmax(scaled, dim=-1)
         noise = self._exponential_noise(probs.shape, params, greedy, generated_counts, device)
         sampled = (probs / noise).argmax(dim=-1)
-        is_greedy = _to_device(greedy, torch.bool, device)
+        is_greedy = to_device(greedy, torch.bool, device)
         return torch.where(is_greedy, argmax, sampled)
 
     @staticmethod
@@ -335,7 +335,7 @@ class Sampler:
             ranks = torch.arange(vocab, device=device)[None, :]
             remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
             if use_k:
-                ks = _to_device([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], torch.long, device)
+                ks = to_device([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], torch.long, device)
                 remove |= sorted_logits < sorted_logits.gather(1, ks[:, None] - 1)  # below the k-th
             if use_p:
                 probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
@@ -366,7 +366,7 @@ class Sampler:
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
         if not wanted:
             return None
-        rows = _to_device(wanted, torch.long, raw.device)
+        rows = to_device(wanted, torch.long, raw.device)
         logp = torch.log_softmax(raw[rows], dim=-1)
         chosen = logp.gather(1, tokens[rows][:, None]).squeeze(1)
         top_n = min(max(params[i].logprobs or 0 for i in wanted), raw.shape[1])

@@ -72,11 +72,16 @@ def new_state(new: NewRequest, vocab_size: int, num_blocks: int) -> SeqState:
 
 def plan_failures(plan: StepPlan) -> dict[int, str]:
     """The scheduled sequences a plan-level rule fails, with why: a plan of fewer than one decode step
-    fails all of them, and a sequence listed twice fails (each entry would be checked against the same
-    state, then both run). The rest of the plan runs; these end as SeqFailures, never as a fatal error."""
+    fails all of them, and so does a plan whose token masks follow but which is not one aggregated pass
+    with no masks of its own (`masks_follow_problem`); a sequence listed twice fails (each entry would be
+    checked against the same state, then both run). The rest of the plan runs; these end as SeqFailures,
+    never as a fatal error."""
     if plan.decode_steps < 1:
         return {e.seq_id: f"seq {e.seq_id}: the plan asks for {plan.decode_steps} decode steps (at least 1)"
                 for e in plan.scheduled}
+    problem = masks_follow_problem(plan)
+    if problem is not None:
+        return {e.seq_id: f"seq {e.seq_id}: {problem}" for e in plan.scheduled}
     seen: set[int] = set()
     twice: dict[int, str] = {}
     for entry in plan.scheduled:
@@ -146,9 +151,16 @@ def check_token_mask(entry: ScheduledSeq, samples: bool, looks_ahead: bool, voca
         raise SeqError(f"seq {entry.seq_id}: a token mask covers one token, but the plan decodes ahead")
 
 
-def check_masks_follow(plan: StepPlan) -> None:
-    """A plan whose token masks follow runs one aggregated pass (its sampling is held back, not a look-ahead
-    chain or a multiplexed pair of streams): ValueError otherwise (the control plane's bug: the step fails)."""
-    if plan.masks_follow and (plan.decode_steps != 1 or plan.mode != "aggregated"):
-        raise ValueError(f"step {plan.step_id}: a plan whose token masks follow runs one aggregated pass, "
-                         f"not {plan.mode} with {plan.decode_steps} decode steps")
+
+def masks_follow_problem(plan: StepPlan) -> str | None:
+    """Why a plan whose token masks follow cannot run so (None: it can): its sampling is held back for one
+    aggregated pass (not a look-ahead chain or a multiplexed pair of streams), and its masks come in the
+    TokenMasks message, not in its entries."""
+    if not plan.masks_follow:
+        return None
+    if plan.decode_steps != 1 or plan.mode != "aggregated":
+        return (f"step {plan.step_id}'s token masks follow, so it runs one aggregated pass, not {plan.mode} with "
+                f"{plan.decode_steps} decode steps")
+    if any(e.token_mask for e in plan.scheduled):
+        return f"step {plan.step_id}'s token masks follow it, yet an entry carries one"
+    return None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import msgspec
 import numpy as np
 
-from dataplane.seq_state import SeqError, check_token_mask, fail_by_plan
+from dataplane.seq_state import SeqError, check_token_mask, fail_by_plan, masks_follow_problem
 from shared.messages import (
     NewRequest, ScheduledSeq, SeqFailure, SeqOutput, StepPlan, StepResult, StepTimings, TokenMasks,
 )
@@ -37,7 +37,8 @@ def _allowed_ids(mask: bytes, vocab_size: int) -> np.ndarray:
 
 def with_token_masks(plan: StepPlan, masks: TokenMasks) -> StepPlan:
     """A plan sent with `masks_follow` as if its entries had carried `masks` (what the simulated data plane
-    runs once they come: the same checks as masks in the plan; one for a sequence not in it is ignored)."""
+    runs once they come: the same checks as masks in the plan; one for a sequence not in it is ignored).
+    The real runner's `apply_masks` gives the same outcome."""
     by_seq = {m.seq_id: m.mask for m in masks.masks}
     scheduled = [msgspec.structs.replace(e, token_mask=by_seq[e.seq_id]) if e.seq_id in by_seq else e
                  for e in plan.scheduled]
@@ -67,9 +68,11 @@ class SimRunner:
         self.block_owner: dict[int, int] = {}  # block -> the sequence that writes its KV
         self.block_readers: dict[int, set[int]] = {}  # block -> sequences holding it as a cached prefix
 
-    def execute(self, plan: StepPlan) -> StepResult:
-        if plan.masks_follow:
-            raise ValueError(f"step {plan.step_id}'s token masks follow: run with_token_masks(plan, masks)")
+    def execute(self, plan: StepPlan, masks: TokenMasks | None = None) -> StepResult:
+        """Run `plan`; one whose masks follow runs with `masks` (none: every row unmasked), as the real
+        runner's `execute`."""
+        if plan.masks_follow and masks_follow_problem(plan) is None:  # else `fail_by_plan` fails it whole
+            plan = with_token_masks(plan, masks or TokenMasks(step_id=plan.step_id))
         start = time.perf_counter()
         for seq_id in plan.finished_seq_ids:
             self._drop(seq_id)

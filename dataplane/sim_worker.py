@@ -30,8 +30,7 @@ from dataplane.lifeline import die_with_parent
 from dataplane.models.config import ModelConfig, load_model_config
 from dataplane.models.presets import PRESETS
 from dataplane.serve_loop import serve_plans
-from dataplane.seq_state import check_masks_follow
-from dataplane.sim import SimRunner, with_token_masks
+from dataplane.sim import SimRunner
 from shared.config import DEFAULT_BLOCK_SIZE, sm_counts
 from shared.endpoints import claim_endpoint
 from shared.messages import (
@@ -193,21 +192,23 @@ class SimGpu:
         """When a plan launched now starts on the simulated GPU (after the steps queued before it)."""
         return max(time.monotonic(), self._free_at)
 
-    def launch_sampled(self, plan: StepPlan, start: float) -> list[tuple[float, ToControl]]:
-        """`launch` for a plan whose sampling waited for its token masks (`plan` carries them now): its
-        pass started at `start` and ends no sooner than now (the GPU waits for the masks)."""
-        end, messages = self.run_at(plan, start, self.time_scale / 1e3)
+    def launch_sampled(self, plan: StepPlan, masks: TokenMasks, start: float) -> list[tuple[float, ToControl]]:
+        """`launch` for a plan whose sampling waited for its token masks: its pass started at `start` and
+        ends no sooner than now (the GPU waits for the masks)."""
+        end, messages = self.run_at(plan, start, self.time_scale / 1e3, masks)
         late = time.monotonic() - end
         if late > 0:
             end, messages = end + late, [(due + late, m) for due, m in messages]
         self._free_at = end
         return messages
 
-    def run_at(self, plan: StepPlan, start: float, scale: float) -> tuple[float, list[tuple[float, ToControl]]]:
-        """The plan's bookkeeping, its GPU starting at `start` (seconds on any clock, `scale` of them
-        per simulated ms): (when it ends, its (due, message) list as `launch` returns it)."""
+    def run_at(self, plan: StepPlan, start: float, scale: float,
+               masks: TokenMasks | None = None) -> tuple[float, list[tuple[float, ToControl]]]:
+        """The plan's bookkeeping (with `masks` when they follow it), its GPU starting at `start` (seconds on
+        any clock, `scale` of them per simulated ms): (when it ends, its (due, message) list as `launch`
+        returns it)."""
         timings, ends, decode_ids = self._plan_times(plan)
-        result = self.runner.execute(plan)
+        result = self.runner.execute(plan, masks)
         end_at = start + timings.total_ms * scale
         full = {o.seq_id: o for o in result.outputs}
         events: list[tuple[float, ToControl]] = []
@@ -255,7 +256,12 @@ class SimWorker:
 
     def serve(self) -> int:
         return serve_plans(self.endpoint, self._dispatch, lambda: self._running, name="simulated data plane",
-                           collect=self._collect, busy=lambda: bool(self._pending) or self._awaiting is not None)
+                           collect=self._collect, busy=self.busy)
+
+    def busy(self) -> bool:
+        """Steps are running (one waiting for its token masks is not: it waits on the control plane, and a
+        silent control plane must not hold the data plane)."""
+        return bool(self._pending)
 
     def _dispatch(self, message: Hello | StepPlan | TokenMasks | Shutdown) -> ToControl | None:
         if isinstance(message, Shutdown):
@@ -275,7 +281,7 @@ class SimWorker:
             plan, start = self._awaiting
             self._awaiting = None
             try:
-                self._pending.extend(self.gpu.launch_sampled(with_token_masks(plan, message), start))
+                self._pending.extend(self.gpu.launch_sampled(plan, message, start))
             except Exception as exc:  # noqa: BLE001 - the error boundary of the process
                 log.exception("step %d failed", plan.step_id)
                 return WorkerFatal(reason=f"step {plan.step_id} failed: {exc!r}")
@@ -283,11 +289,10 @@ class SimWorker:
         if self._awaiting is not None:
             return WorkerFatal(reason=f"step {message.step_id}'s plan came before the token masks of step "
                                       f"{self._awaiting[0].step_id}")
+        if message.masks_follow:
+            self._awaiting = (message, self.gpu.start_at())
+            return None
         try:
-            if message.masks_follow:
-                check_masks_follow(message)
-                self._awaiting = (message, self.gpu.start_at())
-                return None
             self._pending.extend(self.gpu.launch(message))
         except Exception as exc:  # noqa: BLE001 - the error boundary of the process
             log.exception("step %d failed", message.step_id)

@@ -300,9 +300,14 @@ class Worker:
     def serve(self) -> int:
         try:
             return serve_plans(self.config.endpoint, self._dispatch, lambda: self._running, self.heartbeat.beat,
-                               collect=self._collect, busy=lambda: bool(self._pending))
+                               collect=self._collect, busy=self.busy)
         finally:
             self.heartbeat.close()
+
+    def busy(self) -> bool:
+        """Steps are running on the device (one waiting for its token masks is not: it waits on the control
+        plane, and a silent control plane must not hold the data plane)."""
+        return any(not pending.awaiting_masks for _, pending, _ in self._pending)
 
     def _dispatch(self, message: Hello | StepPlan | TokenMasks | Shutdown) -> ToControl | None:
         if isinstance(message, Hello):

@@ -94,8 +94,9 @@ class StepPlan(msgspec.Struct, frozen=True, kw_only=True, tag="plan"):
 
     `masks_follow` (structured outputs): the step's token masks come in a TokenMasks message after
     the plan (they need the tokens of the step before it, still running when the plan is sent); the
-    forward pass runs at once and only the sampling waits for them. Such a plan runs one aggregated
-    pass (`decode_steps` 1), and its TokenMasks comes before the next plan.
+    forward pass runs at once and only the sampling waits for them. Such a plan is one aggregated pass
+    (`decode_steps` 1) whose entries carry no mask (else each of its sequences fails), and its TokenMasks
+    comes before the next plan (else the data plane stops).
     """
 
     step_id: int
@@ -119,9 +120,9 @@ class SeqTokenMask(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
 
 class TokenMasks(msgspec.Struct, frozen=True, kw_only=True, tag="masks"):
     """The token masks of step `step_id`, planned with `masks_follow`: its sampling may start. A sequence
-    the step samples for that is not listed keeps the mask its plan entry carried, if any, else samples
-    unmasked (the control plane lists every structured output still live; a token it no longer wants is
-    dropped when it comes back). A listed mask is checked as one in the plan would be."""
+    the step samples for that is not listed samples unmasked (the control plane lists every structured
+    output still live; a token it no longer wants is dropped when it comes back). A listed mask is checked
+    as one in the plan would be; one for a sequence not in the step is ignored."""
 
     step_id: int
     masks: list[SeqTokenMask] = []

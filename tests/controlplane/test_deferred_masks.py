@@ -17,7 +17,7 @@ from controlplane.scheduler import Scheduler
 from controlplane.sequence import FinishReason
 from controlplane.structured_output import GrammarCompiler, GrammarSpec
 from controlplane.tokenizer import ByteTokenizer
-from dataplane.sim import SimRunner, with_token_masks
+from dataplane.sim import SimRunner
 from shared.config import SchedulerConfig
 from tests.controlplane.test_structured_output import EOS, VOCAB, MaskBlindRunner, allowed, drive, seq, text
 
@@ -104,7 +104,7 @@ def test_a_structured_sequence_decodes_every_step_and_the_steps_overlap(byte_gra
             assert [m.seq_id for m in masks.masks] == [0]
             assert set(allowed(masks.masks[0].mask)) == set(range(ord("a"), ord("z") + 1))
         assert sched.token_masks_due() is None  # sent once
-        result = runner.execute(with_token_masks(plan, masks))
+        result = runner.execute(plan, masks)
     sched.update(result)
     assert len(seqs[0].output_token_ids) == 20 and seqs[0].finish_reason is FinishReason.STOP
     assert len(seqs[1].output_token_ids) == 20
@@ -139,7 +139,7 @@ def test_an_abort_between_a_plan_and_its_masks_leaves_the_sequence_out(byte_gram
     sched.update(runner.execute(first))
     masks = sched.token_masks_due()
     assert masks is not None and [m.seq_id for m in masks.masks] == [1]
-    sched.update(runner.execute(with_token_masks(second, masks)))  # seq 0's tokens come back: dropped
+    sched.update(runner.execute(second, masks))  # seq 0's tokens come back: dropped
     assert seqs[0].output_token_ids == [] and seqs[0].finish_reason is FinishReason.ABORT
     while sched.has_work():  # one step at a time: with none in flight, a plan carries its masks
         plan = sched.schedule()

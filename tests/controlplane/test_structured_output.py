@@ -27,9 +27,9 @@ from controlplane.structured_output import (
 from controlplane.tokenizer import ByteTokenizer, HFTokenizer
 from controlplane.validation import InvalidRequest, Limits, check_fields, validate_generate
 from dataplane.seq_state import mask_bytes
-from dataplane.sim import SimRunner, with_token_masks
+from dataplane.sim import SimRunner
 from shared.config import SchedulerConfig
-from shared.messages import SamplingParams, StepPlan, StepResult
+from shared.messages import SamplingParams, StepPlan, StepResult, TokenMasks
 from tests.controlplane.test_async_scheduling import LookaheadPolicy
 from tests.factories import write_tokenizer
 
@@ -230,9 +230,9 @@ def test_validation_compiles_the_grammar_and_names_a_bad_one(byte_grammars: Gram
 class MaskBlindRunner(SimRunner):
     """A data plane that ignores token masks (a bug the control plane must catch)."""
 
-    def execute(self, plan: StepPlan) -> StepResult:
+    def execute(self, plan: StepPlan, masks: TokenMasks | None = None) -> StepResult:
         scheduled = [msgspec.structs.replace(s, token_mask=b"") for s in plan.scheduled]
-        return super().execute(msgspec.structs.replace(plan, scheduled=scheduled))
+        return super().execute(msgspec.structs.replace(plan, scheduled=scheduled))  # masks that follow: dropped
 
 
 def seq(seq_id: int, grammars: GrammarCompiler | None, spec: GrammarSpec | None, max_tokens: int = 40) -> Sequence:
@@ -277,7 +277,7 @@ def drive(seqs: list[Sequence], runner: SimRunner, num_blocks: int = 64, lookahe
         masks = sched.token_masks_due()
         if masks is not None:
             assert sent and sent[0].masks_follow and masks.step_id == sent[0].step_id
-            results[masks.step_id] = runner.execute(with_token_masks(sent[0], masks))
+            results[masks.step_id] = runner.execute(sent[0], masks)
         assert not sent or not sent[0].masks_follow or sent[0].step_id in results
         sched.check_invariants()
         counts["steps"] += 1

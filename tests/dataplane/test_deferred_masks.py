@@ -1,21 +1,24 @@
 """Token masks that follow their plan (`StepPlan.masks_follow`, then `TokenMasks`) on the data planes: the
 forward runs at launch and the sampling waits for the masks; the tokens equal those of the same masks in
-the plan (greedy, seeded, with logprobs and prompt logprobs); bad masks fail their sequence alone; a plan
-that overtakes the masks before it stops the data plane, masks nobody awaits are dropped; the real and the
-simulated worker agree on it; on a GPU no step waits on the host (sync-debug "error")."""
+the plan (greedy, seeded, with logprobs and prompt logprobs); bad masks fail their sequence alone (no
+output, no prompt logprobs) and a plan that cannot run so fails its sequences, on both data planes alike;
+a plan that overtakes the masks before it stops the data plane, masks nobody awaits are dropped, a Hello
+drops a step awaiting its masks, and such a step does not keep the serve loop busy; on a GPU no step
+waits on the host (sync-debug "error") and a step's time leaves out its wait for the masks."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
 
-from dataplane.seq_state import check_masks_follow
-from dataplane.sim import with_token_masks
 from dataplane.sim_worker import SimGpu, SimWorker, sim_ready
 from dataplane.worker import Worker, load_worker
 from shared.config import DataplaneConfig
 from shared.messages import (
-    NewRequest, SamplingParams, ScheduledSeq, SeqTokenMask, StepPlan, StepResult, TokenMasks, WorkerFatal,
+    PROTOCOL_VERSION, Hello, NewRequest, SamplingParams, ScheduledSeq, SeqTokenMask, StepPlan, StepResult, TokenMasks,
+    WorkerFatal, WorkerReady,
 )
 from tests.dataplane.test_plan_checks import make_runner
 from tests.dataplane.test_token_masks import mask_of
@@ -36,9 +39,7 @@ def _run(runner, plan: StepPlan, masks: dict[int, bytes], follow: bool) -> StepR
         return runner.execute(StepPlan(step_id=plan.step_id, new_requests=plan.new_requests, scheduled=scheduled))
     message = TokenMasks(step_id=plan.step_id, masks=[SeqTokenMask(seq_id=s, mask=m) for s, m in masks.items()])
     plan = StepPlan(step_id=plan.step_id, new_requests=plan.new_requests, scheduled=plan.scheduled, masks_follow=True)
-    if hasattr(runner, "apply_masks"):
-        return runner.execute(plan, message)
-    return runner.execute(with_token_masks(plan, message))
+    return runner.execute(plan, message)
 
 
 def _steps(which: str, follow: bool) -> list[StepResult]:
@@ -76,32 +77,44 @@ def test_a_bad_mask_that_follows_fails_its_sequence_alone(which: str) -> None:
     runner = make_runner(which, sim_vocab=V)
     good = mask_of([65], V)
     plan = StepPlan(step_id=0, masks_follow=True,
-                    new_requests=[_new(i, [1 + i, 2, 3, 4], [i], temperature=0.0) for i in range(5)],
+                    new_requests=[_new(i, [1 + i, 2, 3, 4], [i], temperature=0.0, prompt_logprobs=1) for i in range(6)],
                     scheduled=[ScheduledSeq(seq_id=0, num_tokens=2), ScheduledSeq(seq_id=1, num_tokens=4),
                                ScheduledSeq(seq_id=2, num_tokens=4), ScheduledSeq(seq_id=3, num_tokens=4),
-                               ScheduledSeq(seq_id=4, num_tokens=4, token_mask=mask_of([70], V))])
-    masks = TokenMasks(step_id=0, masks=[SeqTokenMask(seq_id=0, mask=good), SeqTokenMask(seq_id=1, mask=good[:-4]),
-                                         SeqTokenMask(seq_id=2, mask=good), SeqTokenMask(seq_id=9, mask=good)])
-    result = runner.execute(plan, masks) if which == "runner" else runner.execute(with_token_masks(plan, masks))
+                               ScheduledSeq(seq_id=4, num_tokens=2), ScheduledSeq(seq_id=5, num_tokens=3)])
+    masks = TokenMasks(step_id=0, masks=[
+        SeqTokenMask(seq_id=0, mask=good),  # a chunk that samples no token
+        SeqTokenMask(seq_id=1, mask=good[:-4]),  # the wrong size
+        SeqTokenMask(seq_id=2, mask=good),
+        SeqTokenMask(seq_id=4, mask=b""),  # empty: no mask, as in a plan entry
+        SeqTokenMask(seq_id=5, mask=good[:-4]),  # both: the size is named first
+        SeqTokenMask(seq_id=9, mask=good)])  # in no step: ignored
+    result = runner.execute(plan, masks)
     failed = {f.seq_id: f.message for f in result.failures}
-    assert set(failed) == {0, 1}  # seq 9 is in no step: its mask is ignored
-    assert "samples no token" in failed[0] and "needs 36" in failed[1]
-    outputs = {o.seq_id: o.token_ids for o in result.outputs}
-    assert outputs[2] == [65] and len(outputs[3]) == 1 and set(outputs) == {2, 3, 4}  # seq 3: no mask, unmasked
-    assert outputs[4] == [70]  # not listed: the mask its entry carried
+    assert set(failed) == {0, 1, 5}
+    assert "samples no token" in failed[0] and "needs 36" in failed[1] and "needs 36" in failed[5]
+    outputs = {o.seq_id: o for o in result.outputs}
+    assert outputs[2].token_ids == [65] and len(outputs[3].token_ids) == 1  # seq 3: not listed, unmasked
+    if which == "runner":  # a failed sequence has no output, not even its prompt logprobs (the sim has none)
+        assert set(outputs) == {2, 3, 4} and outputs[4].token_ids == [] and outputs[4].prompt_logprobs is not None
+    else:
+        assert set(outputs) == {2, 3}
 
 
-@pytest.mark.parametrize("plan", [StepPlan(step_id=3, masks_follow=True, decode_steps=2),
-                                  StepPlan(step_id=3, masks_follow=True, mode="multiplexed", prefill_sms=8,
-                                           decode_sms=8)])
-def test_a_plan_whose_masks_follow_runs_one_aggregated_pass(plan: StepPlan) -> None:
-    with pytest.raises(ValueError, match="one aggregated pass"):
-        check_masks_follow(plan)
-    with pytest.raises(ValueError, match="one aggregated pass"):
-        make_runner("runner").launch(plan)
-    check_masks_follow(StepPlan(step_id=3, masks_follow=True))
-    with pytest.raises(ValueError, match="with_token_masks"):
-        make_runner("sim").execute(StepPlan(step_id=3, masks_follow=True))
+@pytest.mark.parametrize("which", ["runner", "sim"])
+@pytest.mark.parametrize("plan, says", [
+    (dict(decode_steps=2), "one aggregated pass, not aggregated with 2 decode steps"),
+    (dict(mode="multiplexed", prefill_sms=8, decode_sms=8), "one aggregated pass, not multiplexed"),
+    (dict(scheduled=[ScheduledSeq(seq_id=0, num_tokens=3, token_mask=mask_of([7], V)),
+                     ScheduledSeq(seq_id=1, num_tokens=3)]), "yet an entry carries one"),
+])
+def test_a_plan_that_cannot_hold_its_sampling_fails_its_sequences(which: str, plan: dict, says: str) -> None:
+    runner = make_runner(which, sim_vocab=V)
+    fields = {"scheduled": [ScheduledSeq(seq_id=i, num_tokens=3) for i in range(2)], **plan}
+    step = StepPlan(step_id=3, masks_follow=True, new_requests=[_new(i, [5, 6, 7], [i]) for i in range(2)],
+                    **fields)  # type: ignore[arg-type]
+    result = runner.execute(step, TokenMasks(step_id=3))
+    assert sorted(f.seq_id for f in result.failures) == [0, 1] and not result.outputs
+    assert all(says in f.message for f in result.failures)
 
 
 def _plan(step: int, masks_follow: bool, first: bool = False) -> StepPlan:
@@ -126,23 +139,63 @@ def _collect(worker, want: int) -> list:  # noqa: ANN001
     raise AssertionError(f"{len(out)} of {want} messages")
 
 
+def _tokens(messages: list) -> list[int]:
+    return [t for m in messages for o in m.outputs for t in o.token_ids]
+
+
+def _greedy_steps(worker, follow: bool) -> list[int]:  # noqa: ANN001
+    """Four greedy steps of one sequence, masks in each plan or following it (each planned while the step
+    before it is in flight, its masks sent once that step's result is collected)."""
+    allowed = list(range(40, 90))
+    assert worker._dispatch(_plan(0, False, first=True)) is None
+    tokens: list[int] = []
+    for step in (1, 2, 3):
+        mask = mask_of(allowed[10 * step:], V)
+        if follow:
+            assert worker._dispatch(_plan(step, True)) is None
+            tokens += _tokens(_collect(worker, 1))  # the step before it
+            assert not worker.busy() and worker._collect() == []  # waiting on the control plane only
+            assert worker._dispatch(TokenMasks(step_id=step, masks=[SeqTokenMask(seq_id=0, mask=mask)])) is None
+        else:
+            tokens += _tokens(_collect(worker, 1))
+            entry = ScheduledSeq(seq_id=0, num_tokens=1, token_mask=mask)
+            assert worker._dispatch(StepPlan(step_id=step, scheduled=[entry])) is None
+    tokens += _tokens(_collect(worker, 1))
+    assert all(t in allowed[10 * s:] for s, t in enumerate(tokens[1:], 1)), tokens
+    return tokens
+
+
+def test_both_workers_sample_the_tokens_of_masks_in_the_plan_once_the_masks_follow() -> None:
+    for follow, inline in zip(_workers(), _workers()):
+        assert _greedy_steps(follow, True) == _greedy_steps(inline, False)
+
+
 def test_both_workers_wait_for_the_masks_and_refuse_a_plan_that_overtakes_them(
         caplog: pytest.LogCaptureFixture) -> None:
     for worker in _workers():
         assert worker._dispatch(_plan(0, False, first=True)) is None
         assert worker._dispatch(_plan(1, True)) is None
-        first = _collect(worker, 1)
-        assert [type(m).__name__ for m in first] == ["StepResult"] and first[0].step_id == 0
-        assert worker._collect() == []  # step 1 waits for its masks
+        assert _collect(worker, 1)[0].step_id == 0 and worker._collect() == []  # step 1 waits for its masks
         assert worker._dispatch(TokenMasks(step_id=7, masks=[])) is None  # awaited by no step: dropped
         assert "awaits none" in caplog.text
-        masks = TokenMasks(step_id=1, masks=[SeqTokenMask(seq_id=0, mask=mask_of([42], V))])
-        assert worker._dispatch(masks) is None
-        second = _collect(worker, 1)
-        assert second[0].step_id == 1 and second[0].outputs[0].token_ids == [42]
+        assert worker._dispatch(TokenMasks(step_id=1, masks=[])) is None
+        assert _collect(worker, 1)[0].step_id == 1
         assert worker._dispatch(_plan(2, True)) is None
         fatal = worker._dispatch(_plan(3, False))
         assert isinstance(fatal, WorkerFatal) and "before the token masks of step 2" in fatal.reason
+        caplog.clear()
+
+
+def test_a_hello_drops_a_step_awaiting_its_masks(caplog: pytest.LogCaptureFixture) -> None:
+    for worker in _workers():
+        assert worker._dispatch(_plan(0, False, first=True)) is None
+        assert worker._dispatch(_plan(1, True)) is None
+        _collect(worker, 1)
+        assert isinstance(worker._dispatch(Hello(protocol_version=PROTOCOL_VERSION)), WorkerReady)
+        assert worker._dispatch(TokenMasks(step_id=1, masks=[])) is None and "awaits none" in caplog.text
+        assert not worker.busy() and worker._collect() == []
+        assert worker._dispatch(_plan(0, False, first=True)) is None  # a fresh start: the sequence anew
+        assert _collect(worker, 1)[0].step_id == 0
         caplog.clear()
 
 
@@ -152,7 +205,8 @@ def test_masks_that_follow_on_the_gpu_match_masks_in_the_plan_without_a_host_syn
         gpu_checkpoint) -> None:  # noqa: ANN001
     """The runner on the GPU (decode graphs): each step launched with its masks to follow while the step before
     it runs, the masks applied once that step's tokens are in, in sync-debug "error" mode; the greedy rows'
-    tokens equal those of the same masks in the plan, and every masked row keeps to its mask."""
+    tokens equal those of the same masks in the plan, and every masked row keeps to its mask. A step whose
+    masks come 300 ms late reports its GPU time without the wait."""
     from tests.dataplane.gpu_support import gpu_worker
 
     runner = gpu_worker(str(gpu_checkpoint)).runner
@@ -180,6 +234,7 @@ def test_masks_that_follow_on_the_gpu_match_masks_in_the_plan_without_a_host_syn
         for o in _run(runner, plan, masks(0, step), follow=False).outputs:
             inline.setdefault(o.seq_id, []).extend(o.token_ids)
     follow: dict[int, list[int]] = {}
+    results = []
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -190,20 +245,23 @@ def test_masks_that_follow_on_the_gpu_match_masks_in_the_plan_without_a_host_syn
             if previous is not None:
                 while not previous.ready():
                     pass
-                for o in previous.result().outputs:
-                    follow.setdefault(o.seq_id - 6, []).extend(o.token_ids)
+                results.append(previous.result())
             message = TokenMasks(step_id=step,
                                  masks=[SeqTokenMask(seq_id=s, mask=m) for s, m in masks(6, step).items()])
+            if step == 5:
+                time.sleep(0.3)  # the control plane late: the GPU idles, and the step's time must not count it
             runner.apply_masks(pending, message)
             previous = pending
         while not previous.ready():
             pass
-        result = previous.result()
-        for o in result.outputs:
-            follow.setdefault(o.seq_id - 6, []).extend(o.token_ids)
+        results.append(previous.result())
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert result.timings.source == "cuda_events" and result.timings.total_ms > 0
+    for result in results:
+        for o in result.outputs:
+            follow.setdefault(o.seq_id - 6, []).extend(o.token_ids)
+    assert all(r.timings.source == "cuda_events" and 0 < r.timings.total_ms < 100 for r in results), \
+        [r.timings.total_ms for r in results]
     assert all(len(follow[i]) == 8 for i in range(6))
     for i in masked:
         assert all(token in allowed[step] for step, token in enumerate(follow[i])), (i, follow[i])
