@@ -261,14 +261,29 @@ class DuetPolicy:
         if trimmed is not None and (choice is None or trimmed[2] >= choice.objective):
             return ModeDecision(predicted_ms=trimmed[1], prefill_tokens=trimmed[0])
         if choice is None:
-            if self.trim and batch.prefill_tokens > MIN_TRIMMED_PREFILL:
-                # nothing meets the budget: the smallest trimmed step overruns it least
-                return ModeDecision(predicted_ms=_trimmed_ms(batch, forecast, MIN_TRIMMED_PREFILL),
-                                    prefill_tokens=MIN_TRIMMED_PREFILL)
-            return ModeDecision(predicted_ms=mixed_ms)
+            return self._overrun(batch, forecast, mixed_ms)
         self.previous = choice.split
         return ModeDecision("multiplexed", choice.split.prefill_sms, choice.split.decode_sms, choice.k,
                             choice.step_ms)
+
+    def aggregated(self, batch: BatchShape, forecast: StepForecast) -> ModeDecision:
+        """`decide` with no split allowed (the scheduler's step must run aggregated): the whole batch if it
+        fits the step budget, else (with `trim`) its chunks cut to fit, else the step that overruns least."""
+        mixed_ms = forecast.mixed_ms()
+        budget = self.step_budget_ms(batch)
+        if mixed_ms <= budget or not batch.num_decode or not batch.chunks:
+            return ModeDecision(predicted_ms=mixed_ms)
+        trimmed = self.trimmed(batch, forecast, budget, mixed_ms) if self.trim else None
+        if trimmed is not None:
+            return ModeDecision(predicted_ms=trimmed[1], prefill_tokens=trimmed[0])
+        return self._overrun(batch, forecast, mixed_ms)
+
+    def _overrun(self, batch: BatchShape, forecast: StepForecast, mixed_ms: float) -> ModeDecision:
+        """Nothing meets the budget: with `trim` the smallest trimmed step (it overruns least), else the batch."""
+        if self.trim and batch.prefill_tokens > MIN_TRIMMED_PREFILL:
+            return ModeDecision(predicted_ms=_trimmed_ms(batch, forecast, MIN_TRIMMED_PREFILL),
+                                prefill_tokens=MIN_TRIMMED_PREFILL)
+        return ModeDecision(predicted_ms=mixed_ms)
 
     def trimmed(self, batch: BatchShape, forecast: StepForecast, budget_ms: float,
                 full_ms: float | None = None) -> tuple[int, float, float] | None:
@@ -298,6 +313,15 @@ class DuetPolicy:
             else:
                 hi, hi_ms = cap, ms
         return lo, lo_ms, (batch.num_decode + lo) / max(lo_ms, 1e-9)
+
+
+def aggregated_decision(policy: Policy, batch: BatchShape, forecast: StepForecast | None) -> ModeDecision:
+    """What `policy` decides for a step that must run aggregated: a policy that weighs aggregated steps
+    (duet: its step budget, its trimmed chunks) says; any other runs the batch whole."""
+    fallback = getattr(policy, "aggregated", None)
+    if fallback is None or forecast is None:
+        return AGGREGATED
+    return fallback(batch, forecast)
 
 
 def _trimmed_ms(batch: BatchShape, forecast: StepForecast, cap: int) -> float:

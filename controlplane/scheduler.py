@@ -41,7 +41,9 @@ from dataclasses import replace
 from itertools import islice
 
 from controlplane import prefix_sharing
-from controlplane.policies import AGGREGATED, BatchShape, ModeDecision, StepForecast, make_policy, make_predictor
+from controlplane.policies import (
+    AGGREGATED, BatchShape, ModeDecision, StepForecast, aggregated_decision, make_policy, make_predictor,
+)
 from controlplane.prefix_cache import Allocator, PrefixCachingAllocator
 from controlplane.sequence import FinishReason, SeqStatus, Sequence
 from controlplane.step_draft import StepDraft, batch_shape, plan_entry, trim_draft
@@ -193,8 +195,8 @@ class Scheduler(StepOutcomes):
         batch, decoders = self._batch_shape(draft)
         forecast = StepForecast(self.predictor, batch) if self.predictor is not None else None
         decision = self.policy.decide(batch, forecast)
-        if defer and decision.mode != "aggregated":
-            decision = AGGREGATED  # the data plane defers the sampling of one aggregated pass only
+        if defer and decision.mode != "aggregated":  # the data plane holds back one aggregated pass's sampling
+            decision = aggregated_decision(self.policy, batch, forecast)
         if decision.prefill_tokens is not None and decision.prefill_tokens < batch.prefill_tokens:
             self.stats.trimmed += 1
             trim_draft(draft, decision.prefill_tokens, self.seqs, self.allocator, self.running, self.waiting)

@@ -224,9 +224,11 @@ class SimGpu:
                                         timings=timings)
         return end_at, [*events, (end_at, final)]
 
-    def execute(self, plan: StepPlan) -> StepResult:
-        """The whole step at once: every token in the result (for callers without progress)."""
-        *progress, (due, final) = self.launch(plan)
+    def execute(self, plan: StepPlan, masks: TokenMasks | None = None) -> StepResult:
+        """The whole step at once (with `masks` when they follow it): every token in the result (for
+        callers without progress)."""
+        *progress, (due, final) = self.launch(plan) if masks is None else self.launch_sampled(plan, masks,
+                                                                                             self.start_at())
         while (left := due - time.monotonic()) > 0:
             time.sleep(left)
         return fold_progress([m for _, m in progress], final)  # type: ignore[misc]

@@ -170,3 +170,48 @@ def test_without_async_scheduling_nothing_is_deferred(byte_grammars: GrammarComp
     sched = Scheduler(SchedulerConfig(async_scheduling=False, defer_token_masks=True), BlockAllocator(64, 4),
                       10_000, frozenset({EOS}))
     assert not sched.defer_masks
+
+
+def test_a_duet_step_whose_masks_follow_runs_aggregated_within_its_step_budget() -> None:
+    """Where duet would split the SMs, a step whose masks follow runs aggregated, its prompt chunks cut to
+    the step budget (`DuetPolicy.aggregated`), not the whole mixed batch."""
+    from controlplane.sequence import Sequence, StopParams
+    from shared.messages import SamplingParams
+    from tests.controlplane.test_policies import make
+    from tests.controlplane.test_scheduler import EOS as SCHED_EOS
+    from tests.controlplane.test_scheduler import VOCAB as SCHED_VOCAB
+    from tests.controlplane.test_scheduler import make_seq
+
+    sched, gpu = make("duet", tbt=25.0, duet_slo="tbt")
+    regex = GrammarCompiler(ByteTokenizer(), SCHED_VOCAB, [SCHED_EOS]).compile(GrammarSpec("regex", "[a-z]{400}"))
+    structured = Sequence(seq_id=999, request_id="r999", prompt_token_ids=[17] * 200,
+                          sampling=SamplingParams(temperature=0.0), stop=StopParams(max_tokens=400), arrival_time=0.0,
+                          grammar=regex.new_matcher())
+    for s in [make_seq(i, 200, 400) for i in range(63)] + [structured]:
+        sched.add(s)
+    sent: list = []
+    results: dict = {}
+    plans = []
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            while len(sent) < sched.max_inflight and (plan := sched.schedule()) is not None:
+                sent.append(plan)
+                plans.append((plan, sched.inflight[-1].decision))
+                if not plan.masks_follow:
+                    results[plan.step_id] = gpu.execute(plan)  # roofline times: the predictor learns from them
+            sched.update(results.pop(sent.pop(0).step_id))
+            masks = sched.token_masks_due()
+            if masks is not None:
+                results[masks.step_id] = gpu.execute(sent[0], masks)
+
+    run(10)
+    for i in range(100, 104):
+        sched.add(make_seq(i, 4000, 4))  # long prompts: a mixed 2048-token step breaks 25 ms
+    run(12)
+    mixed = [(p, d) for p, d in plans if any(e.seq_id >= 100 and e.seq_id != 999 for e in p.scheduled)]
+    assert mixed and all(p.masks_follow and p.mode == "aggregated" and p.decode_steps == 1 for p, _ in mixed)
+    for plan, decision in mixed:  # cut to fit, where duet alone would have split the SMs
+        assert decision.prefill_tokens is not None and sum(e.num_tokens for e in plan.scheduled) < 2048
+        assert decision.predicted_ms <= 25.0
+    assert all(t in range(ord("a"), ord("z") + 1) for t in structured.output_token_ids)
