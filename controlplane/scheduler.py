@@ -21,14 +21,14 @@ With `async_scheduling` a second step may be planned while the first is in fligh
 that step will sample for counts that token as known-but-unseen (`Sequence.num_inflight`) and
 decodes it next (the data plane feeds it from the GPU). Stops are applied when results arrive, so
 a sequence may compute one token past its end, which is dropped. Sequences with penalties (which
-need every previous token on the host), ones with a structured output (each token's mask needs every
-token before it) and ones sure to end at length wait for their results.
+need every previous token on the host) and ones sure to end at length wait for their results.
 
 Structured outputs: a sequence with a grammar has the bitmask of the tokens it may sample next in the
 plan entry of each step that samples for it, and a step with such a decode looks no step ahead. While a
-step in flight samples for one, either no step is planned (so it decodes every step, the steps one at a
-time), or with `defer_token_masks` the next step is planned at once, aggregated, with `masks_follow`:
-its masks (`token_masks_due`) go out when the token is back, before any later plan.
+step in flight samples for one, with `defer_token_masks` the next step is planned at once, with
+`masks_follow` (aggregated: as the policy would run it so), and its masks (`token_masks_due`) go out
+when the token is back, before any later plan; without it, or with penalties on such a sequence, no
+step is planned (so it decodes every step, the steps one at a time).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from controlplane.step_stats import StepStats
 from controlplane.structured_output import add_token_masks, deferred_token_masks
 from controlplane.waiting_queue import PriorityWaitingQueue, WaitingQueue, priority_key
 from shared.config import SchedulerConfig
-from shared.messages import NewRequest, ScheduledSeq, StepPlan, TokenMasks, WorkerReady
+from shared.messages import NewRequest, SamplingParams, ScheduledSeq, StepPlan, TokenMasks, WorkerReady
 
 
 class Scheduler(StepOutcomes):
@@ -174,16 +174,15 @@ class Scheduler(StepOutcomes):
         step in flight samples a structured output's token -- nothing to run before its result: that
         sequence's next mask needs the token, and a step planned now would leave it out (it would decode
         every other step), so the steps go one at a time while one is running. With `defer_masks` that
-        step is planned (its masks follow), but none after it before its masks are out."""
+        step is planned (its masks follow) unless such a sequence has penalties, but none after it before
+        its masks are out."""
         if len(self.inflight) >= self.max_inflight:
             raise RuntimeError(f"schedule() called with {len(self.inflight)} steps in flight")
-        defer = False
-        if self.inflight and self._structured:
-            if any(step.masks_due is not None for step in self.inflight):
-                return None  # a plan must not overtake the masks of the one before it
-            defer = any(self.seqs[i].num_inflight for i in self._structured)
-            if defer and not self.defer_masks:
-                return None
+        if any(step.masks_due is not None for step in self.inflight):
+            return None  # a plan must not overtake the masks of the one before it
+        ahead = [self.seqs[i] for i in self._structured if self.seqs[i].num_inflight] if self.inflight else []
+        if ahead and (not self.defer_masks or any(_penalised(s.sampling) for s in ahead)):
+            return None
         draft = StepDraft(budget=self.config.max_num_batched_tokens)
         if self.policy.composition == "prefill_first":
             self._compose_prefill_first(draft)
@@ -195,8 +194,8 @@ class Scheduler(StepOutcomes):
         batch, decoders = self._batch_shape(draft)
         forecast = StepForecast(self.predictor, batch) if self.predictor is not None else None
         decision = self.policy.decide(batch, forecast)
-        if defer and decision.mode != "aggregated":  # the data plane holds back one aggregated pass's sampling
-            decision = aggregated_decision(self.policy, batch, forecast)
+        if ahead and decision.mode != "aggregated" and any(s.seq_id in draft.tokens for s in ahead):
+            decision = aggregated_decision(self.policy, batch, forecast)  # its masks follow: one aggregated pass
         if decision.prefill_tokens is not None and decision.prefill_tokens < batch.prefill_tokens:
             self.stats.trimmed += 1
             trim_draft(draft, decision.prefill_tokens, self.seqs, self.allocator, self.running, self.waiting)
@@ -321,8 +320,7 @@ class Scheduler(StepOutcomes):
 
     def _runs_ahead_ok(self, seq: Sequence) -> bool:
         """Whether a sequence with tokens in flight may be scheduled before they arrive."""
-        p = seq.sampling
-        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+        if _penalised(seq.sampling):
             return False  # penalties count every previous token on the host
         return seq.num_outputs < seq.stop.max_tokens and seq.num_tokens < self.max_model_len
 
@@ -494,3 +492,7 @@ class Scheduler(StepOutcomes):
         if self._by_priority:  # a preemption takes the last: it must be the lowest-priority
             keys = [priority_key(s) for s in self.running]
             assert keys == sorted(keys), "running is out of priority order"
+
+
+def _penalised(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)

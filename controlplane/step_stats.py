@@ -35,7 +35,7 @@ class StepStats:
     lookahead: Counter[int] = field(default_factory=Counter)
     switches: int = 0
     trimmed: int = 0  # aggregated steps whose prompt chunks the policy cut to fit its step budget
-    masks_followed: int = 0  # steps planned with `masks_follow` (structured outputs, defer_token_masks)
+    masks_followed: int = 0  # steps run with `masks_follow` (structured outputs, defer_token_masks)
     last_mode: str | None = None
     host_gap_s: float = 0.0  # wall time from a result to the next plan, over back-to-back steps
     host_gaps: int = 0

@@ -19,6 +19,7 @@ from controlplane.structured_output import GrammarCompiler, GrammarSpec
 from controlplane.tokenizer import ByteTokenizer
 from dataplane.sim import SimRunner
 from shared.config import SchedulerConfig
+from shared.messages import SamplingParams
 from tests.controlplane.test_structured_output import EOS, VOCAB, MaskBlindRunner, allowed, drive, seq, text
 
 
@@ -114,12 +115,16 @@ def test_a_structured_sequence_decodes_every_step_and_the_steps_overlap(byte_gra
     assert plans == 21 and overlapped == 20
 
 
-def test_no_plan_overtakes_masks_still_due(byte_grammars: GrammarCompiler) -> None:
+@pytest.mark.parametrize("abort", [False, True])
+def test_no_plan_overtakes_masks_still_due(byte_grammars: GrammarCompiler, abort: bool) -> None:
     sched, runner = scheduler(), SimRunner(64, 4, VOCAB)
     sched.add(seq(0, byte_grammars, GrammarSpec("regex", "[a-z]{20}")))
+    sched.add(seq(1, None, None))
     first = sched.schedule()
     second = sched.schedule()
     assert first is not None and second is not None and second.masks_follow
+    if abort:  # no structured output left: the masks are still due
+        sched.finish(0, FinishReason.ABORT)
     sched.update(runner.execute(first))
     assert sched.schedule() is None  # the masks of `second` are due first
     masks = sched.token_masks_due()
@@ -166,10 +171,36 @@ def test_a_step_whose_masks_follow_is_aggregated_whatever_the_policy_asks(byte_g
         assert re.fullmatch(r"[a-f]{12}", text(s))
 
 
-def test_without_async_scheduling_nothing_is_deferred(byte_grammars: GrammarCompiler) -> None:
-    sched = Scheduler(SchedulerConfig(async_scheduling=False, defer_token_masks=True), BlockAllocator(64, 4),
-                      10_000, frozenset({EOS}))
-    assert not sched.defer_masks
+def test_without_async_scheduling_each_plan_carries_its_masks(byte_grammars: GrammarCompiler) -> None:
+    sched = Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=64, async_scheduling=False,
+                                      defer_token_masks=True), BlockAllocator(64, 4), 10_000, frozenset({EOS}))
+    runner = SimRunner(64, 4, VOCAB)
+    sched.add(seq(0, byte_grammars, GrammarSpec("regex", "[a-z]{8}")))
+    while sched.has_work():
+        plan = sched.schedule()
+        assert plan is not None and not plan.masks_follow and plan.scheduled[0].token_mask
+        sched.update(runner.execute(plan))
+    assert sched.stats.masks_followed == 0 and len(sched.seqs) == 0
+
+
+def test_a_penalised_structured_output_still_decodes_every_step(byte_grammars: GrammarCompiler) -> None:
+    """A sequence with penalties cannot run ahead (they count its tokens on the host): while its token is in
+    flight the steps go one at a time, as without deferral, rather than leaving it out of every other step."""
+    penalised = seq(0, byte_grammars, GrammarSpec("regex", "[a-z]{20}"))
+    penalised.sampling = SamplingParams(temperature=0.0, repetition_penalty=1.1)
+    seqs = [penalised, seq(1, None, None, max_tokens=20)]
+    sched, runner = scheduler(), SimRunner(64, 4, VOCAB)
+    for s in seqs:
+        sched.add(s)
+    plans = 0
+    while sched.has_work():
+        plan = sched.schedule()
+        assert plan is not None and not plan.masks_follow
+        plans += 1
+        if 0 in sched.seqs:
+            assert sched.schedule() is None  # its token is in flight
+        sched.update(runner.execute(plan))
+    assert len(penalised.output_token_ids) == 20 and plans == 20
 
 
 def test_a_duet_step_whose_masks_follow_runs_aggregated_within_its_step_budget() -> None:

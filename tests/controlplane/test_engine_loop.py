@@ -81,7 +81,8 @@ def run_loop(scheduler: StubScheduler) -> list[tuple]:
     observer = types.SimpleNamespace(step_planned=lambda plan, *_: plan, idle=lambda *_: None,
                                      step_done=lambda *_: None)
     engine = types.SimpleNamespace(scheduler=scheduler, observer=observer, client=client,
-                                   _wakeup=asyncio.Event(), num_steps=0, step_timeout_s=5.0, _emit=lambda _: None)
+                                   _wakeup=asyncio.Event(), num_steps=0, step_timeout_s=5.0,
+                                   _emit=lambda _: log.append(("emit",)))  # the streams written
 
     async def main() -> None:
         loop = asyncio.create_task(Engine._step_loop(engine))  # type: ignore[arg-type]
@@ -138,7 +139,8 @@ def test_masks_that_follow_go_out_right_after_the_result_before_them() -> None:
     assert [e[1] for e in log if e[0] == "masks"] == list(range(2, 13))  # every step planned behind another
     for i, entry in enumerate(log):
         if entry[0] == "result" and entry[1] < 12:
-            assert log[i + 1] == ("masks", entry[1] + 1)  # before the API's tasks and the next plan
+            # before the streams are written, the API's tasks and the next plan
+            assert log[i + 1: i + 3] == [("masks", entry[1] + 1), ("emit",)]
     sends = {e[1]: i for i, e in enumerate(log) if e[0] == "send"}
     masks = {e[1]: i for i, e in enumerate(log) if e[0] == "masks"}
     assert all(masks[s] < sends[s + 1] for s in masks if s + 1 in sends)
