@@ -3,7 +3,9 @@ vLLM's `bench serve` reports (same JSON keys where they exist).
 
 Arrivals: the trace's own timestamps scaled to a target rate, or Poisson / gamma (burstiness) at a
 rate. Workloads: an Azure-style trace CSV (prompt and output lengths; prompts are random token ids,
-EOS ignored) or random lengths. It is a client: it speaks only protos/ and decides nothing.
+EOS ignored) or random lengths; a fraction of the requests may carry a structured output (as vLLM's
+structured-output benchmark), each checked against it. It is a client: it speaks only protos/ and
+decides nothing.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -26,6 +29,10 @@ from controlplane.protogen.duetserve.v1 import generation_pb2_grpc as pb_grpc
 from controlplane.replay import RequestRecord, TraceRequest, load_trace, make_prompt
 
 PERCENTILES = (50, 90, 99)
+STRUCTURED_KINDS = ("regex", "json", "choice")
+BENCH_CHOICES = ("yes", "no", "maybe")
+BENCH_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["items"],
+                "properties": {"items": {"type": "array", "items": {"type": "string", "maxLength": 16}}}}
 REQUEST_TIMEOUT_S = 6 * 3600.0  # a stream longer than this fails (vLLM's benchmark client: 6 h as well)
 
 
@@ -81,11 +88,40 @@ def random_workload(n: int, input_len: int, output_len: int, range_ratio: float,
             for _ in range(n)]
 
 
+def structured_output(kind: str, max_tokens: int) -> pb.StructuredOutputs:
+    """A benchmark request's structured output: `regex` lowercase words longer than `max_tokens` tokens can
+    spell (so it runs to its length, as an unstructured one does, and costs only its masks); `json` an
+    object listing strings (it ends when the model closes it); `choice` one of three words."""
+    if kind == "regex":
+        return pb.StructuredOutputs(regex=f"[a-z ]{{{8 * max_tokens}}}")
+    if kind == "json":
+        return pb.StructuredOutputs(json=json.dumps(BENCH_SCHEMA), disable_any_whitespace=True)
+    return pb.StructuredOutputs(choice=list(BENCH_CHOICES))
+
+
+def follows(kind: str, text: str, finish_reason: str) -> bool:
+    """Whether a completed structured request's text is what it asked for (a regex one may stop at its
+    length: any prefix of the language; a JSON one must be whole)."""
+    if kind == "regex":
+        return re.fullmatch(r"[a-z ]*", text) is not None
+    if kind == "json":
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return False
+        items = value.get("items") if isinstance(value, dict) else None
+        return finish_reason == "stop" and set(value) == {"items"} and isinstance(items, list) and all(
+            isinstance(i, str) and len(i) <= 16 for i in items)
+    return text in BENCH_CHOICES
+
+
 def _request(record: RequestRecord, prompt: list[int]) -> pb.GenerateRequest:
     # greedy and unpenalised, whatever defaults the model's generation config sets
     request = pb.GenerateRequest(max_tokens=record.max_tokens, temperature=0.0, repetition_penalty=1.0,
                                  ignore_eos=True, priority=record.priority)
     request.token_ids.ids.extend(prompt)
+    if record.structured:
+        request.structured_outputs.CopyFrom(structured_output(record.structured, record.max_tokens))
     return request
 
 
@@ -96,6 +132,8 @@ async def _one(stub: pb_grpc.GenerationStub, record: RequestRecord, request: pb.
         async for response in stub.Generate(request, timeout=timeout_s):
             if response.token_ids:
                 record.chunks.append((time.monotonic() - t0, len(response.token_ids)))
+            if record.structured:
+                record.text += response.text
             if response.finish_reason:
                 record.finish_reason = response.finish_reason
                 record.completion_tokens = response.completion_tokens
@@ -109,19 +147,23 @@ async def _one(stub: pb_grpc.GenerationStub, record: RequestRecord, request: pb.
 async def run_load(stub: pb_grpc.GenerationStub, workload: list[TraceRequest], send_times: list[float], *,
                    vocab_size: int, max_model_len: int, seed: int = 0, show_progress: bool = True,
                    max_concurrency: int | None = None, prefix_len: int = 0,
-                   priorities: list[int] | None = None,
-                   timeout_s: float = REQUEST_TIMEOUT_S) -> tuple[list[RequestRecord], float]:
+                   priorities: list[int] | None = None, timeout_s: float = REQUEST_TIMEOUT_S,
+                   structured_ratio: float = 0.0, structured_kind: str = "regex",
+                   ) -> tuple[list[RequestRecord], float]:
     """Send each request at its time (open loop); returns the records and the wall duration. Each
     prompt starts with the same `prefix_len` random tokens (as far as its length allows); request i
-    carries `priorities[i]` when given (a server under --scheduling-policy priority). Every request
-    is built before the clock starts (as vLLM's client does), and a stream past `timeout_s` fails."""
+    carries `priorities[i]` when given (a server under --scheduling-policy priority); a `structured_ratio`
+    of them, drawn with the seed, a `structured_kind` structured output. Every request is built before the
+    clock starts (as vLLM's client does), and a stream past `timeout_s` fails."""
     rng = random.Random(seed)
+    picks = random.Random(seed + 2)
     shared = make_prompt(random.Random(seed + 1), prefix_len, vocab_size)
     records, requests = [], []
     for i, req in enumerate(workload):
         max_tokens = max(1, min(req.output_tokens, max_model_len - 1))
         record = RequestRecord(i, max(1, min(req.prompt_tokens, max_model_len - max_tokens)), max_tokens,
-                               priority=priorities[i] if priorities else 0)
+                               priority=priorities[i] if priorities else 0,
+                               structured=structured_kind if picks.random() < structured_ratio else "")
         records.append(record)
         head = shared[: record.prompt_tokens]
         requests.append(_request(record, head + make_prompt(rng, record.prompt_tokens - len(head), vocab_size)))
@@ -187,9 +229,14 @@ def per_request(records: list[RequestRecord]) -> dict[str, list]:
         latencies.append(r.chunks[-1][0] - r.sent if ok else 0.0)
         # one gap per streamed message after the first, whatever tokens it carries (as vLLM's client)
         itls.append([now - prev for (prev, _), (now, _) in zip(r.chunks, r.chunks[1:])])
-    return {"input_lens": [r.prompt_tokens for r in records], "output_lens": [r.completion_tokens for r in records],
-            "ttfts": ttfts, "itls": itls, "latencies": latencies, "start_times": [r.sent for r in records],
-            "errors": [r.error for r in records], "cached_lens": [r.cached_tokens for r in records]}
+    arrays = {"input_lens": [r.prompt_tokens for r in records], "output_lens": [r.completion_tokens for r in records],
+              "ttfts": ttfts, "itls": itls, "latencies": latencies, "start_times": [r.sent for r in records],
+              "errors": [r.error for r in records], "cached_lens": [r.cached_tokens for r in records]}
+    if any(r.structured for r in records):  # which carried a structured output, and whether its text follows it
+        arrays["structured"] = [r.structured for r in records]
+        arrays["structured_follows"] = [follows(r.structured, r.text, r.finish_reason) if r.structured and not r.error
+                                      else None for r in records]
+    return arrays
 
 
 def compute_metrics(arrays: dict[str, list], duration_s: float, goodput: Goodput | None,
@@ -222,7 +269,27 @@ def compute_metrics(arrays: dict[str, list], duration_s: float, goodput: Goodput
     }
     for name, values in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2el", e2el)):
         metrics.update(_stats(name, values, percentiles))
+    if "structured" in arrays:
+        metrics.update(_structured_metrics(arrays, ok))
     return metrics
+
+
+def _structured_metrics(arrays: dict[str, list], ok: list[int]) -> dict[str, object]:
+    """How many requests carried a structured output, how many of those completed and followed it, and the
+    mean TPOT of the completed ones with and without one."""
+    kinds, valid = arrays["structured"], arrays["structured_follows"]
+    done = [i for i in ok if kinds[i]]
+    followed = sum(1 for i in done if valid[i])
+
+    def mean_tpot(rows: list[int]) -> float:
+        tpots = [(arrays["latencies"][i] - arrays["ttfts"][i]) * 1e3 / (arrays["output_lens"][i] - 1)
+                 for i in rows if arrays["output_lens"][i] > 1]
+        return statistics.fmean(tpots) if tpots else 0.0
+
+    return {"structured_requests": sum(1 for k in kinds if k), "structured_completed": len(done),
+            "structured_correct": followed, "structured_correct_rate": followed / len(done) if done else None,
+            "mean_tpot_ms_structured": mean_tpot(done), "mean_tpot_ms_unstructured": mean_tpot(
+                [i for i in ok if not kinds[i]])}
 
 
 def add_bench_flags(p: argparse.ArgumentParser) -> None:
@@ -255,6 +322,11 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout", type=checked(float, "--request-timeout", 0.0, inclusive=False),
                    default=REQUEST_TIMEOUT_S, help="seconds a request may stream before it counts as failed "
                                                    "(DEADLINE_EXCEEDED; default 6 h, as vLLM's client)")
+    p.add_argument("--structured-output-ratio", type=checked(float, "--structured-output-ratio", 0.0, True, 1.0),
+                   default=0.0, help="the fraction of requests (drawn with --seed) that carry a structured output")
+    p.add_argument("--structured-output", default="regex", choices=STRUCTURED_KINDS,
+                   help="their kind: regex (lowercase words: runs to its length, costing only the masks), json "
+                        "(an object listing strings: ends when the model closes it) or choice (one of three words)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result-file", type=Path, default=None, help="write the metrics and per-request arrays (JSON)")
     p.add_argument("--no-progress", action="store_true")
@@ -296,7 +368,9 @@ async def bench(args: argparse.Namespace, workload: list[TraceRequest] | None = 
         records, duration = await run_load(stub, workload, send_times, vocab_size=info.vocab_size,
                                            max_model_len=info.max_model_len, seed=args.seed,
                                            show_progress=not args.no_progress, max_concurrency=args.max_concurrency,
-                                           prefix_len=prefix, timeout_s=args.request_timeout)
+                                           prefix_len=prefix, timeout_s=args.request_timeout,
+                                           structured_ratio=args.structured_output_ratio,
+                                           structured_kind=args.structured_output)
     arrays = per_request(records)
     rate = args.request_rate if args.request_rate < float("inf") else "inf"  # as vLLM's (strict JSON has no inf)
     result = {"model_id": info.model, "policy": info.policy, "request_rate": rate,
@@ -315,5 +389,8 @@ def format_result(result: dict[str, object]) -> str:
             "total_cached_tokens"]
     for name in ("ttft", "tpot", "itl"):
         keys += [f"mean_{name}_ms", *(k for k in result if k.startswith("p") and k.endswith(f"_{name}_ms"))]
+    if "structured_requests" in result:
+        keys += ["structured_requests", "structured_completed", "structured_correct", "mean_tpot_ms_structured",
+                 "mean_tpot_ms_unstructured"]
     return "\n".join(f"{k:>22}: {result[k]:.2f}" if isinstance(result[k], float) else f"{k:>22}: {result[k]}"
                      for k in keys)

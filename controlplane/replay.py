@@ -84,6 +84,8 @@ class RequestRecord:
     finish_reason: str = ""
     error: str = ""
     priority: int = 0  # what it was sent with (GenerateRequest.priority)
+    structured: str = ""  # the kind of structured output it was sent with ("" none)
+    text: str = ""  # what it generated (kept only for a structured output, to check it)
 
 
 def make_prompt(rng: random.Random, length: int, vocab_size: int) -> list[int]:

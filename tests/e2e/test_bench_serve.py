@@ -89,6 +89,43 @@ async def test_bench_accounts_for_every_request_and_metrics_recompute(dataset: s
     assert result["request_goodput"] == pytest.approx(good / result["duration"])
 
 
+@pytest.mark.parametrize("kind", ["regex", "json", "choice"])
+async def test_a_share_of_structured_requests_is_sent_checked_and_reported(kind: str) -> None:
+    async with sim_server(0.02) as plane:
+        argv = ["--address", f"127.0.0.1:{plane.port}", "--dataset", "random", "--num-prompts", "24",
+                "--request-rate", "80", "--no-progress", "--random-input-len", "64",
+                "--random-output-len", "200" if kind == "json" else "24",  # room for an object to close
+                "--structured-output-ratio", "0.5", "--structured-output", kind, "--seed", "3"]
+        result = await bench(parse(argv))
+        assert plane.engine.scheduler is not None and plane.engine.scheduler.allocator.num_used == 0
+    kinds, valid = result["structured"], result["structured_follows"]
+    picks = __import__("random").Random(3 + 2)
+    assert kinds == [kind if picks.random() < 0.5 else "" for _ in range(24)]  # the seed's draw
+    assert result["structured_requests"] == sum(map(bool, kinds)) and 0 < result["structured_requests"] < 24
+    assert result["failed"] == 0 and result["structured_completed"] == result["structured_requests"]
+    # the simulated model keeps to the masks (its tokens a hash): every structured text follows its grammar
+    assert all(v is True for k, v in zip(kinds, valid) if k) and all(v is None for k, v in zip(kinds, valid) if not k)
+    assert result["structured_correct"] == result["structured_requests"] and result["structured_correct_rate"] == 1.0
+    lens = [o for k, o in zip(kinds, result["output_lens"]) if k]
+    if kind == "regex":  # runs to its length, as an unstructured request does
+        assert all(o == 24 for o in lens)
+    if kind == "choice":
+        assert all(o <= 5 for o in lens)  # ended by the grammar (a byte a token: "maybe" is 5)
+    free = [(lat - t) * 1e3 / (o - 1) for k, lat, t, o in zip(kinds, result["latencies"], result["ttfts"],
+                                                            result["output_lens"]) if not k and o > 1]
+    assert result["mean_tpot_ms_unstructured"] == pytest.approx(statistics.fmean(free))
+    assert "structured_requests" in bench_serve.format_result(result)
+
+
+def test_bench_serve_follows_checks_each_kind() -> None:
+    from controlplane.bench_serve import follows
+
+    assert follows("regex", "ab cd", "length") and not follows("regex", "ab1", "length")
+    assert follows("json", '{"items":["a","bc"]}', "stop") and not follows("json", '{"items":["a"', "length")
+    assert not follows("json", '{"items":[1]}', "stop") and not follows("json", '{"items":["a"],"x":1}', "stop")
+    assert follows("choice", "maybe", "stop") and not follows("choice", "may", "length")
+
+
 def test_arrival_processes() -> None:
     work = random_workload(2000, 100, 10, 1.0, seed=1)
     poisson = arrivals(work, "poisson", 10.0, 1.0, seed=2)
