@@ -90,10 +90,11 @@ def random_workload(n: int, input_len: int, output_len: int, range_ratio: float,
 
 def structured_output(kind: str, max_tokens: int) -> pb.StructuredOutputs:
     """A benchmark request's structured output: `regex` lowercase words longer than `max_tokens` tokens can
-    spell (so it runs to its length, as an unstructured one does, and costs only its masks); `json` an
-    object listing strings (it ends when the model closes it); `choice` one of three words."""
+    spell (64 characters a token, more than any vocabulary's tokens hold; so it runs to its length, as an
+    unstructured one does, and costs only its masks); `json` an object listing strings (it ends when the
+    model closes it); `choice` one of three words."""
     if kind == "regex":
-        return pb.StructuredOutputs(regex=f"[a-z ]{{{8 * max_tokens}}}")
+        return pb.StructuredOutputs(regex=f"[a-z ]{{{64 * max_tokens}}}")
     if kind == "json":
         return pb.StructuredOutputs(json=json.dumps(BENCH_SCHEMA), disable_any_whitespace=True)
     return pb.StructuredOutputs(choice=list(BENCH_CHOICES))
@@ -107,9 +108,11 @@ def follows(kind: str, text: str, finish_reason: str) -> bool:
     if kind == "json":
         try:
             value = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             return False
-        items = value.get("items") if isinstance(value, dict) else None
+        if not isinstance(value, dict):
+            return False
+        items = value.get("items")
         return finish_reason == "stop" and set(value) == {"items"} and isinstance(items, list) and all(
             isinstance(i, str) and len(i) <= 16 for i in items)
     return text in BENCH_CHOICES
@@ -234,6 +237,7 @@ def per_request(records: list[RequestRecord]) -> dict[str, list]:
               "errors": [r.error for r in records], "cached_lens": [r.cached_tokens for r in records]}
     if any(r.structured for r in records):  # which carried a structured output, and whether its text follows it
         arrays["structured"] = [r.structured for r in records]
+        arrays["finish_reasons"] = [r.finish_reason for r in records]
         arrays["structured_follows"] = [follows(r.structured, r.text, r.finish_reason) if r.structured and not r.error
                                       else None for r in records]
     return arrays
@@ -275,11 +279,13 @@ def compute_metrics(arrays: dict[str, list], duration_s: float, goodput: Goodput
 
 
 def _structured_metrics(arrays: dict[str, list], ok: list[int]) -> dict[str, object]:
-    """How many requests carried a structured output, how many of those completed and followed it, and the
-    mean TPOT of the completed ones with and without one."""
+    """How many requests carried a structured output, how many of those completed and followed it (a JSON or
+    choice text cut at its length does not, as in vLLM's benchmark; `structured_truncated` counts those
+    cut), and the mean TPOT of the completed ones with and without one."""
     kinds, valid = arrays["structured"], arrays["structured_follows"]
     done = [i for i in ok if kinds[i]]
     followed = sum(1 for i in done if valid[i])
+    cut = sum(1 for i in done if arrays["finish_reasons"][i] == "length" and kinds[i] != "regex")
 
     def mean_tpot(rows: list[int]) -> float:
         tpots = [(arrays["latencies"][i] - arrays["ttfts"][i]) * 1e3 / (arrays["output_lens"][i] - 1)
@@ -288,6 +294,7 @@ def _structured_metrics(arrays: dict[str, list], ok: list[int]) -> dict[str, obj
 
     return {"structured_requests": sum(1 for k in kinds if k), "structured_completed": len(done),
             "structured_correct": followed, "structured_correct_rate": followed / len(done) if done else None,
+            "structured_truncated": cut,
             "mean_tpot_ms_structured": mean_tpot(done), "mean_tpot_ms_unstructured": mean_tpot(
                 [i for i in ok if not kinds[i]])}
 

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 GrammarKind = Literal["json", "json_object", "regex", "choice", "grammar", "structural_tag"]
 MAX_ERROR_CHARS = 600  # of llguidance's message about a bad grammar, in the client's error
+MAX_STRUCTURAL_TAGS = 1024  # triggers, and structures, in one structural_tag
 
 
 def grammars_available() -> bool:
@@ -163,7 +164,7 @@ def _grammar_text(llg: Any, spec: GrammarSpec) -> str:
     if spec.whitespace_pattern is not None:
         json_options["whitespace_pattern"] = spec.whitespace_pattern
     if spec.kind == "structural_tag":
-        return _structural_tag_grammar(llg, spec.text)
+        return _structural_tag_grammar(llg, spec.text, spec.disable_any_whitespace)
     if spec.kind == "json_object":
         return llg.LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=json_options)
     if spec.kind == "json":
@@ -193,9 +194,10 @@ def _grammar_text(llg: Any, spec: GrammarSpec) -> str:
         raise GrammarError(f"grammar: {exc}") from exc
 
 
-def _structural_tag_grammar(llg: Any, text: str) -> str:
+def _structural_tag_grammar(llg: Any, text: str, disable_any_whitespace: bool = False) -> str:
     """vLLM's structural tag (`{"structures": [{"begin", "schema", "end"}, ...], "triggers": [...]}`) as an
-    llguidance grammar: free text in which each trigger starts a structure whose begin starts with it."""
+    llguidance grammar: free text in which each trigger starts a structure whose begin starts with it (a
+    schema may be JSON text, as vLLM takes it; `disable_any_whitespace` holds in each)."""
     try:
         spec = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as exc:
@@ -207,16 +209,27 @@ def _structural_tag_grammar(llg: Any, text: str) -> str:
         raise GrammarError("structural_tag.triggers: a list of one or more non-empty strings")
     if not isinstance(structures, list) or not structures:
         raise GrammarError("structural_tag.structures: a list of one or more structures")
+    triggers = list(dict.fromkeys(triggers))
+    if len(triggers) > MAX_STRUCTURAL_TAGS or len(structures) > MAX_STRUCTURAL_TAGS:
+        raise GrammarError(f"structural_tag: at most {MAX_STRUCTURAL_TAGS} triggers and {MAX_STRUCTURAL_TAGS} "
+                           f"structures, got {len(triggers)} and {len(structures)}")
     tags = []
     for i, structure in enumerate(structures):
         where = f"structural_tag.structures[{i}]"
         if not isinstance(structure, dict) or not all(isinstance(structure.get(k), str) for k in ("begin", "end")):
             raise GrammarError(f"{where}: an object with strings begin and end and a schema")
         schema = structure.get("schema", True)
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise GrammarError(f"{where}.schema: not a JSON schema ({exc})") from exc
         if schema is True:
             schema = {}
         if not isinstance(schema, dict):
             raise GrammarError(f"{where}.schema: a JSON schema is an object (or true)")
+        if disable_any_whitespace:  # llguidance reads a schema's own options from x-guidance
+            schema = {**schema, "x-guidance": {**schema.get("x-guidance", {}), "whitespace_flexible": False}}
         begin = structure["begin"]
         trigger = next((t for t in triggers if begin.startswith(t)), None)
         if trigger is None:

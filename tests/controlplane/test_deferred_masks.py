@@ -171,6 +171,26 @@ def test_a_step_whose_masks_follow_is_aggregated_whatever_the_policy_asks(byte_g
         assert re.fullmatch(r"[a-f]{12}", text(s))
 
 
+def test_a_step_without_a_structured_output_in_flight_keeps_the_policys_split(byte_grammars: GrammarCompiler) -> None:
+    """A structured output whose last token is in flight is not in the next step (it cannot run past its
+    length): that step carries no masks and runs as the policy asked, split."""
+    seqs = [seq(0, byte_grammars, GrammarSpec("regex", "[a-z]{20}"), max_tokens=2),
+            seq(1, None, None, max_tokens=10), seq(2, None, None, max_tokens=10)]
+    sched, runner = scheduler(), SimRunner(64, 4, VOCAB)
+    sched.policy = MultiplexingPolicy()  # type: ignore[assignment]
+    for s in seqs:
+        sched.add(s)
+    first, second = sched.schedule(), sched.schedule()
+    assert first is not None and second is not None
+    assert second.masks_follow and second.mode == "aggregated" and 0 in {e.seq_id for e in second.scheduled}
+    sched.update(runner.execute(first))
+    masks = sched.token_masks_due()
+    assert masks is not None
+    third = sched.schedule()  # seq 0's last token is in flight in `second`
+    assert third is not None and 0 not in {e.seq_id for e in third.scheduled}
+    assert not third.masks_follow and third.mode == "multiplexed"
+
+
 def test_without_async_scheduling_each_plan_carries_its_masks(byte_grammars: GrammarCompiler) -> None:
     sched = Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=64, async_scheduling=False,
                                       defer_token_masks=True), BlockAllocator(64, 4), 10_000, frozenset({EOS}))

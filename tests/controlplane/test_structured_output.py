@@ -108,7 +108,23 @@ def test_a_structural_tag_leaves_text_free_until_a_trigger(byte_grammars: Gramma
     assert m.accept(ord("n")) is None and m.accept(ord("x")) is not None  # "<fn" is: "=add>" must follow
 
 
+def test_a_structural_tag_takes_a_schema_as_text_and_can_forbid_free_whitespace(
+        byte_grammars: GrammarCompiler) -> None:
+    tag = {"structures": [{"begin": "<fn=a>", "schema": json.dumps({"type": "object"}), "end": "</fn>"}],
+           "triggers": ["<fn"]}
+    for tight in (False, True):
+        m = byte_grammars.compile(GrammarSpec("structural_tag", json.dumps(tag), tight)).new_matcher()
+        for byte in b"<fn=a>{":
+            assert m.accept(byte) is None
+        assert (ord(" ") in allowed(m.mask())) is not tight and (ord("\n") in allowed(m.mask())) is not tight
+        assert ord('"') in allowed(m.mask()) and ord("}") in allowed(m.mask())
+
+
 @pytest.mark.parametrize("tag, says", [
+    (json.dumps({"structures": [{"begin": "<a", "end": ""}], "triggers": [f"<{i}" for i in range(1025)]}),
+     "at most 1024 triggers and 1024 structures, got 1025 and 1"),
+    (json.dumps({"structures": [{"begin": "<a", "schema": "{x", "end": ""}], "triggers": ["<a"]}),
+     r"structures\[0\].schema: not a JSON schema"),
     ("[1]", 'structural_tag: an object {"structures"'),
     ('{"structures": [], "triggers": ["<a"]}', "structural_tag.structures: a list of one or more"),
     ('{"structures": [{"begin": "<a>", "end": ""}], "triggers": [""]}', "structural_tag.triggers: a list"),

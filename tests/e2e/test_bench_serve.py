@@ -111,6 +111,8 @@ async def test_a_share_of_structured_requests_is_sent_checked_and_reported(kind:
         assert all(o == 24 for o in lens)
     if kind == "choice":
         assert all(o <= 5 for o in lens)  # ended by the grammar (a byte a token: "maybe" is 5)
+    cut = [o for k, o in zip(kinds, result["output_lens"]) if k and o == 200]  # json: cut at its length
+    assert result["structured_truncated"] == (len(cut) if kind == "json" else 0)
     free = [(lat - t) * 1e3 / (o - 1) for k, lat, t, o in zip(kinds, result["latencies"], result["ttfts"],
                                                             result["output_lens"]) if not k and o > 1]
     assert result["mean_tpot_ms_unstructured"] == pytest.approx(statistics.fmean(free))
@@ -124,6 +126,7 @@ def test_bench_serve_follows_checks_each_kind() -> None:
     assert follows("json", '{"items":["a","bc"]}', "stop") and not follows("json", '{"items":["a"', "length")
     assert not follows("json", '{"items":[1]}', "stop") and not follows("json", '{"items":["a"],"x":1}', "stop")
     assert follows("choice", "maybe", "stop") and not follows("choice", "may", "length")
+    assert not any(follows("json", text, "stop") for text in ("5", "null", "true", '"x"', "[" * 5000))
 
 
 def test_arrival_processes() -> None:
