@@ -1,12 +1,13 @@
 """Structured outputs with `defer_token_masks`: a step is planned while the step before it still samples a
 structured output's token, with `masks_follow`, and its masks are due once that result is applied. Against
-the simulated data plane: grammars are followed beside free sequences, through preemption, a mask-blind
-data plane and an abort between a plan and its masks; a structured output decodes every step while the
-steps overlap; a step whose masks follow is aggregated with no look-ahead whatever the policy asked."""
+the simulated data plane (grammars beside free sequences: test_structured_output's, both ways): the same
+outputs either way, grammars followed through preemption, a mask-blind data plane and an abort between a
+plan and its masks; a structured output decodes every step while the steps overlap (one with penalties
+one step at a time); a step whose masks follow is aggregated with no look-ahead whatever the policy
+asked, as the policy would run it aggregated (duet: its chunks cut to its step budget)."""
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
@@ -31,25 +32,6 @@ def byte_grammars() -> GrammarCompiler:
 def scheduler(defer: bool = True) -> Scheduler:
     return Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=64, defer_token_masks=defer),
                      BlockAllocator(64, 4), 10_000, frozenset({EOS}))
-
-
-def test_grammars_are_followed_with_masks_that_follow(byte_grammars: GrammarCompiler) -> None:
-    schema = {"type": "object", "properties": {"a": {"type": "boolean"}, "b": {"enum": ["x", "yz"]}},
-              "required": ["a", "b"], "additionalProperties": False}
-    specs = [GrammarSpec("regex", "[a-z]{3}-[0-9]{4}"), GrammarSpec("choice", json.dumps(["alpha", "beta", "gamma"])),
-             GrammarSpec("json", json.dumps(schema), disable_any_whitespace=True), None, None]
-    seqs = [seq(i, byte_grammars, spec) for i, spec in enumerate(specs)]
-    counts = drive(seqs, SimRunner(64, 4, VOCAB), defer=True)
-    assert re.fullmatch(r"[a-z]{3}-[0-9]{4}", text(seqs[0]))
-    assert text(seqs[1]) in ("alpha", "beta", "gamma")
-    parsed = json.loads(text(seqs[2]))
-    assert set(parsed) == {"a", "b"} and isinstance(parsed["a"], bool) and parsed["b"] in ("x", "yz")
-    for s in seqs[:3]:
-        assert s.finish_reason is FinishReason.STOP and EOS not in s.output_token_ids
-    for s in seqs[3:]:
-        assert (s.finish_reason, len(s.output_token_ids)) == (FinishReason.LENGTH, 40) or (
-            s.finish_reason is FinishReason.STOP and s.output_token_ids[-1] == EOS)
-    assert counts["masks_follow"] >= 8 and counts["masked_ahead"] == 0 and counts["lookahead_steps"] > 0
 
 
 def test_the_same_outputs_with_masks_in_the_plan_or_following_it(byte_grammars: GrammarCompiler) -> None:

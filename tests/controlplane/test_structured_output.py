@@ -306,13 +306,15 @@ def text(s: Sequence) -> str:
     return bytes(t for t in s.output_token_ids if t < 256).decode("utf-8", errors="replace")
 
 
-def test_structured_sequences_follow_their_grammars_beside_free_ones(byte_grammars: GrammarCompiler) -> None:
+@pytest.mark.parametrize("defer", [False, True])  # masks in each plan, or following it (defer_token_masks)
+def test_structured_sequences_follow_their_grammars_beside_free_ones(byte_grammars: GrammarCompiler,
+                                                                     defer: bool) -> None:
     schema = {"type": "object", "properties": {"a": {"type": "boolean"}, "b": {"enum": ["x", "yz"]}},
               "required": ["a", "b"], "additionalProperties": False}
     specs = [GrammarSpec("regex", "[a-z]{3}-[0-9]{4}"), GrammarSpec("choice", json.dumps(["alpha", "beta", "gamma"])),
              GrammarSpec("json", json.dumps(schema), disable_any_whitespace=True), None, None]
     seqs = [seq(i, byte_grammars, spec) for i, spec in enumerate(specs)]
-    counts = drive(seqs, SimRunner(64, 4, VOCAB))
+    counts = drive(seqs, SimRunner(64, 4, VOCAB), defer=defer)
     assert re.fullmatch(r"[a-z]{3}-[0-9]{4}", text(seqs[0]))
     assert text(seqs[1]) in ("alpha", "beta", "gamma")
     parsed = json.loads(text(seqs[2]))
@@ -323,6 +325,7 @@ def test_structured_sequences_follow_their_grammars_beside_free_ones(byte_gramma
         assert (s.finish_reason, len(s.output_token_ids)) == (FinishReason.LENGTH, 40) or (
             s.finish_reason is FinishReason.STOP and s.output_token_ids[-1] == EOS)
     assert counts["masked_ahead"] == 0 and counts["lookahead_steps"] > 0
+    assert counts["masks_follow"] >= 8 if defer else counts["masks_follow"] == 0
 
 
 def test_a_structured_sequence_survives_preemption(byte_grammars: GrammarCompiler) -> None:
