@@ -345,7 +345,8 @@ class Engine:
         With two in flight, step i+1 is planned and sent while step i runs, so the control plane's
         and the data plane's host work overlap the GPU's. Between steps the API's tasks run (requests
         added and aborted, streams written): when a result left no step in flight (steps one at a time:
-        no async scheduling, or a structured output waiting for its token), only after the next steps
+        no async scheduling, or a structured output waiting for its token without deferred masks or
+        with penalties), only after the next steps
         (up to `max_inflight`) are planned and sent, so that they run while the GPU computes rather than
         while it waits. An abort that becomes runnable just then may be in one more step (its KV blocks
         are freed when it runs). A step planned with `masks_follow` gets its token masks as soon as the
