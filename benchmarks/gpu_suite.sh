@@ -43,7 +43,9 @@
 # through duetserve serve on the real data plane, --stream-interval 1 then 4: output tok/s, control-plane CPU a token). GPU name for file names: GPU=h200 (default).
 # planning (planning a step never waits for the GPU, and the plan-race test with the plan pool bypassed, which must
 # fail) structured (64 streams through duetserve serve: no grammar, a regex each, half and half, a JSON
-# schema each: output tok/s and TPOT) startup (seconds from `serve --model ${MODEL:-qwen3-8b}` to its ready line)
+# schema each: output tok/s and TPOT; masks following the plan, then one step at a time) structured-serving (the
+# Azure conversation trace at RATE req/s, 4 unless set, with 0, half and all requests under a regex: goodput, TPOT)
+# startup (seconds from `serve --model ${MODEL:-qwen3-8b}` to its ready line)
 # TEST_LIMIT: seconds the test stages may run (580 unless set; less leaves the call time to save the JIT cache).
 # Every other stage runs the data plane's defaults, piecewise graphs included.
 set -uo pipefail
@@ -90,6 +92,9 @@ sys.exit(pytest.main(['-m', 'gpu', '-v', '-p', 'no:cacheprovider',
                 run structured-one-at-a-time 300 python3 -u benchmarks/structured_outputs.py --gpu cuda \
                   --no-defer-token-masks --model ${MODEL:-qwen3-8b} --concurrency 64 --output-len 256 \
                   --prompt-len 512 --out "$OUT/structured-outputs-$GPU-one-at-a-time.json" ;;
+    structured-serving) run structured-serving 560 python3 -u benchmarks/structured_serving.py --gpu cuda \
+                          --model ${MODEL:-qwen3-8b} --request-rate ${RATE:-4} --num-prompts 200 \
+                          --out "$OUT/structured-serving-$GPU.json" ;;
     startup) : > "$OUT/startup.log"; t0=$SECONDS  # seconds from start to serve's ready line, then Ctrl-C
              timeout 600 python3 -u -m controlplane.cli serve --model ${MODEL:-qwen3-8b} >> "$OUT/startup.log" 2>&1 &
              pid=$!; ready=""

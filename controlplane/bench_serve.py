@@ -287,10 +287,10 @@ def _structured_metrics(arrays: dict[str, list], ok: list[int]) -> dict[str, obj
     followed = sum(1 for i in done if valid[i])
     cut = sum(1 for i in done if arrays["finish_reasons"][i] == "length" and kinds[i] != "regex")
 
-    def mean_tpot(rows: list[int]) -> float:
+    def mean_tpot(rows: list[int]) -> float | None:
         tpots = [(arrays["latencies"][i] - arrays["ttfts"][i]) * 1e3 / (arrays["output_lens"][i] - 1)
                  for i in rows if arrays["output_lens"][i] > 1]
-        return statistics.fmean(tpots) if tpots else 0.0
+        return statistics.fmean(tpots) if tpots else None
 
     return {"structured_requests": sum(1 for k in kinds if k), "structured_completed": len(done),
             "structured_correct": followed, "structured_correct_rate": followed / len(done) if done else None,

@@ -364,3 +364,15 @@ def test_multiplex_ideal_bound_waits_for_the_slower_phase_and_counts_both_phases
     assert ideal_tok_s(8192, 8 * 64, 301.6, 8 * 37.3) == pytest.approx((8192 + 512) / 301.6 * 1000)
     assert ideal_tok_s(8192, 9 * 64, 301.6, 9 * 37.3) == pytest.approx((8192 + 576) / (9 * 37.3) * 1000)
     assert ideal_tok_s(8192, 0, 0.0, 0.0) > 0  # no division by zero on an empty measurement
+
+
+def test_structured_serving_benchmark_runs_against_the_simulated_data_plane(tmp_path: Path) -> None:
+    out = tmp_path / "s.json"
+    proc = subprocess.run([sys.executable, "benchmarks/structured_serving.py", "--gpu", "h100", "--num-prompts", "8",
+                           "--request-rate", "40", "--ratios", "0,1", "--structured-output", "choice",
+                           "--trace", "tests/data/traces/azure_llm_2023_code_300.csv", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["structured_ratio"] for r in rows] == [0.0, 1.0] and all(r["completed"] == 8 for r in rows)
+    assert rows[0]["structured_requests"] is None and rows[1]["structured_correct"] == 8
