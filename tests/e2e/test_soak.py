@@ -84,6 +84,9 @@ class Tally:
             self.ok_after_restart += 1
 
 
+SOAK_TAG = '{"structures": [{"begin": "x(", "schema": {"type": "integer"}, "end": ")"}], "triggers": ["x"]}'
+
+
 def random_request(rng: random.Random, kind: str, rid: str) -> pb.GenerateRequest:
     if kind == "invalid":
         return rng.choice([pb.GenerateRequest(), pb.GenerateRequest(text="hi", max_tokens=0),
@@ -97,9 +100,10 @@ def random_request(rng: random.Random, kind: str, rid: str) -> pb.GenerateReques
         request_id=rid, token_ids=pb.TokenIds(ids=[rng.randrange(3, 250) for _ in range(rng.randint(1, 120))]),
         max_tokens=rng.randint(100, 400) if long else rng.randint(1, 48), ignore_eos=rng.random() < 0.7,
         temperature=rng.choice([0.0, 0.8]), seed=rng.randrange(1 << 30))
-    if rng.random() < 0.2:  # a fifth follow a grammar: the steps go one at a time while one runs
+    if rng.random() < 0.2:  # a fifth follow a grammar: their steps' masks follow the plans
         request.structured_outputs.CopyFrom(rng.choice([pb.StructuredOutputs(regex="[a-z ]{1,300}"),
-                                                        pb.StructuredOutputs(json_object=True)]))
+                                                        pb.StructuredOutputs(json_object=True),
+                                                        pb.StructuredOutputs(structural_tag=SOAK_TAG)]))
     return request
 
 
