@@ -32,11 +32,13 @@ sys.path.insert(0, str(ROOT))
 from controlplane.launcher import stop_process  # noqa: E402
 
 SERVER = """
-import asyncio, signal, sys, tempfile
+import asyncio, json, signal, sys, tempfile
 from controlplane.launcher import spawn_dataplane, spawn_sim_dataplane, stop_process
 from controlplane.server import ControlPlane
 from shared.config import DataplaneConfig, SchedulerConfig, ServerConfig
 port, scale, gpu, interval, model = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
+# an optional sixth: the SchedulerConfig fields as JSON (aggregated unless it says otherwise)
+scheduler = {"policy": "aggregated", **(json.loads(sys.argv[6]) if len(sys.argv) > 6 else {})}
 async def main():
     workdir = tempfile.mkdtemp(prefix="st-")
     endpoint = f"ipc://{workdir}/dp.sock"
@@ -46,7 +48,7 @@ async def main():
         child = spawn_sim_dataplane(endpoint, model=model, gpu=gpu, time_scale=scale)
     extra = {"stream_interval": interval} if interval != 1 else {}
     plane = ControlPlane(ServerConfig(port=port, dataplane_endpoint=endpoint, handshake_timeout_s=600,
-                                      scheduler=SchedulerConfig(policy="aggregated"), **extra), model)
+                                      scheduler=SchedulerConfig(**scheduler), **extra), model)
     await plane.start()
     stop = asyncio.Event()  # SIGTERM ends the server the way Ctrl-C would: its data plane stopped too
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

@@ -42,16 +42,13 @@ from shared.config import SchedulerConfig  # noqa: E402
 # time, the host's time from a result to the next plan): the benchmark reads them after each batch
 anchor = "    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)\n"
 assert anchor in SERVER
-STATS_SERVER = "import json\n" + SERVER.replace(anchor, anchor + """
+STATS_SERVER = SERVER.replace(anchor, anchor + """
     def report():
         s = plane.engine.scheduler.stats
         print("stats", json.dumps([sum(s.steps.values()), sum(s.busy_ms.values()), s.host_gap_s, s.host_gaps,
                                    s.masks_followed]), flush=True)
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, report)
 """)
-scheduler = 'scheduler=SchedulerConfig(policy="aggregated")'  # and the deferral this run asks for (argv[6])
-assert scheduler in STATS_SERVER
-STATS_SERVER = STATS_SERVER.replace(scheduler, scheduler[:-1] + ', defer_token_masks=sys.argv[6] == "1")')
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["id", "name", "tags", "ok"],
           "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99999},
@@ -164,7 +161,8 @@ def main() -> None:
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryFile(mode="w+", errors="replace") as errors:
         server, port = start_server(ROOT, STATS_SERVER, [str(args.port), "1.0", args.gpu, "1", args.model,
-                                                         "1" if args.defer_token_masks else "0"], errors)
+                                                         json.dumps({"defer_token_masks": args.defer_token_masks})],
+                                    errors)
         try:
             asyncio.run(run_batch(port, "free", args))  # warm-up: graphs, the grammar vocabulary
             asyncio.run(run_batch(port, "regex", args))

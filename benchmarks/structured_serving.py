@@ -26,10 +26,6 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.stream_throughput import SERVER, _tail, start_server  # noqa: E402
 from controlplane.launcher import stop_process  # noqa: E402
 
-# stream_throughput's server under the policy this run asks for (argv[6]; its own server is aggregated)
-POLICY = 'scheduler=SchedulerConfig(policy="aggregated")'
-assert POLICY in SERVER
-POLICY_SERVER = SERVER.replace(POLICY, "scheduler=SchedulerConfig(policy=sys.argv[6])")
 KEYS = ("completed", "failed", "request_goodput", "slo_attainment", "output_throughput", "mean_ttft_ms",
         "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "mean_tpot_ms_structured", "mean_tpot_ms_unstructured",
         "structured_requests", "structured_correct", "structured_correct_rate", "structured_truncated")
@@ -66,7 +62,8 @@ def main() -> None:
     args.out = args.out or ROOT / "benchmarks" / "results" / f"structured-serving-{args.gpu}.json"
     rows = []
     with tempfile.TemporaryFile(mode="w+", errors="replace") as errors:
-        server, port = start_server(ROOT, POLICY_SERVER, ["0", "1.0", args.gpu, "1", args.model, args.policy], errors)
+        server, port = start_server(ROOT, SERVER, ["0", "1.0", args.gpu, "1", args.model,
+                                                   json.dumps({"policy": args.policy})], errors)
         try:
             for ratio in (float(r) for r in args.ratios.split(",")):
                 try:

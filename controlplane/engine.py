@@ -25,7 +25,7 @@ import msgspec
 from controlplane.admission import QueueLimits
 from controlplane.dataplane_client import DataplaneClient, DataplaneUnavailable
 from controlplane.observer import EngineObserver, RequestObs
-from controlplane.output import DeltaCollector, OutputProcessor, RequestDelta
+from controlplane.output import DeltaCollector, OutputProcessor, RequestDelta, cut_at_stop
 from controlplane.prefix_cache import make_allocator
 from controlplane.scheduler import Scheduler
 from controlplane.sequence import FinishReason, Sequence, StopParams
@@ -33,7 +33,7 @@ from controlplane.step_records import SeqUpdate
 from controlplane.structured_output import CompiledGrammar
 from controlplane.tokenizer import NO_TEXT, TextTokenizer
 from shared.config import SchedulerConfig
-from shared.messages import SamplingParams, StepPlan, TokenLogprobs, WorkerReady
+from shared.messages import SamplingParams, StepPlan, WorkerReady
 
 log = logging.getLogger(__name__)
 
@@ -452,7 +452,7 @@ class Engine:
             stop = handle.processor.add_tokens(new_ids, token_stop)
             cut = False
             if stop is not None:  # tokens after the one that completed the stop string are dropped
-                new_ids, new_logprobs = _cut_at_stop(seq, new_ids, new_logprobs, handle.processor.stop_kept)
+                new_ids, new_logprobs = cut_at_stop(seq, new_ids, new_logprobs, handle.processor.stop_kept)
                 cut = len(new_ids) < len(update.new_token_ids)
             if stop is not None and not seq.is_finished:
                 self.scheduler.finish(seq.seq_id, FinishReason.STOP, stop)
@@ -480,23 +480,6 @@ class Engine:
                 del self._handles[seq.request_id]
                 handle.finished = True
             handle.queue.put_nowait(delta)
-
-
-def _cut_at_stop(seq: Sequence, new_ids: list[int], new_logprobs: list[TokenLogprobs] | None,
-                 kept: int | None) -> tuple[list[int], list[TokenLogprobs] | None]:
-    """An update's tokens up to the one whose text completed a stop string (several come at once from a
-    look-ahead step), and the sequence's output cut the same way, as a stop token cuts it (`_append_tokens`),
-    so neither the stream nor the usage counts tokens past the stop."""
-    if kept is None or kept >= len(new_ids):
-        return new_ids, new_logprobs
-    dropped = len(new_ids) - kept
-    out = seq.output_token_ids
-    if len(out) >= len(new_ids) and out[len(out) - len(new_ids):] == new_ids:  # the update ends the output
-        with_logprobs = len(seq.output_logprobs) == len(out)
-        del out[len(out) - dropped:]
-        if with_logprobs:
-            del seq.output_logprobs[len(seq.output_logprobs) - dropped:]
-    return new_ids[:kept], new_logprobs[:kept] if new_logprobs is not None else None
 
 
 def _usage(seq: Sequence | None) -> tuple[int, int, int]:

@@ -3,7 +3,8 @@
 One `OutputProcessor` per request. It detokenises incrementally, finds stop strings in the text
 (which ends the request), and holds back the tail that could still become a stop string. It makes
 no scheduling decision: a stop string is reported to the caller, who finishes the sequence.
-`DeltaCollector` holds what a request's stream has not taken yet, merging what piles up.
+`DeltaCollector` holds what a request's stream has not taken yet, merging what piles up; `cut_at_stop`
+cuts a step's tokens (and the sequence's output) at the one whose text completed a stop string.
 """
 
 from __future__ import annotations
@@ -11,9 +12,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from controlplane.tokenizer import TokenStream
 from shared.messages import TokenLogprobs
+
+if TYPE_CHECKING:
+    from controlplane.sequence import Sequence
 
 
 @dataclass
@@ -179,3 +184,20 @@ class DeltaCollector:
 
     def qsize(self) -> int:
         return 0 if self._pending is None else 1
+
+
+def cut_at_stop(seq: Sequence, new_ids: list[int], new_logprobs: list[TokenLogprobs] | None,
+                kept: int | None) -> tuple[list[int], list[TokenLogprobs] | None]:
+    """An update's tokens up to the one whose text completed a stop string (several come at once from a
+    look-ahead step), and the sequence's output cut the same way, as a stop token cuts it (`_append_tokens`),
+    so neither the stream nor the usage counts tokens past the stop."""
+    if kept is None or kept >= len(new_ids):
+        return new_ids, new_logprobs
+    dropped = len(new_ids) - kept
+    out = seq.output_token_ids
+    if len(out) >= len(new_ids) and out[len(out) - len(new_ids):] == new_ids:  # the update ends the output
+        with_logprobs = len(seq.output_logprobs) == len(out)
+        del out[len(out) - dropped:]
+        if with_logprobs:
+            del seq.output_logprobs[len(seq.output_logprobs) - dropped:]
+    return new_ids[:kept], new_logprobs[:kept] if new_logprobs is not None else None

@@ -160,11 +160,11 @@ class CompiledGrammar:
 
 def _grammar_text(llg: Any, spec: GrammarSpec) -> str:
     """The llguidance grammar of a spec (JSON is parsed here, so a bad one is named as such)."""
+    if spec.kind == "structural_tag":
+        return _structural_tag_grammar(llg, spec.text, spec.disable_any_whitespace)
     json_options: dict[str, Any] = {"whitespace_flexible": not spec.disable_any_whitespace}
     if spec.whitespace_pattern is not None:
         json_options["whitespace_pattern"] = spec.whitespace_pattern
-    if spec.kind == "structural_tag":
-        return _structural_tag_grammar(llg, spec.text, spec.disable_any_whitespace)
     if spec.kind == "json_object":
         return llg.LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=json_options)
     if spec.kind == "json":

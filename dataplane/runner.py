@@ -26,10 +26,12 @@ from dataplane.models.config import ModelConfig
 from dataplane.models.dense import DenseForCausalLM
 from dataplane.sampler import LogprobTensors, Sampler, has_penalties, prompt_logprobs, to_device
 from dataplane.seq_state import (
-    SeqError, SeqState, check_scheduled, check_token_mask, fail_by_plan, mask_bytes, new_state,
+    SeqError, SeqState, check_scheduled, check_token_mask, fail_by_plan, new_state,
 )
 from dataplane.staging import Span, positions_and_slots
-from shared.messages import SeqFailure, SeqOutput, StepPlan, StepResult, StepTimings, TokenLogprobs, TokenMasks
+from shared.messages import (
+    ScheduledSeq, SeqFailure, SeqOutput, StepPlan, StepResult, StepTimings, TokenLogprobs, TokenMasks,
+)
 
 
 POLL_INTERVAL_S = 50e-6
@@ -245,7 +247,6 @@ class ModelRunner:
         if not pending.awaiting_masks:
             raise ValueError(f"step {pending.step_id} awaits no token masks")
         by_seq = {m.seq_id: m.mask for m in masks.masks}
-        size = mask_bytes(self.config.vocab_size)
         failed_before = len(pending.failures)
         if self._cuda:
             pending.resumed = torch.cuda.Event(enable_timing=True)
@@ -256,9 +257,7 @@ class ModelRunner:
             states: list[SeqState] = []
             for row, state in enumerate(deferred.states):
                 mask = by_seq.pop(state.seq_id, b"")
-                if mask and len(mask) != size:
-                    self._fail(pending, state.seq_id, f"a token mask of {len(mask)} bytes; the vocabulary of "
-                                                      f"{self.config.vocab_size} needs {size}")
+                if not self._mask_ok(pending, state.seq_id, mask, samples=True):
                     continue
                 state.token_mask = mask
                 rows.append(row)
@@ -275,10 +274,8 @@ class ModelRunner:
                     out.copied.record()
             pending.passes[0] = out
         for seq_id, mask in by_seq.items():  # every sequence this step samples for took its mask above
-            if mask and seq_id in pending.planned and seq_id in self.seqs:
-                self._fail(pending, seq_id, f"a token mask of {len(mask)} bytes; the vocabulary of "
-                                            f"{self.config.vocab_size} needs {size}" if len(mask) != size
-                           else "a token mask on a chunk that samples no token")
+            if seq_id in pending.planned and seq_id in self.seqs:
+                self._mask_ok(pending, seq_id, mask, samples=False)
         failed = {f.seq_id for f in pending.failures[failed_before:]}
         for p in pending.passes if failed else ():
             p.prompt = [entry for entry in p.prompt if entry[0].seq_id not in failed]
@@ -287,9 +284,16 @@ class ModelRunner:
             pending.done = torch.cuda.Event(enable_timing=True)
             pending.done.record()
 
-    def _fail(self, pending: PendingStep, seq_id: int, problem: str) -> None:
-        self.drop(seq_id)
-        pending.failures.append(SeqFailure(seq_id=seq_id, message=f"seq {seq_id}: {problem}"))
+    def _mask_ok(self, pending: PendingStep, seq_id: int, mask: bytes, samples: bool) -> bool:
+        """`check_token_mask` for a mask that followed its plan; a bad one fails (and drops) its sequence."""
+        try:
+            check_token_mask(ScheduledSeq(seq_id=seq_id, num_tokens=1, token_mask=mask), samples, False,
+                             self.config.vocab_size)
+        except SeqError as exc:
+            self.drop(seq_id)
+            pending.failures.append(SeqFailure(seq_id=seq_id, message=str(exc)))
+            return False
+        return True
 
     def drop(self, seq_id: int) -> None:
         """Forget a sequence (steps still running keep what they hold of it)."""

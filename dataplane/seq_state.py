@@ -151,7 +151,6 @@ def check_token_mask(entry: ScheduledSeq, samples: bool, looks_ahead: bool, voca
         raise SeqError(f"seq {entry.seq_id}: a token mask covers one token, but the plan decodes ahead")
 
 
-
 def masks_follow_problem(plan: StepPlan) -> str | None:
     """Why a plan whose token masks follow cannot run so (None: it can): its sampling is held back for one
     aggregated pass (not a look-ahead chain or a multiplexed pair of streams), and its masks come in the
